@@ -1,0 +1,102 @@
+//! `trellis-control`: initialise a data dir, or serve the control plane.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use trellis_control_plane::{init, parse_duration, server};
+
+#[derive(Parser)]
+#[command(name = "trellis-control", version, about = "Trellis control plane: mesh CA, policy store, discovery")]
+struct Cli {
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a data dir: CA (new, or imported with --ca-cert/--ca-key), admin credential, trellisctl config, store.
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Operator CA certificate (PEM) to sign with, e.g. an intermediate under the operator's root.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// Private key of --ca-cert (PEM).
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// Certificates above --ca-cert, up to and including the root (PEM).
+        #[arg(long, requires = "ca_cert")]
+        ca_chain: Option<PathBuf>,
+        /// Control-plane address written into the generated admin.yaml.
+        #[arg(long, default_value = "127.0.0.1:15012")]
+        endpoint: String,
+        #[arg(long, default_value = "admin")]
+        admin_name: String,
+    },
+    /// Serve the Identity, Discovery and Admin gRPC services over TLS, and metrics over HTTP.
+    Serve {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:15012")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        metrics_listen: SocketAddr,
+        /// Lifetime of workload certificates (minimum 1m).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        cert_ttl: Duration,
+        /// Lifetime of node credentials.
+        #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+        node_cert_ttl: Duration,
+        /// Extra DNS name or IP for the serving certificate (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    trellis_control_plane::init_logging(cli.log_json);
+    let result = match cli.command {
+        Command::Init { data_dir, trust_domain, ca_cert, ca_key, ca_chain, endpoint, admin_name } => {
+            let opts = init::InitOptions { data_dir, trust_domain, ca_cert, ca_key, ca_chain, endpoint, admin_name };
+            init::init(&opts).map(|()| {
+                println!("initialised {}", opts.data_dir.display());
+                println!("trellisctl config: {}", opts.data_dir.join("admin.yaml").display());
+            })
+        }
+        Command::Serve { data_dir, listen, metrics_listen, cert_ttl, node_cert_ttl, sans } => {
+            if cert_ttl < Duration::from_secs(60) {
+                eprintln!("error: --cert-ttl must be at least 1m");
+                return std::process::ExitCode::FAILURE;
+            }
+            let opts = server::ServeOptions { data_dir, listen, metrics_listen, cert_ttl, node_cert_ttl, sans };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(server::serve(opts, shutdown_signal())))
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

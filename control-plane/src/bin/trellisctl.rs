@@ -1,0 +1,366 @@
+//! `trellisctl`: apply and inspect Istio security resources, manage join tokens and nodes, see proxy status.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use trellis_control_plane::cli::{self, status_line, table, timestamp};
+use trellis_control_plane::parse_duration;
+use trellis_control_plane::settings::CliConfig;
+use trellis_proto::v1 as pb;
+use trellis_proto::v1::admin_client::AdminClient;
+
+#[derive(Parser)]
+#[command(name = "trellisctl", version, about = "Operate a Trellis mesh")]
+struct Cli {
+    /// Config file (default: $TRELLIS_CONFIG, else ~/.trellis/config.yaml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Output {
+    Table,
+    Yaml,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or update resources from a file (or - for stdin); all documents or none.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Delete the resources named in a file, or one by kind and name.
+    Delete {
+        #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "name"])]
+        file: Option<String>,
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+    /// Show resources.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Every namespace.
+        #[arg(short = 'A', long, conflicts_with = "name")]
+        all_namespaces: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Nodes that joined (and `nodes revoke NAME`).
+    Nodes {
+        #[command(subcommand)]
+        command: Option<NodesCommand>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Per proxy: connection, versions sent, ACKed and NACKed.
+    ProxyStatus {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Ask a proxy to renew its certificates now.
+    Renew {
+        #[arg(long)]
+        node: String,
+        /// Only these identities (default: all of the node's).
+        #[arg(long = "spiffe-id")]
+        spiffe_ids: Vec<String>,
+    },
+    /// Print the CLI version.
+    Version,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a join token for one node.
+    Create {
+        #[arg(long)]
+        node: String,
+        /// Namespace the node may host workloads in (repeatable; default: default).
+        #[arg(long = "namespace", short = 'n')]
+        namespaces: Vec<String>,
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// Allow several joins with the same token.
+        #[arg(long)]
+        reusable: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    List {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum NodesCommand {
+    /// Revoke a node: its credential stops working and its workloads leave the mesh.
+    Revoke { name: String },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let message = match e.downcast_ref::<tonic::Status>() {
+                Some(status) => status_line(status),
+                None => format!("{e:#}"),
+            };
+            eprintln!("error: {message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_input(file: &str) -> anyhow::Result<String> {
+    if file == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(file).with_context(|| format!("reading {file}"))
+}
+
+fn key_line(key: &Option<pb::ResourceKey>) -> String {
+    key.as_ref().map(|k| format!("{}/{}/{}", k.kind, k.namespace, k.name)).unwrap_or_default()
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).expect("json"));
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Version = cli.command {
+        println!("trellisctl {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
+    let config = CliConfig::load(&CliConfig::resolve_path(cli.config)?)?;
+    let mut admin = AdminClient::new(cli::connect(&config).await?);
+    match cli.command {
+        Command::Version => unreachable!("handled above"),
+        Command::Apply { file, output } => {
+            let documents = read_input(&file)?;
+            let results = admin.apply(pb::ApplyRequest { documents }).await?.into_inner().results;
+            if output == Output::Json {
+                let items: Vec<_> = results
+                    .iter()
+                    .map(|r| json!({"resource": key_line(&r.key), "revision": r.revision, "outcome": r.outcome}))
+                    .collect();
+                print_json(&json!(items));
+            } else {
+                for r in results {
+                    println!("{} {}", key_line(&r.key), r.outcome);
+                }
+            }
+        }
+        Command::Delete { file, kind, name, namespace } => {
+            let request = match (file, kind, name) {
+                (Some(file), None, None) => pb::DeleteRequest { documents: read_input(&file)?, keys: vec![] },
+                (None, Some(kind), Some(name)) => {
+                    pb::DeleteRequest { documents: String::new(), keys: vec![pb::ResourceKey { kind, namespace, name }] }
+                }
+                _ => bail!("give either -f FILE or KIND NAME"),
+            };
+            for key in admin.delete(request).await?.into_inner().deleted {
+                println!("{}/{}/{} deleted", key.kind, key.namespace, key.name);
+            }
+        }
+        Command::Get { kind, name, namespace, all_namespaces, output } => {
+            let resources = match name {
+                Some(name) => {
+                    let key = pb::ResourceKey { kind, namespace, name };
+                    vec![admin.get(pb::GetRequest { key: Some(key) }).await?.into_inner()]
+                }
+                None => {
+                    let namespace = if all_namespaces { String::new() } else { namespace };
+                    admin.list(pb::ListRequest { kind, namespace }).await?.into_inner().resources
+                }
+            };
+            print_resources(&resources, output)?;
+        }
+        Command::Token { command } => token(&mut admin, command).await?,
+        Command::Nodes { command: Some(NodesCommand::Revoke { name }), .. } => {
+            admin.revoke_node(pb::RevokeNodeRequest { name: name.clone() }).await?;
+            println!("node {name} revoked");
+        }
+        Command::Nodes { command: None, output } => {
+            let nodes = admin.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+            if output == Output::Json {
+                let items: Vec<_> = nodes
+                    .iter()
+                    .map(|n| json!({"name": n.name, "namespaces": n.namespaces, "joinedAt": timestamp(n.joined_at_unix),
+                        "revoked": n.revoked, "connected": n.connected, "workloads": n.workloads}))
+                    .collect();
+                print_json(&json!(items));
+            } else {
+                let rows: Vec<Vec<String>> = nodes
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.name.clone(),
+                            n.namespaces.join(","),
+                            if n.revoked { "revoked" } else if n.connected { "connected" } else { "disconnected" }.into(),
+                            n.workloads.len().to_string(),
+                            timestamp(n.joined_at_unix),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["NAME", "NAMESPACES", "STATE", "WORKLOADS", "JOINED"], &rows));
+            }
+        }
+        Command::ProxyStatus { output } => {
+            let status = admin.proxy_status(pb::ProxyStatusRequest {}).await?.into_inner();
+            if output == Output::Json {
+                let items: Vec<_> = status
+                    .proxies
+                    .iter()
+                    .map(|p| json!({"node": p.node, "connected": p.connected, "connectedSince": timestamp(p.connected_since_unix),
+                        "sentVersion": p.sent_version, "ackedVersion": p.acked_version, "nackedVersion": p.nacked_version,
+                        "lastNackError": p.last_nack_error, "proxyVersion": p.proxy_version,
+                        "synced": p.connected && p.acked_version == status.current_version}))
+                    .collect();
+                print_json(&json!({"currentVersion": status.current_version, "proxies": items}));
+            } else {
+                let rows: Vec<Vec<String>> = status
+                    .proxies
+                    .iter()
+                    .map(|p| {
+                        let state = if !p.connected {
+                            "DISCONNECTED"
+                        } else if p.acked_version == status.current_version {
+                            "SYNCED"
+                        } else if p.nacked_version > p.acked_version {
+                            "NACKED"
+                        } else {
+                            "STALE"
+                        };
+                        vec![
+                            p.node.clone(),
+                            state.into(),
+                            p.sent_version.to_string(),
+                            p.acked_version.to_string(),
+                            if p.last_nack_error.is_empty() {
+                                "-".into()
+                            } else {
+                                format!("v{}: {}", p.nacked_version, p.last_nack_error)
+                            },
+                            timestamp(p.connected_since_unix),
+                        ]
+                    })
+                    .collect();
+                println!("current version: {}", status.current_version);
+                print!("{}", table(&["NODE", "STATE", "SENT", "ACKED", "LAST NACK", "CONNECTED SINCE"], &rows));
+            }
+        }
+        Command::Renew { node, spiffe_ids } => {
+            admin.renew_certificates(pb::RenewCertificatesRequest { node: node.clone(), spiffe_ids }).await?;
+            println!("renewal requested from node {node}");
+        }
+    }
+    Ok(())
+}
+
+async fn token(admin: &mut AdminClient<tonic::transport::Channel>, command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create { node, mut namespaces, ttl, reusable, output } => {
+            if namespaces.is_empty() {
+                namespaces.push("default".into());
+            }
+            let request = pb::CreateTokenRequest { node, namespaces, ttl_seconds: ttl.as_secs(), reusable };
+            let created = admin.create_token(request).await?.into_inner();
+            if output == Output::Json {
+                print_json(&json!({"token": created.token, "id": created.id, "caPin": created.ca_pin,
+                    "expiresAt": timestamp(created.expires_at_unix)}));
+            } else {
+                println!("token:   {}", created.token);
+                println!("ca pin:  {}", created.ca_pin);
+                println!("expires: {}", timestamp(created.expires_at_unix));
+            }
+        }
+        TokenCommand::List { output } => {
+            let tokens = admin.list_tokens(pb::ListTokensRequest {}).await?.into_inner().tokens;
+            if output == Output::Json {
+                let items: Vec<_> = tokens
+                    .iter()
+                    .map(|t| json!({"id": t.id, "node": t.node, "namespaces": t.namespaces,
+                        "expiresAt": timestamp(t.expires_at_unix), "reusable": t.reusable, "uses": t.uses, "revoked": t.revoked}))
+                    .collect();
+                print_json(&json!(items));
+            } else {
+                let rows: Vec<Vec<String>> = tokens
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.id.clone(),
+                            t.node.clone(),
+                            t.namespaces.join(","),
+                            timestamp(t.expires_at_unix),
+                            if t.reusable { "reusable" } else { "single-use" }.into(),
+                            t.uses.to_string(),
+                            if t.revoked { "revoked" } else { "-" }.into(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["ID", "NODE", "NAMESPACES", "EXPIRES", "KIND", "USES", "REVOKED"], &rows));
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            admin.revoke_token(pb::RevokeTokenRequest { id: id.clone() }).await?;
+            println!("token {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+fn print_resources(resources: &[pb::Resource], output: Output) -> anyhow::Result<()> {
+    let docs: Vec<serde_json::Value> =
+        resources.iter().map(|r| serde_json::from_str(&r.json)).collect::<Result<_, _>>()?;
+    match output {
+        Output::Json if docs.len() == 1 => print_json(&docs[0]),
+        Output::Json => print_json(&json!({"items": docs})),
+        Output::Yaml => {
+            let texts: Vec<String> = docs.iter().map(serde_yaml_ng::to_string).collect::<Result<_, _>>()?;
+            print!("{}", texts.join("---\n"));
+        }
+        Output::Table => {
+            let rows: Vec<Vec<String>> = resources
+                .iter()
+                .zip(&docs)
+                .map(|(r, doc)| {
+                    let key = r.key.clone().unwrap_or_default();
+                    let detail = match key.kind.as_str() {
+                        "AuthorizationPolicy" => doc["spec"]["action"].as_str().unwrap_or("ALLOW").to_owned(),
+                        "PeerAuthentication" => doc["spec"]["mtls"]["mode"].as_str().unwrap_or("UNSET").to_owned(),
+                        _ => "-".to_owned(),
+                    };
+                    vec![key.namespace, key.name, key.kind, detail, r.revision.to_string()]
+                })
+                .collect();
+            print!("{}", table(&["NAMESPACE", "NAME", "KIND", "ACTION/MODE", "REVISION"], &rows));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,287 @@
+//! The mesh certificate authority: creates or imports the CA, signs X.509-SVIDs from CSRs (keys never leave
+//! the proxies), node credentials, and the control plane's own serving and admin certificates.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use rcgen::{PublicKeyData, 
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+use time::OffsetDateTime;
+use trellis_proto::spiffe::SpiffeId;
+
+use crate::files;
+
+/// Certificates are back-dated a little so that small clock differences between hosts do not make a fresh
+/// certificate "not yet valid".
+const BACKDATE: Duration = Duration::from_secs(5 * 60);
+const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("CSR is malformed: {0}")]
+    MalformedCsr(String),
+    #[error("CSR signature does not verify")]
+    BadCsrSignature,
+    #[error("CSR must hold exactly one URI SAN and no other SAN (found {uris} URI and {others} other SANs)")]
+    BadSans { uris: usize, others: usize },
+    #[error("CSR names {0}")]
+    BadSpiffeId(String),
+    #[error("CSR's trust domain {got:?} is not this mesh's ({want:?})")]
+    ForeignTrustDomain { got: String, want: String },
+    #[error("CSR's SPIFFE ID {0} is not a workload identity (spiffe://<td>/ns/<namespace>/sa/<service-account>)")]
+    NotWorkload(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("CA material: {0}")]
+    Material(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// A signed certificate: leaf first, then the issuing chain up to the root.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub serial_hex: String,
+    pub not_after: OffsetDateTime,
+}
+
+/// The loaded CA: its signing key, its certificate and the chain up to the root.
+pub struct Ca {
+    trust_domain: String,
+    issuer: Issuer<'static, KeyPair>,
+    /// Issuer certificate first, root last (one element when the CA is its own root).
+    chain: Vec<CertificateDer<'static>>,
+}
+
+/// File names inside `<data-dir>/ca/`.
+pub const CA_CERT: &str = "ca/ca-cert.pem";
+pub const CA_KEY: &str = "ca/ca-key.pem";
+pub const CA_CHAIN: &str = "ca/ca-chain.pem";
+pub const ROOT_CERT: &str = "ca/root-cert.pem";
+
+impl Ca {
+    /// Creates a fresh self-signed ECDSA P-256 root for `trust_domain`; returns (certificate PEM, key PEM).
+    pub fn generate_root(trust_domain: &str) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, trust_domain);
+        params.distinguished_name.push(DnType::CommonName, "Trellis root CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ROOT_VALIDITY;
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Checks operator-supplied CA material (Istio's "plug-in CA"): the certificate must be a CA whose public
+    /// key matches the key, and the chain must lead to a self-signed root. Returns the chain, issuer first.
+    pub fn check_imported(cert_pem: &str, key_pem: &str, chain_pem: Option<&str>) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let cert = single_cert(cert_pem, "--ca-cert")?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Material(format!("--ca-key: {e}")))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
+            .map_err(|e| CaError::Material(format!("--ca-cert: {e}")))?;
+        if !parsed.is_ca() {
+            return Err(CaError::Material("--ca-cert is not a CA certificate (basicConstraints CA:TRUE missing)".into()));
+        }
+        if parsed.tbs_certificate.subject_pki.raw != key.subject_public_key_info().as_slice() {
+            return Err(CaError::Material("--ca-key does not match --ca-cert's public key".into()));
+        }
+        let mut chain = vec![cert];
+        if let Some(chain_pem) = chain_pem {
+            chain.extend(parse_pem_certs(chain_pem).map_err(|e| CaError::Material(format!("--ca-chain: {e}")))?);
+        }
+        let root = chain.last().expect("chain has the CA certificate");
+        let (_, root_parsed) =
+            x509_parser::parse_x509_certificate(root).map_err(|e| CaError::Material(format!("--ca-chain: {e}")))?;
+        if root_parsed.subject() != root_parsed.issuer() {
+            return Err(CaError::Material(
+                "the chain does not end in a self-signed root: pass the intermediates and root with --ca-chain".into(),
+            ));
+        }
+        Ok(chain)
+    }
+
+    pub fn load(data_dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
+        let cert_pem = std::fs::read_to_string(data_dir.join(CA_CERT))?;
+        let key_pem = std::fs::read_to_string(data_dir.join(CA_KEY))?;
+        let chain = parse_pem_certs(&std::fs::read_to_string(data_dir.join(CA_CHAIN))?)
+            .map_err(|e| CaError::Material(format!("{CA_CHAIN}: {e}")))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Material(format!("{CA_KEY}: {e}")))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
+        Ok(Self { trust_domain: trust_domain.to_owned(), issuer, chain })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The trust bundle: the root this CA chains to.
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.chain.last().expect("CA chain is never empty").clone()]
+    }
+
+    pub fn root(&self) -> &CertificateDer<'static> {
+        self.chain.last().expect("CA chain is never empty")
+    }
+
+    /// Signs an X.509-SVID for a workload. `authorize` decides whether the caller may hold the identity the CSR
+    /// names (node namespaces, hosted workloads); its error is the refusal reason.
+    pub fn sign_workload(
+        &self,
+        csr_der: &[u8],
+        ttl: Duration,
+        authorize: impl FnOnce(&SpiffeId, &str, &str) -> Result<(), String>,
+    ) -> Result<(SpiffeId, Issued), CaError> {
+        let csr = parse_csr(csr_der)?;
+        let id = single_uri_san(&csr.params)?;
+        let id = SpiffeId::parse(&id).map_err(|e| CaError::BadSpiffeId(e.to_string()))?;
+        if id.trust_domain() != self.trust_domain {
+            return Err(CaError::ForeignTrustDomain { got: id.trust_domain().into(), want: self.trust_domain.clone() });
+        }
+        let trellis_proto::spiffe::Subject::Workload { namespace, service_account } = id.subject() else {
+            return Err(CaError::NotWorkload(id.to_string()));
+        };
+        authorize(&id, namespace, service_account).map_err(CaError::Refused)?;
+        let issued = self.sign_leaf(&csr.public_key, leaf_params(&id, ttl))?;
+        Ok((id, issued))
+    }
+
+    /// Signs a node credential for `node`; the CSR only provides the key (its names are ignored).
+    pub fn sign_node(&self, csr_der: &[u8], node: &str, ttl: Duration) -> Result<(SpiffeId, Issued), CaError> {
+        let csr = parse_csr(csr_der)?;
+        let id = SpiffeId::node(&self.trust_domain, node).map_err(|e| CaError::BadSpiffeId(e.to_string()))?;
+        let mut params = leaf_params(&id, ttl);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        Ok((id.clone(), self.sign_leaf(&csr.public_key, params)?))
+    }
+
+    /// Issues a certificate for a key generated here: the admin credential (client) and the control plane's
+    /// serving certificate. Returns (chain, key PEM).
+    pub fn issue_local(&self, kind: LocalCert, ttl: Duration) -> Result<(Issued, String), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        match kind {
+            LocalCert::Admin(name) => {
+                let id = SpiffeId::admin(&self.trust_domain, name).map_err(|e| CaError::BadSpiffeId(e.to_string()))?;
+                params.distinguished_name.push(DnType::CommonName, name);
+                params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            LocalCert::Server { dns_names, ips } => {
+                params.distinguished_name.push(DnType::CommonName, trellis_proto::CONTROL_PLANE_SERVER_NAME);
+                for name in dns_names {
+                    params.subject_alt_names.push(SanType::DnsName(name.clone().try_into()?));
+                }
+                for ip in ips {
+                    params.subject_alt_names.push(SanType::IpAddress(*ip));
+                }
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            }
+        }
+        let issued = self.sign_leaf(&key, params)?;
+        Ok((issued, key.serialize_pem()))
+    }
+
+    fn sign_leaf(&self, public_key: &impl rcgen::PublicKeyData, mut params: CertificateParams) -> Result<Issued, CaError> {
+        let serial = random_serial();
+        let serial_hex = hex::encode(serial.to_bytes());
+        params.serial_number = Some(serial);
+        params.use_authority_key_identifier_extension = true;
+        let not_after = params.not_after;
+        let cert = params.signed_by(public_key, &self.issuer)?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.chain.iter().cloned());
+        Ok(Issued { chain, serial_hex, not_after })
+    }
+}
+
+pub enum LocalCert<'a> {
+    Admin(&'a str),
+    Server { dns_names: &'a [String], ips: &'a [IpAddr] },
+}
+
+/// X509-SVID leaf profile: one URI SAN, not a CA, digitalSignature, serverAuth + clientAuth.
+fn leaf_params(id: &SpiffeId, ttl: Duration) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    // Empty subject (as Istio): the identity lives only in the URI SAN, which rcgen then marks critical.
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names =
+        vec![SanType::URI(id.to_string().try_into().expect("a validated SPIFFE ID is ASCII"))];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE.min(ttl);
+    params.not_after = now + ttl;
+    params
+}
+
+fn parse_csr(csr_der: &[u8]) -> Result<CertificateSigningRequestParams, CaError> {
+    CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der)).map_err(|e| match e {
+        rcgen::Error::InvalidCertificationRequestSignature => CaError::BadCsrSignature,
+        other => CaError::MalformedCsr(other.to_string()),
+    })
+}
+
+fn single_uri_san(params: &CertificateParams) -> Result<String, CaError> {
+    let uris: Vec<&str> = params
+        .subject_alt_names
+        .iter()
+        .filter_map(|san| match san {
+            SanType::URI(uri) => Some(uri.as_str()),
+            _ => None,
+        })
+        .collect();
+    let others = params.subject_alt_names.len() - uris.len();
+    match (uris.as_slice(), others) {
+        ([uri], 0) => Ok((*uri).to_owned()),
+        _ => Err(CaError::BadSans { uris: uris.len(), others }),
+    }
+}
+
+/// 16 random bytes with the top bit clear: a positive serial of 127 bits of entropy (RFC 5280 allows 20 bytes).
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut bytes).expect("system RNG");
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn single_cert(pem: &str, what: &str) -> Result<CertificateDer<'static>, CaError> {
+    let mut certs = parse_pem_certs(pem).map_err(|e| CaError::Material(format!("{what}: {e}")))?;
+    if certs.len() != 1 {
+        return Err(CaError::Material(format!("{what} must hold exactly one certificate, found {}", certs.len())));
+    }
+    Ok(certs.remove(0))
+}
+
+pub fn parse_pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+    let certs = certs.map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no PEM certificate found".into());
+    }
+    Ok(certs)
+}
+
+pub fn certs_to_pem(certs: &[CertificateDer<'_>]) -> String {
+    certs.iter().map(|c| files::pem("CERTIFICATE", c)).collect()
+}

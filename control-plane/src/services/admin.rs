@@ -1,0 +1,195 @@
+//! The Admin service: resources, tokens, nodes and proxy status, for the admin credential only.
+
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+use trellis_proto::v1 as pb;
+
+use super::Shared;
+use crate::auth;
+use crate::records::{self, NodeRecord, ResourceRecord, TokenRecord};
+use crate::status::StreamCommand;
+use crate::store::Table;
+
+pub struct AdminService(pub Shared);
+
+const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+impl AdminService {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        auth::require_admin(request, self.0.mesh.trust_domain()).map(|_| ())
+    }
+
+    fn resources(&self) -> Result<Vec<ResourceRecord>, Status> {
+        records::load_all(self.0.mesh.store(), Table::Resources).map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+fn to_pb(r: ResourceRecord) -> pb::Resource {
+    pb::Resource {
+        key: Some(pb::ResourceKey { kind: r.kind, namespace: r.namespace, name: r.name }),
+        revision: r.revision,
+        json: r.json,
+    }
+}
+
+fn parse_kind(kind: &str) -> Result<trellis_policy::Kind, Status> {
+    kind.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "unknown kind {kind:?} (expected AuthorizationPolicy, PeerAuthentication or RequestAuthentication)"
+        ))
+    })
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        self.authorize(&request)?;
+        let results = self.0.mesh.apply(&request.into_inner().documents)?;
+        Ok(Response::new(pb::ApplyResponse { results }))
+    }
+
+    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let mut keys = req.keys;
+        if !req.documents.trim().is_empty() {
+            let parsed =
+                trellis_policy::parse_keys(&req.documents).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            keys.extend(parsed.into_iter().map(|k| pb::ResourceKey {
+                kind: k.kind.to_string(),
+                namespace: k.namespace,
+                name: k.name,
+            }));
+        }
+        for key in &mut keys {
+            key.kind = parse_kind(&key.kind)?.to_string();
+        }
+        let deleted = self.0.mesh.delete(&keys)?;
+        Ok(Response::new(pb::DeleteResponse { deleted }))
+    }
+
+    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::Resource>, Status> {
+        self.authorize(&request)?;
+        let key = request.into_inner().key.ok_or_else(|| Status::invalid_argument("key is required"))?;
+        let kind = parse_kind(&key.kind)?;
+        let store_key = records::resource_store_key(kind.as_str(), &key.namespace, &key.name);
+        let record: Option<ResourceRecord> = records::load(self.0.mesh.store(), Table::Resources, &store_key)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        record
+            .map(|r| Response::new(to_pb(r)))
+            .ok_or_else(|| Status::not_found(format!("{kind} {}/{} not found", key.namespace, key.name)))
+    }
+
+    async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let kind = if req.kind.is_empty() { None } else { Some(parse_kind(&req.kind)?.to_string()) };
+        let resources = self
+            .resources()?
+            .into_iter()
+            .filter(|r| kind.as_ref().is_none_or(|k| &r.kind == k))
+            .filter(|r| req.namespace.is_empty() || r.namespace == req.namespace)
+            .map(to_pb)
+            .collect();
+        Ok(Response::new(pb::ListResponse { resources }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let ttl = if req.ttl_seconds == 0 { DEFAULT_TOKEN_TTL } else { Duration::from_secs(req.ttl_seconds) };
+        let (token, record) = self.0.mesh.create_token(&req.node, req.namespaces, ttl, req.reusable)?;
+        let ca_pin = trellis_proto::tls::ca_pin(self.0.mesh.ca().root()).map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(id = %record.id, node = %record.node, "join token created");
+        Ok(Response::new(pb::CreateTokenResponse { token, id: record.id, ca_pin, expires_at_unix: record.expires_at }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        self.authorize(&request)?;
+        let mut tokens: Vec<TokenRecord> =
+            records::load_all(self.0.mesh.store(), Table::Tokens).map_err(|e| Status::internal(e.to_string()))?;
+        tokens.sort_by_key(|t| t.created_at);
+        let tokens = tokens
+            .into_iter()
+            .map(|t| pb::TokenInfo {
+                id: t.id,
+                node: t.node,
+                namespaces: t.namespaces,
+                expires_at_unix: t.expires_at,
+                reusable: t.reusable,
+                uses: t.uses,
+                revoked: t.revoked,
+            })
+            .collect();
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        self.authorize(&request)?;
+        self.0.mesh.revoke_token(&request.into_inner().id)?;
+        Ok(Response::new(pb::RevokeTokenResponse {}))
+    }
+
+    async fn list_nodes(&self, request: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.authorize(&request)?;
+        let nodes: Vec<NodeRecord> =
+            records::load_all(self.0.mesh.store(), Table::Nodes).map_err(|e| Status::internal(e.to_string()))?;
+        let snapshot = self.0.mesh.current();
+        let nodes = nodes
+            .into_iter()
+            .map(|n| pb::NodeInfo {
+                connected: self.0.proxies.is_connected(&n.name),
+                workloads: snapshot.workloads.iter().filter(|(_, w)| w.node == n.name).map(|(k, _)| k.clone()).collect(),
+                name: n.name,
+                namespaces: n.namespaces,
+                joined_at_unix: n.joined_at,
+                revoked: n.revoked,
+            })
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn revoke_node(
+        &self,
+        request: Request<pb::RevokeNodeRequest>,
+    ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
+        self.authorize(&request)?;
+        let name = request.into_inner().name;
+        self.0.mesh.revoke_node(&name)?;
+        self.0.proxies.command(&name, StreamCommand::Disconnect(format!("node {name:?} was revoked")));
+        Ok(Response::new(pb::RevokeNodeResponse {}))
+    }
+
+    async fn proxy_status(
+        &self,
+        request: Request<pb::ProxyStatusRequest>,
+    ) -> Result<Response<pb::ProxyStatusResponse>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(pb::ProxyStatusResponse {
+            current_version: self.0.mesh.current().version,
+            proxies: self.0.proxies.list(),
+        }))
+    }
+
+    async fn renew_certificates(
+        &self,
+        request: Request<pb::RenewCertificatesRequest>,
+    ) -> Result<Response<pb::RenewCertificatesResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        if !self.0.proxies.command(&req.node, StreamCommand::Renew(req.spiffe_ids)) {
+            return Err(Status::failed_precondition(format!("node {:?} is not connected", req.node)));
+        }
+        Ok(Response::new(pb::RenewCertificatesResponse {}))
+    }
+}

@@ -1,0 +1,295 @@
+//! `Discovery.Stream`: one stream per proxy. Registers what the proxy fronts, then pushes a full snapshot and
+//! incremental updates as the mesh changes, signs its workloads' CSRs and records its ACKs and NACKs.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use trellis_proto::v1 as pb;
+use trellis_proto::v1::discovery_request::Message as Inbound;
+use trellis_proto::v1::discovery_response::Message as Outbound;
+
+use super::Shared;
+use crate::auth::{self, Caller};
+use crate::ca::CaError;
+use crate::mesh::{MeshError, Snapshot};
+use crate::records::NodeRecord;
+use crate::status::StreamCommand;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct DiscoveryService(pub Shared);
+
+type ResponseStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::discovery_server::Discovery for DiscoveryService {
+    type StreamStream = ResponseStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<pb::DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let shared = &self.0;
+        let node_name = match auth::caller(&request, shared.mesh.trust_domain())? {
+            Caller::Node(name) => name,
+            other => {
+                return Err(Status::permission_denied(format!(
+                    "{} is not a node credential",
+                    auth::describe(&other)
+                )));
+            }
+        };
+        let node = shared.mesh.active_node(&node_name)?;
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(pb::DiscoveryRequest { message: Some(Inbound::Hello(hello)) }))) => hello,
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 30s")),
+            Ok(_) => return Err(Status::invalid_argument("the first message on a discovery stream must be Hello")),
+        };
+        if let Err(e) = shared.mesh.register(&node, &hello) {
+            tracing::warn!(node = %node_name, error = %e, "workload declaration refused");
+            return Err(e.into());
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let (commands_tx, commands) = mpsc::channel(8);
+        let stream_id = shared.proxies.connect(&node_name, &hello.version, commands_tx);
+        metrics::gauge!("trellis_connected_proxies").set(shared.proxies.connected_count() as f64);
+        tracing::info!(node = %node_name, workloads = hello.workloads.len(), "proxy connected");
+        let task = StreamTask { shared: shared.clone(), node, inbound, tx, commands };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let reason = task.run().await;
+            shared.proxies.disconnect(&node_name, stream_id);
+            metrics::gauge!("trellis_connected_proxies").set(shared.proxies.connected_count() as f64);
+            tracing::info!(node = %node_name, %reason, "proxy disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct StreamTask {
+    shared: Shared,
+    node: NodeRecord,
+    inbound: Streaming<pb::DiscoveryRequest>,
+    tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
+    commands: mpsc::Receiver<StreamCommand>,
+}
+
+fn response(message: Outbound) -> Result<pb::DiscoveryResponse, Status> {
+    Ok(pb::DiscoveryResponse { message: Some(message) })
+}
+
+impl StreamTask {
+    /// Serves the stream until it ends; returns why.
+    async fn run(mut self) -> String {
+        let mut snapshots = self.shared.mesh.subscribe();
+        let mut sent: Option<Arc<Snapshot>> = None;
+        loop {
+            let current = snapshots.borrow_and_update().clone();
+            if let Some(update) = diff(sent.as_deref(), &current) {
+                let version = update.version;
+                if self.tx.send(response(Outbound::Update(update))).await.is_err() {
+                    return "proxy went away".into();
+                }
+                self.shared.proxies.update(&self.node.name, |s| s.sent_version = version);
+                metrics::counter!("trellis_pushes_total").increment(1);
+            }
+            sent = Some(current);
+            tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return "control plane shutting down".into();
+                    }
+                }
+                message = self.inbound.message() => match message {
+                    Ok(Some(request)) => {
+                        if let Err(status) = self.handle(request).await {
+                            let reason = status.message().to_owned();
+                            let _ = self.tx.send(Err(status)).await;
+                            return reason;
+                        }
+                    }
+                    Ok(None) => return "stream closed by proxy".into(),
+                    Err(status) => return format!("stream error: {}", status.message()),
+                },
+                command = self.commands.recv() => match command {
+                    Some(StreamCommand::Renew(spiffe_ids)) => {
+                        if self.tx.send(response(Outbound::Renew(pb::RenewNow { spiffe_ids }))).await.is_err() {
+                            return "proxy went away".into();
+                        }
+                    }
+                    Some(StreamCommand::Disconnect(reason)) => {
+                        let _ = self.tx.send(Err(Status::permission_denied(reason.clone()))).await;
+                        return reason;
+                    }
+                    None => return "stream replaced".into(),
+                },
+            }
+        }
+    }
+
+    async fn handle(&mut self, request: pb::DiscoveryRequest) -> Result<(), Status> {
+        match request.message {
+            Some(Inbound::Ack(ack)) => {
+                if ack.error.is_empty() {
+                    self.shared.proxies.update(&self.node.name, |s| s.acked_version = ack.version);
+                } else {
+                    tracing::warn!(node = %self.node.name, version = ack.version, error = %ack.error, "proxy rejected an update (NACK)");
+                    metrics::counter!("trellis_nacks_total").increment(1);
+                    self.shared.proxies.update(&self.node.name, |s| {
+                        s.nacked_version = ack.version;
+                        s.last_nack_error = ack.error.clone();
+                    });
+                }
+                Ok(())
+            }
+            Some(Inbound::CertificateRequest(csr)) => {
+                let answer = self.sign(&csr);
+                self.tx
+                    .send(response(Outbound::Certificate(answer)))
+                    .await
+                    .map_err(|_| Status::cancelled("proxy went away"))
+            }
+            Some(Inbound::Hello(hello)) => {
+                // The node may have been revoked since the stream started.
+                self.shared.mesh.active_node(&self.node.name)?;
+                self.shared.mesh.register(&self.node, &hello)?;
+                Ok(())
+            }
+            None => Err(Status::invalid_argument("empty discovery message")),
+        }
+    }
+
+    fn sign(&self, csr: &pb::CertificateRequest) -> pb::CertificateResponse {
+        let started = std::time::Instant::now();
+        match self.shared.mesh.sign_workload(&self.node, &csr.csr_der) {
+            Ok((id, issued)) => {
+                metrics::counter!("trellis_certificates_signed_total").increment(1);
+                metrics::histogram!("trellis_certificate_signing_seconds").record(started.elapsed().as_secs_f64());
+                tracing::info!(node = %self.node.name, spiffe_id = %id, serial = %issued.serial_hex, "workload certificate issued");
+                pb::CertificateResponse {
+                    request_id: csr.request_id,
+                    certificate_chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
+                    error: String::new(),
+                }
+            }
+            Err(e) => {
+                metrics::counter!("trellis_certificates_refused_total", "reason" => refusal_label(&e)).increment(1);
+                tracing::warn!(node = %self.node.name, error = %e, "CSR refused");
+                pb::CertificateResponse { request_id: csr.request_id, certificate_chain: vec![], error: e.to_string() }
+            }
+        }
+    }
+}
+
+/// A bounded set of reasons, for metrics.
+fn refusal_label(e: &MeshError) -> &'static str {
+    match e {
+        MeshError::Ca(CaError::BadCsrSignature) => "bad_signature",
+        MeshError::Ca(CaError::MalformedCsr(_)) => "malformed",
+        MeshError::Ca(CaError::BadSans { .. } | CaError::BadSpiffeId(_) | CaError::NotWorkload(_)) => "bad_identity",
+        MeshError::Ca(CaError::ForeignTrustDomain { .. }) => "foreign_trust_domain",
+        MeshError::Ca(CaError::Refused(_)) => "not_authorized",
+        _ => "internal",
+    }
+}
+
+/// What a proxy that has seen `sent` needs to reach `next`: a full snapshot first, then only what changed.
+pub fn diff(sent: Option<&Snapshot>, next: &Snapshot) -> Option<pb::ConfigUpdate> {
+    let Some(sent) = sent else {
+        return Some(pb::ConfigUpdate {
+            version: next.version,
+            full: true,
+            trust_bundle: Some(next.trust_bundle.clone()),
+            workloads: next.workloads.values().map(|w| (**w).clone()).collect(),
+            removed_workloads: vec![],
+            resources: next.resources.values().map(|r| (**r).clone()).collect(),
+            removed_resources: vec![],
+        });
+    };
+    if std::ptr::eq(sent, next) {
+        return None;
+    }
+    let mut update = pb::ConfigUpdate { version: next.version, ..Default::default() };
+    if sent.trust_bundle != next.trust_bundle {
+        update.trust_bundle = Some(next.trust_bundle.clone());
+    }
+    for (key, w) in &next.workloads {
+        if sent.workloads.get(key).is_none_or(|old| !Arc::ptr_eq(old, w) && old != w) {
+            update.workloads.push((**w).clone());
+        }
+    }
+    update.removed_workloads = sent.workloads.keys().filter(|k| !next.workloads.contains_key(*k)).cloned().collect();
+    for (key, r) in &next.resources {
+        if sent.resources.get(key).is_none_or(|old| !Arc::ptr_eq(old, r) && old != r) {
+            update.resources.push((**r).clone());
+        }
+    }
+    update.removed_resources = sent
+        .resources
+        .iter()
+        .filter(|(k, _)| !next.resources.contains_key(*k))
+        .filter_map(|(_, r)| r.key.clone())
+        .collect();
+    let empty = update.trust_bundle.is_none()
+        && update.workloads.is_empty()
+        && update.removed_workloads.is_empty()
+        && update.resources.is_empty()
+        && update.removed_resources.is_empty();
+    (!empty).then_some(update)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, address: &str) -> Arc<pb::Workload> {
+        Arc::new(pb::Workload { name: name.into(), namespace: "ns".into(), addresses: vec![address.into()], ..Default::default() })
+    }
+
+    fn resource(name: &str, revision: u64) -> Arc<pb::Resource> {
+        Arc::new(pb::Resource {
+            key: Some(pb::ResourceKey { kind: "AuthorizationPolicy".into(), namespace: "ns".into(), name: name.into() }),
+            revision,
+            json: format!("{{\"r\":{revision}}}"),
+        })
+    }
+
+    #[test]
+    fn diff_sends_full_then_changes_only() {
+        let mut a = Snapshot { version: 1, ..Default::default() };
+        a.workloads.insert("ns/a".into(), workload("a", "10.0.0.1"));
+        a.workloads.insert("ns/b".into(), workload("b", "10.0.0.2"));
+        a.resources.insert("AuthorizationPolicy/ns/p".into(), resource("p", 1));
+        let full = diff(None, &a).unwrap();
+        assert!(full.full);
+        assert_eq!((full.workloads.len(), full.resources.len()), (2, 1));
+        assert!(full.trust_bundle.is_some());
+
+        let mut b = Snapshot { version: 2, trust_bundle: a.trust_bundle.clone(), ..Default::default() };
+        b.workloads.insert("ns/a".into(), a.workloads["ns/a"].clone());
+        b.workloads.insert("ns/c".into(), workload("c", "10.0.0.3"));
+        b.resources.insert("AuthorizationPolicy/ns/p".into(), resource("p", 2));
+        let update = diff(Some(&a), &b).unwrap();
+        assert!(!update.full);
+        assert!(update.trust_bundle.is_none());
+        assert_eq!(update.workloads.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(update.removed_workloads, ["ns/b"]);
+        assert_eq!(update.resources.len(), 1);
+        assert_eq!(update.resources[0].revision, 2);
+
+        let same = Snapshot { version: 3, trust_bundle: b.trust_bundle.clone(), workloads: b.workloads.clone(), resources: b.resources.clone() };
+        assert!(diff(Some(&b), &same).is_none());
+
+        let mut gone = Snapshot { version: 4, trust_bundle: b.trust_bundle.clone(), workloads: b.workloads.clone(), ..Default::default() };
+        gone.trust_bundle.roots.push(vec![1]);
+        let update = diff(Some(&b), &gone).unwrap();
+        assert_eq!(update.removed_resources.len(), 1);
+        assert!(update.trust_bundle.is_some());
+    }
+}

@@ -1,0 +1,25 @@
+//! The wire contract between the Trellis control plane, its proxies and `trellisctl`.
+//!
+//! Generated from `proto/trellis/v1/trellis.proto`; see that file for the meaning of each message.
+
+#[allow(clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("trellis.v1");
+}
+
+pub use v1::*;
+
+/// Default control-plane gRPC port (as istiod's 15012).
+pub const CONTROL_PLANE_PORT: u16 = 15012;
+
+/// TLS server name every control-plane serving certificate carries, so proxies can reach the control plane by
+/// any address and still verify it by name.
+pub const CONTROL_PLANE_SERVER_NAME: &str = "trellis-control";
+
+/// Key of a workload in the registry and on the wire: `<namespace>/<name>`.
+pub fn workload_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+pub mod spiffe;
+pub mod tls;
