@@ -1,0 +1,355 @@
+//! The one test harness: start the real binaries (control plane, proxies) as processes on free ports, drive them
+//! with `trellisctl` or raw gRPC, and tear everything down on drop. Binaries come from the workspace's target dir,
+//! so `cargo build --workspace` must run before the tests (the README's test command does).
+
+pub mod client;
+pub mod http;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary next to the test executable (`target/<profile>/<name>`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let path = profile_dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace` before the tests", path.display());
+    path
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port").local_addr().expect("local addr").port()
+}
+
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Polls `check` until it returns Some, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_listening(addr: SocketAddr, child: &mut Child, log: &Path) {
+    wait_for(&format!("{addr} to accept connections"), Duration::from_secs(30), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("process exited with {status} before listening; log:\n{}", read_log(log));
+        }
+        TcpStream::connect(addr).ok().map(|_| ())
+    });
+}
+
+pub fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A running `trellis-control` with its own data dir.
+pub struct ControlPlane {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    serve_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl ControlPlane {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn admin_config(&self) -> PathBuf {
+        self.data_dir().join("admin.yaml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("control.log")
+    }
+
+    /// `trellis-control init` then `serve`, with extra `serve` flags (e.g. `--cert-ttl 1m`).
+    pub fn start(extra_serve_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr = free_addr();
+        let metrics_addr = free_addr();
+        let data_dir = dir.path().join("data");
+        let init = Command::new(bin("trellis-control"))
+            .args(["init", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--endpoint", &addr.to_string()])
+            .output()
+            .expect("run trellis-control init");
+        assert!(init.status.success(), "init failed: {}", String::from_utf8_lossy(&init.stderr));
+        let mut serve_args: Vec<String> = vec![
+            "serve".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--listen".into(),
+            addr.to_string(),
+            "--metrics-listen".into(),
+            metrics_addr.to_string(),
+        ];
+        serve_args.extend(extra_serve_args.iter().map(|s| s.to_string()));
+        let mut cp = Self { dir, addr, metrics_addr, serve_args, child: None };
+        cp.spawn();
+        cp
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
+        let mut child = Command::new(bin("trellis-control"))
+            .args(&self.serve_args)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn trellis-control serve");
+        wait_listening(self.addr, &mut child, &self.log_path());
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Runs `trellisctl` with this control plane's admin config.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_stdin(args, None)
+    }
+
+    pub fn ctl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(bin("trellisctl"))
+            .arg("--config")
+            .arg(self.admin_config())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn trellisctl");
+        {
+            use std::io::Write;
+            let mut pipe = child.stdin.take().expect("stdin");
+            if let Some(text) = stdin {
+                pipe.write_all(text.as_bytes()).expect("write stdin");
+            }
+        }
+        child.wait_with_output().expect("trellisctl output")
+    }
+
+    /// Runs `trellisctl` and returns its stdout, panicking with its stderr if it failed.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "trellisctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+
+    /// Runs `trellisctl` expecting failure; returns stderr.
+    pub fn ctl_err(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(!out.status.success(), "trellisctl {args:?} should have failed: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8(out.stderr).expect("utf8")
+    }
+
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.extend(["-o", "json"]);
+        serde_json::from_str(&self.ctl_ok(&args)).expect("trellisctl -o json output")
+    }
+
+    /// A fresh join token for `node`; returns (token, CA pin).
+    pub fn token(&self, node: &str, namespaces: &[&str], extra: &[&str]) -> (String, String) {
+        let mut args = vec!["token", "create", "--node", node];
+        for ns in namespaces {
+            args.extend(["--namespace", ns]);
+        }
+        args.extend(extra);
+        let v = self.ctl_json(&args);
+        (v["token"].as_str().expect("token").to_owned(), v["caPin"].as_str().expect("caPin").to_owned())
+    }
+
+    pub fn root_pem(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("ca/root-cert.pem")).expect("root cert")
+    }
+
+    pub fn apply(&self, yaml: &str) -> String {
+        let out = self.ctl_stdin(&["apply", "-f", "-"], Some(yaml));
+        assert!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+
+    /// The per-proxy status, keyed by node.
+    pub fn proxy_status(&self) -> serde_json::Value {
+        self.ctl_json(&["proxy-status"])
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- control plane log ---\n{}", read_log(&self.log_path()));
+        }
+    }
+}
+
+/// A workload a proxy fronts, as written in the proxy's config.
+#[derive(Debug, Clone)]
+pub struct WorkloadSpec {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub addresses: Vec<String>,
+    pub ports: Vec<(u16, &'static str)>,
+}
+
+impl WorkloadSpec {
+    pub fn new(name: &str, namespace: &str, service_account: &str, address: &str) -> Self {
+        Self {
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            addresses: vec![address.into()],
+            ports: vec![(8080, "tcp")],
+        }
+    }
+}
+
+/// A running `trellis-proxy`.
+pub struct Proxy {
+    pub dir: tempfile::TempDir,
+    pub node: String,
+    pub admin_addr: SocketAddr,
+    config_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proxy {
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("proxy.log")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Writes a config for `node` fronting `workloads`, joins with a fresh token, and starts the proxy.
+    pub fn start(cp: &ControlPlane, node: &str, workloads: &[WorkloadSpec]) -> Self {
+        let namespaces: Vec<&str> = {
+            let mut ns: Vec<&str> = workloads.iter().map(|w| w.namespace.as_str()).collect();
+            ns.sort();
+            ns.dedup();
+            if ns.is_empty() {
+                ns.push("default");
+            }
+            ns
+        };
+        let (token, pin) = cp.token(node, &namespaces, &[]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let admin_addr = free_addr();
+        let workloads_yaml: Vec<serde_json::Value> = workloads
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "name": w.name, "namespace": w.namespace, "serviceAccount": w.service_account,
+                    "addresses": w.addresses,
+                    "ports": w.ports.iter().map(|(p, proto)| serde_json::json!({"port": p, "protocol": proto})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let config = serde_json::json!({
+            "node": node,
+            "controlPlane": {"address": cp.addr.to_string(), "caPin": pin, "token": token},
+            "stateDir": dir.path().join("state"),
+            "workloads": workloads_yaml,
+            "listen": {
+                "hbone": free_addr().to_string(),
+                "outbound": free_addr().to_string(),
+                "inbound": free_addr().to_string(),
+                "socks5": free_addr().to_string(),
+                "admin": admin_addr.to_string(),
+                "metrics": free_addr().to_string(),
+                "ready": free_addr().to_string(),
+            },
+        });
+        let config_path = dir.path().join("proxy.yaml");
+        std::fs::write(&config_path, serde_yaml_ng::to_string(&config).expect("yaml")).expect("write config");
+        let mut proxy = Self { dir, node: node.into(), admin_addr, config_path, child: None };
+        proxy.spawn();
+        proxy
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
+        let mut child = Command::new(bin("trellis-proxy"))
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn trellis-proxy");
+        wait_listening(self.admin_addr, &mut child, &self.log_path());
+        self.child = Some(child);
+    }
+
+    /// The proxy's `/config_dump`, once it answers.
+    pub fn config_dump(&self) -> serde_json::Value {
+        let (status, body) = http::get(self.admin_addr, "/config_dump").expect("GET /config_dump");
+        assert_eq!(status, 200, "config_dump: {body}");
+        serde_json::from_str(&body).expect("config_dump JSON")
+    }
+
+    /// Waits until `/config_dump` satisfies `check`.
+    pub fn wait_config(&self, what: &str, mut check: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {
+        wait_for(what, Duration::from_secs(30), || {
+            let (status, body) = http::get(self.admin_addr, "/config_dump").ok()?;
+            let dump: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (status == 200 && check(&dump)).then_some(dump)
+        })
+    }
+
+    pub fn wait_ready(&self) {
+        wait_for("proxy ready", Duration::from_secs(30), || {
+            http::get(self.admin_addr, "/healthz/ready").ok().filter(|(s, _)| *s == 200).map(|_| ())
+        });
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- proxy {} log ---\n{}", self.node, read_log(&self.log_path()));
+        }
+    }
+}
