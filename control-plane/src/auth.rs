@@ -33,7 +33,10 @@ pub fn caller<T>(request: &Request<T>, trust_domain: &str) -> Result<Caller, Sta
         .ok_or_else(|| Status::unauthenticated("client certificate has no SPIFFE ID"))?;
     let id = SpiffeId::parse(&uri).map_err(|e| Status::unauthenticated(e.to_string()))?;
     if id.trust_domain() != trust_domain {
-        return Err(Status::permission_denied(format!("client certificate is from trust domain {}", id.trust_domain())));
+        return Err(Status::permission_denied(format!(
+            "client certificate is from trust domain {}",
+            id.trust_domain()
+        )));
     }
     Ok(match id.subject() {
         Subject::Node(name) => Caller::Node(name.to_owned()),

@@ -5,9 +5,9 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use rcgen::{PublicKeyData, 
+use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
@@ -76,7 +76,8 @@ impl Ca {
         params.distinguished_name.push(DnType::OrganizationName, trust_domain);
         params.distinguished_name.push(DnType::CommonName, "Trellis root CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + ROOT_VALIDITY;
@@ -87,13 +88,19 @@ impl Ca {
 
     /// Checks operator-supplied CA material (Istio's "plug-in CA"): the certificate must be a CA whose public
     /// key matches the key, and the chain must lead to a self-signed root. Returns the chain, issuer first.
-    pub fn check_imported(cert_pem: &str, key_pem: &str, chain_pem: Option<&str>) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    pub fn check_imported(
+        cert_pem: &str,
+        key_pem: &str,
+        chain_pem: Option<&str>,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
         let cert = single_cert(cert_pem, "--ca-cert")?;
         let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Material(format!("--ca-key: {e}")))?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
-            .map_err(|e| CaError::Material(format!("--ca-cert: {e}")))?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&cert).map_err(|e| CaError::Material(format!("--ca-cert: {e}")))?;
         if !parsed.is_ca() {
-            return Err(CaError::Material("--ca-cert is not a CA certificate (basicConstraints CA:TRUE missing)".into()));
+            return Err(CaError::Material(
+                "--ca-cert is not a CA certificate (basicConstraints CA:TRUE missing)".into(),
+            ));
         }
         if parsed.tbs_certificate.subject_pki.raw != key.subject_public_key_info().as_slice() {
             return Err(CaError::Material("--ca-key does not match --ca-cert's public key".into()));
@@ -199,7 +206,11 @@ impl Ca {
         Ok((issued, key.serialize_pem()))
     }
 
-    fn sign_leaf(&self, public_key: &impl rcgen::PublicKeyData, mut params: CertificateParams) -> Result<Issued, CaError> {
+    fn sign_leaf(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        mut params: CertificateParams,
+    ) -> Result<Issued, CaError> {
         let serial = random_serial();
         let serial_hex = hex::encode(serial.to_bytes());
         params.serial_number = Some(serial);
@@ -222,8 +233,7 @@ fn leaf_params(id: &SpiffeId, ttl: Duration) -> CertificateParams {
     let mut params = CertificateParams::default();
     // Empty subject (as Istio): the identity lives only in the URI SAN, which rcgen then marks critical.
     params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names =
-        vec![SanType::URI(id.to_string().try_into().expect("a validated SPIFFE ID is ASCII"))];
+    params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().expect("a validated SPIFFE ID is ASCII"))];
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];

@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 
 use crate::ca::{self, Ca, LocalCert};
 use crate::files::{pem, write_new};
-use crate::settings::{CliConfig, ControlSettings, ADMIN_FILE, CONTROL_FILE};
+use crate::settings::{ADMIN_FILE, CONTROL_FILE, CliConfig, ControlSettings};
 use crate::store::{RedbStore, STORE_FILE};
 
 pub const ADMIN_CERT: &str = "admin/admin-cert.pem";
@@ -66,7 +66,8 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<()> {
     let admin_chain = ca::certs_to_pem(&admin.chain[..admin.chain.len() - 1]);
     write_new(&dir.join(ADMIN_CERT), admin_chain.as_bytes(), 0o644)?;
     write_new(&dir.join(ADMIN_KEY), admin_key.as_bytes(), 0o600)?;
-    let cli = CliConfig { endpoint: opts.endpoint.clone(), ca_bundle: root_pem, certificate: admin_chain, key: admin_key };
+    let cli =
+        CliConfig { endpoint: opts.endpoint.clone(), ca_bundle: root_pem, certificate: admin_chain, key: admin_key };
     write_new(&dir.join(ADMIN_FILE), serde_yaml_ng::to_string(&cli)?.as_bytes(), 0o600)?;
 
     RedbStore::open(&dir.join(STORE_FILE))?;

@@ -12,8 +12,8 @@ use trellis_proto::spiffe::SpiffeId;
 use trellis_proto::v1 as pb;
 
 use crate::ca::{Ca, CaError, Issued};
-use crate::records::{self, CertRecord, NodeRecord, ResourceRecord, TokenRecord, META_REVISION, META_VERSION};
-use crate::store::{transact, Store, StoreError, Table};
+use crate::records::{self, CertRecord, META_REVISION, META_VERSION, NodeRecord, ResourceRecord, TokenRecord};
+use crate::store::{Store, StoreError, Table, transact};
 use crate::tokens::{self, TokenRefusal};
 
 #[derive(Debug, thiserror::Error)]
@@ -458,10 +458,7 @@ impl Mesh {
                 return Err(format!("node {:?} may not hold identities in namespace {namespace:?}", node.name));
             }
             if !hosted.contains(&(namespace.to_owned(), sa.to_owned())) {
-                return Err(format!(
-                    "node {:?} fronts no workload with service account {namespace}/{sa}",
-                    node.name
-                ));
+                return Err(format!("node {:?} fronts no workload with service account {namespace}/{sa}", node.name));
             }
             Ok(())
         })?;

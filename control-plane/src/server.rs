@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivateKeyDer;
+use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,7 +19,7 @@ use trellis_proto::v1 as pb;
 
 use crate::ca::{Ca, LocalCert};
 use crate::mesh::{Mesh, MeshConfig};
-use crate::services::{admin::AdminService, discovery::DiscoveryService, identity::IdentityService, Shared};
+use crate::services::{Shared, admin::AdminService, discovery::DiscoveryService, identity::IdentityService};
 use crate::settings::ControlSettings;
 use crate::status::ProxyRegistry;
 use crate::store::{RedbStore, STORE_FILE};
@@ -109,7 +109,8 @@ fn server_tls(ca: &Ca, opts: &ServeOptions) -> anyhow::Result<ServerConfig> {
         }
     }
     ips.dedup();
-    let (issued, key_pem) = ca.issue_local(LocalCert::Server { dns_names: &dns_names, ips: &ips }, SERVING_CERT_VALIDITY)?;
+    let (issued, key_pem) =
+        ca.issue_local(LocalCert::Server { dns_names: &dns_names, ips: &ips }, SERVING_CERT_VALIDITY)?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("serving key")?;
     let provider = trellis_proto::tls::provider();
     let mut roots = RootCertStore::empty();

@@ -54,13 +54,7 @@ macro_rules! backend_errors {
         fn from(e: $t) -> Self { StoreError::Backend(e.to_string()) }
     })*};
 }
-backend_errors!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+backend_errors!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
 /// Reads and writes inside one atomic transaction.
 pub trait Txn {

@@ -96,20 +96,16 @@ mod tests {
         let used = TokenRecord { uses: 1, ..ok.clone() };
         let reusable_used = TokenRecord { uses: 5, reusable: true, ..ok.clone() };
         let revoked = TokenRecord { revoked: true, ..ok.clone() };
-        let cases: Vec<(&TokenRecord, &str, &str, i64, Result<(), TokenRefusal>)> = vec![
+        let zeros = "0".repeat(32);
+        type Case<'a> = (&'a TokenRecord, &'a str, &'a str, i64, Result<(), TokenRefusal>);
+        let cases: Vec<Case> = vec![
             (&ok, secret, "n1", 1001, Ok(())),
             (&ok, secret, "n1", 4600, Err(TokenRefusal::Expired)),
-            (&ok, &"0".repeat(32), "n1", 1001, Err(TokenRefusal::Invalid)),
+            (&ok, &zeros, "n1", 1001, Err(TokenRefusal::Invalid)),
             (&used, secret, "n1", 1001, Err(TokenRefusal::Used)),
             (&reusable_used, secret, "n1", 1001, Ok(())),
             (&revoked, secret, "n1", 1001, Err(TokenRefusal::Revoked)),
-            (
-                &ok,
-                secret,
-                "n2",
-                1001,
-                Err(TokenRefusal::WrongNode { token_node: "n1".into(), node: "n2".into() }),
-            ),
+            (&ok, secret, "n2", 1001, Err(TokenRefusal::WrongNode { token_node: "n1".into(), node: "n2".into() })),
         ];
         for (i, (record, secret, node, now, want)) in cases.into_iter().enumerate() {
             assert_eq!(check(record, secret, node, now), want, "case {i}");

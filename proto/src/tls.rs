@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -25,6 +25,8 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("invalid control-plane address {address:?}: {source}")]
     BadAddress { address: String, source: tonic::transport::Error },
+    #[error("cannot reach the control plane at {address}: {source}")]
+    Connect { address: String, source: tonic::transport::Error },
 }
 
 /// The one crypto provider of Trellis: aws-lc-rs, whose default key-exchange order puts the
@@ -120,7 +122,7 @@ pub async fn connect(address: &str, config: Arc<ClientConfig>) -> Result<Channel
             }
         }))
         .await
-        .map_err(|source| TlsError::BadAddress { address: endpoint_address(&endpoint), source })?;
+        .map_err(|source| TlsError::Connect { address: endpoint_address(&endpoint), source })?;
     Ok(channel)
 }
 
@@ -144,12 +146,10 @@ impl ServerCertVerifier for PinnedRootVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let anchor = intermediates
-            .iter()
-            .find(|cert| spki_sha256(cert).is_ok_and(|hash| hash == self.pin))
-            .ok_or_else(|| {
-                rustls::Error::General("no certificate in the control plane's chain matches the CA pin".into())
-            })?;
+        let anchor =
+            intermediates.iter().find(|cert| spki_sha256(cert).is_ok_and(|hash| hash == self.pin)).ok_or_else(
+                || rustls::Error::General("no certificate in the control plane's chain matches the CA pin".into()),
+            )?;
         let mut roots = RootCertStore::empty();
         roots.add(anchor.clone().into_owned())?;
         let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
@@ -188,7 +188,9 @@ mod tests {
     #[test]
     fn pin_parsing() {
         assert!(parse_pin(&format!("sha256:{}", "ab".repeat(32))).is_ok());
-        for bad in ["", "sha256:", "sha1:abcd", &format!("sha256:{}", "zz".repeat(32)), &format!("sha256:{}", "ab".repeat(31))] {
+        for bad in
+            ["", "sha256:", "sha1:abcd", &format!("sha256:{}", "zz".repeat(32)), &format!("sha256:{}", "ab".repeat(31))]
+        {
             assert!(parse_pin(bad).is_err(), "{bad}");
         }
     }

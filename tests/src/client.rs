@@ -30,7 +30,11 @@ pub fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
 }
 
 /// Connects trusting `roots`, optionally with a client credential.
-pub async fn connect(addr: &str, roots: Vec<CertificateDer<'static>>, identity: Option<ClientIdentity>) -> anyhow::Result<Channel> {
+pub async fn connect(
+    addr: &str,
+    roots: Vec<CertificateDer<'static>>,
+    identity: Option<ClientIdentity>,
+) -> anyhow::Result<Channel> {
     let config = tls::client_config(ServerTrust::Roots(roots), identity)?;
     Ok(tls::connect(addr, Arc::new(config)).await?)
 }
@@ -96,7 +100,7 @@ impl Stream {
         let message = tokio::time::timeout(std::time::Duration::from_secs(20), self.rx.message())
             .await
             .map_err(|_| tonic::Status::deadline_exceeded("test waited 20s for a discovery message"))??;
-        Ok(message.and_then(|m| m.message).ok_or_else(|| tonic::Status::cancelled("stream ended"))?)
+        message.and_then(|m| m.message).ok_or_else(|| tonic::Status::cancelled("stream ended"))
     }
 
     pub async fn send(&self, message: pb::discovery_request::Message) {

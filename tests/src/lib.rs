@@ -169,7 +169,11 @@ impl ControlPlane {
     /// Runs `trellisctl` expecting failure; returns stderr.
     pub fn ctl_err(&self, args: &[&str]) -> String {
         let out = self.ctl(args);
-        assert!(!out.status.success(), "trellisctl {args:?} should have failed: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "trellisctl {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         String::from_utf8(out.stderr).expect("utf8")
     }
 

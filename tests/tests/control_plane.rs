@@ -7,7 +7,7 @@ use trellis_proto::tls::ClientIdentity;
 use trellis_proto::v1 as pb;
 use trellis_proto::v1::discovery_response::Message as Out;
 use trellis_tests::client::{self, csr, hello, workload};
-use trellis_tests::{bin, ControlPlane};
+use trellis_tests::{ControlPlane, bin};
 
 const POLICY: &str = r#"
 apiVersion: security.istio.io/v1
@@ -112,7 +112,10 @@ async fn csr_refusals_and_a_valid_svid_checked_by_openssl() {
 
     let cases: &[(&[&str], &str)] = &[
         (&["spiffe://cluster.local/ns/other/sa/web-sa"], "namespace"),
-        (&["spiffe://cluster.local/ns/default/sa/web-sa", "spiffe://cluster.local/ns/default/sa/x"], "exactly one URI SAN"),
+        (
+            &["spiffe://cluster.local/ns/default/sa/web-sa", "spiffe://cluster.local/ns/default/sa/x"],
+            "exactly one URI SAN",
+        ),
         (&["spiffe://evil.example/ns/default/sa/web-sa"], "trust domain"),
         (&["spiffe://cluster.local/ns/default/sa/not-hosted"], "fronts no workload"),
         (&["spiffe://cluster.local/ns//sa/web-sa"], "invalid SPIFFE ID"),
@@ -250,8 +253,14 @@ fn invalid_documents_are_rejected_with_their_field_and_nothing_is_half_applied()
     let cp = ControlPlane::start(&[]);
     cp.apply(POLICY);
     let cases: &[(&str, &str)] = &[
-        ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {actions: DENY}\n", "actions"),
-        ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: PERMIT, rules: [{}]}\n", "PERMIT"),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {actions: DENY}\n",
+            "actions",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: PERMIT, rules: [{}]}\n",
+            "PERMIT",
+        ),
         (
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec:\n  rules:\n  - from:\n    - source: {ipBlocks: [\"10.0.0.300/8\"]}\n",
             "ipBlocks",
@@ -261,9 +270,18 @@ fn invalid_documents_are_rejected_with_their_field_and_nothing_is_half_applied()
             "ports",
         ),
         ("apiVersion: security.istio.io/v2\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {}\n", "apiVersion"),
-        ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: DENY}\n", "rules"),
-        ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: CUSTOM, provider: {name: x}, rules: [{}]}\n", "CUSTOM"),
-        ("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: a}\nspec: {mtls: {mode: SOMETIMES}}\n", "SOMETIMES"),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: DENY}\n",
+            "rules",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {action: CUSTOM, provider: {name: x}, rules: [{}]}\n",
+            "CUSTOM",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: a}\nspec: {mtls: {mode: SOMETIMES}}\n",
+            "SOMETIMES",
+        ),
     ];
     for (yaml, needle) in cases {
         let out = cp.ctl_stdin(&["apply", "-f", "-"], Some(yaml));
@@ -282,7 +300,8 @@ fn invalid_documents_are_rejected_with_their_field_and_nothing_is_half_applied()
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("document 1"), "{}", String::from_utf8_lossy(&out.stderr));
     let all = cp.ctl_json(&["get", "ap", "-A"]);
-    let names: Vec<&str> = all["items"].as_array().unwrap().iter().map(|d| d["metadata"]["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        all["items"].as_array().unwrap().iter().map(|d| d["metadata"]["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["allow-client"], "store changed by a rejected apply");
 }
 
@@ -329,12 +348,37 @@ async fn imported_intermediate_ca_signs_and_its_root_is_the_pin() {
     };
     std::fs::write(p("ca.ext"), "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n").unwrap();
     openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &p("root.key")]);
-    openssl(&["req", "-x509", "-new", "-key", &p("root.key"), "-subj", "/O=corp/CN=Corp Root", "-days", "30", "-out", &p("root.pem")]);
+    openssl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        &p("root.key"),
+        "-subj",
+        "/O=corp/CN=Corp Root",
+        "-days",
+        "30",
+        "-out",
+        &p("root.pem"),
+    ]);
     openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &p("int.key")]);
     openssl(&["req", "-new", "-key", &p("int.key"), "-subj", "/O=corp/CN=Mesh Intermediate", "-out", &p("int.csr")]);
     openssl(&[
-        "x509", "-req", "-in", &p("int.csr"), "-CA", &p("root.pem"), "-CAkey", &p("root.key"), "-CAcreateserial",
-        "-days", "30", "-extfile", &p("ca.ext"), "-out", &p("int.pem"),
+        "x509",
+        "-req",
+        "-in",
+        &p("int.csr"),
+        "-CA",
+        &p("root.pem"),
+        "-CAkey",
+        &p("root.key"),
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        &p("ca.ext"),
+        "-out",
+        &p("int.pem"),
     ]);
     let data = dir.path().join("data");
     let mismatched = Command::new(bin("trellis-control"))
@@ -373,7 +417,13 @@ async fn imported_intermediate_ca_signs_and_its_root_is_the_pin() {
     };
     let out = ctl(&["token", "create", "--node", "n1", "-o", "json"]);
     let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let joined = client::join(&addr.to_string(), created["caPin"].as_str().unwrap_or(""), created["token"].as_str().unwrap_or(""), "n1").await;
+    let joined = client::join(
+        &addr.to_string(),
+        created["caPin"].as_str().unwrap_or(""),
+        created["token"].as_str().unwrap_or(""),
+        "n1",
+    )
+    .await;
     let _ = child.kill();
     let _ = child.wait();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -4,7 +4,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use trellis_control_plane::cli::{self, status_line, table, timestamp};
@@ -110,7 +110,9 @@ enum TokenCommand {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
-    Revoke { id: String },
+    Revoke {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -179,9 +181,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Delete { file, kind, name, namespace } => {
             let request = match (file, kind, name) {
                 (Some(file), None, None) => pb::DeleteRequest { documents: read_input(&file)?, keys: vec![] },
-                (None, Some(kind), Some(name)) => {
-                    pb::DeleteRequest { documents: String::new(), keys: vec![pb::ResourceKey { kind, namespace, name }] }
-                }
+                (None, Some(kind), Some(name)) => pb::DeleteRequest {
+                    documents: String::new(),
+                    keys: vec![pb::ResourceKey { kind, namespace, name }],
+                },
                 _ => bail!("give either -f FILE or KIND NAME"),
             };
             for key in admin.delete(request).await?.into_inner().deleted {
@@ -189,6 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Get { kind, name, namespace, all_namespaces, output } => {
+            let single = name.is_some();
             let resources = match name {
                 Some(name) => {
                     let key = pb::ResourceKey { kind, namespace, name };
@@ -199,7 +203,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     admin.list(pb::ListRequest { kind, namespace }).await?.into_inner().resources
                 }
             };
-            print_resources(&resources, output)?;
+            print_resources(&resources, single, output)?;
         }
         Command::Token { command } => token(&mut admin, command).await?,
         Command::Nodes { command: Some(NodesCommand::Revoke { name }), .. } => {
@@ -211,8 +215,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if output == Output::Json {
                 let items: Vec<_> = nodes
                     .iter()
-                    .map(|n| json!({"name": n.name, "namespaces": n.namespaces, "joinedAt": timestamp(n.joined_at_unix),
-                        "revoked": n.revoked, "connected": n.connected, "workloads": n.workloads}))
+                    .map(|n| {
+                        json!({"name": n.name, "namespaces": n.namespaces, "joinedAt": timestamp(n.joined_at_unix),
+                        "revoked": n.revoked, "connected": n.connected, "workloads": n.workloads})
+                    })
                     .collect();
                 print_json(&json!(items));
             } else {
@@ -222,7 +228,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         vec![
                             n.name.clone(),
                             n.namespaces.join(","),
-                            if n.revoked { "revoked" } else if n.connected { "connected" } else { "disconnected" }.into(),
+                            if n.revoked {
+                                "revoked"
+                            } else if n.connected {
+                                "connected"
+                            } else {
+                                "disconnected"
+                            }
+                            .into(),
                             n.workloads.len().to_string(),
                             timestamp(n.joined_at_unix),
                         ]
@@ -335,11 +348,12 @@ async fn token(admin: &mut AdminClient<tonic::transport::Channel>, command: Toke
     Ok(())
 }
 
-fn print_resources(resources: &[pb::Resource], output: Output) -> anyhow::Result<()> {
+/// One named resource prints as itself; a listing as `{"items": [...]}` (JSON) or `---`-separated documents.
+fn print_resources(resources: &[pb::Resource], single: bool, output: Output) -> anyhow::Result<()> {
     let docs: Vec<serde_json::Value> =
         resources.iter().map(|r| serde_json::from_str(&r.json)).collect::<Result<_, _>>()?;
     match output {
-        Output::Json if docs.len() == 1 => print_json(&docs[0]),
+        Output::Json if single => print_json(&docs[0]),
         Output::Json => print_json(&json!({"items": docs})),
         Output::Yaml => {
             let texts: Vec<String> = docs.iter().map(serde_yaml_ng::to_string).collect::<Result<_, _>>()?;

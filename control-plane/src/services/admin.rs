@@ -103,7 +103,8 @@ impl pb::admin_server::Admin for AdminService {
         let req = request.into_inner();
         let ttl = if req.ttl_seconds == 0 { DEFAULT_TOKEN_TTL } else { Duration::from_secs(req.ttl_seconds) };
         let (token, record) = self.0.mesh.create_token(&req.node, req.namespaces, ttl, req.reusable)?;
-        let ca_pin = trellis_proto::tls::ca_pin(self.0.mesh.ca().root()).map_err(|e| Status::internal(e.to_string()))?;
+        let ca_pin =
+            trellis_proto::tls::ca_pin(self.0.mesh.ca().root()).map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(id = %record.id, node = %record.node, "join token created");
         Ok(Response::new(pb::CreateTokenResponse { token, id: record.id, ca_pin, expires_at_unix: record.expires_at }))
     }
@@ -140,7 +141,10 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::RevokeTokenResponse {}))
     }
 
-    async fn list_nodes(&self, request: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
         self.authorize(&request)?;
         let nodes: Vec<NodeRecord> =
             records::load_all(self.0.mesh.store(), Table::Nodes).map_err(|e| Status::internal(e.to_string()))?;
@@ -149,7 +153,12 @@ impl pb::admin_server::Admin for AdminService {
             .into_iter()
             .map(|n| pb::NodeInfo {
                 connected: self.0.proxies.is_connected(&n.name),
-                workloads: snapshot.workloads.iter().filter(|(_, w)| w.node == n.name).map(|(k, _)| k.clone()).collect(),
+                workloads: snapshot
+                    .workloads
+                    .iter()
+                    .filter(|(_, w)| w.node == n.name)
+                    .map(|(k, _)| k.clone())
+                    .collect(),
                 name: n.name,
                 namespaces: n.namespaces,
                 joined_at_unix: n.joined_at,

@@ -37,10 +37,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         let node_name = match auth::caller(&request, shared.mesh.trust_domain())? {
             Caller::Node(name) => name,
             other => {
-                return Err(Status::permission_denied(format!(
-                    "{} is not a node credential",
-                    auth::describe(&other)
-                )));
+                return Err(Status::permission_denied(format!("{} is not a node credential", auth::describe(&other))));
             }
         };
         let node = shared.mesh.active_node(&node_name)?;
@@ -249,12 +246,21 @@ mod tests {
     use super::*;
 
     fn workload(name: &str, address: &str) -> Arc<pb::Workload> {
-        Arc::new(pb::Workload { name: name.into(), namespace: "ns".into(), addresses: vec![address.into()], ..Default::default() })
+        Arc::new(pb::Workload {
+            name: name.into(),
+            namespace: "ns".into(),
+            addresses: vec![address.into()],
+            ..Default::default()
+        })
     }
 
     fn resource(name: &str, revision: u64) -> Arc<pb::Resource> {
         Arc::new(pb::Resource {
-            key: Some(pb::ResourceKey { kind: "AuthorizationPolicy".into(), namespace: "ns".into(), name: name.into() }),
+            key: Some(pb::ResourceKey {
+                kind: "AuthorizationPolicy".into(),
+                namespace: "ns".into(),
+                name: name.into(),
+            }),
             revision,
             json: format!("{{\"r\":{revision}}}"),
         })
@@ -283,10 +289,20 @@ mod tests {
         assert_eq!(update.resources.len(), 1);
         assert_eq!(update.resources[0].revision, 2);
 
-        let same = Snapshot { version: 3, trust_bundle: b.trust_bundle.clone(), workloads: b.workloads.clone(), resources: b.resources.clone() };
+        let same = Snapshot {
+            version: 3,
+            trust_bundle: b.trust_bundle.clone(),
+            workloads: b.workloads.clone(),
+            resources: b.resources.clone(),
+        };
         assert!(diff(Some(&b), &same).is_none());
 
-        let mut gone = Snapshot { version: 4, trust_bundle: b.trust_bundle.clone(), workloads: b.workloads.clone(), ..Default::default() };
+        let mut gone = Snapshot {
+            version: 4,
+            trust_bundle: b.trust_bundle.clone(),
+            workloads: b.workloads.clone(),
+            ..Default::default()
+        };
         gone.trust_bundle.roots.push(vec![1]);
         let update = diff(Some(&b), &gone).unwrap();
         assert_eq!(update.removed_resources.len(), 1);

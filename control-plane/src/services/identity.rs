@@ -12,9 +12,10 @@ impl pb::identity_server::Identity for IdentityService {
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
         let req = request.into_inner();
         let mesh = self.0.mesh.clone();
-        let result = tokio::task::spawn_blocking(move || mesh.join(&req.token, &req.node, &req.csr_der).map(|r| (req.node, r)))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let result =
+            tokio::task::spawn_blocking(move || mesh.join(&req.token, &req.node, &req.csr_der).map(|r| (req.node, r)))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
         let (node, (issued, namespaces)) = match result {
             Ok(ok) => ok,
             Err(e) => {

@@ -1,0 +1,284 @@
+//! The admin HTTP endpoint (loopback by default): `/config_dump` shows what the proxy currently holds,
+//! `/healthz/ready` says whether it can serve. Public material only: no private key is ever rendered.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, info};
+use trellis_proto::v1;
+
+use crate::identity::certs::{CertInfo, rfc3339};
+use crate::proxy::Shared;
+use crate::shutdown_requested;
+
+pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(address).await
+}
+
+/// Serves until shutdown; open connections finish their current request.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    if let Ok(address) = listener.local_addr() {
+        info!(%address, "admin endpoint listening");
+    }
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown_requested(&mut shutdown) => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    debug!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&req, &shared)) }
+            });
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = shutdown_requested(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/config_dump") => {
+            let body = serde_json::to_string_pretty(&config_dump(shared)).expect("JSON values serialize");
+            respond(StatusCode::OK, "application/json", body)
+        }
+        (&Method::GET, "/healthz/ready") => match readiness(shared) {
+            Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n".into()),
+            Err(waiting) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {waiting}\n")),
+        },
+        (_, "/config_dump" | "/healthz/ready") => {
+            respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is allowed\n".into())
+        }
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+/// Ready once the node credential, every workload certificate and the first full config are in place;
+/// otherwise says what is missing.
+pub fn readiness(shared: &Shared) -> Result<(), String> {
+    let mut missing = Vec::new();
+    if shared.node_credential.get().is_none() {
+        missing.push("node credential".to_owned());
+    }
+    match shared.workload_certs.get() {
+        Some(certs) => {
+            let total = certs.ids().count();
+            let have = certs.all().len();
+            if have < total {
+                missing.push(format!("workload certificates ({have}/{total})"));
+            }
+        }
+        None => missing.push("workload certificates".to_owned()),
+    }
+    if !shared.state.load().synced {
+        missing.push("first config from the control plane".to_owned());
+    }
+    if missing.is_empty() { Ok(()) } else { Err(format!("waiting for {}", missing.join(", "))) }
+}
+
+pub fn config_dump(shared: &Shared) -> Value {
+    let state = shared.state.load();
+    let node = shared.node_credential.get();
+
+    let (trust_domain, roots): (Option<String>, Vec<Value>) = match (&state.trust_bundle, node) {
+        (Some(bundle), _) => {
+            (Some(bundle.trust_domain.clone()), bundle.roots.iter().map(|r| root_json(&r.info)).collect())
+        }
+        (None, Some(node)) => (
+            Some(node.trust_domain().to_owned()),
+            node.roots.iter().filter_map(|der| CertInfo::parse(der).ok()).map(|info| root_json(&info)).collect(),
+        ),
+        (None, None) => (None, Vec::new()),
+    };
+
+    let certificates: Vec<Value> = shared
+        .workload_certs
+        .get()
+        .map(|certs| certs.all().iter().map(|c| cert_json(&c.spiffe_id.to_string(), &c.info)).collect())
+        .unwrap_or_default();
+
+    json!({
+        "node": shared.node,
+        "version": state.synced.then_some(state.version),
+        "trust_domain": trust_domain,
+        "roots": roots,
+        "workloads": state.workloads.values().map(|w| workload_json(w)).collect::<Vec<_>>(),
+        "resources": state.resources.iter().map(|(key, stored)| json!({
+            "kind": key.kind.as_str(),
+            "namespace": key.namespace,
+            "name": key.name,
+            "revision": stored.revision,
+        })).collect::<Vec<_>>(),
+        "certificates": certificates,
+        "node_certificate": node.map(|n| cert_json(&n.spiffe_id.to_string(), &n.info)),
+        "namespaces": node.map(|n| n.namespaces.clone()),
+    })
+}
+
+fn root_json(info: &CertInfo) -> Value {
+    json!({
+        "subject": info.subject,
+        "not_after": rfc3339(info.not_after),
+        "sha256": info.sha256,
+        "spki_sha256": info.spki_sha256,
+    })
+}
+
+fn cert_json(spiffe_id: &str, info: &CertInfo) -> Value {
+    json!({
+        "spiffe_id": spiffe_id,
+        "serial": info.serial,
+        "not_before": rfc3339(info.not_before),
+        "not_after": rfc3339(info.not_after),
+    })
+}
+
+fn workload_json(w: &v1::Workload) -> Value {
+    let ports: Vec<Value> = w
+        .ports
+        .iter()
+        .map(|p| {
+            let protocol = match v1::Protocol::try_from(p.protocol) {
+                Ok(v1::Protocol::Tcp) => "tcp",
+                Ok(v1::Protocol::Http) => "http",
+                _ => "unspecified",
+            };
+            json!({"port": p.port, "protocol": protocol})
+        })
+        .collect();
+    json!({
+        "name": w.name,
+        "namespace": w.namespace,
+        "service_account": w.service_account,
+        "labels": w.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "addresses": w.addresses,
+        "ports": ports,
+        "node": w.node,
+        "proxy_address": w.proxy_address,
+        "spiffe_id": w.spiffe_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::certs::test_ca::TestCa;
+    use crate::identity::{CertManager, WorkloadCerts};
+    use crate::state::{State, StateStore, apply};
+    use std::time::{Duration, Instant, SystemTime};
+    use trellis_proto::spiffe::SpiffeId;
+
+    #[tokio::test]
+    async fn serves_dump_and_readiness_without_keys() {
+        let ca = TestCa::new();
+        let shared = Arc::new(Shared::new("node-a".into(), Arc::new(StateStore::new(State::new("td")))));
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, shared.clone(), shutdown));
+
+        let (status, body) = get(address, "/healthz/ready").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("node credential") && body.contains("first config"), "{body}");
+
+        // Give it a certificate and a config.
+        let id = SpiffeId::workload("td", "ns", "sa").unwrap();
+        let certs = Arc::new(WorkloadCerts::new([id.clone()]));
+        let mut manager = CertManager::new(certs.clone(), Instant::now());
+        let request = manager.step(Instant::now()).requests.remove(0);
+        let chain = ca.sign(&request.csr_der, Duration::from_secs(3600));
+        let answer = v1::CertificateResponse {
+            request_id: request.request_id,
+            certificate_chain: chain.iter().map(|c| c.to_vec()).collect(),
+            error: String::new(),
+        };
+        manager.on_response(answer, Instant::now(), SystemTime::now()).unwrap();
+        let _ = shared.workload_certs.set(certs);
+        let update = v1::ConfigUpdate {
+            version: 7,
+            full: true,
+            trust_bundle: Some(v1::TrustBundle { trust_domain: "td".into(), roots: vec![ca.root.to_vec()] }),
+            workloads: vec![v1::Workload {
+                name: "w".into(),
+                namespace: "ns".into(),
+                addresses: vec!["10.0.0.1".into()],
+                ports: vec![v1::Port { port: 80, protocol: v1::Protocol::Http as i32 }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        shared.state.store(apply(&shared.state.load(), &update).unwrap());
+
+        let (status, body) = get(address, "/config_dump").await;
+        assert_eq!(status, 200);
+        assert!(!body.contains("PRIVATE"), "{body}");
+        let dump: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(dump["node"], "node-a");
+        assert_eq!(dump["version"], 7);
+        assert_eq!(dump["trust_domain"], "td");
+        assert_eq!(dump["roots"][0]["sha256"].as_str().unwrap().len(), 64);
+        assert_eq!(dump["workloads"][0]["ports"][0]["protocol"], "http");
+        let cert = &dump["certificates"][0];
+        assert_eq!(cert["spiffe_id"], id.to_string());
+        assert_eq!(cert["serial"], CertInfo::parse(&chain[0]).unwrap().serial);
+        assert!(humantime::parse_rfc3339(cert["not_after"].as_str().unwrap()).is_ok());
+
+        // Still not ready: no node credential in this test.
+        let (status, body) = get(address, "/healthz/ready").await;
+        assert_eq!(status, 503);
+        assert_eq!(body, "not ready: waiting for node credential\n");
+        assert_eq!(get(address, "/nope").await.0, 404);
+
+        stop.send(true).unwrap();
+        server.await.unwrap();
+    }
+
+    /// Minimal HTTP/1.1 GET, enough for these tests.
+    async fn get(address: SocketAddr, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response.split_once("\r\n\r\n").unwrap().1.to_owned();
+        (status, body)
+    }
+}

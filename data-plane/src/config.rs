@@ -1,0 +1,571 @@
+//! The proxy's configuration file (`trellis-proxy run --config proxy.yaml`).
+//!
+//! Parsed in two steps: serde reads the YAML shape strictly (unknown fields are errors), then `validate`
+//! turns strings into typed values and reports every problem at once, each prefixed by the field's path so
+//! an operator can find it (`workloads[1].addresses[0]: "10.0.0.300" is not an IP address`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use trellis_proto::spiffe::SpiffeId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Yaml { path: PathBuf, source: serde_yaml_ng::Error },
+    #[error("{path}: invalid configuration:\n  {}", .problems.join("\n  "))]
+    Invalid { path: PathBuf, problems: Vec<String> },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node: String,
+    pub control_plane: ControlPlane,
+    pub state_dir: PathBuf,
+    pub workloads: Vec<WorkloadConfig>,
+    pub listen: Listen,
+    /// `host:port` other proxies use to reach this one's HBONE listener.
+    pub hbone_address: String,
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone)]
+pub struct ControlPlane {
+    /// `host:port` of the control plane's gRPC endpoint.
+    pub address: String,
+    /// SHA-256 of the mesh root's SubjectPublicKeyInfo: the only trust before the proxy has joined.
+    pub ca_pin: [u8; 32],
+    /// Join token; needed only until the node credential is stored in `stateDir`.
+    pub token: Option<String>,
+}
+
+// Hand-written so the join token never reaches a log line.
+impl fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("address", &self.address)
+            .field("ca_pin", &hex::encode(self.ca_pin))
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadConfig {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<PortConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortConfig {
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Http,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    pub hbone: SocketAddr,
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub socks5: SocketAddr,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub ready: SocketAddr,
+}
+
+impl WorkloadConfig {
+    /// `<namespace>/<name>`, the workload's key on the wire.
+    pub fn key(&self) -> String {
+        trellis_proto::workload_key(&self.namespace, &self.name)
+    }
+
+    /// The workload as declared in the Hello message (control-plane-set fields left empty).
+    pub fn to_proto(&self) -> trellis_proto::v1::Workload {
+        use trellis_proto::v1;
+        v1::Workload {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone(),
+            labels: self.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            addresses: self.addresses.iter().map(ToString::to_string).collect(),
+            ports: self
+                .ports
+                .iter()
+                .map(|p| v1::Port {
+                    port: u32::from(p.port),
+                    protocol: match p.protocol {
+                        Protocol::Tcp => v1::Protocol::Tcp,
+                        Protocol::Http => v1::Protocol::Http,
+                    } as i32,
+                })
+                .collect(),
+            node: String::new(),
+            proxy_address: String::new(),
+            spiffe_id: String::new(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text).map_err(|e| match e {
+            ParseError::Yaml(source) => ConfigError::Yaml { path: path.to_owned(), source },
+            ParseError::Invalid(problems) => ConfigError::Invalid { path: path.to_owned(), problems },
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
+        let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(ParseError::Yaml)?;
+        raw.validate().map_err(ParseError::Invalid)
+    }
+}
+
+#[derive(Debug)]
+pub enum ParseError {
+    Yaml(serde_yaml_ng::Error),
+    Invalid(Vec<String>),
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParseError::Yaml(e) => write!(f, "{e}"),
+            ParseError::Invalid(problems) => write!(f, "{}", problems.join("\n")),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The YAML shape, before validation.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    node: String,
+    control_plane: RawControlPlane,
+    state_dir: String,
+    #[serde(default)]
+    workloads: Vec<RawWorkload>,
+    #[serde(default)]
+    listen: RawListen,
+    hbone_address: Option<String>,
+    #[serde(default)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawControlPlane {
+    address: String,
+    ca_pin: String,
+    token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWorkload {
+    name: String,
+    namespace: String,
+    service_account: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPort {
+    port: u64,
+    protocol: Protocol,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawListen {
+    hbone: Option<String>,
+    outbound: Option<String>,
+    inbound: Option<String>,
+    socks5: Option<String>,
+    admin: Option<String>,
+    metrics: Option<String>,
+    ready: Option<String>,
+}
+
+/// Collects problems instead of stopping at the first, so one run shows them all.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, field: &str, message: impl fmt::Display) {
+        self.0.push(format!("{field}: {message}"));
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, Vec<String>> {
+        let mut p = Problems::default();
+
+        // The node name becomes a SPIFFE path segment (spiffe://<td>/trellis/node/<name>).
+        if self.node.is_empty() {
+            p.add("node", "must not be empty");
+        } else if !is_path_segment(&self.node) {
+            p.add("node", format!("{:?} may hold only letters, digits, '.', '-' and '_'", self.node));
+        }
+
+        let cp = &self.control_plane;
+        if let Err(msg) = check_host_port(&cp.address) {
+            p.add("controlPlane.address", format!("{:?} {msg}", cp.address));
+        }
+        let ca_pin = trellis_proto::tls::parse_pin(&cp.ca_pin).unwrap_or_else(|_| {
+            p.add("controlPlane.caPin", format!("{:?} is not of the form sha256:<64 hex digits>", cp.ca_pin));
+            [0; 32]
+        });
+        if cp.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            p.add("controlPlane.token", "must not be empty when set");
+        }
+
+        if self.state_dir.is_empty() {
+            p.add("stateDir", "must not be empty");
+        }
+
+        let workloads = validate_workloads(self.workloads, &mut p);
+        let listen = self.listen.validate(&mut p);
+
+        let hbone_address = match self.hbone_address {
+            Some(addr) => {
+                if let Err(msg) = check_host_port(&addr) {
+                    p.add("hboneAddress", format!("{addr:?} {msg}"));
+                }
+                addr
+            }
+            None => listen.hbone.to_string(),
+        };
+
+        if !p.0.is_empty() {
+            return Err(p.0);
+        }
+        Ok(Config {
+            node: self.node,
+            control_plane: ControlPlane {
+                address: self.control_plane.address,
+                ca_pin,
+                token: self.control_plane.token.map(|t| t.trim().to_owned()),
+            },
+            state_dir: PathBuf::from(self.state_dir),
+            workloads,
+            listen,
+            hbone_address,
+            log_format: self.log_format,
+        })
+    }
+}
+
+fn validate_workloads(raw: Vec<RawWorkload>, p: &mut Problems) -> Vec<WorkloadConfig> {
+    let mut seen_keys: HashMap<String, usize> = HashMap::new();
+    let mut seen_addresses: HashMap<IpAddr, usize> = HashMap::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, w) in raw.into_iter().enumerate() {
+        let at = format!("workloads[{i}]");
+        for (field, value) in [("name", &w.name), ("namespace", &w.namespace), ("serviceAccount", &w.service_account)] {
+            if value.is_empty() {
+                p.add(&format!("{at}.{field}"), "must not be empty");
+            }
+        }
+        if !w.name.is_empty() && !is_dns_label(&w.name) {
+            p.add(&format!("{at}.name"), format!("{:?} must be a DNS label (a-z, 0-9, '-')", w.name));
+        }
+        if !w.namespace.is_empty() && !is_dns_label(&w.namespace) {
+            p.add(&format!("{at}.namespace"), format!("{:?} must be a DNS label (a-z, 0-9, '-')", w.namespace));
+        }
+        // The service account becomes a SPIFFE path segment.
+        if !w.service_account.is_empty() && !is_path_segment(&w.service_account) {
+            p.add(
+                &format!("{at}.serviceAccount"),
+                format!("{:?} may hold only letters, digits, '.', '-' and '_'", w.service_account),
+            );
+        }
+        let key = trellis_proto::workload_key(&w.namespace, &w.name);
+        if let Some(first) = seen_keys.insert(key.clone(), i) {
+            p.add(&format!("{at}.name"), format!("duplicate workload {key:?} (also workloads[{first}])"));
+        }
+        for label in w.labels.keys() {
+            if label.is_empty() {
+                p.add(&format!("{at}.labels"), "label names must not be empty");
+            }
+        }
+
+        if w.addresses.is_empty() {
+            p.add(&format!("{at}.addresses"), "must list at least one IP address");
+        }
+        let mut addresses = Vec::with_capacity(w.addresses.len());
+        for (j, a) in w.addresses.iter().enumerate() {
+            match a.parse::<IpAddr>() {
+                Ok(ip) => {
+                    if let Some(first) = seen_addresses.insert(ip, i) {
+                        p.add(
+                            &format!("{at}.addresses[{j}]"),
+                            format!("{ip} is already an address of workloads[{first}]"),
+                        );
+                    }
+                    addresses.push(ip);
+                }
+                Err(_) => p.add(&format!("{at}.addresses[{j}]"), format!("{a:?} is not an IP address")),
+            }
+        }
+
+        let mut ports = Vec::with_capacity(w.ports.len());
+        let mut seen_ports = BTreeSet::new();
+        for (j, port) in w.ports.iter().enumerate() {
+            match u16::try_from(port.port) {
+                Ok(n) if n != 0 => {
+                    if !seen_ports.insert(n) {
+                        p.add(&format!("{at}.ports[{j}].port"), format!("duplicate port {n}"));
+                    }
+                    ports.push(PortConfig { port: n, protocol: port.protocol });
+                }
+                _ => p.add(&format!("{at}.ports[{j}].port"), format!("{} is not in 1..65535", port.port)),
+            }
+        }
+
+        out.push(WorkloadConfig {
+            name: w.name,
+            namespace: w.namespace,
+            service_account: w.service_account,
+            labels: w.labels,
+            addresses,
+            ports,
+        });
+    }
+    out
+}
+
+impl RawListen {
+    fn validate(&self, p: &mut Problems) -> Listen {
+        let mut field = |name: &str, value: &Option<String>, default: &str| -> SocketAddr {
+            let text = value.as_deref().unwrap_or(default);
+            text.parse().unwrap_or_else(|_| {
+                p.add(&format!("listen.{name}"), format!("{text:?} is not a socket address (ip:port)"));
+                default.parse().expect("default listen addresses are valid")
+            })
+        };
+        Listen {
+            hbone: field("hbone", &self.hbone, "0.0.0.0:15008"),
+            outbound: field("outbound", &self.outbound, "127.0.0.1:15001"),
+            inbound: field("inbound", &self.inbound, "0.0.0.0:15006"),
+            socks5: field("socks5", &self.socks5, "127.0.0.1:15080"),
+            admin: field("admin", &self.admin, "127.0.0.1:15000"),
+            metrics: field("metrics", &self.metrics, "0.0.0.0:15020"),
+            ready: field("ready", &self.ready, "0.0.0.0:15021"),
+        }
+    }
+}
+
+/// `host:port` with a non-empty host and a port in 1..65535; `[v6]:port` allowed.
+fn check_host_port(s: &str) -> Result<(), &'static str> {
+    let (host, port) = s.rsplit_once(':').ok_or("is not host:port")?;
+    if host.is_empty() || host == "[]" {
+        return Err("has an empty host");
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err("needs brackets around an IPv6 host ([addr]:port)");
+    }
+    match port.parse::<u16>() {
+        Ok(n) if n != 0 => Ok(()),
+        _ => Err("has no port in 1..65535"),
+    }
+}
+
+/// One SPIFFE ID path segment (checked through `SpiffeId` so the rules stay in one place).
+fn is_path_segment(s: &str) -> bool {
+    SpiffeId::parse(&format!("spiffe://example.org/{s}")).is_ok_and(|id| id.path() == s && !s.contains('/'))
+}
+
+/// RFC 1123 label, as Kubernetes names and namespaces.
+fn is_dns_label(s: &str) -> bool {
+    s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PIN: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+    fn minimal() -> String {
+        format!(
+            "node: node-a\ncontrolPlane:\n  address: 127.0.0.1:15012\n  caPin: {PIN}\n  token: abc.def\nstateDir: /tmp/x\n"
+        )
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let yaml = format!(
+            r#"
+node: node-a
+controlPlane:
+  address: cp.example:15012
+  caPin: {PIN}
+stateDir: /var/lib/trellis
+workloads:
+  - name: web
+    namespace: shop
+    serviceAccount: web-sa
+    labels: {{app: web}}
+    addresses: ["10.0.0.1", "fd00::1"]
+    ports: [{{port: 8080, protocol: http}}, {{port: 9000, protocol: tcp}}]
+listen:
+  admin: 127.0.0.1:25000
+hboneAddress: 192.168.1.10:15008
+logFormat: json
+"#
+        );
+        let c = Config::parse(&yaml).unwrap();
+        assert_eq!(c.node, "node-a");
+        assert_eq!(c.control_plane.token, None);
+        assert_eq!(c.workloads[0].addresses.len(), 2);
+        assert_eq!(c.workloads[0].ports[0], PortConfig { port: 8080, protocol: Protocol::Http });
+        assert_eq!(c.listen.admin, "127.0.0.1:25000".parse().unwrap());
+        assert_eq!(c.listen.outbound, "127.0.0.1:15001".parse().unwrap());
+        assert_eq!(c.hbone_address, "192.168.1.10:15008");
+        assert_eq!(c.log_format, LogFormat::Json);
+        let proto = c.workloads[0].to_proto();
+        assert_eq!(proto.ports[0].protocol, trellis_proto::v1::Protocol::Http as i32);
+        assert_eq!(proto.addresses, ["10.0.0.1", "fd00::1"]);
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let c = Config::parse(include_str!("../proxy.example.yaml")).unwrap();
+        assert_eq!(c.workloads.len(), 2);
+        assert_eq!(c.hbone_address, "10.0.0.21:15008");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse(&minimal()).unwrap();
+        assert_eq!(c.listen.hbone, "0.0.0.0:15008".parse().unwrap());
+        assert_eq!(c.listen.inbound, "0.0.0.0:15006".parse().unwrap());
+        assert_eq!(c.listen.socks5, "127.0.0.1:15080".parse().unwrap());
+        assert_eq!(c.listen.admin, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(c.listen.metrics, "0.0.0.0:15020".parse().unwrap());
+        assert_eq!(c.listen.ready, "0.0.0.0:15021".parse().unwrap());
+        assert_eq!(c.hbone_address, "0.0.0.0:15008");
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(c.workloads.is_empty());
+        assert!(!format!("{c:?}").contains("abc.def"), "token must not appear in Debug output");
+    }
+
+    /// Each case appends YAML to a minimal config and expects one problem containing `want`.
+    #[test]
+    fn reports_errors_with_field_paths() {
+        let workload = |extra: &str| {
+            format!(
+                "workloads:\n  - {{name: a, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.1\"]}}\n  - {{name: b, namespace: ns, serviceAccount: sa, {extra}}}\n"
+            )
+        };
+        let cases: Vec<(String, &str)> = vec![
+            (workload(r#"addresses: ["10.0.0.300"]"#), r#"workloads[1].addresses[0]: "10.0.0.300" is not an IP address"#),
+            (workload(r#"addresses: []"#), "workloads[1].addresses: must list at least one IP address"),
+            (workload(r#"addresses: ["10.0.0.1"]"#), "workloads[1].addresses[0]: 10.0.0.1 is already an address of workloads[0]"),
+            (workload(r#"addresses: ["10.0.0.2"], ports: [{port: 0, protocol: tcp}]"#), "workloads[1].ports[0].port: 0 is not in 1..65535"),
+            (workload(r#"addresses: ["10.0.0.2"], ports: [{port: 70000, protocol: tcp}]"#), "workloads[1].ports[0].port: 70000 is not in 1..65535"),
+            (
+                workload(r#"addresses: ["10.0.0.2"], ports: [{port: 80, protocol: tcp}, {port: 80, protocol: http}]"#),
+                "workloads[1].ports[1].port: duplicate port 80",
+            ),
+            (
+                "workloads:\n  - {name: a, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.1\"]}\n  - {name: a, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.2\"]}\n".into(),
+                r#"workloads[1].name: duplicate workload "ns/a" (also workloads[0])"#,
+            ),
+            (
+                "workloads:\n  - {name: a, namespace: ns, serviceAccount: \"a/b\", addresses: [\"10.0.0.1\"]}\n".into(),
+                r#"workloads[0].serviceAccount: "a/b" may hold only"#,
+            ),
+            ("workloads:\n  - {name: Bad_Name, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.1\"]}\n".into(), "workloads[0].name: \"Bad_Name\" must be a DNS label"),
+            ("listen:\n  admin: localhost:15000\n".into(), r#"listen.admin: "localhost:15000" is not a socket address"#),
+            ("listen:\n  bogus: 1.2.3.4:5\n".into(), "unknown field `bogus`"),
+            ("hboneAddress: nohost\n".into(), r#"hboneAddress: "nohost" is not host:port"#),
+            ("logFormat: xml\n".into(), "unknown variant `xml`"),
+            ("extra: 1\n".into(), "unknown field `extra`"),
+            (
+                "workloads:\n  - {name: a, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.1\"], ports: [{port: 1, protocol: udp}]}\n".into(),
+                "unknown variant `udp`",
+            ),
+        ];
+        for (extra, want) in cases {
+            let yaml = format!("{}{extra}", minimal());
+            let err = Config::parse(&yaml).expect_err(&yaml).to_string();
+            assert!(err.contains(want), "config:\n{yaml}\nwant error containing {want:?}\ngot: {err}");
+        }
+    }
+
+    #[test]
+    fn reports_top_level_problems_together() {
+        let yaml = "node: \"\"\ncontrolPlane:\n  address: \":0\"\n  caPin: sha1:ab\n  token: \"\"\nstateDir: \"\"\n";
+        let Err(ParseError::Invalid(problems)) = Config::parse(yaml) else { panic!("expected validation errors") };
+        let fields: Vec<&str> = problems.iter().map(|p| p.split(':').next().unwrap()).collect();
+        assert_eq!(
+            fields,
+            ["node", "controlPlane.address", "controlPlane.caPin", "controlPlane.token", "stateDir"],
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn node_name_must_be_one_path_segment() {
+        for bad in ["a/b", "a b", ".."] {
+            let yaml = minimal().replace("node: node-a", &format!("node: {bad:?}"));
+            let err = Config::parse(&yaml).unwrap_err().to_string();
+            assert!(err.starts_with("node: "), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_required_field_is_named() {
+        let err = Config::parse("node: a\nstateDir: /x\n").unwrap_err().to_string();
+        assert!(err.contains("missing field `controlPlane`"), "{err}");
+    }
+
+    #[test]
+    fn host_port_forms() {
+        for ok in ["a:1", "10.0.0.1:15012", "[::1]:15012", "cp.example.com:65535"] {
+            assert!(check_host_port(ok).is_ok(), "{ok}");
+        }
+        for bad in ["a", ":1", "a:0", "a:65536", "::1:80", "[]:80", "a:b"] {
+            assert!(check_host_port(bad).is_err(), "{bad}");
+        }
+    }
+}

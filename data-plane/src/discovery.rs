@@ -1,0 +1,261 @@
+//! The Discovery stream client: one long-lived bidirectional stream to the control plane carrying the
+//! Hello, CSRs and ACK/NACKs up, and config updates, certificates and renewal requests down. Reconnects
+//! with backoff for as long as the proxy runs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls_pki_types::CertificateDer;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::{debug, error, info, warn};
+use trellis_proto::tls::{self, ServerTrust};
+use trellis_proto::v1::discovery_client::DiscoveryClient;
+use trellis_proto::v1::discovery_request::Message as Up;
+use trellis_proto::v1::discovery_response::Message as Down;
+use trellis_proto::v1::{Ack, ConfigUpdate, DiscoveryRequest, Hello};
+
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::identity::certs::rfc3339;
+use crate::identity::{CertManager, NodeCredential, node};
+use crate::state::{self, StateStore};
+use crate::{connect_error, shutdown_requested};
+
+/// How long opening a stream (up to the control plane's response headers) may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// A stream that lasted this long counts as healthy, so the next reconnect starts with a short delay.
+const HEALTHY_STREAM: Duration = Duration::from_secs(30);
+
+/// Why a stream ended (other than shutdown).
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot reach the control plane: {0}")]
+    Connect(String),
+    #[error("the control plane ended the stream: {code:?}: {message}")]
+    Status { code: tonic::Code, message: String },
+    #[error("the control plane closed the stream")]
+    Closed,
+    #[error("the control plane did not answer the Hello within {OPEN_TIMEOUT:?}")]
+    OpenTimeout,
+}
+
+impl From<tonic::Status> for StreamError {
+    fn from(status: tonic::Status) -> Self {
+        StreamError::Status { code: status.code(), message: status.message().to_owned() }
+    }
+}
+
+pub struct Discovery {
+    config: Arc<Config>,
+    node: Arc<NodeCredential>,
+    state: Arc<StateStore>,
+    certs: CertManager,
+    /// Roots last written to the state directory, to persist rotations only when they change.
+    persisted_roots: Vec<CertificateDer<'static>>,
+}
+
+/// One connected stream's outbound side.
+struct Session {
+    tx: mpsc::UnboundedSender<DiscoveryRequest>,
+    /// The control plane promises a full snapshot first on every stream.
+    seen_update: bool,
+}
+
+impl Session {
+    fn send(&self, message: Up) -> Result<(), StreamError> {
+        self.tx.send(DiscoveryRequest { message: Some(message) }).map_err(|_| StreamError::Closed)
+    }
+}
+
+impl Discovery {
+    pub fn new(config: Arc<Config>, node: Arc<NodeCredential>, state: Arc<StateStore>, certs: CertManager) -> Self {
+        let persisted_roots = node.roots.clone();
+        Self { config, node, state, certs, persisted_roots }
+    }
+
+    /// Runs until shutdown is requested.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::control_plane();
+        loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                _ = shutdown_requested(&mut shutdown) => return,
+                result = self.stream() => result,
+            };
+            // A stream that stayed up a while was healthy: start the next round of retries small. One that
+            // fails right after opening (e.g. a refused Hello) keeps backing off.
+            if started.elapsed() >= HEALTHY_STREAM {
+                backoff.reset();
+            }
+            match &result {
+                StreamError::Status { code, message } => {
+                    error!(code = ?code, "control plane ended the discovery stream: {message}")
+                }
+                other => warn!(error = %other, address = %self.config.control_plane.address, "discovery stream failed"),
+            }
+            self.certs.stream_lost(Instant::now());
+            if !self.wait(backoff.next_delay(), &mut shutdown).await {
+                return;
+            }
+        }
+    }
+
+    /// Sleeps before reconnecting, still withdrawing certificates that expire meanwhile. False on shutdown.
+    async fn wait(&mut self, delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+        info!(retry_in = ?delay, "reconnecting to the control plane");
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            for id in self.certs.expire(Instant::now()) {
+                error!(spiffe_id = %id, "workload certificate expired before it could be renewed; withdrawn");
+            }
+            let wake = self.certs.next_expiry().map_or(until, |at| until.min(at.into()));
+            tokio::select! {
+                _ = shutdown_requested(shutdown) => return false,
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            if tokio::time::Instant::now() >= until {
+                return true;
+            }
+        }
+    }
+
+    /// One stream, from connect to failure. Never returns Ok: shutdown cancels it from outside.
+    async fn stream(&mut self) -> StreamError {
+        match self.try_stream().await {
+            Ok(never) => match never {},
+            Err(e) => e,
+        }
+    }
+
+    async fn try_stream(&mut self) -> Result<std::convert::Infallible, StreamError> {
+        // Trust the live bundle (it follows root rotations), or the stored one before the first snapshot.
+        let roots = self.state.load().trust_bundle.as_ref().map_or_else(|| self.node.roots.clone(), |b| b.root_ders());
+        let tls_config = tls::client_config(ServerTrust::Roots(roots), Some(self.node.client_identity()))?;
+        let address = &self.config.control_plane.address;
+        let channel =
+            tls::connect(address, tls_config.into()).await.map_err(|e| StreamError::Connect(connect_error(&e)))?;
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut session = Session { tx, seen_update: false };
+        // Queued before the call: the control plane may wait for the Hello before it answers with headers.
+        session.send(Up::Hello(self.hello()))?;
+        let mut client = DiscoveryClient::new(channel);
+        let call = client.stream(UnboundedReceiverStream::new(rx));
+        let mut inbound =
+            tokio::time::timeout(OPEN_TIMEOUT, call).await.map_err(|_| StreamError::OpenTimeout)??.into_inner();
+        info!(address = %address, "discovery stream open");
+
+        loop {
+            self.request_certificates(&session)?;
+            let deadline = self.certs.next_deadline().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(far_future)) => {}
+                message = inbound.message() => {
+                    let Some(response) = message? else { return Err(StreamError::Closed) };
+                    self.on_message(&mut session, response.message)?;
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, session: &mut Session, message: Option<Down>) -> Result<(), StreamError> {
+        match message {
+            Some(Down::Update(update)) => return self.on_update(session, update),
+            Some(Down::Certificate(answer)) => {
+                match self.certs.on_response(answer, Instant::now(), SystemTime::now()) {
+                    Ok(Some(cert)) => info!(
+                        spiffe_id = %cert.spiffe_id,
+                        serial = %cert.info.serial,
+                        not_after = %rfc3339(cert.info.not_after),
+                        "workload certificate installed"
+                    ),
+                    Ok(None) => debug!("answer to an abandoned CSR ignored"),
+                    Err(e) => error!(error = %e, "workload certificate not issued"),
+                }
+            }
+            Some(Down::Renew(renew)) => {
+                let ids = self.certs.renew_now(&renew.spiffe_ids, Instant::now());
+                info!(requested = ?renew.spiffe_ids, renewing = ids.len(), "control plane asked for renewal");
+            }
+            None => debug!("empty message from the control plane ignored"),
+        }
+        Ok(())
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
+            workloads: self.config.workloads.iter().map(|w| w.to_proto()).collect(),
+            hbone_address: self.config.hbone_address.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+
+    /// Sends CSRs for identities that are due and logs what the certificate schedule reports.
+    fn request_certificates(&mut self, session: &Session) -> Result<(), StreamError> {
+        let step = self.certs.step(Instant::now());
+        for id in step.expired {
+            error!(spiffe_id = %id, "workload certificate expired before it could be renewed; withdrawn");
+        }
+        for failure in step.failures {
+            error!(error = %failure, "workload certificate not issued");
+        }
+        for request in step.requests {
+            debug!(request_id = request.request_id, "sending CSR");
+            session.send(Up::CertificateRequest(request))?;
+        }
+        Ok(())
+    }
+
+    /// Applies an update to a copy of the state; swaps it in and ACKs, or keeps the old state and NACKs.
+    fn on_update(&mut self, session: &mut Session, update: ConfigUpdate) -> Result<(), StreamError> {
+        let version = update.version;
+        let current = self.state.load();
+        let result = if !session.seen_update && !update.full {
+            Err("the first update on a stream must be a full snapshot".to_owned())
+        } else {
+            state::apply(&current, &update).map_err(|e| e.to_string())
+        };
+        session.seen_update = true;
+        let error = match result {
+            Ok(next) => {
+                info!(
+                    version,
+                    full = update.full,
+                    workloads = next.workloads.len(),
+                    resources = next.resources.len(),
+                    "config applied"
+                );
+                if let Some(bundle) = &next.trust_bundle {
+                    self.persist_roots(bundle.root_ders());
+                }
+                self.state.store(next);
+                String::new()
+            }
+            Err(reason) => {
+                warn!(version, error = %reason, "config update rejected (NACK); keeping version {}", current.version);
+                reason
+            }
+        };
+        session.send(Up::Ack(Ack { version, error }))
+    }
+
+    fn persist_roots(&mut self, roots: Vec<CertificateDer<'static>>) {
+        if roots == self.persisted_roots {
+            return;
+        }
+        match node::save_trust_bundle(&self.config.state_dir, &roots) {
+            Ok(()) => {
+                info!(roots = roots.len(), "trust bundle changed; stored for the next start");
+                self.persisted_roots = roots;
+            }
+            Err(e) => warn!(error = %e, "cannot store the new trust bundle"),
+        }
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
+}

@@ -1,0 +1,42 @@
+//! Trellis proxy (data plane): joins the mesh, keeps workload certificates fresh, follows the control
+//! plane's config over the Discovery stream and exposes what it holds on the admin endpoint.
+
+pub mod admin;
+pub mod backoff;
+pub mod config;
+pub mod discovery;
+pub mod identity;
+pub mod proxy;
+pub mod state;
+
+use tokio::sync::watch;
+
+/// Resolves once shutdown is requested (or its sender is gone, which also means stop).
+pub async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// An error and all its sources on one line: transport errors hide the useful part ("connection
+/// refused", "certificate not trusted") in their sources.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        let part = inner.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = inner.source();
+    }
+    text
+}
+
+/// Why `trellis_proto::tls::connect` failed, without the address (callers name it once themselves).
+pub(crate) fn connect_error(error: &trellis_proto::tls::TlsError) -> String {
+    use trellis_proto::tls::TlsError;
+    match error {
+        TlsError::Connect { source, .. } | TlsError::BadAddress { source, .. } => error_chain(source),
+        other => error_chain(other),
+    }
+}

@@ -1,0 +1,491 @@
+//! The mesh state as this proxy sees it, and the one way to change it: `apply`, a pure function that
+//! validates a whole `ConfigUpdate` against a copy and returns the new state or the reason to NACK. The
+//! caller swaps the result in, so a rejected update changes nothing.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::watch;
+use trellis_policy::{Kind, ResourceKey};
+use trellis_proto::v1;
+
+use crate::identity::certs::{self, CertError, CertInfo};
+
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    /// Set once a full snapshot has been applied; before that the proxy has no mesh config.
+    pub synced: bool,
+    pub version: u64,
+    /// This proxy's trust domain (from its node credential); a bundle for another domain is refused.
+    pub trust_domain: String,
+    pub trust_bundle: Option<Arc<TrustBundle>>,
+    /// By `<namespace>/<name>`.
+    pub workloads: BTreeMap<String, Arc<v1::Workload>>,
+    pub resources: BTreeMap<ResourceKey, Arc<StoredResource>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrustBundle {
+    pub trust_domain: String,
+    pub roots: Vec<Root>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Root {
+    pub der: CertificateDer<'static>,
+    pub info: CertInfo,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoredResource {
+    pub revision: u64,
+    pub resource: trellis_policy::Resource,
+}
+
+impl TrustBundle {
+    pub fn root_ders(&self) -> Vec<CertificateDer<'static>> {
+        self.roots.iter().map(|r| r.der.clone()).collect()
+    }
+}
+
+impl State {
+    pub fn new(trust_domain: impl Into<String>) -> Self {
+        Self { trust_domain: trust_domain.into(), ..Self::default() }
+    }
+}
+
+/// Why an update was refused; the text goes back to the control plane in the NACK.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error("incremental update before any full snapshot")]
+    NotSynced,
+    #[error("full snapshot without a trust bundle")]
+    MissingTrustBundle,
+    #[error("trust bundle: {0}")]
+    TrustBundle(String),
+    #[error("trust bundle root {index}: {source}")]
+    Root { index: usize, source: CertError },
+    #[error("workloads[{index}] ({key:?}): {reason}")]
+    Workload { index: usize, key: String, reason: String },
+    #[error("resources[{index}] ({key}): {reason}")]
+    Resource { index: usize, key: String, reason: String },
+    #[error("removed_resources[{index}]: {reason}")]
+    RemovedResource { index: usize, reason: String },
+}
+
+/// Validates `update` and returns the state after it; `state` is never modified.
+pub fn apply(state: &State, update: &v1::ConfigUpdate) -> Result<State, ApplyError> {
+    let mut next = if update.full {
+        State::new(state.trust_domain.clone())
+    } else if !state.synced {
+        return Err(ApplyError::NotSynced);
+    } else {
+        state.clone()
+    };
+
+    match &update.trust_bundle {
+        Some(bundle) => next.trust_bundle = Some(Arc::new(check_bundle(bundle, &state.trust_domain)?)),
+        None if update.full => return Err(ApplyError::MissingTrustBundle),
+        None => {}
+    }
+
+    // Removals first, so an update that removes and re-adds a key ends with the key present. A full
+    // snapshot starts empty, so its removal lists mean nothing.
+    if !update.full {
+        for key in &update.removed_workloads {
+            next.workloads.remove(key);
+        }
+        for (index, key) in update.removed_resources.iter().enumerate() {
+            let key = policy_key(key).map_err(|reason| ApplyError::RemovedResource { index, reason })?;
+            next.resources.remove(&key);
+        }
+    }
+
+    for (index, workload) in update.workloads.iter().enumerate() {
+        let key = trellis_proto::workload_key(&workload.namespace, &workload.name);
+        check_workload(workload).map_err(|reason| ApplyError::Workload { index, key: key.clone(), reason })?;
+        next.workloads.insert(key, Arc::new(workload.clone()));
+    }
+
+    for (index, resource) in update.resources.iter().enumerate() {
+        let stored = check_resource(resource).map_err(|(key, reason)| ApplyError::Resource { index, key, reason })?;
+        next.resources.insert(stored.resource.key(), Arc::new(stored));
+    }
+
+    next.version = update.version;
+    next.synced = true;
+    Ok(next)
+}
+
+fn check_bundle(bundle: &v1::TrustBundle, want_domain: &str) -> Result<TrustBundle, ApplyError> {
+    trellis_proto::spiffe::validate_trust_domain(&bundle.trust_domain)
+        .map_err(|e| ApplyError::TrustBundle(format!("trust domain {:?}: {e}", bundle.trust_domain)))?;
+    if !want_domain.is_empty() && bundle.trust_domain != want_domain {
+        return Err(ApplyError::TrustBundle(format!(
+            "trust domain {:?} is not this proxy's trust domain {want_domain:?}",
+            bundle.trust_domain
+        )));
+    }
+    if bundle.roots.is_empty() {
+        return Err(ApplyError::TrustBundle("no roots".into()));
+    }
+    let roots = bundle
+        .roots
+        .iter()
+        .enumerate()
+        .map(|(index, der)| {
+            let info = certs::check_root(der).map_err(|source| ApplyError::Root { index, source })?;
+            Ok(Root { der: CertificateDer::from(der.clone()), info })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(TrustBundle { trust_domain: bundle.trust_domain.clone(), roots })
+}
+
+fn check_workload(w: &v1::Workload) -> Result<(), String> {
+    if w.name.is_empty() || w.namespace.is_empty() {
+        return Err("name and namespace must not be empty".into());
+    }
+    for address in &w.addresses {
+        if address.parse::<IpAddr>().is_err() {
+            return Err(format!("address {address:?} is not an IP address"));
+        }
+    }
+    for port in &w.ports {
+        if !(1..=65535).contains(&port.port) {
+            return Err(format!("port {} is not in 1..65535", port.port));
+        }
+    }
+    Ok(())
+}
+
+/// Parses a resource; on error returns (key as sent, reason).
+fn check_resource(r: &v1::Resource) -> Result<StoredResource, (String, String)> {
+    let Some(wire_key) = &r.key else {
+        return Err(("?".into(), "no key".into()));
+    };
+    let shown = format!("{}/{}/{}", wire_key.kind, wire_key.namespace, wire_key.name);
+    let want = policy_key(wire_key).map_err(|reason| (shown.clone(), reason))?;
+    let resource = trellis_policy::Resource::from_json(&r.json).map_err(|e| (shown.clone(), e.to_string()))?;
+    let got = resource.key();
+    if got != want {
+        return Err((shown, format!("the document is {got}, not the resource its key names")));
+    }
+    Ok(StoredResource { revision: r.revision, resource })
+}
+
+fn policy_key(key: &v1::ResourceKey) -> Result<ResourceKey, String> {
+    let kind = Kind::from_manifest_kind(&key.kind).ok_or_else(|| format!("unknown kind {:?}", key.kind))?;
+    Ok(ResourceKey::new(kind, key.namespace.clone(), key.name.clone()))
+}
+
+/// The current state, readable from anywhere, with a change signal for consumers that rebuild derived data.
+pub struct StateStore {
+    current: ArcSwap<State>,
+    changes: watch::Sender<u64>,
+}
+
+impl StateStore {
+    pub fn new(initial: State) -> Self {
+        Self { current: ArcSwap::from_pointee(initial), changes: watch::Sender::new(0) }
+    }
+
+    pub fn load(&self) -> Arc<State> {
+        self.current.load_full()
+    }
+
+    pub fn store(&self, state: State) {
+        let version = state.version;
+        self.current.store(Arc::new(state));
+        self.changes.send_replace(version);
+    }
+
+    /// Yields the version of each newly stored state.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::certs::test_ca::TestCa;
+    use std::sync::LazyLock;
+
+    static CA: LazyLock<TestCa> = LazyLock::new(TestCa::new);
+
+    fn bundle() -> Option<v1::TrustBundle> {
+        Some(v1::TrustBundle { trust_domain: "td".into(), roots: vec![CA.root.to_vec()] })
+    }
+
+    fn workload(name: &str, address: &str, port: u32) -> v1::Workload {
+        v1::Workload {
+            name: name.into(),
+            namespace: "ns".into(),
+            service_account: "sa".into(),
+            addresses: vec![address.into()],
+            ports: vec![v1::Port { port, protocol: v1::Protocol::Tcp as i32 }],
+            ..Default::default()
+        }
+    }
+
+    fn wire_key(kind: &str, name: &str) -> v1::ResourceKey {
+        v1::ResourceKey { kind: kind.into(), namespace: "ns".into(), name: name.into() }
+    }
+
+    fn policy(name: &str, revision: u64) -> v1::Resource {
+        let json = format!(
+            r#"{{"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{{"name":"{name}","namespace":"ns"}},"spec":{{}}}}"#
+        );
+        v1::Resource { key: Some(wire_key("AuthorizationPolicy", name)), revision, json }
+    }
+
+    fn full(version: u64) -> v1::ConfigUpdate {
+        v1::ConfigUpdate {
+            version,
+            full: true,
+            trust_bundle: bundle(),
+            workloads: vec![workload("a", "10.0.0.1", 80), workload("b", "10.0.0.2", 80)],
+            resources: vec![policy("p1", 1), policy("p2", 2)],
+            ..Default::default()
+        }
+    }
+
+    fn incremental(version: u64) -> v1::ConfigUpdate {
+        v1::ConfigUpdate { version, ..Default::default() }
+    }
+
+    fn synced() -> State {
+        apply(&State::new("td"), &full(1)).unwrap()
+    }
+
+    fn names(state: &State) -> (Vec<String>, Vec<String>) {
+        (state.workloads.keys().cloned().collect(), state.resources.keys().map(|k| k.name.clone()).collect())
+    }
+
+    #[test]
+    fn applies_updates() {
+        struct Case {
+            name: &'static str,
+            start: State,
+            update: v1::ConfigUpdate,
+            workloads: &'static [&'static str],
+            resources: &'static [&'static str],
+        }
+        let cases = [
+            Case {
+                name: "first full snapshot",
+                start: State::new("td"),
+                update: full(1),
+                workloads: &["ns/a", "ns/b"],
+                resources: &["p1", "p2"],
+            },
+            Case {
+                name: "full snapshot replaces everything",
+                start: synced(),
+                update: v1::ConfigUpdate {
+                    workloads: vec![workload("c", "10.0.0.3", 80)],
+                    resources: vec![policy("p3", 3)],
+                    ..full(2)
+                },
+                workloads: &["ns/c"],
+                resources: &["p3"],
+            },
+            Case {
+                name: "incremental upsert keeps the rest",
+                start: synced(),
+                update: v1::ConfigUpdate {
+                    workloads: vec![workload("a", "10.0.0.9", 80), workload("c", "10.0.0.3", 80)],
+                    resources: vec![policy("p3", 3)],
+                    ..incremental(2)
+                },
+                workloads: &["ns/a", "ns/b", "ns/c"],
+                resources: &["p1", "p2", "p3"],
+            },
+            Case {
+                name: "incremental removal",
+                start: synced(),
+                update: v1::ConfigUpdate {
+                    removed_workloads: vec!["ns/a".into(), "ns/unknown".into()],
+                    removed_resources: vec![wire_key("AuthorizationPolicy", "p1")],
+                    ..incremental(2)
+                },
+                workloads: &["ns/b"],
+                resources: &["p2"],
+            },
+            Case {
+                name: "remove and re-add in one update keeps the key",
+                start: synced(),
+                update: v1::ConfigUpdate {
+                    removed_workloads: vec!["ns/a".into()],
+                    workloads: vec![workload("a", "10.0.0.7", 80)],
+                    ..incremental(2)
+                },
+                workloads: &["ns/a", "ns/b"],
+                resources: &["p1", "p2"],
+            },
+        ];
+        for case in cases {
+            let next = apply(&case.start, &case.update).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+            assert_eq!(
+                names(&next),
+                (
+                    case.workloads.iter().map(|s| s.to_string()).collect(),
+                    case.resources.iter().map(|s| s.to_string()).collect()
+                ),
+                "{}",
+                case.name
+            );
+            assert_eq!(next.version, case.update.version, "{}", case.name);
+            assert!(next.synced);
+            assert_eq!(next.trust_bundle.as_ref().unwrap().roots.len(), 1);
+        }
+        let upserted =
+            apply(&synced(), &v1::ConfigUpdate { workloads: vec![workload("a", "10.0.0.9", 80)], ..incremental(2) })
+                .unwrap();
+        assert_eq!(upserted.workloads["ns/a"].addresses, ["10.0.0.9"]);
+        assert_eq!(synced().resources.values().map(|r| r.revision).collect::<Vec<_>>(), [1, 2]);
+    }
+
+    #[test]
+    fn rejects_bad_updates_without_touching_state() {
+        let mut mismatched = policy("p9", 9);
+        mismatched.key = Some(wire_key("AuthorizationPolicy", "other"));
+        let mut wrong_kind = policy("p9", 9);
+        wrong_kind.key = Some(wire_key("PeerAuthentication", "p9"));
+        let bad_bundle = |roots: Vec<Vec<u8>>, td: &str| v1::ConfigUpdate {
+            trust_bundle: Some(v1::TrustBundle { trust_domain: td.into(), roots }),
+            ..incremental(2)
+        };
+        let cases: Vec<(&str, State, v1::ConfigUpdate, &str)> = vec![
+            ("incremental before full", State::new("td"), incremental(1), "before any full snapshot"),
+            (
+                "full without bundle",
+                synced(),
+                v1::ConfigUpdate { trust_bundle: None, ..full(2) },
+                "without a trust bundle",
+            ),
+            (
+                "resource json does not parse",
+                synced(),
+                v1::ConfigUpdate {
+                    resources: vec![v1::Resource { json: "{not json".into(), ..policy("p9", 9) }],
+                    ..incremental(2)
+                },
+                "resources[0] (AuthorizationPolicy/ns/p9)",
+            ),
+            (
+                "resource json is not a valid policy",
+                synced(),
+                v1::ConfigUpdate {
+                    resources: vec![v1::Resource {
+                        json: r#"{"kind":"AuthorizationPolicy"}"#.into(),
+                        ..policy("p9", 9)
+                    }],
+                    ..incremental(2)
+                },
+                "resources[0]",
+            ),
+            (
+                "resource key mismatch (name)",
+                synced(),
+                v1::ConfigUpdate { resources: vec![mismatched], ..incremental(2) },
+                "not the resource its key names",
+            ),
+            (
+                "resource key mismatch (kind)",
+                synced(),
+                v1::ConfigUpdate { resources: vec![wrong_kind], ..incremental(2) },
+                "not the resource its key names",
+            ),
+            (
+                "resource without key",
+                synced(),
+                v1::ConfigUpdate { resources: vec![v1::Resource { key: None, ..policy("p9", 9) }], ..incremental(2) },
+                "no key",
+            ),
+            (
+                "unknown kind",
+                synced(),
+                v1::ConfigUpdate {
+                    resources: vec![v1::Resource { key: Some(wire_key("Gateway", "g")), ..policy("p9", 9) }],
+                    ..incremental(2)
+                },
+                "unknown kind \"Gateway\"",
+            ),
+            (
+                "root is garbage",
+                synced(),
+                bad_bundle(vec![b"garbage".to_vec()], "td"),
+                "trust bundle root 0: certificate cannot be parsed",
+            ),
+            (
+                "root is not a CA",
+                synced(),
+                bad_bundle(vec![CA.root.to_vec(), CA.leaf().to_vec()], "td"),
+                "trust bundle root 1: not a CA",
+            ),
+            ("no roots", synced(), bad_bundle(vec![], "td"), "no roots"),
+            (
+                "foreign trust domain",
+                synced(),
+                bad_bundle(vec![CA.root.to_vec()], "other"),
+                "not this proxy's trust domain",
+            ),
+            (
+                "bad address",
+                synced(),
+                v1::ConfigUpdate { workloads: vec![workload("c", "10.0.0.300", 80)], ..incremental(2) },
+                r#"workloads[0] ("ns/c"): address "10.0.0.300" is not an IP address"#,
+            ),
+            (
+                "port 0",
+                synced(),
+                v1::ConfigUpdate { workloads: vec![workload("c", "10.0.0.3", 0)], ..incremental(2) },
+                "port 0 is not in 1..65535",
+            ),
+            (
+                "port too big",
+                synced(),
+                v1::ConfigUpdate { workloads: vec![workload("c", "10.0.0.3", 65536)], ..incremental(2) },
+                "port 65536",
+            ),
+            (
+                "bad removal",
+                synced(),
+                v1::ConfigUpdate { removed_resources: vec![wire_key("Nope", "x")], ..incremental(2) },
+                "removed_resources[0]: unknown kind",
+            ),
+            (
+                "good parts do not sneak in with a bad one",
+                synced(),
+                v1::ConfigUpdate {
+                    removed_workloads: vec!["ns/a".into()],
+                    workloads: vec![workload("c", "10.0.0.3", 80), workload("d", "bad", 80)],
+                    ..incremental(2)
+                },
+                "workloads[1]",
+            ),
+        ];
+        for (name, start, update, want) in cases {
+            let before = names(&start);
+            let err = apply(&start, &update).expect_err(name).to_string();
+            assert!(err.contains(want), "{name}: want {want:?} in {err:?}");
+            // `apply` takes the state by reference; check it still describes the same mesh.
+            assert_eq!(names(&start), before, "{name}");
+        }
+    }
+
+    #[test]
+    fn store_publishes_and_signals() {
+        let store = StateStore::new(State::new("td"));
+        let mut changes = store.subscribe();
+        assert!(!store.load().synced);
+        store.store(synced());
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(*changes.borrow_and_update(), 1);
+        assert!(store.load().synced);
+    }
+}

@@ -1,0 +1,38 @@
+//! Trellis policy model: Istio's security resources (`security.istio.io/v1` and `v1beta1`:
+//! `AuthorizationPolicy`, `PeerAuthentication`, `RequestAuthentication`) with the same schema and the same
+//! admission-time validation as Istio, so manifests written for Istio apply unchanged.
+//!
+//! Pure code: no I/O, networking or async; callers bring the text and decide what to do with the result.
+
+mod authz;
+mod cidr;
+mod common;
+mod condition;
+mod error;
+mod kind;
+mod matcher;
+mod parse;
+mod peer_authn;
+mod request_authn;
+mod resource;
+mod strict;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+pub use authz::{Action, AuthorizationPolicy, Condition, ExtensionProvider, From, Operation, Rule, Source, To};
+pub use cidr::{Cidr, InvalidCidr};
+pub use common::{PolicyTargetReference, WorkloadSelector};
+pub use condition::{ConditionKey, ValueKind};
+pub use error::{DocumentError, FieldError, ParseError};
+pub use kind::{InvalidResourceKey, Kind, ResourceKey, UnknownKind};
+pub use matcher::StringMatch;
+pub use parse::{parse_documents, parse_keys};
+pub use peer_authn::{MtlsMode, MutualTls, PeerAuthentication};
+pub use request_authn::{ClaimToHeader, JwtHeader, JwtRule, RequestAuthentication};
+pub use resource::{API_VERSIONS, DEFAULT_NAMESPACE, DRY_RUN_ANNOTATION, Metadata, Resource, Spec, parse_go_bool};
+pub use validate::{parse_go_duration, parse_port};
+
+/// Namespace whose selector-less policies apply mesh-wide (Istio's `istio-system` role).
+pub const DEFAULT_ROOT_NAMESPACE: &str = "trellis-system";
