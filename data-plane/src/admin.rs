@@ -25,8 +25,23 @@ pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(address).await
 }
 
-/// Serves until shutdown; open connections finish their current request.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+type Router = fn(&Request<Incoming>, &Shared) -> Response<Full<Bytes>>;
+
+/// Serves the admin endpoints until shutdown; open connections finish their current request.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
+    serve_with(listener, shared, shutdown, route).await
+}
+
+/// Serves only `/healthz/ready` (the readiness port, reachable from outside the host, shows nothing else).
+pub async fn serve_ready(listener: TcpListener, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
+    serve_with(listener, shared, shutdown, |req, shared| match req.uri().path() {
+        "/healthz/ready" => route(req, shared),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    })
+    .await
+}
+
+async fn serve_with(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>, router: Router) {
     if let Ok(address) = listener.local_addr() {
         info!(%address, "admin endpoint listening");
     }
@@ -46,7 +61,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: wat
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&req, &shared)) }
+                async move { Ok::<_, Infallible>(router(&req, &shared)) }
             });
             let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);

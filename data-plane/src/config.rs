@@ -33,6 +33,28 @@ pub struct Config {
     /// `host:port` other proxies use to reach this one's HBONE listener.
     pub hbone_address: String,
     pub log_format: LogFormat,
+    pub outbound: Outbound,
+    /// How long SIGTERM waits for open connections before exiting.
+    pub drain_timeout: std::time::Duration,
+}
+
+/// Outbound behaviour: what to do with destinations outside the mesh, and who the SOCKS5 listener speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    pub passthrough: Passthrough,
+    /// Index into `workloads` of the workload SOCKS5 clients act as (a loopback client has no workload address);
+    /// `None` disables the SOCKS5 listener.
+    pub socks5_workload: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Passthrough {
+    /// Destinations outside the mesh are reached as plain TCP.
+    #[default]
+    Allow,
+    /// Destinations outside the mesh are refused.
+    Deny,
 }
 
 #[derive(Clone)]
@@ -178,6 +200,17 @@ struct RawConfig {
     hbone_address: Option<String>,
     #[serde(default)]
     log_format: LogFormat,
+    #[serde(default)]
+    outbound: RawOutbound,
+    drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawOutbound {
+    #[serde(default)]
+    passthrough: Passthrough,
+    socks5_workload: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -271,10 +304,32 @@ impl RawConfig {
             None => listen.hbone.to_string(),
         };
 
+        // With a single workload SOCKS5 speaks for it by default; with several the operator must choose.
+        let socks5_workload = match &self.outbound.socks5_workload {
+            Some(name) => {
+                let found = workloads.iter().position(|w| &w.name == name);
+                if found.is_none() {
+                    p.add("outbound.socks5Workload", format!("{name:?} is not one of the workloads"));
+                }
+                found
+            }
+            None if workloads.len() == 1 => Some(0),
+            None => None,
+        };
+        let drain_timeout = match self.drain_timeout.as_deref() {
+            None => std::time::Duration::from_secs(10),
+            Some(text) => humantime::parse_duration(text).unwrap_or_else(|e| {
+                p.add("drainTimeout", format!("{text:?}: {e}"));
+                std::time::Duration::ZERO
+            }),
+        };
+
         if !p.0.is_empty() {
             return Err(p.0);
         }
         Ok(Config {
+            outbound: Outbound { passthrough: self.outbound.passthrough, socks5_workload },
+            drain_timeout,
             node: self.node,
             control_plane: ControlPlane {
                 address: self.control_plane.address,

@@ -4,10 +4,17 @@
 pub mod admin;
 pub mod backoff;
 pub mod config;
+pub mod connections;
 pub mod discovery;
 pub mod identity;
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
 pub mod proxy;
+pub mod registry;
+pub mod socks5;
 pub mod state;
+pub mod tls;
 
 use tokio::sync::watch;
 

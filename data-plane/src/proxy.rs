@@ -9,12 +9,18 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use trellis_proto::spiffe::SpiffeId;
 
+use arc_swap::ArcSwap;
+
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::connections::Connections;
 use crate::discovery::Discovery;
 use crate::identity::certs::rfc3339;
 use crate::identity::{CertManager, NodeCredential, NodeError, WorkloadCerts, files};
+use crate::pool::Pool;
+use crate::registry::{LocalWorkloads, Registry};
 use crate::state::{State, StateStore};
+use crate::tls::MeshTls;
 use crate::{admin, shutdown_requested};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +33,8 @@ pub enum ProxyError {
     Node(#[from] NodeError),
     #[error("invalid workload identity: {0}")]
     Identity(#[from] trellis_proto::spiffe::SpiffeIdError),
+    #[error("cannot listen on {address} ({field}): {source}")]
+    Bind { field: &'static str, address: std::net::SocketAddr, source: std::io::Error },
 }
 
 /// What the admin endpoint (and later the data path) reads. Filled in as startup progresses.
@@ -86,11 +94,114 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let _ = shared.workload_certs.set(certs.clone());
     let _ = shared.node_credential.set(node.clone());
 
+    let data = Arc::new(DataPath {
+        tls: MeshTls::default(),
+        registry: ArcSwap::from_pointee(Registry::default()),
+        locals: LocalWorkloads::new(&config.workloads, node.trust_domain())?,
+        pool: Pool::default(),
+        connections: Arc::new(Connections::default()),
+        outbound: config.outbound.clone(),
+    });
+    tokio::spawn(follow_changes(config.clone(), data.clone(), certs.clone(), state.clone()));
+    let listeners = start_listeners(&config, &data, shared.clone(), shutdown.clone()).await?;
+
     let manager = CertManager::new(certs, Instant::now());
     Discovery::new(config.clone(), node, state, manager).run(shutdown).await;
+
+    // Stop accepting, then give open connections until the drain deadline.
+    for listener in &listeners {
+        listener.abort();
+    }
+    let open = data.connections.len();
+    if open > 0 {
+        info!(open, deadline = ?config.drain_timeout, "draining connections");
+        if tokio::time::timeout(config.drain_timeout, data.connections.wait_empty()).await.is_err() {
+            warn!(left = data.connections.len(), "drain deadline reached; closing the rest");
+        }
+    }
     let _ = admin.await;
     info!("stopped");
     Ok(())
+}
+
+/// Everything the data path reads per connection; swapped pieces are rebuilt once per change.
+pub struct DataPath {
+    pub tls: MeshTls,
+    pub registry: ArcSwap<Registry>,
+    pub locals: LocalWorkloads,
+    pub pool: Pool,
+    pub connections: Arc<Connections>,
+    pub outbound: crate::config::Outbound,
+}
+
+impl DataPath {
+    pub fn locals(&self) -> &LocalWorkloads {
+        &self.locals
+    }
+}
+
+/// Rebuilds the TLS configs when a certificate or the trust bundle changes, and the registry index when the
+/// mesh state changes; expires idle pooled connections.
+async fn follow_changes(config: Arc<Config>, data: Arc<DataPath>, certs: Arc<WorkloadCerts>, state: Arc<StateStore>) {
+    let mut cert_changes = certs.subscribe();
+    let mut state_changes = state.subscribe();
+    let mut bundle: Option<Arc<crate::state::TrustBundle>> = None;
+    let mut certs_changed = true;
+    let mut reap = tokio::time::interval(std::time::Duration::from_secs(15));
+    loop {
+        let current = state.load();
+        data.registry.store(Arc::new(Registry::from_state(&current)));
+        let same_bundle = match (&bundle, &current.trust_bundle) {
+            (Some(old), Some(new)) => Arc::ptr_eq(old, new),
+            (None, None) => true,
+            _ => false,
+        };
+        if certs_changed || !same_bundle {
+            bundle = current.trust_bundle.clone();
+            data.tls.rebuild(&config.workloads, &certs, bundle.as_deref());
+        }
+        loop {
+            tokio::select! {
+                changed = cert_changes.changed() => {
+                    if changed.is_err() { return }
+                    certs_changed = true;
+                    break;
+                }
+                changed = state_changes.changed() => {
+                    if changed.is_err() { return }
+                    certs_changed = false;
+                    break;
+                }
+                _ = reap.tick() => data.pool.reap(),
+            }
+        }
+    }
+}
+
+/// Binds the data-path listeners; a bind failure is fatal (the operator's config names a taken address).
+async fn start_listeners(
+    config: &Config,
+    data: &Arc<DataPath>,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, ProxyError> {
+    let bind = |address: std::net::SocketAddr, field: &'static str| async move {
+        tokio::net::TcpListener::bind(address).await.map_err(|source| ProxyError::Bind { field, address, source })
+    };
+    let mut tasks = Vec::new();
+    let hbone = bind(config.listen.hbone, "listen.hbone").await?;
+    info!(address = %config.listen.hbone, "HBONE inbound listening");
+    tasks.push(tokio::spawn(crate::inbound::serve(hbone, data.clone(), shutdown.clone())));
+    let captured = bind(config.listen.outbound, "listen.outbound").await?;
+    tasks.push(tokio::spawn(crate::outbound::serve_captured(captured, data.clone())));
+    if let Some(workload) = config.outbound.socks5_workload.and_then(|i| data.locals.get(i)).cloned() {
+        let socks5 = bind(config.listen.socks5, "listen.socks5").await?;
+        info!(address = %config.listen.socks5, workload = %workload.spiffe_id, "SOCKS5 outbound listening");
+        tasks.push(tokio::spawn(crate::socks5::serve(socks5, data.clone(), workload)));
+    }
+    let ready = bind(config.listen.ready, "listen.ready").await?;
+    tasks.push(tokio::spawn(admin::serve_ready(ready, shared, shutdown)));
+    Ok(tasks)
 }
 
 /// The stored credential, or a new one from a join (retried while the control plane is unreachable).

@@ -3,7 +3,9 @@
 //! so `cargo build --workspace` must run before the tests (the README's test command does).
 
 pub mod client;
+pub mod hbone;
 pub mod http;
+pub mod socks;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -241,11 +243,29 @@ impl WorkloadSpec {
     }
 }
 
-/// A running `trellis-proxy`.
+/// Knobs of a test proxy beyond its workloads.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyOptions {
+    /// `outbound.passthrough`: "allow" (default) or "deny".
+    pub passthrough: Option<&'static str>,
+    /// `outbound.socks5Workload` (default: the only workload).
+    pub socks5_workload: Option<String>,
+    /// Extra top-level config fields (e.g. `{"drainTimeout": "5s"}`), merged over the generated ones.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A running `trellis-proxy`. Its HBONE listener is on every address (so that tunnels dialled to a workload's
+/// loopback address such as 127.0.10.1 reach it) at `hbone_port`; everything else on 127.0.0.1.
 pub struct Proxy {
     pub dir: tempfile::TempDir,
     pub node: String,
     pub admin_addr: SocketAddr,
+    pub socks5_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub ready_addr: SocketAddr,
+    pub hbone_port: u16,
     config_path: PathBuf,
     child: Option<Child>,
 }
@@ -261,6 +281,10 @@ impl Proxy {
 
     /// Writes a config for `node` fronting `workloads`, joins with a fresh token, and starts the proxy.
     pub fn start(cp: &ControlPlane, node: &str, workloads: &[WorkloadSpec]) -> Self {
+        Self::start_with(cp, node, workloads, ProxyOptions::default())
+    }
+
+    pub fn start_with(cp: &ControlPlane, node: &str, workloads: &[WorkloadSpec], options: ProxyOptions) -> Self {
         let namespaces: Vec<&str> = {
             let mut ns: Vec<&str> = workloads.iter().map(|w| w.namespace.as_str()).collect();
             ns.sort();
@@ -273,6 +297,9 @@ impl Proxy {
         let (token, pin) = cp.token(node, &namespaces, &[]);
         let dir = tempfile::tempdir().expect("tempdir");
         let admin_addr = free_addr();
+        let (socks5_addr, outbound_addr, inbound_addr, metrics_addr, ready_addr) =
+            (free_addr(), free_addr(), free_addr(), free_addr(), free_addr());
+        let hbone_port = free_port();
         let workloads_yaml: Vec<serde_json::Value> = workloads
             .iter()
             .map(|w| {
@@ -283,24 +310,45 @@ impl Proxy {
                 })
             })
             .collect();
-        let config = serde_json::json!({
+        let mut outbound = serde_json::json!({"passthrough": options.passthrough.unwrap_or("allow")});
+        if let Some(name) = &options.socks5_workload {
+            outbound["socks5Workload"] = serde_json::json!(name);
+        }
+        let mut config = serde_json::json!({
             "node": node,
             "controlPlane": {"address": cp.addr.to_string(), "caPin": pin, "token": token},
             "stateDir": dir.path().join("state"),
             "workloads": workloads_yaml,
             "listen": {
-                "hbone": free_addr().to_string(),
-                "outbound": free_addr().to_string(),
-                "inbound": free_addr().to_string(),
-                "socks5": free_addr().to_string(),
+                "hbone": format!("0.0.0.0:{hbone_port}"),
+                "outbound": outbound_addr.to_string(),
+                "inbound": inbound_addr.to_string(),
+                "socks5": socks5_addr.to_string(),
                 "admin": admin_addr.to_string(),
-                "metrics": free_addr().to_string(),
-                "ready": free_addr().to_string(),
+                "metrics": metrics_addr.to_string(),
+                "ready": ready_addr.to_string(),
             },
+            "hboneAddress": format!("127.0.0.1:{hbone_port}"),
+            "outbound": outbound,
         });
+        for (key, value) in options.extra {
+            config[key] = value;
+        }
         let config_path = dir.path().join("proxy.yaml");
         std::fs::write(&config_path, serde_yaml_ng::to_string(&config).expect("yaml")).expect("write config");
-        let mut proxy = Self { dir, node: node.into(), admin_addr, config_path, child: None };
+        let mut proxy = Self {
+            dir,
+            node: node.into(),
+            admin_addr,
+            socks5_addr,
+            outbound_addr,
+            inbound_addr,
+            metrics_addr,
+            ready_addr,
+            hbone_port,
+            config_path,
+            child: None,
+        };
         proxy.spawn();
         proxy
     }
@@ -347,6 +395,26 @@ impl Proxy {
             let _ = child.wait();
         }
     }
+
+    /// Sends SIGTERM and waits (up to `timeout`) for the process to exit; returns whether it exited.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(child) = self.child.as_mut() else { return true };
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
 }
 
 impl Drop for Proxy {
@@ -355,5 +423,31 @@ impl Drop for Proxy {
         if std::thread::panicking() {
             eprintln!("--- proxy {} log ---\n{}", self.node, read_log(&self.log_path()));
         }
+    }
+}
+
+/// A `trellis-echo` process: echoes every byte back, and closes its write side after the client closes its own.
+pub struct Echo {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Echo {
+    pub fn start(addr: SocketAddr) -> Self {
+        let mut child = Command::new(bin("trellis-echo"))
+            .args(["--listen", &addr.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn trellis-echo");
+        let log = PathBuf::from("/dev/null");
+        wait_listening(addr, &mut child, &log);
+        Self { addr, child }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

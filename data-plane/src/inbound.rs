@@ -1,0 +1,181 @@
+//! HBONE inbound (15008): accept, identify, (authorize,) dial, copy.
+//!
+//! TLS 1.3 with a required client certificate checked by SPIFFE rules; the server certificate is the destination
+//! workload's, chosen by the local address the connection arrived on. Then HTTP/2: every stream must be
+//! `CONNECT <ip>:<port>` to an address and declared port of a workload this proxy fronts. A bad handshake, a bad
+//! request or an unreachable workload costs that connection or stream only.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Empty;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use trellis_proto::spiffe::SpiffeId;
+
+use crate::connections::InboundConn;
+use crate::pool::{CONNECTION_WINDOW, FORWARDED, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW};
+use crate::proxy::DataPath;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts HBONE connections until the listener task is dropped. On shutdown every connection gets a GOAWAY:
+/// streams in progress finish, new ones go elsewhere.
+pub async fn serve(listener: TcpListener, data: Arc<DataPath>, shutdown: watch::Receiver<bool>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(error = %e, "HBONE accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let data = data.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(reason) = connection(tcp, peer, data, shutdown).await {
+                info!(%peer, %reason, "HBONE connection refused");
+            }
+        });
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    data: Arc<DataPath>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let local = tcp.local_addr().map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let config = data
+        .tls
+        .load()
+        .server_for(local.ip())
+        .ok_or_else(|| format!("no workload certificate for local address {}", local.ip()))?;
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsAcceptor::from(config).accept(tcp))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_owned())?
+        .map_err(|e| format!("TLS handshake failed: {}", crate::error_chain(&e)))?;
+    let (source, serial) = {
+        let (_, session) = tls.get_ref();
+        let leaf = session.peer_certificates().and_then(|c| c.first()).ok_or("no client certificate")?;
+        (
+            crate::tls::peer_identity(leaf)?,
+            crate::identity::certs::CertInfo::parse(leaf).map(|i| i.serial).unwrap_or_default(),
+        )
+    };
+    info!(%peer, %source, %serial, "HBONE connection accepted");
+    let service = hyper::service::service_fn(move |request| {
+        let data = data.clone();
+        let source = source.clone();
+        async move { Ok::<_, Infallible>(stream(request, source, peer, data).await) }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .keep_alive_interval(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = crate::shutdown_requested(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    result.map_err(|e| format!("HTTP/2: {e}"))
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = code;
+    response
+}
+
+/// One CONNECT stream: check the target, dial the workload, answer 200 and copy until both sides are done.
+async fn stream(
+    mut request: Request<Incoming>,
+    source: SpiffeId,
+    peer: SocketAddr,
+    data: Arc<DataPath>,
+) -> Response<Empty<Bytes>> {
+    if request.method() != Method::CONNECT {
+        debug!(%peer, method = %request.method(), "not a CONNECT request");
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(target) = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
+        debug!(%peer, uri = %request.uri(), "CONNECT target is not ip:port");
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let locals = data.locals();
+    let Some(workload) = locals.by_ip(target.ip()).filter(|w| w.port(target.port()).is_some()).cloned() else {
+        info!(%peer, %source, %target, "CONNECT to an address or port this proxy does not front");
+        return status(StatusCode::NOT_FOUND);
+    };
+    // Trusted because the peer authenticated with a mesh certificate.
+    let source_addr = request
+        .headers()
+        .get(FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("for=\""))
+        .and_then(|v| v.strip_suffix('"'))
+        .and_then(|v| v.parse::<SocketAddr>().ok());
+    let conn = Arc::new(InboundConn { source, source_addr, destination: target, workload });
+    // Registered before any check, so that a policy change between check and registration cannot be missed.
+    let registration = data.connections.register(Some(conn.clone()));
+
+    let upstream = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(e)) => {
+            info!(source = %conn.source, %target, error = %e, "workload refused the connection");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        Err(_) => {
+            info!(source = %conn.source, %target, "timed out dialling the workload");
+            return status(StatusCode::GATEWAY_TIMEOUT);
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let mut upstream = upstream;
+        let mut tunnel = match upgrade.await {
+            Ok(upgraded) => TokioIo::new(upgraded),
+            Err(e) => {
+                debug!(error = %e, "CONNECT upgrade failed");
+                return;
+            }
+        };
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            result = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream) => result,
+            () = registration.cancel.cancelled() => {
+                info!(source = %conn.source, target = %conn.destination, "connection closed by the proxy");
+                return;
+            }
+        };
+        match result {
+            Ok((sent, received)) => debug!(
+                source = %conn.source, target = %conn.destination, sent, received,
+                duration_ms = started.elapsed().as_millis() as u64, "inbound connection closed"
+            ),
+            Err(e) => {
+                debug!(source = %conn.source, target = %conn.destination, error = %e, "inbound connection failed")
+            }
+        }
+        drop(registration);
+    });
+    status(StatusCode::OK)
+}

@@ -1,0 +1,137 @@
+//! Outbound: a local application's connection to `target`, from one of this proxy's workloads. A mesh workload is
+//! reached through an HBONE tunnel to the proxy that fronts it, which must present the destination's identity; a
+//! destination outside the mesh is dialled as plain TCP or refused (`outbound.passthrough`).
+//!
+//! Two entry points feed this: SOCKS5 (`socks5.rs`) and the capture listener (`serve_captured`, where the kernel's
+//! redirect rules send workloads' traffic and SO_ORIGINAL_DST tells the real destination).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::config::Passthrough;
+use crate::pool::{PoolKey, Tunnel, TunnelError};
+use crate::proxy::DataPath;
+use crate::registry::LocalWorkload;
+
+const DIRECT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error("{0} is outside the mesh and outbound.passthrough is deny")]
+    PassthroughDenied(SocketAddr),
+    #[error("{0} is a mesh workload but the client is not one of this proxy's workloads")]
+    NoSourceIdentity(SocketAddr),
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+    #[error("dialling {0}: {1}")]
+    Direct(SocketAddr, std::io::Error),
+}
+
+/// Where the client's bytes go.
+pub enum Upstream {
+    Tunnel(Tunnel),
+    Direct(TcpStream),
+}
+
+/// Resolves `target` and opens the tunnel (or direct connection) to it.
+pub async fn connect(
+    data: &DataPath,
+    source: Option<&LocalWorkload>,
+    client_addr: SocketAddr,
+    target: SocketAddr,
+) -> Result<Upstream, OutboundError> {
+    let registry = data.registry.load();
+    match registry.lookup(target.ip()) {
+        Some(destination) => {
+            let source = source.ok_or(OutboundError::NoSourceIdentity(target))?;
+            let key = PoolKey {
+                source: source.spiffe_id.clone(),
+                proxy: SocketAddr::new(target.ip(), destination.hbone_port),
+                destination: destination.spiffe_id.clone(),
+            };
+            let tls = data.tls.load();
+            let tunnel = data.pool.open(&key, &tls, target, client_addr).await?;
+            debug!(source = %key.source, destination = %key.destination, %target, "tunnel open");
+            Ok(Upstream::Tunnel(tunnel))
+        }
+        None => match data.outbound.passthrough {
+            Passthrough::Deny => Err(OutboundError::PassthroughDenied(target)),
+            Passthrough::Allow => {
+                let stream = tokio::time::timeout(DIRECT_DIAL_TIMEOUT, TcpStream::connect(target))
+                    .await
+                    .map_err(|_| OutboundError::Direct(target, std::io::ErrorKind::TimedOut.into()))?
+                    .map_err(|e| OutboundError::Direct(target, e))?;
+                let _ = stream.set_nodelay(true);
+                debug!(%target, "passthrough to a destination outside the mesh");
+                Ok(Upstream::Direct(stream))
+            }
+        },
+    }
+}
+
+/// Copies both ways until both directions are closed (half-close passes through), or the proxy cancels it.
+pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(data: &DataPath, mut client: C, upstream: Upstream) {
+    let registration = data.connections.register(None);
+    let copied = match upstream {
+        Upstream::Tunnel(mut tunnel) => {
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut client, &mut tunnel.io) => r,
+                () = registration.cancel.cancelled() => return,
+            }
+        }
+        Upstream::Direct(mut stream) => {
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut client, &mut stream) => r,
+                () = registration.cancel.cancelled() => return,
+            }
+        }
+    };
+    match copied {
+        Ok((sent, received)) => debug!(sent, received, "outbound connection closed"),
+        Err(e) => debug!(error = %e, "outbound connection failed"),
+    }
+}
+
+/// The capture listener: connections redirected by the kernel, whose real destination is SO_ORIGINAL_DST.
+pub async fn serve_captured(listener: TcpListener, data: Arc<DataPath>) {
+    let own = listener.local_addr().ok();
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(error = %e, "outbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let data = data.clone();
+        tokio::spawn(async move {
+            let Some(target) = original_destination(&tcp).filter(|t| Some(*t) != own) else {
+                debug!(%peer, "connection to the capture listener was not redirected; closing");
+                return;
+            };
+            let _ = tcp.set_nodelay(true);
+            let locals = data.locals();
+            let source = locals.by_ip(peer.ip()).cloned();
+            match connect(&data, source.as_deref(), peer, target).await {
+                Ok(upstream) => relay(&data, tcp, upstream).await,
+                Err(e) => info!(%peer, %target, error = %e, "captured connection refused"),
+            }
+        });
+    }
+}
+
+/// The destination before the kernel's REDIRECT/TPROXY rewrite.
+fn original_destination(tcp: &TcpStream) -> Option<SocketAddr> {
+    let socket = socket2::SockRef::from(tcp);
+    let original = match tcp.local_addr().ok()? {
+        SocketAddr::V4(_) => socket.original_dst_v4(),
+        SocketAddr::V6(_) => socket.original_dst_v6(),
+    };
+    original.ok()?.as_socket()
+}

@@ -1,0 +1,229 @@
+//! HBONE client: a pool of mTLS HTTP/2 connections to other proxies, keyed by (source identity, destination proxy,
+//! destination identity), each carrying many CONNECT streams. A connection is not reused for new streams once it is
+//! full, closed (GOAWAY, failure), or built from older TLS material than the current set (after a rotation new
+//! streams get a fresh handshake with the new certificate); idle connections expire.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper::client::conn::http2::SendRequest;
+use hyper::upgrade::Upgraded;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use trellis_proto::spiffe::SpiffeId;
+
+use crate::tls::TlsSet;
+
+/// Most streams one HTTP/2 connection carries before the pool opens another (and what inbound advertises).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// Flow-control windows: large enough that one stream is not throttled by round trips, bounded so that a slow
+/// reader holds at most this much in flight.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Header carrying the original client address (RFC 7239); trusted only from an authenticated peer.
+pub const FORWARDED: &str = "forwarded";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("connecting to proxy {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("TLS with proxy {0}: {1}")]
+    Tls(SocketAddr, String),
+    #[error("HTTP/2 with proxy {0}: {1}")]
+    Http(SocketAddr, hyper::Error),
+    #[error("proxy {0} refused the tunnel: {1}")]
+    Refused(SocketAddr, StatusCode),
+    #[error("timed out connecting to proxy {0}")]
+    Timeout(SocketAddr),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub source: SpiffeId,
+    /// Where the destination proxy's HBONE listener is reached.
+    pub proxy: SocketAddr,
+    pub destination: SpiffeId,
+}
+
+struct PooledConn {
+    sender: SendRequest<Empty<Bytes>>,
+    streams: AtomicUsize,
+    tls_generation: u64,
+    /// Milliseconds since the pool's epoch when the last stream ended.
+    idle_since: AtomicU64,
+}
+
+impl PooledConn {
+    fn usable(&self, generation: u64) -> bool {
+        self.tls_generation == generation
+            && !self.sender.is_closed()
+            && self.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION as usize
+    }
+}
+
+/// Keeps a pooled connection's stream count right for as long as the tunnel lives.
+pub struct StreamGuard {
+    conn: Arc<PooledConn>,
+    epoch: Instant,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.conn.streams.fetch_sub(1, Ordering::Relaxed);
+        self.conn.idle_since.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// An established tunnel: bytes written here reach the destination workload.
+pub struct Tunnel {
+    pub io: TokioIo<Upgraded>,
+    pub guard: StreamGuard,
+}
+
+pub struct Pool {
+    connections: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
+    /// One dial at a time per key, so a burst of new streams shares the first handshake.
+    dial_gates: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    epoch: Instant,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self { connections: Mutex::default(), dial_gates: Mutex::default(), epoch: Instant::now() }
+    }
+}
+
+impl Pool {
+    /// Opens a CONNECT stream to `target` through the proxy of `key`, reusing a pooled connection when one fits.
+    pub async fn open(
+        &self,
+        key: &PoolKey,
+        tls: &TlsSet,
+        target: SocketAddr,
+        original_source: SocketAddr,
+    ) -> Result<Tunnel, TunnelError> {
+        // A pooled connection may have died since its last use; one retry on a fresh connection covers that.
+        let mut last_error = None;
+        for _ in 0..2 {
+            let conn = self.checkout(key, tls).await?;
+            let guard = StreamGuard { conn: conn.clone(), epoch: self.epoch };
+            let request = Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.to_string())
+                .header(FORWARDED, format!("for=\"{original_source}\""))
+                .body(Empty::new())
+                .expect("CONNECT request parts are valid");
+            let mut sender = conn.sender.clone();
+            match sender.send_request(request).await {
+                Ok(response) if response.status() == StatusCode::OK => {
+                    let upgraded = hyper::upgrade::on(response).await.map_err(|e| TunnelError::Http(key.proxy, e))?;
+                    return Ok(Tunnel { io: TokioIo::new(upgraded), guard });
+                }
+                Ok(response) => return Err(TunnelError::Refused(key.proxy, response.status())),
+                Err(e) => {
+                    tracing::debug!(proxy = %key.proxy, error = %e, "pooled connection failed; retrying on a new one");
+                    self.forget(key, &conn);
+                    last_error = Some(TunnelError::Http(key.proxy, e));
+                }
+            }
+        }
+        Err(last_error.expect("loop ran"))
+    }
+
+    /// A connection with room for one more stream (its count already taken), dialled if needed.
+    async fn checkout(&self, key: &PoolKey, tls: &TlsSet) -> Result<Arc<PooledConn>, TunnelError> {
+        if let Some(conn) = self.reserve(key, tls.generation) {
+            return Ok(conn);
+        }
+        let gate = self.dial_gates.lock().expect("gates").entry(key.clone()).or_default().clone();
+        let _dialing = gate.lock().await;
+        if let Some(conn) = self.reserve(key, tls.generation) {
+            return Ok(conn);
+        }
+        let conn = Arc::new(dial(key, tls).await?);
+        conn.streams.fetch_add(1, Ordering::Relaxed);
+        self.connections.lock().expect("pool").entry(key.clone()).or_default().push(conn.clone());
+        Ok(conn)
+    }
+
+    fn reserve(&self, key: &PoolKey, generation: u64) -> Option<Arc<PooledConn>> {
+        let connections = self.connections.lock().expect("pool");
+        let conn = connections.get(key)?.iter().find(|c| c.usable(generation))?;
+        conn.streams.fetch_add(1, Ordering::Relaxed);
+        Some(conn.clone())
+    }
+
+    fn forget(&self, key: &PoolKey, conn: &Arc<PooledConn>) {
+        if let Some(list) = self.connections.lock().expect("pool").get_mut(key) {
+            list.retain(|c| !Arc::ptr_eq(c, conn));
+        }
+    }
+
+    /// Drops closed connections, and idle ones after `IDLE_TIMEOUT` (dropping the last sender closes it).
+    pub fn reap(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let idle_ms = IDLE_TIMEOUT.as_millis() as u64;
+        let mut connections = self.connections.lock().expect("pool");
+        connections.retain(|_, list| {
+            list.retain(|c| {
+                let idle = c.streams.load(Ordering::Relaxed) == 0
+                    && now.saturating_sub(c.idle_since.load(Ordering::Relaxed)) > idle_ms;
+                !c.sender.is_closed() && !idle
+            });
+            !list.is_empty()
+        });
+        drop(connections);
+        // Gates of keys with no connection left are not needed any more.
+        let live: Vec<PoolKey> = self.connections.lock().expect("pool").keys().cloned().collect();
+        self.dial_gates.lock().expect("gates").retain(|k, gate| live.contains(k) || Arc::strong_count(gate) > 1);
+    }
+
+    /// Number of pooled HTTP/2 connections.
+    pub fn size(&self) -> usize {
+        self.connections.lock().expect("pool").values().map(Vec::len).sum()
+    }
+}
+
+async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
+    let proxy = key.proxy;
+    let config = tls.client_for(&key.source, &key.destination).map_err(|e| TunnelError::Tls(proxy, e))?;
+    let connect = async {
+        let tcp = tokio::net::TcpStream::connect(proxy).await.map_err(|e| TunnelError::Connect(proxy, e))?;
+        let _ = tcp.set_nodelay(true);
+        let tls_stream = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::IpAddress(proxy.ip().into()), tcp)
+            .await
+            .map_err(|e| TunnelError::Tls(proxy, crate::error_chain(&e)))?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(tls_stream))
+            .await
+            .map_err(|e| TunnelError::Http(proxy, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%proxy, error = %e, "HBONE connection ended with an error");
+            }
+        });
+        Ok(PooledConn {
+            sender,
+            streams: AtomicUsize::new(0),
+            tls_generation: tls.generation,
+            idle_since: AtomicU64::new(0),
+        })
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, connect).await.map_err(|_| TunnelError::Timeout(proxy))?
+}
