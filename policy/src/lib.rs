@@ -2,6 +2,11 @@
 //! `AuthorizationPolicy`, `PeerAuthentication`, `RequestAuthentication`) with the same schema and the same
 //! admission-time validation as Istio, so manifests written for Istio apply unchanged.
 //!
+//! Evaluation follows Istio's documented (sidecar) semantics in ztunnel's compiled style: [`CompiledPolicies`]
+//! once per configuration change, [`WorkloadPolicies`] once per destination workload, then
+//! [`WorkloadPolicies::evaluate`] per connection or request without allocating. [`effective_mtls_mode`] resolves
+//! PeerAuthentication precedence; [`EvalRequest`] / [`explain`] back `trellisctl authz eval`.
+//!
 //! Pure code: no I/O, networking or async; callers bring the text and decide what to do with the result.
 
 mod authz;
@@ -9,8 +14,11 @@ mod cidr;
 mod common;
 mod condition;
 mod error;
+mod eval;
+mod eval_request;
 mod kind;
 mod matcher;
+mod mtls;
 mod parse;
 mod peer_authn;
 mod request_authn;
@@ -26,8 +34,16 @@ pub use cidr::{Cidr, InvalidCidr};
 pub use common::{PolicyTargetReference, WorkloadSelector};
 pub use condition::{ConditionKey, ValueKind};
 pub use error::{DocumentError, FieldError, ParseError};
+pub use eval::{
+    CompileError, CompileOptions, CompiledPolicies, Decision, DryRunOutcome, Headers, HttpRequest, IgnoreReason,
+    IgnoredPolicy, NoHeaders, PolicyRef, Protocol, Reason, Request, WorkloadPolicies,
+};
+pub use eval_request::{
+    EvalDestination, EvalHttp, EvalProtocol, EvalRequest, EvalRequestError, EvalSource, Explanation, Verdict, explain,
+};
 pub use kind::{InvalidResourceKey, Kind, ResourceKey, UnknownKind};
 pub use matcher::StringMatch;
+pub use mtls::{EffectiveMtls, MtlsLevel, WorkloadMtls, effective_mtls, effective_mtls_mode};
 pub use parse::{parse_documents, parse_keys};
 pub use peer_authn::{MtlsMode, MutualTls, PeerAuthentication};
 pub use request_authn::{ClaimToHeader, JwtHeader, JwtRule, RequestAuthentication};
