@@ -222,6 +222,67 @@ impl Mesh {
         Ok(results)
     }
 
+    /// What `apply` would do, without storing anything: per resource the outcome, and per registered workload its
+    /// applicable policies before and after.
+    pub fn apply_dry_run(
+        &self,
+        text: &str,
+        root_namespace: &str,
+    ) -> Result<(Vec<pb::AppliedResource>, Vec<pb::WorkloadPolicyChange>), MeshError> {
+        let parsed = trellis_policy::parse_documents(text).map_err(|e| MeshError::InvalidArgument(e.to_string()))?;
+        let snapshot = self.current();
+        let mut before: BTreeMap<String, trellis_policy::Resource> = BTreeMap::new();
+        for (key, r) in &snapshot.resources {
+            let resource = trellis_policy::Resource::from_json(&r.json)
+                .map_err(|e| MeshError::InvalidArgument(format!("stored resource {key}: {e}")))?;
+            before.insert(key.clone(), resource);
+        }
+        let mut after = before.clone();
+        let mut results = Vec::new();
+        for resource in parsed {
+            let key = resource.key();
+            let kind = key.kind.to_string();
+            let store_key = records::resource_store_key(&kind, &key.namespace, &key.name);
+            let outcome = match before.get(&store_key) {
+                Some(old) if old.to_json() == resource.to_json() => "unchanged",
+                Some(_) => "configured",
+                None => "created",
+            };
+            results.push(pb::AppliedResource {
+                key: Some(pb::ResourceKey { kind, namespace: key.namespace.clone(), name: key.name.clone() }),
+                revision: 0,
+                outcome: format!("{outcome} (dry run)"),
+            });
+            after.insert(store_key, resource);
+        }
+        let compile = |set: &BTreeMap<String, trellis_policy::Resource>| {
+            let list: Vec<_> = set.values().cloned().collect();
+            trellis_policy::CompiledPolicies::compile(&list, root_namespace)
+                .map_err(|e| MeshError::InvalidArgument(e.to_string()))
+        };
+        let (old, new) = (compile(&before)?, compile(&after)?);
+        let describe = |policies: &trellis_policy::WorkloadPolicies| -> Vec<String> {
+            let mut out: Vec<String> = policies
+                .policies()
+                .map(|(ns, name, action, dry_run)| {
+                    format!("{ns}/{name} ({action:?}{})", if dry_run { ", dry-run" } else { "" })
+                })
+                .collect();
+            out.sort();
+            out
+        };
+        let mut changes = Vec::new();
+        for (key, w) in &snapshot.workloads {
+            let labels: BTreeMap<String, String> = w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let (b, a) = (
+                describe(&old.for_workload(&w.namespace, &labels)),
+                describe(&new.for_workload(&w.namespace, &labels)),
+            );
+            changes.push(pb::WorkloadPolicyChange { workload: key.clone(), before: b, after: a });
+        }
+        Ok((results, changes))
+    }
+
     /// Deletes every key, or none if any is missing.
     pub fn delete(&self, keys: &[pb::ResourceKey]) -> Result<Vec<pb::ResourceKey>, MeshError> {
         let store_keys: Vec<String> = keys

@@ -36,6 +36,8 @@ pub struct Config {
     pub outbound: Outbound,
     /// How long SIGTERM waits for open connections before exiting.
     pub drain_timeout: std::time::Duration,
+    /// Namespace whose policies apply mesh-wide (Istio's root namespace).
+    pub root_namespace: String,
 }
 
 /// Outbound behaviour: what to do with destinations outside the mesh, and who the SOCKS5 listener speaks for.
@@ -203,6 +205,7 @@ struct RawConfig {
     #[serde(default)]
     outbound: RawOutbound,
     drain_timeout: Option<String>,
+    root_namespace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -324,12 +327,19 @@ impl RawConfig {
             }),
         };
 
+        let root_namespace =
+            self.root_namespace.clone().unwrap_or_else(|| trellis_policy::DEFAULT_ROOT_NAMESPACE.to_owned());
+        if !is_dns_label(&root_namespace) {
+            p.add("rootNamespace", format!("{root_namespace:?} must be a DNS label (a-z, 0-9, '-')"));
+        }
+
         if !p.0.is_empty() {
             return Err(p.0);
         }
         Ok(Config {
             outbound: Outbound { passthrough: self.outbound.passthrough, socks5_workload },
             drain_timeout,
+            root_namespace,
             node: self.node,
             control_plane: ControlPlane {
                 address: self.control_plane.address,

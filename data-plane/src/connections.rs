@@ -17,6 +17,12 @@ use crate::registry::LocalWorkload;
 pub struct InboundConn {
     /// The peer's identity from its verified certificate.
     pub source: SpiffeId,
+    /// The same, in Istio's principal form (no `spiffe://`), computed once per HBONE connection.
+    pub principal: Arc<str>,
+    /// The peer proxy's address.
+    pub peer: SocketAddr,
+    /// `<namespace>/<name>` of the destination workload.
+    pub workload_key: String,
     /// The original client address, as the sending proxy reported it.
     pub source_addr: Option<SocketAddr>,
     pub destination: SocketAddr,

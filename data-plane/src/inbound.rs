@@ -74,10 +74,11 @@ async fn connection(
         )
     };
     info!(%peer, %source, %serial, "HBONE connection accepted");
+    let peer_id = Arc::new(Peer { principal: source.principal().into(), id: source, addr: peer });
     let service = hyper::service::service_fn(move |request| {
         let data = data.clone();
-        let source = source.clone();
-        async move { Ok::<_, Infallible>(stream(request, source, peer, data).await) }
+        let peer_id = peer_id.clone();
+        async move { Ok::<_, Infallible>(stream(request, &peer_id, data).await) }
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -104,13 +105,17 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     response
 }
 
-/// One CONNECT stream: check the target, dial the workload, answer 200 and copy until both sides are done.
-async fn stream(
-    mut request: Request<Incoming>,
-    source: SpiffeId,
-    peer: SocketAddr,
-    data: Arc<DataPath>,
-) -> Response<Empty<Bytes>> {
+/// The authenticated peer of an HBONE connection.
+struct Peer {
+    id: SpiffeId,
+    principal: Arc<str>,
+    addr: SocketAddr,
+}
+
+/// One CONNECT stream: check the target, authorize, dial the workload, answer 200 and copy until both sides are
+/// done (or a policy change revokes the connection).
+async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPath>) -> Response<Empty<Bytes>> {
+    let (source, peer) = (&peer_id.id, peer_id.addr);
     if request.method() != Method::CONNECT {
         debug!(%peer, method = %request.method(), "not a CONNECT request");
         return status(StatusCode::METHOD_NOT_ALLOWED);
@@ -132,9 +137,31 @@ async fn stream(
         .and_then(|v| v.strip_prefix("for=\""))
         .and_then(|v| v.strip_suffix('"'))
         .and_then(|v| v.parse::<SocketAddr>().ok());
-    let conn = Arc::new(InboundConn { source, source_addr, destination: target, workload });
-    // Registered before any check, so that a policy change between check and registration cannot be missed.
+    let conn = Arc::new(InboundConn {
+        source: source.clone(),
+        principal: peer_id.principal.clone(),
+        peer,
+        workload_key: workload.config.key(),
+        source_addr,
+        destination: target,
+        workload,
+    });
+    // Registered before the check, so that a policy change between check and registration cannot be missed.
     let registration = data.connections.register(Some(conn.clone()));
+    let policies = data.authz.load();
+    match policies.check(&conn, peer) {
+        Some(decision) if decision.allowed => {
+            if !decision.audit.is_empty() || decision.dry_run.is_some() {
+                info!(source = %conn.source, %target, %decision, "connection allowed");
+            }
+        }
+        Some(decision) => {
+            info!(source = %conn.source, %target, %decision, "connection denied");
+            return status(StatusCode::FORBIDDEN);
+        }
+        None => return status(StatusCode::NOT_FOUND),
+    }
+    drop(policies);
 
     let upstream = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(upstream)) => upstream,
@@ -162,7 +189,7 @@ async fn stream(
         let result = tokio::select! {
             result = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream) => result,
             () = registration.cancel.cancelled() => {
-                info!(source = %conn.source, target = %conn.destination, "connection closed by the proxy");
+                info!(source = %conn.source, target = %conn.destination, "connection closed: no longer allowed by policy, or shutting down");
                 return;
             }
         };

@@ -2,6 +2,7 @@
 //! plane's config over the Discovery stream and exposes what it holds on the admin endpoint.
 
 pub mod admin;
+pub mod authz;
 pub mod backoff;
 pub mod config;
 pub mod connections;

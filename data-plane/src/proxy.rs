@@ -11,6 +11,7 @@ use trellis_proto::spiffe::SpiffeId;
 
 use arc_swap::ArcSwap;
 
+use crate::authz::LocalPolicies;
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::connections::Connections;
@@ -90,13 +91,14 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         .map(|w| SpiffeId::workload(node.trust_domain(), &w.namespace, &w.service_account))
         .collect::<Result<_, _>>()?;
     let certs = Arc::new(WorkloadCerts::new(ids));
-    state.store(State::new(node.trust_domain()));
+    state.store(State::with_root_namespace(node.trust_domain(), config.root_namespace.clone()));
     let _ = shared.workload_certs.set(certs.clone());
     let _ = shared.node_credential.set(node.clone());
 
     let data = Arc::new(DataPath {
         tls: MeshTls::default(),
         registry: ArcSwap::from_pointee(Registry::default()),
+        authz: ArcSwap::from_pointee(LocalPolicies::default()),
         locals: LocalWorkloads::new(&config.workloads, node.trust_domain())?,
         pool: Pool::default(),
         connections: Arc::new(Connections::default()),
@@ -128,6 +130,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
 pub struct DataPath {
     pub tls: MeshTls,
     pub registry: ArcSwap<Registry>,
+    pub authz: ArcSwap<LocalPolicies>,
     pub locals: LocalWorkloads,
     pub pool: Pool,
     pub connections: Arc<Connections>,
@@ -148,9 +151,14 @@ async fn follow_changes(config: Arc<Config>, data: Arc<DataPath>, certs: Arc<Wor
     let mut bundle: Option<Arc<crate::state::TrustBundle>> = None;
     let mut certs_changed = true;
     let mut reap = tokio::time::interval(std::time::Duration::from_secs(15));
+    let mut policies: Option<Arc<trellis_policy::CompiledPolicies>> = None;
     loop {
         let current = state.load();
         data.registry.store(Arc::new(Registry::from_state(&current)));
+        if !policies.as_ref().is_some_and(|p| Arc::ptr_eq(p, &current.policies)) {
+            reauthorize(&data, &current.policies);
+            policies = Some(current.policies.clone());
+        }
         let same_bundle = match (&bundle, &current.trust_bundle) {
             (Some(old), Some(new)) => Arc::ptr_eq(old, new),
             (None, None) => true,
@@ -175,6 +183,23 @@ async fn follow_changes(config: Arc<Config>, data: Arc<DataPath>, certs: Arc<Wor
                 _ = reap.tick() => data.pool.reap(),
             }
         }
+    }
+}
+
+/// Installs the policies for the local workloads, then closes every open inbound connection they no longer allow.
+fn reauthorize(data: &DataPath, compiled: &trellis_policy::CompiledPolicies) {
+    let local = Arc::new(LocalPolicies::build(compiled, &data.locals));
+    data.authz.store(local.clone());
+    let closed = data.connections.close_inbound_unless(|conn| match local.check(conn, conn.peer) {
+        Some(decision) if decision.allowed => true,
+        Some(decision) => {
+            info!(source = %conn.source, target = %conn.destination, %decision, "closing connection after a policy change");
+            false
+        }
+        None => false,
+    });
+    if closed > 0 {
+        info!(closed, "connections closed by re-evaluation");
     }
 }
 

@@ -116,6 +116,10 @@ impl LocalWorkloads {
         self.by_ip.get(&ip)
     }
 
+    pub fn all(&self) -> &[Arc<LocalWorkload>] {
+        &self.all
+    }
+
     pub fn get(&self, index: usize) -> Option<&Arc<LocalWorkload>> {
         self.all.get(index)
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
-use trellis_policy::{Kind, ResourceKey};
+use trellis_policy::{CompiledPolicies, Kind, ResourceKey};
 use trellis_proto::v1;
 
 use crate::identity::certs::{self, CertError, CertInfo};
@@ -25,6 +25,10 @@ pub struct State {
     /// By `<namespace>/<name>`.
     pub workloads: BTreeMap<String, Arc<v1::Workload>>,
     pub resources: BTreeMap<ResourceKey, Arc<StoredResource>>,
+    /// Namespace whose policies apply mesh-wide.
+    pub root_namespace: String,
+    /// The resources compiled for evaluation; a resource set that does not compile is NACKed.
+    pub policies: Arc<CompiledPolicies>,
 }
 
 #[derive(Debug, Clone)]
@@ -53,7 +57,11 @@ impl TrustBundle {
 
 impl State {
     pub fn new(trust_domain: impl Into<String>) -> Self {
-        Self { trust_domain: trust_domain.into(), ..Self::default() }
+        Self::with_root_namespace(trust_domain, trellis_policy::DEFAULT_ROOT_NAMESPACE)
+    }
+
+    pub fn with_root_namespace(trust_domain: impl Into<String>, root_namespace: impl Into<String>) -> Self {
+        Self { trust_domain: trust_domain.into(), root_namespace: root_namespace.into(), ..Self::default() }
     }
 }
 
@@ -74,12 +82,14 @@ pub enum ApplyError {
     Resource { index: usize, key: String, reason: String },
     #[error("removed_resources[{index}]: {reason}")]
     RemovedResource { index: usize, reason: String },
+    #[error("policies do not compile: {0}")]
+    Policy(String),
 }
 
 /// Validates `update` and returns the state after it; `state` is never modified.
 pub fn apply(state: &State, update: &v1::ConfigUpdate) -> Result<State, ApplyError> {
     let mut next = if update.full {
-        State::new(state.trust_domain.clone())
+        State::with_root_namespace(state.trust_domain.clone(), state.root_namespace.clone())
     } else if !state.synced {
         return Err(ApplyError::NotSynced);
     } else {
@@ -113,6 +123,13 @@ pub fn apply(state: &State, update: &v1::ConfigUpdate) -> Result<State, ApplyErr
     for (index, resource) in update.resources.iter().enumerate() {
         let stored = check_resource(resource).map_err(|(key, reason)| ApplyError::Resource { index, key, reason })?;
         next.resources.insert(stored.resource.key(), Arc::new(stored));
+    }
+
+    if update.full || !update.resources.is_empty() || !update.removed_resources.is_empty() {
+        let resources: Vec<trellis_policy::Resource> = next.resources.values().map(|r| r.resource.clone()).collect();
+        let compiled = CompiledPolicies::compile(&resources, &next.root_namespace)
+            .map_err(|e| ApplyError::Policy(e.to_string()))?;
+        next.policies = Arc::new(compiled);
     }
 
     next.version = update.version;

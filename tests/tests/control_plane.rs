@@ -212,7 +212,7 @@ async fn admin_api_requires_the_admin_credential() {
     // A node credential and a workload SVID are valid mesh certificates, but not admins.
     let node = joined(&cp, "n1", &["default"]).await;
     let status = pb::admin_client::AdminClient::new(node.channel().await.unwrap())
-        .apply(pb::ApplyRequest { documents: POLICY.into() })
+        .apply(pb::ApplyRequest { documents: POLICY.into(), dry_run: false })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");

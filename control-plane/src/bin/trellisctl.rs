@@ -36,6 +36,9 @@ enum Command {
     Apply {
         #[arg(short = 'f', long = "filename")]
         file: String,
+        /// Validate and show which workloads' effective policies would change; store nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -85,8 +88,29 @@ enum Command {
         #[arg(long = "spiffe-id")]
         spiffe_ids: Vec<String>,
     },
+    /// Authorization tools that run locally, with the same code as the proxies.
+    Authz {
+        #[command(subcommand)]
+        command: AuthzCommand,
+    },
     /// Print the CLI version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum AuthzCommand {
+    /// Decide a request offline against policy files (AuthorizationPolicy and PeerAuthentication documents);
+    /// prints {"decision", "status", "policy", "action", "rule", "reason"}. Invalid input exits 2.
+    Eval {
+        /// Policy file (repeatable).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+        /// The request, as JSON (see README).
+        #[arg(long)]
+        request: String,
+        #[arg(long, default_value = trellis_policy::DEFAULT_ROOT_NAMESPACE)]
+        root_namespace: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -123,6 +147,18 @@ enum NodesCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Command::Authz { command: AuthzCommand::Eval { files, request, root_namespace } } = &cli.command {
+        return match authz_eval(files, request, root_namespace) {
+            Ok(json) => {
+                println!("{json}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -154,6 +190,20 @@ fn print_json(value: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(value).expect("json"));
 }
 
+/// Offline evaluation: no control plane involved.
+fn authz_eval(files: &[String], request: &str, root_namespace: &str) -> anyhow::Result<String> {
+    let mut resources = Vec::new();
+    for file in files {
+        let text = read_input(file)?;
+        resources.extend(trellis_policy::parse_documents(&text).map_err(|e| anyhow::anyhow!("{file}: {e}"))?);
+    }
+    let request_text = read_input(request)?;
+    let request =
+        trellis_policy::EvalRequest::from_json(&request_text).map_err(|e| anyhow::anyhow!("{request}: {e}"))?;
+    let explanation = trellis_policy::explain(&resources, root_namespace, &request)?;
+    Ok(explanation.to_json())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Version = cli.command {
         println!("trellisctl {}", env!("CARGO_PKG_VERSION"));
@@ -162,19 +212,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = CliConfig::load(&CliConfig::resolve_path(cli.config)?)?;
     let mut admin = AdminClient::new(cli::connect(&config).await?);
     match cli.command {
-        Command::Version => unreachable!("handled above"),
-        Command::Apply { file, output } => {
+        Command::Version | Command::Authz { .. } => unreachable!("handled above"),
+        Command::Apply { file, dry_run, output } => {
             let documents = read_input(&file)?;
-            let results = admin.apply(pb::ApplyRequest { documents }).await?.into_inner().results;
+            let response = admin.apply(pb::ApplyRequest { documents, dry_run }).await?.into_inner();
             if output == Output::Json {
-                let items: Vec<_> = results
+                let items: Vec<_> = response
+                    .results
                     .iter()
                     .map(|r| json!({"resource": key_line(&r.key), "revision": r.revision, "outcome": r.outcome}))
                     .collect();
-                print_json(&json!(items));
+                let changes: Vec<_> = response
+                    .changes
+                    .iter()
+                    .map(|c| json!({"workload": c.workload, "changed": c.before != c.after, "before": c.before, "after": c.after}))
+                    .collect();
+                if dry_run {
+                    print_json(&json!({"results": items, "changes": changes}));
+                } else {
+                    print_json(&json!(items));
+                }
             } else {
-                for r in results {
+                for r in &response.results {
                     println!("{} {}", key_line(&r.key), r.outcome);
+                }
+                if dry_run {
+                    for c in &response.changes {
+                        if c.before == c.after {
+                            println!("workload {}: unchanged", c.workload);
+                        } else {
+                            println!(
+                                "workload {}: changed: [{}] -> [{}]",
+                                c.workload,
+                                c.before.join(", "),
+                                c.after.join(", ")
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -45,8 +45,14 @@ fn parse_kind(kind: &str) -> Result<trellis_policy::Kind, Status> {
 impl pb::admin_server::Admin for AdminService {
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
         self.authorize(&request)?;
-        let results = self.0.mesh.apply(&request.into_inner().documents)?;
-        Ok(Response::new(pb::ApplyResponse { results }))
+        let request = request.into_inner();
+        if request.dry_run {
+            let (results, changes) =
+                self.0.mesh.apply_dry_run(&request.documents, trellis_policy::DEFAULT_ROOT_NAMESPACE)?;
+            return Ok(Response::new(pb::ApplyResponse { results, changes }));
+        }
+        let results = self.0.mesh.apply(&request.documents)?;
+        Ok(Response::new(pb::ApplyResponse { results, changes: vec![] }))
     }
 
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {

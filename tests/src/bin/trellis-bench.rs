@@ -21,6 +21,7 @@ use anyhow::{Context, anyhow, bail};
 use common::step;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{SignalKind, signal};
 use trellis_tests::{ControlPlane, Proxy, ProxyOptions, WorkloadSpec};
 
 const USAGE: &str = "usage: trellis-bench tunnel [--quick] [--direct-only] [--no-build]";
@@ -134,8 +135,15 @@ struct Servers {
 
 fn run(args: &Args) -> anyhow::Result<()> {
     let plan = if args.quick { &QUICK } else { &FULL };
-    common::prepare(args.no_build || args.direct_only, |line| eprintln!("{line}"))?;
+    if !args.direct_only {
+        common::prepare(args.no_build, |line| eprintln!("{line}"))?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // On SIGINT/SIGTERM the measurements stop and `run` returns, so the harness's drops stop the proxies.
+    let (mut sigint, mut sigterm) = {
+        let _context = runtime.enter();
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+    };
     let servers = runtime.block_on(start_servers())?;
     eprintln!("sink on {}, echo on {} (in this process)", servers.sink, servers.echo);
 
@@ -154,7 +162,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         let server = step("starting the server proxy", &[], || {
             Ok(Proxy::start_with(&cp, "bench-server", &[server_spec], options.clone()))
         })?;
-        let logs = [client.log_path(), server.log_path()];
+        let logs = [("client proxy", client.log_path()), ("server proxy", server.log_path())];
         step("waiting for the proxies", &logs, || {
             client.wait_ready();
             server.wait_ready();
@@ -176,7 +184,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     let mesh_route = mesh.as_ref().map(|(_, client, _)| Route::Mesh(client.socks5_addr));
 
-    let results = runtime.block_on(measure(plan, servers, mesh_route))?;
+    let results = runtime.block_on(async {
+        tokio::select! {
+            results = measure(plan, servers, mesh_route) => results,
+            _ = sigint.recv() => bail!("interrupted (SIGINT)"),
+            _ = sigterm.recv() => bail!("interrupted (SIGTERM)"),
+        }
+    })?;
     let section = render(plan, args, &results);
     println!("{section}");
     if args.quick || args.direct_only {
@@ -481,23 +495,19 @@ fn render(plan: &Plan, args: &Args, metrics: &[Metric]) -> String {
             flags.push_str(flag);
         }
     }
-    let mut s = format!(
-        "## Tunnel: direct TCP vs. two Trellis proxies\n\n\
-         `{COMMAND}{flags}` — {date}, {}, {profile}.\n\n\
-         Machine: {}.\n\n",
-        revision(),
-        machine()
-    );
-    s.push_str(&format!(
+    let mut s = "## Tunnel: direct TCP vs. two Trellis proxies\n\n".to_owned();
+    s.push_str(&wrap(&format!("`{COMMAND}{flags}` — {date}, {}, {profile}.", revision())));
+    s.push_str(&wrap(&format!("Machine: {}.", machine())));
+    s.push_str(&wrap(&format!(
         "A sink and an echo server run as tokio tasks in the benchmark process on {sip}, the address of the server \
          proxy's workload. **direct**: TCP straight to them. **mesh**: SOCKS5 CONNECT to the client proxy, which \
          carries the connection over HBONE (mTLS, HTTP/2 CONNECT) to the server proxy, which dials the server; \
          passthrough is denied, so nothing bypasses the tunnel. For each measurement direct and mesh alternate, \
          {rounds} rounds; a cell is the median over the rounds with (min..max). The benchmark process, both proxies \
-         and the control plane share the machine's CPUs.\n\n",
+         and the control plane share the machine's CPUs.",
         sip = IpAddr::from(SERVER_IP),
         rounds = plan.rounds,
-    ));
+    )));
     s.push_str("| measurement | direct | mesh | mesh vs. direct |\n| --- | ---: | ---: | ---: |\n");
     for m in metrics {
         let versus = if m.direct.is_empty() || m.mesh.is_empty() {
@@ -505,19 +515,40 @@ fn render(plan: &Plan, args: &Args, metrics: &[Metric]) -> String {
         } else if m.higher_is_better {
             format!("{:.2}×", median(&m.mesh) / median(&m.direct))
         } else {
-            format!("+{} {}", number(median(&m.mesh) - median(&m.direct)), m.unit)
+            let added = median(&m.mesh) - median(&m.direct);
+            format!("{}{} {}", if added >= 0.0 { "+" } else { "" }, number(added), m.unit)
         };
         s.push_str(&format!("| {} ({}) | {} | {} | {versus} |\n", m.name, m.unit, cell(&m.direct), cell(&m.mesh)));
     }
-    s.push_str(&format!(
-        "\nMB = 10⁶ bytes. Bulk: each stream's connection is open before timing starts; timing runs from the first \
+    s.push('\n');
+    s.push_str(&wrap(&format!(
+        "MB = 10⁶ bytes. Bulk: each stream's connection is open before timing starts; timing runs from the first \
          byte until every sink has read its exact share and answered a byte. Round trips: {rt} per round on one \
          connection, after 100 unrecorded; \"+\" is the latency the mesh adds over direct. New connection: {setups} \
-         sequential per round, timed from connect (or SOCKS5 handshake) to the end of the round trip.\n",
+         sequential per round, timed from connect (or SOCKS5 handshake) to the end of the round trip.",
         rt = number(plan.round_trips as f64),
         setups = number(plan.setups as f64),
-    ));
+    )));
     s
+}
+
+/// A paragraph wrapped at 120 columns, followed by a blank line.
+fn wrap(text: &str) -> String {
+    let mut out = String::new();
+    let mut width = 0;
+    for word in text.split_whitespace() {
+        let len = word.chars().count();
+        if width > 0 && width + 1 + len > 120 {
+            out.push('\n');
+            width = 0;
+        } else if width > 0 {
+            out.push(' ');
+            width += 1;
+        }
+        out.push_str(word);
+        width += len;
+    }
+    out + "\n\n"
 }
 
 const HEADER: &str = "# Benchmarks

@@ -108,7 +108,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let server = step("starting proxy server-node", &[], || {
         Ok(Proxy::start_with(&cp, "server-node", std::slice::from_ref(&server_spec), options.clone()))
     })?;
-    let logs = [cp.log_path(), client.log_path(), server.log_path()];
+    let logs =
+        [("control plane", cp.log_path()), ("client-node", client.log_path()), ("server-node", server.log_path())];
     for (proxy, spec) in [(&client, &client_spec), (&server, &server_spec)] {
         let identity = step(&format!("proxy {} becoming ready", proxy.node), &logs, || {
             proxy.wait_ready();

@@ -94,7 +94,7 @@ fn run_from_deps_dir() -> anyhow::Result<()> {
 
 /// Runs one step; a failure (an error, or a harness panic) becomes an error naming the step, followed by the last
 /// lines of `logs`.
-pub fn step<T>(what: &str, logs: &[PathBuf], f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+pub fn step<T>(what: &str, logs: &[(&str, PathBuf)], f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {})); // the panic's message becomes the error's
     let result = catch_unwind(AssertUnwindSafe(f));
@@ -109,11 +109,11 @@ pub fn step<T>(what: &str, logs: &[PathBuf], f: impl FnOnce() -> anyhow::Result<
             .unwrap_or_else(|| "panicked".into()),
     };
     let mut message = format!("{what}: {error}");
-    for log in logs {
+    for (name, log) in logs {
         let text = read_log(log);
         let lines: Vec<&str> = text.lines().collect();
         let tail = &lines[lines.len().saturating_sub(15)..];
-        message.push_str(&format!("\n--- last lines of {} ---\n{}", log.display(), tail.join("\n")));
+        message.push_str(&format!("\n--- last lines of the {name} log ({}) ---\n{}", log.display(), tail.join("\n")));
     }
     Err(anyhow!(message))
 }

@@ -1,0 +1,36 @@
+//! Authorization of inbound connections. The compiled policies are narrowed to each of this proxy's workloads once
+//! per config change; a check is then a map lookup plus the evaluator's comparisons.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use trellis_policy::{CompiledPolicies, Decision, Request, WorkloadPolicies};
+
+use crate::connections::InboundConn;
+use crate::registry::LocalWorkloads;
+
+/// The policies that apply to each local workload, by workload key.
+#[derive(Default)]
+pub struct LocalPolicies {
+    by_workload: HashMap<String, WorkloadPolicies>,
+}
+
+impl LocalPolicies {
+    pub fn build(compiled: &CompiledPolicies, locals: &LocalWorkloads) -> Self {
+        let by_workload = locals
+            .all()
+            .iter()
+            .map(|w| (w.config.key(), compiled.for_workload(&w.config.namespace, &w.config.labels)))
+            .collect();
+        Self { by_workload }
+    }
+
+    /// The decision for an inbound connection (None: the workload is unknown here, which the caller refuses).
+    pub fn check<'p>(&'p self, conn: &InboundConn, peer: SocketAddr) -> Option<Decision<'p>> {
+        let policies = self.by_workload.get(&conn.workload_key)?;
+        // source.ip is the original client's address when the sending proxy reported it.
+        let source_ip = conn.source_addr.map_or(peer.ip(), |a| a.ip());
+        let request = Request::tcp(Some(&conn.principal), source_ip, conn.destination.ip(), conn.destination.port());
+        Some(policies.evaluate(&request))
+    }
+}

@@ -1,0 +1,236 @@
+//! Authorization enforced by the destination proxy, with real processes: policies pushed through `trellisctl`,
+//! connections made by applications through SOCKS5.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use trellis_tests::{ControlPlane, Echo, Proxy, WorkloadSpec, socks, wait_for};
+
+const WEB: &str = "127.0.10.1";
+const BATCH: &str = "127.0.10.5";
+const API: &str = "127.0.10.2";
+const DB: &str = "127.0.10.3";
+/// SOCKS5 reply for a tunnel the destination proxy answered 403.
+const NOT_ALLOWED: u8 = 2;
+
+struct Mesh {
+    cp: ControlPlane,
+    web: Proxy,
+    batch: Proxy,
+    server: Proxy,
+    _echoes: Vec<Echo>,
+    api: SocketAddr,
+    db: SocketAddr,
+}
+
+fn mesh() -> Mesh {
+    let cp = ControlPlane::start(&[]);
+    let port = trellis_tests::free_port();
+    let api: SocketAddr = format!("{API}:{port}").parse().unwrap();
+    let db: SocketAddr = format!("{DB}:{port}").parse().unwrap();
+    let echoes = vec![Echo::start(api), Echo::start(db)];
+    let mut api_spec = WorkloadSpec::new("api", "shop", "api", API);
+    api_spec.ports = vec![(port, "tcp")];
+    let mut db_spec = WorkloadSpec::new("db", "data", "db", DB);
+    db_spec.ports = vec![(port, "tcp")];
+    let server = Proxy::start(&cp, "node-server", &[api_spec, db_spec]);
+    let web = Proxy::start(&cp, "node-web", &[WorkloadSpec::new("web", "shop", "web", WEB)]);
+    let batch = Proxy::start(&cp, "node-batch", &[WorkloadSpec::new("batch", "jobs", "batch", BATCH)]);
+    for p in [&server, &web, &batch] {
+        p.wait_ready();
+    }
+    for p in [&web, &batch] {
+        p.wait_config("the servers in the registry", |d| {
+            let w = d["workloads"].to_string();
+            w.contains(API) && w.contains(DB)
+        });
+    }
+    Mesh { cp, web, batch, server, _echoes: echoes, api, db }
+}
+
+impl Mesh {
+    /// Applies and waits until every proxy ACKed the new version.
+    fn apply(&self, yaml: &str) {
+        self.cp.apply(yaml);
+        self.wait_synced();
+    }
+
+    fn delete(&self, kind: &str, name: &str, namespace: &str) {
+        self.cp.ctl_ok(&["delete", kind, name, "-n", namespace]);
+        self.wait_synced();
+    }
+
+    fn wait_synced(&self) {
+        wait_for("every proxy to ACK the latest version", Duration::from_secs(20), || {
+            let status = self.cp.proxy_status();
+            let all = status["proxies"].as_array()?;
+            (all.len() == 3 && all.iter().all(|p| p["synced"] == true)).then_some(())
+        });
+    }
+}
+
+/// Ok if an echo round trip works, Err(SOCKS5 reply code) if the tunnel is refused.
+fn reach(from: &Proxy, to: SocketAddr) -> Result<(), u8> {
+    match socks::connect(from.socks5_addr, to) {
+        Ok(stream) => {
+            assert_eq!(socks::echo_round_trip(stream, b"ping"), b"ping");
+            Ok(())
+        }
+        Err(Ok(code)) => Err(code),
+        Err(Err(e)) => panic!("SOCKS5 I/O error: {e}"),
+    }
+}
+
+fn allow_web_to_api() -> &'static str {
+    r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-allow-web, namespace: shop}
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/shop/sa/web"]
+"#
+}
+
+#[test]
+fn allow_by_principal_and_deny_beats_allow() {
+    let m = mesh();
+    // No policy: everything is allowed.
+    assert_eq!(reach(&m.web, m.api), Ok(()));
+    assert_eq!(reach(&m.batch, m.api), Ok(()));
+
+    m.apply(allow_web_to_api());
+    assert_eq!(reach(&m.web, m.api), Ok(()), "the allowed principal");
+    assert_eq!(reach(&m.batch, m.api), Err(NOT_ALLOWED), "another principal");
+    assert_eq!(reach(&m.batch, m.db), Ok(()), "a policy in shop does not touch data/db");
+
+    m.apply(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-deny-web, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/shop/sa/web"]
+"#,
+    );
+    assert_eq!(reach(&m.web, m.api), Err(NOT_ALLOWED), "DENY beats ALLOW");
+    let log = trellis_tests::read_log(&m.server.log_path());
+    assert!(log.contains("denied by DENY policy shop/api-deny-web rule 0"), "the log names the policy and rule");
+    assert!(log.contains("no ALLOW policy matched"), "{log}");
+}
+
+/// Reads until the peer closes; Ok(true) if it closed, Ok(false) on timeout.
+fn closed_within(stream: &mut TcpStream, timeout: Duration) -> bool {
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}
+
+#[test]
+fn a_new_deny_closes_open_connections_and_deleting_it_lets_new_ones_in() {
+    let m = mesh();
+    let mut open = socks::connect_ok(m.web.socks5_addr, m.api);
+    open.write_all(b"hello").unwrap();
+    let mut reply = [0u8; 5];
+    open.read_exact(&mut reply).unwrap();
+    let mut unaffected = socks::connect_ok(m.web.socks5_addr, m.db);
+
+    let applied = Instant::now();
+    m.cp.apply(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-web, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        namespaces: ["shop"]
+"#,
+    );
+    let left = Duration::from_secs(2).saturating_sub(applied.elapsed());
+    assert!(closed_within(&mut open, left), "the denied connection was still open 2s after the apply");
+    assert_eq!(reach(&m.web, m.api), Err(NOT_ALLOWED), "new connections are refused");
+
+    // The connection to data/db is not covered by the policy and stays open.
+    unaffected.write_all(b"still").unwrap();
+    let mut reply = [0u8; 5];
+    unaffected.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    unaffected.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"still");
+
+    m.delete("ap", "deny-web", "shop");
+    assert_eq!(reach(&m.web, m.api), Ok(()));
+}
+
+#[test]
+fn namespace_wide_and_mesh_wide_policies_apply_where_they_should() {
+    let m = mesh();
+    // Namespace-wide allow-nothing in "data": db is closed to everyone, api is not.
+    m.apply("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-nothing, namespace: data}\nspec: {}\n");
+    assert_eq!(reach(&m.web, m.db), Err(NOT_ALLOWED));
+    assert_eq!(reach(&m.batch, m.db), Err(NOT_ALLOWED));
+    assert_eq!(reach(&m.web, m.api), Ok(()));
+    m.delete("ap", "allow-nothing", "data");
+
+    // Mesh-wide (root namespace) DENY of the batch identity: every workload refuses it.
+    m.apply(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-batch, namespace: trellis-system}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/jobs/sa/batch"]
+"#,
+    );
+    assert_eq!(reach(&m.batch, m.api), Err(NOT_ALLOWED));
+    assert_eq!(reach(&m.batch, m.db), Err(NOT_ALLOWED));
+    assert_eq!(reach(&m.web, m.api), Ok(()));
+    assert_eq!(reach(&m.web, m.db), Ok(()));
+
+    // The same policy in an ordinary namespace applies to that namespace only (here: none of our workloads).
+    m.delete("ap", "deny-batch", "trellis-system");
+    m.apply(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-batch, namespace: elsewhere}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/jobs/sa/batch"]
+"#,
+    );
+    assert_eq!(reach(&m.batch, m.api), Ok(()));
+
+    // A dry run reports, per registered workload, whether its applicable policies change, and stores nothing.
+    let file = m.cp.dir.path().join("dry.yaml");
+    std::fs::write(&file, "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: lock, namespace: data}\nspec: {}\n").unwrap();
+    let dry = m.cp.ctl_json(&["apply", "--dry-run", "-f", file.to_str().unwrap()]);
+    let changes = dry["changes"].as_array().unwrap();
+    let changed = |w: &str| changes.iter().find(|c| c["workload"] == w).map(|c| c["changed"] == true);
+    assert_eq!(changed("data/db"), Some(true), "{dry}");
+    assert_eq!(changed("shop/api"), Some(false), "{dry}");
+    assert_eq!(changed("shop/web"), Some(false), "{dry}");
+    assert!(!m.cp.ctl_ok(&["get", "ap", "-A"]).contains("lock"), "a dry run stored the policy");
+    assert_eq!(reach(&m.web, m.db), Ok(()));
+}
