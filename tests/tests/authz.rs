@@ -234,3 +234,57 @@ spec:
     assert!(!m.cp.ctl_ok(&["get", "ap", "-A"]).contains("lock"), "a dry run stored the policy");
     assert_eq!(reach(&m.web, m.db), Ok(()));
 }
+
+/// `trellisctl authz eval` runs the proxies' evaluator offline: no control plane involved.
+#[test]
+fn authz_eval_explains_offline_and_rejects_bad_input_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies.yaml");
+    std::fs::write(
+        &policies,
+        format!(
+            "{}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: strict, namespace: shop}}\nspec: {{mtls: {{mode: STRICT}}}}\n",
+            allow_web_to_api()
+        ),
+    )
+    .unwrap();
+    let eval = |request: &str| {
+        let path = dir.path().join("request.json");
+        std::fs::write(&path, request).unwrap();
+        std::process::Command::new(trellis_tests::bin("trellisctl"))
+            .args(["authz", "eval", "-f"])
+            .arg(&policies)
+            .arg("--request")
+            .arg(&path)
+            .env("TRELLIS_CONFIG", "/nonexistent")
+            .output()
+            .unwrap()
+    };
+    let request = |principal: &str, protocol: &str| {
+        format!(
+            r#"{{"source": {{"principal": {principal}, "ip": "10.0.0.1"}},
+                "destination": {{"namespace": "shop", "labels": {{"app": "api"}}, "ip": "10.0.0.2", "port": 8080}},
+                "protocol": "{protocol}"{}}}"#,
+            if protocol == "http" { r#", "http": {"method": "GET", "path": "/x?y=1", "host": "api"}"# } else { "" }
+        )
+    };
+    let cases = [
+        (request("\"cluster.local/ns/shop/sa/web\"", "tcp"), "allow", serde_json::json!(null), "shop/api-allow-web"),
+        (request("\"cluster.local/ns/jobs/sa/batch\"", "http"), "deny", serde_json::json!(403), ""),
+        (request("null", "tcp"), "deny", serde_json::json!(null), "shop/strict"),
+    ];
+    for (req, decision, status, policy) in cases {
+        let out = eval(&req);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["decision"], decision, "{v}");
+        assert_eq!(v["status"], status, "{v}");
+        if !policy.is_empty() {
+            assert_eq!(v["policy"], policy, "{v}");
+        }
+        assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()));
+    }
+    let out = eval(r#"{"source": {"ip": "not-an-ip"}, "destination": {}, "protocol": "tcp"}"#);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ip"), "{}", String::from_utf8_lossy(&out.stderr));
+}
