@@ -204,7 +204,7 @@ impl Mesh {
                     results.push(pb::AppliedResource {
                         key: Some(pb::ResourceKey { kind, namespace: key.namespace.clone(), name: key.name.clone() }),
                         revision,
-                        outcome: outcome.into(),
+                        outcome: format!("{outcome}{}", applicability_note(resource)),
                     });
                 }
                 let version = if changed.is_empty() { None } else { Some(records::bump(txn, META_VERSION)?) };
@@ -251,7 +251,7 @@ impl Mesh {
             results.push(pb::AppliedResource {
                 key: Some(pb::ResourceKey { kind, namespace: key.namespace.clone(), name: key.name.clone() }),
                 revision: 0,
-                outcome: format!("{outcome} (dry run)"),
+                outcome: format!("{outcome} (dry run){}", applicability_note(&resource)),
             });
             after.insert(store_key, resource);
         }
@@ -525,6 +525,16 @@ impl Mesh {
         })?;
         transact::<_, MeshError>(self.store.as_ref(), |txn| Ok(self.log_certificate(txn, &issued, &id, &node.name)?))?;
         Ok((id, issued))
+    }
+}
+
+/// Said with the apply outcome when a resource is stored but proxies will not enforce it (as Istio's sidecars).
+fn applicability_note(resource: &trellis_policy::Resource) -> &'static str {
+    match resource.authorization_policy() {
+        Some(p) if p.target_ref.is_some() || !p.target_refs.is_empty() => {
+            " (has targetRefs: applies to gateways and waypoints, not enforced by proxies)"
+        }
+        _ => "",
     }
 }
 

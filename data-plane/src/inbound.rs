@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use trellis_proto::spiffe::SpiffeId;
 
 use crate::connections::InboundConn;
@@ -29,23 +29,15 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Accepts HBONE connections until the listener task is dropped. On shutdown every connection gets a GOAWAY:
 /// streams in progress finish, new ones go elsewhere.
 pub async fn serve(listener: TcpListener, data: Arc<DataPath>, shutdown: watch::Receiver<bool>) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(error = %e, "HBONE accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let data = data.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+    crate::listen::accept_each(listener, "hbone", |tcp, peer| {
+        let (data, shutdown) = (data.clone(), shutdown.clone());
+        async move {
             if let Err(reason) = connection(tcp, peer, data, shutdown).await {
                 info!(%peer, %reason, "HBONE connection refused");
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 async fn connection(

@@ -9,6 +9,7 @@ pub mod connections;
 pub mod discovery;
 pub mod identity;
 pub mod inbound;
+pub mod listen;
 pub mod outbound;
 pub mod pool;
 pub mod proxy;

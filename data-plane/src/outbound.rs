@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::config::Passthrough;
 use crate::pool::{PoolKey, Tunnel, TunnelError};
@@ -100,30 +100,22 @@ pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(data: &DataPath, mut clien
 /// The capture listener: connections redirected by the kernel, whose real destination is SO_ORIGINAL_DST.
 pub async fn serve_captured(listener: TcpListener, data: Arc<DataPath>) {
     let own = listener.local_addr().ok();
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(error = %e, "outbound accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    crate::listen::accept_each(listener, "outbound", |tcp, peer| {
         let data = data.clone();
-        tokio::spawn(async move {
+        async move {
             let Some(target) = original_destination(&tcp).filter(|t| Some(*t) != own) else {
                 debug!(%peer, "connection to the capture listener was not redirected; closing");
                 return;
             };
             let _ = tcp.set_nodelay(true);
-            let locals = data.locals();
-            let source = locals.by_ip(peer.ip()).cloned();
+            let source = data.locals().by_ip(peer.ip()).cloned();
             match connect(&data, source.as_deref(), peer, target).await {
                 Ok(upstream) => relay(&data, tcp, upstream).await,
                 Err(e) => info!(%peer, %target, error = %e, "captured connection refused"),
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 /// The destination before the kernel's REDIRECT/TPROXY rewrite.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::outbound::{self, OutboundError};
 use crate::pool::TunnelError;
@@ -36,23 +36,15 @@ enum Reply {
 }
 
 pub async fn serve(listener: TcpListener, data: Arc<DataPath>, workload: Arc<LocalWorkload>) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(error = %e, "SOCKS5 accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let data = data.clone();
-        let workload = workload.clone();
-        tokio::spawn(async move {
+    crate::listen::accept_each(listener, "socks5", |tcp, peer| {
+        let (data, workload) = (data.clone(), workload.clone());
+        async move {
             if let Err(e) = session(tcp, peer, &data, &workload).await {
                 debug!(%peer, error = %e, "SOCKS5 session ended");
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 async fn session(

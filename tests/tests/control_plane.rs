@@ -322,6 +322,10 @@ fn apply_get_delete_round_trip() {
     assert!(err.contains("not found"), "{err}");
     let err = cp.ctl_err(&["get", "ap", "allow-client"]);
     assert!(err.contains("NotFound"), "{err}");
+
+    // Stored, but reported as not applying to proxies (as Istio's sidecars ignore targetRefs policies).
+    let waypoint = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: wp, namespace: default}\nspec:\n  targetRefs: [{kind: Service, group: \"\", name: api}]\n  rules: [{}]\n";
+    assert!(cp.apply(waypoint).contains("not enforced by proxies"));
 }
 
 #[test]
