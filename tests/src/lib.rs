@@ -12,11 +12,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Path of a workspace binary next to the test executable (`target/<profile>/<name>`).
+/// `target/<profile>/`: where the running executable is (binaries), or the parent of its `deps/` (tests).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("running executable path");
+    let dir = exe.parent().expect("executable has a parent directory");
+    if dir.ends_with("deps") { dir.parent().unwrap_or(dir) } else { dir }.to_path_buf()
+}
+
+/// Path of a workspace binary built with the same profile (`target/<profile>/<name>`).
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let path = profile_dir.join(name);
+    let path = profile_dir().join(name);
     assert!(path.exists(), "{} is missing: run `cargo build --workspace` before the tests", path.display());
     path
 }
@@ -433,14 +438,25 @@ pub struct Echo {
 }
 
 impl Echo {
+    /// Starts it and waits for its "listening on" line, so that an address someone else holds is an error here
+    /// rather than a test silently talking to another process.
     pub fn start(addr: SocketAddr) -> Self {
+        use std::io::BufRead;
         let mut child = Command::new(bin("trellis-echo"))
             .args(["--listen", &addr.to_string()])
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn trellis-echo");
-        let log = PathBuf::from("/dev/null");
-        wait_listening(addr, &mut child, &log);
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        if !line.starts_with("listening on") {
+            let _ = child.wait();
+            let mut stderr = String::new();
+            let _ = child.stderr.take().map(|mut e| std::io::Read::read_to_string(&mut e, &mut stderr));
+            panic!("trellis-echo could not listen on {addr}: {stderr}");
+        }
         Self { addr, child }
     }
 }

@@ -129,6 +129,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
     say(&format!("client-node's registry has demo/echo at {server_ip} (pushed by the control plane)"));
 
     let echo_addr = SocketAddr::new(args.server_ip, ECHO_PORT);
+    // Echo::start counts the address as up once something accepts there, even if that is someone else's server.
+    std::net::TcpListener::bind(echo_addr).with_context(|| {
+        format!("{echo_addr} is taken (another trellis-demo running? --server-ip moves the echo service)")
+    })?;
     let _echo = step("starting the echo service", &[], || Ok(Echo::start(echo_addr)))?;
     say(&format!("echo service listening on {echo_addr}, behind server-node"));
 

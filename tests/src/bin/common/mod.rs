@@ -3,8 +3,6 @@
 
 pub mod socks5;
 
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,21 +12,13 @@ use trellis_tests::read_log;
 
 pub const MESH_BINARIES: [&str; 4] = ["trellis-control", "trellisctl", "trellis-proxy", "trellis-echo"];
 
-/// `target/<profile>/`: the directory holding the running binary (or its `deps/`).
+/// `target/<profile>/`, where the harness looks for the mesh binaries.
 pub fn profile_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("path of the running executable")?;
-    let dir = exe.parent().context("executable has no parent directory")?;
-    Ok(if dir.ends_with("deps") { dir.parent().unwrap_or(dir) } else { dir }.to_path_buf())
+    Ok(trellis_tests::profile_dir())
 }
 
-/// Re-exec's this program from `target/<profile>/deps/` if it runs from `target/<profile>/`, then (unless
-/// `no_build`) builds the mesh binaries with the same cargo and profile, and checks that they exist.
-///
-/// Why the re-exec: `trellis_tests::bin` resolves `<exe dir>/../<name>`, which is right for a test executable in
-/// `deps/` but not for a binary that `cargo run` starts from `target/<profile>/`. Cargo keeps the identical file
-/// (a hard link, or a copy) in `deps/`; running that one makes `bin` find `target/<profile>/<name>`.
+/// Unless `no_build`, builds the mesh binaries with the same cargo and profile; then checks that they exist.
 pub fn prepare(no_build: bool, say: impl Fn(&str)) -> anyhow::Result<()> {
-    run_from_deps_dir()?;
     let dir = profile_dir()?;
     if !no_build {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -61,35 +51,6 @@ pub fn prepare(no_build: bool, say: impl Fn(&str)) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn run_from_deps_dir() -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("executable has no parent directory")?;
-    if dir.ends_with("deps") {
-        return Ok(());
-    }
-    let me = std::fs::metadata(&exe)?;
-    let same_file = |path: &Path| -> bool {
-        let Ok(meta) = std::fs::metadata(path) else { return false };
-        if meta.dev() == me.dev() && meta.ino() == me.ino() {
-            return true;
-        }
-        meta.len() == me.len() && std::fs::read(path).ok() == std::fs::read(&exe).ok()
-    };
-    let stem = exe.file_name().map(|n| n.to_string_lossy().replace('-', "_")).unwrap_or_default();
-    let twin = std::fs::read_dir(dir.join("deps"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|entry| entry.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{stem}-"))))
-        .find(|p| same_file(p));
-    let Some(twin) = twin else {
-        bail!("{} has no twin in {}/deps: run it through cargo (`cargo run --bin ...`)", exe.display(), dir.display())
-    };
-    let err = Command::new(&twin).args(std::env::args_os().skip(1)).exec();
-    Err(err).with_context(|| format!("exec {}", twin.display()))
 }
 
 /// Runs one step; a failure (an error, or a harness panic) becomes an error naming the step, followed by the last
