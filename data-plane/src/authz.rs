@@ -20,14 +20,14 @@ impl LocalPolicies {
         let by_workload = locals
             .all()
             .iter()
-            .map(|w| (w.config.key(), compiled.for_workload(&w.config.namespace, &w.config.labels)))
+            .map(|w| (w.key.clone(), compiled.for_workload(&w.config.namespace, &w.config.labels)))
             .collect();
         Self { by_workload }
     }
 
     /// The decision for an inbound connection (None: the workload is unknown here, which the caller refuses).
     pub fn check<'p>(&'p self, conn: &InboundConn, peer: SocketAddr) -> Option<Decision<'p>> {
-        let policies = self.by_workload.get(&conn.workload_key)?;
+        let policies = self.by_workload.get(&conn.workload.key)?;
         // source.ip is the original client's address when the sending proxy reported it.
         let source_ip = conn.source_addr.map_or(peer.ip(), |a| a.ip());
         let request = Request::tcp(Some(&conn.principal), source_ip, conn.destination.ip(), conn.destination.port());

@@ -21,8 +21,6 @@ pub struct InboundConn {
     pub principal: Arc<str>,
     /// The peer proxy's address.
     pub peer: SocketAddr,
-    /// `<namespace>/<name>` of the destination workload.
-    pub workload_key: String,
     /// The original client address, as the sending proxy reported it.
     pub source_addr: Option<SocketAddr>,
     pub destination: SocketAddr,

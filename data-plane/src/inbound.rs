@@ -133,7 +133,6 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
         source: source.clone(),
         principal: peer_id.principal.clone(),
         peer,
-        workload_key: workload.config.key(),
         source_addr,
         destination: target,
         workload,

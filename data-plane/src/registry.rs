@@ -83,6 +83,8 @@ fn mesh_workload(w: &v1::Workload) -> Option<MeshWorkload> {
 pub struct LocalWorkload {
     pub config: WorkloadConfig,
     pub spiffe_id: SpiffeId,
+    /// `<namespace>/<name>`.
+    pub key: String,
 }
 
 impl LocalWorkload {
@@ -103,7 +105,7 @@ impl LocalWorkloads {
         let mut out = Self::default();
         for config in workloads {
             let spiffe_id = SpiffeId::workload(trust_domain, &config.namespace, &config.service_account)?;
-            let local = Arc::new(LocalWorkload { config: config.clone(), spiffe_id });
+            let local = Arc::new(LocalWorkload { key: config.key(), config: config.clone(), spiffe_id });
             for ip in &config.addresses {
                 out.by_ip.insert(*ip, local.clone());
             }
