@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tracing::{debug, info};
 use trellis_proto::spiffe::SpiffeId;
 
-use crate::connections::InboundConn;
+use crate::connections::{COPY_BUFFER, InboundConn};
 use crate::pool::{CONNECTION_WINDOW, FORWARDED, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW};
 use crate::proxy::DataPath;
 
@@ -178,7 +178,7 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
         };
         let started = std::time::Instant::now();
         let result = tokio::select! {
-            result = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream) => result,
+            result = tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, COPY_BUFFER, COPY_BUFFER) => result,
             () = registration.cancel.cancelled() => {
                 info!(source = %conn.source, target = %conn.destination, "connection closed: no longer allowed by policy, or shutting down");
                 return;

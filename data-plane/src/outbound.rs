@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
 use crate::config::Passthrough;
+use crate::connections::COPY_BUFFER;
 use crate::pool::{PoolKey, Tunnel, TunnelError};
 use crate::proxy::DataPath;
 use crate::registry::LocalWorkload;
@@ -80,7 +81,7 @@ pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(data: &DataPath, mut clien
     let copied = match upstream {
         Upstream::Tunnel(mut tunnel) => {
             tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut client, &mut tunnel.io) => r,
+                r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut tunnel.io, COPY_BUFFER, COPY_BUFFER) => r,
                 () = registration.cancel.cancelled() => return,
             }
         }
