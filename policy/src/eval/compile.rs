@@ -8,6 +8,7 @@ use crate::condition::ConditionKey;
 use crate::matcher::StringMatch;
 use crate::validate::parse_port;
 
+use super::index::principal_hash;
 use super::matchers::{
     Field, FilterValueMatch, HeaderMatch, HostMatch, JwtPrincipalMatch, PathMatch, ServiceAccountMatch,
 };
@@ -36,6 +37,9 @@ pub(crate) struct CompiledPolicy {
     pub(crate) selector: Option<WorkloadSelector>,
     /// No rules: the policy never matches (for ALLOW: it still counts as present, so the workload is default-deny).
     pub(crate) rules: Vec<CompiledRule>,
+    /// `(key, rule index)` for every key of every rule, in rule order: where the per-workload index files them
+    /// (one list per policy, so that indexing a workload's policies reads little memory).
+    pub(crate) index_keys: Vec<(IndexKey, u32)>,
 }
 
 /// `from` (OR of elements, each an AND of checks; empty = any) AND `to` (same) AND every `when` check.
@@ -46,6 +50,63 @@ pub(crate) struct CompiledRule {
     pub(crate) when: Vec<Check>,
     /// Uses an HTTP-only attribute somewhere: on TCP an ALLOW rule like this is dropped as a whole (Istio §2.9).
     pub(crate) http_only: bool,
+}
+
+/// What a request needs for a rule to possibly match, for the per-workload index: a principal or a port among a
+/// few exact values (from a positive `when` check, or from one positive check in every `from` / `to` element;
+/// principals win over ports). A rule is filed under each of its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IndexKey {
+    /// The peer principal has this [`principal_hash`].
+    Principal(u64),
+    /// The destination port is this.
+    Port(u16),
+    /// No such requirement: the rule is always tried.
+    Any,
+}
+
+fn index_keys(rule: &CompiledRule) -> Vec<IndexKey> {
+    if let Some(hashes) = required(&rule.from, &rule.when, exact_principals) {
+        return hashes.into_iter().map(IndexKey::Principal).collect();
+    }
+    let ports = |c: &Check| match c {
+        Check::DestinationPort(f) if !f.values.is_empty() => Some(f.values.clone()),
+        _ => None,
+    };
+    match required(&rule.to, &rule.when, ports) {
+        Some(ports) => ports.into_iter().map(IndexKey::Port).collect(),
+        None => vec![IndexKey::Any],
+    }
+}
+
+/// The values (hashed) of a positive principal check whose values are all exact (no prefix, suffix or presence).
+fn exact_principals(c: &Check) -> Option<Vec<u64>> {
+    let Check::Principal(f) = c else { return None };
+    if f.values.is_empty() {
+        return None;
+    }
+    (f.values.iter())
+        .map(|m| match m {
+            StringMatch::Exact(v) => Some(principal_hash(v)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The values of a `when` check that `values` accepts (the rule needs it), else of one accepted check in every
+/// element (the rule needs one element to hold): a matching request has one of them. `None` when neither exists.
+fn required<T>(elements: &[Vec<Check>], when: &[Check], values: impl Fn(&Check) -> Option<Vec<T>>) -> Option<Vec<T>> {
+    if let Some(v) = when.iter().find_map(&values) {
+        return Some(v);
+    }
+    if elements.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for element in elements {
+        out.extend(element.iter().find_map(&values)?);
+    }
+    Some(out)
 }
 
 /// One attribute test. HTTP-only variants hold on TCP traffic (the attribute is "removed" from DENY/AUDIT rules);
@@ -109,12 +170,18 @@ pub(crate) fn compile_policy(
     if policy.action == Action::Custom {
         return Err(c.error("spec.action", "CUSTOM action is not supported"));
     }
-    let rules = policy
+    let rules: Vec<CompiledRule> = policy
         .rules
         .iter()
         .enumerate()
         .map(|(i, rule)| c.rule(&format!("spec.rules[{i}]"), rule))
         .collect::<Result<_, _>>()?;
+    let index_keys = (rules.iter().enumerate())
+        .flat_map(|(i, rule)| {
+            let i = u32::try_from(i).expect("fewer than 2^32 rules");
+            index_keys(rule).into_iter().map(move |key| (key, i))
+        })
+        .collect();
     Ok(CompiledPolicy {
         namespace: namespace.to_string(),
         name: name.to_string(),
@@ -122,6 +189,7 @@ pub(crate) fn compile_policy(
         dry_run,
         selector: policy.selector.clone(),
         rules,
+        index_keys,
     })
 }
 

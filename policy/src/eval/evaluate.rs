@@ -1,13 +1,15 @@
 //! Checking a request against a workload's policies: Istio's order (DENY, then ALLOW presence, then ALLOW match)
-//! over the pre-compiled checks. Allocation-free unless an AUDIT policy matches.
+//! over the pre-compiled checks of the rules the workload's index leaves. Allocation-free unless an AUDIT policy
+//! matches.
 
-use std::sync::Arc;
+use std::cell::OnceCell;
 
 use crate::authz::Action;
 use crate::matcher::StringMatch;
 
 use super::compile::{Check, CompiledPolicy, CompiledRule};
 use super::decision::{Decision, DryRunOutcome, PolicyRef, Reason};
+use super::index::{PolicyList, principal_hash};
 use super::matchers::{claim, claim_matches};
 use super::policies::WorkloadPolicies;
 use super::request::{Headers, HttpRequest, Peer, Protocol, Request};
@@ -18,9 +20,12 @@ const ALWAYS_SPACE_DELIMITED: [&str; 2] = ["scope", "permission"];
 /// Request attributes derived once per check.
 struct Ctx<'r> {
     req: &'r Request<'r>,
-    peer: Peer<'r>,
+    /// Parts of the peer principal, parsed when a check first needs them.
+    peer: OnceCell<Peer<'r>>,
     http: Option<HttpCtx<'r>>,
     space_delimited: &'r [(String, Vec<String>)],
+    /// [`principal_hash`] of the peer principal, computed when an index first needs it.
+    principal_hash: OnceCell<Option<u64>>,
 }
 
 struct HttpCtx<'r> {
@@ -59,7 +64,15 @@ impl<'r> Ctx<'r> {
             Protocol::Http(h) => Some(HttpCtx::new(h)),
             Protocol::Tcp => None,
         };
-        Ctx { req, peer: Peer::parse(req.source_principal), http, space_delimited }
+        Ctx { req, peer: OnceCell::new(), http, space_delimited, principal_hash: OnceCell::new() }
+    }
+
+    fn peer(&self) -> &Peer<'r> {
+        self.peer.get_or_init(|| Peer::parse(self.req.source_principal))
+    }
+
+    fn principal_hash(&self) -> Option<u64> {
+        *self.principal_hash.get_or_init(|| self.req.source_principal.map(principal_hash))
     }
 
     fn is_space_delimited(&self, claim_path: &[String], iss: Option<&str>) -> bool {
@@ -72,22 +85,22 @@ impl<'r> Ctx<'r> {
 impl Check {
     fn holds(&self, ctx: &Ctx<'_>) -> bool {
         let req = ctx.req;
-        let peer = &ctx.peer;
         match self {
-            Check::Principal(f) => f.matches(|m| peer.principal.is_some_and(|p| m.matches(p))),
+            Check::Principal(f) => f.matches(|m| req.source_principal.is_some_and(|p| m.matches(p))),
             // Matched on the namespace segment, as documented (and as ztunnel does). istiod's `.*/ns/<v>/.*` regex
             // can also span the `/sa/` that follows (sidecar `*a` matches every peer); that artifact is not copied.
             // `*` means "has a namespace", like the regex.
-            Check::Namespace(f) => {
-                f.matches(|m| peer.namespace.is_some_and(|ns| matches!(m, StringMatch::Presence) || m.matches(ns)))
-            }
+            Check::Namespace(f) => f.matches(|m| {
+                ctx.peer().namespace.is_some_and(|ns| matches!(m, StringMatch::Presence) || m.matches(ns))
+            }),
             Check::ServiceAccount(f) => f.matches(|sa| {
+                let peer = ctx.peer();
                 peer.namespace == Some(sa.namespace.as_str()) && peer.service_account == Some(sa.name.as_str())
             }),
             // istiod: `*` is "any SPIFFE peer"; other values match the text before the first `/`.
             Check::TrustDomain(f) => f.matches(|m| match m {
-                StringMatch::Presence => peer.principal.is_some(),
-                _ => peer.trust_domain.is_some_and(|td| m.matches(td)),
+                StringMatch::Presence => req.source_principal.is_some(),
+                _ => ctx.peer().trust_domain.is_some_and(|td| m.matches(td)),
             }),
             Check::SourceIp(f) => f.matches(|c| c.contains(&req.source_ip)),
             Check::RemoteIp(f) => f.matches(|c| c.contains(&req.remote_ip)),
@@ -145,36 +158,79 @@ impl CompiledRule {
 }
 
 impl CompiledPolicy {
-    fn first_match(&self, ctx: &Ctx<'_>) -> Option<PolicyRef<'_>> {
-        let rule_index = self.rules.iter().position(|r| r.matches(ctx, self.action))?;
-        Some(PolicyRef {
+    fn policy_ref(&self, rule_index: usize) -> PolicyRef<'_> {
+        PolicyRef {
             namespace: &self.namespace,
             name: &self.name,
             action: self.action,
             rule_index,
             dry_run: self.dry_run,
-        })
+        }
+    }
+
+    /// The first matching rule, trying them all.
+    fn first_match(&self, ctx: &Ctx<'_>) -> Option<PolicyRef<'_>> {
+        let rule_index = self.rules.iter().position(|r| r.matches(ctx, self.action))?;
+        Some(self.policy_ref(rule_index))
     }
 }
 
-fn first_match<'p>(policies: &'p [Arc<CompiledPolicy>], ctx: &Ctx<'_>) -> Option<PolicyRef<'p>> {
-    policies.iter().find_map(|p| p.first_match(ctx))
+impl PolicyList {
+    /// Every policy with a matching rule, in order, with its first matching rule. Only the rules the index leaves
+    /// are tried, in evaluation order, so the result is that of [`PolicyList::scan`].
+    fn matches<'p>(&'p self, ctx: &Ctx<'_>) -> impl Iterator<Item = PolicyRef<'p>> {
+        let mut matched = None;
+        self.candidates(|| ctx.principal_hash(), ctx.req.destination_port).filter_map(move |r| {
+            let policy = &self.policies[r.policy as usize];
+            if matched == Some(r.policy) || !policy.rules[r.rule as usize].matches(ctx, policy.action) {
+                return None;
+            }
+            matched = Some(r.policy);
+            Some(policy.policy_ref(r.rule as usize))
+        })
+    }
+
+    /// [`PolicyList::matches`] the straightforward way, trying every rule of every policy: the reference the
+    /// index is tested against.
+    fn scan<'p>(&'p self, ctx: &Ctx<'_>) -> impl Iterator<Item = PolicyRef<'p>> {
+        self.policies.iter().filter_map(|p| p.first_match(ctx))
+    }
+
+    /// The first matching policy; `SCAN`: without the index.
+    fn first_match<const SCAN: bool>(&self, ctx: &Ctx<'_>) -> Option<PolicyRef<'_>> {
+        if SCAN { self.scan(ctx).next() } else { self.matches(ctx).next() }
+    }
 }
 
 impl WorkloadPolicies {
     /// Istio's algorithm: a matching DENY denies; no ALLOW policy → allow; a matching ALLOW allows; otherwise
     /// deny. AUDIT and dry-run policies are evaluated and reported but never change the result.
     pub fn evaluate(&self, req: &Request<'_>) -> Decision<'_> {
+        self.decide::<false>(req)
+    }
+
+    /// [`WorkloadPolicies::evaluate`] without the rule index: every rule is tried.
+    #[cfg(test)]
+    pub(crate) fn evaluate_by_scan(&self, req: &Request<'_>) -> Decision<'_> {
+        self.decide::<true>(req)
+    }
+
+    fn decide<'p, const SCAN: bool>(&'p self, req: &Request<'_>) -> Decision<'p> {
         let ctx = Ctx::new(req, &self.space_delimited);
+        let first_match = |list: &'p PolicyList| list.first_match::<SCAN>(&ctx);
 
         let mut audit = Vec::new();
-        audit.extend(self.audit.iter().filter_map(|p| p.first_match(&ctx)));
+        if SCAN {
+            audit.extend(self.audit.scan(&ctx));
+        } else {
+            audit.extend(self.audit.matches(&ctx));
+        }
 
-        let deny = first_match(&self.deny, &ctx);
+        let deny = first_match(&self.deny);
         let (allowed, reason, deciding) = match deny {
             Some(p) => (false, Reason::DeniedByPolicy, Some(p)),
             None if self.allow.is_empty() => (true, Reason::NoAllowPolicies, None),
-            None => match first_match(&self.allow, &ctx) {
+            None => match first_match(&self.allow) {
                 Some(p) => (true, Reason::AllowedByPolicy, Some(p)),
                 None => (false, Reason::NoAllowMatched, None),
             },
@@ -183,12 +239,12 @@ impl WorkloadPolicies {
         let dry_run = (!self.dry_run_deny.is_empty() || !self.dry_run_allow.is_empty()).then(|| {
             // Same algorithm with the dry-run policies added; they are looked at first so that `deciding` names
             // one whenever it matched.
-            match first_match(&self.dry_run_deny, &ctx).or(deny) {
+            match first_match(&self.dry_run_deny).or(deny) {
                 Some(p) => DryRunOutcome { allowed: false, reason: Reason::DeniedByPolicy, deciding: Some(p) },
                 None if self.allow.is_empty() && self.dry_run_allow.is_empty() => {
                     DryRunOutcome { allowed: true, reason: Reason::NoAllowPolicies, deciding: None }
                 }
-                None => match first_match(&self.dry_run_allow, &ctx).or_else(|| first_match(&self.allow, &ctx)) {
+                None => match first_match(&self.dry_run_allow).or_else(|| first_match(&self.allow)) {
                     Some(p) => DryRunOutcome { allowed: true, reason: Reason::AllowedByPolicy, deciding: Some(p) },
                     None => DryRunOutcome { allowed: false, reason: Reason::NoAllowMatched, deciding: None },
                 },

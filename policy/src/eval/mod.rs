@@ -1,9 +1,10 @@
 //! Authorization evaluation with Istio's semantics (sidecar / API behaviour), in ztunnel's compiled style:
 //!
 //! 1. [`CompiledPolicies::compile`] once per configuration change: every value is parsed into a matcher.
-//! 2. [`CompiledPolicies::for_workload`] once per destination workload: the applying policies, split by action.
+//! 2. [`CompiledPolicies::for_workload`] once per destination workload: the applying policies, split by action,
+//!    their rules indexed by the exact peer principal or port they require.
 //! 3. [`WorkloadPolicies::evaluate`] per connection (TCP) or request (HTTP): comparisons only — no parsing, no
-//!    regex, no locks, no allocation (unless an AUDIT policy matches).
+//!    regex, no locks, no allocation (unless an AUDIT policy matches) — on the rules the index leaves.
 //!
 //! HTTP-only attributes on TCP traffic follow Istio's sidecar rule (§2.9 of the reference): an ALLOW rule using
 //! one is dropped; in DENY/AUDIT rules the attribute is removed (treated as matching), so a `from`/`to` element
@@ -12,6 +13,7 @@
 mod compile;
 mod decision;
 mod evaluate;
+mod index;
 mod matchers;
 mod policies;
 mod request;

@@ -14,6 +14,7 @@ use crate::peer_authn::MtlsMode;
 use crate::resource::{Resource, Spec};
 
 use super::compile::{CompileError, CompiledPolicy, compile_policy};
+use super::index::PolicyList;
 
 /// Settings for [`CompiledPolicies::compile_with`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,30 +173,34 @@ impl CompiledPolicies {
 
     /// The policies that apply to the destination workload with `labels` in `namespace`.
     pub fn for_workload(&self, namespace: &str, labels: &BTreeMap<String, String>) -> WorkloadPolicies {
-        let mut w = WorkloadPolicies {
-            namespace: namespace.to_string(),
-            mtls: self.peer_authn.for_workload(namespace, labels),
-            ..WorkloadPolicies::default()
-        };
+        let [mut deny, mut allow, mut audit, mut dry_run_deny, mut dry_run_allow] = Default::default();
         for p in self.authz.iter().filter(|p| self.applies(&p.namespace, p.selector.as_ref(), namespace, labels)) {
-            let list = match (p.action, p.dry_run) {
-                (Action::Deny, false) => &mut w.deny,
-                (Action::Allow, false) => &mut w.allow,
-                (Action::Deny, true) => &mut w.dry_run_deny,
-                (Action::Allow, true) => &mut w.dry_run_allow,
+            let list: &mut Vec<_> = match (p.action, p.dry_run) {
+                (Action::Deny, false) => &mut deny,
+                (Action::Allow, false) => &mut allow,
+                (Action::Deny, true) => &mut dry_run_deny,
+                (Action::Allow, true) => &mut dry_run_allow,
                 // AUDIT never enforces, so a dry-run annotation on it changes nothing.
-                (Action::Audit, _) => &mut w.audit,
+                (Action::Audit, _) => &mut audit,
                 // Rejected by compile_policy.
                 (Action::Custom, _) => continue,
             };
             list.push(Arc::clone(p));
         }
-        for rule in
-            self.space_delimited.iter().filter(|r| self.applies(&r.namespace, r.selector.as_ref(), namespace, labels))
-        {
-            w.space_delimited.push((rule.issuer.clone(), rule.claims.clone()));
+        let space_delimited = (self.space_delimited.iter())
+            .filter(|r| self.applies(&r.namespace, r.selector.as_ref(), namespace, labels))
+            .map(|rule| (rule.issuer.clone(), rule.claims.clone()))
+            .collect();
+        WorkloadPolicies {
+            namespace: namespace.to_string(),
+            deny: PolicyList::new(deny),
+            allow: PolicyList::new(allow),
+            audit: PolicyList::new(audit),
+            dry_run_deny: PolicyList::new(dry_run_deny),
+            dry_run_allow: PolicyList::new(dry_run_allow),
+            space_delimited,
+            mtls: self.peer_authn.for_workload(namespace, labels),
         }
-        w
     }
 
     /// Effective PeerAuthentication mode (never `Unset`) of `port` on the workload.
@@ -213,11 +218,11 @@ impl CompiledPolicies {
 #[derive(Debug, Clone, Default)]
 pub struct WorkloadPolicies {
     pub(crate) namespace: String,
-    pub(crate) deny: Vec<Arc<CompiledPolicy>>,
-    pub(crate) allow: Vec<Arc<CompiledPolicy>>,
-    pub(crate) audit: Vec<Arc<CompiledPolicy>>,
-    pub(crate) dry_run_deny: Vec<Arc<CompiledPolicy>>,
-    pub(crate) dry_run_allow: Vec<Arc<CompiledPolicy>>,
+    pub(crate) deny: PolicyList,
+    pub(crate) allow: PolicyList,
+    pub(crate) audit: PolicyList,
+    pub(crate) dry_run_deny: PolicyList,
+    pub(crate) dry_run_allow: PolicyList,
     /// `(issuer, claims)` from RequestAuthentication `spaceDelimitedClaims` (in addition to `scope`/`permission`).
     pub(crate) space_delimited: Vec<(String, Vec<String>)>,
     pub(crate) mtls: WorkloadMtls,
@@ -243,12 +248,21 @@ impl WorkloadPolicies {
         self.deny.len() + self.allow.len() + self.audit.len() + self.dry_run_deny.len() + self.dry_run_allow.len()
     }
 
+    /// `(indexed rules, all rules)` of every list.
+    #[cfg(test)]
+    pub(crate) fn indexed_rules(&self) -> (usize, usize) {
+        [&self.deny, &self.allow, &self.audit, &self.dry_run_deny, &self.dry_run_allow]
+            .into_iter()
+            .map(|list| list.indexed_rules())
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    }
+
     /// `(namespace, name, action, dry_run)` of every applying policy: enforced DENY, ALLOW, AUDIT, then dry-run
     /// DENY and ALLOW.
     pub fn policies(&self) -> impl Iterator<Item = (&str, &str, Action, bool)> {
         [&self.deny, &self.allow, &self.audit, &self.dry_run_deny, &self.dry_run_allow]
             .into_iter()
-            .flatten()
+            .flat_map(|list| &list.policies)
             .map(|p| (p.namespace.as_str(), p.name.as_str(), p.action, p.dry_run))
     }
 }

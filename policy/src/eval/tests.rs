@@ -1343,6 +1343,259 @@ fn headers_from_a_hash_map() {
 }
 
 // -------------------------------------------------------------------------------------------------------------------
+// The rule index changes no decision: indexed evaluation == trying every rule (`evaluate_by_scan`).
+
+/// Every field of both decisions (allowed, reason, deciding policy and rule, audit list, dry-run outcome).
+fn assert_same_as_scan(w: &WorkloadPolicies, req: &Request<'_>, what: &dyn Fn() -> String) {
+    let (indexed, scanned) = (w.evaluate(req), w.evaluate_by_scan(req));
+    assert_eq!(indexed, scanned, "{}\nrequest: {req:?}", what());
+}
+
+#[test]
+fn index_agrees_with_scan_on_the_decision_table() {
+    for case in cases() {
+        let compiled = CompiledPolicies::compile(&parse(&case.policies), ROOT).unwrap();
+        let w = compiled.for_workload(&case.req.ns, &case.req.labels);
+        assert_same_as_scan(&w, &case.req.request(), &|| format!("case {:?}", case.name));
+        // The same policies seen by other peers and on other ports.
+        for principal in [None, Some("cluster.local/ns/bar/sa/client"), Some("cluster.local/ns/foo/sa/other")] {
+            for port in [80, 8080, 9090] {
+                let mut req = case.req.clone().port(port);
+                req.principal = principal.map(String::from);
+                assert_same_as_scan(&w, &req.request(), &|| format!("case {:?}, variant", case.name));
+            }
+        }
+    }
+}
+
+/// xorshift64: deterministic pseudo-random choices without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn percent(&mut self, p: u64) -> bool {
+        self.next() % 100 < p
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+    /// 1 to `max` picks (repeats allowed, as a policy may list a value twice).
+    fn some(&mut self, items: &[&str], max: usize) -> Vec<String> {
+        (0..1 + self.below(max)).map(|_| self.pick(items).to_string()).collect()
+    }
+}
+
+const PEERS: [&str; 5] = [
+    "cluster.local/ns/foo/sa/sleep",
+    "cluster.local/ns/foo/sa/web",
+    "cluster.local/ns/bar/sa/client",
+    "other.td/ns/foo/sa/sleep",
+    "opaque-id",
+];
+const PRINCIPAL_PATTERNS: [&str; 4] = ["cluster.local/ns/foo/*", "*/sa/sleep", "*", "*client"];
+const PORTS: [&str; 3] = ["8080", "9090", "80"];
+
+/// Principal values: mostly exact (indexable), sometimes mixed with a prefix / suffix / presence pattern.
+fn principal_values(rng: &mut Rng) -> Vec<String> {
+    let mut values = rng.some(&PEERS, 3);
+    if rng.percent(25) {
+        let at = rng.below(values.len() + 1);
+        values.insert(at, rng.pick(&PRINCIPAL_PATTERNS).to_string());
+    }
+    values
+}
+
+fn random_source(rng: &mut Rng) -> Value {
+    let mut source = serde_json::Map::new();
+    for _ in 0..1 + rng.below(2) {
+        let (key, values) = match rng.below(10) {
+            0..=3 => ("principals", principal_values(rng)),
+            4 => ("notPrincipals", principal_values(rng)),
+            5 => ("namespaces", rng.some(&["foo", "bar", "b*", "*"], 2)),
+            6 => ("notNamespaces", rng.some(&["foo", "bar"], 1)),
+            7 => ("ipBlocks", rng.some(&["10.0.0.0/24", "10.0.1.0/24", "192.168.0.1"], 2)),
+            8 => ("notIpBlocks", rng.some(&["10.0.1.0/24", "192.168.0.0/16"], 1)),
+            _ => ("requestPrincipals", rng.some(&["*", "https://accounts.example.com/alice"], 1)),
+        };
+        source.insert(key.into(), json!(values));
+    }
+    json!({ "source": source })
+}
+
+fn random_operation(rng: &mut Rng) -> Value {
+    let mut operation = serde_json::Map::new();
+    for _ in 0..1 + rng.below(2) {
+        let (key, values) = match rng.below(6) {
+            0..=2 => ("ports", rng.some(&PORTS, 2)),
+            3 => ("notPorts", rng.some(&PORTS, 1)),
+            4 => ("methods", rng.some(&["GET", "POST"], 1)),
+            _ => ("paths", rng.some(&["/ip", "/admin*"], 1)),
+        };
+        operation.insert(key.into(), json!(values));
+    }
+    json!({ "operation": operation })
+}
+
+fn random_condition(rng: &mut Rng) -> Value {
+    match rng.below(6) {
+        0 => json!({"key": "source.principal", "values": principal_values(rng)}),
+        1 => json!({"key": "source.principal", "notValues": rng.some(&PEERS, 2)}),
+        2 => json!({"key": "destination.port", "values": rng.some(&PORTS, 2)}),
+        3 => json!({"key": "destination.port", "notValues": rng.some(&PORTS, 1)}),
+        4 => json!({"key": "source.namespace", "values": rng.some(&["foo", "bar"], 1)}),
+        _ => json!({"key": "request.headers[x-a]", "values": ["1"]}),
+    }
+}
+
+fn random_rule(rng: &mut Rng) -> Value {
+    let mut rule = serde_json::Map::new();
+    let (from, to, when) = (rng.below(4).min(2), rng.below(3), rng.below(4).saturating_sub(2));
+    if from > 0 {
+        rule.insert("from".into(), (0..from).map(|_| random_source(rng)).collect());
+    }
+    if to > 0 {
+        rule.insert("to".into(), (0..to).map(|_| random_operation(rng)).collect());
+    }
+    if when > 0 {
+        rule.insert("when".into(), (0..when).map(|_| random_condition(rng)).collect());
+    }
+    Value::Object(rule)
+}
+
+/// 1 to 8 policies of every action, in the workload's namespace, the root namespace or elsewhere, some dry-run.
+/// Built directly: parsing and validating them would take most of the test's time (the test validates a sample).
+fn random_policies(rng: &mut Rng) -> Vec<Resource> {
+    (0..1 + rng.below(8))
+        .map(|i| {
+            let action = rng.pick(&["ALLOW", "DENY", "AUDIT"]);
+            // Validation allows an empty rule list for ALLOW only (allow-nothing).
+            let at_least = usize::from(action != "ALLOW" || rng.percent(90));
+            let rules: Vec<Value> = (0..rng.below(5).min(3) + at_least).map(|_| random_rule(rng)).collect();
+            let mut metadata = Metadata {
+                name: format!("p{}", rng.below(100) * 10 + i),
+                namespace: rng.pick(&["foo", "foo", ROOT, "bar"]).to_string(),
+                ..Metadata::default()
+            };
+            // Validation allows dry-run on ALLOW and DENY only.
+            if action != "AUDIT" && rng.percent(20) {
+                metadata.annotations.insert(DRY_RUN_ANNOTATION.into(), "true".into());
+            }
+            let spec = serde_json::from_value(json!({"action": action, "rules": rules})).unwrap();
+            Resource {
+                api_version: API_VERSIONS[0].into(),
+                kind: Kind::AuthorizationPolicy,
+                metadata,
+                spec: Spec::AuthorizationPolicy(spec),
+            }
+        })
+        .collect()
+}
+
+fn random_request(rng: &mut Rng) -> Req {
+    let mut req = match rng.below(3) {
+        0 => tcp(),
+        1 => get(),
+        _ => http("POST", "/admin/x").header("x-a", "1"),
+    };
+    req.principal = if rng.percent(15) { None } else { Some(rng.pick(&PEERS).to_string()) };
+    req.port(rng.pick(&[8080, 9090, 80, 443])).src(rng.pick(&["10.0.0.1", "10.0.1.5", "192.168.0.1"]))
+}
+
+#[test]
+fn index_agrees_with_scan_on_random_policies() {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let (sets, requests_per_set) = (3000, 12);
+    // What the generated cases covered, so that the comparison is known not to be vacuous.
+    let mut reasons = std::collections::HashMap::new();
+    let (mut later_rule, mut audited, mut dry_run_decided, mut indexed_rules, mut all_rules) = (0, 0, 0, 0, 0);
+    for set in 0..sets {
+        let policies = random_policies(&mut rng);
+        let trust_domains = if rng.percent(25) { vec!["cluster.local".into(), "other.td".into()] } else { vec![] };
+        let options = CompileOptions { root_namespace: ROOT.into(), trust_domains };
+        if set % 20 == 0 {
+            for p in &policies {
+                assert_eq!(&Resource::from_json(&p.to_json()).unwrap(), p, "generated policies are valid");
+            }
+        }
+        let compiled = CompiledPolicies::compile_with(&policies, &options).unwrap();
+        let w = compiled.for_workload("foo", &tcp().labels);
+        let (indexed, all) = w.indexed_rules();
+        (indexed_rules, all_rules) = (indexed_rules + indexed, all_rules + all);
+        for _ in 0..requests_per_set {
+            let req = random_request(&mut rng);
+            assert_same_as_scan(&w, &req.request(), &|| {
+                format!("policy set {set}: {}", policies.iter().map(Resource::to_json).collect::<Vec<_>>().join("\n"))
+            });
+            let d = w.evaluate(&req.request());
+            *reasons.entry(d.reason).or_insert(0) += 1;
+            later_rule += usize::from(d.deciding.is_some_and(|p| p.rule_index > 0));
+            audited += usize::from(!d.audit.is_empty());
+            dry_run_decided += usize::from(d.dry_run.is_some_and(|o| o.deciding.is_some_and(|p| p.dry_run)));
+        }
+    }
+    let total = sets * requests_per_set;
+    assert!(reasons.len() == 4 && reasons.values().all(|n| *n > total / 50), "{reasons:?}");
+    assert!(later_rule > total / 50 && audited > total / 20 && dry_run_decided > total / 50);
+    assert!(
+        indexed_rules * 3 > all_rules && indexed_rules * 3 < all_rules * 2,
+        "{indexed_rules} of {all_rules} indexed"
+    );
+}
+
+/// Which rules a check looks at.
+#[test]
+fn index_candidates() {
+    let policies = [
+        ap(
+            "foo",
+            "a",
+            "{action: DENY, rules: [\
+             {from: [{source: {principals: [cluster.local/ns/bar/sa/x, cluster.local/ns/bar/sa/x]}}]},\
+             {from: [{source: {principals: ['cluster.local/ns/bar/*']}}]},\
+             {to: [{operation: {ports: ['80', '81']}}]},\
+             {when: [{key: source.principal, values: [cluster.local/ns/bar/sa/y]}], \
+              to: [{operation: {ports: ['80']}}]},\
+             {from: [{source: {principals: [cluster.local/ns/bar/sa/x]}}, {source: {namespaces: [bar]}}]},\
+             {from: [{source: {notPrincipals: [cluster.local/ns/bar/sa/x]}}]}]}",
+        ),
+        ap(
+            "foo",
+            "b",
+            "{action: DENY, rules: [\
+             {from: [{source: {principals: [cluster.local/ns/bar/sa/y]}}, \
+                     {source: {principals: [cluster.local/ns/bar/sa/x], namespaces: [bar]}}]},\
+             {to: [{operation: {ports: ['80']}}, {operation: {methods: [GET]}}]},\
+             {when: [{key: destination.port, values: ['81']}]}]}",
+        ),
+    ];
+    let compiled = CompiledPolicies::compile(&parse(&policies), ROOT).unwrap();
+    let w = compiled.for_workload("foo", &BTreeMap::new());
+    let candidates = |principal: Option<&str>, port: u16| -> Vec<(u32, u32)> {
+        w.deny.candidates(|| principal.map(super::index::principal_hash), port).map(|r| (r.policy, r.rule)).collect()
+    };
+    let always = [(0, 1), (0, 4), (0, 5), (1, 1)];
+    let with = |extra: &[(u32, u32)]| {
+        let mut all: Vec<_> = always.iter().chain(extra).copied().collect();
+        all.sort();
+        all
+    };
+    assert_eq!(candidates(None, 443), always);
+    assert_eq!(candidates(Some("cluster.local/ns/bar/sa/z"), 443), always);
+    assert_eq!(candidates(Some("cluster.local/ns/bar/sa/x"), 443), with(&[(0, 0), (1, 0)]));
+    assert_eq!(candidates(Some("cluster.local/ns/bar/sa/y"), 80), with(&[(0, 2), (0, 3), (1, 0)]));
+    assert_eq!(candidates(None, 81), with(&[(0, 2), (1, 2)]));
+    assert_eq!(w.deny.indexed_rules(), (5, 9));
+}
+
+// -------------------------------------------------------------------------------------------------------------------
 // PeerAuthentication
 
 struct MtlsCase {
