@@ -116,7 +116,7 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
         debug!(%peer, uri = %request.uri(), "CONNECT target is not ip:port");
         return status(StatusCode::BAD_REQUEST);
     };
-    let locals = data.locals();
+    let locals = &data.locals;
     let Some(workload) = locals.by_ip(target.ip()).filter(|w| w.port(target.port()).is_some()).cloned() else {
         info!(%peer, %source, %target, "CONNECT to an address or port this proxy does not front");
         return status(StatusCode::NOT_FOUND);

@@ -109,7 +109,7 @@ pub async fn serve_captured(listener: TcpListener, data: Arc<DataPath>) {
                 return;
             };
             let _ = tcp.set_nodelay(true);
-            let source = data.locals().by_ip(peer.ip()).cloned();
+            let source = data.locals.by_ip(peer.ip()).cloned();
             match connect(&data, source.as_deref(), peer, target).await {
                 Ok(upstream) => relay(&data, tcp, upstream).await,
                 Err(e) => info!(%peer, %target, error = %e, "captured connection refused"),

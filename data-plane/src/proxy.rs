@@ -137,12 +137,6 @@ pub struct DataPath {
     pub outbound: crate::config::Outbound,
 }
 
-impl DataPath {
-    pub fn locals(&self) -> &LocalWorkloads {
-        &self.locals
-    }
-}
-
 /// Rebuilds the TLS configs when a certificate or the trust bundle changes, and the registry index when the
 /// mesh state changes; expires idle pooled connections.
 async fn follow_changes(config: Arc<Config>, data: Arc<DataPath>, certs: Arc<WorkloadCerts>, state: Arc<StateStore>) {
