@@ -7,7 +7,33 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use metrics_exporter_prometheus::PrometheusHandle;
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency histograms as real Prometheus histograms (buckets), so `histogram_quantile` works across instances.
+pub fn metrics_builder() -> Result<PrometheusBuilder, BuildError> {
+    const SECONDS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+    PrometheusBuilder::new().set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
+}
+
+/// HELP text for every series the control plane exports (Prometheus lints series without it).
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("trellis_connected_proxies", "Proxies with an open discovery stream.");
+    describe_counter!("trellis_pushes_total", "Config updates sent to proxies.");
+    describe_counter!("trellis_nacks_total", "Config updates proxies rejected, by the part rejected.");
+    describe_histogram!(
+        "trellis_config_convergence_seconds",
+        metrics::Unit::Seconds,
+        "Time from a config change to each proxy's ACK of it."
+    );
+    describe_counter!("trellis_certificates_signed_total", "Workload certificates issued.");
+    describe_counter!("trellis_certificates_refused_total", "Certificate requests refused, by reason.");
+    describe_histogram!("trellis_certificate_signing_seconds", metrics::Unit::Seconds, "Time to sign a workload CSR.");
+    describe_counter!("trellis_join_attempts_total", "Node join attempts, by result.");
+    describe_gauge!("trellis_store_resources", "Security resources in the store, by kind.");
+    describe_gauge!("trellis_store_workloads", "Workloads registered by proxies.");
+    describe_gauge!("trellis_config_version", "The current config version.");
+}
 
 pub async fn serve_metrics(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
     loop {

@@ -39,6 +39,12 @@ pub struct ServeOptions {
 }
 
 pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    // First, so that what opening the store records (its size) is kept.
+    let metrics = crate::http::metrics_builder()
+        .context("configuring the metrics recorder")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    crate::http::describe_metrics();
     let settings = ControlSettings::load(&opts.data_dir)?;
     let ca = Ca::load(&opts.data_dir, &settings.trust_domain).context("loading the CA")?;
     let tls = server_tls(&ca, &opts)?;
@@ -54,9 +60,6 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     )?;
     let shared = Shared { mesh: Arc::new(mesh), proxies: Arc::new(ProxyRegistry::default()) };
 
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
     let metrics_listener = TcpListener::bind(opts.metrics_listen)
         .await
         .with_context(|| format!("binding metrics listener {}", opts.metrics_listen))?;

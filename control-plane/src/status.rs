@@ -23,6 +23,8 @@ pub struct ProxyState {
     pub nacked_version: u64,
     pub last_nack_error: String,
     pub proxy_version: String,
+    /// From the latest change pushed on this stream to the proxy's ACK of it.
+    pub last_convergence_seconds: f64,
     /// Identifies the stream, so an old stream that ends late does not mark a newer one disconnected.
     stream_id: u64,
 }
@@ -106,6 +108,7 @@ impl ProxyRegistry {
                     nacked_version: s.nacked_version,
                     last_nack_error: s.last_nack_error,
                     proxy_version: s.proxy_version,
+                    last_convergence_seconds: s.last_convergence_seconds,
                 }
             })
             .collect();

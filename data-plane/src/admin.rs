@@ -79,21 +79,132 @@ async fn serve_with(listener: TcpListener, shared: Arc<Shared>, mut shutdown: wa
     }
 }
 
-fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/config_dump") => {
-            let body = serde_json::to_string_pretty(&config_dump(shared)).expect("JSON values serialize");
-            respond(StatusCode::OK, "application/json", body)
+/// Serves only `/metrics` (Prometheus text format) on the metrics port.
+pub async fn serve_metrics(listener: TcpListener, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) {
+    serve_with(listener, shared, shutdown, |req, shared| match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            crate::metrics::record_process();
+            let body = shared.metrics.get().map(|h| h.render()).unwrap_or_default();
+            respond(StatusCode::OK, "text/plain; version=0.0.4", body)
         }
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    })
+    .await
+}
+
+fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    let json = |value: &Value| serde_json::to_string_pretty(value).expect("JSON values serialize");
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/config_dump") => respond(StatusCode::OK, "application/json", json(&config_dump(shared))),
+        (&Method::GET, "/certs") => respond(StatusCode::OK, "application/json", json(&certs(shared))),
+        (&Method::GET, "/logging") => match crate::logging::level() {
+            Some(level) => respond(StatusCode::OK, "text/plain", format!("level: {level}\n")),
+            None => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "logging is not initialised\n".into()),
+        },
+        (&Method::POST, "/logging") => set_logging(req),
         (&Method::GET, "/healthz/ready") => match readiness(shared) {
             Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n".into()),
             Err(waiting) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {waiting}\n")),
         },
-        (_, "/config_dump" | "/healthz/ready") => {
+        (_, "/config_dump" | "/healthz/ready" | "/certs") => {
             respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET is allowed\n".into())
         }
+        (_, "/logging") => respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET or POST\n".into()),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
+}
+
+/// `POST /logging?level=SPEC`: a level (`debug`) or a full filter (`info,access=off`), as `RUST_LOG` takes.
+/// POST, not GET, so that a prefetching browser or crawler cannot change it.
+fn set_logging(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let level = req.uri().query().unwrap_or("").split('&').find_map(|pair| pair.strip_prefix("level="));
+    let Some(level) = level.map(percent_decode).filter(|l| !l.is_empty()) else {
+        return respond(StatusCode::BAD_REQUEST, "text/plain", "missing ?level=\n".into());
+    };
+    match crate::logging::set_level(&level) {
+        Ok(()) => {
+            info!(%level, "log level changed through the admin endpoint");
+            respond(StatusCode::OK, "text/plain", format!("level: {level}\n"))
+        }
+        Err(e) => respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+    }
+}
+
+/// Decodes `%XX` escapes (a filter such as `info,a=debug` arrives as `info%2Ca%3Ddebug` from some clients).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `/certs`: every certificate the proxy holds (workload SVIDs with their chains, the node credential) and the
+/// trust bundle, with serials, SPIFFE IDs and validity. Never key material.
+pub fn certs(shared: &Shared) -> Value {
+    let now = std::time::SystemTime::now();
+    let chain_json = |chain: &[rustls_pki_types::CertificateDer<'static>]| -> Vec<Value> {
+        chain.iter().filter_map(|der| CertInfo::parse(der).ok()).map(|info| chain_entry(&info)).collect()
+    };
+    let workloads: Vec<Value> = shared
+        .workload_certs
+        .get()
+        .map(|certs| {
+            certs
+                .all()
+                .iter()
+                .map(|c| {
+                    let mut entry = cert_json(&c.spiffe_id.to_string(), &c.info);
+                    entry["seconds_until_expiry"] = json!(seconds_until(c.info.not_after, now));
+                    entry["chain"] = json!(chain_json(&c.chain));
+                    entry
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let state = shared.state.load();
+    let roots: Vec<Value> =
+        state.trust_bundle.as_ref().map(|b| b.roots.iter().map(|r| root_json(&r.info)).collect()).unwrap_or_default();
+    json!({
+        "workload_certificates": workloads,
+        "node_certificate": shared.node_credential.get().map(|n| {
+            let mut entry = cert_json(&n.spiffe_id.to_string(), &n.info);
+            entry["seconds_until_expiry"] = json!(seconds_until(n.info.not_after, now));
+            entry
+        }),
+        "trust_bundle": roots,
+    })
+}
+
+fn seconds_until(t: std::time::SystemTime, now: std::time::SystemTime) -> i64 {
+    match t.duration_since(now) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+fn chain_entry(info: &CertInfo) -> Value {
+    json!({
+        "subject": info.subject,
+        "serial": info.serial,
+        "uri_sans": info.uri_sans,
+        "is_ca": info.is_ca,
+        "not_before": rfc3339(info.not_before),
+        "not_after": rfc3339(info.not_after),
+        "sha256": info.sha256,
+    })
 }
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -159,6 +270,7 @@ pub fn config_dump(shared: &Shared) -> Value {
             "namespace": key.namespace,
             "name": key.name,
             "revision": stored.revision,
+            "resource": serde_json::to_value(&stored.resource).unwrap_or(Value::Null),
         })).collect::<Vec<_>>(),
         "certificates": certificates,
         "node_certificate": node.map(|n| cert_json(&n.spiffe_id.to_string(), &n.info)),

@@ -7,22 +7,26 @@ use std::net::SocketAddr;
 use trellis_policy::{CompiledPolicies, Decision, Request, WorkloadPolicies};
 
 use crate::connections::InboundConn;
+use crate::metrics::DecisionCounters;
 use crate::registry::LocalWorkloads;
 
 /// The policies that apply to each local workload, by workload key.
 #[derive(Default)]
 pub struct LocalPolicies {
     by_workload: HashMap<String, WorkloadPolicies>,
+    /// Decision counters of the policies above.
+    pub decisions: DecisionCounters,
 }
 
 impl LocalPolicies {
     pub fn build(compiled: &CompiledPolicies, locals: &LocalWorkloads) -> Self {
-        let by_workload = locals
+        let by_workload: HashMap<String, WorkloadPolicies> = locals
             .all()
             .iter()
             .map(|w| (w.key.clone(), compiled.for_workload(&w.config.namespace, &w.config.labels)))
             .collect();
-        Self { by_workload }
+        let decisions = DecisionCounters::build(by_workload.values());
+        Self { by_workload, decisions }
     }
 
     /// The decision for an inbound connection (None: the workload is unknown here, which the caller refuses).

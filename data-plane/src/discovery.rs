@@ -19,6 +19,7 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::identity::certs::rfc3339;
 use crate::identity::{CertManager, NodeCredential, node};
+use crate::metrics;
 use crate::state::{self, StateStore};
 use crate::{connect_error, shutdown_requested};
 
@@ -147,6 +148,8 @@ impl Discovery {
         let mut inbound =
             tokio::time::timeout(OPEN_TIMEOUT, call).await.map_err(|_| StreamError::OpenTimeout)??.into_inner();
         info!(address = %address, "discovery stream open");
+        metrics::control_plane_connected(true);
+        let _disconnected = OnDrop(|| metrics::control_plane_connected(false));
 
         loop {
             self.request_certificates(&session)?;
@@ -166,14 +169,20 @@ impl Discovery {
             Some(Down::Update(update)) => return self.on_update(session, update),
             Some(Down::Certificate(answer)) => {
                 match self.certs.on_response(answer, Instant::now(), SystemTime::now()) {
-                    Ok(Some(cert)) => info!(
-                        spiffe_id = %cert.spiffe_id,
-                        serial = %cert.info.serial,
-                        not_after = %rfc3339(cert.info.not_after),
-                        "workload certificate installed"
-                    ),
+                    Ok(Some(cert)) => {
+                        metrics::certificate_rotation(&cert.spiffe_id, true);
+                        info!(
+                            spiffe_id = %cert.spiffe_id,
+                            serial = %cert.info.serial,
+                            not_after = %rfc3339(cert.info.not_after),
+                            "workload certificate installed"
+                        )
+                    }
                     Ok(None) => debug!("answer to an abandoned CSR ignored"),
-                    Err(e) => error!(error = %e, "workload certificate not issued"),
+                    Err(e) => {
+                        metrics::certificate_rotation(e.spiffe_id(), false);
+                        error!(error = %e, "workload certificate not issued")
+                    }
                 }
             }
             Some(Down::Renew(renew)) => {
@@ -200,6 +209,7 @@ impl Discovery {
             error!(spiffe_id = %id, "workload certificate expired before it could be renewed; withdrawn");
         }
         for failure in step.failures {
+            metrics::certificate_rotation(failure.spiffe_id(), false);
             error!(error = %failure, "workload certificate not issued");
         }
         for request in step.requests {
@@ -214,9 +224,9 @@ impl Discovery {
         let version = update.version;
         let current = self.state.load();
         let result = if !session.seen_update && !update.full {
-            Err("the first update on a stream must be a full snapshot".to_owned())
+            Err(("protocol", "the first update on a stream must be a full snapshot".to_owned()))
         } else {
-            state::apply(&current, &update).map_err(|e| e.to_string())
+            state::apply(&current, &update).map_err(|e| (e.kind(), e.to_string()))
         };
         session.seen_update = true;
         let error = match result {
@@ -232,14 +242,17 @@ impl Discovery {
                     self.persist_roots(bundle.root_ders());
                 }
                 self.state.store(next);
-                String::new()
+                metrics::config_update(true);
+                (String::new(), "")
             }
-            Err(reason) => {
+            Err((kind, reason)) => {
                 warn!(version, error = %reason, "config update rejected (NACK); keeping version {}", current.version);
-                reason
+                metrics::config_update(false);
+                (reason, kind)
             }
         };
-        session.send(Up::Ack(Ack { version, error }))
+        let (error, reason) = error;
+        session.send(Up::Ack(Ack { version, error, reason: reason.to_owned() }))
     }
 
     fn persist_roots(&mut self, roots: Vec<CertificateDer<'static>>) {
@@ -253,6 +266,15 @@ impl Discovery {
             }
             Err(e) => warn!(error = %e, "cannot store the new trust bundle"),
         }
+    }
+}
+
+/// Runs a closure when dropped: marks the stream closed however `try_stream` returns.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
     }
 }
 

@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::Empty;
 use hyper::body::{Bytes, Incoming};
@@ -19,7 +19,9 @@ use tokio::sync::watch;
 use tracing::{debug, info};
 use trellis_proto::spiffe::SpiffeId;
 
-use crate::connections::{COPY_BUFFER, InboundConn};
+use crate::access_log;
+use crate::connections::{ByteCounts, InboundConn, copy_counted};
+use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::pool::{CONNECTION_WINDOW, FORWARDED, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW};
 use crate::proxy::DataPath;
 
@@ -53,10 +55,18 @@ async fn connection(
         .load()
         .server_for(local.ip())
         .ok_or_else(|| format!("no workload certificate for local address {}", local.ip()))?;
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsAcceptor::from(config).accept(tcp))
+    let started = Instant::now();
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsAcceptor::from(config).accept(tcp))
         .await
-        .map_err(|_| "TLS handshake timed out".to_owned())?
-        .map_err(|e| format!("TLS handshake failed: {}", crate::error_chain(&e)))?;
+        .map_err(|_| "TLS handshake timed out".to_owned())
+        .and_then(|r| r.map_err(|e| format!("TLS handshake failed: {}", crate::error_chain(&e))));
+    let tls = match handshake {
+        Ok(tls) => tls,
+        Err(reason) => {
+            tls_failure(&data, peer, local, started, &reason);
+            return Err(reason);
+        }
+    };
     let (source, serial) = {
         let (_, session) = tls.get_ref();
         let leaf = session.peer_certificates().and_then(|c| c.first()).ok_or("no client certificate")?;
@@ -66,7 +76,12 @@ async fn connection(
         )
     };
     info!(%peer, %source, %serial, "HBONE connection accepted");
-    let peer_id = Arc::new(Peer { principal: source.principal().into(), id: source, addr: peer });
+    let peer_id = Arc::new(Peer {
+        principal: source.principal().into(),
+        labels: PeerLabels::identity_only(&source),
+        id: source,
+        addr: peer,
+    });
     let service = hyper::service::service_fn(move |request| {
         let data = data.clone();
         let peer_id = peer_id.clone();
@@ -101,7 +116,78 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
 struct Peer {
     id: SpiffeId,
     principal: Arc<str>,
+    /// Metric labels for a source whose workload is not known.
+    labels: Arc<PeerLabels>,
     addr: SocketAddr,
+}
+
+/// Counts and logs a failed handshake against the workload whose address it arrived on.
+fn tls_failure(data: &DataPath, peer: SocketAddr, local: SocketAddr, started: Instant, reason: &str) {
+    let destination = data.locals.by_ip(local.ip()).map_or_else(PeerLabels::unknown, |w| w.peer.clone());
+    let key = TrafficKey {
+        reporter: Reporter::Destination,
+        source: PeerLabels::unknown(),
+        destination,
+        mutual_tls: true,
+        flags: Flags::TlsFailure,
+    };
+    let series = data.traffic.tcp(key.clone());
+    series.opened();
+    series.closed(0, 0);
+    access_log::connection(&access_log::Entry {
+        key: &key,
+        source_addr: Some(peer),
+        destination_addr: local,
+        received: 0,
+        sent: 0,
+        duration: started.elapsed(),
+        decision: "none",
+        policy: "-",
+        detail: reason,
+    });
+}
+
+/// Metrics and the access log of one inbound stream.
+struct Report<'a> {
+    data: &'a DataPath,
+    conn: &'a InboundConn,
+    source: Arc<PeerLabels>,
+    started: Instant,
+}
+
+impl Report<'_> {
+    fn key(&self, flags: Flags) -> TrafficKey {
+        TrafficKey {
+            reporter: Reporter::Destination,
+            source: self.source.clone(),
+            destination: self.conn.workload.peer.clone(),
+            mutual_tls: true,
+            flags,
+        }
+    }
+
+    /// A stream refused before any byte was proxied.
+    fn refused(&self, flags: Flags, decision: &'static str, policy: &str, detail: &str) {
+        let key = self.key(flags);
+        let series = self.data.traffic.tcp(key.clone());
+        series.opened();
+        series.closed(0, 0);
+        self.log(&key, 0, 0, decision, policy, detail);
+    }
+
+    fn log(&self, key: &TrafficKey, received: u64, sent: u64, decision: &'static str, policy: &str, detail: &str) {
+        access_log::connection(&access_log::Entry {
+            key,
+            source_addr: Some(self.conn.source_addr.unwrap_or(self.conn.peer)),
+            destination_addr: self.conn.destination,
+            received,
+            sent,
+            duration: self.started.elapsed(),
+            decision,
+            policy,
+            detail,
+        });
+    }
 }
 
 /// One CONNECT stream: check the target, authorize, dial the workload, answer 200 and copy until both sides are
@@ -137,62 +223,80 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
         destination: target,
         workload,
     });
+    // The source workload: the one at the address its proxy reported if it holds this identity, else the only one
+    // holding it.
+    let source_labels = data
+        .registry
+        .load()
+        .source(source, source_addr.map(|a| a.ip()))
+        .map_or_else(|| peer_id.labels.clone(), |w| w.peer.clone());
+    let report = Report { data: &data, conn: &conn, source: source_labels, started: Instant::now() };
     // Registered before the check, so that a policy change between check and registration cannot be missed.
     let registration = data.connections.register(Some(conn.clone()));
     let policies = data.authz.load();
-    match policies.check(&conn, peer) {
-        Some(decision) if decision.allowed => {
+    let policy = match policies.check(&conn, peer) {
+        Some(decision) => {
+            policies.decisions.record(&decision);
+            let policy = decision.deciding.map_or_else(|| "-".to_owned(), |p| format!("{}/{}", p.namespace, p.name));
+            if !decision.allowed {
+                info!(source = %conn.source, %target, %decision, "connection denied");
+                report.refused(Flags::Deny, "denied", &policy, "-");
+                return status(StatusCode::FORBIDDEN);
+            }
             if !decision.audit.is_empty() || decision.dry_run.is_some() {
                 info!(source = %conn.source, %target, %decision, "connection allowed");
             }
-        }
-        Some(decision) => {
-            info!(source = %conn.source, %target, %decision, "connection denied");
-            return status(StatusCode::FORBIDDEN);
+            policy
         }
         None => return status(StatusCode::NOT_FOUND),
-    }
+    };
     drop(policies);
 
     let upstream = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(e)) => {
             info!(source = %conn.source, %target, error = %e, "workload refused the connection");
+            report.refused(Flags::Connect, "allowed", &policy, "workload refused the connection");
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
         Err(_) => {
             info!(source = %conn.source, %target, "timed out dialling the workload");
+            report.refused(Flags::Connect, "allowed", &policy, "timed out dialling the workload");
             return status(StatusCode::GATEWAY_TIMEOUT);
         }
     };
     let _ = upstream.set_nodelay(true);
     let upgrade = hyper::upgrade::on(&mut request);
+    let key = report.key(Flags::None);
+    let series = data.traffic.tcp(key.clone());
+    series.opened();
+    let open = data.traffic.open_connection(Reporter::Destination);
+    let source = report.source.clone();
+    let started = report.started;
     tokio::spawn(async move {
+        let report = Report { data: &data, conn: &conn, source, started };
+        let _open = open;
         let mut upstream = upstream;
         let mut tunnel = match upgrade.await {
             Ok(upgraded) => TokioIo::new(upgraded),
             Err(e) => {
                 debug!(error = %e, "CONNECT upgrade failed");
+                series.closed(0, 0);
+                report.log(&key, 0, 0, "allowed", &policy, "CONNECT upgrade failed");
                 return;
             }
         };
-        let started = std::time::Instant::now();
-        let result = tokio::select! {
-            result = tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, COPY_BUFFER, COPY_BUFFER) => result,
+        let counts = ByteCounts::default();
+        let detail = tokio::select! {
+            result = copy_counted(&mut tunnel, &mut upstream, &counts) => result.err().map(|e| e.to_string()),
             () = registration.cancel.cancelled() => {
                 info!(source = %conn.source, target = %conn.destination, "connection closed: no longer allowed by policy, or shutting down");
-                return;
+                Some("closed by the proxy: policy change or shutdown".to_owned())
             }
         };
-        match result {
-            Ok((sent, received)) => debug!(
-                source = %conn.source, target = %conn.destination, sent, received,
-                duration_ms = started.elapsed().as_millis() as u64, "inbound connection closed"
-            ),
-            Err(e) => {
-                debug!(source = %conn.source, target = %conn.destination, error = %e, "inbound connection failed")
-            }
-        }
+        let (received, sent) = counts.get();
+        series.closed(received, sent);
+        report.log(&key, received, sent, "allowed", &policy, detail.as_deref().unwrap_or("-"));
         drop(registration);
     });
     status(StatusCode::OK)

@@ -1,6 +1,7 @@
 //! Trellis proxy (data plane): joins the mesh, keeps workload certificates fresh, follows the control
 //! plane's config over the Discovery stream and exposes what it holds on the admin endpoint.
 
+pub mod access_log;
 pub mod admin;
 pub mod authz;
 pub mod backoff;
@@ -10,8 +11,11 @@ pub mod discovery;
 pub mod identity;
 pub mod inbound;
 pub mod listen;
+pub mod logging;
+pub mod metrics;
 pub mod outbound;
 pub mod pool;
+pub mod process;
 pub mod proxy;
 pub mod registry;
 pub mod socks5;

@@ -6,8 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
-use tracing_subscriber::EnvFilter;
-use trellis_data_plane::config::{Config, LogFormat};
+use trellis_data_plane::config::Config;
 
 #[derive(Parser)]
 #[command(name = "trellis-proxy", version, about = "Trellis node proxy")]
@@ -41,7 +40,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let Command::Run { config } = cli.command;
     // Config errors go to stderr before logging exists; the log format is itself configured.
     let config = Config::load(&config)?;
-    init_tracing(config.log_format);
+    trellis_data_plane::logging::init(config.log_format);
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
@@ -55,16 +54,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         });
         trellis_data_plane::proxy::run(config, shutdown).await.map_err(anyhow::Error::from)
     })
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 async fn wait_for_signal() -> std::io::Result<&'static str> {

@@ -7,17 +7,21 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
+use crate::access_log;
 use crate::config::Passthrough;
-use crate::connections::COPY_BUFFER;
+use crate::connections::{ByteCounts, copy_counted};
+use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::pool::{PoolKey, Tunnel, TunnelError};
 use crate::proxy::DataPath;
-use crate::registry::LocalWorkload;
+use crate::registry::{LocalWorkload, MeshWorkload};
 
 const DIRECT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -39,15 +43,84 @@ pub enum Upstream {
     Direct(TcpStream),
 }
 
-/// Resolves `target` and opens the tunnel (or direct connection) to it.
+/// An outbound connection ready to relay.
+pub struct Connected {
+    upstream: Upstream,
+    flow: Flow,
+}
+
+/// What an outbound connection's metrics and access log need.
+struct Flow {
+    key: TrafficKey,
+    client_addr: SocketAddr,
+    target: SocketAddr,
+    started: Instant,
+}
+
+impl Flow {
+    fn log(&self, received: u64, sent: u64, detail: &str) {
+        access_log::connection(&access_log::Entry {
+            key: &self.key,
+            source_addr: Some(self.client_addr),
+            destination_addr: self.target,
+            received,
+            sent,
+            duration: self.started.elapsed(),
+            decision: "none",
+            policy: "-",
+            detail,
+        });
+    }
+}
+
+/// Resolves `target` and opens the tunnel (or direct connection) to it. A refusal is counted and logged here.
 pub async fn connect(
     data: &DataPath,
     source: Option<&LocalWorkload>,
     client_addr: SocketAddr,
     target: SocketAddr,
-) -> Result<Upstream, OutboundError> {
+) -> Result<Connected, OutboundError> {
+    let started = Instant::now();
     let registry = data.registry.load();
-    match registry.lookup(target.ip()) {
+    let destination = registry.lookup(target.ip());
+    let key = TrafficKey {
+        reporter: Reporter::Source,
+        source: source.map_or_else(PeerLabels::unknown, |s| s.peer.clone()),
+        destination: destination.map_or_else(PeerLabels::unknown, |d| d.peer.clone()),
+        mutual_tls: destination.is_some(),
+        flags: Flags::None,
+    };
+    let result = open(data, source, destination, client_addr, target).await;
+    drop(registry);
+    let mut flow = Flow { key, client_addr, target, started };
+    match result {
+        Ok(upstream) => Ok(Connected { upstream, flow }),
+        Err(error) => {
+            flow.key.flags = match &error {
+                OutboundError::PassthroughDenied(_) | OutboundError::NoSourceIdentity(_) => Flags::NoRoute,
+                OutboundError::Tunnel(TunnelError::Refused(_, status)) if *status == StatusCode::FORBIDDEN => {
+                    Flags::Deny
+                }
+                OutboundError::Tunnel(TunnelError::Tls(..)) => Flags::TlsFailure,
+                OutboundError::Tunnel(_) | OutboundError::Direct(..) => Flags::Connect,
+            };
+            let series = data.traffic.tcp(flow.key.clone());
+            series.opened();
+            series.closed(0, 0);
+            flow.log(0, 0, &error.to_string());
+            Err(error)
+        }
+    }
+}
+
+async fn open(
+    data: &DataPath,
+    source: Option<&LocalWorkload>,
+    destination: Option<&Arc<MeshWorkload>>,
+    client_addr: SocketAddr,
+    target: SocketAddr,
+) -> Result<Upstream, OutboundError> {
+    match destination {
         Some(destination) => {
             let source = source.ok_or(OutboundError::NoSourceIdentity(target))?;
             let key = PoolKey {
@@ -76,26 +149,25 @@ pub async fn connect(
 }
 
 /// Copies both ways until both directions are closed (half-close passes through), or the proxy cancels it.
-pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(data: &DataPath, mut client: C, upstream: Upstream) {
+pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(data: &DataPath, mut client: C, mut connected: Connected) {
     let registration = data.connections.register(None);
-    let copied = match upstream {
-        Upstream::Tunnel(mut tunnel) => {
-            tokio::select! {
-                r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut tunnel.io, COPY_BUFFER, COPY_BUFFER) => r,
-                () = registration.cancel.cancelled() => return,
-            }
-        }
-        Upstream::Direct(mut stream) => {
-            tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut client, &mut stream) => r,
-                () = registration.cancel.cancelled() => return,
-            }
-        }
+    let series = data.traffic.tcp(connected.flow.key.clone());
+    series.opened();
+    let _open = data.traffic.open_connection(Reporter::Source);
+    let counts = ByteCounts::default();
+    let detail = match &mut connected.upstream {
+        Upstream::Tunnel(tunnel) => tokio::select! {
+            r = copy_counted(&mut client, &mut tunnel.io, &counts) => r.err().map(|e| e.to_string()),
+            () = registration.cancel.cancelled() => Some("closed by the proxy: shutting down".to_owned()),
+        },
+        Upstream::Direct(stream) => tokio::select! {
+            r = copy_counted(&mut client, stream, &counts) => r.err().map(|e| e.to_string()),
+            () = registration.cancel.cancelled() => Some("closed by the proxy: shutting down".to_owned()),
+        },
     };
-    match copied {
-        Ok((sent, received)) => debug!(sent, received, "outbound connection closed"),
-        Err(e) => debug!(error = %e, "outbound connection failed"),
-    }
+    let (received, sent) = counts.get();
+    series.closed(received, sent);
+    connected.flow.log(received, sent, detail.as_deref().unwrap_or("-"));
 }
 
 /// The capture listener: connections redirected by the kernel, whose real destination is SO_ORIGINAL_DST.
@@ -111,7 +183,7 @@ pub async fn serve_captured(listener: TcpListener, data: Arc<DataPath>) {
             let _ = tcp.set_nodelay(true);
             let source = data.locals.by_ip(peer.ip()).cloned();
             match connect(&data, source.as_deref(), peer, target).await {
-                Ok(upstream) => relay(&data, tcp, upstream).await,
+                Ok(connected) => relay(&data, tcp, connected).await,
                 Err(e) => info!(%peer, %target, error = %e, "captured connection refused"),
             }
         }

@@ -18,6 +18,7 @@ use crate::connections::Connections;
 use crate::discovery::Discovery;
 use crate::identity::certs::rfc3339;
 use crate::identity::{CertManager, NodeCredential, NodeError, WorkloadCerts, files};
+use crate::metrics::TrafficMetrics;
 use crate::pool::Pool;
 use crate::registry::{LocalWorkloads, Registry};
 use crate::state::{State, StateStore};
@@ -44,11 +45,19 @@ pub struct Shared {
     pub node_credential: OnceLock<Arc<NodeCredential>>,
     pub workload_certs: OnceLock<Arc<WorkloadCerts>>,
     pub state: Arc<StateStore>,
+    /// Renders `/metrics` (absent where no recorder is installed, e.g. in unit tests).
+    pub metrics: OnceLock<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl Shared {
     pub fn new(node: String, state: Arc<StateStore>) -> Self {
-        Self { node, node_credential: OnceLock::new(), workload_certs: OnceLock::new(), state }
+        Self {
+            node,
+            node_credential: OnceLock::new(),
+            workload_certs: OnceLock::new(),
+            state,
+            metrics: OnceLock::new(),
+        }
     }
 }
 
@@ -62,6 +71,19 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let listener =
         admin::bind(admin_address).await.map_err(|source| ProxyError::Listen { address: admin_address, source })?;
     let admin = tokio::spawn(admin::serve(listener, shared.clone(), shutdown.clone()));
+    match crate::metrics::install() {
+        Ok(handle) => {
+            let _ = shared.metrics.set(handle);
+        }
+        Err(e) => warn!(error = %e, "metrics recorder not installed; /metrics will be empty"),
+    }
+    let metrics_address = config.listen.metrics;
+    let listener = admin::bind(metrics_address).await.map_err(|source| ProxyError::Bind {
+        field: "listen.metrics",
+        address: metrics_address,
+        source,
+    })?;
+    tokio::spawn(admin::serve_metrics(listener, shared.clone(), shutdown.clone()));
 
     let Some(node) = node_credential(&config, shutdown.clone()).await? else {
         let _ = admin.await;
@@ -103,6 +125,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         pool: Pool::default(),
         connections: Arc::new(Connections::default()),
         outbound: config.outbound.clone(),
+        traffic: TrafficMetrics::default(),
     });
     tokio::spawn(follow_changes(config.clone(), data.clone(), certs.clone(), state.clone()));
     let listeners = start_listeners(&config, &data, shared.clone(), shutdown.clone()).await?;
@@ -135,6 +158,7 @@ pub struct DataPath {
     pub pool: Pool,
     pub connections: Arc<Connections>,
     pub outbound: crate::config::Outbound,
+    pub traffic: TrafficMetrics,
 }
 
 /// Rebuilds the TLS configs when a certificate or the trust bundle changes, and the registry index when the
@@ -145,6 +169,7 @@ async fn follow_changes(config: Arc<Config>, data: Arc<DataPath>, certs: Arc<Wor
     let mut bundle: Option<Arc<crate::state::TrustBundle>> = None;
     let mut certs_changed = true;
     let mut reap = tokio::time::interval(std::time::Duration::from_secs(15));
+    let mut upkeep = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
     let mut policies: Option<Arc<trellis_policy::CompiledPolicies>> = None;
     loop {
         let current = state.load();
@@ -162,6 +187,7 @@ async fn follow_changes(config: Arc<Config>, data: Arc<DataPath>, certs: Arc<Wor
             bundle = current.trust_bundle.clone();
             data.tls.rebuild(&config.workloads, &certs, bundle.as_deref());
         }
+        record_health(&certs, &state);
         loop {
             tokio::select! {
                 changed = cert_changes.changed() => {
@@ -175,9 +201,36 @@ async fn follow_changes(config: Arc<Config>, data: Arc<DataPath>, certs: Arc<Wor
                     break;
                 }
                 _ = reap.tick() => data.pool.reap(),
+                _ = upkeep.tick() => metrics_upkeep(&data, &certs, &state),
             }
         }
     }
+}
+
+/// Refreshes the health gauges and keeps the series of workloads still in the mesh from expiring.
+fn metrics_upkeep(data: &DataPath, certs: &WorkloadCerts, state: &StateStore) {
+    let registry = data.registry.load();
+    let present = registry
+        .present()
+        .chain(data.locals.all().iter().map(|w| &w.peer))
+        .map(|p| (p.namespace.clone(), p.workload.clone()))
+        .collect();
+    data.traffic.upkeep(&present);
+    data.authz.load().decisions.touch();
+    record_health(certs, state);
+}
+
+fn record_health(certs: &WorkloadCerts, state: &StateStore) {
+    let current = state.load();
+    let roots = current
+        .trust_bundle
+        .as_ref()
+        .map(|b| b.roots.iter().map(|r| (r.info.sha256.as_str(), r.info.not_after)).collect());
+    crate::metrics::record_health(&crate::metrics::Health {
+        certificates: certs.all().iter().map(|c| (c.spiffe_id.to_string(), c.info.not_after)).collect(),
+        roots: roots.unwrap_or_default(),
+        config_version: current.synced.then_some(current.version),
+    });
 }
 
 /// Installs the policies for the local workloads, then closes every open inbound connection they no longer allow.
@@ -188,6 +241,7 @@ fn reauthorize(data: &DataPath, compiled: &trellis_policy::CompiledPolicies) {
         Some(decision) if decision.allowed => true,
         Some(decision) => {
             info!(source = %conn.source, target = %conn.destination, %decision, "closing connection after a policy change");
+            local.decisions.record_closed(&decision);
             false
         }
         None => false,

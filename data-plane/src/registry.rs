@@ -10,6 +10,7 @@ use trellis_proto::spiffe::SpiffeId;
 use trellis_proto::v1;
 
 use crate::config::{Protocol, WorkloadConfig};
+use crate::metrics::PeerLabels;
 use crate::state::State;
 
 /// A workload of the mesh, as the registry describes it.
@@ -23,33 +24,55 @@ pub struct MeshWorkload {
     pub ports: HashMap<u16, Protocol>,
     /// Port of the HBONE listener of the proxy that fronts it; tunnels go to `<workload ip>:<hbone_port>`.
     pub hbone_port: u16,
+    /// Its metric labels, built once here.
+    pub peer: Arc<PeerLabels>,
 }
 
 #[derive(Debug, Default)]
 pub struct Registry {
     by_ip: HashMap<IpAddr, Arc<MeshWorkload>>,
+    /// The workload holding each identity, where exactly one does (None: shared by several).
+    by_identity: HashMap<SpiffeId, Option<Arc<MeshWorkload>>>,
 }
 
 impl Registry {
     pub fn from_state(state: &State) -> Self {
         let mut by_ip = HashMap::new();
+        let mut by_identity = HashMap::new();
         for workload in state.workloads.values() {
             let Some(entry) = mesh_workload(workload) else {
                 tracing::debug!(workload = %workload.name, "registry entry without usable identity or proxy address");
                 continue;
             };
             let entry = Arc::new(entry);
+            by_identity
+                .entry(entry.spiffe_id.clone())
+                .and_modify(|holder| *holder = None)
+                .or_insert_with(|| Some(entry.clone()));
             for address in &workload.addresses {
                 if let Ok(ip) = address.parse::<IpAddr>() {
                     by_ip.insert(ip, entry.clone());
                 }
             }
         }
-        Self { by_ip }
+        Self { by_ip, by_identity }
     }
 
     pub fn lookup(&self, ip: IpAddr) -> Option<&Arc<MeshWorkload>> {
         self.by_ip.get(&ip)
+    }
+
+    /// The workload that a verified peer with `id` speaks for: the one at `ip` if it holds that identity, else the
+    /// only workload holding it.
+    pub fn source(&self, id: &SpiffeId, ip: Option<IpAddr>) -> Option<&Arc<MeshWorkload>> {
+        ip.and_then(|ip| self.by_ip.get(&ip))
+            .filter(|w| w.spiffe_id == *id)
+            .or_else(|| self.by_identity.get(id)?.as_ref())
+    }
+
+    /// The metric labels of every mesh workload, for expiring the series of those that left.
+    pub fn present(&self) -> impl Iterator<Item = &Arc<PeerLabels>> {
+        self.by_ip.values().map(|w| &w.peer)
     }
 }
 
@@ -68,6 +91,7 @@ fn mesh_workload(w: &v1::Workload) -> Option<MeshWorkload> {
         })
         .collect();
     Some(MeshWorkload {
+        peer: PeerLabels::new(&spiffe_id, &w.name, &w.namespace),
         key: trellis_proto::workload_key(&w.namespace, &w.name),
         namespace: w.namespace.clone(),
         name: w.name.clone(),
@@ -85,6 +109,8 @@ pub struct LocalWorkload {
     pub spiffe_id: SpiffeId,
     /// `<namespace>/<name>`.
     pub key: String,
+    /// Its metric labels.
+    pub peer: Arc<PeerLabels>,
 }
 
 impl LocalWorkload {
@@ -105,7 +131,8 @@ impl LocalWorkloads {
         let mut out = Self::default();
         for config in workloads {
             let spiffe_id = SpiffeId::workload(trust_domain, &config.namespace, &config.service_account)?;
-            let local = Arc::new(LocalWorkload { key: config.key(), config: config.clone(), spiffe_id });
+            let peer = PeerLabels::new(&spiffe_id, &config.name, &config.namespace);
+            let local = Arc::new(LocalWorkload { key: config.key(), config: config.clone(), spiffe_id, peer });
             for ip in &config.addresses {
                 out.by_ip.insert(*ip, local.clone());
             }

@@ -61,9 +61,9 @@ async fn session(
         Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
     };
     match outbound::connect(data, Some(workload), peer, target).await {
-        Ok(upstream) => {
+        Ok(connected) => {
             reply_with(&mut tcp, Reply::Succeeded).await?;
-            outbound::relay(data, tcp, upstream).await;
+            outbound::relay(data, tcp, connected).await;
             Ok(())
         }
         Err(e) => {

@@ -86,6 +86,20 @@ pub enum ApplyError {
     Policy(String),
 }
 
+impl ApplyError {
+    /// What part of the update was rejected: the bounded `reason` of a NACK.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApplyError::NotSynced => "not_synced",
+            ApplyError::MissingTrustBundle | ApplyError::TrustBundle(_) | ApplyError::Root { .. } => "trust_bundle",
+            ApplyError::Workload { .. } => "workload",
+            ApplyError::Resource { .. } => "resource",
+            ApplyError::RemovedResource { .. } => "removed_resource",
+            ApplyError::Policy(_) => "policy",
+        }
+    }
+}
+
 /// Validates `update` and returns the state after it; `state` is never modified.
 pub fn apply(state: &State, update: &v1::ConfigUpdate) -> Result<State, ApplyError> {
     let mut next = if update.full {

@@ -115,8 +115,12 @@ impl Stream {
             match self.next().await.expect("discovery message") {
                 pb::discovery_response::Message::Certificate(c) if c.request_id == request_id => return c,
                 pb::discovery_response::Message::Update(u) => {
-                    self.send(pb::discovery_request::Message::Ack(pb::Ack { version: u.version, error: String::new() }))
-                        .await
+                    self.send(pb::discovery_request::Message::Ack(pb::Ack {
+                        version: u.version,
+                        error: String::new(),
+                        reason: String::new(),
+                    }))
+                    .await
                 }
                 _ => {}
             }

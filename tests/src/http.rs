@@ -1,4 +1,4 @@
-//! A minimal HTTP/1.1 GET for admin and metrics endpoints (plain HTTP, `Connection: close`).
+//! A minimal HTTP/1.1 client for admin and metrics endpoints (plain HTTP, `Connection: close`, no body).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -6,9 +6,19 @@ use std::time::Duration;
 
 /// Returns (status code, body).
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    request("GET", addr, path)
+}
+
+/// A POST with an empty body; returns (status code, body).
+pub fn post(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    request("POST", addr, path)
+}
+
+fn request(method: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let length = if method == "POST" { "Content-Length: 0\r\n" } else { "" };
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{length}Connection: close\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
@@ -31,6 +41,19 @@ fn dechunk(mut body: &str) -> String {
         }
         out.push_str(&rest[..size]);
         body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Percent-encodes a query parameter value (everything but RFC 3986 unreserved characters).
+pub fn encode_query_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() * 3);
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
     }
     out
 }

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod hbone;
 pub mod http;
+pub mod prometheus;
 pub mod socks;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};

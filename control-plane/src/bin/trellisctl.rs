@@ -327,6 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|p| json!({"node": p.node, "connected": p.connected, "connectedSince": timestamp(p.connected_since_unix),
                         "sentVersion": p.sent_version, "ackedVersion": p.acked_version, "nackedVersion": p.nacked_version,
                         "lastNackError": p.last_nack_error, "proxyVersion": p.proxy_version,
+                        "lastConvergenceSeconds": (p.last_convergence_seconds > 0.0).then_some(p.last_convergence_seconds),
                         "synced": p.connected && p.acked_version == status.current_version}))
                     .collect();
                 print_json(&json!({"currentVersion": status.current_version, "proxies": items}));
@@ -349,6 +350,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             state.into(),
                             p.sent_version.to_string(),
                             p.acked_version.to_string(),
+                            if p.last_convergence_seconds > 0.0 {
+                                format!("{:.1}ms", p.last_convergence_seconds * 1000.0)
+                            } else {
+                                "-".into()
+                            },
                             if p.last_nack_error.is_empty() {
                                 "-".into()
                             } else {
@@ -359,7 +365,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                     .collect();
                 println!("current version: {}", status.current_version);
-                print!("{}", table(&["NODE", "STATE", "SENT", "ACKED", "LAST NACK", "CONNECTED SINCE"], &rows));
+                print!(
+                    "{}",
+                    table(&["NODE", "STATE", "SENT", "ACKED", "CONVERGENCE", "LAST NACK", "CONNECTED SINCE"], &rows)
+                );
             }
         }
         Command::Renew { node, spiffe_ids } => {

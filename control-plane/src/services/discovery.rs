@@ -57,7 +57,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         let stream_id = shared.proxies.connect(&node_name, &hello.version, commands_tx);
         metrics::gauge!("trellis_connected_proxies").set(shared.proxies.connected_count() as f64);
         tracing::info!(node = %node_name, workloads = hello.workloads.len(), "proxy connected");
-        let task = StreamTask { shared: shared.clone(), node, inbound, tx, commands };
+        let task = StreamTask { shared: shared.clone(), node, inbound, tx, commands, in_flight: InFlight::default() };
         let shared = shared.clone();
         tokio::spawn(async move {
             let reason = task.run().await;
@@ -75,7 +75,45 @@ struct StreamTask {
     inbound: Streaming<pb::DiscoveryRequest>,
     tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
     commands: mpsc::Receiver<StreamCommand>,
+    in_flight: InFlight,
 }
+
+/// Versions pushed on one stream and not yet answered, with when each change was made: a proxy's ACK of version v
+/// answers every earlier push too (it holds the state of v).
+#[derive(Default)]
+struct InFlight(std::collections::VecDeque<(u64, std::time::Instant)>);
+
+impl InFlight {
+    /// A bound on what a stuck proxy can make the control plane remember.
+    const MAX: usize = 64;
+
+    fn sent(&mut self, version: u64, created: std::time::Instant) {
+        if self.0.len() == Self::MAX {
+            self.0.pop_front();
+        }
+        self.0.push_back((version, created));
+    }
+
+    /// Forgets every push up to `version`; returns when the change carried by `version` was made, if it was pushed
+    /// on this stream.
+    fn answered(&mut self, version: u64) -> Option<std::time::Instant> {
+        let mut created = None;
+        while let Some(&(v, at)) = self.0.front() {
+            if v > version {
+                break;
+            }
+            self.0.pop_front();
+            if v == version {
+                created = Some(at);
+            }
+        }
+        created
+    }
+}
+
+/// NACK reasons a proxy may report; anything else is counted as `other`, so a proxy cannot grow the label set.
+const NACK_REASONS: [&str; 7] =
+    ["not_synced", "trust_bundle", "workload", "resource", "removed_resource", "policy", "protocol"];
 
 fn response(message: Outbound) -> Result<pb::DiscoveryResponse, Status> {
     Ok(pb::DiscoveryResponse { message: Some(message) })
@@ -95,6 +133,10 @@ impl StreamTask {
                 }
                 self.shared.proxies.update(&self.node.name, |s| s.sent_version = version);
                 metrics::counter!("trellis_pushes_total").increment(1);
+                // The first push of a stream carries changes made before the proxy connected: no convergence time.
+                if let (Some(created), Some(_)) = (current.created, &sent) {
+                    self.in_flight.sent(version, created);
+                }
             }
             sent = Some(current);
             tokio::select! {
@@ -133,11 +175,22 @@ impl StreamTask {
     async fn handle(&mut self, request: pb::DiscoveryRequest) -> Result<(), Status> {
         match request.message {
             Some(Inbound::Ack(ack)) => {
+                let created = self.in_flight.answered(ack.version);
                 if ack.error.is_empty() {
-                    self.shared.proxies.update(&self.node.name, |s| s.acked_version = ack.version);
+                    let convergence = created.map(|at| at.elapsed().as_secs_f64());
+                    if let Some(seconds) = convergence {
+                        metrics::histogram!("trellis_config_convergence_seconds").record(seconds);
+                    }
+                    self.shared.proxies.update(&self.node.name, |s| {
+                        s.acked_version = ack.version;
+                        if let Some(seconds) = convergence {
+                            s.last_convergence_seconds = seconds;
+                        }
+                    });
                 } else {
                     tracing::warn!(node = %self.node.name, version = ack.version, error = %ack.error, "proxy rejected an update (NACK)");
-                    metrics::counter!("trellis_nacks_total").increment(1);
+                    let reason = NACK_REASONS.into_iter().find(|r| *r == ack.reason).unwrap_or("other");
+                    metrics::counter!("trellis_nacks_total", "reason" => reason).increment(1);
                     self.shared.proxies.update(&self.node.name, |s| {
                         s.nacked_version = ack.version;
                         s.last_nack_error = ack.error.clone();
@@ -267,6 +320,27 @@ mod tests {
     }
 
     #[test]
+    fn in_flight_matches_acks_to_their_pushes() {
+        let t0 = std::time::Instant::now();
+        let at = |ms| t0 + std::time::Duration::from_millis(ms);
+        let mut f = InFlight::default();
+        f.sent(3, at(1));
+        f.sent(4, at(2));
+        f.sent(6, at(3));
+        assert_eq!(f.answered(2), None, "an ACK of an older version answers nothing pushed here");
+        assert_eq!(f.answered(4), Some(at(2)), "ACK of 4 also answers 3");
+        assert_eq!(f.answered(5), None, "5 was never pushed on this stream");
+        assert_eq!(f.answered(6), Some(at(3)));
+        assert_eq!(f.answered(6), None, "already answered");
+        for v in 0..100 {
+            f.sent(v, at(v));
+        }
+        assert_eq!(f.0.len(), InFlight::MAX);
+        assert_eq!(f.answered(99), Some(at(99)));
+        assert!(f.0.is_empty());
+    }
+
+    #[test]
     fn diff_sends_full_then_changes_only() {
         let mut a = Snapshot { version: 1, ..Default::default() };
         a.workloads.insert("ns/a".into(), workload("a", "10.0.0.1"));
@@ -294,6 +368,7 @@ mod tests {
             trust_bundle: b.trust_bundle.clone(),
             workloads: b.workloads.clone(),
             resources: b.resources.clone(),
+            ..Default::default()
         };
         assert!(diff(Some(&b), &same).is_none());
 

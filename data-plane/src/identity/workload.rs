@@ -108,6 +108,14 @@ pub enum IssueError {
     TimedOut(SpiffeId),
 }
 
+impl IssueError {
+    pub fn spiffe_id(&self) -> &SpiffeId {
+        match self {
+            IssueError::Refused { id, .. } | IssueError::Invalid { id, .. } | IssueError::TimedOut(id) => id,
+        }
+    }
+}
+
 /// Per-identity schedule.
 struct Slot {
     /// When to send the next CSR; `None` while one is outstanding.

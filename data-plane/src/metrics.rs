@@ -1,0 +1,630 @@
+//! The proxy's Prometheus metrics, served on `listen.metrics` (15020).
+//!
+//! Traffic series carry Istio's names and labels, so Istio's dashboards and alerts work unchanged. Labels come only
+//! from verified identities and registered workloads, never from what a client sends, so the number of series is
+//! bounded by the mesh's size. A series' handles are looked up once per connection from a map filled on first use;
+//! an upkeep every [`UPKEEP_INTERVAL`] touches the series of workloads still in the mesh and forgets the others,
+//! and the exporter drops every series left untouched for [`SERIES_IDLE_TIMEOUT`]: that is how the series of a
+//! workload that left the mesh disappear.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use metrics::{Counter, Gauge, Label};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
+use trellis_policy::{Action, Decision, PolicyRef, WorkloadPolicies};
+use trellis_proto::spiffe::SpiffeId;
+
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(30);
+pub const SERIES_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Istio's default buckets for `istio_request_duration_milliseconds`.
+const ISTIO_DURATION_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+    600000.0, 1800000.0, 3600000.0,
+];
+
+/// Installs the process-wide recorder (histograms as real buckets, idle series expiring) and describes every
+/// series. Returns the handle that renders `/metrics`.
+pub fn install() -> Result<PrometheusHandle, BuildError> {
+    let handle = builder(SERIES_IDLE_TIMEOUT)?.install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn builder(idle_timeout: Duration) -> Result<PrometheusBuilder, BuildError> {
+    PrometheusBuilder::new()
+        .idle_timeout(MetricKindMask::ALL, Some(idle_timeout))
+        .set_buckets_for_metric(Matcher::Full("istio_request_duration_milliseconds".into()), &ISTIO_DURATION_MS)
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!("istio_tcp_connections_opened_total", "TCP connections opened (Istio standard metric).");
+    describe_counter!("istio_tcp_connections_closed_total", "TCP connections closed (Istio standard metric).");
+    describe_counter!(
+        "istio_tcp_received_bytes_total",
+        Unit::Bytes,
+        "Bytes from the source to the destination (Istio standard metric)."
+    );
+    describe_counter!(
+        "istio_tcp_sent_bytes_total",
+        Unit::Bytes,
+        "Bytes from the destination to the source (Istio standard metric)."
+    );
+    describe_counter!("istio_requests_total", "HTTP requests (Istio standard metric).");
+    describe_histogram!(
+        "istio_request_duration_milliseconds",
+        Unit::Milliseconds,
+        "HTTP request duration (Istio standard metric)."
+    );
+    describe_counter!(
+        "trellis_authz_decisions_total",
+        "Authorization outcomes by deciding policy: allowed, denied, audited, dry_run_would_deny, closed_on_reevaluation."
+    );
+    describe_gauge!("trellis_open_connections", "Proxied connections open now, by direction.");
+    describe_gauge!(
+        "trellis_certificate_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "When each workload certificate expires (Unix time)."
+    );
+    describe_counter!("trellis_certificate_rotations_total", "Workload certificate issuance attempts, by result.");
+    describe_gauge!("trellis_trust_bundle_roots", "Root certificates in the trust bundle.");
+    describe_gauge!(
+        "trellis_trust_bundle_root_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "When each trust-bundle root expires (Unix time), by SHA-256 fingerprint."
+    );
+    describe_gauge!("trellis_config_version", "The config version applied.");
+    describe_counter!("trellis_config_updates_total", "Config updates received, by result (ack, nack).");
+    describe_gauge!("trellis_control_plane_connected", "1 while the discovery stream is open.");
+    describe_gauge!("process_resident_memory_bytes", Unit::Bytes, "Resident memory.");
+    describe_counter!("process_cpu_seconds_total", Unit::Seconds, "CPU time, user and system.");
+    describe_gauge!("process_open_fds", "Open file descriptors.");
+    describe_gauge!("process_start_time_seconds", Unit::Seconds, "Process start (Unix time).");
+    describe_gauge!("tokio_workers", "Worker threads of the async runtime.");
+    describe_gauge!("tokio_alive_tasks", "Tasks alive in the async runtime.");
+    describe_gauge!("tokio_global_queue_depth", "Tasks waiting in the runtime's global queue.");
+}
+
+/// Who one end of a connection is, as metric labels. Built once per workload when the registry changes.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct PeerLabels {
+    pub principal: Arc<str>,
+    pub workload: Arc<str>,
+    pub namespace: Arc<str>,
+}
+
+impl PeerLabels {
+    pub fn new(id: &SpiffeId, workload: &str, namespace: &str) -> Arc<Self> {
+        Arc::new(Self { principal: id.principal().into(), workload: workload.into(), namespace: namespace.into() })
+    }
+
+    /// A verified identity whose workload is not known (not in the registry, or its address does not match).
+    pub fn identity_only(id: &SpiffeId) -> Arc<Self> {
+        let namespace = match id.subject() {
+            trellis_proto::spiffe::Subject::Workload { namespace, .. } => namespace,
+            _ => "unknown",
+        };
+        Arc::new(Self { principal: id.principal().into(), workload: "unknown".into(), namespace: namespace.into() })
+    }
+
+    /// No identity: a plaintext peer, or a destination outside the mesh.
+    pub fn unknown() -> Arc<Self> {
+        static UNKNOWN: OnceLock<Arc<PeerLabels>> = OnceLock::new();
+        UNKNOWN
+            .get_or_init(|| {
+                Arc::new(Self { principal: "unknown".into(), workload: "unknown".into(), namespace: "unknown".into() })
+            })
+            .clone()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+impl Reporter {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+}
+
+/// Envoy-style response flags, as Istio reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Flags {
+    /// Nothing went wrong.
+    None,
+    /// Denied by authorization policy.
+    Deny,
+    /// The next hop could not be reached (workload, peer proxy or passthrough destination).
+    Connect,
+    /// The TLS handshake failed.
+    TlsFailure,
+    /// Refused before any hop: no route for it (e.g. passthrough denied, unknown target).
+    NoRoute,
+}
+
+impl Flags {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flags::None => "-",
+            Flags::Deny => "DENY",
+            Flags::Connect => "CONNECT",
+            Flags::TlsFailure => "TLS_FAILURE",
+            Flags::NoRoute => "NR",
+        }
+    }
+}
+
+/// The label values of one traffic series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TrafficKey {
+    pub reporter: Reporter,
+    pub source: Arc<PeerLabels>,
+    pub destination: Arc<PeerLabels>,
+    pub mutual_tls: bool,
+    pub flags: Flags,
+}
+
+impl TrafficKey {
+    fn labels(&self) -> Vec<Label> {
+        vec![
+            Label::new("reporter", self.reporter.as_str()),
+            Label::new("source_principal", self.source.principal.clone()),
+            Label::new("source_workload", self.source.workload.clone()),
+            Label::new("source_workload_namespace", self.source.namespace.clone()),
+            Label::new("destination_principal", self.destination.principal.clone()),
+            Label::new("destination_workload", self.destination.workload.clone()),
+            Label::new("destination_workload_namespace", self.destination.namespace.clone()),
+            Label::new("connection_security_policy", if self.mutual_tls { "mutual_tls" } else { "none" }),
+            Label::new("response_flags", self.flags.as_str()),
+        ]
+    }
+}
+
+/// Istio's four TCP series for one label set.
+pub struct TcpSeries {
+    opened: Counter,
+    closed: Counter,
+    received: Counter,
+    sent: Counter,
+}
+
+impl TcpSeries {
+    fn register(key: &TrafficKey) -> Self {
+        let labels = key.labels();
+        Self {
+            opened: metrics::counter!("istio_tcp_connections_opened_total", labels.clone()),
+            closed: metrics::counter!("istio_tcp_connections_closed_total", labels.clone()),
+            received: metrics::counter!("istio_tcp_received_bytes_total", labels.clone()),
+            sent: metrics::counter!("istio_tcp_sent_bytes_total", labels),
+        }
+    }
+
+    fn touch(&self) {
+        for c in [&self.opened, &self.closed, &self.received, &self.sent] {
+            c.increment(0);
+        }
+    }
+
+    pub fn opened(&self) {
+        self.opened.increment(1);
+    }
+
+    /// `received`: bytes from the source; `sent`: bytes to it.
+    pub fn closed(&self, received: u64, sent: u64) {
+        self.received.increment(received);
+        self.sent.increment(sent);
+        self.closed.increment(1);
+    }
+}
+
+/// Istio's HTTP series for one label set plus the response code.
+pub struct HttpSeries {
+    requests: Counter,
+    duration_ms: metrics::Histogram,
+}
+
+impl HttpSeries {
+    pub fn record(&self, duration: Duration) {
+        self.requests.increment(1);
+        self.duration_ms.record(duration.as_secs_f64() * 1000.0);
+    }
+}
+
+/// Traffic series by label set, created on first use.
+#[derive(Default)]
+pub struct TrafficMetrics {
+    tcp: DashMap<TrafficKey, Arc<TcpSeries>>,
+    http: DashMap<(TrafficKey, u16), Arc<HttpSeries>>,
+    open: OnceLock<[Gauge; 2]>,
+}
+
+impl TrafficMetrics {
+    pub fn tcp(&self, key: TrafficKey) -> Arc<TcpSeries> {
+        if let Some(series) = self.tcp.get(&key) {
+            return series.clone();
+        }
+        let series = Arc::new(TcpSeries::register(&key));
+        self.tcp.entry(key).or_insert(series).clone()
+    }
+
+    /// The request series for `key` and an HTTP status code (a bounded set: 100..=599).
+    pub fn http(&self, key: TrafficKey, status: u16) -> Arc<HttpSeries> {
+        let key = (key, status);
+        if let Some(series) = self.http.get(&key) {
+            return series.clone();
+        }
+        let mut labels = key.0.labels();
+        labels.push(Label::new("response_code", status.to_string()));
+        labels.push(Label::new("request_protocol", "http"));
+        let series = Arc::new(HttpSeries {
+            requests: metrics::counter!("istio_requests_total", labels.clone()),
+            duration_ms: metrics::histogram!("istio_request_duration_milliseconds", labels),
+        });
+        self.http.entry(key).or_insert(series).clone()
+    }
+
+    fn open_gauges(&self) -> &[Gauge; 2] {
+        self.open.get_or_init(|| {
+            [
+                metrics::gauge!("trellis_open_connections", "direction" => "inbound"),
+                metrics::gauge!("trellis_open_connections", "direction" => "outbound"),
+            ]
+        })
+    }
+
+    /// Counts an open connection until the returned guard drops.
+    pub fn open_connection(&self, reporter: Reporter) -> OpenGuard {
+        let gauge = self.open_gauges()[match reporter {
+            Reporter::Destination => 0,
+            Reporter::Source => 1,
+        }]
+        .clone();
+        gauge.increment(1.0);
+        OpenGuard(gauge)
+    }
+
+    /// Keeps the series whose workloads are still in the mesh (`present`: `(namespace, workload)`), forgets the
+    /// others so the exporter expires them.
+    pub fn upkeep(&self, present: &HashSet<(Arc<str>, Arc<str>)>) {
+        let known =
+            |p: &PeerLabels| &*p.workload == "unknown" || present.contains(&(p.namespace.clone(), p.workload.clone()));
+        self.tcp.retain(|key, series| {
+            let keep = known(&key.source) && known(&key.destination);
+            if keep {
+                series.touch();
+            }
+            keep
+        });
+        // A histogram cannot be touched without recording: request series of live workloads that saw no request
+        // for the idle timeout expire and come back with the next request.
+        self.http.retain(|(key, _), _| known(&key.source) && known(&key.destination));
+        for gauge in self.open_gauges() {
+            gauge.increment(0.0);
+        }
+    }
+}
+
+pub struct OpenGuard(Gauge);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// The outcome labels of `trellis_authz_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Allowed,
+    Denied,
+    Audited,
+    DryRunWouldDeny,
+    ClosedOnReevaluation,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 5] =
+        [Outcome::Allowed, Outcome::Denied, Outcome::Audited, Outcome::DryRunWouldDeny, Outcome::ClosedOnReevaluation];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Denied => "denied",
+            Outcome::Audited => "audited",
+            Outcome::DryRunWouldDeny => "dry_run_would_deny",
+            Outcome::ClosedOnReevaluation => "closed_on_reevaluation",
+        }
+    }
+}
+
+/// One policy's decision counters, registered on first use so that unused policies add no series.
+struct PolicyCounters {
+    action: &'static str,
+    policy: Arc<str>,
+    by_outcome: [OnceLock<Counter>; 5],
+}
+
+impl PolicyCounters {
+    fn new(action: &'static str, policy: Arc<str>) -> Self {
+        Self { action, policy, by_outcome: Default::default() }
+    }
+
+    fn counter(&self, outcome: Outcome) -> &Counter {
+        let index = Outcome::ALL.iter().position(|o| *o == outcome).expect("every outcome is listed");
+        self.by_outcome[index].get_or_init(|| {
+            metrics::counter!(
+                "trellis_authz_decisions_total",
+                "action" => self.action,
+                "policy" => self.policy.clone(),
+                "result" => outcome.as_str()
+            )
+        })
+    }
+
+    fn touch(&self) {
+        for counter in self.by_outcome.iter().filter_map(OnceLock::get) {
+            counter.increment(0);
+        }
+    }
+}
+
+/// Decision counters for the policies that apply to this proxy's workloads, built once per config change;
+/// recording a decision is two map lookups by borrowed name, no allocation.
+#[derive(Default)]
+pub struct DecisionCounters {
+    /// namespace → name → counters.
+    by_policy: HashMap<String, HashMap<String, PolicyCounters>>,
+    /// Decisions no policy made (no ALLOW policy applies, or none matched).
+    no_policy: OnceLock<PolicyCounters>,
+}
+
+impl DecisionCounters {
+    pub fn build<'a>(workloads: impl IntoIterator<Item = &'a WorkloadPolicies>) -> Self {
+        let mut by_policy: HashMap<String, HashMap<String, PolicyCounters>> = HashMap::new();
+        for (namespace, name, action, _) in workloads.into_iter().flat_map(WorkloadPolicies::policies) {
+            by_policy
+                .entry(namespace.to_owned())
+                .or_default()
+                .entry(name.to_owned())
+                .or_insert_with(|| PolicyCounters::new(action_label(action), format!("{namespace}/{name}").into()));
+        }
+        Self { by_policy, no_policy: OnceLock::new() }
+    }
+
+    /// Keeps the series of the policies that still apply from expiring.
+    pub fn touch(&self) {
+        for counters in self.by_policy.values().flat_map(HashMap::values) {
+            counters.touch();
+        }
+        if let Some(counters) = self.no_policy.get() {
+            counters.touch();
+        }
+    }
+
+    fn counters(&self, policy: Option<&PolicyRef<'_>>) -> &PolicyCounters {
+        match policy.and_then(|p| self.by_policy.get(p.namespace)?.get(p.name)) {
+            Some(counters) => counters,
+            None => self.no_policy.get_or_init(|| PolicyCounters::new("none", "none".into())),
+        }
+    }
+
+    /// Counts a decision: its verdict under the deciding policy, each AUDIT match, and a dry-run denial.
+    pub fn record(&self, decision: &Decision<'_>) {
+        let outcome = if decision.allowed { Outcome::Allowed } else { Outcome::Denied };
+        self.counters(decision.deciding.as_ref()).counter(outcome).increment(1);
+        for audit in &decision.audit {
+            self.counters(Some(audit)).counter(Outcome::Audited).increment(1);
+        }
+        if let Some(dry_run) = decision.dry_run.as_ref().filter(|d| !d.allowed) {
+            self.counters(dry_run.deciding.as_ref()).counter(Outcome::DryRunWouldDeny).increment(1);
+        }
+    }
+
+    /// Counts a connection closed because a new policy set denies it.
+    pub fn record_closed(&self, decision: &Decision<'_>) {
+        self.counters(decision.deciding.as_ref()).counter(Outcome::ClosedOnReevaluation).increment(1);
+    }
+}
+
+fn action_label(action: Action) -> &'static str {
+    match action {
+        Action::Allow => "ALLOW",
+        Action::Deny => "DENY",
+        Action::Audit => "AUDIT",
+        Action::Custom => "CUSTOM",
+    }
+}
+
+/// Identity and config health: set from the current state at every upkeep (which also keeps them from expiring).
+pub struct Health<'a> {
+    pub certificates: Vec<(String, SystemTime)>,
+    pub roots: Vec<(&'a str, SystemTime)>,
+    pub config_version: Option<u64>,
+}
+
+pub fn record_health(health: &Health<'_>) {
+    for (spiffe_id, not_after) in &health.certificates {
+        metrics::gauge!("trellis_certificate_expiry_timestamp_seconds", "spiffe_id" => spiffe_id.clone())
+            .set(unix_seconds(*not_after));
+    }
+    metrics::gauge!("trellis_trust_bundle_roots").set(health.roots.len() as f64);
+    for (sha256, not_after) in &health.roots {
+        metrics::gauge!("trellis_trust_bundle_root_expiry_timestamp_seconds", "sha256" => sha256.to_string())
+            .set(unix_seconds(*not_after));
+    }
+    if let Some(version) = health.config_version {
+        metrics::gauge!("trellis_config_version").set(version as f64);
+    }
+    metrics::gauge!("trellis_control_plane_connected").increment(0.0);
+    for result in ["ack", "nack"] {
+        metrics::counter!("trellis_config_updates_total", "result" => result).increment(0);
+    }
+    for result in ["ok", "error"] {
+        for (spiffe_id, _) in &health.certificates {
+            metrics::counter!("trellis_certificate_rotations_total", "spiffe_id" => spiffe_id.clone(), "result" => result)
+                .increment(0);
+        }
+    }
+}
+
+/// Counts a certificate issuance attempt for `spiffe_id` (bounded: this proxy's own identities).
+pub fn certificate_rotation(spiffe_id: &SpiffeId, ok: bool) {
+    metrics::counter!(
+        "trellis_certificate_rotations_total",
+        "spiffe_id" => spiffe_id.to_string(),
+        "result" => if ok { "ok" } else { "error" }
+    )
+    .increment(1);
+}
+
+pub fn config_update(applied: bool) {
+    metrics::counter!("trellis_config_updates_total", "result" => if applied { "ack" } else { "nack" }).increment(1);
+}
+
+pub fn control_plane_connected(connected: bool) {
+    metrics::gauge!("trellis_control_plane_connected").set(if connected { 1.0 } else { 0.0 });
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Process and runtime figures, refreshed just before each scrape is rendered.
+pub fn record_process() {
+    if let Some(p) = crate::process::ProcessStats::read() {
+        metrics::gauge!("process_resident_memory_bytes").set(p.resident_bytes as f64);
+        metrics::counter!("process_cpu_seconds_total").absolute(p.cpu_seconds.floor() as u64);
+        metrics::gauge!("process_open_fds").set(p.open_fds as f64);
+        metrics::gauge!("process_start_time_seconds").set(p.start_time_seconds);
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let m = runtime.metrics();
+        metrics::gauge!("tokio_workers").set(m.num_workers() as f64);
+        metrics::gauge!("tokio_alive_tasks").set(m.num_alive_tasks() as f64);
+        metrics::gauge!("tokio_global_queue_depth").set(m.global_queue_depth() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(flags: Flags, source_workload: &str) -> TrafficKey {
+        let id = SpiffeId::workload("td", "ns", "sa").unwrap();
+        TrafficKey {
+            reporter: Reporter::Destination,
+            source: PeerLabels::new(&id, source_workload, "ns"),
+            destination: PeerLabels::new(&id, "server", "ns"),
+            mutual_tls: true,
+            flags,
+        }
+    }
+
+    fn line<'a>(text: &'a str, name: &str, needle: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(name) && l.contains(needle))
+    }
+
+    #[test]
+    fn traffic_series_render_with_istio_labels_one_handle_per_label_set() {
+        let recorder = builder(SERIES_IDLE_TIMEOUT).unwrap().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let traffic = TrafficMetrics::default();
+            let series = traffic.tcp(key(Flags::None, "client"));
+            series.opened();
+            series.closed(100, 7);
+            traffic.tcp(key(Flags::Deny, "client")).opened();
+            assert!(Arc::ptr_eq(&series, &traffic.tcp(key(Flags::None, "client"))), "one handle per label set");
+
+            let text = handle.render();
+            let opened = line(&text, "istio_tcp_connections_opened_total", "response_flags=\"-\"").unwrap();
+            for label in [
+                "reporter=\"destination\"",
+                "source_principal=\"td/ns/ns/sa/sa\"",
+                "source_workload=\"client\"",
+                "destination_workload=\"server\"",
+                "connection_security_policy=\"mutual_tls\"",
+            ] {
+                assert!(opened.contains(label), "{label} missing from {opened}");
+            }
+            assert!(opened.ends_with(" 1"), "{opened}");
+            assert!(line(&text, "istio_tcp_received_bytes_total", "\"-\"").unwrap().ends_with(" 100"));
+            assert!(line(&text, "istio_tcp_sent_bytes_total", "\"-\"").unwrap().ends_with(" 7"));
+            assert!(line(&text, "istio_tcp_connections_opened_total", "DENY").is_some());
+        });
+    }
+
+    #[test]
+    fn series_of_a_workload_that_left_expire_while_live_ones_stay() {
+        let idle = Duration::from_millis(300);
+        let recorder = builder(idle).unwrap().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let traffic = TrafficMetrics::default();
+            traffic.tcp(key(Flags::None, "client")).opened();
+            traffic.tcp(key(Flags::None, "other")).opened();
+            let present = HashSet::from([("ns".into(), "server".into()), ("ns".into(), "other".into())]);
+            // The exporter notices idleness between renders, as it does between Prometheus's scrapes.
+            for _ in 0..5 {
+                handle.render();
+                std::thread::sleep(idle / 3);
+                traffic.upkeep(&present);
+            }
+            assert_eq!(traffic.tcp.len(), 1, "the departed client's series are forgotten at once");
+            let text = handle.render();
+            assert!(line(&text, "istio_tcp_connections_opened_total", "source_workload=\"other\"").is_some(), "{text}");
+            assert!(
+                line(&text, "istio_tcp_connections_opened_total", "source_workload=\"client\"").is_none(),
+                "{text}"
+            );
+        });
+    }
+
+    #[test]
+    fn decisions_are_counted_under_the_deciding_policy() {
+        let yaml = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-evil, namespace: ns}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: ["td/ns/evil/sa/x"]}}]}]
+"#;
+        let resources = trellis_policy::parse_documents(yaml).unwrap();
+        let compiled = trellis_policy::CompiledPolicies::compile(&resources, "trellis-system").unwrap();
+        let policies = compiled.for_workload("ns", &Default::default());
+        let recorder = builder(SERIES_IDLE_TIMEOUT).unwrap().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let counters = DecisionCounters::build([&policies]);
+            let ip = "10.0.0.1".parse().unwrap();
+            let denied = policies.evaluate(&trellis_policy::Request::tcp(Some("td/ns/evil/sa/x"), ip, ip, 80));
+            counters.record(&denied);
+            counters.record_closed(&denied);
+            let allowed = policies.evaluate(&trellis_policy::Request::tcp(Some("td/ns/ns/sa/ok"), ip, ip, 80));
+            counters.record(&allowed);
+            let text = handle.render();
+            let find = |needle: &str| {
+                text.lines()
+                    .find(|l| l.starts_with("trellis_authz_decisions_total") && l.contains(needle))
+                    .map(str::to_owned)
+            };
+            let denied = find("result=\"denied\"").unwrap();
+            assert!(denied.contains("action=\"DENY\"") && denied.contains("policy=\"ns/deny-evil\""), "{denied}");
+            assert!(find("closed_on_reevaluation").unwrap().contains("ns/deny-evil"));
+            let allowed = find("result=\"allowed\"").unwrap();
+            assert!(allowed.contains("policy=\"none\"") && allowed.ends_with(" 1"), "{allowed}");
+        });
+    }
+}
