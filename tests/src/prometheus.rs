@@ -43,12 +43,17 @@ impl Prometheus {
         prometheus
     }
 
+    /// Runs an instant query; panics if Prometheus rejects it (invalid PromQL).
+    pub fn query(&self, expr: &str) -> serde_json::Value {
+        let path = format!("/api/v1/query?query={}", http::encode_query_value(expr));
+        let (status, body) = http::get(self.addr, &path).expect("Prometheus query API");
+        assert_eq!(status, 200, "Prometheus rejected {expr}: {body}");
+        serde_json::from_str(&body).expect("Prometheus JSON")
+    }
+
     /// The value of an instant query that returns one sample, or None (no sample yet, or several).
     pub fn query_value(&self, expr: &str) -> Option<f64> {
-        let path = format!("/api/v1/query?query={}", http::encode_query_value(expr));
-        let (status, body) = http::get(self.addr, &path).ok()?;
-        assert_eq!(status, 200, "Prometheus rejected {expr}: {body}");
-        let json: serde_json::Value = serde_json::from_str(&body).expect("Prometheus JSON");
+        let json = self.query(expr);
         let result = json["data"]["result"].as_array()?;
         if result.len() != 1 {
             return None;

@@ -129,6 +129,23 @@ fn prometheus_scrapes_exactly_the_traffic_made() {
     prometheus.wait_value(r#"sum(trellis_join_attempts_total{result="ok"})"#, 3.0);
     prometheus.wait_value(r#"count(process_resident_memory_bytes{job!="control"} > 1e6)"#, 3.0);
 
+    // Every query of the shipped Grafana dashboard is valid PromQL for this Prometheus.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/grafana/trellis.json")).unwrap(),
+    )
+    .unwrap();
+    let exprs: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .map(|t| t["expr"].as_str().unwrap())
+        .collect();
+    assert!(exprs.len() >= 10);
+    for expr in exprs {
+        prometheus.query(&expr.replace("$__rate_interval", "1m"));
+    }
+
     // proxy-status carries the same convergence measurements.
     let status = m.cp.proxy_status();
     for proxy in status["proxies"].as_array().unwrap() {
