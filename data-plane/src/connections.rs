@@ -3,23 +3,16 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 
 use dashmap::DashMap;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use trellis_proto::spiffe::SpiffeId;
 
 use crate::registry::LocalWorkload;
-
-/// Buffer per direction when copying a proxied connection. Measured (`trellis-bench tunnel --quick`, 2 vCPU):
-/// 8 and 16 KiB give ~180 MB/s through two proxies, 64 KiB ~280 MB/s: fewer, larger HTTP/2 DATA frames and TLS
-/// records. The cost is 128 KiB per connection per proxy even when idle; adaptive buffers are the next step.
-pub const COPY_BUFFER: usize = 64 * 1024;
 
 /// Bytes a proxied connection carried each way, counted as they are read so that a connection cut short (by a
 /// policy change or shutdown) still reports what it carried.
@@ -37,59 +30,13 @@ impl ByteCounts {
 }
 
 /// Copies both ways between `client` and `server` until both directions are closed (half-close passes through),
-/// with [`COPY_BUFFER`] each way, counting into `counts`.
+/// counting into `counts`.
 pub async fn copy_counted<C, S>(client: &mut C, server: &mut S, counts: &ByteCounts) -> io::Result<()>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut client = Counted { io: client, read: &counts.from_client };
-    let mut server = Counted { io: server, read: &counts.to_client };
-    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, COPY_BUFFER, COPY_BUFFER).await.map(|_| ())
-}
-
-/// Counts the bytes read from `io` (one relaxed atomic add per read).
-struct Counted<'a, T> {
-    io: &'a mut T,
-    read: &'a AtomicU64,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut *self.io).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.read.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        result
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.io).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
+    crate::copy::bidirectional(client, server, &counts.from_client, &counts.to_client).await
 }
 
 /// What the destination proxy knows about an inbound tunnelled connection.

@@ -7,6 +7,7 @@ pub mod authz;
 pub mod backoff;
 pub mod config;
 pub mod connections;
+pub mod copy;
 pub mod discovery;
 pub mod identity;
 pub mod inbound;
