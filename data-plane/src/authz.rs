@@ -29,6 +29,11 @@ impl LocalPolicies {
         Self { by_workload, decisions }
     }
 
+    /// The policies (and PeerAuthentication modes) of one local workload.
+    pub fn workload(&self, key: &str) -> Option<&WorkloadPolicies> {
+        self.by_workload.get(key)
+    }
+
     /// The decision for an inbound connection (None: the workload is unknown here, which the caller refuses).
     pub fn check<'p>(&'p self, conn: &InboundConn, peer: SocketAddr) -> Option<Decision<'p>> {
         let policies = self.by_workload.get(&conn.workload.key)?;

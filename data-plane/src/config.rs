@@ -38,7 +38,21 @@ pub struct Config {
     pub drain_timeout: std::time::Duration,
     /// Namespace whose policies apply mesh-wide (Istio's root namespace).
     pub root_namespace: String,
+    pub capture: Capture,
 }
+
+/// Transparent capture (`run --capture`, `capture install`): what the nftables rules leave alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    /// SO_MARK on every socket the proxy dials; packets carrying it are never redirected.
+    pub mark: u32,
+    pub exclude_outbound_ports: Vec<u16>,
+    pub exclude_outbound_cidrs: Vec<trellis_policy::Cidr>,
+    pub exclude_inbound_ports: Vec<u16>,
+}
+
+/// `capture.mark` when none is configured (ASCII "tr").
+pub const DEFAULT_CAPTURE_MARK: u32 = 0x7472;
 
 /// Outbound behaviour: what to do with destinations outside the mesh, and who the SOCKS5 listener speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +220,55 @@ struct RawConfig {
     outbound: RawOutbound,
     drain_timeout: Option<String>,
     root_namespace: Option<String>,
+    #[serde(default)]
+    capture: RawCapture,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawCapture {
+    mark: Option<u64>,
+    #[serde(default)]
+    exclude_outbound_ports: Vec<u64>,
+    #[serde(default)]
+    exclude_outbound_cidrs: Vec<String>,
+    #[serde(default)]
+    exclude_inbound_ports: Vec<u64>,
+}
+
+impl RawCapture {
+    fn validate(&self, p: &mut Problems) -> Capture {
+        let mark = match self.mark {
+            None => DEFAULT_CAPTURE_MARK,
+            Some(m) => u32::try_from(m).ok().filter(|m| *m != 0).unwrap_or_else(|| {
+                p.add("capture.mark", format!("{m} is not in 1..4294967295"));
+                DEFAULT_CAPTURE_MARK
+            }),
+        };
+        let mut ports = |field: &str, list: &[u64]| -> Vec<u16> {
+            (list.iter().enumerate())
+                .filter_map(|(i, n)| match u16::try_from(*n) {
+                    Ok(port) if port != 0 => Some(port),
+                    _ => {
+                        p.add(&format!("capture.{field}[{i}]"), format!("{n} is not in 1..65535"));
+                        None
+                    }
+                })
+                .collect()
+        };
+        let exclude_outbound_ports = ports("excludeOutboundPorts", &self.exclude_outbound_ports);
+        let exclude_inbound_ports = ports("excludeInboundPorts", &self.exclude_inbound_ports);
+        let exclude_outbound_cidrs = (self.exclude_outbound_cidrs.iter().enumerate())
+            .filter_map(|(i, text)| {
+                text.parse::<trellis_policy::Cidr>()
+                    .map_err(|_| {
+                        p.add(&format!("capture.excludeOutboundCidrs[{i}]"), format!("{text:?} is not a CIDR"))
+                    })
+                    .ok()
+            })
+            .collect();
+        Capture { mark, exclude_outbound_ports, exclude_outbound_cidrs, exclude_inbound_ports }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -296,6 +359,7 @@ impl RawConfig {
 
         let workloads = validate_workloads(self.workloads, &mut p);
         let listen = self.listen.validate(&mut p);
+        let capture = self.capture.validate(&mut p);
 
         let hbone_address = match self.hbone_address {
             Some(addr) => {
@@ -340,6 +404,7 @@ impl RawConfig {
             outbound: Outbound { passthrough: self.outbound.passthrough, socks5_workload },
             drain_timeout,
             root_namespace,
+            capture,
             node: self.node,
             control_plane: ControlPlane {
                 address: self.control_plane.address,
@@ -585,6 +650,11 @@ logFormat: json
             ("hboneAddress: nohost\n".into(), r#"hboneAddress: "nohost" is not host:port"#),
             ("logFormat: xml\n".into(), "unknown variant `xml`"),
             ("extra: 1\n".into(), "unknown field `extra`"),
+            ("capture:\n  mark: 0\n".into(), "capture.mark: 0 is not in 1..4294967295"),
+            ("capture:\n  excludeOutboundPorts: [22, 70000]\n".into(), "capture.excludeOutboundPorts[1]: 70000 is not"),
+            ("capture:\n  excludeInboundPorts: [0]\n".into(), "capture.excludeInboundPorts[0]: 0 is not"),
+            ("capture:\n  excludeOutboundCidrs: [10.0.0.0/33]\n".into(), "capture.excludeOutboundCidrs[0]: \"10.0.0.0/33\" is not a CIDR"),
+            ("capture:\n  redirect: all\n".into(), "unknown field `redirect`"),
             (
                 "workloads:\n  - {name: a, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.1\"], ports: [{port: 1, protocol: udp}]}\n".into(),
                 "unknown variant `udp`",

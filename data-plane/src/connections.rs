@@ -54,8 +54,19 @@ pub struct InboundConn {
     pub workload: Arc<LocalWorkload>,
 }
 
+/// A plaintext connection accepted on the captured inbound listener: no peer identity, so authorization sees no
+/// principal.
+#[derive(Debug)]
+pub struct PlaintextConn {
+    /// The client's address (not a proxy: the connection came straight from it).
+    pub client: SocketAddr,
+    pub destination: SocketAddr,
+    pub workload: Arc<LocalWorkload>,
+}
+
 struct Tracked {
     inbound: Option<Arc<InboundConn>>,
+    plaintext: Option<Arc<PlaintextConn>>,
     cancel: CancellationToken,
 }
 
@@ -84,9 +95,21 @@ impl Drop for Registration {
 
 impl Connections {
     pub fn register(self: &Arc<Self>, inbound: Option<Arc<InboundConn>>) -> Registration {
+        self.track(inbound, None)
+    }
+
+    pub fn register_plaintext(self: &Arc<Self>, conn: Arc<PlaintextConn>) -> Registration {
+        self.track(None, Some(conn))
+    }
+
+    fn track(
+        self: &Arc<Self>,
+        inbound: Option<Arc<InboundConn>>,
+        plaintext: Option<Arc<PlaintextConn>>,
+    ) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
-        self.open.insert(id, Tracked { inbound, cancel: cancel.clone() });
+        self.open.insert(id, Tracked { inbound, plaintext, cancel: cancel.clone() });
         Registration { connections: self.clone(), id, cancel }
     }
 
@@ -103,6 +126,20 @@ impl Connections {
         let mut closed = 0;
         for entry in self.open.iter() {
             if let Some(conn) = &entry.inbound
+                && !keep(conn)
+            {
+                entry.cancel.cancel();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Closes every plaintext inbound connection for which `keep` says no; returns how many.
+    pub fn close_plaintext_unless(&self, mut keep: impl FnMut(&PlaintextConn) -> bool) -> usize {
+        let mut closed = 0;
+        for entry in self.open.iter() {
+            if let Some(conn) = &entry.plaintext
                 && !keep(conn)
             {
                 entry.cancel.cancel();

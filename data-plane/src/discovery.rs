@@ -136,8 +136,9 @@ impl Discovery {
         let roots = self.state.load().trust_bundle.as_ref().map_or_else(|| self.node.roots.clone(), |b| b.root_ders());
         let tls_config = tls::client_config(ServerTrust::Roots(roots), Some(self.node.client_identity()))?;
         let address = &self.config.control_plane.address;
-        let channel =
-            tls::connect(address, tls_config.into()).await.map_err(|e| StreamError::Connect(connect_error(&e)))?;
+        let channel = tls::connect_with(address, tls_config.into(), crate::dial::connect_host)
+            .await
+            .map_err(|e| StreamError::Connect(connect_error(&e)))?;
 
         let (tx, rx) = mpsc::unbounded_channel();
         let mut session = Session { tx, seen_update: false };

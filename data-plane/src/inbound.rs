@@ -252,7 +252,7 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
     };
     drop(policies);
 
-    let upstream = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(target)).await {
+    let upstream = match tokio::time::timeout(DIAL_TIMEOUT, crate::dial::connect(target)).await {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(e)) => {
             info!(source = %conn.source, %target, error = %e, "workload refused the connection");

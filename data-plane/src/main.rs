@@ -22,7 +22,25 @@ enum Command {
         /// Proxy configuration file (YAML).
         #[arg(long, short)]
         config: PathBuf,
+        /// Install the nftables capture rules on start, remove them on exit (kept if the proxy is killed, so
+        /// traffic fails closed).
+        #[arg(long)]
+        capture: bool,
     },
+    /// Install, remove or show the capture rules (for operators and init containers).
+    Capture {
+        #[arg(value_enum)]
+        action: CaptureAction,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CaptureAction {
+    Install,
+    Uninstall,
+    Status,
 }
 
 fn main() -> ExitCode {
@@ -37,11 +55,39 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let Command::Run { config } = cli.command;
+    use trellis_data_plane::capture;
+    let (config, with_capture) = match cli.command {
+        Command::Run { config, capture } => (config, capture),
+        Command::Capture { action, config } => {
+            let action = match action {
+                CaptureAction::Install => capture::Action::Install,
+                CaptureAction::Uninstall => capture::Action::Uninstall,
+                CaptureAction::Status => capture::Action::Status,
+            };
+            if !capture::command(action, &Config::load(&config)?)? {
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
+    };
     // Config errors go to stderr before logging exists; the log format is itself configured.
     let config = Config::load(&config)?;
     trellis_data_plane::logging::init(config.log_format);
+    if with_capture {
+        capture::install(&capture::CaptureSpec::from_config(&config)?).context("installing the capture rules")?;
+        tracing::info!(table = capture::TABLE, "capture rules installed");
+    }
+    let result = serve(config);
+    if with_capture {
+        match capture::uninstall() {
+            Ok(()) => tracing::info!("capture rules removed"),
+            Err(e) => tracing::error!(error = %e, "cannot remove the capture rules"),
+        }
+    }
+    result
+}
 
+fn serve(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
         let (stop, shutdown) = watch::channel(false);

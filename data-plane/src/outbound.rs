@@ -136,7 +136,7 @@ async fn open(
         None => match data.outbound.passthrough {
             Passthrough::Deny => Err(OutboundError::PassthroughDenied(target)),
             Passthrough::Allow => {
-                let stream = tokio::time::timeout(DIRECT_DIAL_TIMEOUT, TcpStream::connect(target))
+                let stream = tokio::time::timeout(DIRECT_DIAL_TIMEOUT, crate::dial::connect(target))
                     .await
                     .map_err(|_| OutboundError::Direct(target, std::io::ErrorKind::TimedOut.into()))?
                     .map_err(|e| OutboundError::Direct(target, e))?;
@@ -192,7 +192,7 @@ pub async fn serve_captured(listener: TcpListener, data: Arc<DataPath>) {
 }
 
 /// The destination before the kernel's REDIRECT/TPROXY rewrite.
-fn original_destination(tcp: &TcpStream) -> Option<SocketAddr> {
+pub(crate) fn original_destination(tcp: &TcpStream) -> Option<SocketAddr> {
     let socket = socket2::SockRef::from(tcp);
     let original = match tcp.local_addr().ok()? {
         SocketAddr::V4(_) => socket.original_dst_v4(),

@@ -197,7 +197,7 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
     let proxy = key.proxy;
     let config = tls.client_for(&key.source, &key.destination).map_err(|e| TunnelError::Tls(proxy, e))?;
     let connect = async {
-        let tcp = tokio::net::TcpStream::connect(proxy).await.map_err(|e| TunnelError::Connect(proxy, e))?;
+        let tcp = crate::dial::connect(proxy).await.map_err(|e| TunnelError::Connect(proxy, e))?;
         let _ = tcp.set_nodelay(true);
         let tls_stream = tokio_rustls::TlsConnector::from(config)
             .connect(ServerName::IpAddress(proxy.ip().into()), tcp)

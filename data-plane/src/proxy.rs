@@ -64,6 +64,7 @@ impl Shared {
 /// Runs the proxy until `shutdown` turns true.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), ProxyError> {
     let config = Arc::new(config);
+    crate::dial::set_mark(config.capture.mark);
     let state = Arc::new(StateStore::new(State::default()));
     let shared = Arc::new(Shared::new(config.node.clone(), state.clone()));
 
@@ -237,7 +238,7 @@ fn record_health(certs: &WorkloadCerts, state: &StateStore) {
 fn reauthorize(data: &DataPath, compiled: &trellis_policy::CompiledPolicies) {
     let local = Arc::new(LocalPolicies::build(compiled, &data.locals));
     data.authz.store(local.clone());
-    let closed = data.connections.close_inbound_unless(|conn| match local.check(conn, conn.peer) {
+    let mut closed = data.connections.close_inbound_unless(|conn| match local.check(conn, conn.peer) {
         Some(decision) if decision.allowed => true,
         Some(decision) => {
             info!(source = %conn.source, target = %conn.destination, %decision, "closing connection after a policy change");
@@ -246,6 +247,7 @@ fn reauthorize(data: &DataPath, compiled: &trellis_policy::CompiledPolicies) {
         }
         None => false,
     });
+    closed += data.connections.close_plaintext_unless(|conn| crate::inbound_plaintext::still_allowed(&local, conn));
     if closed > 0 {
         info!(closed, "connections closed by re-evaluation");
     }
@@ -267,6 +269,8 @@ async fn start_listeners(
     tasks.push(tokio::spawn(crate::inbound::serve(hbone, data.clone(), shutdown.clone())));
     let captured = bind(config.listen.outbound, "listen.outbound").await?;
     tasks.push(tokio::spawn(crate::outbound::serve_captured(captured, data.clone())));
+    let plaintext = bind(config.listen.inbound, "listen.inbound").await?;
+    tasks.push(tokio::spawn(crate::inbound_plaintext::serve(plaintext, data.clone())));
     if let Some(workload) = config.outbound.socks5_workload.and_then(|i| data.locals.get(i)).cloned() {
         let socks5 = bind(config.listen.socks5, "listen.socks5").await?;
         info!(address = %config.listen.socks5, workload = %workload.spiffe_id, "SOCKS5 outbound listening");

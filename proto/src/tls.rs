@@ -101,6 +101,15 @@ pub fn client_config(trust: ServerTrust, identity: Option<ClientIdentity>) -> Re
 
 /// Opens a gRPC channel to the control plane at `address` (`host:port`) over TLS with `config`.
 pub async fn connect(address: &str, config: Arc<ClientConfig>) -> Result<Channel, TlsError> {
+    connect_with(address, config, |address| async move { tokio::net::TcpStream::connect(address).await }).await
+}
+
+/// [`connect`] with the caller's TCP dial (the proxy marks its sockets so that its own capture rules skip them).
+pub async fn connect_with<D, F>(address: &str, config: Arc<ClientConfig>, dial: D) -> Result<Channel, TlsError>
+where
+    D: Fn(String) -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + 'static,
+{
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|source| TlsError::BadAddress { address: address.to_owned(), source })?
         .connect_timeout(Duration::from_secs(5))
@@ -112,9 +121,9 @@ pub async fn connect(address: &str, config: Arc<ClientConfig>) -> Result<Channel
     let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_uri| {
             let connector = connector.clone();
-            let address = address.clone();
+            let dialled = dial.clone()(address.clone());
             async move {
-                let tcp = tokio::net::TcpStream::connect(&address).await?;
+                let tcp = dialled.await?;
                 tcp.set_nodelay(true)?;
                 let name = ServerName::try_from(CONTROL_PLANE_SERVER_NAME).expect("static server name is valid");
                 let tls = connector.connect(name, tcp).await?;

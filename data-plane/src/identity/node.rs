@@ -193,7 +193,9 @@ impl NodeCredential {
 
         let config = tls::client_config(ServerTrust::Pin(cp.ca_pin), None)?;
         let unreachable = |reason: String| NodeError::Unreachable { address: cp.address.clone(), reason };
-        let channel = tls::connect(&cp.address, config.into()).await.map_err(|e| unreachable(connect_error(&e)))?;
+        let channel = tls::connect_with(&cp.address, config.into(), crate::dial::connect_host)
+            .await
+            .map_err(|e| unreachable(connect_error(&e)))?;
         let request = JoinRequest { token, node: node.to_owned(), csr_der };
         let response = tokio::time::timeout(JOIN_TIMEOUT, IdentityClient::new(channel).join(request))
             .await
