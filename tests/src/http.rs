@@ -6,16 +6,24 @@ use std::time::Duration;
 
 /// Returns (status code, body).
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    request("GET", addr, path)
+    request(None, "GET", addr, path)
+}
+
+/// [`get`] from inside network namespace `netns`.
+pub fn get_in(netns: Option<&str>, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    request(netns, "GET", addr, path)
 }
 
 /// A POST with an empty body; returns (status code, body).
 pub fn post(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    request("POST", addr, path)
+    request(None, "POST", addr, path)
 }
 
-fn request(method: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+fn request(netns: Option<&str>, method: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = match netns {
+        None => TcpStream::connect_timeout(&addr, Duration::from_secs(5))?,
+        Some(_) => crate::netns::connect_in(netns, addr)?,
+    };
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let length = if method == "POST" { "Content-Length: 0\r\n" } else { "" };
     write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{length}Connection: close\r\n\r\n")?;

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod hbone;
 pub mod http;
+pub mod netns;
 pub mod prometheus;
 pub mod socks;
 
@@ -49,11 +50,18 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
 }
 
 fn wait_listening(addr: SocketAddr, child: &mut Child, log: &Path) {
+    wait_listening_in(None, addr, child, log)
+}
+
+fn wait_listening_in(netns: Option<&str>, addr: SocketAddr, child: &mut Child, log: &Path) {
     wait_for(&format!("{addr} to accept connections"), Duration::from_secs(30), || {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("process exited with {status} before listening; log:\n{}", read_log(log));
         }
-        TcpStream::connect(addr).ok().map(|_| ())
+        match netns {
+            None => TcpStream::connect(addr).ok().map(|_| ()),
+            Some(_) => netns::connect_in(netns, addr).ok().map(|_| ()),
+        }
     });
 }
 
@@ -68,6 +76,8 @@ pub struct ControlPlane {
     pub metrics_addr: SocketAddr,
     serve_args: Vec<String>,
     child: Option<Child>,
+    /// Network namespace it runs in (and `trellisctl` with it); `None`: this one.
+    netns: Option<String>,
 }
 
 impl ControlPlane {
@@ -85,9 +95,17 @@ impl ControlPlane {
 
     /// `trellis-control init` then `serve`, with extra `serve` flags (e.g. `--cert-ttl 1m`).
     pub fn start(extra_serve_args: &[&str]) -> Self {
+        Self::start_at(None, free_addr(), free_addr(), extra_serve_args)
+    }
+
+    /// The same on `host`, listening on its address at Istio's ports (15012, metrics on 127.0.0.1:15014).
+    pub fn start_in(host: &netns::Host, extra_serve_args: &[&str]) -> Self {
+        let metrics = SocketAddr::from(([127, 0, 0, 1], 15014));
+        Self::start_at(Some(host.ns.clone()), host.addr(15012), metrics, extra_serve_args)
+    }
+
+    fn start_at(netns: Option<String>, addr: SocketAddr, metrics_addr: SocketAddr, extra_serve_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let addr = free_addr();
-        let metrics_addr = free_addr();
         let data_dir = dir.path().join("data");
         let init = Command::new(bin("trellis-control"))
             .args(["init", "--data-dir"])
@@ -106,21 +124,21 @@ impl ControlPlane {
             metrics_addr.to_string(),
         ];
         serve_args.extend(extra_serve_args.iter().map(|s| s.to_string()));
-        let mut cp = Self { dir, addr, metrics_addr, serve_args, child: None };
+        let mut cp = Self { dir, addr, metrics_addr, serve_args, child: None, netns };
         cp.spawn();
         cp
     }
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
-        let mut child = Command::new(bin("trellis-control"))
+        let mut child = netns::command(self.netns.as_deref(), bin("trellis-control"))
             .args(&self.serve_args)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("spawn trellis-control serve");
-        wait_listening(self.addr, &mut child, &self.log_path());
+        wait_listening_in(self.netns.as_deref(), self.addr, &mut child, &self.log_path());
         self.child = Some(child);
     }
 
@@ -143,7 +161,7 @@ impl ControlPlane {
     }
 
     pub fn ctl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(bin("trellisctl"))
+        let mut child = netns::command(self.netns.as_deref(), bin("trellisctl"))
             .arg("--config")
             .arg(self.admin_config())
             .args(args)
@@ -235,6 +253,7 @@ pub struct WorkloadSpec {
     pub service_account: String,
     pub addresses: Vec<String>,
     pub ports: Vec<(u16, &'static str)>,
+    pub labels: Vec<(String, String)>,
 }
 
 impl WorkloadSpec {
@@ -245,6 +264,7 @@ impl WorkloadSpec {
             service_account: service_account.into(),
             addresses: vec![address.into()],
             ports: vec![(8080, "tcp")],
+            labels: Vec::new(),
         }
     }
 }
@@ -258,6 +278,10 @@ pub struct ProxyOptions {
     pub socks5_workload: Option<String>,
     /// Extra top-level config fields (e.g. `{"drainTimeout": "5s"}`), merged over the generated ones.
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Run on this host (network namespace): every listener at Istio's default port, `hboneAddress` the host's.
+    pub netns: Option<netns::Host>,
+    /// `run --capture`: install the nftables rules (root; use with `netns`).
+    pub capture: bool,
 }
 
 /// A running `trellis-proxy`. Its HBONE listener is on every address (so that tunnels dialled to a workload's
@@ -274,6 +298,8 @@ pub struct Proxy {
     pub hbone_port: u16,
     config_path: PathBuf,
     child: Option<Child>,
+    netns: Option<String>,
+    capture: bool,
 }
 
 impl Proxy {
@@ -302,16 +328,32 @@ impl Proxy {
         };
         let (token, pin) = cp.token(node, &namespaces, &[]);
         let dir = tempfile::tempdir().expect("tempdir");
-        let admin_addr = free_addr();
-        let (socks5_addr, outbound_addr, inbound_addr, metrics_addr, ready_addr) =
-            (free_addr(), free_addr(), free_addr(), free_addr(), free_addr());
-        let hbone_port = free_port();
+        let at = |ip: [u8; 4], port| SocketAddr::from((ip, port));
+        let (admin_addr, socks5_addr, outbound_addr, inbound_addr, metrics_addr, ready_addr, hbone_port) =
+            match &options.netns {
+                // A namespace of its own: nothing else listens there.
+                Some(_) => (
+                    at([127, 0, 0, 1], 15000),
+                    at([127, 0, 0, 1], 15080),
+                    at([127, 0, 0, 1], 15001),
+                    at([0, 0, 0, 0], 15006),
+                    at([0, 0, 0, 0], 15020),
+                    at([0, 0, 0, 0], 15021),
+                    15008,
+                ),
+                None => (free_addr(), free_addr(), free_addr(), free_addr(), free_addr(), free_addr(), free_port()),
+            };
+        let hbone_address = match &options.netns {
+            Some(host) => host.addr(hbone_port).to_string(),
+            None => format!("127.0.0.1:{hbone_port}"),
+        };
         let workloads_yaml: Vec<serde_json::Value> = workloads
             .iter()
             .map(|w| {
                 serde_json::json!({
                     "name": w.name, "namespace": w.namespace, "serviceAccount": w.service_account,
                     "addresses": w.addresses,
+                    "labels": w.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
                     "ports": w.ports.iter().map(|(p, proto)| serde_json::json!({"port": p, "protocol": proto})).collect::<Vec<_>>(),
                 })
             })
@@ -334,7 +376,7 @@ impl Proxy {
                 "metrics": metrics_addr.to_string(),
                 "ready": ready_addr.to_string(),
             },
-            "hboneAddress": format!("127.0.0.1:{hbone_port}"),
+            "hboneAddress": hbone_address,
             "outbound": outbound,
         });
         for (key, value) in options.extra {
@@ -354,6 +396,8 @@ impl Proxy {
             hbone_port,
             config_path,
             child: None,
+            netns: options.netns.map(|h| h.ns),
+            capture: options.capture,
         };
         proxy.spawn();
         proxy
@@ -361,21 +405,33 @@ impl Proxy {
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
-        let mut child = Command::new(bin("trellis-proxy"))
+        let mut child = netns::command(self.netns.as_deref(), bin("trellis-proxy"))
             .args(["run", "--config"])
             .arg(&self.config_path)
+            .args(self.capture.then_some("--capture"))
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("spawn trellis-proxy");
-        wait_listening(self.admin_addr, &mut child, &self.log_path());
+        wait_listening_in(self.netns.as_deref(), self.admin_addr, &mut child, &self.log_path());
         self.child = Some(child);
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Starts it again (after `kill9`, say), with the node credential it stored.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
     }
 
     /// The proxy's `/config_dump`, once it answers.
     pub fn config_dump(&self) -> serde_json::Value {
-        let (status, body) = http::get(self.admin_addr, "/config_dump").expect("GET /config_dump");
+        let (status, body) =
+            http::get_in(self.netns.as_deref(), self.admin_addr, "/config_dump").expect("GET /config_dump");
         assert_eq!(status, 200, "config_dump: {body}");
         serde_json::from_str(&body).expect("config_dump JSON")
     }
@@ -383,7 +439,7 @@ impl Proxy {
     /// Waits until `/config_dump` satisfies `check`.
     pub fn wait_config(&self, what: &str, mut check: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {
         wait_for(what, Duration::from_secs(30), || {
-            let (status, body) = http::get(self.admin_addr, "/config_dump").ok()?;
+            let (status, body) = http::get_in(self.netns.as_deref(), self.admin_addr, "/config_dump").ok()?;
             let dump: serde_json::Value = serde_json::from_str(&body).ok()?;
             (status == 200 && check(&dump)).then_some(dump)
         })
@@ -391,7 +447,10 @@ impl Proxy {
 
     pub fn wait_ready(&self) {
         wait_for("proxy ready", Duration::from_secs(30), || {
-            http::get(self.admin_addr, "/healthz/ready").ok().filter(|(s, _)| *s == 200).map(|_| ())
+            http::get_in(self.netns.as_deref(), self.admin_addr, "/healthz/ready")
+                .ok()
+                .filter(|(s, _)| *s == 200)
+                .map(|_| ())
         });
     }
 
@@ -442,8 +501,13 @@ impl Echo {
     /// Starts it and waits for its "listening on" line, so that an address someone else holds is an error here
     /// rather than a test silently talking to another process.
     pub fn start(addr: SocketAddr) -> Self {
+        Self::start_in(None, addr)
+    }
+
+    /// The same inside network namespace `netns`.
+    pub fn start_in(netns: Option<&str>, addr: SocketAddr) -> Self {
         use std::io::BufRead;
-        let mut child = Command::new(bin("trellis-echo"))
+        let mut child = netns::command(netns, bin("trellis-echo"))
             .args(["--listen", &addr.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
