@@ -4,18 +4,21 @@
 //! principal: `principals` ALLOW rules never match, `notPrincipals: ["*"]` DENY rules do) → dial → copy.
 //!
 //! The per-port modes and policies are resolved once per config change (`LocalPolicies`); a connection costs two
-//! map lookups and the evaluator's comparisons.
+//! map lookups and the evaluator's comparisons. Metrics and the access log report it like an inbound tunnel, with an
+//! unknown source and `connection_security_policy="none"`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 use trellis_policy::{Decision, MtlsMode, Request};
 
+use crate::access_log;
 use crate::authz::LocalPolicies;
 use crate::connections::{ByteCounts, PlaintextConn, copy_counted};
+use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::proxy::DataPath;
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,34 +39,88 @@ pub async fn serve(listener: TcpListener, data: Arc<DataPath>) {
 
 /// Why a plaintext connection may or may not proceed.
 pub enum Check<'p> {
-    Allowed { mode: MtlsMode, decision: Decision<'p> },
-    Refused(String),
+    Allowed {
+        mode: MtlsMode,
+        decision: Decision<'p>,
+    },
+    /// STRICT: the reason, and the PeerAuthentication (`ns/name`) that set it.
+    MtlsRequired {
+        reason: String,
+        policy: String,
+    },
+    Denied(Decision<'p>),
+    UnknownWorkload,
 }
 
 /// PeerAuthentication, then authorization, for a plaintext connection (also used to re-check open connections
 /// after a policy change).
 pub fn check<'p>(policies: &'p LocalPolicies, conn: &PlaintextConn) -> Check<'p> {
-    let Some(workload) = policies.workload(&conn.workload.key) else {
-        return Check::Refused(format!("no policies for workload {}", conn.workload.key));
-    };
+    let Some(workload) = policies.workload(&conn.workload.key) else { return Check::UnknownWorkload };
     let port = conn.destination.port();
     let mtls = workload.mtls().port(port);
     if mtls.mode == MtlsMode::Strict {
-        return Check::Refused(format!("port {port} requires mTLS: {mtls}"));
+        let policy = mtls.policy.as_ref().map_or_else(|| "-".to_owned(), |k| format!("{}/{}", k.namespace, k.name));
+        return Check::MtlsRequired { reason: format!("port {port} requires mTLS: {mtls}"), policy };
     }
     let request = Request::tcp(None, conn.client.ip(), conn.destination.ip(), port);
     let decision = workload.evaluate(&request);
-    if decision.allowed { Check::Allowed { mode: mtls.mode, decision } } else { Check::Refused(decision.to_string()) }
+    if decision.allowed { Check::Allowed { mode: mtls.mode, decision } } else { Check::Denied(decision) }
 }
 
 /// Whether an open plaintext connection is still allowed (re-evaluation after a config change).
 pub fn still_allowed(policies: &LocalPolicies, conn: &PlaintextConn) -> bool {
-    match check(policies, conn) {
-        Check::Allowed { .. } => true,
-        Check::Refused(reason) => {
-            info!(client = %conn.client, target = %conn.destination, %reason, "closing plaintext connection after a policy change");
-            false
+    let reason = match check(policies, conn) {
+        Check::Allowed { .. } => return true,
+        Check::MtlsRequired { reason, .. } => reason,
+        Check::Denied(decision) => {
+            policies.decisions.record_closed(&decision);
+            decision.to_string()
         }
+        Check::UnknownWorkload => "unknown workload".to_owned(),
+    };
+    info!(client = %conn.client, target = %conn.destination, %reason, "closing plaintext connection after a policy change");
+    false
+}
+
+/// Metrics and the access log of one plaintext connection: the source is unknown, the security policy `none`.
+struct Report<'a> {
+    data: &'a DataPath,
+    conn: &'a PlaintextConn,
+    started: Instant,
+}
+
+impl Report<'_> {
+    fn key(&self, flags: Flags) -> TrafficKey {
+        TrafficKey {
+            reporter: Reporter::Destination,
+            source: PeerLabels::unknown(),
+            destination: self.conn.workload.peer.clone(),
+            mutual_tls: false,
+            flags,
+        }
+    }
+
+    fn refused(&self, flags: Flags, decision: &'static str, policy: &str, detail: &str) -> String {
+        let key = self.key(flags);
+        let series = self.data.traffic.tcp(key.clone());
+        series.opened();
+        series.closed(0, 0);
+        self.log(&key, 0, 0, decision, policy, detail);
+        format!("{}: {detail}", self.conn.destination)
+    }
+
+    fn log(&self, key: &TrafficKey, received: u64, sent: u64, decision: &'static str, policy: &str, detail: &str) {
+        access_log::connection(&access_log::Entry {
+            key,
+            source_addr: Some(self.conn.client),
+            destination_addr: self.conn.destination,
+            received,
+            sent,
+            duration: self.started.elapsed(),
+            decision,
+            policy,
+            detail,
+        });
     }
 }
 
@@ -73,6 +130,7 @@ async fn connection(
     own: Option<SocketAddr>,
     data: &DataPath,
 ) -> Result<(), String> {
+    let started = Instant::now();
     let target = crate::outbound::original_destination(&tcp)
         .filter(|t| Some(*t) != own && Some(*t) != tcp.local_addr().ok())
         .ok_or("not redirected by the capture rules")?;
@@ -81,40 +139,62 @@ async fn connection(
         .cloned()
         .ok_or_else(|| format!("{target} is not a declared port of a workload this proxy fronts"))?;
     let conn = Arc::new(PlaintextConn { client, destination: target, workload });
+    let report = Report { data, conn: &conn, started };
     // Registered before the check, so that a policy change between check and registration cannot be missed.
     let registration = data.connections.register_plaintext(conn.clone());
-    {
+    let policy = {
         let policies = data.authz.load();
         match check(&policies, &conn) {
             Check::Allowed { mode, decision } => {
+                policies.decisions.record(&decision);
                 if !decision.audit.is_empty() || decision.dry_run.is_some() {
                     info!(%client, %target, %decision, "plaintext connection allowed");
                 }
                 debug!(%client, %target, %mode, "plaintext connection accepted");
+                decision.deciding.map_or_else(|| "-".to_owned(), |p| format!("{}/{}", p.namespace, p.name))
             }
-            Check::Refused(reason) => return Err(format!("{target}: {reason}")),
-        }
-    }
-    let mut upstream = tokio::time::timeout(DIAL_TIMEOUT, crate::dial::connect(target))
-        .await
-        .map_err(|_| format!("timed out dialling the workload at {target}"))?
-        .map_err(|e| format!("workload {target} refused the connection: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let mut tcp = tcp;
-    let counts = ByteCounts::default();
-    let result = tokio::select! {
-        r = copy_counted(&mut tcp, &mut upstream, &counts) => r,
-        () = registration.cancel.cancelled() => {
-            info!(%client, %target, "plaintext connection closed: no longer allowed by policy, or shutting down");
-            return Ok(());
+            Check::MtlsRequired { reason, policy } => {
+                return Err(report.refused(Flags::Deny, "denied", &policy, &reason));
+            }
+            Check::Denied(decision) => {
+                policies.decisions.record(&decision);
+                let policy =
+                    decision.deciding.map_or_else(|| "-".to_owned(), |p| format!("{}/{}", p.namespace, p.name));
+                return Err(report.refused(Flags::Deny, "denied", &policy, &decision.to_string()));
+            }
+            Check::UnknownWorkload => {
+                return Err(report.refused(Flags::NoRoute, "none", "-", "no policies for workload"));
+            }
         }
     };
-    match result {
-        Ok(()) => {
-            let (sent, received) = counts.get();
-            debug!(%client, %target, sent, received, "plaintext connection closed")
+    let mut upstream = match tokio::time::timeout(DIAL_TIMEOUT, crate::dial::connect(target)).await {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(e)) => {
+            return Err(report.refused(
+                Flags::Connect,
+                "allowed",
+                &policy,
+                &format!("workload refused the connection: {e}"),
+            ));
         }
-        Err(e) => debug!(%client, %target, error = %e, "plaintext connection failed"),
-    }
+        Err(_) => return Err(report.refused(Flags::Connect, "allowed", &policy, "timed out dialling the workload")),
+    };
+    let _ = tcp.set_nodelay(true);
+    let mut tcp = tcp;
+    let key = report.key(Flags::None);
+    let series = data.traffic.tcp(key.clone());
+    series.opened();
+    let _open = data.traffic.open_connection(Reporter::Destination);
+    let counts = ByteCounts::default();
+    let detail = tokio::select! {
+        result = copy_counted(&mut tcp, &mut upstream, &counts) => result.err().map(|e| e.to_string()),
+        () = registration.cancel.cancelled() => {
+            info!(%client, %target, "plaintext connection closed: no longer allowed by policy, or shutting down");
+            Some("closed by the proxy: policy change or shutdown".to_owned())
+        }
+    };
+    let (received, sent) = counts.get();
+    series.closed(received, sent);
+    report.log(&key, received, sent, "allowed", &policy, detail.as_deref().unwrap_or("-"));
     Ok(())
 }

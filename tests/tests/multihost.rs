@@ -190,6 +190,15 @@ fn peer_authentication_on_the_plaintext_inbound_listener() {
     // No PeerAuthentication: PERMISSIVE, as Istio. A client outside the mesh gets in, so does the mesh client.
     assert!(echo_works(outside, b.addr(ECHO), b"plaintext"), "default PERMISSIVE refused plaintext");
     assert!(echo_works(a, b.addr(ECHO), b"mesh"));
+    // The plaintext connection is reported as such.
+    let (_, metrics) =
+        trellis_tests::http::get_in(Some(&b.ns), "127.0.0.1:15020".parse().unwrap(), "/metrics").unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
+            && l.contains("connection_security_policy=\"none\"")
+            && l.contains("destination_workload=\"api\"")),
+        "{metrics}"
+    );
 
     let strict = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n";
     m.apply(strict);
