@@ -323,3 +323,26 @@ fn a_dead_proxy_fails_closed_and_rules_are_installed_once_and_removed_exactly() 
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(a.nft_ruleset(), m.ruleset_before);
 }
+
+/// Without the `nft` tool, capture fails and says what is missing (nothing is touched: no namespace needed).
+#[test]
+fn capture_without_nft_names_the_missing_tool() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        "node: a\ncontrolPlane: {address: '10.200.65.1:15012', caPin: 'sha256:0000000000000000000000000000000000000000000000000000000000000000'}\nstateDir: /nonexistent\n",
+    )
+    .unwrap();
+    for action in ["install", "uninstall", "status"] {
+        let out = std::process::Command::new(trellis_tests::bin("trellis-proxy"))
+            .args(["capture", action, "--config"])
+            .arg(&config)
+            .env("PATH", dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{action} succeeded without nft");
+        assert!(stderr.contains("`nft` was not found on PATH: install nftables"), "{action}: {stderr}");
+    }
+}
