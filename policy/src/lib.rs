@@ -16,10 +16,12 @@ mod condition;
 mod error;
 mod eval;
 mod eval_request;
+mod jwt;
 mod kind;
 mod matcher;
 mod mtls;
 mod parse;
+mod path;
 mod peer_authn;
 mod request_authn;
 mod resource;
@@ -41,10 +43,15 @@ pub use eval::{
 pub use eval_request::{
     EvalDestination, EvalHttp, EvalProtocol, EvalRequest, EvalRequestError, EvalSource, Explanation, Verdict, explain,
 };
+pub use jwt::{
+    AUDIENCE_BODY, DEFAULT_CLOCK_SKEW, HeaderEdits, JwtAuthenticator, JwtOutcome, Rejection, TokenSource,
+    UNAUTHORIZED_BODY, Verified, check_jwks,
+};
 pub use kind::{InvalidResourceKey, Kind, ResourceKey, UnknownKind};
 pub use matcher::StringMatch;
 pub use mtls::{EffectiveMtls, MtlsLevel, WorkloadMtls, effective_mtls, effective_mtls_mode};
 pub use parse::{parse_documents, parse_keys};
+pub use path::{PathError, normalize_path, normalize_target};
 pub use peer_authn::{MtlsMode, MutualTls, PeerAuthentication};
 pub use request_authn::{ClaimToHeader, JwtHeader, JwtRule, RequestAuthentication};
 pub use resource::{API_VERSIONS, DEFAULT_NAMESPACE, DRY_RUN_ANNOTATION, Metadata, Resource, Spec, parse_go_bool};

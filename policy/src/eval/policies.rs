@@ -2,7 +2,7 @@
 //! one destination workload (`WorkloadPolicies`, built once per workload per config change, pre-split by action
 //! so that a check only walks lists).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use crate::common::WorkloadSelector;
 use crate::kind::ResourceKey;
 use crate::mtls::{EffectiveMtls, PeerAuthnSet, WorkloadMtls};
 use crate::peer_authn::MtlsMode;
+use crate::request_authn::{JwtRule, RequestAuthentication};
 use crate::resource::{Resource, Spec};
 
 use super::compile::{CompileError, CompiledPolicy, compile_policy};
@@ -92,6 +93,8 @@ pub struct CompiledPolicies {
     /// Sorted by (namespace, name) so results do not depend on input order.
     authz: Vec<Arc<CompiledPolicy>>,
     space_delimited: Vec<SpaceDelimitedRule>,
+    /// RequestAuthentications that can apply to workloads: (namespace, policy), sorted by (namespace, name).
+    request_authn: Vec<(String, String, Arc<RequestAuthentication>)>,
     peer_authn: PeerAuthnSet,
     ignored: Vec<IgnoredPolicy>,
 }
@@ -125,6 +128,7 @@ impl CompiledPolicies {
                     out.ignored.push(ignore(IgnoreReason::TargetRefs))
                 }
                 Spec::RequestAuthentication(p) => {
+                    out.request_authn.push((ns.to_string(), name.to_string(), Arc::new(p.clone())));
                     let rules = p.jwt_rules.iter().filter(|rule| !rule.space_delimited_claims.is_empty());
                     out.space_delimited.extend(rules.map(|rule| SpaceDelimitedRule {
                         namespace: ns.to_string(),
@@ -142,6 +146,7 @@ impl CompiledPolicies {
         }
         out.authz.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         out.ignored.sort_by(|a, b| a.key.cmp(&b.key));
+        out.request_authn.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         Ok(out)
     }
 
@@ -201,6 +206,23 @@ impl CompiledPolicies {
             space_delimited,
             mtls: self.peer_authn.for_workload(namespace, labels),
         }
+    }
+
+    /// The JWT rules of every RequestAuthentication that applies to the workload (Istio combines them as one).
+    pub fn jwt_rules_for(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Vec<&JwtRule> {
+        (self.request_authn.iter())
+            .filter(|(ns, _, p)| self.applies(ns, p.selector.as_ref(), namespace, labels))
+            .flat_map(|(_, _, p)| &p.jwt_rules)
+            .collect()
+    }
+
+    /// Every `jwksUri` named by a RequestAuthentication that can apply to a workload.
+    pub fn jwks_uris(&self) -> BTreeSet<&str> {
+        (self.request_authn.iter())
+            .flat_map(|(_, _, p)| &p.jwt_rules)
+            .filter(|r| r.jwks.is_empty() && !r.jwks_uri.is_empty())
+            .map(|r| r.jwks_uri.as_str())
+            .collect()
     }
 
     /// Effective PeerAuthentication mode (never `Unset`) of `port` on the workload.
