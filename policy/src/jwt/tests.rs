@@ -16,6 +16,9 @@ use crate::request_authn::{ClaimToHeader, JwtHeader};
 const NOW: u64 = 1_800_000_000;
 const ISS: &str = "https://issuer.example";
 
+/// (name, request headers, expected status).
+type Case = (&'static str, Vec<(&'static str, String)>, u16);
+
 struct TestKey {
     alg: Algorithm,
     kid: &'static str,
@@ -125,7 +128,7 @@ fn outcome_table() {
         &EncodingKey::from_secret(ES256.jwk()["x"].as_str().unwrap().as_bytes()).unwrap(),
     )
     .unwrap();
-    let cases: Vec<(&str, Vec<(&str, String)>, u16)> = vec![
+    let cases: Vec<Case> = vec![
         ("no token", vec![], 200),
         ("valid", bearer(&valid), 200),
         ("Basic auth is not a token", vec![("authorization", "Basic dXNlcjpwYXNz".into())], 200),
