@@ -39,6 +39,8 @@ pub struct Config {
     /// Namespace whose policies apply mesh-wide (Istio's root namespace).
     pub root_namespace: String,
     pub capture: Capture,
+    /// Allowed clock difference for JWT `exp`/`nbf` (RequestAuthentication).
+    pub jwt_clock_skew: std::time::Duration,
 }
 
 /// Transparent capture (`run --capture`, `capture install`): what the nftables rules leave alone.
@@ -222,6 +224,7 @@ struct RawConfig {
     root_namespace: Option<String>,
     #[serde(default)]
     capture: RawCapture,
+    jwt_clock_skew: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -391,6 +394,14 @@ impl RawConfig {
             }),
         };
 
+        let jwt_clock_skew = match self.jwt_clock_skew.as_deref() {
+            None => trellis_policy::DEFAULT_CLOCK_SKEW,
+            Some(text) => humantime::parse_duration(text).unwrap_or_else(|e| {
+                p.add("jwtClockSkew", format!("{text:?}: {e}"));
+                std::time::Duration::ZERO
+            }),
+        };
+
         let root_namespace =
             self.root_namespace.clone().unwrap_or_else(|| trellis_policy::DEFAULT_ROOT_NAMESPACE.to_owned());
         if !is_dns_label(&root_namespace) {
@@ -405,6 +416,7 @@ impl RawConfig {
             drain_timeout,
             root_namespace,
             capture,
+            jwt_clock_skew,
             node: self.node,
             control_plane: ControlPlane {
                 address: self.control_plane.address,

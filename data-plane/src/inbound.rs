@@ -233,6 +233,10 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
     let report = Report { data: &data, conn: &conn, source: source_labels, started: Instant::now() };
     // Registered before the check, so that a policy change between check and registration cannot be missed.
     let registration = data.connections.register(Some(conn.clone()));
+    if crate::l7::is_http(&conn) {
+        // Checked per request instead (l7.rs).
+        return crate::l7::accept(request, conn, registration, data);
+    }
     let policies = data.authz.load();
     let policy = match policies.check(&conn, peer) {
         Some(decision) => {

@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod identity;
 pub mod inbound;
 pub mod inbound_plaintext;
+pub mod l7;
 pub mod listen;
 pub mod logging;
 pub mod metrics;

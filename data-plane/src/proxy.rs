@@ -127,6 +127,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         connections: Arc::new(Connections::default()),
         outbound: config.outbound.clone(),
         traffic: TrafficMetrics::default(),
+        upstream: crate::l7::Upstream::default(),
     });
     tokio::spawn(follow_changes(config.clone(), data.clone(), certs.clone(), state.clone()));
     let listeners = start_listeners(&config, &data, shared.clone(), shutdown.clone()).await?;
@@ -160,6 +161,8 @@ pub struct DataPath {
     pub connections: Arc<Connections>,
     pub outbound: crate::config::Outbound,
     pub traffic: TrafficMetrics,
+    /// Pooled connections to local workloads for requests on `http` ports.
+    pub upstream: crate::l7::Upstream,
 }
 
 /// Rebuilds the TLS configs when a certificate or the trust bundle changes, and the registry index when the
@@ -171,13 +174,14 @@ async fn follow_changes(config: Arc<Config>, data: Arc<DataPath>, certs: Arc<Wor
     let mut certs_changed = true;
     let mut reap = tokio::time::interval(std::time::Duration::from_secs(15));
     let mut upkeep = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
-    let mut policies: Option<Arc<trellis_policy::CompiledPolicies>> = None;
+    let mut policies: Option<(Arc<trellis_policy::CompiledPolicies>, Arc<_>)> = None;
     loop {
         let current = state.load();
         data.registry.store(Arc::new(Registry::from_state(&current)));
-        if !policies.as_ref().is_some_and(|p| Arc::ptr_eq(p, &current.policies)) {
-            reauthorize(&data, &current.policies);
-            policies = Some(current.policies.clone());
+        if !policies.as_ref().is_some_and(|(p, j)| Arc::ptr_eq(p, &current.policies) && Arc::ptr_eq(j, &current.jwks)) {
+            let local = LocalPolicies::build(&current.policies, &data.locals, &current.jwks, config.jwt_clock_skew);
+            reauthorize(&data, local);
+            policies = Some((current.policies.clone(), current.jwks.clone()));
         }
         let same_bundle = match (&bundle, &current.trust_bundle) {
             (Some(old), Some(new)) => Arc::ptr_eq(old, new),
@@ -235,10 +239,12 @@ fn record_health(certs: &WorkloadCerts, state: &StateStore) {
 }
 
 /// Installs the policies for the local workloads, then closes every open inbound connection they no longer allow.
-fn reauthorize(data: &DataPath, compiled: &trellis_policy::CompiledPolicies) {
-    let local = Arc::new(LocalPolicies::build(compiled, &data.locals));
+/// Tunnels to `http` ports stay: each of their requests is checked against the policies current at that time.
+fn reauthorize(data: &DataPath, local: LocalPolicies) {
+    let local = Arc::new(local);
     data.authz.store(local.clone());
     let mut closed = data.connections.close_inbound_unless(|conn| match local.check(conn, conn.peer) {
+        _ if crate::l7::is_http(conn) => true,
         Some(decision) if decision.allowed => true,
         Some(decision) => {
             info!(source = %conn.source, target = %conn.destination, %decision, "closing connection after a policy change");

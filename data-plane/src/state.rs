@@ -29,6 +29,8 @@ pub struct State {
     pub root_namespace: String,
     /// The resources compiled for evaluation; a resource set that does not compile is NACKed.
     pub policies: Arc<CompiledPolicies>,
+    /// JWKS documents the control plane fetched, by `jwksUri` (RequestAuthentication).
+    pub jwks: Arc<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone)]

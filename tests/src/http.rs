@@ -65,3 +65,105 @@ pub fn encode_query_value(value: &str) -> String {
     }
     out
 }
+
+/// One HTTP/1.1 response as read off the wire.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    /// Lower-case names, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON (e.g. `trellis-http-echo`'s description of the request), or panics.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("response body is not JSON ({e}): {self:?}"))
+    }
+}
+
+/// A keep-alive HTTP/1.1 client on any stream (e.g. one opened through SOCKS5): write raw requests, read responses.
+pub struct Conn {
+    reader: std::io::BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream) -> Self {
+        stream.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
+        Self { writer: stream.try_clone().expect("clone"), reader: std::io::BufReader::new(stream) }
+    }
+
+    /// Sends bytes as they are (for malformed requests).
+    pub fn send_raw(&mut self, raw: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(raw)
+    }
+
+    /// `METHOD target` with `Host` and the extra header lines, no body; returns the response.
+    pub fn request(&mut self, method: &str, target: &str, host: &str, headers: &[(&str, &str)]) -> Response {
+        let mut raw = format!("{method} {target} HTTP/1.1\r\nHost: {host}\r\n");
+        for (name, value) in headers {
+            raw.push_str(&format!("{name}: {value}\r\n"));
+        }
+        raw.push_str("\r\n");
+        self.send_raw(raw.as_bytes()).expect("write request");
+        self.read_response().unwrap_or_else(|e| panic!("{method} {target}: {e}"))
+    }
+
+    /// Reads one response (Content-Length, chunked, or until close).
+    pub fn read_response(&mut self) -> std::io::Result<Response> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+        }
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+        let mut headers = Vec::new();
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line)?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            let (name, value) = l.split_once(':').ok_or_else(|| std::io::Error::other(format!("bad header {l:?}")))?;
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+        }
+        let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v): &(String, String)| v.clone());
+        let mut body = Vec::new();
+        if let Some(len) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            body.resize(len, 0);
+            self.reader.read_exact(&mut body)?;
+        } else if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            loop {
+                line.clear();
+                self.reader.read_line(&mut line)?;
+                let size = usize::from_str_radix(line.trim(), 16).map_err(std::io::Error::other)?;
+                let mut chunk = vec![0; size + 2];
+                self.reader.read_exact(&mut chunk)?;
+                if size == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..size]);
+            }
+        } else if status != 204 && status != 304 {
+            self.reader.read_to_end(&mut body)?;
+        }
+        Ok(Response { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
+    }
+
+    /// Whether the server closed the connection (EOF within the read timeout, nothing else arriving).
+    pub fn closed_by_server(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        self.writer.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        matches!(self.reader.read(&mut buf), Ok(0))
+    }
+}

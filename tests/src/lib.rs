@@ -506,23 +506,48 @@ impl Echo {
 
     /// The same inside network namespace `netns`.
     pub fn start_in(netns: Option<&str>, addr: SocketAddr) -> Self {
-        use std::io::BufRead;
-        let mut child = netns::command(netns, bin("trellis-echo"))
-            .args(["--listen", &addr.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn trellis-echo");
-        let mut line = String::new();
-        let stdout = child.stdout.take().expect("stdout");
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        if !line.starts_with("listening on") {
-            let _ = child.wait();
-            let mut stderr = String::new();
-            let _ = child.stderr.take().map(|mut e| std::io::Read::read_to_string(&mut e, &mut stderr));
-            panic!("trellis-echo could not listen on {addr}: {stderr}");
-        }
-        Self { addr, child }
+        Self { addr, child: spawn_listening(netns, "trellis-echo", addr) }
+    }
+}
+
+/// Starts a helper server bin with `--listen addr` (in `netns`, if given) and waits for its "listening on" line, so
+/// that an address someone else holds is an error here rather than a test silently talking to another process.
+fn spawn_listening(netns: Option<&str>, name: &str, addr: SocketAddr) -> Child {
+    use std::io::BufRead;
+    let mut child = netns::command(netns, bin(name))
+        .args(["--listen", &addr.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+    if !line.starts_with("listening on") {
+        let _ = child.wait();
+        let mut stderr = String::new();
+        let _ = child.stderr.take().map(|mut e| std::io::Read::read_to_string(&mut e, &mut stderr));
+        panic!("{name} could not listen on {addr}: {stderr}");
+    }
+    child
+}
+
+/// A `trellis-http-echo` process: answers every HTTP/1.1 or h2c request with a JSON description of it.
+pub struct HttpEcho {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl HttpEcho {
+    pub fn start(addr: SocketAddr) -> Self {
+        Self { addr, child: spawn_listening(None, "trellis-http-echo", addr) }
+    }
+}
+
+impl Drop for HttpEcho {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

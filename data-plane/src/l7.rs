@@ -1,0 +1,398 @@
+//! HTTP-aware enforcement for workload ports declared `http`: the CONNECT tunnel's bytes are served as HTTP/1.1 or
+//! h2c (prior knowledge) with hyper, and every request is authenticated (RequestAuthentication), authorized with
+//! the full request attributes, and forwarded to the workload over pooled connections.
+//!
+//! The policies are read from the `ArcSwap` per request, so a policy change applies to the next request on an open
+//! connection. A denied request gets its answer and the client's connection stays usable; only malformed requests
+//! (which hyper's parser, or the checks here, refuse with 400) close an HTTP/1 connection.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::{Either, Empty, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::upgrade::Upgraded;
+use hyper::{Request, Response, StatusCode, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tracing::{debug, info};
+use trellis_policy::{Decision, Headers, HttpRequest, JwtOutcome, TokenSource};
+
+use crate::config::Protocol;
+use crate::connections::{InboundConn, Registration};
+use crate::proxy::DataPath;
+
+/// Largest request head accepted (Envoy's default is 60 KiB); larger → 431.
+const MAX_HEADERS: usize = 64 * 1024;
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+const DENIED_BODY: &str = "RBAC: access denied";
+
+type Body = Either<Incoming, Full<Bytes>>;
+
+/// Whether an inbound tunnel goes to a port declared `http`.
+pub fn is_http(conn: &InboundConn) -> bool {
+    conn.workload.port(conn.destination.port()) == Some(Protocol::Http)
+}
+
+/// Pooled HTTP clients to local workloads: HTTP/1.1 for HTTP/1 callers, h2c for HTTP/2 callers (gRPC).
+pub struct Upstream {
+    http1: Client<MarkedDial, Incoming>,
+    http2: Client<MarkedDial, Incoming>,
+}
+
+/// Dials the workload named by the request URI (`ip:port`) through `dial.rs`, so the socket carries the capture
+/// mark like every other connection the proxy opens.
+#[derive(Clone, Copy)]
+pub struct MarkedDial;
+
+impl tower::Service<hyper::Uri> for MarkedDial {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        Box::pin(async move {
+            let address: std::net::SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "upstream URI is not ip:port"))?;
+            let stream = tokio::time::timeout(DIAL_TIMEOUT, crate::dial::connect(address))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out dialling the workload"))??;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        let connector = MarkedDial;
+        let builder = || {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.timer(TokioTimer::new()).pool_timer(TokioTimer::new()).pool_idle_timeout(Duration::from_secs(60));
+            b
+        };
+        Upstream { http1: builder().build(connector.clone()), http2: builder().http2_only(true).build(connector) }
+    }
+}
+
+/// Answers the CONNECT with 200 and serves the tunnel as HTTP in its own task.
+pub fn accept(
+    mut request: Request<Incoming>,
+    conn: Arc<InboundConn>,
+    registration: Registration,
+    data: Arc<DataPath>,
+) -> Response<Empty<Bytes>> {
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(tunnel) => serve(tunnel, conn, registration, data).await,
+            Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    Response::new(Empty::new())
+}
+
+async fn serve(tunnel: Upgraded, conn: Arc<InboundConn>, registration: Registration, data: Arc<DataPath>) {
+    let ctx = Arc::new(Tunnel { conn, data });
+    let service = hyper::service::service_fn(move |request| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(ctx.handle(request).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(MAX_HEADERS);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEADERS as u32);
+    let connection = builder.serve_connection(tunnel, service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = registration.cancel.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "HTTP tunnel ended with an error");
+    }
+    drop(registration);
+}
+
+struct Tunnel {
+    conn: Arc<InboundConn>,
+    data: Arc<DataPath>,
+}
+
+/// What happened to one request: the one place a request's result is reported (access logs and metrics attach
+/// here).
+#[derive(Debug)]
+pub struct RequestOutcome {
+    pub method: String,
+    /// The normalized path (without query) when it could be normalized, else the path as received.
+    pub path: String,
+    pub status: u16,
+    pub duration: Duration,
+    pub verdict: Verdict,
+    /// `namespace/name` of the deciding policy, if any.
+    pub policy: Option<String>,
+    /// `iss/sub` of the verified token, if any.
+    pub request_principal: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    Denied,
+    /// Invalid token (401) or audience not allowed (403).
+    Unauthenticated,
+    BadRequest,
+    UpstreamError,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "allowed",
+            Verdict::Denied => "denied",
+            Verdict::Unauthenticated => "unauthenticated",
+            Verdict::BadRequest => "bad_request",
+            Verdict::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+impl RequestOutcome {
+    fn record(&self, conn: &InboundConn) {
+        let (source, target) = (&conn.source, conn.destination);
+        let policy = self.policy.as_deref().unwrap_or("-");
+        let principal = self.request_principal.as_deref().unwrap_or("-");
+        let duration_us = self.duration.as_micros() as u64;
+        if self.verdict == Verdict::Allowed {
+            debug!(%source, %target, method = %self.method, path = %self.path, status = self.status, duration_us,
+                verdict = self.verdict.as_str(), policy, request_principal = principal, "request");
+        } else {
+            info!(%source, %target, method = %self.method, path = %self.path, status = self.status, duration_us,
+                verdict = self.verdict.as_str(), policy, request_principal = principal, "request");
+        }
+    }
+}
+
+/// hyper's header map as the evaluator's [`Headers`].
+struct HeaderView<'a>(&'a HeaderMap);
+
+impl Headers for HeaderView<'_> {
+    fn for_each_value<'s>(&'s self, name: &str, f: &mut dyn FnMut(&'s str)) {
+        for value in self.0.get_all(name) {
+            if let Ok(text) = value.to_str() {
+                f(text);
+            }
+        }
+    }
+}
+
+impl Tunnel {
+    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let mut outcome = RequestOutcome {
+            method: request.method().as_str().to_owned(),
+            path: request.uri().path().to_owned(),
+            status: 0,
+            duration: Duration::ZERO,
+            verdict: Verdict::Allowed,
+            policy: None,
+            request_principal: None,
+        };
+        let response = self.decide(request, &mut outcome).await;
+        outcome.status = response.status().as_u16();
+        outcome.duration = started.elapsed();
+        outcome.record(&self.conn);
+        response
+    }
+
+    async fn decide(&self, request: Request<Incoming>, outcome: &mut RequestOutcome) -> Response<Body> {
+        let grpc = is_grpc(request.headers());
+        // Istio rejects methods that are not upper case; hyper accepts them as extension methods.
+        if request.method().as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+            outcome.verdict = Verdict::BadRequest;
+            return bad_request(&request);
+        }
+        let path = match trellis_policy::normalize_path(request.uri().path()) {
+            Ok(path) => path.into_owned(),
+            Err(e) => {
+                debug!(uri = %request.uri(), reason = %e, "request refused");
+                outcome.verdict = Verdict::BadRequest;
+                return bad_request(&request);
+            }
+        };
+        outcome.path.clone_from(&path);
+        let target = match request.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+
+        let edits = match self.check(&request, &target, grpc, outcome) {
+            Ok(edits) => edits,
+            Err(response) => return *response,
+        };
+        match self.forward(request, &target, edits).await {
+            Ok(response) => response,
+            Err(e) => {
+                info!(source = %self.conn.source, target = %self.conn.destination, error = %e, "upstream request failed");
+                outcome.verdict = Verdict::UpstreamError;
+                if grpc {
+                    return grpc_status(14, "upstream connect error");
+                }
+                text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers")
+            }
+        }
+    }
+
+    /// Authentication and authorization of one request, against the policies current now (no await inside, so
+    /// nothing borrowed from them lives across one). Ok: the header edits for forwarding; Err: the refusal.
+    fn check(
+        &self,
+        request: &Request<Incoming>,
+        target: &str,
+        grpc: bool,
+        outcome: &mut RequestOutcome,
+    ) -> Result<Option<trellis_policy::HeaderEdits>, Box<Response<Body>>> {
+        let policies = self.data.authz.load();
+        let Some(auth) = policies.auth(&self.conn.workload.key) else {
+            outcome.verdict = Verdict::Denied;
+            return Err(Box::new(deny(grpc, StatusCode::FORBIDDEN, DENIED_BODY)));
+        };
+        let headers = HeaderView(request.headers());
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let token = TokenSource { headers: &headers, query: request.uri().query() };
+        let (payload, edits) = match auth.jwt.authenticate(token, now) {
+            JwtOutcome::NoToken => (None, None),
+            JwtOutcome::Verified(v) => (Some(v.payload), Some(v.edits)),
+            JwtOutcome::Rejected(r) => {
+                info!(source = %self.conn.source, reason = %r.reason, status = r.status, "JWT rejected");
+                outcome.verdict = Verdict::Unauthenticated;
+                let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::UNAUTHORIZED);
+                return Err(Box::new(deny(grpc, status, r.body())));
+            }
+        };
+        if let Some(p) = &payload {
+            let part = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+            outcome.request_principal = Some(format!("{}/{}", part("iss"), part("sub")));
+        }
+
+        let host = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| request.headers().get(header::HOST).and_then(|h| h.to_str().ok()));
+        let mut http = HttpRequest::new(request.method().as_str(), target).with_headers(&headers);
+        http.host = host;
+        http.jwt = payload.as_ref();
+        let attributes = crate::authz::tcp_request(&self.conn, self.conn.peer).with_http(http);
+        let decision: Decision<'_> = auth.policies.evaluate(&attributes);
+        policies.decisions.record(&decision);
+        outcome.policy = decision.deciding.map(|p| format!("{}/{}", p.namespace, p.name));
+        if !decision.allowed {
+            debug!(source = %self.conn.source, %decision, "request denied");
+            outcome.verdict = Verdict::Denied;
+            return Err(Box::new(deny(grpc, StatusCode::FORBIDDEN, DENIED_BODY)));
+        }
+        Ok(edits)
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        target: &str,
+        edits: Option<trellis_policy::HeaderEdits>,
+    ) -> Result<Response<Body>, hyper_util::client::legacy::Error> {
+        let (mut parts, body) = request.into_parts();
+        let version = parts.version;
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(edits) = edits {
+            for name in &edits.remove {
+                parts.headers.remove(name.as_str());
+            }
+            for (name, value) in &edits.set {
+                if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value)) {
+                    parts.headers.insert(name, value);
+                }
+            }
+        }
+        let uri = format!("http://{}{target}", self.conn.destination);
+        parts.uri = uri.parse().expect("an address and a normalized path form a valid URI");
+        let client = if version == Version::HTTP_2 {
+            parts.version = Version::HTTP_2;
+            &self.data.upstream.http2
+        } else {
+            parts.version = Version::HTTP_11;
+            &self.data.upstream.http1
+        };
+        let response = client.request(Request::from_parts(parts, body)).await?;
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.version = version;
+        Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// Connection-specific headers never cross a proxy (RFC 9110 §7.6.1), and HTTP/2 forbids them.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = (headers.get_all(header::CONNECTION).iter())
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"] {
+        headers.remove(name);
+    }
+    // gRPC needs `te: trailers`; any other TE value is hop-by-hop.
+    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
+        headers.remove(header::TE);
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(body.as_bytes()))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// 400; an HTTP/1 connection is closed after it (the request's framing cannot be trusted).
+fn bad_request<B>(request: &Request<B>) -> Response<Body> {
+    let mut response = text(StatusCode::BAD_REQUEST, "Bad Request");
+    if request.version() != Version::HTTP_2 {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// A refusal: plain text, or for gRPC a trailers-only response with PERMISSION_DENIED (7) or UNAUTHENTICATED (16).
+fn deny(grpc: bool, status: StatusCode, body: &'static str) -> Response<Body> {
+    if !grpc {
+        return text(status, body);
+    }
+    grpc_status(if status == StatusCode::UNAUTHORIZED { 16 } else { 7 }, body)
+}
+
+fn grpc_status(code: u8, message: &'static str) -> Response<Body> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    headers.insert("grpc-message", HeaderValue::from_static(message));
+    response
+}

@@ -1,0 +1,385 @@
+//! HTTP-aware enforcement with real processes: a client proxy (SOCKS5) tunnels to a server proxy whose workload
+//! port is declared `http`; the server proxy authenticates (RequestAuthentication) and authorizes every request and
+//! forwards allowed ones to `trellis-http-echo`. Tokens are signed by an independent JOSE implementation (Python's
+//! PyJWT with `cryptography`) with keys generated per run.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use trellis_tests::http::{Conn, Response};
+use trellis_tests::{ControlPlane, HttpEcho, Proxy, WorkloadSpec, socks, wait_for};
+
+const CLIENT: &str = "127.0.12.1";
+const API: &str = "127.0.12.2";
+const HOST: &str = "shop.example";
+
+struct Mesh {
+    cp: ControlPlane,
+    client: Proxy,
+    _server: Proxy,
+    echo: HttpEcho,
+}
+
+fn mesh() -> Mesh {
+    let cp = ControlPlane::start(&[]);
+    let port = trellis_tests::free_port();
+    let api: SocketAddr = format!("{API}:{port}").parse().unwrap();
+    let echo = HttpEcho::start(api);
+    let mut api_spec = WorkloadSpec::new("api", "shop", "api", API);
+    api_spec.ports = vec![(port, "http")];
+    let server = Proxy::start(&cp, "node-server", &[api_spec]);
+    let client = Proxy::start(&cp, "node-client", &[WorkloadSpec::new("web", "shop", "web", CLIENT)]);
+    for p in [&server, &client] {
+        p.wait_ready();
+    }
+    client.wait_config("the server in the registry", |d| d["workloads"].to_string().contains(API));
+    Mesh { cp, client, _server: server, echo }
+}
+
+impl Mesh {
+    /// Applies and waits until both proxies ACKed the new version.
+    fn apply(&self, yaml: &str) {
+        self.cp.apply(yaml);
+        self.wait_synced();
+    }
+
+    fn delete(&self, kind: &str, name: &str) {
+        self.cp.ctl_ok(&["delete", kind, name, "-n", "shop"]);
+        self.wait_synced();
+    }
+
+    fn wait_synced(&self) {
+        wait_for("both proxies to ACK the latest version", Duration::from_secs(20), || {
+            let status = self.cp.proxy_status();
+            let all = status["proxies"].as_array()?;
+            (all.len() == 2 && all.iter().all(|p| p["synced"] == true)).then_some(())
+        });
+    }
+
+    /// A new HTTP connection from the client workload to the API, through both proxies.
+    fn conn(&self) -> Conn {
+        Conn::new(socks::connect_ok(self.client.socks5_addr, self.echo.addr))
+    }
+
+    /// What the workload received so far (asked directly, not through the mesh).
+    fn received(&self) -> String {
+        let (status, body) = trellis_tests::http::get(self.echo.addr, "/__requests").expect("GET /__requests");
+        assert_eq!(status, 200);
+        body
+    }
+}
+
+fn get(conn: &mut Conn, target: &str) -> Response {
+    conn.request("GET", target, HOST, &[])
+}
+
+/// The target the workload saw, from the echo's JSON.
+fn forwarded_target(r: &Response) -> String {
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()["target"].as_str().expect("target").to_owned()
+}
+
+fn assert_denied(r: &Response, what: &str) {
+    assert_eq!(r.status, 403, "{what}: {r:?}");
+    assert_eq!(r.body, "RBAC: access denied", "{what}");
+}
+
+const RULES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-rules, namespace: shop}
+spec:
+  action: ALLOW
+  rules:
+  - to:
+    - operation:
+        methods: ["GET"]
+        hosts: ["shop.example"]
+        paths: ["/api/*", "/public/*", "/private"]
+  - to:
+    - operation:
+        methods: ["POST"]
+        paths: ["/admin"]
+    when:
+    - key: request.headers[x-role]
+      values: ["admin"]
+"#;
+
+const DENY_PRIVATE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-private, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: ["/private"]
+"#;
+
+#[test]
+fn request_rules_apply_to_every_request_on_one_keep_alive_connection() {
+    let m = mesh();
+    let mut c = m.conn();
+    assert_eq!(forwarded_target(&get(&mut c, "/anything?q=1")), "/anything?q=1", "no policy: allowed");
+
+    m.apply(RULES);
+    // The same connection, opened before the policy: it applies to the next request.
+    assert_denied(&get(&mut c, "/anything"), "path not allowed");
+    assert_eq!(forwarded_target(&get(&mut c, "/api/items")), "/api/items");
+    assert_denied(&c.request("DELETE", "/api/items", HOST, &[]), "method");
+    assert_denied(&c.request("GET", "/api/items", "evil.example", &[]), "host");
+    assert_eq!(forwarded_target(&c.request("GET", "/api/items", "SHOP.example", &[])), "/api/items", "host case");
+    let admin = [("x-role", "admin"), ("content-length", "0")];
+    assert_eq!(forwarded_target(&c.request("POST", "/admin", HOST, &admin)), "/admin");
+    assert_denied(&c.request("POST", "/admin", HOST, &[("x-role", "user"), ("content-length", "0")]), "header");
+    // Queries are ignored for matching and forwarded as sent.
+    assert_eq!(forwarded_target(&get(&mut c, "/api/items?x=/../admin")), "/api/items?x=/../admin");
+    // Normalized before matching, and forwarded normalized.
+    assert_eq!(forwarded_target(&get(&mut c, "/api/x/%2E%2E/y")), "/api/y");
+    assert_eq!(forwarded_target(&get(&mut c, "/api/%61b%63")), "/api/abc");
+    assert_eq!(forwarded_target(&get(&mut c, "/api\\x")), "/api/x");
+    assert_denied(&get(&mut c, "/api/../admin"), "a GET to /admin in disguise");
+
+    // Path confusion: without normalization these would match ALLOW /public/* and miss DENY /private.
+    assert_eq!(forwarded_target(&get(&mut c, "/public/../private")), "/private", "allowed before the DENY");
+    m.apply(DENY_PRIVATE);
+    for path in ["/private", "/public/../private", "/public/%2E%2E/private", "/public/%2e/%2e%2e/private"] {
+        assert_denied(&get(&mut c, path), path);
+    }
+    assert_eq!(forwarded_target(&get(&mut c, "/public/./x")), "/public/x");
+    m.delete("ap", "deny-private");
+    assert_eq!(forwarded_target(&get(&mut c, "/private")), "/private", "DENY removed: next request allowed");
+    assert!(!m.received().contains("/public/.."), "only normalized paths reach the workload");
+}
+
+#[test]
+fn malformed_requests_get_400_and_are_not_forwarded() {
+    let m = mesh();
+    let host = format!("Host: {HOST}\r\n");
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("lower-case method", format!("get /lower HTTP/1.1\r\n{host}\r\n").into_bytes(), 400),
+        ("encoded NUL", format!("GET /nul%00x HTTP/1.1\r\n{host}\r\n").into_bytes(), 400),
+        ("space in the target", format!("GET /sp ace HTTP/1.1\r\n{host}\r\n").into_bytes(), 400),
+        ("invalid method token", format!("G(T /badmethod HTTP/1.1\r\n{host}\r\n").into_bytes(), 400),
+        ("newline in a header value", format!("GET /newline HTTP/1.1\r\n{host}X-A: a\nb\r\n\r\n").into_bytes(), 400),
+        ("obsolete line folding", format!("GET /fold HTTP/1.1\r\n{host}X-A: a\r\n b\r\n\r\n").into_bytes(), 400),
+        ("space before the colon", format!("GET /colon HTTP/1.1\r\n{host}X-A : a\r\n\r\n").into_bytes(), 400),
+        (
+            "two different Content-Lengths",
+            format!("POST /dup-cl HTTP/1.1\r\n{host}Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd").into_bytes(),
+            400,
+        ),
+        (
+            "oversized headers",
+            format!("GET /big HTTP/1.1\r\n{host}X-Big: {}\r\n\r\n", "a".repeat(80 * 1024)).into_bytes(),
+            431,
+        ),
+    ];
+    for (name, raw, want) in cases {
+        let mut c = m.conn();
+        c.send_raw(&raw).expect("write");
+        let r = c.read_response().unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(r.status, want, "{name}: {r:?}");
+        assert!(c.closed_by_server(), "{name}: the connection is closed after a malformed request");
+    }
+    // Content-Length and Transfer-Encoding together: hyper frames the body by Transfer-Encoding only (RFC 9112
+    // §6.3), drops Content-Length, and closes the connection after the response, so what follows is never read
+    // as a request.
+    let mut c = m.conn();
+    let smuggle = format!(
+        "POST /te-cl HTTP/1.1\r\n{host}Content-Length: 30\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n{host}\r\n"
+    );
+    c.send_raw(smuggle.as_bytes()).expect("write");
+    let r = c.read_response().expect("response");
+    assert_eq!(forwarded_target(&r), "/te-cl");
+    assert!(r.json()["headers"].get("content-length").is_none_or(|v| v == "0"), "{r:?}");
+    assert!(c.closed_by_server(), "closed after a request with both Content-Length and Transfer-Encoding");
+
+    let received = m.received();
+    for bad in ["/lower", "/nul", "/sp", "/badmethod", "/newline", "/fold", "/colon", "/dup-cl", "/big", "/smuggled"] {
+        assert!(!received.contains(bad), "{bad} reached the workload: {received}");
+    }
+    // A good request still works on a new connection.
+    assert_eq!(forwarded_target(&get(&mut m.conn(), "/fine")), "/fine");
+}
+
+/// Keys, JWKS documents and tokens from `jose.py` (PyJWT). Claims `exp`/`nbf`/`iat` are relative to now.
+fn jose(spec: Value) -> Value {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/jose.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 must be installed (with pyjwt and cryptography: see .ci/run)");
+    child.stdin.take().unwrap().write_all(spec.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "jose.py failed (pip install pyjwt cryptography): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("jose.py output")
+}
+
+const ISS1: &str = "https://issuer1.example";
+const ISS2: &str = "https://issuer2.example";
+
+fn token(tokens: &Value, name: &str) -> String {
+    tokens["tokens"][name].as_str().unwrap_or_else(|| panic!("no token {name}")).to_owned()
+}
+
+fn bearer(c: &mut Conn, target: &str, token: &str) -> Response {
+    c.request("GET", target, HOST, &[("authorization", &format!("Bearer {token}"))])
+}
+
+fn assert_status(r: &Response, status: u16, body: &str, what: &str) {
+    assert_eq!((r.status, r.body.as_str()), (status, body), "{what}: {r:?}");
+}
+
+#[test]
+fn jwt_request_authentication_and_request_principals() {
+    let m = mesh();
+    let alice = json!({"iss": ISS1, "sub": "alice", "aud": ["shop"], "exp": 600, "groups": ["admin", "dev"],
+                       "scope": "read write", "team": {"name": "blue"}});
+    let with = |patch: Value| {
+        let mut c = alice.clone();
+        c.as_object_mut().unwrap().extend(patch.as_object().unwrap().clone());
+        c
+    };
+    let t = jose(json!({
+        "keys": {"rs": {"kind": "RS256", "kid": "rs"}, "es": {"kind": "ES256", "kid": "es"},
+                 "ed": {"kind": "EdDSA", "kid": "ed"}, "ps": {"kind": "PS256", "kid": "ps"},
+                 "stranger": {"kind": "RS256", "kid": "rs"}},
+        "jwks": {"one": ["rs", "es", "ps"], "two": ["ed"]},
+        "tokens": {
+            "alice": {"key": "rs", "claims": alice},
+            "alice-es": {"key": "es", "claims": alice},
+            "alice-ps": {"key": "ps", "claims": alice},
+            "bob": {"key": "es", "claims": with(json!({"sub": "bob", "groups": ["dev"], "scope": "read"}))},
+            "expired": {"key": "rs", "claims": with(json!({"exp": -120}))},
+            "not-yet": {"key": "rs", "claims": with(json!({"nbf": 600}))},
+            "wrong-issuer": {"key": "rs", "claims": with(json!({"iss": "https://evil.example"}))},
+            "wrong-audience": {"key": "rs", "claims": with(json!({"aud": "billing"}))},
+            "stranger": {"key": "stranger", "claims": alice},
+            "unknown-kid": {"key": "rs", "kid": "nope", "claims": alice},
+            "none": {"alg": "none", "claims": alice},
+            "carol": {"key": "ed", "claims": {"iss": ISS2, "sub": "carol", "exp": 600, "team": {"name": "red"}}},
+        }
+    }));
+    let jwks_one = t["jwks"]["one"].as_str().unwrap();
+    let jwks_two = t["jwks"]["two"].as_str().unwrap();
+    m.apply(&format!(
+        r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: shop}}
+spec:
+  jwtRules:
+  - issuer: "{ISS1}"
+    audiences: ["shop"]
+    jwks: '{jwks_one}'
+  - issuer: "{ISS2}"
+    jwks: '{jwks_two}'
+    fromHeaders: [{{name: x-jwt, prefix: "Token "}}]
+    forwardOriginalToken: true
+    outputPayloadToHeader: x-jwt-payload
+    outputClaimToHeaders: [{{header: x-team, claim: team.name}}]
+"#
+    ));
+    let mut c = m.conn();
+    // No token: passes without a principal. A valid token: its header is stripped before forwarding.
+    assert_eq!(forwarded_target(&get(&mut c, "/open")), "/open");
+    for name in ["alice", "alice-es", "alice-ps"] {
+        let r = bearer(&mut c, "/open", &token(&t, name));
+        assert_eq!(r.status, 200, "{name}: {r:?}");
+        assert!(r.json()["headers"].get("authorization").is_none(), "{name}: token forwarded: {r:?}");
+    }
+    // Invalid tokens: 401 (audience: 403), and the connection stays usable.
+    let unauthorized = "Jwt verification fails";
+    for name in ["expired", "not-yet", "wrong-issuer", "stranger", "unknown-kid", "none"] {
+        assert_status(&bearer(&mut c, "/open", &token(&t, name)), 401, unauthorized, name);
+    }
+    let (alice_token, bob_token) = (token(&t, "alice"), token(&t, "bob"));
+    let parts: Vec<&str> = alice_token.split('.').collect();
+    let bad_signature = format!("{}.{}.{}", parts[0], parts[1], token(&t, "stranger").split('.').nth(2).unwrap());
+    assert_status(&bearer(&mut c, "/open", &bad_signature), 401, unauthorized, "bad signature");
+    assert_status(&bearer(&mut c, "/open", "deadbeef"), 401, unauthorized, "malformed");
+    assert_status(
+        &bearer(&mut c, "/open", &token(&t, "wrong-audience")),
+        403,
+        "Audiences in Jwt are not allowed",
+        "aud",
+    );
+    // The second issuer's location, forwarding and header outputs.
+    let carol = token(&t, "carol");
+    let r = c.request("GET", "/open", HOST, &[("x-jwt", &format!("Token {carol}"))]);
+    let headers = &r.json()["headers"];
+    assert_eq!(headers["x-jwt"], format!("Token {carol}"), "forwardOriginalToken");
+    assert_eq!(headers["x-jwt-payload"], carol.split('.').nth(1).unwrap());
+    assert_eq!(headers["x-team"], "red");
+    assert_status(&bearer(&mut c, "/open", &carol), 401, unauthorized, "issuer 2's token at issuer 1's location");
+    // A location no rule reads: no token at all.
+    assert_eq!(
+        forwarded_target(&get(&mut c, &format!("/open?token={alice_token}"))),
+        format!("/open?token={alice_token}")
+    );
+    assert_eq!(get(&mut c, &format!("/open?access_token={alice_token}")).status, 200, "default parameter");
+    assert_eq!(get(&mut c, &format!("/open?access_token={}", token(&t, "expired"))).status, 401);
+
+    m.apply(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: require-jwt, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        notRequestPrincipals: ["*"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: jwt-rules, namespace: shop}
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        requestPrincipals: ["https://issuer1.example/alice", "https://issuer2.example/*"]
+    to:
+    - operation: {paths: ["/principal"]}
+  - to:
+    - operation: {paths: ["/admin"]}
+    when:
+    - {key: "request.auth.claims[groups]", values: ["admin"]}
+  - to:
+    - operation: {paths: ["/write"]}
+    when:
+    - {key: "request.auth.claims[scope]", values: ["write"]}
+  - to:
+    - operation: {paths: ["/team"]}
+    when:
+    - {key: "request.auth.claims[team][name]", values: ["blue"]}
+"#,
+    );
+    assert_denied(&get(&mut c, "/principal"), "no token, notRequestPrincipals DENY");
+    assert_denied(&get(&mut c, &format!("/principal?token={alice_token}")), "token in an unconfigured location");
+    assert_eq!(bearer(&mut c, "/principal", &alice_token).status, 200, "requestPrincipals iss/sub");
+    assert_denied(&bearer(&mut c, "/principal", &bob_token), "another subject");
+    let r = c.request("GET", "/principal", HOST, &[("x-jwt", &format!("Token {carol}"))]);
+    assert_eq!(r.status, 200, "second issuer, wildcard subject: {r:?}");
+    assert_eq!(bearer(&mut c, "/admin", &alice_token).status, 200, "list claim");
+    assert_denied(&bearer(&mut c, "/admin", &bob_token), "list claim without admin");
+    assert_eq!(bearer(&mut c, "/write", &alice_token).status, 200, "scope split on spaces");
+    assert_denied(&bearer(&mut c, "/write", &bob_token), "scope without write");
+    assert_eq!(bearer(&mut c, "/team", &alice_token).status, 200, "nested claim");
+    assert_denied(&c.request("GET", "/team", HOST, &[("x-jwt", &format!("Token {carol}"))]), "nested claim red");
+    assert_status(&bearer(&mut c, "/principal", &token(&t, "expired")), 401, unauthorized, "401 before authorization");
+}
