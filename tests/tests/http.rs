@@ -383,3 +383,70 @@ spec:
     assert_denied(&c.request("GET", "/team", HOST, &[("x-jwt", &format!("Token {carol}"))]), "nested claim red");
     assert_status(&bearer(&mut c, "/principal", &token(&t, "expired")), 401, unauthorized, "401 before authorization");
 }
+
+/// One gRPC-shaped HTTP/2 request (h2c prior knowledge) through the mesh: (HTTP status, grpc-status from the
+/// headers or, when the response has a body, from the trailers).
+async fn grpc_call(m: &Mesh, path: &str, token: Option<&str>) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let stream = socks::connect_ok(m.client.socks5_addr, m.echo.addr);
+    stream.set_nonblocking(true).unwrap();
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(stream).unwrap());
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.expect("h2c handshake");
+    tokio::spawn(conn);
+    let mut request = hyper::Request::post(format!("http://{HOST}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let body = http_body_util::Full::new(hyper::body::Bytes::from_static(&[0, 0, 0, 0, 0]));
+    let response = sender.send_request(request.body(body).unwrap()).await.expect("gRPC call");
+    let status = response.status().as_u16();
+    if let Some(code) = response.headers().get("grpc-status") {
+        return (status, code.to_str().unwrap().to_owned());
+    }
+    let collected = response.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    (status, trailers.get("grpc-status").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default())
+}
+
+#[test]
+fn grpc_denials_are_trailers_only_responses() {
+    let m = mesh();
+    let t = jose(json!({
+        "keys": {"rs": {"kind": "RS256", "kid": "rs"}},
+        "jwks": {"one": ["rs"]},
+        "tokens": {"expired": {"key": "rs", "claims": {"iss": ISS1, "sub": "a", "exp": -600}}}
+    }));
+    m.apply(&format!(
+        r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: shop}}
+spec:
+  jwtRules:
+  - issuer: "{ISS1}"
+    jwks: '{}'
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-forbidden, namespace: shop}}
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation: {{paths: ["/pkg.Svc/Forbidden"], methods: ["POST"]}}
+"#,
+        t["jwks"]["one"].as_str().unwrap()
+    ));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        assert_eq!(grpc_call(&m, "/pkg.Svc/Ok", None).await, (200, "0".into()), "allowed: the workload's answer");
+        assert_eq!(grpc_call(&m, "/pkg.Svc/Forbidden", None).await, (200, "7".into()), "PERMISSION_DENIED");
+        let expired = token(&t, "expired");
+        assert_eq!(grpc_call(&m, "/pkg.Svc/Ok", Some(&expired)).await, (200, "16".into()), "UNAUTHENTICATED");
+    });
+    assert!(m.received().contains("POST /pkg.Svc/Ok"));
+    assert!(!m.received().contains("Forbidden"));
+}
