@@ -7,6 +7,7 @@ pub mod cli;
 pub mod files;
 pub mod http;
 pub mod init;
+pub mod jwks;
 pub mod mesh;
 pub mod records;
 pub mod server;

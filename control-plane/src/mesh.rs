@@ -71,6 +71,8 @@ pub struct Snapshot {
     /// When the change that made this version was published (None for the snapshot loaded at start): the origin
     /// of the convergence time measured at each proxy's ACK.
     pub created: Option<std::time::Instant>,
+    /// JWKS documents fetched for `jwksUri` values, by URI (kept in memory, refetched after a restart).
+    pub jwks: Arc<BTreeMap<String, String>>,
 }
 
 pub struct MeshConfig {
@@ -176,12 +178,22 @@ impl Mesh {
                 workloads: current.workloads.clone(),
                 resources: current.resources.clone(),
                 created: Some(std::time::Instant::now()),
+                jwks: current.jwks.clone(),
             };
             edit(&result, &mut next);
             store_gauges(&next);
             self.snapshot.send_replace(Arc::new(next));
         }
         Ok(result)
+    }
+
+    /// Publishes a new set of fetched JWKS documents under a new config version (so proxies ACK it).
+    pub fn set_jwks(&self, jwks: BTreeMap<String, String>) -> Result<(), MeshError> {
+        if *self.current().jwks == jwks {
+            return Ok(());
+        }
+        let jwks = Arc::new(jwks);
+        self.write(|txn| Ok(((), Some(records::bump(txn, META_VERSION)?))), |_, snapshot| snapshot.jwks = jwks.clone())
     }
 
     // ---- resources -------------------------------------------------------------------------------------

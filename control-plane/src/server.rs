@@ -36,6 +36,7 @@ pub struct ServeOptions {
     pub node_cert_ttl: Duration,
     /// Extra names (DNS or IP) for the serving certificate.
     pub sans: Vec<String>,
+    pub jwks: crate::jwks::JwksOptions,
 }
 
 pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
@@ -64,6 +65,8 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         .await
         .with_context(|| format!("binding metrics listener {}", opts.metrics_listen))?;
     tokio::spawn(crate::http::serve_metrics(metrics_listener, metrics));
+
+    tokio::spawn(crate::jwks::run(shared.mesh.clone(), opts.jwks.clone()));
 
     let listener =
         TcpListener::bind(opts.listen).await.with_context(|| format!("binding gRPC listener {}", opts.listen))?;

@@ -141,6 +141,14 @@ pub fn apply(state: &State, update: &v1::ConfigUpdate) -> Result<State, ApplyErr
         next.resources.insert(stored.resource.key(), Arc::new(stored));
     }
 
+    match &update.jwks {
+        Some(set) => {
+            next.jwks = Arc::new(set.entries.iter().map(|j| (j.uri.clone(), j.json.clone())).collect());
+        }
+        None if update.full => next.jwks = Arc::default(),
+        None => {}
+    }
+
     if update.full || !update.resources.is_empty() || !update.removed_resources.is_empty() {
         let resources: Vec<trellis_policy::Resource> = next.resources.values().map(|r| r.resource.clone()).collect();
         let compiled = CompiledPolicies::compile(&resources, &next.root_namespace)

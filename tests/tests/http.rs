@@ -24,7 +24,11 @@ struct Mesh {
 }
 
 fn mesh() -> Mesh {
-    let cp = ControlPlane::start(&[]);
+    mesh_with(&[])
+}
+
+fn mesh_with(control_plane_args: &[&str]) -> Mesh {
+    let cp = ControlPlane::start(control_plane_args);
     let port = trellis_tests::free_port();
     let api: SocketAddr = format!("{API}:{port}").parse().unwrap();
     let echo = HttpEcho::start(api);
@@ -449,4 +453,92 @@ spec:
     });
     assert!(m.received().contains("POST /pkg.Svc/Ok"));
     assert!(!m.received().contains("Forbidden"));
+}
+
+/// A static file server (Python's `http.server`, an independent process) publishing `dir`.
+struct FileServer {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl FileServer {
+    fn start(dir: &std::path::Path) -> Self {
+        let addr = trellis_tests::free_addr();
+        let child = Command::new("python3")
+            .args(["-m", "http.server", "--bind", &addr.ip().to_string(), &addr.port().to_string(), "--directory"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m http.server");
+        wait_for("the JWKS server", Duration::from_secs(10), || std::net::TcpStream::connect(addr).ok());
+        Self { child, addr }
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn jwks_uri_is_fetched_by_the_control_plane_and_rotations_reach_proxies() {
+    let claims = json!({"iss": ISS1, "sub": "alice", "exp": 3600});
+    let t = jose(json!({
+        "keys": {"old": {"kind": "ES256", "kid": "old"}, "new": {"kind": "RS256", "kid": "new"}},
+        "jwks": {"old": ["old"], "new": ["new"]},
+        "tokens": {"old": {"key": "old", "claims": claims}, "new": {"key": "new", "claims": claims}}
+    }));
+    let (old, new) = (token(&t, "old"), token(&t, "new"));
+    let dir = tempfile::tempdir().unwrap();
+    let publish = |name: &str| std::fs::write(dir.path().join("jwks.json"), t["jwks"][name].as_str().unwrap()).unwrap();
+    publish("old");
+    let server = FileServer::start(dir.path());
+    let m = mesh_with(&["--jwks-refresh", "1s", "--jwks-allow-http"]);
+    m.apply(&format!(
+        r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: shop}}
+spec:
+  jwtRules:
+  - issuer: "{ISS1}"
+    jwksUri: "http://{}/jwks.json"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: require-jwt, namespace: shop}}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        notRequestPrincipals: ["*"]
+"#,
+        server.addr
+    ));
+    let mut c = m.conn();
+    let status = |c: &mut Conn, token: &str| bearer(c, "/x", token).status;
+    wait_for("the JWKS to reach the proxy", Duration::from_secs(20), || (status(&mut c, &old) == 200).then_some(()));
+    assert_eq!(status(&mut c, &new), 401, "a key the JWKS does not hold");
+    assert_denied(&get(&mut c, "/x"), "no token");
+
+    // Rotation: the new key starts working on the same connection, nothing restarted; the old one stops.
+    publish("new");
+    wait_for("the rotated JWKS to reach the proxy", Duration::from_secs(20), || {
+        (status(&mut c, &new) == 200).then_some(())
+    });
+    assert_eq!(status(&mut c, &old), 401);
+
+    // The JWKS server goes away: the last good keys stay in use.
+    drop(server);
+    let version = m.cp.proxy_status()["proxies"][0]["ackedVersion"].clone();
+    assert!(version.is_u64(), "{version}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(status(&mut c, &new), 200, "last good JWKS kept after failed refreshes");
+    m.wait_synced();
+    assert_eq!(m.cp.proxy_status()["proxies"][0]["ackedVersion"], version, "failed refreshes push nothing");
+    assert!(trellis_tests::read_log(&m.cp.log_path()).contains("keeping the last good one"));
 }

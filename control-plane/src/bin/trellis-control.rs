@@ -57,6 +57,12 @@ enum Command {
         /// Extra DNS name or IP for the serving certificate (repeatable).
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// How often the JWKS of every RequestAuthentication `jwksUri` is fetched again.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        jwks_refresh: Duration,
+        /// Accept plain `http://` jwksUri values (keys fetched without TLS: for local tests only).
+        #[arg(long)]
+        jwks_allow_http: bool,
     },
 }
 
@@ -71,12 +77,26 @@ fn main() -> std::process::ExitCode {
                 println!("trellisctl config: {}", opts.data_dir.join("admin.yaml").display());
             })
         }
-        Command::Serve { data_dir, listen, metrics_listen, cert_ttl, node_cert_ttl, sans } => {
+        Command::Serve {
+            data_dir,
+            listen,
+            metrics_listen,
+            cert_ttl,
+            node_cert_ttl,
+            sans,
+            jwks_refresh,
+            jwks_allow_http,
+        } => {
             if cert_ttl < Duration::from_secs(60) {
                 eprintln!("error: --cert-ttl must be at least 1m");
                 return std::process::ExitCode::FAILURE;
             }
-            let opts = server::ServeOptions { data_dir, listen, metrics_listen, cert_ttl, node_cert_ttl, sans };
+            if jwks_refresh < Duration::from_secs(1) {
+                eprintln!("error: --jwks-refresh must be at least 1s");
+                return std::process::ExitCode::FAILURE;
+            }
+            let jwks = trellis_control_plane::jwks::JwksOptions { refresh: jwks_refresh, allow_http: jwks_allow_http };
+            let opts = server::ServeOptions { data_dir, listen, metrics_listen, cert_ttl, node_cert_ttl, sans, jwks };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -260,6 +260,7 @@ pub fn diff(sent: Option<&Snapshot>, next: &Snapshot) -> Option<pb::ConfigUpdate
             removed_workloads: vec![],
             resources: next.resources.values().map(|r| (**r).clone()).collect(),
             removed_resources: vec![],
+            jwks: Some(jwks_set(&next.jwks)),
         });
     };
     if std::ptr::eq(sent, next) {
@@ -286,12 +287,20 @@ pub fn diff(sent: Option<&Snapshot>, next: &Snapshot) -> Option<pb::ConfigUpdate
         .filter(|(k, _)| !next.resources.contains_key(*k))
         .filter_map(|(_, r)| r.key.clone())
         .collect();
+    if !Arc::ptr_eq(&sent.jwks, &next.jwks) && sent.jwks != next.jwks {
+        update.jwks = Some(jwks_set(&next.jwks));
+    }
     let empty = update.trust_bundle.is_none()
+        && update.jwks.is_none()
         && update.workloads.is_empty()
         && update.removed_workloads.is_empty()
         && update.resources.is_empty()
         && update.removed_resources.is_empty();
     (!empty).then_some(update)
+}
+
+fn jwks_set(jwks: &std::collections::BTreeMap<String, String>) -> pb::JwksSet {
+    pb::JwksSet { entries: jwks.iter().map(|(uri, json)| pb::Jwks { uri: uri.clone(), json: json.clone() }).collect() }
 }
 
 #[cfg(test)]
@@ -341,6 +350,18 @@ mod tests {
     }
 
     #[test]
+    fn diff_sends_the_jwks_set_when_it_changes() {
+        let a = Snapshot { version: 1, ..Default::default() };
+        assert_eq!(diff(None, &a).unwrap().jwks, Some(pb::JwksSet::default()), "always in a full snapshot");
+        let jwks: std::collections::BTreeMap<String, String> = [("https://k/jwks".into(), "{}".into())].into();
+        let b = Snapshot { version: 2, jwks: Arc::new(jwks.clone()), ..Default::default() };
+        let update = diff(Some(&a), &b).unwrap();
+        assert_eq!(update.jwks.unwrap().entries, [pb::Jwks { uri: "https://k/jwks".into(), json: "{}".into() }]);
+        let c = Snapshot { version: 3, jwks: Arc::new(jwks), ..Default::default() };
+        assert!(diff(Some(&b), &c).is_none(), "same set: nothing to send");
+    }
+
+    #[test]
     fn diff_sends_full_then_changes_only() {
         let mut a = Snapshot { version: 1, ..Default::default() };
         a.workloads.insert("ns/a".into(), workload("a", "10.0.0.1"));
@@ -368,6 +389,7 @@ mod tests {
             trust_bundle: b.trust_bundle.clone(),
             workloads: b.workloads.clone(),
             resources: b.resources.clone(),
+            jwks: b.jwks.clone(),
             ..Default::default()
         };
         assert!(diff(Some(&b), &same).is_none());

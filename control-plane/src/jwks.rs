@@ -1,0 +1,185 @@
+//! JWKS for RequestAuthentication `jwksUri` values: fetched here, never by proxies, so that no request waits on a
+//! fetch. Every URI the stored RequestAuthentications name is fetched when it first appears and again on each
+//! refresh tick; a document that cannot be fetched or holds no usable key leaves the last good one in place. The
+//! set is published in the snapshot (a new config version), which discovery pushes to every proxy.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{info, warn};
+
+use crate::mesh::{Mesh, Snapshot};
+
+/// Largest JWKS document accepted.
+const MAX_JWKS: usize = 1024 * 1024;
+/// Where Debian/Ubuntu and RHEL keep the system CA bundle (`SSL_CERT_FILE` overrides).
+const CA_BUNDLES: [&str; 2] = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"];
+
+#[derive(Debug, Clone)]
+pub struct JwksOptions {
+    /// How often every JWKS is fetched again.
+    pub refresh: Duration,
+    /// Accept `http://` URIs (plaintext: anyone on the path could swap the keys; for local tests).
+    pub allow_http: bool,
+}
+
+/// Runs until the process ends.
+pub async fn run(mesh: Arc<Mesh>, options: JwksOptions) {
+    let tls = match client_tls() {
+        Ok(tls) => Some(Arc::new(tls)),
+        Err(e) => {
+            warn!(error = %e, "no CA bundle for https jwksUri fetches; they will fail");
+            None
+        }
+    };
+    let mut changes = mesh.subscribe();
+    let mut tick = tokio::time::interval(options.refresh);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cache: BTreeMap<String, String> = mesh.current().jwks.as_ref().clone();
+    let mut wanted: BTreeMap<String, Duration> = BTreeMap::new();
+    loop {
+        // Fetch all on a tick; only the new URIs after a config change.
+        let refresh_all = tokio::select! {
+            _ = tick.tick() => true,
+            changed = changes.changed() => {
+                if changed.is_err() { return }
+                false
+            }
+        };
+        let now_wanted = jwks_uris(&mesh.current());
+        let new: BTreeSet<&String> = now_wanted.keys().filter(|u| !wanted.contains_key(*u)).collect();
+        if !refresh_all && new.is_empty() && now_wanted.len() == wanted.len() {
+            continue;
+        }
+        for (uri, timeout) in &now_wanted {
+            if !refresh_all && !new.contains(uri) {
+                continue;
+            }
+            match fetch(uri, &options, tls.as_ref(), *timeout).await {
+                Ok(text) => {
+                    if cache.get(uri) != Some(&text) {
+                        info!(%uri, "JWKS fetched");
+                    }
+                    cache.insert(uri.clone(), text);
+                }
+                Err(e) if cache.contains_key(uri) => {
+                    warn!(%uri, error = %e, "JWKS refresh failed; keeping the last good one")
+                }
+                Err(e) => warn!(%uri, error = %e, "JWKS fetch failed; tokens of this issuer get 401 until it works"),
+            }
+        }
+        cache.retain(|uri, _| now_wanted.contains_key(uri));
+        wanted = now_wanted;
+        if let Err(e) = mesh.set_jwks(cache.clone()) {
+            warn!(error = %e, "cannot publish the fetched JWKS");
+        }
+    }
+}
+
+/// Every `jwksUri` of the stored RequestAuthentications, with the longest `timeout` any rule gives it.
+fn jwks_uris(snapshot: &Snapshot) -> BTreeMap<String, Duration> {
+    let mut out = BTreeMap::new();
+    for resource in snapshot.resources.values() {
+        if resource.key.as_ref().is_none_or(|k| k.kind != "RequestAuthentication") {
+            continue;
+        }
+        let Ok(parsed) = trellis_policy::Resource::from_json(&resource.json) else { continue };
+        let trellis_policy::Spec::RequestAuthentication(ra) = &parsed.spec else { continue };
+        for rule in ra.jwt_rules.iter().filter(|r| r.jwks.is_empty() && !r.jwks_uri.is_empty()) {
+            let timeout = out.entry(rule.jwks_uri.clone()).or_insert(Duration::ZERO);
+            *timeout = (*timeout).max(rule.timeout_duration());
+        }
+    }
+    out
+}
+
+async fn fetch(
+    uri: &str,
+    options: &JwksOptions,
+    tls: Option<&Arc<ClientConfig>>,
+    timeout: Duration,
+) -> Result<String, String> {
+    let text = tokio::time::timeout(timeout, get(uri, options, tls))
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))??;
+    match trellis_policy::check_jwks(&text)? {
+        0 => Err("the document holds no usable verification key".into()),
+        _ => Ok(text),
+    }
+}
+
+async fn get(uri: &str, options: &JwksOptions, tls: Option<&Arc<ClientConfig>>) -> Result<String, String> {
+    let parsed: hyper::Uri = uri.parse().map_err(|e| format!("not a URI: {e}"))?;
+    let host = parsed.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let https = match parsed.scheme_str() {
+        Some("https") => true,
+        Some("http") if options.allow_http => false,
+        Some("http") => {
+            return Err("http:// JWKS URIs are refused (start the control plane with --jwks-allow-http)".into());
+        }
+        _ => return Err("the scheme must be https".into()),
+    };
+    let port = parsed.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("connect: {e}"))?;
+    if !https {
+        return request(tcp, &parsed).await;
+    }
+    let tls = tls.ok_or("no CA bundle to verify the server")?;
+    let name = ServerName::try_from(host).map_err(|e| format!("server name: {e}"))?;
+    let stream =
+        tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+    request(stream, &parsed).await
+}
+
+async fn request<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: T,
+    uri: &hyper::Uri,
+) -> Result<String, String> {
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|e| format!("HTTP: {e}"))?;
+    tokio::spawn(connection);
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    let request = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(hyper::header::HOST, authority)
+        .header(hyper::header::USER_AGENT, "trellis-control")
+        .header(hyper::header::ACCEPT, "application/json")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(request).await.map_err(|e| format!("HTTP: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("HTTP status {}", response.status()));
+    }
+    let body = Limited::new(response.into_body(), MAX_JWKS)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the body: {e}"))?
+        .to_bytes();
+    String::from_utf8(body.to_vec()).map_err(|_| "the body is not UTF-8".into())
+}
+
+/// TLS client trusting the system CA bundle (or `SSL_CERT_FILE`).
+fn client_tls() -> Result<ClientConfig, String> {
+    let path = std::env::var("SSL_CERT_FILE")
+        .ok()
+        .or_else(|| CA_BUNDLES.iter().find(|p| std::path::Path::new(p).exists()).map(|p| p.to_string()))
+        .ok_or("no system CA bundle found (set SSL_CERT_FILE)")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&path).map_err(|e| format!("{path}: {e}"))? {
+        let _ = cert.map(|c| roots.add(c));
+    }
+    if roots.is_empty() {
+        return Err(format!("{path}: no certificates"));
+    }
+    ClientConfig::builder_with_provider(trellis_proto::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}
