@@ -12,13 +12,18 @@
 //! ```
 //! `principal` null or missing = plaintext peer; `remote_ip` defaults to `ip`; `labels` to none; `http` is
 //! required with `"protocol": "http"` and forbidden with `"tcp"`; `host`, `headers` and `jwt` (the verified
-//! token payload) are optional.
+//! token payload) are optional. Without `jwt`, tokens in `headers` (e.g. `"authorization": "Bearer ..."`) or in
+//! the path's query are verified as the proxy does, against the RequestAuthentication documents given (inline
+//! `jwks` only: a `jwksUri` is not fetched offline, so its tokens get 401); `time` (Unix seconds, optional) is the
+//! instant `exp`/`nbf` are checked at, which `trellisctl` sets to now.
 //!
-//! Result: `{"decision": "allow"|"deny", "status": 403|null, "policy": "NS/NAME"|null,
-//! "action": "ALLOW"|"DENY"|null, "rule": N|null, "reason": "..."}`. Status is 403 only for an HTTP request
-//! denied by authorization; TCP denials close the connection (null). A plaintext peer on a port whose effective
-//! PeerAuthentication mode is STRICT is rejected before any authorization or HTTP exchange, so that denial has
-//! status null whatever the protocol, `policy` naming the PeerAuthentication and `action` null.
+//! Result: `{"decision": "allow"|"deny", "status": 400|401|403|null, "policy": "NS/NAME"|null,
+//! "action": "ALLOW"|"DENY"|null, "rule": N|null, "reason": "..."}`, plus `"requestPrincipal": "iss/sub"` when a
+//! token was verified. For HTTP, as in the proxy: a path that cannot be normalized (Istio BASE, e.g. `%00`) is
+//! 400; an invalid token 401 and a token whose audience is not allowed 403 (both before authorization, `policy`
+//! null); a denial by authorization 403. TCP denials close the connection (null). A plaintext peer on a port
+//! whose effective PeerAuthentication mode is STRICT is rejected before any authorization or HTTP exchange, so
+//! that denial has status null whatever the protocol, `policy` naming the PeerAuthentication and `action` null.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -27,7 +32,8 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::authz::Action;
-use crate::eval::{CompileError, CompiledPolicies, HttpRequest, Request};
+use crate::eval::{CompileError, CompiledPolicies, Decision, HttpRequest, Request};
+use crate::jwt::{JwtAuthenticator, JwtOutcome, TokenSource};
 use crate::peer_authn::MtlsMode;
 use crate::resource::Resource;
 
@@ -39,6 +45,9 @@ pub struct EvalRequest {
     pub protocol: EvalProtocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<EvalHttp>,
+    /// Unix seconds at which token `exp`/`nbf` are checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,18 +209,54 @@ impl EvalRequest {
                 policy: by,
                 action: None,
                 rule: None,
+                request_principal: None,
             };
         }
-        let decision = workload.evaluate(&self.as_request());
         let http = self.protocol == EvalProtocol::Http;
-        Explanation {
-            decision: if decision.allowed { Verdict::Allow } else { Verdict::Deny },
-            status: (!decision.allowed && http).then_some(403),
-            policy: decision.deciding.map(|p| format!("{}/{}", p.namespace, p.name)),
-            action: decision.deciding.map(|p| p.action),
-            rule: decision.deciding.map(|p| p.rule_index),
-            reason: decision.to_string(),
-        }
+        let Some(h) = &self.http else {
+            return Explanation::from_decision(&workload.evaluate(&self.as_request()), false, None);
+        };
+        // As the proxy: normalize, then authenticate, then authorize.
+        let (path, query) = match h.path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (h.path.as_str(), None),
+        };
+        let path = match crate::path::normalize_path(path) {
+            Ok(p) => p,
+            Err(e) => return Explanation::refused(400, format!("bad request: {e}")),
+        };
+        let target = match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.into_owned(),
+        };
+        let verified;
+        let jwt = match &h.jwt {
+            Some(jwt) => Some(jwt),
+            None => {
+                let rules = policies.jwt_rules_for(&dst.namespace, &dst.labels);
+                let authn = JwtAuthenticator::new(rules, |_| None, crate::jwt::DEFAULT_CLOCK_SKEW);
+                match authn.authenticate(TokenSource { headers: &h.headers, query }, self.time.unwrap_or(0)) {
+                    JwtOutcome::NoToken => None,
+                    JwtOutcome::Verified(v) => {
+                        verified = v.payload;
+                        Some(&verified)
+                    }
+                    JwtOutcome::Rejected(r) => {
+                        return Explanation::refused(r.status, format!("JWT rejected: {}", r.reason));
+                    }
+                }
+            }
+        };
+        let mut req = self.as_request();
+        let mut request = HttpRequest::new(&h.method, &target).with_headers(&h.headers);
+        request.host = h.host.as_deref();
+        request.jwt = jwt;
+        req = req.with_http(request);
+        let principal = jwt.map(|j| {
+            let part = |k: &str| j.get(k).and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
+            format!("{}/{}", part("iss"), part("sub"))
+        });
+        Explanation::from_decision(&workload.evaluate(&req), http, principal)
     }
 }
 
@@ -237,9 +282,37 @@ pub struct Explanation {
     pub rule: Option<usize>,
     /// One readable line (the decision's `Display`, or the mTLS rejection).
     pub reason: String,
+    /// `iss/sub` of the token verified for an HTTP request.
+    #[serde(rename = "requestPrincipal", default, skip_serializing_if = "Option::is_none")]
+    pub request_principal: Option<String>,
 }
 
 impl Explanation {
+    fn from_decision(decision: &Decision<'_>, http: bool, request_principal: Option<String>) -> Explanation {
+        Explanation {
+            decision: if decision.allowed { Verdict::Allow } else { Verdict::Deny },
+            status: (!decision.allowed && http).then_some(403),
+            policy: decision.deciding.map(|p| format!("{}/{}", p.namespace, p.name)),
+            action: decision.deciding.map(|p| p.action),
+            rule: decision.deciding.map(|p| p.rule_index),
+            reason: decision.to_string(),
+            request_principal,
+        }
+    }
+
+    /// Refused before authorization (bad request, token).
+    fn refused(status: u16, reason: String) -> Explanation {
+        Explanation {
+            decision: Verdict::Deny,
+            status: Some(status),
+            policy: None,
+            action: None,
+            rule: None,
+            reason,
+            request_principal: None,
+        }
+    }
+
     pub fn allowed(&self) -> bool {
         self.decision == Verdict::Allow
     }
@@ -463,5 +536,73 @@ spec:
             assert!(got.starts_with(want) || got.contains(want), "got {got:?}, want {want:?}");
         }
         assert!(EvalRequest::from_json("not json").unwrap_err().to_string().starts_with("invalid request: expected"));
+    }
+
+    #[test]
+    fn tokens_in_headers_are_verified_like_the_proxy_does() {
+        use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
+        let pair = aws_lc_rs::signature::Ed25519KeyPair::generate().unwrap();
+        let key = EncodingKey::from_ed_der(pair.to_pkcs8v1().unwrap().as_ref());
+        let jwks = serde_json::json!({"keys": [Jwk::from_encoding_key(&key, Algorithm::EdDSA).unwrap()]});
+        let policies = format!(
+            r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: foo}}
+spec:
+  jwtRules:
+  - issuer: https://issuer
+    audiences: [httpbin]
+    jwks: '{jwks}'
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: alice-only, namespace: foo}}
+spec:
+  rules: [{{from: [{{source: {{requestPrincipals: [https://issuer/alice]}}}}]}}]
+"#
+        );
+        let resources = parse_documents(&policies).unwrap();
+        let sign =
+            |claims: serde_json::Value| jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).unwrap();
+        let now = 1_800_000_000u64;
+        let run = |token: Option<String>, path: &str| {
+            let mut request = http(SLEEP, 8080, "GET", path);
+            if let Some(t) = token {
+                request["http"]["headers"] = serde_json::json!({"Authorization": format!("Bearer {t}")});
+            }
+            request["time"] = now.into();
+            let req = EvalRequest::from_json(&request.to_string()).unwrap();
+            serde_json::to_value(explain(&resources, crate::DEFAULT_ROOT_NAMESPACE, &req).unwrap()).unwrap()
+        };
+        let claims = serde_json::json!({"iss": "https://issuer", "sub": "alice", "aud": "httpbin", "exp": now + 60});
+        let ok = run(Some(sign(claims.clone())), "/ip");
+        assert_eq!((&ok["decision"], &ok["requestPrincipal"]), (&"allow".into(), &"https://issuer/alice".into()));
+        let mut bob = claims.clone();
+        bob["sub"] = "bob".into();
+        let denied = run(Some(sign(bob)), "/ip");
+        assert_eq!((&denied["status"], &denied["reason"]), (&403.into(), &"denied: no ALLOW policy matched".into()));
+        assert_eq!(denied["requestPrincipal"], "https://issuer/bob");
+        assert_eq!(run(None, "/ip")["status"], 403, "no token: no principal");
+        let mut expired = claims.clone();
+        expired["exp"] = (now - 61).into();
+        let out = run(Some(sign(expired)), "/ip");
+        assert_eq!(
+            (&out["decision"], &out["status"], &out["policy"]),
+            (&"deny".into(), &401.into(), &serde_json::Value::Null)
+        );
+        assert!(out["reason"].as_str().unwrap().starts_with("JWT rejected: Jwt is expired"), "{out}");
+        let mut aud = claims.clone();
+        aud["aud"] = "other".into();
+        assert_eq!(run(Some(sign(aud)), "/ip")["status"], 403);
+        assert_eq!(run(Some("garbage".into()), "/ip")["status"], 401);
+        // Tokens in the query, and the path normalized before matching.
+        let out = run(None, &format!("/x/../ip?access_token={}", sign(claims.clone())));
+        assert_eq!(out["decision"], "allow", "{out}");
+        let out = run(None, "/a%00b");
+        assert_eq!(
+            (&out["status"], out["reason"].as_str().unwrap()),
+            (&400.into(), "bad request: path contains an encoded NUL (%00)")
+        );
     }
 }

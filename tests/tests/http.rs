@@ -542,3 +542,68 @@ spec:
     assert_eq!(m.cp.proxy_status()["proxies"][0]["ackedVersion"], version, "failed refreshes push nothing");
     assert!(trellis_tests::read_log(&m.cp.log_path()).contains("keeping the last good one"));
 }
+
+/// `trellisctl authz eval` verifies tokens from the request's headers like the proxy, offline.
+#[test]
+fn authz_eval_reports_401_and_403_like_the_proxy() {
+    let alice = json!({"iss": ISS1, "sub": "alice", "aud": "shop", "exp": 600});
+    let t = jose(json!({
+        "keys": {"rs": {"kind": "RS256", "kid": "rs"}},
+        "jwks": {"one": ["rs"]},
+        "tokens": {
+            "alice": {"key": "rs", "claims": alice},
+            "expired": {"key": "rs", "claims": {"iss": ISS1, "sub": "alice", "aud": "shop", "exp": -600}},
+            "other-aud": {"key": "rs", "claims": {"iss": ISS1, "sub": "alice", "aud": "billing", "exp": 600}},
+        }
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies.yaml");
+    std::fs::write(
+        &policies,
+        format!(
+            r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: shop}}
+spec:
+  jwtRules:
+  - issuer: "{ISS1}"
+    audiences: [shop]
+    jwks: '{}'
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: alice, namespace: shop}}
+spec:
+  rules: [{{from: [{{source: {{requestPrincipals: ["{ISS1}/alice"]}}}}]}}]
+"#,
+            t["jwks"]["one"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let eval = |token: Option<&str>| {
+        let headers = token.map_or(json!({}), |t| json!({"authorization": format!("Bearer {t}")}));
+        let request = json!({"source": {"principal": "cluster.local/ns/shop/sa/web", "ip": "10.0.0.1"},
+            "destination": {"namespace": "shop", "ip": "10.0.0.2", "port": 8080},
+            "protocol": "http", "http": {"method": "GET", "path": "/x", "headers": headers}});
+        let path = dir.path().join("request.json");
+        std::fs::write(&path, request.to_string()).unwrap();
+        let out = Command::new(trellis_tests::bin("trellisctl"))
+            .args(["authz", "eval", "-f"])
+            .arg(&policies)
+            .arg("--request")
+            .arg(&path)
+            .env("TRELLIS_CONFIG", "/nonexistent")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let ok = eval(Some(&token(&t, "alice")));
+    assert_eq!((&ok["decision"], &ok["status"]), (&json!("allow"), &Value::Null), "{ok}");
+    assert_eq!(ok["requestPrincipal"], format!("{ISS1}/alice"));
+    let expired = eval(Some(&token(&t, "expired")));
+    assert_eq!((&expired["decision"], &expired["status"]), (&json!("deny"), &json!(401)), "{expired}");
+    assert_eq!(eval(Some(&token(&t, "other-aud")))["status"], 403);
+    assert_eq!(eval(None)["status"], 403, "no token: no request principal, ALLOW does not match");
+}

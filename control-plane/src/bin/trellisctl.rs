@@ -99,8 +99,10 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuthzCommand {
-    /// Decide a request offline against policy files (AuthorizationPolicy and PeerAuthentication documents);
-    /// prints {"decision", "status", "policy", "action", "rule", "reason"}. Invalid input exits 2.
+    /// Decide a request offline against policy files (AuthorizationPolicy, PeerAuthentication and
+    /// RequestAuthentication documents; tokens in the request's headers are verified as the proxy does);
+    /// prints {"decision", "status", "policy", "action", "rule", "reason"[, "requestPrincipal"]}. Invalid input
+    /// exits 2.
     Eval {
         /// Policy file (repeatable).
         #[arg(short = 'f', long = "filename", required = true)]
@@ -198,8 +200,11 @@ fn authz_eval(files: &[String], request: &str, root_namespace: &str) -> anyhow::
         resources.extend(trellis_policy::parse_documents(&text).map_err(|e| anyhow::anyhow!("{file}: {e}"))?);
     }
     let request_text = read_input(request)?;
-    let request =
+    let mut request =
         trellis_policy::EvalRequest::from_json(&request_text).map_err(|e| anyhow::anyhow!("{request}: {e}"))?;
+    // Tokens' exp/nbf are checked against now unless the request says when.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    request.time.get_or_insert(now);
     let explanation = trellis_policy::explain(&resources, root_namespace, &request)?;
     Ok(explanation.to_json())
 }
