@@ -1,4 +1,5 @@
 //! `cargo run --release -p trellis-tests --bin trellis-bench -- tunnel [--quick] [--direct-only] [--no-build]`
+//! `cargo run --release -p trellis-tests --bin trellis-bench -- http [--quick] [--no-build]` (see `bench/http.rs`)
 //!
 //! The tunnel benchmark: on loopback, a sink and an echo server (tokio tasks in this process, on 127.0.20.2, the
 //! address of the server proxy's workload) reached (A) directly over TCP and (B) through two Trellis proxies:
@@ -11,6 +12,8 @@
 //! without starting the mesh (BENCHMARKS.md untouched).
 
 mod common;
+#[path = "bench/http.rs"]
+mod http_bench;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -24,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use trellis_tests::{ControlPlane, Proxy, ProxyOptions, WorkloadSpec};
 
-const USAGE: &str = "usage: trellis-bench tunnel [--quick] [--direct-only] [--no-build]";
+const USAGE: &str = "usage: trellis-bench tunnel [--quick] [--direct-only] [--no-build] | http [--quick] [--no-build]";
 const CLIENT_IP: [u8; 4] = [127, 0, 20, 1];
 const SERVER_IP: [u8; 4] = [127, 0, 20, 2];
 const BEGIN: &str = "<!-- tunnel:begin -->";
@@ -68,24 +71,28 @@ const QUICK: Plan = Plan {
 };
 
 struct Args {
+    http: bool,
     quick: bool,
     direct_only: bool,
     no_build: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args { quick: false, direct_only: false, no_build: false };
+    let mut args = Args { http: false, quick: false, direct_only: false, no_build: false };
     let mut benchmark = None;
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
             "--quick" => args.quick = true,
             "--direct-only" => args.direct_only = true,
             "--no-build" => args.no_build = true,
-            "tunnel" => benchmark = Some(arg),
+            "tunnel" | "http" => benchmark = Some(arg),
             other => bail!("unknown argument {other:?}"),
         }
     }
-    benchmark.context("which benchmark? (only `tunnel` so far)")?;
+    args.http = benchmark.context("which benchmark? (`tunnel` or `http`)")? == "http";
+    if args.http && args.direct_only {
+        bail!("--direct-only is for the tunnel benchmark");
+    }
     Ok(args)
 }
 
@@ -97,7 +104,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(&args) {
+    let result = if args.http { http_bench::run(args.quick, args.no_build) } else { run(&args) };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("\ntrellis-bench: FAILED: {e:#}");
@@ -197,7 +205,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         eprintln!("(--quick/--direct-only: BENCHMARKS.md left as it is)");
     } else {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-        write_section(&path, &section)?;
+        write_section(&path, BEGIN, END, &section)?;
         eprintln!("wrote the tunnel section of {}", path.display());
     }
     drop(mesh);
@@ -559,20 +567,20 @@ Trellis (A B A B …) so that drift and noise hit both alike, and reports the me
 by its command, which replaces only that section (between its markers):
 
 - tunnel: `cargo run --release -p trellis-tests --bin trellis-bench -- tunnel`
+- http: `cargo run --release -p trellis-tests --bin trellis-bench -- http`
 ";
 
-/// Replaces the tunnel section of `path` (creating the file, or appending the section, as needed).
-fn write_section(path: &Path, section: &str) -> anyhow::Result<()> {
-    let block = format!("{BEGIN}\n{section}{END}");
+/// Replaces the section between `begin` and `end` of `path` (creating the file, or appending the section, as
+/// needed).
+fn write_section(path: &Path, begin: &str, end: &str, section: &str) -> anyhow::Result<()> {
+    let block = format!("{begin}\n{section}{end}");
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => HEADER.to_owned(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let text = match (text.find(BEGIN), text.find(END)) {
-        (Some(begin), Some(end)) if begin < end => {
-            format!("{}{block}{}", &text[..begin], &text[end + END.len()..])
-        }
+    let text = match (text.find(begin), text.find(end)) {
+        (Some(b), Some(e)) if b < e => format!("{}{block}{}", &text[..b], &text[e + end.len()..]),
         _ => format!("{}\n{block}\n", text.trim_end_matches('\n').to_owned() + "\n"),
     };
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
