@@ -307,6 +307,20 @@ mod tests {
     }
 
     #[test]
+    fn jwks_set_is_replaced_when_sent_and_kept_otherwise() {
+        let set = |uri: &str| {
+            Some(v1::JwksSet { entries: vec![v1::Jwks { uri: uri.into(), json: r#"{"keys":[]}"#.into() }] })
+        };
+        let state = apply(&State::new("td"), &v1::ConfigUpdate { jwks: set("https://a"), ..full(1) }).unwrap();
+        assert_eq!(state.jwks.keys().collect::<Vec<_>>(), ["https://a"]);
+        let kept = apply(&state, &incremental(2)).unwrap();
+        assert!(Arc::ptr_eq(&kept.jwks, &state.jwks), "an update without a set keeps it");
+        let replaced = apply(&kept, &v1::ConfigUpdate { jwks: set("https://b"), ..incremental(3) }).unwrap();
+        assert_eq!(replaced.jwks.keys().collect::<Vec<_>>(), ["https://b"]);
+        assert!(apply(&replaced, &full(4)).unwrap().jwks.is_empty(), "a full snapshot without a set clears it");
+    }
+
+    #[test]
     fn applies_updates() {
         struct Case {
             name: &'static str,

@@ -140,6 +140,9 @@ fn request_rules_apply_to_every_request_on_one_keep_alive_connection() {
     let admin = [("x-role", "admin"), ("content-length", "0")];
     assert_eq!(forwarded_target(&c.request("POST", "/admin", HOST, &admin)), "/admin");
     assert_denied(&c.request("POST", "/admin", HOST, &[("x-role", "user"), ("content-length", "0")]), "header");
+    // A refused request's body does not poison the connection.
+    c.send_raw(format!("POST /admin HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 5\r\n\r\nhello").as_bytes()).unwrap();
+    assert_denied(&c.read_response().unwrap(), "POST with a body");
     // Queries are ignored for matching and forwarded as sent.
     assert_eq!(forwarded_target(&get(&mut c, "/api/items?x=/../admin")), "/api/items?x=/../admin");
     // Normalized before matching, and forwarded normalized.
