@@ -261,7 +261,7 @@ impl Tunnel {
         target: &str,
         grpc: bool,
         outcome: &mut RequestOutcome,
-    ) -> Result<Option<trellis_policy::HeaderEdits>, Box<Response<Body>>> {
+    ) -> Result<trellis_policy::HeaderEdits, Box<Response<Body>>> {
         let policies = self.data.authz.load();
         let Some(auth) = policies.auth(&self.conn.workload.key) else {
             outcome.verdict = Verdict::Denied;
@@ -270,9 +270,9 @@ impl Tunnel {
         let headers = HeaderView(request.headers());
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let token = TokenSource { headers: &headers, query: request.uri().query() };
-        let (payload, edits) = match auth.jwt.authenticate(token, now) {
-            JwtOutcome::NoToken => (None, None),
-            JwtOutcome::Verified(v) => (Some(v.payload), Some(v.edits)),
+        let (payload, mut edits) = match auth.jwt.authenticate(token, now) {
+            JwtOutcome::NoToken => (None, trellis_policy::HeaderEdits::default()),
+            JwtOutcome::Verified(v) => (Some(v.payload), v.edits),
             JwtOutcome::Rejected(r) => {
                 info!(source = %self.conn.source, reason = %r.reason, status = r.status, "JWT rejected");
                 outcome.verdict = Verdict::Unauthenticated;
@@ -302,6 +302,12 @@ impl Tunnel {
             outcome.verdict = Verdict::Denied;
             return Err(Box::new(deny(grpc, StatusCode::FORBIDDEN, DENIED_BODY)));
         }
+        // Headers the rules fill from verified tokens never come from the client.
+        for name in auth.jwt.output_headers() {
+            if !edits.remove.contains(name) {
+                edits.remove.push(name.clone());
+            }
+        }
         Ok(edits)
     }
 
@@ -309,19 +315,17 @@ impl Tunnel {
         &self,
         request: Request<Incoming>,
         target: &str,
-        edits: Option<trellis_policy::HeaderEdits>,
+        edits: trellis_policy::HeaderEdits,
     ) -> Result<Response<Body>, hyper_util::client::legacy::Error> {
         let (mut parts, body) = request.into_parts();
         let version = parts.version;
         strip_hop_by_hop(&mut parts.headers);
-        if let Some(edits) = edits {
-            for name in &edits.remove {
-                parts.headers.remove(name.as_str());
-            }
-            for (name, value) in &edits.set {
-                if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value)) {
-                    parts.headers.insert(name, value);
-                }
+        for name in &edits.remove {
+            parts.headers.remove(name.as_str());
+        }
+        for (name, value) in &edits.set {
+            if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value)) {
+                parts.headers.insert(name, value);
             }
         }
         let uri = format!("http://{}{target}", self.conn.destination);

@@ -31,6 +31,8 @@ pub const AUDIENCE_BODY: &str = "Audiences in Jwt are not allowed";
 pub struct JwtAuthenticator {
     providers: Vec<Provider>,
     clock_skew: u64,
+    /// Every header a rule writes (`outputPayloadToHeader`, `outputClaimToHeaders`), lower case.
+    output_headers: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -55,6 +57,7 @@ enum Location {
         prefix: String,
     },
     Param(String),
+    Cookie(String),
 }
 
 struct Key {
@@ -157,8 +160,23 @@ impl JwtAuthenticator {
                         .collect(),
                 }
             })
-            .collect();
-        JwtAuthenticator { providers, clock_skew: clock_skew.as_secs() }
+            .collect::<Vec<Provider>>();
+        let mut output_headers: Vec<String> = Vec::new();
+        for p in &providers {
+            let names = p.output_payload_to_header.iter().chain(p.output_claim_to_headers.iter().map(|(h, _)| h));
+            for name in names {
+                if !output_headers.contains(name) {
+                    output_headers.push(name.clone());
+                }
+            }
+        }
+        JwtAuthenticator { providers, clock_skew: clock_skew.as_secs(), output_headers }
+    }
+
+    /// Headers the rules write from verified tokens. A proxy removes them from every request first, so that a
+    /// client cannot pose as having presented a token by sending them itself.
+    pub fn output_headers(&self) -> &[String] {
+        &self.output_headers
     }
 
     /// No rule applies: every request passes without looking for tokens.
@@ -340,7 +358,8 @@ fn locations(rule: &JwtRule) -> Vec<Location> {
     }
     let headers = (rule.from_headers.iter())
         .map(|h| Location::Header { name: h.name.to_ascii_lowercase(), prefix: h.prefix.clone() });
-    headers.chain(rule.from_params.iter().map(|p| Location::Param(p.clone()))).collect()
+    let params = rule.from_params.iter().map(|p| Location::Param(p.clone()));
+    headers.chain(params).chain(rule.from_cookies.iter().map(|c| Location::Cookie(c.clone()))).collect()
 }
 
 /// The tokens at one location. A header without the configured prefix carries no token (Envoy's extractor).
@@ -364,6 +383,16 @@ fn extract(location: &Location, request: TokenSource<'_>) -> Vec<String> {
                 (k == name && !v.is_empty()).then(|| v.to_string())
             }));
         }
+        Location::Cookie(name) => request.headers.for_each_value("cookie", &mut |value| {
+            for pair in value.split(';') {
+                if let Some((k, v)) = pair.trim().split_once('=')
+                    && k == name
+                    && !v.is_empty()
+                {
+                    out.push(v.to_string());
+                }
+            }
+        }),
     }
     out
 }

@@ -302,6 +302,9 @@ spec:
     let mut c = m.conn();
     // No token: passes without a principal. A valid token: its header is stripped before forwarding.
     assert_eq!(forwarded_target(&get(&mut c, "/open")), "/open");
+    let spoofed = c.request("GET", "/open", HOST, &[("x-team", "spoofed"), ("x-jwt-payload", "e30")]);
+    let headers = &spoofed.json()["headers"];
+    assert!(headers.get("x-team").is_none() && headers.get("x-jwt-payload").is_none(), "{spoofed:?}");
     for name in ["alice", "alice-es", "alice-ps"] {
         let r = bearer(&mut c, "/open", &token(&t, name));
         assert_eq!(r.status, 200, "{name}: {r:?}");

@@ -188,6 +188,14 @@ fn locations() {
     assert_eq!(run(&custom, &bearer(&token), None), JwtOutcome::NoToken, "the default location is not read");
     assert_eq!(run(&custom, &[], Some(&format!("access_token={token}"))), JwtOutcome::NoToken);
     assert_eq!(run(&custom, &[("x-jwt", token.clone())], None), JwtOutcome::NoToken, "prefix missing");
+
+    let cookies = authn(&[JwtRule { from_cookies: vec!["session".into()], ..rule(ISS, &[&ES256]) }]);
+    let JwtOutcome::Verified(v) = run(&cookies, &[("cookie", format!("a=1; session={token}; b=2"))], None) else {
+        panic!()
+    };
+    assert!(v.edits.remove.is_empty(), "a cookie is not stripped");
+    assert_eq!(run(&cookies, &[("cookie", format!("other={token}"))], None), JwtOutcome::NoToken);
+    assert_eq!(run(&cookies, &bearer(&token), None), JwtOutcome::NoToken);
 }
 
 #[test]
@@ -228,6 +236,7 @@ fn header_outputs() {
         ],
         ..rule(ISS, &[&ES256])
     }]);
+    assert_eq!(a.output_headers(), ["x-payload", "x-team", "x-n", "x-ok", "x-groups", "x-missing"]);
     let JwtOutcome::Verified(v) = run(&a, &bearer(&token), None) else { panic!() };
     assert!(v.edits.remove.is_empty(), "forwardOriginalToken keeps the token");
     let payload = token.split('.').nth(1).unwrap().to_string();
