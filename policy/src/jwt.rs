@@ -245,26 +245,45 @@ impl JwtAuthenticator {
         if candidates.peek().is_none() {
             return Err(Rejection::invalid("no rule reads this token location"));
         }
-        let Some(provider) = candidates.find(|p| p.issuer == iss) else {
-            return Err(Rejection::invalid(format!("Jwt issuer {iss:?} is not configured")));
-        };
+        // Several rules may name the issuer (RequestAuthentications combine): the token passes if one accepts it;
+        // otherwise an audience refusal (403) says more than a key mismatch (401).
+        let mut refusal: Option<Rejection> = None;
+        for provider in candidates.filter(|p| p.issuer == iss) {
+            match self.verify_with(provider, &header, token, now) {
+                Ok(payload) => return Ok((provider, payload)),
+                Err(r) if refusal.as_ref().is_none_or(|old| old.status != 403) => refusal = Some(r),
+                Err(_) => {}
+            }
+        }
+        Err(refusal.unwrap_or_else(|| Rejection::invalid(format!("Jwt issuer {iss:?} is not configured"))))
+    }
+
+    fn verify_with(
+        &self,
+        provider: &Provider,
+        header: &jsonwebtoken::Header,
+        token: &str,
+        now: u64,
+    ) -> Result<Value, Rejection> {
         if let Some(problem) = &provider.jwks_problem
             && provider.keys.is_empty()
         {
             return Err(Rejection::invalid(format!("Jwks remote fetch is failed: {problem}")));
         }
         let mut keys = provider.keys.iter().filter(|k| k.validation.algorithms.contains(&header.alg)).peekable();
-        if let Some(kid) = &header.kid {
+        let payload = if let Some(kid) = &header.kid {
             let mut with_kid = keys.filter(|k| k.kid.as_deref() == Some(kid.as_str())).peekable();
             if with_kid.peek().is_none() {
                 return Err(Rejection::invalid(format!("Jwks doesn't have key to match kid {kid:?} or alg")));
             }
-            return check_signature(with_kid, token).and_then(|payload| provider.check_claims(payload, now, self));
-        }
-        if keys.peek().is_none() {
-            return Err(Rejection::invalid(format!("Jwks doesn't have key to match alg {:?}", header.alg)));
-        }
-        check_signature(keys, token).and_then(|payload| provider.check_claims(payload, now, self))
+            check_signature(with_kid, token)?
+        } else {
+            if keys.peek().is_none() {
+                return Err(Rejection::invalid(format!("Jwks doesn't have key to match alg {:?}", header.alg)));
+            }
+            check_signature(keys, token)?
+        };
+        provider.check_claims(payload, now, self.clock_skew)
     }
 }
 
@@ -278,16 +297,10 @@ fn check_signature<'k>(keys: impl Iterator<Item = &'k Key>, token: &str) -> Resu
 }
 
 impl Provider {
-    fn check_claims<'p>(
-        &'p self,
-        payload: Value,
-        now: u64,
-        authn: &JwtAuthenticator,
-    ) -> Result<(&'p Self, Value), Rejection> {
+    fn check_claims(&self, payload: Value, now: u64, skew: u64) -> Result<Value, Rejection> {
         if !payload.is_object() {
             return Err(Rejection::invalid("Jwt payload is not a JSON object"));
         }
-        let skew = authn.clock_skew;
         let time = |name: &str| -> Result<Option<u64>, Rejection> {
             match payload.get(name) {
                 None => Ok(None),
@@ -322,7 +335,7 @@ impl Provider {
                 return Err(Rejection { status: 403, reason: AUDIENCE_BODY.to_string() });
             }
         }
-        Ok((self, payload))
+        Ok(payload)
     }
 
     fn edits(&self, location: &Location, token: &str, payload: &Value, edits: &mut HeaderEdits) {

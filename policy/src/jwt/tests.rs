@@ -222,6 +222,19 @@ fn two_issuers_and_multiple_tokens() {
 }
 
 #[test]
+fn rules_of_one_issuer_combine() {
+    // Istio: several RequestAuthentications act as one; the token passes if any rule for its issuer accepts it.
+    let strict = JwtRule { audiences: vec!["billing".into()], ..rule(ISS, &[&ES256]) };
+    let other_keys = rule(ISS, &[&ED]);
+    let mut c = claims();
+    c.as_object_mut().unwrap().remove("aud");
+    let token = ES256.sign(&c);
+    assert_eq!(status(&run(&authn(&[strict.clone(), rule(ISS, &[&ES256])]), &bearer(&token), None)), 200);
+    assert_eq!(status(&run(&authn(&[strict.clone(), other_keys.clone()]), &bearer(&token), None)), 403);
+    assert_eq!(status(&run(&authn(&[other_keys, strict]), &bearer(&token), None)), 403, "order does not matter");
+}
+
+#[test]
 fn header_outputs() {
     let token = ES256.sign(&claims());
     let a = authn(&[JwtRule {
