@@ -79,7 +79,7 @@ impl Default for Upstream {
             b.timer(TokioTimer::new()).pool_timer(TokioTimer::new()).pool_idle_timeout(Duration::from_secs(60));
             b
         };
-        Upstream { http1: builder().build(connector.clone()), http2: builder().http2_only(true).build(connector) }
+        Upstream { http1: builder().build(connector), http2: builder().http2_only(true).build(connector) }
     }
 }
 
