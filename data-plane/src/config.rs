@@ -592,10 +592,12 @@ listen:
   admin: 127.0.0.1:25000
 hboneAddress: 192.168.1.10:15008
 logFormat: json
+jwtClockSkew: 30s
 "#
         );
         let c = Config::parse(&yaml).unwrap();
         assert_eq!(c.node, "node-a");
+        assert_eq!(c.jwt_clock_skew, std::time::Duration::from_secs(30));
         assert_eq!(c.control_plane.token, None);
         assert_eq!(c.workloads[0].addresses.len(), 2);
         assert_eq!(c.workloads[0].ports[0], PortConfig { port: 8080, protocol: Protocol::Http });
@@ -667,6 +669,7 @@ logFormat: json
             ("capture:\n  excludeInboundPorts: [0]\n".into(), "capture.excludeInboundPorts[0]: 0 is not"),
             ("capture:\n  excludeOutboundCidrs: [10.0.0.0/33]\n".into(), "capture.excludeOutboundCidrs[0]: \"10.0.0.0/33\" is not a CIDR"),
             ("capture:\n  redirect: all\n".into(), "unknown field `redirect`"),
+            ("jwtClockSkew: soon\n".into(), "jwtClockSkew: \"soon\""),
             (
                 "workloads:\n  - {name: a, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.1\"], ports: [{port: 1, protocol: udp}]}\n".into(),
                 "unknown variant `udp`",
