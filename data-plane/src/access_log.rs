@@ -1,5 +1,6 @@
-//! Access logs: one structured event per proxied connection, at its end (target `access`, JSON with
-//! `logFormat: json`): who talked to whom, how much, for how long, and what authorization decided.
+//! Access logs: one structured event per proxied connection at its end, and one per request on HTTP ports (target
+//! `access`, JSON with `logFormat: json`): who talked to whom, how much, for how long, and what authorization
+//! decided.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -45,5 +46,48 @@ pub fn connection(e: &Entry<'_>) {
         response_flags = e.key.flags.as_str(),
         detail = e.detail,
         "connection"
+    );
+}
+
+/// One HTTP request on a port declared `http`.
+pub struct RequestEntry<'a> {
+    pub key: &'a TrafficKey,
+    pub source_addr: Option<SocketAddr>,
+    pub destination_addr: SocketAddr,
+    pub method: &'a str,
+    /// Normalized, without the query (which may carry tokens).
+    pub path: &'a str,
+    pub status: u16,
+    /// Until the response head was ready.
+    pub duration: Duration,
+    /// `allowed`, `denied`, `unauthenticated`, `bad_request`, `upstream_error`.
+    pub decision: &'a str,
+    pub policy: &'a str,
+    /// `iss/sub` of the verified token, or `-`.
+    pub request_principal: &'a str,
+}
+
+pub fn request(e: &RequestEntry<'_>) {
+    let source_addr = e.source_addr.map(|a| a.to_string());
+    tracing::info!(
+        target: "access",
+        reporter = e.key.reporter.as_str(),
+        source_principal = &*e.key.source.principal,
+        source_workload = &*e.key.source.workload,
+        source_namespace = &*e.key.source.namespace,
+        source_address = source_addr.as_deref().unwrap_or("-"),
+        destination_principal = &*e.key.destination.principal,
+        destination_workload = &*e.key.destination.workload,
+        destination_namespace = &*e.key.destination.namespace,
+        destination_address = %e.destination_addr,
+        method = e.method,
+        path = e.path,
+        response_code = e.status,
+        duration_ms = e.duration.as_secs_f64() * 1000.0,
+        decision = e.decision,
+        policy = e.policy,
+        request_principal = e.request_principal,
+        response_flags = e.key.flags.as_str(),
+        "request"
     );
 }

@@ -39,6 +39,61 @@ where
     crate::copy::bidirectional(client, server, &counts.from_client, &counts.to_client).await
 }
 
+/// Counts the bytes read from and written to `io` into `counts` (`from_client`: read, `to_client`: written), for a
+/// connection whose bytes are not moved by [`copy_counted`] (an HTTP tunnel served by hyper).
+pub struct CountingIo<T> {
+    io: T,
+    counts: Arc<ByteCounts>,
+}
+
+impl<T> CountingIo<T> {
+    pub fn new(io: T, counts: Arc<ByteCounts>) -> Self {
+        Self { io, counts }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.counts.from_client.fetch_add(n, Ordering::Relaxed);
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let result = std::pin::Pin::new(&mut self.io).poll_write(cx, data);
+        if let std::task::Poll::Ready(Ok(n)) = &result {
+            self.counts.to_client.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// What the destination proxy knows about an inbound tunnelled connection.
 #[derive(Debug)]
 pub struct InboundConn {

@@ -235,7 +235,8 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
     let registration = data.connections.register(Some(conn.clone()));
     if crate::l7::is_http(&conn) {
         // Checked per request instead (l7.rs).
-        return crate::l7::accept(request, conn, registration, data);
+        let source = report.source.clone();
+        return crate::l7::accept(request, conn, source, registration, data);
     }
     let policies = data.authz.load();
     let policy = match policies.check(&conn, peer) {

@@ -20,8 +20,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::{debug, info};
 use trellis_policy::{Decision, Headers, HttpRequest, JwtOutcome, TokenSource};
 
+use crate::access_log;
 use crate::config::Protocol;
-use crate::connections::{InboundConn, Registration};
+use crate::connections::{ByteCounts, CountingIo, InboundConn, Registration};
+use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::proxy::DataPath;
 
 /// Largest request head accepted (Envoy's default is 60 KiB); larger → 431.
@@ -84,24 +86,46 @@ impl Default for Upstream {
 }
 
 /// Answers the CONNECT with 200 and serves the tunnel as HTTP in its own task.
+/// `source` is the metric labels of the tunnel's source workload.
 pub fn accept(
     mut request: Request<Incoming>,
     conn: Arc<InboundConn>,
+    source: Arc<PeerLabels>,
     registration: Registration,
     data: Arc<DataPath>,
 ) -> Response<Empty<Bytes>> {
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(tunnel) => serve(tunnel, conn, registration, data).await,
+            Ok(tunnel) => serve(tunnel, conn, source, registration, data).await,
             Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
         }
     });
     Response::new(Empty::new())
 }
 
-async fn serve(tunnel: Upgraded, conn: Arc<InboundConn>, registration: Registration, data: Arc<DataPath>) {
-    let ctx = Arc::new(Tunnel { conn, data });
+async fn serve(
+    tunnel: Upgraded,
+    conn: Arc<InboundConn>,
+    source: Arc<PeerLabels>,
+    registration: Registration,
+    data: Arc<DataPath>,
+) {
+    // The tunnel is a TCP connection too: counted and logged as one, with its bytes, next to its requests.
+    let started = Instant::now();
+    let key = TrafficKey {
+        reporter: Reporter::Destination,
+        source: source.clone(),
+        destination: conn.workload.peer.clone(),
+        mutual_tls: true,
+        flags: Flags::None,
+    };
+    let series = data.traffic.tcp(key.clone());
+    series.opened();
+    let _open = data.traffic.open_connection(Reporter::Destination);
+    let counts = Arc::new(ByteCounts::default());
+    let tunnel = TokioIo::new(CountingIo::new(TokioIo::new(tunnel), counts.clone()));
+    let ctx = Arc::new(Tunnel { conn: conn.clone(), data: data.clone(), source });
     let service = hyper::service::service_fn(move |request| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.handle(request).await) }
@@ -118,15 +142,31 @@ async fn serve(tunnel: Upgraded, conn: Arc<InboundConn>, registration: Registrat
             connection.await
         }
     };
-    if let Err(e) = result {
+    if let Err(e) = &result {
         debug!(error = %e, "HTTP tunnel ended with an error");
     }
+    let (received, sent) = counts.get();
+    series.closed(received, sent);
+    let detail = result.err().map(|e| e.to_string());
+    access_log::connection(&access_log::Entry {
+        key: &key,
+        source_addr: Some(conn.source_addr.unwrap_or(conn.peer)),
+        destination_addr: conn.destination,
+        received,
+        sent,
+        duration: started.elapsed(),
+        decision: "per_request",
+        policy: "-",
+        detail: detail.as_deref().unwrap_or("-"),
+    });
     drop(registration);
 }
 
 struct Tunnel {
     conn: Arc<InboundConn>,
     data: Arc<DataPath>,
+    /// Metric labels of the source workload.
+    source: Arc<PeerLabels>,
 }
 
 /// What happened to one request: the one place a request's result is reported (access logs and metrics attach
@@ -168,18 +208,34 @@ impl Verdict {
 }
 
 impl RequestOutcome {
-    fn record(&self, conn: &InboundConn) {
-        let (source, target) = (&conn.source, conn.destination);
-        let policy = self.policy.as_deref().unwrap_or("-");
-        let principal = self.request_principal.as_deref().unwrap_or("-");
-        let duration_us = self.duration.as_micros() as u64;
-        if self.verdict == Verdict::Allowed {
-            debug!(%source, %target, method = %self.method, path = %self.path, status = self.status, duration_us,
-                verdict = self.verdict.as_str(), policy, request_principal = principal, "request");
-        } else {
-            info!(%source, %target, method = %self.method, path = %self.path, status = self.status, duration_us,
-                verdict = self.verdict.as_str(), policy, request_principal = principal, "request");
-        }
+    /// Istio's request series and one access-log event.
+    fn record(&self, tunnel: &Tunnel) {
+        let conn = &tunnel.conn;
+        let flags = match self.verdict {
+            Verdict::Denied => Flags::Deny,
+            Verdict::UpstreamError => Flags::Connect,
+            Verdict::Allowed | Verdict::Unauthenticated | Verdict::BadRequest => Flags::None,
+        };
+        let key = TrafficKey {
+            reporter: Reporter::Destination,
+            source: tunnel.source.clone(),
+            destination: conn.workload.peer.clone(),
+            mutual_tls: true,
+            flags,
+        };
+        tunnel.data.traffic.http(key.clone(), self.status).record(self.duration);
+        access_log::request(&access_log::RequestEntry {
+            key: &key,
+            source_addr: Some(conn.source_addr.unwrap_or(conn.peer)),
+            destination_addr: conn.destination,
+            method: &self.method,
+            path: &self.path,
+            status: self.status,
+            duration: self.duration,
+            decision: self.verdict.as_str(),
+            policy: self.policy.as_deref().unwrap_or("-"),
+            request_principal: self.request_principal.as_deref().unwrap_or("-"),
+        });
     }
 }
 
@@ -211,7 +267,7 @@ impl Tunnel {
         let response = self.decide(request, &mut outcome).await;
         outcome.status = response.status().as_u16();
         outcome.duration = started.elapsed();
-        outcome.record(&self.conn);
+        outcome.record(self);
         response
     }
 

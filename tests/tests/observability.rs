@@ -194,23 +194,26 @@ fn promtool_finds_no_problem_in_any_metrics_output() {
             (status == 200 && (what == "control plane" || body.contains("istio_tcp_connections_closed_total{")))
                 .then_some(body)
         });
-        let mut child = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("promtool: install Debian's `prometheus` package (.ci/run does)");
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), body.as_bytes()).unwrap();
-        let output = child.wait_with_output().unwrap();
-        let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-        // Istio's own name keeps its unit for dashboard compatibility; promtool's base-unit lint is expected there.
-        let problems: Vec<&str> = report
-            .lines()
-            .filter(|l| !l.trim().is_empty() && !l.contains("istio_request_duration_milliseconds"))
-            .collect();
-        assert!(problems.is_empty(), "promtool on {what}'s /metrics:\n{report}\n---\n{body}");
+        promtool_check(what, &body);
     }
+}
+
+/// `promtool check metrics` on a `/metrics` body: no problem other than its base-unit lint on Istio's own
+/// `istio_request_duration_milliseconds` (kept for dashboard compatibility).
+fn promtool_check(what: &str, body: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool: install Debian's `prometheus` package (.ci/run does)");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), body.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let problems: Vec<&str> =
+        report.lines().filter(|l| !l.trim().is_empty() && !l.contains("istio_request_duration_milliseconds")).collect();
+    assert!(problems.is_empty(), "promtool on {what}'s /metrics:\n{report}\n---\n{body}");
 }
 
 #[test]
@@ -255,4 +258,98 @@ fn admin_endpoints_show_certificates_never_keys_and_change_the_log_level() {
     );
     // The metrics port serves metrics only; the admin endpoints are not there.
     assert_eq!(http::get(m.web.metrics_addr, "/config_dump").unwrap().0, 404);
+}
+
+/// Requests on a port declared `http` are counted in Istio's request series (code, flags, duration histogram)
+/// and logged one by one; the tunnel that carries them is counted as a TCP connection with its bytes.
+#[test]
+fn http_requests_are_counted_and_logged_per_request() {
+    use trellis_tests::HttpEcho;
+    use trellis_tests::http::Conn;
+    const CLIENT: &str = "127.0.10.51";
+    const SITE: &str = "127.0.10.52";
+    let cp = ControlPlane::start(&[]);
+    let port = trellis_tests::free_port();
+    let site: SocketAddr = format!("{SITE}:{port}").parse().unwrap();
+    let _echo = HttpEcho::start(site);
+    let mut site_spec = WorkloadSpec::new("site", "shop", "site", SITE);
+    site_spec.ports = vec![(port, "http")];
+    let json_logs = ProxyOptions {
+        extra: serde_json::json!({"logFormat": "json"}).as_object().unwrap().clone(),
+        ..Default::default()
+    };
+    let server = Proxy::start_with(&cp, "node-site", &[site_spec], json_logs);
+    let client = Proxy::start(&cp, "node-client", &[WorkloadSpec::new("web", "shop", "web", CLIENT)]);
+    for p in [&server, &client] {
+        p.wait_ready();
+        p.wait_config("the site in the registry", |d| d["workloads"].to_string().contains(SITE));
+    }
+    cp.apply(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin"]}}]}]
+"#,
+    );
+    server.wait_config("the policy", |d| d["resources"].to_string().contains("no-admin"));
+
+    let mut conn = Conn::new(socks::connect_ok(client.socks5_addr, site));
+    for target in ["/", "/a", "/admin", "/b?x=secret", "/admin"] {
+        let expected = if target == "/admin" { 403 } else { 200 };
+        assert_eq!(conn.request("GET", target, "site.shop", &[]).status, expected, "{target}");
+    }
+    drop(conn);
+
+    let series = |body: &str, name: &str, labels: &[&str]| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|label| l.contains(label)))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    let common = r#"reporter="destination""#;
+    let from_web = r#"source_workload="web""#;
+    let body = wait_for("the tunnel's close in /metrics", Duration::from_secs(10), || {
+        let (_, body) = http::get(server.metrics_addr, "/metrics").ok()?;
+        (series(&body, "istio_tcp_connections_closed_total", &[common, from_web, r#"destination_workload="site""#])
+            == 1.0)
+            .then_some(body)
+    });
+    let ok = [common, from_web, r#"response_code="200""#, r#"response_flags="-""#, r#"request_protocol="http""#];
+    assert_eq!(series(&body, "istio_requests_total", &ok), 3.0, "{body}");
+    let denied = [common, from_web, r#"response_code="403""#, r#"response_flags="DENY""#];
+    assert_eq!(series(&body, "istio_requests_total", &denied), 2.0, "{body}");
+    assert_eq!(series(&body, "istio_request_duration_milliseconds_count", &[common, from_web]), 5.0, "{body}");
+    assert!(body.contains(r#"istio_request_duration_milliseconds_bucket{"#) && body.contains(r#"le="0.5""#), "{body}");
+    assert!(series(&body, "istio_tcp_received_bytes_total", &[common, from_web]) > 0.0, "{body}");
+    assert!(!body.contains("secret"), "no client-controlled string in labels");
+    promtool_check("the HTTP server proxy", &body);
+
+    let log = trellis_tests::read_log(&server.log_path());
+    let requests: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["target"] == "access" && e["fields"]["message"] == "request")
+        .map(|e| e["fields"].clone())
+        .collect();
+    let summary: Vec<(String, u64, String)> = requests
+        .iter()
+        .map(|f| {
+            (f["path"].as_str().unwrap().to_owned(), f["response_code"].as_u64().unwrap(), f["policy"].to_string())
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("/".to_owned(), 200, "\"-\"".to_owned()),
+            ("/a".to_owned(), 200, "\"-\"".to_owned()),
+            ("/admin".to_owned(), 403, "\"shop/no-admin\"".to_owned()),
+            ("/b".to_owned(), 200, "\"-\"".to_owned()),
+            ("/admin".to_owned(), 403, "\"shop/no-admin\"".to_owned()),
+        ],
+        "{log}"
+    );
+    assert!(requests.iter().all(|f| f["source_principal"] == "cluster.local/ns/shop/sa/web"));
 }
