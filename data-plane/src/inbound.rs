@@ -19,11 +19,11 @@ use tokio::sync::watch;
 use tracing::{debug, info};
 use trellis_proto::spiffe::SpiffeId;
 
-use crate::access_log;
 use crate::connections::{ByteCounts, InboundConn, copy_counted};
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::pool::{CONNECTION_WINDOW, FORWARDED, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW};
 use crate::proxy::DataPath;
+use crate::report::{Authz, ConnectionReport};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -129,65 +129,10 @@ fn tls_failure(data: &DataPath, peer: SocketAddr, local: SocketAddr, started: In
         source: PeerLabels::unknown(),
         destination,
         mutual_tls: true,
-        flags: Flags::TlsFailure,
+        flags: Flags::None,
     };
-    let series = data.traffic.tcp(key.clone());
-    series.opened();
-    series.closed(0, 0);
-    access_log::connection(&access_log::Entry {
-        key: &key,
-        source_addr: Some(peer),
-        destination_addr: local,
-        received: 0,
-        sent: 0,
-        duration: started.elapsed(),
-        decision: "none",
-        policy: "-",
-        detail: reason,
-    });
-}
-
-/// Metrics and the access log of one inbound stream.
-struct Report<'a> {
-    data: &'a DataPath,
-    conn: &'a InboundConn,
-    source: Arc<PeerLabels>,
-    started: Instant,
-}
-
-impl Report<'_> {
-    fn key(&self, flags: Flags) -> TrafficKey {
-        TrafficKey {
-            reporter: Reporter::Destination,
-            source: self.source.clone(),
-            destination: self.conn.workload.peer.clone(),
-            mutual_tls: true,
-            flags,
-        }
-    }
-
-    /// A stream refused before any byte was proxied.
-    fn refused(&self, flags: Flags, decision: &'static str, policy: &str, detail: &str) {
-        let key = self.key(flags);
-        let series = self.data.traffic.tcp(key.clone());
-        series.opened();
-        series.closed(0, 0);
-        self.log(&key, 0, 0, decision, policy, detail);
-    }
-
-    fn log(&self, key: &TrafficKey, received: u64, sent: u64, decision: &'static str, policy: &str, detail: &str) {
-        access_log::connection(&access_log::Entry {
-            key,
-            source_addr: Some(self.conn.source_addr.unwrap_or(self.conn.peer)),
-            destination_addr: self.conn.destination,
-            received,
-            sent,
-            duration: self.started.elapsed(),
-            decision,
-            policy,
-            detail,
-        });
-    }
+    let report = ConnectionReport { key, source_addr: peer, destination_addr: local, started };
+    report.refused(&data.traffic, Flags::TlsFailure, Authz::NONE, reason);
 }
 
 /// One CONNECT stream: check the target, authorize, dial the workload, answer 200 and copy until both sides are
@@ -230,13 +175,19 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
         .load()
         .source(source, source_addr.map(|a| a.ip()))
         .map_or_else(|| peer_id.labels.clone(), |w| w.peer.clone());
-    let report = Report { data: &data, conn: &conn, source: source_labels, started: Instant::now() };
+    let key = TrafficKey {
+        reporter: Reporter::Destination,
+        source: source_labels,
+        destination: conn.workload.peer.clone(),
+        mutual_tls: true,
+        flags: Flags::None,
+    };
+    let report = ConnectionReport::new(key, source_addr.unwrap_or(peer), target);
     // Registered before the check, so that a policy change between check and registration cannot be missed.
     let registration = data.connections.register(Some(conn.clone()));
     if crate::l7::is_http(&conn) {
         // Checked per request instead (l7.rs).
-        let source = report.source.clone();
-        return crate::l7::accept(request, conn, source, registration, data);
+        return crate::l7::accept(request, conn, report, registration, data);
     }
     let policies = data.authz.load();
     let policy = match policies.check(&conn, peer) {
@@ -245,7 +196,7 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
             let policy = decision.deciding.map_or_else(|| "-".to_owned(), |p| format!("{}/{}", p.namespace, p.name));
             if !decision.allowed {
                 info!(source = %conn.source, %target, %decision, "connection denied");
-                report.refused(Flags::Deny, "denied", &policy, "-");
+                report.refused(&data.traffic, Flags::Deny, Authz { decision: "denied", policy: &policy }, "-");
                 return status(StatusCode::FORBIDDEN);
             }
             if !decision.audit.is_empty() || decision.dry_run.is_some() {
@@ -256,38 +207,32 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
         None => return status(StatusCode::NOT_FOUND),
     };
     drop(policies);
+    let allowed = Authz { decision: "allowed", policy: &policy };
 
     let upstream = match tokio::time::timeout(DIAL_TIMEOUT, crate::dial::connect(target)).await {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(e)) => {
             info!(source = %conn.source, %target, error = %e, "workload refused the connection");
-            report.refused(Flags::Connect, "allowed", &policy, "workload refused the connection");
+            report.refused(&data.traffic, Flags::Connect, allowed, "workload refused the connection");
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
         Err(_) => {
             info!(source = %conn.source, %target, "timed out dialling the workload");
-            report.refused(Flags::Connect, "allowed", &policy, "timed out dialling the workload");
+            report.refused(&data.traffic, Flags::Connect, allowed, "timed out dialling the workload");
             return status(StatusCode::GATEWAY_TIMEOUT);
         }
     };
     let _ = upstream.set_nodelay(true);
     let upgrade = hyper::upgrade::on(&mut request);
-    let key = report.key(Flags::None);
-    let series = data.traffic.tcp(key.clone());
-    series.opened();
-    let open = data.traffic.open_connection(Reporter::Destination);
-    let source = report.source.clone();
-    let started = report.started;
+    let open = report.opened(&data.traffic);
     tokio::spawn(async move {
-        let report = Report { data: &data, conn: &conn, source, started };
-        let _open = open;
+        let allowed = Authz { decision: "allowed", policy: &policy };
         let mut upstream = upstream;
         let mut tunnel = match upgrade.await {
             Ok(upgraded) => TokioIo::new(upgraded),
             Err(e) => {
                 debug!(error = %e, "CONNECT upgrade failed");
-                series.closed(0, 0);
-                report.log(&key, 0, 0, "allowed", &policy, "CONNECT upgrade failed");
+                report.closed(open, 0, 0, allowed, Some("CONNECT upgrade failed"));
                 return;
             }
         };
@@ -300,8 +245,7 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
             }
         };
         let (received, sent) = counts.get();
-        series.closed(received, sent);
-        report.log(&key, received, sent, "allowed", &policy, detail.as_deref().unwrap_or("-"));
+        report.closed(open, received, sent, allowed, detail.as_deref());
         drop(registration);
     });
     status(StatusCode::OK)

@@ -15,11 +15,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 use trellis_policy::{Decision, MtlsMode, Request};
 
-use crate::access_log;
 use crate::authz::LocalPolicies;
 use crate::connections::{ByteCounts, PlaintextConn, copy_counted};
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::proxy::DataPath;
+use crate::report::{Authz, ConnectionReport};
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -82,48 +82,6 @@ pub fn still_allowed(policies: &LocalPolicies, conn: &PlaintextConn) -> bool {
     false
 }
 
-/// Metrics and the access log of one plaintext connection: the source is unknown, the security policy `none`.
-struct Report<'a> {
-    data: &'a DataPath,
-    conn: &'a PlaintextConn,
-    started: Instant,
-}
-
-impl Report<'_> {
-    fn key(&self, flags: Flags) -> TrafficKey {
-        TrafficKey {
-            reporter: Reporter::Destination,
-            source: PeerLabels::unknown(),
-            destination: self.conn.workload.peer.clone(),
-            mutual_tls: false,
-            flags,
-        }
-    }
-
-    fn refused(&self, flags: Flags, decision: &'static str, policy: &str, detail: &str) -> String {
-        let key = self.key(flags);
-        let series = self.data.traffic.tcp(key.clone());
-        series.opened();
-        series.closed(0, 0);
-        self.log(&key, 0, 0, decision, policy, detail);
-        format!("{}: {detail}", self.conn.destination)
-    }
-
-    fn log(&self, key: &TrafficKey, received: u64, sent: u64, decision: &'static str, policy: &str, detail: &str) {
-        access_log::connection(&access_log::Entry {
-            key,
-            source_addr: Some(self.conn.client),
-            destination_addr: self.conn.destination,
-            received,
-            sent,
-            duration: self.started.elapsed(),
-            decision,
-            policy,
-            detail,
-        });
-    }
-}
-
 async fn connection(
     tcp: TcpStream,
     client: SocketAddr,
@@ -139,7 +97,18 @@ async fn connection(
         .cloned()
         .ok_or_else(|| format!("{target} is not a declared port of a workload this proxy fronts"))?;
     let conn = Arc::new(PlaintextConn { client, destination: target, workload });
-    let report = Report { data, conn: &conn, started };
+    let key = TrafficKey {
+        reporter: Reporter::Destination,
+        source: PeerLabels::unknown(),
+        destination: conn.workload.peer.clone(),
+        mutual_tls: false,
+        flags: Flags::None,
+    };
+    let report = ConnectionReport { key, source_addr: client, destination_addr: target, started };
+    let refused = |flags: Flags, verdict: Authz<'_>, detail: &str| {
+        report.refused(&data.traffic, flags, verdict, detail);
+        format!("{target}: {detail}")
+    };
     // Registered before the check, so that a policy change between check and registration cannot be missed.
     let registration = data.connections.register_plaintext(conn.clone());
     let policy = {
@@ -154,37 +123,31 @@ async fn connection(
                 decision.deciding.map_or_else(|| "-".to_owned(), |p| format!("{}/{}", p.namespace, p.name))
             }
             Check::MtlsRequired { reason, policy } => {
-                return Err(report.refused(Flags::Deny, "denied", &policy, &reason));
+                return Err(refused(Flags::Deny, Authz { decision: "denied", policy: &policy }, &reason));
             }
             Check::Denied(decision) => {
                 policies.decisions.record(&decision);
                 let policy =
                     decision.deciding.map_or_else(|| "-".to_owned(), |p| format!("{}/{}", p.namespace, p.name));
-                return Err(report.refused(Flags::Deny, "denied", &policy, &decision.to_string()));
+                let denied = Authz { decision: "denied", policy: &policy };
+                return Err(refused(Flags::Deny, denied, &decision.to_string()));
             }
             Check::UnknownWorkload => {
-                return Err(report.refused(Flags::NoRoute, "none", "-", "no policies for workload"));
+                return Err(refused(Flags::NoRoute, Authz::NONE, "no policies for workload"));
             }
         }
     };
+    let allowed = Authz { decision: "allowed", policy: &policy };
     let mut upstream = match tokio::time::timeout(DIAL_TIMEOUT, crate::dial::connect(target)).await {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(e)) => {
-            return Err(report.refused(
-                Flags::Connect,
-                "allowed",
-                &policy,
-                &format!("workload refused the connection: {e}"),
-            ));
+            return Err(refused(Flags::Connect, allowed, &format!("workload refused the connection: {e}")));
         }
-        Err(_) => return Err(report.refused(Flags::Connect, "allowed", &policy, "timed out dialling the workload")),
+        Err(_) => return Err(refused(Flags::Connect, allowed, "timed out dialling the workload")),
     };
     let _ = tcp.set_nodelay(true);
     let mut tcp = tcp;
-    let key = report.key(Flags::None);
-    let series = data.traffic.tcp(key.clone());
-    series.opened();
-    let _open = data.traffic.open_connection(Reporter::Destination);
+    let open = report.opened(&data.traffic);
     let counts = ByteCounts::default();
     let detail = tokio::select! {
         result = copy_counted(&mut tcp, &mut upstream, &counts) => result.err().map(|e| e.to_string()),
@@ -194,7 +157,6 @@ async fn connection(
         }
     };
     let (received, sent) = counts.get();
-    series.closed(received, sent);
-    report.log(&key, received, sent, "allowed", &policy, detail.as_deref().unwrap_or("-"));
+    report.closed(open, received, sent, allowed, detail.as_deref());
     Ok(())
 }

@@ -25,6 +25,7 @@ use crate::config::Protocol;
 use crate::connections::{ByteCounts, CountingIo, InboundConn, Registration};
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::proxy::DataPath;
+use crate::report::{Authz, ConnectionReport};
 
 /// Largest request head accepted (Envoy's default is 60 KiB); larger → 431.
 const MAX_HEADERS: usize = 64 * 1024;
@@ -86,18 +87,18 @@ impl Default for Upstream {
 }
 
 /// Answers the CONNECT with 200 and serves the tunnel as HTTP in its own task.
-/// `source` is the metric labels of the tunnel's source workload.
+/// `report` carries the tunnel's labels (its requests are counted under the same source and destination).
 pub fn accept(
     mut request: Request<Incoming>,
     conn: Arc<InboundConn>,
-    source: Arc<PeerLabels>,
+    report: ConnectionReport,
     registration: Registration,
     data: Arc<DataPath>,
 ) -> Response<Empty<Bytes>> {
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(tunnel) => serve(tunnel, conn, source, registration, data).await,
+            Ok(tunnel) => serve(tunnel, conn, report, registration, data).await,
             Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
         }
     });
@@ -107,25 +108,15 @@ pub fn accept(
 async fn serve(
     tunnel: Upgraded,
     conn: Arc<InboundConn>,
-    source: Arc<PeerLabels>,
+    report: ConnectionReport,
     registration: Registration,
     data: Arc<DataPath>,
 ) {
     // The tunnel is a TCP connection too: counted and logged as one, with its bytes, next to its requests.
-    let started = Instant::now();
-    let key = TrafficKey {
-        reporter: Reporter::Destination,
-        source: source.clone(),
-        destination: conn.workload.peer.clone(),
-        mutual_tls: true,
-        flags: Flags::None,
-    };
-    let series = data.traffic.tcp(key.clone());
-    series.opened();
-    let _open = data.traffic.open_connection(Reporter::Destination);
+    let open = report.opened(&data.traffic);
     let counts = Arc::new(ByteCounts::default());
     let tunnel = TokioIo::new(CountingIo::new(TokioIo::new(tunnel), counts.clone()));
-    let ctx = Arc::new(Tunnel { conn: conn.clone(), data: data.clone(), source });
+    let ctx = Arc::new(Tunnel { conn, data, source: report.key.source.clone() });
     let service = hyper::service::service_fn(move |request| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.handle(request).await) }
@@ -146,19 +137,8 @@ async fn serve(
         debug!(error = %e, "HTTP tunnel ended with an error");
     }
     let (received, sent) = counts.get();
-    series.closed(received, sent);
     let detail = result.err().map(|e| e.to_string());
-    access_log::connection(&access_log::Entry {
-        key: &key,
-        source_addr: Some(conn.source_addr.unwrap_or(conn.peer)),
-        destination_addr: conn.destination,
-        received,
-        sent,
-        duration: started.elapsed(),
-        decision: "per_request",
-        policy: "-",
-        detail: detail.as_deref().unwrap_or("-"),
-    });
+    report.closed(open, received, sent, Authz { decision: "per_request", policy: "-" }, detail.as_deref());
     drop(registration);
 }
 

@@ -23,6 +23,7 @@ pub mod pool;
 pub mod process;
 pub mod proxy;
 pub mod registry;
+pub mod report;
 pub mod socks5;
 pub mod state;
 pub mod tls;

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::StatusCode;
 
@@ -15,13 +15,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
-use crate::access_log;
 use crate::config::Passthrough;
 use crate::connections::{ByteCounts, copy_counted};
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::pool::{PoolKey, Tunnel, TunnelError};
 use crate::proxy::DataPath;
 use crate::registry::{LocalWorkload, MeshWorkload};
+use crate::report::{Authz, ConnectionReport};
 
 const DIRECT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -46,31 +46,7 @@ pub enum Upstream {
 /// An outbound connection ready to relay.
 pub struct Connected {
     upstream: Upstream,
-    flow: Flow,
-}
-
-/// What an outbound connection's metrics and access log need.
-struct Flow {
-    key: TrafficKey,
-    client_addr: SocketAddr,
-    target: SocketAddr,
-    started: Instant,
-}
-
-impl Flow {
-    fn log(&self, received: u64, sent: u64, detail: &str) {
-        access_log::connection(&access_log::Entry {
-            key: &self.key,
-            source_addr: Some(self.client_addr),
-            destination_addr: self.target,
-            received,
-            sent,
-            duration: self.started.elapsed(),
-            decision: "none",
-            policy: "-",
-            detail,
-        });
-    }
+    report: ConnectionReport,
 }
 
 /// Resolves `target` and opens the tunnel (or direct connection) to it. A refusal is counted and logged here.
@@ -80,7 +56,6 @@ pub async fn connect(
     client_addr: SocketAddr,
     target: SocketAddr,
 ) -> Result<Connected, OutboundError> {
-    let started = Instant::now();
     let registry = data.registry.load();
     let destination = registry.lookup(target.ip());
     let key = TrafficKey {
@@ -90,13 +65,13 @@ pub async fn connect(
         mutual_tls: destination.is_some(),
         flags: Flags::None,
     };
+    let report = ConnectionReport::new(key, client_addr, target);
     let result = open(data, source, destination, client_addr, target).await;
     drop(registry);
-    let mut flow = Flow { key, client_addr, target, started };
     match result {
-        Ok(upstream) => Ok(Connected { upstream, flow }),
+        Ok(upstream) => Ok(Connected { upstream, report }),
         Err(error) => {
-            flow.key.flags = match &error {
+            let flags = match &error {
                 OutboundError::PassthroughDenied(_) | OutboundError::NoSourceIdentity(_) => Flags::NoRoute,
                 OutboundError::Tunnel(TunnelError::Refused(_, status)) if *status == StatusCode::FORBIDDEN => {
                     Flags::Deny
@@ -104,10 +79,7 @@ pub async fn connect(
                 OutboundError::Tunnel(TunnelError::Tls(..)) => Flags::TlsFailure,
                 OutboundError::Tunnel(_) | OutboundError::Direct(..) => Flags::Connect,
             };
-            let series = data.traffic.tcp(flow.key.clone());
-            series.opened();
-            series.closed(0, 0);
-            flow.log(0, 0, &error.to_string());
+            report.refused(&data.traffic, flags, Authz::NONE, &error.to_string());
             Err(error)
         }
     }
@@ -151,9 +123,7 @@ async fn open(
 /// Copies both ways until both directions are closed (half-close passes through), or the proxy cancels it.
 pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(data: &DataPath, mut client: C, mut connected: Connected) {
     let registration = data.connections.register(None);
-    let series = data.traffic.tcp(connected.flow.key.clone());
-    series.opened();
-    let _open = data.traffic.open_connection(Reporter::Source);
+    let open = connected.report.opened(&data.traffic);
     let counts = ByteCounts::default();
     let detail = match &mut connected.upstream {
         Upstream::Tunnel(tunnel) => tokio::select! {
@@ -166,8 +136,7 @@ pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(data: &DataPath, mut clien
         },
     };
     let (received, sent) = counts.get();
-    series.closed(received, sent);
-    connected.flow.log(received, sent, detail.as_deref().unwrap_or("-"));
+    connected.report.closed(open, received, sent, Authz::NONE, detail.as_deref());
 }
 
 /// The capture listener: connections redirected by the kernel, whose real destination is SO_ORIGINAL_DST.
