@@ -151,7 +151,8 @@ pub async fn serve_captured(listener: TcpListener, data: Arc<DataPath>) {
             };
             let _ = tcp.set_nodelay(true);
             let source = data.locals.by_ip(peer.ip()).cloned();
-            match connect(&data, source.as_deref(), peer, target).await {
+            // Boxed, so the dial's large future does not stay inline in the task while the connection is idle.
+            match Box::pin(connect(&data, source.as_deref(), peer, target)).await {
                 Ok(connected) => relay(&data, tcp, connected).await,
                 Err(e) => info!(%peer, %target, error = %e, "captured connection refused"),
             }

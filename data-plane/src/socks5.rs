@@ -60,7 +60,9 @@ async fn session(
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
     };
-    match outbound::connect(data, Some(workload), peer, target).await {
+    // Boxed: the dial (TLS and HTTP/2 handshakes) is a large future that would otherwise stay inline in this
+    // connection's task, idle or not, for as long as the connection lives.
+    match Box::pin(outbound::connect(data, Some(workload), peer, target)).await {
         Ok(connected) => {
             reply_with(&mut tcp, Reply::Succeeded).await?;
             outbound::relay(data, tcp, connected).await;
