@@ -461,6 +461,11 @@ impl Proxy {
         }
     }
 
+    /// The process id while the proxy runs (the benchmarks read its CPU time and memory from /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends SIGTERM and waits (up to `timeout`) for the process to exit; returns whether it exited.
     pub fn terminate(&mut self, timeout: Duration) -> bool {
         let Some(child) = self.child.as_mut() else { return true };

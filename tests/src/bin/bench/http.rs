@@ -16,14 +16,14 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use tokio::net::TcpListener;
 use trellis_tests::{ControlPlane, Proxy, ProxyOptions, WorkloadSpec};
 
-use super::{Route, cell, machine, median, number, percentile, revision, step, wrap, write_section};
+use super::report::{cell, command_output, machine, median, number, revision, wrap, write_section};
+use super::tunnel::{Route, percentile};
+use crate::common::{self, step};
 
 const CLIENT_IP: [u8; 4] = [127, 0, 21, 1];
 const PLAIN_IP: [u8; 4] = [127, 0, 21, 2];
 const JWT_IP: [u8; 4] = [127, 0, 21, 3];
 const ISSUER: &str = "https://bench.example";
-const BEGIN: &str = "<!-- http:begin -->";
-const END: &str = "<!-- http:end -->";
 const COMMAND: &str = "cargo run --release -p trellis-tests --bin trellis-bench -- http";
 
 struct Plan {
@@ -44,9 +44,33 @@ struct Target {
     server: SocketAddr,
 }
 
+/// `trellis-bench http ARGS`.
+pub fn main(argv: &[String]) -> std::process::ExitCode {
+    let (mut quick, mut no_build) = (false, false);
+    for arg in argv {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--no-build" => no_build = true,
+            other => {
+                eprintln!(
+                    "trellis-bench http: unknown argument {other:?}\nusage: trellis-bench http [--quick] [--no-build]"
+                );
+                return std::process::ExitCode::from(2);
+            }
+        }
+    }
+    match run(quick, no_build) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\ntrellis-bench: FAILED: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 pub fn run(quick: bool, no_build: bool) -> anyhow::Result<()> {
     let plan = if quick { &QUICK } else { &FULL };
-    super::common::prepare(no_build, |line| eprintln!("{line}"))?;
+    common::prepare(no_build, |line| eprintln!("{line}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (plain, jwt) = runtime.block_on(async { anyhow::Ok((server(PLAIN_IP).await?, server(JWT_IP).await?)) })?;
     eprintln!("HTTP servers on {plain} and {jwt} (in this process)");
@@ -121,7 +145,7 @@ spec:
         eprintln!("(--quick: BENCHMARKS.md left as it is)");
     } else {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-        write_section(&path, BEGIN, END, &section)?;
+        write_section(&path, "http", &section)?;
         eprintln!("wrote the http section of {}", path.display());
     }
     drop((client, server_proxy, cp));
@@ -284,7 +308,7 @@ async fn measure(plan: &Plan, targets: &[Target; 3], token: &str) -> anyhow::Res
 }
 
 fn render(plan: &Plan, quick: bool, metrics: &[Metric]) -> String {
-    let date = super::command_output("date", &["-u", "+%Y-%m-%d"]).unwrap_or_default();
+    let date = command_output("date", &["-u", "+%Y-%m-%d"]).unwrap_or_default();
     let profile = if cfg!(debug_assertions) { "debug build (numbers not representative)" } else { "release build" };
     let flags = if quick { " --quick" } else { "" };
     let mut s = "## HTTP requests: direct vs. two Trellis proxies, with and without a JWT rule\n\n".to_owned();

@@ -1,0 +1,283 @@
+//! Scenario 5, the control plane: N simulated proxies in this process, each with its own join token (admin API),
+//! its own join (fresh P-256 key, node certificate), and its own discovery stream over its own TLS connection,
+//! ACKing every update. Then rounds of `trellisctl apply` of a mesh-wide policy, timing each proxy's ACK of the
+//! update that carries it; then workload-certificate signings per second with some of them asking at once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::{Semaphore, mpsc, watch};
+use trellis_proto::tls;
+use trellis_proto::v1 as pb;
+use trellis_proto::v1::discovery_request::Message as Up;
+use trellis_proto::v1::discovery_response::Message as Down;
+use trellis_tests::ControlPlane;
+use trellis_tests::client::{self, Joined};
+
+/// Sizes of one run.
+pub struct Plan {
+    pub proxies: usize,
+    pub csr_clients: usize,
+    pub rounds: usize,
+    pub sign_for: Duration,
+}
+
+/// What it measured.
+pub struct Results {
+    pub proxies: usize,
+    pub csr_clients: usize,
+    /// Tokens, joins and streams up, seconds.
+    pub setup_seconds: f64,
+    /// Per round: p50, p99, max of the per-proxy ACK times (ms), and how many proxies ACKed.
+    pub convergence: Vec<([f64; 3], usize)>,
+    /// The last round's per-proxy ACK times (ms), sorted.
+    pub last_round_ms: Vec<f64>,
+    /// Per round: signings/s.
+    pub signings: Vec<f64>,
+}
+
+const NAMESPACE: &str = "bench";
+const MARKER: &str = "bench-converge-";
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AdminConfig {
+    endpoint: String,
+    ca_bundle: String,
+    certificate: String,
+    key: String,
+}
+
+async fn admin(cp: &ControlPlane) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
+    let text = std::fs::read_to_string(cp.admin_config())?;
+    let config: AdminConfig = serde_yaml_ng::from_str(&text).context("admin.yaml")?;
+    let certs = |pem: &str| CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>();
+    let tls = tls::client_config(
+        tls::ServerTrust::Roots(certs(&config.ca_bundle)?),
+        Some(tls::ClientIdentity {
+            chain: certs(&config.certificate)?,
+            key: PrivateKeyDer::from_pem_slice(config.key.as_bytes())?,
+        }),
+    )?;
+    let channel = tls::connect(&config.endpoint, Arc::new(tls)).await?;
+    Ok(pb::admin_client::AdminClient::new(channel))
+}
+
+/// Shared by the simulated proxies.
+struct Signals {
+    /// (round, proxy index, when its ACK went out).
+    acked: mpsc::UnboundedSender<(usize, usize, Instant)>,
+    signing: watch::Receiver<bool>,
+    signed: AtomicU64,
+    failed: AtomicBool,
+}
+
+pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
+    let cp = ControlPlane::start(&[]);
+    let started = Instant::now();
+    let mut admin = admin(&cp).await?;
+    let addr = cp.addr.to_string();
+    eprintln!("  creating {} join tokens", plan.proxies);
+    let mut tokens = Vec::with_capacity(plan.proxies);
+    for i in 0..plan.proxies {
+        let request = pb::CreateTokenRequest {
+            node: node_name(i),
+            namespaces: vec![NAMESPACE.into()],
+            ttl_seconds: 3600,
+            reusable: false,
+        };
+        let token = admin.create_token(request).await.context("CreateToken")?.into_inner();
+        tokens.push((token.token, token.ca_pin));
+    }
+    eprintln!("  joining {} proxies", plan.proxies);
+    let gate = Arc::new(Semaphore::new(32));
+    let mut joins = tokio::task::JoinSet::new();
+    for (i, (token, pin)) in tokens.into_iter().enumerate() {
+        let (gate, addr) = (gate.clone(), addr.clone());
+        joins.spawn(async move {
+            let _permit = gate.acquire().await?;
+            let joined = client::join(&addr, &pin, &token, &node_name(i)).await?.map_err(|s| anyhow!("join: {s}"))?;
+            anyhow::Ok((i, joined))
+        });
+    }
+    let mut joined: Vec<Option<Joined>> = (0..plan.proxies).map(|_| None).collect();
+    while let Some(done) = joins.join_next().await {
+        let (i, j) = done??;
+        joined[i] = Some(j);
+    }
+    let (acked_tx, mut acked_rx) = mpsc::unbounded_channel();
+    let (signing_tx, signing_rx) = watch::channel(false);
+    let signals = Arc::new(Signals {
+        acked: acked_tx,
+        signing: signing_rx,
+        signed: AtomicU64::new(0),
+        failed: AtomicBool::new(false),
+    });
+    eprintln!("  opening {} discovery streams", plan.proxies);
+    // The proxies that will ask for workload certificates declare a workload; they connect first, so that their
+    // registrations reach few streams.
+    let mut up = tokio::task::JoinSet::new();
+    let mut simulated = tokio::task::JoinSet::new();
+    for (i, j) in joined.into_iter().enumerate() {
+        let j = j.context("a join result is missing")?;
+        let (gate, signals) = (gate.clone(), signals.clone());
+        let csr_client = i < plan.csr_clients;
+        up.spawn(async move {
+            let _permit = gate.acquire().await?;
+            let workloads = if csr_client {
+                let address = format!("10.200.{}.{}", 1 + i / 250, 1 + i % 250);
+                vec![client::workload(&node_name(i), NAMESPACE, &node_name(i), &address)]
+            } else {
+                vec![]
+            };
+            let mut stream = j.discover(client::hello(workloads)).await?.map_err(|s| anyhow!("discovery: {s}"))?;
+            // Up once the first snapshot is ACKed.
+            match stream.rx.message().await? {
+                Some(pb::DiscoveryResponse { message: Some(Down::Update(u)) }) => {
+                    stream.send(Up::Ack(pb::Ack { version: u.version, ..Default::default() })).await
+                }
+                other => bail!("expected a snapshot first, got {other:?}"),
+            }
+            anyhow::Ok((i, stream, csr_client))
+        });
+        if i + 1 == plan.csr_clients || i + 1 == plan.proxies {
+            while let Some(done) = up.join_next().await {
+                let (i, stream, csr_client) = done??;
+                let signals = signals.clone();
+                simulated.spawn(simulate(i, stream, csr_client, signals));
+            }
+        }
+    }
+    let setup_seconds = started.elapsed().as_secs_f64();
+    eprintln!("  {} proxies connected in {setup_seconds:.1}s", plan.proxies);
+
+    let mut convergence = Vec::new();
+    let mut last_round_ms = Vec::new();
+    for round in 1..=plan.rounds {
+        let yaml = format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {MARKER}{round}\n  \
+             namespace: trellis-system\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        \
+             principals: [\"cluster.local/ns/{NAMESPACE}/sa/blocked-{round}\"]\n"
+        );
+        let applied_at = Instant::now();
+        let out = tokio::task::block_in_place(|| cp.ctl_stdin(&["apply", "-f", "-"], Some(&yaml)));
+        if !out.status.success() {
+            bail!("trellisctl apply failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut times = vec![None; plan.proxies];
+        let mut count = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while count < plan.proxies {
+            match tokio::time::timeout_at(deadline, acked_rx.recv()).await {
+                Ok(Some((r, i, at))) if r == round => {
+                    if times[i].is_none() {
+                        count += 1;
+                    }
+                    times[i] = Some(at.saturating_duration_since(applied_at).as_secs_f64() * 1e3);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => bail!("every simulated proxy stopped"),
+                Err(_) => break,
+            }
+        }
+        if signals.failed.load(Ordering::Relaxed) {
+            bail!("a simulated proxy's stream failed (see above)");
+        }
+        let mut ms: Vec<f64> = times.into_iter().flatten().collect();
+        ms.sort_by(f64::total_cmp);
+        let q = |p: f64| ms[((p / 100.0 * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
+        let stats = if ms.is_empty() { [f64::NAN; 3] } else { [q(50.0), q(99.0), q(100.0)] };
+        eprintln!(
+            "  apply round {round}: {count}/{} ACKed, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            plan.proxies, stats[0], stats[1], stats[2]
+        );
+        convergence.push((stats, count));
+        last_round_ms = ms;
+    }
+
+    let mut signings = Vec::new();
+    for round in 1..=plan.rounds {
+        let before = signals.signed.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        signing_tx.send_replace(true);
+        tokio::time::sleep(plan.sign_for).await;
+        signing_tx.send_replace(false);
+        let rate = (signals.signed.load(Ordering::Relaxed) - before) as f64 / t0.elapsed().as_secs_f64();
+        eprintln!("  signing round {round}: {rate:.0} certificates/s with {} clients", plan.csr_clients);
+        signings.push(rate);
+        // Let the answers in flight land before the next round.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    if signals.failed.load(Ordering::Relaxed) {
+        bail!("a simulated proxy's stream failed (see above)");
+    }
+    simulated.abort_all();
+    Ok(Results {
+        proxies: plan.proxies,
+        csr_clients: plan.csr_clients,
+        setup_seconds,
+        convergence,
+        last_round_ms,
+        signings,
+    })
+}
+
+fn node_name(i: usize) -> String {
+    format!("sim-{i:04}")
+}
+
+/// One simulated proxy: ACKs every update (noting when it ACKs one that carries a round's policy) and, while
+/// signing is on and it is a CSR client, keeps one workload CSR outstanding.
+async fn simulate(i: usize, mut stream: client::Stream, csr_client: bool, signals: Arc<Signals>) {
+    let result = async {
+        let (_key, csr_der) = client::csr(&[&format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{}", node_name(i))]);
+        let mut signing = signals.signing.clone();
+        let mut outstanding = false;
+        let mut request_id = 0;
+        loop {
+            if csr_client && !outstanding && *signing.borrow_and_update() {
+                request_id += 1;
+                let csr = pb::CertificateRequest { request_id, csr_der: csr_der.clone() };
+                stream.send(Up::CertificateRequest(csr)).await;
+                outstanding = true;
+            }
+            tokio::select! {
+                message = stream.rx.message() => match message? {
+                    Some(pb::DiscoveryResponse { message: Some(Down::Update(u)) }) => {
+                        stream.send(Up::Ack(pb::Ack { version: u.version, ..Default::default() })).await;
+                        let at = Instant::now();
+                        for r in &u.resources {
+                            let round = r.key.as_ref().and_then(|k| k.name.strip_prefix(MARKER)?.parse().ok());
+                            if let Some(round) = round {
+                                let _ = signals.acked.send((round, i, at));
+                            }
+                        }
+                    }
+                    Some(pb::DiscoveryResponse { message: Some(Down::Certificate(c)) }) => {
+                        if !c.error.is_empty() || c.certificate_chain.is_empty() {
+                            bail!("certificate refused: {}", c.error);
+                        }
+                        signals.signed.fetch_add(1, Ordering::Relaxed);
+                        outstanding = false;
+                    }
+                    Some(_) => {}
+                    None => bail!("stream ended"),
+                },
+                changed = signing.changed(), if csr_client && !outstanding => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    };
+    let result: anyhow::Result<()> = result.await;
+    if let Err(e) = result {
+        eprintln!("simulated proxy {}: {e:#}", node_name(i));
+        signals.failed.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,736 @@
+//! `trellis-bench all [--smoke] [--no-build]`: every scenario against every contender, on this machine, in one
+//! run. Contenders: direct TCP, Trellis (two proxies, HBONE mTLS), a stunnel4 pair and an HAProxy pair (both
+//! mutual TLS 1.3 with ECDSA P-256). Each measurement alternates the contenders (A B C D, A B C D, …) for several
+//! rounds and reports the median with (min..max). Writes the "targets" and "suite" sections of BENCHMARKS.md and
+//! PNG plots into docs/bench/; `--smoke` runs every scenario at tiny sizes in about ten seconds and writes nothing
+//! but temporary plots. Nothing asserts on timings.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::contenders::{self, Contender, Route};
+use super::report::{cell, machine, median, number, revision, wrap, write_section};
+use super::{control, load, plot, procfs};
+use crate::common;
+
+const COMMAND: &str = "cargo run --release -p trellis-tests --bin trellis-bench -- all";
+const PERCENTILES: [(f64, &str); 4] = [(50.0, "p50"), (90.0, "p90"), (99.0, "p99"), (99.9, "p99.9")];
+const MEASUREMENT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Sizes of one run.
+struct Plan {
+    rounds: usize,
+    bulk_bytes: u64,
+    streams: usize,
+    rates: [u32; 2],
+    connections: usize,
+    warmup: Duration,
+    period: Duration,
+    churn_concurrency: usize,
+    churn_for: Duration,
+    idle: usize,
+    control: control::Plan,
+}
+
+const FULL: Plan = Plan {
+    rounds: 3,
+    bulk_bytes: 256 << 20,
+    streams: 8,
+    rates: [1000, 4000],
+    connections: 4,
+    warmup: Duration::from_millis(500),
+    period: Duration::from_secs(4),
+    churn_concurrency: 8,
+    churn_for: Duration::from_secs(2),
+    idle: 10_000,
+    control: control::Plan { proxies: 1000, csr_clients: 100, rounds: 3, sign_for: Duration::from_secs(3) },
+};
+
+const SMOKE: Plan = Plan {
+    rounds: 1,
+    bulk_bytes: 4 << 20,
+    streams: 8,
+    rates: [1000, 4000],
+    connections: 4,
+    warmup: Duration::from_millis(50),
+    period: Duration::from_millis(250),
+    churn_concurrency: 4,
+    churn_for: Duration::from_millis(200),
+    idle: 50,
+    control: control::Plan { proxies: 20, csr_clients: 5, rounds: 1, sign_for: Duration::from_millis(300) },
+};
+
+pub fn main(argv: &[String]) -> ExitCode {
+    let (mut smoke, mut no_build) = (false, false);
+    for arg in argv {
+        match arg.as_str() {
+            "--smoke" => smoke = true,
+            "--no-build" => no_build = true,
+            other => {
+                eprintln!(
+                    "trellis-bench all: unknown argument {other:?}\nusage: trellis-bench all [--smoke] [--no-build]"
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match run(smoke, no_build) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\ntrellis-bench all: FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Every value measured, keyed by (measurement, contender), one per round.
+#[derive(Default)]
+struct Results {
+    values: BTreeMap<(String, String), Vec<f64>>,
+    notes: Vec<String>,
+}
+
+impl Results {
+    fn push(&mut self, metric: &str, contender: &str, value: f64) {
+        self.values.entry((metric.into(), contender.into())).or_default().push(value);
+    }
+
+    fn get(&self, metric: &str, contender: &str) -> &[f64] {
+        self.values.get(&(metric.to_owned(), contender.to_owned())).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    fn median(&self, metric: &str, contender: &str) -> f64 {
+        let v = self.get(metric, contender);
+        if v.is_empty() { f64::NAN } else { median(v) }
+    }
+
+    fn cell(&self, metric: &str, contender: &str) -> String {
+        cell(self.get(metric, contender))
+    }
+
+    /// Round by round, the contender's value minus direct's (the rounds alternate, so they pair up).
+    fn added(&self, metric: &str, contender: &str) -> Vec<f64> {
+        self.get(metric, contender).iter().zip(self.get(metric, DIRECT)).map(|(c, d)| c - d).collect()
+    }
+}
+
+const DIRECT: &str = "direct";
+
+fn run(smoke: bool, no_build: bool) -> anyhow::Result<()> {
+    let plan = if smoke { &SMOKE } else { &FULL };
+    // Every connection of the idle-connection scenario is a descriptor here and in the proxies (which inherit it).
+    let nofile = procfs::raise_open_files(4 * plan.idle as u64 + 4 * plan.control.proxies as u64 + 4096);
+    contenders::ensure_tools()?;
+    common::prepare(no_build, |line| eprintln!("{line}"))?;
+    let work = tempfile::tempdir()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (mut sigint, mut sigterm) = {
+        let _context = runtime.enter();
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+    };
+    let server_process = load::Servers::start()?;
+    let servers = server_process.ports;
+    eprintln!("sink on {}, HTTP responder on {} (`trellis-bench servers`)", servers.sink, servers.http);
+
+    let certs = contenders::Certs::generate(work.path())?;
+    let (trellis, mesh) = contenders::start_trellis(servers)?;
+    let (stunnel, stunnel_daemons) = contenders::start_stunnel(work.path(), &certs, servers)?;
+    let (haproxy, haproxy_daemons) =
+        contenders::start_haproxy(work.path(), &certs, servers, (nofile.saturating_sub(200) / 2).min(40_000))?;
+    let all = vec![
+        Contender { name: DIRECT, route: Route::Direct(servers), pids: vec![], fds_per_connection: 0 },
+        trellis,
+        stunnel,
+        haproxy,
+    ];
+    let mut results = Results::default();
+    results.notes.push(format!("open-files limit of the benchmark process (inherited by the proxies): {nofile}"));
+
+    let measured = runtime.block_on(async {
+        tokio::select! {
+            r = measure_data_plane(plan, &all, &mut results) => r,
+            _ = sigint.recv() => bail!("interrupted (SIGINT)"),
+            _ = sigterm.recv() => bail!("interrupted (SIGTERM)"),
+        }
+    });
+    let logs = [("client proxy", mesh.client.log_path()), ("server proxy", mesh.server.log_path())];
+    if let Err(e) = measured {
+        let mut message = format!("{e:#}");
+        for (name, log) in logs {
+            let text = trellis_tests::read_log(&log);
+            let tail: Vec<&str> = text.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
+            message.push_str(&format!("\n--- last lines of the {name} log ---\n{}", tail.join("\n")));
+        }
+        bail!(message);
+    }
+    drop((mesh, stunnel_daemons, haproxy_daemons, server_process));
+
+    eprintln!("scenario 5: control plane, {} simulated proxies", plan.control.proxies);
+    let control = runtime.block_on(async {
+        tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(600), control::run(&plan.control)) => r.map_err(|_| anyhow!("control-plane scenario: no result after 600s"))?,
+            _ = sigint.recv() => bail!("interrupted (SIGINT)"),
+            _ = sigterm.recv() => bail!("interrupted (SIGTERM)"),
+        }
+    })?;
+
+    eprintln!("scenario 6: policy evaluation micro-benchmark");
+    let authz = authz_table(smoke);
+
+    let plots_dir = if smoke { work.path().join("plots") } else { root().join("docs/bench") };
+    std::fs::create_dir_all(&plots_dir)?;
+    let plots = draw(&plots_dir, plan, &all, &results, &control)?;
+    let names: Vec<&str> = all.iter().map(|c| c.name).collect();
+    let (targets, suite) = render(plan, smoke, &names, &results, &control, &authz, &plots);
+    println!("{targets}\n{suite}");
+    if smoke {
+        eprintln!("(--smoke: BENCHMARKS.md and docs/bench left as they are; plots drawn in {})", plots_dir.display());
+    } else {
+        let path = root().join("BENCHMARKS.md");
+        write_section(&path, "targets", &targets)?;
+        write_section(&path, "suite", &suite)?;
+        eprintln!(
+            "wrote the targets and suite sections of {} and {} plots in {}",
+            path.display(),
+            plots.len(),
+            plots_dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+async fn within<T>(what: &str, c: &Contender, f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let what = format!("{what} ({})", c.name);
+    tokio::time::timeout(MEASUREMENT_TIMEOUT, f)
+        .await
+        .map_err(|_| anyhow!("{what}: no result after {MEASUREMENT_TIMEOUT:?}"))?
+        .context(what)
+}
+
+fn cpu(pids: &[u32]) -> anyhow::Result<f64> {
+    pids.iter().map(|&pid| procfs::cpu_seconds(pid)).sum()
+}
+
+fn rss(pids: &[u32]) -> anyhow::Result<u64> {
+    pids.iter().map(|&pid| procfs::rss_bytes(pid)).sum()
+}
+
+async fn measure_data_plane(plan: &Plan, all: &[Contender], results: &mut Results) -> anyhow::Result<()> {
+    eprintln!("checking every route, warming up");
+    for c in all {
+        let (open, error) = load::idle_connections(c.route, 1, 1).await;
+        if let Some(e) = error.or_else(|| open.is_empty().then(|| "no connection".into())) {
+            bail!("a first request through {} ({}): {e}", c.name, load::describe(c.route));
+        }
+        within("warm-up bulk", c, async { Ok(load::bulk(c.route, plan.bulk_bytes / 8, plan.streams).await?) }).await?;
+        for (i, &pid) in c.pids.iter().enumerate() {
+            results.push(&format!("idle RSS {i}"), c.name, procfs::rss_bytes(pid)? as f64 / 1e6);
+        }
+    }
+
+    eprintln!("scenario 1: bulk throughput");
+    for round in 1..=plan.rounds {
+        for streams in [1, plan.streams] {
+            for c in all {
+                let mbps =
+                    within("bulk", c, async { Ok(load::bulk(c.route, plan.bulk_bytes, streams).await?) }).await?;
+                eprintln!("  round {round}, {streams} stream(s), {:8} {mbps:>8.0} MB/s", c.name);
+                results.push(&format!("bulk {streams}"), c.name, mbps);
+            }
+        }
+    }
+
+    eprintln!("scenario 2: latency at a fixed request rate (and scenario 4: CPU per request)");
+    for rate in plan.rates {
+        for round in 1..=plan.rounds {
+            for c in all {
+                let cpu_before = cpu(&c.pids)?;
+                let (route, n, warmup, period) = (c.route, plan.connections, plan.warmup, plan.period);
+                let run = within("fixed rate", c, async {
+                    tokio::task::spawn_blocking(move || load::fixed_rate(route, rate, n, warmup, period)).await?
+                })
+                .await?;
+                let cpu_used = cpu(&c.pids)? - cpu_before;
+                let ps = PERCENTILES.map(|(p, _)| run.latencies.value_at_quantile(p / 100.0) as f64 / 1e3);
+                eprintln!(
+                    "  round {round}, {rate} req/s, {:8} p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",
+                    c.name, ps[0], ps[2], ps[3]
+                );
+                for ((_, name), value) in PERCENTILES.iter().zip(ps) {
+                    results.push(&format!("rate {rate} {name}"), c.name, value);
+                }
+                if !c.pids.is_empty() {
+                    results.push(&format!("cpu {rate}"), c.name, cpu_used / (run.sent as f64 / 1000.0));
+                }
+            }
+        }
+    }
+
+    eprintln!("scenario 3: connection churn");
+    for round in 1..=plan.rounds {
+        for c in all {
+            let (conc, period) = (plan.churn_concurrency, plan.churn_for);
+            let (rate, mut times) = within("churn", c, async { Ok(load::churn(c.route, conc, period).await?) }).await?;
+            times.sort();
+            let q = |p: f64| times[((p / 100.0 * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1];
+            let (p50, p99) = (q(50.0).as_secs_f64() * 1e6, q(99.0).as_secs_f64() * 1e6);
+            eprintln!("  round {round}, {:8} {rate:>7.0} conn/s, p50 {p50:.0} µs, p99 {p99:.0} µs", c.name);
+            results.push("churn rate", c.name, rate);
+            results.push("churn p50", c.name, p50);
+            results.push("churn p99", c.name, p99);
+        }
+    }
+
+    eprintln!("scenario 4: memory with {} idle connections", plan.idle);
+    for c in all.iter().filter(|c| !c.pids.is_empty()) {
+        // Open no more than every process's open-files limit allows (HAProxy stops accepting at its maxconn).
+        let mut target = plan.idle;
+        for &pid in &c.pids {
+            let limit = procfs::open_files_limit(pid)?;
+            let fit = (limit.saturating_sub(256) / c.fds_per_connection) as usize;
+            if fit < target {
+                target = fit;
+                results.notes.push(format!(
+                    "{} (pid {pid}) may hold {limit} open files, which limits it to {fit} idle connections instead of {}",
+                    c.name,
+                    count(plan.idle)
+                ));
+            }
+        }
+        let before = rss(&c.pids)?;
+        let (open, error) =
+            within("idle connections", c, async { Ok(load::idle_connections(c.route, target, 64).await) }).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss(&c.pids)?;
+        let opened = open.len();
+        if let Some(e) = error {
+            results.notes.push(format!("{}: opened only {opened} of {target} idle connections: {e}", c.name));
+        }
+        drop(open);
+        let per = (after as f64 - before as f64) / opened.max(1) as f64 / 1024.0;
+        eprintln!(
+            "  {:8} {opened} connections: RSS {:.1} → {:.1} MB, {per:.1} KiB per connection",
+            c.name,
+            before as f64 / 1e6,
+            after as f64 / 1e6
+        );
+        results.push("idle conns opened", c.name, opened as f64);
+        results.push("idle conns rss before", c.name, before as f64 / 1e6);
+        results.push("idle conns rss", c.name, after as f64 / 1e6);
+        results.push("idle conns per conn", c.name, per);
+        // Let the proxies close the connections before the next contender.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(())
+}
+
+/// The policy micro-benchmark's table: run `cargo bench` (full run), or the one BENCHMARKS.md holds (--smoke).
+fn authz_table(smoke: bool) -> Vec<String> {
+    let table =
+        |text: &str| -> Vec<String> { text.lines().filter(|l| l.starts_with('|')).map(str::to_owned).collect() };
+    if smoke {
+        let text = std::fs::read_to_string(root().join("BENCHMARKS.md")).unwrap_or_default();
+        let section = text.split("<!-- authz:begin -->").nth(1).and_then(|s| s.split("<!-- authz:end -->").next());
+        let mut lines = table(section.unwrap_or_default());
+        if lines.is_empty() {
+            lines = vec!["| policies in scope | check |".into(), "| --- | --- |".into(), "| (not run) | – |".into()];
+        }
+        return lines;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(root())
+        .args(["bench", "-p", "trellis-policy", "--bench", "authz"])
+        .stderr(Stdio::inherit())
+        .output();
+    match out {
+        Ok(out) if out.status.success() => table(&String::from_utf8_lossy(&out.stdout)),
+        Ok(out) => vec!["| failed |".into(), "| --- |".into(), format!("| cargo bench exited with {} |", out.status)],
+        Err(e) => vec!["| failed |".into(), "| --- |".into(), format!("| running cargo bench: {e} |")],
+    }
+}
+
+/// The plots, as (file name, title).
+fn draw(
+    dir: &Path,
+    plan: &Plan,
+    all: &[Contender],
+    r: &Results,
+    control: &control::Results,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let names: Vec<&str> = all.iter().map(|c| c.name).collect();
+    let mut plots = Vec::new();
+    let title = "Bulk throughput (MB/s, median)".to_owned();
+    let series = vec![
+        ("1 stream", names.iter().map(|n| r.median("bulk 1", n)).collect()),
+        ("8 streams", names.iter().map(|n| r.median(&format!("bulk {}", plan.streams), n)).collect()),
+    ];
+    plot::bars(&dir.join("throughput.png"), &title, "MB/s", &names, &series)?;
+    plots.push(("throughput.png".to_owned(), title));
+    for rate in plan.rates {
+        let title =
+            format!("Latency at {rate} requests/s, 1 KiB HTTP/1.1 over {} connections (µs, median)", plan.connections);
+        let series: Vec<(&str, Vec<f64>)> = names
+            .iter()
+            .map(|n| (*n, PERCENTILES.iter().map(|(_, p)| r.median(&format!("rate {rate} {p}"), n)).collect()))
+            .collect();
+        let file = format!("latency-{rate}.png");
+        plot::lines(&dir.join(&file), &title, "µs", &PERCENTILES.map(|(_, p)| p), &series)?;
+        plots.push((file, title));
+    }
+    let title = "Connection churn: new connections per second (median)".to_owned();
+    plot::bars(
+        &dir.join("churn.png"),
+        &title,
+        "connections/s",
+        &names,
+        &[("conn/s", names.iter().map(|n| r.median("churn rate", n)).collect())],
+    )?;
+    plots.push(("churn.png".to_owned(), title));
+    if !control.last_round_ms.is_empty() {
+        let title = format!("Policy convergence: ACK time of each of {} proxies, last round (ms)", control.proxies);
+        let ms = &control.last_round_ms;
+        let points = ["p10", "p25", "p50", "p75", "p90", "p99", "max"];
+        let qs = [10.0, 25.0, 50.0, 75.0, 90.0, 99.0, 100.0]
+            .map(|p| ms[((p / 100.0 * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1]);
+        plot::lines(
+            &dir.join("convergence.png"),
+            &title,
+            "ms after trellisctl apply",
+            &points,
+            &[("ACK", qs.to_vec())],
+        )?;
+        plots.push(("convergence.png".to_owned(), title));
+    }
+    Ok(plots)
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_finite() && b.is_finite() && b != 0.0 { format!("{:.2}×", a / b) } else { "–".into() }
+}
+
+/// The median of differences, with its sign.
+fn signed(values: &[f64]) -> String {
+    if values.is_empty() {
+        return "–".into();
+    }
+    let m = median(values);
+    format!("{}{}", if m >= 0.0 { "+" } else { "" }, number(m))
+}
+
+/// A count: 10000 → "10,000", never with decimals.
+fn count(n: usize) -> String {
+    if n < 100 { n.to_string() } else { number(n as f64) }
+}
+
+fn mb(value: f64) -> String {
+    if value.is_finite() { format!("{value:.1}") } else { "–".into() }
+}
+
+/// The targets table and the results section.
+fn render(
+    plan: &Plan,
+    smoke: bool,
+    names: &[&str],
+    r: &Results,
+    control: &control::Results,
+    authz: &[String],
+    plots: &[(String, String)],
+) -> (String, String) {
+    let date = super::report::command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
+    let profile = if cfg!(debug_assertions) { "debug build (numbers not representative)" } else { "release build" };
+    let flags = if smoke { " --smoke" } else { "" };
+    let header = format!("`{COMMAND}{flags}` — {date}, {}, {profile}", revision());
+    let proxied: Vec<&str> = names.iter().copied().filter(|n| *n != DIRECT).collect();
+
+    // ---- targets --------------------------------------------------------------------------------------------
+    let t = "Trellis";
+    let single = |n: &str| r.median("bulk 1", n);
+    let added_p99 = |n: &str| {
+        let v = r.added("rate 1000 p99", n);
+        if v.is_empty() { f64::NAN } else { median(&v) }
+    };
+    let cpu = |n: &str| r.median("cpu 1000", n);
+    let idle_pair = |n: &str| (0..2).map(|i| r.median(&format!("idle RSS {i}"), n)).sum::<f64>();
+    let idle_max = (0..2).map(|i| r.median(&format!("idle RSS {i}"), t)).fold(f64::NAN, f64::max);
+    let per_conn = r.median("idle conns per conn", t);
+    let conv_p99: Vec<f64> = control.convergence.iter().map(|(s, _)| s[1]).collect();
+    let conv = if conv_p99.is_empty() { f64::NAN } else { median(&conv_p99) };
+    let row = |target: &str, measured: String, pass: bool| {
+        format!("| {target} | {measured} | {} |\n", if pass { "pass" } else { "**FAIL**" })
+    };
+    let mut targets = format!(
+        "## Targets\n\n{}",
+        wrap(&format!(
+            "From the suite's run below ({header}). Each ratio compares medians of the same run on the same machine."
+        ))
+    );
+    targets.push_str("| target | measured | result |\n| --- | --- | --- |\n");
+    targets.push_str(&row(
+        "single-stream throughput ≥ 0.4 × direct",
+        format!(
+            "{} MB/s vs. {} MB/s = {}",
+            number(single(t)),
+            number(single(DIRECT)),
+            ratio(single(t), single(DIRECT))
+        ),
+        single(t) >= 0.4 * single(DIRECT),
+    ));
+    for other in ["stunnel", "HAProxy"] {
+        targets.push_str(&row(
+            &format!("single-stream throughput ≥ {other}"),
+            format!("{} vs. {} MB/s", number(single(t)), number(single(other))),
+            single(t) >= single(other),
+        ));
+    }
+    for other in ["stunnel", "HAProxy"] {
+        targets.push_str(&row(
+            &format!("added p99 latency at 1000 req/s ≤ {other}"),
+            format!("{} vs. {} µs", number(added_p99(t)), number(added_p99(other))),
+            added_p99(t) <= added_p99(other),
+        ));
+    }
+    targets.push_str(&row(
+        "proxy CPU per 1000 requests (at 1000 req/s) ≤ stunnel pair",
+        format!("{:.3} vs. {:.3} CPU-s", cpu(t), cpu("stunnel")),
+        cpu(t) <= cpu("stunnel"),
+    ));
+    targets.push_str(&row(
+        "idle RSS of the pair ≤ stunnel pair",
+        format!("{} vs. {} MB", mb(idle_pair(t)), mb(idle_pair("stunnel"))),
+        idle_pair(t) <= idle_pair("stunnel"),
+    ));
+    targets.push_str(&row(
+        "RSS with idle connections (pair) ≤ stunnel pair",
+        format!(
+            "{} vs. {} MB with {} connections",
+            mb(r.median("idle conns rss", t)),
+            mb(r.median("idle conns rss", "stunnel")),
+            count(plan.idle)
+        ),
+        r.median("idle conns rss", t) <= r.median("idle conns rss", "stunnel"),
+    ));
+    targets.push_str(&row(
+        "idle RSS < 20 MB per proxy",
+        format!("{} MB (larger of the two)", mb(idle_max)),
+        idle_max < 20.0,
+    ));
+    targets.push_str(&row(
+        "< 10 KiB per idle tunnelled connection (both proxies)",
+        format!("{per_conn:.1} KiB"),
+        per_conn < 10.0,
+    ));
+    targets.push_str(&row(
+        &format!("policy convergence to {} proxies: p99 < 1 s", count(control.proxies)),
+        format!("{conv:.0} ms (median of {} rounds)", conv_p99.len()),
+        conv < 1000.0,
+    ));
+    targets.push('\n');
+
+    // ---- results --------------------------------------------------------------------------------------------
+    let mut s = "## Suite: Trellis against direct TCP, stunnel and HAProxy\n\n".to_owned();
+    s.push_str(&wrap(&format!("{header}.")));
+    s.push_str(&wrap(&format!("Machine: {}.", machine())));
+    let mut versions = contenders::versions();
+    versions.push(format!("Trellis: {} (rustls, aws-lc-rs)", revision()));
+    s.push_str(&wrap(&format!("Versions: {}.", versions.join("; "))));
+    s.push_str(&wrap(
+        "Servers (a bulk sink and an HTTP/1.1 keep-alive responder, tokio, in a process of their own) listen on \
+         127.0.20.2. **direct**: TCP straight to them. **Trellis**: SOCKS5 CONNECT to the client proxy, HBONE (mTLS, \
+         HTTP/2 CONNECT) to the server proxy, TCP to the server; passthrough denied. **stunnel** and **HAProxy** \
+         (TCP mode): a client-side instance accepting plain TCP and a server-side instance, linked by mutual TLS \
+         1.3 with ECDSA P-256 certificates made by the suite (each side verifies the other's chain; the client \
+         checks the server's name), a service per server port. Each logs as it does by default (Trellis: info, a line \
+         per connection; stunnel: notice, a line per connection; HAProxy: no log section), to a file. All processes \
+         share the machine's CPUs. Each \
+         measurement alternates the contenders in every round; a cell is the median over the rounds with \
+         (min..max).",
+    ));
+    let rounds = plan.rounds;
+
+    s.push_str(&format!(
+        "### 1. Bulk throughput\n\n{}",
+        wrap(&format!(
+            "{} MiB per measurement through a built-in sender and sink (MB = 10⁶ bytes), timed from the first byte \
+             until the sink has read everything; connections open before timing. {rounds} rounds.",
+            plan.bulk_bytes >> 20
+        ))
+    ));
+    s.push_str(&format!(
+        "| contender | 1 stream (MB/s) | vs. direct | {n} streams (MB/s) | vs. direct |\n| --- | ---: | ---: | ---: | ---: |\n",
+        n = plan.streams
+    ));
+    let many = format!("bulk {}", plan.streams);
+    for n in names {
+        s.push_str(&format!(
+            "| {n} | {} | {} | {} | {} |\n",
+            r.cell("bulk 1", n),
+            ratio(r.median("bulk 1", n), r.median("bulk 1", DIRECT)),
+            r.cell(&many, n),
+            ratio(r.median(&many, n), r.median(&many, DIRECT)),
+        ));
+    }
+    s.push('\n');
+
+    s.push_str(&format!(
+        "### 2. Latency at a fixed request rate\n\n{}",
+        wrap(&format!(
+            "Open loop: 1 KiB HTTP/1.1 POSTs (1 KiB answers) at a fixed rate spread over {c} keep-alive connections, \
+             each sent at its scheduled time whatever the answers do (pipelined when they lag); each latency runs \
+             from the request's scheduled send time to the end of its response, so stalls count for every request \
+             they delay (coordinated-omission corrected). {w} ms warm-up, then {p} s recorded; {rounds} rounds. \
+             \"added\" is the contender's value minus direct's in the same round (median over rounds).",
+            c = plan.connections,
+            w = plan.warmup.as_millis(),
+            p = plan.period.as_secs_f64()
+        ))
+    ));
+    for rate in plan.rates {
+        s.push_str(&format!("**{rate} requests/s** (µs)\n\n"));
+        s.push_str("| contender | p50 | p90 | p99 | p99.9 | added p50 | added p99 | added p99.9 |\n");
+        s.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        for n in names {
+            let cells: Vec<String> = PERCENTILES.iter().map(|(_, p)| r.cell(&format!("rate {rate} {p}"), n)).collect();
+            let added =
+                |p: &str| if *n == DIRECT { "–".into() } else { signed(&r.added(&format!("rate {rate} {p}"), n)) };
+            s.push_str(&format!(
+                "| {n} | {} | {} | {} | {} |\n",
+                cells.join(" | "),
+                added("p50"),
+                added("p99"),
+                added("p99.9")
+            ));
+        }
+        s.push('\n');
+    }
+
+    s.push_str(&format!(
+        "### 3. Connection churn\n\n{}",
+        wrap(&format!(
+            "{c} clients in a loop for {p} s: connect (for Trellis: the SOCKS5 handshake too), one request, its \
+             response, close. Setup latency is that whole exchange. {rounds} rounds.",
+            c = plan.churn_concurrency,
+            p = plan.churn_for.as_secs_f64()
+        ))
+    ));
+    s.push_str(
+        "| contender | connections/s | vs. direct | p50 (µs) | p99 (µs) |\n| --- | ---: | ---: | ---: | ---: |\n",
+    );
+    for n in names {
+        s.push_str(&format!(
+            "| {n} | {} | {} | {} | {} |\n",
+            r.cell("churn rate", n),
+            ratio(r.median("churn rate", n), r.median("churn rate", DIRECT)),
+            r.cell("churn p50", n),
+            r.cell("churn p99", n)
+        ));
+    }
+    s.push('\n');
+
+    s.push_str(&format!(
+        "### 4. Cost\n\n{}",
+        wrap(&format!(
+            "CPU: user + system time of the contender's two processes (/proc/PID/stat) over each run of scenario 2, \
+             per 1000 requests sent (equivalently, CPU cores per 1000 requests/s). Idle RSS: each process after \
+             setup and one warm-up. Idle connections: {idle} connections opened through the pair (each after one \
+             request) and held; RSS of both processes before and with them, and the difference per connection.",
+            idle = count(plan.idle)
+        ))
+    ));
+    s.push_str(&format!(
+        "| contender | CPU-s / 1000 req at {a} req/s | at {b} req/s | idle RSS client, server (MB) | RSS pair before → with {idle} conns (MB) | per connection (KiB) |\n| --- | ---: | ---: | ---: | ---: | ---: |\n",
+        a = plan.rates[0],
+        b = plan.rates[1],
+        idle = count(plan.idle)
+    ));
+    for n in &proxied {
+        let cpu_cell = |rate: u32| {
+            let v = r.get(&format!("cpu {rate}"), n);
+            if v.is_empty() { "–".into() } else { format!("{:.3} ({:.3}..{:.3})", median(v), min(v), max(v)) }
+        };
+        // The client-side process is started second for the forwarders, first for Trellis: label by role.
+        let (client_i, server_i) = if *n == "Trellis" { (0, 1) } else { (1, 0) };
+        s.push_str(&format!(
+            "| {n} | {} | {} | {}, {} | {} → {} | {:.1} |\n",
+            cpu_cell(plan.rates[0]),
+            cpu_cell(plan.rates[1]),
+            mb(r.median(&format!("idle RSS {client_i}"), n)),
+            mb(r.median(&format!("idle RSS {server_i}"), n)),
+            mb(r.median("idle conns rss before", n)),
+            mb(r.median("idle conns rss", n)),
+            r.median("idle conns per conn", n),
+        ));
+    }
+    s.push('\n');
+    for note in &r.notes {
+        s.push_str(&wrap(&format!("Note: {note}.")));
+    }
+
+    s.push_str(&format!(
+        "### 5. Control plane\n\n{}",
+        wrap(&format!(
+            "{p} simulated proxies in the benchmark process, each with its own join token (admin API), its own join \
+             (fresh P-256 key, node certificate), and its own discovery stream over its own TLS connection, ACKing \
+             every update; the first {c} declare a workload. Setup (tokens, joins, streams): {setup:.1} s. Then \
+             {rounds} rounds of `trellisctl apply` of a mesh-wide AuthorizationPolicy, each proxy's time being from \
+             just before `trellisctl` starts to the ACK of the update carrying the policy. Then {c} of them each \
+             keep one workload CSR outstanding on their stream for {sf} s per round.",
+            p = count(control.proxies),
+            c = control.csr_clients,
+            setup = control.setup_seconds,
+            rounds = control.convergence.len(),
+            sf = plan.control.sign_for.as_secs_f64(),
+        ))
+    ));
+    let col = |i: usize| -> Vec<f64> { control.convergence.iter().map(|(st, _)| st[i]).collect() };
+    let acked: Vec<f64> = control.convergence.iter().map(|(_, n)| *n as f64).collect();
+    s.push_str("| measurement | value |\n| --- | ---: |\n");
+    s.push_str(&format!("| proxies that ACKed the policy, per round | {} |\n", cell(&acked).replace(".0", "")));
+    for (i, name) in ["p50", "p99", "max"].into_iter().enumerate() {
+        s.push_str(&format!("| convergence {name} (ms) | {} |\n", cell(&col(i))));
+    }
+    s.push_str(&format!(
+        "| certificate signings/s, {} concurrent clients | {} |\n\n",
+        control.csr_clients,
+        cell(&control.signings)
+    ));
+
+    s.push_str("### 6. Policy evaluation\n\n");
+    let source = if smoke {
+        "The table of the authz section below (`--smoke` does not re-run it)."
+    } else {
+        "`cargo bench -p trellis-policy --bench authz`, run by the suite (see the authz section for what it measures)."
+    };
+    s.push_str(&wrap(source));
+    for line in authz {
+        s.push_str(line);
+        s.push('\n');
+    }
+    s.push('\n');
+
+    if !plots.is_empty() {
+        s.push_str("### Plots\n\n");
+        for (file, title) in plots {
+            s.push_str(&format!("- [{title}](docs/bench/{file})\n"));
+        }
+        s.push('\n');
+    }
+    (targets, s)
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
