@@ -27,6 +27,7 @@ pub struct Plan {
 }
 
 /// What it measured.
+#[derive(Default)]
 pub struct Results {
     pub proxies: usize,
     pub csr_clients: usize,

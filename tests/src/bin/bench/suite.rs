@@ -1,4 +1,4 @@
-//! `trellis-bench all [--smoke] [--no-build]`: every scenario against every contender, on this machine, in one
+//! `trellis-bench all [--smoke] [--only N,N] [--no-build]`: every scenario against every contender, on this machine, in one
 //! run. Contenders: direct TCP, Trellis (two proxies, HBONE mTLS), a stunnel4 pair and an HAProxy pair (both
 //! mutual TLS 1.3 with ECDSA P-256). Each measurement alternates the contenders (A B C D, A B C D, …) for several
 //! rounds and reports the median with (min..max). Writes the "targets" and "suite" sections of BENCHMARKS.md and
@@ -65,21 +65,50 @@ const SMOKE: Plan = Plan {
     control: control::Plan { proxies: 20, csr_clients: 5, rounds: 1, sign_for: Duration::from_millis(300) },
 };
 
+/// `--only 4,5`: just those scenarios, at full size, writing nothing (to try one out).
+struct Options {
+    smoke: bool,
+    no_build: bool,
+    only: Option<Vec<u8>>,
+}
+
+impl Options {
+    fn wants(&self, scenario: u8) -> bool {
+        self.only.as_ref().is_none_or(|only| only.contains(&scenario))
+    }
+
+    /// Whether this run leaves BENCHMARKS.md and docs/bench alone.
+    fn dry(&self) -> bool {
+        self.smoke || self.only.is_some()
+    }
+}
+
 pub fn main(argv: &[String]) -> ExitCode {
-    let (mut smoke, mut no_build) = (false, false);
-    for arg in argv {
+    let mut options = Options { smoke: false, no_build: false, only: None };
+    let mut args = argv.iter();
+    while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--smoke" => smoke = true,
-            "--no-build" => no_build = true,
+            "--smoke" => options.smoke = true,
+            "--no-build" => options.no_build = true,
+            "--only" => {
+                let list = args.next().map(|l| l.split(',').map(str::parse).collect::<Result<Vec<u8>, _>>());
+                match list {
+                    Some(Ok(list)) => options.only = Some(list),
+                    _ => {
+                        eprintln!("trellis-bench all: --only takes scenario numbers, e.g. --only 4,5");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             other => {
                 eprintln!(
-                    "trellis-bench all: unknown argument {other:?}\nusage: trellis-bench all [--smoke] [--no-build]"
+                    "trellis-bench all: unknown argument {other:?}\nusage: trellis-bench all [--smoke] [--only N,N] [--no-build]"
                 );
                 return ExitCode::from(2);
             }
         }
     }
-    match run(smoke, no_build) {
+    match run(&options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("\ntrellis-bench all: FAILED: {e:#}");
@@ -121,12 +150,13 @@ impl Results {
 
 const DIRECT: &str = "direct";
 
-fn run(smoke: bool, no_build: bool) -> anyhow::Result<()> {
+fn run(options: &Options) -> anyhow::Result<()> {
+    let smoke = options.smoke;
     let plan = if smoke { &SMOKE } else { &FULL };
     // Every connection of the idle-connection scenario is a descriptor here and in the proxies (which inherit it).
     let nofile = procfs::raise_open_files(4 * plan.idle as u64 + 4 * plan.control.proxies as u64 + 4096);
     contenders::ensure_tools()?;
-    common::prepare(no_build, |line| eprintln!("{line}"))?;
+    common::prepare(options.no_build, |line| eprintln!("{line}"))?;
     let work = tempfile::tempdir()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (mut sigint, mut sigterm) = {
@@ -153,7 +183,7 @@ fn run(smoke: bool, no_build: bool) -> anyhow::Result<()> {
 
     let measured = runtime.block_on(async {
         tokio::select! {
-            r = measure_data_plane(plan, &all, &mut results) => r,
+            r = measure_data_plane(plan, options, &all, &mut results) => r,
             _ = sigint.recv() => bail!("interrupted (SIGINT)"),
             _ = sigterm.recv() => bail!("interrupted (SIGTERM)"),
         }
@@ -170,26 +200,33 @@ fn run(smoke: bool, no_build: bool) -> anyhow::Result<()> {
     }
     drop((mesh, stunnel_daemons, haproxy_daemons, server_process));
 
-    eprintln!("scenario 5: control plane, {} simulated proxies", plan.control.proxies);
-    let control = runtime.block_on(async {
+    let control = if !options.wants(5) {
+        control::Results::default()
+    } else {
+        eprintln!("scenario 5: control plane, {} simulated proxies", plan.control.proxies);
+        runtime.block_on(async {
         tokio::select! {
             r = tokio::time::timeout(Duration::from_secs(600), control::run(&plan.control)) => r.map_err(|_| anyhow!("control-plane scenario: no result after 600s"))?,
             _ = sigint.recv() => bail!("interrupted (SIGINT)"),
             _ = sigterm.recv() => bail!("interrupted (SIGTERM)"),
         }
-    })?;
+        })?
+    };
 
     eprintln!("scenario 6: policy evaluation micro-benchmark");
-    let authz = authz_table(smoke);
+    let authz = authz_table(smoke || !options.wants(6));
 
-    let plots_dir = if smoke { work.path().join("plots") } else { root().join("docs/bench") };
+    let plots_dir = if options.dry() { work.path().join("plots") } else { root().join("docs/bench") };
     std::fs::create_dir_all(&plots_dir)?;
     let plots = draw(&plots_dir, plan, &all, &results, &control)?;
     let names: Vec<&str> = all.iter().map(|c| c.name).collect();
     let (targets, suite) = render(plan, smoke, &names, &results, &control, &authz, &plots);
     println!("{targets}\n{suite}");
-    if smoke {
-        eprintln!("(--smoke: BENCHMARKS.md and docs/bench left as they are; plots drawn in {})", plots_dir.display());
+    if options.dry() {
+        eprintln!(
+            "(--smoke or --only: BENCHMARKS.md and docs/bench left as they are; plots drawn in {})",
+            plots_dir.display()
+        );
     } else {
         let path = root().join("BENCHMARKS.md");
         write_section(&path, "targets", &targets)?;
@@ -224,7 +261,12 @@ fn rss(pids: &[u32]) -> anyhow::Result<u64> {
     pids.iter().map(|&pid| procfs::rss_bytes(pid)).sum()
 }
 
-async fn measure_data_plane(plan: &Plan, all: &[Contender], results: &mut Results) -> anyhow::Result<()> {
+async fn measure_data_plane(
+    plan: &Plan,
+    options: &Options,
+    all: &[Contender],
+    results: &mut Results,
+) -> anyhow::Result<()> {
     eprintln!("checking every route, warming up");
     for c in all {
         let (open, error) = load::idle_connections(c.route, 1, 1).await;
@@ -238,7 +280,7 @@ async fn measure_data_plane(plan: &Plan, all: &[Contender], results: &mut Result
     }
 
     eprintln!("scenario 1: bulk throughput");
-    for round in 1..=plan.rounds {
+    for round in (1..=plan.rounds).filter(|_| options.wants(1)) {
         for streams in [1, plan.streams] {
             for c in all {
                 let mbps =
@@ -250,7 +292,7 @@ async fn measure_data_plane(plan: &Plan, all: &[Contender], results: &mut Result
     }
 
     eprintln!("scenario 2: latency at a fixed request rate (and scenario 4: CPU per request)");
-    for rate in plan.rates {
+    for rate in plan.rates.into_iter().filter(|_| options.wants(2)) {
         for round in 1..=plan.rounds {
             for c in all {
                 let cpu_before = cpu(&c.pids)?;
@@ -276,7 +318,7 @@ async fn measure_data_plane(plan: &Plan, all: &[Contender], results: &mut Result
     }
 
     eprintln!("scenario 3: connection churn");
-    for round in 1..=plan.rounds {
+    for round in (1..=plan.rounds).filter(|_| options.wants(3)) {
         for c in all {
             let (conc, period) = (plan.churn_concurrency, plan.churn_for);
             let (rate, mut times) = within("churn", c, async { Ok(load::churn(c.route, conc, period).await?) }).await?;
@@ -291,7 +333,7 @@ async fn measure_data_plane(plan: &Plan, all: &[Contender], results: &mut Result
     }
 
     eprintln!("scenario 4: memory with {} idle connections", plan.idle);
-    for c in all.iter().filter(|c| !c.pids.is_empty()) {
+    for c in all.iter().filter(|c| !c.pids.is_empty() && options.wants(4)) {
         // Open no more than every process's open-files limit allows (HAProxy stops accepting at its maxconn).
         let mut target = plan.idle;
         for &pid in &c.pids {
