@@ -88,6 +88,8 @@ pub struct Contender {
     /// Descriptors one tunnelled connection holds in its busiest process (a forwarder's accepted and dialled
     /// sockets; a Trellis proxy's one socket, the tunnel being a stream of a shared HTTP/2 connection).
     pub fds_per_connection: u64,
+    /// A cap the software sets itself (stunnel derives one from its open-files limit and logs it).
+    pub max_connections: Option<usize>,
 }
 
 /// Installs stunnel4 and HAProxy from Debian when they are missing (as root), else fails saying how to.
@@ -300,7 +302,18 @@ pub fn start_stunnel(dir: &Path, certs: &Certs, servers: Ports) -> anyhow::Resul
         daemons.push(daemon);
     }
     let pids = daemons.iter().map(Daemon::pid).collect();
-    Ok((Contender { name: "stunnel", route: Route::Forward(front), pids, fds_per_connection: 2 }, daemons))
+    // "Clients allowed=N", logged at startup.
+    let max_connections = daemons
+        .iter()
+        .filter_map(|d| {
+            let log = trellis_tests::read_log(&d.log);
+            let at = log.find("Clients allowed=")? + "Clients allowed=".len();
+            log[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+        .min();
+    let contender =
+        Contender { name: "stunnel", route: Route::Forward(front), pids, fds_per_connection: 2, max_connections };
+    Ok((contender, daemons))
 }
 
 /// An HAProxy pair in TCP mode: the client side's backends dial the server side over TLS 1.3 with the client
@@ -353,7 +366,10 @@ pub fn start_haproxy(
         daemons.push(daemon);
     }
     let pids = daemons.iter().map(Daemon::pid).collect();
-    Ok((Contender { name: "HAProxy", route: Route::Forward(front), pids, fds_per_connection: 2 }, daemons))
+    Ok((
+        Contender { name: "HAProxy", route: Route::Forward(front), pids, fds_per_connection: 2, max_connections: None },
+        daemons,
+    ))
 }
 
 /// The Trellis mesh: a control plane and two proxies; the server proxy's workload owns the servers' address and
@@ -388,5 +404,8 @@ pub fn start_trellis(servers: Ports) -> anyhow::Result<(Contender, Mesh)> {
     })?;
     let pids = [client.pid(), server.pid()].into_iter().flatten().collect();
     let route = Route::Socks5 { proxy: client.socks5_addr, servers };
-    Ok((Contender { name: "Trellis", route, pids, fds_per_connection: 1 }, Mesh { client, server, _cp: cp }))
+    Ok((
+        Contender { name: "Trellis", route, pids, fds_per_connection: 1, max_connections: None },
+        Mesh { client, server, _cp: cp },
+    ))
 }

@@ -154,7 +154,8 @@ fn run(options: &Options) -> anyhow::Result<()> {
     let smoke = options.smoke;
     let plan = if smoke { &SMOKE } else { &FULL };
     // Every connection of the idle-connection scenario is a descriptor here and in the proxies (which inherit it).
-    let nofile = procfs::raise_open_files(4 * plan.idle as u64 + 4 * plan.control.proxies as u64 + 4096);
+    let wanted_nofile = 4 * plan.idle as u64 + 4 * plan.control.proxies as u64 + 4096;
+    let nofile = procfs::raise_open_files(wanted_nofile);
     contenders::ensure_tools()?;
     common::prepare(options.no_build, |line| eprintln!("{line}"))?;
     let work = tempfile::tempdir()?;
@@ -173,13 +174,22 @@ fn run(options: &Options) -> anyhow::Result<()> {
     let (haproxy, haproxy_daemons) =
         contenders::start_haproxy(work.path(), &certs, servers, (nofile.saturating_sub(200) / 2).min(40_000))?;
     let all = vec![
-        Contender { name: DIRECT, route: Route::Direct(servers), pids: vec![], fds_per_connection: 0 },
+        Contender {
+            name: DIRECT,
+            route: Route::Direct(servers),
+            pids: vec![],
+            fds_per_connection: 0,
+            max_connections: None,
+        },
         trellis,
         stunnel,
         haproxy,
     ];
     let mut results = Results::default();
-    results.notes.push(format!("open-files limit of the benchmark process (inherited by the proxies): {nofile}"));
+    results.notes.push(format!(
+        "open-files limit of the benchmark process, inherited by the proxies: {nofile}{}",
+        if nofile < wanted_nofile { " (its hard limit here; raising that is not permitted)" } else { "" }
+    ));
 
     let measured = runtime.block_on(async {
         tokio::select! {
@@ -347,6 +357,14 @@ async fn measure_data_plane(
                     count(plan.idle)
                 ));
             }
+        }
+        // Less a margin: connections it is still closing count against its cap.
+        if let Some(max) = c.max_connections.filter(|max| max.saturating_sub(100) < target) {
+            target = max.saturating_sub(100);
+            results.notes.push(format!(
+                "{} allows itself {max} clients (its startup log says so), so it gets {target} idle connections",
+                c.name
+            ));
         }
         let before = rss(&c.pids)?;
         let (open, error) =
