@@ -267,7 +267,9 @@ fn pair_ports(ips: ([u8; 4], [u8; 4])) -> (Ports, Ports) {
 /// server stunnel (requiring and verifying the client's certificate) → the servers. TLS 1.3 only.
 pub fn start_stunnel(dir: &Path, certs: &Certs, servers: Ports) -> anyhow::Result<(Contender, Vec<Daemon>)> {
     let (front, back) = pair_ports(STUNNEL_IPS);
-    let global = "foreground = yes\npid =\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n";
+    // Logs to its stderr (a file) only: with no syslog daemon, its syslog lines would go to the console, which on
+    // this machine is a serial port (measured: 17 ms of CPU per connection).
+    let global = "foreground = yes\nsyslog = no\npid =\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n";
     let mut server_conf = global.to_owned();
     let mut client_conf = global.to_owned();
     for (name, target) in [("sink", Target::Sink), ("http", Target::Http)] {

@@ -35,6 +35,8 @@ pub struct Results {
     pub setup_seconds: f64,
     /// Per round: p50, p99, max of the per-proxy ACK times (ms), and how many proxies ACKed.
     pub convergence: Vec<([f64; 3], usize)>,
+    /// Per round: how long `trellisctl apply` itself ran (ms), part of the ACK times.
+    pub apply_ms: Vec<f64>,
     /// The last round's per-proxy ACK times (ms), sorted.
     pub last_round_ms: Vec<f64>,
     /// Per round: signings/s.
@@ -158,6 +160,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
 
     let mut convergence = Vec::new();
     let mut last_round_ms = Vec::new();
+    let mut apply_ms = Vec::new();
     for round in 1..=plan.rounds {
         let yaml = format!(
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {MARKER}{round}\n  \
@@ -169,6 +172,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
         if !out.status.success() {
             bail!("trellisctl apply failed: {}", String::from_utf8_lossy(&out.stderr));
         }
+        apply_ms.push(applied_at.elapsed().as_secs_f64() * 1e3);
         let mut times = vec![None; plan.proxies];
         let mut count = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -222,6 +226,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
         csr_clients: plan.csr_clients,
         setup_seconds,
         convergence,
+        apply_ms,
         last_round_ms,
         signings,
     })

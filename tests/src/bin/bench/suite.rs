@@ -331,7 +331,11 @@ async fn measure_data_plane(
     for round in (1..=plan.rounds).filter(|_| options.wants(3)) {
         for c in all {
             let (conc, period) = (plan.churn_concurrency, plan.churn_for);
+            let cpu_before = cpu(&c.pids)?;
             let (rate, mut times) = within("churn", c, async { Ok(load::churn(c.route, conc, period).await?) }).await?;
+            if !c.pids.is_empty() {
+                results.push("churn cpu", c.name, (cpu(&c.pids)? - cpu_before) / (times.len() as f64 / 1000.0));
+            }
             times.sort();
             let q = |p: f64| times[((p / 100.0 * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1];
             let (p50, p99) = (q(50.0).as_secs_f64() * 1e6, q(99.0).as_secs_f64() * 1e6);
@@ -683,15 +687,17 @@ fn render(
         ))
     ));
     s.push_str(
-        "| contender | connections/s | vs. direct | p50 (µs) | p99 (µs) |\n| --- | ---: | ---: | ---: | ---: |\n",
+        "| contender | connections/s | vs. direct | p50 (µs) | p99 (µs) | proxy CPU-s / 1000 connections |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for n in names {
         s.push_str(&format!(
-            "| {n} | {} | {} | {} | {} |\n",
+            "| {n} | {} | {} | {} | {} | {} |\n",
             r.cell("churn rate", n),
             ratio(r.median("churn rate", n), r.median("churn rate", DIRECT)),
             r.cell("churn p50", n),
-            r.cell("churn p99", n)
+            r.cell("churn p99", n),
+            cpu_cell(r.get("churn cpu", n)),
         ));
     }
     s.push('\n');
@@ -713,16 +719,13 @@ fn render(
         idle = count(plan.idle)
     ));
     for n in &proxied {
-        let cpu_cell = |rate: u32| {
-            let v = r.get(&format!("cpu {rate}"), n);
-            if v.is_empty() { "–".into() } else { format!("{:.3} ({:.3}..{:.3})", median(v), min(v), max(v)) }
-        };
+        let cpu_rate = |rate: u32| cpu_cell(r.get(&format!("cpu {rate}"), n));
         // The client-side process is started second for the forwarders, first for Trellis: label by role.
         let (client_i, server_i) = if *n == "Trellis" { (0, 1) } else { (1, 0) };
         s.push_str(&format!(
             "| {n} | {} | {} | {}, {} | {} → {} | {:.1} |\n",
-            cpu_cell(plan.rates[0]),
-            cpu_cell(plan.rates[1]),
+            cpu_rate(plan.rates[0]),
+            cpu_rate(plan.rates[1]),
             mb(r.median(&format!("idle RSS {client_i}"), n)),
             mb(r.median(&format!("idle RSS {server_i}"), n)),
             mb(r.median("idle conns rss before", n)),
@@ -758,6 +761,7 @@ fn render(
     for (i, name) in ["p50", "p99", "max"].into_iter().enumerate() {
         s.push_str(&format!("| convergence {name} (ms) | {} |\n", cell(&col(i))));
     }
+    s.push_str(&format!("| of which `trellisctl apply` itself ran (ms) | {} |\n", cell(&control.apply_ms)));
     s.push_str(&format!(
         "| certificate signings/s, {} concurrent clients | {} |\n\n",
         control.csr_clients,
@@ -785,6 +789,11 @@ fn render(
         s.push('\n');
     }
     (targets, s)
+}
+
+/// CPU seconds, three decimals, median (min..max).
+fn cpu_cell(v: &[f64]) -> String {
+    if v.is_empty() { "–".into() } else { format!("{:.3} ({:.3}..{:.3})", median(v), min(v), max(v)) }
 }
 
 fn min(v: &[f64]) -> f64 {
