@@ -375,6 +375,11 @@ async fn measure_data_plane(
             within("idle connections", c, async { Ok(load::idle_connections(c.route, target, 64).await) }).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let after = rss(&c.pids)?;
+        let each: Vec<String> = c
+            .pids
+            .iter()
+            .map(|&pid| procfs::rss_bytes(pid).map(|b| format!("{:.1}", b as f64 / 1e6)))
+            .collect::<anyhow::Result<_>>()?;
         let opened = open.len();
         if let Some(e) = error {
             results.notes.push(format!("{}: opened only {opened} of {target} idle connections: {e}", c.name));
@@ -382,10 +387,12 @@ async fn measure_data_plane(
         drop(open);
         let per = (after as f64 - before as f64) / opened.max(1) as f64 / 1024.0;
         eprintln!(
-            "  {:8} {opened} connections: RSS {:.1} → {:.1} MB, {per:.1} KiB per connection",
+            "  {:8} {opened} connections: RSS {:.1} → {:.1} MB ({} MB by pid {:?}), {per:.1} KiB per connection",
             c.name,
             before as f64 / 1e6,
-            after as f64 / 1e6
+            after as f64 / 1e6,
+            each.join(" + "),
+            c.pids
         );
         results.push("idle conns opened", c.name, opened as f64);
         results.push("idle conns rss before", c.name, before as f64 / 1e6);
@@ -706,9 +713,10 @@ fn render(
         "### 4. Cost\n\n{}",
         wrap(&format!(
             "CPU: user + system time of the contender's two processes (/proc/PID/stat) over each run of scenario 2, \
-             per 1000 requests sent (equivalently, CPU cores per 1000 requests/s). Idle RSS: each process after \
-             setup and one warm-up. Idle connections: {idle} connections opened through the pair (each after one \
-             request) and held; RSS of both processes before and with them, and the difference per connection.",
+             per 1000 requests sent (equivalently, CPU cores per 1000 requests/s). Idle RSS: each process after the \
+             warm-up (one request, a short bulk transfer), before the scenarios. Idle connections: {idle} \
+             connections opened through the pair (each after one request) and held; RSS of both processes before \
+             and with them, and the difference per connection.",
             idle = count(plan.idle)
         ))
     ));
