@@ -160,6 +160,9 @@ fn run(options: &Options) -> anyhow::Result<()> {
         let flags = if smoke { " --smoke" } else { "" };
         format!("`{COMMAND}{flags}` — started {date}, {}, {profile}", revision())
     };
+    let mut versions = contenders::versions();
+    versions.push(format!("Trellis: {} (rustls, aws-lc-rs)", revision()));
+    let stamp = Stamp { header, versions };
     // Every connection of the idle-connection scenario is a descriptor here and in the proxies (which inherit it).
     let wanted_nofile = 4 * plan.idle as u64 + 4 * plan.control.proxies as u64 + 4096;
     let nofile = procfs::raise_open_files(wanted_nofile);
@@ -238,7 +241,7 @@ fn run(options: &Options) -> anyhow::Result<()> {
     // Everything else is written before the policy micro-benchmark runs (it takes minutes), with the table the
     // authz section holds; then again with the fresh one.
     let stored = authz_table(true);
-    let (mut targets, mut suite) = render(plan, &header, &names, &results, &control, &stored, false, &plots);
+    let (mut targets, mut suite) = render(plan, &stamp, &names, &results, &control, &stored, false, &plots);
     if !options.dry() {
         write_section(&path, "targets", &targets)?;
         write_section(&path, "suite", &suite)?;
@@ -252,7 +255,7 @@ fn run(options: &Options) -> anyhow::Result<()> {
     if !smoke && options.wants(6) {
         eprintln!("scenario 6: policy evaluation micro-benchmark (cargo bench -p trellis-policy --bench authz)");
         let fresh = authz_table(false);
-        (targets, suite) = render(plan, &header, &names, &results, &control, &fresh, true, &plots);
+        (targets, suite) = render(plan, &stamp, &names, &results, &control, &fresh, true, &plots);
         if !options.dry() {
             write_section(&path, "suite", &suite)?;
             eprintln!("rewrote the suite section with the fresh policy table");
@@ -525,10 +528,17 @@ fn mb(value: f64) -> String {
 }
 
 /// The targets table and the results section.
+/// What a run says about itself, taken at its start (before it writes BENCHMARKS.md, which would make the tree
+/// look modified).
+struct Stamp {
+    header: String,
+    versions: Vec<String>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn render(
     plan: &Plan,
-    header: &str,
+    stamp: &Stamp,
     names: &[&str],
     r: &Results,
     control: &control::Results,
@@ -536,6 +546,7 @@ fn render(
     authz_fresh: bool,
     plots: &[(String, String)],
 ) -> (String, String) {
+    let header = &stamp.header;
     let proxied: Vec<&str> = names.iter().copied().filter(|n| *n != DIRECT).collect();
 
     // ---- targets --------------------------------------------------------------------------------------------
@@ -626,9 +637,7 @@ fn render(
     let mut s = "## Suite: Trellis against direct TCP, stunnel and HAProxy\n\n".to_owned();
     s.push_str(&wrap(&format!("{header}.")));
     s.push_str(&wrap(&format!("Machine: {}.", machine())));
-    let mut versions = contenders::versions();
-    versions.push(format!("Trellis: {} (rustls, aws-lc-rs)", revision()));
-    s.push_str(&wrap(&format!("Versions: {}.", versions.join("; "))));
+    s.push_str(&wrap(&format!("Versions: {}.", stamp.versions.join("; "))));
     s.push_str(&wrap(
         "Servers (a bulk sink and an HTTP/1.1 keep-alive responder, tokio, in a process of their own) listen on \
          127.0.20.2. **direct**: TCP straight to them. **Trellis**: SOCKS5 CONNECT to the client proxy, HBONE (mTLS, \
