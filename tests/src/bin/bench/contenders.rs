@@ -88,7 +88,7 @@ pub struct Contender {
     /// Descriptors one tunnelled connection holds in its busiest process (a forwarder's accepted and dialled
     /// sockets; a Trellis proxy's one socket, the tunnel being a stream of a shared HTTP/2 connection).
     pub fds_per_connection: u64,
-    /// A cap the software sets itself (stunnel derives one from its open-files limit and logs it).
+    /// A cap the software sets itself (stunnel derives one from its open-files limit).
     pub max_connections: Option<usize>,
 }
 
@@ -304,14 +304,11 @@ pub fn start_stunnel(dir: &Path, certs: &Certs, servers: Ports) -> anyhow::Resul
         daemons.push(daemon);
     }
     let pids = daemons.iter().map(Daemon::pid).collect();
-    // "Clients allowed=N", logged at startup.
+    // stunnel 5 allows itself 125/256 of its open-files limit as clients (its debug log says "Clients allowed=").
     let max_connections = daemons
         .iter()
-        .filter_map(|d| {
-            let log = trellis_tests::read_log(&d.log);
-            let at = log.find("Clients allowed=")? + "Clients allowed=".len();
-            log[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-        })
+        .filter_map(|d| super::procfs::open_files_limit(d.pid()).ok())
+        .map(|limit| usize::try_from(limit.saturating_mul(125) / 256).unwrap_or(usize::MAX))
         .min();
     let contender =
         Contender { name: "stunnel", route: Route::Forward(front), pids, fds_per_connection: 2, max_connections };

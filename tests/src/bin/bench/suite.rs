@@ -386,7 +386,7 @@ async fn measure_data_plane(
         if let Some(max) = c.max_connections.filter(|max| max.saturating_sub(100) < target) {
             target = max.saturating_sub(100);
             results.notes.push(format!(
-                "{} allows itself {max} clients (its startup log says so), so it gets {target} idle connections",
+                "{} allows itself {max} clients (125/256 of its open-files limit), so it gets {target} idle connections",
                 c.name
             ));
         }
