@@ -379,20 +379,22 @@ pub struct Mesh {
     _cp: ControlPlane,
 }
 
-pub fn start_trellis(servers: Ports) -> anyhow::Result<(Contender, Mesh)> {
+/// A control plane and two proxies: `bench-client` fronting the client address, `bench-server` fronting the
+/// servers' address with `server_ports`. Passthrough is denied, so a connection that works went through the tunnel.
+/// Returns once the client proxy knows the servers' workload.
+pub fn start_mesh(server_ports: &[u16]) -> anyhow::Result<(ControlPlane, Proxy, Proxy)> {
     let cp = step("starting the control plane", &[], || Ok(ControlPlane::start(&[])))?;
     let options = ProxyOptions { passthrough: Some("deny"), ..ProxyOptions::default() };
     let client_spec = WorkloadSpec::new("client", "bench", "client", &IpAddr::from(CLIENT_IP).to_string());
     let mut server_spec = WorkloadSpec::new("servers", "bench", "servers", &IpAddr::from(SERVER_IP).to_string());
-    server_spec.ports = vec![(servers.sink.port(), "tcp"), (servers.http.port(), "tcp")];
+    server_spec.ports = server_ports.iter().map(|p| (*p, "tcp")).collect();
     let client = step("starting the client proxy", &[], || {
         Ok(Proxy::start_with(&cp, "bench-client", &[client_spec], options.clone()))
     })?;
     let server = step("starting the server proxy", &[], || {
         Ok(Proxy::start_with(&cp, "bench-server", &[server_spec], options.clone()))
     })?;
-    let logs = [("client proxy", client.log_path()), ("server proxy", server.log_path())];
-    step("waiting for the proxies", &logs, || {
+    step("waiting for the proxies", &mesh_logs(&client, &server), || {
         client.wait_ready();
         server.wait_ready();
         let ip = IpAddr::from(SERVER_IP).to_string();
@@ -401,6 +403,16 @@ pub fn start_trellis(servers: Ports) -> anyhow::Result<(Contender, Mesh)> {
         });
         Ok(())
     })?;
+    Ok((cp, client, server))
+}
+
+/// The proxies' logs, shown when a step fails.
+pub fn mesh_logs(client: &Proxy, server: &Proxy) -> [(&'static str, std::path::PathBuf); 2] {
+    [("client proxy", client.log_path()), ("server proxy", server.log_path())]
+}
+
+pub fn start_trellis(servers: Ports) -> anyhow::Result<(Contender, Mesh)> {
+    let (cp, client, server) = start_mesh(&[servers.sink.port(), servers.http.port()])?;
     let pids = [client.pid(), server.pid()].into_iter().flatten().collect();
     let route = Route::Socks5 { proxy: client.socks5_addr, servers };
     Ok((

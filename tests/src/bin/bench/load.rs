@@ -185,6 +185,13 @@ pub async fn bulk(route: Route, total: u64, streams: usize) -> std::io::Result<f
     for _ in 0..streams {
         connections.push(route.dial(Target::Sink).await?);
     }
+    send_bulk(connections, share).await
+}
+
+/// Sends `share` bytes on each connection (to a sink that answers one byte once it has them all); MB/s from the
+/// first byte until every sink has answered.
+pub async fn send_bulk(connections: Vec<TcpStream>, share: u64) -> std::io::Result<f64> {
+    let streams = connections.len();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for mut stream in connections {

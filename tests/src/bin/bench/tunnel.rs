@@ -19,20 +19,18 @@ use anyhow::{Context, anyhow, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
-use trellis_tests::{ControlPlane, Proxy, ProxyOptions, WorkloadSpec};
 
+use super::contenders::{mesh_logs, start_mesh};
+use super::load::send_bulk;
 use super::report::{cell, command_output, machine, median, number, revision, wrap, write_section};
 use crate::common::{self, step};
 
 const USAGE: &str = "usage: trellis-bench tunnel [--quick] [--direct-only] [--no-build]";
-const CLIENT_IP: [u8; 4] = [127, 0, 20, 1];
 const SERVER_IP: [u8; 4] = [127, 0, 20, 2];
 const COMMAND: &str = "cargo run --release -p trellis-tests --bin trellis-bench -- tunnel";
 const MSG: usize = 1024;
 /// Longest any single measurement may take before the benchmark gives up.
 const MEASUREMENT_TIMEOUT: Duration = Duration::from_secs(300);
-
-static ZEROS: [u8; 256 * 1024] = [0; 256 * 1024];
 
 /// Sizes of one run.
 struct Plan {
@@ -147,27 +145,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
     // connection that works went through the tunnel.
     let mut mesh = None;
     if !args.direct_only {
-        let cp = step("starting the control plane", &[], || Ok(ControlPlane::start(&[])))?;
-        let options = ProxyOptions { passthrough: Some("deny"), ..ProxyOptions::default() };
-        let client_spec = WorkloadSpec::new("client", "bench", "client", &IpAddr::from(CLIENT_IP).to_string());
-        let mut server_spec = WorkloadSpec::new("servers", "bench", "servers", &IpAddr::from(SERVER_IP).to_string());
-        server_spec.ports = vec![(servers.sink.port(), "tcp"), (servers.echo.port(), "tcp")];
-        let client = step("starting the client proxy", &[], || {
-            Ok(Proxy::start_with(&cp, "bench-client", &[client_spec], options.clone()))
-        })?;
-        let server = step("starting the server proxy", &[], || {
-            Ok(Proxy::start_with(&cp, "bench-server", &[server_spec], options.clone()))
-        })?;
-        let logs = [("client proxy", client.log_path()), ("server proxy", server.log_path())];
-        step("waiting for the proxies", &logs, || {
-            client.wait_ready();
-            server.wait_ready();
-            let ip = IpAddr::from(SERVER_IP).to_string();
-            client.wait_config("the servers' workload in the client proxy's registry", |d| {
-                d["workloads"].to_string().contains(&ip)
-            });
-            Ok(())
-        })?;
+        let (cp, client, server) = start_mesh(&[servers.sink.port(), servers.echo.port()])?;
+        let logs = mesh_logs(&client, &server);
         let route = Route::Mesh(client.socks5_addr);
         step("a first round trip through the mesh", &logs, || {
             runtime.block_on(async {
@@ -254,24 +233,7 @@ async fn bulk(route: Route, sink: SocketAddr, total: u64, streams: usize) -> std
     for _ in 0..streams {
         connections.push(route.dial(sink).await?);
     }
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for mut stream in connections {
-        tasks.spawn(async move {
-            stream.write_u64(share).await?;
-            let mut left = share;
-            while left > 0 {
-                let n = ZEROS.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                stream.write_all(&ZEROS[..n]).await?;
-                left -= n as u64;
-            }
-            stream.read_u8().await.map(drop)
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.map_err(std::io::Error::other)??;
-    }
-    Ok((share * streams as u64) as f64 / 1e6 / started.elapsed().as_secs_f64())
+    send_bulk(connections, share).await
 }
 
 /// `n` round trips of 1 KiB on one connection (after 100 unrecorded ones).
