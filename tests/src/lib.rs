@@ -28,13 +28,59 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1 and 0.0.0.0, and never handed out before by this process.
+///
+/// Ports come from below the kernel's ephemeral range, so neither a client socket's automatic port nor another
+/// process's `bind(0)` takes one between this check and the moment a server binds it; each test process walks
+/// the range from its own random start, so concurrent test processes rarely probe the same ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind ephemeral port").local_addr().expect("local addr").port()
+    use std::sync::Mutex;
+    static NEXT: Mutex<Option<u16>> = Mutex::new(None);
+    let (low, high) = port_pool();
+    let mut next = NEXT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut candidate = next.unwrap_or_else(|| {
+        let seed = std::process::id() as u64 ^ nanos_now();
+        low + (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u16 % (high - low)
+    });
+    for _ in 0..(high - low) {
+        let port = candidate;
+        candidate = if candidate + 1 >= high { low } else { candidate + 1 };
+        let free = TcpListener::bind(("127.0.0.1", port)).is_ok() && TcpListener::bind(("0.0.0.0", port)).is_ok();
+        if free {
+            *next = Some(candidate);
+            return port;
+        }
+    }
+    panic!("no free TCP port in {low}..{high}")
+}
+
+/// Ports below the kernel's ephemeral range (`ip_local_port_range`), or 20000..30000 if it cannot be read.
+fn port_pool() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|low| low.parse::<u16>().ok()));
+    match ephemeral_low {
+        Some(low) if low > 12_000 => (10_000, low),
+        _ => (20_000, 30_000),
+    }
+}
+
+fn nanos_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Whether a child process has exited (a zombie not yet reaped counts), read from /proc so no `&mut Child` is needed.
+fn exited(pid: Option<u32>) -> bool {
+    let Some(pid) = pid else { return true };
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name: `pid (comm) S ...`.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => true,
+    }
 }
 
 /// Polls `check` until it returns Some, or panics with `what` after `timeout`.
@@ -447,6 +493,8 @@ impl Proxy {
 
     pub fn wait_ready(&self) {
         wait_for("proxy ready", Duration::from_secs(30), || {
+            // A proxy that exited (bad config, a port taken) will never be ready: fail now, with its log.
+            assert!(!exited(self.pid()), "proxy {} exited before it was ready", self.node);
             http::get_in(self.netns.as_deref(), self.admin_addr, "/healthz/ready")
                 .ok()
                 .filter(|(s, _)| *s == 200)
