@@ -41,7 +41,18 @@ pub struct Config {
     pub capture: Capture,
     /// Allowed clock difference for JWT `exp`/`nbf` (RequestAuthentication).
     pub jwt_clock_skew: std::time::Duration,
+    /// Threads of the async runtime that carries every connection.
+    pub worker_threads: usize,
 }
+
+/// `workerThreads` when none is configured: as ztunnel, two, enough for a node's traffic without taking its cores
+/// from the workloads; fewer when the machine has fewer CPUs.
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
+}
+
+/// The most `workerThreads` may ask for.
+pub const MAX_WORKER_THREADS: u64 = 64;
 
 /// Transparent capture (`run --capture`, `capture install`): what the nftables rules leave alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,6 +236,7 @@ struct RawConfig {
     #[serde(default)]
     capture: RawCapture,
     jwt_clock_skew: Option<String>,
+    worker_threads: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -402,6 +414,15 @@ impl RawConfig {
             }),
         };
 
+        let worker_threads = match self.worker_threads {
+            None => default_worker_threads(),
+            Some(n @ 1..=MAX_WORKER_THREADS) => n as usize,
+            Some(n) => {
+                p.add("workerThreads", format!("{n} is not in 1..={MAX_WORKER_THREADS}"));
+                1
+            }
+        };
+
         let root_namespace =
             self.root_namespace.clone().unwrap_or_else(|| trellis_policy::DEFAULT_ROOT_NAMESPACE.to_owned());
         if !is_dns_label(&root_namespace) {
@@ -417,6 +438,7 @@ impl RawConfig {
             root_namespace,
             capture,
             jwt_clock_skew,
+            worker_threads,
             node: self.node,
             control_plane: ControlPlane {
                 address: self.control_plane.address,
@@ -593,11 +615,13 @@ listen:
 hboneAddress: 192.168.1.10:15008
 logFormat: json
 jwtClockSkew: 30s
+workerThreads: 4
 "#
         );
         let c = Config::parse(&yaml).unwrap();
         assert_eq!(c.node, "node-a");
         assert_eq!(c.jwt_clock_skew, std::time::Duration::from_secs(30));
+        assert_eq!(c.worker_threads, 4);
         assert_eq!(c.control_plane.token, None);
         assert_eq!(c.workloads[0].addresses.len(), 2);
         assert_eq!(c.workloads[0].ports[0], PortConfig { port: 8080, protocol: Protocol::Http });
@@ -670,6 +694,8 @@ jwtClockSkew: 30s
             ("capture:\n  excludeOutboundCidrs: [10.0.0.0/33]\n".into(), "capture.excludeOutboundCidrs[0]: \"10.0.0.0/33\" is not a CIDR"),
             ("capture:\n  redirect: all\n".into(), "unknown field `redirect`"),
             ("jwtClockSkew: soon\n".into(), "jwtClockSkew: \"soon\""),
+            ("workerThreads: 0\n".into(), "workerThreads: 0 is not in 1..=64"),
+            ("workerThreads: 65\n".into(), "workerThreads: 65 is not in 1..=64"),
             (
                 "workloads:\n  - {name: a, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.1\"], ports: [{port: 1, protocol: udp}]}\n".into(),
                 "unknown variant `udp`",

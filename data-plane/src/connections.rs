@@ -149,6 +149,11 @@ impl Drop for Registration {
 }
 
 impl Connections {
+    /// Connections registered since start (open or ended).
+    pub fn opened_total(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
     pub fn register(self: &Arc<Self>, inbound: Option<Arc<InboundConn>>) -> Registration {
         self.track(inbound, None)
     }

@@ -11,6 +11,7 @@ pub mod connections;
 pub mod copy;
 pub mod dial;
 pub mod discovery;
+pub mod heap;
 pub mod identity;
 pub mod inbound;
 pub mod inbound_plaintext;

@@ -382,9 +382,23 @@ pub struct Mesh {
 /// A control plane and two proxies: `bench-client` fronting the client address, `bench-server` fronting the
 /// servers' address with `server_ports`. Passthrough is denied, so a connection that works went through the tunnel.
 /// Returns once the client proxy knows the servers' workload.
+static PROXY_WORKER_THREADS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// `--worker-threads N`: the proxies' `workerThreads` for this run (an experiment; the default is the proxy's own).
+pub fn set_proxy_worker_threads(n: u64) {
+    let _ = PROXY_WORKER_THREADS.set(n);
+}
+
+pub fn proxy_worker_threads() -> Option<u64> {
+    PROXY_WORKER_THREADS.get().copied()
+}
+
 pub fn start_mesh(server_ports: &[u16]) -> anyhow::Result<(ControlPlane, Proxy, Proxy)> {
     let cp = step("starting the control plane", &[], || Ok(ControlPlane::start(&[])))?;
-    let options = ProxyOptions { passthrough: Some("deny"), ..ProxyOptions::default() };
+    let mut options = ProxyOptions { passthrough: Some("deny"), ..ProxyOptions::default() };
+    if let Some(n) = proxy_worker_threads() {
+        options.extra.insert("workerThreads".into(), n.into());
+    }
     let client_spec = WorkloadSpec::new("client", "bench", "client", &IpAddr::from(CLIENT_IP).to_string());
     let mut server_spec = WorkloadSpec::new("servers", "bench", "servers", &IpAddr::from(SERVER_IP).to_string());
     server_spec.ports = server_ports.iter().map(|p| (*p, "tcp")).collect();

@@ -1,9 +1,10 @@
-//! `trellis-bench all [--smoke] [--only N,N] [--no-build]`: every scenario against every contender, on this machine, in one
-//! run. Contenders: direct TCP, Trellis (two proxies, HBONE mTLS), a stunnel4 pair and an HAProxy pair (both
+//! `trellis-bench all [--smoke] [--only N,N] [--worker-threads N] [--no-build]`: every scenario against every
+//! contender, on this machine, in one run. Contenders: direct TCP, Trellis (two proxies, HBONE mTLS), a stunnel4 pair and an HAProxy pair (both
 //! mutual TLS 1.3 with ECDSA P-256). Each measurement alternates the contenders (A B C D, A B C D, …) for several
 //! rounds and reports the median with (min..max). Writes the "targets" and "suite" sections of BENCHMARKS.md and
 //! PNG plots into docs/bench/; `--smoke` runs every scenario at tiny sizes in about ten seconds and writes nothing
-//! but temporary plots. Nothing asserts on timings.
+//! but temporary plots, as do `--only` (some scenarios at full size) and `--worker-threads` (the proxies' runtime
+//! threads, an experiment). Nothing asserts on timings.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,9 @@ struct Plan {
     churn_concurrency: usize,
     churn_for: Duration,
     idle: usize,
+    /// Quiet time after the warm-up before idle RSS is read: long enough for Trellis's proxies to give the burst's
+    /// freed heap back (two of their 5 s quiet periods), the same wait for every contender.
+    settle: Duration,
     control: control::Plan,
 }
 
@@ -48,6 +52,7 @@ const FULL: Plan = Plan {
     churn_concurrency: 8,
     churn_for: Duration::from_secs(2),
     idle: 10_000,
+    settle: Duration::from_secs(12),
     control: control::Plan { proxies: 1000, csr_clients: 100, rounds: 3, sign_for: Duration::from_secs(3) },
 };
 
@@ -62,6 +67,7 @@ const SMOKE: Plan = Plan {
     churn_concurrency: 4,
     churn_for: Duration::from_millis(200),
     idle: 50,
+    settle: Duration::from_millis(100),
     control: control::Plan { proxies: 20, csr_clients: 5, rounds: 1, sign_for: Duration::from_millis(300) },
 };
 
@@ -77,11 +83,14 @@ impl Options {
         self.only.as_ref().is_none_or(|only| only.contains(&scenario))
     }
 
-    /// Whether this run leaves BENCHMARKS.md and docs/bench alone.
+    /// Whether this run leaves BENCHMARKS.md and docs/bench alone (a run with a non-default proxy setting
+    /// measures an experiment, not Trellis as shipped).
     fn dry(&self) -> bool {
-        self.smoke || self.only.is_some()
+        self.smoke || self.only.is_some() || contenders::proxy_worker_threads().is_some()
     }
 }
+
+const USAGE: &str = "trellis-bench all [--smoke] [--only N,N] [--worker-threads N] [--no-build]";
 
 pub fn main(argv: &[String]) -> ExitCode {
     let mut options = Options { smoke: false, no_build: false, only: None };
@@ -100,10 +109,15 @@ pub fn main(argv: &[String]) -> ExitCode {
                     }
                 }
             }
+            "--worker-threads" => match args.next().map(|n| n.parse::<u64>()) {
+                Some(Ok(n)) => contenders::set_proxy_worker_threads(n),
+                _ => {
+                    eprintln!("trellis-bench all: --worker-threads takes a number (the proxies' workerThreads)");
+                    return ExitCode::from(2);
+                }
+            },
             other => {
-                eprintln!(
-                    "trellis-bench all: unknown argument {other:?}\nusage: trellis-bench all [--smoke] [--only N,N] [--no-build]"
-                );
+                eprintln!("trellis-bench all: unknown argument {other:?}\nusage: {USAGE}");
                 return ExitCode::from(2);
             }
         }
@@ -304,6 +318,9 @@ async fn measure_data_plane(
             bail!("a first request through {} ({}): {e}", c.name, load::describe(c.route));
         }
         within("warm-up bulk", c, async { Ok(load::bulk(c.route, plan.bulk_bytes / 8, plan.streams).await?) }).await?;
+    }
+    tokio::time::sleep(plan.settle).await;
+    for c in all {
         for (i, &pid) in c.pids.iter().enumerate() {
             results.push(&format!("idle RSS {i}"), c.name, procfs::rss_bytes(pid)? as f64 / 1e6);
         }
@@ -737,11 +754,12 @@ fn render(
         "### 4. Cost\n\n{}",
         wrap(&format!(
             "CPU: user + system time of the contender's two processes (/proc/PID/stat) over each run of scenario 2, \
-             per 1000 requests sent (equivalently, CPU cores per 1000 requests/s). Idle RSS: each process after the \
-             warm-up (one request, a short bulk transfer), before the scenarios. Idle connections: {idle} \
+             per 1000 requests sent (equivalently, CPU cores per 1000 requests/s). Idle RSS: each process {settle} s after \
+             the warm-up (one request, a short bulk transfer), before the scenarios. Idle connections: {idle} \
              connections opened through the pair (each after one request) and held; RSS of both processes before \
              and with them, and the difference per connection.",
-            idle = count(plan.idle)
+            idle = count(plan.idle),
+            settle = plan.settle.as_secs_f64()
         ))
     ));
     s.push_str(&format!(

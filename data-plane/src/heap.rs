@@ -1,0 +1,46 @@
+//! Giving freed heap memory back to the OS once traffic goes quiet.
+//!
+//! glibc's malloc keeps what each thread frees in that thread's arena for reuse and returns only the top of the
+//! main heap by itself, so a burst (buffers of many concurrent streams, TLS records, HTTP/2 frames) leaves the
+//! process holding its peak for good. `malloc_trim` hands every whole free page back. It runs once a quiet period
+//! follows activity, so a busy proxy is not made to fault the same pages in again and an idle one is not woken for
+//! nothing: as jemalloc's decay does, but without a second allocator in the build.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::connections::Connections;
+
+/// How often activity is sampled; memory is returned after one whole period without a new connection.
+pub const QUIET_PERIOD: Duration = Duration::from_secs(5);
+
+/// Runs until the runtime stops.
+pub async fn release_when_quiet(connections: Arc<Connections>) {
+    let mut ticks = tokio::time::interval(QUIET_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = connections.opened_total();
+    let mut busy = true; // start-up (joining, certificates, the first config) allocates too
+    loop {
+        ticks.tick().await;
+        let opened = connections.opened_total();
+        if opened != seen {
+            seen = opened;
+            busy = true;
+        } else if busy {
+            busy = false;
+            // A walk over every arena: off the async workers.
+            let _ = tokio::task::spawn_blocking(release_free_pages).await;
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_pages() {
+    // SAFETY: malloc_trim takes no pointers and only rearranges the allocator's own free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_pages() {}
