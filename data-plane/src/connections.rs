@@ -149,11 +149,6 @@ impl Drop for Registration {
 }
 
 impl Connections {
-    /// Connections registered since start (open or ended).
-    pub fn opened_total(&self) -> u64 {
-        self.next_id.load(Ordering::Relaxed)
-    }
-
     pub fn register(self: &Arc<Self>, inbound: Option<Arc<InboundConn>>) -> Registration {
         self.track(inbound, None)
     }
@@ -167,6 +162,7 @@ impl Connections {
         inbound: Option<Arc<InboundConn>>,
         plaintext: Option<Arc<PlaintextConn>>,
     ) -> Registration {
+        crate::heap::note_activity();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
         self.open.insert(id, Tracked { inbound, plaintext, cancel: cancel.clone() });

@@ -24,6 +24,7 @@ const MAX_FREE: usize = 256;
 static POOL: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
 
 fn take_buffer() -> Box<[u8]> {
+    crate::heap::note_activity();
     let reused = POOL.lock().expect("buffer pool lock").pop();
     reused.unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice())
 }

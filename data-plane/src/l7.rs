@@ -190,6 +190,7 @@ impl Verdict {
 impl RequestOutcome {
     /// Istio's request series and one access-log event.
     fn record(&self, tunnel: &Tunnel) {
+        crate::heap::note_activity();
         let conn = &tunnel.conn;
         let flags = match self.verdict {
             Verdict::Denied => Flags::Deny,

@@ -130,7 +130,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         upstream: crate::l7::Upstream::default(),
     });
     tokio::spawn(follow_changes(config.clone(), data.clone(), certs.clone(), state.clone()));
-    tokio::spawn(crate::heap::release_when_quiet(data.connections.clone()));
+    tokio::spawn(crate::heap::release_when_quiet());
     let listeners = start_listeners(&config, &data, shared.clone(), shutdown.clone()).await?;
 
     let manager = CertManager::new(certs, Instant::now());
