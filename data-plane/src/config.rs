@@ -45,10 +45,15 @@ pub struct Config {
     pub worker_threads: usize,
 }
 
-/// `workerThreads` when none is configured: as ztunnel, two, enough for a node's traffic without taking its cores
-/// from the workloads; fewer when the machine has fewer CPUs.
+/// `workerThreads` when none is configured: two, as ztunnel, on hosts with more than two CPUs; one on smaller hosts,
+/// where a second worker has no CPU of its own. Measured on 2 vCPUs (BENCHMARKS.md): with two workers the client
+/// proxy made two futex calls per request (a worker waking the other to find nothing), with one none, and one
+/// worker gave more throughput and less CPU per request at 4000 requests/s.
 pub fn default_worker_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
+    match std::thread::available_parallelism().map_or(1, |n| n.get()) {
+        0..=2 => 1,
+        _ => 2,
+    }
 }
 
 /// The most `workerThreads` may ask for.
