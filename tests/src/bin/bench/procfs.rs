@@ -19,25 +19,6 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(total as f64 / if hz > 0 { hz as f64 } else { 100.0 })
 }
 
-/// Context switches (voluntary and not) of every live thread of the process so far: each is a thread going to
-/// sleep or being preempted, the kernel-side cost of waking a proxy per message.
-pub fn context_switches(pid: u32) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        // A thread may exit between the listing and the read: it simply stops counting.
-        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else { continue };
-        for line in status.lines() {
-            if let Some(n) = line
-                .strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-            {
-                total += n.trim().parse::<u64>()?;
-            }
-        }
-    }
-    Ok(total)
-}
-
 /// Resident set size in bytes (VmRSS).
 pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

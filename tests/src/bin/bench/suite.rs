@@ -301,10 +301,6 @@ fn cpu(pids: &[u32]) -> anyhow::Result<f64> {
     pids.iter().map(|&pid| procfs::cpu_seconds(pid)).sum()
 }
 
-fn switches(pids: &[u32]) -> anyhow::Result<u64> {
-    pids.iter().map(|&pid| procfs::context_switches(pid)).sum()
-}
-
 fn rss(pids: &[u32]) -> anyhow::Result<u64> {
     pids.iter().map(|&pid| procfs::rss_bytes(pid)).sum()
 }
@@ -346,14 +342,13 @@ async fn measure_data_plane(
     for rate in plan.rates.into_iter().filter(|_| options.wants(2)) {
         for round in 1..=plan.rounds {
             for c in all {
-                let (cpu_before, switches_before) = (cpu(&c.pids)?, switches(&c.pids)?);
+                let cpu_before = cpu(&c.pids)?;
                 let (route, n, warmup, period) = (c.route, plan.connections, plan.warmup, plan.period);
                 let run = within("fixed rate", c, async {
                     tokio::task::spawn_blocking(move || load::fixed_rate(route, rate, n, warmup, period)).await?
                 })
                 .await?;
                 let cpu_used = cpu(&c.pids)? - cpu_before;
-                let switched = switches(&c.pids)? - switches_before;
                 let ps = PERCENTILES.map(|(p, _)| run.latencies.value_at_quantile(p / 100.0) as f64 / 1e3);
                 eprintln!(
                     "  round {round}, {rate} req/s, {:8} p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",
@@ -364,7 +359,6 @@ async fn measure_data_plane(
                 }
                 if !c.pids.is_empty() {
                     results.push(&format!("cpu {rate}"), c.name, cpu_used / (run.sent as f64 / 1000.0));
-                    results.push(&format!("switches {rate}"), c.name, switched as f64 / run.sent as f64);
                 }
             }
         }
@@ -760,9 +754,7 @@ fn render(
         "### 4. Cost\n\n{}",
         wrap(&format!(
             "CPU: user + system time of the contender's two processes (/proc/PID/stat) over each run of scenario 2, \
-             per 1000 requests sent (equivalently, CPU cores per 1000 requests/s). Context switches: those of every \
-             thread of the two processes over the same runs, per request (each is a thread sleeping or preempted). \
-             Idle RSS: each process {settle} s after \
+             per 1000 requests sent (equivalently, CPU cores per 1000 requests/s). Idle RSS: each process {settle} s after \
              the warm-up (one request, a short bulk transfer), before the scenarios. Idle connections: {idle} \
              connections opened through the pair (each after one request) and held; RSS of both processes before \
              and with them, and the difference per connection.",
@@ -771,7 +763,7 @@ fn render(
         ))
     ));
     s.push_str(&format!(
-        "| contender | CPU-s / 1000 req at {a} req/s | at {b} req/s | context switches / req at {a} req/s | at {b} req/s | idle RSS client, server (MB) | RSS pair before → with {idle} conns (MB) | per connection (KiB) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| contender | CPU-s / 1000 req at {a} req/s | at {b} req/s | idle RSS client, server (MB) | RSS pair before → with {idle} conns (MB) | per connection (KiB) |\n| --- | ---: | ---: | ---: | ---: | ---: |\n",
         a = plan.rates[0],
         b = plan.rates[1],
         idle = count(plan.idle)
@@ -780,13 +772,10 @@ fn render(
         let cpu_rate = |rate: u32| cpu_cell(r.get(&format!("cpu {rate}"), n));
         // The client-side process is started second for the forwarders, first for Trellis: label by role.
         let (client_i, server_i) = if *n == "Trellis" { (0, 1) } else { (1, 0) };
-        let switches_rate = |rate: u32| format!("{:.1}", r.median(&format!("switches {rate}"), n));
         s.push_str(&format!(
-            "| {n} | {} | {} | {} | {} | {}, {} | {} → {} | {:.1} |\n",
+            "| {n} | {} | {} | {}, {} | {} → {} | {:.1} |\n",
             cpu_rate(plan.rates[0]),
             cpu_rate(plan.rates[1]),
-            switches_rate(plan.rates[0]),
-            switches_rate(plan.rates[1]),
             mb(r.median(&format!("idle RSS {client_i}"), n)),
             mb(r.median(&format!("idle RSS {server_i}"), n)),
             mb(r.median("idle conns rss before", n)),
