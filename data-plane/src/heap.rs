@@ -22,7 +22,8 @@ pub fn note_activity() {
 
 /// Runs until the runtime stops.
 pub async fn release_when_quiet() {
-    let mut ticks = tokio::time::interval(QUIET_PERIOD);
+    // The first check one period from now: an interval's immediate first tick would trim before start-up is done.
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + QUIET_PERIOD, QUIET_PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen = ACTIVITY.load(Ordering::Relaxed);
     let mut busy = true; // start-up (joining, certificates, the first config) allocates too

@@ -100,7 +100,8 @@ async fn start_servers() -> anyhow::Result<Ports> {
     Ok(ports)
 }
 
-async fn serve<F: Future<Output = std::io::Result<()>> + Send + 'static>(
+/// Accepts for as long as the process runs, each connection on its own task with `handle`.
+pub async fn serve<F: Future<Output = std::io::Result<()>> + Send + 'static>(
     listener: TcpListener,
     handle: fn(TcpStream) -> F,
 ) {
@@ -117,7 +118,7 @@ async fn serve<F: Future<Output = std::io::Result<()>> + Send + 'static>(
 }
 
 /// Reads a u64 length, then exactly that many bytes, then answers one byte.
-async fn sink_connection(mut stream: TcpStream) -> std::io::Result<()> {
+pub async fn sink_connection(mut stream: TcpStream) -> std::io::Result<()> {
     let mut left = stream.read_u64().await?;
     let mut buf = vec![0; 256 * 1024];
     while left > 0 {

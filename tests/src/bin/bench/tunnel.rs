@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::contenders::{mesh_logs, start_mesh};
-use super::load::send_bulk;
+use super::load::{self, send_bulk};
 use super::report::{cell, command_output, machine, median, number, revision, wrap, write_section};
 use crate::common::{self, step};
 
@@ -184,34 +184,9 @@ async fn start_servers() -> anyhow::Result<Servers> {
     let sink = TcpListener::bind((ip, 0)).await.with_context(|| format!("binding the sink on {ip}"))?;
     let echo = TcpListener::bind((ip, 0)).await.with_context(|| format!("binding the echo server on {ip}"))?;
     let servers = Servers { sink: sink.local_addr()?, echo: echo.local_addr()? };
-    tokio::spawn(serve(sink, sink_connection));
-    tokio::spawn(serve(echo, echo_connection));
+    tokio::spawn(load::serve(sink, load::sink_connection));
+    tokio::spawn(load::serve(echo, echo_connection));
     Ok(servers)
-}
-
-async fn serve<F: Future<Output = std::io::Result<()>> + Send + 'static>(
-    listener: TcpListener,
-    handle: fn(TcpStream) -> F,
-) {
-    while let Ok((stream, _)) = listener.accept().await {
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(handle(stream));
-    }
-}
-
-/// Reads a u64 length, then exactly that many bytes, then answers one byte.
-async fn sink_connection(mut stream: TcpStream) -> std::io::Result<()> {
-    let mut left = stream.read_u64().await?;
-    let mut buf = vec![0; 256 * 1024];
-    while left > 0 {
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        let n = stream.read(&mut buf[..want]).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        left -= n as u64;
-    }
-    stream.write_u8(1).await
 }
 
 async fn echo_connection(mut stream: TcpStream) -> std::io::Result<()> {
