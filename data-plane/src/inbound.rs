@@ -60,13 +60,14 @@ async fn connection(
         .await
         .map_err(|_| "TLS handshake timed out".to_owned())
         .and_then(|r| r.map_err(|e| format!("TLS handshake failed: {}", crate::error_chain(&e))));
-    let tls = match handshake {
+    let mut tls = match handshake {
         Ok(tls) => tls,
         Err(reason) => {
             tls_failure(&data, peer, local, started, &reason);
             return Err(reason);
         }
     };
+    crate::tls::tune(tls.get_mut().1);
     let (source, serial) = {
         let (_, session) = tls.get_ref();
         let leaf = session.peer_certificates().and_then(|c| c.first()).ok_or("no client certificate")?;

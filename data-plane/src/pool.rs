@@ -199,10 +199,11 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
     let connect = async {
         let tcp = crate::dial::connect(proxy).await.map_err(|e| TunnelError::Connect(proxy, e))?;
         let _ = tcp.set_nodelay(true);
-        let tls_stream = tokio_rustls::TlsConnector::from(config)
+        let mut tls_stream = tokio_rustls::TlsConnector::from(config)
             .connect(ServerName::IpAddress(proxy.ip().into()), tcp)
             .await
             .map_err(|e| TunnelError::Tls(proxy, crate::error_chain(&e)))?;
+        crate::tls::tune(tls_stream.get_mut().1);
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)

@@ -26,6 +26,16 @@ use crate::state::TrustBundle;
 
 const ALPN_H2: &[u8] = b"h2";
 
+/// Most encrypted bytes a connection queues for its socket. rustls's default (64 KiB) is less than one HTTP/2 DATA
+/// frame carrying a full copy buffer (64 KiB plus its 9-byte header): the frame's last bytes then became a record
+/// and a `writev` of their own, every frame. A limit, not an allocation; the copy's flow control still bounds it.
+const SEND_BUFFER_LIMIT: usize = 256 * 1024;
+
+/// Applies the proxy's TLS buffer settings to an established HBONE connection (either side).
+pub fn tune<S>(connection: &mut rustls::ConnectionCommon<S>) {
+    connection.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
+}
+
 /// The SPIFFE ID a verified peer certificate carries (exactly one URI SAN).
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("unparsable certificate: {e}"))?;
