@@ -427,6 +427,10 @@ pub fn mesh_logs(client: &Proxy, server: &Proxy) -> [(&'static str, std::path::P
 
 pub fn start_trellis(servers: Ports) -> anyhow::Result<(Contender, Mesh)> {
     let (cp, client, server) = start_mesh(&[servers.sink.port(), servers.http.port()])?;
+    if let (Some(c), Some(s)) = (client.pid(), server.pid()) {
+        // For profilers to attach to (bench/profile-bulk.sh reads this line).
+        eprintln!("Trellis proxies: client pid {c}, server pid {s}");
+    }
     let pids = [client.pid(), server.pid()].into_iter().flatten().collect();
     let route = Route::Socks5 { proxy: client.socks5_addr, servers };
     Ok((
