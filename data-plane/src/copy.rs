@@ -14,12 +14,15 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bytes per buffer. Measured (`trellis-bench tunnel --quick`, 2 vCPU): 8 and 16 KiB give ~180 MB/s through two
-/// proxies, 64 KiB ~280 MB/s: fewer, larger HTTP/2 DATA frames and TLS records.
-pub const BUFFER_SIZE: usize = 64 * 1024;
+/// Bytes per buffer. Measured (2 vCPU): 8 and 16 KiB gave ~180 MB/s through two proxies, 64 KiB ~280 MB/s
+/// (`trellis-bench tunnel --quick`); against 64 KiB, 256 KiB took a single stream from a median of 480 to 590 MB/s
+/// and eight from 450 to 545 (`trellis-bench all --only 1 --bulk-mib 1024`, alternated, 10 rounds each): fewer
+/// reads and writes per byte on both sockets and HTTP/2 DATA frames of up to 256 KiB (the frame size limit).
+pub const BUFFER_SIZE: usize = 256 * 1024;
 
-/// Free buffers kept for reuse; beyond this a returned buffer is freed (16 MiB at most sits idle).
-const MAX_FREE: usize = 256;
+/// Free buffers kept for reuse while traffic flows; beyond this a returned buffer is freed (16 MiB at most sits
+/// idle), and once traffic goes quiet the pool is emptied ([`release_pooled_buffers`]).
+const MAX_FREE: usize = 64;
 
 static POOL: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
 
@@ -34,6 +37,12 @@ fn give_back(buffer: Box<[u8]>) {
     if free.len() < MAX_FREE {
         free.push(buffer);
     }
+}
+
+/// Frees every pooled buffer (when traffic has gone quiet: see `heap`); the next burst allocates afresh.
+pub fn release_pooled_buffers() {
+    let drained = std::mem::take(&mut *POOL.lock().expect("buffer pool lock"));
+    drop(drained);
 }
 
 /// Buffers in the pool now (for tests and the admin dump).

@@ -35,6 +35,8 @@ pub async fn release_when_quiet() {
             busy = true;
         } else if busy {
             busy = false;
+            // The copy pool's buffers first, so that their pages are among those returned.
+            crate::copy::release_pooled_buffers();
             // A walk over every arena: off the async workers.
             let _ = tokio::task::spawn_blocking(release_free_pages).await;
         }

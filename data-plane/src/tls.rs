@@ -27,9 +27,9 @@ use crate::state::TrustBundle;
 const ALPN_H2: &[u8] = b"h2";
 
 /// Most encrypted bytes a connection queues for its socket. rustls's default (64 KiB) is less than one HTTP/2 DATA
-/// frame carrying a full copy buffer (64 KiB plus its 9-byte header): the frame's last bytes then became a record
-/// and a `writev` of their own, every frame. A limit, not an allocation; the copy's flow control still bounds it.
-const SEND_BUFFER_LIMIT: usize = 256 * 1024;
+/// frame carrying a full copy buffer (`copy::BUFFER_SIZE` plus a 9-byte header): the frame's last bytes then became
+/// a record and a `writev` of their own, every frame. Room for two full frames; a limit, not an allocation.
+const SEND_BUFFER_LIMIT: usize = 2 * crate::copy::BUFFER_SIZE + 1024;
 
 /// Applies the proxy's TLS buffer settings to an established HBONE connection (either side).
 pub fn tune<S>(connection: &mut rustls::ConnectionCommon<S>) {
