@@ -5,8 +5,9 @@
 #
 # Runs `trellis-bench all --only 1 --bulk-mib 8192` (scenario 1 with 8 GiB transfers, writing nothing; it builds the
 # mesh binaries as the suite does), waits for its first Trellis measurement, records each proxy with
-# `perf record --call-graph dwarf` for 2 s, then stops the suite. Needs perf (Debian: linux-perf) and inferno (`cargo install inferno`). Release builds carry no debug info,
-# but their symbols and unwind tables are enough for perf's DWARF unwinding.
+# `perf record --call-graph dwarf` for 2 s, then stops the suite. Needs perf (Debian: linux-perf) and inferno
+# (`cargo install inferno`). Release builds carry no debug info, but their symbols and unwind tables are enough for
+# perf's DWARF unwinding.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-docs/bench}

@@ -10,7 +10,7 @@ mod common;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: trellis-bench all [--smoke] [--only N,N] [--worker-threads N] [--no-build] | trellis-bench tunnel [--quick] [--direct-only] [--no-build]";
+const USAGE: &str = "usage: trellis-bench all [--smoke] [--only N,N] [--worker-threads N] [--bulk-mib N] [--no-build] | trellis-bench tunnel [--quick] [--direct-only] [--no-build]";
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();

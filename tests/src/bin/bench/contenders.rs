@@ -379,9 +379,6 @@ pub struct Mesh {
     _cp: ControlPlane,
 }
 
-/// A control plane and two proxies: `bench-client` fronting the client address, `bench-server` fronting the
-/// servers' address with `server_ports`. Passthrough is denied, so a connection that works went through the tunnel.
-/// Returns once the client proxy knows the servers' workload.
 static PROXY_WORKER_THREADS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
 /// `--worker-threads N`: the proxies' `workerThreads` for this run (an experiment; the default is the proxy's own).
@@ -389,10 +386,14 @@ pub fn set_proxy_worker_threads(n: u64) {
     let _ = PROXY_WORKER_THREADS.set(n);
 }
 
+/// The `--worker-threads` of this run, if any.
 pub fn proxy_worker_threads() -> Option<u64> {
     PROXY_WORKER_THREADS.get().copied()
 }
 
+/// A control plane and two proxies: `bench-client` fronting the client address, `bench-server` fronting the
+/// servers' address with `server_ports`. Passthrough is denied, so a connection that works went through the tunnel.
+/// Returns once the client proxy knows the servers' workload.
 pub fn start_mesh(server_ports: &[u16]) -> anyhow::Result<(ControlPlane, Proxy, Proxy)> {
     let cp = step("starting the control plane", &[], || Ok(ControlPlane::start(&[])))?;
     let mut options = ProxyOptions { passthrough: Some("deny"), ..ProxyOptions::default() };
