@@ -425,14 +425,16 @@ mod tests {
             let mut byte = [0u8; 1];
             tls.read_exact(&mut byte).await.map_err(tls_error)?;
             let (_, connection) = tls.get_ref();
-            Ok(peer_identity(&connection.peer_certificates().unwrap()[0]).unwrap())
+            let peer = connection.peer_certificates().expect("accepted without a peer certificate");
+            Ok(peer_identity(&peer[0]).unwrap())
         };
         let server_side = async {
             let mut tls = TlsAcceptor::from(server).accept(server_io).await.map_err(tls_error)?;
             tls.write_all(b"!").await.unwrap();
             tls.flush().await.unwrap();
             let (_, connection) = tls.get_ref();
-            Ok(peer_identity(&connection.peer_certificates().unwrap()[0]).unwrap())
+            let peer = connection.peer_certificates().expect("accepted without a peer certificate");
+            Ok(peer_identity(&peer[0]).unwrap())
         };
         let both = async { tokio::join!(client_side, server_side) };
         tokio::time::timeout(std::time::Duration::from_secs(10), both).await.expect("the handshake hung")
