@@ -269,4 +269,28 @@ mod tests {
             assert_eq!(written, expected, "cut at {cut}");
         }
     }
+
+    #[test]
+    fn connect_failures_map_to_rfc_1928_reply_codes() {
+        use hyper::StatusCode;
+        let target = SocketAddr::from(([10, 1, 0, 2], 8080));
+        let proxy = SocketAddr::from(([10, 1, 0, 2], 15008));
+        let io = std::io::Error::from;
+        let cases = [
+            (OutboundError::PassthroughDenied(target), 2),
+            (OutboundError::NoSourceIdentity(target), 2),
+            (TunnelError::Refused(proxy, StatusCode::FORBIDDEN).into(), 2),
+            (TunnelError::Refused(proxy, StatusCode::SERVICE_UNAVAILABLE).into(), 5),
+            (TunnelError::Refused(proxy, StatusCode::NOT_FOUND).into(), 4),
+            (OutboundError::Direct(target, io(std::io::ErrorKind::ConnectionRefused)), 5),
+            (OutboundError::Direct(target, io(std::io::ErrorKind::TimedOut)), 4),
+            // The proxy, not the target, refused: the target is unreachable.
+            (TunnelError::Connect(proxy, io(std::io::ErrorKind::ConnectionRefused)).into(), 4),
+            (TunnelError::Timeout(proxy).into(), 4),
+            (TunnelError::Tls(proxy, "handshake failed".into()).into(), 1),
+        ];
+        for (error, code) in cases {
+            assert_eq!(reply_for(&error) as u8, code, "{error}");
+        }
+    }
 }
