@@ -153,3 +153,94 @@ impl LocalWorkloads {
         self.all.get(index)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::workload("td", "ns", sa).unwrap()
+    }
+
+    /// A mesh workload as the control plane sends it (identity and proxy address filled in).
+    fn workload(name: &str, sa: &str, addresses: &[&str]) -> v1::Workload {
+        v1::Workload {
+            name: name.into(),
+            namespace: "ns".into(),
+            service_account: sa.into(),
+            addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            ports: vec![v1::Port { port: 8080, protocol: v1::Protocol::Tcp as i32 }],
+            proxy_address: "192.0.2.1:15008".into(),
+            spiffe_id: id(sa).to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn registry(workloads: Vec<v1::Workload>) -> Registry {
+        let mut state = State::default();
+        for w in workloads {
+            state.workloads.insert(trellis_proto::workload_key(&w.namespace, &w.name), Arc::new(w));
+        }
+        Registry::from_state(&state)
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn every_address_leads_to_the_workload_and_its_proxy() {
+        let mut api = workload("api", "api-sa", &["10.1.0.2", "fd00::2", "not-an-address"]);
+        api.ports = vec![
+            v1::Port { port: 8080, protocol: v1::Protocol::Http as i32 },
+            v1::Port { port: 5432, protocol: v1::Protocol::Tcp as i32 },
+            v1::Port { port: 70_000, protocol: v1::Protocol::Tcp as i32 },
+        ];
+        let registry = registry(vec![api]);
+        for address in ["10.1.0.2", "fd00::2"] {
+            let found = registry.lookup(ip(address)).expect(address);
+            assert_eq!(found.spiffe_id, id("api-sa"));
+            assert_eq!((found.key.as_str(), found.hbone_port), ("ns/api", 15008));
+            // The port beyond u16 is left out.
+            assert_eq!(found.ports, HashMap::from([(8080, Protocol::Http), (5432, Protocol::Tcp)]));
+        }
+        assert!(registry.lookup(ip("10.1.0.3")).is_none());
+    }
+
+    #[test]
+    fn workloads_without_identity_or_proxy_port_are_left_out() {
+        let good = workload("good", "good-sa", &["10.1.0.1"]);
+        let mut no_id = workload("no-id", "sa", &["10.1.0.2"]);
+        no_id.spiffe_id = "ns/sa".into();
+        let mut no_proxy = workload("no-proxy", "sa", &["10.1.0.3"]);
+        no_proxy.proxy_address = String::new();
+        let mut no_port = workload("no-port", "sa", &["10.1.0.4"]);
+        no_port.proxy_address = "192.0.2.1".into();
+        let registry = registry(vec![good, no_id, no_proxy, no_port]);
+        assert_eq!(registry.lookup(ip("10.1.0.1")).map(|w| w.name.as_str()), Some("good"));
+        for address in ["10.1.0.2", "10.1.0.3", "10.1.0.4"] {
+            assert!(registry.lookup(ip(address)).is_none(), "{address}");
+        }
+    }
+
+    #[test]
+    fn source_is_the_workload_at_the_peer_address_or_the_only_holder_of_the_identity() {
+        // a and b share an identity; c has its own.
+        let registry = registry(vec![
+            workload("a", "shared", &["10.1.0.1"]),
+            workload("b", "shared", &["10.1.0.2"]),
+            workload("c", "own", &["10.1.0.3"]),
+        ]);
+        let name = |id: &SpiffeId, at: Option<&str>| registry.source(id, at.map(ip)).map(|w| w.name.clone());
+        // The address decides between holders of a shared identity.
+        assert_eq!(name(&id("shared"), Some("10.1.0.2")).as_deref(), Some("b"));
+        assert_eq!(name(&id("shared"), Some("10.1.0.1")).as_deref(), Some("a"));
+        // Without an address holding it, a shared identity names no workload.
+        assert_eq!(name(&id("shared"), None), None);
+        assert_eq!(name(&id("shared"), Some("10.1.0.3")), None);
+        // A unique identity names its workload from anywhere; the address of another identity does not count.
+        assert_eq!(name(&id("own"), None).as_deref(), Some("c"));
+        assert_eq!(name(&id("own"), Some("10.1.0.1")).as_deref(), Some("c"));
+        assert_eq!(name(&id("unknown"), Some("10.1.0.1")), None);
+    }
+}

@@ -330,3 +330,282 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Real TLS 1.3 handshakes over in-memory pipes, between configs made by `client_config` and `server_config`
+    //! (what `TlsSet` hands to the pool and to inbound). Each refusal test first runs the same handshake with a good
+    //! certificate, then breaks one SPIFFE rule and checks the refusing side's verifier error and the alert its peer
+    //! receives.
+    use super::*;
+    use crate::identity::certs::test_ca::TestCa;
+    use rcgen::SanType;
+    use rustls::{AlertDescription, CertificateError};
+    use time::{Duration, OffsetDateTime};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    const TRUST_DOMAIN: &str = "td.test";
+    const CLIENT_SA: &str = "client";
+    const SERVER_SA: &str = "server";
+
+    fn workload(trust_domain: &str, sa: &str) -> SpiffeId {
+        SpiffeId::workload(trust_domain, "ns", sa).unwrap()
+    }
+
+    fn uri(id: &SpiffeId) -> SanType {
+        SanType::URI(id.to_string().try_into().unwrap())
+    }
+
+    struct Credential {
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    }
+
+    /// Valid from a minute ago for an hour.
+    fn current(ca: &TestCa, sans: Vec<SanType>) -> Credential {
+        let now = OffsetDateTime::now_utc();
+        let (chain, key) = ca.issue(sans, now - Duration::minutes(1), now + Duration::hours(1));
+        Credential { chain, key }
+    }
+
+    /// Expired an hour ago.
+    fn expired(ca: &TestCa, sans: Vec<SanType>) -> Credential {
+        let now = OffsetDateTime::now_utc();
+        let (chain, key) = ca.issue(sans, now - Duration::hours(2), now - Duration::hours(1));
+        Credential { chain, key }
+    }
+
+    fn good_client(ca: &TestCa) -> Credential {
+        current(ca, vec![uri(&workload(TRUST_DOMAIN, CLIENT_SA))])
+    }
+
+    fn good_server(ca: &TestCa) -> Credential {
+        current(ca, vec![uri(&workload(TRUST_DOMAIN, SERVER_SA))])
+    }
+
+    fn roots(bundle: &TestCa) -> Arc<RootCertStore> {
+        let mut roots = RootCertStore::empty();
+        roots.add(bundle.root.clone()).unwrap();
+        Arc::new(roots)
+    }
+
+    /// A tunnel server trusting `bundle`'s root, in this trust domain, presenting `credential`.
+    fn server(bundle: &TestCa, credential: Credential) -> Arc<ServerConfig> {
+        let provider = trellis_proto::tls::provider();
+        server_config(provider, roots(bundle), TRUST_DOMAIN, credential.chain, credential.key).unwrap()
+    }
+
+    /// A tunnel client trusting `bundle`'s root, presenting `credential`, expecting the server workload.
+    fn client(bundle: &TestCa, credential: Credential) -> Arc<ClientConfig> {
+        let provider = trellis_proto::tls::provider();
+        let expected = workload(TRUST_DOMAIN, SERVER_SA);
+        Arc::new(client_config(provider, roots(bundle), expected, credential.chain, credential.key).unwrap())
+    }
+
+    /// What one side of a handshake ended with: the peer's SPIFFE ID, or the TLS error that stopped it.
+    type Side = Result<SpiffeId, rustls::Error>;
+
+    fn tls_error(error: std::io::Error) -> rustls::Error {
+        let text = error.to_string();
+        match error.into_inner().map(|inner| inner.downcast::<rustls::Error>()) {
+            Some(Ok(tls)) => *tls,
+            _ => panic!("not a TLS error: {text}"),
+        }
+    }
+
+    /// Connects `client` to `server` over an in-memory pipe. The server sends one byte once it has accepted, and
+    /// the client reads it: in TLS 1.3 the client's handshake is done before the server has checked the client
+    /// certificate, so a refusal by the server reaches the client as an alert on that read.
+    async fn handshake(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> (Side, Side) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let client_side = async {
+            let name = ServerName::IpAddress(IpAddr::from([10, 1, 0, 2]).into());
+            let mut tls = TlsConnector::from(client).connect(name, client_io).await.map_err(tls_error)?;
+            let mut byte = [0u8; 1];
+            tls.read_exact(&mut byte).await.map_err(tls_error)?;
+            let (_, connection) = tls.get_ref();
+            let peer = connection.peer_certificates().expect("accepted without a peer certificate");
+            Ok(peer_identity(&peer[0]).unwrap())
+        };
+        let server_side = async {
+            let mut tls = TlsAcceptor::from(server).accept(server_io).await.map_err(tls_error)?;
+            tls.write_all(b"!").await.unwrap();
+            tls.flush().await.unwrap();
+            let (_, connection) = tls.get_ref();
+            let peer = connection.peer_certificates().expect("accepted without a peer certificate");
+            Ok(peer_identity(&peer[0]).unwrap())
+        };
+        let both = async { tokio::join!(client_side, server_side) };
+        tokio::time::timeout(std::time::Duration::from_secs(10), both).await.expect("the handshake hung")
+    }
+
+    /// Both sides accept the good certificates and see each other's identity.
+    async fn assert_accepted(client: Arc<ClientConfig>, server: Arc<ServerConfig>) {
+        let (client_saw, server_saw) = handshake(client, server).await;
+        assert_eq!(client_saw, Ok(workload(TRUST_DOMAIN, SERVER_SA)));
+        assert_eq!(server_saw, Ok(workload(TRUST_DOMAIN, CLIENT_SA)));
+    }
+
+    /// The server's refusal of `bad` and the alert the client got, after the same server accepted a good client.
+    /// `bad` is issued by `ca` (the bundle) unless it says otherwise.
+    async fn server_refusal(ca: &TestCa, bad: Credential) -> (rustls::Error, rustls::Error) {
+        let server = server(ca, good_server(ca));
+        assert_accepted(client(ca, good_client(ca)), server.clone()).await;
+        let (client_saw, server_saw) = handshake(client(ca, bad), server).await;
+        (server_saw.expect_err("the server accepted"), client_saw.expect_err("the client saw no refusal"))
+    }
+
+    /// The client's refusal of a server presenting `bad` and the alert the server got, after the same client
+    /// accepted a good server. `bad` is issued by `ca` (the bundle) unless it says otherwise.
+    async fn client_refusal(ca: &TestCa, bad: Credential) -> (rustls::Error, rustls::Error) {
+        let client = client(ca, good_client(ca));
+        assert_accepted(client.clone(), server(ca, good_server(ca))).await;
+        let (client_saw, server_saw) = handshake(client, server(ca, bad)).await;
+        (client_saw.expect_err("the client accepted"), server_saw.expect_err("the server saw no refusal"))
+    }
+
+    #[tokio::test]
+    async fn good_certificates_give_each_side_the_others_identity() {
+        let ca = TestCa::new();
+        assert_accepted(client(&ca, good_client(&ca)), server(&ca, good_server(&ca))).await;
+    }
+
+    #[tokio::test]
+    async fn server_refuses_client_from_another_trust_domain() {
+        let ca = TestCa::new();
+        let foreign = workload("other.test", CLIENT_SA);
+        let (refusal, alert) = server_refusal(&ca, current(&ca, vec![uri(&foreign)])).await;
+        assert_eq!(refusal, rustls::Error::General(format!("peer {foreign} is not in trust domain {TRUST_DOMAIN}")));
+        assert_eq!(alert, rustls::Error::AlertReceived(AlertDescription::HandshakeFailure));
+    }
+
+    #[tokio::test]
+    async fn server_refuses_client_with_two_uri_sans() {
+        // The first URI is a good identity: only the count can refuse it.
+        let ca = TestCa::new();
+        let sans = vec![uri(&workload(TRUST_DOMAIN, CLIENT_SA)), uri(&workload(TRUST_DOMAIN, "second"))];
+        let (refusal, alert) = server_refusal(&ca, current(&ca, sans)).await;
+        assert_eq!(
+            refusal,
+            rustls::Error::General("certificate has 2 URI SANs, a SPIFFE certificate has exactly one".into())
+        );
+        assert_eq!(alert, rustls::Error::AlertReceived(AlertDescription::HandshakeFailure));
+    }
+
+    #[tokio::test]
+    async fn server_refuses_client_with_only_a_dns_name() {
+        let ca = TestCa::new();
+        let sans = vec![SanType::DnsName("client.ns.svc".try_into().unwrap())];
+        let (refusal, alert) = server_refusal(&ca, current(&ca, sans)).await;
+        assert_eq!(
+            refusal,
+            rustls::Error::General("certificate has 0 URI SANs, a SPIFFE certificate has exactly one".into())
+        );
+        assert_eq!(alert, rustls::Error::AlertReceived(AlertDescription::HandshakeFailure));
+    }
+
+    #[tokio::test]
+    async fn server_refuses_expired_client_certificate() {
+        let ca = TestCa::new();
+        let (refusal, alert) = server_refusal(&ca, expired(&ca, vec![uri(&workload(TRUST_DOMAIN, CLIENT_SA))])).await;
+        assert!(
+            matches!(refusal, rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })),
+            "{refusal:?}"
+        );
+        assert_eq!(alert, rustls::Error::AlertReceived(AlertDescription::CertificateExpired));
+    }
+
+    #[tokio::test]
+    async fn server_refuses_client_signed_by_another_ca() {
+        let (ca, other) = (TestCa::new(), TestCa::named("other root"));
+        let (refusal, alert) = server_refusal(&ca, good_client(&other)).await;
+        assert_eq!(refusal, rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
+        assert_eq!(alert, rustls::Error::AlertReceived(AlertDescription::UnknownCA));
+    }
+
+    #[tokio::test]
+    async fn server_refuses_client_without_certificate() {
+        let ca = TestCa::new();
+        let server = server(&ca, good_server(&ca));
+        assert_accepted(client(&ca, good_client(&ca)), server.clone()).await;
+        // The proxy's client config (same verifier, protocol and ALPN), minus the client certificate.
+        let provider = trellis_proto::tls::provider();
+        let verifier = SpiffeServerVerifier {
+            roots: roots(&ca),
+            expected: workload(TRUST_DOMAIN, SERVER_SA),
+            provider: provider.clone(),
+        };
+        let mut anonymous = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        anonymous.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let (client_saw, server_saw) = handshake(Arc::new(anonymous), server).await;
+        assert_eq!(server_saw, Err(rustls::Error::NoCertificatesPresented));
+        assert_eq!(client_saw, Err(rustls::Error::AlertReceived(AlertDescription::CertificateRequired)));
+    }
+
+    #[tokio::test]
+    async fn client_refuses_server_that_is_not_the_destination() {
+        let ca = TestCa::new();
+        let impostor = workload(TRUST_DOMAIN, "impostor");
+        let (refusal, alert) = client_refusal(&ca, current(&ca, vec![uri(&impostor)])).await;
+        let expected = workload(TRUST_DOMAIN, SERVER_SA);
+        assert_eq!(refusal, rustls::Error::General(format!("server is {impostor}, expected {expected}")));
+        assert_eq!(alert, rustls::Error::AlertReceived(AlertDescription::HandshakeFailure));
+    }
+
+    #[tokio::test]
+    async fn client_refuses_server_from_another_trust_domain() {
+        // Same namespace and service account as the destination: only the trust domain differs.
+        let ca = TestCa::new();
+        let foreign = workload("other.test", SERVER_SA);
+        let (refusal, alert) = client_refusal(&ca, current(&ca, vec![uri(&foreign)])).await;
+        assert_eq!(refusal, rustls::Error::General(format!("peer {foreign} is not in trust domain {TRUST_DOMAIN}")));
+        assert_eq!(alert, rustls::Error::AlertReceived(AlertDescription::HandshakeFailure));
+    }
+
+    #[tokio::test]
+    async fn client_refuses_server_with_two_uri_sans() {
+        // The first URI is the destination: only the count can refuse it.
+        let ca = TestCa::new();
+        let sans = vec![uri(&workload(TRUST_DOMAIN, SERVER_SA)), uri(&workload(TRUST_DOMAIN, "second"))];
+        let (refusal, alert) = client_refusal(&ca, current(&ca, sans)).await;
+        assert_eq!(
+            refusal,
+            rustls::Error::General("certificate has 2 URI SANs, a SPIFFE certificate has exactly one".into())
+        );
+        assert_eq!(alert, rustls::Error::AlertReceived(AlertDescription::HandshakeFailure));
+    }
+
+    #[tokio::test]
+    async fn client_refuses_expired_server_certificate() {
+        let ca = TestCa::new();
+        let (refusal, alert) = client_refusal(&ca, expired(&ca, vec![uri(&workload(TRUST_DOMAIN, SERVER_SA))])).await;
+        assert!(
+            matches!(refusal, rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })),
+            "{refusal:?}"
+        );
+        assert_eq!(alert, rustls::Error::AlertReceived(AlertDescription::CertificateExpired));
+    }
+
+    #[tokio::test]
+    async fn client_refuses_server_signed_by_another_ca() {
+        let (ca, other) = (TestCa::new(), TestCa::named("other root"));
+        let (refusal, alert) = client_refusal(&ca, good_server(&other)).await;
+        assert_eq!(refusal, rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
+        assert_eq!(alert, rustls::Error::AlertReceived(AlertDescription::UnknownCA));
+    }
+
+    #[tokio::test]
+    async fn client_refuses_server_signed_by_an_impostor_of_the_root() {
+        // Another key under the bundle root's name: the issuer is found by name, its signature does not verify.
+        let (ca, impostor) = (TestCa::new(), TestCa::new());
+        let (refusal, alert) = client_refusal(&ca, good_server(&impostor)).await;
+        assert_eq!(refusal, rustls::Error::InvalidCertificate(CertificateError::BadSignature));
+        assert_eq!(alert, rustls::Error::AlertReceived(AlertDescription::DecryptError));
+    }
+}

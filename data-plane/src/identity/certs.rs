@@ -153,8 +153,12 @@ pub fn from_pem(text: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
 #[cfg(test)]
 pub(crate) mod test_ca {
     //! A throwaway CA for tests: signs CSRs the way the control plane does.
-    use rcgen::{BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, IsCa, Issuer, KeyPair};
-    use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use time::OffsetDateTime;
 
     pub struct TestCa {
         pub root: CertificateDer<'static>,
@@ -163,9 +167,14 @@ pub(crate) mod test_ca {
 
     impl TestCa {
         pub fn new() -> Self {
+            Self::named("test root")
+        }
+
+        /// A root with this common name (a fresh key every time, whatever the name).
+        pub fn named(common_name: &str) -> Self {
             let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
             let mut params = CertificateParams::default();
-            params.distinguished_name.push(DnType::CommonName, "test root");
+            params.distinguished_name.push(DnType::CommonName, common_name);
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             let cert = params.self_signed(&key).unwrap();
             let root = cert.der().clone();
@@ -181,6 +190,29 @@ pub(crate) mod test_ca {
             csr.params.not_after = now + lifetime;
             let cert = csr.signed_by(&self.issuer).unwrap();
             vec![cert.der().clone(), self.root.clone()]
+        }
+
+        /// A leaf for a fresh key in the control plane's X.509-SVID profile (empty subject, not a CA,
+        /// digitalSignature, serverAuth + clientAuth) but with any SANs and validity, so that verifier tests can
+        /// break one property at a time. Returns the chain (leaf, root) and the leaf's key.
+        pub fn issue(
+            &self,
+            sans: Vec<SanType>,
+            not_before: OffsetDateTime,
+            not_after: OffsetDateTime,
+        ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params.subject_alt_names = sans;
+            params.is_ca = IsCa::ExplicitNoCa;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            params.not_before = not_before;
+            params.not_after = not_after;
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+            (vec![cert.der().clone(), self.root.clone()], key)
         }
 
         /// A leaf certificate (not a CA), for negative tests.
