@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -18,8 +18,31 @@ use tracing::{debug, info};
 use trellis_proto::v1;
 
 use crate::identity::certs::{CertInfo, rfc3339};
-use crate::proxy::Shared;
+use crate::identity::{NodeCredential, WorkloadCerts};
 use crate::shutdown_requested;
+use crate::state::StateStore;
+
+/// What the admin endpoint reads, filled in as start-up progresses (`app`).
+pub struct Shared {
+    pub node: String,
+    pub node_credential: OnceLock<Arc<NodeCredential>>,
+    pub workload_certs: OnceLock<Arc<WorkloadCerts>>,
+    pub state: Arc<StateStore>,
+    /// Renders `/metrics` (absent where no recorder is installed, e.g. in unit tests).
+    pub metrics: OnceLock<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+impl Shared {
+    pub fn new(node: String, state: Arc<StateStore>) -> Self {
+        Self {
+            node,
+            node_credential: OnceLock::new(),
+            workload_certs: OnceLock::new(),
+            state,
+            metrics: OnceLock::new(),
+        }
+    }
+}
 
 pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(address).await

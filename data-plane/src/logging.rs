@@ -1,5 +1,5 @@
 //! Logging: text or JSON to stderr, with a filter that `/logging?level=` on the admin endpoint can change while
-//! the proxy runs (for example `debug`, or `info,trellis_data_plane::inbound=debug`). Access logs are events with
+//! the proxy runs (for example `debug`, or `info,trellis_data_plane::proxy::inbound=debug`). Access logs are events with
 //! target `access`: `access=off` silences them.
 
 use std::sync::{Mutex, OnceLock};

@@ -102,7 +102,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
             }
             let _ = stop.send(true);
         });
-        trellis_data_plane::proxy::run(config, shutdown).await.map_err(anyhow::Error::from)
+        trellis_data_plane::app::run(config, shutdown).await.map_err(anyhow::Error::from)
     })
 }
 

@@ -18,19 +18,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use trellis_proto::spiffe::SpiffeId;
 
+use crate::hbone::{
+    self, CONNECTION_WINDOW, FORWARDED, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
+};
 use crate::tls::TlsSet;
 
-/// Most streams one HTTP/2 connection carries before the pool opens another (and what inbound advertises).
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
-/// Flow-control windows: large enough that one stream is not throttled by round trips, bounded so that a slow
-/// reader holds at most this much in flight.
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Header carrying the original client address (RFC 7239); trusted only from an authenticated peer.
-pub const FORWARDED: &str = "forwarded";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -119,7 +113,7 @@ impl Pool {
             let request = Request::builder()
                 .method(Method::CONNECT)
                 .uri(target.to_string())
-                .header(FORWARDED, format!("for=\"{original_source}\""))
+                .header(FORWARDED, hbone::forwarded_for(original_source))
                 .body(Empty::new())
                 .expect("CONNECT request parts are valid");
             let mut sender = conn.sender.clone();
@@ -197,7 +191,7 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
     let proxy = key.proxy;
     let config = tls.client_for(&key.source, &key.destination).map_err(|e| TunnelError::Tls(proxy, e))?;
     let connect = async {
-        let tcp = crate::dial::connect(proxy).await.map_err(|e| TunnelError::Connect(proxy, e))?;
+        let tcp = crate::sockets::connect(proxy).await.map_err(|e| TunnelError::Connect(proxy, e))?;
         let _ = tcp.set_nodelay(true);
         let mut tls_stream = tokio_rustls::TlsConnector::from(config)
             .connect(ServerName::IpAddress(proxy.ip().into()), tcp)
@@ -209,7 +203,7 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
-            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_interval(KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(Duration::from_secs(10))
             .handshake(TokioIo::new(tls_stream))
             .await
