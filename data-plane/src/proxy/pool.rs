@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::Empty;
@@ -15,6 +15,7 @@ use hyper::client::conn::http2::SendRequest;
 use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
 use rustls_pki_types::ServerName;
 use trellis_proto::spiffe::SpiffeId;
 
@@ -138,26 +139,26 @@ impl Pool {
         if let Some(conn) = self.reserve(key, tls.generation) {
             return Ok(conn);
         }
-        let gate = self.dial_gates.lock().expect("gates").entry(key.clone()).or_default().clone();
+        let gate = self.dial_gates.lock().entry(key.clone()).or_default().clone();
         let _dialing = gate.lock().await;
         if let Some(conn) = self.reserve(key, tls.generation) {
             return Ok(conn);
         }
         let conn = Arc::new(dial(key, tls).await?);
         conn.streams.fetch_add(1, Ordering::Relaxed);
-        self.connections.lock().expect("pool").entry(key.clone()).or_default().push(conn.clone());
+        self.connections.lock().entry(key.clone()).or_default().push(conn.clone());
         Ok(conn)
     }
 
     fn reserve(&self, key: &PoolKey, generation: u64) -> Option<Arc<PooledConn>> {
-        let connections = self.connections.lock().expect("pool");
+        let connections = self.connections.lock();
         let conn = connections.get(key)?.iter().find(|c| c.usable(generation))?;
         conn.streams.fetch_add(1, Ordering::Relaxed);
         Some(conn.clone())
     }
 
     fn forget(&self, key: &PoolKey, conn: &Arc<PooledConn>) {
-        if let Some(list) = self.connections.lock().expect("pool").get_mut(key) {
+        if let Some(list) = self.connections.lock().get_mut(key) {
             list.retain(|c| !Arc::ptr_eq(c, conn));
         }
     }
@@ -166,7 +167,7 @@ impl Pool {
     pub fn reap(&self) {
         let now = self.epoch.elapsed().as_millis() as u64;
         let idle_ms = IDLE_TIMEOUT.as_millis() as u64;
-        let mut connections = self.connections.lock().expect("pool");
+        let mut connections = self.connections.lock();
         connections.retain(|_, list| {
             list.retain(|c| {
                 let idle = c.streams.load(Ordering::Relaxed) == 0
@@ -177,13 +178,13 @@ impl Pool {
         });
         drop(connections);
         // Gates of keys with no connection left are not needed any more.
-        let live: Vec<PoolKey> = self.connections.lock().expect("pool").keys().cloned().collect();
-        self.dial_gates.lock().expect("gates").retain(|k, gate| live.contains(k) || Arc::strong_count(gate) > 1);
+        let live: Vec<PoolKey> = self.connections.lock().keys().cloned().collect();
+        self.dial_gates.lock().retain(|k, gate| live.contains(k) || Arc::strong_count(gate) > 1);
     }
 
     /// Number of pooled HTTP/2 connections.
     pub fn size(&self) -> usize {
-        self.connections.lock().expect("pool").values().map(Vec::len).sum()
+        self.connections.lock().values().map(Vec::len).sum()
     }
 }
 
