@@ -6,6 +6,9 @@
 //! (`tls`, `hbone`, `registry`, `authz`, `connections`, `copy`, `report`, `sockets`, ...). No two sibling modules
 //! import each other (checked by `tests/tests/layout.rs`).
 
+// One function is allowed `unsafe`: `heap::release_free_pages` (malloc_trim), with its SAFETY argument.
+#![deny(unsafe_code)]
+
 pub mod access_log;
 pub mod activity;
 pub mod admin;

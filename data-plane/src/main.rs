@@ -1,5 +1,7 @@
 //! `trellis-proxy run --config proxy.yaml`
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
