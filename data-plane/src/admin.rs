@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -18,8 +18,31 @@ use tracing::{debug, info};
 use trellis_proto::v1;
 
 use crate::identity::certs::{CertInfo, rfc3339};
-use crate::proxy::Shared;
+use crate::identity::{NodeCredential, WorkloadCerts};
 use crate::shutdown_requested;
+use crate::state::StateStore;
+
+/// What the admin endpoint reads, filled in as start-up progresses (`app`).
+pub struct Shared {
+    pub node: String,
+    pub node_credential: OnceLock<Arc<NodeCredential>>,
+    pub workload_certs: OnceLock<Arc<WorkloadCerts>>,
+    pub state: Arc<StateStore>,
+    /// Renders `/metrics` (absent where no recorder is installed, e.g. in unit tests).
+    pub metrics: OnceLock<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+impl Shared {
+    pub fn new(node: String, state: Arc<StateStore>) -> Self {
+        Self {
+            node,
+            node_credential: OnceLock::new(),
+            workload_certs: OnceLock::new(),
+            state,
+            metrics: OnceLock::new(),
+        }
+    }
+}
 
 pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(address).await
@@ -130,25 +153,10 @@ fn set_logging(req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Decodes `%XX` escapes (a filter such as `info,a=debug` arrives as `info%2Ca%3Ddebug` from some clients).
+/// Decodes `%XX` escapes (a filter such as `info,a=debug` arrives as `info%2Ca%3Ddebug` from some clients); a `%`
+/// without two hex digits after it stays as it is, and bytes that are not UTF-8 become U+FFFD.
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
 }
 
 /// `/certs`: every certificate the proxy holds (workload SVIDs with their chains, the node credential) and the
@@ -394,6 +402,19 @@ mod tests {
 
         stop.send(true).unwrap();
         server.await.unwrap();
+    }
+
+    #[test]
+    fn percent_decoding_of_the_level_matches_the_hand_written_one() {
+        assert_eq!(percent_decode("info%2Ca%3Ddebug"), "info,a=debug");
+        assert_eq!(percent_decode("info%2ca%3ddebug"), "info,a=debug", "lower-case hex digits");
+        assert_eq!(percent_decode("debug"), "debug");
+        assert_eq!(percent_decode("a+b"), "a+b", "`+` is not a space here");
+        assert_eq!(percent_decode("100%"), "100%", "a `%` at the end stays");
+        assert_eq!(percent_decode("%4"), "%4", "one hex digit: the `%` stays");
+        assert_eq!(percent_decode("%zzinfo"), "%zzinfo", "no hex digits: the `%` stays");
+        assert_eq!(percent_decode("%%41"), "%A", "the second `%` starts an escape");
+        assert_eq!(percent_decode("%ff"), "\u{fffd}", "not UTF-8: the replacement character");
     }
 
     /// Minimal HTTP/1.1 GET, enough for these tests.

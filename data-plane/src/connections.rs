@@ -1,98 +1,16 @@
 //! Every open proxied connection, registered before its first byte is proxied and removed when it ends: what the
 //! drain on SIGTERM waits for, and where a later policy change finds the connections it must re-check and close.
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use trellis_proto::spiffe::SpiffeId;
 
 use crate::registry::LocalWorkload;
-
-/// Bytes a proxied connection carried each way, counted as they are read so that a connection cut short (by a
-/// policy change or shutdown) still reports what it carried.
-#[derive(Default)]
-pub struct ByteCounts {
-    from_client: AtomicU64,
-    to_client: AtomicU64,
-}
-
-impl ByteCounts {
-    /// `(from the client, to the client)`.
-    pub fn get(&self) -> (u64, u64) {
-        (self.from_client.load(Ordering::Relaxed), self.to_client.load(Ordering::Relaxed))
-    }
-}
-
-/// Copies both ways between `client` and `server` until both directions are closed (half-close passes through),
-/// counting into `counts`.
-pub async fn copy_counted<C, S>(client: &mut C, server: &mut S, counts: &ByteCounts) -> io::Result<()>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    crate::copy::bidirectional(client, server, &counts.from_client, &counts.to_client).await
-}
-
-/// Counts the bytes read from and written to `io` into `counts` (`from_client`: read, `to_client`: written), for a
-/// connection whose bytes are not moved by [`copy_counted`] (an HTTP tunnel served by hyper).
-pub struct CountingIo<T> {
-    io: T,
-    counts: Arc<ByteCounts>,
-}
-
-impl<T> CountingIo<T> {
-    pub fn new(io: T, counts: Arc<ByteCounts>) -> Self {
-        Self { io, counts }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        self.counts.from_client.fetch_add(n, Ordering::Relaxed);
-        result
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        data: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        let result = std::pin::Pin::new(&mut self.io).poll_write(cx, data);
-        if let std::task::Poll::Ready(Ok(n)) = &result {
-            self.counts.to_client.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        result
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
 
 /// What the destination proxy knows about an inbound tunnelled connection.
 #[derive(Debug)]
@@ -162,7 +80,7 @@ impl Connections {
         inbound: Option<Arc<InboundConn>>,
         plaintext: Option<Arc<PlaintextConn>>,
     ) -> Registration {
-        crate::heap::note_activity();
+        crate::activity::note();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
         self.open.insert(id, Tracked { inbound, plaintext, cancel: cancel.clone() });

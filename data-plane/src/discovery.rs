@@ -136,7 +136,7 @@ impl Discovery {
         let roots = self.state.load().trust_bundle.as_ref().map_or_else(|| self.node.roots.clone(), |b| b.root_ders());
         let tls_config = tls::client_config(ServerTrust::Roots(roots), Some(self.node.client_identity()))?;
         let address = &self.config.control_plane.address;
-        let channel = tls::connect_with(address, tls_config.into(), crate::dial::connect_host)
+        let channel = tls::connect_with(address, tls_config.into(), crate::sockets::connect_host)
             .await
             .map_err(|e| StreamError::Connect(connect_error(&e)))?;
 

@@ -6,30 +6,23 @@
 //! follows activity, so a busy proxy is not made to fault the same pages in again and an idle one is not woken for
 //! nothing: as jemalloc's decay does, but without a second allocator in the build.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::activity;
 
 /// How often activity is sampled; memory is returned after one whole period without traffic.
 pub const QUIET_PERIOD: Duration = Duration::from_secs(5);
-
-static ACTIVITY: AtomicU64 = AtomicU64::new(0);
-
-/// Marks traffic: a connection opening, a copy direction waking from idle, an HTTP request. Called per burst, not
-/// per byte.
-pub fn note_activity() {
-    ACTIVITY.fetch_add(1, Ordering::Relaxed);
-}
 
 /// Runs until the runtime stops.
 pub async fn release_when_quiet() {
     // The first check one period from now: an interval's immediate first tick would trim before start-up is done.
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + QUIET_PERIOD, QUIET_PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seen = ACTIVITY.load(Ordering::Relaxed);
+    let mut seen = activity::reading();
     let mut busy = true; // start-up (joining, certificates, the first config) allocates too
     loop {
         ticks.tick().await;
-        let now = ACTIVITY.load(Ordering::Relaxed);
+        let now = activity::reading();
         if now != seen {
             seen = now;
             busy = true;
@@ -43,9 +36,14 @@ pub async fn release_when_quiet() {
     }
 }
 
+/// The crate's one `unsafe` call (the crate root denies `unsafe_code`; this function alone is allowed it).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
 fn release_free_pages() {
-    // SAFETY: malloc_trim takes no pointers and only rearranges the allocator's own free memory.
+    // SAFETY: `malloc_trim(pad)` is glibc's own entry point, callable from any thread at any time: it takes no
+    // pointer (0 is the padding to keep at the top of the heap), takes the allocator's arena locks itself, and only
+    // returns whole free pages to the OS (madvise/sbrk), so no allocation that Rust holds is moved, freed or changed.
+    // Its result (whether memory was released) is information only.
     unsafe {
         libc::malloc_trim(0);
     }

@@ -1,31 +1,37 @@
 //! Trellis proxy (data plane): joins the mesh, keeps workload certificates fresh, follows the control
 //! plane's config over the Discovery stream and exposes what it holds on the admin endpoint.
+//!
+//! Layers, top down (ARCHITECTURE.md): `app` wires the process; `reconfigure` follows changes into the data path;
+//! `proxy` is the data path (its children: the paths a connection takes); below them the pieces those share
+//! (`tls`, `hbone`, `registry`, `authz`, `connections`, `copy`, `report`, `sockets`, ...). No two sibling modules
+//! import each other (checked by `tests/tests/layout.rs`).
+
+// One function is allowed `unsafe`: `heap::release_free_pages` (malloc_trim), with its SAFETY argument.
+#![deny(unsafe_code)]
 
 pub mod access_log;
+pub mod activity;
 pub mod admin;
+pub mod app;
 pub mod authz;
 pub mod backoff;
 pub mod capture;
 pub mod config;
 pub mod connections;
 pub mod copy;
-pub mod dial;
 pub mod discovery;
+pub mod hbone;
 pub mod heap;
 pub mod identity;
-pub mod inbound;
-pub mod inbound_plaintext;
-pub mod l7;
 pub mod listen;
 pub mod logging;
 pub mod metrics;
-pub mod outbound;
-pub mod pool;
 pub mod process;
 pub mod proxy;
+pub mod reconfigure;
 pub mod registry;
 pub mod report;
-pub mod socks5;
+pub mod sockets;
 pub mod state;
 pub mod tls;
 

@@ -1,9 +1,10 @@
 //! Logging: text or JSON to stderr, with a filter that `/logging?level=` on the admin endpoint can change while
-//! the proxy runs (for example `debug`, or `info,trellis_data_plane::inbound=debug`). Access logs are events with
+//! the proxy runs (for example `debug`, or `info,trellis_data_plane::proxy::inbound=debug`). Access logs are events with
 //! target `access`: `access=off` silences them.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
+use parking_lot::Mutex;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
@@ -33,7 +34,7 @@ pub fn init(format: LogFormat) {
 
 /// The filter in force (None before [`init`]).
 pub fn level() -> Option<String> {
-    Some(CONTROL.get()?.current.lock().expect("log level lock").clone())
+    Some(CONTROL.get()?.current.lock().clone())
 }
 
 /// Replaces the filter; an invalid directive is an error and changes nothing.
@@ -41,6 +42,6 @@ pub fn set_level(spec: &str) -> Result<(), String> {
     let control = CONTROL.get().ok_or("logging is not initialised")?;
     let filter = EnvFilter::try_new(spec).map_err(|e| format!("invalid level {spec:?}: {e}"))?;
     control.handle.reload(filter).map_err(|e| e.to_string())?;
-    *control.current.lock().expect("log level lock") = spec.to_owned();
+    *control.current.lock() = spec.to_owned();
     Ok(())
 }

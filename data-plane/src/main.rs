@@ -1,5 +1,7 @@
 //! `trellis-proxy run --config proxy.yaml`
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -102,7 +104,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
             }
             let _ = stop.send(true);
         });
-        trellis_data_plane::proxy::run(config, shutdown).await.map_err(anyhow::Error::from)
+        trellis_data_plane::app::run(config, shutdown).await.map_err(anyhow::Error::from)
     })
 }
 

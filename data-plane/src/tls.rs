@@ -8,9 +8,10 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -102,7 +103,7 @@ impl TlsSet {
     /// Client config presenting `source`'s certificate and accepting only `destination` as the server.
     pub fn client_for(&self, source: &SpiffeId, destination: &SpiffeId) -> Result<Arc<ClientConfig>, String> {
         let key = (source.clone(), destination.clone());
-        if let Some(config) = self.clients.lock().expect("client cache").get(&key) {
+        if let Some(config) = self.clients.lock().get(&key) {
             return Ok(config.clone());
         }
         let cert = self.identities.get(source).ok_or_else(|| format!("no certificate for {source} yet"))?;
@@ -117,7 +118,7 @@ impl TlsSet {
             cert.key(),
         )?;
         let config = Arc::new(config);
-        self.clients.lock().expect("client cache").insert(key, config.clone());
+        self.clients.lock().insert(key, config.clone());
         Ok(config)
     }
 }

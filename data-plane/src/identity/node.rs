@@ -193,7 +193,7 @@ impl NodeCredential {
 
         let config = tls::client_config(ServerTrust::Pin(cp.ca_pin), None)?;
         let unreachable = |reason: String| NodeError::Unreachable { address: cp.address.clone(), reason };
-        let channel = tls::connect_with(&cp.address, config.into(), crate::dial::connect_host)
+        let channel = tls::connect_with(&cp.address, config.into(), crate::sockets::connect_host)
             .await
             .map_err(|e| unreachable(connect_error(&e)))?;
         let request = JoinRequest { token, node: node.to_owned(), csr_der };

@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::Empty;
@@ -15,22 +15,17 @@ use hyper::client::conn::http2::SendRequest;
 use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
 use rustls_pki_types::ServerName;
 use trellis_proto::spiffe::SpiffeId;
 
+use crate::hbone::{
+    self, CONNECTION_WINDOW, FORWARDED, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
+};
 use crate::tls::TlsSet;
 
-/// Most streams one HTTP/2 connection carries before the pool opens another (and what inbound advertises).
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
-/// Flow-control windows: large enough that one stream is not throttled by round trips, bounded so that a slow
-/// reader holds at most this much in flight.
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Header carrying the original client address (RFC 7239); trusted only from an authenticated peer.
-pub const FORWARDED: &str = "forwarded";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -119,7 +114,7 @@ impl Pool {
             let request = Request::builder()
                 .method(Method::CONNECT)
                 .uri(target.to_string())
-                .header(FORWARDED, format!("for=\"{original_source}\""))
+                .header(FORWARDED, hbone::forwarded_for(original_source))
                 .body(Empty::new())
                 .expect("CONNECT request parts are valid");
             let mut sender = conn.sender.clone();
@@ -144,26 +139,26 @@ impl Pool {
         if let Some(conn) = self.reserve(key, tls.generation) {
             return Ok(conn);
         }
-        let gate = self.dial_gates.lock().expect("gates").entry(key.clone()).or_default().clone();
+        let gate = self.dial_gates.lock().entry(key.clone()).or_default().clone();
         let _dialing = gate.lock().await;
         if let Some(conn) = self.reserve(key, tls.generation) {
             return Ok(conn);
         }
         let conn = Arc::new(dial(key, tls).await?);
         conn.streams.fetch_add(1, Ordering::Relaxed);
-        self.connections.lock().expect("pool").entry(key.clone()).or_default().push(conn.clone());
+        self.connections.lock().entry(key.clone()).or_default().push(conn.clone());
         Ok(conn)
     }
 
     fn reserve(&self, key: &PoolKey, generation: u64) -> Option<Arc<PooledConn>> {
-        let connections = self.connections.lock().expect("pool");
+        let connections = self.connections.lock();
         let conn = connections.get(key)?.iter().find(|c| c.usable(generation))?;
         conn.streams.fetch_add(1, Ordering::Relaxed);
         Some(conn.clone())
     }
 
     fn forget(&self, key: &PoolKey, conn: &Arc<PooledConn>) {
-        if let Some(list) = self.connections.lock().expect("pool").get_mut(key) {
+        if let Some(list) = self.connections.lock().get_mut(key) {
             list.retain(|c| !Arc::ptr_eq(c, conn));
         }
     }
@@ -172,7 +167,7 @@ impl Pool {
     pub fn reap(&self) {
         let now = self.epoch.elapsed().as_millis() as u64;
         let idle_ms = IDLE_TIMEOUT.as_millis() as u64;
-        let mut connections = self.connections.lock().expect("pool");
+        let mut connections = self.connections.lock();
         connections.retain(|_, list| {
             list.retain(|c| {
                 let idle = c.streams.load(Ordering::Relaxed) == 0
@@ -183,13 +178,13 @@ impl Pool {
         });
         drop(connections);
         // Gates of keys with no connection left are not needed any more.
-        let live: Vec<PoolKey> = self.connections.lock().expect("pool").keys().cloned().collect();
-        self.dial_gates.lock().expect("gates").retain(|k, gate| live.contains(k) || Arc::strong_count(gate) > 1);
+        let live: Vec<PoolKey> = self.connections.lock().keys().cloned().collect();
+        self.dial_gates.lock().retain(|k, gate| live.contains(k) || Arc::strong_count(gate) > 1);
     }
 
     /// Number of pooled HTTP/2 connections.
     pub fn size(&self) -> usize {
-        self.connections.lock().expect("pool").values().map(Vec::len).sum()
+        self.connections.lock().values().map(Vec::len).sum()
     }
 }
 
@@ -197,7 +192,7 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
     let proxy = key.proxy;
     let config = tls.client_for(&key.source, &key.destination).map_err(|e| TunnelError::Tls(proxy, e))?;
     let connect = async {
-        let tcp = crate::dial::connect(proxy).await.map_err(|e| TunnelError::Connect(proxy, e))?;
+        let tcp = crate::sockets::connect(proxy).await.map_err(|e| TunnelError::Connect(proxy, e))?;
         let _ = tcp.set_nodelay(true);
         let mut tls_stream = tokio_rustls::TlsConnector::from(config)
             .connect(ServerName::IpAddress(proxy.ip().into()), tcp)
@@ -209,7 +204,7 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
-            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_interval(KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(Duration::from_secs(10))
             .handshake(TokioIo::new(tls_stream))
             .await

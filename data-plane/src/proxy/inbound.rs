@@ -19,10 +19,13 @@ use tokio::sync::watch;
 use tracing::{debug, info};
 use trellis_proto::spiffe::SpiffeId;
 
-use crate::connections::{ByteCounts, InboundConn, copy_counted};
+use super::{DataPath, l7};
+use crate::connections::InboundConn;
+use crate::copy::{ByteCounts, copy_counted};
+use crate::hbone::{
+    self, CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
+};
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
-use crate::pool::{CONNECTION_WINDOW, FORWARDED, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW};
-use crate::proxy::DataPath;
 use crate::report::{Authz, ConnectionReport};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,7 +97,7 @@ async fn connection(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
         .serve_connection(TokioIo::new(tls), service);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -154,13 +157,7 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
         return status(StatusCode::NOT_FOUND);
     };
     // Trusted because the peer authenticated with a mesh certificate.
-    let source_addr = request
-        .headers()
-        .get(FORWARDED)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("for=\""))
-        .and_then(|v| v.strip_suffix('"'))
-        .and_then(|v| v.parse::<SocketAddr>().ok());
+    let source_addr = hbone::original_source(request.headers());
     let conn = Arc::new(InboundConn {
         source: source.clone(),
         principal: peer_id.principal.clone(),
@@ -186,9 +183,9 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
     let report = ConnectionReport::new(key, source_addr.unwrap_or(peer), target);
     // Registered before the check, so that a policy change between check and registration cannot be missed.
     let registration = data.connections.register(Some(conn.clone()));
-    if crate::l7::is_http(&conn) {
-        // Checked per request instead (l7.rs).
-        return crate::l7::accept(request, conn, report, registration, data);
+    if l7::is_http(&conn) {
+        // Checked per request instead (`l7`).
+        return l7::accept(request, conn, report, registration, data);
     }
     let policies = data.authz.load();
     let policy = match policies.check(&conn, peer) {
@@ -210,7 +207,7 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
     drop(policies);
     let allowed = Authz { decision: "allowed", policy: &policy };
 
-    let upstream = match tokio::time::timeout(DIAL_TIMEOUT, crate::dial::connect(target)).await {
+    let upstream = match tokio::time::timeout(DIAL_TIMEOUT, crate::sockets::connect(target)).await {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(e)) => {
             info!(source = %conn.source, %target, error = %e, "workload refused the connection");

@@ -9,9 +9,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
-use crate::outbound::{self, OutboundError};
-use crate::pool::TunnelError;
-use crate::proxy::DataPath;
+use super::DataPath;
+use super::outbound::{self, OutboundError};
+use super::pool::TunnelError;
 use crate::registry::LocalWorkload;
 
 const VERSION: u8 = 5;

@@ -1,6 +1,7 @@
-//! Every TCP connection the proxy opens (tunnels to other proxies, passthrough, local workloads, the control plane)
-//! goes through here, so that each socket carries the capture mark (SO_MARK) and the capture rules let it out
-//! instead of redirecting it back to the proxy.
+//! The socket options the capture rules work with. Every TCP connection the proxy opens (tunnels to other proxies,
+//! passthrough, local workloads, the control plane) is dialled here, so that each socket carries the capture mark
+//! (SO_MARK) and the capture rules let it out instead of redirecting it back to the proxy; and a connection the
+//! rules redirected to the proxy tells its real destination here (SO_ORIGINAL_DST).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -15,10 +16,6 @@ static MARKING: AtomicBool = AtomicBool::new(true);
 /// Sets the mark every later dial applies.
 pub fn set_mark(mark: u32) {
     MARK.store(mark, Ordering::Relaxed);
-}
-
-pub fn mark() -> u32 {
-    MARK.load(Ordering::Relaxed)
 }
 
 /// Connects to `address` from a socket carrying the proxy's mark.
@@ -55,4 +52,14 @@ pub async fn connect_host(address: String) -> std::io::Result<TcpStream> {
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{address}: no address"))))
+}
+
+/// The destination of an accepted connection before the kernel's REDIRECT/TPROXY rewrite.
+pub fn original_destination(tcp: &TcpStream) -> Option<SocketAddr> {
+    let socket = socket2::SockRef::from(tcp);
+    let original = match tcp.local_addr().ok()? {
+        SocketAddr::V4(_) => socket.original_dst_v4(),
+        SocketAddr::V6(_) => socket.original_dst_v6(),
+    };
+    original.ok()?.as_socket()
 }

@@ -15,10 +15,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 use trellis_policy::{Decision, MtlsMode, Request};
 
+use super::DataPath;
 use crate::authz::LocalPolicies;
-use crate::connections::{ByteCounts, PlaintextConn, copy_counted};
+use crate::connections::PlaintextConn;
+use crate::copy::{ByteCounts, copy_counted};
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
-use crate::proxy::DataPath;
 use crate::report::{Authz, ConnectionReport};
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,7 +90,7 @@ async fn connection(
     data: &DataPath,
 ) -> Result<(), String> {
     let started = Instant::now();
-    let target = crate::outbound::original_destination(&tcp)
+    let target = crate::sockets::original_destination(&tcp)
         .filter(|t| Some(*t) != own && Some(*t) != tcp.local_addr().ok())
         .ok_or("not redirected by the capture rules")?;
     let workload = (data.locals.by_ip(target.ip()))
@@ -138,7 +139,7 @@ async fn connection(
         }
     };
     let allowed = Authz { decision: "allowed", policy: &policy };
-    let mut upstream = match tokio::time::timeout(DIAL_TIMEOUT, crate::dial::connect(target)).await {
+    let mut upstream = match tokio::time::timeout(DIAL_TIMEOUT, crate::sockets::connect(target)).await {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(e)) => {
             return Err(refused(Flags::Connect, allowed, &format!("workload refused the connection: {e}")));

@@ -2,7 +2,7 @@
 //! reached through an HBONE tunnel to the proxy that fronts it, which must present the destination's identity; a
 //! destination outside the mesh is dialled as plain TCP or refused (`outbound.passthrough`).
 //!
-//! Two entry points feed this: SOCKS5 (`socks5.rs`) and the capture listener (`serve_captured`, where the kernel's
+//! Two entry points feed this: SOCKS5 (`socks5`) and the capture listener (`serve_captured`, where the kernel's
 //! redirect rules send workloads' traffic and SO_ORIGINAL_DST tells the real destination).
 
 use std::net::SocketAddr;
@@ -15,11 +15,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
+use super::DataPath;
+use super::pool::{PoolKey, Tunnel, TunnelError};
 use crate::config::Passthrough;
-use crate::connections::{ByteCounts, copy_counted};
+use crate::copy::{ByteCounts, copy_counted};
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
-use crate::pool::{PoolKey, Tunnel, TunnelError};
-use crate::proxy::DataPath;
 use crate::registry::{LocalWorkload, MeshWorkload};
 use crate::report::{Authz, ConnectionReport};
 
@@ -108,7 +108,7 @@ async fn open(
         None => match data.outbound.passthrough {
             Passthrough::Deny => Err(OutboundError::PassthroughDenied(target)),
             Passthrough::Allow => {
-                let stream = tokio::time::timeout(DIRECT_DIAL_TIMEOUT, crate::dial::connect(target))
+                let stream = tokio::time::timeout(DIRECT_DIAL_TIMEOUT, crate::sockets::connect(target))
                     .await
                     .map_err(|_| OutboundError::Direct(target, std::io::ErrorKind::TimedOut.into()))?
                     .map_err(|e| OutboundError::Direct(target, e))?;
@@ -145,7 +145,7 @@ pub async fn serve_captured(listener: TcpListener, data: Arc<DataPath>) {
     crate::listen::accept_each(listener, "outbound", |tcp, peer| {
         let data = data.clone();
         async move {
-            let Some(target) = original_destination(&tcp).filter(|t| Some(*t) != own) else {
+            let Some(target) = crate::sockets::original_destination(&tcp).filter(|t| Some(*t) != own) else {
                 debug!(%peer, "connection to the capture listener was not redirected; closing");
                 return;
             };
@@ -159,14 +159,4 @@ pub async fn serve_captured(listener: TcpListener, data: Arc<DataPath>) {
         }
     })
     .await
-}
-
-/// The destination before the kernel's REDIRECT/TPROXY rewrite.
-pub(crate) fn original_destination(tcp: &TcpStream) -> Option<SocketAddr> {
-    let socket = socket2::SockRef::from(tcp);
-    let original = match tcp.local_addr().ok()? {
-        SocketAddr::V4(_) => socket.original_dst_v4(),
-        SocketAddr::V6(_) => socket.original_dst_v6(),
-    };
-    original.ok()?.as_socket()
 }

@@ -20,11 +20,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::{debug, info};
 use trellis_policy::{Decision, Headers, HttpRequest, JwtOutcome, TokenSource};
 
+use super::DataPath;
 use crate::access_log;
 use crate::config::Protocol;
-use crate::connections::{ByteCounts, CountingIo, InboundConn, Registration};
+use crate::connections::{InboundConn, Registration};
+use crate::copy::{ByteCounts, CountingIo};
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
-use crate::proxy::DataPath;
 use crate::report::{Authz, ConnectionReport};
 
 /// Largest request head accepted (Envoy's default is 60 KiB); larger → 431.
@@ -46,7 +47,7 @@ pub struct Upstream {
     http2: Client<MarkedDial, Incoming>,
 }
 
-/// Dials the workload named by the request URI (`ip:port`) through `dial.rs`, so the socket carries the capture
+/// Dials the workload named by the request URI (`ip:port`) through `sockets`, so the socket carries the capture
 /// mark like every other connection the proxy opens.
 #[derive(Clone, Copy)]
 pub struct MarkedDial;
@@ -66,7 +67,7 @@ impl tower::Service<hyper::Uri> for MarkedDial {
                 .authority()
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "upstream URI is not ip:port"))?;
-            let stream = tokio::time::timeout(DIAL_TIMEOUT, crate::dial::connect(address))
+            let stream = tokio::time::timeout(DIAL_TIMEOUT, crate::sockets::connect(address))
                 .await
                 .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out dialling the workload"))??;
             Ok(TokioIo::new(stream))
@@ -190,7 +191,7 @@ impl Verdict {
 impl RequestOutcome {
     /// Istio's request series and one access-log event.
     fn record(&self, tunnel: &Tunnel) {
-        crate::heap::note_activity();
+        crate::activity::note();
         let conn = &tunnel.conn;
         let flags = match self.verdict {
             Verdict::Denied => Flags::Deny,

@@ -1,0 +1,58 @@
+//! The data path: every proxied connection, from accept to close. [`DataPath`] holds what its parts share: the
+//! current TLS set, registry and policies (each replaced whole on a change, read per connection), this proxy's
+//! workloads, the tunnel pool and the registry of open connections. The children are the paths a connection takes,
+//! each read in one walk (accept, identify, authorize, dial, copy):
+//! - `inbound`: HBONE from another proxy (mTLS, HTTP/2 CONNECT), `l7` for streams to `http` ports;
+//! - `inbound_plaintext`: captured plaintext to a local workload (PeerAuthentication, authorization);
+//! - `outbound`: a local application's connection, fed by `socks5` and the capture listener, through `pool`
+//!   (the HBONE client).
+
+pub mod inbound;
+pub mod inbound_plaintext;
+pub mod l7;
+pub mod outbound;
+pub mod pool;
+pub mod socks5;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::authz::LocalPolicies;
+use crate::config::Outbound;
+use crate::connections::Connections;
+use crate::metrics::TrafficMetrics;
+use crate::registry::{LocalWorkloads, Registry};
+use crate::tls::MeshTls;
+use pool::Pool;
+
+/// Everything the data path reads per connection; swapped pieces are rebuilt once per change.
+pub struct DataPath {
+    pub tls: MeshTls,
+    pub registry: ArcSwap<Registry>,
+    pub authz: ArcSwap<LocalPolicies>,
+    pub locals: LocalWorkloads,
+    pub pool: Pool,
+    pub connections: Arc<Connections>,
+    pub outbound: Outbound,
+    pub traffic: TrafficMetrics,
+    /// Pooled connections to local workloads for requests on `http` ports.
+    pub upstream: l7::Upstream,
+}
+
+impl DataPath {
+    /// Empty TLS set, registry and policies until the first change arrives (`reconfigure`).
+    pub fn new(locals: LocalWorkloads, outbound: Outbound) -> Self {
+        Self {
+            tls: MeshTls::default(),
+            registry: ArcSwap::from_pointee(Registry::default()),
+            authz: ArcSwap::from_pointee(LocalPolicies::default()),
+            locals,
+            pool: Pool::default(),
+            connections: Arc::new(Connections::default()),
+            outbound,
+            traffic: TrafficMetrics::default(),
+            upstream: l7::Upstream::default(),
+        }
+    }
+}
