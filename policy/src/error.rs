@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::metadata::DEFAULT_NAMESPACE;
+
 /// All problems found in one text. Never empty when returned as an `Err`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", display_lines(.errors))]
@@ -36,12 +38,12 @@ impl fmt::Display for DocumentError {
         write!(f, "document {}", self.document)?;
         match (&self.kind, &self.name) {
             (Some(kind), Some(name)) => {
-                let ns = self.namespace.as_deref().unwrap_or(crate::resource::DEFAULT_NAMESPACE);
+                let ns = self.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
                 write!(f, " ({kind} {ns}/{name})")?;
             }
             (Some(kind), None) => write!(f, " ({kind})")?,
             (None, Some(name)) => {
-                let ns = self.namespace.as_deref().unwrap_or(crate::resource::DEFAULT_NAMESPACE);
+                let ns = self.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
                 write!(f, " ({ns}/{name})")?;
             }
             (None, None) => {}
@@ -66,6 +68,43 @@ impl ParseError {
                 reason: reason.into(),
             }],
         }
+    }
+}
+
+/// Field errors of one object, with whatever identity (kind, name, namespace) could be read from it: what becomes
+/// that document's [`DocumentError`]s.
+#[derive(Debug, Default)]
+pub(crate) struct Failure {
+    pub(crate) kind: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) namespace: Option<String>,
+    pub(crate) errors: Vec<FieldError>,
+}
+
+impl Failure {
+    /// Attributes the errors to document `document`; `prefix` is prepended to each field path (`items[N]` for an
+    /// item of a `kind: List`).
+    pub(crate) fn into_document_errors(self, document: usize, prefix: &str) -> Vec<DocumentError> {
+        self.errors
+            .into_iter()
+            .map(|e| DocumentError {
+                document,
+                kind: self.kind.clone(),
+                name: self.name.clone(),
+                namespace: self.namespace.clone(),
+                field: prefixed(prefix, &e.field),
+                reason: e.reason,
+            })
+            .collect()
+    }
+}
+
+/// `field` under `prefix` (either may be empty).
+pub(crate) fn prefixed(prefix: &str, field: &str) -> String {
+    match (prefix.is_empty(), field.is_empty()) {
+        (true, _) => field.to_string(),
+        (false, true) => prefix.to_string(),
+        (false, false) => format!("{prefix}.{field}"),
     }
 }
 
