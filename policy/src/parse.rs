@@ -39,7 +39,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ParseError> {
                     name: Some(key.name.clone()),
                     namespace: Some(key.namespace.clone()),
                     field: prefixed(prefix, "metadata.name"),
-                    reason: format!("duplicate resource {key}: already defined in document {first}"),
+                    reason: format!("duplicate resource {key}: already defined in document {}", first + 1),
                 });
             } else {
                 seen.insert(key, document);
