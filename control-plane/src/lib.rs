@@ -1,6 +1,8 @@
 //! The Trellis control plane: the mesh CA, the store of security resources, the workload registry, and the
 //! gRPC services that push them to proxies. `trellisctl` (the CLI) lives here too.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod ca;
 pub mod cli;

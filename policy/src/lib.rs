@@ -9,6 +9,8 @@
 //!
 //! Pure code: no I/O, networking or async; callers bring the text and decide what to do with the result.
 
+#![forbid(unsafe_code)]
+
 mod authz;
 mod cidr;
 mod common;

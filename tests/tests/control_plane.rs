@@ -1,5 +1,7 @@
 //! The control plane as a real process: join, certificates, admin API, validation, and every refusal.
 
+#![forbid(unsafe_code)]
+
 use std::process::Command;
 use std::time::Duration;
 
