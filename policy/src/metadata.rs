@@ -27,15 +27,15 @@ pub struct Metadata {
 /// Input form of metadata: strict about unknown fields, tolerant of what `kubectl get -o yaml` adds.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(crate) struct RawMetadata {
+struct RawMetadata {
     #[serde(default)]
-    pub(crate) name: Option<String>,
+    name: Option<String>,
     #[serde(default)]
-    pub(crate) namespace: Option<String>,
+    namespace: Option<String>,
     #[serde(default)]
-    pub(crate) labels: BTreeMap<String, String>,
+    labels: BTreeMap<String, String>,
     #[serde(default)]
-    pub(crate) annotations: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
     #[serde(default, rename = "uid")]
     _uid: serde::de::IgnoredAny,
     #[serde(default, rename = "resourceVersion")]
