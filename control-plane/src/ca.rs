@@ -283,15 +283,37 @@ fn single_cert(pem: &str, what: &str) -> Result<CertificateDer<'static>, CaError
     Ok(certs.remove(0))
 }
 
-pub fn parse_pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
-    let certs = certs.map_err(|e| e.to_string())?;
+/// Why a text holds no usable PEM certificates.
+#[derive(Debug, thiserror::Error)]
+pub enum PemCertsError {
+    #[error(transparent)]
+    Pem(#[from] rustls_pki_types::pem::Error),
+    #[error("no PEM certificate found")]
+    Empty,
+}
+
+pub fn parse_pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, PemCertsError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
     if certs.is_empty() {
-        return Err("no PEM certificate found".into());
+        return Err(PemCertsError::Empty);
     }
     Ok(certs)
 }
 
 pub fn certs_to_pem(certs: &[CertificateDer<'_>]) -> String {
     certs.iter().map(|c| files::pem("CERTIFICATE", c)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_certificates() {
+        let (cert, _) = Ca::generate_root("test.example").unwrap();
+        assert_eq!(parse_pem_certs(&format!("{cert}{cert}")).unwrap().len(), 2);
+        assert_eq!(parse_pem_certs("no pem here").unwrap_err().to_string(), "no PEM certificate found");
+        let broken = cert.replace("-----END CERTIFICATE-----", "");
+        assert!(matches!(parse_pem_certs(&broken), Err(PemCertsError::Pem(_))));
+    }
 }

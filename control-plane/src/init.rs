@@ -54,7 +54,7 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<()> {
     write_new(&dir.join(ca::CA_CERT), cert_pem.as_bytes(), 0o644)?;
     write_new(&dir.join(ca::CA_KEY), key_pem.as_bytes(), 0o600)?;
     write_new(&dir.join(ca::CA_CHAIN), chain_pem.as_bytes(), 0o644)?;
-    let chain = ca::parse_pem_certs(&chain_pem).map_err(anyhow::Error::msg)?;
+    let chain = ca::parse_pem_certs(&chain_pem)?;
     let root_pem = pem("CERTIFICATE", chain.last().expect("chain is never empty"));
     write_new(&dir.join(ca::ROOT_CERT), root_pem.as_bytes(), 0o644)?;
 

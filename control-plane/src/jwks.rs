@@ -23,6 +23,57 @@ const MAX_JWKS: usize = 1024 * 1024;
 /// Where Debian/Ubuntu and RHEL keep the system CA bundle (`SSL_CERT_FILE` overrides).
 const CA_BUNDLES: [&str; 2] = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"];
 
+/// Why a JWKS document was not fetched (logged; the last good document stays in place).
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// What `trellis_policy::check_jwks` says of a document that is not a JWKS.
+    #[error("{0}")]
+    NotJwks(String),
+    #[error("the document holds no usable verification key")]
+    NoUsableKey,
+    #[error("not a URI: {0}")]
+    NotUri(#[from] hyper::http::uri::InvalidUri),
+    #[error("no host")]
+    NoHost,
+    #[error("http:// JWKS URIs are refused (start the control plane with --jwks-allow-http)")]
+    HttpRefused,
+    #[error("the scheme must be https")]
+    NotHttps,
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("no CA bundle to verify the server")]
+    NoCaBundle,
+    #[error("server name: {0}")]
+    ServerName(#[from] rustls_pki_types::InvalidDnsNameError),
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Request(#[from] hyper::http::Error),
+    #[error("HTTP status {0}")]
+    Status(hyper::StatusCode),
+    #[error("reading the body: {0}")]
+    Body(Box<dyn std::error::Error + Send + Sync>),
+    #[error("the body is not UTF-8")]
+    NotUtf8,
+}
+
+/// Why there is no CA bundle to verify `https` JWKS servers with.
+#[derive(Debug, thiserror::Error)]
+enum CaBundleError {
+    #[error("no system CA bundle found (set SSL_CERT_FILE)")]
+    NotFound,
+    #[error("{path}: {source}")]
+    Unreadable { path: String, source: rustls_pki_types::pem::Error },
+    #[error("{0}: no certificates")]
+    Empty(String),
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+}
+
 #[derive(Debug, Clone)]
 pub struct JwksOptions {
     /// How often every JWKS is fetched again.
@@ -106,80 +157,117 @@ async fn fetch(
     options: &JwksOptions,
     tls: Option<&Arc<ClientConfig>>,
     timeout: Duration,
-) -> Result<String, String> {
-    let text = tokio::time::timeout(timeout, get(uri, options, tls))
-        .await
-        .map_err(|_| format!("no answer within {timeout:?}"))??;
-    match trellis_policy::check_jwks(&text)? {
-        0 => Err("the document holds no usable verification key".into()),
+) -> Result<String, FetchError> {
+    let text =
+        tokio::time::timeout(timeout, get(uri, options, tls)).await.map_err(|_| FetchError::Timeout(timeout))??;
+    match trellis_policy::check_jwks(&text).map_err(FetchError::NotJwks)? {
+        0 => Err(FetchError::NoUsableKey),
         _ => Ok(text),
     }
 }
 
-async fn get(uri: &str, options: &JwksOptions, tls: Option<&Arc<ClientConfig>>) -> Result<String, String> {
-    let parsed: hyper::Uri = uri.parse().map_err(|e| format!("not a URI: {e}"))?;
-    let host = parsed.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']').to_owned();
+async fn get(uri: &str, options: &JwksOptions, tls: Option<&Arc<ClientConfig>>) -> Result<String, FetchError> {
+    let parsed: hyper::Uri = uri.parse()?;
+    let host = parsed.host().ok_or(FetchError::NoHost)?.trim_start_matches('[').trim_end_matches(']').to_owned();
     let https = match parsed.scheme_str() {
         Some("https") => true,
         Some("http") if options.allow_http => false,
         Some("http") => {
-            return Err("http:// JWKS URIs are refused (start the control plane with --jwks-allow-http)".into());
+            return Err(FetchError::HttpRefused);
         }
-        _ => return Err("the scheme must be https".into()),
+        _ => return Err(FetchError::NotHttps),
     };
     let port = parsed.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("connect: {e}"))?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(FetchError::Connect)?;
     if !https {
         return request(tcp, &parsed).await;
     }
-    let tls = tls.ok_or("no CA bundle to verify the server")?;
-    let name = ServerName::try_from(host).map_err(|e| format!("server name: {e}"))?;
-    let stream =
-        tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+    let tls = tls.ok_or(FetchError::NoCaBundle)?;
+    let name = ServerName::try_from(host)?;
+    let stream = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(FetchError::Tls)?;
     request(stream, &parsed).await
 }
 
 async fn request<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     io: T,
     uri: &hyper::Uri,
-) -> Result<String, String> {
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|e| format!("HTTP: {e}"))?;
+) -> Result<String, FetchError> {
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(connection);
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
     let request = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(hyper::header::HOST, authority)
         .header(hyper::header::USER_AGENT, "trellis-control")
         .header(hyper::header::ACCEPT, "application/json")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| format!("HTTP: {e}"))?;
+        .body(Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await?;
     if !response.status().is_success() {
-        return Err(format!("HTTP status {}", response.status()));
+        return Err(FetchError::Status(response.status()));
     }
-    let body = Limited::new(response.into_body(), MAX_JWKS)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the body: {e}"))?
-        .to_bytes();
-    String::from_utf8(body.to_vec()).map_err(|_| "the body is not UTF-8".into())
+    let body = Limited::new(response.into_body(), MAX_JWKS).collect().await.map_err(FetchError::Body)?.to_bytes();
+    String::from_utf8(body.to_vec()).map_err(|_| FetchError::NotUtf8)
 }
 
 /// TLS client trusting the system CA bundle (or `SSL_CERT_FILE`).
-fn client_tls() -> Result<ClientConfig, String> {
+fn client_tls() -> Result<ClientConfig, CaBundleError> {
     let path = std::env::var("SSL_CERT_FILE")
         .ok()
         .or_else(|| CA_BUNDLES.iter().find(|p| std::path::Path::new(p).exists()).map(|p| p.to_string()))
-        .ok_or("no system CA bundle found (set SSL_CERT_FILE)")?;
+        .ok_or(CaBundleError::NotFound)?;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(&path).map_err(|e| format!("{path}: {e}"))? {
+    let certs = CertificateDer::pem_file_iter(&path)
+        .map_err(|source| CaBundleError::Unreadable { path: path.clone(), source })?;
+    for cert in certs {
         let _ = cert.map(|c| roots.add(c));
     }
     if roots.is_empty() {
-        return Err(format!("{path}: no certificates"));
+        return Err(CaBundleError::Empty(path));
     }
-    ClientConfig::builder_with_provider(trellis_proto::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+    let builder =
+        ClientConfig::builder_with_provider(trellis_proto::tls::provider()).with_safe_default_protocol_versions()?;
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Serves one HTTP response with `body` on a local port; returns the `http://` URI of `/jwks.json`.
+    async fn serve_once(body: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await.unwrap();
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(response.as_bytes()).await.unwrap();
+        });
+        format!("http://{addr}/jwks.json")
+    }
+
+    async fn fetch_error(uri: &str, allow_http: bool) -> String {
+        let options = JwksOptions { refresh: Duration::from_secs(60), allow_http };
+        fetch(uri, &options, None, Duration::from_secs(5)).await.unwrap_err().to_string()
+    }
+
+    #[tokio::test]
+    async fn fetch_refusals_say_why() {
+        assert_eq!(fetch_error("ftp://example.com/jwks.json", true).await, "the scheme must be https");
+        assert!(fetch_error("http://exa mple.com/", true).await.starts_with("not a URI: "));
+        let uri = serve_once(r#"{"keys":[]}"#).await;
+        assert_eq!(
+            fetch_error(&uri, false).await,
+            "http:// JWKS URIs are refused (start the control plane with --jwks-allow-http)"
+        );
+        // Control: allowed, the same URI is fetched, and the document it holds is judged.
+        assert_eq!(fetch_error(&uri, true).await, "the document holds no usable verification key");
+        let uri = serve_once("[]").await;
+        assert_eq!(fetch_error(&uri, true).await, "the JWKS has no \"keys\" array");
+    }
 }

@@ -1,6 +1,8 @@
 //! The Trellis control plane: the mesh CA, the store of security resources, the workload registry, and the
 //! gRPC services that push them to proxies. `trellisctl` (the CLI) lives here too.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod ca;
 pub mod cli;
@@ -17,9 +19,17 @@ pub mod status;
 pub mod store;
 pub mod tokens;
 
+/// A command-line duration [`parse_duration`] refuses.
+#[derive(Debug, thiserror::Error)]
+#[error("{input:?}: {source}")]
+pub struct InvalidDuration {
+    pub input: String,
+    pub source: humantime::DurationError,
+}
+
 /// Parses durations such as `90s`, `30m`, `24h`.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, InvalidDuration> {
+    humantime::parse_duration(s).map_err(|source| InvalidDuration { input: s.to_owned(), source })
 }
 
 /// Logging for both binaries: `RUST_LOG` filter (default info), text or JSON.
@@ -32,5 +42,17 @@ pub fn init_logging(json: bool) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn durations_and_their_refusal() {
+        assert_eq!(super::parse_duration("90s").unwrap(), Duration::from_secs(90));
+        let refused = super::parse_duration("soon").unwrap_err().to_string();
+        assert!(refused.starts_with("\"soon\": "), "{refused}");
     }
 }

@@ -430,9 +430,7 @@ impl RawConfig {
 
         let root_namespace =
             self.root_namespace.clone().unwrap_or_else(|| trellis_policy::DEFAULT_ROOT_NAMESPACE.to_owned());
-        if !is_dns_label(&root_namespace) {
-            p.add("rootNamespace", format!("{root_namespace:?} must be a DNS label (a-z, 0-9, '-')"));
-        }
+        check_dns_label(&mut p, "rootNamespace", &root_namespace);
 
         if !p.0.is_empty() {
             return Err(p.0);
@@ -465,16 +463,10 @@ fn validate_workloads(raw: Vec<RawWorkload>, p: &mut Problems) -> Vec<WorkloadCo
     let mut out = Vec::with_capacity(raw.len());
     for (i, w) in raw.into_iter().enumerate() {
         let at = format!("workloads[{i}]");
-        for (field, value) in [("name", &w.name), ("namespace", &w.namespace), ("serviceAccount", &w.service_account)] {
-            if value.is_empty() {
-                p.add(&format!("{at}.{field}"), "must not be empty");
-            }
-        }
-        if !w.name.is_empty() && !is_dns_label(&w.name) {
-            p.add(&format!("{at}.name"), format!("{:?} must be a DNS label (a-z, 0-9, '-')", w.name));
-        }
-        if !w.namespace.is_empty() && !is_dns_label(&w.namespace) {
-            p.add(&format!("{at}.namespace"), format!("{:?} must be a DNS label (a-z, 0-9, '-')", w.namespace));
+        check_dns_label(p, &format!("{at}.name"), &w.name);
+        check_dns_label(p, &format!("{at}.namespace"), &w.namespace);
+        if w.service_account.is_empty() {
+            p.add(&format!("{at}.serviceAccount"), "must not be empty");
         }
         // The service account becomes a SPIFFE path segment.
         if !w.service_account.is_empty() && !is_path_segment(&w.service_account) {
@@ -579,12 +571,13 @@ fn is_path_segment(s: &str) -> bool {
     SpiffeId::parse(&format!("spiffe://example.org/{s}")).is_ok_and(|id| id.path() == s && !s.contains('/'))
 }
 
-/// RFC 1123 label, as Kubernetes names and namespaces.
-fn is_dns_label(s: &str) -> bool {
-    s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+/// An RFC 1123 label, as Kubernetes names and namespaces (the check the control plane applies to them too).
+fn check_dns_label(p: &mut Problems, field: &str, value: &str) {
+    match trellis_policy::check_dns1123_label(value) {
+        Ok(()) => {}
+        Err(e @ trellis_policy::InvalidDnsLabel::Empty) => p.add(field, e),
+        Err(e) => p.add(field, format!("{value:?} is not a DNS label: {e}")),
+    }
 }
 
 #[cfg(test)]
@@ -687,7 +680,7 @@ workerThreads: 4
                 "workloads:\n  - {name: a, namespace: ns, serviceAccount: \"a/b\", addresses: [\"10.0.0.1\"]}\n".into(),
                 r#"workloads[0].serviceAccount: "a/b" may hold only"#,
             ),
-            ("workloads:\n  - {name: Bad_Name, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.1\"]}\n".into(), "workloads[0].name: \"Bad_Name\" must be a DNS label"),
+            ("workloads:\n  - {name: Bad_Name, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.1\"]}\n".into(), "workloads[0].name: \"Bad_Name\" is not a DNS label: must be lowercase letters"),
             ("listen:\n  admin: localhost:15000\n".into(), r#"listen.admin: "localhost:15000" is not a socket address"#),
             ("listen:\n  bogus: 1.2.3.4:5\n".into(), "unknown field `bogus`"),
             ("hboneAddress: nohost\n".into(), r#"hboneAddress: "nohost" is not host:port"#),
@@ -711,6 +704,38 @@ workerThreads: 4
             let err = Config::parse(&yaml).expect_err(&yaml).to_string();
             assert!(err.contains(want), "config:\n{yaml}\nwant error containing {want:?}\ngot: {err}");
         }
+    }
+
+    /// Names and namespaces are RFC 1123 labels (the control plane's check); an empty one is refused by field.
+    #[test]
+    fn names_are_dns_labels() {
+        let problems = |extra: &str| match Config::parse(&format!("{}{extra}", minimal())) {
+            Err(ParseError::Invalid(problems)) => problems,
+            other => panic!("expected validation errors, got {other:?}"),
+        };
+        let chars = "must be lowercase letters, digits and '-', starting and ending with a letter or digit";
+        assert_eq!(problems("rootNamespace: \"\"\n"), ["rootNamespace: must not be empty"]);
+        assert_eq!(problems("rootNamespace: Mesh\n"), [format!("rootNamespace: \"Mesh\" is not a DNS label: {chars}")]);
+        let long = "a".repeat(64);
+        assert_eq!(
+            problems(&format!("rootNamespace: {long}\n")),
+            [format!("rootNamespace: {long:?} is not a DNS label: must be at most 63 characters, found 64")]
+        );
+        let workload = |name: &str, namespace: &str| {
+            format!(
+                "workloads:\n  - {{name: {name:?}, namespace: {namespace:?}, serviceAccount: sa, addresses: [\"10.0.0.1\"]}}\n"
+            )
+        };
+        assert_eq!(
+            problems(&workload("", "-ns")),
+            [
+                "workloads[0].name: must not be empty".to_owned(),
+                format!("workloads[0].namespace: \"-ns\" is not a DNS label: {chars}")
+            ]
+        );
+        // Control: the same fields with valid labels.
+        let config = Config::parse(&format!("{}rootNamespace: {}\n{}", minimal(), "a".repeat(63), workload("a", "ns")));
+        assert_eq!(config.expect("valid labels").root_namespace, "a".repeat(63));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! match), plus compile and per-workload selection times. Prints a Markdown table.
 //! Median of several runs; no external harness so the dependency tree stays small.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::IpAddr;

@@ -237,12 +237,12 @@ impl Operation {
 
     /// `ports` as numbers; validated values always parse.
     pub fn port_numbers(&self) -> Vec<u16> {
-        self.ports.iter().filter_map(|p| crate::validate::parse_port(p)).collect()
+        self.ports.iter().filter_map(|p| crate::lexical::parse_port(p)).collect()
     }
 
     /// `notPorts` as numbers; validated values always parse.
     pub fn not_port_numbers(&self) -> Vec<u16> {
-        self.not_ports.iter().filter_map(|p| crate::validate::parse_port(p)).collect()
+        self.not_ports.iter().filter_map(|p| crate::lexical::parse_port(p)).collect()
     }
 }
 

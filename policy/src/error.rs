@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::metadata::DEFAULT_NAMESPACE;
+
 /// All problems found in one text. Never empty when returned as an `Err`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", display_lines(.errors))]
@@ -17,7 +19,8 @@ fn display_lines(errors: &[DocumentError]) -> String {
 /// One problem in one document.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DocumentError {
-    /// 0-based index of the YAML document in the text (empty documents count, as YAML counts them).
+    /// 0-based index of the YAML document in the text (empty documents count, as YAML counts them). Messages
+    /// count from 1, as users do: index 0 is shown as "document 1".
     pub document: usize,
     /// The document's `kind`, when it could be read (even if it is not a supported kind).
     pub kind: Option<String>,
@@ -33,15 +36,15 @@ pub struct DocumentError {
 
 impl fmt::Display for DocumentError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "document {}", self.document)?;
+        write!(f, "document {}", self.document + 1)?;
         match (&self.kind, &self.name) {
             (Some(kind), Some(name)) => {
-                let ns = self.namespace.as_deref().unwrap_or(crate::resource::DEFAULT_NAMESPACE);
+                let ns = self.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
                 write!(f, " ({kind} {ns}/{name})")?;
             }
             (Some(kind), None) => write!(f, " ({kind})")?,
             (None, Some(name)) => {
-                let ns = self.namespace.as_deref().unwrap_or(crate::resource::DEFAULT_NAMESPACE);
+                let ns = self.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
                 write!(f, " ({ns}/{name})")?;
             }
             (None, None) => {}
@@ -66,6 +69,43 @@ impl ParseError {
                 reason: reason.into(),
             }],
         }
+    }
+}
+
+/// Field errors of one object, with whatever identity (kind, name, namespace) could be read from it: what becomes
+/// that document's [`DocumentError`]s.
+#[derive(Debug, Default)]
+pub(crate) struct Failure {
+    pub(crate) kind: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) namespace: Option<String>,
+    pub(crate) errors: Vec<FieldError>,
+}
+
+impl Failure {
+    /// Attributes the errors to document `document`; `prefix` is prepended to each field path (`items[N]` for an
+    /// item of a `kind: List`).
+    pub(crate) fn into_document_errors(self, document: usize, prefix: &str) -> Vec<DocumentError> {
+        self.errors
+            .into_iter()
+            .map(|e| DocumentError {
+                document,
+                kind: self.kind.clone(),
+                name: self.name.clone(),
+                namespace: self.namespace.clone(),
+                field: prefixed(prefix, &e.field),
+                reason: e.reason,
+            })
+            .collect()
+    }
+}
+
+/// `field` under `prefix` (either may be empty).
+pub(crate) fn prefixed(prefix: &str, field: &str) -> String {
+    match (prefix.is_empty(), field.is_empty()) {
+        (true, _) => field.to_string(),
+        (false, true) => prefix.to_string(),
+        (false, false) => format!("{prefix}.{field}"),
     }
 }
 
@@ -105,21 +145,22 @@ mod tests {
         }
     }
 
+    /// `document: 2` is the third document of the text.
     #[test]
     fn display_formats() {
         let full =
             err(Some("AuthorizationPolicy"), Some("deny-all"), Some("foo"), "spec.rules[0].from[0].source.ipBlocks[1]");
         assert_eq!(
             full.to_string(),
-            "document 2 (AuthorizationPolicy foo/deny-all): spec.rules[0].from[0].source.ipBlocks[1]: \
+            "document 3 (AuthorizationPolicy foo/deny-all): spec.rules[0].from[0].source.ipBlocks[1]: \
              \"10.0.0.300/8\" is not an IP address or CIDR"
         );
         assert_eq!(
             err(Some("AuthorizationPolicy"), Some("x"), None, "").to_string(),
-            "document 2 (AuthorizationPolicy default/x): \"10.0.0.300/8\" is not an IP address or CIDR"
+            "document 3 (AuthorizationPolicy default/x): \"10.0.0.300/8\" is not an IP address or CIDR"
         );
-        assert_eq!(err(Some("Foo"), None, None, "kind").to_string().split(':').next().unwrap(), "document 2 (Foo)");
-        assert_eq!(err(None, None, None, "").to_string().split(':').next().unwrap(), "document 2");
+        assert_eq!(err(Some("Foo"), None, None, "kind").to_string().split(':').next().unwrap(), "document 3 (Foo)");
+        assert_eq!(err(None, None, None, "").to_string().split(':').next().unwrap(), "document 3");
         let pe = ParseError { errors: vec![full.clone(), full] };
         assert_eq!(pe.to_string().lines().count(), 2);
     }

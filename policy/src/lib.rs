@@ -9,16 +9,22 @@
 //!
 //! Pure code: no I/O, networking or async; callers bring the text and decide what to do with the result.
 
+#![forbid(unsafe_code)]
+
 mod authz;
 mod cidr;
 mod common;
 mod condition;
+mod dns_name;
 mod error;
 mod eval;
 mod eval_request;
+mod http_url;
 mod jwt;
 mod kind;
+mod lexical;
 mod matcher;
+mod metadata;
 mod mtls;
 mod parse;
 mod path;
@@ -35,6 +41,7 @@ pub use authz::{Action, AuthorizationPolicy, Condition, ExtensionProvider, From,
 pub use cidr::{Cidr, InvalidCidr};
 pub use common::{PolicyTargetReference, WorkloadSelector};
 pub use condition::{ConditionKey, ValueKind};
+pub use dns_name::{DNS1123_LABEL_MAX_LEN, InvalidDnsLabel, check_dns1123_label};
 pub use error::{DocumentError, FieldError, ParseError};
 pub use eval::{
     CompileError, CompileOptions, CompiledPolicies, Decision, DryRunOutcome, Headers, HttpRequest, IgnoreReason,
@@ -48,14 +55,15 @@ pub use jwt::{
     UNAUTHORIZED_BODY, Verified, check_jwks,
 };
 pub use kind::{InvalidResourceKey, Kind, ResourceKey, UnknownKind};
+pub use lexical::{InvalidDuration, parse_go_bool, parse_go_duration, parse_port};
 pub use matcher::StringMatch;
+pub use metadata::{DEFAULT_NAMESPACE, DRY_RUN_ANNOTATION, Metadata};
 pub use mtls::{EffectiveMtls, MtlsLevel, WorkloadMtls, effective_mtls, effective_mtls_mode};
 pub use parse::{parse_documents, parse_keys};
 pub use path::{PathError, normalize_path, normalize_target};
 pub use peer_authn::{MtlsMode, MutualTls, PeerAuthentication};
 pub use request_authn::{ClaimToHeader, JwtHeader, JwtRule, RequestAuthentication};
-pub use resource::{API_VERSIONS, DEFAULT_NAMESPACE, DRY_RUN_ANNOTATION, Metadata, Resource, Spec, parse_go_bool};
-pub use validate::{parse_go_duration, parse_port};
+pub use resource::{API_VERSIONS, Resource, Spec};
 
 /// Namespace whose selector-less policies apply mesh-wide (Istio's `istio-system` role).
 pub const DEFAULT_ROOT_NAMESPACE: &str = "trellis-system";

@@ -3,15 +3,17 @@
 
 use std::collections::HashMap;
 
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::authz::AuthorizationPolicy;
-use crate::error::{DocumentError, Errors, FieldError, ParseError};
+use crate::error::{DocumentError, Errors, Failure, FieldError, ParseError, prefixed};
 use crate::kind::{Kind, ResourceKey};
+use crate::metadata::{DEFAULT_NAMESPACE, Metadata};
 use crate::peer_authn::PeerAuthentication;
 use crate::request_authn::RequestAuthentication;
-use crate::resource::{API_VERSIONS, DEFAULT_NAMESPACE, Metadata, Resource, Spec};
+use crate::resource::{API_VERSIONS, Resource, Spec};
 use crate::strict::StrictValue;
 use crate::validate;
 
@@ -37,7 +39,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ParseError> {
                     name: Some(key.name.clone()),
                     namespace: Some(key.namespace.clone()),
                     field: prefixed(prefix, "metadata.name"),
-                    reason: format!("duplicate resource {key}: already defined in document {first}"),
+                    reason: format!("duplicate resource {key}: already defined in document {}", first + 1),
                 });
             } else {
                 seen.insert(key, document);
@@ -66,26 +68,29 @@ pub fn parse_keys(text: &str) -> Result<Vec<ResourceKey>, ParseError> {
     if errors.is_empty() { Ok(keys) } else { Err(ParseError { errors }) }
 }
 
-/// Parses and validates one already-decoded document (used by `from_json` and `Deserialize`).
-pub(crate) fn resource_from_value(value: Value, document: usize) -> Result<Resource, ParseError> {
-    parse_object(value).map_err(|failure| ParseError { errors: failure.into_document_errors(document, "") })
+impl Resource {
+    /// Parses and validates one JSON document.
+    pub fn from_json(s: &str) -> Result<Resource, ParseError> {
+        let value: Value =
+            serde_json::from_str(s).map_err(|e| ParseError::single(0, "", format!("invalid JSON: {e}")))?;
+        resource_from_value(value, 0)
+    }
 }
 
-/// Turns field errors of one document into `DocumentError`s carrying its identity.
-pub(crate) fn attribute_errors(
-    document: usize,
-    kind: Option<&str>,
-    name: Option<&str>,
-    namespace: Option<&str>,
-    errors: Vec<FieldError>,
-) -> ParseError {
-    let failure = Failure {
-        kind: kind.map(String::from),
-        name: name.map(String::from),
-        namespace: namespace.map(String::from),
-        errors,
-    };
-    ParseError { errors: failure.into_document_errors(document, "") }
+impl<'de> Deserialize<'de> for Resource {
+    /// Goes through the same parse + validate path as [`Resource::from_json`], so a deserialized `Resource` is
+    /// always valid.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Via a YAML value so that non-string mapping keys (YAML `portLevelMtls: {8080: ...}`) survive any format.
+        let value = serde_yaml_ng::Value::deserialize(d)?;
+        let value = yaml_to_json(value).map_err(serde::de::Error::custom)?;
+        resource_from_value(value, 0).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses and validates one already-decoded document (used by `from_json` and `Deserialize`).
+fn resource_from_value(value: Value, document: usize) -> Result<Resource, ParseError> {
+    parse_object(value).map_err(|failure| ParseError { errors: failure.into_document_errors(document, "") })
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -168,7 +173,7 @@ fn decode(doc: &RawDocument) -> Result<Option<Value>, String> {
     }
 }
 
-pub(crate) fn yaml_to_json(v: serde_yaml_ng::Value) -> Result<Value, String> {
+fn yaml_to_json(v: serde_yaml_ng::Value) -> Result<Value, String> {
     use serde_yaml_ng::Value as Y;
     Ok(match v {
         Y::Null => Value::Null,
@@ -250,52 +255,20 @@ fn for_each_object(
 // ---------------------------------------------------------------------------------------------------------------
 // One object
 
-/// Errors of one object, with whatever identity could be read from it.
-#[derive(Debug, Default)]
-struct Failure {
-    kind: Option<String>,
-    name: Option<String>,
-    namespace: Option<String>,
-    errors: Vec<FieldError>,
-}
-
-impl Failure {
-    fn from_object(obj: &Map<String, Value>, errors: Vec<FieldError>) -> Failure {
-        let meta = obj.get("metadata");
-        let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).filter(|n| !n.is_empty());
-        let namespace = meta
-            .and_then(|m| m.get("namespace"))
-            .and_then(Value::as_str)
-            .filter(|n| !n.is_empty())
-            .unwrap_or(DEFAULT_NAMESPACE);
-        Failure {
-            kind: obj.get("kind").and_then(Value::as_str).map(String::from),
-            name: name.map(String::from),
-            namespace: name.map(|_| namespace.to_string()),
-            errors,
-        }
-    }
-
-    fn into_document_errors(self, document: usize, prefix: &str) -> Vec<DocumentError> {
-        self.errors
-            .into_iter()
-            .map(|e| DocumentError {
-                document,
-                kind: self.kind.clone(),
-                name: self.name.clone(),
-                namespace: self.namespace.clone(),
-                field: prefixed(prefix, &e.field),
-                reason: e.reason,
-            })
-            .collect()
-    }
-}
-
-fn prefixed(prefix: &str, field: &str) -> String {
-    match (prefix.is_empty(), field.is_empty()) {
-        (true, _) => field.to_string(),
-        (false, true) => prefix.to_string(),
-        (false, false) => format!("{prefix}.{field}"),
+/// The identity (kind, name, namespace) that can be read from an object, for its errors.
+fn failure_from_object(obj: &Map<String, Value>, errors: Vec<FieldError>) -> Failure {
+    let meta = obj.get("metadata");
+    let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).filter(|n| !n.is_empty());
+    let namespace = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .unwrap_or(DEFAULT_NAMESPACE);
+    Failure {
+        kind: obj.get("kind").and_then(Value::as_str).map(String::from),
+        name: name.map(String::from),
+        namespace: name.map(|_| namespace.to_string()),
+        errors,
     }
 }
 
@@ -438,7 +411,7 @@ fn parse_object(value: Value) -> Result<Resource, Failure> {
         );
         return Err(Failure { errors: vec![FieldError { field: String::new(), reason }], ..Failure::default() });
     };
-    let identity = Failure::from_object(&obj, Vec::new());
+    let identity = failure_from_object(&obj, Vec::new());
     let mut errs = Errors::default();
     for key in obj.keys().filter(|k| !TOP_LEVEL_FIELDS.contains(&k.as_str())) {
         errs.push(
@@ -546,7 +519,7 @@ fn key_from_object(value: &Value) -> Result<ResourceKey, Failure> {
     }
     match (kind, name) {
         (Some(kind), Some(name)) if errs.is_empty() => Ok(ResourceKey { kind, namespace, name }),
-        _ => Err(Failure::from_object(obj, errs.0)),
+        _ => Err(failure_from_object(obj, errs.0)),
     }
 }
 

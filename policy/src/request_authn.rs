@@ -75,10 +75,7 @@ impl JwtRule {
 
     /// The effective JWKS fetch timeout (validated values always parse).
     pub fn timeout_duration(&self) -> Duration {
-        self.timeout
-            .as_deref()
-            .and_then(|t| crate::validate::parse_go_duration(t).ok())
-            .unwrap_or(Self::DEFAULT_TIMEOUT)
+        self.timeout.as_deref().and_then(|t| crate::lexical::parse_go_duration(t).ok()).unwrap_or(Self::DEFAULT_TIMEOUT)
     }
 
     /// Claims that are split on whitespace: always `scope` and `permission`, plus `spaceDelimitedClaims`.

@@ -748,7 +748,7 @@ fn all_errors_of_a_document_are_reported() {
     );
     assert_eq!(err.to_string().lines().count(), 4);
     assert!(err.to_string().starts_with(
-        "document 0 (AuthorizationPolicy foo/test): spec.rules[0].from[0].source.ipBlocks[0]: \"bad\" is not an IP"
+        "document 1 (AuthorizationPolicy foo/test): spec.rules[0].from[0].source.ipBlocks[0]: \"bad\" is not an IP"
     ));
 }
 
@@ -761,7 +761,7 @@ fn error_display_example() {
     let err = parse_documents(&text).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "document 2 (AuthorizationPolicy foo/deny-all): spec.rules[0].from[0].source.ipBlocks[1]: \
+        "document 3 (AuthorizationPolicy foo/deny-all): spec.rules[0].from[0].source.ipBlocks[1]: \
          \"10.0.0.300/8\" is not an IP address or CIDR"
     );
 }
@@ -1513,13 +1513,14 @@ fn one_bad_document_among_good_ones() {
     let err = parse_documents(&text).unwrap_err();
     assert_eq!(err.errors.len(), 1, "{err}");
     let e = &err.errors[0];
-    assert_eq!(e.document, 1);
+    assert_eq!(e.document, 1, "the index of the second document");
     assert_eq!(e.kind.as_deref(), Some("AuthorizationPolicy"));
     assert_eq!(e.name.as_deref(), Some("bad"));
     assert_eq!(e.namespace.as_deref(), Some("foo"));
     assert_eq!(e.field, "spec.action");
     assert!(e.reason.contains("unknown variant `PERMIT`"));
-    assert!(err.to_string().starts_with("document 1 (AuthorizationPolicy foo/bad): spec.action: unknown variant"));
+    // Messages count documents from 1, as users do.
+    assert!(err.to_string().starts_with("document 2 (AuthorizationPolicy foo/bad): spec.action: unknown variant"));
 }
 
 #[test]
@@ -1570,7 +1571,7 @@ fn duplicate_keys_are_an_error() {
     assert_eq!(err.errors[0].document, 2);
     assert_eq!(err.errors[0].field, "metadata.name");
     assert!(err.errors[0].reason.contains("duplicate resource AuthorizationPolicy/foo/deny-all"), "{err}");
-    assert!(err.errors[0].reason.contains("document 0"), "{err}");
+    assert!(err.errors[0].reason.contains("already defined in document 1"), "{err}");
 
     // Same name in another namespace or of another kind is fine; the default namespace counts as "default".
     let a = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: x}\nspec: {}\n";

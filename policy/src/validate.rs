@@ -7,10 +7,14 @@ use crate::authz::{Action, AuthorizationPolicy, Operation, Rule, Source};
 use crate::cidr::Cidr;
 use crate::common::{PolicyTargetReference, WorkloadSelector};
 use crate::condition::{ConditionKey, ValueKind};
-use crate::error::Errors;
+use crate::dns_name::{check_dns1123_label, is_dns1123_subdomain};
+use crate::error::{Errors, Failure, ParseError};
+use crate::http_url::check_http_url;
+use crate::lexical::{parse_go_bool, parse_go_duration, parse_port};
+use crate::metadata::{DRY_RUN_ANNOTATION, Metadata};
 use crate::peer_authn::PeerAuthentication;
 use crate::request_authn::{JwtRule, RequestAuthentication};
-use crate::resource::{API_VERSIONS, DRY_RUN_ANNOTATION, Metadata, Resource, Spec, parse_go_bool};
+use crate::resource::{API_VERSIONS, Resource, Spec};
 
 const MAX_RULES: usize = 512;
 const MAX_TARGET_REFS: usize = 16;
@@ -20,8 +24,25 @@ const MAX_SELECTOR_LABELS: usize = 4096;
 const MAX_JWT_RULES: usize = 4096;
 const MAX_SPACE_DELIMITED_CLAIMS: usize = 64;
 
+impl Resource {
+    /// Re-runs semantic validation, e.g. for a resource built in code rather than parsed.
+    pub fn validate(&self) -> Result<(), ParseError> {
+        let errors = validate_resource(self);
+        if errors.is_empty() {
+            return Ok(());
+        }
+        let failure = Failure {
+            kind: Some(self.kind.as_str().to_owned()),
+            name: Some(self.metadata.name.clone()),
+            namespace: Some(self.metadata.namespace.clone()),
+            errors: errors.0,
+        };
+        Err(ParseError { errors: failure.into_document_errors(0, "") })
+    }
+}
+
 /// Everything that can be checked on a typed resource (i.e. all but "list present but empty").
-pub(crate) fn validate_resource(r: &Resource) -> Errors {
+fn validate_resource(r: &Resource) -> Errors {
     let mut errs = Errors::default();
     if !API_VERSIONS.contains(&r.api_version.as_str()) {
         errs.push("apiVersion", api_version_reason(&r.api_version));
@@ -51,21 +72,6 @@ pub(crate) fn api_version_reason(got: &str) -> String {
 // ---------------------------------------------------------------------------------------------------------------
 // Metadata
 
-/// RFC 1123 label: what Kubernetes requires of namespace names.
-pub(crate) fn is_dns1123_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-}
-
-/// RFC 1123 subdomain: what Kubernetes requires of most object names.
-pub(crate) fn is_dns1123_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(|label| !label.is_empty() && is_dns1123_label(label))
-}
-
 pub(crate) fn name_reason(name: &str) -> Option<String> {
     if name.is_empty() {
         Some("is required".to_string())
@@ -80,7 +86,7 @@ pub(crate) fn name_reason(name: &str) -> Option<String> {
 }
 
 pub(crate) fn namespace_reason(ns: &str) -> Option<String> {
-    (!is_dns1123_label(ns)).then(|| {
+    check_dns1123_label(ns).is_err().then(|| {
         format!(
             "{ns:?} is not a valid namespace: must be a lowercase RFC 1123 label (a-z, 0-9 and '-', starting and \
              ending with an alphanumeric character, at most 63 characters)"
@@ -203,14 +209,6 @@ fn validate_target_refs(
     for (i, r) in target_refs.iter().enumerate() {
         validate_target_ref(&format!("spec.targetRefs[{i}]"), r, policy_ns, errs);
     }
-}
-
-/// Parses an Istio port value: decimal digits only (Go `ParseUint`), 0..65535.
-pub fn parse_port(s: &str) -> Option<u16> {
-    if s.is_empty() || s.len() > 10 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse::<u64>().ok().and_then(|p| u16::try_from(p).ok())
 }
 
 fn port_reason(v: &str) -> Option<String> {
@@ -491,7 +489,7 @@ fn validate_jwt_rule(path: &str, r: &JwtRule, errs: &mut Errors) {
     }
     if let Some(t) = &r.timeout {
         let reason = match parse_go_duration(t) {
-            Err(e) => Some(e),
+            Err(e) => Some(e.to_string()),
             Ok(d) if d < Duration::from_millis(1) => Some(format!("duration {t:?} must be at least 1ms")),
             Ok(d) if d.as_nanos() % 1_000_000 != 0 => {
                 Some(format!("duration {t:?}: only millisecond precision is supported"))
@@ -521,48 +519,6 @@ fn is_http_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-/// An absolute http(s) URL with a host, as Istio's `ParseJwksURI` needs to derive host and port.
-pub(crate) fn check_http_url(s: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("{s:?} is not a valid http(s) URL: {why}"));
-    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return bad("contains whitespace or control characters");
-    }
-    let Some((scheme, rest)) = s.split_once("://") else { return bad("missing scheme (http:// or https://)") };
-    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
-        return Err(format!("URI scheme {:?} is not supported: use http or https", scheme.to_ascii_lowercase()));
-    }
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
-    let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
-        let Some((addr, after)) = v6.split_once(']') else { return bad("unterminated IPv6 address") };
-        if addr.parse::<std::net::Ipv6Addr>().is_err() {
-            return bad("invalid IPv6 address");
-        }
-        match after {
-            "" => (addr, None),
-            p => match p.strip_prefix(':') {
-                Some(port) => (addr, Some(port)),
-                None => return bad("unexpected characters after IPv6 address"),
-            },
-        }
-    } else {
-        match host_port.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (host_port, None),
-        }
-    };
-    if host.is_empty() {
-        return bad("missing host");
-    }
-    if host.contains(['[', ']', '@', '\\']) {
-        return bad("invalid host");
-    }
-    if port.is_some_and(|p| !p.is_empty() && parse_port(p).is_none()) {
-        return bad("invalid port");
-    }
-    Ok(())
-}
-
 /// A JWKS is either a key set `{"keys": [...]}` or a single JWK; each key needs a `kty`.
 pub(crate) fn check_jwks(s: &str) -> Result<(), String> {
     let v: serde_json::Value = serde_json::from_str(s).map_err(|e| format!("invalid JSON: {e}"))?;
@@ -583,98 +539,9 @@ pub(crate) fn check_jwks(s: &str) -> Result<(), String> {
     }
 }
 
-/// Go `time.ParseDuration` syntax (what Kubernetes' CRD `duration()` accepts), e.g. `5s`, `1.5m`, `1h30m`, `300ms`.
-pub fn parse_go_duration(input: &str) -> Result<Duration, String> {
-    let bad = |why: &str| format!("invalid duration {input:?}: {why}");
-    let (negative, mut s) = match input.as_bytes().first() {
-        Some(b'-') => (true, &input[1..]),
-        Some(b'+') => (false, &input[1..]),
-        _ => (false, input),
-    };
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if s.is_empty() {
-        return Err(bad("empty"));
-    }
-    let mut total: u128 = 0;
-    while !s.is_empty() {
-        let int_len = s.bytes().take_while(u8::is_ascii_digit).count();
-        let (int_part, rest) = s.split_at(int_len);
-        s = rest;
-        let mut frac_part = "";
-        if let Some(rest) = s.strip_prefix('.') {
-            let frac_len = rest.bytes().take_while(u8::is_ascii_digit).count();
-            (frac_part, s) = rest.split_at(frac_len);
-        }
-        if int_part.is_empty() && frac_part.is_empty() {
-            return Err(bad("expected a number"));
-        }
-        let unit_len = s.find(|c: char| c == '.' || c.is_ascii_digit()).unwrap_or(s.len());
-        let (unit, rest) = s.split_at(unit_len);
-        s = rest;
-        let unit_ns: u128 = match unit {
-            "ns" => 1,
-            "us" | "µs" | "μs" => 1_000,
-            "ms" => 1_000_000,
-            "s" => 1_000_000_000,
-            "m" => 60 * 1_000_000_000,
-            "h" => 3_600 * 1_000_000_000,
-            "" => return Err(bad("missing unit (use ns, us, ms, s, m or h)")),
-            _ => return Err(bad("unknown unit (use ns, us, ms, s, m or h)")),
-        };
-        let int: u128 = if int_part.is_empty() {
-            0
-        } else {
-            match int_part.parse() {
-                Ok(v) => v,
-                Err(_) => return Err(bad("out of range")),
-            }
-        };
-        let mut part = int.checked_mul(unit_ns).ok_or_else(|| bad("out of range"))?;
-        if !frac_part.is_empty() {
-            // Nanosecond resolution needs at most 18 fractional digits for the largest unit.
-            let digits = &frac_part[..frac_part.len().min(18)];
-            let frac: u128 = digits.parse().map_err(|_| bad("expected a number"))?;
-            part = part.saturating_add(frac * unit_ns / 10u128.pow(digits.len() as u32));
-        }
-        total = total.checked_add(part).ok_or_else(|| bad("out of range"))?;
-    }
-    if total > u128::from(u64::MAX) {
-        return Err(bad("out of range"));
-    }
-    if negative && total != 0 {
-        return Err(bad("must not be negative"));
-    }
-    Ok(Duration::from_nanos(total as u64))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ports() {
-        for ok in ["0", "80", "8080", "65535", "0080"] {
-            assert!(parse_port(ok).is_some(), "{ok}");
-        }
-        for bad in ["", "65536", "70000", "abc", "-1", "+80", " 80", "80 ", "8o", "99999999999", "1.5"] {
-            assert!(parse_port(bad).is_none(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn dns_names() {
-        for ok in ["a", "deny-all", "a.b-c.d", "x1", &"a".repeat(63)] {
-            assert!(is_dns1123_subdomain(ok), "{ok}");
-        }
-        for bad in ["", "A", "-a", "a-", "a..b", ".a", "a_b", "a b", &"a".repeat(254)] {
-            assert!(!is_dns1123_subdomain(bad), "{bad}");
-        }
-        assert!(is_dns1123_label("istio-system"));
-        assert!(!is_dns1123_label("a.b"));
-        assert!(!is_dns1123_label(&"a".repeat(64)));
-    }
 
     #[test]
     fn path_templates() {
@@ -698,63 +565,12 @@ mod tests {
     }
 
     #[test]
-    fn urls() {
-        for ok in [
-            "https://example.com/.well-known/jwks.json",
-            "http://example.com",
-            "HTTPS://example.com:8443/jwks",
-            "https://user@example.com/jwks",
-            "https://[::1]:8080/jwks",
-            "https://raw.githubusercontent.com/istio/istio/release-1.24/security/tools/jwt/samples/jwks.json",
-        ] {
-            assert_eq!(check_http_url(ok), Ok(()), "{ok}");
-        }
-        for bad in [
-            "",
-            "example.com/jwks",
-            "ftp://example.com/jwks",
-            "https://",
-            "https:///jwks",
-            "https://example.com:99999/jwks",
-            "https://example.com:abc/",
-            "https://exa mple.com/",
-            "https://[::1/jwks",
-            "https://[zz]/jwks",
-        ] {
-            assert!(check_http_url(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn jwks() {
         assert!(check_jwks(r#"{"keys":[{"kty":"RSA","n":"x","e":"AQAB"}]}"#).is_ok());
         assert!(check_jwks(r#"{"kty":"EC","crv":"P-256"}"#).is_ok());
         assert!(check_jwks(r#"{"keys":[]}"#).is_ok());
         for bad in ["", "not json", "[]", r#"{"keys":{}}"#, r#"{"keys":[{}]}"#, r#"{"foo":1}"#] {
             assert!(check_jwks(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn durations() {
-        let ok: &[(&str, Duration)] = &[
-            ("0", Duration::ZERO),
-            ("5s", Duration::from_secs(5)),
-            ("1.5s", Duration::from_millis(1500)),
-            ("300ms", Duration::from_millis(300)),
-            ("1m30s", Duration::from_secs(90)),
-            ("1h", Duration::from_secs(3600)),
-            ("2us", Duration::from_micros(2)),
-            ("2µs", Duration::from_micros(2)),
-            ("10ns", Duration::from_nanos(10)),
-            (".5s", Duration::from_millis(500)),
-            ("+1s", Duration::from_secs(1)),
-        ];
-        for (input, want) in ok {
-            assert_eq!(parse_go_duration(input), Ok(*want), "{input}");
-        }
-        for bad in ["", "5", "s", "5x", "1..5s", "-1s", "1s5", "abc", "99999999999999999999999h"] {
-            assert!(parse_go_duration(bad).is_err(), "{bad}");
         }
     }
 

@@ -2,6 +2,8 @@
 //!
 //! Generated from `proto/trellis/v1/trellis.proto`; see that file for the meaning of each message.
 
+#![forbid(unsafe_code)]
+
 #[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {
     tonic::include_proto!("trellis.v1");

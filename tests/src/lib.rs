@@ -2,6 +2,10 @@
 //! with `trellisctl` or raw gRPC, and tear everything down on drop. Binaries come from the workspace's target dir,
 //! so `cargo build --workspace` must run before the tests (the README's test command does).
 
+// `deny`, not `forbid`: `netns::in_netns` needs setns(2), which std does not wrap; that one place allows unsafe
+// code, with its SAFETY reasoning.
+#![deny(unsafe_code)]
+
 pub mod client;
 pub mod hbone;
 pub mod http;

@@ -176,12 +176,14 @@ pub fn command(netns: Option<&str>, program: impl AsRef<OsStr>) -> Command {
     }
 }
 
+#[allow(unsafe_code)]
 unsafe extern "C" {
     fn setns(fd: i32, nstype: i32) -> i32;
 }
 const CLONE_NEWNET: i32 = 0x4000_0000;
 
 /// Runs `f` on a thread that joined namespace `ns` (sockets it creates stay in that namespace wherever used).
+#[allow(unsafe_code)]
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = std::path::Path::new("/run/netns").join(ns);
     std::thread::spawn(move || {

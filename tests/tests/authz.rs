@@ -1,6 +1,8 @@
 //! Authorization enforced by the destination proxy, with real processes: policies pushed through `trellisctl`,
 //! connections made by applications through SOCKS5.
 
+#![forbid(unsafe_code)]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};

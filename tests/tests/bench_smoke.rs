@@ -2,6 +2,8 @@
 //! sizes, to prove the suite still works. It asserts what was measured and printed, never how fast: no timing
 //! thresholds. Needs stunnel4 and HAProxy (`.ci/run` installs them; the suite installs them itself as root).
 
+#![forbid(unsafe_code)]
+
 use std::process::Command;
 
 use trellis_tests::bin;

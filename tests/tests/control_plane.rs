@@ -1,5 +1,7 @@
 //! The control plane as a real process: join, certificates, admin API, validation, and every refusal.
 
+#![forbid(unsafe_code)]
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -298,7 +300,9 @@ fn invalid_documents_are_rejected_with_their_field_and_nothing_is_half_applied()
     );
     let out = cp.ctl_stdin(&["apply", "-f", "-"], Some(&mixed));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("document 1"), "{}", String::from_utf8_lossy(&out.stderr));
+    // The bad document is the second one, and users count from 1.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("document 2 (AuthorizationPolicy default/bad)"), "{stderr}");
     let all = cp.ctl_json(&["get", "ap", "-A"]);
     let names: Vec<&str> =
         all["items"].as_array().unwrap().iter().map(|d| d["metadata"]["name"].as_str().unwrap()).collect();

@@ -1,6 +1,8 @@
 //! The README's demo (`trellis-demo`) as a user runs it: once to completion, and with `--serve` as a mesh that
 //! another program finds through the READY line, uses, and stops with SIGTERM.
 
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};

@@ -3,6 +3,8 @@
 //! forwards allowed ones to `trellis-http-echo`. Tokens are signed by an independent JOSE implementation (Python's
 //! PyJWT with `cryptography`) with keys generated per run.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};

@@ -10,6 +10,8 @@
 //! a strongly connected component of more than one child. Re-exports through a crate root (`crate::Item` for an item
 //! a root re-exports) are not followed.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

@@ -12,6 +12,8 @@
 //!
 //! Setup failures (namespaces, nft, processes) fail the test: CI runs as root.
 
+#![forbid(unsafe_code)]
+
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;

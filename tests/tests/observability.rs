@@ -2,6 +2,8 @@
 //! mesh and finds exactly the traffic the test made; `promtool` lints every `/metrics`; the access log and the
 //! decision counters name the policy that denied; the admin endpoints show certificates but never keys.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;

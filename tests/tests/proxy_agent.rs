@@ -1,6 +1,8 @@
 //! The proxy as a control-plane client, with both real processes: join, certify, follow the stream, ACK; survive a
 //! control-plane crash; get cut off when its node is revoked.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use trellis_tests::{ControlPlane, Proxy, WorkloadSpec, wait_for};

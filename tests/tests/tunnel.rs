@@ -1,6 +1,8 @@
 //! The data path with real processes: an application's bytes go SOCKS5 → proxy A → HBONE (mTLS, HTTP/2 CONNECT) →
 //! proxy B → echo server, and back.
 
+#![forbid(unsafe_code)]
+
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

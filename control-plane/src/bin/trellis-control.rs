@@ -1,5 +1,7 @@
 //! `trellis-control`: initialise a data dir, or serve the control plane.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

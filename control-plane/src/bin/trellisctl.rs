@@ -1,5 +1,7 @@
 //! `trellisctl`: apply and inspect Istio security resources, manage join tokens and nodes, see proxy status.
 
+#![forbid(unsafe_code)]
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;

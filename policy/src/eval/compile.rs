@@ -5,10 +5,10 @@ use crate::authz::{Action, AuthorizationPolicy, Condition, Operation, Rule, Sour
 use crate::cidr::Cidr;
 use crate::common::WorkloadSelector;
 use crate::condition::ConditionKey;
+use crate::lexical::parse_port;
 use crate::matcher::StringMatch;
-use crate::validate::parse_port;
 
-use super::index::principal_hash;
+use super::index_key::{IndexKey, principal_hash};
 use super::matchers::{
     Field, FilterValueMatch, HeaderMatch, HostMatch, JwtPrincipalMatch, PathMatch, ServiceAccountMatch,
 };
@@ -50,19 +50,6 @@ pub(crate) struct CompiledRule {
     pub(crate) when: Vec<Check>,
     /// Uses an HTTP-only attribute somewhere: on TCP an ALLOW rule like this is dropped as a whole (Istio §2.9).
     pub(crate) http_only: bool,
-}
-
-/// What a request needs for a rule to possibly match, for the per-workload index: a principal or a port among a
-/// few exact values (from a positive `when` check, or from one positive check in every `from` / `to` element;
-/// principals win over ports). A rule is filed under each of its keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum IndexKey {
-    /// The peer principal has this [`principal_hash`].
-    Principal(u64),
-    /// The destination port is this.
-    Port(u16),
-    /// No such requirement: the rule is always tried.
-    Any,
 }
 
 fn index_keys(rule: &CompiledRule) -> Vec<IndexKey> {

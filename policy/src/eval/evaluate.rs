@@ -9,7 +9,8 @@ use crate::matcher::StringMatch;
 
 use super::compile::{Check, CompiledPolicy, CompiledRule};
 use super::decision::{Decision, DryRunOutcome, PolicyRef, Reason};
-use super::index::{PolicyList, principal_hash};
+use super::index::PolicyList;
+use super::index_key::principal_hash;
 use super::matchers::{claim, claim_matches};
 use super::policies::WorkloadPolicies;
 use super::request::{Headers, HttpRequest, Peer, Protocol, Request};

@@ -11,17 +11,11 @@
 //! values with the same hash share their rules: a check then tries a few more rules, with the same result.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, DefaultHasher, Hasher};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use super::compile::{CompiledPolicy, IndexKey};
-
-/// The key a principal is filed under. `DefaultHasher::new()` is the same function throughout the process.
-pub(crate) fn principal_hash(principal: &str) -> u64 {
-    let mut h = DefaultHasher::new();
-    h.write(principal.as_bytes());
-    h.finish()
-}
+use super::compile::CompiledPolicy;
+use super::index_key::IndexKey;
 
 /// The key a port is filed under: spread over 64 bits, as the hash map expects.
 fn port_hash(port: u16) -> u64 {
@@ -81,7 +75,8 @@ impl PolicyList {
         (all - self.always.len(), all)
     }
 
-    /// The rules that can match a request to `port` from the peer whose [`principal_hash`] `principal` returns
+    /// The rules that can match a request to `port` from the peer whose
+    /// [`principal_hash`](super::index_key::principal_hash) `principal` returns
     /// (called only if rules are filed by principal), in evaluation order. Allocation-free.
     pub(crate) fn candidates(&self, principal: impl FnOnce() -> Option<u64>, port: u16) -> Candidates<'_> {
         let by_principal = if self.by_principal.is_empty() {

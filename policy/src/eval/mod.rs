@@ -14,6 +14,7 @@ mod compile;
 mod decision;
 mod evaluate;
 mod index;
+mod index_key;
 mod matchers;
 mod policies;
 mod request;

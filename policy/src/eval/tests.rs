@@ -1579,7 +1579,10 @@ fn index_candidates() {
     let compiled = CompiledPolicies::compile(&parse(&policies), ROOT).unwrap();
     let w = compiled.for_workload("foo", &BTreeMap::new());
     let candidates = |principal: Option<&str>, port: u16| -> Vec<(u32, u32)> {
-        w.deny.candidates(|| principal.map(super::index::principal_hash), port).map(|r| (r.policy, r.rule)).collect()
+        w.deny
+            .candidates(|| principal.map(super::index_key::principal_hash), port)
+            .map(|r| (r.policy, r.rule))
+            .collect()
     };
     let always = [(0, 1), (0, 4), (0, 5), (1, 1)];
     let with = |extra: &[(u32, u32)]| {

@@ -5,6 +5,10 @@
 //! JWT rule (see `bench/http.rs`).
 //! Both write their own marked section of BENCHMARKS.md; nothing asserts on timings.
 
+// `deny`, not `forbid`: a few system calls std does not wrap (sysconf, rlimits, prctl in `bench::procfs`; geteuid
+// in `bench::contenders`) allow unsafe code where they are made, with their SAFETY reasoning.
+#![deny(unsafe_code)]
+
 mod bench;
 mod common;
 

@@ -9,6 +9,8 @@
 //! (everything else goes to stderr). `--no-build` skips building the mesh binaries; `--client-ip`/`--server-ip`
 //! move the workloads off 127.0.10.1/127.0.10.2.
 
+#![forbid(unsafe_code)]
+
 mod common;
 
 use std::io::{Read, Write};

@@ -1,6 +1,8 @@
 //! `trellis-echo --listen ADDR`: a TCP echo server for tests, demos and benchmarks. Echoes every byte back; when
 //! the client shuts down its write side, finishes echoing and shuts down its own (so half-close is observable).
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -4,6 +4,8 @@
 //! gRPC response with `grpc-status: 0` in trailers. `GET /__requests` lists the targets of every request received
 //! so far (one per line), so a test can prove what a proxy did not forward.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -103,7 +103,9 @@ pub fn ensure_tools() -> anyhow::Result<()> {
         return Ok(());
     }
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    #[allow(unsafe_code)]
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
         bail!(
             "{} not installed and not running as root: install them with `sudo apt-get install -y {}`",
             missing.join(" and "),

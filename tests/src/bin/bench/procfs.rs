@@ -15,6 +15,7 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     // After ")": field 3 (state) is index 0, so field 14 (utime) is index 11 and field 15 (stime) index 12.
     let total = ticks(11)? + ticks(12)?;
     // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     Ok(total as f64 / if hz > 0 { hz as f64 } else { 100.0 })
 }
@@ -36,6 +37,7 @@ pub fn open_files_limit(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// Raises this process's RLIMIT_NOFILE to `want` (soft and, as far as allowed, hard); returns the soft limit now.
+#[allow(unsafe_code)]
 pub fn raise_open_files(want: u64) -> u64 {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit only read and write the struct passed.
@@ -58,6 +60,7 @@ pub fn raise_open_files(want: u64) -> u64 {
 }
 
 /// Sets this thread's timer slack to 1 ns, so that the load generator's sleeps end on time.
+#[allow(unsafe_code)]
 pub fn precise_sleeps() {
     // SAFETY: PR_SET_TIMERSLACK takes a plain integer and affects only the calling thread.
     unsafe {

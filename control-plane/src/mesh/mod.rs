@@ -1,0 +1,168 @@
+//! The control plane's model of the mesh: every change goes to the store first, in one transaction, then is
+//! published as a new immutable [`Snapshot`] that every discovery stream diffs against what it last sent.
+//!
+//! This module holds the [`Mesh`], its snapshot and the write path every change takes; the operations are split
+//! by concern: `resources` (apply, dry run, delete), `joins` (tokens, and a join consuming one), `nodes` (active
+//! and revoked nodes), `registry` (the workloads each node declares), `hello` (checking a proxy's declaration),
+//! `signing` (workload certificates, the certificate log) and `errors` ([`MeshError`] and its gRPC status).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::watch;
+use trellis_proto::v1 as pb;
+
+use crate::ca::Ca;
+use crate::records::{self, META_VERSION, ResourceRecord};
+use crate::store::{Store, StoreError, Table, Txn, transact};
+
+mod errors;
+mod hello;
+mod joins;
+mod nodes;
+mod registry;
+mod resources;
+mod signing;
+
+pub use errors::MeshError;
+
+/// What every proxy is told: the whole registry and every resource (scoping per proxy comes later).
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub version: u64,
+    pub trust_bundle: pb::TrustBundle,
+    pub workloads: BTreeMap<String, Arc<pb::Workload>>,
+    pub resources: BTreeMap<String, Arc<pb::Resource>>,
+    /// When the change that made this version was published (None for the snapshot loaded at start): the origin
+    /// of the convergence time measured at each proxy's ACK.
+    pub created: Option<std::time::Instant>,
+    /// JWKS documents fetched for `jwksUri` values, by URI (kept in memory, refetched after a restart).
+    pub jwks: Arc<BTreeMap<String, String>>,
+}
+
+pub struct MeshConfig {
+    pub trust_domain: String,
+    pub cert_ttl: Duration,
+    pub node_cert_ttl: Duration,
+}
+
+pub struct Mesh {
+    store: Arc<dyn Store>,
+    ca: Ca,
+    config: MeshConfig,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    /// Serializes write transactions with the publication of their snapshot, so snapshots appear in version order.
+    writer: Mutex<()>,
+}
+
+/// The size of what the store holds, as gauges: resources by kind and registered workloads.
+fn store_gauges(snapshot: &Snapshot) {
+    for kind in trellis_policy::Kind::ALL {
+        let count =
+            snapshot.resources.values().filter(|r| r.key.as_ref().is_some_and(|k| k.kind == kind.as_str())).count();
+        metrics::gauge!("trellis_store_resources", "kind" => kind.as_str()).set(count as f64);
+    }
+    metrics::gauge!("trellis_store_workloads").set(snapshot.workloads.len() as f64);
+    metrics::gauge!("trellis_config_version").set(snapshot.version as f64);
+}
+
+pub fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn to_pb_resource(r: &ResourceRecord) -> pb::Resource {
+    pb::Resource {
+        key: Some(pb::ResourceKey { kind: r.kind.clone(), namespace: r.namespace.clone(), name: r.name.clone() }),
+        revision: r.revision,
+        json: r.json.clone(),
+    }
+}
+
+fn decode_workload(key: &str, bytes: &[u8]) -> Result<pb::Workload, StoreError> {
+    pb::Workload::decode(bytes).map_err(|e| StoreError::Corrupt {
+        table: Table::Workloads,
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+impl Mesh {
+    pub fn open(store: Arc<dyn Store>, ca: Ca, config: MeshConfig) -> Result<Self, MeshError> {
+        let mut snapshot = Snapshot {
+            version: records::load::<u64>(store.as_ref(), Table::Meta, META_VERSION)?.unwrap_or(0),
+            trust_bundle: pb::TrustBundle {
+                trust_domain: config.trust_domain.clone(),
+                roots: ca.roots().iter().map(|c| c.to_vec()).collect(),
+            },
+            ..Default::default()
+        };
+        for record in records::load_all::<ResourceRecord>(store.as_ref(), Table::Resources)? {
+            snapshot.resources.insert(record.store_key(), Arc::new(to_pb_resource(&record)));
+        }
+        for (key, bytes) in store.list(Table::Workloads)? {
+            snapshot.workloads.insert(key.clone(), Arc::new(decode_workload(&key, &bytes)?));
+        }
+        store_gauges(&snapshot);
+        let (snapshot, _) = watch::channel(Arc::new(snapshot));
+        Ok(Self { store, ca, config, snapshot, writer: Mutex::new(()) })
+    }
+
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.config.trust_domain
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Runs a store transaction and, if it changed anything, publishes the snapshot `edit` derives.
+    fn write<T>(
+        &self,
+        txn: impl FnMut(&mut dyn Txn) -> Result<(T, Option<u64>), MeshError>,
+        edit: impl FnOnce(&T, &mut Snapshot),
+    ) -> Result<T, MeshError> {
+        let _guard = self.writer.lock().expect("writer lock");
+        let (result, new_version) = transact(self.store.as_ref(), txn)?;
+        if let Some(version) = new_version {
+            let current = self.current();
+            let mut next = Snapshot {
+                version,
+                trust_bundle: current.trust_bundle.clone(),
+                workloads: current.workloads.clone(),
+                resources: current.resources.clone(),
+                created: Some(std::time::Instant::now()),
+                jwks: current.jwks.clone(),
+            };
+            edit(&result, &mut next);
+            store_gauges(&next);
+            self.snapshot.send_replace(Arc::new(next));
+        }
+        Ok(result)
+    }
+
+    /// Publishes a new set of fetched JWKS documents under a new config version (so proxies ACK it).
+    pub fn set_jwks(&self, jwks: BTreeMap<String, String>) -> Result<(), MeshError> {
+        if *self.current().jwks == jwks {
+            return Ok(());
+        }
+        let jwks = Arc::new(jwks);
+        self.write(|txn| Ok(((), Some(records::bump(txn, META_VERSION)?))), |_, snapshot| snapshot.jwks = jwks.clone())
+    }
+}
+
+#[cfg(test)]
+mod testing;

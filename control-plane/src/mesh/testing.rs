@@ -1,0 +1,110 @@
+//! In-process test support: a [`Mesh`] on a fresh redb store and a fresh CA in a temporary directory (removed on
+//! drop), and builders for what proxies send (CSRs, Hellos).
+
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use trellis_proto::v1 as pb;
+
+use super::{Mesh, MeshConfig};
+use crate::ca::{CA_CERT, CA_CHAIN, CA_KEY, Ca};
+use crate::records::NodeRecord;
+use crate::store::{RedbStore, STORE_FILE};
+
+pub(super) const TRUST_DOMAIN: &str = "test.example";
+
+pub(super) struct TestMesh {
+    mesh: Mesh,
+    dir: PathBuf,
+}
+
+impl TestMesh {
+    pub(super) fn new() -> TestMesh {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("trellis-mesh-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("ca")).expect("temp dir");
+        let (cert, key) = Ca::generate_root(TRUST_DOMAIN).expect("test CA");
+        std::fs::write(dir.join(CA_CERT), &cert).expect("CA cert");
+        std::fs::write(dir.join(CA_KEY), &key).expect("CA key");
+        std::fs::write(dir.join(CA_CHAIN), &cert).expect("CA chain");
+        let ca = Ca::load(&dir, TRUST_DOMAIN).expect("load test CA");
+        let store = Arc::new(RedbStore::open(&dir.join(STORE_FILE)).expect("store"));
+        let config = MeshConfig {
+            trust_domain: TRUST_DOMAIN.to_owned(),
+            cert_ttl: Duration::from_secs(3600),
+            node_cert_ttl: Duration::from_secs(3600),
+        };
+        TestMesh { mesh: Mesh::open(store, ca, config).expect("open mesh"), dir }
+    }
+
+    /// Creates a token for `node` and joins with it: the node's record, as the discovery service loads it.
+    pub(super) fn joined(&self, node: &str, namespaces: &[&str]) -> NodeRecord {
+        let namespaces = namespaces.iter().map(|n| n.to_string()).collect();
+        let (token, _) =
+            self.create_token(node, namespaces, Duration::from_secs(600), false).expect("token for a joining node");
+        self.join(&token, node, &csr(None)).expect("join");
+        self.active_node(node).expect("joined node is active")
+    }
+}
+
+impl Deref for TestMesh {
+    type Target = Mesh;
+
+    fn deref(&self) -> &Mesh {
+        &self.mesh
+    }
+}
+
+impl Drop for TestMesh {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A CSR for a fresh P-256 key, naming `uri` as its only SAN (none for node credentials, whose names the CA
+/// sets).
+pub(super) fn csr(uri: Option<&str>) -> Vec<u8> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = CertificateParams::default();
+    if let Some(uri) = uri {
+        params.subject_alt_names = vec![SanType::URI(uri.try_into().expect("URI SAN"))];
+    }
+    params.serialize_request(&key).expect("CSR").der().to_vec()
+}
+
+/// A workload as a proxy declares it: one TCP port.
+pub(super) fn workload(namespace: &str, name: &str, service_account: &str, addresses: &[&str]) -> pb::Workload {
+    pb::Workload {
+        name: name.to_owned(),
+        namespace: namespace.to_owned(),
+        service_account: service_account.to_owned(),
+        addresses: addresses.iter().map(|a| a.to_string()).collect(),
+        ports: vec![pb::Port { port: 8080, protocol: pb::Protocol::Tcp.into() }],
+        ..Default::default()
+    }
+}
+
+pub(super) fn hello(workloads: Vec<pb::Workload>) -> pb::Hello {
+    pb::Hello { workloads, hbone_address: "127.0.0.1:15008".to_owned(), version: "test".to_owned() }
+}
+
+/// A refusal as `(variant, message)`, so a test checks both the kind of refusal and its reason.
+pub(super) fn refusal(e: &super::MeshError) -> (&'static str, String) {
+    use super::MeshError::*;
+    let kind = match e {
+        InvalidArgument(_) => "InvalidArgument",
+        NotFound(_) => "NotFound",
+        PermissionDenied(_) => "PermissionDenied",
+        Unauthenticated(_) => "Unauthenticated",
+        AlreadyExists(_) => "AlreadyExists",
+        Store(_) => "Store",
+        Ca(_) => "Ca",
+    };
+    (kind, e.to_string())
+}
