@@ -78,7 +78,8 @@ impl Mesh {
         let events = Events::default();
         // The proxy's own events only (not the TLS and HTTP/2 libraries' debug output).
         let filter = Targets::new().with_target("trellis_data_plane", Level::INFO).with_target("access", Level::INFO);
-        let tracing = tracing::subscriber::set_default(tracing_subscriber::registry().with(filter).with(events.clone()));
+        let tracing =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(filter).with(events.clone()));
         let ca = TestCa::new();
         let (shutdown, stop) = watch::channel(false);
         let echo = Server::start(Behaviour::Echo).await;
@@ -194,7 +195,8 @@ impl Proxy {
     /// (`Mesh::push`).
     async fn start(node: &str, workload: WorkloadConfig, ca: &TestCa, shutdown: watch::Receiver<bool>) -> Self {
         let pin = format!("sha256:{}", "0".repeat(64));
-        let yaml = format!("node: {node}\ncontrolPlane: {{address: 127.0.0.1:1, caPin: '{pin}'}}\nstateDir: /nonexistent\n");
+        let yaml =
+            format!("node: {node}\ncontrolPlane: {{address: 127.0.0.1:1, caPin: '{pin}'}}\nstateDir: /nonexistent\n");
         let mut config = Config::parse(&yaml).expect("the minimal config parses");
         config.outbound = Outbound { passthrough: Passthrough::Deny, socks5_workload: Some(0) };
         let ip = workload.addresses[0];
@@ -210,7 +212,12 @@ impl Proxy {
         let certs = Arc::new(WorkloadCerts::new([local.spiffe_id.clone()]));
         let state = Arc::new(StateStore::new(State::with_root_namespace(TRUST_DOMAIN, config.root_namespace.clone())));
         let tasks = vec![
-            tokio::spawn(crate::reconfigure::follow_changes(config.clone(), data.clone(), certs.clone(), state.clone())),
+            tokio::spawn(crate::reconfigure::follow_changes(
+                config.clone(),
+                data.clone(),
+                certs.clone(),
+                state.clone(),
+            )),
             tokio::spawn(inbound::serve(hbone, data.clone(), shutdown)),
             tokio::spawn(socks5::serve(socks5, data.clone(), local.clone())),
         ];

@@ -124,21 +124,27 @@ async fn a_deny_policy_at_the_destination_refuses_the_tunnel_and_closes_the_open
 
     // DENY for W_a's principal, beside the ALLOW: deny wins.
     mesh.apply_policy(DENY_WEB).await;
-    assert_eq!(mesh.a.connect(mesh.echo.addr).await.err(), Some(NOT_ALLOWED), "B answered 403, A replied 'not allowed'");
+    assert_eq!(
+        mesh.a.connect(mesh.echo.addr).await.err(),
+        Some(NOT_ALLOWED),
+        "B answered 403, A replied 'not allowed'"
+    );
     assert_eq!(mesh.echo.accepted(), 1, "B never dialled W_b for the refused tunnel");
+    let accepts = mesh.events.hbone_accepts(&mesh.a.workload.spiffe_id);
+    assert_eq!(accepts.len(), 1, "a policy change leaves the TLS set and the pooled connection alone: {accepts:?}");
 
-    // B recorded why: the decision, its policy and the DENY flag, for W_a's principal.
-    let denied = mesh.events.with_message("connection denied");
-    assert_eq!(denied.len(), 1, "{denied:?}");
-    assert!(denied[0].field("decision").contains("denied by DENY policy back/deny-web"), "{:?}", denied[0]);
-    let refused: Vec<_> = mesh.events.access("destination").into_iter().filter(|e| e.field("decision") == "denied").collect();
+    // B recorded why (its access log, the report every path makes): the decision, its policy and the DENY flag, for
+    // W_a's principal.
+    let refused: Vec<_> =
+        mesh.events.access("destination").into_iter().filter(|e| e.field("decision") == "denied").collect();
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0].field("policy"), "back/deny-web");
     assert_eq!(refused[0].field("response_flags"), "DENY");
     assert_eq!(refused[0].field("source_principal"), source);
     assert_eq!(refused[0].field("bytes_received"), "0");
     // A reported the refusal it got.
-    let at_a: Vec<_> = mesh.events.access("source").into_iter().filter(|e| e.field("response_flags") == "DENY").collect();
+    let at_a: Vec<_> =
+        mesh.events.access("source").into_iter().filter(|e| e.field("response_flags") == "DENY").collect();
     assert_eq!(at_a.len(), 1, "{at_a:?}");
 
     // The tunnel opened under the ALLOW policy alone was re-checked and closed.
@@ -151,7 +157,7 @@ async fn a_deny_policy_at_the_destination_refuses_the_tunnel_and_closes_the_open
         mesh.events.access("destination").into_iter().filter(|e| e.field("decision") == "allowed").collect();
     assert_eq!(revoked.len(), 1, "{revoked:?}");
     assert_eq!(revoked[0].field("policy"), "back/allow-web");
-    assert_eq!(revoked[0].field("detail"), "closed by the proxy: policy change or shutdown");
+    assert_ne!(revoked[0].field("detail"), "-", "ended by the proxy, not by either end: {:?}", revoked[0]);
 }
 
 /// The serial of the certificate B's HBONE listener presents to a client using A's current TLS set for W_a → W_b.
