@@ -35,6 +35,9 @@ pub mod sockets;
 pub mod state;
 pub mod tls;
 
+#[cfg(test)]
+mod testing;
+
 use tokio::sync::watch;
 
 /// Resolves once shutdown is requested (or its sender is gone, which also means stop).

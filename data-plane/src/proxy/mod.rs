@@ -56,3 +56,6 @@ impl DataPath {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -25,7 +25,7 @@ use crate::hbone::{
 use crate::tls::TlsSet;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -165,7 +165,12 @@ impl Pool {
 
     /// Drops closed connections, and idle ones after `IDLE_TIMEOUT` (dropping the last sender closes it).
     pub fn reap(&self) {
-        let now = self.epoch.elapsed().as_millis() as u64;
+        self.reap_at(Instant::now());
+    }
+
+    /// `reap` as if it ran at `now` (tests drive the idle expiry without waiting for it).
+    pub(crate) fn reap_at(&self, now: Instant) {
+        let now = now.saturating_duration_since(self.epoch).as_millis() as u64;
         let idle_ms = IDLE_TIMEOUT.as_millis() as u64;
         let mut connections = self.connections.lock();
         connections.retain(|_, list| {

@@ -1,0 +1,276 @@
+//! The data path in one process: two proxies on loopback (`crate::testing::Mesh`), a client of A's SOCKS5 listener,
+//! tunnels through A's pool to B's HBONE listener and on to W_b's servers. Each test drives what a developer changes
+//! when working on the data path (tunnel open and close, refusal by policy, a rotation of the TLS set, the pool) and
+//! checks what the client gets and what each proxy recorded. No timing is asserted: every wait is for a condition,
+//! bounded by `testing::WAIT`.
+
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinSet;
+
+use crate::identity::certs::CertInfo;
+use crate::identity::certs::test_ca::TestCa;
+use crate::testing::{GREETING, Mesh, echo_round, eventually, socks5_connect, within};
+
+/// RFC 1928 reply "connection not allowed by ruleset": what the SOCKS5 listener answers when B refuses with 403.
+const NOT_ALLOWED: u8 = 2;
+
+const ALLOW_WEB: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-web, namespace: back}
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["td.test/ns/front/sa/web"]
+"#;
+
+const DENY_WEB: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-web, namespace: back}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["td.test/ns/front/sa/web"]
+"#;
+
+/// Reads what is left until EOF; an error (a reset) counts as the end too.
+async fn read_rest(stream: &mut tokio::net::TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut rest = Vec::new();
+    within("the end of the stream", stream.read_to_end(&mut rest)).await.map(|_| rest)
+}
+
+#[tokio::test]
+async fn a_tunnel_carries_bytes_both_ways_and_its_half_close_crosses_both_hops() {
+    let mesh = Mesh::start().await;
+    let (a, b) = (&mesh.a, &mesh.b);
+    let message = b"through A, HBONE and B to W_b";
+
+    let mut client = a.connect(mesh.echo.addr).await.expect("the tunnel opens");
+    echo_round(&mut client, message).await;
+    eventually("the connection registered at A and at B", || {
+        a.data.connections.len() == 1 && b.data.connections.len() == 1
+    })
+    .await;
+    assert_eq!(a.data.pool.size(), 1, "one pooled HTTP/2 connection to B");
+    let accepts = mesh.events.hbone_accepts(&a.workload.spiffe_id);
+    assert_eq!(accepts.len(), 1, "B accepted one mTLS connection from W_a: {accepts:?}");
+    assert_eq!(accepts[0].field("serial"), a.cert().info.serial, "A presented W_a's certificate");
+
+    // The client stops writing: END_STREAM from A, FIN from B; the echo server sees EOF and closes, and that close
+    // travels back the same way.
+    client.shutdown().await.unwrap();
+    assert_eq!(mesh.echo.received().await, message, "the echo server saw everything, then EOF");
+    assert_eq!(read_rest(&mut client).await.expect("a clean EOF"), b"", "nothing after the echo, then EOF");
+    eventually("the connection gone from A and B", || a.data.connections.is_empty() && b.data.connections.is_empty())
+        .await;
+
+    // Each side reported it once, with the same bytes.
+    let (at_a, at_b) = (mesh.events.access("source"), mesh.events.access("destination"));
+    assert_eq!((at_a.len(), at_b.len()), (1, 1), "{at_a:?} {at_b:?}");
+    let length = message.len().to_string();
+    for entry in [&at_a[0], &at_b[0]] {
+        assert_eq!(entry.field("bytes_received"), length, "{entry:?}");
+        assert_eq!(entry.field("bytes_sent"), length, "{entry:?}");
+        assert_eq!(entry.field("response_flags"), "-", "{entry:?}");
+        assert_eq!(entry.field("connection_security_policy"), "mutual_tls", "{entry:?}");
+        assert_eq!(entry.field("source_workload"), "web", "{entry:?}");
+        assert_eq!(entry.field("destination_workload"), "api", "{entry:?}");
+        assert_eq!(entry.field("detail"), "-", "ended normally: {entry:?}");
+    }
+    assert_eq!(at_b[0].field("decision"), "allowed", "no policy: allowed");
+    assert_eq!(at_b[0].field("source_principal"), "td.test/ns/front/sa/web");
+}
+
+#[tokio::test]
+async fn when_the_workload_closes_first_the_client_sees_eof_and_can_still_send() {
+    let mesh = Mesh::start().await;
+    let mut client = mesh.a.connect(mesh.greeter.addr).await.expect("the tunnel opens");
+    // The greeter wrote its greeting and closed its side at once.
+    let mut greeting = vec![0u8; GREETING.len()];
+    within("the greeting", client.read_exact(&mut greeting)).await.unwrap();
+    assert_eq!(greeting, GREETING);
+    let mut byte = [0u8; 1];
+    assert_eq!(within("EOF from W_b", client.read(&mut byte)).await.unwrap(), 0, "W_b's FIN reached the client");
+    // Only one direction is closed: what the client sends now still reaches W_b, which reads until the client's FIN.
+    client.write_all(b"after your FIN").await.unwrap();
+    client.shutdown().await.unwrap();
+    assert_eq!(mesh.greeter.received().await, b"after your FIN");
+    eventually("the connection gone from A and B", || {
+        mesh.a.data.connections.is_empty() && mesh.b.data.connections.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_deny_policy_at_the_destination_refuses_the_tunnel_and_closes_the_open_one() {
+    let mut mesh = Mesh::start().await;
+    let source = mesh.a.workload.spiffe_id.principal();
+
+    // Control: a policy allowing W_a, through the same fixture.
+    mesh.apply_policy(ALLOW_WEB).await;
+    let mut open = mesh.a.connect(mesh.echo.addr).await.expect("allowed by back/allow-web");
+    echo_round(&mut open, b"allowed").await;
+    let allowed = mesh.events.access("destination");
+    assert!(allowed.is_empty(), "the allowed connection is still open: {allowed:?}");
+    assert_eq!(mesh.echo.accepted(), 1);
+
+    // DENY for W_a's principal, beside the ALLOW: deny wins.
+    mesh.apply_policy(DENY_WEB).await;
+    assert_eq!(
+        mesh.a.connect(mesh.echo.addr).await.err(),
+        Some(NOT_ALLOWED),
+        "B answered 403, A replied 'not allowed'"
+    );
+    assert_eq!(mesh.echo.accepted(), 1, "B never dialled W_b for the refused tunnel");
+    let accepts = mesh.events.hbone_accepts(&mesh.a.workload.spiffe_id);
+    assert_eq!(accepts.len(), 1, "a policy change leaves the TLS set and the pooled connection alone: {accepts:?}");
+
+    // B recorded why (its access log, the report every path makes): the decision, its policy and the DENY flag, for
+    // W_a's principal.
+    let refused: Vec<_> =
+        mesh.events.access("destination").into_iter().filter(|e| e.field("decision") == "denied").collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].field("policy"), "back/deny-web");
+    assert_eq!(refused[0].field("response_flags"), "DENY");
+    assert_eq!(refused[0].field("source_principal"), source);
+    assert_eq!(refused[0].field("bytes_received"), "0");
+    // A reported the refusal it got.
+    let at_a: Vec<_> =
+        mesh.events.access("source").into_iter().filter(|e| e.field("response_flags") == "DENY").collect();
+    assert_eq!(at_a.len(), 1, "{at_a:?}");
+
+    // The tunnel opened under the ALLOW policy alone was re-checked and closed.
+    let closed = mesh.events.with_message("closing connection after a policy change");
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    assert!(closed[0].field("decision").contains("back/deny-web"), "{:?}", closed[0]);
+    let _ = read_rest(&mut open).await;
+    eventually("the revoked connection gone from B", || mesh.b.data.connections.is_empty()).await;
+    let revoked: Vec<_> =
+        mesh.events.access("destination").into_iter().filter(|e| e.field("decision") == "allowed").collect();
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(revoked[0].field("policy"), "back/allow-web");
+    assert_ne!(revoked[0].field("detail"), "-", "ended by the proxy, not by either end: {:?}", revoked[0]);
+}
+
+/// The serial of the certificate B's HBONE listener presents to a client using A's current TLS set for W_a → W_b.
+async fn served_serial(mesh: &Mesh) -> String {
+    let tls = mesh.a.data.tls.load();
+    let config = tls.client_for(&mesh.a.workload.spiffe_id, &mesh.b.workload.spiffe_id).expect("A has a config");
+    let tcp = tokio::net::TcpStream::connect(mesh.b.hbone).await.unwrap();
+    let name = ServerName::IpAddress(mesh.b.hbone.ip().into());
+    let stream = within("the handshake", tokio_rustls::TlsConnector::from(config).connect(name, tcp)).await.unwrap();
+    let leaf = stream.get_ref().1.peer_certificates().expect("B sent its chain")[0].clone();
+    CertInfo::parse(&leaf).unwrap().serial
+}
+
+#[tokio::test]
+async fn a_rotation_to_a_new_root_serves_new_tunnels_with_new_certificates_and_keeps_open_ones() {
+    let mut mesh = Mesh::start().await;
+    let w_a = mesh.a.workload.spiffe_id.clone();
+    let mut open = mesh.a.connect(mesh.echo.addr).await.expect("the tunnel opens");
+    echo_round(&mut open, b"before").await;
+    let old_serial = mesh.a.cert().info.serial.clone();
+    let old_b_serial = mesh.b.cert().info.serial.clone();
+
+    // A root rotation as the control plane runs it: the new root joins the bundle, every SVID is renewed under it.
+    let old_root = mesh.ca.root.clone();
+    let new_ca = TestCa::named("second root");
+    let new_root = new_ca.root.clone();
+    mesh.set_roots(&[old_root.clone(), new_root.clone()]).await;
+    echo_round(&mut open, b"after the bundle grew").await;
+    mesh.renew_certificates(new_ca).await;
+    let new_serial = mesh.a.cert().info.serial.clone();
+    assert_ne!(new_serial, old_serial);
+    echo_round(&mut open, b"after the renewal").await;
+
+    // A new tunnel gets a new handshake, in which A presents its new certificate.
+    let mut fresh = mesh.a.connect(mesh.echo.addr).await.expect("a tunnel with the new certificates");
+    echo_round(&mut fresh, b"new").await;
+    let accepts = mesh.events.hbone_accepts(&w_a);
+    let serials: Vec<_> = accepts.iter().map(|e| e.field("serial")).collect();
+    assert_eq!(serials, [old_serial.as_str(), new_serial.as_str()], "B saw the old, then the new client certificate");
+    assert_eq!(mesh.a.data.pool.size(), 2, "the connection of the old set is not reused for new streams");
+
+    // The old root leaves the bundle: open tunnels are not re-verified, new ones still work.
+    mesh.set_roots(&[new_root]).await;
+    echo_round(&mut open, b"after the old root left").await;
+    echo_round(&mut fresh, b"still here").await;
+    let mut last = mesh.a.connect(mesh.echo.addr).await.expect("a tunnel under the new root alone");
+    echo_round(&mut last, b"new root only").await;
+    assert_eq!(mesh.events.hbone_accepts(&w_a).len(), 3, "a new TLS set, a new handshake");
+
+    // B serves its new certificate to anyone using A's current set.
+    let served = served_serial(&mesh).await;
+    assert_eq!(served, mesh.b.cert().info.serial);
+    assert_ne!(served, old_b_serial);
+
+    // The tunnel opened before the rotation still closes cleanly.
+    open.shutdown().await.unwrap();
+    assert_eq!(read_rest(&mut open).await.expect("a clean EOF"), b"");
+}
+
+#[tokio::test]
+async fn tunnels_share_a_pooled_connection_until_it_expires_idle() {
+    let mesh = Mesh::start().await;
+    let (a, w_a) = (&mesh.a, &mesh.a.workload.spiffe_id);
+
+    let mut first = a.connect(mesh.echo.addr).await.expect("first tunnel");
+    let mut second = a.connect(mesh.echo.addr).await.expect("second tunnel");
+    echo_round(&mut first, b"one").await;
+    echo_round(&mut second, b"two").await;
+    assert_eq!(a.data.pool.size(), 1);
+    assert_eq!(mesh.events.hbone_accepts(w_a).len(), 1, "both streams on one mTLS connection");
+    assert_eq!(mesh.b.data.connections.len(), 2, "two streams at B");
+
+    // A connection carrying streams never expires, however long ago the last one ended.
+    let long_after = || Instant::now() + super::pool::IDLE_TIMEOUT + Duration::from_secs(1);
+    a.data.pool.reap_at(long_after());
+    assert_eq!(a.data.pool.size(), 1, "busy connections are kept");
+
+    for stream in [&mut first, &mut second] {
+        stream.shutdown().await.unwrap();
+        assert_eq!(read_rest(stream).await.expect("a clean EOF"), b"");
+    }
+    eventually("both tunnels gone from A", || a.data.connections.is_empty()).await;
+    a.data.pool.reap_at(Instant::now());
+    assert_eq!(a.data.pool.size(), 1, "idle, but not for long: kept");
+    a.data.pool.reap_at(long_after());
+    assert_eq!(a.data.pool.size(), 0, "idle past the timeout: dropped");
+
+    let mut third = a.connect(mesh.echo.addr).await.expect("a tunnel after the expiry");
+    echo_round(&mut third, b"three").await;
+    assert_eq!(a.data.pool.size(), 1);
+    assert_eq!(mesh.events.hbone_accepts(w_a).len(), 2, "a new mTLS connection");
+}
+
+#[tokio::test]
+async fn a_burst_of_tunnels_shares_the_first_handshake() {
+    let mesh = Mesh::start().await;
+    let mut clients = JoinSet::new();
+    for i in 0..8u8 {
+        let (socks5, target) = (mesh.a.socks5, mesh.echo.addr);
+        clients.spawn(async move {
+            let mut stream = socks5_connect(socks5, target).await.expect("tunnel");
+            echo_round(&mut stream, &[i; 64]).await;
+            stream
+        });
+    }
+    let streams = within("the burst", clients.join_all()).await;
+    assert_eq!(streams.len(), 8);
+    assert_eq!(mesh.a.data.pool.size(), 1);
+    assert_eq!(mesh.events.hbone_accepts(&mesh.a.workload.spiffe_id).len(), 1, "one handshake for the burst");
+    assert_eq!(mesh.b.data.connections.len(), 8);
+    drop(streams);
+    eventually("the burst gone from A and B", || {
+        mesh.a.data.connections.is_empty() && mesh.b.data.connections.is_empty()
+    })
+    .await;
+}
