@@ -55,6 +55,13 @@ impl TrustBundle {
     pub fn root_ders(&self) -> Vec<CertificateDer<'static>> {
         self.roots.iter().map(|r| r.der.clone()).collect()
     }
+
+    /// The same trust domain and the same roots in the same order.
+    pub fn same_roots(&self, other: &TrustBundle) -> bool {
+        self.trust_domain == other.trust_domain
+            && self.roots.len() == other.roots.len()
+            && self.roots.iter().zip(&other.roots).all(|(a, b)| a.der == b.der)
+    }
 }
 
 impl State {
@@ -113,7 +120,16 @@ pub fn apply(state: &State, update: &v1::ConfigUpdate) -> Result<State, ApplyErr
     };
 
     match &update.trust_bundle {
-        Some(bundle) => next.trust_bundle = Some(Arc::new(check_bundle(bundle, &state.trust_domain)?)),
+        Some(bundle) => {
+            let bundle = check_bundle(bundle, &state.trust_domain)?;
+            // The same roots again (every full snapshot, so every reconnect, carries the bundle) keep the current
+            // `Arc`: whoever follows changes by pointer (the TLS set, which would otherwise be rebuilt and make every
+            // pooled connection re-handshake) sees no change.
+            next.trust_bundle = match &state.trust_bundle {
+                Some(current) if current.same_roots(&bundle) => Some(current.clone()),
+                _ => Some(Arc::new(bundle)),
+            };
+        }
         None if update.full => return Err(ApplyError::MissingTrustBundle),
         None => {}
     }
@@ -402,6 +418,28 @@ mod tests {
                 .unwrap();
         assert_eq!(upserted.workloads["ns/a"].addresses, ["10.0.0.9"]);
         assert_eq!(synced().resources.values().map(|r| r.revision).collect::<Vec<_>>(), [1, 2]);
+    }
+
+    #[test]
+    fn the_same_bundle_again_keeps_the_current_one_and_a_new_root_replaces_it() {
+        let before = synced();
+        let kept = apply(&before, &v1::ConfigUpdate { trust_bundle: bundle(), ..full(2) }).unwrap();
+        let (old, new) = (before.trust_bundle.as_ref().unwrap(), kept.trust_bundle.as_ref().unwrap());
+        assert!(Arc::ptr_eq(old, new), "a full snapshot with the same roots replaced the bundle");
+
+        let other = TestCa::named("other root");
+        let roots = vec![CA.root.to_vec(), other.root.to_vec()];
+        let grown = apply(
+            &kept,
+            &v1::ConfigUpdate {
+                trust_bundle: Some(v1::TrustBundle { trust_domain: "td".into(), roots }),
+                ..incremental(3)
+            },
+        )
+        .unwrap();
+        let grown = grown.trust_bundle.as_ref().unwrap();
+        assert!(!Arc::ptr_eq(new, grown));
+        assert_eq!(grown.roots.len(), 2);
     }
 
     #[test]
