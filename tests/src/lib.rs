@@ -6,6 +6,7 @@ pub mod client;
 pub mod hbone;
 pub mod http;
 pub mod netns;
+pub mod outcome;
 pub mod prometheus;
 pub mod socks;
 

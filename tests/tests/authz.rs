@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use trellis_tests::outcome::{Outcome, Refusal};
 use trellis_tests::{ControlPlane, Echo, Proxy, WorkloadSpec, socks, wait_for};
 
 const WEB: &str = "127.0.10.1";
@@ -77,8 +78,8 @@ fn reach(from: &Proxy, to: SocketAddr) -> Result<(), u8> {
             assert_eq!(socks::echo_round_trip(stream, b"ping"), b"ping");
             Ok(())
         }
-        Err(Ok(code)) => Err(code),
-        Err(Err(e)) => panic!("SOCKS5 I/O error: {e}"),
+        Err(Outcome::Refused(Refusal::Socks5(code))) => Err(code),
+        Err(other) => panic!("SOCKS5 CONNECT {to} neither worked nor was refused with a reply code: {other:?}"),
     }
 }
 

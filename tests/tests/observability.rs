@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use trellis_tests::outcome::{Outcome, Refusal};
 use trellis_tests::prometheus::Prometheus;
 use trellis_tests::{ControlPlane, Echo, Proxy, ProxyOptions, WorkloadSpec, http, socks, wait_for};
 
@@ -75,7 +76,8 @@ fn prometheus_scrapes_exactly_the_traffic_made() {
         assert_eq!(socks::echo_round_trip(socks::connect_ok(m.web.socks5_addr, m.api), &payload), payload);
     }
     for _ in 0..DENIED {
-        assert!(matches!(socks::connect(m.batch.socks5_addr, m.api), Err(Ok(_))), "batch must be refused");
+        let refused = socks::connect(m.batch.socks5_addr, m.api).map(|_| ());
+        assert_eq!(refused, Err(Outcome::Refused(Refusal::Socks5(2))), "batch must be refused as not allowed");
     }
 
     let prometheus = Prometheus::start(&[
@@ -185,7 +187,8 @@ fn promtool_finds_no_problem_in_any_metrics_output() {
     let m = mesh();
     let payload = b"lint me";
     assert_eq!(socks::echo_round_trip(socks::connect_ok(m.web.socks5_addr, m.api), payload), payload);
-    assert!(socks::connect(m.batch.socks5_addr, m.api).is_err());
+    let refused = socks::connect(m.batch.socks5_addr, m.api).map(|_| ());
+    assert_eq!(refused, Err(Outcome::Refused(Refusal::Socks5(2))), "batch must be refused as not allowed");
     for (what, addr) in
         [("control plane", m.cp.metrics_addr), ("server", m.server.metrics_addr), ("web", m.web.metrics_addr)]
     {
