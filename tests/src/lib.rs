@@ -180,7 +180,8 @@ impl ControlPlane {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
         let mut child = netns::command(self.netns.as_deref(), bin("trellis-control"))
             .args(&self.serve_args)
-            .env("RUST_LOG", "info")
+            // Refused handshakes are logged at debug: tests check the control plane's reason for refusing.
+            .env("RUST_LOG", "info,trellis_control_plane::server=debug")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
