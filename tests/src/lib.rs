@@ -85,13 +85,20 @@ fn exited(pid: Option<u32>) -> bool {
 }
 
 /// Polls `check` until it returns Some, or panics with `what` after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
+    poll(timeout, check).unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// Polls `check` until it returns Some; None after `timeout` (for callers that report their own last state).
+pub fn poll<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check() {
-            return value;
+            return Some(value);
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -320,7 +327,8 @@ impl WorkloadSpec {
 /// Knobs of a test proxy beyond its workloads.
 #[derive(Debug, Clone, Default)]
 pub struct ProxyOptions {
-    /// `outbound.passthrough`: "allow" (default) or "deny".
+    /// `outbound.passthrough`: "deny" (default: a destination outside the mesh is refused, so that a data-path test
+    /// cannot pass over direct TCP without the mesh) or "allow" (tests of passthrough say so).
     pub passthrough: Option<&'static str>,
     /// `outbound.socks5Workload` (default: the only workload).
     pub socks5_workload: Option<String>,
@@ -406,7 +414,7 @@ impl Proxy {
                 })
             })
             .collect();
-        let mut outbound = serde_json::json!({"passthrough": options.passthrough.unwrap_or("allow")});
+        let mut outbound = serde_json::json!({"passthrough": options.passthrough.unwrap_or("deny")});
         if let Some(name) = &options.socks5_workload {
             outbound["socks5Workload"] = serde_json::json!(name);
         }
@@ -493,14 +501,26 @@ impl Proxy {
         })
     }
 
+    /// `GET /healthz/ready` on the readiness listener (`listen.ready`, Istio's 15021), as a kubelet probes it.
+    pub fn readiness(&self) -> std::io::Result<(u16, String)> {
+        http::get_in(self.netns.as_deref(), self.ready_addr_local(), "/healthz/ready")
+    }
+
+    /// The readiness listener's address to dial (it listens on 0.0.0.0 in a network namespace).
+    fn ready_addr_local(&self) -> SocketAddr {
+        if self.ready_addr.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], self.ready_addr.port()))
+        } else {
+            self.ready_addr
+        }
+    }
+
+    /// Waits until the readiness probe on `listen.ready` answers 200.
     pub fn wait_ready(&self) {
-        wait_for("proxy ready", Duration::from_secs(30), || {
+        wait_for("proxy ready (200 on listen.ready /healthz/ready)", Duration::from_secs(30), || {
             // A proxy that exited (bad config, a port taken) will never be ready: fail now, with its log.
             assert!(!exited(self.pid()), "proxy {} exited before it was ready", self.node);
-            http::get_in(self.netns.as_deref(), self.admin_addr, "/healthz/ready")
-                .ok()
-                .filter(|(s, _)| *s == 200)
-                .map(|_| ())
+            self.readiness().ok().filter(|(s, _)| *s == 200).map(|_| ())
         });
     }
 

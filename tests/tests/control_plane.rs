@@ -48,8 +48,17 @@ async fn tokens_expired_reused_revoked_and_wrong_node_are_refused() {
     assert_eq!(reused.code(), tonic::Code::Unauthenticated);
     assert!(reused.message().contains("already used"), "{}", reused.message());
 
-    let (token, _) = cp.token("n2", &["default"], &["--ttl", "1s"]);
-    std::thread::sleep(Duration::from_millis(2100));
+    let created = cp.ctl_json(&["token", "create", "--node", "n2", "--namespace", "default", "--ttl", "1s"]);
+    let token = created["token"].as_str().unwrap().to_owned();
+    // The control plane refuses a token once its clock reaches `expiresAt` (whole seconds): wait for that instant.
+    let expires_at = time::OffsetDateTime::parse(
+        created["expiresAt"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    wait_for("the token's expiry", Duration::from_secs(10), || {
+        (time::OffsetDateTime::now_utc() >= expires_at).then_some(())
+    });
     let expired = join_error(client::join(&addr, &pin, &token, "n2").await);
     assert_eq!(expired.code(), tonic::Code::Unauthenticated);
     assert!(expired.message().contains("expired"), "{}", expired.message());
