@@ -91,29 +91,29 @@ impl rustls::client::ResolvesClientCert for NoClientCert {
     }
 }
 
-/// The TLS stream as hyper sees it, keeping the TLS alert a read failed with (h2 keeps only the error's text).
-struct AlertRecorder<S> {
+/// The TLS stream as hyper sees it: the bytes already read to learn the server's verdict, then the stream.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
     inner: S,
-    alert: Arc<std::sync::Mutex<Option<rustls::AlertDescription>>>,
 }
 
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for AlertRecorder<S> {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let result = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let std::task::Poll::Ready(Err(e)) = &result
-            && let Some(alert) = outcome::tls_alert(e)
-        {
-            *self.alert.lock().unwrap() = Some(alert);
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.drain(..n);
+            return std::task::Poll::Ready(Ok(()));
         }
-        result
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for AlertRecorder<S> {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -142,14 +142,14 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for AlertRecorder<S
 pub struct Connection {
     pub sender: SendRequest<Empty<Bytes>>,
     task: tokio::task::JoinHandle<Result<(), hyper::Error>>,
-    alert: Arc<std::sync::Mutex<Option<rustls::AlertDescription>>>,
 }
 
 /// Opens an HBONE connection to `addr` presenting `credential` (or none), expecting the server to be `expected`.
 /// The server is verified exactly as the proxy verifies it (`trellis_data_plane::tls::client_config`: chain to
 /// `roots`, SPIFFE ID `expected`) in both cases, so that a client without a credential gets as far as the server's
 /// demand for one. In TLS 1.3 the server judges the client's certificate after the client finished its handshake,
-/// so a refusal of the client shows up as the alert on the first read: see [`tunnel`].
+/// so its refusal of the client is the alert on the first read, which this makes before handing the stream to
+/// HTTP/2: `Err(Refused(TlsAlert(..)))`.
 pub async fn connect(
     addr: SocketAddr,
     roots: Arc<RootCertStore>,
@@ -190,14 +190,24 @@ pub async fn connect(
         Outcome::Broke(_) => Outcome::Broke(format!("TLS: {e}")),
         outcome => outcome,
     })?;
-    let alert = Arc::new(std::sync::Mutex::new(None));
-    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake(TokioIo::new(AlertRecorder { inner: tls, alert: alert.clone() }))
+    // The server's verdict on the client, before the client writes anything: its first bytes (the HTTP/2 server
+    // sends SETTINGS at once) or its alert. Writing first would race the alert: a server closing with the
+    // client's bytes unread sends a reset, which can overtake the alert.
+    let mut tls = tls;
+    let mut first = vec![0u8; 16 * 1024];
+    let n = tokio::time::timeout(outcome::HANG_AFTER, tokio::io::AsyncReadExt::read(&mut tls, &mut first))
         .await
-        .map_err(|e| {
-            alert.lock().unwrap().map_or_else(|| hyper_outcome(&e), |a| Outcome::Refused(Refusal::TlsAlert(a)))
-        })?;
-    Ok(Connection { sender, task: tokio::spawn(connection), alert })
+        .map_err(|_| Outcome::Hung)?
+        .map_err(|e| Outcome::from_io(&e))?;
+    if n == 0 {
+        return Err(Outcome::Refused(Refusal::Closed));
+    }
+    first.truncate(n);
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(Prefixed { prefix: first, inner: tls }))
+        .await
+        .map_err(|e| hyper_outcome(&e))?;
+    Ok(Connection { sender, task: tokio::spawn(connection) })
 }
 
 fn hyper_outcome(e: &hyper::Error) -> Outcome {
@@ -239,11 +249,7 @@ impl Connection {
     /// Why a request failed: the connection's own error when it ended (a TLS alert, a reset), else the request's.
     async fn failure(&mut self, request_error: &hyper::Error) -> Outcome {
         // A request fails because its connection ended: wait for the connection task to say why.
-        let ended = tokio::time::timeout(outcome::HANG_AFTER, &mut self.task).await;
-        if let Some(alert) = *self.alert.lock().unwrap() {
-            return Outcome::Refused(Refusal::TlsAlert(alert));
-        }
-        match ended {
+        match tokio::time::timeout(outcome::HANG_AFTER, &mut self.task).await {
             Ok(Ok(Err(e))) => hyper_outcome(&e),
             _ => hyper_outcome(request_error),
         }

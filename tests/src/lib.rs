@@ -536,10 +536,18 @@ impl Proxy {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Sends SIGTERM, without waiting.
+    pub fn sigterm(&self) {
+        if let Some(pid) = self.pid() {
+            let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("run kill");
+            assert!(status.success(), "kill -TERM {pid}: {status}");
+        }
+    }
+
     /// Sends SIGTERM and waits (up to `timeout`) for the process to exit; returns whether it exited.
     pub fn terminate(&mut self, timeout: Duration) -> bool {
+        self.sigterm();
         let Some(child) = self.child.as_mut() else { return true };
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -574,20 +582,23 @@ pub struct Echo {
 
 impl Echo {
     /// Starts it and waits for its "listening on" line, so that an address someone else holds is an error here
-    /// rather than a test silently talking to another process.
+    /// rather than a test silently talking to another process. With port 0 the echo binds a port the kernel picks
+    /// and `addr` is the address it reports: no window in which another process can take the port.
     pub fn start(addr: SocketAddr) -> Self {
         Self::start_in(None, addr)
     }
 
     /// The same inside network namespace `netns`.
     pub fn start_in(netns: Option<&str>, addr: SocketAddr) -> Self {
-        Self { addr, child: spawn_listening(netns, "trellis-echo", addr) }
+        let (child, addr) = spawn_listening(netns, "trellis-echo", addr);
+        Self { addr, child }
     }
 }
 
 /// Starts a helper server bin with `--listen addr` (in `netns`, if given) and waits for its "listening on" line, so
 /// that an address someone else holds is an error here rather than a test silently talking to another process.
-fn spawn_listening(netns: Option<&str>, name: &str, addr: SocketAddr) -> Child {
+/// Returns the address it reports (the port the kernel picked when `addr`'s port is 0).
+fn spawn_listening(netns: Option<&str>, name: &str, addr: SocketAddr) -> (Child, SocketAddr) {
     use std::io::BufRead;
     let mut child = netns::command(netns, bin(name))
         .args(["--listen", &addr.to_string()])
@@ -598,13 +609,13 @@ fn spawn_listening(netns: Option<&str>, name: &str, addr: SocketAddr) -> Child {
     let mut line = String::new();
     let stdout = child.stdout.take().expect("stdout");
     let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-    if !line.starts_with("listening on") {
+    let Some(bound) = line.strip_prefix("listening on ").and_then(|a| a.trim().parse::<SocketAddr>().ok()) else {
         let _ = child.wait();
         let mut stderr = String::new();
         let _ = child.stderr.take().map(|mut e| std::io::Read::read_to_string(&mut e, &mut stderr));
-        panic!("{name} could not listen on {addr}: {stderr}");
-    }
-    child
+        panic!("{name} could not listen on {addr}: {line}{stderr}");
+    };
+    (child, bound)
 }
 
 /// A `trellis-http-echo` process: answers every HTTP/1.1 or h2c request with a JSON description of it.
@@ -615,7 +626,8 @@ pub struct HttpEcho {
 
 impl HttpEcho {
     pub fn start(addr: SocketAddr) -> Self {
-        Self { addr, child: spawn_listening(None, "trellis-http-echo", addr) }
+        let (child, addr) = spawn_listening(None, "trellis-http-echo", addr);
+        Self { addr, child }
     }
 }
 

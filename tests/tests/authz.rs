@@ -27,10 +27,11 @@ struct Mesh {
 
 fn mesh() -> Mesh {
     let cp = ControlPlane::start(&[]);
-    let port = trellis_tests::free_port();
-    let api: SocketAddr = format!("{API}:{port}").parse().unwrap();
+    // Port 0: the echo reports the port the kernel gave it; the second echo takes the same port on its own address.
+    let api_echo = Echo::start(format!("{API}:0").parse().unwrap());
+    let (api, port) = (api_echo.addr, api_echo.addr.port());
     let db: SocketAddr = format!("{DB}:{port}").parse().unwrap();
-    let echoes = vec![Echo::start(api), Echo::start(db)];
+    let echoes = vec![api_echo, Echo::start(db)];
     let mut api_spec = WorkloadSpec::new("api", "shop", "api", API);
     api_spec.ports = vec![(port, "tcp")];
     let mut db_spec = WorkloadSpec::new("db", "data", "db", DB);

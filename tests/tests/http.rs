@@ -29,9 +29,9 @@ fn mesh() -> Mesh {
 
 fn mesh_with(control_plane_args: &[&str]) -> Mesh {
     let cp = ControlPlane::start(control_plane_args);
-    let port = trellis_tests::free_port();
-    let api: SocketAddr = format!("{API}:{port}").parse().unwrap();
-    let echo = HttpEcho::start(api);
+    // Port 0: the server reports the port the kernel gave it, and the workload declares that port.
+    let echo = HttpEcho::start(format!("{API}:0").parse().unwrap());
+    let port = echo.addr.port();
     let mut api_spec = WorkloadSpec::new("api", "shop", "api", API);
     api_spec.ports = vec![(port, "http")];
     let server = Proxy::start(&cp, "node-server", &[api_spec]);

@@ -41,9 +41,9 @@ struct Mesh {
 
 fn mesh() -> Mesh {
     let cp = ControlPlane::start(&[]);
-    let port = trellis_tests::free_port();
-    let api: SocketAddr = format!("{API}:{port}").parse().unwrap();
-    let echo = Echo::start(api);
+    // Port 0: the echo reports the port the kernel gave it, and the workload declares that port.
+    let echo = Echo::start(format!("{API}:0").parse().unwrap());
+    let (api, port) = (echo.addr, echo.addr.port());
     let mut api_spec = WorkloadSpec::new("api", "shop", "api", API);
     api_spec.ports = vec![(port, "tcp")];
     let json_logs = ProxyOptions {
@@ -272,9 +272,8 @@ fn http_requests_are_counted_and_logged_per_request() {
     const CLIENT: &str = "127.0.10.51";
     const SITE: &str = "127.0.10.52";
     let cp = ControlPlane::start(&[]);
-    let port = trellis_tests::free_port();
-    let site: SocketAddr = format!("{SITE}:{port}").parse().unwrap();
-    let _echo = HttpEcho::start(site);
+    let _echo = HttpEcho::start(format!("{SITE}:0").parse().unwrap());
+    let (site, port) = (_echo.addr, _echo.addr.port());
     let mut site_spec = WorkloadSpec::new("site", "shop", "site", SITE);
     site_spec.ports = vec![(port, "http")];
     let json_logs = ProxyOptions {

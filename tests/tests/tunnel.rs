@@ -23,12 +23,13 @@ struct Mesh {
     echo_addr: SocketAddr,
 }
 
-fn mesh(cp_args: &[&str], a_options: ProxyOptions, b_options: ProxyOptions, echo_port: u16) -> Mesh {
+fn mesh(cp_args: &[&str], a_options: ProxyOptions, b_options: ProxyOptions) -> Mesh {
     let cp = ControlPlane::start(cp_args);
-    let echo_addr: SocketAddr = format!("{SERVER_IP}:{echo_port}").parse().unwrap();
-    let echo = Echo::start(echo_addr);
+    // Port 0: the echo server reports the port the kernel gave it, and the workload declares that port.
+    let echo = Echo::start(format!("{SERVER_IP}:0").parse().unwrap());
+    let echo_addr = echo.addr;
     let mut server = WorkloadSpec::new("api", "shop", "api", SERVER_IP);
-    server.ports = vec![(echo_port, "tcp")];
+    server.ports = vec![(echo_addr.port(), "tcp")];
     let b = Proxy::start_with(&cp, "node-b", &[server], b_options);
     let a = Proxy::start_with(&cp, "node-a", &[WorkloadSpec::new("web", "shop", "web", CLIENT_IP)], a_options);
     a.wait_ready();
@@ -41,13 +42,9 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
 
-fn free_echo_port() -> u16 {
-    trellis_tests::free_port()
-}
-
 #[test]
 fn bytes_in_equal_bytes_out_for_all_sizes_concurrently_and_across_half_close() {
-    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default(), free_echo_port());
+    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default());
     for len in [1, 64 * 1024, 100 * 1024 * 1024] {
         let data = pattern(len);
         let back = socks::echo_round_trip(socks::connect_ok(m.a.socks5_addr, m.echo_addr), &data);
@@ -88,7 +85,7 @@ fn cert_serial(proxy: &Proxy) -> String {
 
 #[test]
 fn open_connection_survives_two_rotations_and_new_connections_use_new_certificates() {
-    let m = mesh(&["--cert-ttl", "1m"], ProxyOptions::default(), ProxyOptions::default(), free_echo_port());
+    let m = mesh(&["--cert-ttl", "1m"], ProxyOptions::default(), ProxyOptions::default());
     let mut long_lived = socks::connect_ok(m.a.socks5_addr, m.echo_addr);
     let mut serials = vec![cert_serial(&m.a)];
     let deadline = Instant::now() + Duration::from_secs(150);
@@ -122,7 +119,7 @@ fn open_connection_survives_two_rotations_and_new_connections_use_new_certificat
 
 #[tokio::test(flavor = "multi_thread")]
 async fn handshakes_with_bad_identities_are_refused() {
-    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default(), free_echo_port());
+    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default());
     let roots = hbone::roots(&m.cp.root_pem());
     let b_hbone: SocketAddr = format!("{SERVER_IP}:{}", m.b.hbone_port).parse().unwrap();
     let target = m.echo_addr.to_string();
@@ -212,7 +209,7 @@ async fn handshakes_with_bad_identities_are_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_connect_requests_and_garbage_cost_one_stream_or_connection() {
-    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default(), free_echo_port());
+    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default());
     let roots = hbone::roots(&m.cp.root_pem());
     let b_hbone: SocketAddr = format!("{SERVER_IP}:{}", m.b.hbone_port).parse().unwrap();
     let credential = hbone::valid_credential(&m.cp.data_dir(), "spiffe://cluster.local/ns/shop/sa/tester");
@@ -253,8 +250,7 @@ async fn bad_connect_requests_and_garbage_cost_one_stream_or_connection() {
 
 #[test]
 fn workload_that_refuses_connections_gets_an_error_not_a_hang() {
-    let echo_port = free_echo_port();
-    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default(), echo_port);
+    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default());
     // The declared port with nothing listening behind it on the server workload's address.
     drop(m._echo);
     let result = socks::connect(m.a.socks5_addr, m.echo_addr);
@@ -263,11 +259,11 @@ fn workload_that_refuses_connections_gets_an_error_not_a_hang() {
 
 #[test]
 fn passthrough_outside_the_mesh_follows_config() {
-    let outside: SocketAddr = format!("127.0.20.1:{}", trellis_tests::free_port()).parse().unwrap();
-    let _outside_echo = Echo::start(outside);
+    let outside_echo = Echo::start("127.0.20.1:0".parse().unwrap());
+    let outside = outside_echo.addr;
     let allow = ProxyOptions { passthrough: Some("allow"), ..ProxyOptions::default() };
     let deny = ProxyOptions { passthrough: Some("deny"), ..ProxyOptions::default() };
-    let m = mesh(&[], allow, deny, free_echo_port());
+    let m = mesh(&[], allow, deny);
     let back = socks::echo_round_trip(socks::connect_ok(m.a.socks5_addr, outside), b"plain tcp");
     assert_eq!(back, b"plain tcp");
     // Node B (passthrough: deny) speaks for the api workload: its SOCKS5 refuses destinations outside the mesh.
@@ -281,24 +277,27 @@ fn sigterm_lets_a_stream_in_progress_finish_then_exits() {
         extra: serde_json::json!({"drainTimeout": "20s"}).as_object().unwrap().clone(),
         ..ProxyOptions::default()
     };
-    let mut m = mesh(&[], ProxyOptions::default(), drain, free_echo_port());
+    let mut m = mesh(&[], ProxyOptions::default(), drain);
     let mut stream = socks::connect_ok(m.a.socks5_addr, m.echo_addr);
     stream.write_all(b"before").unwrap();
     let mut reply = [0u8; 6];
     stream.read_exact(&mut reply).unwrap();
 
-    // SIGTERM without waiting: the server proxy must stay up while the stream is open.
-    let pid_alive_before = m.b.running();
-    assert!(pid_alive_before);
-    let b = &mut m.b;
-    assert!(!b.terminate(Duration::from_millis(300)), "node-b exited with a stream still open");
+    // SIGTERM: once node-b has begun draining (it logs so, with the open stream counted), it is still up.
+    assert!(m.b.running());
+    m.b.sigterm();
+    let log = wait_for("node-b to begin draining", Duration::from_secs(10), || {
+        let log = read_log(&m.b.log_path());
+        log.contains("draining connections").then_some(log)
+    });
+    assert!(log.lines().any(|l| l.contains("draining connections") && l.contains("open=1")), "{log}");
+    assert!(m.b.running(), "node-b exited with a stream still open");
     for i in 0..5 {
         let message = format!("during drain {i}");
         stream.write_all(message.as_bytes()).unwrap();
         let mut reply = vec![0u8; message.len()];
         stream.read_exact(&mut reply).unwrap();
         assert_eq!(reply, message.as_bytes());
-        std::thread::sleep(Duration::from_millis(100));
     }
     // New tunnels are not accepted any more: node-b no longer listens, so node-a cannot reach it (4).
     let refused = socks::connect(m.a.socks5_addr, m.echo_addr).map(|_| ());
