@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use trellis_tests::http::{Conn, Response};
+use trellis_tests::outcome::{Outcome, Refusal};
 use trellis_tests::{ControlPlane, HttpEcho, Proxy, WorkloadSpec, socks, wait_for};
 
 const CLIENT: &str = "127.0.12.1";
@@ -191,7 +192,7 @@ fn malformed_requests_get_400_and_are_not_forwarded() {
         c.send_raw(&raw).expect("write");
         let r = c.read_response().unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(r.status, want, "{name}: {r:?}");
-        assert!(c.closed_by_server(), "{name}: the connection is closed after a malformed request");
+        assert_eq!(c.end(), Outcome::Refused(Refusal::Closed), "{name}: closed after a malformed request");
     }
     // Content-Length and Transfer-Encoding together: hyper frames the body by Transfer-Encoding only (RFC 9112
     // §6.3), drops Content-Length, and closes the connection after the response, so what follows is never read
@@ -204,7 +205,7 @@ fn malformed_requests_get_400_and_are_not_forwarded() {
     let r = c.read_response().expect("response");
     assert_eq!(forwarded_target(&r), "/te-cl");
     assert!(r.json()["headers"].get("content-length").is_none_or(|v| v == "0"), "{r:?}");
-    assert!(c.closed_by_server(), "closed after a request with both Content-Length and Transfer-Encoding");
+    assert_eq!(c.end(), Outcome::Refused(Refusal::Closed), "closed after both Content-Length and Transfer-Encoding");
 
     let received = m.received();
     for bad in ["/lower", "/nul", "/sp", "/badmethod", "/newline", "/fold", "/colon", "/dup-cl", "/big", "/smuggled"] {
