@@ -12,6 +12,8 @@ use tonic::transport::Channel;
 use trellis_proto::tls::{self, ClientIdentity, ServerTrust};
 use trellis_proto::v1 as pb;
 
+use crate::outcome::{self, Outcome};
+
 /// A CSR (DER) for a fresh P-256 key with the given URI SANs.
 pub fn csr(uris: &[&str]) -> (KeyPair, Vec<u8>) {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
@@ -37,6 +39,36 @@ pub async fn connect(
 ) -> anyhow::Result<Channel> {
     let config = tls::client_config(ServerTrust::Roots(roots), identity)?;
     Ok(tls::connect(addr, Arc::new(config)).await?)
+}
+
+/// A TLS handshake with the control plane as `trellisctl` and the proxies make it (the same client config and
+/// server name), then a read of the server's first bytes: `Passed` when the server accepted the client and started
+/// HTTP/2, `Refused(TlsAlert(..))` when it judged the client's certificate and refused it. In TLS 1.3 the server
+/// checks the client certificate after the client finished its handshake, so its verdict arrives on that read.
+pub async fn handshake(
+    addr: std::net::SocketAddr,
+    roots: Vec<CertificateDer<'static>>,
+    identity: Option<ClientIdentity>,
+) -> Outcome {
+    use tokio::io::AsyncReadExt as _;
+    let config = match tls::client_config(ServerTrust::Roots(roots), identity) {
+        Ok(config) => config,
+        Err(e) => return Outcome::Broke(e.to_string()),
+    };
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls_pki_types::ServerName::try_from(trellis_proto::CONTROL_PLANE_SERVER_NAME).expect("name");
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+        let mut header = [0u8; 9];
+        tls.read_exact(&mut header).await.map(|_| header)
+    };
+    match tokio::time::timeout(outcome::HANG_AFTER, attempt).await {
+        Err(_) => Outcome::Hung,
+        // An HTTP/2 frame header (length 3 bytes, type 1 byte): the server's SETTINGS (type 4).
+        Ok(Ok(header)) if header[3] == 4 => Outcome::Passed,
+        Ok(Ok(header)) => Outcome::Broke(format!("{header:?} is not the header of an HTTP/2 SETTINGS frame")),
+        Ok(Err(e)) => Outcome::from_io(&e),
+    }
 }
 
 /// Joins as `node` with `token`, trusting the server only through `pin`.

@@ -20,6 +20,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use time::OffsetDateTime;
 use trellis_proto::spiffe::SpiffeId;
 
+use crate::outcome::{self, Outcome, Refusal};
+
 /// A certificate chain and its key.
 pub struct Credential {
     pub chain: Vec<CertificateDer<'static>>,
@@ -70,53 +72,208 @@ pub fn roots(pem: &str) -> Arc<RootCertStore> {
     Arc::new(store)
 }
 
+/// A client certificate resolver that never offers one: the client answers the server's certificate request
+/// with an empty Certificate message, as a client without a credential does.
+#[derive(Debug)]
+struct NoClientCert;
+
+impl rustls::client::ResolvesClientCert for NoClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
+/// The TLS stream as hyper sees it: the bytes already read to learn the server's verdict, then the stream.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    inner: S,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.drain(..n);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An open HBONE connection: the request sender, and the connection task (its error says why a request failed,
+/// e.g. the TLS alert the server sent after verifying the client certificate).
+pub struct Connection {
+    pub sender: SendRequest<Empty<Bytes>>,
+    task: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+}
+
 /// Opens an HBONE connection to `addr` presenting `credential` (or none), expecting the server to be `expected`.
+/// The server is verified exactly as the proxy verifies it (`trellis_data_plane::tls::client_config`: chain to
+/// `roots`, SPIFFE ID `expected`) in both cases, so that a client without a credential gets as far as the server's
+/// demand for one. In TLS 1.3 the server judges the client's certificate after the client finished its handshake,
+/// so its refusal of the client is the alert on the first read, which this makes before handing the stream to
+/// HTTP/2: `Err(Refused(TlsAlert(..)))`.
 pub async fn connect(
     addr: SocketAddr,
     roots: Arc<RootCertStore>,
     expected: &str,
     credential: Option<Credential>,
-) -> Result<SendRequest<Empty<Bytes>>, String> {
+) -> Result<Connection, Outcome> {
     let provider = trellis_proto::tls::provider();
-    let expected = SpiffeId::parse(expected).map_err(|e| e.to_string())?;
+    let expected = SpiffeId::parse(expected).map_err(|e| Outcome::Broke(e.to_string()))?;
     let config = match credential {
-        Some(c) => trellis_data_plane::tls::client_config(provider, roots, expected, c.chain, c.key)?,
+        Some(c) => trellis_data_plane::tls::client_config(provider, roots, expected, c.chain, c.key),
         None => {
-            // A client without a certificate: same verification of the server, no client auth.
-            let mut config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            config.alpn_protocols = vec![b"h2".to_vec()];
-            config
+            // The proxy's client config with a throwaway credential, then the credential taken away: the server
+            // verification stays the proxy's own.
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+            let cert = CertificateParams::new(Vec::<String>::new()).expect("params").self_signed(&key).expect("cert");
+            trellis_data_plane::tls::client_config(
+                provider,
+                roots,
+                expected,
+                vec![cert.der().clone()],
+                crate::client::key_der(&key),
+            )
+            .map(|mut config| {
+                config.client_auth_cert_resolver = Arc::new(NoClientCert);
+                config
+            })
         }
-    };
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+    }
+    .map_err(Outcome::Broke)?;
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| Outcome::from_io(&e))?;
+    let tls = tokio::time::timeout(
+        outcome::HANG_AFTER,
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(ServerName::IpAddress(addr.ip().into()), tcp),
+    )
+    .await
+    .map_err(|_| Outcome::Hung)?
+    .map_err(|e| match Outcome::from_io(&e) {
+        Outcome::Broke(_) => Outcome::Broke(format!("TLS: {e}")),
+        outcome => outcome,
+    })?;
+    // The server's verdict on the client, before the client writes anything: its first bytes (the HTTP/2 server
+    // sends SETTINGS at once) or its alert. Writing first would race the alert: a server closing with the
+    // client's bytes unread sends a reset, which can overtake the alert.
+    let mut tls = tls;
+    let mut first = vec![0u8; 16 * 1024];
+    let n = tokio::time::timeout(outcome::HANG_AFTER, tokio::io::AsyncReadExt::read(&mut tls, &mut first))
         .await
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(|_| Outcome::Hung)?
+        .map_err(|e| Outcome::from_io(&e))?;
+    if n == 0 {
+        return Err(Outcome::Refused(Refusal::Closed));
+    }
+    first.truncate(n);
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake(TokioIo::new(tls))
+        .handshake(TokioIo::new(Prefixed { prefix: first, inner: tls }))
         .await
-        .map_err(|e| format!("HTTP/2: {e}"))?;
-    tokio::spawn(connection);
-    Ok(sender)
+        .map_err(|e| hyper_outcome(&e))?;
+    Ok(Connection { sender, task: tokio::spawn(connection) })
 }
 
-/// Sends one request (`CONNECT target` unless `method` says otherwise) and returns the status.
-pub async fn request(
-    sender: &mut SendRequest<Empty<Bytes>>,
-    method: Method,
+fn hyper_outcome(e: &hyper::Error) -> Outcome {
+    if let Some(alert) = outcome::tls_alert(e) {
+        return Outcome::Refused(Refusal::TlsAlert(alert));
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return match Outcome::from_io(io) {
+                Outcome::Broke(_) => Outcome::Broke(format!("HTTP/2: {e}")),
+                outcome => outcome,
+            };
+        }
+        source = s.source();
+    }
+    if e.is_closed() || e.is_incomplete_message() {
+        Outcome::Refused(Refusal::Closed)
+    } else {
+        Outcome::Broke(format!("HTTP/2: {e}"))
+    }
+}
+
+impl Connection {
+    /// Sends one request (`CONNECT target` unless `method` says otherwise) and returns the status.
+    pub async fn request(&mut self, method: Method, target: &str) -> Result<StatusCode, Outcome> {
+        let request = Request::builder()
+            .method(method)
+            .uri(target)
+            .body(Empty::new())
+            .map_err(|e| Outcome::Broke(e.to_string()))?;
+        match tokio::time::timeout(outcome::HANG_AFTER, self.sender.send_request(request)).await {
+            Err(_) => Err(Outcome::Hung),
+            Ok(Ok(response)) => Ok(response.status()),
+            Ok(Err(e)) => Err(self.failure(&e).await),
+        }
+    }
+
+    /// Why a request failed: the connection's own error when it ended (a TLS alert, a reset), else the request's.
+    async fn failure(&mut self, request_error: &hyper::Error) -> Outcome {
+        // A request fails because its connection ended: wait for the connection task to say why.
+        match tokio::time::timeout(outcome::HANG_AFTER, &mut self.task).await {
+            Ok(Ok(Err(e))) => hyper_outcome(&e),
+            _ => hyper_outcome(request_error),
+        }
+    }
+}
+
+/// One CONNECT to `target` over a new HBONE connection: `Passed` when answered 200, `Refused(Http(status))` for
+/// another status, `Refused(TlsAlert(..))` when the server refused the handshake.
+pub async fn tunnel(
+    addr: SocketAddr,
+    roots: Arc<RootCertStore>,
+    expected: &str,
+    credential: Option<Credential>,
     target: &str,
-) -> Result<StatusCode, String> {
-    let request = Request::builder().method(method).uri(target).body(Empty::new()).map_err(|e| e.to_string())?;
-    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
-        .await
-        .map_err(|_| "no answer within 10s".to_owned())?
-        .map_err(|e| format!("request: {e}"))?;
-    Ok(response.status())
+) -> Outcome {
+    let mut connection = match connect(addr, roots, expected, credential).await {
+        Ok(connection) => connection,
+        Err(outcome) => return outcome,
+    };
+    match connection.request(Method::CONNECT, target).await {
+        Ok(StatusCode::OK) => Outcome::Passed,
+        Ok(status) => Outcome::Refused(Refusal::Http(status.as_u16())),
+        Err(outcome) => outcome,
+    }
 }
 
 /// A TLS server presenting `credential` that accepts any mesh client and speaks HTTP/2, answering 200 to

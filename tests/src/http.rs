@@ -160,10 +160,16 @@ impl Conn {
         Ok(Response { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
     }
 
-    /// Whether the server closed the connection (EOF within the read timeout, nothing else arriving).
-    pub fn closed_by_server(&mut self) -> bool {
+    /// How the connection ends when the client sends nothing more: `Refused(Closed)` when the server closes it
+    /// (EOF), `Hung` when it stays open, `Broke` when more bytes arrive.
+    pub fn end(&mut self) -> crate::outcome::Outcome {
+        use crate::outcome::{HANG_AFTER, Outcome, Refusal};
         let mut buf = [0u8; 1];
-        self.writer.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        matches!(self.reader.read(&mut buf), Ok(0))
+        self.writer.set_read_timeout(Some(HANG_AFTER)).expect("timeout");
+        match self.reader.read(&mut buf) {
+            Ok(0) => Outcome::Refused(Refusal::Closed),
+            Ok(_) => Outcome::Broke(format!("unexpected byte {:?}", buf[0] as char)),
+            Err(e) => Outcome::from_io(&e),
+        }
     }
 }

@@ -10,6 +10,7 @@ pub mod client;
 pub mod hbone;
 pub mod http;
 pub mod netns;
+pub mod outcome;
 pub mod prometheus;
 pub mod socks;
 
@@ -88,13 +89,20 @@ fn exited(pid: Option<u32>) -> bool {
 }
 
 /// Polls `check` until it returns Some, or panics with `what` after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
+    poll(timeout, check).unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// Polls `check` until it returns Some; None after `timeout` (for callers that report their own last state).
+pub fn poll<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check() {
-            return value;
+            return Some(value);
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -183,7 +191,8 @@ impl ControlPlane {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
         let mut child = netns::command(self.netns.as_deref(), bin("trellis-control"))
             .args(&self.serve_args)
-            .env("RUST_LOG", "info")
+            // Refused handshakes are logged at debug: tests check the control plane's reason for refusing.
+            .env("RUST_LOG", "info,trellis_control_plane::server=debug")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -322,7 +331,8 @@ impl WorkloadSpec {
 /// Knobs of a test proxy beyond its workloads.
 #[derive(Debug, Clone, Default)]
 pub struct ProxyOptions {
-    /// `outbound.passthrough`: "allow" (default) or "deny".
+    /// `outbound.passthrough`: "deny" (default: a destination outside the mesh is refused, so that a data-path test
+    /// cannot pass over direct TCP without the mesh) or "allow" (tests of passthrough say so).
     pub passthrough: Option<&'static str>,
     /// `outbound.socks5Workload` (default: the only workload).
     pub socks5_workload: Option<String>,
@@ -408,7 +418,7 @@ impl Proxy {
                 })
             })
             .collect();
-        let mut outbound = serde_json::json!({"passthrough": options.passthrough.unwrap_or("allow")});
+        let mut outbound = serde_json::json!({"passthrough": options.passthrough.unwrap_or("deny")});
         if let Some(name) = &options.socks5_workload {
             outbound["socks5Workload"] = serde_json::json!(name);
         }
@@ -495,14 +505,26 @@ impl Proxy {
         })
     }
 
+    /// `GET /healthz/ready` on the readiness listener (`listen.ready`, Istio's 15021), as a kubelet probes it.
+    pub fn readiness(&self) -> std::io::Result<(u16, String)> {
+        http::get_in(self.netns.as_deref(), self.ready_addr_local(), "/healthz/ready")
+    }
+
+    /// The readiness listener's address to dial (it listens on 0.0.0.0 in a network namespace).
+    fn ready_addr_local(&self) -> SocketAddr {
+        if self.ready_addr.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], self.ready_addr.port()))
+        } else {
+            self.ready_addr
+        }
+    }
+
+    /// Waits until the readiness probe on `listen.ready` answers 200.
     pub fn wait_ready(&self) {
-        wait_for("proxy ready", Duration::from_secs(30), || {
+        wait_for("proxy ready (200 on listen.ready /healthz/ready)", Duration::from_secs(30), || {
             // A proxy that exited (bad config, a port taken) will never be ready: fail now, with its log.
             assert!(!exited(self.pid()), "proxy {} exited before it was ready", self.node);
-            http::get_in(self.netns.as_deref(), self.admin_addr, "/healthz/ready")
-                .ok()
-                .filter(|(s, _)| *s == 200)
-                .map(|_| ())
+            self.readiness().ok().filter(|(s, _)| *s == 200).map(|_| ())
         });
     }
 
@@ -518,10 +540,18 @@ impl Proxy {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Sends SIGTERM, without waiting.
+    pub fn sigterm(&self) {
+        if let Some(pid) = self.pid() {
+            let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("run kill");
+            assert!(status.success(), "kill -TERM {pid}: {status}");
+        }
+    }
+
     /// Sends SIGTERM and waits (up to `timeout`) for the process to exit; returns whether it exited.
     pub fn terminate(&mut self, timeout: Duration) -> bool {
+        self.sigterm();
         let Some(child) = self.child.as_mut() else { return true };
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -556,20 +586,23 @@ pub struct Echo {
 
 impl Echo {
     /// Starts it and waits for its "listening on" line, so that an address someone else holds is an error here
-    /// rather than a test silently talking to another process.
+    /// rather than a test silently talking to another process. With port 0 the echo binds a port the kernel picks
+    /// and `addr` is the address it reports: no window in which another process can take the port.
     pub fn start(addr: SocketAddr) -> Self {
         Self::start_in(None, addr)
     }
 
     /// The same inside network namespace `netns`.
     pub fn start_in(netns: Option<&str>, addr: SocketAddr) -> Self {
-        Self { addr, child: spawn_listening(netns, "trellis-echo", addr) }
+        let (child, addr) = spawn_listening(netns, "trellis-echo", addr);
+        Self { addr, child }
     }
 }
 
 /// Starts a helper server bin with `--listen addr` (in `netns`, if given) and waits for its "listening on" line, so
 /// that an address someone else holds is an error here rather than a test silently talking to another process.
-fn spawn_listening(netns: Option<&str>, name: &str, addr: SocketAddr) -> Child {
+/// Returns the address it reports (the port the kernel picked when `addr`'s port is 0).
+fn spawn_listening(netns: Option<&str>, name: &str, addr: SocketAddr) -> (Child, SocketAddr) {
     use std::io::BufRead;
     let mut child = netns::command(netns, bin(name))
         .args(["--listen", &addr.to_string()])
@@ -580,13 +613,13 @@ fn spawn_listening(netns: Option<&str>, name: &str, addr: SocketAddr) -> Child {
     let mut line = String::new();
     let stdout = child.stdout.take().expect("stdout");
     let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-    if !line.starts_with("listening on") {
+    let Some(bound) = line.strip_prefix("listening on ").and_then(|a| a.trim().parse::<SocketAddr>().ok()) else {
         let _ = child.wait();
         let mut stderr = String::new();
         let _ = child.stderr.take().map(|mut e| std::io::Read::read_to_string(&mut e, &mut stderr));
-        panic!("{name} could not listen on {addr}: {stderr}");
-    }
-    child
+        panic!("{name} could not listen on {addr}: {line}{stderr}");
+    };
+    (child, bound)
 }
 
 /// A `trellis-http-echo` process: answers every HTTP/1.1 or h2c request with a JSON description of it.
@@ -597,7 +630,8 @@ pub struct HttpEcho {
 
 impl HttpEcho {
     pub fn start(addr: SocketAddr) -> Self {
-        Self { addr, child: spawn_listening(None, "trellis-http-echo", addr) }
+        let (child, addr) = spawn_listening(None, "trellis-http-echo", addr);
+        Self { addr, child }
     }
 }
 

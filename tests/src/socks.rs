@@ -2,20 +2,22 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
 
-/// Connects through the SOCKS5 server at `proxy` to `target`. `Err(Ok(code))` is the server's refusal code,
-/// `Err(Err(e))` an I/O failure.
-pub fn connect(proxy: SocketAddr, target: SocketAddr) -> Result<TcpStream, Result<u8, std::io::Error>> {
-    let io = |e: std::io::Error| Err(e);
-    let mut stream = TcpStream::connect(proxy).or_else(io).map_err(Err)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(Err)?;
-    stream.set_nodelay(true).map_err(Err)?;
-    stream.write_all(&[5, 1, 0]).map_err(Err)?;
+use crate::outcome::{self, Outcome, Refusal};
+
+/// Connects through the SOCKS5 server at `proxy` to `target`. The error says how the attempt ended:
+/// `Refused(Socks5(code))` for the server's refusal code, `Hung` when no reply came within
+/// [`outcome::HANG_AFTER`], the transport's refusal (RST, EOF) or `Broke` otherwise.
+pub fn connect(proxy: SocketAddr, target: SocketAddr) -> Result<TcpStream, Outcome> {
+    let io = |e: std::io::Error| Outcome::from_io(&e);
+    let mut stream = TcpStream::connect(proxy).map_err(io)?;
+    stream.set_read_timeout(Some(outcome::HANG_AFTER)).map_err(io)?;
+    stream.set_nodelay(true).map_err(io)?;
+    stream.write_all(&[5, 1, 0]).map_err(io)?;
     let mut choice = [0u8; 2];
-    stream.read_exact(&mut choice).map_err(Err)?;
+    stream.read_exact(&mut choice).map_err(io)?;
     if choice != [5, 0] {
-        return Err(Ok(0xff));
+        return Err(Outcome::Broke(format!("SOCKS5 method choice {choice:?}")));
     }
     let mut request = vec![5, 1, 0];
     match target.ip() {
@@ -29,23 +31,30 @@ pub fn connect(proxy: SocketAddr, target: SocketAddr) -> Result<TcpStream, Resul
         }
     }
     request.extend(target.port().to_be_bytes());
-    stream.write_all(&request).map_err(Err)?;
+    stream.write_all(&request).map_err(io)?;
     let mut reply = [0u8; 10];
-    stream.read_exact(&mut reply).map_err(Err)?;
-    if reply[1] != 0 {
-        return Err(Ok(reply[1]));
+    stream.read_exact(&mut reply).map_err(io)?;
+    if reply[0] != 5 {
+        return Err(Outcome::Broke(format!("SOCKS5 reply version {}", reply[0])));
     }
-    stream.set_read_timeout(None).map_err(Err)?;
+    if reply[1] != 0 {
+        return Err(Outcome::Refused(Refusal::Socks5(reply[1])));
+    }
+    stream.set_read_timeout(None).map_err(io)?;
     Ok(stream)
+}
+
+/// How a SOCKS5 CONNECT followed by an echo round trip of `message` ends: `Passed` when the message came back.
+pub fn echo(proxy: SocketAddr, target: SocketAddr, message: &[u8]) -> Outcome {
+    match connect(proxy, target) {
+        Ok(stream) => outcome::echo_on(stream, message),
+        Err(outcome) => outcome,
+    }
 }
 
 /// Connects or panics with the reason.
 pub fn connect_ok(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
-    match connect(proxy, target) {
-        Ok(stream) => stream,
-        Err(Ok(code)) => panic!("SOCKS5 {proxy} refused CONNECT {target} with code {code}"),
-        Err(Err(e)) => panic!("SOCKS5 {proxy} CONNECT {target}: {e}"),
-    }
+    connect(proxy, target).unwrap_or_else(|outcome| panic!("SOCKS5 {proxy} CONNECT {target}: {outcome:?}"))
 }
 
 /// Writes `data`, half-closes, and reads everything back until EOF.

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use trellis_tests::outcome::{Outcome, Refusal};
 use trellis_tests::{ControlPlane, Echo, Proxy, WorkloadSpec, socks, wait_for};
 
 const WEB: &str = "127.0.10.1";
@@ -28,10 +29,11 @@ struct Mesh {
 
 fn mesh() -> Mesh {
     let cp = ControlPlane::start(&[]);
-    let port = trellis_tests::free_port();
-    let api: SocketAddr = format!("{API}:{port}").parse().unwrap();
+    // Port 0: the echo reports the port the kernel gave it; the second echo takes the same port on its own address.
+    let api_echo = Echo::start(format!("{API}:0").parse().unwrap());
+    let (api, port) = (api_echo.addr, api_echo.addr.port());
     let db: SocketAddr = format!("{DB}:{port}").parse().unwrap();
-    let echoes = vec![Echo::start(api), Echo::start(db)];
+    let echoes = vec![api_echo, Echo::start(db)];
     let mut api_spec = WorkloadSpec::new("api", "shop", "api", API);
     api_spec.ports = vec![(port, "tcp")];
     let mut db_spec = WorkloadSpec::new("db", "data", "db", DB);
@@ -79,8 +81,8 @@ fn reach(from: &Proxy, to: SocketAddr) -> Result<(), u8> {
             assert_eq!(socks::echo_round_trip(stream, b"ping"), b"ping");
             Ok(())
         }
-        Err(Ok(code)) => Err(code),
-        Err(Err(e)) => panic!("SOCKS5 I/O error: {e}"),
+        Err(Outcome::Refused(Refusal::Socks5(code))) => Err(code),
+        Err(other) => panic!("SOCKS5 CONNECT {to} neither worked nor was refused with a reply code: {other:?}"),
     }
 }
 

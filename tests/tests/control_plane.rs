@@ -5,11 +5,13 @@
 use std::process::Command;
 use std::time::Duration;
 
+use rustls_pki_types::pem::PemObject;
 use trellis_proto::tls::ClientIdentity;
 use trellis_proto::v1 as pb;
 use trellis_proto::v1::discovery_response::Message as Out;
 use trellis_tests::client::{self, csr, hello, workload};
-use trellis_tests::{ControlPlane, bin};
+use trellis_tests::outcome::{Outcome, Refusal};
+use trellis_tests::{ControlPlane, bin, read_log, wait_for};
 
 const POLICY: &str = r#"
 apiVersion: security.istio.io/v1
@@ -48,8 +50,17 @@ async fn tokens_expired_reused_revoked_and_wrong_node_are_refused() {
     assert_eq!(reused.code(), tonic::Code::Unauthenticated);
     assert!(reused.message().contains("already used"), "{}", reused.message());
 
-    let (token, _) = cp.token("n2", &["default"], &["--ttl", "1s"]);
-    std::thread::sleep(Duration::from_millis(2100));
+    let created = cp.ctl_json(&["token", "create", "--node", "n2", "--namespace", "default", "--ttl", "1s"]);
+    let token = created["token"].as_str().unwrap().to_owned();
+    // The control plane refuses a token once its clock reaches `expiresAt` (whole seconds): wait for that instant.
+    let expires_at = time::OffsetDateTime::parse(
+        created["expiresAt"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    wait_for("the token's expiry", Duration::from_secs(10), || {
+        (time::OffsetDateTime::now_utc() >= expires_at).then_some(())
+    });
     let expired = join_error(client::join(&addr, &pin, &token, "n2").await);
     assert_eq!(expired.code(), tonic::Code::Unauthenticated);
     assert!(expired.message().contains("expired"), "{}", expired.message());
@@ -231,23 +242,46 @@ async fn admin_api_requires_the_admin_credential() {
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(cp.ctl_ok(&["get", "authorizationpolicies", "-A"]).starts_with("NAMESPACE"));
 
-    // A certificate from another CA does not even complete the handshake.
+    // An admin certificate from another mesh's CA. The config trusts this control plane (its endpoint and CA
+    // bundle), so that trellisctl completes its side of the handshake and it is the control plane that judges the
+    // foreign certificate. The control case is the same config with this mesh's own admin credential.
     let other = ControlPlane::start(&[]);
-    let foreign = other.dir.path().join("data/admin.yaml");
-    let out = Command::new(bin("trellisctl"))
-        .args(["--config"])
-        .arg(&foreign)
-        .args(["token", "list"])
-        .env("TRELLIS_CONFIG", "/nonexistent")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "the other mesh's admin works against its own control plane");
-    let mut config: serde_json::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&foreign).unwrap()).unwrap();
-    config["endpoint"] = serde_json::json!(addr);
+    let read_config = |path: &std::path::Path| -> serde_json::Value {
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let ours = read_config(&cp.admin_config());
+    let mut config = read_config(&other.admin_config());
+    assert_ne!(config["certificate"], ours["certificate"]);
+    config["endpoint"] = ours["endpoint"].clone();
+    config["caBundle"] = ours["caBundle"].clone();
     let mixed = other.dir.path().join("mixed.yaml");
     std::fs::write(&mixed, serde_yaml_ng::to_string(&config).unwrap()).unwrap();
-    let out = Command::new(bin("trellisctl")).arg("--config").arg(&mixed).args(["token", "list"]).output().unwrap();
-    assert!(!out.status.success(), "a foreign admin was accepted");
+    let ctl = |config: &std::path::Path| {
+        Command::new(bin("trellisctl")).arg("--config").arg(config).args(["token", "list"]).output().unwrap()
+    };
+    let control = ctl(&cp.admin_config());
+    assert!(control.status.success(), "control case: {}", String::from_utf8_lossy(&control.stderr));
+    let out = ctl(&mixed);
+    assert!(!out.status.success(), "a foreign admin was accepted: {}", String::from_utf8_lossy(&out.stdout));
+    // The control plane refuses the foreign certificate in the TLS handshake, before any gRPC call: there is no
+    // gRPC status, and trellisctl's transport error does not carry the alert (its text varies between
+    // "Unknown: transport error" and "Cancelled: operation was canceled"). The refusal and its reason, at the
+    // control plane: the alert it sends to a client using trellisctl's TLS config, beside the same handshake with
+    // this mesh's admin credential, and the reason it logs.
+    let identity = |config: &serde_json::Value| ClientIdentity {
+        chain: client::pem_certs(config["certificate"].as_str().unwrap()),
+        key: rustls_pki_types::PrivateKeyDer::from_pem_slice(config["key"].as_str().unwrap().as_bytes()).unwrap(),
+    };
+    assert_eq!(client::handshake(cp.addr, roots.clone(), Some(identity(&ours))).await, Outcome::Passed);
+    let reason = "error=invalid peer certificate: BadSignature";
+    let logged_before = read_log(&cp.log_path()).matches(reason).count();
+    assert!(logged_before >= 1, "trellisctl's attempt was refused for another reason:\n{}", read_log(&cp.log_path()));
+    let refused = client::handshake(cp.addr, roots.clone(), Some(identity(&config))).await;
+    // Both meshes' CAs carry the same name: the chain finds the name and fails on the signature.
+    assert_eq!(refused, Outcome::Refused(Refusal::TlsAlert(rustls::AlertDescription::DecryptError)));
+    wait_for("the control plane to log the refused handshake", Duration::from_secs(10), || {
+        (read_log(&cp.log_path()).matches(reason).count() > logged_before).then_some(())
+    });
 }
 
 #[test]

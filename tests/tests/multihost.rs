@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use trellis_tests::netns::{Background, Host, Net, Segment};
+use trellis_tests::outcome::{self, Outcome, Refusal};
 use trellis_tests::{ControlPlane, Echo, Proxy, ProxyOptions, WorkloadSpec, wait_for};
 
 const HTTP: u16 = 8080;
@@ -125,21 +126,38 @@ fn mesh(tag: &str, subnet: u8, with_c: bool) -> Mesh {
     Mesh { cp, a, b, c, _apps: apps, _bg: vec![server], _www: www, ruleset_before, net }
 }
 
-/// Sends `message` from `from` to `to` and reads it back: true when the echo came back whole.
-fn echo_works(from: &Host, to: SocketAddr, message: &[u8]) -> bool {
-    let Ok(mut stream) = from.connect(to) else { return false };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    if stream.write_all(message).is_err() || stream.shutdown(std::net::Shutdown::Write).is_err() {
-        return false;
+/// Sends `message` from `from` to `to` and reads it back: `Passed` when the echo came back whole.
+fn echo(from: &Host, to: SocketAddr, message: &[u8]) -> Outcome {
+    match from.connect(to) {
+        Ok(stream) => outcome::echo_on(stream, message),
+        Err(e) => Outcome::from_io(&e),
     }
-    let mut back = Vec::new();
-    let _ = stream.read_to_end(&mut back);
-    back == message
 }
 
-/// Polls until `from` → `to` works (`want`) or stops working (`!want`): policy changes reach proxies asynchronously.
+/// Connects from `from` to `to` and waits, sending nothing, for the other side to end the connection. A proxy
+/// refusing it closes it before any byte arrives: `Refused(Closed)`, deterministically (no unread data turns its
+/// close into a reset). An accepted connection to an echo server waits for data: `Hung`.
+fn refusal(from: &Host, to: SocketAddr) -> Outcome {
+    match from.connect(to) {
+        Ok(mut stream) => outcome::closed_without_answer(&mut stream),
+        Err(e) => Outcome::from_io(&e),
+    }
+}
+
+/// What the proxies do to a connection they refuse: close it without an answer.
+const CLOSED: Outcome = Outcome::Refused(Refusal::Closed);
+
+/// Polls until `from` → `to` works (`want`) or is refused by being closed (`!want`): policy changes reach proxies
+/// asynchronously. Panics with the last outcome.
 fn wait_reach(what: &str, from: &Host, to: SocketAddr, want: bool) {
-    wait_for(what, Duration::from_secs(20), || (echo_works(from, to, b"ping") == want).then_some(()));
+    let mut last = None;
+    let reached = trellis_tests::poll(Duration::from_secs(30), || {
+        let outcome = if want { echo(from, to, b"ping") } else { refusal(from, to) };
+        let done = outcome == if want { Outcome::Passed } else { CLOSED };
+        last = Some(outcome);
+        done.then_some(())
+    });
+    assert!(reached.is_some(), "timed out waiting for {what}; last outcome: {last:?}");
 }
 
 fn has(haystack: &[u8], needle: &[u8]) -> bool {
@@ -161,7 +179,7 @@ fn unmodified_programs_cross_hosts_in_tls_only() {
 
     // A plain TCP echo, from a socket opened on host A as any program there would.
     let message = b"SECRET-ECHO-77d0".repeat(64);
-    assert!(echo_works(a, b.addr(ECHO), &message));
+    assert_eq!(echo(a, b.addr(ECHO), &message), Outcome::Passed);
 
     let segments = dump.finish();
     let between =
@@ -190,8 +208,8 @@ fn peer_authentication_on_the_plaintext_inbound_listener() {
     let (a, b, outside) = (m.host(1), m.host(2), m.host(3));
 
     // No PeerAuthentication: PERMISSIVE, as Istio. A client outside the mesh gets in, so does the mesh client.
-    assert!(echo_works(outside, b.addr(ECHO), b"plaintext"), "default PERMISSIVE refused plaintext");
-    assert!(echo_works(a, b.addr(ECHO), b"mesh"));
+    assert_eq!(echo(outside, b.addr(ECHO), b"plaintext"), Outcome::Passed, "default PERMISSIVE refused plaintext");
+    assert_eq!(echo(a, b.addr(ECHO), b"mesh"), Outcome::Passed);
     // The plaintext connection is reported as such.
     let (_, metrics) =
         trellis_tests::http::get_in(Some(&b.ns), "127.0.0.1:15020".parse().unwrap(), "/metrics").unwrap();
@@ -205,14 +223,14 @@ fn peer_authentication_on_the_plaintext_inbound_listener() {
     let strict = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n";
     m.apply(strict);
     wait_reach("namespace STRICT to refuse plaintext", outside, b.addr(ECHO), false);
-    assert!(echo_works(a, b.addr(ECHO), b"mesh"), "STRICT must not refuse mTLS from the mesh");
+    assert_eq!(echo(a, b.addr(ECHO), b"mesh"), Outcome::Passed, "STRICT must not refuse mTLS from the mesh");
     let log = trellis_tests::read_log(&m.b.log_path());
     assert!(log.contains("requires mTLS"), "the refusal names the reason:\n{log}");
 
     // Port-level exception on the workload: 9001 PERMISSIVE, the rest inherits the namespace's STRICT.
     m.apply("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: api, namespace: shop}\nspec:\n  selector: {matchLabels: {app: api}}\n  portLevelMtls: {9001: {mode: PERMISSIVE}}\n");
     wait_reach("port-level PERMISSIVE on 9001", outside, b.addr(ECHO2), true);
-    assert!(!echo_works(outside, b.addr(ECHO), b"plaintext"), "9000 must stay STRICT");
+    assert_eq!(refusal(outside, b.addr(ECHO)), CLOSED, "9000 must stay STRICT");
 
     // Namespace STRICT, workload DISABLE: plaintext gets in on every port.
     m.apply("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: api, namespace: shop}\nspec:\n  selector: {matchLabels: {app: api}}\n  mtls: {mode: DISABLE}\n");
@@ -221,7 +239,9 @@ fn peer_authentication_on_the_plaintext_inbound_listener() {
     // Authorization sees a plaintext peer: a DENY for notPrincipals ["*"] refuses it, the mesh client still passes.
     m.apply("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-plaintext, namespace: shop}\nspec:\n  selector: {matchLabels: {app: api}}\n  action: DENY\n  rules: [{from: [{source: {notPrincipals: [\"*\"]}}]}]\n");
     wait_reach("DENY notPrincipals [*] to refuse plaintext", outside, b.addr(ECHO), false);
-    assert!(echo_works(a, b.addr(ECHO), b"mesh"));
+    let log = trellis_tests::read_log(&m.b.log_path());
+    assert!(log.contains("denied by DENY policy shop/deny-plaintext"), "the refusal names the policy:\n{log}");
+    assert_eq!(echo(a, b.addr(ECHO), b"mesh"), Outcome::Passed);
     // An open plaintext connection is closed when a policy change denies it.
     m.cp.ctl_ok(&["delete", "ap", "deny-plaintext", "-n", "shop"]);
     wait_reach("plaintext allowed again", outside, b.addr(ECHO), true);
@@ -231,13 +251,9 @@ fn peer_authentication_on_the_plaintext_inbound_listener() {
     open.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     open.read_exact(&mut one).unwrap();
     m.apply("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: api, namespace: shop}\nspec:\n  selector: {matchLabels: {app: api}}\n  mtls: {mode: STRICT}\n");
-    let mut rest = Vec::new();
-    let closed = open.read_to_end(&mut rest);
-    // Closed: EOF or reset; a read timeout means it stayed open.
-    match closed {
-        Ok(n) => assert_eq!(n, 0, "unexpected bytes {rest:?}"),
-        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "the connection stayed open: {e}"),
-    }
+    // Closed by node-b: EOF or reset (`Hung` means it stayed open).
+    let closed = outcome::closed_without_answer(&mut open);
+    assert!(matches!(closed, Outcome::Refused(Refusal::Closed | Refusal::Reset)), "the open connection: {closed:?}");
 }
 
 #[test]
@@ -246,26 +262,28 @@ fn passthrough_and_principal_policies_across_hosts() {
     let (a, b, outside, c) = (m.host(1), m.host(2), m.host(3), m.host(4));
 
     // A mesh workload calling an address outside the mesh: passed through by A (allow), refused by C (deny).
-    assert!(echo_works(a, outside.addr(OUTSIDE_ECHO), b"out"), "passthrough allow");
-    assert!(!echo_works(c, outside.addr(OUTSIDE_ECHO), b"out"), "passthrough deny let the connection out");
+    assert_eq!(echo(a, outside.addr(OUTSIDE_ECHO), b"out"), Outcome::Passed, "passthrough allow");
+    assert_eq!(refusal(c, outside.addr(OUTSIDE_ECHO)), CLOSED, "passthrough deny");
     let log = trellis_tests::read_log(&m.c.as_ref().unwrap().log_path());
     assert!(log.contains("outbound.passthrough is deny"), "{log}");
 
     // Both mesh clients reach the server, until an ALLOW by principal admits only host A's workload.
-    assert!(echo_works(a, b.addr(ECHO), b"web"));
-    assert!(echo_works(c, b.addr(ECHO), b"batch"));
+    assert_eq!(echo(a, b.addr(ECHO), b"web"), Outcome::Passed);
+    assert_eq!(echo(c, b.addr(ECHO), b"batch"), Outcome::Passed);
     m.apply("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: api-allow-web, namespace: shop}\nspec:\n  selector: {matchLabels: {app: api}}\n  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]}]\n");
     wait_reach("host C's workload to be refused", c, b.addr(ECHO), false);
-    assert!(echo_works(a, b.addr(ECHO), b"web"), "host A's workload must still be admitted");
+    let log = trellis_tests::read_log(&m.b.log_path());
+    assert!(log.contains("no ALLOW policy matched"), "node-b names the reason for refusing host C:\n{log}");
+    assert_eq!(echo(a, b.addr(ECHO), b"web"), Outcome::Passed, "host A's workload must still be admitted");
     // And a plaintext client matches no principal.
-    assert!(!echo_works(outside, b.addr(ECHO), b"plain"));
+    assert_eq!(refusal(outside, b.addr(ECHO)), CLOSED, "a plaintext client matches no principal");
 }
 
 #[test]
 fn a_dead_proxy_fails_closed_and_rules_are_installed_once_and_removed_exactly() {
     let mut m = mesh("mhfail", 64, false);
     let (a, b, outside) = (m.host(1).clone(), m.host(2).clone(), m.host(3).clone());
-    assert!(echo_works(&a, b.addr(ECHO), b"up"));
+    assert_eq!(echo(&a, b.addr(ECHO), b"up"), Outcome::Passed);
     let pcap = tempfile::tempdir().unwrap();
     let dump = m.net.capture_wire(1, &pcap.path().join("wire.pcap"));
 
@@ -275,7 +293,8 @@ fn a_dead_proxy_fails_closed_and_rules_are_installed_once_and_removed_exactly() 
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     let out =
         a.cmd("curl").args(["-sS", "--max-time", "10", &format!("http://{}:{HTTP}/index.txt", b.ip)]).output().unwrap();
-    assert!(!out.status.success(), "curl got through with the proxy down");
+    // curl's exit code 7: the connection was refused (the capture rules send it to a listener that is gone).
+    assert_eq!(out.status.code(), Some(7), "curl with the proxy down: {}", String::from_utf8_lossy(&out.stderr));
     let segments = dump.finish();
     let leaked: Vec<&Segment> =
         segments.iter().filter(|s| s.dst.ip() == b.ip && [HTTP, ECHO].contains(&s.dst.port())).collect();

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use trellis_tests::outcome::{Outcome, Refusal};
 use trellis_tests::prometheus::Prometheus;
 use trellis_tests::{ControlPlane, Echo, Proxy, ProxyOptions, WorkloadSpec, http, socks, wait_for};
 
@@ -42,9 +43,9 @@ struct Mesh {
 
 fn mesh() -> Mesh {
     let cp = ControlPlane::start(&[]);
-    let port = trellis_tests::free_port();
-    let api: SocketAddr = format!("{API}:{port}").parse().unwrap();
-    let echo = Echo::start(api);
+    // Port 0: the echo reports the port the kernel gave it, and the workload declares that port.
+    let echo = Echo::start(format!("{API}:0").parse().unwrap());
+    let (api, port) = (echo.addr, echo.addr.port());
     let mut api_spec = WorkloadSpec::new("api", "shop", "api", API);
     api_spec.ports = vec![(port, "tcp")];
     let json_logs = ProxyOptions {
@@ -77,7 +78,8 @@ fn prometheus_scrapes_exactly_the_traffic_made() {
         assert_eq!(socks::echo_round_trip(socks::connect_ok(m.web.socks5_addr, m.api), &payload), payload);
     }
     for _ in 0..DENIED {
-        assert!(matches!(socks::connect(m.batch.socks5_addr, m.api), Err(Ok(_))), "batch must be refused");
+        let refused = socks::connect(m.batch.socks5_addr, m.api).map(|_| ());
+        assert_eq!(refused, Err(Outcome::Refused(Refusal::Socks5(2))), "batch must be refused as not allowed");
     }
 
     let prometheus = Prometheus::start(&[
@@ -187,7 +189,8 @@ fn promtool_finds_no_problem_in_any_metrics_output() {
     let m = mesh();
     let payload = b"lint me";
     assert_eq!(socks::echo_round_trip(socks::connect_ok(m.web.socks5_addr, m.api), payload), payload);
-    assert!(socks::connect(m.batch.socks5_addr, m.api).is_err());
+    let refused = socks::connect(m.batch.socks5_addr, m.api).map(|_| ());
+    assert_eq!(refused, Err(Outcome::Refused(Refusal::Socks5(2))), "batch must be refused as not allowed");
     for (what, addr) in
         [("control plane", m.cp.metrics_addr), ("server", m.server.metrics_addr), ("web", m.web.metrics_addr)]
     {
@@ -271,9 +274,8 @@ fn http_requests_are_counted_and_logged_per_request() {
     const CLIENT: &str = "127.0.10.51";
     const SITE: &str = "127.0.10.52";
     let cp = ControlPlane::start(&[]);
-    let port = trellis_tests::free_port();
-    let site: SocketAddr = format!("{SITE}:{port}").parse().unwrap();
-    let _echo = HttpEcho::start(site);
+    let _echo = HttpEcho::start(format!("{SITE}:0").parse().unwrap());
+    let (site, port) = (_echo.addr, _echo.addr.port());
     let mut site_spec = WorkloadSpec::new("site", "shop", "site", SITE);
     site_spec.ports = vec![(port, "http")];
     let json_logs = ProxyOptions {

@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
+use rustls::AlertDescription;
+use trellis_tests::outcome::{self, Outcome, Refusal};
 use trellis_tests::{ControlPlane, Echo, Proxy, ProxyOptions, WorkloadSpec, client, hbone, read_log, socks, wait_for};
 
 const CLIENT_IP: &str = "127.0.10.1";
@@ -23,12 +25,13 @@ struct Mesh {
     echo_addr: SocketAddr,
 }
 
-fn mesh(cp_args: &[&str], a_options: ProxyOptions, b_options: ProxyOptions, echo_port: u16) -> Mesh {
+fn mesh(cp_args: &[&str], a_options: ProxyOptions, b_options: ProxyOptions) -> Mesh {
     let cp = ControlPlane::start(cp_args);
-    let echo_addr: SocketAddr = format!("{SERVER_IP}:{echo_port}").parse().unwrap();
-    let echo = Echo::start(echo_addr);
+    // Port 0: the echo server reports the port the kernel gave it, and the workload declares that port.
+    let echo = Echo::start(format!("{SERVER_IP}:0").parse().unwrap());
+    let echo_addr = echo.addr;
     let mut server = WorkloadSpec::new("api", "shop", "api", SERVER_IP);
-    server.ports = vec![(echo_port, "tcp")];
+    server.ports = vec![(echo_addr.port(), "tcp")];
     let b = Proxy::start_with(&cp, "node-b", &[server], b_options);
     let a = Proxy::start_with(&cp, "node-a", &[WorkloadSpec::new("web", "shop", "web", CLIENT_IP)], a_options);
     a.wait_ready();
@@ -41,13 +44,9 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
 
-fn free_echo_port() -> u16 {
-    trellis_tests::free_port()
-}
-
 #[test]
 fn bytes_in_equal_bytes_out_for_all_sizes_concurrently_and_across_half_close() {
-    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default(), free_echo_port());
+    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default());
     for len in [1, 64 * 1024, 100 * 1024 * 1024] {
         let data = pattern(len);
         let back = socks::echo_round_trip(socks::connect_ok(m.a.socks5_addr, m.echo_addr), &data);
@@ -88,7 +87,7 @@ fn cert_serial(proxy: &Proxy) -> String {
 
 #[test]
 fn open_connection_survives_two_rotations_and_new_connections_use_new_certificates() {
-    let m = mesh(&["--cert-ttl", "1m"], ProxyOptions::default(), ProxyOptions::default(), free_echo_port());
+    let m = mesh(&["--cert-ttl", "1m"], ProxyOptions::default(), ProxyOptions::default());
     let mut long_lived = socks::connect_ok(m.a.socks5_addr, m.echo_addr);
     let mut serials = vec![cert_serial(&m.a)];
     let deadline = Instant::now() + Duration::from_secs(150);
@@ -122,22 +121,26 @@ fn open_connection_survives_two_rotations_and_new_connections_use_new_certificat
 
 #[tokio::test(flavor = "multi_thread")]
 async fn handshakes_with_bad_identities_are_refused() {
-    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default(), free_echo_port());
+    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default());
     let roots = hbone::roots(&m.cp.root_pem());
     let b_hbone: SocketAddr = format!("{SERVER_IP}:{}", m.b.hbone_port).parse().unwrap();
     let target = m.echo_addr.to_string();
 
-    // Sanity: a valid mesh credential gets through.
+    // The control case, through the same client path as the refusals: a valid mesh credential gets through.
     let good = hbone::valid_credential(&m.cp.data_dir(), "spiffe://cluster.local/ns/shop/sa/tester");
-    let mut sender = hbone::connect(b_hbone, roots.clone(), SERVER_ID, Some(good)).await.expect("valid client");
-    assert_eq!(hbone::request(&mut sender, Method::CONNECT, &target).await.unwrap(), StatusCode::OK);
+    assert_eq!(hbone::tunnel(b_hbone, roots.clone(), SERVER_ID, Some(good), &target).await, Outcome::Passed);
 
+    // Each refusal: the alert node-b sends (the client verified node-b and finished its side of the handshake, so
+    // it is node-b that judged the client's certificate) and the reason node-b logs.
     let other_mesh = ControlPlane::start(&[]);
     let now = time::OffsetDateTime::now_utc();
-    let refused: Vec<(&str, Option<hbone::Credential>)> = vec![
+    let refused: Vec<(&str, Option<hbone::Credential>, AlertDescription, &str)> = vec![
         (
             "certificate from another CA",
             Some(hbone::valid_credential(&other_mesh.data_dir(), "spiffe://cluster.local/ns/shop/sa/web")),
+            // Both meshes' CAs carry the same name: the chain finds the name and fails on the signature.
+            AlertDescription::DecryptError,
+            "TLS handshake failed: invalid peer certificate: BadSignature",
         ),
         (
             "expired certificate",
@@ -147,15 +150,23 @@ async fn handshakes_with_bad_identities_are_refused() {
                 now - Duration::from_secs(7200),
                 now - Duration::from_secs(3600),
             )),
+            AlertDescription::CertificateExpired,
+            "TLS handshake failed: invalid peer certificate: certificate expired",
         ),
-        ("no client certificate", None),
+        (
+            "no client certificate",
+            None,
+            AlertDescription::CertificateRequired,
+            "TLS handshake failed: peer sent no certificates",
+        ),
     ];
-    for (what, credential) in refused {
-        let outcome = match hbone::connect(b_hbone, roots.clone(), SERVER_ID, credential).await {
-            Err(e) => Err(e),
-            Ok(mut sender) => hbone::request(&mut sender, Method::CONNECT, &target).await,
-        };
-        assert!(outcome.is_err(), "{what} was accepted: {outcome:?}");
+    for (what, credential, alert, reason) in refused {
+        let logged_before = read_log(&m.b.log_path()).matches(reason).count();
+        let outcome = hbone::tunnel(b_hbone, roots.clone(), SERVER_ID, credential, &target).await;
+        assert_eq!(outcome, Outcome::Refused(Refusal::TlsAlert(alert)), "{what}");
+        wait_for(&format!("node-b to log the refusal of the {what}: {reason}"), Duration::from_secs(10), || {
+            (read_log(&m.b.log_path()).matches(reason).count() > logged_before).then_some(())
+        });
     }
 
     // A server presenting an identity other than the destination's: the client proxy refuses it. The imposter
@@ -181,7 +192,8 @@ async fn handshakes_with_bad_identities_are_refused() {
         tokio::task::spawn_blocking(move || socks::connect(socks5, "127.0.10.9:8080".parse().unwrap()).map(|_| ()))
             .await
             .unwrap();
-    assert!(matches!(result, Err(Ok(code)) if code != 0), "tunnel to an imposter was established: {result:?}");
+    // The source proxy's handshake with the imposter fails: general SOCKS server failure (1).
+    assert_eq!(result, Err(Outcome::Refused(Refusal::Socks5(1))), "tunnel to an imposter");
     let log = read_log(&m.a.log_path());
     assert!(
         log.contains(&format!("server is {imposter_id}, expected spiffe://cluster.local/ns/shop/sa/fake")),
@@ -199,11 +211,11 @@ async fn handshakes_with_bad_identities_are_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_connect_requests_and_garbage_cost_one_stream_or_connection() {
-    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default(), free_echo_port());
+    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default());
     let roots = hbone::roots(&m.cp.root_pem());
     let b_hbone: SocketAddr = format!("{SERVER_IP}:{}", m.b.hbone_port).parse().unwrap();
     let credential = hbone::valid_credential(&m.cp.data_dir(), "spiffe://cluster.local/ns/shop/sa/tester");
-    let mut sender = hbone::connect(b_hbone, roots.clone(), SERVER_ID, Some(credential)).await.unwrap();
+    let mut connection = hbone::connect(b_hbone, roots.clone(), SERVER_ID, Some(credential)).await.unwrap();
 
     let echo_port = m.echo_addr.port();
     let cases = [
@@ -214,7 +226,7 @@ async fn bad_connect_requests_and_garbage_cost_one_stream_or_connection() {
         (Method::CONNECT, m.echo_addr.to_string(), StatusCode::OK),
     ];
     for (method, target, want) in cases {
-        let got = hbone::request(&mut sender, method.clone(), &target).await.unwrap();
+        let got = connection.request(method.clone(), &target).await.unwrap();
         assert_eq!(got, want, "{method} {target}");
     }
 
@@ -223,9 +235,13 @@ async fn bad_connect_requests_and_garbage_cost_one_stream_or_connection() {
         let mut tcp = std::net::TcpStream::connect(b_hbone).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         tcp.write_all(garbage).unwrap();
-        let mut buf = Vec::new();
-        let _ = tcp.read_to_end(&mut buf);
-        assert!(!String::from_utf8_lossy(&buf).contains("200"), "garbage got an answer: {buf:?}");
+        // Plaintext gets a TLS alert record (content type 21) at most, then the connection closes.
+        let closed = outcome::closed_without_answer(&mut tcp);
+        assert!(
+            matches!(&closed, Outcome::Refused(Refusal::Closed | Refusal::Reset))
+                || matches!(&closed, Outcome::Broke(answer) if answer.starts_with("answered \"\\u{15}")),
+            "garbage {garbage:?}: {closed:?}"
+        );
     }
     let (socks5, echo) = (m.a.socks5_addr, m.echo_addr);
     let back = tokio::task::spawn_blocking(move || socks::echo_round_trip(socks::connect_ok(socks5, echo), b"alive"))
@@ -236,26 +252,25 @@ async fn bad_connect_requests_and_garbage_cost_one_stream_or_connection() {
 
 #[test]
 fn workload_that_refuses_connections_gets_an_error_not_a_hang() {
-    let echo_port = free_echo_port();
-    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default(), echo_port);
+    let m = mesh(&[], ProxyOptions::default(), ProxyOptions::default());
     // The declared port with nothing listening behind it on the server workload's address.
     drop(m._echo);
     let result = socks::connect(m.a.socks5_addr, m.echo_addr);
-    assert!(matches!(result, Err(Ok(5))), "expected 'connection refused' (5): {:?}", result.map(|_| ()));
+    assert_eq!(result.map(|_| ()), Err(Outcome::Refused(Refusal::Socks5(5))), "expected 'connection refused' (5)");
 }
 
 #[test]
 fn passthrough_outside_the_mesh_follows_config() {
-    let outside: SocketAddr = format!("127.0.20.1:{}", trellis_tests::free_port()).parse().unwrap();
-    let _outside_echo = Echo::start(outside);
-    let allow = ProxyOptions::default();
+    let outside_echo = Echo::start("127.0.20.1:0".parse().unwrap());
+    let outside = outside_echo.addr;
+    let allow = ProxyOptions { passthrough: Some("allow"), ..ProxyOptions::default() };
     let deny = ProxyOptions { passthrough: Some("deny"), ..ProxyOptions::default() };
-    let m = mesh(&[], allow, deny, free_echo_port());
+    let m = mesh(&[], allow, deny);
     let back = socks::echo_round_trip(socks::connect_ok(m.a.socks5_addr, outside), b"plain tcp");
     assert_eq!(back, b"plain tcp");
     // Node B (passthrough: deny) speaks for the api workload: its SOCKS5 refuses destinations outside the mesh.
     let refused = socks::connect(m.b.socks5_addr, outside);
-    assert!(matches!(refused, Err(Ok(2))), "expected 'not allowed' (2): {:?}", refused.map(|_| ()));
+    assert_eq!(refused.map(|_| ()), Err(Outcome::Refused(Refusal::Socks5(2))), "expected 'not allowed' (2)");
 }
 
 #[test]
@@ -264,27 +279,31 @@ fn sigterm_lets_a_stream_in_progress_finish_then_exits() {
         extra: serde_json::json!({"drainTimeout": "20s"}).as_object().unwrap().clone(),
         ..ProxyOptions::default()
     };
-    let mut m = mesh(&[], ProxyOptions::default(), drain, free_echo_port());
+    let mut m = mesh(&[], ProxyOptions::default(), drain);
     let mut stream = socks::connect_ok(m.a.socks5_addr, m.echo_addr);
     stream.write_all(b"before").unwrap();
     let mut reply = [0u8; 6];
     stream.read_exact(&mut reply).unwrap();
 
-    // SIGTERM without waiting: the server proxy must stay up while the stream is open.
-    let pid_alive_before = m.b.running();
-    assert!(pid_alive_before);
-    let b = &mut m.b;
-    assert!(!b.terminate(Duration::from_millis(300)), "node-b exited with a stream still open");
+    // SIGTERM: once node-b has begun draining (it logs so, with the open stream counted), it is still up.
+    assert!(m.b.running());
+    m.b.sigterm();
+    let log = wait_for("node-b to begin draining", Duration::from_secs(10), || {
+        let log = read_log(&m.b.log_path());
+        log.contains("draining connections").then_some(log)
+    });
+    assert!(log.lines().any(|l| l.contains("draining connections") && l.contains("open=1")), "{log}");
+    assert!(m.b.running(), "node-b exited with a stream still open");
     for i in 0..5 {
         let message = format!("during drain {i}");
         stream.write_all(message.as_bytes()).unwrap();
         let mut reply = vec![0u8; message.len()];
         stream.read_exact(&mut reply).unwrap();
         assert_eq!(reply, message.as_bytes());
-        std::thread::sleep(Duration::from_millis(100));
     }
-    // New tunnels are not accepted any more.
-    assert!(socks::connect(m.a.socks5_addr, m.echo_addr).is_err(), "a new stream was accepted while draining");
+    // New tunnels are not accepted any more: node-b no longer listens, so node-a cannot reach it (4).
+    let refused = socks::connect(m.a.socks5_addr, m.echo_addr).map(|_| ());
+    assert_eq!(refused, Err(Outcome::Refused(Refusal::Socks5(4))), "a new stream while node-b drains");
     stream.shutdown(std::net::Shutdown::Write).unwrap();
     let mut rest = Vec::new();
     stream.read_to_end(&mut rest).unwrap();
