@@ -22,8 +22,9 @@ use crate::registry::LocalWorkloads;
 use crate::state::{State, StateStore};
 use crate::{reconfigure, shutdown_requested};
 
+/// Why the proxy could not start (every error `run` returns happens before or while it starts).
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub enum StartError {
     #[error("cannot listen on {address} (listen.admin): {source}")]
     Listen { address: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot prepare stateDir {path}: {source}")]
@@ -37,7 +38,7 @@ pub enum ProxyError {
 }
 
 /// Runs the proxy until `shutdown` turns true.
-pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), ProxyError> {
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
     let config = Arc::new(config);
     crate::sockets::set_mark(config.capture.mark);
     let state = Arc::new(StateStore::new(State::default()));
@@ -45,7 +46,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
 
     let admin_address = config.listen.admin;
     let listener =
-        admin::bind(admin_address).await.map_err(|source| ProxyError::Listen { address: admin_address, source })?;
+        admin::bind(admin_address).await.map_err(|source| StartError::Listen { address: admin_address, source })?;
     let admin = tokio::spawn(admin::serve(listener, shared.clone(), shutdown.clone()));
     match crate::metrics::install() {
         Ok(handle) => {
@@ -54,7 +55,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         Err(e) => warn!(error = %e, "metrics recorder not installed; /metrics will be empty"),
     }
     let metrics_address = config.listen.metrics;
-    let listener = admin::bind(metrics_address).await.map_err(|source| ProxyError::Bind {
+    let listener = admin::bind(metrics_address).await.map_err(|source| StartError::Bind {
         field: "listen.metrics",
         address: metrics_address,
         source,
@@ -124,9 +125,9 @@ async fn start_listeners(
     data: &Arc<DataPath>,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, ProxyError> {
+) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
     let bind = |address: std::net::SocketAddr, field: &'static str| async move {
-        tokio::net::TcpListener::bind(address).await.map_err(|source| ProxyError::Bind { field, address, source })
+        tokio::net::TcpListener::bind(address).await.map_err(|source| StartError::Bind { field, address, source })
     };
     let mut tasks = Vec::new();
     let hbone = bind(config.listen.hbone, "listen.hbone").await?;
@@ -151,9 +152,9 @@ async fn start_listeners(
 async fn node_credential(
     config: &Config,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<Option<NodeCredential>, ProxyError> {
+) -> Result<Option<NodeCredential>, StartError> {
     let dir = &config.state_dir;
-    files::ensure_private_dir(dir).map_err(|source| ProxyError::StateDir { path: dir.clone(), source })?;
+    files::ensure_private_dir(dir).map_err(|source| StartError::StateDir { path: dir.clone(), source })?;
     match NodeCredential::load(dir, &config.node)? {
         Some(stored) if !stored.expired(SystemTime::now()) => {
             info!(state_dir = %dir.display(), "using the stored node credential");

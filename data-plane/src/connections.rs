@@ -37,16 +37,33 @@ pub struct PlaintextConn {
     pub workload: Arc<LocalWorkload>,
 }
 
-struct Tracked {
-    inbound: Option<Arc<InboundConn>>,
-    plaintext: Option<Arc<PlaintextConn>>,
+/// What kind of connection is open: inbound ones are re-checked on every policy change, outbound ones only wait
+/// for the drain.
+enum Tracked {
+    Outbound,
+    Inbound(Arc<InboundConn>),
+    Plaintext(Arc<PlaintextConn>),
+}
+
+impl Tracked {
+    /// Why the proxy would cancel such a connection, for its access-log entry.
+    fn closed_by_proxy(&self) -> &'static str {
+        match self {
+            Tracked::Outbound => "closed by the proxy: shutting down",
+            Tracked::Inbound(_) | Tracked::Plaintext(_) => "closed by the proxy: policy change or shutdown",
+        }
+    }
+}
+
+struct Entry {
+    tracked: Tracked,
     cancel: CancellationToken,
 }
 
 #[derive(Default)]
 pub struct Connections {
     next_id: AtomicU64,
-    open: DashMap<u64, Tracked>,
+    open: DashMap<u64, Entry>,
     emptied: Notify,
 }
 
@@ -55,6 +72,16 @@ pub struct Registration {
     connections: Arc<Connections>,
     id: u64,
     pub cancel: CancellationToken,
+    /// Why `cancel` fires, for the access log (`Tracked::closed_by_proxy`).
+    closed_by_proxy: &'static str,
+}
+
+impl Registration {
+    /// The access-log detail of a connection the proxy cancelled: policy change or shutdown (inbound), shutdown
+    /// (outbound).
+    pub fn closed_by_proxy(&self) -> &'static str {
+        self.closed_by_proxy
+    }
 }
 
 impl Drop for Registration {
@@ -67,24 +94,28 @@ impl Drop for Registration {
 }
 
 impl Connections {
-    pub fn register(self: &Arc<Self>, inbound: Option<Arc<InboundConn>>) -> Registration {
-        self.track(inbound, None)
+    /// An HBONE inbound stream: re-checked on every policy change.
+    pub fn register_inbound(self: &Arc<Self>, conn: Arc<InboundConn>) -> Registration {
+        self.track(Tracked::Inbound(conn))
     }
 
+    /// A captured plaintext inbound connection: re-checked on every policy change.
     pub fn register_plaintext(self: &Arc<Self>, conn: Arc<PlaintextConn>) -> Registration {
-        self.track(None, Some(conn))
+        self.track(Tracked::Plaintext(conn))
     }
 
-    fn track(
-        self: &Arc<Self>,
-        inbound: Option<Arc<InboundConn>>,
-        plaintext: Option<Arc<PlaintextConn>>,
-    ) -> Registration {
+    /// An outbound connection: closed only by the drain.
+    pub fn register_outbound(self: &Arc<Self>) -> Registration {
+        self.track(Tracked::Outbound)
+    }
+
+    fn track(self: &Arc<Self>, tracked: Tracked) -> Registration {
         crate::activity::note();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
-        self.open.insert(id, Tracked { inbound, plaintext, cancel: cancel.clone() });
-        Registration { connections: self.clone(), id, cancel }
+        let closed_by_proxy = tracked.closed_by_proxy();
+        self.open.insert(id, Entry { tracked, cancel: cancel.clone() });
+        Registration { connections: self.clone(), id, cancel, closed_by_proxy }
     }
 
     pub fn len(&self) -> usize {
@@ -99,7 +130,7 @@ impl Connections {
     pub fn close_inbound_unless(&self, mut keep: impl FnMut(&InboundConn) -> bool) -> usize {
         let mut closed = 0;
         for entry in self.open.iter() {
-            if let Some(conn) = &entry.inbound
+            if let Tracked::Inbound(conn) = &entry.tracked
                 && !keep(conn)
             {
                 entry.cancel.cancel();
@@ -113,7 +144,7 @@ impl Connections {
     pub fn close_plaintext_unless(&self, mut keep: impl FnMut(&PlaintextConn) -> bool) -> usize {
         let mut closed = 0;
         for entry in self.open.iter() {
-            if let Some(conn) = &entry.plaintext
+            if let Tracked::Plaintext(conn) = &entry.tracked
                 && !keep(conn)
             {
                 entry.cancel.cancel();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::activity;
 
 /// How often activity is sampled; memory is returned after one whole period without traffic.
-pub const QUIET_PERIOD: Duration = Duration::from_secs(5);
+const QUIET_PERIOD: Duration = Duration::from_secs(5);
 
 /// Runs until the runtime stops.
 pub async fn release_when_quiet() {

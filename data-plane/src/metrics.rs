@@ -397,7 +397,7 @@ impl DecisionCounters {
                 .entry(namespace.to_owned())
                 .or_default()
                 .entry(name.to_owned())
-                .or_insert_with(|| PolicyCounters::new(action_label(action), format!("{namespace}/{name}").into()));
+                .or_insert_with(|| PolicyCounters::new(action_label(action), policy_name(namespace, name)));
         }
         Self { by_policy, no_policy: OnceLock::new() }
     }
@@ -410,6 +410,16 @@ impl DecisionCounters {
         if let Some(counters) = self.no_policy.get() {
             counters.touch();
         }
+    }
+
+    /// The name (`ns/name`) of `policy`, built once per config change; `None` when no policy decided.
+    pub fn name_of(&self, policy: Option<&PolicyRef<'_>>) -> Option<Arc<str>> {
+        let policy = policy?;
+        Some(match self.by_policy.get(policy.namespace).and_then(|names| names.get(policy.name)) {
+            Some(counters) => counters.policy.clone(),
+            // Every policy a decision can name is counted here; a name is built on the spot only if one is not.
+            None => policy_name(policy.namespace, policy.name),
+        })
     }
 
     fn counters(&self, policy: Option<&PolicyRef<'_>>) -> &PolicyCounters {
@@ -435,6 +445,11 @@ impl DecisionCounters {
     pub fn record_closed(&self, decision: &Decision<'_>) {
         self.counters(decision.deciding.as_ref()).counter(Outcome::ClosedOnReevaluation).increment(1);
     }
+}
+
+/// How series and access logs name a policy (AuthorizationPolicy or PeerAuthentication): `namespace/name`.
+pub fn policy_name(namespace: &str, name: &str) -> Arc<str> {
+    format!("{namespace}/{name}").into()
 }
 
 fn action_label(action: Action) -> &'static str {

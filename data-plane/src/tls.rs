@@ -37,9 +37,41 @@ pub fn tune<S>(connection: &mut rustls::ConnectionCommon<S>) {
     connection.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
 }
 
+/// Why a peer certificate names no SPIFFE identity.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerIdentityError {
+    #[error("unparsable certificate: {0}")]
+    Unparsable(x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error("certificate has {0} URI SANs, a SPIFFE certificate has exactly one")]
+    UriSans(usize),
+    #[error(transparent)]
+    SpiffeId(#[from] trellis_proto::spiffe::SpiffeIdError),
+}
+
+/// Why no client config can be had for a new tunnel connection (yet).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientConfigError {
+    #[error("no certificate for {0} yet")]
+    NoCertificate(SpiffeId),
+    #[error("no trust bundle yet")]
+    NoTrustBundle,
+    /// rustls refused the config (the text of its error: `client_config` is shared with the test harness).
+    #[error("{0}")]
+    Build(String),
+}
+
+/// Why the TLS set could not be rebuilt (the previous one stays).
+#[derive(Debug, thiserror::Error)]
+enum BuildError {
+    #[error("{0}")]
+    Root(rustls::Error),
+    #[error("{id}: {reason}")]
+    Server { id: SpiffeId, reason: String },
+}
+
 /// The SPIFFE ID a verified peer certificate carries (exactly one URI SAN).
-pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("unparsable certificate: {e}"))?;
+pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<SpiffeId, PeerIdentityError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(PeerIdentityError::Unparsable)?;
     let mut uris = parsed
         .subject_alternative_name()
         .ok()
@@ -56,13 +88,13 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
         })
         .unwrap_or_default();
     if uris.len() != 1 {
-        return Err(format!("certificate has {} URI SANs, a SPIFFE certificate has exactly one", uris.len()));
+        return Err(PeerIdentityError::UriSans(uris.len()));
     }
-    SpiffeId::parse(&uris.remove(0)).map_err(|e| e.to_string())
+    Ok(SpiffeId::parse(&uris.remove(0))?)
 }
 
 fn check_identity(cert: &CertificateDer<'_>, trust_domain: &str) -> Result<SpiffeId, rustls::Error> {
-    let id = peer_identity(cert).map_err(rustls::Error::General)?;
+    let id = peer_identity(cert).map_err(|e| rustls::Error::General(e.to_string()))?;
     if id.trust_domain() != trust_domain {
         return Err(rustls::Error::General(format!("peer {id} is not in trust domain {trust_domain}")));
     }
@@ -101,14 +133,18 @@ impl TlsSet {
     }
 
     /// Client config presenting `source`'s certificate and accepting only `destination` as the server.
-    pub fn client_for(&self, source: &SpiffeId, destination: &SpiffeId) -> Result<Arc<ClientConfig>, String> {
+    pub fn client_for(
+        &self,
+        source: &SpiffeId,
+        destination: &SpiffeId,
+    ) -> Result<Arc<ClientConfig>, ClientConfigError> {
         let key = (source.clone(), destination.clone());
         if let Some(config) = self.clients.lock().get(&key) {
             return Ok(config.clone());
         }
-        let cert = self.identities.get(source).ok_or_else(|| format!("no certificate for {source} yet"))?;
+        let cert = self.identities.get(source).ok_or_else(|| ClientConfigError::NoCertificate(source.clone()))?;
         if self.roots.is_empty() {
-            return Err("no trust bundle yet".into());
+            return Err(ClientConfigError::NoTrustBundle);
         }
         let config = client_config(
             self.provider.clone(),
@@ -116,7 +152,8 @@ impl TlsSet {
             destination.clone(),
             cert.chain.clone(),
             cert.key(),
-        )?;
+        )
+        .map_err(ClientConfigError::Build)?;
         let config = Arc::new(config);
         self.clients.lock().insert(key, config.clone());
         Ok(config)
@@ -157,13 +194,13 @@ fn build(
     certs: &WorkloadCerts,
     bundle: Option<&TrustBundle>,
     generation: u64,
-) -> Result<TlsSet, String> {
+) -> Result<TlsSet, BuildError> {
     let provider = trellis_proto::tls::provider();
     let mut set = TlsSet { generation, provider: provider.clone(), ..TlsSet::empty() };
     let Some(bundle) = bundle else { return Ok(set) };
     let mut roots = RootCertStore::empty();
     for root in bundle.root_ders() {
-        roots.add(root).map_err(|e| e.to_string())?;
+        roots.add(root).map_err(BuildError::Root)?;
     }
     let roots = Arc::new(roots);
     set.roots = roots.clone();
@@ -178,7 +215,7 @@ fn build(
         let Some(cert) = set.identities.get(&id) else { continue };
         let config =
             server_config(provider.clone(), roots.clone(), &bundle.trust_domain, cert.chain.clone(), cert.key())
-                .map_err(|e| format!("{id}: {e}"))?;
+                .map_err(|reason| BuildError::Server { id: id.clone(), reason })?;
         for address in &workload.addresses {
             set.servers.insert(*address, config.clone());
         }
@@ -186,7 +223,8 @@ fn build(
     Ok(set)
 }
 
-/// Tunnel server side: TLS 1.3, ALPN h2, a client certificate required and checked by SPIFFE rules.
+/// Tunnel server side: TLS 1.3, ALPN h2, a client certificate required and checked by SPIFFE rules. (Its error is
+/// rustls's text: the test harness, `tests/src/hbone.rs`, builds its peers with this and `client_config`.)
 pub fn server_config(
     provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,

@@ -6,9 +6,10 @@
 //! request or an unreachable workload costs that connection or stream only.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http_body_util::Empty;
 use hyper::body::{Bytes, Incoming};
@@ -16,20 +17,51 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
 use tracing::{debug, info};
 use trellis_proto::spiffe::SpiffeId;
 
-use super::{DataPath, l7};
+use super::finish::{self, DialError, Ended};
+use super::{DataPath, HANDSHAKE_TIMEOUT, l7};
 use crate::connections::InboundConn;
-use crate::copy::{ByteCounts, copy_counted};
 use crate::hbone::{
     self, CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
 };
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::report::{Authz, ConnectionReport};
+use crate::tls::PeerIdentityError;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Why an HBONE connection was refused or ended badly (logged as "HBONE connection refused").
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("{0}")]
+    LocalAddress(io::Error),
+    #[error("no workload certificate for local address {0}")]
+    NoCertificate(IpAddr),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error("no client certificate")]
+    NoClientCertificate,
+    #[error(transparent)]
+    PeerIdentity(#[from] PeerIdentityError),
+    #[error("HTTP/2: {0}")]
+    Http(hyper::Error),
+}
+
+/// A TLS handshake that did not complete; counted and logged against the workload it was meant for.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("TLS handshake timed out")]
+    TimedOut,
+    #[error("TLS handshake failed: {}", crate::error_chain(.0))]
+    Failed(io::Error),
+}
+
+impl From<&HandshakeError> for Flags {
+    fn from(_: &HandshakeError) -> Self {
+        Flags::TlsFailure
+    }
+}
 
 /// Accepts HBONE connections until the listener task is dropped. On shutdown every connection gets a GOAWAY:
 /// streams in progress finish, new ones go elsewhere.
@@ -50,30 +82,22 @@ async fn connection(
     peer: SocketAddr,
     data: Arc<DataPath>,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(), String> {
-    let local = tcp.local_addr().map_err(|e| e.to_string())?;
+) -> Result<(), HboneError> {
+    let local = tcp.local_addr().map_err(HboneError::LocalAddress)?;
     let _ = tcp.set_nodelay(true);
-    let config = data
-        .tls
-        .load()
-        .server_for(local.ip())
-        .ok_or_else(|| format!("no workload certificate for local address {}", local.ip()))?;
+    let config = data.tls.load().server_for(local.ip()).ok_or(HboneError::NoCertificate(local.ip()))?;
     let started = Instant::now();
-    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsAcceptor::from(config).accept(tcp))
-        .await
-        .map_err(|_| "TLS handshake timed out".to_owned())
-        .and_then(|r| r.map_err(|e| format!("TLS handshake failed: {}", crate::error_chain(&e))));
-    let mut tls = match handshake {
+    let mut tls = match handshake(config, tcp).await {
         Ok(tls) => tls,
-        Err(reason) => {
-            tls_failure(&data, peer, local, started, &reason);
-            return Err(reason);
+        Err(error) => {
+            tls_failure(&data, peer, local, started, &error);
+            return Err(error.into());
         }
     };
     crate::tls::tune(tls.get_mut().1);
     let (source, serial) = {
         let (_, session) = tls.get_ref();
-        let leaf = session.peer_certificates().and_then(|c| c.first()).ok_or("no client certificate")?;
+        let leaf = session.peer_certificates().and_then(|c| c.first()).ok_or(HboneError::NoClientCertificate)?;
         (
             crate::tls::peer_identity(leaf)?,
             crate::identity::certs::CertInfo::parse(leaf).map(|i| i.serial).unwrap_or_default(),
@@ -107,7 +131,15 @@ async fn connection(
             conn.await
         }
     };
-    result.map_err(|e| format!("HTTP/2: {e}"))
+    result.map_err(HboneError::Http)
+}
+
+async fn handshake(config: Arc<rustls::ServerConfig>, tcp: TcpStream) -> Result<TlsStream<TcpStream>, HandshakeError> {
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+        Ok(result) => result.map_err(HandshakeError::Failed),
+        Err(_) => Err(HandshakeError::TimedOut),
+    }
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
@@ -126,7 +158,7 @@ struct Peer {
 }
 
 /// Counts and logs a failed handshake against the workload whose address it arrived on.
-fn tls_failure(data: &DataPath, peer: SocketAddr, local: SocketAddr, started: Instant, reason: &str) {
+fn tls_failure(data: &DataPath, peer: SocketAddr, local: SocketAddr, started: Instant, error: &HandshakeError) {
     let destination = data.locals.by_ip(local.ip()).map_or_else(PeerLabels::unknown, |w| w.peer.clone());
     let key = TrafficKey {
         reporter: Reporter::Destination,
@@ -136,7 +168,7 @@ fn tls_failure(data: &DataPath, peer: SocketAddr, local: SocketAddr, started: In
         flags: Flags::None,
     };
     let report = ConnectionReport { key, source_addr: peer, destination_addr: local, started };
-    report.refused(&data.traffic, Flags::TlsFailure, Authz::NONE, reason);
+    report.refused(&data.traffic, Flags::from(error), Authz::NONE, &error.to_string());
 }
 
 /// One CONNECT stream: check the target, authorize, dial the workload, answer 200 and copy until both sides are
@@ -182,68 +214,51 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
     };
     let report = ConnectionReport::new(key, source_addr.unwrap_or(peer), target);
     // Registered before the check, so that a policy change between check and registration cannot be missed.
-    let registration = data.connections.register(Some(conn.clone()));
+    let registration = data.connections.register_inbound(conn.clone());
     if l7::is_http(&conn) {
         // Checked per request instead (`l7`).
         return l7::accept(request, conn, report, registration, data);
     }
-    let policies = data.authz.load();
-    let policy = match policies.check(&conn, peer) {
-        Some(decision) => {
-            policies.decisions.record(&decision);
-            let policy = decision.deciding.map_or_else(|| "-".to_owned(), |p| format!("{}/{}", p.namespace, p.name));
-            if !decision.allowed {
-                info!(source = %conn.source, %target, %decision, "connection denied");
-                report.refused(&data.traffic, Flags::Deny, Authz { decision: "denied", policy: &policy }, "-");
-                return status(StatusCode::FORBIDDEN);
-            }
-            if !decision.audit.is_empty() || decision.dry_run.is_some() {
-                info!(source = %conn.source, %target, %decision, "connection allowed");
-            }
-            policy
+    let allowed = {
+        let policies = data.authz.load();
+        let Some(decision) = policies.check(&conn, peer) else { return status(StatusCode::NOT_FOUND) };
+        policies.decisions.record(&decision);
+        let policy = policies.decisions.name_of(decision.deciding.as_ref());
+        if !decision.allowed {
+            info!(source = %conn.source, %target, %decision, "connection denied");
+            report.refused(&data.traffic, Flags::Deny, Authz::denied(policy), "-");
+            return status(StatusCode::FORBIDDEN);
         }
-        None => return status(StatusCode::NOT_FOUND),
+        if !decision.audit.is_empty() || decision.dry_run.is_some() {
+            info!(source = %conn.source, %target, %decision, "connection allowed");
+        }
+        Authz::allowed(policy)
     };
-    drop(policies);
-    let allowed = Authz { decision: "allowed", policy: &policy };
 
-    let upstream = match tokio::time::timeout(DIAL_TIMEOUT, crate::sockets::connect(target)).await {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(e)) => {
+    let (open, mut upstream) = match finish::dial_workload(target, report, allowed, &data.traffic).await {
+        Ok(dialled) => dialled,
+        Err(DialError::Refused(e)) => {
             info!(source = %conn.source, %target, error = %e, "workload refused the connection");
-            report.refused(&data.traffic, Flags::Connect, allowed, "workload refused the connection");
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
-        Err(_) => {
+        Err(DialError::TimedOut) => {
             info!(source = %conn.source, %target, "timed out dialling the workload");
-            report.refused(&data.traffic, Flags::Connect, allowed, "timed out dialling the workload");
             return status(StatusCode::GATEWAY_TIMEOUT);
         }
     };
-    let _ = upstream.set_nodelay(true);
     let upgrade = hyper::upgrade::on(&mut request);
-    let open = report.opened(&data.traffic);
     tokio::spawn(async move {
-        let allowed = Authz { decision: "allowed", policy: &policy };
-        let mut upstream = upstream;
         let mut tunnel = match upgrade.await {
             Ok(upgraded) => TokioIo::new(upgraded),
             Err(e) => {
                 debug!(error = %e, "CONNECT upgrade failed");
-                report.closed(open, 0, 0, allowed, Some("CONNECT upgrade failed"));
+                open.closed(0, 0, Some("CONNECT upgrade failed"));
                 return;
             }
         };
-        let counts = ByteCounts::default();
-        let detail = tokio::select! {
-            result = copy_counted(&mut tunnel, &mut upstream, &counts) => result.err().map(|e| e.to_string()),
-            () = registration.cancel.cancelled() => {
-                info!(source = %conn.source, target = %conn.destination, "connection closed: no longer allowed by policy, or shutting down");
-                Some("closed by the proxy: policy change or shutdown".to_owned())
-            }
-        };
-        let (received, sent) = counts.get();
-        report.closed(open, received, sent, allowed, detail.as_deref());
+        if let Ended::Cancelled = finish::relay(open, &mut tunnel, &mut upstream, &registration).await {
+            info!(source = %conn.source, target = %conn.destination, "connection closed: no longer allowed by policy, or shutting down");
+        }
         drop(registration);
     });
     status(StatusCode::OK)

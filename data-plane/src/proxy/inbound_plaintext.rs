@@ -9,20 +9,55 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 use trellis_policy::{Decision, MtlsMode, Request};
 
 use super::DataPath;
+use super::finish::{self, DialError, Ended};
 use crate::authz::LocalPolicies;
 use crate::connections::PlaintextConn;
-use crate::copy::{ByteCounts, copy_counted};
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::report::{Authz, ConnectionReport};
 
-const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Why a plaintext connection was not proxied (logged as "plaintext connection refused").
+#[derive(Debug, thiserror::Error)]
+pub enum PlaintextError {
+    #[error("not redirected by the capture rules")]
+    NotRedirected,
+    #[error("{0} is not a declared port of a workload this proxy fronts")]
+    NotFronted(SocketAddr),
+    /// Counted and logged as a refused connection to `target`.
+    #[error("{target}: {refusal}")]
+    Refused { target: SocketAddr, refusal: Refusal },
+}
+
+/// Why a plaintext connection to a local workload was refused; its response flags follow from it.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// STRICT PeerAuthentication: the reason.
+    #[error("{0}")]
+    MtlsRequired(String),
+    /// Authorization denied it: the decision.
+    #[error("{0}")]
+    Denied(String),
+    #[error("no policies for workload")]
+    UnknownWorkload,
+    #[error(transparent)]
+    Dial(#[from] DialError),
+}
+
+impl From<&Refusal> for Flags {
+    fn from(refusal: &Refusal) -> Self {
+        match refusal {
+            Refusal::MtlsRequired(_) | Refusal::Denied(_) => Flags::Deny,
+            Refusal::UnknownWorkload => Flags::NoRoute,
+            Refusal::Dial(e) => Flags::from(e),
+        }
+    }
+}
 
 /// Accepts redirected plaintext connections until the listener task is dropped.
 pub async fn serve(listener: TcpListener, data: Arc<DataPath>) {
@@ -47,7 +82,7 @@ pub enum Check<'p> {
     /// STRICT: the reason, and the PeerAuthentication (`ns/name`) that set it.
     MtlsRequired {
         reason: String,
-        policy: String,
+        policy: Option<Arc<str>>,
     },
     Denied(Decision<'p>),
     UnknownWorkload,
@@ -60,7 +95,7 @@ pub fn check<'p>(policies: &'p LocalPolicies, conn: &PlaintextConn) -> Check<'p>
     let port = conn.destination.port();
     let mtls = workload.mtls().port(port);
     if mtls.mode == MtlsMode::Strict {
-        let policy = mtls.policy.as_ref().map_or_else(|| "-".to_owned(), |k| format!("{}/{}", k.namespace, k.name));
+        let policy = mtls.policy.as_ref().map(|k| crate::metrics::policy_name(&k.namespace, &k.name));
         return Check::MtlsRequired { reason: format!("port {port} requires mTLS: {mtls}"), policy };
     }
     let request = Request::tcp(None, conn.client.ip(), conn.destination.ip(), port);
@@ -88,15 +123,15 @@ async fn connection(
     client: SocketAddr,
     own: Option<SocketAddr>,
     data: &DataPath,
-) -> Result<(), String> {
+) -> Result<(), PlaintextError> {
     let started = Instant::now();
     let target = crate::sockets::original_destination(&tcp)
         .filter(|t| Some(*t) != own && Some(*t) != tcp.local_addr().ok())
-        .ok_or("not redirected by the capture rules")?;
+        .ok_or(PlaintextError::NotRedirected)?;
     let workload = (data.locals.by_ip(target.ip()))
         .filter(|w| w.port(target.port()).is_some())
         .cloned()
-        .ok_or_else(|| format!("{target} is not a declared port of a workload this proxy fronts"))?;
+        .ok_or(PlaintextError::NotFronted(target))?;
     let conn = Arc::new(PlaintextConn { client, destination: target, workload });
     let key = TrafficKey {
         reporter: Reporter::Destination,
@@ -106,13 +141,13 @@ async fn connection(
         flags: Flags::None,
     };
     let report = ConnectionReport { key, source_addr: client, destination_addr: target, started };
-    let refused = |flags: Flags, verdict: Authz<'_>, detail: &str| {
-        report.refused(&data.traffic, flags, verdict, detail);
-        format!("{target}: {detail}")
+    let refuse = |report: ConnectionReport, authz: Authz, refusal: Refusal| {
+        report.refused(&data.traffic, Flags::from(&refusal), authz, &refusal.to_string());
+        PlaintextError::Refused { target, refusal }
     };
     // Registered before the check, so that a policy change between check and registration cannot be missed.
     let registration = data.connections.register_plaintext(conn.clone());
-    let policy = {
+    let allowed = {
         let policies = data.authz.load();
         match check(&policies, &conn) {
             Check::Allowed { mode, decision } => {
@@ -121,43 +156,54 @@ async fn connection(
                     info!(%client, %target, %decision, "plaintext connection allowed");
                 }
                 debug!(%client, %target, %mode, "plaintext connection accepted");
-                decision.deciding.map_or_else(|| "-".to_owned(), |p| format!("{}/{}", p.namespace, p.name))
+                Authz::allowed(policies.decisions.name_of(decision.deciding.as_ref()))
             }
             Check::MtlsRequired { reason, policy } => {
-                return Err(refused(Flags::Deny, Authz { decision: "denied", policy: &policy }, &reason));
+                return Err(refuse(report, Authz::denied(policy), Refusal::MtlsRequired(reason)));
             }
             Check::Denied(decision) => {
                 policies.decisions.record(&decision);
-                let policy =
-                    decision.deciding.map_or_else(|| "-".to_owned(), |p| format!("{}/{}", p.namespace, p.name));
-                let denied = Authz { decision: "denied", policy: &policy };
-                return Err(refused(Flags::Deny, denied, &decision.to_string()));
+                let denied = Authz::denied(policies.decisions.name_of(decision.deciding.as_ref()));
+                return Err(refuse(report, denied, Refusal::Denied(decision.to_string())));
             }
-            Check::UnknownWorkload => {
-                return Err(refused(Flags::NoRoute, Authz::NONE, "no policies for workload"));
-            }
+            Check::UnknownWorkload => return Err(refuse(report, Authz::NONE, Refusal::UnknownWorkload)),
         }
     };
-    let allowed = Authz { decision: "allowed", policy: &policy };
-    let mut upstream = match tokio::time::timeout(DIAL_TIMEOUT, crate::sockets::connect(target)).await {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(e)) => {
-            return Err(refused(Flags::Connect, allowed, &format!("workload refused the connection: {e}")));
-        }
-        Err(_) => return Err(refused(Flags::Connect, allowed, "timed out dialling the workload")),
-    };
+    let (open, mut upstream) = finish::dial_workload(target, report, allowed, &data.traffic)
+        .await
+        .map_err(|e| PlaintextError::Refused { target, refusal: e.into() })?;
     let _ = tcp.set_nodelay(true);
     let mut tcp = tcp;
-    let open = report.opened(&data.traffic);
-    let counts = ByteCounts::default();
-    let detail = tokio::select! {
-        result = copy_counted(&mut tcp, &mut upstream, &counts) => result.err().map(|e| e.to_string()),
-        () = registration.cancel.cancelled() => {
-            info!(%client, %target, "plaintext connection closed: no longer allowed by policy, or shutting down");
-            Some("closed by the proxy: policy change or shutdown".to_owned())
-        }
-    };
-    let (received, sent) = counts.get();
-    report.closed(open, received, sent, allowed, detail.as_deref());
+    if let Ended::Cancelled = finish::relay(open, &mut tcp, &mut upstream, &registration).await {
+        info!(%client, %target, "plaintext connection closed: no longer allowed by policy, or shutting down");
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_derive_their_response_flags() {
+        let cases = [
+            (Refusal::MtlsRequired("port 8080 requires mTLS: STRICT".into()), "DENY"),
+            (Refusal::Denied("denied by DENY policy shop/deny rule 0".into()), "DENY"),
+            (Refusal::UnknownWorkload, "NR"),
+            (Refusal::Dial(DialError::TimedOut), "CONNECT"),
+        ];
+        for (refusal, flags) in cases {
+            assert_eq!(Flags::from(&refusal).as_str(), flags, "{refusal}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_reads_as_before() {
+        let target: SocketAddr = "10.1.0.2:8080".parse().unwrap();
+        let dial = DialError::Refused(std::io::Error::other("connection refused"));
+        let refused = PlaintextError::Refused { target, refusal: dial.into() };
+        assert_eq!(refused.to_string(), "10.1.0.2:8080: workload refused the connection: connection refused");
+        let unknown = PlaintextError::Refused { target, refusal: Refusal::UnknownWorkload };
+        assert_eq!(unknown.to_string(), "10.1.0.2:8080: no policies for workload");
+    }
 }

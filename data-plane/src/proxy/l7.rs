@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::{debug, info};
 use trellis_policy::{Decision, Headers, HttpRequest, JwtOutcome, TokenSource};
 
-use super::DataPath;
+use super::{DataPath, WORKLOAD_DIAL_TIMEOUT, finish};
 use crate::access_log;
 use crate::config::Protocol;
 use crate::connections::{InboundConn, Registration};
@@ -31,7 +31,6 @@ use crate::report::{Authz, ConnectionReport};
 /// Largest request head accepted (Envoy's default is 60 KiB); larger → 431.
 const MAX_HEADERS: usize = 64 * 1024;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const DENIED_BODY: &str = "RBAC: access denied";
 
 type Body = Either<Incoming, Full<Bytes>>;
@@ -47,8 +46,10 @@ pub struct Upstream {
     http2: Client<MarkedDial, Incoming>,
 }
 
-/// Dials the workload named by the request URI (`ip:port`) through `sockets`, so the socket carries the capture
-/// mark like every other connection the proxy opens.
+/// Dials the workload named by the request URI (`ip:port`) with `finish::dial` (through `sockets`, so the socket
+/// carries the capture mark like every other connection the proxy opens): hyper's client takes its connector as a
+/// tower `Service`, which is why this adapter lives here, next to the client, and not in `sockets` or `finish`
+/// (which would then depend on hyper and tower). A failed dial fails the request (`Verdict::UpstreamError`).
 #[derive(Clone, Copy)]
 pub struct MarkedDial;
 
@@ -67,9 +68,7 @@ impl tower::Service<hyper::Uri> for MarkedDial {
                 .authority()
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "upstream URI is not ip:port"))?;
-            let stream = tokio::time::timeout(DIAL_TIMEOUT, crate::sockets::connect(address))
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out dialling the workload"))??;
+            let stream = finish::dial(address, WORKLOAD_DIAL_TIMEOUT).await?;
             Ok(TokioIo::new(stream))
         })
     }
@@ -114,10 +113,11 @@ async fn serve(
     data: Arc<DataPath>,
 ) {
     // The tunnel is a TCP connection too: counted and logged as one, with its bytes, next to its requests.
-    let open = report.opened(&data.traffic);
+    let source = report.key.source.clone();
+    let open = report.opened(&data.traffic, Authz::PER_REQUEST);
     let counts = Arc::new(ByteCounts::default());
     let tunnel = TokioIo::new(CountingIo::new(TokioIo::new(tunnel), counts.clone()));
-    let ctx = Arc::new(Tunnel { conn, data, source: report.key.source.clone() });
+    let ctx = Arc::new(Tunnel { conn, data, source });
     let service = hyper::service::service_fn(move |request| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.handle(request).await) }
@@ -139,7 +139,7 @@ async fn serve(
     }
     let (received, sent) = counts.get();
     let detail = result.err().map(|e| e.to_string());
-    report.closed(open, received, sent, Authz { decision: "per_request", policy: "-" }, detail.as_deref());
+    open.closed(received, sent, detail.as_deref());
     drop(registration);
 }
 
@@ -161,7 +161,7 @@ pub struct RequestOutcome {
     pub duration: Duration,
     pub verdict: Verdict,
     /// `namespace/name` of the deciding policy, if any.
-    pub policy: Option<String>,
+    pub policy: Option<Arc<str>>,
     /// `iss/sub` of the verified token, if any.
     pub request_principal: Option<String>,
 }
@@ -334,7 +334,7 @@ impl Tunnel {
         let attributes = crate::authz::tcp_request(&self.conn, self.conn.peer).with_http(http);
         let decision: Decision<'_> = auth.policies.evaluate(&attributes);
         policies.decisions.record(&decision);
-        outcome.policy = decision.deciding.map(|p| format!("{}/{}", p.namespace, p.name));
+        outcome.policy = policies.decisions.name_of(decision.deciding.as_ref());
         if !decision.allowed {
             debug!(source = %self.conn.source, %decision, "request denied");
             outcome.verdict = Verdict::Denied;

@@ -6,7 +6,11 @@
 //! - `inbound_plaintext`: captured plaintext to a local workload (PeerAuthentication, authorization);
 //! - `outbound`: a local application's connection, fed by `socks5` and the capture listener, through `pool`
 //!   (the HBONE client).
+//!
+//! Every path ends a connection the same way (`finish`): dial the workload within its timeout, relay until both
+//! sides are done or the proxy cancels, report once.
 
+pub mod finish;
 pub mod inbound;
 pub mod inbound_plaintext;
 pub mod l7;
@@ -15,6 +19,7 @@ pub mod pool;
 pub mod socks5;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -25,6 +30,16 @@ use crate::metrics::TrafficMetrics;
 use crate::registry::{LocalWorkloads, Registry};
 use crate::tls::MeshTls;
 use pool::Pool;
+
+/// How long a client may take over its handshake before any byte is proxied: TLS on the HBONE listener, the
+/// SOCKS5 greeting and request.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Dialling a local workload (HBONE and plaintext inbound, HTTP tunnels' upstream connections).
+pub const WORKLOAD_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Dialling a destination outside the mesh (`outbound.passthrough: allow`).
+pub const PASSTHROUGH_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A new pooled connection to another proxy: TCP, TLS and HTTP/2 handshakes together.
+pub const TUNNEL_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything the data path reads per connection; swapped pieces are rebuilt once per change.
 pub struct DataPath {

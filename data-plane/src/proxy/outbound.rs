@@ -7,23 +7,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
-
-use hyper::StatusCode;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
-use super::DataPath;
 use super::pool::{PoolKey, Tunnel, TunnelError};
+use super::{DataPath, PASSTHROUGH_DIAL_TIMEOUT, finish};
 use crate::config::Passthrough;
-use crate::copy::{ByteCounts, copy_counted};
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::registry::{LocalWorkload, MeshWorkload};
 use crate::report::{Authz, ConnectionReport};
-
-const DIRECT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
@@ -35,6 +29,16 @@ pub enum OutboundError {
     Tunnel(#[from] TunnelError),
     #[error("dialling {0}: {1}")]
     Direct(SocketAddr, std::io::Error),
+}
+
+impl From<&OutboundError> for Flags {
+    fn from(error: &OutboundError) -> Self {
+        match error {
+            OutboundError::PassthroughDenied(_) | OutboundError::NoSourceIdentity(_) => Flags::NoRoute,
+            OutboundError::Tunnel(e) => Flags::from(e),
+            OutboundError::Direct(..) => Flags::Connect,
+        }
+    }
 }
 
 /// Where the client's bytes go.
@@ -71,15 +75,7 @@ pub async fn connect(
     match result {
         Ok(upstream) => Ok(Connected { upstream, report }),
         Err(error) => {
-            let flags = match &error {
-                OutboundError::PassthroughDenied(_) | OutboundError::NoSourceIdentity(_) => Flags::NoRoute,
-                OutboundError::Tunnel(TunnelError::Refused(_, status)) if *status == StatusCode::FORBIDDEN => {
-                    Flags::Deny
-                }
-                OutboundError::Tunnel(TunnelError::Tls(..)) => Flags::TlsFailure,
-                OutboundError::Tunnel(_) | OutboundError::Direct(..) => Flags::Connect,
-            };
-            report.refused(&data.traffic, flags, Authz::NONE, &error.to_string());
+            report.refused(&data.traffic, Flags::from(&error), Authz::NONE, &error.to_string());
             Err(error)
         }
     }
@@ -108,11 +104,9 @@ async fn open(
         None => match data.outbound.passthrough {
             Passthrough::Deny => Err(OutboundError::PassthroughDenied(target)),
             Passthrough::Allow => {
-                let stream = tokio::time::timeout(DIRECT_DIAL_TIMEOUT, crate::sockets::connect(target))
+                let stream = finish::dial(target, PASSTHROUGH_DIAL_TIMEOUT)
                     .await
-                    .map_err(|_| OutboundError::Direct(target, std::io::ErrorKind::TimedOut.into()))?
-                    .map_err(|e| OutboundError::Direct(target, e))?;
-                let _ = stream.set_nodelay(true);
+                    .map_err(|e| OutboundError::Direct(target, e.into()))?;
                 debug!(%target, "passthrough to a destination outside the mesh");
                 Ok(Upstream::Direct(stream))
             }
@@ -121,22 +115,13 @@ async fn open(
 }
 
 /// Copies both ways until both directions are closed (half-close passes through), or the proxy cancels it.
-pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(data: &DataPath, mut client: C, mut connected: Connected) {
-    let registration = data.connections.register(None);
-    let open = connected.report.opened(&data.traffic);
-    let counts = ByteCounts::default();
-    let detail = match &mut connected.upstream {
-        Upstream::Tunnel(tunnel) => tokio::select! {
-            r = copy_counted(&mut client, &mut tunnel.io, &counts) => r.err().map(|e| e.to_string()),
-            () = registration.cancel.cancelled() => Some("closed by the proxy: shutting down".to_owned()),
-        },
-        Upstream::Direct(stream) => tokio::select! {
-            r = copy_counted(&mut client, stream, &counts) => r.err().map(|e| e.to_string()),
-            () = registration.cancel.cancelled() => Some("closed by the proxy: shutting down".to_owned()),
-        },
+pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(data: &DataPath, mut client: C, connected: Connected) {
+    let registration = data.connections.register_outbound();
+    let open = connected.report.opened(&data.traffic, Authz::NONE);
+    match connected.upstream {
+        Upstream::Tunnel(mut tunnel) => finish::relay(open, &mut client, &mut tunnel.io, &registration).await,
+        Upstream::Direct(mut stream) => finish::relay(open, &mut client, &mut stream, &registration).await,
     };
-    let (received, sent) = counts.get();
-    connected.report.closed(open, received, sent, Authz::NONE, detail.as_deref());
 }
 
 /// The capture listener: connections redirected by the kernel, whose real destination is SO_ORIGINAL_DST.
@@ -159,4 +144,41 @@ pub async fn serve_captured(listener: TcpListener, data: Arc<DataPath>) {
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use hyper::StatusCode;
+
+    use super::*;
+
+    #[test]
+    fn refusals_derive_their_response_flags() {
+        let target = SocketAddr::from(([10, 1, 0, 2], 8080));
+        let proxy = SocketAddr::from(([10, 1, 0, 2], 15008));
+        let cases: [(OutboundError, &str); 10] = [
+            (OutboundError::PassthroughDenied(target), "NR"),
+            (OutboundError::NoSourceIdentity(target), "NR"),
+            (OutboundError::Direct(target, io::ErrorKind::ConnectionRefused.into()), "CONNECT"),
+            (OutboundError::Direct(target, io::ErrorKind::TimedOut.into()), "CONNECT"),
+            (TunnelError::Refused(proxy, StatusCode::FORBIDDEN).into(), "DENY"),
+            (TunnelError::Refused(proxy, StatusCode::SERVICE_UNAVAILABLE).into(), "CONNECT"),
+            (TunnelError::Connect(proxy, io::ErrorKind::ConnectionRefused.into()).into(), "CONNECT"),
+            (TunnelError::Timeout(proxy).into(), "CONNECT"),
+            (TunnelError::Tls(proxy, io::Error::other("invalid peer certificate")).into(), "TLS_FAILURE"),
+            (TunnelError::TlsConfig(proxy, crate::tls::ClientConfigError::NoTrustBundle).into(), "TLS_FAILURE"),
+        ];
+        for (error, flags) in cases {
+            assert_eq!(Flags::from(&error).as_str(), flags, "{error}");
+        }
+    }
+
+    #[test]
+    fn a_passthrough_dial_that_timed_out_reads_as_before() {
+        let target = SocketAddr::from(([192, 0, 2, 1], 80));
+        let error = OutboundError::Direct(target, finish::DialError::TimedOut.into());
+        assert_eq!(error.to_string(), "dialling 192.0.2.1:80: timed out");
+    }
 }

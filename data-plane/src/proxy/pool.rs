@@ -19,26 +19,43 @@ use parking_lot::Mutex;
 use rustls_pki_types::ServerName;
 use trellis_proto::spiffe::SpiffeId;
 
+use super::TUNNEL_DIAL_TIMEOUT;
 use crate::hbone::{
     self, CONNECTION_WINDOW, FORWARDED, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
 };
-use crate::tls::TlsSet;
+use crate::metrics::Flags;
+use crate::tls::{ClientConfigError, TlsSet};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
     #[error("connecting to proxy {0}: {1}")]
     Connect(SocketAddr, std::io::Error),
+    /// No client config for the pair of identities (yet).
     #[error("TLS with proxy {0}: {1}")]
-    Tls(SocketAddr, String),
+    TlsConfig(SocketAddr, ClientConfigError),
+    /// The handshake failed (the server's identity among the reasons).
+    #[error("TLS with proxy {}: {}", .0, crate::error_chain(.1))]
+    Tls(SocketAddr, std::io::Error),
     #[error("HTTP/2 with proxy {0}: {1}")]
     Http(SocketAddr, hyper::Error),
     #[error("proxy {0} refused the tunnel: {1}")]
     Refused(SocketAddr, StatusCode),
     #[error("timed out connecting to proxy {0}")]
     Timeout(SocketAddr),
+}
+
+impl From<&TunnelError> for Flags {
+    fn from(error: &TunnelError) -> Self {
+        match error {
+            TunnelError::Refused(_, status) if *status == StatusCode::FORBIDDEN => Flags::Deny,
+            TunnelError::TlsConfig(..) | TunnelError::Tls(..) => Flags::TlsFailure,
+            TunnelError::Connect(..) | TunnelError::Http(..) | TunnelError::Refused(..) | TunnelError::Timeout(_) => {
+                Flags::Connect
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -181,10 +198,9 @@ impl Pool {
             });
             !list.is_empty()
         });
-        drop(connections);
-        // Gates of keys with no connection left are not needed any more.
-        let live: Vec<PoolKey> = self.connections.lock().keys().cloned().collect();
-        self.dial_gates.lock().retain(|k, gate| live.contains(k) || Arc::strong_count(gate) > 1);
+        // Gates of keys with no connection left are not needed any more, unless a dial holds one. (The one place
+        // both locks are held: `connections` first; no other place takes them nested.)
+        self.dial_gates.lock().retain(|k, gate| connections.contains_key(k) || Arc::strong_count(gate) > 1);
     }
 
     /// Number of pooled HTTP/2 connections.
@@ -195,14 +211,14 @@ impl Pool {
 
 async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
     let proxy = key.proxy;
-    let config = tls.client_for(&key.source, &key.destination).map_err(|e| TunnelError::Tls(proxy, e))?;
+    let config = tls.client_for(&key.source, &key.destination).map_err(|e| TunnelError::TlsConfig(proxy, e))?;
     let connect = async {
         let tcp = crate::sockets::connect(proxy).await.map_err(|e| TunnelError::Connect(proxy, e))?;
         let _ = tcp.set_nodelay(true);
         let mut tls_stream = tokio_rustls::TlsConnector::from(config)
             .connect(ServerName::IpAddress(proxy.ip().into()), tcp)
             .await
-            .map_err(|e| TunnelError::Tls(proxy, crate::error_chain(&e)))?;
+            .map_err(|e| TunnelError::Tls(proxy, e))?;
         crate::tls::tune(tls_stream.get_mut().1);
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -226,5 +242,5 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
             idle_since: AtomicU64::new(0),
         })
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, connect).await.map_err(|_| TunnelError::Timeout(proxy))?
+    tokio::time::timeout(TUNNEL_DIAL_TIMEOUT, connect).await.map_err(|_| TunnelError::Timeout(proxy))?
 }

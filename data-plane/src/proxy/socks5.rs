@@ -3,15 +3,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
-use super::DataPath;
 use super::outbound::{self, OutboundError};
 use super::pool::TunnelError;
+use super::{DataPath, HANDSHAKE_TIMEOUT};
 use crate::registry::LocalWorkload;
 
 const VERSION: u8 = 5;
@@ -21,7 +20,6 @@ const CMD_CONNECT: u8 = 1;
 const ATYP_IPV4: u8 = 1;
 const ATYP_DOMAIN: u8 = 3;
 const ATYP_IPV6: u8 = 4;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reply codes (RFC 1928 section 6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +142,8 @@ mod tests {
     //! The handshake over an in-memory pipe: what the client sends, what the listener writes back, and what the
     //! handshake decides. A refusal the handshake returns as a reply is written with `reply_with`, as `session`
     //! does. The client sends all its bytes and then closes its side, so a short message ends in EOF.
+    use std::time::Duration;
+
     use super::*;
 
     const GREETING: [u8; 3] = [VERSION, 1, NO_AUTH];
@@ -287,7 +287,8 @@ mod tests {
             // The proxy, not the target, refused: the target is unreachable.
             (TunnelError::Connect(proxy, io(std::io::ErrorKind::ConnectionRefused)).into(), 4),
             (TunnelError::Timeout(proxy).into(), 4),
-            (TunnelError::Tls(proxy, "handshake failed".into()).into(), 1),
+            (TunnelError::Tls(proxy, std::io::Error::other("handshake failed")).into(), 1),
+            (TunnelError::TlsConfig(proxy, crate::tls::ClientConfigError::NoTrustBundle).into(), 1),
         ];
         for (error, code) in cases {
             assert_eq!(reply_for(&error) as u8, code, "{error}");

@@ -1,0 +1,285 @@
+//! How every path ends a connection it has let through, so that all end alike: dial the workload within
+//! [`WORKLOAD_DIAL_TIMEOUT`] (a failure is reported as refused, its response flags derived from [`DialError`]), then
+//! relay both ways until both sides are done or the proxy cancels the connection, and report its end once.
+//!
+//! "Once" is kept by the types of `report`: a `ConnectionReport` is consumed either as refused or as opened, and
+//! the `Open` it becomes is consumed when closed.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::WORKLOAD_DIAL_TIMEOUT;
+use crate::connections::Registration;
+use crate::copy::{ByteCounts, copy_counted};
+use crate::metrics::{Flags, TrafficMetrics};
+use crate::report::{Authz, ConnectionReport, Open};
+
+/// Why a dial failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// Any connect error: refused, unreachable, no route.
+    #[error("workload refused the connection: {0}")]
+    Refused(io::Error),
+    #[error("timed out dialling the workload")]
+    TimedOut,
+}
+
+impl From<&DialError> for Flags {
+    /// The next hop could not be reached.
+    fn from(_: &DialError) -> Self {
+        Flags::Connect
+    }
+}
+
+impl From<DialError> for io::Error {
+    /// For callers that speak `io::Error` (hyper's connector, the passthrough's `OutboundError::Direct`): the
+    /// connect error itself, or `TimedOut`.
+    fn from(error: DialError) -> Self {
+        match error {
+            DialError::Refused(e) => e,
+            DialError::TimedOut => io::ErrorKind::TimedOut.into(),
+        }
+    }
+}
+
+/// Dials `target` within `timeout`, through `sockets` (so the socket carries the capture mark).
+pub async fn dial(target: SocketAddr, timeout: Duration) -> Result<TcpStream, DialError> {
+    within(timeout, crate::sockets::connect(target)).await
+}
+
+async fn within<S>(timeout: Duration, connect: impl Future<Output = io::Result<S>>) -> Result<S, DialError> {
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(DialError::Refused(e)),
+        Err(_) => Err(DialError::TimedOut),
+    }
+}
+
+/// Dials the local workload at `target` for a connection that authorization let through (`authz`). Connected: the
+/// connection counts as open from here. Not connected: it is reported as refused (flags and detail from the error),
+/// and the error is returned for the caller's answer to its client.
+pub async fn dial_workload(
+    target: SocketAddr,
+    report: ConnectionReport,
+    authz: Authz,
+    traffic: &TrafficMetrics,
+) -> Result<(Open, TcpStream), DialError> {
+    let connect = within(WORKLOAD_DIAL_TIMEOUT, crate::sockets::connect(target));
+    opened_or_refused(connect, report, authz, traffic).await
+}
+
+async fn opened_or_refused<S>(
+    connect: impl Future<Output = Result<S, DialError>>,
+    report: ConnectionReport,
+    authz: Authz,
+    traffic: &TrafficMetrics,
+) -> Result<(Open, S), DialError> {
+    match connect.await {
+        Ok(stream) => Ok((report.opened(traffic, authz), stream)),
+        Err(error) => {
+            report.refused(traffic, Flags::from(&error), authz, &error.to_string());
+            Err(error)
+        }
+    }
+}
+
+/// How a relayed connection ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Both sides closed (each half-close passed through).
+    Closed,
+    /// A read or write on either side failed.
+    Failed(io::Error),
+    /// The proxy cancelled it (`Registration::cancel`: a policy change, or shutdown).
+    Cancelled,
+}
+
+/// Relays between `client` and `upstream` until both directions are closed (half-close passes through) or the
+/// proxy cancels the connection, then reports its end once: the bytes each way (`received`: from the client), and
+/// why it ended early if it did.
+pub async fn relay<C, U>(open: Open, client: &mut C, upstream: &mut U, registration: &Registration) -> Ended
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let counts = ByteCounts::default();
+    let ended = tokio::select! {
+        result = copy_counted(client, upstream, &counts) => result.map_or_else(Ended::Failed, |()| Ended::Closed),
+        () = registration.cancel.cancelled() => Ended::Cancelled,
+    };
+    let (received, sent) = counts.get();
+    let detail = match &ended {
+        Ended::Closed => None,
+        Ended::Failed(e) => Some(Cow::Owned(e.to_string())),
+        Ended::Cancelled => Some(Cow::Borrowed(registration.closed_by_proxy())),
+    };
+    open.closed(received, sent, detail.as_deref());
+    ended
+}
+
+#[cfg(test)]
+mod tests {
+    //! The shared ending against in-memory pipes, with its metrics rendered by a local Prometheus recorder (the
+    //! tests run on one thread, where `set_default_local_recorder` holds across awaits).
+    use std::sync::Arc;
+
+    use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use trellis_proto::spiffe::SpiffeId;
+
+    use super::*;
+    use crate::connections::Connections;
+    use crate::metrics::{PeerLabels, Reporter, TrafficKey};
+
+    fn report() -> ConnectionReport {
+        let id = SpiffeId::workload("td", "shop", "web").unwrap();
+        let key = TrafficKey {
+            reporter: Reporter::Destination,
+            source: PeerLabels::new(&id, "web", "shop"),
+            destination: PeerLabels::new(&id, "api", "shop"),
+            mutual_tls: true,
+            flags: Flags::None,
+        };
+        ConnectionReport::new(key, "10.1.0.1:40000".parse().unwrap(), "10.1.0.2:8080".parse().unwrap())
+    }
+
+    fn recorder() -> (PrometheusRecorder, PrometheusHandle) {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        (recorder, handle)
+    }
+
+    /// The value of series `name` with `response_flags` = `flags`, if it exists.
+    fn value(handle: &PrometheusHandle, name: &str, flags: Flags) -> Option<u64> {
+        let needle = format!("response_flags=\"{}\"", flags.as_str());
+        let text = handle.render();
+        let line = text.lines().find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&needle))?;
+        Some(line.rsplit(' ').next()?.parse().unwrap())
+    }
+
+    fn opened_and_closed(handle: &PrometheusHandle, flags: Flags) -> (Option<u64>, Option<u64>) {
+        (
+            value(handle, "istio_tcp_connections_opened_total", flags),
+            value(handle, "istio_tcp_connections_closed_total", flags),
+        )
+    }
+
+    fn open_gauge(handle: &PrometheusHandle) -> f64 {
+        let text = handle.render();
+        let line = text.lines().find(|l| l.starts_with("trellis_open_connections{direction=\"inbound\"}")).unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refused_dial_is_reported_once_as_connect_and_nothing_opens() {
+        let (recorder, handle) = recorder();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let traffic = TrafficMetrics::default();
+        // A port nobody listens on: bound, then closed.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+
+        let result = dial_workload(closed, report(), Authz::allowed(Some("shop/allow".into())), &traffic).await;
+
+        let error = result.err().expect("nothing listens there");
+        assert!(matches!(&error, DialError::Refused(e) if e.kind() == io::ErrorKind::ConnectionRefused), "{error}");
+        assert_eq!(opened_and_closed(&handle, Flags::Connect), (Some(1), Some(1)));
+        assert_eq!(opened_and_closed(&handle, Flags::None), (None, None), "no connection was opened");
+        assert_eq!(value(&handle, "istio_tcp_received_bytes_total", Flags::Connect), Some(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dial_that_never_answers_times_out_after_the_workload_dial_timeout() {
+        let (recorder, handle) = recorder();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let traffic = TrafficMetrics::default();
+        let started = tokio::time::Instant::now();
+
+        let never = within(WORKLOAD_DIAL_TIMEOUT, std::future::pending::<io::Result<DuplexStream>>());
+        let result = opened_or_refused(never, report(), Authz::allowed(None), &traffic).await;
+
+        assert!(matches!(result, Err(DialError::TimedOut)));
+        assert_eq!(started.elapsed(), WORKLOAD_DIAL_TIMEOUT);
+        assert_eq!(opened_and_closed(&handle, Flags::Connect), (Some(1), Some(1)));
+        assert_eq!(opened_and_closed(&handle, Flags::None), (None, None));
+    }
+
+    #[tokio::test]
+    async fn a_relay_until_both_sides_close_reports_the_bytes_once() {
+        let (recorder, handle) = recorder();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let traffic = TrafficMetrics::default();
+        let registration = Arc::new(Connections::default()).register_outbound();
+        let (mut client, mut client_side) = tokio::io::duplex(64);
+        let (mut upstream_side, mut workload) = tokio::io::duplex(64);
+
+        let connect = async { Ok(()) };
+        let (open, ()) = opened_or_refused(connect, report(), Authz::allowed(None), &traffic).await.unwrap();
+        assert_eq!(open_gauge(&handle), 1.0);
+        let relay = relay(open, &mut client_side, &mut upstream_side, &registration);
+        // More bytes than the pipes hold: each peer reads while the other writes.
+        let client_peer = async {
+            client.write_all(&[7; 300]).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            assert_eq!(answer, b"answer!");
+        };
+        let workload_peer = async {
+            let mut got = Vec::new();
+            workload.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, [7; 300]);
+            workload.write_all(b"answer!").await.unwrap();
+            workload.shutdown().await.unwrap();
+        };
+        let (ended, (), ()) = tokio::join!(relay, client_peer, workload_peer);
+
+        assert!(matches!(ended, Ended::Closed), "{ended:?}");
+        assert_eq!(opened_and_closed(&handle, Flags::None), (Some(1), Some(1)));
+        assert_eq!(value(&handle, "istio_tcp_received_bytes_total", Flags::None), Some(300));
+        assert_eq!(value(&handle, "istio_tcp_sent_bytes_total", Flags::None), Some(7));
+        assert_eq!(open_gauge(&handle), 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_relay_reports_once_with_what_it_carried() {
+        let (recorder, handle) = recorder();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let traffic = TrafficMetrics::default();
+        let registration = Arc::new(Connections::default()).register_outbound();
+        let (mut client, mut client_side) = tokio::io::duplex(64);
+        let (mut upstream_side, mut workload) = tokio::io::duplex(64);
+
+        let (open, ()) = opened_or_refused(async { Ok(()) }, report(), Authz::NONE, &traffic).await.unwrap();
+        let relay = relay(open, &mut client_side, &mut upstream_side, &registration);
+        let proxy_cancels = async {
+            client.write_all(b"hello").await.unwrap();
+            let mut got = [0; 5];
+            workload.read_exact(&mut got).await.unwrap();
+            // Both peers stay open: only the proxy ends this one.
+            registration.cancel.cancel();
+        };
+        let (ended, ()) = tokio::join!(relay, proxy_cancels);
+
+        assert!(matches!(ended, Ended::Cancelled), "{ended:?}");
+        assert_eq!(registration.closed_by_proxy(), "closed by the proxy: shutting down");
+        assert_eq!(opened_and_closed(&handle, Flags::None), (Some(1), Some(1)));
+        assert_eq!(value(&handle, "istio_tcp_received_bytes_total", Flags::None), Some(5));
+        assert_eq!(open_gauge(&handle), 0.0);
+    }
+
+    #[test]
+    fn dial_errors_are_connect_failures() {
+        assert_eq!(Flags::from(&DialError::TimedOut), Flags::Connect);
+        assert_eq!(Flags::from(&DialError::Refused(io::ErrorKind::ConnectionRefused.into())), Flags::Connect);
+        assert_eq!(DialError::TimedOut.to_string(), "timed out dialling the workload");
+        let refused = DialError::Refused(io::Error::other("connection refused"));
+        assert_eq!(refused.to_string(), "workload refused the connection: connection refused");
+        assert_eq!(io::Error::from(DialError::TimedOut).kind(), io::ErrorKind::TimedOut);
+    }
+}
