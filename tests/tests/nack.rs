@@ -64,7 +64,8 @@ fn metric(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
         .filter(|l| labels.iter().all(|label| l.contains(label)))
         .map(|l| l.rsplit_once(' ').expect("sample value").1.parse::<f64>().expect("number"))
-        .sum()
+        .sum::<f64>()
+        + 0.0 // an empty sum is -0.0
 }
 
 /// An ALLOW policy for the api workload admitting connections to `port` only.
