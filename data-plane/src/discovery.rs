@@ -227,7 +227,9 @@ impl Discovery {
         let result = if !session.seen_update && !update.full {
             Err(("protocol", "the first update on a stream must be a full snapshot".to_owned()))
         } else {
-            state::apply(&current, &update).map_err(|e| (e.kind(), e.to_string()))
+            state::injected_refusal(&update)
+                .and_then(|()| state::apply(&current, &update))
+                .map_err(|e| (e.kind(), e.to_string()))
         };
         session.seen_update = true;
         let error = match result {

@@ -177,6 +177,37 @@ pub fn apply(state: &State, update: &v1::ConfigUpdate) -> Result<State, ApplyErr
     Ok(next)
 }
 
+/// Debug builds only: the environment variable naming a resource (`<namespace>/<name>`) that this proxy refuses.
+#[cfg(debug_assertions)]
+pub const REFUSE_RESOURCE_VAR: &str = "TRELLIS_TEST_ONLY_REFUSE_RESOURCE";
+
+/// Test-only fault injection for the end-to-end NACK test (`tests/tests/nack.rs`), which needs a config that the
+/// control plane accepts and a proxy cannot apply. It exists only in debug builds (`cfg(debug_assertions)`): a
+/// release build compiles the no-op below and never reads the variable, so no deployment can turn it on. In a
+/// debug build, an update that carries the resource named by [`REFUSE_RESOURCE_VAR`] is refused as a resource this
+/// proxy cannot apply, through the same NACK path as any other invalid resource.
+#[cfg(debug_assertions)]
+pub fn injected_refusal(update: &v1::ConfigUpdate) -> Result<(), ApplyError> {
+    let Some(refused) = std::env::var_os(REFUSE_RESOURCE_VAR).filter(|v| !v.is_empty()) else { return Ok(()) };
+    for (index, resource) in update.resources.iter().enumerate() {
+        let Some(key) = &resource.key else { continue };
+        if refused.to_str() == Some(format!("{}/{}", key.namespace, key.name).as_str()) {
+            return Err(ApplyError::Resource {
+                index,
+                key: format!("{}/{}/{}", key.kind, key.namespace, key.name),
+                reason: format!("refused by {REFUSE_RESOURCE_VAR} (test-only fault injection, debug builds only)"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Release builds: no fault injection (see the debug-build version).
+#[cfg(not(debug_assertions))]
+pub fn injected_refusal(_update: &v1::ConfigUpdate) -> Result<(), ApplyError> {
+    Ok(())
+}
+
 fn check_bundle(bundle: &v1::TrustBundle, want_domain: &str) -> Result<TrustBundle, ApplyError> {
     trellis_proto::spiffe::validate_trust_domain(&bundle.trust_domain)
         .map_err(|e| ApplyError::TrustBundle(format!("trust domain {:?}: {e}", bundle.trust_domain)))?;

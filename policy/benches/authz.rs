@@ -1,7 +1,9 @@
 //! `cargo bench -p trellis-policy --bench authz`: the cost of one connection check with 1, 100 and 10,000
 //! policies in scope (the last as ztunnel's benchmark: 10,000 mesh-wide DENY policies of 10 rules each, none
-//! matching, so every rule is examined; then the same with the very last rule naming the caller, the worst-case
-//! match), plus compile and per-workload selection times. Prints a Markdown table.
+//! matching; then the same with the very last rule naming the caller, a scan's worst-case match), plus compile and
+//! per-workload selection times. Prints a Markdown table. Every rule of the 10,000 names one exact principal, so
+//! the compiled index files it under that principal and a check skips the rules naming other peers: those rows
+//! measure the index lookup, not a scan of 100,000 rules.
 //! Median of several runs; no external harness so the dependency tree stays small.
 
 #![forbid(unsafe_code)]

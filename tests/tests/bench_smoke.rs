@@ -70,12 +70,19 @@ fn smoke_run_measures_every_scenario_for_every_contender_and_leaves_benchmarks_m
     let cost = section(&stdout, "### 4. Cost");
     for name in &CONTENDERS[1..] {
         let cells = row(cost, name);
-        for (i, what) in ["CPU at the lower rate", "CPU at the higher rate", "idle RSS", "RSS with idle connections"]
-            .into_iter()
-            .enumerate()
-        {
+        let columns = [
+            "CPU at the lower rate",
+            "CPU at the higher rate",
+            "idle RSS",
+            "held",
+            "RSS with idle connections",
+            "per conn",
+        ];
+        for (i, what) in columns.into_iter().enumerate() {
             assert_measured(cells[1 + i], &format!("{what}, {name}"));
         }
+        // The smoke plan asks for 50 idle connections, which every contender can hold.
+        assert_eq!(cells[4], "50", "idle connections held, {name}");
     }
     let control = section(&stdout, "### 5. Control plane");
     let acked = row(control, "proxies that ACKed the policy, per round");
