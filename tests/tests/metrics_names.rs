@@ -14,6 +14,7 @@ use trellis_proto::v1 as pb;
 use trellis_proto::v1::discovery_request::Message as Up;
 use trellis_proto::v1::discovery_response::Message as Down;
 use trellis_tests::client::{self, csr, hello, workload};
+use trellis_tests::outcome::{Outcome, Refusal};
 use trellis_tests::{ControlPlane, Echo, Proxy, ProxyOptions, WorkloadSpec, http, socks, wait_for};
 
 const CLIENT_IP: &str = "127.0.10.1";
@@ -187,7 +188,8 @@ fn response_flags_tls_failure_no_route_and_connect_are_reported_where_they_happe
 
     // NR: node-a (passthrough: deny) has no route to a destination outside the mesh.
     let outside: SocketAddr = format!("127.0.0.1:{}", trellis_tests::free_port()).parse().unwrap();
-    assert!(matches!(socks::connect(m.a.socks5_addr, outside), Err(Ok(_))), "passthrough denied");
+    let refused = socks::connect(m.a.socks5_addr, outside).map(|_| ());
+    assert_eq!(refused, Err(Outcome::Refused(Refusal::Socks5(2))), "passthrough denied: 'not allowed' (2)");
     let no_route = [&at_a[..], &[r#"response_flags="NR""#]].concat();
     wait_metric(m.a.metrics_addr, opened, &no_route, 1.0);
     wait_metric(m.a.metrics_addr, closed, &no_route, 1.0);

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::time::Duration;
 
+use trellis_tests::outcome::{Outcome, Refusal};
 use trellis_tests::{ControlPlane, Echo, Proxy, WorkloadSpec, http, socks, wait_for};
 
 const CLIENT_IP: &str = "127.0.10.1";
@@ -83,8 +84,8 @@ fn reach(from: &Proxy, to: SocketAddr) -> Result<(), u8> {
             assert_eq!(socks::echo_round_trip(stream, b"ping"), b"ping");
             Ok(())
         }
-        Err(Ok(code)) => Err(code),
-        Err(Err(e)) => panic!("SOCKS5 to {to}: {e}"),
+        Err(Outcome::Refused(Refusal::Socks5(code))) => Err(code),
+        Err(other) => panic!("SOCKS5 to {to}: {other:?}"),
     }
 }
 
