@@ -84,7 +84,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(pb::identity_server::IdentityServer::new(IdentityService(shared.clone())))
         .add_service(pb::discovery_server::DiscoveryServer::new(DiscoveryService(shared.clone())))
-        .add_service(pb::admin_server::AdminServer::new(AdminService(shared.clone())))
+        .add_service(pb::admin_server::AdminServer::new(AdminService::new(shared.clone())))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_rx.await;
         });

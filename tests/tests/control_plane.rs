@@ -343,6 +343,57 @@ fn invalid_documents_are_rejected_with_their_field_and_nothing_is_half_applied()
     assert_eq!(names, ["allow-client"], "store changed by a rejected apply");
 }
 
+/// A hostile text (a flow sequence nested 100,000 levels, 200 KB) used to keep the control plane parsing for tens of
+/// seconds, during which no other call was answered. It is now refused before any parser runs, naming the limit
+/// and the document, and parsing never runs on the workers that serve other calls and the proxies' streams.
+#[test]
+fn hostile_yaml_is_refused_before_parsing_and_other_calls_are_answered_meanwhile() {
+    let cp = std::sync::Arc::new(ControlPlane::start(&[]));
+    cp.apply(POLICY);
+    let nested = |levels: usize| format!("{}{}\n", "[".repeat(levels), "]".repeat(levels));
+    // Control, through the same path: a nesting under the limit is parsed, and refused for what it holds.
+    let out = cp.ctl_stdin(&["apply", "-f", "-"], Some(&nested(32)));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("document 1: expected a Kubernetes object")
+            && stderr.contains("found a list"),
+        "{stderr}"
+    );
+
+    let hostile = {
+        let cp = cp.clone();
+        std::thread::spawn(move || cp.ctl_stdin(&["apply", "-f", "-"], Some(&nested(100_000))))
+    };
+    // Another admin call while the hostile one is in flight: answered. Unbounded parsing held every call for
+    // about 40 s; the bound only tells "answered" from "stalled".
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let cp = cp.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((cp.ctl(&["proxy-status"]), cp.ctl(&["get", "ap", "allow-client", "-n", "default"])));
+        });
+    }
+    let (status, get) = rx.recv_timeout(Duration::from_secs(20)).expect("admin calls answered during a hostile apply");
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(get.status.success(), "{}", String::from_utf8_lossy(&get.stderr));
+
+    let out = hostile.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "hostile text accepted");
+    assert!(stderr.contains("InvalidArgument: document 1: nesting deeper than 64 levels (line 1)"), "{stderr}");
+
+    // Too many documents: refused before parsing, naming the first one over the limit.
+    let many: Vec<String> = (0..1001).map(|i| POLICY.replace("allow-client", &format!("p{i}"))).collect();
+    let out = cp.ctl_stdin(&["apply", "-f", "-"], Some(&many.join("---\n")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "1001 documents accepted");
+    assert!(stderr.contains("InvalidArgument: document 1001: more than 1000 resources in one text"), "{stderr}");
+    // Nothing of either was stored.
+    let all = cp.ctl_json(&["get", "ap", "-A"]);
+    assert_eq!(all["items"].as_array().unwrap().len(), 1, "{all}");
+}
+
 #[test]
 fn apply_get_delete_round_trip() {
     let cp = ControlPlane::start(&[]);
