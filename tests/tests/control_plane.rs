@@ -343,7 +343,7 @@ fn invalid_documents_are_rejected_with_their_field_and_nothing_is_half_applied()
     assert_eq!(names, ["allow-client"], "store changed by a rejected apply");
 }
 
-/// A hostile text (a flow sequence nested 100,000 levels, 200 KB) used to keep the control plane parsing for tens of
+/// A hostile text (a flow sequence nested 100,000 levels, 200 KB, as a document's `spec`) used to keep the control plane parsing for tens of
 /// seconds, during which no other call was answered. It is now refused before any parser runs, naming the limit
 /// and the document, and parsing never runs on the workers that serve other calls and the proxies' streams.
 #[test]
@@ -361,12 +361,28 @@ fn hostile_yaml_is_refused_before_parsing_and_other_calls_are_answered_meanwhile
         "{stderr}"
     );
 
-    let hostile = {
-        let cp = cp.clone();
-        std::thread::spawn(move || cp.ctl_stdin(&["apply", "-f", "-"], Some(&nested(100_000))))
-    };
-    // Another admin call while the hostile one is in flight: answered. Unbounded parsing held every call for
-    // about 40 s; the bound only tells "answered" from "stalled".
+    // As many hostile applies at once as the control plane has async workers (one per core), so that parsing on
+    // the workers would hold them all.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let received = || read_log(&cp.log_path()).matches("apply received").count();
+    let received_before = received();
+    let hostile: Vec<_> = (0..workers)
+        .map(|i| {
+            let cp = cp.clone();
+            // Nested in a mapping's value, where the parser's cost grows fastest (20k levels: 3 s, 40k: 11 s).
+            let text = format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: hostile-{i}}}\nspec: {}",
+                nested(100_000)
+            );
+            std::thread::spawn(move || cp.ctl_stdin(&["apply", "-f", "-"], Some(&text)))
+        })
+        .collect();
+    // Once the control plane is reading them (the others follow on the same or other connections).
+    wait_for("the control plane to receive a hostile apply", Duration::from_secs(20), || {
+        (received() > received_before).then_some(())
+    });
+    // Other admin calls while the hostile ones are in flight: answered. Unbounded parsing on the workers held every
+    // call for about 40 s; the bound only tells "answered" from "stalled".
     let (tx, rx) = std::sync::mpsc::channel();
     {
         let cp = cp.clone();
@@ -378,10 +394,12 @@ fn hostile_yaml_is_refused_before_parsing_and_other_calls_are_answered_meanwhile
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     assert!(get.status.success(), "{}", String::from_utf8_lossy(&get.stderr));
 
-    let out = hostile.join().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "hostile text accepted");
-    assert!(stderr.contains("InvalidArgument: document 1: nesting deeper than 64 levels (line 1)"), "{stderr}");
+    for hostile in hostile {
+        let out = hostile.join().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "hostile text accepted");
+        assert!(stderr.contains("InvalidArgument: document 1: nesting deeper than 64 levels (line 4)"), "{stderr}");
+    }
 
     // Too many documents: refused before parsing, naming the first one over the limit.
     let many: Vec<String> = (0..1001).map(|i| POLICY.replace("allow-client", &format!("p{i}"))).collect();

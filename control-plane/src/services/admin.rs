@@ -76,6 +76,7 @@ impl pb::admin_server::Admin for AdminService {
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
         self.authorize(&request)?;
         let request = request.into_inner();
+        tracing::info!(bytes = request.documents.len(), dry_run = request.dry_run, "apply received");
         let response = self
             .off_runtime(move |mesh| {
                 if request.dry_run {
