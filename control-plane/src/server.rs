@@ -57,6 +57,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
             trust_domain: settings.trust_domain.clone(),
             cert_ttl: opts.cert_ttl,
             node_cert_ttl: opts.node_cert_ttl,
+            jwks_allow_local: opts.jwks.allow_local,
         },
     )?;
     let shared = Shared { mesh: Arc::new(mesh), proxies: Arc::new(ProxyRegistry::default()) };

@@ -412,6 +412,60 @@ fn hostile_yaml_is_refused_before_parsing_and_other_calls_are_answered_meanwhile
     assert_eq!(all["items"].as_array().unwrap().len(), 1, "{all}");
 }
 
+fn request_authentication(jwks_uri: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\n\
+         spec:\n  jwtRules:\n  - issuer: https://auth.example.com\n    jwksUri: \"{jwks_uri}\"\n"
+    )
+}
+
+/// A `jwksUri` on a loopback or link-local host (a cloud metadata service, say) would have the control plane fetch
+/// from services only its host reaches, every refresh. Refused at apply time on the literal host, and at fetch time
+/// on the resolved address (a resource stored while allowed, read by a control plane that no longer allows it),
+/// unless the control plane runs with `--jwks-allow-local`.
+#[test]
+fn jwks_uri_on_local_addresses_is_refused_unless_allowed() {
+    let cp = ControlPlane::start(&[]);
+    for (uri, host, kind) in [
+        ("http://127.0.0.1:8080/jwks.json", "127.0.0.1", "loopback"),
+        ("https://[::1]/jwks.json", "::1", "loopback"),
+        ("https://localhost/jwks.json", "localhost", "loopback"),
+        ("https://[::ffff:127.0.0.2]/jwks.json", "::ffff:127.0.0.2", "loopback"),
+        ("http://169.254.169.254/latest/meta-data/", "169.254.169.254", "link-local"),
+        ("https://[fe80::1]/jwks.json", "fe80::1", "link-local"),
+    ] {
+        let out = cp.ctl_stdin(&["apply", "-f", "-"], Some(&request_authentication(uri)));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{uri} accepted");
+        let reason = format!(
+            "InvalidArgument: RequestAuthentication shop/jwt: spec.jwtRules[0].jwksUri: \"{uri}\": host {host} is a \
+             {kind} address: refused (start the control plane with --jwks-allow-local to allow it)"
+        );
+        assert!(stderr.contains(&reason), "{uri}: {stderr}");
+    }
+    // Control, through the same path: a public host is applied.
+    assert!(cp.apply(&request_authentication("https://auth.example.com/jwks.json")).contains("created"));
+
+    // Allowed: applied, and fetched (the control plane connects to the server).
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    server.set_nonblocking(true).unwrap();
+    let uri = format!("http://{}/jwks.json", server.local_addr().unwrap());
+    let mut cp = ControlPlane::start(&["--jwks-allow-local", "--jwks-allow-http", "--jwks-refresh", "1s"]);
+    assert!(cp.apply(&request_authentication(&uri)).contains("created"));
+    wait_for("the control plane to connect to the JWKS server", Duration::from_secs(20), || server.accept().ok());
+
+    // The same stored URI, read by a control plane without the flag: refused at fetch time, never connected to.
+    cp.kill9();
+    while server.accept().is_ok() {}
+    cp.restart_with(&["--jwks-allow-http", "--jwks-refresh", "1s"]);
+    let reason = "host 127.0.0.1 resolves to 127.0.0.1, a loopback address: refused (start the control plane with \
+                  --jwks-allow-local to allow it)";
+    wait_for("the control plane to refuse the fetch", Duration::from_secs(20), || {
+        (read_log(&cp.log_path()).matches(reason).count() >= 2).then_some(())
+    });
+    assert!(server.accept().is_err(), "the control plane connected to a loopback JWKS server");
+}
+
 #[test]
 fn apply_get_delete_round_trip() {
     let cp = ControlPlane::start(&[]);

@@ -65,6 +65,11 @@ enum Command {
         /// Accept plain `http://` jwksUri values (keys fetched without TLS: for local tests only).
         #[arg(long)]
         jwks_allow_http: bool,
+        /// Accept jwksUri hosts that are, or resolve to, loopback (127.0.0.0/8, ::1, localhost), link-local
+        /// (169.254.0.0/16, fe80::/10) or unspecified addresses: the control plane would fetch from services only
+        /// this host reaches (for local tests only).
+        #[arg(long)]
+        jwks_allow_local: bool,
     },
 }
 
@@ -88,6 +93,7 @@ fn main() -> std::process::ExitCode {
             sans,
             jwks_refresh,
             jwks_allow_http,
+            jwks_allow_local,
         } => {
             if cert_ttl < Duration::from_secs(60) {
                 eprintln!("error: --cert-ttl must be at least 1m");
@@ -97,7 +103,11 @@ fn main() -> std::process::ExitCode {
                 eprintln!("error: --jwks-refresh must be at least 1s");
                 return std::process::ExitCode::FAILURE;
             }
-            let jwks = trellis_control_plane::jwks::JwksOptions { refresh: jwks_refresh, allow_http: jwks_allow_http };
+            let jwks = trellis_control_plane::jwks::JwksOptions {
+                refresh: jwks_refresh,
+                allow_http: jwks_allow_http,
+                allow_local: jwks_allow_local,
+            };
             let opts = server::ServeOptions { data_dir, listen, metrics_listen, cert_ttl, node_cert_ttl, sans, jwks };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
