@@ -184,6 +184,25 @@ fn applicability_note(resource: &trellis_policy::Resource) -> &'static str {
     }
 }
 
+/// `Kind ns/name: spec.jwtRules[i].jwksUri: "uri": why` for each `jwksUri` of `resource` whose host is local.
+fn local_jwks_uris(resource: &trellis_policy::Resource) -> Vec<String> {
+    let trellis_policy::Spec::RequestAuthentication(ra) = &resource.spec else { return Vec::new() };
+    let key = resource.key();
+    ra.jwt_rules
+        .iter()
+        .enumerate()
+        // A rule with inline `jwks` is not fetched.
+        .filter(|(_, rule)| rule.jwks.is_empty())
+        .filter_map(|(i, rule)| {
+            let refusal = crate::jwks_host::literal_host(&rule.jwks_uri)?;
+            Some(format!(
+                "{} {}/{}: spec.jwtRules[{i}].jwksUri: {:?}: {refusal}",
+                key.kind, key.namespace, key.name, rule.jwks_uri
+            ))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use trellis_proto::v1 as pb;
@@ -260,23 +279,4 @@ mod tests {
             "InvalidArgument"
         );
     }
-}
-
-/// `Kind ns/name: spec.jwtRules[i].jwksUri: "uri": why` for each `jwksUri` of `resource` whose host is local.
-fn local_jwks_uris(resource: &trellis_policy::Resource) -> Vec<String> {
-    let trellis_policy::Spec::RequestAuthentication(ra) = &resource.spec else { return Vec::new() };
-    let key = resource.key();
-    ra.jwt_rules
-        .iter()
-        .enumerate()
-        // A rule with inline `jwks` is not fetched.
-        .filter(|(_, rule)| rule.jwks.is_empty())
-        .filter_map(|(i, rule)| {
-            let refusal = crate::jwks_host::literal_host(&rule.jwks_uri)?;
-            Some(format!(
-                "{} {}/{}: spec.jwtRules[{i}].jwksUri: {:?}: {refusal}",
-                key.kind, key.namespace, key.name, rule.jwks_uri
-            ))
-        })
-        .collect()
 }
