@@ -60,7 +60,8 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
             jwks_allow_local: opts.jwks.allow_local,
         },
     )?;
-    let shared = Shared { mesh: Arc::new(mesh), proxies: Arc::new(ProxyRegistry::default()) };
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let shared = Shared { mesh: Arc::new(mesh), proxies: Arc::new(ProxyRegistry::default()), shutdown: shutdown_rx };
 
     let metrics_listener = TcpListener::bind(opts.metrics_listen)
         .await
@@ -95,11 +96,18 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         () = shutdown => {}
     }
     tracing::info!("shutting down");
+    // Every discovery stream ends (told UNAVAILABLE), and the server stops accepting and finishes the calls in
+    // flight (GOAWAY); it then returns. The grace period only bounds a call that does not finish.
+    let _ = shutdown_tx.send(true);
     let _ = stop_tx.send(());
-    // Discovery streams never end on their own: give unary calls a moment, then stop.
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
-        server.abort();
+    match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+        Ok(result) => result??,
+        Err(_) => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still open after the grace period; stopping anyway");
+            server.abort();
+        }
     }
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -217,6 +217,18 @@ impl ControlPlane {
         self.spawn();
     }
 
+    /// Sends SIGTERM and waits up to `timeout` for the process to exit: its exit status, or None if it still runs.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill -TERM {}: {status}", child.id());
+        let exited = poll(timeout, || child.try_wait().ok().flatten());
+        if exited.is_some() {
+            self.child = None;
+        }
+        exited
+    }
+
     /// Restarts it with other extra `serve` flags (same data dir and addresses).
     pub fn restart_with(&mut self, extra_serve_args: &[&str]) {
         self.serve_args.truncate(self.base_args);

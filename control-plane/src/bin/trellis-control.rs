@@ -73,6 +73,9 @@ enum Command {
     },
 }
 
+/// How long exiting waits for blocking work still running.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     trellis_control_plane::init_logging(cli.log_json);
@@ -109,11 +112,14 @@ fn main() -> std::process::ExitCode {
                 allow_local: jwks_allow_local,
             };
             let opts = server::ServeOptions { data_dir, listen, metrics_listen, cert_ttl, node_cert_ttl, sans, jwks };
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(server::serve(opts, shutdown_signal())))
+            tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
+                |rt| {
+                    let result = rt.block_on(server::serve(opts, shutdown_signal()));
+                    // Not waiting for blocking work left behind (a name resolution of a JWKS fetch, say).
+                    rt.shutdown_timeout(RUNTIME_SHUTDOWN);
+                    result
+                },
+            )
         }
     };
     match result {
