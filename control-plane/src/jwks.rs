@@ -41,6 +41,11 @@ enum FetchError {
     HttpRefused,
     #[error("the scheme must be https")]
     NotHttps,
+    #[error("resolving {host}: {source}")]
+    Resolve { host: String, source: std::io::Error },
+    /// The host is, or resolves to, a loopback, link-local or unspecified address.
+    #[error("host {host} resolves to {addr}, a {kind} address: refused (start the control plane with {flag} to allow it)", flag = crate::jwks_host::ALLOW_FLAG)]
+    LocalAddress { host: String, addr: std::net::IpAddr, kind: &'static str },
     #[error("connect: {0}")]
     Connect(std::io::Error),
     #[error("no CA bundle to verify the server")]
@@ -80,6 +85,8 @@ pub struct JwksOptions {
     pub refresh: Duration,
     /// Accept `http://` URIs (plaintext: anyone on the path could swap the keys; for local tests).
     pub allow_http: bool,
+    /// Accept hosts that are (or resolve to) loopback, link-local or unspecified addresses (for local tests).
+    pub allow_local: bool,
 }
 
 /// Runs until the process ends.
@@ -178,7 +185,19 @@ async fn get(uri: &str, options: &JwksOptions, tls: Option<&Arc<ClientConfig>>) 
         _ => return Err(FetchError::NotHttps),
     };
     let port = parsed.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(FetchError::Connect)?;
+    // Resolved once and checked; the connection uses exactly the checked addresses (a second resolution could
+    // answer differently).
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|source| FetchError::Resolve { host: host.clone(), source })?
+        .collect();
+    if !options.allow_local {
+        let local = addrs.iter().find_map(|a| crate::jwks_host::local_kind(a.ip()).map(|kind| (a.ip(), kind)));
+        if let Some((addr, kind)) = local {
+            return Err(FetchError::LocalAddress { host, addr, kind });
+        }
+    }
+    let tcp = tokio::net::TcpStream::connect(addrs.as_slice()).await.map_err(FetchError::Connect)?;
     if !https {
         return request(tcp, &parsed).await;
     }
@@ -252,7 +271,11 @@ mod tests {
     }
 
     async fn fetch_error(uri: &str, allow_http: bool) -> String {
-        let options = JwksOptions { refresh: Duration::from_secs(60), allow_http };
+        fetch_error_with(uri, allow_http, true).await
+    }
+
+    async fn fetch_error_with(uri: &str, allow_http: bool, allow_local: bool) -> String {
+        let options = JwksOptions { refresh: Duration::from_secs(60), allow_http, allow_local };
         fetch(uri, &options, None, Duration::from_secs(5)).await.unwrap_err().to_string()
     }
 
@@ -269,5 +292,30 @@ mod tests {
         assert_eq!(fetch_error(&uri, true).await, "the document holds no usable verification key");
         let uri = serve_once("[]").await;
         assert_eq!(fetch_error(&uri, true).await, "the JWKS has no \"keys\" array");
+    }
+
+    /// Local hosts are refused at fetch time on the resolved address, so a name resolving to loopback is refused
+    /// like a literal address; with `--jwks-allow-local` the same URI is fetched.
+    #[tokio::test]
+    async fn local_hosts_are_refused_unless_allowed() {
+        let uri = serve_once(r#"{"keys":[]}"#).await;
+        let port = uri.trim_start_matches("http://127.0.0.1:").split('/').next().unwrap().to_owned();
+        assert_eq!(
+            fetch_error_with(&uri, true, false).await,
+            "host 127.0.0.1 resolves to 127.0.0.1, a loopback address: refused (start the control plane with \
+             --jwks-allow-local to allow it)"
+        );
+        let by_name = fetch_error_with(&format!("http://localhost:{port}/jwks.json"), true, false).await;
+        assert!(by_name.starts_with("host localhost resolves to "), "{by_name}");
+        assert!(
+            by_name.ends_with(
+                ", a loopback address: refused (start the control plane with --jwks-allow-local to allow it)"
+            ),
+            "{by_name}"
+        );
+        let metadata = fetch_error_with("http://169.254.169.254/latest/meta-data/", true, false).await;
+        assert!(metadata.contains("a link-local address: refused"), "{metadata}");
+        // Control: allowed, the same server is reached and its document judged.
+        assert_eq!(fetch_error_with(&uri, true, true).await, "the document holds no usable verification key");
     }
 }

@@ -10,6 +10,7 @@ pub mod files;
 pub mod http;
 pub mod init;
 pub mod jwks;
+pub mod jwks_host;
 pub mod mesh;
 pub mod records;
 pub mod server;

@@ -57,9 +57,11 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
             trust_domain: settings.trust_domain.clone(),
             cert_ttl: opts.cert_ttl,
             node_cert_ttl: opts.node_cert_ttl,
+            jwks_allow_local: opts.jwks.allow_local,
         },
     )?;
-    let shared = Shared { mesh: Arc::new(mesh), proxies: Arc::new(ProxyRegistry::default()) };
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let shared = Shared { mesh: Arc::new(mesh), proxies: Arc::new(ProxyRegistry::default()), shutdown: shutdown_rx };
 
     let metrics_listener = TcpListener::bind(opts.metrics_listen)
         .await
@@ -84,7 +86,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(pb::identity_server::IdentityServer::new(IdentityService(shared.clone())))
         .add_service(pb::discovery_server::DiscoveryServer::new(DiscoveryService(shared.clone())))
-        .add_service(pb::admin_server::AdminServer::new(AdminService(shared.clone())))
+        .add_service(pb::admin_server::AdminServer::new(AdminService::new(shared.clone())))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_rx.await;
         });
@@ -94,11 +96,18 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         () = shutdown => {}
     }
     tracing::info!("shutting down");
+    // Every discovery stream ends (told UNAVAILABLE), and the server stops accepting and finishes the calls in
+    // flight (GOAWAY); it then returns. The grace period only bounds a call that does not finish.
+    let _ = shutdown_tx.send(true);
     let _ = stop_tx.send(());
-    // Discovery streams never end on their own: give unary calls a moment, then stop.
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
-        server.abort();
+    match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+        Ok(result) => result??,
+        Err(_) => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still open after the grace period; stopping anyway");
+            server.abort();
+        }
     }
+    tracing::info!("stopped");
     Ok(())
 }
 

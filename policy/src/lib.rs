@@ -23,6 +23,7 @@ mod http_url;
 mod jwt;
 mod kind;
 mod lexical;
+mod limits;
 mod matcher;
 mod metadata;
 mod mtls;
@@ -56,6 +57,7 @@ pub use jwt::{
 };
 pub use kind::{InvalidResourceKey, Kind, ResourceKey, UnknownKind};
 pub use lexical::{InvalidDuration, parse_go_bool, parse_go_duration, parse_port};
+pub use limits::{LimitError, MAX_NESTING, MAX_RESOURCES, check_nesting};
 pub use matcher::StringMatch;
 pub use metadata::{DEFAULT_NAMESPACE, DRY_RUN_ANNOTATION, Metadata};
 pub use mtls::{EffectiveMtls, MtlsLevel, WorkloadMtls, effective_mtls, effective_mtls_mode};

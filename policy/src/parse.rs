@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use crate::authz::AuthorizationPolicy;
 use crate::error::{DocumentError, Errors, Failure, FieldError, ParseError, prefixed};
 use crate::kind::{Kind, ResourceKey};
+use crate::limits;
 use crate::metadata::{DEFAULT_NAMESPACE, Metadata};
 use crate::peer_authn::PeerAuthentication;
 use crate::request_authn::RequestAuthentication;
@@ -158,19 +159,49 @@ fn decode(doc: &RawDocument) -> Result<Option<Value>, String> {
     if !has_content(&doc.text) {
         return Ok(None);
     }
-    // Pad so parser line numbers refer to the whole input, not to this document.
-    let padded = format!("{}{}", "\n".repeat(doc.first_line), doc.text);
+    // Bounded before any parser runs: their cost grows faster than the nesting.
+    limits::check_nesting(&doc.text, limits::MAX_NESTING).map_err(|e| match e {
+        limits::LimitError::TooDeep { max, line } => {
+            limits::LimitError::TooDeep { max, line: line + doc.first_line }.to_string()
+        }
+        other => other.to_string(),
+    })?;
+    // One leading newline, so that no position is line 1 column 1 (which libyaml prints as "position 0"); the
+    // line numbers of messages are then shifted to refer to the whole input. (Padding with every preceding line
+    // instead would make a text of many documents cost quadratic time.)
+    let padded = format!("\n{}", doc.text);
     let json = if doc.text.trim_start().starts_with('{') { serde_json::from_str::<Value>(&padded).ok() } else { None };
     if let Some(v) = json {
         return Ok(Some(v));
     }
-    let mut yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&padded).map_err(|e| format!("invalid YAML: {e}"))?;
+    let invalid = |e: serde_yaml_ng::Error| format!("invalid YAML: {}", shift_lines(&e.to_string(), doc.first_line));
+    let mut yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&padded).map_err(invalid)?;
     // `<<: *anchor` merge keys, as Kubernetes' YAML reader supports them.
-    yaml.apply_merge().map_err(|e| format!("invalid YAML: {e}"))?;
+    yaml.apply_merge().map_err(invalid)?;
     match yaml_to_json(yaml)? {
         Value::Null => Ok(None),
         v => Ok(Some(v)),
     }
+}
+
+/// `message` with every "line N column" position moved down by `by - 1` lines (the parsed text had one padding
+/// line; the document starts at 0-based line `by` of the input).
+fn shift_lines(message: &str, by: usize) -> String {
+    const LINE: &str = "line ";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(LINE) {
+        let (before, after) = rest.split_at(at + LINE.len());
+        out.push_str(before);
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        match after[..digits].parse::<usize>() {
+            Ok(n) if after[digits..].starts_with(" column ") => out.push_str(&(n + by).saturating_sub(1).to_string()),
+            _ => out.push_str(&after[..digits]),
+        }
+        rest = &after[digits..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn yaml_to_json(v: serde_yaml_ng::Value) -> Result<Value, String> {
@@ -214,7 +245,17 @@ fn for_each_object(
     errors: &mut Vec<DocumentError>,
     mut f: impl FnMut(usize, &str, Value, &mut Vec<DocumentError>),
 ) {
-    for doc in split_documents(text) {
+    let documents = split_documents(text);
+    // Bounded before anything is parsed: documents with content, then the items of `kind: List`s as they appear.
+    let max = limits::MAX_RESOURCES;
+    let with_content: Vec<&RawDocument> = documents.iter().filter(|d| has_content(&d.text)).collect();
+    if let Some(over) = with_content.get(max) {
+        errors.push(limit_error(over.index, None, limits::LimitError::TooManyResources { max }));
+        return;
+    }
+    // What `kind: List` items may add beyond one resource per document.
+    let mut spare = max - with_content.len();
+    for doc in documents {
         let value = match decode(&doc) {
             Ok(Some(v)) => v,
             Ok(None) => continue,
@@ -233,6 +274,16 @@ fn for_each_object(
         if value.get("kind").and_then(Value::as_str) == Some("List") && value.get("items").is_some() {
             match value.get("items") {
                 Some(Value::Array(items)) => {
+                    let extra = items.len().saturating_sub(1);
+                    if extra > spare {
+                        errors.push(limit_error(
+                            doc.index,
+                            Some("items"),
+                            limits::LimitError::TooManyResources { max },
+                        ));
+                        return;
+                    }
+                    spare -= extra;
                     for (i, item) in items.iter().enumerate() {
                         f(doc.index, &format!("items[{i}]"), item.clone(), errors);
                     }
@@ -249,6 +300,17 @@ fn for_each_object(
         } else {
             f(doc.index, "", value, errors);
         }
+    }
+}
+
+fn limit_error(document: usize, field: Option<&str>, error: limits::LimitError) -> DocumentError {
+    DocumentError {
+        document,
+        kind: field.map(|_| "List".to_string()),
+        name: None,
+        namespace: None,
+        field: field.unwrap_or_default().to_string(),
+        reason: error.to_string(),
     }
 }
 
@@ -550,6 +612,59 @@ mod tests {
         let err = decode(&doc).unwrap_err();
         assert!(err.contains("at line 3 column 5"), "{err}");
     }
+
+    #[test]
+    fn yaml_error_line_numbers_in_later_documents() {
+        let text = "a: 1\n---\nb: 2\n---\n\nc: [x\n";
+        let doc = split_documents(text).remove(2);
+        let err = decode(&doc).unwrap_err();
+        assert!(err.contains("at line 6 column"), "{err}");
+        assert!(!err.contains("line 2 column"), "{err}");
+        assert_eq!(
+            shift_lines("x at line 2 column 3, y at line 1 column 1 (line 9)", 10),
+            "x at line 11 column 3, y at line 10 column 1 (line 9)"
+        );
+    }
+
+    const POLICY: &str =
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns}\nspec: {}\n";
+
+    /// The limits are checked before any parser runs, and name the limit and the document.
+    #[test]
+    fn hostile_texts_are_refused_before_parsing() {
+        let deep = format!("{POLICY}---\n{}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let err = parse_documents(&deep).unwrap_err();
+        assert_eq!(err.to_string(), "document 2: nesting deeper than 64 levels (line 6)");
+        assert_eq!(parse_keys(&deep).unwrap_err().to_string(), err.to_string(), "delete -f reads the same way");
+        let deep_block: String = (0..100).map(|i| format!("{}k{i}:\n", "  ".repeat(i))).collect();
+        assert_eq!(
+            parse_documents(&deep_block).unwrap_err().to_string(),
+            "document 1: nesting deeper than 64 levels (line 65)"
+        );
+
+        let many = |n: usize| -> String {
+            (0..n).map(|i| POLICY.replace("name: p", &format!("name: p{i}"))).collect::<Vec<_>>().join("---\n")
+        };
+        assert_eq!(parse_documents(&many(MAX)).map(|r| r.len()), Ok(MAX), "control: at the limit");
+        assert_eq!(
+            parse_documents(&many(MAX + 1)).unwrap_err().to_string(),
+            "document 1001: more than 1000 resources in one text"
+        );
+        // `kind: List` items count too.
+        let items = |n: usize| -> String {
+            let items: Vec<String> = (0..n)
+                .map(|i| format!("- {{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {{name: p{i}}}, spec: {{}}}}"))
+                .collect();
+            format!("{POLICY}---\nkind: List\nitems:\n{}\n", items.join("\n"))
+        };
+        assert_eq!(parse_documents(&items(MAX - 1)).map(|r| r.len()), Ok(MAX));
+        assert_eq!(
+            parse_documents(&items(MAX)).unwrap_err().to_string(),
+            "document 2 (List): items: more than 1000 resources in one text"
+        );
+    }
+
+    const MAX: usize = limits::MAX_RESOURCES;
 
     #[test]
     fn yaml_to_json_conversion() {

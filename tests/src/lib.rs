@@ -133,6 +133,8 @@ pub struct ControlPlane {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     serve_args: Vec<String>,
+    /// How many of `serve_args` are the harness's own (data dir, addresses); the rest are the test's extras.
+    base_args: usize,
     child: Option<Child>,
     /// Network namespace it runs in (and `trellisctl` with it); `None`: this one.
     netns: Option<String>,
@@ -181,8 +183,9 @@ impl ControlPlane {
             "--metrics-listen".into(),
             metrics_addr.to_string(),
         ];
+        let base_args = serve_args.len();
         serve_args.extend(extra_serve_args.iter().map(|s| s.to_string()));
-        let mut cp = Self { dir, addr, metrics_addr, serve_args, child: None, netns };
+        let mut cp = Self { dir, addr, metrics_addr, serve_args, base_args, child: None, netns };
         cp.spawn();
         cp
     }
@@ -212,6 +215,25 @@ impl ControlPlane {
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the process to exit: its exit status, or None if it still runs.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill -TERM {}: {status}", child.id());
+        let exited = poll(timeout, || child.try_wait().ok().flatten());
+        if exited.is_some() {
+            self.child = None;
+        }
+        exited
+    }
+
+    /// Restarts it with other extra `serve` flags (same data dir and addresses).
+    pub fn restart_with(&mut self, extra_serve_args: &[&str]) {
+        self.serve_args.truncate(self.base_args);
+        self.serve_args.extend(extra_serve_args.iter().map(|s| s.to_string()));
+        self.restart();
     }
 
     /// Runs `trellisctl` with this control plane's admin config.

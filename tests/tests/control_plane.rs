@@ -343,6 +343,129 @@ fn invalid_documents_are_rejected_with_their_field_and_nothing_is_half_applied()
     assert_eq!(names, ["allow-client"], "store changed by a rejected apply");
 }
 
+/// A hostile text (a flow sequence nested 100,000 levels, 200 KB, as a document's `spec`) used to keep the control plane parsing for tens of
+/// seconds, during which no other call was answered. It is now refused before any parser runs, naming the limit
+/// and the document, and parsing never runs on the workers that serve other calls and the proxies' streams.
+#[test]
+fn hostile_yaml_is_refused_before_parsing_and_other_calls_are_answered_meanwhile() {
+    let cp = std::sync::Arc::new(ControlPlane::start(&[]));
+    cp.apply(POLICY);
+    let nested = |levels: usize| format!("{}{}\n", "[".repeat(levels), "]".repeat(levels));
+    // Control, through the same path: a nesting under the limit is parsed, and refused for what it holds.
+    let out = cp.ctl_stdin(&["apply", "-f", "-"], Some(&nested(32)));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("document 1: expected a Kubernetes object")
+            && stderr.contains("found a list"),
+        "{stderr}"
+    );
+
+    // As many hostile applies at once as the control plane has async workers (one per core), so that parsing on
+    // the workers would hold them all.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let received = || read_log(&cp.log_path()).matches("apply received").count();
+    let received_before = received();
+    let hostile: Vec<_> = (0..workers)
+        .map(|i| {
+            let cp = cp.clone();
+            // Nested in a mapping's value, where the parser's cost grows fastest (20k levels: 3 s, 40k: 11 s).
+            let text = format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: hostile-{i}}}\nspec: {}",
+                nested(100_000)
+            );
+            std::thread::spawn(move || cp.ctl_stdin(&["apply", "-f", "-"], Some(&text)))
+        })
+        .collect();
+    // Once the control plane is reading them (the others follow on the same or other connections).
+    wait_for("the control plane to receive a hostile apply", Duration::from_secs(20), || {
+        (received() > received_before).then_some(())
+    });
+    // Other admin calls while the hostile ones are in flight: answered. Unbounded parsing on the workers held every
+    // call for about 40 s; the bound only tells "answered" from "stalled".
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let cp = cp.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((cp.ctl(&["proxy-status"]), cp.ctl(&["get", "ap", "allow-client", "-n", "default"])));
+        });
+    }
+    let (status, get) = rx.recv_timeout(Duration::from_secs(20)).expect("admin calls answered during a hostile apply");
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(get.status.success(), "{}", String::from_utf8_lossy(&get.stderr));
+
+    for hostile in hostile {
+        let out = hostile.join().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "hostile text accepted");
+        assert!(stderr.contains("InvalidArgument: document 1: nesting deeper than 64 levels (line 4)"), "{stderr}");
+    }
+
+    // Too many documents: refused before parsing, naming the first one over the limit.
+    let many: Vec<String> = (0..1001).map(|i| POLICY.replace("allow-client", &format!("p{i}"))).collect();
+    let out = cp.ctl_stdin(&["apply", "-f", "-"], Some(&many.join("---\n")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "1001 documents accepted");
+    assert!(stderr.contains("InvalidArgument: document 1001: more than 1000 resources in one text"), "{stderr}");
+    // Nothing of either was stored.
+    let all = cp.ctl_json(&["get", "ap", "-A"]);
+    assert_eq!(all["items"].as_array().unwrap().len(), 1, "{all}");
+}
+
+fn request_authentication(jwks_uri: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\n\
+         spec:\n  jwtRules:\n  - issuer: https://auth.example.com\n    jwksUri: \"{jwks_uri}\"\n"
+    )
+}
+
+/// A `jwksUri` on a loopback or link-local host (a cloud metadata service, say) would have the control plane fetch
+/// from services only its host reaches, every refresh. Refused at apply time on the literal host, and at fetch time
+/// on the resolved address (a resource stored while allowed, read by a control plane that no longer allows it),
+/// unless the control plane runs with `--jwks-allow-local`.
+#[test]
+fn jwks_uri_on_local_addresses_is_refused_unless_allowed() {
+    let cp = ControlPlane::start(&[]);
+    for (uri, host, kind) in [
+        ("http://127.0.0.1:8080/jwks.json", "127.0.0.1", "loopback"),
+        ("https://[::1]/jwks.json", "::1", "loopback"),
+        ("https://localhost/jwks.json", "localhost", "loopback"),
+        ("https://[::ffff:127.0.0.2]/jwks.json", "::ffff:127.0.0.2", "loopback"),
+        ("http://169.254.169.254/latest/meta-data/", "169.254.169.254", "link-local"),
+        ("https://[fe80::1]/jwks.json", "fe80::1", "link-local"),
+    ] {
+        let out = cp.ctl_stdin(&["apply", "-f", "-"], Some(&request_authentication(uri)));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{uri} accepted");
+        let reason = format!(
+            "InvalidArgument: RequestAuthentication shop/jwt: spec.jwtRules[0].jwksUri: \"{uri}\": host {host} is a \
+             {kind} address: refused (start the control plane with --jwks-allow-local to allow it)"
+        );
+        assert!(stderr.contains(&reason), "{uri}: {stderr}");
+    }
+    // Control, through the same path: a public host is applied.
+    assert!(cp.apply(&request_authentication("https://auth.example.com/jwks.json")).contains("created"));
+
+    // Allowed: applied, and fetched (the control plane connects to the server).
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    server.set_nonblocking(true).unwrap();
+    let uri = format!("http://{}/jwks.json", server.local_addr().unwrap());
+    let mut cp = ControlPlane::start(&["--jwks-allow-local", "--jwks-allow-http", "--jwks-refresh", "1s"]);
+    assert!(cp.apply(&request_authentication(&uri)).contains("created"));
+    wait_for("the control plane to connect to the JWKS server", Duration::from_secs(20), || server.accept().ok());
+
+    // The same stored URI, read by a control plane without the flag: refused at fetch time, never connected to.
+    cp.kill9();
+    while server.accept().is_ok() {}
+    cp.restart_with(&["--jwks-allow-http", "--jwks-refresh", "1s"]);
+    let reason = "host 127.0.0.1 resolves to 127.0.0.1, a loopback address: refused (start the control plane with \
+                  --jwks-allow-local to allow it)";
+    wait_for("the control plane to refuse the fetch", Duration::from_secs(20), || {
+        (read_log(&cp.log_path()).matches(reason).count() >= 2).then_some(())
+    });
+    assert!(server.accept().is_err(), "the control plane connected to a loopback JWKS server");
+}
+
 #[test]
 fn apply_get_delete_round_trip() {
     let cp = ControlPlane::start(&[]);

@@ -505,7 +505,7 @@ fn jwks_uri_is_fetched_by_the_control_plane_and_rotations_reach_proxies() {
     let publish = |name: &str| std::fs::write(dir.path().join("jwks.json"), t["jwks"][name].as_str().unwrap()).unwrap();
     publish("old");
     let server = FileServer::start(dir.path());
-    let m = mesh_with(&["--jwks-refresh", "1s", "--jwks-allow-http"]);
+    let m = mesh_with(&["--jwks-refresh", "1s", "--jwks-allow-http", "--jwks-allow-local"]);
     m.apply(&format!(
         r#"
 apiVersion: security.istio.io/v1

@@ -65,8 +65,16 @@ enum Command {
         /// Accept plain `http://` jwksUri values (keys fetched without TLS: for local tests only).
         #[arg(long)]
         jwks_allow_http: bool,
+        /// Accept jwksUri hosts that are, or resolve to, loopback (127.0.0.0/8, ::1, localhost), link-local
+        /// (169.254.0.0/16, fe80::/10) or unspecified addresses: the control plane would fetch from services only
+        /// this host reaches (for local tests only).
+        #[arg(long)]
+        jwks_allow_local: bool,
     },
 }
+
+/// How long exiting waits for blocking work still running.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -88,6 +96,7 @@ fn main() -> std::process::ExitCode {
             sans,
             jwks_refresh,
             jwks_allow_http,
+            jwks_allow_local,
         } => {
             if cert_ttl < Duration::from_secs(60) {
                 eprintln!("error: --cert-ttl must be at least 1m");
@@ -97,13 +106,20 @@ fn main() -> std::process::ExitCode {
                 eprintln!("error: --jwks-refresh must be at least 1s");
                 return std::process::ExitCode::FAILURE;
             }
-            let jwks = trellis_control_plane::jwks::JwksOptions { refresh: jwks_refresh, allow_http: jwks_allow_http };
+            let jwks = trellis_control_plane::jwks::JwksOptions {
+                refresh: jwks_refresh,
+                allow_http: jwks_allow_http,
+                allow_local: jwks_allow_local,
+            };
             let opts = server::ServeOptions { data_dir, listen, metrics_listen, cert_ttl, node_cert_ttl, sans, jwks };
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(server::serve(opts, shutdown_signal())))
+            tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
+                |rt| {
+                    let result = rt.block_on(server::serve(opts, shutdown_signal()));
+                    // Not waiting for blocking work left behind (a name resolution of a JWKS fetch, say).
+                    rt.shutdown_timeout(RUNTIME_SHUTDOWN);
+                    result
+                },
+            )
         }
     };
     match result {

@@ -46,6 +46,8 @@ pub struct MeshConfig {
     pub trust_domain: String,
     pub cert_ttl: Duration,
     pub node_cert_ttl: Duration,
+    /// Accept `jwksUri` values whose host is a loopback, link-local or unspecified address (`--jwks-allow-local`).
+    pub jwks_allow_local: bool,
 }
 
 pub struct Mesh {

@@ -11,9 +11,22 @@ use crate::records::{self, META_REVISION, META_VERSION, ResourceRecord};
 use crate::store::Table;
 
 impl Mesh {
+    /// Parses and validates every document, then refuses `jwksUri` hosts that are local addresses (unless
+    /// allowed): the control plane would fetch them every refresh.
+    fn parse(&self, text: &str) -> Result<Vec<trellis_policy::Resource>, MeshError> {
+        let parsed = trellis_policy::parse_documents(text).map_err(|e| MeshError::InvalidArgument(e.to_string()))?;
+        if !self.config.jwks_allow_local {
+            let refusals: Vec<String> = parsed.iter().flat_map(local_jwks_uris).collect();
+            if !refusals.is_empty() {
+                return Err(MeshError::InvalidArgument(refusals.join("\n")));
+            }
+        }
+        Ok(parsed)
+    }
+
     /// Applies every document of `text`, or none of them.
     pub fn apply(&self, text: &str) -> Result<Vec<pb::AppliedResource>, MeshError> {
-        let parsed = trellis_policy::parse_documents(text).map_err(|e| MeshError::InvalidArgument(e.to_string()))?;
+        let parsed = self.parse(text)?;
         if parsed.is_empty() {
             return Err(MeshError::InvalidArgument("no documents to apply".into()));
         }
@@ -71,7 +84,7 @@ impl Mesh {
         text: &str,
         root_namespace: &str,
     ) -> Result<(Vec<pb::AppliedResource>, Vec<pb::WorkloadPolicyChange>), MeshError> {
-        let parsed = trellis_policy::parse_documents(text).map_err(|e| MeshError::InvalidArgument(e.to_string()))?;
+        let parsed = self.parse(text)?;
         let snapshot = self.current();
         let mut before: BTreeMap<String, trellis_policy::Resource> = BTreeMap::new();
         for (key, r) in &snapshot.resources {
@@ -169,6 +182,25 @@ fn applicability_note(resource: &trellis_policy::Resource) -> &'static str {
         }
         _ => "",
     }
+}
+
+/// `Kind ns/name: spec.jwtRules[i].jwksUri: "uri": why` for each `jwksUri` of `resource` whose host is local.
+fn local_jwks_uris(resource: &trellis_policy::Resource) -> Vec<String> {
+    let trellis_policy::Spec::RequestAuthentication(ra) = &resource.spec else { return Vec::new() };
+    let key = resource.key();
+    ra.jwt_rules
+        .iter()
+        .enumerate()
+        // A rule with inline `jwks` is not fetched.
+        .filter(|(_, rule)| rule.jwks.is_empty())
+        .filter_map(|(i, rule)| {
+            let refusal = crate::jwks_host::literal_host(&rule.jwks_uri)?;
+            Some(format!(
+                "{} {}/{}: spec.jwtRules[{i}].jwksUri: {:?}: {refusal}",
+                key.kind, key.namespace, key.name, rule.jwks_uri
+            ))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ impl TestMesh {
             trust_domain: TRUST_DOMAIN.to_owned(),
             cert_ttl: Duration::from_secs(3600),
             node_cert_ttl: Duration::from_secs(3600),
+            jwks_allow_local: false,
         };
         TestMesh { mesh: Mesh::open(store, ca, config).expect("open mesh"), dir }
     }

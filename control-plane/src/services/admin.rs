@@ -1,27 +1,57 @@
 //! The Admin service: resources, tokens, nodes and proxy status, for the admin credential only.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use trellis_proto::v1 as pb;
 
 use super::Shared;
 use crate::auth;
+use crate::mesh::Mesh;
 use crate::records::{self, NodeRecord, ResourceRecord, TokenRecord};
 use crate::status::StreamCommand;
 use crate::store::Table;
 
-pub struct AdminService(pub Shared);
+pub struct AdminService {
+    shared: Shared,
+    /// Bounds how many documents texts are parsed at once (each on a blocking thread).
+    parsing: Arc<Semaphore>,
+}
 
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Texts parsed at once; further applies wait their turn without holding a thread.
+const PARSING_AT_ONCE: usize = 2;
 
 impl AdminService {
+    pub fn new(shared: Shared) -> Self {
+        Self { shared, parsing: Arc::new(Semaphore::new(PARSING_AT_ONCE)) }
+    }
+
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        auth::require_admin(request, self.0.mesh.trust_domain()).map(|_| ())
+        auth::require_admin(request, self.shared.mesh.trust_domain()).map(|_| ())
+    }
+
+    /// Runs `work` (parsing and validating a text, then writing the store) on a blocking thread, at most
+    /// [`PARSING_AT_ONCE`] at a time: the async workers keep serving discovery streams, renewals and other calls
+    /// meanwhile, however long a large text takes.
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Mesh) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let permit = self.parsing.clone().acquire_owned().await.map_err(|e| Status::internal(e.to_string()))?;
+        let mesh = self.shared.mesh.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work(&mesh)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("parsing task: {e}")))?
     }
 
     fn resources(&self) -> Result<Vec<ResourceRecord>, Status> {
-        records::load_all(self.0.mesh.store(), Table::Resources).map_err(|e| Status::internal(e.to_string()))
+        records::load_all(self.shared.mesh.store(), Table::Resources).map_err(|e| Status::internal(e.to_string()))
     }
 }
 
@@ -46,32 +76,41 @@ impl pb::admin_server::Admin for AdminService {
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
         self.authorize(&request)?;
         let request = request.into_inner();
-        if request.dry_run {
-            let (results, changes) =
-                self.0.mesh.apply_dry_run(&request.documents, trellis_policy::DEFAULT_ROOT_NAMESPACE)?;
-            return Ok(Response::new(pb::ApplyResponse { results, changes }));
-        }
-        let results = self.0.mesh.apply(&request.documents)?;
-        Ok(Response::new(pb::ApplyResponse { results, changes: vec![] }))
+        tracing::info!(bytes = request.documents.len(), dry_run = request.dry_run, "apply received");
+        let response = self
+            .off_runtime(move |mesh| {
+                if request.dry_run {
+                    let (results, changes) =
+                        mesh.apply_dry_run(&request.documents, trellis_policy::DEFAULT_ROOT_NAMESPACE)?;
+                    return Ok(pb::ApplyResponse { results, changes });
+                }
+                Ok(pb::ApplyResponse { results: mesh.apply(&request.documents)?, changes: vec![] })
+            })
+            .await?;
+        Ok(Response::new(response))
     }
 
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         self.authorize(&request)?;
         let req = request.into_inner();
-        let mut keys = req.keys;
-        if !req.documents.trim().is_empty() {
-            let parsed =
-                trellis_policy::parse_keys(&req.documents).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            keys.extend(parsed.into_iter().map(|k| pb::ResourceKey {
-                kind: k.kind.to_string(),
-                namespace: k.namespace,
-                name: k.name,
-            }));
-        }
-        for key in &mut keys {
-            key.kind = parse_kind(&key.kind)?.to_string();
-        }
-        let deleted = self.0.mesh.delete(&keys)?;
+        let deleted = self
+            .off_runtime(move |mesh| {
+                let mut keys = req.keys;
+                if !req.documents.trim().is_empty() {
+                    let parsed = trellis_policy::parse_keys(&req.documents)
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    keys.extend(parsed.into_iter().map(|k| pb::ResourceKey {
+                        kind: k.kind.to_string(),
+                        namespace: k.namespace,
+                        name: k.name,
+                    }));
+                }
+                for key in &mut keys {
+                    key.kind = parse_kind(&key.kind)?.to_string();
+                }
+                Ok(mesh.delete(&keys)?)
+            })
+            .await?;
         Ok(Response::new(pb::DeleteResponse { deleted }))
     }
 
@@ -80,7 +119,7 @@ impl pb::admin_server::Admin for AdminService {
         let key = request.into_inner().key.ok_or_else(|| Status::invalid_argument("key is required"))?;
         let kind = parse_kind(&key.kind)?;
         let store_key = records::resource_store_key(kind.as_str(), &key.namespace, &key.name);
-        let record: Option<ResourceRecord> = records::load(self.0.mesh.store(), Table::Resources, &store_key)
+        let record: Option<ResourceRecord> = records::load(self.shared.mesh.store(), Table::Resources, &store_key)
             .map_err(|e| Status::internal(e.to_string()))?;
         record
             .map(|r| Response::new(to_pb(r)))
@@ -108,9 +147,9 @@ impl pb::admin_server::Admin for AdminService {
         self.authorize(&request)?;
         let req = request.into_inner();
         let ttl = if req.ttl_seconds == 0 { DEFAULT_TOKEN_TTL } else { Duration::from_secs(req.ttl_seconds) };
-        let (token, record) = self.0.mesh.create_token(&req.node, req.namespaces, ttl, req.reusable)?;
+        let (token, record) = self.shared.mesh.create_token(&req.node, req.namespaces, ttl, req.reusable)?;
         let ca_pin =
-            trellis_proto::tls::ca_pin(self.0.mesh.ca().root()).map_err(|e| Status::internal(e.to_string()))?;
+            trellis_proto::tls::ca_pin(self.shared.mesh.ca().root()).map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(id = %record.id, node = %record.node, "join token created");
         Ok(Response::new(pb::CreateTokenResponse { token, id: record.id, ca_pin, expires_at_unix: record.expires_at }))
     }
@@ -121,7 +160,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         self.authorize(&request)?;
         let mut tokens: Vec<TokenRecord> =
-            records::load_all(self.0.mesh.store(), Table::Tokens).map_err(|e| Status::internal(e.to_string()))?;
+            records::load_all(self.shared.mesh.store(), Table::Tokens).map_err(|e| Status::internal(e.to_string()))?;
         tokens.sort_by_key(|t| t.created_at);
         let tokens = tokens
             .into_iter()
@@ -143,7 +182,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         self.authorize(&request)?;
-        self.0.mesh.revoke_token(&request.into_inner().id)?;
+        self.shared.mesh.revoke_token(&request.into_inner().id)?;
         Ok(Response::new(pb::RevokeTokenResponse {}))
     }
 
@@ -153,12 +192,12 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         self.authorize(&request)?;
         let nodes: Vec<NodeRecord> =
-            records::load_all(self.0.mesh.store(), Table::Nodes).map_err(|e| Status::internal(e.to_string()))?;
-        let snapshot = self.0.mesh.current();
+            records::load_all(self.shared.mesh.store(), Table::Nodes).map_err(|e| Status::internal(e.to_string()))?;
+        let snapshot = self.shared.mesh.current();
         let nodes = nodes
             .into_iter()
             .map(|n| pb::NodeInfo {
-                connected: self.0.proxies.is_connected(&n.name),
+                connected: self.shared.proxies.is_connected(&n.name),
                 workloads: snapshot
                     .workloads
                     .iter()
@@ -180,8 +219,8 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
         self.authorize(&request)?;
         let name = request.into_inner().name;
-        self.0.mesh.revoke_node(&name)?;
-        self.0.proxies.command(&name, StreamCommand::Disconnect(format!("node {name:?} was revoked")));
+        self.shared.mesh.revoke_node(&name)?;
+        self.shared.proxies.command(&name, StreamCommand::Disconnect(format!("node {name:?} was revoked")));
         Ok(Response::new(pb::RevokeNodeResponse {}))
     }
 
@@ -191,8 +230,8 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ProxyStatusResponse>, Status> {
         self.authorize(&request)?;
         Ok(Response::new(pb::ProxyStatusResponse {
-            current_version: self.0.mesh.current().version,
-            proxies: self.0.proxies.list(),
+            current_version: self.shared.mesh.current().version,
+            proxies: self.shared.proxies.list(),
         }))
     }
 
@@ -202,7 +241,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::RenewCertificatesResponse>, Status> {
         self.authorize(&request)?;
         let req = request.into_inner();
-        if !self.0.proxies.command(&req.node, StreamCommand::Renew(req.spiffe_ids)) {
+        if !self.shared.proxies.command(&req.node, StreamCommand::Renew(req.spiffe_ids)) {
             return Err(Status::failed_precondition(format!("node {:?} is not connected", req.node)));
         }
         Ok(Response::new(pb::RenewCertificatesResponse {}))

@@ -20,6 +20,8 @@ use crate::records::NodeRecord;
 use crate::status::StreamCommand;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Why streams end when the control plane stops (the proxy logs it and reconnects with backoff).
+const SHUTTING_DOWN: &str = "control plane shutting down";
 
 pub struct DiscoveryService(pub Shared);
 
@@ -42,7 +44,11 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         };
         let node = shared.mesh.active_node(&node_name)?;
         let mut inbound = request.into_inner();
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+        let first = tokio::select! {
+            first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message()) => first,
+            () = shared.shutting_down() => return Err(Status::unavailable(SHUTTING_DOWN)),
+        };
+        let hello = match first {
             Ok(Ok(Some(pb::DiscoveryRequest { message: Some(Inbound::Hello(hello)) }))) => hello,
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 30s")),
@@ -140,9 +146,13 @@ impl StreamTask {
             }
             sent = Some(current);
             tokio::select! {
+                () = self.shared.shutting_down() => {
+                    let _ = self.tx.send(Err(Status::unavailable(SHUTTING_DOWN))).await;
+                    return SHUTTING_DOWN.into();
+                }
                 changed = snapshots.changed() => {
                     if changed.is_err() {
-                        return "control plane shutting down".into();
+                        return SHUTTING_DOWN.into();
                     }
                 }
                 message = self.inbound.message() => match message {

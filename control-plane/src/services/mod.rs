@@ -6,6 +6,8 @@ pub mod identity;
 
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 use crate::mesh::Mesh;
 use crate::status::ProxyRegistry;
 
@@ -14,4 +16,15 @@ use crate::status::ProxyRegistry;
 pub struct Shared {
     pub mesh: Arc<Mesh>,
     pub proxies: Arc<ProxyRegistry>,
+    /// Becomes true when the control plane shuts down: every discovery stream then ends (with `UNAVAILABLE`), so
+    /// that the server's graceful shutdown is not held open by streams that never end on their own.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// Resolves once shutdown has begun (or its sender is gone).
+    pub async fn shutting_down(&self) {
+        let mut shutdown = self.shutdown.clone();
+        let _ = shutdown.wait_for(|stopping| *stopping).await;
+    }
 }
