@@ -52,6 +52,19 @@ pub fn echo(proxy: SocketAddr, target: SocketAddr, message: &[u8]) -> Outcome {
     }
 }
 
+/// Ok if an echo round trip through the SOCKS5 server at `proxy` to `target` works, Err(reply code) if the server
+/// refused the CONNECT with a code; panics on anything else (a hang, a reset, wrong bytes back).
+pub fn reach(proxy: SocketAddr, target: SocketAddr) -> Result<(), u8> {
+    match connect(proxy, target) {
+        Ok(stream) => {
+            assert_eq!(echo_round_trip(stream, b"ping"), b"ping");
+            Ok(())
+        }
+        Err(Outcome::Refused(Refusal::Socks5(code))) => Err(code),
+        Err(other) => panic!("SOCKS5 CONNECT {target} neither worked nor was refused with a reply code: {other:?}"),
+    }
+}
+
 /// Connects or panics with the reason.
 pub fn connect_ok(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
     connect(proxy, target).unwrap_or_else(|outcome| panic!("SOCKS5 {proxy} CONNECT {target}: {outcome:?}"))

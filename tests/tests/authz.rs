@@ -7,7 +7,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use trellis_tests::outcome::{Outcome, Refusal};
 use trellis_tests::{ControlPlane, Echo, Proxy, WorkloadSpec, socks, wait_for};
 
 const WEB: &str = "127.0.10.1";
@@ -74,16 +73,9 @@ impl Mesh {
     }
 }
 
-/// Ok if an echo round trip works, Err(SOCKS5 reply code) if the tunnel is refused.
+/// Ok if an echo round trip from `from`'s SOCKS5 listener works, Err(SOCKS5 reply code) if the tunnel is refused.
 fn reach(from: &Proxy, to: SocketAddr) -> Result<(), u8> {
-    match socks::connect(from.socks5_addr, to) {
-        Ok(stream) => {
-            assert_eq!(socks::echo_round_trip(stream, b"ping"), b"ping");
-            Ok(())
-        }
-        Err(Outcome::Refused(Refusal::Socks5(code))) => Err(code),
-        Err(other) => panic!("SOCKS5 CONNECT {to} neither worked nor was refused with a reply code: {other:?}"),
-    }
+    socks::reach(from.socks5_addr, to)
 }
 
 fn allow_web_to_api() -> &'static str {

@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use trellis_tests::outcome::{Outcome, Refusal};
 use trellis_tests::{ControlPlane, Echo, Proxy, WorkloadSpec, http, socks, wait_for};
 
 const CLIENT_IP: &str = "127.0.10.1";
@@ -77,16 +76,9 @@ fn allow_port(name: &str, port: u16) -> String {
     )
 }
 
-/// Ok if an echo round trip works, Err(SOCKS5 reply code) if the tunnel is refused.
+/// Ok if an echo round trip from `from`'s SOCKS5 listener works, Err(SOCKS5 reply code) if the tunnel is refused.
 fn reach(from: &Proxy, to: SocketAddr) -> Result<(), u8> {
-    match socks::connect(from.socks5_addr, to) {
-        Ok(stream) => {
-            assert_eq!(socks::echo_round_trip(stream, b"ping"), b"ping");
-            Ok(())
-        }
-        Err(Outcome::Refused(Refusal::Socks5(code))) => Err(code),
-        Err(other) => panic!("SOCKS5 to {to}: {other:?}"),
-    }
+    socks::reach(from.socks5_addr, to)
 }
 
 /// `node`'s entry in `trellisctl proxy-status -o json`, and the control plane's current version.
