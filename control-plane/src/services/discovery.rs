@@ -147,7 +147,8 @@ impl StreamTask {
             sent = Some(current);
             tokio::select! {
                 () = self.shared.shutting_down() => {
-                    let _ = self.tx.send(Err(Status::unavailable(SHUTTING_DOWN))).await;
+                    // Never waits: a proxy that is not reading must not hold the shutdown (its stream still ends).
+                    let _ = self.tx.try_send(Err(Status::unavailable(SHUTTING_DOWN)));
                     return SHUTTING_DOWN.into();
                 }
                 changed = snapshots.changed() => {
