@@ -670,3 +670,37 @@ impl Drop for Echo {
         let _ = self.child.wait();
     }
 }
+
+/// `proxy`'s process again, started by the test itself so that it can carry environment variables (the harness's
+/// child is private): the harness's process is stopped and `trellis-proxy run` starts with the same config and
+/// state dir (its node credential), logging to the same file. Killed on drop.
+pub struct OwnProcess(pub Child);
+
+impl Drop for OwnProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn respawn(proxy: &mut Proxy, env: &[(&str, &str)]) -> OwnProcess {
+    proxy.kill9();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(proxy.log_path()).expect("log file");
+    let child = Command::new(bin("trellis-proxy"))
+        .args(["run", "--config"])
+        .arg(proxy.config_path())
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn trellis-proxy");
+    let mut own = OwnProcess(child);
+    wait_for("the respawned proxy to be ready", Duration::from_secs(30), || {
+        if let Ok(Some(status)) = own.0.try_wait() {
+            panic!("respawned proxy exited with {status}");
+        }
+        http::get(proxy.admin_addr, "/healthz/ready").ok().filter(|(s, _)| *s == 200).map(|_| ())
+    });
+    own
+}

@@ -5,10 +5,10 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
-use trellis_tests::{ControlPlane, Echo, Proxy, ProxyOptions, WorkloadSpec, http, read_log, socks, wait_for};
+use trellis_tests::{ControlPlane, Echo, Proxy, ProxyOptions, WorkloadSpec, read_log, respawn, socks, wait_for};
 
 const CLIENT_IP: &str = "127.0.10.1";
 const SERVER_IP: &str = "127.0.10.2";
@@ -16,39 +16,6 @@ const SERVER_IP: &str = "127.0.10.2";
 const DRAIN_TIMEOUT: &str = "10s";
 /// Far beyond `DRAIN_TIMEOUT`: only tells "cut at the deadline" from "never cut".
 const GENEROUS: Duration = Duration::from_secs(90);
-
-/// `proxy`'s process again, started by this test so that it can read the exit status (the harness's child is
-/// private): the harness's process is stopped and `trellis-proxy run` starts with the same config and state dir
-/// (its node credential), logging to the same file. Killed on drop if still running.
-struct OwnProcess(Child);
-
-impl Drop for OwnProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn respawn(proxy: &mut Proxy) -> OwnProcess {
-    proxy.kill9();
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(proxy.log_path()).expect("log file");
-    let child = Command::new(trellis_tests::bin("trellis-proxy"))
-        .args(["run", "--config"])
-        .arg(proxy.config_path())
-        .env("RUST_LOG", "info")
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("spawn trellis-proxy");
-    let mut own = OwnProcess(child);
-    wait_for("the respawned proxy to be ready", Duration::from_secs(30), || {
-        if let Ok(Some(status)) = own.0.try_wait() {
-            panic!("respawned proxy exited with {status}");
-        }
-        http::get(proxy.admin_addr, "/healthz/ready").ok().filter(|(s, _)| *s == 200).map(|_| ())
-    });
-    own
-}
 
 fn round_trip(stream: &mut std::net::TcpStream, message: &[u8]) {
     stream.write_all(message).expect("write");
@@ -70,7 +37,7 @@ fn sigterm_cuts_a_connection_still_open_at_drain_timeout_and_exits_with_success(
     };
     let mut b = Proxy::start_with(&cp, "node-b", &[api], options);
     b.wait_ready();
-    let mut b_process = respawn(&mut b);
+    let mut b_process = respawn(&mut b, &[]);
     let a = Proxy::start(&cp, "node-a", &[WorkloadSpec::new("web", "shop", "web", CLIENT_IP)]);
     a.wait_ready();
     a.wait_config("node-b's workload in node-a's registry", |d| d["workloads"].to_string().contains(SERVER_IP));

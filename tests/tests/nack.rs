@@ -10,10 +10,9 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::process::{Child, Command};
 use std::time::Duration;
 
-use trellis_tests::{ControlPlane, Echo, Proxy, WorkloadSpec, http, socks, wait_for};
+use trellis_tests::{ControlPlane, Echo, Proxy, WorkloadSpec, http, respawn, socks, wait_for};
 
 const CLIENT_IP: &str = "127.0.10.1";
 const SERVER_IP: &str = "127.0.10.2";
@@ -21,40 +20,6 @@ const SERVER_IP: &str = "127.0.10.2";
 const NOT_ALLOWED: u8 = 2;
 /// The resource node-b's fault injection refuses.
 const REFUSED: &str = "shop/unappliable";
-
-/// `proxy`'s process again, started by this test so that it can carry an environment variable (the harness's
-/// child is private): the harness's process is stopped and `trellis-proxy run` starts with the same config and
-/// state dir (its node credential), logging to the same file. Killed on drop.
-struct OwnProcess(Child);
-
-impl Drop for OwnProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn respawn(proxy: &mut Proxy, env: &[(&str, &str)]) -> OwnProcess {
-    proxy.kill9();
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(proxy.log_path()).expect("log file");
-    let child = Command::new(trellis_tests::bin("trellis-proxy"))
-        .args(["run", "--config"])
-        .arg(proxy.config_path())
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("spawn trellis-proxy");
-    let mut own = OwnProcess(child);
-    wait_for("the respawned proxy to be ready", Duration::from_secs(30), || {
-        if let Ok(Some(status)) = own.0.try_wait() {
-            panic!("respawned proxy exited with {status}");
-        }
-        http::get(proxy.admin_addr, "/healthz/ready").ok().filter(|(s, _)| *s == 200).map(|_| ())
-    });
-    own
-}
 
 /// Sum of the samples of `name` whose labels include every one of `labels` (0 if none: an unset counter).
 fn metric(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
