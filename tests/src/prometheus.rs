@@ -91,3 +91,13 @@ impl Drop for Prometheus {
         let _ = self.child.wait();
     }
 }
+
+/// In a `/metrics` text: the sum of the samples of `name` whose labels include every one of `labels` (0 if none: a counter never set).
+pub fn sum_samples(body: &str, name: &str, labels: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .map(|l| l.rsplit_once(' ').expect("sample value").1.parse::<f64>().expect("number"))
+        .sum::<f64>()
+        + 0.0 // an empty sum is -0.0
+}

@@ -15,6 +15,7 @@ use trellis_proto::v1::discovery_request::Message as Up;
 use trellis_proto::v1::discovery_response::Message as Down;
 use trellis_tests::client::{self, csr, hello, workload};
 use trellis_tests::outcome::{Outcome, Refusal};
+use trellis_tests::prometheus::sum_samples;
 use trellis_tests::{ControlPlane, Echo, Proxy, ProxyOptions, WorkloadSpec, http, socks, wait_for};
 
 const CLIENT_IP: &str = "127.0.10.1";
@@ -27,18 +28,8 @@ fn scrape(addr: SocketAddr) -> String {
     body
 }
 
-/// Sum of the samples of `name` whose labels include every one of `labels` (0 if none: a counter never set).
-fn value(body: &str, name: &str, labels: &[&str]) -> f64 {
-    body.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| labels.iter().all(|label| l.contains(label)))
-        .map(|l| l.rsplit_once(' ').expect("sample value").1.parse::<f64>().expect("number"))
-        .sum::<f64>()
-        + 0.0 // an empty sum is -0.0
-}
-
 fn metric(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
-    value(&scrape(addr), name, labels)
+    sum_samples(&scrape(addr), name, labels)
 }
 
 /// Waits until the series reaches `expected`; panics with the last scrape.
@@ -47,11 +38,11 @@ fn wait_metric(addr: SocketAddr, name: &str, labels: &[&str], expected: f64) {
     let reached = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         wait_for(&format!("{name}{labels:?} == {expected}"), Duration::from_secs(30), || {
             last = scrape(addr);
-            (value(&last, name, labels) == expected).then_some(())
+            (sum_samples(&last, name, labels) == expected).then_some(())
         })
     }));
     if reached.is_err() {
-        panic!("{name}{labels:?}: expected {expected}, got {}; scrape:\n{last}", value(&last, name, labels));
+        panic!("{name}{labels:?}: expected {expected}, got {}; scrape:\n{last}", sum_samples(&last, name, labels));
     }
 }
 

@@ -25,12 +25,7 @@ const REFUSED: &str = "shop/unappliable";
 fn metric(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
     let (status, body) = http::get(addr, "/metrics").expect("GET /metrics");
     assert_eq!(status, 200, "{body}");
-    body.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| labels.iter().all(|label| l.contains(label)))
-        .map(|l| l.rsplit_once(' ').expect("sample value").1.parse::<f64>().expect("number"))
-        .sum::<f64>()
-        + 0.0 // an empty sum is -0.0
+    trellis_tests::prometheus::sum_samples(&body, name, labels)
 }
 
 /// An ALLOW policy for the api workload admitting connections to `port` only.
