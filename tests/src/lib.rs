@@ -1,6 +1,7 @@
-//! The one test harness: start the real binaries (control plane, proxies) as processes on free ports, drive them
-//! with `trellisctl` or raw gRPC, and tear everything down on drop. Binaries come from the workspace's target dir,
-//! so `cargo build --workspace` must run before the tests (the README's test command does).
+//! The one test harness: start the real binaries (control plane, proxies) as processes on port 0 (they report the
+//! ports the kernel picked, so no other process can take them in between), drive them with `trellisctl` or raw
+//! gRPC, and tear everything down on drop. Binaries come from the workspace's target dir, so
+//! `cargo build --workspace` must run before the tests (the README's test command does).
 
 // `deny`, not `forbid`: `netns::in_netns` needs setns(2), which std does not wrap; that one place allows unsafe
 // code, with its SAFETY reasoning.
@@ -125,7 +126,7 @@ fn wait_listening_in(netns: Option<&str>, addr: SocketAddr, child: &mut Child, l
 
 /// Waits until `child` has written its `--addresses-file` at `path` with `last` in it (the listener it binds last),
 /// and returns the file's JSON object; panics with its log if it exits first.
-fn wait_addresses(child: &mut Child, path: &Path, log: &Path, last: &str) -> serde_json::Value {
+pub fn wait_addresses(child: &mut Child, path: &Path, log: &Path, last: &str) -> serde_json::Value {
     wait_for(&format!("{} to report its addresses ({last})", path.display()), Duration::from_secs(30), || {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("process exited with {status} before listening; log:\n{}", read_log(log));
