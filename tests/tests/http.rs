@@ -751,12 +751,17 @@ struct PyServer {
 
 impl PyServer {
     fn start(script: &str) -> Self {
+        Self::start_with(script, &[])
+    }
+
+    fn start_with(script: &str, extra: &[&str]) -> Self {
         use std::io::BufRead;
         let addr: SocketAddr = format!("{API}:{}", trellis_tests::free_port()).parse().unwrap();
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script);
         let mut child = Command::new("python3")
             .arg(&path)
             .args(["server", API, &addr.port().to_string()])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -927,4 +932,39 @@ fn websocket_upgrade_is_authorized_then_carried() {
 
     // A tcp port: opaque bytes, the Upgrade passes untouched (no request policy applies to TCP).
     assert_eq!(py_client("ws.py", &[&tcp_addr, "100"]), json!({"echoed": 100}));
+}
+
+/// A request is reported (access log, Istio's series) when the last byte of its response has gone, not when its
+/// headers have: while the workload holds the end of the body back, the client has the headers and the first
+/// bytes and nothing is logged; once the body ends, the request is.
+#[test]
+fn requests_are_reported_at_the_last_byte_of_the_response() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let release = dir.path().join("release");
+    let server = PyServer::start_with("slow_body.py", &[release.to_str().unwrap()]);
+    let m = mesh_full(&[], "http", &[(server.addr.port(), "http")]);
+    let logged = |m: &Mesh| {
+        let log = trellis_tests::read_log(&m.server.log_path());
+        log.lines().filter(|l| l.contains("INFO access: request") && l.contains("path=\"/slow\"")).count()
+    };
+    let mut stream = socks::connect_ok(m.client.socks5_addr, server.addr);
+    stream.write_all(format!("GET /slow HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !seen.ends_with(b"first") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(seen.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&seen));
+    assert_eq!(logged(&m), 0, "reported before the response ended");
+
+    std::fs::write(&release, "").unwrap();
+    while !seen.ends_with(b"first-last") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    wait_for("the request in the access log", Duration::from_secs(10), || (logged(&m) == 1).then_some(()));
 }
