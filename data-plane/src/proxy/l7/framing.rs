@@ -156,7 +156,7 @@ fn after_head(request: &httparse::Request<'_, '_>, heads: u64, shared: &Smugglin
     }
     if te {
         // hyper accepts a request body only when chunked is the final coding (else 400).
-        let last = values("transfer-encoding").last().and_then(|v| std::str::from_utf8(v).ok());
+        let last = values("transfer-encoding").next_back().and_then(|v| std::str::from_utf8(v).ok());
         let chunked = last.and_then(|v| v.rsplit(',').next()).is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
         return if chunked { State::ChunkSize(Vec::new()) } else { State::Stopped };
     }

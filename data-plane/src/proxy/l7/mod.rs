@@ -440,10 +440,9 @@ impl Tunnel {
             }
             Protocol::Http | Protocol::Tcp => {
                 // An HTTP/2 caller's :authority becomes the Host an HTTP/1.1 workload expects.
-                if let Some(authority) = authority.filter(|_| !parts.headers.contains_key(header::HOST)) {
-                    if let Ok(value) = HeaderValue::try_from(authority.as_str()) {
-                        parts.headers.insert(header::HOST, value);
-                    }
+                let host = authority.filter(|_| !parts.headers.contains_key(header::HOST));
+                if let Some(value) = host.and_then(|a| HeaderValue::try_from(a.as_str()).ok()) {
+                    parts.headers.insert(header::HOST, value);
                 }
                 parts.version = Version::HTTP_11;
                 &self.data.upstream.http1
