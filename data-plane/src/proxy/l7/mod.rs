@@ -170,7 +170,7 @@ struct Tunnel {
     smuggling: Arc<framing::Smuggling>,
     /// The destination port's declared protocol: which upstream client, and gRPC refusals.
     protocol: Protocol,
-    /// The tunnel's cancellation (policy change, drain): ends upgraded streams too.
+    /// The tunnel's cancellation (the drain): ends upgraded streams too.
     cancel: tokio_util::sync::CancellationToken,
     /// Cloned into each upgraded stream's task (see `serve`).
     upgrades: tokio::sync::mpsc::Sender<()>,
@@ -469,7 +469,7 @@ impl Tunnel {
     }
 
     /// Once both sides have switched protocols, copies bytes between them until both are done or the tunnel is
-    /// cancelled (a policy change that denies the tunnel's peer, or the drain).
+    /// cancelled (the drain; HTTP tunnels are not closed on a policy change, whose next request is checked).
     fn splice(&self, client: hyper::upgrade::OnUpgrade, workload: hyper::upgrade::OnUpgrade) {
         let (cancel, done) = (self.cancel.clone(), self.upgrades.clone());
         let source = self.conn.source.clone();
