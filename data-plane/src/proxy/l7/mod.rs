@@ -131,7 +131,7 @@ async fn serve(
     // Every upgraded stream holds a sender; the tunnel is reported closed once the last one is done.
     let (upgrades, mut upgrades_done) = tokio::sync::mpsc::channel::<()>(1);
     let cancel = registration.cancel.clone();
-    let ctx = Arc::new(Tunnel { conn, data, source, smuggling, protocol, cancel, upgrades });
+    let ctx = Arc::new(Tunnel { conn, data, source, smuggling, protocol, cancel, upgrades: upgrades.downgrade() });
     let service = hyper::service::service_fn(move |request| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.handle(request).await) }
@@ -153,7 +153,8 @@ async fn serve(
     if let Err(e) = &result {
         debug!(error = %e, "HTTP tunnel ended with an error");
     }
-    // The connection (and with it the service and every Tunnel handle) is gone; upgraded streams may go on.
+    // The connection is done; upgraded streams may go on, each holding a sender.
+    drop(upgrades);
     let _ = upgrades_done.recv().await;
     let (received, sent) = counts.get();
     let detail = result.err().map(|e| e.to_string());
@@ -172,8 +173,9 @@ struct Tunnel {
     protocol: Protocol,
     /// The tunnel's cancellation (the drain): ends upgraded streams too.
     cancel: tokio_util::sync::CancellationToken,
-    /// Cloned into each upgraded stream's task (see `serve`).
-    upgrades: tokio::sync::mpsc::Sender<()>,
+    /// Made strong in each upgraded stream's task, so that `serve` waits for them (and only them) before it
+    /// reports the tunnel closed.
+    upgrades: tokio::sync::mpsc::WeakSender<()>,
 }
 
 /// What happened to one request: the one place a request's result is reported (access logs and metrics attach
@@ -471,7 +473,7 @@ impl Tunnel {
     /// Once both sides have switched protocols, copies bytes between them until both are done or the tunnel is
     /// cancelled (the drain; HTTP tunnels are not closed on a policy change, whose next request is checked).
     fn splice(&self, client: hyper::upgrade::OnUpgrade, workload: hyper::upgrade::OnUpgrade) {
-        let (cancel, done) = (self.cancel.clone(), self.upgrades.clone());
+        let (cancel, done) = (self.cancel.clone(), self.upgrades.upgrade());
         let source = self.conn.source.clone();
         tokio::spawn(async move {
             let (client, workload) = match tokio::join!(client, workload) {
