@@ -92,7 +92,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let certs = Arc::new(WorkloadCerts::new(ids));
     state.store(State::with_root_namespace(node.trust_domain(), config.root_namespace.clone()));
     let _ = shared.workload_certs.set(certs.clone());
-    let _ = shared.node_credential.set(node.clone());
+    shared.node_credential.store(Some(node.clone()));
 
     let locals = LocalWorkloads::new(&config.workloads, node.trust_domain())?;
     let data = Arc::new(DataPath::new(locals, config.outbound.clone()));
@@ -101,7 +101,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let listeners = start_listeners(&config, &data, shared.clone(), shutdown.clone()).await?;
 
     let manager = CertManager::new(certs, Instant::now());
-    Discovery::new(config.clone(), node, state, manager).run(shutdown).await;
+    Discovery::new(config.clone(), node, shared.node_credential.clone(), state, manager).run(shutdown).await;
 
     // Stop accepting, then give open connections until the drain deadline.
     for listener in &listeners {
