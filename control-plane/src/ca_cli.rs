@@ -54,7 +54,7 @@ pub async fn rotate(config_path: &Path, args: RotateArgs) -> anyhow::Result<()> 
     let status = admin.rotate_ca(request).await.map_err(|s| anyhow::anyhow!(status_line(&s)))?.into_inner();
     let rotation = status.rotation;
     let mut last_phase = String::new();
-    report(&status, &mut last_phase, args.json);
+    report(&status, &mut last_phase, args.json, started);
     if args.detach {
         return Ok(());
     }
@@ -99,7 +99,7 @@ pub async fn rotate(config_path: &Path, args: RotateArgs) -> anyhow::Result<()> 
                 Err(e) => eprintln!("cannot renew the admin credential of {}: {e:#}", config_path.display()),
             }
         }
-        report(&status, &mut last_phase, args.json);
+        report(&status, &mut last_phase, args.json, started);
         if status.phase == "done" {
             let seconds = started.elapsed().as_secs_f64();
             if args.json {
@@ -114,7 +114,7 @@ pub async fn rotate(config_path: &Path, args: RotateArgs) -> anyhow::Result<()> 
 }
 
 /// Prints the phase when it changes (one JSON line per change with `--output json`).
-fn report(status: &pb::CaStatusResponse, last_phase: &mut String, json: bool) {
+fn report(status: &pb::CaStatusResponse, last_phase: &mut String, json: bool, started: Instant) {
     if status.phase == *last_phase {
         return;
     }
@@ -123,7 +123,8 @@ fn report(status: &pb::CaStatusResponse, last_phase: &mut String, json: bool) {
         println!(
             "{}",
             json!({"event": "phase", "rotation": status.rotation, "phase": status.phase,
-                "waitingFor": status.waiting_for, "at": timestamp(crate::mesh::now_unix())})
+                "waitingFor": status.waiting_for, "at": timestamp(crate::mesh::now_unix()),
+                "elapsedSeconds": started.elapsed().as_secs_f64()})
         );
     } else if status.waiting_for.is_empty() {
         println!("rotation {}: {}", status.rotation, status.phase);

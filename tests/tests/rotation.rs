@@ -122,6 +122,35 @@ fn assert_only_new_root(proxy: &Proxy, old_root: &str, new_root: &str) {
     }
 }
 
+/// `trellisctl ARGS` with the control plane's admin config, started now (it follows a rotation to its end).
+fn spawn_ctl(cp: &ControlPlane, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(trellis_tests::bin("trellisctl"))
+        .arg("--config")
+        .arg(cp.admin_config())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn trellisctl")
+}
+
+/// Waits for a `spawn_ctl` command to succeed within `deadline` (a rotation that never completes fails the test,
+/// showing the rotation's status); returns its stdout.
+fn finish_ctl(cp: &ControlPlane, mut child: std::process::Child, deadline: Duration) -> String {
+    let exited = trellis_tests::poll(deadline, || child.try_wait().expect("try_wait"));
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("trellisctl output");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "trellisctl did not complete within {deadline:?}: {stdout}{stderr}\nstatus: {}",
+        String::from_utf8_lossy(&cp.ctl(&["ca", "status"]).stdout)
+    );
+    format!("{stdout}{stderr}")
+}
+
 fn round_trip(stream: &mut TcpStream, message: &[u8]) -> std::io::Result<()> {
     stream.write_all(message)?;
     let mut reply = vec![0u8; message.len()];
@@ -191,9 +220,8 @@ impl Traffic {
     fn start(nodes: &[Node], churners: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let opened = Arc::new(AtomicU64::new(0));
-        let pairs: Vec<(SocketAddr, SocketAddr)> = (0..nodes.len())
-            .map(|i| (nodes[i].proxy.socks5_addr, nodes[(i + 1) % nodes.len()].echo))
-            .collect();
+        let pairs: Vec<(SocketAddr, SocketAddr)> =
+            (0..nodes.len()).map(|i| (nodes[i].proxy.socks5_addr, nodes[(i + 1) % nodes.len()].echo)).collect();
         let mut threads = Vec::new();
         for i in 0..churners {
             let (socks5, echo) = pairs[i % pairs.len()];
@@ -269,13 +297,16 @@ fn root_rotation_under_load_fails_no_connection_and_ends_under_the_new_root_only
     traffic.wait_more(50);
 
     let started = Instant::now();
-    let out = cp.ctl_ok(&["ca", "rotate", "--overlap", "3s", "-o", "json"]);
+    let out =
+        finish_ctl(&cp, spawn_ctl(&cp, &["ca", "rotate", "--overlap", "3s", "-o", "json"]), Duration::from_secs(60));
     let seconds = started.elapsed().as_secs_f64();
     let phases: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
     assert_eq!(phases.last().unwrap()["event"], "done", "{out}");
     traffic.wait_more(50);
     let (opened, bytes, failures) = traffic.finish();
-    println!("rotation with 3 proxies under load: {seconds:.2}s; {opened} tunnels opened and closed, {bytes} bytes echoed");
+    println!(
+        "rotation with 3 proxies under load: {seconds:.2}s; {opened} tunnels opened and closed, {bytes} bytes echoed"
+    );
     println!("phases: {out}");
     assert!(failures.is_empty(), "failed connections during the rotation: {failures:#?}");
 
@@ -299,14 +330,7 @@ fn a_rotation_killed_in_each_phase_resumes_and_completes() {
     let old_root = root_pem(&cp, "ca");
     let mut tunnel = socks::connect_ok(nodes[0].proxy.socks5_addr, nodes[1].echo);
     // One `ca rotate`, started before the first kill, follows the rotation through every restart to its end.
-    let cli = std::process::Command::new(trellis_tests::bin("trellisctl"))
-        .arg("--config")
-        .arg(cp.admin_config())
-        .args(["ca", "rotate", "--overlap", "1h"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn trellisctl ca rotate");
+    let cli = spawn_ctl(&cp, &["ca", "rotate", "--overlap", "1h"]);
 
     // Each phase: the rotation holds there; kill -9; restart holding at the next one (the last: no hold).
     for (phase, next_hold) in [("prepare", "switch"), ("switch", "overlap"), ("overlap", "retire"), ("retire", "")] {
@@ -320,7 +344,12 @@ fn a_rotation_killed_in_each_phase_resumes_and_completes() {
         if phase == "switch" {
             wait_for("the proxies to renew under the new CA", Duration::from_secs(30), || {
                 let s = ca_status(&cp);
-                s["proxies"].as_array().unwrap().iter().all(|p| p["reported"] == true && p["oldCertificates"] == 0).then_some(())
+                s["proxies"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|p| p["reported"] == true && p["oldCertificates"] == 0)
+                    .then_some(())
             });
         }
         println!("killing the control plane in phase {phase}: {}", status["waitingFor"]);
@@ -334,18 +363,17 @@ fn a_rotation_killed_in_each_phase_resumes_and_completes() {
         round_trip(&mut tunnel, phase.as_bytes()).expect("the open tunnel across the restart");
     }
     // The control plane resumed it each time; the command saw it through.
-    let out = cli.wait_with_output().expect("trellisctl ca rotate");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{stdout}{stderr}");
-    assert!(stdout.contains("rotation 1 done"), "{stdout}");
-    println!("trellisctl ca rotate across four kill -9s:\n{stdout}{stderr}");
+    let out = finish_ctl(&cp, cli, Duration::from_secs(60));
+    assert!(out.contains("rotation 1 done"), "{out}");
+    println!("trellisctl ca rotate across four kill -9s:\n{out}");
     let new_root = root_pem(&cp, "ca-1");
     for n in &nodes {
         n.proxy.wait_config("only the new root", |d| d["roots"].as_array().is_some_and(|r| r.len() == 1));
         assert_only_new_root(&n.proxy, &old_root, &new_root);
     }
     let status = ca_status(&cp);
-    let history: Vec<&str> = status["history"].as_array().unwrap().iter().map(|e| e["phase"].as_str().unwrap()).collect();
+    let history: Vec<&str> =
+        status["history"].as_array().unwrap().iter().map(|e| e["phase"].as_str().unwrap()).collect();
     assert_eq!(history, ["prepare", "switch", "overlap", "retire", "done"]);
     round_trip(&mut tunnel, b"after").expect("the open tunnel after the rotation");
     assert_eq!(socks::echo_round_trip(socks::connect_ok(nodes[0].proxy.socks5_addr, nodes[1].echo), b"new"), b"new");
@@ -375,12 +403,36 @@ fn a_proxy_away_during_prepare_and_switch_rejoins_and_converges() {
     });
     assert_eq!(socks::echo_round_trip(socks::connect_ok(nodes[0].proxy.socks5_addr, nodes[2].echo), b"x"), b"x");
     assert_eq!(socks::echo_round_trip(socks::connect_ok(nodes[2].proxy.socks5_addr, nodes[0].echo), b"y"), b"y");
-    let out = cp.ctl_ok(&["ca", "rotate", "--force"]);
-    assert!(out.contains("done"), "{out}");
+    let out = finish_ctl(&cp, spawn_ctl(&cp, &["ca", "rotate", "--force"]), Duration::from_secs(60));
+    assert!(out.contains("rotation 1 done"), "{out}");
     let new_root = root_pem(&cp, "ca-1");
     for n in &nodes {
         n.proxy.wait_config("only the new root", |d| d["roots"].as_array().is_some_and(|r| r.len() == 1));
         assert_only_new_root(&n.proxy, &old_root, &new_root);
     }
     assert_eq!(socks::echo_round_trip(socks::connect_ok(nodes[2].proxy.socks5_addr, nodes[1].echo), b"z"), b"z");
+}
+
+#[test]
+fn prepare_waits_for_every_connected_proxy_to_ack_the_new_root() {
+    let cp = ControlPlane::start(&[]);
+    let nodes = mesh(&cp, 2);
+    let frozen = nodes[1].proxy.pid().expect("node-2 runs").to_string();
+    let signal = |sig: &str| {
+        assert!(std::process::Command::new("kill").args([sig, &frozen]).status().expect("kill").success());
+    };
+    // node-2 stays connected but answers nothing.
+    signal("-STOP");
+    let cli = spawn_ctl(&cp, &["ca", "rotate", "--force"]);
+    // node-1 ACKs; node-2, the only one missing, is waited for: the rotation stays in prepare (the new CA does not
+    // sign yet).
+    let status = wait_for("only node-2 missing", Duration::from_secs(30), || {
+        let s = ca_status(&cp);
+        let waiting = s["waitingFor"].as_str()?;
+        (waiting.starts_with("1 proxies to ACK version") && waiting.ends_with(": node-2")).then_some(s)
+    });
+    assert_eq!(status["phase"], "prepare", "{status}");
+    signal("-CONT");
+    let out = finish_ctl(&cp, cli, Duration::from_secs(60));
+    assert!(out.contains("rotation 1 done"), "{out}");
 }
