@@ -91,13 +91,18 @@ fn proxy_views(shared: &Shared) -> Vec<ProxyView> {
 }
 
 /// Re-issues the data dir's admin credential (a new key) with the signing CA, and sets its CA bundle to the trust
-/// bundle; written atomically, 0600.
+/// bundle, unless both are current already; written atomically, 0600.
 fn refresh_admin_config(authority: &Authority, data_dir: &Path) -> anyhow::Result<()> {
     let path = data_dir.join(ADMIN_FILE);
     let mut config = CliConfig::load(&path)?;
     let certs = crate::ca::parse_pem_certs(&config.certificate)?;
+    let signer = authority.signer();
+    let bundle = crate::ca::parse_pem_certs(&config.ca_bundle)?;
+    if bundle == authority.roots() && issued_by(&certs[0], &signer.chain()[0]) {
+        return Ok(());
+    }
     let name = admin_name(&certs[0]).ok_or_else(|| anyhow::anyhow!("{}: no admin identity", path.display()))?;
-    let (issued, key) = authority.signer().issue_local(LocalCert::Admin(&name), ADMIN_VALIDITY)?;
+    let (issued, key) = signer.issue_local(LocalCert::Admin(&name), ADMIN_VALIDITY)?;
     config.certificate = certs_to_pem(&issued.chain[..issued.chain.len() - 1]);
     config.key = key;
     config.ca_bundle = certs_to_pem(authority.roots());
@@ -107,6 +112,26 @@ fn refresh_admin_config(authority: &Authority, data_dir: &Path) -> anyhow::Resul
     std::fs::rename(&tmp, &path)?;
     tracing::info!(path = %path.display(), "admin.yaml refreshed for the root CA rotation");
     Ok(())
+}
+
+/// Whether `cert` was issued by `ca`'s key (its authority key identifier is `ca`'s subject key identifier): the
+/// admin credential is current. Names are not enough: a renewed operator CA may keep its name.
+fn issued_by(cert: &[u8], ca: &[u8]) -> bool {
+    use x509_parser::extensions::ParsedExtension;
+    let (Ok((_, cert)), Ok((_, ca))) =
+        (x509_parser::parse_x509_certificate(cert), x509_parser::parse_x509_certificate(ca))
+    else {
+        return false;
+    };
+    let aki = cert.extensions().iter().find_map(|e| match e.parsed_extension() {
+        ParsedExtension::AuthorityKeyIdentifier(aki) => aki.key_identifier.as_ref().map(|k| k.0.to_vec()),
+        _ => None,
+    });
+    let ski = ca.extensions().iter().find_map(|e| match e.parsed_extension() {
+        ParsedExtension::SubjectKeyIdentifier(ski) => Some(ski.0.to_vec()),
+        _ => None,
+    });
+    aki.is_some() && aki == ski
 }
 
 fn admin_name(cert: &[u8]) -> Option<String> {
