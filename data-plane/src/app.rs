@@ -104,7 +104,7 @@ pub async fn run(
     let certs = Arc::new(WorkloadCerts::new(ids));
     state.store(State::with_root_namespace(node.trust_domain(), config.root_namespace.clone()));
     let _ = shared.workload_certs.set(certs.clone());
-    let _ = shared.node_credential.set(node.clone());
+    shared.node_credential.store(Some(node.clone()));
 
     let locals = LocalWorkloads::new(&config.workloads, node.trust_domain())?;
     let data = Arc::new(DataPath::new(locals, config.outbound.clone()));
@@ -119,7 +119,7 @@ pub async fn run(
     let hbone_port = bound.get("hbone").map_or(config.listen.hbone.port(), |a| a.port());
     let advertised =
         Arc::new(Config { hbone_address: config.advertised_hbone_address(hbone_port), ..(*config).clone() });
-    Discovery::new(advertised, node, state, manager).run(shutdown).await;
+    Discovery::new(advertised, node, shared.node_credential.clone(), state, manager).run(shutdown).await;
 
     // Stop accepting, then give open connections until the drain deadline.
     for listener in &listeners {

@@ -13,7 +13,9 @@ use trellis_proto::v1::discovery_request::Message as Inbound;
 use trellis_proto::v1::discovery_response::Message as Outbound;
 
 use super::Shared;
+use super::renewal::{self, RenewalTracker};
 use crate::auth::{self, Caller};
+use crate::authority::Authority;
 use crate::ca::CaError;
 use crate::mesh::{MeshError, Snapshot};
 use crate::records::NodeRecord;
@@ -61,9 +63,12 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         let (tx, rx) = mpsc::channel(16);
         let (commands_tx, commands) = mpsc::channel(8);
         let stream_id = shared.proxies.connect(&node_name, &hello.version, commands_tx);
+        shared.holdings.stream_started(&node_name);
         metrics::gauge!("trellis_connected_proxies").set(shared.proxies.connected_count() as f64);
         tracing::info!(node = %node_name, workloads = hello.workloads.len(), "proxy connected");
         let task = StreamTask {
+            authority: shared.mesh.authority_changes(),
+            renewals: RenewalTracker::default(),
             shared: shared.clone(),
             node,
             inbound,
@@ -97,6 +102,9 @@ struct StreamTask {
     /// The version of the latest intact push the proxy NACKed, until a later version is pushed: pushing the same
     /// state again would only be refused again.
     rejected: Option<u64>,
+    /// Root rotation phases: from the switch on, what the retiring CA signed is renewed.
+    authority: tokio::sync::watch::Receiver<Arc<Authority>>,
+    renewals: RenewalTracker,
 }
 
 /// Pushes on one stream not yet answered, in order, with when each change was made: a proxy's ACK of version v
@@ -209,6 +217,15 @@ impl StreamTask {
                         return SHUTTING_DOWN.into();
                     }
                 }
+                changed = self.authority.changed() => {
+                    if changed.is_err() {
+                        return SHUTTING_DOWN.into();
+                    }
+                    let held = self.shared.holdings.get(&self.node.name).certificates;
+                    if self.renew_retiring(&held).await.is_err() {
+                        return "proxy went away".into();
+                    }
+                }
                 message = self.inbound.message() => match message {
                     Ok(Some(request)) => {
                         if let Err(status) = self.handle(request).await {
@@ -279,6 +296,17 @@ impl StreamTask {
                     .await
                     .map_err(|_| Status::cancelled("proxy went away"))
             }
+            Some(Inbound::Held(held)) => {
+                self.shared.holdings.report(&self.node.name, held.certificates.clone());
+                self.renew_retiring(&held.certificates).await.map_err(|_| Status::cancelled("proxy went away"))
+            }
+            Some(Inbound::NodeCredentialRequest(request)) => {
+                let answer = renewal::node_credential(&self.shared, &self.node.name, &request);
+                self.tx
+                    .send(response(Outbound::NodeCredential(answer)))
+                    .await
+                    .map_err(|_| Status::cancelled("proxy went away"))
+            }
             Some(Inbound::Hello(hello)) => {
                 // The node may have been revoked since the stream started.
                 self.shared.mesh.active_node(&self.node.name)?;
@@ -287,6 +315,17 @@ impl StreamTask {
             }
             None => Err(Status::invalid_argument("empty discovery message")),
         }
+    }
+
+    /// Asks the proxy to renew the certificates in `held` that a retiring CA signed (each once per stream).
+    async fn renew_retiring(&mut self, held: &[pb::HeldCertificate]) -> Result<(), ()> {
+        let retiring = self.authority.borrow_and_update().retiring();
+        let spiffe_ids = self.renewals.due(held, retiring.as_deref());
+        if spiffe_ids.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(node = %self.node.name, ?spiffe_ids, "asking the proxy to renew certificates of the retiring CA");
+        self.tx.send(response(Outbound::Renew(pb::RenewNow { spiffe_ids }))).await.map_err(|_| ())
     }
 
     fn sign(&self, csr: &pb::CertificateRequest) -> pb::CertificateResponse {
