@@ -242,9 +242,21 @@ fn remote_admin_address_is_refused_unless_allowed() {
     };
     let path = dir.path().join("proxy.yaml");
     std::fs::write(&path, config(false)).unwrap();
-    let out = Command::new(bin("trellis-proxy")).args(["run", "--config"]).arg(&path).output().unwrap();
+    let mut refused = Command::new(bin("trellis-proxy"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: a proxy that accepted the address would run on.
+    let status = trellis_tests::poll(Duration::from_secs(20), || refused.try_wait().ok().flatten());
+    if status.is_none() {
+        let _ = refused.kill();
+    }
+    let out = refused.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    assert!(status.is_some_and(|s| !s.success()), "the proxy started with a remote admin address: {stderr}");
     assert!(
         stderr.contains(&format!("listen.admin: 0.0.0.0:{admin_port} is not a loopback address"))
             && stderr.contains("unless listen.adminAllowRemote is true"),
