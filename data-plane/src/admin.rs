@@ -65,9 +65,6 @@ pub async fn serve_ready(listener: TcpListener, shared: Arc<Shared>, shutdown: w
 }
 
 async fn serve_with(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>, router: Router) {
-    if let Ok(address) = listener.local_addr() {
-        info!(%address, "admin endpoint listening");
-    }
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown_requested(&mut shutdown) => return,
@@ -320,11 +317,10 @@ fn workload_json(w: &v1::Workload) -> Value {
         .ports
         .iter()
         .map(|p| {
-            let protocol = match v1::Protocol::try_from(p.protocol) {
-                Ok(v1::Protocol::Tcp) => "tcp",
-                Ok(v1::Protocol::Http) => "http",
-                _ => "unspecified",
-            };
+            let protocol = v1::Protocol::try_from(p.protocol)
+                .ok()
+                .and_then(crate::config::Protocol::from_proto)
+                .map_or("unspecified", crate::config::Protocol::as_str);
             json!({"port": p.port, "protocol": protocol})
         })
         .collect();
