@@ -118,7 +118,9 @@ fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
         },
         (&Method::POST, "/logging") => set_logging(req),
         (&Method::GET, "/healthz/ready") => match readiness(shared) {
-            Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n".into()),
+            Ok(note) => {
+                respond(StatusCode::OK, "text/plain", note.map_or("ready\n".into(), |n| format!("ready: {n}\n")))
+            }
             Err(waiting) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {waiting}\n")),
         },
         (_, "/config_dump" | "/healthz/ready" | "/certs") => {
@@ -225,8 +227,9 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
 }
 
 /// Ready once the node credential, every workload certificate and the first full config are in place;
-/// otherwise says what is missing.
-pub fn readiness(shared: &Shared) -> Result<(), String> {
+/// otherwise says what is missing. Certificates and config read back from the state directory at start count
+/// (the proxy serves with them while the control plane is unreachable); then the answer says so.
+pub fn readiness(shared: &Shared) -> Result<Option<String>, String> {
     let mut missing = Vec::new();
     if shared.node_credential.load().is_none() {
         missing.push("node credential".to_owned());
@@ -244,7 +247,13 @@ pub fn readiness(shared: &Shared) -> Result<(), String> {
     if !shared.state.load().synced {
         missing.push("first config from the control plane".to_owned());
     }
-    if missing.is_empty() { Ok(()) } else { Err(format!("waiting for {}", missing.join(", "))) }
+    if !missing.is_empty() {
+        return Err(format!("waiting for {}", missing.join(", ")));
+    }
+    let state = shared.state.load();
+    Ok(state.restored.then(|| {
+        format!("serving the config stored at version {} (not yet confirmed by the control plane)", state.version)
+    }))
 }
 
 pub fn config_dump(shared: &Shared) -> Value {
@@ -271,6 +280,8 @@ pub fn config_dump(shared: &Shared) -> Value {
     json!({
         "node": shared.node,
         "version": state.synced.then_some(state.version),
+        // True while the config is the one read from stateDir at start, before the control plane's snapshot.
+        "restored": state.restored,
         "trust_domain": trust_domain,
         "roots": roots,
         "workloads": state.workloads.values().map(|w| workload_json(w)).collect::<Vec<_>>(),

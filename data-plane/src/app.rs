@@ -21,6 +21,7 @@ use crate::identity::{CertManager, NodeCredential, NodeError, WorkloadCerts, fil
 use crate::proxy::{DataPath, inbound, inbound_plaintext, outbound, socks5};
 use crate::registry::LocalWorkloads;
 use crate::state::{State, StateStore};
+use crate::stored;
 use crate::{reconfigure, shutdown_requested};
 
 /// Why the proxy could not start (every error `run` returns happens before or while it starts).
@@ -54,6 +55,14 @@ pub async fn run(
 
     let mut bound = BoundAddresses::new(addresses_file);
     let admin_address = config.listen.admin;
+    if !admin_address.ip().is_loopback() {
+        // Only reachable with listen.adminAllowRemote (config.rs refuses it otherwise).
+        warn!(
+            address = %admin_address,
+            "listen.admin is not a loopback address (listen.adminAllowRemote): other hosts can read /config_dump \
+             and change the log level without authentication"
+        );
+    }
     let listener =
         admin::bind(admin_address).await.map_err(|source| StartError::Listen { address: admin_address, source })?;
     bound.add("admin", local_address(&listener, "listen.admin", admin_address)?);
@@ -102,18 +111,21 @@ pub async fn run(
         .map(|w| SpiffeId::workload(node.trust_domain(), &w.namespace, &w.service_account))
         .collect::<Result<_, _>>()?;
     let certs = Arc::new(WorkloadCerts::new(ids));
-    state.store(State::with_root_namespace(node.trust_domain(), config.root_namespace.clone()));
+    let mut manager = CertManager::new(certs.clone(), Instant::now());
+    let base = State::with_root_namespace(node.trust_domain(), config.root_namespace.clone());
+    state.store(restore(&config.state_dir, base, &mut manager));
     let _ = shared.workload_certs.set(certs.clone());
     shared.node_credential.store(Some(node.clone()));
+    tokio::spawn(stored::follow(config.state_dir.clone(), state.clone(), certs.clone()));
 
     let locals = LocalWorkloads::new(&config.workloads, node.trust_domain())?;
     let data = Arc::new(DataPath::new(locals, config.outbound.clone()));
     tokio::spawn(reconfigure::follow_changes(config.clone(), data.clone(), certs.clone(), state.clone()));
     tokio::spawn(crate::heap::release_when_quiet());
+    tokio::spawn(crate::log_limit::report_suppressed());
     let listeners = start_listeners(&config, &data, shared.clone(), shutdown.clone(), &mut bound).await?;
     bound.publish()?;
 
-    let manager = CertManager::new(certs, Instant::now());
     // The Hello advertises the HBONE port actually bound (listen.hbone may say port 0). Only the discovery
     // stream reads `hbone_address`.
     let hbone_port = bound.get("hbone").map_or(config.listen.hbone.port(), |a| a.port());
@@ -135,6 +147,40 @@ pub async fn run(
     let _ = admin.await;
     info!("stopped");
     Ok(())
+}
+
+/// What the state directory kept from before a restart (`stored.rs`): the last ACKed config and the workload
+/// certificates still valid, installed so the proxy serves before the control plane answers. Returns the state to
+/// start from (`base` when nothing usable was stored); stored material that fails its checks is skipped, logged.
+fn restore(dir: &std::path::Path, base: State, manager: &mut CertManager) -> State {
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let ids: Vec<SpiffeId> = manager.certs().ids().cloned().collect();
+    for id in ids {
+        match stored::load_cert(dir, &id, wall) {
+            Ok(Some(cert)) => {
+                info!(spiffe_id = %id, serial = %cert.info.serial, not_after = %rfc3339(cert.info.not_after), "using the stored workload certificate");
+                manager.restore(cert, now, wall);
+            }
+            Ok(None) => {}
+            Err(e) => warn!(spiffe_id = %id, error = %e, "stored workload certificate not used"),
+        }
+    }
+    match stored::load_config(dir, &base, wall) {
+        Ok(Some(state)) => {
+            info!(
+                version = state.version,
+                workloads = state.workloads.len(),
+                resources = state.resources.len(),
+                "serving the stored config until the control plane sends its own"
+            );
+            state
+        }
+        Ok(None) => base,
+        Err(e) => {
+            warn!(error = %e, "stored config not used; waiting for the control plane's");
+            base
+        }
+    }
 }
 
 /// The address `listener` is bound to (the kernel's pick when `configured` has port 0).

@@ -226,6 +226,9 @@ pub struct Listen {
     pub inbound: SocketAddr,
     pub socks5: SocketAddr,
     pub admin: SocketAddr,
+    /// `listen.adminAllowRemote`: the operator accepts an admin address other hosts can reach (the admin endpoint
+    /// has no authentication: `/config_dump`, `POST /logging`).
+    pub admin_allow_remote: bool,
     pub metrics: SocketAddr,
     pub ready: SocketAddr,
 }
@@ -418,6 +421,8 @@ struct RawListen {
     inbound: Option<String>,
     socks5: Option<String>,
     admin: Option<String>,
+    #[serde(default)]
+    admin_allow_remote: bool,
     metrics: Option<String>,
     ready: Option<String>,
 }
@@ -625,15 +630,29 @@ impl RawListen {
                 default.parse().expect("default listen addresses are valid")
             })
         };
-        Listen {
+        let listen = Listen {
             hbone: field("hbone", &self.hbone, "0.0.0.0:15008"),
             outbound: field("outbound", &self.outbound, "127.0.0.1:15001"),
             inbound: field("inbound", &self.inbound, "0.0.0.0:15006"),
             socks5: field("socks5", &self.socks5, "127.0.0.1:15080"),
             admin: field("admin", &self.admin, "127.0.0.1:15000"),
+            admin_allow_remote: self.admin_allow_remote,
             metrics: field("metrics", &self.metrics, "0.0.0.0:15020"),
             ready: field("ready", &self.ready, "0.0.0.0:15021"),
+        };
+        // The admin endpoint has no authentication (it shows the whole config and changes the log level): other
+        // hosts must not reach it unless the operator says so.
+        if !listen.admin.ip().is_loopback() && !listen.admin_allow_remote {
+            p.add(
+                "listen.admin",
+                format!(
+                    "{} is not a loopback address; the admin endpoint (/config_dump, POST /logging) has no \
+                     authentication, so it listens on loopback only unless listen.adminAllowRemote is true",
+                    listen.admin
+                ),
+            );
         }
+        listen
     }
 }
 
@@ -813,6 +832,10 @@ workerThreads: 4
             ("workloads:\n  - {name: Bad_Name, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.1\"]}\n".into(), "workloads[0].name: \"Bad_Name\" is not a DNS label: must be lowercase letters"),
             ("listen:\n  admin: localhost:15000\n".into(), r#"listen.admin: "localhost:15000" is not a socket address"#),
             ("listen:\n  bogus: 1.2.3.4:5\n".into(), "unknown field `bogus`"),
+            ("listen:\n  admin: 0.0.0.0:15000\n".into(), "listen.admin: 0.0.0.0:15000 is not a loopback address"),
+            ("listen:\n  admin: 10.0.0.1:15000\n".into(), "unless listen.adminAllowRemote is true"),
+            ("listen:\n  admin: \"[::]:15000\"\n".into(), "listen.admin: [::]:15000 is not a loopback address"),
+            ("listen:\n  adminAllowRemote: yes\n".into(), "listen.adminAllowRemote"),
             ("hboneAddress: nohost\n".into(), r#"hboneAddress: "nohost" is not host:port"#),
             ("logFormat: xml\n".into(), "unknown variant `xml`"),
             ("extra: 1\n".into(), "unknown field `extra`"),
@@ -870,6 +893,26 @@ workerThreads: 4
         // Control: the same fields with valid labels.
         let config = Config::parse(&format!("{}rootNamespace: {}\n{}", minimal(), "a".repeat(63), workload("a", "ns")));
         assert_eq!(config.expect("valid labels").root_namespace, "a".repeat(63));
+    }
+
+    /// A loopback admin address (v4 or v6) needs nothing; another one only with `adminAllowRemote: true`.
+    #[test]
+    fn remote_admin_needs_the_explicit_allowance() {
+        for (listen, ok) in [
+            ("admin: 127.0.0.1:15000", true),
+            ("admin: 127.0.0.2:15000", true),
+            ("admin: \"[::1]:15000\"", true),
+            ("admin: 0.0.0.0:15000", false),
+            ("admin: 0.0.0.0:15000\n  adminAllowRemote: false", false),
+            ("admin: 0.0.0.0:15000\n  adminAllowRemote: true", true),
+            ("admin: \"[fd00::1]:15000\"\n  adminAllowRemote: true", true),
+        ] {
+            let result = Config::parse(&format!("{}listen:\n  {listen}\n", minimal()));
+            assert_eq!(result.is_ok(), ok, "{listen}: {result:?}");
+            if let Ok(config) = result {
+                assert_eq!(config.listen.admin_allow_remote, listen.contains("adminAllowRemote: true"));
+            }
+        }
     }
 
     #[test]

@@ -28,6 +28,10 @@ use crate::{connect_error, shutdown_requested};
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A stream that lasted this long counts as healthy, so the next reconnect starts with a short delay.
 const HEALTHY_STREAM: Duration = Duration::from_secs(30);
+/// While the control plane is unreachable, how often a TCP connect checks whether it is back, so that the proxy
+/// redials at once instead of at the end of its backoff step.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why a stream ended (other than shutdown).
 #[derive(Debug, thiserror::Error)]
@@ -111,27 +115,50 @@ impl Discovery {
             }
             self.certs.stream_lost(Instant::now());
             self.node_renewal.stream_lost(Instant::now());
-            if !self.wait(backoff.next_delay(), &mut shutdown).await {
+            // Probing helps only when nothing answered: a control plane that answers and refuses (a Hello it
+            // rejects, a status) is retried on the backoff alone, or the probe would turn the backoff into a loop.
+            let probe = matches!(result, StreamError::Connect(_));
+            if !self.wait(backoff.next_delay(), probe, &mut shutdown).await {
                 return;
             }
         }
     }
 
-    /// Sleeps before reconnecting, still withdrawing certificates that expire meanwhile. False on shutdown.
-    async fn wait(&mut self, delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    /// Sleeps before reconnecting, still withdrawing certificates that expire meanwhile; with `probe`, ends early
+    /// once a TCP connect to the control plane succeeds (it is back). False on shutdown.
+    async fn wait(&mut self, delay: Duration, probe: bool, shutdown: &mut watch::Receiver<bool>) -> bool {
         info!(retry_in = ?delay, "reconnecting to the control plane");
         let until = tokio::time::Instant::now() + delay;
+        let mut next_probe = tokio::time::Instant::now() + PROBE_INTERVAL;
         loop {
             for id in self.certs.expire(Instant::now()) {
                 error!(spiffe_id = %id, "workload certificate expired before it could be renewed; withdrawn");
             }
-            let wake = self.certs.next_expiry().map_or(until, |at| until.min(at.into()));
+            let mut wake = self.certs.next_expiry().map_or(until, |at| until.min(at.into()));
+            if probe {
+                wake = wake.min(next_probe);
+            }
             tokio::select! {
                 _ = shutdown_requested(shutdown) => return false,
                 _ = tokio::time::sleep_until(wake) => {}
             }
-            if tokio::time::Instant::now() >= until {
+            let now = tokio::time::Instant::now();
+            if now >= until {
                 return true;
+            }
+            if probe && now >= next_probe {
+                let address = self.config.control_plane.address.clone();
+                let reachable = tokio::select! {
+                    _ = shutdown_requested(shutdown) => return false,
+                    probe = tokio::time::timeout(PROBE_TIMEOUT, crate::sockets::connect_host(address)) => {
+                        matches!(probe, Ok(Ok(_)))
+                    }
+                };
+                if reachable {
+                    info!("the control plane accepts connections again; reconnecting now");
+                    return true;
+                }
+                next_probe = tokio::time::Instant::now() + PROBE_INTERVAL;
             }
         }
     }

@@ -94,6 +94,10 @@ fn describe() {
     describe_gauge!("trellis_config_version", "The config version applied.");
     describe_counter!("trellis_config_updates_total", "Config updates received, by result (ack, nack).");
     describe_gauge!("trellis_control_plane_connected", "1 while the discovery stream is open.");
+    describe_counter!(
+        "trellis_log_suppressed_total",
+        "Log lines dropped by a rate limit (refused HBONE connections beyond the burst), by log and reason."
+    );
     describe_gauge!("process_resident_memory_bytes", Unit::Bytes, "Resident memory.");
     describe_counter!("process_cpu_seconds_total", Unit::Seconds, "CPU time, user and system.");
     describe_gauge!("process_open_fds", "Open file descriptors.");
@@ -525,6 +529,11 @@ pub fn certificate_rotation(spiffe_id: &SpiffeId, ok: bool) {
 
 pub fn config_update(applied: bool) {
     metrics::counter!("trellis_config_updates_total", "result" => if applied { "ack" } else { "nack" }).increment(1);
+}
+
+/// Counts a log line dropped by a rate limit (`log_limit.rs`); `reason` is one of a fixed set.
+pub fn log_suppressed(log: &'static str, reason: &'static str) {
+    metrics::counter!("trellis_log_suppressed_total", "log" => log, "reason" => reason).increment(1);
 }
 
 pub fn control_plane_connected(connected: bool) {

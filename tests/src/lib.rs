@@ -251,6 +251,12 @@ impl ControlPlane {
         self.spawn();
     }
 
+    /// Starts it again after `kill9` (same data dir, addresses and flags); returns once it listens.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "resume: the control plane still runs");
+        self.spawn();
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the process to exit: its exit status, or None if it still runs.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let child = self.child.as_mut()?;
