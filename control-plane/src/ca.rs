@@ -174,6 +174,16 @@ impl Ca {
         Ok((id.clone(), self.sign_leaf(&csr.public_key, params)?))
     }
 
+    /// Signs an admin credential for `name` (`spiffe://<td>/trellis/admin/<name>`, client auth only); the CSR only
+    /// provides the key (its names are ignored).
+    pub fn sign_admin(&self, csr_der: &[u8], name: &str, ttl: Duration) -> Result<(SpiffeId, Issued), CaError> {
+        let csr = parse_csr(csr_der)?;
+        let id = SpiffeId::admin(&self.trust_domain, name).map_err(|e| CaError::BadSpiffeId(e.to_string()))?;
+        let mut params = leaf_params(&id, ttl);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        Ok((id.clone(), self.sign_leaf(&csr.public_key, params)?))
+    }
+
     /// Issues a certificate for a key generated here: the admin credential (client) and the control plane's
     /// serving certificate. Returns (chain, key PEM).
     pub fn issue_local(&self, kind: LocalCert, ttl: Duration) -> Result<(Issued, String), CaError> {
