@@ -118,8 +118,8 @@ impl InFlight {
 }
 
 /// NACK reasons a proxy may report; anything else is counted as `other`, so a proxy cannot grow the label set.
-const NACK_REASONS: [&str; 7] =
-    ["not_synced", "trust_bundle", "workload", "resource", "removed_resource", "policy", "protocol"];
+const NACK_REASONS: [&str; 8] =
+    ["not_synced", "trust_bundle", "workload", "resource", "removed_resource", "policy", "protocol", "revocations"];
 
 fn response(message: Outbound) -> Result<pb::DiscoveryResponse, Status> {
     Ok(pb::DiscoveryResponse { message: Some(message) })
