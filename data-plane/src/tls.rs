@@ -697,4 +697,68 @@ mod tests {
         assert_eq!(refusal, rustls::Error::InvalidCertificate(CertificateError::BadSignature));
         assert_eq!(alert, rustls::Error::AlertReceived(AlertDescription::DecryptError));
     }
+
+    /// A revocation list naming `serials` (of node "n1") and `identities`.
+    fn revoking(serials: &[&str], identities: &[&SpiffeId]) -> Arc<RevocationList> {
+        let list = trellis_proto::v1::Revocations {
+            certificates: serials
+                .iter()
+                .map(|s| trellis_proto::v1::RevokedCertificate {
+                    serial: s.to_string(),
+                    node: "n1".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            identities: identities
+                .iter()
+                .map(|id| trellis_proto::v1::RevokedIdentity { spiffe_id: id.to_string(), revoked_at_unix: 0 })
+                .collect(),
+        };
+        let revocations = Arc::new(RevocationList::default());
+        revocations.store(Arc::new(crate::revocation::Revocations::from_wire(&list).unwrap()));
+        revocations
+    }
+
+    fn serial(credential: &Credential) -> String {
+        crate::revocation::serial_hex(&credential.chain[0]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn server_refuses_a_client_certificate_of_a_revoked_node_and_accepts_another_of_the_same_identity() {
+        let ca = TestCa::new();
+        let (revoked, other) = (good_client(&ca), good_client(&ca));
+        let list = revoking(&[&serial(&revoked)], &[]);
+        let provider = trellis_proto::tls::provider();
+        let good = good_server(&ca);
+        let server = server_config(provider, roots(&ca), TRUST_DOMAIN, good.chain, good.key, list.clone()).unwrap();
+        // Control: the same identity, another certificate (another node's), through the same server.
+        assert_accepted(client(&ca, other), server.clone()).await;
+        let bad_serial = serial(&revoked);
+        let (client_saw, server_saw) = handshake(client(&ca, revoked), server).await;
+        assert_eq!(
+            server_saw,
+            Err(rustls::Error::General(format!("peer certificate {bad_serial} was issued to revoked node \"n1\"")))
+        );
+        assert_eq!(client_saw, Err(rustls::Error::AlertReceived(AlertDescription::HandshakeFailure)));
+    }
+
+    #[tokio::test]
+    async fn client_refuses_a_server_whose_identity_was_revoked() {
+        let ca = TestCa::new();
+        let server_id = workload(TRUST_DOMAIN, SERVER_SA);
+        let provider = trellis_proto::tls::provider();
+        let make_client = |list: Arc<RevocationList>| {
+            let own = good_client(&ca);
+            let config =
+                client_config(provider.clone(), roots(&ca), server_id.clone(), own.chain, own.key, list).unwrap();
+            Arc::new(config)
+        };
+        // Control: another identity revoked, the same client path.
+        let other = workload(TRUST_DOMAIN, "other");
+        assert_accepted(make_client(revoking(&[], &[&other])), server(&ca, good_server(&ca))).await;
+        let (client_saw, server_saw) =
+            handshake(make_client(revoking(&[], &[&server_id])), server(&ca, good_server(&ca))).await;
+        assert_eq!(client_saw, Err(rustls::Error::General(format!("peer identity {server_id} was revoked"))));
+        assert_eq!(server_saw, Err(rustls::Error::AlertReceived(AlertDescription::HandshakeFailure)));
+    }
 }
