@@ -289,3 +289,47 @@ async fn a_revoked_admin_is_refused_at_once_even_on_an_open_connection_while_ano
     let last = cp.ctl_err(&["admin", "revoke", "admin"]);
     assert!(last.contains("FailedPrecondition: admin \"admin\" is the only admin that is not revoked"), "{last}");
 }
+
+/// The revocation-to-teardown figure of BENCHMARKS.md: node-b fronts one identity per trial; each trial opens a
+/// tunnel from node-a to it, revokes the identity with one `Admin.RevokeIdentity` call and measures until the
+/// client sees its tunnel end (the control plane's push, node-a's verifier list swap and teardown included). Prints
+/// p50/p99; asserts only that every tunnel was closed. `TRELLIS_REVOCATION_TRIALS` changes the count (default 100).
+#[tokio::test(flavor = "multi_thread")]
+async fn revocation_to_teardown_latency() {
+    let trials: usize = std::env::var("TRELLIS_REVOCATION_TRIALS").ok().and_then(|t| t.parse().ok()).unwrap_or(100);
+    assert!((1..=250).contains(&trials), "TRELLIS_REVOCATION_TRIALS must be 1..=250");
+    let cp = ControlPlane::start(&[]);
+    let echo = Echo::start("0.0.0.0:0".parse().unwrap());
+    let ip = |i: usize| format!("127.0.14.{}", i + 1);
+    let targets: Vec<WorkloadSpec> = (0..trials)
+        .map(|i| {
+            let mut spec = WorkloadSpec::new(&format!("t{i}"), "shop", &format!("t{i}"), &ip(i));
+            spec.ports = vec![(echo.addr.port(), "tcp")];
+            spec
+        })
+        .collect();
+    let b = Proxy::start(&cp, "node-b", &targets);
+    let a = Proxy::start(&cp, "node-a", &[workload("web", "127.0.14.251", None)]);
+    a.wait_ready();
+    b.wait_ready();
+    let last = ip(trials - 1);
+    a.wait_config("every target in node-a's registry", |d| d["workloads"].to_string().contains(&format!("\"{last}\"")));
+    let mut admin = pb::admin_client::AdminClient::new(admin_channel(&cp, &cp.admin_config()).await);
+    let mut took = Vec::with_capacity(trials);
+    for i in 0..trials {
+        let target: SocketAddr = format!("{}:{}", ip(i), echo.addr.port()).parse().unwrap();
+        let stream = open(&a, target);
+        let started = Instant::now();
+        let end = watch_end(&stream, started);
+        admin.revoke_identity(pb::RevokeIdentityRequest { spiffe_id: spiffe(&format!("t{i}")) }).await.unwrap();
+        took.push(end.join().unwrap().unwrap_or_else(|e| panic!("trial {i}: {e}")));
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q).ceil() as usize).clamp(1, took.len()) - 1];
+    println!(
+        "revocation to teardown over {trials} trials: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        at(0.50).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        took.last().unwrap().as_secs_f64() * 1e3
+    );
+}
