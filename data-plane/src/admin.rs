@@ -309,11 +309,10 @@ fn workload_json(w: &v1::Workload) -> Value {
         .ports
         .iter()
         .map(|p| {
-            let protocol = match v1::Protocol::try_from(p.protocol) {
-                Ok(v1::Protocol::Tcp) => "tcp",
-                Ok(v1::Protocol::Http) => "http",
-                _ => "unspecified",
-            };
+            let protocol = v1::Protocol::try_from(p.protocol)
+                .ok()
+                .and_then(crate::config::Protocol::from_proto)
+                .map_or("unspecified", crate::config::Protocol::as_str);
             json!({"port": p.port, "protocol": protocol})
         })
         .collect();

@@ -128,11 +128,86 @@ pub struct PortConfig {
     pub protocol: Protocol,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// What a workload port speaks, which decides how the destination proxy serves streams to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
+    /// Opaque bytes, relayed as they come.
     Tcp,
+    /// HTTP/1.1 upstream: every request checked; HTTP/2 callers are translated to HTTP/1.1.
     Http,
+    /// h2c upstream (prior knowledge): every request checked; HTTP/1.1 callers are translated to HTTP/2.
+    Http2,
+    /// h2c upstream with gRPC semantics: refusals are trailers-only responses with a `grpc-status`.
+    Grpc,
+}
+
+/// Names accepted for `ports[].protocol`: Istio's protocol names and Kubernetes `appProtocol` values (compared
+/// ignoring ASCII case), with the protocol each one means here. TLS-carrying names are opaque to the proxy.
+const PROTOCOL_NAMES: &[(&str, Protocol)] = &[
+    ("tcp", Protocol::Tcp),
+    ("tls", Protocol::Tcp),
+    ("https", Protocol::Tcp),
+    ("mongo", Protocol::Tcp),
+    ("mysql", Protocol::Tcp),
+    ("redis", Protocol::Tcp),
+    ("kubernetes.io/wss", Protocol::Tcp),
+    ("http", Protocol::Http),
+    ("kubernetes.io/ws", Protocol::Http),
+    ("http2", Protocol::Http2),
+    ("kubernetes.io/h2c", Protocol::Http2),
+    ("grpc", Protocol::Grpc),
+    ("grpc-web", Protocol::Grpc),
+];
+
+impl Protocol {
+    /// A declared protocol name (see [`PROTOCOL_NAMES`]); the error says why a name is refused.
+    pub fn parse(name: &str) -> Result<Protocol, String> {
+        if let Some((_, p)) = PROTOCOL_NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            return Ok(*p);
+        }
+        let known: Vec<&str> = PROTOCOL_NAMES.iter().map(|(n, _)| *n).collect();
+        if ["udp", "http_proxy"].iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            return Err(format!("{name:?} is not supported by Trellis (supported: {})", known.join(", ")));
+        }
+        Err(format!("{name:?} is not a known protocol (one of: {})", known.join(", ")))
+    }
+
+    /// The canonical name (`config_dump`, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+        }
+    }
+
+    /// Whether streams to the port are served as HTTP (each request checked).
+    pub fn is_http(self) -> bool {
+        self != Protocol::Tcp
+    }
+
+    pub fn to_proto(self) -> trellis_proto::v1::Protocol {
+        use trellis_proto::v1;
+        match self {
+            Protocol::Tcp => v1::Protocol::Tcp,
+            Protocol::Http => v1::Protocol::Http,
+            Protocol::Http2 => v1::Protocol::Http2,
+            Protocol::Grpc => v1::Protocol::Grpc,
+        }
+    }
+
+    /// From the wire (`None`: unspecified or unknown to this proxy).
+    pub fn from_proto(p: trellis_proto::v1::Protocol) -> Option<Protocol> {
+        use trellis_proto::v1;
+        match p {
+            v1::Protocol::Tcp => Some(Protocol::Tcp),
+            v1::Protocol::Http => Some(Protocol::Http),
+            v1::Protocol::Http2 => Some(Protocol::Http2),
+            v1::Protocol::Grpc => Some(Protocol::Grpc),
+            v1::Protocol::Unspecified => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -172,13 +247,7 @@ impl WorkloadConfig {
             ports: self
                 .ports
                 .iter()
-                .map(|p| v1::Port {
-                    port: u32::from(p.port),
-                    protocol: match p.protocol {
-                        Protocol::Tcp => v1::Protocol::Tcp,
-                        Protocol::Http => v1::Protocol::Http,
-                    } as i32,
-                })
+                .map(|p| v1::Port { port: u32::from(p.port), protocol: p.protocol.to_proto() as i32 })
                 .collect(),
             node: String::new(),
             proxy_address: String::new(),
@@ -325,7 +394,7 @@ struct RawWorkload {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawPort {
     port: u64,
-    protocol: Protocol,
+    protocol: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -507,12 +576,15 @@ fn validate_workloads(raw: Vec<RawWorkload>, p: &mut Problems) -> Vec<WorkloadCo
         let mut ports = Vec::with_capacity(w.ports.len());
         let mut seen_ports = BTreeSet::new();
         for (j, port) in w.ports.iter().enumerate() {
+            let protocol = Protocol::parse(&port.protocol)
+                .map_err(|e| p.add(&format!("{at}.ports[{j}].protocol"), e))
+                .unwrap_or(Protocol::Tcp);
             match u16::try_from(port.port) {
                 Ok(n) if n != 0 => {
                     if !seen_ports.insert(n) {
                         p.add(&format!("{at}.ports[{j}].port"), format!("duplicate port {n}"));
                     }
-                    ports.push(PortConfig { port: n, protocol: port.protocol });
+                    ports.push(PortConfig { port: n, protocol });
                 }
                 _ => p.add(&format!("{at}.ports[{j}].port"), format!("{} is not in 1..65535", port.port)),
             }
@@ -632,6 +704,30 @@ workerThreads: 4
         assert_eq!(proto.addresses, ["10.0.0.1", "fd00::1"]);
     }
 
+    /// Istio's protocol names and Kubernetes appProtocol values are aliases, compared ignoring case.
+    #[test]
+    fn protocol_aliases() {
+        let cases = [
+            ("tcp", Protocol::Tcp),
+            ("TLS", Protocol::Tcp),
+            ("https", Protocol::Tcp),
+            ("mongo", Protocol::Tcp),
+            ("HTTP", Protocol::Http),
+            ("kubernetes.io/ws", Protocol::Http),
+            ("http2", Protocol::Http2),
+            ("kubernetes.io/h2c", Protocol::Http2),
+            ("GRPC", Protocol::Grpc),
+            ("grpc-web", Protocol::Grpc),
+        ];
+        for (name, want) in cases {
+            assert_eq!(Protocol::parse(name), Ok(want), "{name}");
+            assert_eq!(Protocol::from_proto(want.to_proto()), Some(want));
+        }
+        for name in ["udp", "HTTP_PROXY", "", "h2", "thrift"] {
+            assert!(Protocol::parse(name).is_err(), "{name}");
+        }
+    }
+
     #[test]
     fn shipped_example_is_valid() {
         let c = Config::parse(include_str!("../proxy.example.yaml")).unwrap();
@@ -695,8 +791,12 @@ workerThreads: 4
             ("workerThreads: 0\n".into(), "workerThreads: 0 is not in 1..=64"),
             ("workerThreads: 65\n".into(), "workerThreads: 65 is not in 1..=64"),
             (
-                "workloads:\n  - {name: a, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.1\"], ports: [{port: 1, protocol: udp}]}\n".into(),
-                "unknown variant `udp`",
+                workload(r#"addresses: ["10.0.0.2"], ports: [{port: 1, protocol: udp}]"#),
+                r#"workloads[1].ports[0].protocol: "udp" is not supported by Trellis (supported: tcp, tls"#,
+            ),
+            (
+                workload(r#"addresses: ["10.0.0.2"], ports: [{port: 1, protocol: tcp}, {port: 2, protocol: htp}]"#),
+                r#"workloads[1].ports[1].protocol: "htp" is not a known protocol (one of: tcp, tls, https"#,
             ),
         ];
         for (extra, want) in cases {
