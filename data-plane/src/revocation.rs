@@ -112,7 +112,8 @@ pub fn serial_hex(cert: &CertificateDer<'_>) -> Option<String> {
 
 fn normalize_serial(serial: &str) -> Option<String> {
     let serial = serial.to_ascii_lowercase();
-    (!serial.is_empty() && serial.len().is_multiple_of(2) && serial.bytes().all(|b| b.is_ascii_hexdigit())).then_some(serial)
+    (!serial.is_empty() && serial.len().is_multiple_of(2) && serial.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then_some(serial)
 }
 
 /// The current set, read by the TLS verifiers at each handshake and replaced whole by `reconfigure` on a change.
