@@ -94,6 +94,10 @@ fn describe() {
     describe_gauge!("trellis_config_version", "The config version applied.");
     describe_counter!("trellis_config_updates_total", "Config updates received, by result (ack, nack).");
     describe_gauge!("trellis_control_plane_connected", "1 while the discovery stream is open.");
+    describe_counter!(
+        "trellis_revocations_total",
+        "What revocations did, by kind (node, identity) and action (refused: a handshake; closed: an HBONE connection; stream_closed: a tunnel)."
+    );
     describe_gauge!("process_resident_memory_bytes", Unit::Bytes, "Resident memory.");
     describe_counter!("process_cpu_seconds_total", Unit::Seconds, "CPU time, user and system.");
     describe_gauge!("process_open_fds", "Open file descriptors.");
