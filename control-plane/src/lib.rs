@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod bound_addresses;
 pub mod ca;
 pub mod cli;
 pub mod files;

@@ -37,6 +37,8 @@ pub struct ServeOptions {
     /// Extra names (DNS or IP) for the serving certificate.
     pub sans: Vec<String>,
     pub jwks: crate::jwks::JwksOptions,
+    /// Where to write the bound addresses (`bound_addresses`), if anywhere.
+    pub addresses_file: Option<PathBuf>,
 }
 
 pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
@@ -67,15 +69,21 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     let metrics_listener = TcpListener::bind(opts.metrics_listen)
         .await
         .with_context(|| format!("binding metrics listener {}", opts.metrics_listen))?;
+    let metrics_address =
+        metrics_listener.local_addr().with_context(|| format!("binding metrics listener {}", opts.metrics_listen))?;
     tokio::spawn(crate::http::serve_metrics(metrics_listener, metrics));
 
     tokio::spawn(crate::jwks::run(shared.mesh.clone(), opts.jwks.clone()));
 
     let listener =
         TcpListener::bind(opts.listen).await.with_context(|| format!("binding gRPC listener {}", opts.listen))?;
+    let address = listener.local_addr().with_context(|| format!("binding gRPC listener {}", opts.listen))?;
+    if let Some(path) = &opts.addresses_file {
+        crate::bound_addresses::write(path, address, metrics_address)?;
+    }
     tracing::info!(
-        listen = %listener.local_addr()?,
-        metrics = %opts.metrics_listen,
+        listen = %address,
+        metrics = %metrics_address,
         trust_domain = %settings.trust_domain,
         version = shared.mesh.current().version,
         "control plane serving"

@@ -65,9 +65,6 @@ pub async fn serve_ready(listener: TcpListener, shared: Arc<Shared>, shutdown: w
 }
 
 async fn serve_with(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>, router: Router) {
-    if let Ok(address) = listener.local_addr() {
-        info!(%address, "admin endpoint listening");
-    }
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown_requested(&mut shutdown) => return,

@@ -30,7 +30,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub workloads: Vec<WorkloadConfig>,
     pub listen: Listen,
-    /// `host:port` other proxies use to reach this one's HBONE listener.
+    /// `host:port` other proxies use to reach this one's HBONE listener; port 0 stands for the port `listen.hbone`
+    /// is bound to ([`Config::advertised_hbone_address`]).
     pub hbone_address: String,
     pub log_format: LogFormat,
     pub outbound: Outbound,
@@ -227,6 +228,18 @@ pub struct Listen {
     pub admin: SocketAddr,
     pub metrics: SocketAddr,
     pub ready: SocketAddr,
+}
+
+impl Config {
+    /// The HBONE address to advertise to the control plane once `listen.hbone` is bound to `bound_port`:
+    /// `hboneAddress` as configured, with port 0 (which `listen.hbone` with port 0 implies when `hboneAddress` is
+    /// unset) replaced by the bound port.
+    pub fn advertised_hbone_address(&self, bound_port: u16) -> String {
+        match self.hbone_address.rsplit_once(':') {
+            Some((host, "0")) => format!("{host}:{bound_port}"),
+            _ => self.hbone_address.clone(),
+        }
+    }
 }
 
 impl WorkloadConfig {
@@ -431,7 +444,7 @@ impl RawConfig {
         }
 
         let cp = &self.control_plane;
-        if let Err(msg) = check_host_port(&cp.address) {
+        if let Err(msg) = check_host_port(&cp.address, PortZero::Refused) {
             p.add("controlPlane.address", format!("{:?} {msg}", cp.address));
         }
         let ca_pin = trellis_proto::tls::parse_pin(&cp.ca_pin).unwrap_or_else(|_| {
@@ -452,7 +465,8 @@ impl RawConfig {
 
         let hbone_address = match self.hbone_address {
             Some(addr) => {
-                if let Err(msg) = check_host_port(&addr) {
+                // Port 0: the port listen.hbone is bound to (the kernel's pick when that port is 0 too).
+                if let Err(msg) = check_host_port(&addr, PortZero::Allowed) {
                     p.add("hboneAddress", format!("{addr:?} {msg}"));
                 }
                 addr
@@ -623,8 +637,16 @@ impl RawListen {
     }
 }
 
-/// `host:port` with a non-empty host and a port in 1..65535; `[v6]:port` allowed.
-fn check_host_port(s: &str) -> Result<(), &'static str> {
+/// Whether port 0 is meaningful in a `host:port` field.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PortZero {
+    Allowed,
+    Refused,
+}
+
+/// `host:port` with a non-empty host and a port in 1..65535 (or 0, where `port_zero` allows it); `[v6]:port`
+/// allowed.
+fn check_host_port(s: &str, port_zero: PortZero) -> Result<(), &'static str> {
     let (host, port) = s.rsplit_once(':').ok_or("is not host:port")?;
     if host.is_empty() || host == "[]" {
         return Err("has an empty host");
@@ -633,7 +655,9 @@ fn check_host_port(s: &str) -> Result<(), &'static str> {
         return Err("needs brackets around an IPv6 host ([addr]:port)");
     }
     match port.parse::<u16>() {
+        Ok(0) if port_zero == PortZero::Allowed => Ok(()),
         Ok(n) if n != 0 => Ok(()),
+        _ if port_zero == PortZero::Allowed => Err("has no port in 0..65535"),
         _ => Err("has no port in 1..65535"),
     }
 }
@@ -733,6 +757,16 @@ workerThreads: 4
         let c = Config::parse(include_str!("../proxy.example.yaml")).unwrap();
         assert_eq!(c.workloads.len(), 2);
         assert_eq!(c.hbone_address, "10.0.0.21:15008");
+    }
+
+    #[test]
+    fn port_zero_in_the_hbone_address_is_the_bound_port() {
+        let advertised =
+            |extra: &str| Config::parse(&format!("{}{extra}", minimal())).unwrap().advertised_hbone_address(41234);
+        assert_eq!(advertised("listen: {hbone: 0.0.0.0:0}\n"), "0.0.0.0:41234", "unset: listen.hbone, bound");
+        assert_eq!(advertised("listen: {hbone: 0.0.0.0:0}\nhboneAddress: 10.0.0.5:0\n"), "10.0.0.5:41234");
+        assert_eq!(advertised("hboneAddress: 10.0.0.5:15008\n"), "10.0.0.5:15008", "a port given is kept");
+        assert_eq!(advertised("listen: {hbone: \"[::]:0\"}\n"), "[::]:41234");
     }
 
     #[test]
@@ -868,10 +902,12 @@ workerThreads: 4
     #[test]
     fn host_port_forms() {
         for ok in ["a:1", "10.0.0.1:15012", "[::1]:15012", "cp.example.com:65535"] {
-            assert!(check_host_port(ok).is_ok(), "{ok}");
+            assert!(check_host_port(ok, PortZero::Refused).is_ok(), "{ok}");
         }
         for bad in ["a", ":1", "a:0", "a:65536", "::1:80", "[]:80", "a:b"] {
-            assert!(check_host_port(bad).is_err(), "{bad}");
+            assert!(check_host_port(bad, PortZero::Refused).is_err(), "{bad}");
         }
+        assert_eq!(check_host_port("10.0.0.1:0", PortZero::Allowed), Ok(()), "hboneAddress: the bound port");
+        assert_eq!(check_host_port("10.0.0.1:x", PortZero::Allowed), Err("has no port in 0..65535"));
     }
 }

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod backoff;
+pub mod bound_addresses;
 pub mod capture;
 pub mod config;
 pub mod connections;

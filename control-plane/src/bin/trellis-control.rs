@@ -70,6 +70,11 @@ enum Command {
         /// this host reaches (for local tests only).
         #[arg(long)]
         jwks_allow_local: bool,
+        /// Write the addresses the listeners are bound to into this file, as JSON
+        /// (`{"listen": "...", "metricsListen": "..."}`), once both are bound: for --listen / --metrics-listen
+        /// with port 0, whose port the kernel picks.
+        #[arg(long, value_name = "PATH")]
+        addresses_file: Option<PathBuf>,
     },
 }
 
@@ -97,6 +102,7 @@ fn main() -> std::process::ExitCode {
             jwks_refresh,
             jwks_allow_http,
             jwks_allow_local,
+            addresses_file,
         } => {
             if cert_ttl < Duration::from_secs(60) {
                 eprintln!("error: --cert-ttl must be at least 1m");
@@ -111,7 +117,16 @@ fn main() -> std::process::ExitCode {
                 allow_http: jwks_allow_http,
                 allow_local: jwks_allow_local,
             };
-            let opts = server::ServeOptions { data_dir, listen, metrics_listen, cert_ttl, node_cert_ttl, sans, jwks };
+            let opts = server::ServeOptions {
+                data_dir,
+                listen,
+                metrics_listen,
+                cert_ttl,
+                node_cert_ttl,
+                sans,
+                jwks,
+                addresses_file,
+            };
             tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
                 |rt| {
                     let result = rt.block_on(server::serve(opts, shutdown_signal()));
