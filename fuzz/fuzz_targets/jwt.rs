@@ -55,10 +55,9 @@ fn rule(jwks: &str) -> JwtRule {
     }
 }
 
-static AUTHENTICATOR: LazyLock<JwtAuthenticator> = LazyLock::new(|| {
-    let rule: &'static JwtRule = Box::leak(Box::new(rule(&SIGNER.jwks)));
-    JwtAuthenticator::new([rule], |_| None, DEFAULT_CLOCK_SKEW)
-});
+static RULE: LazyLock<JwtRule> = LazyLock::new(|| rule(&SIGNER.jwks));
+static AUTHENTICATOR: LazyLock<JwtAuthenticator> =
+    LazyLock::new(|| JwtAuthenticator::new([&*RULE], |_| None, DEFAULT_CLOCK_SKEW));
 
 fn sign(header: &[u8], payload: &[u8]) -> String {
     let input = format!("{}.{}", B64.encode(header), B64.encode(payload));
