@@ -36,6 +36,9 @@ pub struct CertRecord {
     pub node: String,
     pub issued_at: i64,
     pub not_after: i64,
+    /// SHA-256 (hex) of the issuing CA's certificate (empty in records written before root rotation existed).
+    #[serde(default)]
+    pub issuer: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

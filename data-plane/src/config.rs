@@ -30,7 +30,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub workloads: Vec<WorkloadConfig>,
     pub listen: Listen,
-    /// `host:port` other proxies use to reach this one's HBONE listener.
+    /// `host:port` other proxies use to reach this one's HBONE listener; port 0 stands for the port `listen.hbone`
+    /// is bound to ([`Config::advertised_hbone_address`]).
     pub hbone_address: String,
     pub log_format: LogFormat,
     pub outbound: Outbound,
@@ -128,11 +129,86 @@ pub struct PortConfig {
     pub protocol: Protocol,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// What a workload port speaks, which decides how the destination proxy serves streams to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
+    /// Opaque bytes, relayed as they come.
     Tcp,
+    /// HTTP/1.1 upstream: every request checked; HTTP/2 callers are translated to HTTP/1.1.
     Http,
+    /// h2c upstream (prior knowledge): every request checked; HTTP/1.1 callers are translated to HTTP/2.
+    Http2,
+    /// h2c upstream with gRPC semantics: refusals are trailers-only responses with a `grpc-status`.
+    Grpc,
+}
+
+/// Names accepted for `ports[].protocol`: Istio's protocol names and Kubernetes `appProtocol` values (compared
+/// ignoring ASCII case), with the protocol each one means here. TLS-carrying names are opaque to the proxy.
+const PROTOCOL_NAMES: &[(&str, Protocol)] = &[
+    ("tcp", Protocol::Tcp),
+    ("tls", Protocol::Tcp),
+    ("https", Protocol::Tcp),
+    ("mongo", Protocol::Tcp),
+    ("mysql", Protocol::Tcp),
+    ("redis", Protocol::Tcp),
+    ("kubernetes.io/wss", Protocol::Tcp),
+    ("http", Protocol::Http),
+    ("kubernetes.io/ws", Protocol::Http),
+    ("http2", Protocol::Http2),
+    ("kubernetes.io/h2c", Protocol::Http2),
+    ("grpc", Protocol::Grpc),
+    ("grpc-web", Protocol::Grpc),
+];
+
+impl Protocol {
+    /// A declared protocol name (see [`PROTOCOL_NAMES`]); the error says why a name is refused.
+    pub fn parse(name: &str) -> Result<Protocol, String> {
+        if let Some((_, p)) = PROTOCOL_NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            return Ok(*p);
+        }
+        let known: Vec<&str> = PROTOCOL_NAMES.iter().map(|(n, _)| *n).collect();
+        if ["udp", "http_proxy"].iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            return Err(format!("{name:?} is not supported by Trellis (supported: {})", known.join(", ")));
+        }
+        Err(format!("{name:?} is not a known protocol (one of: {})", known.join(", ")))
+    }
+
+    /// The canonical name (`config_dump`, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+        }
+    }
+
+    /// Whether streams to the port are served as HTTP (each request checked).
+    pub fn is_http(self) -> bool {
+        self != Protocol::Tcp
+    }
+
+    pub fn to_proto(self) -> trellis_proto::v1::Protocol {
+        use trellis_proto::v1;
+        match self {
+            Protocol::Tcp => v1::Protocol::Tcp,
+            Protocol::Http => v1::Protocol::Http,
+            Protocol::Http2 => v1::Protocol::Http2,
+            Protocol::Grpc => v1::Protocol::Grpc,
+        }
+    }
+
+    /// From the wire (`None`: unspecified or unknown to this proxy).
+    pub fn from_proto(p: trellis_proto::v1::Protocol) -> Option<Protocol> {
+        use trellis_proto::v1;
+        match p {
+            v1::Protocol::Tcp => Some(Protocol::Tcp),
+            v1::Protocol::Http => Some(Protocol::Http),
+            v1::Protocol::Http2 => Some(Protocol::Http2),
+            v1::Protocol::Grpc => Some(Protocol::Grpc),
+            v1::Protocol::Unspecified => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -150,8 +226,23 @@ pub struct Listen {
     pub inbound: SocketAddr,
     pub socks5: SocketAddr,
     pub admin: SocketAddr,
+    /// `listen.adminAllowRemote`: the operator accepts an admin address other hosts can reach (the admin endpoint
+    /// has no authentication: `/config_dump`, `POST /logging`).
+    pub admin_allow_remote: bool,
     pub metrics: SocketAddr,
     pub ready: SocketAddr,
+}
+
+impl Config {
+    /// The HBONE address to advertise to the control plane once `listen.hbone` is bound to `bound_port`:
+    /// `hboneAddress` as configured, with port 0 (which `listen.hbone` with port 0 implies when `hboneAddress` is
+    /// unset) replaced by the bound port.
+    pub fn advertised_hbone_address(&self, bound_port: u16) -> String {
+        match self.hbone_address.rsplit_once(':') {
+            Some((host, "0")) => format!("{host}:{bound_port}"),
+            _ => self.hbone_address.clone(),
+        }
+    }
 }
 
 impl WorkloadConfig {
@@ -172,13 +263,7 @@ impl WorkloadConfig {
             ports: self
                 .ports
                 .iter()
-                .map(|p| v1::Port {
-                    port: u32::from(p.port),
-                    protocol: match p.protocol {
-                        Protocol::Tcp => v1::Protocol::Tcp,
-                        Protocol::Http => v1::Protocol::Http,
-                    } as i32,
-                })
+                .map(|p| v1::Port { port: u32::from(p.port), protocol: p.protocol.to_proto() as i32 })
                 .collect(),
             node: String::new(),
             proxy_address: String::new(),
@@ -325,7 +410,7 @@ struct RawWorkload {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawPort {
     port: u64,
-    protocol: Protocol,
+    protocol: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -336,6 +421,8 @@ struct RawListen {
     inbound: Option<String>,
     socks5: Option<String>,
     admin: Option<String>,
+    #[serde(default)]
+    admin_allow_remote: bool,
     metrics: Option<String>,
     ready: Option<String>,
 }
@@ -362,7 +449,7 @@ impl RawConfig {
         }
 
         let cp = &self.control_plane;
-        if let Err(msg) = check_host_port(&cp.address) {
+        if let Err(msg) = check_host_port(&cp.address, PortZero::Refused) {
             p.add("controlPlane.address", format!("{:?} {msg}", cp.address));
         }
         let ca_pin = trellis_proto::tls::parse_pin(&cp.ca_pin).unwrap_or_else(|_| {
@@ -383,7 +470,8 @@ impl RawConfig {
 
         let hbone_address = match self.hbone_address {
             Some(addr) => {
-                if let Err(msg) = check_host_port(&addr) {
+                // Port 0: the port listen.hbone is bound to (the kernel's pick when that port is 0 too).
+                if let Err(msg) = check_host_port(&addr, PortZero::Allowed) {
                     p.add("hboneAddress", format!("{addr:?} {msg}"));
                 }
                 addr
@@ -507,12 +595,15 @@ fn validate_workloads(raw: Vec<RawWorkload>, p: &mut Problems) -> Vec<WorkloadCo
         let mut ports = Vec::with_capacity(w.ports.len());
         let mut seen_ports = BTreeSet::new();
         for (j, port) in w.ports.iter().enumerate() {
+            let protocol = Protocol::parse(&port.protocol)
+                .map_err(|e| p.add(&format!("{at}.ports[{j}].protocol"), e))
+                .unwrap_or(Protocol::Tcp);
             match u16::try_from(port.port) {
                 Ok(n) if n != 0 => {
                     if !seen_ports.insert(n) {
                         p.add(&format!("{at}.ports[{j}].port"), format!("duplicate port {n}"));
                     }
-                    ports.push(PortConfig { port: n, protocol: port.protocol });
+                    ports.push(PortConfig { port: n, protocol });
                 }
                 _ => p.add(&format!("{at}.ports[{j}].port"), format!("{} is not in 1..65535", port.port)),
             }
@@ -539,20 +630,42 @@ impl RawListen {
                 default.parse().expect("default listen addresses are valid")
             })
         };
-        Listen {
+        let listen = Listen {
             hbone: field("hbone", &self.hbone, "0.0.0.0:15008"),
             outbound: field("outbound", &self.outbound, "127.0.0.1:15001"),
             inbound: field("inbound", &self.inbound, "0.0.0.0:15006"),
             socks5: field("socks5", &self.socks5, "127.0.0.1:15080"),
             admin: field("admin", &self.admin, "127.0.0.1:15000"),
+            admin_allow_remote: self.admin_allow_remote,
             metrics: field("metrics", &self.metrics, "0.0.0.0:15020"),
             ready: field("ready", &self.ready, "0.0.0.0:15021"),
+        };
+        // The admin endpoint has no authentication (it shows the whole config and changes the log level): other
+        // hosts must not reach it unless the operator says so.
+        if !listen.admin.ip().is_loopback() && !listen.admin_allow_remote {
+            p.add(
+                "listen.admin",
+                format!(
+                    "{} is not a loopback address; the admin endpoint (/config_dump, POST /logging) has no \
+                     authentication, so it listens on loopback only unless listen.adminAllowRemote is true",
+                    listen.admin
+                ),
+            );
         }
+        listen
     }
 }
 
-/// `host:port` with a non-empty host and a port in 1..65535; `[v6]:port` allowed.
-fn check_host_port(s: &str) -> Result<(), &'static str> {
+/// Whether port 0 is meaningful in a `host:port` field.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PortZero {
+    Allowed,
+    Refused,
+}
+
+/// `host:port` with a non-empty host and a port in 1..65535 (or 0, where `port_zero` allows it); `[v6]:port`
+/// allowed.
+fn check_host_port(s: &str, port_zero: PortZero) -> Result<(), &'static str> {
     let (host, port) = s.rsplit_once(':').ok_or("is not host:port")?;
     if host.is_empty() || host == "[]" {
         return Err("has an empty host");
@@ -561,7 +674,9 @@ fn check_host_port(s: &str) -> Result<(), &'static str> {
         return Err("needs brackets around an IPv6 host ([addr]:port)");
     }
     match port.parse::<u16>() {
+        Ok(0) if port_zero == PortZero::Allowed => Ok(()),
         Ok(n) if n != 0 => Ok(()),
+        _ if port_zero == PortZero::Allowed => Err("has no port in 0..65535"),
         _ => Err("has no port in 1..65535"),
     }
 }
@@ -632,11 +747,45 @@ workerThreads: 4
         assert_eq!(proto.addresses, ["10.0.0.1", "fd00::1"]);
     }
 
+    /// Istio's protocol names and Kubernetes appProtocol values are aliases, compared ignoring case.
+    #[test]
+    fn protocol_aliases() {
+        let cases = [
+            ("tcp", Protocol::Tcp),
+            ("TLS", Protocol::Tcp),
+            ("https", Protocol::Tcp),
+            ("mongo", Protocol::Tcp),
+            ("HTTP", Protocol::Http),
+            ("kubernetes.io/ws", Protocol::Http),
+            ("http2", Protocol::Http2),
+            ("kubernetes.io/h2c", Protocol::Http2),
+            ("GRPC", Protocol::Grpc),
+            ("grpc-web", Protocol::Grpc),
+        ];
+        for (name, want) in cases {
+            assert_eq!(Protocol::parse(name), Ok(want), "{name}");
+            assert_eq!(Protocol::from_proto(want.to_proto()), Some(want));
+        }
+        for name in ["udp", "HTTP_PROXY", "", "h2", "thrift"] {
+            assert!(Protocol::parse(name).is_err(), "{name}");
+        }
+    }
+
     #[test]
     fn shipped_example_is_valid() {
         let c = Config::parse(include_str!("../proxy.example.yaml")).unwrap();
         assert_eq!(c.workloads.len(), 2);
         assert_eq!(c.hbone_address, "10.0.0.21:15008");
+    }
+
+    #[test]
+    fn port_zero_in_the_hbone_address_is_the_bound_port() {
+        let advertised =
+            |extra: &str| Config::parse(&format!("{}{extra}", minimal())).unwrap().advertised_hbone_address(41234);
+        assert_eq!(advertised("listen: {hbone: 0.0.0.0:0}\n"), "0.0.0.0:41234", "unset: listen.hbone, bound");
+        assert_eq!(advertised("listen: {hbone: 0.0.0.0:0}\nhboneAddress: 10.0.0.5:0\n"), "10.0.0.5:41234");
+        assert_eq!(advertised("hboneAddress: 10.0.0.5:15008\n"), "10.0.0.5:15008", "a port given is kept");
+        assert_eq!(advertised("listen: {hbone: \"[::]:0\"}\n"), "[::]:41234");
     }
 
     #[test]
@@ -683,6 +832,10 @@ workerThreads: 4
             ("workloads:\n  - {name: Bad_Name, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.1\"]}\n".into(), "workloads[0].name: \"Bad_Name\" is not a DNS label: must be lowercase letters"),
             ("listen:\n  admin: localhost:15000\n".into(), r#"listen.admin: "localhost:15000" is not a socket address"#),
             ("listen:\n  bogus: 1.2.3.4:5\n".into(), "unknown field `bogus`"),
+            ("listen:\n  admin: 0.0.0.0:15000\n".into(), "listen.admin: 0.0.0.0:15000 is not a loopback address"),
+            ("listen:\n  admin: 10.0.0.1:15000\n".into(), "unless listen.adminAllowRemote is true"),
+            ("listen:\n  admin: \"[::]:15000\"\n".into(), "listen.admin: [::]:15000 is not a loopback address"),
+            ("listen:\n  adminAllowRemote: yes\n".into(), "listen.adminAllowRemote"),
             ("hboneAddress: nohost\n".into(), r#"hboneAddress: "nohost" is not host:port"#),
             ("logFormat: xml\n".into(), "unknown variant `xml`"),
             ("extra: 1\n".into(), "unknown field `extra`"),
@@ -695,8 +848,12 @@ workerThreads: 4
             ("workerThreads: 0\n".into(), "workerThreads: 0 is not in 1..=64"),
             ("workerThreads: 65\n".into(), "workerThreads: 65 is not in 1..=64"),
             (
-                "workloads:\n  - {name: a, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.1\"], ports: [{port: 1, protocol: udp}]}\n".into(),
-                "unknown variant `udp`",
+                workload(r#"addresses: ["10.0.0.2"], ports: [{port: 1, protocol: udp}]"#),
+                r#"workloads[1].ports[0].protocol: "udp" is not supported by Trellis (supported: tcp, tls"#,
+            ),
+            (
+                workload(r#"addresses: ["10.0.0.2"], ports: [{port: 1, protocol: tcp}, {port: 2, protocol: htp}]"#),
+                r#"workloads[1].ports[1].protocol: "htp" is not a known protocol (one of: tcp, tls, https"#,
             ),
         ];
         for (extra, want) in cases {
@@ -738,6 +895,26 @@ workerThreads: 4
         assert_eq!(config.expect("valid labels").root_namespace, "a".repeat(63));
     }
 
+    /// A loopback admin address (v4 or v6) needs nothing; another one only with `adminAllowRemote: true`.
+    #[test]
+    fn remote_admin_needs_the_explicit_allowance() {
+        for (listen, ok) in [
+            ("admin: 127.0.0.1:15000", true),
+            ("admin: 127.0.0.2:15000", true),
+            ("admin: \"[::1]:15000\"", true),
+            ("admin: 0.0.0.0:15000", false),
+            ("admin: 0.0.0.0:15000\n  adminAllowRemote: false", false),
+            ("admin: 0.0.0.0:15000\n  adminAllowRemote: true", true),
+            ("admin: \"[fd00::1]:15000\"\n  adminAllowRemote: true", true),
+        ] {
+            let result = Config::parse(&format!("{}listen:\n  {listen}\n", minimal()));
+            assert_eq!(result.is_ok(), ok, "{listen}: {result:?}");
+            if let Ok(config) = result {
+                assert_eq!(config.listen.admin_allow_remote, listen.contains("adminAllowRemote: true"));
+            }
+        }
+    }
+
     #[test]
     fn reports_top_level_problems_together() {
         let yaml = "node: \"\"\ncontrolPlane:\n  address: \":0\"\n  caPin: sha1:ab\n  token: \"\"\nstateDir: \"\"\n";
@@ -768,10 +945,12 @@ workerThreads: 4
     #[test]
     fn host_port_forms() {
         for ok in ["a:1", "10.0.0.1:15012", "[::1]:15012", "cp.example.com:65535"] {
-            assert!(check_host_port(ok).is_ok(), "{ok}");
+            assert!(check_host_port(ok, PortZero::Refused).is_ok(), "{ok}");
         }
         for bad in ["a", ":1", "a:0", "a:65536", "::1:80", "[]:80", "a:b"] {
-            assert!(check_host_port(bad).is_err(), "{bad}");
+            assert!(check_host_port(bad, PortZero::Refused).is_err(), "{bad}");
         }
+        assert_eq!(check_host_port("10.0.0.1:0", PortZero::Allowed), Ok(()), "hboneAddress: the bound port");
+        assert_eq!(check_host_port("10.0.0.1:x", PortZero::Allowed), Err("has no port in 0..65535"));
     }
 }

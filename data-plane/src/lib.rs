@@ -15,6 +15,7 @@ pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod backoff;
+pub mod bound_addresses;
 pub mod capture;
 pub mod config;
 pub mod connections;
@@ -24,6 +25,7 @@ pub mod hbone;
 pub mod heap;
 pub mod identity;
 pub mod listen;
+pub mod log_limit;
 pub mod logging;
 pub mod metrics;
 pub mod process;
@@ -33,6 +35,7 @@ pub mod registry;
 pub mod report;
 pub mod sockets;
 pub mod state;
+pub mod stored;
 pub mod tls;
 
 #[cfg(test)]

@@ -21,8 +21,9 @@ use trellis_proto::spiffe::SpiffeId;
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(30);
 pub const SERIES_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Istio's default buckets for `istio_request_duration_milliseconds`.
-const ISTIO_DURATION_MS: [f64; 19] = [
+/// Istio's buckets for its HTTP histograms (Envoy's defaults, which Istio's stats filter keeps for
+/// `istio_request_duration_milliseconds`, `istio_request_bytes` and `istio_response_bytes` alike).
+const ISTIO_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
     600000.0, 1800000.0, 3600000.0,
 ];
@@ -38,7 +39,9 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
 fn builder(idle_timeout: Duration) -> Result<PrometheusBuilder, BuildError> {
     PrometheusBuilder::new()
         .idle_timeout(MetricKindMask::ALL, Some(idle_timeout))
-        .set_buckets_for_metric(Matcher::Full("istio_request_duration_milliseconds".into()), &ISTIO_DURATION_MS)
+        .set_buckets_for_metric(Matcher::Full("istio_request_duration_milliseconds".into()), &ISTIO_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("istio_request_bytes".into()), &ISTIO_BUCKETS))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("istio_response_bytes".into()), &ISTIO_BUCKETS))
 }
 
 fn describe() {
@@ -59,7 +62,17 @@ fn describe() {
     describe_histogram!(
         "istio_request_duration_milliseconds",
         Unit::Milliseconds,
-        "HTTP request duration (Istio standard metric)."
+        "HTTP request duration, to the last byte of the response (Istio standard metric)."
+    );
+    describe_histogram!(
+        "istio_request_bytes",
+        Unit::Bytes,
+        "HTTP request size: header names and values, body and trailers (Istio standard metric)."
+    );
+    describe_histogram!(
+        "istio_response_bytes",
+        Unit::Bytes,
+        "HTTP response size: header names and values, body and trailers (Istio standard metric)."
     );
     describe_counter!(
         "trellis_authz_decisions_total",
@@ -81,6 +94,10 @@ fn describe() {
     describe_gauge!("trellis_config_version", "The config version applied.");
     describe_counter!("trellis_config_updates_total", "Config updates received, by result (ack, nack).");
     describe_gauge!("trellis_control_plane_connected", "1 while the discovery stream is open.");
+    describe_counter!(
+        "trellis_log_suppressed_total",
+        "Log lines dropped by a rate limit (refused HBONE connections beyond the burst), by log and reason."
+    );
     describe_gauge!("process_resident_memory_bytes", Unit::Bytes, "Resident memory.");
     describe_counter!("process_cpu_seconds_total", Unit::Seconds, "CPU time, user and system.");
     describe_gauge!("process_open_fds", "Open file descriptors.");
@@ -232,12 +249,17 @@ impl TcpSeries {
 pub struct HttpSeries {
     requests: Counter,
     duration_ms: metrics::Histogram,
+    request_bytes: metrics::Histogram,
+    response_bytes: metrics::Histogram,
 }
 
 impl HttpSeries {
-    pub fn record(&self, duration: Duration) {
+    /// One request: its duration (to the last byte of the response) and both messages' total sizes.
+    pub fn record(&self, duration: Duration, request_bytes: u64, response_bytes: u64) {
         self.requests.increment(1);
         self.duration_ms.record(duration.as_secs_f64() * 1000.0);
+        self.request_bytes.record(request_bytes as f64);
+        self.response_bytes.record(response_bytes as f64);
     }
 }
 
@@ -269,7 +291,9 @@ impl TrafficMetrics {
         labels.push(Label::new("request_protocol", "http"));
         let series = Arc::new(HttpSeries {
             requests: metrics::counter!("istio_requests_total", labels.clone()),
-            duration_ms: metrics::histogram!("istio_request_duration_milliseconds", labels),
+            duration_ms: metrics::histogram!("istio_request_duration_milliseconds", labels.clone()),
+            request_bytes: metrics::histogram!("istio_request_bytes", labels.clone()),
+            response_bytes: metrics::histogram!("istio_response_bytes", labels),
         });
         self.http.entry(key).or_insert(series).clone()
     }
@@ -507,6 +531,11 @@ pub fn config_update(applied: bool) {
     metrics::counter!("trellis_config_updates_total", "result" => if applied { "ack" } else { "nack" }).increment(1);
 }
 
+/// Counts a log line dropped by a rate limit (`log_limit.rs`); `reason` is one of a fixed set.
+pub fn log_suppressed(log: &'static str, reason: &'static str) {
+    metrics::counter!("trellis_log_suppressed_total", "log" => log, "reason" => reason).increment(1);
+}
+
 pub fn control_plane_connected(connected: bool) {
     metrics::gauge!("trellis_control_plane_connected").set(if connected { 1.0 } else { 0.0 });
 }
@@ -577,6 +606,35 @@ mod tests {
             assert!(line(&text, "istio_tcp_received_bytes_total", "\"-\"").unwrap().ends_with(" 100"));
             assert!(line(&text, "istio_tcp_sent_bytes_total", "\"-\"").unwrap().ends_with(" 7"));
             assert!(line(&text, "istio_tcp_connections_opened_total", "DENY").is_some());
+        });
+    }
+
+    /// Request and response sizes are histograms with Istio's buckets and the labels of `istio_requests_total`.
+    #[test]
+    fn http_series_have_size_histograms_with_istio_buckets_and_labels() {
+        let recorder = builder(SERIES_IDLE_TIMEOUT).unwrap().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let traffic = TrafficMetrics::default();
+            traffic.http(key(Flags::None, "client"), 200).record(Duration::from_millis(3), 120, 70_000);
+            let text = handle.render();
+            let requests = line(&text, "istio_requests_total", "response_code=\"200\"").unwrap();
+            let labels = &requests[requests.find('{').unwrap()..=requests.find('}').unwrap()];
+            for name in ["istio_request_bytes", "istio_response_bytes", "istio_request_duration_milliseconds"] {
+                let buckets: Vec<&str> = text
+                    .lines()
+                    .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
+                    .map(|l| l.split("le=\"").nth(1).unwrap().split('"').next().unwrap())
+                    .collect();
+                let want: Vec<String> = ISTIO_BUCKETS.iter().map(|b| b.to_string()).chain(["+Inf".into()]).collect();
+                assert_eq!(buckets, want, "{name}");
+                let count = line(&text, &format!("{name}_count"), "").unwrap();
+                assert_eq!(&count[count.find('{').unwrap()..=count.find('}').unwrap()], labels, "{name}: same labels");
+            }
+            assert!(line(&text, "istio_request_bytes_sum", "").unwrap().ends_with(" 120"));
+            assert!(line(&text, "istio_response_bytes_sum", "").unwrap().ends_with(" 70000"));
+            let bucket = |le: &str| line(&text, "istio_response_bytes_bucket", &format!("le=\"{le}\"")).unwrap();
+            assert!(bucket("60000").ends_with(" 0") && bucket("300000").ends_with(" 1"), "{text}");
         });
     }
 

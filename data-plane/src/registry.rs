@@ -83,10 +83,7 @@ fn mesh_workload(w: &v1::Workload) -> Option<MeshWorkload> {
         .ports
         .iter()
         .filter_map(|p| {
-            let protocol = match p.protocol() {
-                v1::Protocol::Http => Protocol::Http,
-                _ => Protocol::Tcp,
-            };
+            let protocol = Protocol::from_proto(p.protocol()).unwrap_or(Protocol::Tcp);
             Some((u16::try_from(p.port).ok()?, protocol))
         })
         .collect();

@@ -18,6 +18,9 @@ use crate::identity::certs::{self, CertError, CertInfo};
 pub struct State {
     /// Set once a full snapshot has been applied; before that the proxy has no mesh config.
     pub synced: bool,
+    /// Read from the state directory at start (`stored.rs`): the config last ACKed before a restart, not yet
+    /// confirmed by the control plane (its next full snapshot replaces it, which clears this).
+    pub restored: bool,
     pub version: u64,
     /// This proxy's trust domain (from its node credential); a bundle for another domain is refused.
     pub trust_domain: String,

@@ -235,7 +235,9 @@ impl EvalRequest {
             None => {
                 let rules = policies.jwt_rules_for(&dst.namespace, &dst.labels);
                 let authn = JwtAuthenticator::new(rules, |_| None, crate::jwt::DEFAULT_CLOCK_SKEW);
-                match authn.authenticate(TokenSource { headers: &h.headers, query }, self.time.unwrap_or(0)) {
+                match authn
+                    .authenticate(TokenSource { method: &h.method, headers: &h.headers, query }, self.time.unwrap_or(0))
+                {
                     JwtOutcome::NoToken => None,
                     JwtOutcome::Verified(v) => {
                         verified = v.payload;
@@ -604,5 +606,59 @@ spec:
             (&out["status"], out["reason"].as_str().unwrap()),
             (&400.into(), "bad request: path contains an encoded NUL (%00)")
         );
+    }
+
+    /// A CORS preflight skips authentication as in Istio (an expired token on it is not a 401), while the same
+    /// token on a GET is; authorization still applies (no request principal, so alice's rule does not match).
+    #[test]
+    fn cors_preflight_bypasses_authentication_like_the_proxy() {
+        use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
+        let pair = aws_lc_rs::signature::Ed25519KeyPair::generate().unwrap();
+        let key = EncodingKey::from_ed_der(pair.to_pkcs8v1().unwrap().as_ref());
+        let jwks = serde_json::json!({"keys": [Jwk::from_encoding_key(&key, Algorithm::EdDSA).unwrap()]});
+        let policies = format!(
+            r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: foo}}
+spec:
+  jwtRules: [{{issuer: https://issuer, jwks: '{jwks}'}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: rules, namespace: foo}}
+spec:
+  rules:
+  - from: [{{source: {{requestPrincipals: [https://issuer/alice]}}}}]
+  - to: [{{operation: {{methods: [OPTIONS], paths: [/open]}}}}]
+"#
+        );
+        let resources = parse_documents(&policies).unwrap();
+        let now = 1_800_000_000u64;
+        let claims = serde_json::json!({"iss": "https://issuer", "sub": "alice", "exp": now - 600});
+        let expired = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).unwrap();
+        let run = |method: &str, path: &str, extra: serde_json::Value| {
+            let mut request = http(SLEEP, 8080, method, path);
+            let mut headers = serde_json::json!({"authorization": format!("Bearer {expired}")});
+            headers.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            request["http"]["headers"] = headers;
+            request["time"] = now.into();
+            let req = EvalRequest::from_json(&request.to_string()).unwrap();
+            serde_json::to_value(explain(&resources, crate::DEFAULT_ROOT_NAMESPACE, &req).unwrap()).unwrap()
+        };
+        let preflight = serde_json::json!({"origin": "https://app.example", "access-control-request-method": "GET"});
+        assert_eq!(run("GET", "/open", preflight.clone())["status"], 401, "a GET is authenticated");
+        let out = run("OPTIONS", "/open", preflight.clone());
+        assert_eq!((&out["decision"], &out["requestPrincipal"]), (&"allow".into(), &serde_json::Value::Null), "{out}");
+        let out = run("OPTIONS", "/other", preflight);
+        assert_eq!((&out["status"], &out["reason"]), (&403.into(), &"denied: no ALLOW policy matched".into()));
+        // Not a preflight without both headers, or with an empty one: authenticated as any request.
+        for extra in [
+            serde_json::json!({"origin": "https://app.example"}),
+            serde_json::json!({"access-control-request-method": "GET"}),
+            serde_json::json!({"origin": "", "access-control-request-method": "GET"}),
+        ] {
+            assert_eq!(run("OPTIONS", "/open", extra.clone())["status"], 401, "{extra}");
+        }
     }
 }

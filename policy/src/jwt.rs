@@ -121,9 +121,22 @@ impl Rejection {
 /// What a request offers to the authenticator.
 #[derive(Clone, Copy)]
 pub struct TokenSource<'a> {
+    /// The request method as received (a CORS preflight is recognized by it, see [`is_cors_preflight`]).
+    pub method: &'a str,
     pub headers: &'a dyn Headers,
     /// The query string without `?`, if any.
     pub query: Option<&'a str>,
+}
+
+/// A CORS preflight as Envoy's JWT filter recognizes one: method `OPTIONS` with a non-empty `Origin` and a
+/// non-empty `Access-Control-Request-Method`.
+pub fn is_cors_preflight(method: &str, headers: &dyn Headers) -> bool {
+    let non_empty = |name: &str| {
+        let mut found = false;
+        headers.for_each_value(name, &mut |v| found |= !v.is_empty());
+        found
+    };
+    method == "OPTIONS" && non_empty("origin") && non_empty("access-control-request-method")
 }
 
 impl JwtAuthenticator {
@@ -190,8 +203,13 @@ impl JwtAuthenticator {
     }
 
     /// Authenticates one request at `now` (seconds since the Unix epoch).
+    ///
+    /// A CORS preflight is not authenticated at all (Istio configures Envoy's JWT filter with
+    /// `bypass_cors_preflight: true`): whatever token it carries, it goes on as [`JwtOutcome::NoToken`], without a
+    /// request principal, so that a browser sees the real answer of the actual request instead of a failed
+    /// preflight. Authorization still applies to it.
     pub fn authenticate(&self, request: TokenSource<'_>, now: u64) -> JwtOutcome {
-        if self.providers.is_empty() {
+        if self.providers.is_empty() || is_cors_preflight(request.method, request.headers) {
             return JwtOutcome::NoToken;
         }
         // Every distinct (location, token): the providers reading that location are the candidates.

@@ -53,7 +53,7 @@ pub use eval_request::{
 };
 pub use jwt::{
     AUDIENCE_BODY, DEFAULT_CLOCK_SKEW, HeaderEdits, JwtAuthenticator, JwtOutcome, Rejection, TokenSource,
-    UNAUTHORIZED_BODY, Verified, check_jwks,
+    UNAUTHORIZED_BODY, Verified, check_jwks, is_cors_preflight,
 };
 pub use kind::{InvalidResourceKey, Kind, ResourceKey, UnknownKind};
 pub use lexical::{InvalidDuration, parse_go_bool, parse_go_duration, parse_port};

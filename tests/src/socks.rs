@@ -81,3 +81,42 @@ pub fn echo_round_trip(mut stream: TcpStream, data: &[u8]) -> Vec<u8> {
     stream.shutdown(std::net::Shutdown::Write).expect("half-close");
     reading.join().expect("reader thread").expect("read until EOF")
 }
+
+/// A plain TCP listener on loopback whose every connection is carried through the SOCKS5 server at `proxy` to
+/// `target`, for unmodified clients that cannot speak SOCKS5 themselves (gRPC and WebSocket libraries). Its threads
+/// live as long as the test process.
+pub struct Forward {
+    pub addr: SocketAddr,
+}
+
+impl Forward {
+    pub fn start(proxy: SocketAddr, target: SocketAddr) -> Forward {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a forwarder");
+        let addr = listener.local_addr().expect("forwarder address");
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                std::thread::spawn(move || match connect(proxy, target) {
+                    Ok(upstream) => splice(client, upstream),
+                    Err(outcome) => eprintln!("forwarder: SOCKS5 CONNECT {target}: {outcome:?}"),
+                });
+            }
+        });
+        Forward { addr }
+    }
+}
+
+/// Copies both ways until each side has closed, passing half-closes on.
+fn splice(a: TcpStream, b: TcpStream) {
+    let pipe = |mut from: TcpStream, to: TcpStream| {
+        std::thread::spawn(move || {
+            let mut writer = &to;
+            let _ = std::io::copy(&mut from, &mut writer);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        })
+    };
+    let (a2, b2) = (a.try_clone().expect("clone"), b.try_clone().expect("clone"));
+    let one = pipe(a, b2);
+    let other = pipe(b, a2);
+    let _ = (one.join(), other.join());
+}

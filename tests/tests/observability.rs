@@ -333,6 +333,54 @@ spec:
     assert!(!body.contains("secret"), "no client-controlled string in labels");
     promtool_check("the HTTP server proxy", &body);
 
+    // Request and response sizes, through a real Prometheus: histograms with Istio's buckets and exactly the
+    // labels of istio_requests_total. A request's size is its head (method, path, header names and values) plus
+    // its body; a response's is its status, header names and values, and body.
+    let prometheus = Prometheus::start(&[("server", server.metrics_addr)]);
+    prometheus.wait_targets_up(1);
+    let at = r#"reporter="destination",source_workload="web",destination_workload="site""#;
+    for name in ["istio_request_bytes", "istio_response_bytes"] {
+        prometheus.wait_value(&format!("sum({name}_count{{{at}}})"), 5.0);
+        let labels = |expr: &str| -> Vec<serde_json::Value> {
+            let json = prometheus.query(expr);
+            let mut found: Vec<serde_json::Value> = (json["data"]["result"].as_array().unwrap().iter())
+                .map(|r| {
+                    let mut m = r["metric"].clone();
+                    m.as_object_mut().unwrap().remove("__name__");
+                    m
+                })
+                .collect();
+            found.sort_by_key(|m| m.to_string());
+            found
+        };
+        assert_eq!(
+            labels(&format!("{name}_count{{{at}}}")),
+            labels(&format!("istio_requests_total{{{at}}}")),
+            "{name}"
+        );
+        let buckets = prometheus.query(&format!("{name}_bucket{{{at},response_code=\"200\"}}"));
+        let les: Vec<&str> = (buckets["data"]["result"].as_array().unwrap().iter())
+            .map(|r| r["metric"]["le"].as_str().unwrap())
+            .collect();
+        let istio = [
+            "0.5", "1", "5", "10", "25", "50", "100", "250", "500", "1000", "2500", "5000", "10000", "30000", "60000",
+            "300000", "600000", "1800000", "3600000", "+Inf",
+        ];
+        let mut sorted = les.clone();
+        sorted.sort_by(|a, b| a.parse::<f64>().unwrap().total_cmp(&b.parse::<f64>().unwrap()));
+        assert_eq!(sorted, istio, "{name}: Istio's buckets");
+    }
+    // The two denials: `GET /admin` with `Host: site.shop` (3 + 6 + 4 + 9 bytes), answered 403 with
+    // `content-type: text/plain` and "RBAC: access denied" (3 + 12 + 10 + 19 bytes).
+    let denied_at = format!("{at},response_code=\"403\"");
+    prometheus.wait_value(&format!("sum(istio_request_bytes_sum{{{denied_at}}})"), 2.0 * 22.0);
+    prometheus.wait_value(&format!("sum(istio_response_bytes_sum{{{denied_at}}})"), 2.0 * 44.0);
+    // The allowed ones: the echo's JSON bodies, which are bigger than the denials' text.
+    let ok_at = format!("{at},response_code=\"200\"");
+    let allowed = prometheus.query_value(&format!("sum(istio_response_bytes_sum{{{ok_at}}})")).unwrap();
+    println!("response bytes of the three allowed requests: {allowed}");
+    assert!(allowed > 3.0 * 100.0, "{allowed}");
+
     let log = trellis_tests::read_log(&server.log_path());
     let requests: Vec<serde_json::Value> = log
         .lines()

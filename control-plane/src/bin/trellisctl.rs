@@ -97,6 +97,49 @@ enum Command {
     },
     /// Print the CLI version.
     Version,
+    /// The mesh CA: rotate its root, see the rotation's status, renew this config's admin credential.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Rotate the root CA (or resume the rotation in progress) and follow it to the end: prepare (the new root
+    /// joins the trust bundle, every connected proxy ACKs), switch (the new CA signs, every proxy renews), overlap,
+    /// retire (the old root leaves the bundle). The control plane drives it; interrupted, run the command again.
+    Rotate {
+        /// Operator CA certificate (PEM) to rotate to (e.g. a new intermediate); default: a new root is generated.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// Private key of --ca-cert (PEM).
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// Certificates above --ca-cert, up to and including the root (PEM).
+        #[arg(long, requires = "ca_cert")]
+        ca_chain: Option<PathBuf>,
+        /// How long the old root stays trusted after the switch (default: until the last certificate the old CA
+        /// issued to a proxy expires).
+        #[arg(long, value_parser = parse_duration)]
+        overlap: Option<Duration>,
+        /// Retire the old root as soon as the switch is complete (also ends the overlap of a rotation under way).
+        #[arg(long)]
+        force: bool,
+        /// Start (or resume) the rotation and return without following it.
+        #[arg(long)]
+        detach: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Roots, the rotation's phase, and which proxies still hold certificates of the retiring CA.
+    Status {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Renew this config's admin credential (a new key) under the CA that signs now, and refresh its CA bundle:
+    /// for copies of an admin config, during a rotation's overlap.
+    RenewCredential,
 }
 
 #[derive(Subcommand)]
@@ -216,10 +259,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("trellisctl {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
+    if let Command::Ca { command } = cli.command {
+        let path = CliConfig::resolve_path(cli.config)?;
+        return match command {
+            CaCommand::Rotate { ca_cert, ca_key, ca_chain, overlap, force, detach, output } => {
+                let args = trellis_control_plane::ca_cli::RotateArgs {
+                    ca_cert,
+                    ca_key,
+                    ca_chain,
+                    overlap,
+                    force,
+                    detach,
+                    json: output == Output::Json,
+                };
+                trellis_control_plane::ca_cli::rotate(&path, args).await
+            }
+            CaCommand::Status { output } => trellis_control_plane::ca_cli::status(&path, output == Output::Json).await,
+            CaCommand::RenewCredential => trellis_control_plane::ca_cli::renew(&path).await,
+        };
+    }
     let config = CliConfig::load(&CliConfig::resolve_path(cli.config)?)?;
     let mut admin = AdminClient::new(cli::connect(&config).await?);
     match cli.command {
-        Command::Version | Command::Authz { .. } => unreachable!("handled above"),
+        Command::Version | Command::Authz { .. } | Command::Ca { .. } => unreachable!("handled above"),
         Command::Apply { file, dry_run, output } => {
             let documents = read_input(&file)?;
             let response = admin.apply(pb::ApplyRequest { documents, dry_run }).await?.into_inner();

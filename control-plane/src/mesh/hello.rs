@@ -55,7 +55,7 @@ pub(super) fn validate(
                 return Err(invalid(i, format!("port {} is out of range 1-65535", port.port)));
             }
             if port.protocol() == pb::Protocol::Unspecified {
-                return Err(invalid(i, format!("port {} has no protocol (tcp or http)", port.port)));
+                return Err(invalid(i, format!("port {} has no protocol (tcp, http, http2 or grpc)", port.port)));
             }
         }
         let key = trellis_proto::workload_key(&w.namespace, &w.name);
@@ -148,7 +148,7 @@ mod tests {
             ),
             (
                 with(|w| w.ports[0].protocol = pb::Protocol::Unspecified.into()),
-                ("InvalidArgument", "workloads[0]: port 8080 has no protocol (tcp or http)".into()),
+                ("InvalidArgument", "workloads[0]: port 8080 has no protocol (tcp, http, http2 or grpc)".into()),
             ),
             (
                 hello(vec![good(), workload("shop", "api", "api-sa", &["10.0.0.2"])]),

@@ -63,7 +63,7 @@ impl Mesh {
             records::put(txn, Table::Tokens, id, &token)?;
             Ok(token)
         })?;
-        let (spiffe_id, issued) = self.ca.sign_node(csr_der, node, self.config.node_cert_ttl)?;
+        let (spiffe_id, issued) = self.ca().sign_node(csr_der, node, self.config.node_cert_ttl)?;
         transact::<_, MeshError>(self.store.as_ref(), |txn| {
             let node_record = NodeRecord {
                 name: node.to_owned(),

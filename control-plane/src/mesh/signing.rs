@@ -20,7 +20,7 @@ impl Mesh {
             .filter(|w| w.node == node.name)
             .map(|w| (w.namespace.clone(), w.service_account.clone()))
             .collect();
-        let (id, issued) = self.ca.sign_workload(csr_der, self.config.cert_ttl, |_, namespace, sa| {
+        let (id, issued) = self.ca().sign_workload(csr_der, self.config.cert_ttl, |_, namespace, sa| {
             if !node.namespaces.iter().any(|n| n == namespace) {
                 return Err(format!("node {:?} may not hold identities in namespace {namespace:?}", node.name));
             }
@@ -47,6 +47,7 @@ impl Mesh {
             node: node.to_owned(),
             issued_at: now_unix(),
             not_after: issued.not_after.unix_timestamp(),
+            issuer: issued.chain.get(1).map(|ca| crate::authority::fingerprint(ca)).unwrap_or_default(),
         };
         records::put(txn, Table::Certificates, &issued.serial_hex, &record)
     }

@@ -7,9 +7,9 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use trellis_proto::v1 as pb;
 
-use super::Shared;
+use super::{Shared, rotation};
 use crate::auth;
-use crate::mesh::Mesh;
+use crate::mesh::{CaMaterial, Mesh, RotateRequest};
 use crate::records::{self, NodeRecord, ResourceRecord, TokenRecord};
 use crate::status::StreamCommand;
 use crate::store::Table;
@@ -245,5 +245,54 @@ impl pb::admin_server::Admin for AdminService {
             return Err(Status::failed_precondition(format!("node {:?} is not connected", req.node)));
         }
         Ok(Response::new(pb::RenewCertificatesResponse {}))
+    }
+
+    async fn rotate_ca(&self, request: Request<pb::RotateCaRequest>) -> Result<Response<pb::CaStatusResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let material = match (req.ca_cert_pem.is_empty(), req.ca_key_pem.is_empty()) {
+            (true, true) if req.ca_chain_pem.is_empty() => None,
+            (false, false) => Some(CaMaterial {
+                cert_pem: req.ca_cert_pem,
+                key_pem: req.ca_key_pem,
+                chain_pem: (!req.ca_chain_pem.is_empty()).then_some(req.ca_chain_pem),
+            }),
+            _ => return Err(Status::invalid_argument("--ca-cert and --ca-key go together (--ca-chain needs both)")),
+        };
+        let rotate =
+            RotateRequest { material, overlap: req.overlap_seconds.map(Duration::from_secs), force: req.force };
+        let shared = self.shared.clone();
+        // Key generation and the CA's files: off the async workers.
+        let status = tokio::task::spawn_blocking(move || {
+            shared.mesh.rotate(rotate)?;
+            shared.rotation_wake.notify_one();
+            Ok::<_, Status>(rotation::status(&shared)?)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(status))
+    }
+
+    async fn ca_status(&self, request: Request<pb::CaStatusRequest>) -> Result<Response<pb::CaStatusResponse>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(rotation::status(&self.shared)?))
+    }
+
+    async fn renew_admin_credential(
+        &self,
+        request: Request<pb::RenewAdminCredentialRequest>,
+    ) -> Result<Response<pb::RenewAdminCredentialResponse>, Status> {
+        let name = auth::require_admin(&request, self.shared.mesh.trust_domain())?;
+        let issued = self
+            .shared
+            .mesh
+            .ca()
+            .sign_admin(&request.into_inner().csr_der, &name, rotation::ADMIN_VALIDITY)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(admin = %name, serial = %issued.serial_hex, "admin credential renewed");
+        Ok(Response::new(pb::RenewAdminCredentialResponse {
+            certificate_chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
+            trust_bundle: Some(self.shared.mesh.current().trust_bundle.clone()),
+        }))
     }
 }

@@ -27,6 +27,7 @@ use crate::connections::InboundConn;
 use crate::hbone::{
     self, CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
 };
+use crate::log_limit::HBONE_REFUSALS;
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::report::{Authz, ConnectionReport};
 use crate::tls::PeerIdentityError;
@@ -57,6 +58,29 @@ pub enum HandshakeError {
     Failed(io::Error),
 }
 
+impl HboneError {
+    /// The refusal's reason, as the log rate limit and `trellis_log_suppressed_total` name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HboneError::LocalAddress(_) => "local_address",
+            HboneError::NoCertificate(_) => "no_workload_certificate",
+            HboneError::Handshake(e) => e.kind(),
+            HboneError::NoClientCertificate => "no_client_certificate",
+            HboneError::PeerIdentity(_) => "peer_identity",
+            HboneError::Http(_) => "http2",
+        }
+    }
+}
+
+impl HandshakeError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HandshakeError::TimedOut => "tls_handshake_timeout",
+            HandshakeError::Failed(_) => "tls_handshake_failed",
+        }
+    }
+}
+
 impl From<&HandshakeError> for Flags {
     fn from(_: &HandshakeError) -> Self {
         Flags::TlsFailure
@@ -69,8 +93,18 @@ pub async fn serve(listener: TcpListener, data: Arc<DataPath>, shutdown: watch::
     crate::listen::accept_each(listener, "hbone", |tcp, peer| {
         let (data, shutdown) = (data.clone(), shutdown.clone());
         async move {
-            if let Err(reason) = connection(tcp, peer, data, shutdown).await {
-                info!(%peer, %reason, "HBONE connection refused");
+            match connection(tcp, peer, data, shutdown).await {
+                Ok(()) => {}
+                // After the peer was accepted: the connection broke (a reset, a keepalive timeout), nothing refused.
+                Err(HboneError::Http(e)) => debug!(%peer, error = %e, "HBONE connection ended with an error"),
+                // Logged once already, as the refusal's access-log entry (`tls_failure`).
+                Err(HboneError::Handshake(_)) => {}
+                Err(reason) => {
+                    // One line per refusal, rate-limited: anyone who reaches the port can cause these.
+                    if HBONE_REFUSALS.allow(reason.kind()) {
+                        info!(%peer, %reason, kind = reason.kind(), "HBONE connection refused");
+                    }
+                }
             }
         }
     })
@@ -168,7 +202,10 @@ fn tls_failure(data: &DataPath, peer: SocketAddr, local: SocketAddr, started: In
         flags: Flags::None,
     };
     let report = ConnectionReport { key, source_addr: peer, destination_addr: local, started };
-    report.refused(&data.traffic, Flags::from(error), Authz::NONE, &error.to_string());
+    // Its one log line is the access-log entry, rate-limited (anyone who reaches the port can cause these); the
+    // series count every refusal.
+    let logged = HBONE_REFUSALS.allow(error.kind());
+    report.refused_logged(&data.traffic, Flags::from(error), Authz::NONE, &error.to_string(), logged);
 }
 
 /// What an HBONE stream asks for, read from its request head alone.

@@ -44,16 +44,31 @@ pub enum TunnelError {
     Refused(SocketAddr, StatusCode),
     #[error("timed out connecting to proxy {0}")]
     Timeout(SocketAddr),
+    /// The failure of a dial this stream waited for (streams queued behind one dial share its outcome).
+    #[error(transparent)]
+    Shared(Arc<TunnelError>),
+}
+
+impl TunnelError {
+    /// The error itself, or the one a shared dial ended with.
+    pub fn cause(&self) -> &TunnelError {
+        match self {
+            TunnelError::Shared(inner) => inner.cause(),
+            other => other,
+        }
+    }
 }
 
 impl From<&TunnelError> for Flags {
     fn from(error: &TunnelError) -> Self {
-        match error {
+        match error.cause() {
             TunnelError::Refused(_, status) if *status == StatusCode::FORBIDDEN => Flags::Deny,
             TunnelError::TlsConfig(..) | TunnelError::Tls(..) => Flags::TlsFailure,
-            TunnelError::Connect(..) | TunnelError::Http(..) | TunnelError::Refused(..) | TunnelError::Timeout(_) => {
-                Flags::Connect
-            }
+            TunnelError::Connect(..)
+            | TunnelError::Http(..)
+            | TunnelError::Refused(..)
+            | TunnelError::Timeout(_)
+            | TunnelError::Shared(_) => Flags::Connect,
         }
     }
 }
@@ -103,10 +118,14 @@ pub struct Tunnel {
 
 pub struct Pool {
     connections: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
-    /// One dial at a time per key, so a burst of new streams shares the first handshake.
-    dial_gates: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// One dial at a time per key, so a burst of new streams shares the first handshake; the gate keeps the last
+    /// failed dial (when, why), so the streams that waited for it fail with it instead of dialling again one after
+    /// the other (a peer that never answers would otherwise cost the n-th of them n dial timeouts).
+    dial_gates: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<LastFailure>>>>,
     epoch: Instant,
 }
+
+type LastFailure = Option<(Instant, Arc<TunnelError>)>;
 
 impl Default for Pool {
     fn default() -> Self {
@@ -156,12 +175,27 @@ impl Pool {
         if let Some(conn) = self.reserve(key, tls.generation) {
             return Ok(conn);
         }
+        let arrived = Instant::now();
         let gate = self.dial_gates.lock().entry(key.clone()).or_default().clone();
-        let _dialing = gate.lock().await;
+        let mut last_failure = gate.lock().await;
         if let Some(conn) = self.reserve(key, tls.generation) {
             return Ok(conn);
         }
-        let conn = Arc::new(dial(key, tls).await?);
+        if let Some((at, error)) = last_failure.as_ref()
+            && *at >= arrived
+        {
+            // The dial this stream waited behind failed while it waited: that is its answer too.
+            return Err(TunnelError::Shared(error.clone()));
+        }
+        let conn = match dial(key, tls).await {
+            Ok(conn) => Arc::new(conn),
+            Err(e) => {
+                let e = Arc::new(e);
+                *last_failure = Some((Instant::now(), e.clone()));
+                return Err(TunnelError::Shared(e));
+            }
+        };
+        *last_failure = None;
         conn.streams.fetch_add(1, Ordering::Relaxed);
         self.connections.lock().entry(key.clone()).or_default().push(conn.clone());
         Ok(conn)

@@ -82,7 +82,7 @@ fn bearer(token: &str) -> Vec<(&'static str, String)> {
 }
 
 fn run(a: &JwtAuthenticator, headers: &[(&str, String)], query: Option<&str>) -> JwtOutcome {
-    a.authenticate(TokenSource { headers: &headers, query }, NOW)
+    a.authenticate(TokenSource { method: "GET", headers: &headers, query }, NOW)
 }
 
 fn status(outcome: &JwtOutcome) -> u16 {

@@ -4,10 +4,15 @@
 //!
 //! The policies are read from the `ArcSwap` per request, so a policy change applies to the next request on an open
 //! connection. A denied request gets its answer and the client's connection stays usable; only malformed requests
-//! (which hyper's parser, or the checks here, refuse with 400) close an HTTP/1 connection.
+//! (which hyper's parser, or the checks here, refuse with 400) close an HTTP/1 connection. `framing` finds the
+//! requests hyper accepts but Trellis refuses: `Content-Length` with `Transfer-Encoding`.
+
+mod framing;
+mod measure;
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::{Either, Empty, Full};
@@ -34,16 +39,19 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const DENIED_BODY: &str = "RBAC: access denied";
 
 type Body = Either<Incoming, Full<Bytes>>;
+/// A request as the service passes it on: its body's bytes counted for `istio_request_bytes`.
+type ReqBody = measure::Counted<Incoming>;
 
 /// Whether an inbound tunnel goes to a port declared `http`.
 pub fn is_http(conn: &InboundConn) -> bool {
-    conn.workload.port(conn.destination.port()) == Some(Protocol::Http)
+    conn.workload.port(conn.destination.port()).is_some_and(Protocol::is_http)
 }
 
-/// Pooled HTTP clients to local workloads: HTTP/1.1 for HTTP/1 callers, h2c for HTTP/2 callers (gRPC).
+/// Pooled HTTP clients to local workloads: HTTP/1.1 for `http` ports, h2c for `http2` and `grpc` ports, whatever
+/// the caller speaks.
 pub struct Upstream {
-    http1: Client<MarkedDial, Incoming>,
-    http2: Client<MarkedDial, Incoming>,
+    http1: Client<MarkedDial, ReqBody>,
+    http2: Client<MarkedDial, ReqBody>,
 }
 
 /// Dials the workload named by the request URI (`ip:port`) with `finish::dial` (through `sockets`, so the socket
@@ -116,8 +124,14 @@ async fn serve(
     let source = report.key.source.clone();
     let open = report.opened(&data.traffic, Authz::PER_REQUEST);
     let counts = Arc::new(ByteCounts::default());
-    let tunnel = TokioIo::new(CountingIo::new(TokioIo::new(tunnel), counts.clone()));
-    let ctx = Arc::new(Tunnel { conn, data, source });
+    let smuggling = Arc::new(framing::Smuggling::default());
+    let tunnel = CountingIo::new(TokioIo::new(tunnel), counts.clone());
+    let tunnel = TokioIo::new(framing::FramingIo::new(tunnel, smuggling.clone()));
+    let protocol = conn.workload.port(conn.destination.port()).unwrap_or(Protocol::Http);
+    // Every upgraded stream holds a sender; the tunnel is reported closed once the last one is done.
+    let (upgrades, mut upgrades_done) = tokio::sync::mpsc::channel::<()>(1);
+    let cancel = registration.cancel.clone();
+    let ctx = Arc::new(Tunnel { conn, data, source, smuggling, protocol, cancel, upgrades: upgrades.downgrade() });
     let service = hyper::service::service_fn(move |request| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.handle(request).await) }
@@ -125,18 +139,23 @@ async fn serve(
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(MAX_HEADERS);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEADERS as u32);
-    let connection = builder.serve_connection(tunnel, service);
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = registration.cancel.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    let result = {
+        let connection = builder.serve_connection_with_upgrades(tunnel, service);
+        tokio::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => result,
+            () = registration.cancel.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
         }
     };
     if let Err(e) = &result {
         debug!(error = %e, "HTTP tunnel ended with an error");
     }
+    // The connection is done; upgraded streams may go on, each holding a sender.
+    drop(upgrades);
+    let _ = upgrades_done.recv().await;
     let (received, sent) = counts.get();
     let detail = result.err().map(|e| e.to_string());
     open.closed(received, sent, detail.as_deref());
@@ -148,6 +167,15 @@ struct Tunnel {
     data: Arc<DataPath>,
     /// Metric labels of the source workload.
     source: Arc<PeerLabels>,
+    /// Which HTTP/1 request had both Content-Length and Transfer-Encoding.
+    smuggling: Arc<framing::Smuggling>,
+    /// The destination port's declared protocol: which upstream client, and gRPC refusals.
+    protocol: Protocol,
+    /// The tunnel's cancellation (the drain): ends upgraded streams too.
+    cancel: tokio_util::sync::CancellationToken,
+    /// Made strong in each upgraded stream's task, so that `serve` waits for them (and only them) before it
+    /// reports the tunnel closed.
+    upgrades: tokio::sync::mpsc::WeakSender<()>,
 }
 
 /// What happened to one request: the one place a request's result is reported (access logs and metrics attach
@@ -158,7 +186,11 @@ pub struct RequestOutcome {
     /// The normalized path (without query) when it could be normalized, else the path as received.
     pub path: String,
     pub status: u16,
+    /// Until the last byte of the response.
     pub duration: Duration,
+    /// Total sizes (header names and values, body, trailers).
+    pub request_bytes: u64,
+    pub response_bytes: u64,
     pub verdict: Verdict,
     /// `namespace/name` of the deciding policy, if any.
     pub policy: Option<Arc<str>>,
@@ -205,7 +237,11 @@ impl RequestOutcome {
             mutual_tls: true,
             flags,
         };
-        tunnel.data.traffic.http(key.clone(), self.status).record(self.duration);
+        tunnel.data.traffic.http(key.clone(), self.status).record(
+            self.duration,
+            self.request_bytes,
+            self.response_bytes,
+        );
         access_log::request(&access_log::RequestEntry {
             key: &key,
             source_addr: Some(conn.source_addr.unwrap_or(conn.peer)),
@@ -235,26 +271,47 @@ impl Headers for HeaderView<'_> {
 }
 
 impl Tunnel {
-    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+    /// One request, reported when its response's last byte has gone (or the client went away).
+    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<measure::Measured<Body>> {
         let started = Instant::now();
+        // The request line as Envoy's pseudo-headers count it (:method, :path), then the headers.
+        let head = request.method().as_str().len()
+            + request.uri().path_and_query().map_or(0, |p| p.as_str().len())
+            + request.uri().authority().map_or(0, |a| a.as_str().len());
+        let request_bytes = Arc::new(AtomicU64::new(head as u64 + measure::header_bytes(request.headers())));
+        let request = request.map(|body| measure::Counted::new(body, request_bytes.clone()));
         let mut outcome = RequestOutcome {
             method: request.method().as_str().to_owned(),
             path: request.uri().path().to_owned(),
             status: 0,
             duration: Duration::ZERO,
+            request_bytes: 0,
+            response_bytes: 0,
             verdict: Verdict::Allowed,
             policy: None,
             request_principal: None,
         };
         let response = self.decide(request, &mut outcome).await;
         outcome.status = response.status().as_u16();
-        outcome.duration = started.elapsed();
-        outcome.record(self);
-        response
+        let response_head = 3 + measure::header_bytes(response.headers());
+        response.map(move |body| {
+            measure::Measured::new(body, move |body_bytes| {
+                outcome.duration = started.elapsed();
+                outcome.request_bytes = request_bytes.load(Ordering::Relaxed);
+                outcome.response_bytes = response_head + body_bytes;
+                outcome.record(&self);
+            })
+        })
     }
 
-    async fn decide(&self, request: Request<Incoming>, outcome: &mut RequestOutcome) -> Response<Body> {
-        let grpc = is_grpc(request.headers());
+    async fn decide(&self, request: Request<ReqBody>, outcome: &mut RequestOutcome) -> Response<Body> {
+        let grpc = self.protocol == Protocol::Grpc || is_grpc(request.headers());
+        // Counted for every HTTP/1 request, first, so the count matches the heads `framing` saw.
+        if request.version() != Version::HTTP_2 && self.smuggling.next_request_is_flagged() {
+            info!(source = %self.conn.source, uri = %request.uri(), "request refused: both Content-Length and Transfer-Encoding");
+            outcome.verdict = Verdict::BadRequest;
+            return bad_request(&request);
+        }
         // Istio rejects methods that are not upper case; hyper accepts them as extension methods.
         if request.method().as_str().bytes().any(|b| b.is_ascii_lowercase()) {
             outcome.verdict = Verdict::BadRequest;
@@ -295,7 +352,7 @@ impl Tunnel {
     /// nothing borrowed from them lives across one). Ok: the header edits for forwarding; Err: the refusal.
     fn check(
         &self,
-        request: &Request<Incoming>,
+        request: &Request<ReqBody>,
         target: &str,
         grpc: bool,
         outcome: &mut RequestOutcome,
@@ -307,7 +364,7 @@ impl Tunnel {
         };
         let headers = HeaderView(request.headers());
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let token = TokenSource { headers: &headers, query: request.uri().query() };
+        let token = TokenSource { method: request.method().as_str(), headers: &headers, query: request.uri().query() };
         let (payload, mut edits) = match auth.jwt.authenticate(token, now) {
             JwtOutcome::NoToken => (None, trellis_policy::HeaderEdits::default()),
             JwtOutcome::Verified(v) => (Some(v.payload), v.edits),
@@ -351,13 +408,22 @@ impl Tunnel {
 
     async fn forward(
         &self,
-        request: Request<Incoming>,
+        request: Request<ReqBody>,
         target: &str,
         edits: trellis_policy::HeaderEdits,
     ) -> Result<Response<Body>, hyper_util::client::legacy::Error> {
         let (mut parts, body) = request.into_parts();
         let version = parts.version;
+        let authority = parts.uri.authority().cloned();
+        // An HTTP/1.1 Upgrade (WebSocket) to an `http` port, authorized like any request: passed on with its
+        // Upgrade and Connection headers; if the workload switches protocols, both sides become one opaque stream.
+        let upgrade = (self.protocol == Protocol::Http).then(|| upgrade_request(&parts)).flatten();
+        let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = &upgrade {
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol.clone());
+        }
         for name in &edits.remove {
             parts.headers.remove(name.as_str());
         }
@@ -368,19 +434,81 @@ impl Tunnel {
         }
         let uri = format!("http://{}{target}", self.conn.destination);
         parts.uri = uri.parse().expect("an address and a normalized path form a valid URI");
-        let client = if version == Version::HTTP_2 {
-            parts.version = Version::HTTP_2;
-            &self.data.upstream.http2
-        } else {
-            parts.version = Version::HTTP_11;
-            &self.data.upstream.http1
+        // The port's protocol decides what the workload is spoken to; the caller's version is translated.
+        let client = match self.protocol {
+            Protocol::Http2 | Protocol::Grpc => {
+                parts.version = Version::HTTP_2;
+                &self.data.upstream.http2
+            }
+            Protocol::Http | Protocol::Tcp => {
+                // An HTTP/2 caller's :authority becomes the Host an HTTP/1.1 workload expects.
+                let host = authority.filter(|_| !parts.headers.contains_key(header::HOST));
+                if let Some(value) = host.and_then(|a| HeaderValue::try_from(a.as_str()).ok()) {
+                    parts.headers.insert(header::HOST, value);
+                }
+                parts.version = Version::HTTP_11;
+                &self.data.upstream.http1
+            }
         };
-        let response = client.request(Request::from_parts(parts, body)).await?;
+        let mut response = client.request(Request::from_parts(parts, body)).await?;
+        let switched = match client_upgrade {
+            Some(client_side) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let workload_side = hyper::upgrade::on(&mut response);
+                self.splice(client_side, workload_side);
+                true
+            }
+            _ => false,
+        };
         let (mut parts, body) = response.into_parts();
+        let upgrade_header = parts.headers.get(header::UPGRADE).cloned();
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = upgrade_header.filter(|_| switched) {
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol);
+        }
         parts.version = version;
         Ok(Response::from_parts(parts, Either::Left(body)))
     }
+
+    /// Once both sides have switched protocols, copies bytes between them until both are done or the tunnel is
+    /// cancelled (the drain; HTTP tunnels are not closed on a policy change, whose next request is checked).
+    fn splice(&self, client: hyper::upgrade::OnUpgrade, workload: hyper::upgrade::OnUpgrade) {
+        let (cancel, done) = (self.cancel.clone(), self.upgrades.upgrade());
+        let source = self.conn.source.clone();
+        tokio::spawn(async move {
+            let (client, workload) = match tokio::join!(client, workload) {
+                (Ok(c), Ok(w)) => (c, w),
+                (c, w) => {
+                    debug!(client = ?c.err(), workload = ?w.err(), "upgrade failed");
+                    return;
+                }
+            };
+            let (mut client, mut workload) = (TokioIo::new(client), TokioIo::new(workload));
+            let counts = ByteCounts::default();
+            tokio::select! {
+                result = crate::copy::copy_counted(&mut client, &mut workload, &counts) => {
+                    if let Err(e) = result {
+                        debug!(%source, error = %e, "upgraded stream ended with an error");
+                    }
+                }
+                () = cancel.cancelled() => debug!(%source, "upgraded stream closed by the proxy"),
+            }
+            drop(done);
+        });
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to: an `Upgrade` header and `upgrade` among the `Connection`
+/// options (RFC 9110 §7.8). HTTP/2 has no Upgrade.
+fn upgrade_request(parts: &hyper::http::request::Parts) -> Option<HeaderValue> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let asks = (parts.headers.get_all(header::CONNECTION).iter())
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|option| option.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| parts.headers.get(header::UPGRADE).cloned()).flatten()
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
