@@ -4,8 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
-pub mod bound_addresses;
 pub mod authority;
+pub mod bound_addresses;
 pub mod ca;
 pub mod ca_cli;
 pub mod cli;

@@ -1,7 +1,8 @@
 //! What the control plane accepts from a proxy on its Discovery stream (`DiscoveryRequest`): protobuf decoding,
 //! then the checks each message meets before it reaches the store: a Hello's workload declarations
 //! (`mesh/hello.rs`), a CertificateRequest's CSR (the CA's checks and the node's authorization, as
-//! `Mesh::sign_workload` does), an Ack's version and NACK reason.
+//! `Mesh::sign_workload` does), a NodeCredentialRequest's CSR (the CA's part of a node renewal), a Held report (the
+//! holdings record), an Ack's version and NACK reason.
 #![no_main]
 
 use std::collections::BTreeSet;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use trellis_control_plane::ca::{CA_CERT, CA_CHAIN, CA_KEY, Ca};
+use trellis_control_plane::holdings::Holdings;
 use trellis_control_plane::mesh::validate_hello;
 use trellis_control_plane::records::NodeRecord;
 use trellis_proto::v1::DiscoveryRequest;
@@ -58,6 +60,17 @@ fuzz_target!(|data: &[u8]| {
             let _ = CA.sign_workload(&csr.csr_der, Duration::from_secs(3600), |_, namespace, sa| {
                 if hosted.contains(&(namespace, sa)) { Ok(()) } else { Err("not hosted".into()) }
             });
+        }
+        Some(Up::NodeCredentialRequest(request)) => {
+            // The CA's part of `Mesh::renew_node`: only the CSR's key is used, its names are ignored.
+            if let Ok((id, _)) = CA.sign_node(&request.csr_der, &node.name, Duration::from_secs(3600)) {
+                assert_eq!(id.to_string(), format!("spiffe://{TRUST_DOMAIN}/trellis/node/{}", node.name));
+            }
+        }
+        Some(Up::Held(held)) => {
+            let holdings = Holdings::default();
+            holdings.report(&node.name, held.certificates.clone());
+            assert_eq!(holdings.get(&node.name).certificates, held.certificates);
         }
         Some(Up::Ack(ack)) => {
             let _ = (ack.version, ack.error.len(), ack.reason.len());

@@ -85,7 +85,8 @@ fn check(authenticator: &JwtAuthenticator, token: &str, everywhere: bool) {
         query = Some(format!("x=1&token={token}"));
     }
     let request = Request(headers);
-    let outcome = authenticator.authenticate(TokenSource { headers: &request, query: query.as_deref() }, NOW);
+    let outcome =
+        authenticator.authenticate(TokenSource { method: "GET", headers: &request, query: query.as_deref() }, NOW);
     match outcome {
         JwtOutcome::Rejected(r) => assert!(r.status == 401 || r.status == 403, "{r:?}"),
         JwtOutcome::Verified(v) => {

@@ -2,8 +2,8 @@
 //! then what the proxy does with each message. A `ConfigUpdate` is applied (`state::apply`: trust bundle, workloads,
 //! resources parsed with trellis-policy, the policy set compiled) on top of a synced state and on an empty one, and
 //! an accepted state is turned into what the data path reads (registry index, per-workload policies and JWT rules).
-//! A `CertificateResponse` chain goes through the checks of an issued certificate; a `RenewNow` through the
-//! certificate manager.
+//! A `CertificateResponse` or `NodeCredentialResponse` chain goes through the checks of an issued certificate; a
+//! `RenewNow` through the certificate manager.
 #![no_main]
 
 use std::sync::{Arc, LazyLock, Mutex};
@@ -41,6 +41,7 @@ struct Fixture {
     synced: State,
     locals: LocalWorkloads,
     id: SpiffeId,
+    node_id: SpiffeId,
     spki: Vec<u8>,
     certs: Mutex<CertManager>,
 }
@@ -60,9 +61,10 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
     let config = Config::parse(PROXY_YAML).expect("fixture proxy.yaml");
     let locals = LocalWorkloads::new(&config.workloads, TRUST_DOMAIN).expect("locals");
     let id = SpiffeId::workload(TRUST_DOMAIN, "shop", "web-sa").expect("id");
+    let node_id = SpiffeId::node(TRUST_DOMAIN, "node-a").expect("node id");
     let spki = rcgen::KeyPair::generate().expect("key").subject_public_key_info();
     let certs = Mutex::new(CertManager::new(Arc::new(WorkloadCerts::new([id.clone()])), Instant::now()));
-    Fixture { synced, locals, id, spki, certs }
+    Fixture { synced, locals, id, node_id, spki, certs }
 });
 
 fn use_state(next: &State) {
@@ -87,6 +89,13 @@ fuzz_target!(|data: &[u8]| {
                 answer.certificate_chain.iter().map(|c| CertificateDer::from(c.as_slice())).collect();
             let checked = certs::check_issued(&chain, &FIXTURE.spki, &FIXTURE.id, SystemTime::now());
             assert!(checked.is_err(), "a chain for a key nobody holds was accepted");
+        }
+        Some(Down::NodeCredential(answer)) => {
+            // A renewed node credential meets the same check (`NodeCredential::renewed`).
+            let chain: Vec<CertificateDer<'_>> =
+                answer.certificate_chain.iter().map(|c| CertificateDer::from(c.as_slice())).collect();
+            let checked = certs::check_issued(&chain, &FIXTURE.spki, &FIXTURE.node_id, SystemTime::now());
+            assert!(checked.is_err(), "a node chain for a key nobody holds was accepted");
         }
         Some(Down::Renew(renew)) => {
             let mut manager = FIXTURE.certs.lock().unwrap();
