@@ -195,6 +195,17 @@ impl Ca {
         Ok((id.clone(), self.sign_leaf(&csr.public_key, params)?))
     }
 
+    /// Signs an admin credential for `name` (`spiffe://<td>/trellis/admin/<name>`, client auth only): a new admin's,
+    /// or its renewal after a root rotation. The CSR only provides the key (its names are ignored).
+    pub fn sign_admin(&self, csr_der: &[u8], name: &str, ttl: Duration) -> Result<(SpiffeId, Issued), CaError> {
+        let csr = parse_csr(csr_der)?;
+        let id = SpiffeId::admin(&self.trust_domain, name).map_err(|e| CaError::BadSpiffeId(e.to_string()))?;
+        let mut params = leaf_params(&id, ttl);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        Ok((id.clone(), self.sign_leaf(&csr.public_key, params)?))
+    }
+
     /// Issues a certificate for a key generated here: the admin credential (client) and the control plane's
     /// serving certificate. Returns (chain, key PEM).
     pub fn issue_local(&self, kind: LocalCert, ttl: Duration) -> Result<(Issued, String), CaError> {
@@ -225,16 +236,6 @@ impl Ca {
         }
         let issued = self.sign_leaf(&key, params)?;
         Ok((issued, key.serialize_pem()))
-    }
-
-    /// Signs an admin credential for a key the admin holds (its renewal after a root rotation).
-    pub fn sign_admin(&self, csr_der: &[u8], name: &str, ttl: Duration) -> Result<Issued, CaError> {
-        let csr = parse_csr(csr_der)?;
-        let id = SpiffeId::admin(&self.trust_domain, name).map_err(|e| CaError::BadSpiffeId(e.to_string()))?;
-        let mut params = leaf_params(&id, ttl);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.sign_leaf(&csr.public_key, params)
     }
 
     /// A cross-certificate: `other`'s CA certificate (same subject, same key, same key identifier) signed by this

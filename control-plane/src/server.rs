@@ -60,6 +60,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
             data_dir: opts.data_dir.clone(),
         },
     )?;
+    adopt_initial_admin(&mesh, &opts.data_dir)?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let shared = Shared {
         mesh: Arc::new(mesh),
@@ -122,6 +123,21 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         }
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Records the admin credential `init` made, if no admin is recorded yet (`mesh/admins.rs`).
+fn adopt_initial_admin(mesh: &Mesh, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let path = data_dir.join(crate::init::ADMIN_CERT);
+    let pem = match std::fs::read_to_string(&path) {
+        Ok(pem) => pem,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let chain = crate::ca::parse_pem_certs(&pem).with_context(|| format!("{}", path.display()))?;
+    if let Some(name) = mesh.adopt_initial_admin(&chain[0]).with_context(|| format!("{}", path.display()))? {
+        tracing::info!(admin = %name, "initial admin credential recorded");
+    }
     Ok(())
 }
 

@@ -33,6 +33,7 @@ pub mod proxy;
 pub mod reconfigure;
 pub mod registry;
 pub mod report;
+pub mod revocation;
 pub mod sockets;
 pub mod state;
 pub mod stored;

@@ -98,6 +98,10 @@ fn describe() {
         "trellis_log_suppressed_total",
         "Log lines dropped by a rate limit (refused HBONE connections beyond the burst), by log and reason."
     );
+    describe_counter!(
+        "trellis_revocations_total",
+        "What revocations did, by kind (node, identity) and action (refused: a handshake; closed: an HBONE connection; stream_closed: a tunnel)."
+    );
     describe_gauge!("process_resident_memory_bytes", Unit::Bytes, "Resident memory.");
     describe_counter!("process_cpu_seconds_total", Unit::Seconds, "CPU time, user and system.");
     describe_gauge!("process_open_fds", "Open file descriptors.");

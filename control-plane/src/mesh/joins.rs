@@ -72,8 +72,9 @@ impl Mesh {
                 revoked: false,
                 credential_serial: issued.serial_hex.clone(),
             };
-            records::put(txn, Table::Nodes, node, &node_record)?;
+            // Logged first: refused if the node was revoked since the token was checked.
             self.log_certificate(txn, &issued, &spiffe_id, node)?;
+            records::put(txn, Table::Nodes, node, &node_record)?;
             Ok(())
         })?;
         tracing::info!(node, "node joined");

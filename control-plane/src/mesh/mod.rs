@@ -5,7 +5,8 @@
 //! by concern: `resources` (apply, dry run, delete), `joins` (tokens, and a join consuming one), `nodes` (active
 //! and revoked nodes), `registry` (the workloads each node declares), `hello` (checking a proxy's declaration),
 //! `signing` (workload certificates, the certificate log), `renewal` (node credentials renewed over the stream),
-//! `rotation` (the root CA rotation's transitions) and `errors` ([`MeshError`] and its gRPC status).
+//! `rotation` (the root CA rotation's transitions), `revocations` (revoked nodes' certificates and workload
+//! identities), `admins` (admin credentials) and `errors` ([`MeshError`] and its gRPC status).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ use crate::ca::Ca;
 use crate::records::{self, META_VERSION, ResourceRecord};
 use crate::store::{Store, StoreError, Table, Txn, transact};
 
+mod admins;
 mod errors;
 mod hello;
 mod joins;
@@ -27,6 +29,7 @@ mod nodes;
 mod registry;
 mod renewal;
 mod resources;
+mod revocations;
 mod rotation;
 mod signing;
 
@@ -56,6 +59,8 @@ pub struct Snapshot {
     pub created: Option<std::time::Instant>,
     /// JWKS documents fetched for `jwksUri` values, by URI (kept in memory, refetched after a restart).
     pub jwks: Arc<BTreeMap<String, String>>,
+    /// Revoked node certificates and workload identities (`mesh/revocations.rs`), pushed to every proxy.
+    pub revocations: Arc<pb::Revocations>,
 }
 
 pub struct MeshConfig {
@@ -125,6 +130,7 @@ impl Mesh {
         for (key, bytes) in store.list(Table::Workloads)? {
             snapshot.workloads.insert(key.clone(), Arc::new(decode_workload(&key, &bytes)?));
         }
+        snapshot.revocations = Arc::new(revocations::load(store.as_ref(), now_unix())?);
         store_gauges(&snapshot);
         let (snapshot, _) = watch::channel(Arc::new(snapshot));
         let (authority, _) = watch::channel(Arc::new(authority));
@@ -178,6 +184,7 @@ impl Mesh {
                 resources: current.resources.clone(),
                 created: Some(std::time::Instant::now()),
                 jwks: current.jwks.clone(),
+                revocations: current.revocations.clone(),
             };
             edit(&result, &mut next);
             store_gauges(&next);

@@ -105,6 +105,7 @@ pub(super) fn refusal(e: &super::MeshError) -> (&'static str, String) {
         PermissionDenied(_) => "PermissionDenied",
         Unauthenticated(_) => "Unauthenticated",
         AlreadyExists(_) => "AlreadyExists",
+        FailedPrecondition(_) => "FailedPrecondition",
         Store(_) => "Store",
         Ca(_) => "Ca",
     };

@@ -169,8 +169,8 @@ impl InFlight {
 }
 
 /// NACK reasons a proxy may report; anything else is counted as `other`, so a proxy cannot grow the label set.
-const NACK_REASONS: [&str; 7] =
-    ["not_synced", "trust_bundle", "workload", "resource", "removed_resource", "policy", "protocol"];
+const NACK_REASONS: [&str; 8] =
+    ["not_synced", "trust_bundle", "workload", "resource", "removed_resource", "policy", "protocol", "revocations"];
 
 fn response(message: Outbound) -> Result<pb::DiscoveryResponse, Status> {
     Ok(pb::DiscoveryResponse { message: Some(message) })
@@ -358,6 +358,8 @@ fn refusal_label(e: &MeshError) -> &'static str {
         MeshError::Ca(CaError::BadSans { .. } | CaError::BadSpiffeId(_) | CaError::NotWorkload(_)) => "bad_identity",
         MeshError::Ca(CaError::ForeignTrustDomain { .. }) => "foreign_trust_domain",
         MeshError::Ca(CaError::Refused(_)) => "not_authorized",
+        // The node or the identity was revoked (`mesh/revocations.rs`).
+        MeshError::PermissionDenied(_) => "revoked",
         _ => "internal",
     }
 }
@@ -374,6 +376,7 @@ pub fn diff(sent: Option<&Snapshot>, next: &Snapshot) -> Option<pb::ConfigUpdate
             resources: next.resources.values().map(|r| (**r).clone()).collect(),
             removed_resources: vec![],
             jwks: Some(jwks_set(&next.jwks)),
+            revocations: Some((*next.revocations).clone()),
         });
     };
     if std::ptr::eq(sent, next) {
@@ -403,8 +406,12 @@ pub fn diff(sent: Option<&Snapshot>, next: &Snapshot) -> Option<pb::ConfigUpdate
     if !Arc::ptr_eq(&sent.jwks, &next.jwks) && sent.jwks != next.jwks {
         update.jwks = Some(jwks_set(&next.jwks));
     }
+    if !Arc::ptr_eq(&sent.revocations, &next.revocations) && sent.revocations != next.revocations {
+        update.revocations = Some((*next.revocations).clone());
+    }
     let empty = update.trust_bundle.is_none()
         && update.jwks.is_none()
+        && update.revocations.is_none()
         && update.workloads.is_empty()
         && update.removed_workloads.is_empty()
         && update.resources.is_empty()
@@ -492,6 +499,20 @@ mod tests {
     }
 
     #[test]
+    fn diff_sends_the_revocations_when_they_change() {
+        let a = Snapshot { version: 1, ..Default::default() };
+        assert_eq!(diff(None, &a).unwrap().revocations, Some(pb::Revocations::default()), "always in a full snapshot");
+        let list = pb::Revocations {
+            identities: vec![pb::RevokedIdentity { spiffe_id: "spiffe://td/ns/a/sa/b".into(), revoked_at_unix: 1 }],
+            ..Default::default()
+        };
+        let b = Snapshot { version: 2, revocations: Arc::new(list.clone()), ..Default::default() };
+        assert_eq!(diff(Some(&a), &b).unwrap().revocations, Some(list.clone()));
+        let c = Snapshot { version: 3, revocations: Arc::new(list), ..Default::default() };
+        assert!(diff(Some(&b), &c).is_none(), "same list: nothing to send");
+    }
+
+    #[test]
     fn diff_sends_full_then_changes_only() {
         let mut a = Snapshot { version: 1, ..Default::default() };
         a.workloads.insert("ns/a".into(), workload("a", "10.0.0.1"));
@@ -520,6 +541,7 @@ mod tests {
             workloads: b.workloads.clone(),
             resources: b.resources.clone(),
             jwks: b.jwks.clone(),
+            revocations: b.revocations.clone(),
             ..Default::default()
         };
         assert!(diff(Some(&b), &same).is_none());

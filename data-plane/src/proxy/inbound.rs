@@ -23,7 +23,7 @@ use trellis_proto::spiffe::SpiffeId;
 
 use super::finish::{self, DialError, Ended};
 use super::{DataPath, HANDSHAKE_TIMEOUT, l7};
-use crate::connections::InboundConn;
+use crate::connections::{InboundConn, PeerCert};
 use crate::hbone::{
     self, CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
 };
@@ -56,6 +56,9 @@ pub enum HandshakeError {
     TimedOut,
     #[error("TLS handshake failed: {}", crate::error_chain(.0))]
     Failed(io::Error),
+    /// Revoked while the handshake ran (the verifier refuses it otherwise).
+    #[error("TLS handshake refused: {0}")]
+    Revoked(crate::revocation::Revoked),
 }
 
 impl HboneError {
@@ -77,6 +80,7 @@ impl HandshakeError {
         match self {
             HandshakeError::TimedOut => "tls_handshake_timeout",
             HandshakeError::Failed(_) => "tls_handshake_failed",
+            HandshakeError::Revoked(_) => "revoked",
         }
     }
 }
@@ -132,16 +136,23 @@ async fn connection(
     let (source, serial) = {
         let (_, session) = tls.get_ref();
         let leaf = session.peer_certificates().and_then(|c| c.first()).ok_or(HboneError::NoClientCertificate)?;
-        (
-            crate::tls::peer_identity(leaf)?,
-            crate::identity::certs::CertInfo::parse(leaf).map(|i| i.serial).unwrap_or_default(),
-        )
+        (crate::tls::peer_identity(leaf)?, crate::revocation::serial_hex(leaf).unwrap_or_default())
     };
+    // Registered before this check, so that a revocation applied while the handshake ran is not missed: either the
+    // check sees it, or the revocation finds the session.
+    let session = data.connections.register_session(Arc::new(PeerCert { id: source.clone(), serial: serial.clone() }));
+    if let Err(revoked) = data.tls.revocations().load().check(&serial, &source) {
+        revoked.count("refused");
+        let error = HandshakeError::Revoked(revoked);
+        tls_failure(&data, peer, local, started, &error);
+        return Err(error.into());
+    }
     info!(%peer, %source, %serial, "HBONE connection accepted");
     let peer_id = Arc::new(Peer {
         principal: source.principal().into(),
         labels: PeerLabels::identity_only(&source),
         id: source,
+        serial: serial.into(),
         addr: peer,
     });
     let service = hyper::service::service_fn(move |request| {
@@ -163,6 +174,11 @@ async fn connection(
         () = crate::shutdown_requested(&mut shutdown) => {
             conn.as_mut().graceful_shutdown();
             conn.await
+        }
+        () = session.cancel.cancelled() => {
+            // Dropping the connection closes it and every stream on it at once (no GOAWAY: the peer is revoked).
+            info!(%peer, reason = session.reason(), "HBONE connection closed");
+            return Ok(());
         }
     };
     result.map_err(HboneError::Http)
@@ -186,6 +202,7 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
 struct Peer {
     id: SpiffeId,
     principal: Arc<str>,
+    serial: Arc<str>,
     /// Metric labels for a source whose workload is not known.
     labels: Arc<PeerLabels>,
     addr: SocketAddr,
@@ -271,6 +288,7 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
     let conn = Arc::new(InboundConn {
         source: source.clone(),
         principal: peer_id.principal.clone(),
+        serial: peer_id.serial.clone(),
         peer,
         source_addr,
         destination: target,
