@@ -49,7 +49,7 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'%' => match hex_pair(bytes, i + 1).filter(|b| is_unreserved(*b)) {
+            b'%' => match hex_pair(bytes, i + 1).filter(|b| is_unreserved(*b) && !completes_escape(&decoded, *b)) {
                 Some(b) => {
                     decoded.push(b as char);
                     i += 3;
@@ -85,6 +85,16 @@ fn hex_pair(bytes: &[u8], at: usize) -> Option<u8> {
     let hi = (*bytes.get(at)? as char).to_digit(16)?;
     let lo = (*bytes.get(at + 1)? as char).to_digit(16)?;
     Some((hi * 16 + lo) as u8)
+}
+
+/// Whether appending the decoded `b` to `out` would complete a new percent-escape (`%%32E` → `%2E`): such an
+/// escape stays encoded, so that normalizing the result again changes nothing and an upstream that decodes once
+/// more cannot find a dot segment the authorized path did not have (found by `fuzz/fuzz_targets/path_normalize.rs`).
+fn completes_escape(out: &str, b: u8) -> bool {
+    let out = out.as_bytes();
+    b.is_ascii_hexdigit()
+        && (out.ends_with(b"%")
+            || (out.len() >= 2 && out[out.len() - 2] == b'%' && out[out.len() - 1].is_ascii_hexdigit()))
 }
 
 /// RFC 3986 unreserved: ALPHA / DIGIT / "-" / "." / "_" / "~".
@@ -162,10 +172,26 @@ mod tests {
             ("/a%", "/a%"),
             ("/a%4", "/a%4"),
             ("/é/../x", "/x"),
+            // A decoded character never completes a new escape (else `%2E%2E` would reach an upstream that
+            // decodes once more as `..`): fuzzing found the first.
+            ("/%%32E\\be%2E1bd", "/%%32E/be.1bd"),
+            ("/public/%%32E%%32E/admin", "/public/%%32E%%32E/admin"),
+            ("/public/%2%45%2%45/admin", "/public/%2%45%2%45/admin"),
+            ("/a/%%34%31", "/a/%%341"),
             ("//a//b", "//a//b"),
         ];
         for (input, want) in cases {
             assert_eq!(normalize_path(input).as_deref(), Ok(want), "{input}");
+        }
+    }
+
+    #[test]
+    fn normalizing_twice_changes_nothing() {
+        for input in
+            ["/%%32E\\be%2E1bd", "/public/%%32E%%32E/admin", "/p/%2%45%2E/x", "/%41%%34%31%2e%2e/b", "/a/%252e/.."]
+        {
+            let once = normalize_path(input).unwrap().into_owned();
+            assert_eq!(normalize_path(&once).as_deref(), Ok(once.as_str()), "{input} → {once}");
         }
     }
 

@@ -36,6 +36,17 @@ mod signing;
 pub use errors::MeshError;
 pub use rotation::{CaMaterial, RotateRequest};
 
+/// Checks a proxy's Hello as the Discovery service does before registering it (`hello.rs`); public for the fuzz
+/// target `fuzz/fuzz_targets/control_plane_messages.rs`, which drives the same checks without a store.
+#[doc(hidden)]
+pub fn validate_hello(
+    node: &records::NodeRecord,
+    hello: &pb::Hello,
+    trust_domain: &str,
+) -> Result<BTreeMap<String, pb::Workload>, MeshError> {
+    hello::validate(node, hello, trust_domain)
+}
+
 /// What every proxy is told: the whole registry and every resource (scoping per proxy comes later).
 #[derive(Debug, Default)]
 pub struct Snapshot {

@@ -225,25 +225,66 @@ fn tls_failure(data: &DataPath, peer: SocketAddr, local: SocketAddr, started: In
     report.refused_logged(&data.traffic, Flags::from(error), Authz::NONE, &error.to_string(), logged);
 }
 
+/// What an HBONE stream asks for, read from its request head alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectRequest {
+    /// The `<ip>:<port>` of the CONNECT authority.
+    pub target: SocketAddr,
+    /// The original client address from `Forwarded`, if present in the form the client side writes (trusted
+    /// because the peer authenticated with a mesh certificate).
+    pub source_addr: Option<SocketAddr>,
+}
+
+/// Why a stream's request head is refused before any lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectRefusal {
+    #[error("not a CONNECT request")]
+    NotConnect,
+    #[error("CONNECT target is not ip:port")]
+    BadTarget,
+}
+
+impl ConnectRefusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ConnectRefusal::NotConnect => StatusCode::METHOD_NOT_ALLOWED,
+            ConnectRefusal::BadTarget => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl ConnectRequest {
+    /// Reads method, authority and `Forwarded`; pure, so the fuzz target (`fuzz/fuzz_targets/hbone_connect.rs`)
+    /// drives the same code the listener runs.
+    pub fn parse<B>(request: &Request<B>) -> Result<ConnectRequest, ConnectRefusal> {
+        if request.method() != Method::CONNECT {
+            return Err(ConnectRefusal::NotConnect);
+        }
+        let target = request
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+            .ok_or(ConnectRefusal::BadTarget)?;
+        Ok(ConnectRequest { target, source_addr: hbone::original_source(request.headers()) })
+    }
+}
+
 /// One CONNECT stream: check the target, authorize, dial the workload, answer 200 and copy until both sides are
 /// done (or a policy change revokes the connection).
 async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPath>) -> Response<Empty<Bytes>> {
     let (source, peer) = (&peer_id.id, peer_id.addr);
-    if request.method() != Method::CONNECT {
-        debug!(%peer, method = %request.method(), "not a CONNECT request");
-        return status(StatusCode::METHOD_NOT_ALLOWED);
-    }
-    let Some(target) = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
-        debug!(%peer, uri = %request.uri(), "CONNECT target is not ip:port");
-        return status(StatusCode::BAD_REQUEST);
+    let ConnectRequest { target, source_addr } = match ConnectRequest::parse(&request) {
+        Ok(connect) => connect,
+        Err(refusal) => {
+            debug!(%peer, method = %request.method(), uri = %request.uri(), %refusal, "CONNECT request refused");
+            return status(refusal.status());
+        }
     };
     let locals = &data.locals;
     let Some(workload) = locals.by_ip(target.ip()).filter(|w| w.port(target.port()).is_some()).cloned() else {
         info!(%peer, %source, %target, "CONNECT to an address or port this proxy does not front");
         return status(StatusCode::NOT_FOUND);
     };
-    // Trusted because the peer authenticated with a mesh certificate.
-    let source_addr = hbone::original_source(request.headers());
     let conn = Arc::new(InboundConn {
         source: source.clone(),
         principal: peer_id.principal.clone(),
@@ -317,4 +358,41 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
         drop(registration);
     });
     status(StatusCode::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: Method, uri: &str, forwarded: Option<&str>) -> Request<()> {
+        let mut builder = Request::builder().method(method).uri(uri);
+        if let Some(value) = forwarded {
+            builder = builder.header(hbone::FORWARDED, value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn a_connect_head_gives_target_and_original_source_and_anything_else_is_refused_with_its_status() {
+        // Control: what the client side sends.
+        let connect = ConnectRequest::parse(&request(Method::CONNECT, "10.1.0.2:8080", Some("for=\"10.1.0.7:4000\"")));
+        let want = ConnectRequest {
+            target: "10.1.0.2:8080".parse().unwrap(),
+            source_addr: Some("10.1.0.7:4000".parse().unwrap()),
+        };
+        assert_eq!(connect, Ok(want));
+        let v6 = ConnectRequest::parse(&request(Method::CONNECT, "[fd00::2]:443", None)).unwrap();
+        assert_eq!((v6.target, v6.source_addr), ("[fd00::2]:443".parse().unwrap(), None));
+        // A Forwarded value in another form is ignored, not trusted.
+        let other = ConnectRequest::parse(&request(Method::CONNECT, "10.1.0.2:8080", Some("for=10.1.0.7")));
+        assert_eq!(other.unwrap().source_addr, None);
+
+        let refused = |method: Method, uri: &str| ConnectRequest::parse(&request(method, uri, None)).unwrap_err();
+        assert_eq!(refused(Method::GET, "http://10.1.0.2:8080/"), ConnectRefusal::NotConnect);
+        assert_eq!(ConnectRefusal::NotConnect.status(), StatusCode::METHOD_NOT_ALLOWED);
+        for target in ["api.shop:8080", "10.1.0.2", "10.1.0.2:99999"] {
+            assert_eq!(refused(Method::CONNECT, target), ConnectRefusal::BadTarget, "{target}");
+        }
+        assert_eq!(ConnectRefusal::BadTarget.status(), StatusCode::BAD_REQUEST);
+    }
 }

@@ -23,7 +23,7 @@ const ATYP_IPV6: u8 = 4;
 
 /// Reply codes (RFC 1928 section 6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reply {
+pub enum Reply {
     Succeeded = 0,
     GeneralFailure = 1,
     NotAllowed = 2,
@@ -90,8 +90,9 @@ fn reply_for(error: &OutboundError) -> Reply {
     }
 }
 
-/// Reads the greeting and the request; `Ok(Err(reply))` is a protocol refusal to send back.
-async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(tcp: &mut S) -> std::io::Result<Result<SocketAddr, Reply>> {
+/// Reads the greeting and the request; `Ok(Err(reply))` is a protocol refusal to send back. Public for the fuzz
+/// target (`fuzz/fuzz_targets/socks5_handshake.rs`).
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(tcp: &mut S) -> std::io::Result<Result<SocketAddr, Reply>> {
     let mut head = [0u8; 2];
     tcp.read_exact(&mut head).await?;
     if head[0] != VERSION {

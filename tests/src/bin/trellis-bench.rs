@@ -4,6 +4,8 @@
 //! `trellis-bench http [--quick] [--no-build]`: HTTP/1.1 requests direct vs. through the mesh, with and without a
 //! JWT rule (see `bench/http.rs`).
 //! Both write their own marked section of BENCHMARKS.md; nothing asserts on timings.
+//! `trellis-bench soak --duration D`: a long run under certificate rotation and policy changes (see `bench/soak.rs`);
+//! prints its report (RELIABILITY.md's soak row), writes nothing.
 
 // `deny`, not `forbid`: a few system calls std does not wrap (sysconf, rlimits, prctl in `bench::procfs`; geteuid
 // in `bench::contenders`) allow unsafe code where they are made, with their SAFETY reasoning.
@@ -14,7 +16,7 @@ mod common;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: trellis-bench all [--smoke] [--only N,N] [--worker-threads N] [--bulk-mib N] [--no-build] | trellis-bench tunnel [--quick] [--direct-only] [--no-build]";
+const USAGE: &str = "usage: trellis-bench all [--smoke] [--only N,N] [--worker-threads N] [--bulk-mib N] [--no-build] | trellis-bench tunnel [--quick] [--direct-only] [--no-build] | trellis-bench soak --duration D [--cert-ttl D] [--policy-every D] [--rate N] [--streams N] [--no-build]";
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -22,6 +24,7 @@ fn main() -> ExitCode {
         Some("all") => bench::suite::main(&argv[1..]),
         Some("tunnel") => bench::tunnel::main(&argv[1..]),
         Some("http") => bench::http::main(&argv[1..]),
+        Some("soak") => bench::soak::main(&argv[1..]),
         // The suite's servers, as a process of their own.
         Some("servers") => bench::load::servers_main(),
         _ => {

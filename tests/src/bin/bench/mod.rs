@@ -8,5 +8,6 @@ pub mod load;
 pub mod plot;
 pub mod procfs;
 pub mod report;
+pub mod soak;
 pub mod suite;
 pub mod tunnel;
