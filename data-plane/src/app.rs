@@ -14,13 +14,13 @@ use trellis_proto::spiffe::SpiffeId;
 use crate::admin::{self, Shared};
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::discovery::Discovery;
+use crate::discovery::{self, Discovery};
 use crate::identity::certs::rfc3339;
 use crate::identity::{CertManager, NodeCredential, NodeError, WorkloadCerts, files};
 use crate::proxy::{DataPath, inbound, inbound_plaintext, outbound, socks5};
 use crate::registry::LocalWorkloads;
 use crate::state::{State, StateStore};
-use crate::{reconfigure, shutdown_requested};
+use crate::{reconfigure, shutdown_requested, workload_api};
 
 /// Why the proxy could not start (every error `run` returns happens before or while it starts).
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,8 @@ pub enum StartError {
     Identity(#[from] trellis_proto::spiffe::SpiffeIdError),
     #[error("cannot listen on {address} ({field}): {source}")]
     Bind { field: &'static str, address: std::net::SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    WorkloadApi(#[from] workload_api::BindError),
 }
 
 /// Runs the proxy until `shutdown` turns true.
@@ -98,10 +100,24 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let data = Arc::new(DataPath::new(locals, config.outbound.clone()));
     tokio::spawn(reconfigure::follow_changes(config.clone(), data.clone(), certs.clone(), state.clone()));
     tokio::spawn(crate::heap::release_when_quiet());
-    let listeners = start_listeners(&config, &data, shared.clone(), shutdown.clone()).await?;
+    let mut listeners = start_listeners(&config, &data, shared.clone(), shutdown.clone()).await?;
+
+    // Application SVIDs (Workload API): the attested workloads' identities again, each under a key of its own.
+    let attestor = Arc::new(workload_api::attest::Attestor::new(&config.workloads, node.trust_domain())?);
+    let app_ids = attestor.identities();
+    let app_manager = (!app_ids.is_empty()).then(|| {
+        let app_certs = Arc::new(WorkloadCerts::new(app_ids));
+        CertManager::with_first_request_id(app_certs, Instant::now(), discovery::APP_REQUEST_IDS)
+    });
+    if let Some(listen) = &config.workload_api {
+        let listener = workload_api::bind(listen)?;
+        let app_certs = app_manager.as_ref().map_or_else(|| Arc::new(WorkloadCerts::new([])), |m| m.certs().clone());
+        let service = workload_api::service::Service::new(attestor, app_certs, state.clone());
+        listeners.push(tokio::spawn(workload_api::serve(listener, listen.path.clone(), service)));
+    }
 
     let manager = CertManager::new(certs, Instant::now());
-    Discovery::new(config.clone(), node, state, manager).run(shutdown).await;
+    Discovery::new(config.clone(), node, state, manager).with_app_certs(app_manager).run(shutdown).await;
 
     // Stop accepting, then give open connections until the drain deadline.
     for listener in &listeners {

@@ -54,6 +54,9 @@ pub struct Discovery {
     node: Arc<NodeCredential>,
     state: Arc<StateStore>,
     certs: CertManager,
+    /// Application SVIDs (Workload API): separate keys, same identities, same stream; `None` when no workload is
+    /// attested. Its request IDs start at [`APP_REQUEST_IDS`].
+    app_certs: Option<CertManager>,
     /// Roots last written to the state directory, to persist rotations only when they change.
     persisted_roots: Vec<CertificateDer<'static>>,
 }
@@ -74,7 +77,22 @@ impl Session {
 impl Discovery {
     pub fn new(config: Arc<Config>, node: Arc<NodeCredential>, state: Arc<StateStore>, certs: CertManager) -> Self {
         let persisted_roots = node.roots.clone();
-        Self { config, node, state, certs, persisted_roots }
+        Self { config, node, state, certs, app_certs: None, persisted_roots }
+    }
+
+    /// Also keeps the Workload API's application SVIDs issued and renewed over this stream.
+    pub fn with_app_certs(mut self, app_certs: Option<CertManager>) -> Self {
+        self.app_certs = app_certs;
+        self
+    }
+
+    fn managers(&mut self) -> impl Iterator<Item = (&mut CertManager, Purpose)> {
+        std::iter::once((&mut self.certs, Purpose::Tunnel)).chain(self.app_certs.as_mut().map(|m| (m, Purpose::App)))
+    }
+
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        let app = self.app_certs.as_ref().and_then(CertManager::next_deadline);
+        self.certs.next_deadline().into_iter().chain(app).min()
     }
 
     /// Runs until shutdown is requested.
@@ -97,7 +115,9 @@ impl Discovery {
                 }
                 other => warn!(error = %other, address = %self.config.control_plane.address, "discovery stream failed"),
             }
-            self.certs.stream_lost(Instant::now());
+            for (manager, _) in self.managers() {
+                manager.stream_lost(Instant::now());
+            }
             if !self.wait(backoff.next_delay(), &mut shutdown).await {
                 return;
             }
@@ -109,10 +129,14 @@ impl Discovery {
         info!(retry_in = ?delay, "reconnecting to the control plane");
         let until = tokio::time::Instant::now() + delay;
         loop {
-            for id in self.certs.expire(Instant::now()) {
-                error!(spiffe_id = %id, "workload certificate expired before it could be renewed; withdrawn");
+            let mut next_expiry = None;
+            for (manager, purpose) in self.managers() {
+                for id in manager.expire(Instant::now()) {
+                    error!(spiffe_id = %id, "{} expired before it could be renewed; withdrawn", purpose.what());
+                }
+                next_expiry = next_expiry.into_iter().chain(manager.next_expiry()).min();
             }
-            let wake = self.certs.next_expiry().map_or(until, |at| until.min(at.into()));
+            let wake = next_expiry.map_or(until, |at| until.min(at.into()));
             tokio::select! {
                 _ = shutdown_requested(shutdown) => return false,
                 _ = tokio::time::sleep_until(wake) => {}
@@ -154,7 +178,7 @@ impl Discovery {
 
         loop {
             self.request_certificates(&session)?;
-            let deadline = self.certs.next_deadline().map(tokio::time::Instant::from_std);
+            let deadline = self.next_deadline().map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(far_future)) => {}
                 message = inbound.message() => {
@@ -169,26 +193,36 @@ impl Discovery {
         match message {
             Some(Down::Update(update)) => return self.on_update(session, update),
             Some(Down::Certificate(answer)) => {
-                match self.certs.on_response(answer, Instant::now(), SystemTime::now()) {
+                let (manager, purpose) = match &mut self.app_certs {
+                    Some(app) if app.expects(answer.request_id) => (app, Purpose::App),
+                    _ => (&mut self.certs, Purpose::Tunnel),
+                };
+                match manager.on_response(answer, Instant::now(), SystemTime::now()) {
                     Ok(Some(cert)) => {
                         metrics::certificate_rotation(&cert.spiffe_id, true);
+                        if purpose == Purpose::App {
+                            metrics::workload_api_svid_issued(&cert.spiffe_id);
+                        }
                         info!(
                             spiffe_id = %cert.spiffe_id,
                             serial = %cert.info.serial,
                             not_after = %rfc3339(cert.info.not_after),
-                            "workload certificate installed"
+                            "{} installed", purpose.what()
                         )
                     }
                     Ok(None) => debug!("answer to an abandoned CSR ignored"),
                     Err(e) => {
                         metrics::certificate_rotation(e.spiffe_id(), false);
-                        error!(error = %e, "workload certificate not issued")
+                        error!(error = %e, "{} not issued", purpose.what())
                     }
                 }
             }
             Some(Down::Renew(renew)) => {
-                let ids = self.certs.renew_now(&renew.spiffe_ids, Instant::now());
-                info!(requested = ?renew.spiffe_ids, renewing = ids.len(), "control plane asked for renewal");
+                let mut renewing = 0;
+                for (manager, _) in self.managers() {
+                    renewing += manager.renew_now(&renew.spiffe_ids, Instant::now()).len();
+                }
+                info!(requested = ?renew.spiffe_ids, renewing, "control plane asked for renewal");
             }
             None => debug!("empty message from the control plane ignored"),
         }
@@ -205,17 +239,19 @@ impl Discovery {
 
     /// Sends CSRs for identities that are due and logs what the certificate schedule reports.
     fn request_certificates(&mut self, session: &Session) -> Result<(), StreamError> {
-        let step = self.certs.step(Instant::now());
-        for id in step.expired {
-            error!(spiffe_id = %id, "workload certificate expired before it could be renewed; withdrawn");
-        }
-        for failure in step.failures {
-            metrics::certificate_rotation(failure.spiffe_id(), false);
-            error!(error = %failure, "workload certificate not issued");
-        }
-        for request in step.requests {
-            debug!(request_id = request.request_id, "sending CSR");
-            session.send(Up::CertificateRequest(request))?;
+        for (manager, purpose) in self.managers() {
+            let step = manager.step(Instant::now());
+            for id in step.expired {
+                error!(spiffe_id = %id, "{} expired before it could be renewed; withdrawn", purpose.what());
+            }
+            for failure in step.failures {
+                metrics::certificate_rotation(failure.spiffe_id(), false);
+                error!(error = %failure, "{} not issued", purpose.what());
+            }
+            for request in step.requests {
+                debug!(request_id = request.request_id, ?purpose, "sending CSR");
+                session.send(Up::CertificateRequest(request))?;
+            }
         }
         Ok(())
     }
@@ -268,6 +304,28 @@ impl Discovery {
                 self.persisted_roots = roots;
             }
             Err(e) => warn!(error = %e, "cannot store the new trust bundle"),
+        }
+    }
+}
+
+/// First request ID of the application-SVID manager: far above any the tunnel manager reaches, so the two never
+/// collide on the stream.
+pub const APP_REQUEST_IDS: u64 = 1 << 62;
+
+/// Which certificates a manager keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// The proxy's own, for tunnels.
+    Tunnel,
+    /// Handed to applications by the Workload API.
+    App,
+}
+
+impl Purpose {
+    fn what(self) -> &'static str {
+        match self {
+            Purpose::Tunnel => "workload certificate",
+            Purpose::App => "application SVID (Workload API)",
         }
     }
 }

@@ -34,6 +34,7 @@ pub mod report;
 pub mod sockets;
 pub mod state;
 pub mod tls;
+pub mod workload_api;
 
 #[cfg(test)]
 mod testing;
