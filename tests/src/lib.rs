@@ -335,6 +335,8 @@ pub struct WorkloadSpec {
     pub addresses: Vec<String>,
     pub ports: Vec<(u16, &'static str)>,
     pub labels: Vec<(String, String)>,
+    /// `attest` selectors (Workload API), e.g. `{"uid": 1000}`.
+    pub attest: Vec<serde_json::Value>,
 }
 
 impl WorkloadSpec {
@@ -346,6 +348,7 @@ impl WorkloadSpec {
             addresses: vec![address.into()],
             ports: vec![(8080, "tcp")],
             labels: Vec::new(),
+            attest: Vec::new(),
         }
     }
 }
@@ -364,6 +367,8 @@ pub struct ProxyOptions {
     pub netns: Option<netns::Host>,
     /// `run --capture`: install the nftables rules (root; use with `netns`).
     pub capture: bool,
+    /// `listen.workloadApi` (default: none, the Workload API is off).
+    pub workload_api: Option<PathBuf>,
 }
 
 /// A running `trellis-proxy`. Its HBONE listener is on every address (so that tunnels dialled to a workload's
@@ -437,6 +442,7 @@ impl Proxy {
                     "addresses": w.addresses,
                     "labels": w.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
                     "ports": w.ports.iter().map(|(p, proto)| serde_json::json!({"port": p, "protocol": proto})).collect::<Vec<_>>(),
+                    "attest": w.attest,
                 })
             })
             .collect();
@@ -461,6 +467,8 @@ impl Proxy {
             "hboneAddress": hbone_address,
             "outbound": outbound,
         });
+        config["listen"]["workloadApi"] =
+            options.workload_api.as_ref().map_or_else(|| serde_json::json!("none"), |p| serde_json::json!(p));
         for (key, value) in options.extra {
             config[key] = value;
         }

@@ -16,10 +16,16 @@ pub enum FetchError {
     BadSocket(String),
     #[error("cannot connect to {path}: {source}")]
     Connect { path: PathBuf, source: tonic::transport::Error },
-    #[error("{}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
+    #[error("{code:?}: {message}")]
+    Status { code: tonic::Code, message: String },
     #[error("the server closed the stream without an answer")]
     NoAnswer,
+}
+
+impl From<tonic::Status> for FetchError {
+    fn from(status: tonic::Status) -> Self {
+        FetchError::Status { code: status.code(), message: status.message().to_owned() }
+    }
 }
 
 /// `unix:///path` or `/path`.
