@@ -247,10 +247,10 @@ impl Pusher {
                 return;
             }
             let bundle = self.state.load().trust_bundle.clone();
-            if let Some(message) = bundle.as_deref().and_then(&mut build) {
-                if tx.send(Ok(message)).await.is_err() {
-                    return;
-                }
+            if let Some(message) = bundle.as_deref().and_then(&mut build)
+                && tx.send(Ok(message)).await.is_err()
+            {
+                return;
             }
             tokio::select! {
                 changed = cert_changes.changed() => if changed.is_err() { return },
