@@ -61,7 +61,8 @@ pub struct Ca {
     chain: Vec<CertificateDer<'static>>,
 }
 
-/// File names inside `<data-dir>/ca/`.
+/// The folder of the CA `init` creates, and the file names inside it (a rotation's CA has a folder of its own).
+pub const CA_DIR: &str = "ca";
 pub const CA_CERT: &str = "ca/ca-cert.pem";
 pub const CA_KEY: &str = "ca/ca-key.pem";
 pub const CA_CHAIN: &str = "ca/ca-chain.pem";
@@ -70,11 +71,17 @@ pub const ROOT_CERT: &str = "ca/root-cert.pem";
 impl Ca {
     /// Creates a fresh self-signed ECDSA P-256 root for `trust_domain`; returns (certificate PEM, key PEM).
     pub fn generate_root(trust_domain: &str) -> Result<(String, String), CaError> {
+        Self::generate_root_named(trust_domain, "Trellis root CA")
+    }
+
+    /// [`Ca::generate_root`] with another common name (each rotation's root gets its own, so that names tell roots
+    /// apart in paths and tools).
+    pub fn generate_root_named(trust_domain: &str, common_name: &str) -> Result<(String, String), CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::OrganizationName, trust_domain);
-        params.distinguished_name.push(DnType::CommonName, "Trellis root CA");
+        params.distinguished_name.push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages =
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -121,10 +128,19 @@ impl Ca {
     }
 
     pub fn load(data_dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
-        let cert_pem = std::fs::read_to_string(data_dir.join(CA_CERT))?;
-        let key_pem = std::fs::read_to_string(data_dir.join(CA_KEY))?;
-        let chain = parse_pem_certs(&std::fs::read_to_string(data_dir.join(CA_CHAIN))?)
-            .map_err(|e| CaError::Material(format!("{CA_CHAIN}: {e}")))?;
+        Self::load_dir(&data_dir.join(CA_DIR), trust_domain)
+    }
+
+    /// Loads the CA whose files (`ca-cert.pem`, `ca-key.pem`, `ca-chain.pem`) are in `dir`.
+    pub fn load_dir(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
+        let file = |path: &str| dir.join(Path::new(path).file_name().expect("CA file names have a file name"));
+        let read = |path: &str| {
+            std::fs::read_to_string(file(path)).map_err(|e| CaError::Material(format!("{}: {e}", file(path).display())))
+        };
+        let cert_pem = read(CA_CERT)?;
+        let key_pem = read(CA_KEY)?;
+        let chain = parse_pem_certs(&read(CA_CHAIN)?)
+            .map_err(|e| CaError::Material(format!("{}: {e}", file(CA_CHAIN).display())))?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Material(format!("{CA_KEY}: {e}")))?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
         Ok(Self { trust_domain: trust_domain.to_owned(), issuer, chain })
@@ -141,6 +157,11 @@ impl Ca {
 
     pub fn root(&self) -> &CertificateDer<'static> {
         self.chain.last().expect("CA chain is never empty")
+    }
+
+    /// The CA's own certificate (the issuer of every certificate it signs), then the chain up to the root.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
     }
 
     /// Signs an X.509-SVID for a workload. `authorize` decides whether the caller may hold the identity the CSR
@@ -170,6 +191,17 @@ impl Ca {
         let csr = parse_csr(csr_der)?;
         let id = SpiffeId::node(&self.trust_domain, node).map_err(|e| CaError::BadSpiffeId(e.to_string()))?;
         let mut params = leaf_params(&id, ttl);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        Ok((id.clone(), self.sign_leaf(&csr.public_key, params)?))
+    }
+
+    /// Signs an admin credential for `name` (`spiffe://<td>/trellis/admin/<name>`, client auth only): a new admin's,
+    /// or its renewal after a root rotation. The CSR only provides the key (its names are ignored).
+    pub fn sign_admin(&self, csr_der: &[u8], name: &str, ttl: Duration) -> Result<(SpiffeId, Issued), CaError> {
+        let csr = parse_csr(csr_der)?;
+        let id = SpiffeId::admin(&self.trust_domain, name).map_err(|e| CaError::BadSpiffeId(e.to_string()))?;
+        let mut params = leaf_params(&id, ttl);
+        params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         Ok((id.clone(), self.sign_leaf(&csr.public_key, params)?))
     }
@@ -204,6 +236,33 @@ impl Ca {
         }
         let issued = self.sign_leaf(&key, params)?;
         Ok((issued, key.serialize_pem()))
+    }
+
+    /// A cross-certificate: `other`'s CA certificate (same subject, same key, same key identifier) signed by this
+    /// CA, so that a chain ending in `other`'s root also verifies up to this CA's root. Valid as long as this CA.
+    pub fn cross_sign(&self, other: &CertificateDer<'_>) -> Result<CertificateDer<'static>, CaError> {
+        let material = |e: String| CaError::Material(format!("cross-signing: {e}"));
+        let (_, parsed) = x509_parser::parse_x509_certificate(other).map_err(|e| material(e.to_string()))?;
+        let spki = rcgen::SubjectPublicKeyInfo::from_der(parsed.tbs_certificate.subject_pki.raw)
+            .map_err(|e| material(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = distinguished_name(parsed.subject()).map_err(material)?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        if let Ok(Some(ski)) =
+            parsed.get_extension_unique(&x509_parser::oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER)
+            && let x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) = ski.parsed_extension()
+        {
+            params.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(id.0.to_vec());
+        }
+        let (_, own) = x509_parser::parse_x509_certificate(&self.chain[0]).map_err(|e| material(e.to_string()))?;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = own.validity().not_after.to_datetime().min(parsed.validity().not_after.to_datetime());
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        Ok(params.signed_by(&spki, &self.issuer)?.der().clone())
     }
 
     fn sign_leaf(
@@ -241,6 +300,30 @@ fn leaf_params(id: &SpiffeId, ttl: Duration) -> CertificateParams {
     params.not_before = now - BACKDATE.min(ttl);
     params.not_after = now + ttl;
     params
+}
+
+/// An X.509 name as rcgen writes it when it signs under a CA parsed from its certificate (the same attribute types,
+/// string types and order), so that a cross-certificate's subject is byte for byte the name in the leaves' issuer.
+fn distinguished_name(name: &x509_parser::x509::X509Name<'_>) -> Result<DistinguishedName, String> {
+    use x509_parser::der_parser::asn1_rs::Tag;
+    let mut dn = DistinguishedName::new();
+    for rdn in name.iter() {
+        let mut attributes = rdn.iter();
+        let (Some(attr), None) = (attributes.next(), attributes.next()) else {
+            return Err("a name with several attributes in one RDN".into());
+        };
+        let oid: Vec<u64> = attr.attr_type().iter().ok_or("an attribute type too large")?.collect();
+        let data = attr.attr_value().data;
+        let text = std::str::from_utf8(data).map_err(|_| "a name attribute that is not text".to_owned())?;
+        let value = match attr.attr_value().header.tag() {
+            Tag::Utf8String => rcgen::DnValue::Utf8String(text.to_owned()),
+            Tag::PrintableString => rcgen::DnValue::PrintableString(text.try_into().map_err(|e| format!("{e}"))?),
+            Tag::Ia5String => rcgen::DnValue::Ia5String(text.try_into().map_err(|e| format!("{e}"))?),
+            other => return Err(format!("a name attribute of type {other}")),
+        };
+        dn.push(DnType::from_oid(&oid), value);
+    }
+    Ok(dn)
 }
 
 fn parse_csr(csr_der: &[u8]) -> Result<CertificateSigningRequestParams, CaError> {

@@ -33,6 +33,7 @@ pub fn describe_metrics() {
     describe_gauge!("trellis_store_resources", "Security resources in the store, by kind.");
     describe_gauge!("trellis_store_workloads", "Workloads registered by proxies.");
     describe_gauge!("trellis_config_version", "The current config version.");
+    describe_counter!("trellis_revocations_total", "Revocations recorded, by kind (node, identity, admin).");
 }
 
 pub async fn serve_metrics(listener: tokio::net::TcpListener, handle: PrometheusHandle) {

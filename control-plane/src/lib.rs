@@ -4,17 +4,23 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod authority;
+pub mod bound_addresses;
 pub mod ca;
+pub mod ca_cli;
 pub mod cli;
 pub mod files;
+pub mod holdings;
 pub mod http;
 pub mod init;
 pub mod jwks;
 pub mod jwks_host;
 pub mod mesh;
 pub mod records;
+pub mod rotation;
 pub mod server;
 pub mod services;
+pub mod serving;
 pub mod settings;
 pub mod status;
 pub mod store;

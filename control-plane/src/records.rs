@@ -36,6 +36,39 @@ pub struct CertRecord {
     pub node: String,
     pub issued_at: i64,
     pub not_after: i64,
+    /// SHA-256 (hex) of the issuing CA's certificate (empty in records written before root rotation existed).
+    #[serde(default)]
+    pub issuer: String,
+}
+
+/// A certificate of a revoked node, pushed to every proxy until it expires.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RevokedCertRecord {
+    pub serial: String,
+    pub identity: String,
+    pub node: String,
+    pub not_after: i64,
+    pub revoked_at: i64,
+}
+
+/// A revoked workload identity: no certificate naming it is accepted or signed any more.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RevokedIdentityRecord {
+    pub spiffe_id: String,
+    pub revoked_at: i64,
+}
+
+/// An admin credential; calls are accepted only from admins recorded here and not revoked.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AdminRecord {
+    pub name: String,
+    pub serial: String,
+    pub created_at: i64,
+    /// The admin that created it; empty for the one `trellis-control init` made.
+    pub created_by: String,
+    pub not_after: i64,
+    pub revoked: bool,
+    pub revoked_at: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -62,7 +95,7 @@ pub fn resource_store_key(kind: &str, namespace: &str, name: &str) -> String {
 pub const META_VERSION: &str = "config_version";
 pub const META_REVISION: &str = "resource_revision";
 
-fn decode<T: DeserializeOwned>(table: Table, key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+pub fn decode<T: DeserializeOwned>(table: Table, key: &str, bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { table, key: key.to_owned(), reason: e.to_string() })
 }
 

@@ -2,22 +2,18 @@
 //! metrics endpoint.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
-use rustls_pki_types::PrivateKeyDer;
-use rustls_pki_types::pem::PemObject;
+use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use trellis_proto::v1 as pb;
 
-use crate::ca::{Ca, LocalCert};
 use crate::mesh::{Mesh, MeshConfig};
 use crate::services::{Shared, admin::AdminService, discovery::DiscoveryService, identity::IdentityService};
 use crate::settings::ControlSettings;
@@ -26,7 +22,6 @@ use crate::store::{RedbStore, STORE_FILE};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-const SERVING_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub struct ServeOptions {
     pub data_dir: PathBuf,
@@ -37,6 +32,10 @@ pub struct ServeOptions {
     /// Extra names (DNS or IP) for the serving certificate.
     pub sans: Vec<String>,
     pub jwks: crate::jwks::JwksOptions,
+    /// Where to write the bound addresses (`bound_addresses`), if anywhere.
+    pub addresses_file: Option<PathBuf>,
+    /// Tests only: a root rotation never leaves this phase.
+    pub rotation_hold: Option<crate::rotation::Phase>,
 }
 
 pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
@@ -47,39 +46,55 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         .context("installing the metrics recorder")?;
     crate::http::describe_metrics();
     let settings = ControlSettings::load(&opts.data_dir)?;
-    let ca = Ca::load(&opts.data_dir, &settings.trust_domain).context("loading the CA")?;
-    let tls = server_tls(&ca, &opts)?;
     let store = Arc::new(RedbStore::open(&opts.data_dir.join(STORE_FILE)).context("opening the store")?);
+    let authority =
+        crate::authority::load(&opts.data_dir, store.as_ref(), &settings.trust_domain).context("loading the CA")?;
     let mesh = Mesh::open(
         store,
-        ca,
+        authority,
         MeshConfig {
             trust_domain: settings.trust_domain.clone(),
             cert_ttl: opts.cert_ttl,
             node_cert_ttl: opts.node_cert_ttl,
             jwks_allow_local: opts.jwks.allow_local,
+            data_dir: opts.data_dir.clone(),
         },
     )?;
+    adopt_initial_admin(&mesh, &opts.data_dir)?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let shared = Shared { mesh: Arc::new(mesh), proxies: Arc::new(ProxyRegistry::default()), shutdown: shutdown_rx };
+    let shared = Shared {
+        mesh: Arc::new(mesh),
+        proxies: Arc::new(ProxyRegistry::default()),
+        shutdown: shutdown_rx,
+        holdings: Default::default(),
+        rotation_wake: Default::default(),
+    };
+    let tls = crate::serving::follow(shared.mesh.clone(), crate::serving::ServingNames::new(opts.listen, &opts.sans))?;
+    tokio::spawn(crate::services::rotation::drive(shared.clone(), opts.data_dir.clone(), opts.rotation_hold));
 
     let metrics_listener = TcpListener::bind(opts.metrics_listen)
         .await
         .with_context(|| format!("binding metrics listener {}", opts.metrics_listen))?;
+    let metrics_address =
+        metrics_listener.local_addr().with_context(|| format!("binding metrics listener {}", opts.metrics_listen))?;
     tokio::spawn(crate::http::serve_metrics(metrics_listener, metrics));
 
     tokio::spawn(crate::jwks::run(shared.mesh.clone(), opts.jwks.clone()));
 
     let listener =
         TcpListener::bind(opts.listen).await.with_context(|| format!("binding gRPC listener {}", opts.listen))?;
+    let address = listener.local_addr().with_context(|| format!("binding gRPC listener {}", opts.listen))?;
+    if let Some(path) = &opts.addresses_file {
+        crate::bound_addresses::write(path, address, metrics_address)?;
+    }
     tracing::info!(
-        listen = %listener.local_addr()?,
-        metrics = %opts.metrics_listen,
+        listen = %address,
+        metrics = %metrics_address,
         trust_domain = %settings.trust_domain,
         version = shared.mesh.current().version,
         "control plane serving"
     );
-    let incoming = accept_tls(listener, tokio_rustls::TlsAcceptor::from(Arc::new(tls)));
+    let incoming = accept_tls(listener, tls);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
@@ -111,45 +126,26 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     Ok(())
 }
 
-fn server_tls(ca: &Ca, opts: &ServeOptions) -> anyhow::Result<ServerConfig> {
-    let mut dns_names = vec![trellis_proto::CONTROL_PLANE_SERVER_NAME.to_owned(), "localhost".to_owned()];
-    let mut ips: Vec<IpAddr> = vec![IpAddr::from([127, 0, 0, 1])];
-    if !opts.listen.ip().is_unspecified() {
-        ips.push(opts.listen.ip());
+/// Records the admin credential `init` made, if no admin is recorded yet (`mesh/admins.rs`).
+fn adopt_initial_admin(mesh: &Mesh, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let path = data_dir.join(crate::init::ADMIN_CERT);
+    let pem = match std::fs::read_to_string(&path) {
+        Ok(pem) => pem,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let chain = crate::ca::parse_pem_certs(&pem).with_context(|| format!("{}", path.display()))?;
+    if let Some(name) = mesh.adopt_initial_admin(&chain[0]).with_context(|| format!("{}", path.display()))? {
+        tracing::info!(admin = %name, "initial admin credential recorded");
     }
-    for san in &opts.sans {
-        match san.parse::<IpAddr>() {
-            Ok(ip) => ips.push(ip),
-            Err(_) => dns_names.push(san.clone()),
-        }
-    }
-    ips.dedup();
-    let (issued, key_pem) =
-        ca.issue_local(LocalCert::Server { dns_names: &dns_names, ips: &ips }, SERVING_CERT_VALIDITY)?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("serving key")?;
-    let provider = trellis_proto::tls::provider();
-    let mut roots = RootCertStore::empty();
-    for root in ca.roots() {
-        roots.add(root)?;
-    }
-    // Join is called without a certificate; the other services check the caller's identity themselves.
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        // The chain includes the root, so that a joining proxy can check it against its CA pin.
-        .with_single_cert(issued.chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
+    Ok(())
 }
 
 /// Accepts TCP connections and completes each TLS handshake in its own task, so that a slow or malformed client
 /// costs one connection, never the accept loop.
 fn accept_tls(
     listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    configs: tokio::sync::watch::Receiver<Arc<ServerConfig>>,
 ) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -163,7 +159,8 @@ fn accept_tls(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            // The config current now: a root rotation swaps it without touching open connections.
+            let acceptor = tokio_rustls::TlsAcceptor::from(configs.borrow().clone());
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

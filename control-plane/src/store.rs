@@ -14,11 +14,26 @@ pub enum Table {
     Workloads,
     Certificates,
     Meta,
+    /// Certificates of revoked nodes, by serial.
+    RevokedCertificates,
+    /// Revoked workload identities, by SPIFFE ID.
+    RevokedIdentities,
+    /// Admin credentials, by name.
+    Admins,
 }
 
 impl Table {
-    const ALL: [Table; 6] =
-        [Table::Resources, Table::Tokens, Table::Nodes, Table::Workloads, Table::Certificates, Table::Meta];
+    const ALL: [Table; 9] = [
+        Table::Resources,
+        Table::Tokens,
+        Table::Nodes,
+        Table::Workloads,
+        Table::Certificates,
+        Table::Meta,
+        Table::RevokedCertificates,
+        Table::RevokedIdentities,
+        Table::Admins,
+    ];
 
     fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
         TableDefinition::new(match self {
@@ -28,6 +43,9 @@ impl Table {
             Table::Workloads => "workloads",
             Table::Certificates => "certificates",
             Table::Meta => "meta",
+            Table::RevokedCertificates => "revoked_certificates",
+            Table::RevokedIdentities => "revoked_identities",
+            Table::Admins => "admins",
         })
     }
 }

@@ -25,7 +25,8 @@ use crate::state::StateStore;
 /// What the admin endpoint reads, filled in as start-up progresses (`app`).
 pub struct Shared {
     pub node: String,
-    pub node_credential: OnceLock<Arc<NodeCredential>>,
+    /// The node credential in use (replaced at each renewal).
+    pub node_credential: Arc<arc_swap::ArcSwapOption<NodeCredential>>,
     pub workload_certs: OnceLock<Arc<WorkloadCerts>>,
     pub state: Arc<StateStore>,
     /// Renders `/metrics` (absent where no recorder is installed, e.g. in unit tests).
@@ -34,13 +35,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(node: String, state: Arc<StateStore>) -> Self {
-        Self {
-            node,
-            node_credential: OnceLock::new(),
-            workload_certs: OnceLock::new(),
-            state,
-            metrics: OnceLock::new(),
-        }
+        Self { node, node_credential: Arc::default(), workload_certs: OnceLock::new(), state, metrics: OnceLock::new() }
     }
 }
 
@@ -65,9 +60,6 @@ pub async fn serve_ready(listener: TcpListener, shared: Arc<Shared>, shutdown: w
 }
 
 async fn serve_with(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>, router: Router) {
-    if let Ok(address) = listener.local_addr() {
-        info!(%address, "admin endpoint listening");
-    }
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown_requested(&mut shutdown) => return,
@@ -126,7 +118,9 @@ fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
         },
         (&Method::POST, "/logging") => set_logging(req),
         (&Method::GET, "/healthz/ready") => match readiness(shared) {
-            Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n".into()),
+            Ok(note) => {
+                respond(StatusCode::OK, "text/plain", note.map_or("ready\n".into(), |n| format!("ready: {n}\n")))
+            }
             Err(waiting) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {waiting}\n")),
         },
         (_, "/config_dump" | "/healthz/ready" | "/certs") => {
@@ -159,12 +153,20 @@ fn percent_decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
 }
 
-/// `/certs`: every certificate the proxy holds (workload SVIDs with their chains, the node credential) and the
-/// trust bundle, with serials, SPIFFE IDs and validity. Never key material.
+/// `/certs`: every certificate the proxy holds (workload SVIDs and the node credential, with their chains as PEM) and
+/// the trust bundle, with serials, SPIFFE IDs and validity. Never key material.
 pub fn certs(shared: &Shared) -> Value {
     let now = std::time::SystemTime::now();
     let chain_json = |chain: &[rustls_pki_types::CertificateDer<'static>]| -> Vec<Value> {
-        chain.iter().filter_map(|der| CertInfo::parse(der).ok()).map(|info| chain_entry(&info)).collect()
+        chain
+            .iter()
+            .filter_map(|der| {
+                let mut entry = chain_entry(&CertInfo::parse(der).ok()?);
+                // Public material: lets an operator check a chain with other tools (openssl verify).
+                entry["pem"] = json!(crate::identity::certs::to_pem(std::slice::from_ref(der)));
+                Some(entry)
+            })
+            .collect()
     };
     let workloads: Vec<Value> = shared
         .workload_certs
@@ -187,9 +189,10 @@ pub fn certs(shared: &Shared) -> Value {
         state.trust_bundle.as_ref().map(|b| b.roots.iter().map(|r| root_json(&r.info)).collect()).unwrap_or_default();
     json!({
         "workload_certificates": workloads,
-        "node_certificate": shared.node_credential.get().map(|n| {
+        "node_certificate": shared.node_credential.load_full().map(|n| {
             let mut entry = cert_json(&n.spiffe_id.to_string(), &n.info);
             entry["seconds_until_expiry"] = json!(seconds_until(n.info.not_after, now));
+            entry["chain"] = json!(chain_json(&n.chain));
             entry
         }),
         "trust_bundle": roots,
@@ -224,10 +227,11 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
 }
 
 /// Ready once the node credential, every workload certificate and the first full config are in place;
-/// otherwise says what is missing.
-pub fn readiness(shared: &Shared) -> Result<(), String> {
+/// otherwise says what is missing. Certificates and config read back from the state directory at start count
+/// (the proxy serves with them while the control plane is unreachable); then the answer says so.
+pub fn readiness(shared: &Shared) -> Result<Option<String>, String> {
     let mut missing = Vec::new();
-    if shared.node_credential.get().is_none() {
+    if shared.node_credential.load().is_none() {
         missing.push("node credential".to_owned());
     }
     match shared.workload_certs.get() {
@@ -243,14 +247,20 @@ pub fn readiness(shared: &Shared) -> Result<(), String> {
     if !shared.state.load().synced {
         missing.push("first config from the control plane".to_owned());
     }
-    if missing.is_empty() { Ok(()) } else { Err(format!("waiting for {}", missing.join(", "))) }
+    if !missing.is_empty() {
+        return Err(format!("waiting for {}", missing.join(", ")));
+    }
+    let state = shared.state.load();
+    Ok(state.restored.then(|| {
+        format!("serving the config stored at version {} (not yet confirmed by the control plane)", state.version)
+    }))
 }
 
 pub fn config_dump(shared: &Shared) -> Value {
     let state = shared.state.load();
-    let node = shared.node_credential.get();
+    let node = shared.node_credential.load_full();
 
-    let (trust_domain, roots): (Option<String>, Vec<Value>) = match (&state.trust_bundle, node) {
+    let (trust_domain, roots): (Option<String>, Vec<Value>) = match (&state.trust_bundle, &node) {
         (Some(bundle), _) => {
             (Some(bundle.trust_domain.clone()), bundle.roots.iter().map(|r| root_json(&r.info)).collect())
         }
@@ -270,6 +280,8 @@ pub fn config_dump(shared: &Shared) -> Value {
     json!({
         "node": shared.node,
         "version": state.synced.then_some(state.version),
+        // True while the config is the one read from stateDir at start, before the control plane's snapshot.
+        "restored": state.restored,
         "trust_domain": trust_domain,
         "roots": roots,
         "workloads": state.workloads.values().map(|w| workload_json(w)).collect::<Vec<_>>(),
@@ -281,8 +293,8 @@ pub fn config_dump(shared: &Shared) -> Value {
             "resource": serde_json::to_value(&stored.resource).unwrap_or(Value::Null),
         })).collect::<Vec<_>>(),
         "certificates": certificates,
-        "node_certificate": node.map(|n| cert_json(&n.spiffe_id.to_string(), &n.info)),
-        "namespaces": node.map(|n| n.namespaces.clone()),
+        "node_certificate": node.as_ref().map(|n| cert_json(&n.spiffe_id.to_string(), &n.info)),
+        "namespaces": node.as_ref().map(|n| n.namespaces.clone()),
     })
 }
 

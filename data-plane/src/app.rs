@@ -13,6 +13,7 @@ use trellis_proto::spiffe::SpiffeId;
 
 use crate::admin::{self, Shared};
 use crate::backoff::Backoff;
+use crate::bound_addresses::{self, BoundAddresses};
 use crate::config::Config;
 use crate::discovery::{self, Discovery};
 use crate::identity::certs::rfc3339;
@@ -20,6 +21,7 @@ use crate::identity::{CertManager, NodeCredential, NodeError, WorkloadCerts, fil
 use crate::proxy::{DataPath, inbound, inbound_plaintext, outbound, socks5};
 use crate::registry::LocalWorkloads;
 use crate::state::{State, StateStore};
+use crate::stored;
 use crate::{reconfigure, shutdown_requested, workload_api};
 
 /// Why the proxy could not start (every error `run` returns happens before or while it starts).
@@ -36,19 +38,36 @@ pub enum StartError {
     #[error("cannot listen on {address} ({field}): {source}")]
     Bind { field: &'static str, address: std::net::SocketAddr, source: std::io::Error },
     #[error(transparent)]
+    AddressesFile(#[from] bound_addresses::WriteError),
+    #[error(transparent)]
     WorkloadApi(#[from] workload_api::BindError),
 }
 
-/// Runs the proxy until `shutdown` turns true.
-pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), StartError> {
+/// Runs the proxy until `shutdown` turns true; the addresses its listeners are bound to are logged and, with
+/// `addresses_file`, written there (`bound_addresses`).
+pub async fn run(
+    config: Config,
+    addresses_file: Option<std::path::PathBuf>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), StartError> {
     let config = Arc::new(config);
     crate::sockets::set_mark(config.capture.mark);
     let state = Arc::new(StateStore::new(State::default()));
     let shared = Arc::new(Shared::new(config.node.clone(), state.clone()));
 
+    let mut bound = BoundAddresses::new(addresses_file);
     let admin_address = config.listen.admin;
+    if !admin_address.ip().is_loopback() {
+        // Only reachable with listen.adminAllowRemote (config.rs refuses it otherwise).
+        warn!(
+            address = %admin_address,
+            "listen.admin is not a loopback address (listen.adminAllowRemote): other hosts can read /config_dump \
+             and change the log level without authentication"
+        );
+    }
     let listener =
         admin::bind(admin_address).await.map_err(|source| StartError::Listen { address: admin_address, source })?;
+    bound.add("admin", local_address(&listener, "listen.admin", admin_address)?);
     let admin = tokio::spawn(admin::serve(listener, shared.clone(), shutdown.clone()));
     match crate::metrics::install() {
         Ok(handle) => {
@@ -62,7 +81,9 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         address: metrics_address,
         source,
     })?;
+    bound.add("metrics", local_address(&listener, "listen.metrics", metrics_address)?);
     tokio::spawn(admin::serve_metrics(listener, shared.clone(), shutdown.clone()));
+    bound.publish()?;
 
     let Some(node) = node_credential(&config, shutdown.clone()).await? else {
         let _ = admin.await;
@@ -92,15 +113,20 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         .map(|w| SpiffeId::workload(node.trust_domain(), &w.namespace, &w.service_account))
         .collect::<Result<_, _>>()?;
     let certs = Arc::new(WorkloadCerts::new(ids));
-    state.store(State::with_root_namespace(node.trust_domain(), config.root_namespace.clone()));
+    let mut manager = CertManager::new(certs.clone(), Instant::now());
+    let base = State::with_root_namespace(node.trust_domain(), config.root_namespace.clone());
+    state.store(restore(&config.state_dir, base, &mut manager));
     let _ = shared.workload_certs.set(certs.clone());
-    let _ = shared.node_credential.set(node.clone());
+    shared.node_credential.store(Some(node.clone()));
+    tokio::spawn(stored::follow(config.state_dir.clone(), state.clone(), certs.clone()));
 
     let locals = LocalWorkloads::new(&config.workloads, node.trust_domain())?;
     let data = Arc::new(DataPath::new(locals, config.outbound.clone()));
     tokio::spawn(reconfigure::follow_changes(config.clone(), data.clone(), certs.clone(), state.clone()));
     tokio::spawn(crate::heap::release_when_quiet());
-    let mut listeners = start_listeners(&config, &data, shared.clone(), shutdown.clone()).await?;
+    tokio::spawn(crate::log_limit::report_suppressed());
+    let mut listeners = start_listeners(&config, &data, shared.clone(), shutdown.clone(), &mut bound).await?;
+    bound.publish()?;
 
     // Application SVIDs (Workload API): the attested workloads' identities again, each under a key of its own.
     let attestor = Arc::new(workload_api::attest::Attestor::new(&config.workloads, node.trust_domain())?);
@@ -116,8 +142,15 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         listeners.push(tokio::spawn(workload_api::serve(listener, listen.path.clone(), service)));
     }
 
-    let manager = CertManager::new(certs, Instant::now());
-    Discovery::new(config.clone(), node, state, manager).with_app_certs(app_manager).run(shutdown).await;
+    // The Hello advertises the HBONE port actually bound (listen.hbone may say port 0). Only the discovery
+    // stream reads `hbone_address`.
+    let hbone_port = bound.get("hbone").map_or(config.listen.hbone.port(), |a| a.port());
+    let advertised =
+        Arc::new(Config { hbone_address: config.advertised_hbone_address(hbone_port), ..(*config).clone() });
+    Discovery::new(advertised, node, shared.node_credential.clone(), state, manager)
+        .with_app_certs(app_manager)
+        .run(shutdown)
+        .await;
 
     // Stop accepting, then give open connections until the drain deadline.
     for listener in &listeners {
@@ -135,30 +168,81 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     Ok(())
 }
 
-/// Binds the data-path listeners; a bind failure is fatal (the operator's config names a taken address).
+/// What the state directory kept from before a restart (`stored.rs`): the last ACKed config and the workload
+/// certificates still valid, installed so the proxy serves before the control plane answers. Returns the state to
+/// start from (`base` when nothing usable was stored); stored material that fails its checks is skipped, logged.
+fn restore(dir: &std::path::Path, base: State, manager: &mut CertManager) -> State {
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let ids: Vec<SpiffeId> = manager.certs().ids().cloned().collect();
+    for id in ids {
+        match stored::load_cert(dir, &id, wall) {
+            Ok(Some(cert)) => {
+                info!(spiffe_id = %id, serial = %cert.info.serial, not_after = %rfc3339(cert.info.not_after), "using the stored workload certificate");
+                manager.restore(cert, now, wall);
+            }
+            Ok(None) => {}
+            Err(e) => warn!(spiffe_id = %id, error = %e, "stored workload certificate not used"),
+        }
+    }
+    match stored::load_config(dir, &base, wall) {
+        Ok(Some(state)) => {
+            info!(
+                version = state.version,
+                workloads = state.workloads.len(),
+                resources = state.resources.len(),
+                "serving the stored config until the control plane sends its own"
+            );
+            state
+        }
+        Ok(None) => base,
+        Err(e) => {
+            warn!(error = %e, "stored config not used; waiting for the control plane's");
+            base
+        }
+    }
+}
+
+/// The address `listener` is bound to (the kernel's pick when `configured` has port 0).
+fn local_address(
+    listener: &tokio::net::TcpListener,
+    field: &'static str,
+    configured: std::net::SocketAddr,
+) -> Result<std::net::SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::Bind { field, address: configured, source })
+}
+
+/// Binds the data-path listeners, recording each in `bound`; a bind failure is fatal (the operator's config names a
+/// taken address).
 async fn start_listeners(
     config: &Config,
     data: &Arc<DataPath>,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
+    bound: &mut BoundAddresses,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
-    let bind = |address: std::net::SocketAddr, field: &'static str| async move {
-        tokio::net::TcpListener::bind(address).await.map_err(|source| StartError::Bind { field, address, source })
+    let mut bind = async |address: std::net::SocketAddr, name: &'static str, field: &'static str| {
+        let listener = tokio::net::TcpListener::bind(address).await.map_err(|source| StartError::Bind {
+            field,
+            address,
+            source,
+        })?;
+        bound.add(name, local_address(&listener, field, address)?);
+        Ok::<_, StartError>(listener)
     };
     let mut tasks = Vec::new();
-    let hbone = bind(config.listen.hbone, "listen.hbone").await?;
-    info!(address = %config.listen.hbone, "HBONE inbound listening");
+    let hbone = bind(config.listen.hbone, "hbone", "listen.hbone").await?;
     tasks.push(tokio::spawn(inbound::serve(hbone, data.clone(), shutdown.clone())));
-    let captured = bind(config.listen.outbound, "listen.outbound").await?;
+    let captured = bind(config.listen.outbound, "outbound", "listen.outbound").await?;
     tasks.push(tokio::spawn(outbound::serve_captured(captured, data.clone())));
-    let plaintext = bind(config.listen.inbound, "listen.inbound").await?;
+    let plaintext = bind(config.listen.inbound, "inbound", "listen.inbound").await?;
     tasks.push(tokio::spawn(inbound_plaintext::serve(plaintext, data.clone())));
     if let Some(workload) = config.outbound.socks5_workload.and_then(|i| data.locals.get(i)).cloned() {
-        let socks5 = bind(config.listen.socks5, "listen.socks5").await?;
-        info!(address = %config.listen.socks5, workload = %workload.spiffe_id, "SOCKS5 outbound listening");
+        let socks5 = bind(config.listen.socks5, "socks5", "listen.socks5").await?;
+        info!(workload = %workload.spiffe_id, "SOCKS5 clients speak as this workload");
         tasks.push(tokio::spawn(socks5::serve(socks5, data.clone(), workload)));
     }
-    let ready = bind(config.listen.ready, "listen.ready").await?;
+    // Last: its presence in the addresses file says every listener is bound.
+    let ready = bind(config.listen.ready, "ready", "listen.ready").await?;
     tasks.push(tokio::spawn(admin::serve_ready(ready, shared, shutdown)));
     Ok(tasks)
 }

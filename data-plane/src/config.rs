@@ -30,7 +30,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub workloads: Vec<WorkloadConfig>,
     pub listen: Listen,
-    /// `host:port` other proxies use to reach this one's HBONE listener.
+    /// `host:port` other proxies use to reach this one's HBONE listener; port 0 stands for the port `listen.hbone`
+    /// is bound to ([`Config::advertised_hbone_address`]).
     pub hbone_address: String,
     pub log_format: LogFormat,
     pub outbound: Outbound,
@@ -262,8 +263,23 @@ pub struct Listen {
     pub inbound: SocketAddr,
     pub socks5: SocketAddr,
     pub admin: SocketAddr,
+    /// `listen.adminAllowRemote`: the operator accepts an admin address other hosts can reach (the admin endpoint
+    /// has no authentication: `/config_dump`, `POST /logging`).
+    pub admin_allow_remote: bool,
     pub metrics: SocketAddr,
     pub ready: SocketAddr,
+}
+
+impl Config {
+    /// The HBONE address to advertise to the control plane once `listen.hbone` is bound to `bound_port`:
+    /// `hboneAddress` as configured, with port 0 (which `listen.hbone` with port 0 implies when `hboneAddress` is
+    /// unset) replaced by the bound port.
+    pub fn advertised_hbone_address(&self, bound_port: u16) -> String {
+        match self.hbone_address.rsplit_once(':') {
+            Some((host, "0")) => format!("{host}:{bound_port}"),
+            _ => self.hbone_address.clone(),
+        }
+    }
 }
 
 impl WorkloadConfig {
@@ -477,6 +493,8 @@ struct RawListen {
     inbound: Option<String>,
     socks5: Option<String>,
     admin: Option<String>,
+    #[serde(default)]
+    admin_allow_remote: bool,
     metrics: Option<String>,
     ready: Option<String>,
     workload_api: Option<String>,
@@ -505,7 +523,7 @@ impl RawConfig {
         }
 
         let cp = &self.control_plane;
-        if let Err(msg) = check_host_port(&cp.address) {
+        if let Err(msg) = check_host_port(&cp.address, PortZero::Refused) {
             p.add("controlPlane.address", format!("{:?} {msg}", cp.address));
         }
         let ca_pin = trellis_proto::tls::parse_pin(&cp.ca_pin).unwrap_or_else(|_| {
@@ -527,7 +545,8 @@ impl RawConfig {
 
         let hbone_address = match self.hbone_address {
             Some(addr) => {
-                if let Err(msg) = check_host_port(&addr) {
+                // Port 0: the port listen.hbone is bound to (the kernel's pick when that port is 0 too).
+                if let Err(msg) = check_host_port(&addr, PortZero::Allowed) {
                     p.add("hboneAddress", format!("{addr:?} {msg}"));
                 }
                 addr
@@ -692,15 +711,29 @@ impl RawListen {
                 default.parse().expect("default listen addresses are valid")
             })
         };
-        Listen {
+        let listen = Listen {
             hbone: field("hbone", &self.hbone, "0.0.0.0:15008"),
             outbound: field("outbound", &self.outbound, "127.0.0.1:15001"),
             inbound: field("inbound", &self.inbound, "0.0.0.0:15006"),
             socks5: field("socks5", &self.socks5, "127.0.0.1:15080"),
             admin: field("admin", &self.admin, "127.0.0.1:15000"),
+            admin_allow_remote: self.admin_allow_remote,
             metrics: field("metrics", &self.metrics, "0.0.0.0:15020"),
             ready: field("ready", &self.ready, "0.0.0.0:15021"),
+        };
+        // The admin endpoint has no authentication (it shows the whole config and changes the log level): other
+        // hosts must not reach it unless the operator says so.
+        if !listen.admin.ip().is_loopback() && !listen.admin_allow_remote {
+            p.add(
+                "listen.admin",
+                format!(
+                    "{} is not a loopback address; the admin endpoint (/config_dump, POST /logging) has no \
+                     authentication, so it listens on loopback only unless listen.adminAllowRemote is true",
+                    listen.admin
+                ),
+            );
         }
+        listen
     }
 }
 
@@ -737,8 +770,16 @@ impl RawListen {
     }
 }
 
-/// `host:port` with a non-empty host and a port in 1..65535; `[v6]:port` allowed.
-fn check_host_port(s: &str) -> Result<(), &'static str> {
+/// Whether port 0 is meaningful in a `host:port` field.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PortZero {
+    Allowed,
+    Refused,
+}
+
+/// `host:port` with a non-empty host and a port in 1..65535 (or 0, where `port_zero` allows it); `[v6]:port`
+/// allowed.
+fn check_host_port(s: &str, port_zero: PortZero) -> Result<(), &'static str> {
     let (host, port) = s.rsplit_once(':').ok_or("is not host:port")?;
     if host.is_empty() || host == "[]" {
         return Err("has an empty host");
@@ -747,7 +788,9 @@ fn check_host_port(s: &str) -> Result<(), &'static str> {
         return Err("needs brackets around an IPv6 host ([addr]:port)");
     }
     match port.parse::<u16>() {
+        Ok(0) if port_zero == PortZero::Allowed => Ok(()),
         Ok(n) if n != 0 => Ok(()),
+        _ if port_zero == PortZero::Allowed => Err("has no port in 0..65535"),
         _ => Err("has no port in 1..65535"),
     }
 }
@@ -850,6 +893,16 @@ workerThreads: 4
     }
 
     #[test]
+    fn port_zero_in_the_hbone_address_is_the_bound_port() {
+        let advertised =
+            |extra: &str| Config::parse(&format!("{}{extra}", minimal())).unwrap().advertised_hbone_address(41234);
+        assert_eq!(advertised("listen: {hbone: 0.0.0.0:0}\n"), "0.0.0.0:41234", "unset: listen.hbone, bound");
+        assert_eq!(advertised("listen: {hbone: 0.0.0.0:0}\nhboneAddress: 10.0.0.5:0\n"), "10.0.0.5:41234");
+        assert_eq!(advertised("hboneAddress: 10.0.0.5:15008\n"), "10.0.0.5:15008", "a port given is kept");
+        assert_eq!(advertised("listen: {hbone: \"[::]:0\"}\n"), "[::]:41234");
+    }
+
+    #[test]
     fn defaults() {
         let c = Config::parse(&minimal()).unwrap();
         assert_eq!(c.listen.hbone, "0.0.0.0:15008".parse().unwrap());
@@ -893,6 +946,10 @@ workerThreads: 4
             ("workloads:\n  - {name: Bad_Name, namespace: ns, serviceAccount: sa, addresses: [\"10.0.0.1\"]}\n".into(), "workloads[0].name: \"Bad_Name\" is not a DNS label: must be lowercase letters"),
             ("listen:\n  admin: localhost:15000\n".into(), r#"listen.admin: "localhost:15000" is not a socket address"#),
             ("listen:\n  bogus: 1.2.3.4:5\n".into(), "unknown field `bogus`"),
+            ("listen:\n  admin: 0.0.0.0:15000\n".into(), "listen.admin: 0.0.0.0:15000 is not a loopback address"),
+            ("listen:\n  admin: 10.0.0.1:15000\n".into(), "unless listen.adminAllowRemote is true"),
+            ("listen:\n  admin: \"[::]:15000\"\n".into(), "listen.admin: [::]:15000 is not a loopback address"),
+            ("listen:\n  adminAllowRemote: yes\n".into(), "listen.adminAllowRemote"),
             ("hboneAddress: nohost\n".into(), r#"hboneAddress: "nohost" is not host:port"#),
             ("logFormat: xml\n".into(), "unknown variant `xml`"),
             ("extra: 1\n".into(), "unknown field `extra`"),
@@ -952,6 +1009,26 @@ workerThreads: 4
         assert_eq!(config.expect("valid labels").root_namespace, "a".repeat(63));
     }
 
+    /// A loopback admin address (v4 or v6) needs nothing; another one only with `adminAllowRemote: true`.
+    #[test]
+    fn remote_admin_needs_the_explicit_allowance() {
+        for (listen, ok) in [
+            ("admin: 127.0.0.1:15000", true),
+            ("admin: 127.0.0.2:15000", true),
+            ("admin: \"[::1]:15000\"", true),
+            ("admin: 0.0.0.0:15000", false),
+            ("admin: 0.0.0.0:15000\n  adminAllowRemote: false", false),
+            ("admin: 0.0.0.0:15000\n  adminAllowRemote: true", true),
+            ("admin: \"[fd00::1]:15000\"\n  adminAllowRemote: true", true),
+        ] {
+            let result = Config::parse(&format!("{}listen:\n  {listen}\n", minimal()));
+            assert_eq!(result.is_ok(), ok, "{listen}: {result:?}");
+            if let Ok(config) = result {
+                assert_eq!(config.listen.admin_allow_remote, listen.contains("adminAllowRemote: true"));
+            }
+        }
+    }
+
     #[test]
     fn reports_top_level_problems_together() {
         let yaml = "node: \"\"\ncontrolPlane:\n  address: \":0\"\n  caPin: sha1:ab\n  token: \"\"\nstateDir: \"\"\n";
@@ -982,11 +1059,13 @@ workerThreads: 4
     #[test]
     fn host_port_forms() {
         for ok in ["a:1", "10.0.0.1:15012", "[::1]:15012", "cp.example.com:65535"] {
-            assert!(check_host_port(ok).is_ok(), "{ok}");
+            assert!(check_host_port(ok, PortZero::Refused).is_ok(), "{ok}");
         }
         for bad in ["a", ":1", "a:0", "a:65536", "::1:80", "[]:80", "a:b"] {
-            assert!(check_host_port(bad).is_err(), "{bad}");
+            assert!(check_host_port(bad, PortZero::Refused).is_err(), "{bad}");
         }
+        assert_eq!(check_host_port("10.0.0.1:0", PortZero::Allowed), Ok(()), "hboneAddress: the bound port");
+        assert_eq!(check_host_port("10.0.0.1:x", PortZero::Allowed), Err("has no port in 0..65535"));
     }
 
     fn with_workload(extra: &str) -> String {

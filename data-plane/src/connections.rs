@@ -1,9 +1,11 @@
 //! Every open proxied connection, registered before its first byte is proxied and removed when it ends: what the
 //! drain on SIGTERM waits for, and where a later policy change finds the connections it must re-check and close.
+//! Also every HBONE connection accepted from another proxy (a [`Session`], not counted for the drain), so that a
+//! revocation closes a revoked peer's connections even while they carry no stream.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 use tokio::sync::Notify;
@@ -11,6 +13,15 @@ use tokio_util::sync::CancellationToken;
 use trellis_proto::spiffe::SpiffeId;
 
 use crate::registry::LocalWorkload;
+use crate::revocation::Revocations;
+
+/// The certificate a peer proxy presented on an HBONE connection (either side): what revocation matches.
+#[derive(Debug)]
+pub struct PeerCert {
+    pub id: SpiffeId,
+    /// Lower-case hex of the serial's magnitude.
+    pub serial: String,
+}
 
 /// What the destination proxy knows about an inbound tunnelled connection.
 #[derive(Debug)]
@@ -19,6 +30,8 @@ pub struct InboundConn {
     pub source: SpiffeId,
     /// The same, in Istio's principal form (no `spiffe://`), computed once per HBONE connection.
     pub principal: Arc<str>,
+    /// The serial of the peer's certificate (revocation of its node matches it).
+    pub serial: Arc<str>,
     /// The peer proxy's address.
     pub peer: SocketAddr,
     /// The original client address, as the sending proxy reported it.
@@ -40,17 +53,27 @@ pub struct PlaintextConn {
 /// What kind of connection is open: inbound ones are re-checked on every policy change, outbound ones only wait
 /// for the drain.
 enum Tracked {
-    Outbound,
+    /// A local application's connection; through a tunnel to the peer proxy of this certificate, or passed through.
+    Outbound(Option<Arc<PeerCert>>),
     Inbound(Arc<InboundConn>),
     Plaintext(Arc<PlaintextConn>),
 }
 
 impl Tracked {
-    /// Why the proxy would cancel such a connection, for its access-log entry.
+    /// Why the proxy would cancel such a connection, for its access-log entry (unless a revocation says why).
     fn closed_by_proxy(&self) -> &'static str {
         match self {
-            Tracked::Outbound => "closed by the proxy: shutting down",
+            Tracked::Outbound(_) => "closed by the proxy: shutting down",
             Tracked::Inbound(_) | Tracked::Plaintext(_) => "closed by the proxy: policy change or shutdown",
+        }
+    }
+
+    /// The peer proxy's certificate, for connections that have one.
+    fn peer(&self) -> Option<(&str, &SpiffeId)> {
+        match self {
+            Tracked::Outbound(Some(peer)) => Some((&peer.serial, &peer.id)),
+            Tracked::Inbound(conn) => Some((&conn.serial, &conn.source)),
+            Tracked::Outbound(None) | Tracked::Plaintext(_) => None,
         }
     }
 }
@@ -58,6 +81,14 @@ impl Tracked {
 struct Entry {
     tracked: Tracked,
     cancel: CancellationToken,
+    /// Set before `cancel` fires when a revocation closes it: the reason for the access log.
+    reason: Arc<OnceLock<String>>,
+}
+
+struct SessionEntry {
+    peer: Arc<PeerCert>,
+    cancel: CancellationToken,
+    reason: Arc<OnceLock<String>>,
 }
 
 #[derive(Default)]
@@ -65,6 +96,8 @@ pub struct Connections {
     next_id: AtomicU64,
     open: DashMap<u64, Entry>,
     emptied: Notify,
+    /// HBONE connections accepted from other proxies (their streams are in `open`).
+    sessions: DashMap<u64, SessionEntry>,
 }
 
 /// Keeps a connection registered while alive; `cancel` fires when the proxy wants it closed.
@@ -74,14 +107,45 @@ pub struct Registration {
     pub cancel: CancellationToken,
     /// Why `cancel` fires, for the access log (`Tracked::closed_by_proxy`).
     closed_by_proxy: &'static str,
+    reason: Arc<OnceLock<String>>,
 }
 
 impl Registration {
-    /// The access-log detail of a connection the proxy cancelled: policy change or shutdown (inbound), shutdown
-    /// (outbound).
-    pub fn closed_by_proxy(&self) -> &'static str {
-        self.closed_by_proxy
+    /// The access-log detail of a connection the proxy cancelled: the revocation that closed it, else policy change
+    /// or shutdown (inbound), shutdown (outbound).
+    pub fn closed_by_proxy(&self) -> &str {
+        self.reason.get().map_or(self.closed_by_proxy, String::as_str)
     }
+}
+
+/// Keeps an accepted HBONE connection registered while alive; `cancel` fires when its peer is revoked.
+pub struct Session {
+    connections: Arc<Connections>,
+    id: u64,
+    pub cancel: CancellationToken,
+    reason: Arc<OnceLock<String>>,
+}
+
+impl Session {
+    /// Why the proxy closed it.
+    pub fn reason(&self) -> &str {
+        self.reason.get().map_or("closed by the proxy", String::as_str)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.connections.sessions.remove(&self.id);
+    }
+}
+
+/// What [`Connections::close_revoked`] closed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ClosedByRevocation {
+    /// Accepted HBONE connections.
+    pub sessions: usize,
+    /// Tunnel streams, both directions.
+    pub streams: usize,
 }
 
 impl Drop for Registration {
@@ -104,18 +168,65 @@ impl Connections {
         self.track(Tracked::Plaintext(conn))
     }
 
-    /// An outbound connection: closed only by the drain.
+    /// An outbound connection not carried by a tunnel (passthrough): closed only by the drain.
     pub fn register_outbound(self: &Arc<Self>) -> Registration {
-        self.track(Tracked::Outbound)
+        self.track(Tracked::Outbound(None))
+    }
+
+    /// An outbound connection through a tunnel to the proxy presenting `peer`: closed by the drain, or when `peer`
+    /// is revoked.
+    pub fn register_tunnel(self: &Arc<Self>, peer: Arc<PeerCert>) -> Registration {
+        self.track(Tracked::Outbound(Some(peer)))
+    }
+
+    /// An HBONE connection accepted from the proxy presenting `peer`: not waited for by the drain (its streams
+    /// are), closed when `peer` is revoked.
+    pub fn register_session(self: &Arc<Self>, peer: Arc<PeerCert>) -> Session {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (cancel, reason) = (CancellationToken::new(), Arc::new(OnceLock::new()));
+        self.sessions.insert(id, SessionEntry { peer, cancel: cancel.clone(), reason: reason.clone() });
+        Session { connections: self.clone(), id, cancel, reason }
     }
 
     fn track(self: &Arc<Self>, tracked: Tracked) -> Registration {
         crate::activity::note();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let cancel = CancellationToken::new();
+        let (cancel, reason) = (CancellationToken::new(), Arc::new(OnceLock::new()));
         let closed_by_proxy = tracked.closed_by_proxy();
-        self.open.insert(id, Entry { tracked, cancel: cancel.clone() });
-        Registration { connections: self.clone(), id, cancel, closed_by_proxy }
+        self.open.insert(id, Entry { tracked, cancel: cancel.clone(), reason: reason.clone() });
+        Registration { connections: self.clone(), id, cancel, closed_by_proxy, reason }
+    }
+
+    /// Closes every accepted HBONE connection and every tunnel stream (both directions) whose peer certificate
+    /// `revocations` names, each with the reason for its access-log entry, and counts them in
+    /// `trellis_revocations_total{action="closed"|"stream_closed"}`.
+    pub fn close_revoked(&self, revocations: &Revocations) -> ClosedByRevocation {
+        let mut closed = ClosedByRevocation::default();
+        if revocations.is_empty() {
+            return closed;
+        }
+        for entry in self.sessions.iter() {
+            if let Err(revoked) = revocations.check(&entry.peer.serial, &entry.peer.id)
+                && !entry.cancel.is_cancelled()
+            {
+                let _ = entry.reason.set(format!("closed by the proxy: {revoked}"));
+                entry.cancel.cancel();
+                revoked.count("closed");
+                closed.sessions += 1;
+            }
+        }
+        for entry in self.open.iter() {
+            let Some((serial, id)) = entry.tracked.peer() else { continue };
+            if let Err(revoked) = revocations.check(serial, id)
+                && !entry.cancel.is_cancelled()
+            {
+                let _ = entry.reason.set(format!("closed by the proxy: {revoked}"));
+                entry.cancel.cancel();
+                revoked.count("stream_closed");
+                closed.streams += 1;
+            }
+        }
+        closed
     }
 
     pub fn len(&self) -> usize {

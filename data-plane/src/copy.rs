@@ -8,12 +8,13 @@
 //! The bytes each way are counted as they move ([`ByteCounts`]): by [`copy_counted`] for a relayed connection, by
 //! [`CountingIo`] for one whose bytes hyper moves (an HTTP tunnel).
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -50,6 +51,14 @@ pub fn release_pooled_buffers() {
     drop(drained);
 }
 
+/// Why one direction of a copy stopped early: its reader failed (that stream is gone both ways) or its writer did
+/// (the peer stopped taking bytes, but may still have sent some the other way).
+#[derive(Debug)]
+enum Failure {
+    Read(io::Error),
+    Write(io::Error),
+}
+
 /// One direction of a copy.
 #[derive(Default)]
 struct Direction {
@@ -70,7 +79,7 @@ impl Direction {
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
         counter: &AtomicU64,
-    ) -> Poll<io::Result<()>>
+    ) -> Poll<Result<(), Failure>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
@@ -86,12 +95,12 @@ impl Direction {
                             give_back(buffer);
                         }
                         if self.needs_flush {
-                            ready!(writer.as_mut().poll_flush(cx))?;
+                            ready!(writer.as_mut().poll_flush(cx)).map_err(Failure::Write)?;
                             self.needs_flush = false;
                         }
                         return Poll::Pending;
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Read(e))),
                     Poll::Ready(Ok(())) => {
                         let n = read.filled().len();
                         if n == 0 {
@@ -108,15 +117,15 @@ impl Direction {
             }
             while self.pos < self.end {
                 let buffer = self.buffer.as_ref().expect("a buffer holds unwritten bytes");
-                let n = ready!(writer.as_mut().poll_write(cx, &buffer[self.pos..self.end]))?;
+                let n = ready!(writer.as_mut().poll_write(cx, &buffer[self.pos..self.end])).map_err(Failure::Write)?;
                 if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    return Poll::Ready(Err(Failure::Write(io::ErrorKind::WriteZero.into())));
                 }
                 self.pos += n;
                 self.needs_flush = true;
             }
             if self.read_done {
-                ready!(writer.as_mut().poll_shutdown(cx))?;
+                ready!(writer.as_mut().poll_shutdown(cx)).map_err(Failure::Write)?;
                 return Poll::Ready(Ok(()));
             }
         }
@@ -131,30 +140,72 @@ impl Drop for Direction {
     }
 }
 
+/// After one direction's writer failed, how long the other direction may go on delivering what its peer sent before
+/// it stopped taking bytes (an HTTP 431 or 400 answered to a request still being sent) before the connection is
+/// given up. Such an answer is already on its way, so it normally arrives at once; the bound only keeps a peer that
+/// neither answers nor closes from holding the connection.
+pub const DRAIN_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+/// How the two directions of a copy stand after one poll.
+struct Progress {
+    first_error: Option<io::Error>,
+    /// Set when the other direction can no longer deliver anything: a reader failed, so the stream the other
+    /// direction writes to is gone too.
+    stop: bool,
+}
+
+impl Progress {
+    fn note(&mut self, direction: &mut Direction, result: Poll<Result<(), Failure>>) {
+        let Poll::Ready(result) = result else { return };
+        direction.done = true;
+        let error = match result {
+            Ok(()) => return,
+            Err(Failure::Read(e)) => {
+                self.stop = true;
+                e
+            }
+            Err(Failure::Write(e)) => e,
+        };
+        self.first_error.get_or_insert(error);
+    }
+}
+
 /// Copies both ways until both directions have ended (a half-close passes through as a shutdown of the other
 /// side's write half); `from_a` and `from_b` count the bytes read from each side as they are read.
+///
+/// A direction that ends does not end the other: after an EOF the other goes on as long as it flows (half-close);
+/// after a failed write (the peer stopped taking bytes) the other goes on delivering what that peer had already
+/// sent, for at most [`DRAIN_AFTER_FAILURE`], so that an answer in flight (an HTTP 431 to a request head still
+/// being sent) reaches the client. After a failed read the stream is gone both ways and the copy ends at once. The
+/// first error is returned.
 async fn bidirectional<A, B>(a: &mut A, b: &mut B, from_a: &AtomicU64, from_b: &AtomicU64) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
+    let mut progress = Progress { first_error: None, stop: false };
+    // Armed by the first failure only: a connection that flows never creates a timer.
+    let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     poll_fn(|cx| {
         if !a_to_b.done {
             let result = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b), from_a);
-            if let Poll::Ready(result) = result {
-                result?;
-                a_to_b.done = true;
-            }
+            progress.note(&mut a_to_b, result);
         }
-        if !b_to_a.done {
+        if !b_to_a.done && !progress.stop {
             let result = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a), from_b);
-            if let Poll::Ready(result) = result {
-                result?;
-                b_to_a.done = true;
-            }
+            progress.note(&mut b_to_a, result);
         }
-        if a_to_b.done && b_to_a.done { Poll::Ready(Ok(())) } else { Poll::Pending }
+        let ended = (a_to_b.done && b_to_a.done) || progress.stop;
+        if !ended && progress.first_error.is_some() {
+            let deadline = deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(DRAIN_AFTER_FAILURE)));
+            if deadline.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        } else if !ended {
+            return Poll::Pending;
+        }
+        Poll::Ready(progress.first_error.take().map_or(Ok(()), Err))
     })
     .await
 }
@@ -262,6 +313,132 @@ mod tests {
         };
         tokio::join!(copy, peers);
         assert_eq!((from_client.load(Ordering::Relaxed), from_server.load(Ordering::Relaxed)), (300_000, 4));
+    }
+
+    /// The answer a destination sends before it stops reading a request it refused (a 431 to an oversized head).
+    const ANSWER: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
+
+    #[tokio::test]
+    async fn an_answer_in_flight_reaches_the_client_after_the_write_towards_the_server_fails() {
+        // Pipes smaller than the request: the copy is still writing it when the server gives up.
+        let (client, mut proxy_a) = tokio::io::duplex(1024);
+        let (mut proxy_b, mut server) = tokio::io::duplex(1024);
+        let (from_client, from_server) = (AtomicU64::new(0), AtomicU64::new(0));
+        let (from_client, from_server) = (&from_client, &from_server);
+        // The proxy's ends close when the copy returns, as a relay's do.
+        let copy = async move { bidirectional(&mut proxy_a, &mut proxy_b, from_client, from_server).await };
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        let send = async {
+            // Fails once the proxy's end closes; the client then only waits for the answer.
+            let _ = client_write.write_all(&[b'a'; 64 * 1024]).await;
+            std::future::pending::<()>().await;
+        };
+        let receive = async {
+            let mut answer = Vec::new();
+            client_read.read_to_end(&mut answer).await.expect("the answer, then EOF (not a reset)");
+            answer
+        };
+        let refuse = async {
+            let mut head = [0; 2048];
+            server.read_exact(&mut head).await.unwrap();
+            // Answer and close in one go (one poll): the copy's write fails before it reads the answer.
+            server.write_all(ANSWER).await.unwrap();
+            drop(server);
+        };
+        let client_peer = async {
+            tokio::select! {
+                answer = receive => answer,
+                () = send => unreachable!("sending never ends"),
+            }
+        };
+        let (result, answer, ()) = tokio::join!(copy, client_peer, refuse);
+
+        assert_eq!(String::from_utf8_lossy(&answer), String::from_utf8_lossy(ANSWER));
+        let error = result.expect_err("the write towards the server failed");
+        assert_eq!(error.kind(), io::ErrorKind::BrokenPipe, "the first error is reported: {error}");
+        assert_eq!(from_server.load(Ordering::Relaxed), ANSWER.len() as u64);
+    }
+
+    /// One side of a copy whose reads and writes each fail with the given error, or wait forever (`None`).
+    struct Stuck {
+        read: Option<io::ErrorKind>,
+        write: Option<io::ErrorKind>,
+    }
+
+    impl AsyncRead for Stuck {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            self.read.map_or(Poll::Pending, |kind| Poll::Ready(Err(kind.into())))
+        }
+    }
+
+    impl AsyncWrite for Stuck {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<io::Result<usize>> {
+            self.write.map_or(Poll::Pending, |kind| Poll::Ready(Err(kind.into())))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_stops_reading_and_stays_silent_is_given_up_after_the_drain_bound() {
+        let (mut client, mut proxy_a) = tokio::io::duplex(1024);
+        let mut server = Stuck { read: None, write: Some(io::ErrorKind::BrokenPipe) };
+        let counters = (AtomicU64::new(0), AtomicU64::new(0));
+        let started = tokio::time::Instant::now();
+        client.write_all(b"request").await.unwrap();
+
+        let result = bidirectional(&mut proxy_a, &mut server, &counters.0, &counters.1).await;
+
+        assert_eq!(result.expect_err("the write failed").kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(started.elapsed(), DRAIN_AFTER_FAILURE, "the other direction was given the drain bound, no more");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_resets_ends_the_copy_at_once() {
+        // The client's side fails on read: nothing can reach it any more, so the idle server side is not waited on.
+        let mut client_side = Stuck { read: Some(io::ErrorKind::ConnectionReset), write: None };
+        let (mut proxy_b, _server) = tokio::io::duplex(1024);
+        let counters = (AtomicU64::new(0), AtomicU64::new(0));
+        let started = tokio::time::Instant::now();
+
+        let result = bidirectional(&mut client_side, &mut proxy_b, &counters.0, &counters.1).await;
+
+        assert_eq!(result.expect_err("the read failed").kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn after_a_half_close_the_other_direction_flows_until_it_ends() {
+        // The client sends its request and half-closes; the server answers afterwards, in several writes.
+        let (mut client, mut proxy_a) = tokio::io::duplex(64);
+        let (mut proxy_b, mut server) = tokio::io::duplex(64);
+        let counters = (AtomicU64::new(0), AtomicU64::new(0));
+        let copy = bidirectional(&mut proxy_a, &mut proxy_b, &counters.0, &counters.1);
+        let serve = async {
+            let mut request = Vec::new();
+            server.read_to_end(&mut request).await.unwrap();
+            assert_eq!(request, b"request");
+            for _ in 0..10 {
+                server.write_all(&[b'r'; 100]).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            drop(server);
+        };
+        let ask = async {
+            client.write_all(b"request").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            answer.len()
+        };
+        let peers = async { tokio::join!(serve, ask).1 };
+        let (result, answered) = tokio::join!(copy, peers);
+        result.expect("both directions closed cleanly");
+        assert_eq!(answered, 1000);
     }
 
     #[tokio::test]

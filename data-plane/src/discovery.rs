@@ -13,11 +13,12 @@ use trellis_proto::tls::{self, ServerTrust};
 use trellis_proto::v1::discovery_client::DiscoveryClient;
 use trellis_proto::v1::discovery_request::Message as Up;
 use trellis_proto::v1::discovery_response::Message as Down;
-use trellis_proto::v1::{Ack, ConfigUpdate, DiscoveryRequest, Hello};
+use trellis_proto::v1::{Ack, CertificatesHeld, ConfigUpdate, DiscoveryRequest, HeldCertificate, Hello};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::identity::certs::rfc3339;
+use crate::identity::node_renewal::NodeRenewal;
 use crate::identity::{CertManager, NodeCredential, node};
 use crate::metrics;
 use crate::state::{self, StateStore};
@@ -27,6 +28,10 @@ use crate::{connect_error, shutdown_requested};
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A stream that lasted this long counts as healthy, so the next reconnect starts with a short delay.
 const HEALTHY_STREAM: Duration = Duration::from_secs(30);
+/// While the control plane is unreachable, how often a TCP connect checks whether it is back, so that the proxy
+/// redials at once instead of at the end of its backoff step.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why a stream ended (other than shutdown).
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +56,11 @@ impl From<tonic::Status> for StreamError {
 
 pub struct Discovery {
     config: Arc<Config>,
+    /// The node credential the next connection presents (replaced by each renewal).
     node: Arc<NodeCredential>,
+    /// Where the admin endpoint reads the node credential in use.
+    node_slot: Arc<arc_swap::ArcSwapOption<NodeCredential>>,
+    node_renewal: NodeRenewal,
     state: Arc<StateStore>,
     certs: CertManager,
     /// Application SVIDs (Workload API): separate keys, same identities, same stream; `None` when no workload is
@@ -75,9 +84,16 @@ impl Session {
 }
 
 impl Discovery {
-    pub fn new(config: Arc<Config>, node: Arc<NodeCredential>, state: Arc<StateStore>, certs: CertManager) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        node: Arc<NodeCredential>,
+        node_slot: Arc<arc_swap::ArcSwapOption<NodeCredential>>,
+        state: Arc<StateStore>,
+        certs: CertManager,
+    ) -> Self {
         let persisted_roots = node.roots.clone();
-        Self { config, node, state, certs, app_certs: None, persisted_roots }
+        let node_renewal = NodeRenewal::new(&node, Instant::now(), SystemTime::now());
+        Self { config, node, node_slot, node_renewal, state, certs, app_certs: None, persisted_roots }
     }
 
     /// Also keeps the Workload API's application SVIDs issued and renewed over this stream.
@@ -118,16 +134,22 @@ impl Discovery {
             for (manager, _) in self.managers() {
                 manager.stream_lost(Instant::now());
             }
-            if !self.wait(backoff.next_delay(), &mut shutdown).await {
+            self.node_renewal.stream_lost(Instant::now());
+            // Probing helps only when nothing answered: a control plane that answers and refuses (a Hello it
+            // rejects, a status) is retried on the backoff alone, or the probe would turn the backoff into a loop.
+            let probe = matches!(result, StreamError::Connect(_));
+            if !self.wait(backoff.next_delay(), probe, &mut shutdown).await {
                 return;
             }
         }
     }
 
-    /// Sleeps before reconnecting, still withdrawing certificates that expire meanwhile. False on shutdown.
-    async fn wait(&mut self, delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    /// Sleeps before reconnecting, still withdrawing certificates that expire meanwhile; with `probe`, ends early
+    /// once a TCP connect to the control plane succeeds (it is back). False on shutdown.
+    async fn wait(&mut self, delay: Duration, probe: bool, shutdown: &mut watch::Receiver<bool>) -> bool {
         info!(retry_in = ?delay, "reconnecting to the control plane");
         let until = tokio::time::Instant::now() + delay;
+        let mut next_probe = tokio::time::Instant::now() + PROBE_INTERVAL;
         loop {
             let mut next_expiry = None;
             for (manager, purpose) in self.managers() {
@@ -136,13 +158,31 @@ impl Discovery {
                 }
                 next_expiry = next_expiry.into_iter().chain(manager.next_expiry()).min();
             }
-            let wake = next_expiry.map_or(until, |at| until.min(at.into()));
+            let mut wake = next_expiry.map_or(until, |at| until.min(at.into()));
+            if probe {
+                wake = wake.min(next_probe);
+            }
             tokio::select! {
                 _ = shutdown_requested(shutdown) => return false,
                 _ = tokio::time::sleep_until(wake) => {}
             }
-            if tokio::time::Instant::now() >= until {
+            let now = tokio::time::Instant::now();
+            if now >= until {
                 return true;
+            }
+            if probe && now >= next_probe {
+                let address = self.config.control_plane.address.clone();
+                let reachable = tokio::select! {
+                    _ = shutdown_requested(shutdown) => return false,
+                    probe = tokio::time::timeout(PROBE_TIMEOUT, crate::sockets::connect_host(address)) => {
+                        matches!(probe, Ok(Ok(_)))
+                    }
+                };
+                if reachable {
+                    info!("the control plane accepts connections again; reconnecting now");
+                    return true;
+                }
+                next_probe = tokio::time::Instant::now() + PROBE_INTERVAL;
             }
         }
     }
@@ -175,10 +215,16 @@ impl Discovery {
         info!(address = %address, "discovery stream open");
         metrics::control_plane_connected(true);
         let _disconnected = OnDrop(|| metrics::control_plane_connected(false));
+        self.report_held(&session)?;
 
         loop {
             self.request_certificates(&session)?;
-            let deadline = self.next_deadline().map(tokio::time::Instant::from_std);
+            self.renew_node_credential(&session)?;
+            let deadline = [self.next_deadline(), self.node_renewal.next_deadline()]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(far_future)) => {}
                 message = inbound.message() => {
@@ -208,7 +254,10 @@ impl Discovery {
                             serial = %cert.info.serial,
                             not_after = %rfc3339(cert.info.not_after),
                             "{} installed", purpose.what()
-                        )
+                        );
+                        if purpose == Purpose::Tunnel {
+                            self.report_held(session)?;
+                        }
                     }
                     Ok(None) => debug!("answer to an abandoned CSR ignored"),
                     Err(e) => {
@@ -222,11 +271,74 @@ impl Discovery {
                 for (manager, _) in self.managers() {
                     renewing += manager.renew_now(&renew.spiffe_ids, Instant::now()).len();
                 }
-                info!(requested = ?renew.spiffe_ids, renewing, "control plane asked for renewal");
+                let node_id = self.node.spiffe_id.to_string();
+                let node = renew.spiffe_ids.is_empty() || renew.spiffe_ids.contains(&node_id);
+                if node {
+                    self.node_renewal.renew_now(Instant::now());
+                }
+                info!(requested = ?renew.spiffe_ids, renewing, node, "control plane asked for renewal");
+            }
+            Some(Down::NodeCredential(answer)) => {
+                match self.node_renewal.on_response(answer, &self.node, Instant::now(), SystemTime::now()) {
+                    Ok(Some(renewed)) => self.install_node_credential(renewed, session)?,
+                    Ok(None) => debug!("answer to an abandoned node credential renewal ignored"),
+                    Err(e) => error!(error = %e, "node credential not renewed; the current one stays in use"),
+                }
             }
             None => debug!("empty message from the control plane ignored"),
         }
         Ok(())
+    }
+
+    /// A renewed node credential: stored (atomically) for the next start, used by the next connection. The
+    /// stream that brought it stays up: TLS checked the old one at its handshake.
+    fn install_node_credential(&mut self, renewed: NodeCredential, session: &Session) -> Result<(), StreamError> {
+        if let Err(e) = renewed.save_renewed(&self.config.state_dir) {
+            error!(error = %e, "cannot store the renewed node credential; it is used until the proxy stops");
+        }
+        info!(
+            serial = %renewed.info.serial,
+            not_after = %rfc3339(renewed.info.not_after),
+            "node credential renewed"
+        );
+        let renewed = Arc::new(renewed);
+        self.node_slot.store(Some(renewed.clone()));
+        self.node = renewed;
+        self.report_held(session)
+    }
+
+    fn renew_node_credential(&mut self, session: &Session) -> Result<(), StreamError> {
+        match self.node_renewal.step(Instant::now()) {
+            Ok(Some(request)) => {
+                debug!(request_id = request.request_id, "sending the node credential CSR");
+                session.send(Up::NodeCredentialRequest(request))
+            }
+            Ok(None) => Ok(()),
+            Err(e) => {
+                warn!(error = %e, "node credential renewal failed; retrying");
+                Ok(())
+            }
+        }
+    }
+
+    /// Tells the control plane which certificates this proxy uses, and which CA signed each (a root rotation
+    /// waits for these reports).
+    fn report_held(&self, session: &Session) -> Result<(), StreamError> {
+        let held = |spiffe_id: String, chain: &[CertificateDer<'_>], info: &crate::identity::certs::CertInfo| {
+            HeldCertificate {
+                spiffe_id,
+                serial: info.serial.clone(),
+                issuer_sha256: chain.get(1).map(|ca| sha256_hex(ca)).unwrap_or_default(),
+                not_after_unix: info
+                    .not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+            }
+        };
+        let mut certificates: Vec<HeldCertificate> =
+            self.certs.certs().all().iter().map(|c| held(c.spiffe_id.to_string(), &c.chain, &c.info)).collect();
+        certificates.push(held(self.node.spiffe_id.to_string(), &self.node.chain, &self.node.info));
+        session.send(Up::Held(CertificatesHeld { certificates }))
     }
 
     fn hello(&self) -> Hello {
@@ -337,6 +449,10 @@ impl<F: FnMut()> Drop for OnDrop<F> {
     fn drop(&mut self) {
         (self.0)()
     }
+}
+
+fn sha256_hex(der: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der))
 }
 
 fn far_future() -> tokio::time::Instant {

@@ -28,6 +28,11 @@ enum Command {
         /// traffic fails closed).
         #[arg(long)]
         capture: bool,
+        /// Write the address every listener is bound to into this file, as JSON keyed by `listen.*` field
+        /// (`{"admin": "127.0.0.1:15000", ...}`), replaced atomically as listeners start; `ready` is bound last.
+        /// For `listen.*` addresses with port 0, whose port the kernel picks.
+        #[arg(long, value_name = "PATH")]
+        addresses_file: Option<PathBuf>,
     },
     /// Install, remove or show the capture rules (for operators and init containers).
     Capture {
@@ -74,8 +79,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     use trellis_data_plane::capture;
-    let (config, with_capture) = match cli.command {
-        Command::Run { config, capture } => (config, capture),
+    let (config, with_capture, addresses_file) = match cli.command {
+        Command::Run { config, capture, addresses_file } => (config, capture, addresses_file),
         Command::WorkloadApi { command: WorkloadApiCommand::Fetch { socket } } => return fetch(&socket),
         Command::Capture { action, config } => {
             let action = match action {
@@ -96,7 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         capture::install(&capture::CaptureSpec::from_config(&config)?).context("installing the capture rules")?;
         tracing::info!(table = capture::TABLE, "capture rules installed");
     }
-    let result = serve(config);
+    let result = serve(config, addresses_file);
     if with_capture {
         match capture::uninstall() {
             Ok(()) => tracing::info!("capture rules removed"),
@@ -106,7 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     result
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(config: Config, addresses_file: Option<PathBuf>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
         .enable_all()
@@ -121,7 +126,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
             }
             let _ = stop.send(true);
         });
-        trellis_data_plane::app::run(config, shutdown).await.map_err(anyhow::Error::from)
+        trellis_data_plane::app::run(config, addresses_file, shutdown).await.map_err(anyhow::Error::from)
     })
 }
 

@@ -102,6 +102,14 @@ fn describe() {
     describe_gauge!("trellis_config_version", "The config version applied.");
     describe_counter!("trellis_config_updates_total", "Config updates received, by result (ack, nack).");
     describe_gauge!("trellis_control_plane_connected", "1 while the discovery stream is open.");
+    describe_counter!(
+        "trellis_log_suppressed_total",
+        "Log lines dropped by a rate limit (refused HBONE connections beyond the burst), by log and reason."
+    );
+    describe_counter!(
+        "trellis_revocations_total",
+        "What revocations did, by kind (node, identity) and action (refused: a handshake; closed: an HBONE connection; stream_closed: a tunnel)."
+    );
     describe_gauge!("process_resident_memory_bytes", Unit::Bytes, "Resident memory.");
     describe_counter!("process_cpu_seconds_total", Unit::Seconds, "CPU time, user and system.");
     describe_gauge!("process_open_fds", "Open file descriptors.");
@@ -543,6 +551,11 @@ pub fn workload_api_call(method: &'static str, result: &'static str) {
 
 pub fn config_update(applied: bool) {
     metrics::counter!("trellis_config_updates_total", "result" => if applied { "ack" } else { "nack" }).increment(1);
+}
+
+/// Counts a log line dropped by a rate limit (`log_limit.rs`); `reason` is one of a fixed set.
+pub fn log_suppressed(log: &'static str, reason: &'static str) {
+    metrics::counter!("trellis_log_suppressed_total", "log" => log, "reason" => reason).increment(1);
 }
 
 pub fn control_plane_connected(connected: bool) {

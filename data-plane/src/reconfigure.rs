@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::identity::WorkloadCerts;
 use crate::proxy::{DataPath, inbound_plaintext, l7};
 use crate::registry::Registry;
+use crate::revocation::Revocations;
 use crate::state::StateStore;
 
 /// Rebuilds the TLS configs when a certificate or the trust bundle changes, and the registry index when the
@@ -29,8 +30,13 @@ pub async fn follow_changes(
     let mut reap = tokio::time::interval(std::time::Duration::from_secs(15));
     let mut upkeep = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
     let mut policies: Option<(Arc<trellis_policy::CompiledPolicies>, Arc<_>)> = None;
+    let mut revocations = data.tls.revocations().load();
     loop {
         let current = state.load();
+        if !Arc::ptr_eq(&revocations, &current.revocations) {
+            revocations = current.revocations.clone();
+            revoke(&data, revocations.clone());
+        }
         data.registry.store(Arc::new(Registry::from_state(&current)));
         if !policies.as_ref().is_some_and(|(p, j)| Arc::ptr_eq(p, &current.policies) && Arc::ptr_eq(j, &current.jwks)) {
             let local = LocalPolicies::build(&current.policies, &data.locals, &current.jwks, config.jwt_clock_skew);
@@ -90,6 +96,23 @@ fn record_health(certs: &WorkloadCerts, state: &StateStore) {
         roots: roots.unwrap_or_default(),
         config_version: current.synced.then_some(current.version),
     });
+}
+
+/// Installs a new revocation list for every handshake from now on, then closes every open connection whose peer
+/// certificate it names: HBONE connections accepted from revoked peers and pooled ones to them, and every tunnel
+/// stream on them (inbound, outbound and `http`-port tunnels alike), each with the reason in its access-log entry.
+fn revoke(data: &DataPath, revocations: Arc<Revocations>) {
+    data.tls.revocations().store(revocations.clone());
+    let closed = data.connections.close_revoked(&revocations);
+    let pooled = data.pool.close_revoked(&revocations);
+    if closed.sessions + closed.streams + pooled > 0 {
+        info!(
+            accepted_connections = closed.sessions,
+            pooled_connections = pooled,
+            streams = closed.streams,
+            "connections of revoked peers closed"
+        );
+    }
 }
 
 /// Installs the policies for the local workloads, then closes every open inbound connection they no longer allow.

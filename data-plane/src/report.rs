@@ -65,11 +65,18 @@ impl ConnectionReport {
     /// Counts and logs a connection refused before any byte moved; `flags` come from why (each refusal's error
     /// type derives them).
     pub fn refused(self, traffic: &TrafficMetrics, flags: Flags, authz: Authz, detail: &str) {
+        self.refused_logged(traffic, flags, authz, detail, true)
+    }
+
+    /// The same, logging the access-log entry only when `log` (a rate limit decided; the series always count).
+    pub fn refused_logged(self, traffic: &TrafficMetrics, flags: Flags, authz: Authz, detail: &str, log: bool) {
         let key = TrafficKey { flags, ..self.key.clone() };
         let series = traffic.tcp(key.clone());
         series.opened();
         series.closed(0, 0);
-        self.log(&key, 0, 0, &authz, detail);
+        if log {
+            self.log(&key, 0, 0, &authz, detail);
+        }
     }
 
     /// Counts the connection as opened, under what authorization decided for it.

@@ -13,11 +13,15 @@ use trellis_policy::{CompiledPolicies, Kind, ResourceKey};
 use trellis_proto::v1;
 
 use crate::identity::certs::{self, CertError, CertInfo};
+use crate::revocation::Revocations;
 
 #[derive(Debug, Clone, Default)]
 pub struct State {
     /// Set once a full snapshot has been applied; before that the proxy has no mesh config.
     pub synced: bool,
+    /// Read from the state directory at start (`stored.rs`): the config last ACKed before a restart, not yet
+    /// confirmed by the control plane (its next full snapshot replaces it, which clears this).
+    pub restored: bool,
     pub version: u64,
     /// This proxy's trust domain (from its node credential); a bundle for another domain is refused.
     pub trust_domain: String,
@@ -31,6 +35,8 @@ pub struct State {
     pub policies: Arc<CompiledPolicies>,
     /// JWKS documents the control plane fetched, by `jwksUri` (RequestAuthentication).
     pub jwks: Arc<BTreeMap<String, String>>,
+    /// Revoked node certificates and workload identities (`revocation.rs`).
+    pub revocations: Arc<Revocations>,
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +99,8 @@ pub enum ApplyError {
     RemovedResource { index: usize, reason: String },
     #[error("policies do not compile: {0}")]
     Policy(String),
+    #[error("revocations: {0}")]
+    Revocations(crate::revocation::RevocationsError),
 }
 
 impl ApplyError {
@@ -105,6 +113,7 @@ impl ApplyError {
             ApplyError::Resource { .. } => "resource",
             ApplyError::RemovedResource { .. } => "removed_resource",
             ApplyError::Policy(_) => "policy",
+            ApplyError::Revocations(_) => "revocations",
         }
     }
 }
@@ -162,6 +171,21 @@ pub fn apply(state: &State, update: &v1::ConfigUpdate) -> Result<State, ApplyErr
             next.jwks = Arc::new(set.entries.iter().map(|j| (j.uri.clone(), j.json.clone())).collect());
         }
         None if update.full => next.jwks = Arc::default(),
+        None => {}
+    }
+
+    match &update.revocations {
+        Some(list) => {
+            let revocations = Revocations::from_wire(list).map_err(ApplyError::Revocations)?;
+            // The same set again (every full snapshot carries it) keeps the current `Arc`: `reconfigure` scans the
+            // open connections only when it changes.
+            if *state.revocations != revocations {
+                next.revocations = Arc::new(revocations);
+            } else {
+                next.revocations = state.revocations.clone();
+            }
+        }
+        None if update.full => next.revocations = Arc::default(),
         None => {}
     }
 

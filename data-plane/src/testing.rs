@@ -143,6 +143,23 @@ impl Mesh {
         }
     }
 
+    /// Sends the revocation list `list` to one proxy only, as the control plane does when the other side is the
+    /// revoked one (its stream is cut, it hears nothing); returns once that proxy installed it (handshakes checked
+    /// against it, open connections of revoked peers closed: one step of its change-following task).
+    pub async fn revoke(&mut self, at: At, list: v1::Revocations) {
+        self.version += 1;
+        let update = v1::ConfigUpdate { version: self.version, revocations: Some(list), ..Default::default() };
+        let proxy = match at {
+            At::A => &self.a,
+            At::B => &self.b,
+        };
+        let next = state::apply(&proxy.state.load(), &update).expect("the revocation list applies");
+        let installed = next.revocations.clone();
+        proxy.state.store(next);
+        eventually("the revocation list installed", || Arc::ptr_eq(&proxy.data.tls.revocations().load(), &installed))
+            .await;
+    }
+
     /// Sends a trust bundle of `roots` to both proxies; returns once both rebuilt their TLS set.
     pub async fn set_roots(&mut self, roots: &[CertificateDer<'static>]) {
         let before = [self.a.tls_generation(), self.b.tls_generation()];
@@ -175,6 +192,30 @@ fn workload(name: &str, namespace: &str, ip: [u8; 4], ports: Vec<u16>) -> Worklo
 
 fn bundle(roots: &[CertificateDer<'static>]) -> v1::TrustBundle {
     v1::TrustBundle { trust_domain: TRUST_DOMAIN.into(), roots: roots.iter().map(|r| r.to_vec()).collect() }
+}
+
+/// Which proxy of the [`Mesh`].
+pub enum At {
+    A,
+    B,
+}
+
+/// A revocation list naming certificates (serial, node) and identities.
+pub fn revocations(certificates: &[(&str, &str)], identities: &[&SpiffeId]) -> v1::Revocations {
+    v1::Revocations {
+        certificates: certificates
+            .iter()
+            .map(|(serial, node)| v1::RevokedCertificate {
+                serial: serial.to_string(),
+                node: node.to_string(),
+                ..Default::default()
+            })
+            .collect(),
+        identities: identities
+            .iter()
+            .map(|id| v1::RevokedIdentity { spiffe_id: id.to_string(), revoked_at_unix: 0 })
+            .collect(),
+    }
 }
 
 /// One proxy fronting one workload: its data path, listeners and change-following task, all in this process.

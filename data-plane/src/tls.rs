@@ -23,6 +23,7 @@ use trellis_proto::spiffe::SpiffeId;
 use crate::config::WorkloadConfig;
 use crate::identity::WorkloadCerts;
 use crate::identity::workload::WorkloadCert;
+use crate::revocation::RevocationList;
 use crate::state::TrustBundle;
 
 const ALPN_H2: &[u8] = b"h2";
@@ -101,6 +102,21 @@ fn check_identity(cert: &CertificateDer<'_>, trust_domain: &str) -> Result<Spiff
     Ok(id)
 }
 
+/// The SPIFFE identity rules, then revocation: a certificate the current revocation list names is refused with the
+/// reason (counted in `trellis_revocations_total{action="refused"}`).
+fn check_peer(
+    cert: &CertificateDer<'_>,
+    trust_domain: &str,
+    revocations: &RevocationList,
+) -> Result<SpiffeId, rustls::Error> {
+    let id = check_identity(cert, trust_domain)?;
+    if let Err(revoked) = revocations.check_cert(cert, &id) {
+        revoked.count("refused");
+        return Err(rustls::Error::General(revoked.to_string()));
+    }
+    Ok(id)
+}
+
 /// The current TLS material. Immutable; replaced whole on every change.
 pub struct TlsSet {
     /// Server config by local address: the certificate presented is the destination workload's.
@@ -113,6 +129,8 @@ pub struct TlsSet {
     clients: Mutex<HashMap<(SpiffeId, SpiffeId), Arc<ClientConfig>>>,
     /// Changes with every rebuild: pooled connections from an older set are not reused for new streams.
     pub generation: u64,
+    /// The revocation list every verifier of this set reads (the same one across rebuilds).
+    revocations: Arc<RevocationList>,
 }
 
 impl TlsSet {
@@ -125,7 +143,12 @@ impl TlsSet {
             provider: trellis_proto::tls::provider(),
             clients: Mutex::new(HashMap::new()),
             generation: 0,
+            revocations: Arc::default(),
         }
+    }
+
+    pub fn revocations(&self) -> &RevocationList {
+        &self.revocations
     }
 
     pub fn server_for(&self, local: IpAddr) -> Option<Arc<ServerConfig>> {
@@ -152,6 +175,7 @@ impl TlsSet {
             destination.clone(),
             cert.chain.clone(),
             cert.key(),
+            self.revocations.clone(),
         )
         .map_err(ClientConfigError::Build)?;
         let config = Arc::new(config);
@@ -160,14 +184,17 @@ impl TlsSet {
     }
 }
 
-/// Holder of the current [`TlsSet`].
+/// Holder of the current [`TlsSet`], and of the revocation list its verifiers read.
 pub struct MeshTls {
     current: ArcSwap<TlsSet>,
+    revocations: Arc<RevocationList>,
 }
 
 impl Default for MeshTls {
     fn default() -> Self {
-        Self { current: ArcSwap::from_pointee(TlsSet::empty()) }
+        let revocations = Arc::new(RevocationList::default());
+        let set = TlsSet { revocations: revocations.clone(), ..TlsSet::empty() };
+        Self { current: ArcSwap::from_pointee(set), revocations }
     }
 }
 
@@ -176,10 +203,15 @@ impl MeshTls {
         self.current.load_full()
     }
 
+    /// The revocation list every handshake is checked against; replacing its content needs no rebuild.
+    pub fn revocations(&self) -> &RevocationList {
+        &self.revocations
+    }
+
     /// Rebuilds every config from the current certificates and bundle.
     pub fn rebuild(&self, workloads: &[WorkloadConfig], certs: &WorkloadCerts, bundle: Option<&TrustBundle>) {
         let generation = self.current.load().generation + 1;
-        match build(workloads, certs, bundle, generation) {
+        match build(workloads, certs, bundle, generation, &self.revocations) {
             Ok(set) => {
                 tracing::debug!(generation, servers = set.servers.len(), "TLS configs rebuilt");
                 self.current.store(Arc::new(set));
@@ -194,9 +226,11 @@ fn build(
     certs: &WorkloadCerts,
     bundle: Option<&TrustBundle>,
     generation: u64,
+    revocations: &Arc<RevocationList>,
 ) -> Result<TlsSet, BuildError> {
     let provider = trellis_proto::tls::provider();
-    let mut set = TlsSet { generation, provider: provider.clone(), ..TlsSet::empty() };
+    let mut set =
+        TlsSet { generation, provider: provider.clone(), revocations: revocations.clone(), ..TlsSet::empty() };
     let Some(bundle) = bundle else { return Ok(set) };
     let mut roots = RootCertStore::empty();
     for root in bundle.root_ders() {
@@ -213,9 +247,15 @@ fn build(
             continue;
         };
         let Some(cert) = set.identities.get(&id) else { continue };
-        let config =
-            server_config(provider.clone(), roots.clone(), &bundle.trust_domain, cert.chain.clone(), cert.key())
-                .map_err(|reason| BuildError::Server { id: id.clone(), reason })?;
+        let config = server_config(
+            provider.clone(),
+            roots.clone(),
+            &bundle.trust_domain,
+            cert.chain.clone(),
+            cert.key(),
+            revocations.clone(),
+        )
+        .map_err(|reason| BuildError::Server { id: id.clone(), reason })?;
         for address in &workload.addresses {
             set.servers.insert(*address, config.clone());
         }
@@ -223,20 +263,23 @@ fn build(
     Ok(set)
 }
 
-/// Tunnel server side: TLS 1.3, ALPN h2, a client certificate required and checked by SPIFFE rules. (Its error is
-/// rustls's text: the test harness, `tests/src/hbone.rs`, builds its peers with this and `client_config`.)
+/// Tunnel server side: TLS 1.3, ALPN h2, a client certificate required and checked by SPIFFE rules and against
+/// `revocations`. (Its error is rustls's text: the test harness, `tests/src/hbone.rs`, builds its peers with this
+/// and `client_config`.)
 pub fn server_config(
     provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,
     trust_domain: &str,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    revocations: Arc<RevocationList>,
 ) -> Result<Arc<ServerConfig>, String> {
     let verifier = Arc::new(SpiffeClientVerifier {
         inner: WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
             .build()
             .map_err(|e| e.to_string())?,
         trust_domain: trust_domain.to_owned(),
+        revocations,
     });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -248,15 +291,17 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// Tunnel client side: TLS 1.3, ALPN h2, presenting `chain`, accepting only a server that is `expected`.
+/// Tunnel client side: TLS 1.3, ALPN h2, presenting `chain`, accepting only a server that is `expected` and not
+/// revoked.
 pub fn client_config(
     provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,
     expected: SpiffeId,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    revocations: Arc<RevocationList>,
 ) -> Result<ClientConfig, String> {
-    let verifier = Arc::new(SpiffeServerVerifier { roots, expected, provider: provider.clone() });
+    let verifier = Arc::new(SpiffeServerVerifier { roots, expected, provider: provider.clone(), revocations });
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
@@ -273,6 +318,7 @@ pub fn client_config(
 struct SpiffeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
+    revocations: Arc<RevocationList>,
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -287,7 +333,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        check_identity(end_entity, &self.trust_domain)?;
+        check_peer(end_entity, &self.trust_domain, &self.revocations)?;
         Ok(verified)
     }
 
@@ -321,6 +367,7 @@ struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
     expected: SpiffeId,
     provider: Arc<CryptoProvider>,
+    revocations: Arc<RevocationList>,
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -340,7 +387,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let id = check_identity(end_entity, self.expected.trust_domain())?;
+        let id = check_peer(end_entity, self.expected.trust_domain(), &self.revocations)?;
         if id != self.expected {
             return Err(rustls::Error::General(format!("server is {id}, expected {}", self.expected)));
         }
@@ -432,14 +479,16 @@ mod tests {
     /// A tunnel server trusting `bundle`'s root, in this trust domain, presenting `credential`.
     fn server(bundle: &TestCa, credential: Credential) -> Arc<ServerConfig> {
         let provider = trellis_proto::tls::provider();
-        server_config(provider, roots(bundle), TRUST_DOMAIN, credential.chain, credential.key).unwrap()
+        server_config(provider, roots(bundle), TRUST_DOMAIN, credential.chain, credential.key, Arc::default()).unwrap()
     }
 
     /// A tunnel client trusting `bundle`'s root, presenting `credential`, expecting the server workload.
     fn client(bundle: &TestCa, credential: Credential) -> Arc<ClientConfig> {
         let provider = trellis_proto::tls::provider();
         let expected = workload(TRUST_DOMAIN, SERVER_SA);
-        Arc::new(client_config(provider, roots(bundle), expected, credential.chain, credential.key).unwrap())
+        Arc::new(
+            client_config(provider, roots(bundle), expected, credential.chain, credential.key, Arc::default()).unwrap(),
+        )
     }
 
     /// What one side of a handshake ended with: the peer's SPIFFE ID, or the TLS error that stopped it.
@@ -574,6 +623,7 @@ mod tests {
             roots: roots(&ca),
             expected: workload(TRUST_DOMAIN, SERVER_SA),
             provider: provider.clone(),
+            revocations: Arc::default(),
         };
         let mut anonymous = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -646,5 +696,69 @@ mod tests {
         let (refusal, alert) = client_refusal(&ca, good_server(&impostor)).await;
         assert_eq!(refusal, rustls::Error::InvalidCertificate(CertificateError::BadSignature));
         assert_eq!(alert, rustls::Error::AlertReceived(AlertDescription::DecryptError));
+    }
+
+    /// A revocation list naming `serials` (of node "n1") and `identities`.
+    fn revoking(serials: &[&str], identities: &[&SpiffeId]) -> Arc<RevocationList> {
+        let list = trellis_proto::v1::Revocations {
+            certificates: serials
+                .iter()
+                .map(|s| trellis_proto::v1::RevokedCertificate {
+                    serial: s.to_string(),
+                    node: "n1".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            identities: identities
+                .iter()
+                .map(|id| trellis_proto::v1::RevokedIdentity { spiffe_id: id.to_string(), revoked_at_unix: 0 })
+                .collect(),
+        };
+        let revocations = Arc::new(RevocationList::default());
+        revocations.store(Arc::new(crate::revocation::Revocations::from_wire(&list).unwrap()));
+        revocations
+    }
+
+    fn serial(credential: &Credential) -> String {
+        crate::revocation::serial_hex(&credential.chain[0]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn server_refuses_a_client_certificate_of_a_revoked_node_and_accepts_another_of_the_same_identity() {
+        let ca = TestCa::new();
+        let (revoked, other) = (good_client(&ca), good_client(&ca));
+        let list = revoking(&[&serial(&revoked)], &[]);
+        let provider = trellis_proto::tls::provider();
+        let good = good_server(&ca);
+        let server = server_config(provider, roots(&ca), TRUST_DOMAIN, good.chain, good.key, list.clone()).unwrap();
+        // Control: the same identity, another certificate (another node's), through the same server.
+        assert_accepted(client(&ca, other), server.clone()).await;
+        let bad_serial = serial(&revoked);
+        let (client_saw, server_saw) = handshake(client(&ca, revoked), server).await;
+        assert_eq!(
+            server_saw,
+            Err(rustls::Error::General(format!("peer certificate {bad_serial} was issued to revoked node \"n1\"")))
+        );
+        assert_eq!(client_saw, Err(rustls::Error::AlertReceived(AlertDescription::HandshakeFailure)));
+    }
+
+    #[tokio::test]
+    async fn client_refuses_a_server_whose_identity_was_revoked() {
+        let ca = TestCa::new();
+        let server_id = workload(TRUST_DOMAIN, SERVER_SA);
+        let provider = trellis_proto::tls::provider();
+        let make_client = |list: Arc<RevocationList>| {
+            let own = good_client(&ca);
+            let config =
+                client_config(provider.clone(), roots(&ca), server_id.clone(), own.chain, own.key, list).unwrap();
+            Arc::new(config)
+        };
+        // Control: another identity revoked, the same client path.
+        let other = workload(TRUST_DOMAIN, "other");
+        assert_accepted(make_client(revoking(&[], &[&other])), server(&ca, good_server(&ca))).await;
+        let (client_saw, server_saw) =
+            handshake(make_client(revoking(&[], &[&server_id])), server(&ca, good_server(&ca))).await;
+        assert_eq!(client_saw, Err(rustls::Error::General(format!("peer identity {server_id} was revoked"))));
+        assert_eq!(server_saw, Err(rustls::Error::AlertReceived(AlertDescription::HandshakeFailure)));
     }
 }

@@ -159,7 +159,7 @@ pub async fn connect(
     let provider = trellis_proto::tls::provider();
     let expected = SpiffeId::parse(expected).map_err(|e| Outcome::Broke(e.to_string()))?;
     let config = match credential {
-        Some(c) => trellis_data_plane::tls::client_config(provider, roots, expected, c.chain, c.key),
+        Some(c) => trellis_data_plane::tls::client_config(provider, roots, expected, c.chain, c.key, Arc::default()),
         None => {
             // The proxy's client config with a throwaway credential, then the credential taken away: the server
             // verification stays the proxy's own.
@@ -171,6 +171,7 @@ pub async fn connect(
                 expected,
                 vec![cert.der().clone()],
                 crate::client::key_der(&key),
+                Arc::default(),
             )
             .map(|mut config| {
                 config.client_auth_cert_resolver = Arc::new(NoClientCert);
@@ -290,6 +291,7 @@ pub async fn imposter(
         trust_domain,
         credential.chain,
         credential.key,
+        Arc::default(),
     )
     .unwrap();
     let listener = tokio::net::TcpListener::bind(bind).await.unwrap();

@@ -1,6 +1,7 @@
-//! The one test harness: start the real binaries (control plane, proxies) as processes on free ports, drive them
-//! with `trellisctl` or raw gRPC, and tear everything down on drop. Binaries come from the workspace's target dir,
-//! so `cargo build --workspace` must run before the tests (the README's test command does).
+//! The one test harness: start the real binaries (control plane, proxies) as processes on port 0 (they report the
+//! ports the kernel picked, so no other process can take them in between), drive them with `trellisctl` or raw
+//! gRPC, and tear everything down on drop. Binaries come from the workspace's target dir, so
+//! `cargo build --workspace` must run before the tests (the README's test command does).
 
 // `deny`, not `forbid`: `netns::in_netns` needs setns(2), which std does not wrap; that one place allows unsafe
 // code, with its SAFETY reasoning.
@@ -123,18 +124,34 @@ fn wait_listening_in(netns: Option<&str>, addr: SocketAddr, child: &mut Child, l
     });
 }
 
+/// Waits until `child` has written its `--addresses-file` at `path` with `last` in it (the listener it binds last),
+/// and returns the file's JSON object; panics with its log if it exits first.
+pub fn wait_addresses(child: &mut Child, path: &Path, log: &Path, last: &str) -> serde_json::Value {
+    wait_for(&format!("{} to report its addresses ({last})", path.display()), Duration::from_secs(30), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("process exited with {status} before listening; log:\n{}", read_log(log));
+        }
+        // Replaced atomically: the file is absent, older, or whole.
+        let text = std::fs::read_to_string(path).ok()?;
+        let reported: serde_json::Value = serde_json::from_str(&text).expect("the addresses file is JSON");
+        reported.get(last).is_some().then_some(reported)
+    })
+}
+
 pub fn read_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
 /// A running `trellis-control` with its own data dir.
+///
+/// It binds port 0 and reports the ports the kernel picked (`serve --addresses-file`), so no other process can take
+/// them in between; a restart binds the same addresses again (the proxies' configs name them).
 pub struct ControlPlane {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
-    serve_args: Vec<String>,
-    /// How many of `serve_args` are the harness's own (data dir, addresses); the rest are the test's extras.
-    base_args: usize,
+    /// The test's extra `serve` flags.
+    extra_args: Vec<String>,
     child: Option<Child>,
     /// Network namespace it runs in (and `trellisctl` with it); `None`: this one.
     netns: Option<String>,
@@ -153,9 +170,15 @@ impl ControlPlane {
         self.dir.path().join("control.log")
     }
 
-    /// `trellis-control init` then `serve`, with extra `serve` flags (e.g. `--cert-ttl 1m`).
+    fn addresses_file(&self) -> PathBuf {
+        self.dir.path().join("addresses.json")
+    }
+
+    /// `trellis-control init` then `serve`, with extra `serve` flags (e.g. `--cert-ttl 1m`), on 127.0.0.1 at ports
+    /// the kernel picks.
     pub fn start(extra_serve_args: &[&str]) -> Self {
-        Self::start_at(None, free_addr(), free_addr(), extra_serve_args)
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_at(None, any_port, any_port, extra_serve_args)
     }
 
     /// The same on `host`, listening on its address at Istio's ports (15012, metrics on 127.0.0.1:15014).
@@ -174,33 +197,44 @@ impl ControlPlane {
             .output()
             .expect("run trellis-control init");
         assert!(init.status.success(), "init failed: {}", String::from_utf8_lossy(&init.stderr));
-        let mut serve_args: Vec<String> = vec![
-            "serve".into(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-            "--listen".into(),
-            addr.to_string(),
-            "--metrics-listen".into(),
-            metrics_addr.to_string(),
-        ];
-        let base_args = serve_args.len();
-        serve_args.extend(extra_serve_args.iter().map(|s| s.to_string()));
-        let mut cp = Self { dir, addr, metrics_addr, serve_args, base_args, child: None, netns };
+        let extra_args = extra_serve_args.iter().map(|s| s.to_string()).collect();
+        let mut cp = Self { dir, addr, metrics_addr, extra_args, child: None, netns };
         cp.spawn();
         cp
     }
 
+    /// Starts `serve` at `addr` and `metrics_addr` and waits for the addresses it reports; the first start (port 0)
+    /// learns its ports there and points `admin.yaml` at them.
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
+        let _ = std::fs::remove_file(self.addresses_file());
         let mut child = netns::command(self.netns.as_deref(), bin("trellis-control"))
-            .args(&self.serve_args)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--listen", &self.addr.to_string(), "--metrics-listen", &self.metrics_addr.to_string()])
+            .arg("--addresses-file")
+            .arg(self.addresses_file())
+            .args(&self.extra_args)
             // Refused handshakes are logged at debug: tests check the control plane's reason for refusing.
             .env("RUST_LOG", "info,trellis_control_plane::server=debug")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("spawn trellis-control serve");
-        wait_listening_in(self.netns.as_deref(), self.addr, &mut child, &self.log_path());
+        let reported = wait_addresses(&mut child, &self.addresses_file(), &self.log_path(), "listen");
+        let bound = |key: &str| -> SocketAddr {
+            reported[key].as_str().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("{key} in {reported}"))
+        };
+        let first_start = self.addr.port() == 0;
+        (self.addr, self.metrics_addr) = (bound("listen"), bound("metricsListen"));
+        if first_start {
+            let path = self.admin_config();
+            let mut config: serde_yaml_ng::Value =
+                serde_yaml_ng::from_str(&std::fs::read_to_string(&path).expect("admin.yaml")).expect("admin.yaml");
+            config["endpoint"] = self.addr.to_string().into();
+            std::fs::write(&path, serde_yaml_ng::to_string(&config).expect("yaml")).expect("write admin.yaml");
+        }
         self.child = Some(child);
     }
 
@@ -214,6 +248,12 @@ impl ControlPlane {
 
     pub fn restart(&mut self) {
         self.kill9();
+        self.spawn();
+    }
+
+    /// Starts it again after `kill9` (same data dir, addresses and flags); returns once it listens.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "resume: the control plane still runs");
         self.spawn();
     }
 
@@ -231,8 +271,7 @@ impl ControlPlane {
 
     /// Restarts it with other extra `serve` flags (same data dir and addresses).
     pub fn restart_with(&mut self, extra_serve_args: &[&str]) {
-        self.serve_args.truncate(self.base_args);
-        self.serve_args.extend(extra_serve_args.iter().map(|s| s.to_string()));
+        self.extra_args = extra_serve_args.iter().map(|s| s.to_string()).collect();
         self.restart();
     }
 
@@ -372,7 +411,9 @@ pub struct ProxyOptions {
 }
 
 /// A running `trellis-proxy`. Its HBONE listener is on every address (so that tunnels dialled to a workload's
-/// loopback address such as 127.0.10.1 reach it) at `hbone_port`; everything else on 127.0.0.1.
+/// loopback address such as 127.0.10.1 reach it) at `hbone_port`; everything else on 127.0.0.1. Every listener
+/// binds port 0 and the proxy reports the ports the kernel picked (`run --addresses-file`), so no other process can
+/// take them in between; the config is then rewritten with them, so that a restart binds the same ports.
 pub struct Proxy {
     pub dir: tempfile::TempDir,
     pub node: String,
@@ -384,6 +425,8 @@ pub struct Proxy {
     pub ready_addr: SocketAddr,
     pub hbone_port: u16,
     config_path: PathBuf,
+    /// The config as written (JSON form of `config_path`).
+    config: serde_json::Value,
     child: Option<Child>,
     netns: Option<String>,
     capture: bool,
@@ -428,8 +471,13 @@ impl Proxy {
                     at([0, 0, 0, 0], 15021),
                     15008,
                 ),
-                None => (free_addr(), free_addr(), free_addr(), free_addr(), free_addr(), free_addr(), free_port()),
+                // Ports the kernel picks, reported by the proxy.
+                None => {
+                    let any = at([127, 0, 0, 1], 0);
+                    (any, any, any, any, any, any, 0)
+                }
             };
+        // Port 0: the port listen.hbone is bound to.
         let hbone_address = match &options.netns {
             Some(host) => host.addr(hbone_port).to_string(),
             None => format!("127.0.0.1:{hbone_port}"),
@@ -475,6 +523,7 @@ impl Proxy {
         let config_path = dir.path().join("proxy.yaml");
         std::fs::write(&config_path, serde_yaml_ng::to_string(&config).expect("yaml")).expect("write config");
         let mut proxy = Self {
+            config,
             dir,
             node: node.into(),
             admin_addr,
@@ -493,18 +542,44 @@ impl Proxy {
         proxy
     }
 
+    fn addresses_file(&self) -> PathBuf {
+        self.dir.path().join("addresses.json")
+    }
+
+    /// Starts the proxy and waits until every listener is bound (`ready`, bound last, is in the addresses file); the
+    /// first start learns the ports the kernel picked and writes them into the config.
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
+        let _ = std::fs::remove_file(self.addresses_file());
         let mut child = netns::command(self.netns.as_deref(), bin("trellis-proxy"))
             .args(["run", "--config"])
             .arg(&self.config_path)
             .args(self.capture.then_some("--capture"))
+            .arg("--addresses-file")
+            .arg(self.addresses_file())
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("spawn trellis-proxy");
-        wait_listening_in(self.netns.as_deref(), self.admin_addr, &mut child, &self.log_path());
+        let reported = wait_addresses(&mut child, &self.addresses_file(), &self.log_path(), "ready");
+        let bound = |key: &str| -> Option<SocketAddr> { reported.get(key)?.as_str()?.parse().ok() };
+        let must = |key: &str| bound(key).unwrap_or_else(|| panic!("listen.{key} not in {reported}"));
+        let first_start = self.admin_addr.port() == 0;
+        (self.admin_addr, self.outbound_addr, self.inbound_addr) = (must("admin"), must("outbound"), must("inbound"));
+        (self.metrics_addr, self.ready_addr, self.hbone_port) = (must("metrics"), must("ready"), must("hbone").port());
+        // Only with a SOCKS5 workload.
+        self.socks5_addr = bound("socks5").unwrap_or(self.socks5_addr);
+        if first_start {
+            let listen = &mut self.config["listen"];
+            for key in ["admin", "outbound", "inbound", "metrics", "ready", "hbone", "socks5"] {
+                if let Some(address) = bound(key) {
+                    listen[key] = address.to_string().into();
+                }
+            }
+            let yaml = serde_yaml_ng::to_string(&self.config).expect("yaml");
+            std::fs::write(&self.config_path, yaml).expect("write config");
+        }
         self.child = Some(child);
     }
 

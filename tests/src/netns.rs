@@ -5,7 +5,7 @@
 //! them. Any setup command that fails fails the test with that command's stderr.
 
 use std::ffi::OsStr;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -63,6 +63,12 @@ impl Net {
 
     pub fn host(&self, i: usize) -> &Host {
         &self.hosts[i]
+    }
+
+    /// Gives host `i` its IPv6 address too ([`Host::ipv6`]; no duplicate address detection, so it is usable at once).
+    pub fn add_ipv6(&self, i: usize) {
+        let h = &self.hosts[i];
+        ip(&["-n", &h.ns, "addr", "add", &format!("{}/64", h.ipv6()), "dev", "eth0", "nodad"]);
     }
 
     /// `tcpdump` on host `i`'s wire (in the bridge namespace), writing a pcap; returns once it captures.
@@ -136,6 +142,17 @@ impl Host {
 
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::from((self.ip, port))
+    }
+
+    /// The IPv6 address beside `ip` (`10.200.S.N` → `fd00:7472:S::N`, in the tests' fd00:7472::/48), once
+    /// [`Net::add_ipv6`] gave it.
+    pub fn ipv6(&self) -> Ipv6Addr {
+        let [_, _, subnet, n] = self.ip.octets();
+        Ipv6Addr::new(0xfd00, 0x7472, subnet.into(), 0, 0, 0, 0, n.into())
+    }
+
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ipv6(), port))
     }
 
     /// A TCP connection made from inside this host, as any application there would make it (so capture rules
@@ -231,7 +248,7 @@ pub struct Segment {
 }
 
 impl Tcpdump {
-    /// Stops the capture (SIGINT: tcpdump flushes) and parses the pcap: every IPv4 TCP segment.
+    /// Stops the capture (SIGINT: tcpdump flushes) and parses the pcap: every TCP segment, IPv4 or IPv6.
     pub fn finish(mut self) -> Vec<Segment> {
         let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
         let _ = self.child.wait();
@@ -265,25 +282,45 @@ fn parse_pcap(bytes: &[u8]) -> Vec<Segment> {
         let len = u32_at(bytes, at + 8) as usize;
         let Some(frame) = bytes.get(at + 16..at + 16 + len) else { break };
         at += 16 + len;
-        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
-            continue;
+        if let Some(segment) = segment(frame) {
+            segments.push(segment);
         }
-        let ip = &frame[14..];
-        let ihl = usize::from(ip[0] & 0x0f) * 4;
-        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
-        if ip[9] != 6 || ip.len() < ihl + 20 {
-            continue;
-        }
-        let tcp = &ip[ihl..total];
-        let offset = (usize::from(tcp[12] >> 4) * 4).min(tcp.len());
-        let addr = |a: &[u8], port: &[u8]| {
-            SocketAddr::from((Ipv4Addr::new(a[0], a[1], a[2], a[3]), u16::from_be_bytes([port[0], port[1]])))
-        };
-        segments.push(Segment {
-            src: addr(&ip[12..16], &tcp[0..2]),
-            dst: addr(&ip[16..20], &tcp[2..4]),
-            payload: tcp[offset..].to_vec(),
-        });
     }
     segments
+}
+
+/// The TCP segment in an Ethernet frame (IPv4, or IPv6 without extension headers), if it holds one.
+fn segment(frame: &[u8]) -> Option<Segment> {
+    let (ip, header, total, src, dst): (&[u8], usize, usize, std::net::IpAddr, std::net::IpAddr) =
+        match frame.get(12..14)? {
+            [0x08, 0x00] => {
+                let ip = frame.get(14..)?;
+                if ip.len() < 20 || ip[9] != 6 {
+                    return None;
+                }
+                let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+                let (src, dst) = (<[u8; 4]>::try_from(&ip[12..16]).ok()?, <[u8; 4]>::try_from(&ip[16..20]).ok()?);
+                (ip, usize::from(ip[0] & 0x0f) * 4, total, src.into(), dst.into())
+            }
+            [0x86, 0xdd] => {
+                let ip = frame.get(14..)?;
+                if ip.len() < 40 || ip[6] != 6 {
+                    return None;
+                }
+                let total = (40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]))).min(ip.len());
+                let (src, dst) = (<[u8; 16]>::try_from(&ip[8..24]).ok()?, <[u8; 16]>::try_from(&ip[24..40]).ok()?);
+                (ip, 40, total, src.into(), dst.into())
+            }
+            _ => return None,
+        };
+    let tcp = ip.get(header..total)?;
+    if tcp.len() < 20 {
+        return None;
+    }
+    let offset = (usize::from(tcp[12] >> 4) * 4).min(tcp.len());
+    Some(Segment {
+        src: SocketAddr::new(src, u16::from_be_bytes([tcp[0], tcp[1]])),
+        dst: SocketAddr::new(dst, u16::from_be_bytes([tcp[2], tcp[3]])),
+        payload: tcp[offset..].to_vec(),
+    })
 }

@@ -565,14 +565,16 @@ async fn imported_intermediate_ca_signs_and_its_root_is_the_pin() {
     assert_eq!(client::pem_certs(&root_in_data), client::pem_certs(&std::fs::read_to_string(p("root.pem")).unwrap()));
 
     // Serve that data dir through the harness's process handling.
-    let addr = trellis_tests::free_addr();
+    let addresses = dir.path().join("addresses.json");
     let mut child = Command::new(bin("trellis-control"))
         .args(["serve", "--data-dir"])
         .arg(&data)
-        .args(["--listen", &addr.to_string(), "--metrics-listen", &trellis_tests::free_addr().to_string()])
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--addresses-file"])
+        .arg(&addresses)
         .spawn()
         .unwrap();
-    trellis_tests::wait_for("control plane", Duration::from_secs(20), || std::net::TcpStream::connect(addr).ok());
+    let reported = trellis_tests::wait_addresses(&mut child, &addresses, &dir.path().join("no-log"), "listen");
+    let addr: std::net::SocketAddr = reported["listen"].as_str().unwrap().parse().unwrap();
     let ctl = |args: &[&str]| {
         let mut config: serde_json::Value =
             serde_yaml_ng::from_str(&std::fs::read_to_string(data.join("admin.yaml")).unwrap()).unwrap();

@@ -345,25 +345,110 @@ fn a_dead_proxy_fails_closed_and_rules_are_installed_once_and_removed_exactly() 
     assert_eq!(a.nft_ruleset(), m.ruleset_before);
 }
 
-/// Without the `nft` tool, capture fails and says what is missing (nothing is touched: no namespace needed).
+/// Without the `nft` tool, capture fails and says what is missing (nothing is touched: no namespace needed):
+/// the operator commands, and `run --capture`, which stops before it listens or joins.
 #[test]
 fn capture_without_nft_names_the_missing_tool() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("proxy.yaml");
     std::fs::write(
         &config,
-        "node: a\ncontrolPlane: {address: '10.200.65.1:15012', caPin: 'sha256:0000000000000000000000000000000000000000000000000000000000000000'}\nstateDir: /nonexistent\n",
+        "node: a\ncontrolPlane: {address: '10.200.65.1:15012', caPin: 'sha256:0000000000000000000000000000000000000000000000000000000000000000'}\nstateDir: /nonexistent\nlisten: {admin: '127.0.0.1:0'}\n",
     )
     .unwrap();
-    for action in ["install", "uninstall", "status"] {
-        let out = std::process::Command::new(trellis_tests::bin("trellis-proxy"))
-            .args(["capture", action, "--config"])
+    let addresses = dir.path().join("addresses.json");
+    let runs: [&[&str]; 4] =
+        [&["capture", "install"], &["capture", "uninstall"], &["capture", "status"], &["run", "--capture"]];
+    for args in runs {
+        let mut child = std::process::Command::new(trellis_tests::bin("trellis-proxy"))
+            .args(args)
+            .arg("--config")
             .arg(&config)
+            .args((args[0] == "run").then_some("--addresses-file"))
+            .args((args[0] == "run").then_some(&addresses))
             .env("PATH", dir.path())
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
+        // A proxy that went on without its rules would keep running: that is a failure too, not a hang.
+        let exited = trellis_tests::poll(Duration::from_secs(20), || child.try_wait().ok().flatten());
+        if exited.is_none() {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{action} succeeded without nft");
-        assert!(stderr.contains("`nft` was not found on PATH: install nftables"), "{action}: {stderr}");
+        assert!(exited.is_some_and(|status| !status.success()), "{args:?} went on without nft: {exited:?} {stderr}");
+        assert!(stderr.contains("`nft` was not found on PATH: install nftables"), "{args:?}: {stderr}");
     }
+    // `run --capture` stopped before binding anything (its first listener would have been reported).
+    assert!(!addresses.exists(), "run --capture listened without its capture rules");
+}
+
+/// README: IPv6 is redirected too, but the capture listeners serve IPv4 only, so captured IPv6 connections are
+/// refused, never passed in clear. Host 1 runs a capturing proxy whose workload has an IPv4 and an IPv6 address;
+/// host 2 is outside the mesh. Each refusal has its control case through the same rules: the same connection over
+/// IPv4, and the same IPv6 connection before the proxy existed.
+#[test]
+fn captured_ipv6_connections_are_refused_and_never_cross_in_clear() {
+    let net = Net::new("mhv6", 66, 3);
+    let (h0, h1, h2) = (net.host(0), net.host(1), net.host(2));
+    net.add_ipv6(1);
+    net.add_ipv6(2);
+    let _apps = [
+        Echo::start_in(Some(&h1.ns), h1.addr(ECHO)),
+        Echo::start_in(Some(&h1.ns), h1.addr6(ECHO)),
+        Echo::start_in(Some(&h2.ns), h2.addr(OUTSIDE_ECHO)),
+        Echo::start_in(Some(&h2.ns), h2.addr6(OUTSIDE_ECHO)),
+    ];
+    // Control: without capture, IPv6 works both ways between the hosts.
+    wait_for("IPv6 between the hosts", Duration::from_secs(20), || {
+        (echo(h1, h2.addr6(OUTSIDE_ECHO), b"v6") == Outcome::Passed).then_some(())
+    });
+    assert_eq!(echo(h2, h1.addr6(ECHO), b"v6 in"), Outcome::Passed, "IPv6 to the workload before capture");
+
+    let cp = ControlPlane::start_in(h0, &[]);
+    let mut web = WorkloadSpec::new("web", "shop", "web", &h1.ip.to_string());
+    web.addresses.push(h1.ipv6().to_string());
+    web.ports = vec![(ECHO, "tcp")];
+    let options =
+        ProxyOptions { netns: Some(h1.clone()), capture: true, passthrough: Some("allow"), ..ProxyOptions::default() };
+    let a = Proxy::start_with(&cp, "node-a", &[web], options);
+    a.wait_ready();
+    let pcap = tempfile::tempdir().unwrap();
+    let dump = net.capture_wire(1, &pcap.path().join("wire.pcap"));
+
+    // Outbound from the captured host: IPv4 goes through the proxy (passthrough allow), IPv6 is refused on host 1.
+    assert_eq!(echo(h1, h2.addr(OUTSIDE_ECHO), b"out v4"), Outcome::Passed, "captured IPv4, same rules");
+    let err = h1.connect(h2.addr6(OUTSIDE_ECHO)).expect_err("a captured IPv6 connection was let out");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    // Inbound to the workload from outside: IPv4 reaches the plaintext listener (PERMISSIVE), IPv6 is refused.
+    assert_eq!(echo(h2, h1.addr(ECHO), b"in v4"), Outcome::Passed, "captured inbound IPv4, same rules");
+    let err = h2.connect(h1.addr6(ECHO)).expect_err("a captured inbound IPv6 connection reached the workload");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+
+    let segments = dump.finish();
+    let v6: Vec<&Segment> = segments.iter().filter(|s| s.src.is_ipv6()).collect();
+    assert!(
+        !v6.iter().any(|s| s.dst == h2.addr6(OUTSIDE_ECHO)),
+        "the captured outbound IPv6 connection left host 1: {v6:?}"
+    );
+    // The inbound SYN arrives from outside; host 1 answers it with a reset, and no byte crosses either way.
+    assert!(v6.iter().any(|s| s.dst == h1.addr6(ECHO)), "the inbound IPv6 attempt was not seen: {segments:?}");
+    assert!(v6.iter().all(|s| s.payload.is_empty()), "IPv6 data crossed the wire: {v6:?}");
+
+    // Why: the rules send IPv6 to the capture ports as well, where the proxy listens on IPv4 only.
+    let ruleset = h1.nft_ruleset();
+    assert!(ruleset.contains("meta l4proto tcp redirect to :15001"), "every outbound family is redirected:\n{ruleset}");
+    assert!(
+        ruleset.contains(&format!("ip6 daddr {} meta l4proto tcp redirect to :15006", h1.ipv6())),
+        "the workload's IPv6 address is redirected:\n{ruleset}"
+    );
+    let listening = h1.cmd("ss").args(["-H", "-ltn"]).output().expect("run ss (iproute2)");
+    let listening = String::from_utf8_lossy(&listening.stdout);
+    for port in [":15001 ", ":15006 "] {
+        let on: Vec<&str> = listening.lines().filter(|l| l.contains(port)).collect();
+        assert!(!on.is_empty() && on.iter().all(|l| !l.contains('[')), "IPv4 listeners only on {port}: {listening}");
+    }
+    drop(a);
 }

@@ -58,30 +58,48 @@ fn wait_answered(cp: &ControlPlane, node: &str) -> (serde_json::Value, u64) {
     })
 }
 
-#[test]
-fn an_update_the_proxy_cannot_apply_is_nacked_with_its_reason_and_the_old_policy_stays_in_force() {
+/// Two proxies: node-a (client, `web`) and node-b (`api` on two echo ports), node-b refusing [`REFUSED`].
+struct Mesh {
+    cp: ControlPlane,
+    a: Proxy,
+    b: Proxy,
+    first: SocketAddr,
+    second: SocketAddr,
+    _b_process: trellis_tests::OwnProcess,
+    _echoes: [Echo; 2],
+}
+
+fn mesh() -> Mesh {
     let cp = ControlPlane::start(&[]);
     let (first_port, second_port) = (trellis_tests::free_port(), trellis_tests::free_port());
     let first: SocketAddr = format!("{SERVER_IP}:{first_port}").parse().unwrap();
     let second: SocketAddr = format!("{SERVER_IP}:{second_port}").parse().unwrap();
-    let _echoes = [Echo::start(first), Echo::start(second)];
+    let echoes = [Echo::start(first), Echo::start(second)];
     let mut api = WorkloadSpec::new("api", "shop", "api", SERVER_IP);
     api.ports = vec![(first_port, "tcp"), (second_port, "tcp")];
     api.labels = vec![("app".into(), "api".into())];
     let mut b = Proxy::start(&cp, "node-b", &[api]);
     b.wait_ready();
-    let _b_process = respawn(&mut b, &[("TRELLIS_TEST_ONLY_REFUSE_RESOURCE", REFUSED)]);
+    let b_process = respawn(&mut b, &[("TRELLIS_TEST_ONLY_REFUSE_RESOURCE", REFUSED)]);
     let a = Proxy::start(&cp, "node-a", &[WorkloadSpec::new("web", "shop", "web", CLIENT_IP)]);
     a.wait_ready();
     a.wait_config("node-b's workload in node-a's registry", |d| d["workloads"].to_string().contains(SERVER_IP));
+    Mesh { cp, a, b, first, second, _b_process: b_process, _echoes: echoes }
+}
+
+#[test]
+fn an_update_the_proxy_cannot_apply_is_nacked_with_its_reason_and_the_old_policy_stays_in_force() {
+    let m = mesh();
+    let (cp, a, b, first, second) = (&m.cp, &m.a, &m.b, m.first, m.second);
+    let (first_port, second_port) = (first.port(), second.port());
 
     // The old policy: only the first port. Applied and ACKed by both proxies, and enforced.
     cp.apply(&allow_port("allow-first", first_port));
-    let (b_status, old_version) = wait_answered(&cp, "node-b");
+    let (b_status, old_version) = wait_answered(cp, "node-b");
     assert_eq!(b_status["ackedVersion"], old_version, "{b_status}");
     assert_eq!(b_status["lastNackError"], "", "{b_status}");
-    assert_eq!(reach(&a, first), Ok(()), "the old policy allows the first port");
-    assert_eq!(reach(&a, second), Err(NOT_ALLOWED), "the old policy denies the second port");
+    assert_eq!(reach(a, first), Ok(()), "the old policy allows the first port");
+    assert_eq!(reach(a, second), Err(NOT_ALLOWED), "the old policy denies the second port");
 
     let cp_nacks = || metric(cp.metrics_addr, "trellis_nacks_total", &[r#"reason="resource""#]);
     let b_updates =
@@ -92,7 +110,7 @@ fn an_update_the_proxy_cannot_apply_is_nacked_with_its_reason_and_the_old_policy
 
     // The unappliable update: valid for the control plane (it stored it), refused by node-b.
     cp.apply(&allow_port("unappliable", second_port));
-    let (b_status, refused_version) = wait_answered(&cp, "node-b");
+    let (b_status, refused_version) = wait_answered(cp, "node-b");
     assert!(refused_version > old_version);
     assert_eq!(b_status["nackedVersion"], refused_version, "{b_status}");
     assert_eq!(b_status["ackedVersion"], old_version, "the ACKed version stays the old one: {b_status}");
@@ -107,7 +125,7 @@ fn an_update_the_proxy_cannot_apply_is_nacked_with_its_reason_and_the_old_policy
     let row = table.lines().find(|l| l.starts_with("node-b")).unwrap_or_else(|| panic!("no node-b row: {table}"));
     assert!(row.contains("NACKED") && row.contains(&format!("v{refused_version}: ")), "{table}");
     // Control case, same update through the same path: node-a, without the fault injection, ACKed it.
-    let (a_status, _) = wait_answered(&cp, "node-a");
+    let (a_status, _) = wait_answered(cp, "node-a");
     assert_eq!(a_status["ackedVersion"], refused_version, "{a_status}");
     assert_eq!(a_status["lastNackError"], "", "{a_status}");
 
@@ -116,8 +134,8 @@ fn an_update_the_proxy_cannot_apply_is_nacked_with_its_reason_and_the_old_policy
     assert_eq!(b_updates("nack"), b_nacks_before + 1.0, "node-b trellis_config_updates_total{{result=\"nack\"}}");
     assert_eq!(b_updates("ack"), b_acks_before, "nothing ACKed by node-b meanwhile");
     // Traffic still follows the old policy: the first port is allowed, the second still denied.
-    assert_eq!(reach(&a, first), Ok(()), "the old policy still allows the first port");
-    assert_eq!(reach(&a, second), Err(NOT_ALLOWED), "the refused policy was not applied");
+    assert_eq!(reach(a, first), Ok(()), "the old policy still allows the first port");
+    assert_eq!(reach(a, second), Err(NOT_ALLOWED), "the refused policy was not applied");
 
     // The proxy kept its old state: version and resources.
     let dump = b.config_dump();
@@ -127,13 +145,50 @@ fn an_update_the_proxy_cannot_apply_is_nacked_with_its_reason_and_the_old_policy
     // A good config: the refused resource removed, then a policy allowing the second port. ACKed and applied.
     cp.ctl_ok(&["delete", "ap", "unappliable", "-n", "shop"]);
     cp.apply(&allow_port("allow-second", second_port));
-    let (b_status, good_version) = wait_answered(&cp, "node-b");
+    let (b_status, good_version) = wait_answered(cp, "node-b");
     assert!(good_version > refused_version);
     assert_eq!(b_status["ackedVersion"], good_version, "{b_status}");
     assert_eq!(b_status["synced"], true, "{b_status}");
     assert!(b_updates("ack") > b_acks_before, "node-b counted its ACKs");
     assert_eq!(cp_nacks(), nacks_before + 1.0, "no further NACK");
     assert_eq!(b.config_dump()["version"], good_version);
-    assert_eq!(reach(&a, second), Ok(()), "the good policy is enforced: the second port is allowed");
-    assert_eq!(reach(&a, first), Ok(()), "and the first still is");
+    assert_eq!(reach(a, second), Ok(()), "the good policy is enforced: the second port is allowed");
+    assert_eq!(reach(a, first), Ok(()), "and the first still is");
+}
+
+/// A good change that came in the same update as a refused one is not lost: the proxy kept its older state, so
+/// once the refused resource is gone the control plane resends everything the proxy lacks (a full snapshot), not
+/// only the difference from the update the proxy rejected.
+#[test]
+fn a_good_change_bundled_with_a_refused_one_reaches_the_proxy_once_the_refused_one_is_gone() {
+    let m = mesh();
+    let (cp, a, b, first, second) = (&m.cp, &m.a, &m.b, m.first, m.second);
+    cp.apply(&allow_port("allow-first", first.port()));
+    let (b_status, old_version) = wait_answered(cp, "node-b");
+    assert_eq!(b_status["ackedVersion"], old_version, "{b_status}");
+    assert_eq!(reach(a, second), Err(NOT_ALLOWED), "the old policy denies the second port");
+
+    // One apply, one version: the refused resource and a good policy allowing the second port.
+    cp.apply(&format!("{}---\n{}", allow_port("unappliable", 1), allow_port("allow-second", second.port())));
+    let (b_status, bundled_version) = wait_answered(cp, "node-b");
+    assert_eq!(b_status["nackedVersion"], bundled_version, "{b_status}");
+    assert_eq!(b_status["ackedVersion"], old_version, "{b_status}");
+    assert_eq!(reach(a, second), Err(NOT_ALLOWED), "nothing of the refused update was applied");
+    // Control case through the same path: node-a ACKed the bundled update.
+    let (a_status, _) = wait_answered(cp, "node-a");
+    assert_eq!(a_status["ackedVersion"], bundled_version, "{a_status}");
+
+    // The refused resource goes; nothing else changes. node-b must end up with what the control plane holds.
+    cp.ctl_ok(&["delete", "ap", "unappliable", "-n", "shop"]);
+    let (b_status, fixed_version) = wait_answered(cp, "node-b");
+    assert!(fixed_version > bundled_version);
+    assert_eq!(b_status["ackedVersion"], fixed_version, "{b_status}");
+    assert_eq!(b_status["synced"], true, "{b_status}");
+    let dump = b.config_dump();
+    assert_eq!(dump["version"], fixed_version, "{dump}");
+    let text = dump.to_string();
+    assert!(text.contains("allow-second"), "the good policy of the refused update reached node-b: {dump}");
+    assert!(!text.contains("unappliable"), "{dump}");
+    assert_eq!(reach(a, second), Ok(()), "node-b enforces the good policy: the second port is allowed");
+    assert_eq!(reach(a, first), Ok(()), "and the first still is");
 }

@@ -65,7 +65,8 @@ fn proxy_joins_certifies_follows_updates_and_acks() {
 }
 
 /// The readiness probe on `listen.ready` (15021) answers 503 with what is missing while the proxy cannot serve,
-/// and 200 once it has its certificates and config.
+/// and 200 once it has its certificates and config: from the control plane, or stored in `stateDir` before a
+/// restart (then it says so).
 #[test]
 fn readiness_probe_answers_503_until_the_proxy_can_serve() {
     let mut cp = ControlPlane::start(&[]);
@@ -73,9 +74,27 @@ fn readiness_probe_answers_503_until_the_proxy_can_serve() {
     proxy.wait_ready();
     assert_eq!(proxy.readiness().unwrap(), (200, "ready\n".to_owned()));
 
-    // Restarted with its stored node credential but no control plane: it serves the probe, and is not ready.
+    // Restarted with no control plane: ready from what it stored, and it says so.
+    wait_for("the stored config", Duration::from_secs(20), || {
+        proxy.state_dir().join("mesh-config.pb").exists().then_some(())
+    });
     proxy.kill9();
     cp.kill9();
+    proxy.restart();
+    let (status, body) =
+        wait_for("the readiness listener to answer", Duration::from_secs(30), || proxy.readiness().ok());
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("ready: serving the config stored at version"), "{body}");
+
+    // Restarted with only its node credential (the stored config and certificate removed): not ready.
+    proxy.kill9();
+    for entry in std::fs::read_dir(proxy.state_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("svid-") || name == "mesh-config.pb" {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
     proxy.restart();
     let (status, body) =
         wait_for("the readiness listener to answer", Duration::from_secs(30), || proxy.readiness().ok());

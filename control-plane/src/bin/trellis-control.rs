@@ -53,8 +53,10 @@ enum Command {
         /// Lifetime of workload certificates (minimum 1m).
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         cert_ttl: Duration,
-        /// Lifetime of node credentials.
-        #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+        /// Lifetime of node credentials (minimum 30s). Proxies renew theirs at about 2/3 of it, so the default of 30
+        /// days keeps a credential valid for 10 more days after its renewal falls due: a proxy may be away that long
+        /// and still reconnect without a new token, while a stolen credential is usable for at most 30 days.
+        #[arg(long, default_value = "720h", value_parser = parse_duration)]
         node_cert_ttl: Duration,
         /// Extra DNS name or IP for the serving certificate (repeatable).
         #[arg(long = "san")]
@@ -70,6 +72,14 @@ enum Command {
         /// this host reaches (for local tests only).
         #[arg(long)]
         jwks_allow_local: bool,
+        /// Write the addresses the listeners are bound to into this file, as JSON
+        /// (`{"listen": "...", "metricsListen": "..."}`), once both are bound: for --listen / --metrics-listen
+        /// with port 0, whose port the kernel picks.
+        #[arg(long, value_name = "PATH")]
+        addresses_file: Option<PathBuf>,
+        /// For tests that interrupt a root rotation in a given phase: the rotation never leaves this phase.
+        #[arg(long, hide = true)]
+        rotation_hold: Option<trellis_control_plane::rotation::Phase>,
     },
 }
 
@@ -97,9 +107,15 @@ fn main() -> std::process::ExitCode {
             jwks_refresh,
             jwks_allow_http,
             jwks_allow_local,
+            addresses_file,
+            rotation_hold,
         } => {
             if cert_ttl < Duration::from_secs(60) {
                 eprintln!("error: --cert-ttl must be at least 1m");
+                return std::process::ExitCode::FAILURE;
+            }
+            if node_cert_ttl < Duration::from_secs(30) {
+                eprintln!("error: --node-cert-ttl must be at least 30s");
                 return std::process::ExitCode::FAILURE;
             }
             if jwks_refresh < Duration::from_secs(1) {
@@ -111,7 +127,17 @@ fn main() -> std::process::ExitCode {
                 allow_http: jwks_allow_http,
                 allow_local: jwks_allow_local,
             };
-            let opts = server::ServeOptions { data_dir, listen, metrics_listen, cert_ttl, node_cert_ttl, sans, jwks };
+            let opts = server::ServeOptions {
+                data_dir,
+                listen,
+                metrics_listen,
+                cert_ttl,
+                node_cert_ttl,
+                sans,
+                jwks,
+                addresses_file,
+                rotation_hold,
+            };
             tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
                 |rt| {
                     let result = rt.block_on(server::serve(opts, shutdown_signal()));

@@ -90,6 +90,19 @@ enum Command {
         #[arg(long = "spiffe-id")]
         spiffe_ids: Vec<String>,
     },
+    /// Revoke one workload identity mesh-wide: every proxy closes its connections and refuses its certificates,
+    /// and the control plane signs no new one. Without --spiffe-id: list what is revoked.
+    Revoke {
+        #[arg(long = "spiffe-id")]
+        spiffe_id: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Admin credentials: create, revoke, list.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
     /// Authorization tools that run locally, with the same code as the proxies.
     Authz {
         #[command(subcommand)]
@@ -97,6 +110,49 @@ enum Command {
     },
     /// Print the CLI version.
     Version,
+    /// The mesh CA: rotate its root, see the rotation's status, renew this config's admin credential.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Rotate the root CA (or resume the rotation in progress) and follow it to the end: prepare (the new root
+    /// joins the trust bundle, every connected proxy ACKs), switch (the new CA signs, every proxy renews), overlap,
+    /// retire (the old root leaves the bundle). The control plane drives it; interrupted, run the command again.
+    Rotate {
+        /// Operator CA certificate (PEM) to rotate to (e.g. a new intermediate); default: a new root is generated.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// Private key of --ca-cert (PEM).
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// Certificates above --ca-cert, up to and including the root (PEM).
+        #[arg(long, requires = "ca_cert")]
+        ca_chain: Option<PathBuf>,
+        /// How long the old root stays trusted after the switch (default: until the last certificate the old CA
+        /// issued to a proxy expires).
+        #[arg(long, value_parser = parse_duration)]
+        overlap: Option<Duration>,
+        /// Retire the old root as soon as the switch is complete (also ends the overlap of a rotation under way).
+        #[arg(long)]
+        force: bool,
+        /// Start (or resume) the rotation and return without following it.
+        #[arg(long)]
+        detach: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Roots, the rotation's phase, and which proxies still hold certificates of the retiring CA.
+    Status {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Renew this config's admin credential (a new key) under the CA that signs now, and refresh its CA bundle:
+    /// for copies of an admin config, during a rotation's overlap.
+    RenewCredential,
 }
 
 #[derive(Subcommand)]
@@ -140,6 +196,26 @@ enum TokenCommand {
     },
     Revoke {
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Issue a credential for a new admin NAME and write a ready trellisctl config for it (mode 0600; the key is
+    /// generated here and never sent).
+    Create {
+        name: String,
+        /// Where to write the config (default: ./admin-NAME.yaml); never overwritten.
+        #[arg(short = 'o', long = "out")]
+        out: Option<PathBuf>,
+        #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Revoke an admin: its calls are refused from now on, on connections already open too.
+    Revoke { name: String },
+    List {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
     },
 }
 
@@ -216,10 +292,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("trellisctl {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
+    if let Command::Ca { command } = cli.command {
+        let path = CliConfig::resolve_path(cli.config)?;
+        return match command {
+            CaCommand::Rotate { ca_cert, ca_key, ca_chain, overlap, force, detach, output } => {
+                let args = trellis_control_plane::ca_cli::RotateArgs {
+                    ca_cert,
+                    ca_key,
+                    ca_chain,
+                    overlap,
+                    force,
+                    detach,
+                    json: output == Output::Json,
+                };
+                trellis_control_plane::ca_cli::rotate(&path, args).await
+            }
+            CaCommand::Status { output } => trellis_control_plane::ca_cli::status(&path, output == Output::Json).await,
+            CaCommand::RenewCredential => trellis_control_plane::ca_cli::renew(&path).await,
+        };
+    }
     let config = CliConfig::load(&CliConfig::resolve_path(cli.config)?)?;
     let mut admin = AdminClient::new(cli::connect(&config).await?);
     match cli.command {
-        Command::Version | Command::Authz { .. } => unreachable!("handled above"),
+        Command::Version | Command::Authz { .. } | Command::Ca { .. } => unreachable!("handled above"),
         Command::Apply { file, dry_run, output } => {
             let documents = read_input(&file)?;
             let response = admin.apply(pb::ApplyRequest { documents, dry_run }).await?.into_inner();
@@ -378,6 +473,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Revoke { spiffe_id: Some(spiffe_id), .. } => {
+            admin.revoke_identity(pb::RevokeIdentityRequest { spiffe_id: spiffe_id.clone() }).await?;
+            println!("identity {spiffe_id} revoked");
+        }
+        Command::Revoke { spiffe_id: None, output } => {
+            let list = admin.list_revocations(pb::ListRevocationsRequest {}).await?.into_inner();
+            print_revocations(&list, output);
+        }
+        Command::Admin { command } => admins(&mut admin, &config, command).await?,
         Command::Renew { node, spiffe_ids } => {
             admin.renew_certificates(pb::RenewCertificatesRequest { node: node.clone(), spiffe_ids }).await?;
             println!("renewal requested from node {node}");
@@ -433,6 +537,103 @@ async fn token(admin: &mut AdminClient<tonic::transport::Channel>, command: Toke
         TokenCommand::Revoke { id } => {
             admin.revoke_token(pb::RevokeTokenRequest { id: id.clone() }).await?;
             println!("token {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+fn print_revocations(list: &pb::Revocations, output: Output) {
+    if output == Output::Json {
+        let certificates: Vec<_> = list
+            .certificates
+            .iter()
+            .map(|c| json!({"serial": c.serial, "node": c.node, "spiffeId": c.spiffe_id, "notAfter": timestamp(c.not_after_unix)}))
+            .collect();
+        let identities: Vec<_> = list
+            .identities
+            .iter()
+            .map(|i| json!({"spiffeId": i.spiffe_id, "revokedAt": timestamp(i.revoked_at_unix)}))
+            .collect();
+        print_json(&json!({"certificates": certificates, "identities": identities}));
+        return;
+    }
+    let mut rows: Vec<Vec<String>> = list
+        .identities
+        .iter()
+        .map(|i| vec!["identity".into(), i.spiffe_id.clone(), "-".into(), timestamp(i.revoked_at_unix)])
+        .collect();
+    rows.extend(
+        list.certificates.iter().map(|c| {
+            vec![format!("node {}", c.node), c.spiffe_id.clone(), c.serial.clone(), timestamp(c.not_after_unix)]
+        }),
+    );
+    print!("{}", table(&["REVOKED", "SPIFFE ID", "SERIAL", "SINCE/UNTIL"], &rows));
+}
+
+async fn admins(
+    admin: &mut AdminClient<tonic::transport::Channel>,
+    config: &CliConfig,
+    command: AdminCommand,
+) -> anyhow::Result<()> {
+    match command {
+        AdminCommand::Create { name, out, ttl } => {
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("admin-{name}.yaml")));
+            if out.exists() {
+                bail!("{} already exists: refusing to overwrite it", out.display());
+            }
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let csr_der = rcgen::CertificateParams::default().serialize_request(&key)?.der().to_vec();
+            let request = pb::CreateAdminRequest { name: name.clone(), csr_der, ttl_seconds: ttl.as_secs() };
+            let created = admin.create_admin(request).await?.into_inner();
+            let pem = |der: &[u8]| trellis_control_plane::files::pem("CERTIFICATE", der);
+            let new = CliConfig {
+                endpoint: config.endpoint.clone(),
+                ca_bundle: pem(&created.ca_root),
+                certificate: created.certificate_chain.iter().map(|c| pem(c)).collect(),
+                key: key.serialize_pem(),
+            };
+            trellis_control_plane::files::write_new(&out, serde_yaml_ng::to_string(&new)?.as_bytes(), 0o600)?;
+            println!(
+                "admin {name} created: config written to {} (expires {})",
+                out.display(),
+                timestamp(created.expires_at_unix)
+            );
+        }
+        AdminCommand::Revoke { name } => {
+            admin.revoke_admin(pb::RevokeAdminRequest { name: name.clone() }).await?;
+            println!("admin {name} revoked");
+        }
+        AdminCommand::List { output } => {
+            let admins = admin.list_admins(pb::ListAdminsRequest {}).await?.into_inner().admins;
+            if output == Output::Json {
+                let items: Vec<_> = admins
+                    .iter()
+                    .map(|a| {
+                        json!({"name": a.name, "createdAt": timestamp(a.created_at_unix), "createdBy": a.created_by,
+                        "revoked": a.revoked, "revokedAt": a.revoked.then(|| timestamp(a.revoked_at_unix)),
+                        "serial": a.serial, "expiresAt": timestamp(a.expires_at_unix)})
+                    })
+                    .collect();
+                print_json(&json!(items));
+            } else {
+                let rows: Vec<Vec<String>> = admins
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.name.clone(),
+                            if a.revoked {
+                                format!("revoked {}", timestamp(a.revoked_at_unix))
+                            } else {
+                                "active".into()
+                            },
+                            if a.created_by.is_empty() { "(init)".into() } else { a.created_by.clone() },
+                            timestamp(a.created_at_unix),
+                            timestamp(a.expires_at_unix),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["NAME", "STATE", "CREATED BY", "CREATED", "EXPIRES"], &rows));
+            }
         }
     }
     Ok(())

@@ -17,6 +17,8 @@ pub enum MeshError {
     Unauthenticated(String),
     #[error("{0}")]
     AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -41,6 +43,7 @@ impl From<MeshError> for tonic::Status {
             MeshError::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             MeshError::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
             MeshError::AlreadyExists(_) => tonic::Status::already_exists(msg),
+            MeshError::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             MeshError::Ca(CaError::Rcgen(_) | CaError::Io(_) | CaError::Material(_)) | MeshError::Store(_) => {
                 tracing::error!(error = %msg, "internal error");
                 tonic::Status::internal(msg)

@@ -63,7 +63,7 @@ impl Mesh {
             records::put(txn, Table::Tokens, id, &token)?;
             Ok(token)
         })?;
-        let (spiffe_id, issued) = self.ca.sign_node(csr_der, node, self.config.node_cert_ttl)?;
+        let (spiffe_id, issued) = self.ca().sign_node(csr_der, node, self.config.node_cert_ttl)?;
         transact::<_, MeshError>(self.store.as_ref(), |txn| {
             let node_record = NodeRecord {
                 name: node.to_owned(),
@@ -72,8 +72,9 @@ impl Mesh {
                 revoked: false,
                 credential_serial: issued.serial_hex.clone(),
             };
-            records::put(txn, Table::Nodes, node, &node_record)?;
+            // Logged first: refused if the node was revoked since the token was checked.
             self.log_certificate(txn, &issued, &spiffe_id, node)?;
+            records::put(txn, Table::Nodes, node, &node_record)?;
             Ok(())
         })?;
         tracing::info!(node, "node joined");

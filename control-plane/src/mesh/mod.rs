@@ -4,7 +4,9 @@
 //! This module holds the [`Mesh`], its snapshot and the write path every change takes; the operations are split
 //! by concern: `resources` (apply, dry run, delete), `joins` (tokens, and a join consuming one), `nodes` (active
 //! and revoked nodes), `registry` (the workloads each node declares), `hello` (checking a proxy's declaration),
-//! `signing` (workload certificates, the certificate log) and `errors` ([`MeshError`] and its gRPC status).
+//! `signing` (workload certificates, the certificate log), `renewal` (node credentials renewed over the stream),
+//! `rotation` (the root CA rotation's transitions), `revocations` (revoked nodes' certificates and workload
+//! identities), `admins` (admin credentials) and `errors` ([`MeshError`] and its gRPC status).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -14,19 +16,25 @@ use prost::Message;
 use tokio::sync::watch;
 use trellis_proto::v1 as pb;
 
+use crate::authority::Authority;
 use crate::ca::Ca;
 use crate::records::{self, META_VERSION, ResourceRecord};
 use crate::store::{Store, StoreError, Table, Txn, transact};
 
+mod admins;
 mod errors;
 mod hello;
 mod joins;
 mod nodes;
 mod registry;
+mod renewal;
 mod resources;
+mod revocations;
+mod rotation;
 mod signing;
 
 pub use errors::MeshError;
+pub use rotation::{CaMaterial, RotateRequest};
 
 /// What every proxy is told: the whole registry and every resource (scoping per proxy comes later).
 #[derive(Debug, Default)]
@@ -40,6 +48,8 @@ pub struct Snapshot {
     pub created: Option<std::time::Instant>,
     /// JWKS documents fetched for `jwksUri` values, by URI (kept in memory, refetched after a restart).
     pub jwks: Arc<BTreeMap<String, String>>,
+    /// Revoked node certificates and workload identities (`mesh/revocations.rs`), pushed to every proxy.
+    pub revocations: Arc<pb::Revocations>,
 }
 
 pub struct MeshConfig {
@@ -48,11 +58,14 @@ pub struct MeshConfig {
     pub node_cert_ttl: Duration,
     /// Accept `jwksUri` values whose host is a loopback, link-local or unspecified address (`--jwks-allow-local`).
     pub jwks_allow_local: bool,
+    /// Where a rotation writes the new CA's files.
+    pub data_dir: std::path::PathBuf,
 }
 
 pub struct Mesh {
     store: Arc<dyn Store>,
-    ca: Ca,
+    /// The CAs: which signs, which roots are trusted (changed by a root rotation, with the snapshot's bundle).
+    authority: watch::Sender<Arc<Authority>>,
     config: MeshConfig,
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// Serializes write transactions with the publication of their snapshot, so snapshots appear in version order.
@@ -91,12 +104,12 @@ fn decode_workload(key: &str, bytes: &[u8]) -> Result<pb::Workload, StoreError> 
 }
 
 impl Mesh {
-    pub fn open(store: Arc<dyn Store>, ca: Ca, config: MeshConfig) -> Result<Self, MeshError> {
+    pub fn open(store: Arc<dyn Store>, authority: Authority, config: MeshConfig) -> Result<Self, MeshError> {
         let mut snapshot = Snapshot {
             version: records::load::<u64>(store.as_ref(), Table::Meta, META_VERSION)?.unwrap_or(0),
             trust_bundle: pb::TrustBundle {
                 trust_domain: config.trust_domain.clone(),
-                roots: ca.roots().iter().map(|c| c.to_vec()).collect(),
+                roots: authority.roots().iter().map(|c| c.to_vec()).collect(),
             },
             ..Default::default()
         };
@@ -106,13 +119,25 @@ impl Mesh {
         for (key, bytes) in store.list(Table::Workloads)? {
             snapshot.workloads.insert(key.clone(), Arc::new(decode_workload(&key, &bytes)?));
         }
+        snapshot.revocations = Arc::new(revocations::load(store.as_ref(), now_unix())?);
         store_gauges(&snapshot);
         let (snapshot, _) = watch::channel(Arc::new(snapshot));
-        Ok(Self { store, ca, config, snapshot, writer: Mutex::new(()) })
+        let (authority, _) = watch::channel(Arc::new(authority));
+        Ok(Self { store, authority, config, snapshot, writer: Mutex::new(()) })
     }
 
-    pub fn ca(&self) -> &Ca {
-        &self.ca
+    /// The CA that signs new certificates now.
+    pub fn ca(&self) -> Arc<Ca> {
+        self.authority().signer().clone()
+    }
+
+    pub fn authority(&self) -> Arc<Authority> {
+        self.authority.borrow().clone()
+    }
+
+    /// Changes at every phase of a root rotation.
+    pub fn authority_changes(&self) -> watch::Receiver<Arc<Authority>> {
+        self.authority.subscribe()
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -148,6 +173,7 @@ impl Mesh {
                 resources: current.resources.clone(),
                 created: Some(std::time::Instant::now()),
                 jwks: current.jwks.clone(),
+                revocations: current.revocations.clone(),
             };
             edit(&result, &mut next);
             store_gauges(&next);

@@ -1,6 +1,8 @@
 //! Nodes after they joined: whether one may still use its credential, and revoking one.
 
-use super::{Mesh, MeshError, decode_workload};
+use std::sync::Arc;
+
+use super::{Mesh, MeshError, decode_workload, now_unix, revocations};
 use crate::records::{self, META_VERSION, NodeRecord};
 use crate::store::Table;
 
@@ -14,9 +16,11 @@ impl Mesh {
         }
     }
 
-    /// Marks the node revoked and removes its workloads from the registry.
+    /// Marks the node revoked, removes its workloads from the registry and revokes every unexpired certificate
+    /// issued to it (`revocations`), all in one version that every proxy is pushed.
     pub fn revoke_node(&self, node: &str) -> Result<(), MeshError> {
-        let removed = self.write(
+        let now = now_unix();
+        let (removed, certificates, _) = self.write(
             |txn| {
                 let mut record: NodeRecord = records::get(txn, Table::Nodes, node)?
                     .ok_or_else(|| MeshError::NotFound(format!("node {node:?} not found")))?;
@@ -29,15 +33,19 @@ impl Mesh {
                         removed.push(key);
                     }
                 }
-                Ok((removed, Some(records::bump(txn, META_VERSION)?)))
+                let certificates = revocations::revoke_node_certificates(txn, node, now)?;
+                let list = Arc::new(revocations::in_txn(txn, now)?);
+                Ok(((removed, certificates, list), Some(records::bump(txn, META_VERSION)?)))
             },
-            |removed, snapshot| {
+            |(removed, _, list), snapshot| {
                 for key in removed {
                     snapshot.workloads.remove(key);
                 }
+                snapshot.revocations = list.clone();
             },
         )?;
-        tracing::warn!(node, workloads_removed = removed.len(), "node revoked");
+        metrics::counter!("trellis_revocations_total", "kind" => "node").increment(1);
+        tracing::warn!(node, workloads_removed = removed.len(), certificates_revoked = certificates, "node revoked");
         Ok(())
     }
 }

@@ -5,14 +5,16 @@ use std::collections::BTreeSet;
 
 use trellis_proto::spiffe::SpiffeId;
 
-use super::{Mesh, MeshError, now_unix};
+use super::{Mesh, MeshError, now_unix, revocations};
 use crate::ca::Issued;
 use crate::records::{self, CertRecord, NodeRecord};
-use crate::store::{StoreError, Table, Txn, transact};
+use crate::store::{Table, Txn, transact};
 
 impl Mesh {
     /// Signs a workload certificate for `node` if the identity is one of the workloads it fronts.
     pub fn sign_workload(&self, node: &NodeRecord, csr_der: &[u8]) -> Result<(SpiffeId, Issued), MeshError> {
+        // The caller's record may predate a revocation (a stream opened before it): the store says.
+        self.active_node(&node.name)?;
         let hosted: BTreeSet<(String, String)> = self
             .current()
             .workloads
@@ -20,7 +22,7 @@ impl Mesh {
             .filter(|w| w.node == node.name)
             .map(|w| (w.namespace.clone(), w.service_account.clone()))
             .collect();
-        let (id, issued) = self.ca.sign_workload(csr_der, self.config.cert_ttl, |_, namespace, sa| {
+        let (id, issued) = self.ca().sign_workload(csr_der, self.config.cert_ttl, |_, namespace, sa| {
             if !node.namespaces.iter().any(|n| n == namespace) {
                 return Err(format!("node {:?} may not hold identities in namespace {namespace:?}", node.name));
             }
@@ -29,26 +31,29 @@ impl Mesh {
             }
             Ok(())
         })?;
-        transact::<_, MeshError>(self.store.as_ref(), |txn| Ok(self.log_certificate(txn, &issued, &id, &node.name)?))?;
+        transact::<_, MeshError>(self.store.as_ref(), |txn| self.log_certificate(txn, &issued, &id, &node.name))?;
         Ok((id, issued))
     }
 
-    /// Records an issued certificate (node credential or workload SVID) in the certificate log.
+    /// Records an issued certificate (node credential or workload SVID) in the certificate log; refuses it (so it is
+    /// never handed out) when the node or the identity is revoked, in the same transaction.
     pub(super) fn log_certificate(
         &self,
         txn: &mut dyn Txn,
         issued: &Issued,
         id: &SpiffeId,
         node: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), MeshError> {
+        revocations::refuse_revoked(txn, node, &id.to_string())?;
         let record = CertRecord {
             serial: issued.serial_hex.clone(),
             identity: id.to_string(),
             node: node.to_owned(),
             issued_at: now_unix(),
             not_after: issued.not_after.unix_timestamp(),
+            issuer: issued.chain.get(1).map(|ca| crate::authority::fingerprint(ca)).unwrap_or_default(),
         };
-        records::put(txn, Table::Certificates, &issued.serial_hex, &record)
+        Ok(records::put(txn, Table::Certificates, &issued.serial_hex, &record)?)
     }
 }
 

@@ -33,13 +33,14 @@ impl TestMesh {
         std::fs::write(dir.join(CA_CERT), &cert).expect("CA cert");
         std::fs::write(dir.join(CA_KEY), &key).expect("CA key");
         std::fs::write(dir.join(CA_CHAIN), &cert).expect("CA chain");
-        let ca = Ca::load(&dir, TRUST_DOMAIN).expect("load test CA");
+        let ca = crate::authority::Authority::single(Ca::load(&dir, TRUST_DOMAIN).expect("load test CA"));
         let store = Arc::new(RedbStore::open(&dir.join(STORE_FILE)).expect("store"));
         let config = MeshConfig {
             trust_domain: TRUST_DOMAIN.to_owned(),
             cert_ttl: Duration::from_secs(3600),
             node_cert_ttl: Duration::from_secs(3600),
             jwks_allow_local: false,
+            data_dir: dir.clone(),
         };
         TestMesh { mesh: Mesh::open(store, ca, config).expect("open mesh"), dir }
     }
@@ -104,6 +105,7 @@ pub(super) fn refusal(e: &super::MeshError) -> (&'static str, String) {
         PermissionDenied(_) => "PermissionDenied",
         Unauthenticated(_) => "Unauthenticated",
         AlreadyExists(_) => "AlreadyExists",
+        FailedPrecondition(_) => "FailedPrecondition",
         Store(_) => "Store",
         Ca(_) => "Ca",
     };

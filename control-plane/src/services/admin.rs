@@ -7,9 +7,9 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use trellis_proto::v1 as pb;
 
-use super::Shared;
+use super::{Shared, rotation};
 use crate::auth;
-use crate::mesh::Mesh;
+use crate::mesh::{CaMaterial, Mesh, RotateRequest};
 use crate::records::{self, NodeRecord, ResourceRecord, TokenRecord};
 use crate::status::StreamCommand;
 use crate::store::Table;
@@ -21,6 +21,7 @@ pub struct AdminService {
 }
 
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+const DEFAULT_ADMIN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Texts parsed at once; further applies wait their turn without holding a thread.
 const PARSING_AT_ONCE: usize = 2;
 
@@ -29,8 +30,12 @@ impl AdminService {
         Self { shared, parsing: Arc::new(Semaphore::new(PARSING_AT_ONCE)) }
     }
 
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        auth::require_admin(request, self.shared.mesh.trust_domain()).map(|_| ())
+    /// The calling admin's name: checked on every call (not per connection), so a revoked admin is refused at once,
+    /// also on a connection it opened before.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let name = auth::require_admin(request, self.shared.mesh.trust_domain())?;
+        self.shared.mesh.active_admin(&name)?;
+        Ok(name)
     }
 
     /// Runs `work` (parsing and validating a text, then writing the store) on a blocking thread, at most
@@ -220,6 +225,8 @@ impl pb::admin_server::Admin for AdminService {
         self.authorize(&request)?;
         let name = request.into_inner().name;
         self.shared.mesh.revoke_node(&name)?;
+        // Its proxies' peers close its connections when they apply the revocation (pushed by `revoke_node`); its
+        // own stream ends here.
         self.shared.proxies.command(&name, StreamCommand::Disconnect(format!("node {name:?} was revoked")));
         Ok(Response::new(pb::RevokeNodeResponse {}))
     }
@@ -245,5 +252,126 @@ impl pb::admin_server::Admin for AdminService {
             return Err(Status::failed_precondition(format!("node {:?} is not connected", req.node)));
         }
         Ok(Response::new(pb::RenewCertificatesResponse {}))
+    }
+
+    async fn rotate_ca(&self, request: Request<pb::RotateCaRequest>) -> Result<Response<pb::CaStatusResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let material = match (req.ca_cert_pem.is_empty(), req.ca_key_pem.is_empty()) {
+            (true, true) if req.ca_chain_pem.is_empty() => None,
+            (false, false) => Some(CaMaterial {
+                cert_pem: req.ca_cert_pem,
+                key_pem: req.ca_key_pem,
+                chain_pem: (!req.ca_chain_pem.is_empty()).then_some(req.ca_chain_pem),
+            }),
+            _ => return Err(Status::invalid_argument("--ca-cert and --ca-key go together (--ca-chain needs both)")),
+        };
+        let rotate =
+            RotateRequest { material, overlap: req.overlap_seconds.map(Duration::from_secs), force: req.force };
+        let shared = self.shared.clone();
+        // Key generation and the CA's files: off the async workers.
+        let status = tokio::task::spawn_blocking(move || {
+            shared.mesh.rotate(rotate)?;
+            shared.rotation_wake.notify_one();
+            Ok::<_, Status>(rotation::status(&shared)?)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(status))
+    }
+
+    async fn ca_status(&self, request: Request<pb::CaStatusRequest>) -> Result<Response<pb::CaStatusResponse>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(rotation::status(&self.shared)?))
+    }
+
+    async fn renew_admin_credential(
+        &self,
+        request: Request<pb::RenewAdminCredentialRequest>,
+    ) -> Result<Response<pb::RenewAdminCredentialResponse>, Status> {
+        // A revoked admin cannot renew.
+        let name = self.authorize(&request)?;
+        let (_, issued) = self
+            .shared
+            .mesh
+            .ca()
+            .sign_admin(&request.into_inner().csr_der, &name, rotation::ADMIN_VALIDITY)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(admin = %name, serial = %issued.serial_hex, "admin credential renewed");
+        Ok(Response::new(pb::RenewAdminCredentialResponse {
+            certificate_chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
+            trust_bundle: Some(self.shared.mesh.current().trust_bundle.clone()),
+        }))
+    }
+
+    async fn revoke_identity(
+        &self,
+        request: Request<pb::RevokeIdentityRequest>,
+    ) -> Result<Response<pb::RevokeIdentityResponse>, Status> {
+        let admin = self.authorize(&request)?;
+        let spiffe_id = request.into_inner().spiffe_id;
+        if self.shared.mesh.revoke_identity(&spiffe_id)? {
+            tracing::info!(%admin, %spiffe_id, "identity revoked by admin");
+        }
+        Ok(Response::new(pb::RevokeIdentityResponse {}))
+    }
+
+    async fn list_revocations(
+        &self,
+        request: Request<pb::ListRevocationsRequest>,
+    ) -> Result<Response<pb::Revocations>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new((*self.shared.mesh.revocations()).clone()))
+    }
+
+    async fn create_admin(
+        &self,
+        request: Request<pb::CreateAdminRequest>,
+    ) -> Result<Response<pb::CreateAdminResponse>, Status> {
+        let admin = self.authorize(&request)?;
+        let req = request.into_inner();
+        let ttl = if req.ttl_seconds == 0 { DEFAULT_ADMIN_TTL } else { Duration::from_secs(req.ttl_seconds) };
+        let (issued, record) = self.shared.mesh.create_admin(&req.name, &req.csr_der, ttl, &admin)?;
+        // The chain without its root, as `init` writes it; the root goes separately, for verifying the server.
+        let chain = &issued.chain[..issued.chain.len() - 1];
+        Ok(Response::new(pb::CreateAdminResponse {
+            certificate_chain: chain.iter().map(|c| c.to_vec()).collect(),
+            ca_root: self.shared.mesh.ca().root().to_vec(),
+            expires_at_unix: record.not_after,
+        }))
+    }
+
+    async fn revoke_admin(
+        &self,
+        request: Request<pb::RevokeAdminRequest>,
+    ) -> Result<Response<pb::RevokeAdminResponse>, Status> {
+        let admin = self.authorize(&request)?;
+        let name = request.into_inner().name;
+        self.shared.mesh.revoke_admin(&name)?;
+        tracing::info!(%admin, revoked = %name, "admin credential revoked by admin");
+        Ok(Response::new(pb::RevokeAdminResponse {}))
+    }
+
+    async fn list_admins(
+        &self,
+        request: Request<pb::ListAdminsRequest>,
+    ) -> Result<Response<pb::ListAdminsResponse>, Status> {
+        self.authorize(&request)?;
+        let admins = self
+            .shared
+            .mesh
+            .admins()?
+            .into_iter()
+            .map(|a| pb::AdminInfo {
+                name: a.name,
+                created_at_unix: a.created_at,
+                created_by: a.created_by,
+                revoked: a.revoked,
+                revoked_at_unix: a.revoked_at,
+                serial: a.serial,
+                expires_at_unix: a.not_after,
+            })
+            .collect();
+        Ok(Response::new(pb::ListAdminsResponse { admins }))
     }
 }

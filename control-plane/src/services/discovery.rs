@@ -13,7 +13,9 @@ use trellis_proto::v1::discovery_request::Message as Inbound;
 use trellis_proto::v1::discovery_response::Message as Outbound;
 
 use super::Shared;
+use super::renewal::{self, RenewalTracker};
 use crate::auth::{self, Caller};
+use crate::authority::Authority;
 use crate::ca::CaError;
 use crate::mesh::{MeshError, Snapshot};
 use crate::records::NodeRecord;
@@ -61,9 +63,21 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         let (tx, rx) = mpsc::channel(16);
         let (commands_tx, commands) = mpsc::channel(8);
         let stream_id = shared.proxies.connect(&node_name, &hello.version, commands_tx);
+        shared.holdings.stream_started(&node_name);
         metrics::gauge!("trellis_connected_proxies").set(shared.proxies.connected_count() as f64);
         tracing::info!(node = %node_name, workloads = hello.workloads.len(), "proxy connected");
-        let task = StreamTask { shared: shared.clone(), node, inbound, tx, commands, in_flight: InFlight::default() };
+        let task = StreamTask {
+            authority: shared.mesh.authority_changes(),
+            renewals: RenewalTracker::default(),
+            shared: shared.clone(),
+            node,
+            inbound,
+            tx,
+            commands,
+            in_flight: InFlight::default(),
+            sent: None,
+            rejected: None,
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let reason = task.run().await;
@@ -82,44 +96,81 @@ struct StreamTask {
     tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
     commands: mpsc::Receiver<StreamCommand>,
     in_flight: InFlight,
+    /// What the proxy holds once it has applied every push so far; `None`: unknown, the next push is a full
+    /// snapshot.
+    sent: Option<Arc<Snapshot>>,
+    /// The version of the latest intact push the proxy NACKed, until a later version is pushed: pushing the same
+    /// state again would only be refused again.
+    rejected: Option<u64>,
+    /// Root rotation phases: from the switch on, what the retiring CA signed is renewed.
+    authority: tokio::sync::watch::Receiver<Arc<Authority>>,
+    renewals: RenewalTracker,
 }
 
-/// Versions pushed on one stream and not yet answered, with when each change was made: a proxy's ACK of version v
+/// Pushes on one stream not yet answered, in order, with when each change was made: a proxy's ACK of version v
 /// answers every earlier push too (it holds the state of v).
+///
+/// A push is *intact* while the proxy holds the state it was diffed from. A NACK breaks that for every push sent
+/// after the rejected one: the proxy kept its older state and applies those increments on top of it, so an ACK of
+/// one of them does not mean the proxy holds that version (the stream then sends a full snapshot, see
+/// [`StreamTask::run`]).
 #[derive(Default)]
-struct InFlight(std::collections::VecDeque<(u64, std::time::Instant)>);
+struct InFlight(std::collections::VecDeque<Push>);
+
+struct Push {
+    version: u64,
+    /// When the change it carries was made; `None` for a push that measures no convergence (a stream's first).
+    created: Option<std::time::Instant>,
+    intact: bool,
+}
+
+/// What a proxy's answer answered.
+#[derive(Debug, PartialEq, Eq)]
+struct Answered {
+    /// When the change carried by the answered version was made, if that push measures convergence.
+    created: Option<std::time::Instant>,
+    /// Whether the answered push was diffed from the state the proxy held ([`InFlight`]); an answer to a version
+    /// not pushed on this stream (or forgotten) counts as intact.
+    intact: bool,
+}
 
 impl InFlight {
     /// A bound on what a stuck proxy can make the control plane remember.
     const MAX: usize = 64;
 
-    fn sent(&mut self, version: u64, created: std::time::Instant) {
+    fn sent(&mut self, version: u64, created: Option<std::time::Instant>) {
         if self.0.len() == Self::MAX {
             self.0.pop_front();
         }
-        self.0.push_back((version, created));
+        self.0.push_back(Push { version, created, intact: true });
     }
 
-    /// Forgets every push up to `version`; returns when the change carried by `version` was made, if it was pushed
-    /// on this stream.
-    fn answered(&mut self, version: u64) -> Option<std::time::Instant> {
-        let mut created = None;
-        while let Some(&(v, at)) = self.0.front() {
-            if v > version {
+    /// Forgets every push before `version` and the first push of `version` (the same version is pushed twice when
+    /// a full snapshot follows a NACK); returns what the answer answered.
+    fn answered(&mut self, version: u64) -> Answered {
+        while let Some(push) = self.0.front() {
+            if push.version > version {
                 break;
             }
-            self.0.pop_front();
-            if v == version {
-                created = Some(at);
+            let push = self.0.pop_front().expect("front exists");
+            if push.version == version {
+                return Answered { created: push.created, intact: push.intact };
             }
         }
-        created
+        Answered { created: None, intact: true }
+    }
+
+    /// After a NACK: every push still unanswered was diffed from a state the proxy does not hold.
+    fn break_chain(&mut self) {
+        for push in &mut self.0 {
+            push.intact = false;
+        }
     }
 }
 
 /// NACK reasons a proxy may report; anything else is counted as `other`, so a proxy cannot grow the label set.
-const NACK_REASONS: [&str; 7] =
-    ["not_synced", "trust_bundle", "workload", "resource", "removed_resource", "policy", "protocol"];
+const NACK_REASONS: [&str; 8] =
+    ["not_synced", "trust_bundle", "workload", "resource", "removed_resource", "policy", "protocol", "revocations"];
 
 fn response(message: Outbound) -> Result<pb::DiscoveryResponse, Status> {
     Ok(pb::DiscoveryResponse { message: Some(message) })
@@ -127,24 +178,34 @@ fn response(message: Outbound) -> Result<pb::DiscoveryResponse, Status> {
 
 impl StreamTask {
     /// Serves the stream until it ends; returns why.
+    ///
+    /// Each change is pushed as the difference from what the proxy holds (`sent`). When the proxy NACKs an intact
+    /// push it keeps its older state, and every push sent after that one was diffed from a state it does not hold:
+    /// `sent` is forgotten and the next push is a full snapshot, so that nothing the rejected update carried (a
+    /// good change beside the refused one) is lost. That push waits for a version later than the rejected one:
+    /// the same state again would be refused again.
     async fn run(mut self) -> String {
         let mut snapshots = self.shared.mesh.subscribe();
-        let mut sent: Option<Arc<Snapshot>> = None;
+        let mut first_push = true;
         loop {
             let current = snapshots.borrow_and_update().clone();
-            if let Some(update) = diff(sent.as_deref(), &current) {
-                let version = update.version;
-                if self.tx.send(response(Outbound::Update(update))).await.is_err() {
-                    return "proxy went away".into();
+            let held_back = self.rejected.is_some_and(|rejected| current.version <= rejected);
+            if !held_back {
+                self.rejected = None;
+                if let Some(update) = diff(self.sent.as_deref(), &current) {
+                    let version = update.version;
+                    if self.tx.send(response(Outbound::Update(update))).await.is_err() {
+                        return "proxy went away".into();
+                    }
+                    self.shared.proxies.update(&self.node.name, |s| s.sent_version = version);
+                    metrics::counter!("trellis_pushes_total").increment(1);
+                    // The first push of a stream carries changes made before the proxy connected: no convergence
+                    // time.
+                    self.in_flight.sent(version, current.created.filter(|_| !first_push));
+                    first_push = false;
                 }
-                self.shared.proxies.update(&self.node.name, |s| s.sent_version = version);
-                metrics::counter!("trellis_pushes_total").increment(1);
-                // The first push of a stream carries changes made before the proxy connected: no convergence time.
-                if let (Some(created), Some(_)) = (current.created, &sent) {
-                    self.in_flight.sent(version, created);
-                }
+                self.sent = Some(current);
             }
-            sent = Some(current);
             tokio::select! {
                 () = self.shared.shutting_down() => {
                     // Never waits: a proxy that is not reading must not hold the shutdown (its stream still ends).
@@ -154,6 +215,15 @@ impl StreamTask {
                 changed = snapshots.changed() => {
                     if changed.is_err() {
                         return SHUTTING_DOWN.into();
+                    }
+                }
+                changed = self.authority.changed() => {
+                    if changed.is_err() {
+                        return SHUTTING_DOWN.into();
+                    }
+                    let held = self.shared.holdings.get(&self.node.name).certificates;
+                    if self.renew_retiring(&held).await.is_err() {
+                        return "proxy went away".into();
                     }
                 }
                 message = self.inbound.message() => match message {
@@ -186,9 +256,13 @@ impl StreamTask {
     async fn handle(&mut self, request: pb::DiscoveryRequest) -> Result<(), Status> {
         match request.message {
             Some(Inbound::Ack(ack)) => {
-                let created = self.in_flight.answered(ack.version);
-                if ack.error.is_empty() {
-                    let convergence = created.map(|at| at.elapsed().as_secs_f64());
+                let answered = self.in_flight.answered(ack.version);
+                if ack.error.is_empty() && !answered.intact {
+                    // Applied on top of the older state the proxy kept after a NACK: it does not hold this
+                    // version, and the full snapshot already scheduled brings it there.
+                    tracing::debug!(node = %self.node.name, version = ack.version, "ACK of an update sent before a NACK; a full snapshot follows");
+                } else if ack.error.is_empty() {
+                    let convergence = answered.created.map(|at| at.elapsed().as_secs_f64());
                     if let Some(seconds) = convergence {
                         metrics::histogram!("trellis_config_convergence_seconds").record(seconds);
                     }
@@ -206,6 +280,12 @@ impl StreamTask {
                         s.nacked_version = ack.version;
                         s.last_nack_error = ack.error.clone();
                     });
+                    if answered.intact {
+                        // The proxy kept its older state: resynchronise it with a full snapshot.
+                        self.in_flight.break_chain();
+                        self.sent = None;
+                        self.rejected = Some(ack.version);
+                    }
                 }
                 Ok(())
             }
@@ -213,6 +293,17 @@ impl StreamTask {
                 let answer = self.sign(&csr);
                 self.tx
                     .send(response(Outbound::Certificate(answer)))
+                    .await
+                    .map_err(|_| Status::cancelled("proxy went away"))
+            }
+            Some(Inbound::Held(held)) => {
+                self.shared.holdings.report(&self.node.name, held.certificates.clone());
+                self.renew_retiring(&held.certificates).await.map_err(|_| Status::cancelled("proxy went away"))
+            }
+            Some(Inbound::NodeCredentialRequest(request)) => {
+                let answer = renewal::node_credential(&self.shared, &self.node.name, &request);
+                self.tx
+                    .send(response(Outbound::NodeCredential(answer)))
                     .await
                     .map_err(|_| Status::cancelled("proxy went away"))
             }
@@ -224,6 +315,17 @@ impl StreamTask {
             }
             None => Err(Status::invalid_argument("empty discovery message")),
         }
+    }
+
+    /// Asks the proxy to renew the certificates in `held` that a retiring CA signed (each once per stream).
+    async fn renew_retiring(&mut self, held: &[pb::HeldCertificate]) -> Result<(), ()> {
+        let retiring = self.authority.borrow_and_update().retiring();
+        let spiffe_ids = self.renewals.due(held, retiring.as_deref());
+        if spiffe_ids.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(node = %self.node.name, ?spiffe_ids, "asking the proxy to renew certificates of the retiring CA");
+        self.tx.send(response(Outbound::Renew(pb::RenewNow { spiffe_ids }))).await.map_err(|_| ())
     }
 
     fn sign(&self, csr: &pb::CertificateRequest) -> pb::CertificateResponse {
@@ -256,6 +358,8 @@ fn refusal_label(e: &MeshError) -> &'static str {
         MeshError::Ca(CaError::BadSans { .. } | CaError::BadSpiffeId(_) | CaError::NotWorkload(_)) => "bad_identity",
         MeshError::Ca(CaError::ForeignTrustDomain { .. }) => "foreign_trust_domain",
         MeshError::Ca(CaError::Refused(_)) => "not_authorized",
+        // The node or the identity was revoked (`mesh/revocations.rs`).
+        MeshError::PermissionDenied(_) => "revoked",
         _ => "internal",
     }
 }
@@ -272,6 +376,7 @@ pub fn diff(sent: Option<&Snapshot>, next: &Snapshot) -> Option<pb::ConfigUpdate
             resources: next.resources.values().map(|r| (**r).clone()).collect(),
             removed_resources: vec![],
             jwks: Some(jwks_set(&next.jwks)),
+            revocations: Some((*next.revocations).clone()),
         });
     };
     if std::ptr::eq(sent, next) {
@@ -301,8 +406,12 @@ pub fn diff(sent: Option<&Snapshot>, next: &Snapshot) -> Option<pb::ConfigUpdate
     if !Arc::ptr_eq(&sent.jwks, &next.jwks) && sent.jwks != next.jwks {
         update.jwks = Some(jwks_set(&next.jwks));
     }
+    if !Arc::ptr_eq(&sent.revocations, &next.revocations) && sent.revocations != next.revocations {
+        update.revocations = Some((*next.revocations).clone());
+    }
     let empty = update.trust_bundle.is_none()
         && update.jwks.is_none()
+        && update.revocations.is_none()
         && update.workloads.is_empty()
         && update.removed_workloads.is_empty()
         && update.resources.is_empty()
@@ -343,20 +452,37 @@ mod tests {
     fn in_flight_matches_acks_to_their_pushes() {
         let t0 = std::time::Instant::now();
         let at = |ms| t0 + std::time::Duration::from_millis(ms);
+        let intact = |ms| Answered { created: Some(at(ms)), intact: true };
+        let unknown = Answered { created: None, intact: true };
         let mut f = InFlight::default();
-        f.sent(3, at(1));
-        f.sent(4, at(2));
-        f.sent(6, at(3));
-        assert_eq!(f.answered(2), None, "an ACK of an older version answers nothing pushed here");
-        assert_eq!(f.answered(4), Some(at(2)), "ACK of 4 also answers 3");
-        assert_eq!(f.answered(5), None, "5 was never pushed on this stream");
-        assert_eq!(f.answered(6), Some(at(3)));
-        assert_eq!(f.answered(6), None, "already answered");
+        f.sent(3, Some(at(1)));
+        f.sent(4, Some(at(2)));
+        f.sent(6, Some(at(3)));
+        assert_eq!(f.answered(2), unknown, "an ACK of an older version answers nothing pushed here");
+        assert_eq!(f.answered(4), intact(2), "ACK of 4 also answers 3");
+        assert_eq!(f.answered(5), unknown, "5 was never pushed on this stream");
+        assert_eq!(f.answered(6), intact(3));
+        assert_eq!(f.answered(6), unknown, "already answered");
         for v in 0..100 {
-            f.sent(v, at(v));
+            f.sent(v, Some(at(v)));
         }
         assert_eq!(f.0.len(), InFlight::MAX);
-        assert_eq!(f.answered(99), Some(at(99)));
+        assert_eq!(f.answered(99), intact(99));
+        assert!(f.0.is_empty());
+    }
+
+    #[test]
+    fn after_a_nack_the_pushes_in_flight_are_not_intact_and_a_repeated_version_is_answered_in_order() {
+        let mut f = InFlight::default();
+        f.sent(1, None);
+        f.sent(2, None);
+        // NACK of 1: 2 was diffed from 1, which the proxy does not hold.
+        assert!(f.answered(1).intact);
+        f.break_chain();
+        // The full snapshot of 2 that follows is intact.
+        f.sent(2, None);
+        assert_eq!(f.answered(2), Answered { created: None, intact: false }, "the increment sent before the NACK");
+        assert_eq!(f.answered(2), Answered { created: None, intact: true }, "the full snapshot sent after it");
         assert!(f.0.is_empty());
     }
 
@@ -370,6 +496,20 @@ mod tests {
         assert_eq!(update.jwks.unwrap().entries, [pb::Jwks { uri: "https://k/jwks".into(), json: "{}".into() }]);
         let c = Snapshot { version: 3, jwks: Arc::new(jwks), ..Default::default() };
         assert!(diff(Some(&b), &c).is_none(), "same set: nothing to send");
+    }
+
+    #[test]
+    fn diff_sends_the_revocations_when_they_change() {
+        let a = Snapshot { version: 1, ..Default::default() };
+        assert_eq!(diff(None, &a).unwrap().revocations, Some(pb::Revocations::default()), "always in a full snapshot");
+        let list = pb::Revocations {
+            identities: vec![pb::RevokedIdentity { spiffe_id: "spiffe://td/ns/a/sa/b".into(), revoked_at_unix: 1 }],
+            ..Default::default()
+        };
+        let b = Snapshot { version: 2, revocations: Arc::new(list.clone()), ..Default::default() };
+        assert_eq!(diff(Some(&a), &b).unwrap().revocations, Some(list.clone()));
+        let c = Snapshot { version: 3, revocations: Arc::new(list), ..Default::default() };
+        assert!(diff(Some(&b), &c).is_none(), "same list: nothing to send");
     }
 
     #[test]
@@ -401,6 +541,7 @@ mod tests {
             workloads: b.workloads.clone(),
             resources: b.resources.clone(),
             jwks: b.jwks.clone(),
+            revocations: b.revocations.clone(),
             ..Default::default()
         };
         assert!(diff(Some(&b), &same).is_none());

@@ -3,11 +3,14 @@
 pub mod admin;
 pub mod discovery;
 pub mod identity;
+pub mod renewal;
+pub mod rotation;
 
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::holdings::Holdings;
 use crate::mesh::Mesh;
 use crate::status::ProxyRegistry;
 
@@ -19,6 +22,10 @@ pub struct Shared {
     /// Becomes true when the control plane shuts down: every discovery stream then ends (with `UNAVAILABLE`), so
     /// that the server's graceful shutdown is not held open by streams that never end on their own.
     pub shutdown: watch::Receiver<bool>,
+    /// The certificates each proxy reported holding (root rotation).
+    pub holdings: Arc<Holdings>,
+    /// Wakes the root rotation's driver (a rotation started or resumed).
+    pub rotation_wake: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {

@@ -46,11 +46,23 @@ pub enum SpecError {
          to the address of the interface the packet arrived on)"
     )]
     InboundAddress { field: &'static str, address: std::net::SocketAddr },
+    #[error("{field}: {address} has port 0, which capture cannot use (its rules name the port before it is bound)")]
+    PortZero { field: &'static str, address: std::net::SocketAddr },
 }
 
 impl CaptureSpec {
     pub fn from_config(config: &Config) -> Result<CaptureSpec, SpecError> {
         let listen = &config.listen;
+        let named = [
+            ("listen.outbound", listen.outbound),
+            ("listen.inbound", listen.inbound),
+            ("listen.hbone", listen.hbone),
+            ("listen.metrics", listen.metrics),
+            ("listen.ready", listen.ready),
+        ];
+        if let Some((field, address)) = named.into_iter().find(|(_, a)| a.port() == 0) {
+            return Err(SpecError::PortZero { field, address });
+        }
         if !(listen.outbound.ip().is_loopback() || listen.outbound.ip().is_unspecified()) {
             return Err(SpecError::OutboundAddress { field: "listen.outbound", address: listen.outbound });
         }
@@ -221,5 +233,9 @@ table inet trellis {
                 .unwrap_err()
                 .to_string();
         assert!(err.starts_with("listen.outbound: 10.0.0.1:15001 must listen on 127.0.0.1 or 0.0.0.0"), "{err}");
+        let err = CaptureSpec::from_config(&Config::parse(&format!("{base}listen: {{ready: 0.0.0.0:0}}\n")).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("listen.ready: 0.0.0.0:0 has port 0, which capture cannot use"), "{err}");
     }
 }

@@ -183,8 +183,22 @@ pub(crate) mod test_ca {
 
         /// Signs a CSR, keeping its SANs, valid for `lifetime` from now.
         pub fn sign(&self, csr_der: &[u8], lifetime: std::time::Duration) -> Vec<CertificateDer<'static>> {
+            self.sign_as(csr_der, None, lifetime)
+        }
+
+        /// Signs a CSR as [`TestCa::sign`], with `uri` as its only SAN when given (as the control plane names a
+        /// node credential, whose CSR names nothing).
+        pub fn sign_as(
+            &self,
+            csr_der: &[u8],
+            uri: Option<&str>,
+            lifetime: std::time::Duration,
+        ) -> Vec<CertificateDer<'static>> {
             let der = CertificateSigningRequestDer::from(csr_der.to_vec());
             let mut csr = CertificateSigningRequestParams::from_der(&der).unwrap();
+            if let Some(uri) = uri {
+                csr.params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+            }
             let now = time::OffsetDateTime::now_utc();
             csr.params.not_before = now - time::Duration::seconds(1);
             csr.params.not_after = now + lifetime;

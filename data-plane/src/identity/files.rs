@@ -29,10 +29,14 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     drop(file);
     fs::rename(&tmp, path)?;
     if let Some(parent) = path.parent() {
-        // Make the rename durable; best effort (not every filesystem allows syncing a directory).
-        let _ = fs::File::open(parent).and_then(|d| d.sync_all());
+        sync_dir(parent);
     }
     Ok(())
+}
+
+/// Makes renames in `dir` durable; best effort (not every filesystem allows syncing a directory).
+pub fn sync_dir(dir: &Path) {
+    let _ = fs::File::open(dir).and_then(|d| d.sync_all());
 }
 
 #[cfg(test)]

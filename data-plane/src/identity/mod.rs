@@ -5,6 +5,7 @@ pub mod certs;
 pub mod csr;
 pub mod files;
 pub mod node;
+pub mod node_renewal;
 pub mod workload;
 
 pub use node::{NodeCredential, NodeError};

@@ -22,6 +22,9 @@ pub const CHAIN_FILE: &str = "node-chain.pem";
 pub const BUNDLE_FILE: &str = "trust-bundle.pem";
 /// Written last: its presence means the join completed.
 pub const STATE_FILE: &str = "node.json";
+/// A renewal's new key and chain, written before they replace the current pair (see [`NodeCredential::save_renewed`]).
+pub const KEY_NEXT: &str = "node-key.next.pem";
+pub const CHAIN_NEXT: &str = "node-chain.next.pem";
 
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -121,6 +124,7 @@ impl NodeCredential {
 
     /// Reads the stored credential; `Ok(None)` when the node has not joined yet.
     pub fn load(dir: &Path, node: &str) -> Result<Option<Self>, NodeError> {
+        finish_renewal(dir)?;
         let state_path = dir.join(STATE_FILE);
         let state_text = match std::fs::read_to_string(&state_path) {
             Ok(text) => text,
@@ -185,6 +189,43 @@ impl NodeCredential {
         Ok(())
     }
 
+    /// The credential a renewal brought: the same node, namespaces and stored roots, a new key and chain (checked:
+    /// our new key, our node identity, not expired).
+    pub fn renewed(
+        &self,
+        key: &rcgen::KeyPair,
+        chain: Vec<CertificateDer<'static>>,
+        now: SystemTime,
+    ) -> Result<Self, certs::CertError> {
+        let info = certs::check_issued(&chain, &key.subject_public_key_info(), &self.spiffe_id, now)?;
+        Ok(Self {
+            node: self.node.clone(),
+            spiffe_id: self.spiffe_id.clone(),
+            namespaces: self.namespaces.clone(),
+            chain,
+            info,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            roots: self.roots.clone(),
+        })
+    }
+
+    /// Stores a renewed key and chain so that a crash at any point leaves a matching pair: both are written under
+    /// their `.next` names first (each atomically), then renamed over the current files, key first. A start that
+    /// finds the `.next` key still there discards the renewal (the old pair is intact); one that finds only the
+    /// `.next` chain completes it ([`finish_renewal`]).
+    pub fn save_renewed(&self, dir: &Path) -> Result<(), NodeError> {
+        let io = |path: PathBuf| move |source| NodeError::Io { path, source };
+        let key_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", self.key.secret_pkcs8_der().to_vec()));
+        files::write_atomic(&dir.join(KEY_NEXT), key_pem.as_bytes(), files::SECRET_MODE)
+            .map_err(io(dir.join(KEY_NEXT)))?;
+        files::write_atomic(&dir.join(CHAIN_NEXT), certs::to_pem(&self.chain).as_bytes(), files::PUBLIC_MODE)
+            .map_err(io(dir.join(CHAIN_NEXT)))?;
+        std::fs::rename(dir.join(KEY_NEXT), dir.join(KEY_FILE)).map_err(io(dir.join(KEY_FILE)))?;
+        std::fs::rename(dir.join(CHAIN_NEXT), dir.join(CHAIN_FILE)).map_err(io(dir.join(CHAIN_FILE)))?;
+        files::sync_dir(dir);
+        Ok(())
+    }
+
     /// Joins the mesh: one attempt, trusting the control plane only through the CA pin.
     pub async fn join(cp: &ControlPlane, node: &str) -> Result<Self, NodeError> {
         let token = cp.token.clone().ok_or_else(|| NodeError::NoToken(PathBuf::new()))?;
@@ -237,6 +278,46 @@ impl NodeCredential {
             roots: bundle.roots.into_iter().map(CertificateDer::from).collect(),
         })
     }
+}
+
+#[cfg(test)]
+impl NodeCredential {
+    /// A credential with these facts and a fresh key (no chain), for schedule tests.
+    pub(crate) fn for_tests(spiffe_id: SpiffeId, info: CertInfo) -> Self {
+        let key = csr::new_key().expect("key");
+        Self {
+            node: "n".into(),
+            spiffe_id,
+            namespaces: vec![],
+            chain: vec![],
+            info,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            roots: vec![],
+        }
+    }
+}
+
+/// Completes or discards a renewal that a crash interrupted in [`NodeCredential::save_renewed`].
+fn finish_renewal(dir: &Path) -> Result<(), NodeError> {
+    let (key_next, chain_next) = (dir.join(KEY_NEXT), dir.join(CHAIN_NEXT));
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| NodeError::Io { path, source }
+    };
+    if key_next.exists() {
+        // The renames had not begun: the current pair is the old one, whole.
+        std::fs::remove_file(&key_next).map_err(io(&key_next))?;
+        if chain_next.exists() {
+            std::fs::remove_file(&chain_next).map_err(io(&chain_next))?;
+        }
+        tracing::warn!(dir = %dir.display(), "an interrupted node credential renewal was discarded");
+    } else if chain_next.exists() {
+        // The new key is in place: its chain goes with it.
+        std::fs::rename(&chain_next, dir.join(CHAIN_FILE)).map_err(io(&chain_next))?;
+        files::sync_dir(dir);
+        tracing::warn!(dir = %dir.display(), "an interrupted node credential renewal was completed");
+    }
+    Ok(())
 }
 
 /// Replaces the stored trust bundle after a root rotation, so the next start trusts the new roots.
@@ -292,6 +373,47 @@ mod tests {
         assert!(matches!(NodeCredential::load(&dir, "node-b"), Err(NodeError::OtherNode { .. })));
         std::fs::write(dir.join(CHAIN_FILE), "garbage").unwrap();
         assert!(matches!(NodeCredential::load(&dir, "node-a"), Err(NodeError::Corrupt { .. })));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_renewal_interrupted_anywhere_leaves_a_matching_pair() {
+        let ca = TestCa::new();
+        let old = joined(&ca, "node-a");
+        let root = files::temp_dir("node-renewal");
+        let dir = root.join("state");
+        old.save(&dir).unwrap();
+        let key = csr::new_key().unwrap();
+        let id = SpiffeId::node("td.example", "node-a").unwrap();
+        let chain = ca.sign(&csr::workload_csr(&key, &id).unwrap(), Duration::from_secs(3600));
+        let new = old.renewed(&key, chain, SystemTime::now()).unwrap();
+        assert_ne!(new.info.serial, old.info.serial);
+        // Someone else's key is refused.
+        let other = csr::new_key().unwrap();
+        let err = old.renewed(&other, new.chain.clone(), SystemTime::now()).unwrap_err();
+        assert_eq!(err, certs::CertError::KeyMismatch);
+
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let serial_after_load = || NodeCredential::load(&dir, "node-a").unwrap().unwrap().info.serial;
+        let write_next = || {
+            let key_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", new.key.secret_pkcs8_der().to_vec()));
+            std::fs::write(dir.join(KEY_NEXT), key_pem).unwrap();
+            std::fs::write(dir.join(CHAIN_NEXT), certs::to_pem(&new.chain)).unwrap();
+        };
+        // Crash before the renames: the old credential, and no leftovers.
+        write_next();
+        assert_eq!(serial_after_load(), old.info.serial);
+        assert!(!dir.join(KEY_NEXT).exists() && !dir.join(CHAIN_NEXT).exists());
+        // Crash between the two renames: the new key is in place; the load completes the renewal.
+        write_next();
+        std::fs::rename(dir.join(KEY_NEXT), dir.join(KEY_FILE)).unwrap();
+        assert_eq!(serial_after_load(), new.info.serial);
+        // The whole renewal: the new credential, key owner-only.
+        old.save(&dir).unwrap();
+        new.save_renewed(&dir).unwrap();
+        assert_eq!(serial_after_load(), new.info.serial);
+        assert_eq!(mode(&dir.join(KEY_FILE)), 0o600);
+        assert!(!dir.join(KEY_NEXT).exists() && !dir.join(CHAIN_NEXT).exists());
         std::fs::remove_dir_all(&root).unwrap();
     }
 

@@ -37,8 +37,24 @@ pub struct WorkloadCert {
 }
 
 impl WorkloadCert {
+    /// A certificate already checked against its key (`certs::check_issued`), e.g. one read back from the state
+    /// directory.
+    pub fn new(
+        spiffe_id: SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+        info: CertInfo,
+        key: PrivatePkcs8KeyDer<'static>,
+    ) -> Self {
+        Self { spiffe_id, chain, info, key }
+    }
+
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+
+    /// The key as PKCS#8 DER, to store it (0600) beside the certificate.
+    pub fn pkcs8_der(&self) -> &[u8] {
+        self.key.secret_pkcs8_der()
     }
 }
 
@@ -274,6 +290,16 @@ impl CertManager {
         }
         self.certs.publish(&id, Some(cert.clone()));
         Ok(Some(cert))
+    }
+
+    /// Installs a certificate kept from before a restart (already checked, not expired at `wall`): published at once,
+    /// renewed and withdrawn on the same schedule as one just issued.
+    pub fn restore(&mut self, cert: WorkloadCert, now: Instant, wall: SystemTime) {
+        let Some(slot) = self.slots.get_mut(&cert.spiffe_id) else { return };
+        slot.due = Some(now + renewal_delay(&cert.info, wall));
+        slot.expires = Some(now + cert.info.not_after.duration_since(wall).unwrap_or_default());
+        let id = cert.spiffe_id.clone();
+        self.certs.publish(&id, Some(Arc::new(cert)));
     }
 
     /// RenewNow from the control plane: the listed identities (all when empty) get a new CSR immediately;

@@ -110,8 +110,11 @@ where
 {
     let counts = ByteCounts::default();
     let ended = tokio::select! {
-        result = copy_counted(client, upstream, &counts) => result.map_or_else(Ended::Failed, |()| Ended::Closed),
+        // Cancellation first: when the proxy closes a connection and, with it, the HBONE connection under it (a
+        // revocation), the copy fails too, and the report must say the proxy closed it, and why.
+        biased;
         () = registration.cancel.cancelled() => Ended::Cancelled,
+        result = copy_counted(client, upstream, &counts) => result.map_or_else(Ended::Failed, |()| Ended::Closed),
     };
     let (received, sent) = counts.get();
     let detail = match &ended {

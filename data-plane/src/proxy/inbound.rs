@@ -23,10 +23,11 @@ use trellis_proto::spiffe::SpiffeId;
 
 use super::finish::{self, DialError, Ended};
 use super::{DataPath, HANDSHAKE_TIMEOUT, l7};
-use crate::connections::InboundConn;
+use crate::connections::{InboundConn, PeerCert};
 use crate::hbone::{
     self, CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
 };
+use crate::log_limit::HBONE_REFUSALS;
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::report::{Authz, ConnectionReport};
 use crate::tls::PeerIdentityError;
@@ -55,6 +56,33 @@ pub enum HandshakeError {
     TimedOut,
     #[error("TLS handshake failed: {}", crate::error_chain(.0))]
     Failed(io::Error),
+    /// Revoked while the handshake ran (the verifier refuses it otherwise).
+    #[error("TLS handshake refused: {0}")]
+    Revoked(crate::revocation::Revoked),
+}
+
+impl HboneError {
+    /// The refusal's reason, as the log rate limit and `trellis_log_suppressed_total` name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HboneError::LocalAddress(_) => "local_address",
+            HboneError::NoCertificate(_) => "no_workload_certificate",
+            HboneError::Handshake(e) => e.kind(),
+            HboneError::NoClientCertificate => "no_client_certificate",
+            HboneError::PeerIdentity(_) => "peer_identity",
+            HboneError::Http(_) => "http2",
+        }
+    }
+}
+
+impl HandshakeError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HandshakeError::TimedOut => "tls_handshake_timeout",
+            HandshakeError::Failed(_) => "tls_handshake_failed",
+            HandshakeError::Revoked(_) => "revoked",
+        }
+    }
 }
 
 impl From<&HandshakeError> for Flags {
@@ -69,8 +97,18 @@ pub async fn serve(listener: TcpListener, data: Arc<DataPath>, shutdown: watch::
     crate::listen::accept_each(listener, "hbone", |tcp, peer| {
         let (data, shutdown) = (data.clone(), shutdown.clone());
         async move {
-            if let Err(reason) = connection(tcp, peer, data, shutdown).await {
-                info!(%peer, %reason, "HBONE connection refused");
+            match connection(tcp, peer, data, shutdown).await {
+                Ok(()) => {}
+                // After the peer was accepted: the connection broke (a reset, a keepalive timeout), nothing refused.
+                Err(HboneError::Http(e)) => debug!(%peer, error = %e, "HBONE connection ended with an error"),
+                // Logged once already, as the refusal's access-log entry (`tls_failure`).
+                Err(HboneError::Handshake(_)) => {}
+                Err(reason) => {
+                    // One line per refusal, rate-limited: anyone who reaches the port can cause these.
+                    if HBONE_REFUSALS.allow(reason.kind()) {
+                        info!(%peer, %reason, kind = reason.kind(), "HBONE connection refused");
+                    }
+                }
             }
         }
     })
@@ -98,16 +136,23 @@ async fn connection(
     let (source, serial) = {
         let (_, session) = tls.get_ref();
         let leaf = session.peer_certificates().and_then(|c| c.first()).ok_or(HboneError::NoClientCertificate)?;
-        (
-            crate::tls::peer_identity(leaf)?,
-            crate::identity::certs::CertInfo::parse(leaf).map(|i| i.serial).unwrap_or_default(),
-        )
+        (crate::tls::peer_identity(leaf)?, crate::revocation::serial_hex(leaf).unwrap_or_default())
     };
+    // Registered before this check, so that a revocation applied while the handshake ran is not missed: either the
+    // check sees it, or the revocation finds the session.
+    let session = data.connections.register_session(Arc::new(PeerCert { id: source.clone(), serial: serial.clone() }));
+    if let Err(revoked) = data.tls.revocations().load().check(&serial, &source) {
+        revoked.count("refused");
+        let error = HandshakeError::Revoked(revoked);
+        tls_failure(&data, peer, local, started, &error);
+        return Err(error.into());
+    }
     info!(%peer, %source, %serial, "HBONE connection accepted");
     let peer_id = Arc::new(Peer {
         principal: source.principal().into(),
         labels: PeerLabels::identity_only(&source),
         id: source,
+        serial: serial.into(),
         addr: peer,
     });
     let service = hyper::service::service_fn(move |request| {
@@ -129,6 +174,11 @@ async fn connection(
         () = crate::shutdown_requested(&mut shutdown) => {
             conn.as_mut().graceful_shutdown();
             conn.await
+        }
+        () = session.cancel.cancelled() => {
+            // Dropping the connection closes it and every stream on it at once (no GOAWAY: the peer is revoked).
+            info!(%peer, reason = session.reason(), "HBONE connection closed");
+            return Ok(());
         }
     };
     result.map_err(HboneError::Http)
@@ -152,6 +202,7 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
 struct Peer {
     id: SpiffeId,
     principal: Arc<str>,
+    serial: Arc<str>,
     /// Metric labels for a source whose workload is not known.
     labels: Arc<PeerLabels>,
     addr: SocketAddr,
@@ -168,7 +219,10 @@ fn tls_failure(data: &DataPath, peer: SocketAddr, local: SocketAddr, started: In
         flags: Flags::None,
     };
     let report = ConnectionReport { key, source_addr: peer, destination_addr: local, started };
-    report.refused(&data.traffic, Flags::from(error), Authz::NONE, &error.to_string());
+    // Its one log line is the access-log entry, rate-limited (anyone who reaches the port can cause these); the
+    // series count every refusal.
+    let logged = HBONE_REFUSALS.allow(error.kind());
+    report.refused_logged(&data.traffic, Flags::from(error), Authz::NONE, &error.to_string(), logged);
 }
 
 /// One CONNECT stream: check the target, authorize, dial the workload, answer 200 and copy until both sides are
@@ -193,6 +247,7 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
     let conn = Arc::new(InboundConn {
         source: source.clone(),
         principal: peer_id.principal.clone(),
+        serial: peer_id.serial.clone(),
         peer,
         source_addr,
         destination: target,

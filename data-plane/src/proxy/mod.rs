@@ -73,4 +73,6 @@ impl DataPath {
 }
 
 #[cfg(test)]
+mod revocation_tests;
+#[cfg(test)]
 mod tests;

@@ -116,7 +116,10 @@ async fn open(
 
 /// Copies both ways until both directions are closed (half-close passes through), or the proxy cancels it.
 pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(data: &DataPath, mut client: C, connected: Connected) {
-    let registration = data.connections.register_outbound();
+    let registration = match &connected.upstream {
+        Upstream::Tunnel(tunnel) => data.connections.register_tunnel(tunnel.peer.clone()),
+        Upstream::Direct(_) => data.connections.register_outbound(),
+    };
     let open = connected.report.opened(&data.traffic, Authz::NONE);
     match connected.upstream {
         Upstream::Tunnel(mut tunnel) => finish::relay(open, &mut client, &mut tunnel.io, &registration).await,

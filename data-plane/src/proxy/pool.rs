@@ -20,10 +20,12 @@ use rustls_pki_types::ServerName;
 use trellis_proto::spiffe::SpiffeId;
 
 use super::TUNNEL_DIAL_TIMEOUT;
+use crate::connections::PeerCert;
 use crate::hbone::{
     self, CONNECTION_WINDOW, FORWARDED, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
 };
 use crate::metrics::Flags;
+use crate::revocation::{Revocations, Revoked};
 use crate::tls::{ClientConfigError, TlsSet};
 
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -44,16 +46,34 @@ pub enum TunnelError {
     Refused(SocketAddr, StatusCode),
     #[error("timed out connecting to proxy {0}")]
     Timeout(SocketAddr),
+    /// The failure of a dial this stream waited for (streams queued behind one dial share its outcome).
+    #[error(transparent)]
+    Shared(Arc<TunnelError>),
+    /// Revoked while the handshake ran (the verifier refuses it otherwise).
+    #[error("TLS with proxy {0}: {1}")]
+    Revoked(SocketAddr, Revoked),
+}
+
+impl TunnelError {
+    /// The error itself, or the one a shared dial ended with.
+    pub fn cause(&self) -> &TunnelError {
+        match self {
+            TunnelError::Shared(inner) => inner.cause(),
+            other => other,
+        }
+    }
 }
 
 impl From<&TunnelError> for Flags {
     fn from(error: &TunnelError) -> Self {
-        match error {
+        match error.cause() {
             TunnelError::Refused(_, status) if *status == StatusCode::FORBIDDEN => Flags::Deny,
-            TunnelError::TlsConfig(..) | TunnelError::Tls(..) => Flags::TlsFailure,
-            TunnelError::Connect(..) | TunnelError::Http(..) | TunnelError::Refused(..) | TunnelError::Timeout(_) => {
-                Flags::Connect
-            }
+            TunnelError::TlsConfig(..) | TunnelError::Tls(..) | TunnelError::Revoked(..) => Flags::TlsFailure,
+            TunnelError::Connect(..)
+            | TunnelError::Http(..)
+            | TunnelError::Refused(..)
+            | TunnelError::Timeout(_)
+            | TunnelError::Shared(_) => Flags::Connect,
         }
     }
 }
@@ -68,6 +88,10 @@ pub struct PoolKey {
 
 struct PooledConn {
     sender: SendRequest<Empty<Bytes>>,
+    /// The certificate the destination proxy presented.
+    peer: Arc<PeerCert>,
+    /// Fires when `peer` is revoked: the connection task drops the connection and every stream on it.
+    cancel: tokio_util::sync::CancellationToken,
     streams: AtomicUsize,
     tls_generation: u64,
     /// Milliseconds since the pool's epoch when the last stream ended.
@@ -77,6 +101,7 @@ struct PooledConn {
 impl PooledConn {
     fn usable(&self, generation: u64) -> bool {
         self.tls_generation == generation
+            && !self.cancel.is_cancelled()
             && !self.sender.is_closed()
             && self.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION as usize
     }
@@ -99,14 +124,20 @@ impl Drop for StreamGuard {
 pub struct Tunnel {
     pub io: TokioIo<Upgraded>,
     pub guard: StreamGuard,
+    /// The destination proxy's certificate (what revocation matches).
+    pub peer: Arc<PeerCert>,
 }
 
 pub struct Pool {
     connections: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
-    /// One dial at a time per key, so a burst of new streams shares the first handshake.
-    dial_gates: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// One dial at a time per key, so a burst of new streams shares the first handshake; the gate keeps the last
+    /// failed dial (when, why), so the streams that waited for it fail with it instead of dialling again one after
+    /// the other (a peer that never answers would otherwise cost the n-th of them n dial timeouts).
+    dial_gates: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<LastFailure>>>>,
     epoch: Instant,
 }
+
+type LastFailure = Option<(Instant, Arc<TunnelError>)>;
 
 impl Default for Pool {
     fn default() -> Self {
@@ -138,7 +169,7 @@ impl Pool {
             match sender.send_request(request).await {
                 Ok(response) if response.status() == StatusCode::OK => {
                     let upgraded = hyper::upgrade::on(response).await.map_err(|e| TunnelError::Http(key.proxy, e))?;
-                    return Ok(Tunnel { io: TokioIo::new(upgraded), guard });
+                    return Ok(Tunnel { io: TokioIo::new(upgraded), guard, peer: conn.peer.clone() });
                 }
                 Ok(response) => return Err(TunnelError::Refused(key.proxy, response.status())),
                 Err(e) => {
@@ -156,15 +187,61 @@ impl Pool {
         if let Some(conn) = self.reserve(key, tls.generation) {
             return Ok(conn);
         }
+        let arrived = Instant::now();
         let gate = self.dial_gates.lock().entry(key.clone()).or_default().clone();
-        let _dialing = gate.lock().await;
+        let mut last_failure = gate.lock().await;
         if let Some(conn) = self.reserve(key, tls.generation) {
             return Ok(conn);
         }
-        let conn = Arc::new(dial(key, tls).await?);
+        if let Some((at, error)) = last_failure.as_ref()
+            && *at >= arrived
+        {
+            // The dial this stream waited behind failed while it waited: that is its answer too.
+            return Err(TunnelError::Shared(error.clone()));
+        }
+        let conn = match dial(key, tls).await {
+            Ok(conn) => Arc::new(conn),
+            Err(e) => {
+                let e = Arc::new(e);
+                *last_failure = Some((Instant::now(), e.clone()));
+                return Err(TunnelError::Shared(e));
+            }
+        };
+        *last_failure = None;
         conn.streams.fetch_add(1, Ordering::Relaxed);
         self.connections.lock().entry(key.clone()).or_default().push(conn.clone());
+        // Pooled before this check, so that a revocation applied while the handshake ran is not missed: either the
+        // check sees it, or `close_revoked` finds the connection.
+        if let Err(revoked) = tls.revocations().load().check(&conn.peer.serial, &conn.peer.id) {
+            revoked.count("refused");
+            conn.cancel.cancel();
+            self.forget(key, &conn);
+            return Err(TunnelError::Revoked(key.proxy, revoked));
+        }
         Ok(conn)
+    }
+
+    /// Closes every pooled connection to a proxy whose certificate `revocations` names (with every stream on it),
+    /// and counts them in `trellis_revocations_total{action="closed"}`; returns how many.
+    pub fn close_revoked(&self, revocations: &Revocations) -> usize {
+        if revocations.is_empty() {
+            return 0;
+        }
+        let mut closed = 0;
+        self.connections.lock().retain(|_, list| {
+            list.retain(|conn| match revocations.check(&conn.peer.serial, &conn.peer.id) {
+                Ok(()) => true,
+                Err(revoked) => {
+                    tracing::info!(peer = %conn.peer.id, reason = %revoked, "pooled HBONE connection closed");
+                    conn.cancel.cancel();
+                    revoked.count("closed");
+                    closed += 1;
+                    false
+                }
+            });
+            !list.is_empty()
+        });
+        closed
     }
 
     fn reserve(&self, key: &PoolKey, generation: u64) -> Option<Arc<PooledConn>> {
@@ -220,6 +297,11 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
             .await
             .map_err(|e| TunnelError::Tls(proxy, e))?;
         crate::tls::tune(tls_stream.get_mut().1);
+        let peer = {
+            let leaf = tls_stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+            let id = leaf.and_then(|l| crate::tls::peer_identity(l).ok()).unwrap_or_else(|| key.destination.clone());
+            Arc::new(PeerCert { id, serial: leaf.and_then(crate::revocation::serial_hex).unwrap_or_default() })
+        };
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
@@ -230,13 +312,21 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
             .handshake(TokioIo::new(tls_stream))
             .await
             .map_err(|e| TunnelError::Http(proxy, e))?;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let cancelled = cancel.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%proxy, error = %e, "HBONE connection ended with an error");
+            tokio::select! {
+                result = connection => if let Err(e) = result {
+                    tracing::debug!(%proxy, error = %e, "HBONE connection ended with an error");
+                },
+                // Dropping the connection closes it and fails every stream on it at once.
+                () = cancelled.cancelled() => {}
             }
         });
         Ok(PooledConn {
             sender,
+            peer,
+            cancel,
             streams: AtomicUsize::new(0),
             tls_generation: tls.generation,
             idle_since: AtomicU64::new(0),

@@ -76,16 +76,17 @@ async fn session(
 fn reply_for(error: &OutboundError) -> Reply {
     match error {
         OutboundError::PassthroughDenied(_) | OutboundError::NoSourceIdentity(_) => Reply::NotAllowed,
-        OutboundError::Tunnel(TunnelError::Refused(_, status)) => match status.as_u16() {
-            403 => Reply::NotAllowed,
-            503 => Reply::ConnectionRefused,
-            _ => Reply::HostUnreachable,
-        },
         OutboundError::Direct(_, e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Reply::ConnectionRefused,
-        OutboundError::Tunnel(TunnelError::Connect(..) | TunnelError::Timeout(_)) | OutboundError::Direct(..) => {
-            Reply::HostUnreachable
-        }
-        OutboundError::Tunnel(_) => Reply::GeneralFailure,
+        OutboundError::Direct(..) => Reply::HostUnreachable,
+        OutboundError::Tunnel(e) => match e.cause() {
+            TunnelError::Refused(_, status) => match status.as_u16() {
+                403 => Reply::NotAllowed,
+                503 => Reply::ConnectionRefused,
+                _ => Reply::HostUnreachable,
+            },
+            TunnelError::Connect(..) | TunnelError::Timeout(_) => Reply::HostUnreachable,
+            _ => Reply::GeneralFailure,
+        },
     }
 }
 

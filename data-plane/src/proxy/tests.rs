@@ -274,3 +274,47 @@ async fn a_burst_of_tunnels_shares_the_first_handshake() {
     })
     .await;
 }
+
+/// Streams queued behind one dial to a peer that accepts TCP and never answers TLS share that dial and its
+/// failure: one TCP connection reaches the peer, every stream fails after one dial timeout (not one each, in turn).
+#[tokio::test]
+async fn streams_waiting_for_a_dial_to_a_silent_peer_share_its_failure() {
+    let mesh = Mesh::start().await;
+    let a = &mesh.a;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    let key = crate::proxy::pool::PoolKey {
+        source: a.workload.spiffe_id.clone(),
+        proxy: silent_addr,
+        destination: mesh.b.workload.spiffe_id.clone(),
+    };
+    let started = Instant::now();
+    let mut streams = JoinSet::new();
+    for _ in 0..5 {
+        let (data, key) = (a.data.clone(), key.clone());
+        streams.spawn(async move {
+            let tls = data.tls.load();
+            let result = data.pool.open(&key, &tls, silent_addr, "127.0.0.1:1".parse().unwrap()).await;
+            (result.err().map(|e| e.to_string()), Instant::now())
+        });
+    }
+    let mut ends = Vec::new();
+    while let Some(joined) = streams.join_next().await {
+        let (error, at) = joined.unwrap();
+        let error = error.expect("no tunnel through a silent peer");
+        assert!(error.contains("timed out connecting to proxy"), "{error}");
+        ends.push(at - started);
+    }
+    println!("5 streams to a silent peer ended after {ends:?} (dial timeout {:?})", super::TUNNEL_DIAL_TIMEOUT);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "one dial, shared by every waiting stream");
+    holder.abort();
+}

@@ -157,7 +157,11 @@ async fn serve(
     drop(upgrades);
     let _ = upgrades_done.recv().await;
     let (received, sent) = counts.get();
-    let detail = result.err().map(|e| e.to_string());
+    // Cancelled (a policy change, a revocation, shutdown): the proxy's reason, not the error it caused.
+    let detail = match registration.cancel.is_cancelled() {
+        true => Some(registration.closed_by_proxy().to_owned()),
+        false => result.err().map(|e| e.to_string()),
+    };
     open.closed(received, sent, detail.as_deref());
     drop(registration);
 }

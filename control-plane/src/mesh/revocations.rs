@@ -1,0 +1,223 @@
+//! Revocation: a revoked node's certificates (by serial, from the certificate log) and revoked workload identities
+//! (by SPIFFE ID), recorded in the store and published in the snapshot as the list every proxy enforces.
+//!
+//! Why serials for nodes: a node's workload SVIDs name identities that other nodes hold too (one service account
+//! on several hosts), so only the certificates issued *to that node* identify it; the certificate log has them all,
+//! and the transaction that logs a new certificate refuses one for a revoked node or identity
+//! ([`refuse_revoked`]), so a signing that races a revocation is either refused or already in the log the
+//! revocation reads. Revoked certificates leave the pushed list once expired (proxies refuse them anyway).
+
+use std::sync::Arc;
+
+use trellis_proto::spiffe::{SpiffeId, Subject};
+use trellis_proto::v1 as pb;
+
+use super::{Mesh, MeshError, now_unix};
+use crate::records::{self, CertRecord, META_VERSION, NodeRecord, RevokedCertRecord, RevokedIdentityRecord};
+use crate::store::{Store, StoreError, Table, Txn};
+
+type Entries = Vec<(String, Vec<u8>)>;
+
+/// The list proxies enforce, from the store: revoked certificates not expired at `now`, and every revoked identity.
+pub(super) fn load(store: &dyn Store, now: i64) -> Result<pb::Revocations, StoreError> {
+    build(store.list(Table::RevokedCertificates)?, store.list(Table::RevokedIdentities)?, now)
+}
+
+/// The same list inside a transaction, after its writes.
+pub(super) fn in_txn(txn: &dyn Txn, now: i64) -> Result<pb::Revocations, StoreError> {
+    build(txn.list(Table::RevokedCertificates)?, txn.list(Table::RevokedIdentities)?, now)
+}
+
+fn build(certificates: Entries, identities: Entries, now: i64) -> Result<pb::Revocations, StoreError> {
+    let mut list = pb::Revocations::default();
+    for (key, bytes) in certificates {
+        let record: RevokedCertRecord = records::decode(Table::RevokedCertificates, &key, &bytes)?;
+        if record.not_after > now {
+            list.certificates.push(pb::RevokedCertificate {
+                serial: record.serial,
+                node: record.node,
+                spiffe_id: record.identity,
+                not_after_unix: record.not_after,
+            });
+        }
+    }
+    for (key, bytes) in identities {
+        let record: RevokedIdentityRecord = records::decode(Table::RevokedIdentities, &key, &bytes)?;
+        list.identities.push(pb::RevokedIdentity { spiffe_id: record.spiffe_id, revoked_at_unix: record.revoked_at });
+    }
+    Ok(list)
+}
+
+/// Revokes every certificate the log holds for `node` that has not expired at `now`, and forgets revoked
+/// certificates that have; returns how many were revoked.
+pub(super) fn revoke_node_certificates(txn: &mut dyn Txn, node: &str, now: i64) -> Result<usize, StoreError> {
+    for (key, bytes) in txn.list(Table::RevokedCertificates)? {
+        let record: RevokedCertRecord = records::decode(Table::RevokedCertificates, &key, &bytes)?;
+        if record.not_after <= now {
+            txn.delete(Table::RevokedCertificates, &key)?;
+        }
+    }
+    let mut revoked = 0;
+    for (key, bytes) in txn.list(Table::Certificates)? {
+        let cert: CertRecord = records::decode(Table::Certificates, &key, &bytes)?;
+        if cert.node != node || cert.not_after <= now {
+            continue;
+        }
+        let record = RevokedCertRecord {
+            serial: cert.serial.clone(),
+            identity: cert.identity,
+            node: cert.node,
+            not_after: cert.not_after,
+            revoked_at: now,
+        };
+        records::put(txn, Table::RevokedCertificates, &cert.serial, &record)?;
+        revoked += 1;
+    }
+    Ok(revoked)
+}
+
+/// In the transaction that logs a new certificate for `identity` issued to `node`: refuses it when the node or the
+/// identity is revoked.
+pub(super) fn refuse_revoked(txn: &dyn Txn, node: &str, identity: &str) -> Result<(), MeshError> {
+    if records::get::<NodeRecord>(txn, Table::Nodes, node)?.is_some_and(|n| n.revoked) {
+        return Err(MeshError::PermissionDenied(format!("node {node:?} was revoked")));
+    }
+    if txn.get(Table::RevokedIdentities, identity)?.is_some() {
+        return Err(MeshError::PermissionDenied(format!("identity {identity} was revoked")));
+    }
+    Ok(())
+}
+
+impl Mesh {
+    /// Revokes a workload identity mesh-wide: proxies refuse every certificate naming it, and no new one is signed.
+    /// Returns false when it was already revoked.
+    pub fn revoke_identity(&self, spiffe_id: &str) -> Result<bool, MeshError> {
+        let id = SpiffeId::parse(spiffe_id)
+            .map_err(|e| MeshError::InvalidArgument(format!("spiffe_id {spiffe_id:?}: {e}")))?;
+        if id.trust_domain() != self.trust_domain() {
+            return Err(MeshError::InvalidArgument(format!(
+                "spiffe_id {spiffe_id:?}: trust domain {:?} is not this mesh's ({:?})",
+                id.trust_domain(),
+                self.trust_domain()
+            )));
+        }
+        if !matches!(id.subject(), Subject::Workload { .. }) {
+            return Err(MeshError::InvalidArgument(format!(
+                "spiffe_id {spiffe_id:?}: not a workload identity (spiffe://<td>/ns/<namespace>/sa/<service-account>); \
+                 revoke nodes with `nodes revoke` and admins with `admin revoke`"
+            )));
+        }
+        let key = id.to_string();
+        let now = now_unix();
+        let newly = self.write(
+            |txn| {
+                if txn.get(Table::RevokedIdentities, &key)?.is_some() {
+                    return Ok((None, None));
+                }
+                let record = RevokedIdentityRecord { spiffe_id: key.clone(), revoked_at: now };
+                records::put(txn, Table::RevokedIdentities, &key, &record)?;
+                let list = Arc::new(in_txn(txn, now)?);
+                Ok((Some(list), Some(records::bump(txn, META_VERSION)?)))
+            },
+            |list, snapshot| {
+                if let Some(list) = list {
+                    snapshot.revocations = list.clone();
+                }
+            },
+        )?;
+        if newly.is_some() {
+            metrics::counter!("trellis_revocations_total", "kind" => "identity").increment(1);
+            tracing::warn!(spiffe_id = %key, "workload identity revoked");
+        }
+        Ok(newly.is_some())
+    }
+
+    /// What is revoked now, as pushed to proxies.
+    pub fn revocations(&self) -> Arc<pb::Revocations> {
+        self.current().revocations.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::mesh::testing::{TRUST_DOMAIN, TestMesh, csr, hello, refusal, workload};
+
+    fn id(namespace: &str, sa: &str) -> String {
+        format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{sa}")
+    }
+
+    #[test]
+    fn revoking_a_node_lists_every_certificate_it_was_issued_and_no_other() {
+        let mesh = TestMesh::new();
+        let (n1, n2) = (mesh.joined("n1", &["shop"]), mesh.joined("n2", &["shop"]));
+        // The same identity on both nodes: only n1's certificate is revoked.
+        mesh.register(&n1, &hello(vec![workload("shop", "a", "api", &["10.0.0.1"])])).unwrap();
+        mesh.register(&n2, &hello(vec![workload("shop", "b", "api", &["10.0.0.2"])])).unwrap();
+        let (_, on_n1) = mesh.sign_workload(&n1, &csr(Some(&id("shop", "api")))).unwrap();
+        let (_, on_n2) = mesh.sign_workload(&n2, &csr(Some(&id("shop", "api")))).unwrap();
+        let version = mesh.current().version;
+        mesh.revoke_node("n1").unwrap();
+        let snapshot = mesh.current();
+        assert!(snapshot.version > version, "a new version, so that proxies ACK it");
+        let serials: Vec<&str> = snapshot.revocations.certificates.iter().map(|c| c.serial.as_str()).collect();
+        assert!(serials.contains(&on_n1.serial_hex.as_str()), "n1's SVID is revoked");
+        assert!(serials.contains(&n1.credential_serial.as_str()), "n1's node credential is revoked");
+        assert_eq!(serials.len(), 2, "{serials:?}");
+        assert!(!serials.contains(&on_n2.serial_hex.as_str()), "n2's certificate of the same identity is not");
+        assert!(snapshot.revocations.certificates.iter().all(|c| c.node == "n1"));
+    }
+
+    #[test]
+    fn a_revoked_node_gets_no_certificate() {
+        let mesh = TestMesh::new();
+        let n1 = mesh.joined("n1", &["shop"]);
+        mesh.register(&n1, &hello(vec![workload("shop", "a", "api", &["10.0.0.1"])])).unwrap();
+        // Control: signed before the revocation.
+        mesh.sign_workload(&n1, &csr(Some(&id("shop", "api")))).unwrap();
+        // Revoked while a stream still holds the node's record: the signing is refused all the same.
+        mesh.revoke_node("n1").unwrap();
+        let err = mesh.sign_workload(&n1, &csr(Some(&id("shop", "api")))).unwrap_err();
+        assert_eq!(refusal(&err), ("PermissionDenied", "node \"n1\" was revoked".into()));
+    }
+
+    #[test]
+    fn a_revoked_identity_is_listed_and_not_signed_while_another_of_the_node_is() {
+        let mesh = TestMesh::new();
+        let n1 = mesh.joined("n1", &["shop"]);
+        let workloads = vec![workload("shop", "a", "api", &["10.0.0.1"]), workload("shop", "b", "web", &["10.0.0.2"])];
+        mesh.register(&n1, &hello(workloads)).unwrap();
+        assert!(mesh.revoke_identity(&id("shop", "api")).unwrap());
+        assert!(!mesh.revoke_identity(&id("shop", "api")).unwrap(), "already revoked");
+        let listed: Vec<String> = mesh.revocations().identities.iter().map(|i| i.spiffe_id.clone()).collect();
+        assert_eq!(listed, [id("shop", "api")]);
+        let err = mesh.sign_workload(&n1, &csr(Some(&id("shop", "api")))).unwrap_err();
+        assert_eq!(refusal(&err), ("PermissionDenied", format!("identity {} was revoked", id("shop", "api"))));
+        // Control: the node's other identity is signed.
+        mesh.sign_workload(&n1, &csr(Some(&id("shop", "web")))).unwrap();
+    }
+
+    #[test]
+    fn only_workload_identities_of_this_mesh_can_be_revoked() {
+        let mesh = TestMesh::new();
+        let refused = |id: &str| refusal(&mesh.revoke_identity(id).unwrap_err());
+        assert_eq!(refused("nope").0, "InvalidArgument");
+        assert!(refused("spiffe://other.test/ns/a/sa/b").1.contains("is not this mesh's"));
+        assert!(refused(&format!("spiffe://{TRUST_DOMAIN}/trellis/node/n1")).1.contains("not a workload identity"));
+        assert!(mesh.current().revocations.identities.is_empty());
+    }
+
+    #[test]
+    fn what_a_restart_loads_is_what_was_published() {
+        let mesh = TestMesh::new();
+        let n1 = mesh.joined("n1", &["shop"]);
+        mesh.revoke_identity(&id("shop", "api")).unwrap();
+        mesh.revoke_node("n1").unwrap();
+        let loaded = super::load(mesh.store(), super::now_unix()).unwrap();
+        assert_eq!(loaded, *mesh.current().revocations);
+        assert_eq!(loaded.certificates[0].serial, n1.credential_serial);
+        // Expired certificates leave the list.
+        let later = super::load(mesh.store(), loaded.certificates[0].not_after_unix).unwrap();
+        assert!(later.certificates.is_empty());
+        assert_eq!(later.identities.len(), 1, "identities stay revoked");
+    }
+}

@@ -1,0 +1,219 @@
+//! The root CA rotation's driver and its status. The driver runs in the control plane (so a rotation goes on
+//! without the CLI, and resumes after a restart from the phase the store holds): it looks at the proxies (ACKed
+//! versions, reported certificates) every [`POLL`], asks [`rotation::decide`] whether the phase is complete, and
+//! moves the rotation on through the mesh (store first). It also keeps the data dir's `admin.yaml` usable: from
+//! the switch on, its credential is re-issued by the new CA, and its CA bundle follows the trust bundle.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use trellis_proto::v1 as pb;
+
+use super::Shared;
+use crate::authority::{Authority, fingerprint};
+use crate::ca::{LocalCert, certs_to_pem};
+use crate::mesh::{MeshError, now_unix};
+use crate::rotation::{self, Decision, Phase, ProxyView, RotationRecord};
+use crate::settings::{ADMIN_FILE, CliConfig};
+
+/// How often the driver looks at the proxies while a rotation is under way.
+const POLL: Duration = Duration::from_millis(100);
+/// Lifetime of the admin credential re-issued for the data dir's `admin.yaml` (as `init`'s).
+pub const ADMIN_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Drives rotations until shutdown. `hold`: never leave that phase (for tests that interrupt a rotation in a given
+/// phase: `trellis-control serve --rotation-hold`).
+pub async fn drive(shared: Shared, data_dir: PathBuf, hold: Option<Phase>) {
+    let mut admin_refreshed: Option<(u64, bool)> = None;
+    loop {
+        match step(&shared, &data_dir, &mut admin_refreshed, hold) {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "root CA rotation step failed; retrying"),
+        }
+        tokio::select! {
+            () = shared.rotation_wake.notified() => {}
+            () = tokio::time::sleep(POLL) => {}
+            () = shared.shutting_down() => return,
+        }
+    }
+}
+
+/// One look: true when the rotation moved on (look again at once).
+fn step(
+    shared: &Shared,
+    data_dir: &Path,
+    admin_refreshed: &mut Option<(u64, bool)>,
+    hold: Option<Phase>,
+) -> Result<bool, MeshError> {
+    let Some(record) = shared.mesh.rotation()? else { return Ok(false) };
+    if record.phase >= Phase::Switch {
+        let done = record.phase == Phase::Done;
+        if *admin_refreshed != Some((record.rotation, done)) {
+            match refresh_admin_config(&shared.mesh.authority(), data_dir) {
+                Ok(()) => *admin_refreshed = Some((record.rotation, done)),
+                Err(e) => tracing::warn!(error = %e, "cannot refresh the data dir's admin.yaml"),
+            }
+        }
+    }
+    if record.phase == Phase::Done {
+        return Ok(false);
+    }
+    match rotation::decide(&record, &proxy_views(shared), now_unix()) {
+        Decision::Advance(_) if hold == Some(record.phase) => Ok(false),
+        Decision::Advance(phase) => {
+            // The data dir's admin.yaml was refreshed above (from the switch on) before the retiring root goes.
+            shared.mesh.advance_rotation(phase)?;
+            Ok(true)
+        }
+        Decision::Wait(_) => Ok(false),
+    }
+}
+
+/// What the rotation sees of every proxy that ever connected.
+fn proxy_views(shared: &Shared) -> Vec<ProxyView> {
+    let retiring = shared.mesh.authority().retiring();
+    shared
+        .proxies
+        .list()
+        .into_iter()
+        .map(|p| {
+            let held = shared.holdings.get(&p.node);
+            ProxyView {
+                old_certificates: retiring.as_deref().map_or(0, |r| held.signed_by(r)),
+                reported: held.reported,
+                connected: p.connected,
+                acked_version: p.acked_version,
+                node: p.node,
+            }
+        })
+        .collect()
+}
+
+/// Re-issues the data dir's admin credential (a new key) with the signing CA, and sets its CA bundle to the trust
+/// bundle, unless both are current already; written atomically, 0600.
+fn refresh_admin_config(authority: &Authority, data_dir: &Path) -> anyhow::Result<()> {
+    let path = data_dir.join(ADMIN_FILE);
+    let mut config = CliConfig::load(&path)?;
+    let certs = crate::ca::parse_pem_certs(&config.certificate)?;
+    let signer = authority.signer();
+    let bundle = crate::ca::parse_pem_certs(&config.ca_bundle)?;
+    if bundle == authority.roots() && issued_by(&certs[0], &signer.chain()[0]) {
+        return Ok(());
+    }
+    let name = admin_name(&certs[0]).ok_or_else(|| anyhow::anyhow!("{}: no admin identity", path.display()))?;
+    let (issued, key) = signer.issue_local(LocalCert::Admin(&name), ADMIN_VALIDITY)?;
+    config.certificate = certs_to_pem(&issued.chain[..issued.chain.len() - 1]);
+    config.key = key;
+    config.ca_bundle = certs_to_pem(authority.roots());
+    let tmp = path.with_extension("yaml.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    crate::files::write_new(&tmp, serde_yaml_ng::to_string(&config)?.as_bytes(), 0o600)?;
+    std::fs::rename(&tmp, &path)?;
+    tracing::info!(path = %path.display(), "admin.yaml refreshed for the root CA rotation");
+    Ok(())
+}
+
+/// Whether `cert` was issued by `ca`'s key (its authority key identifier is `ca`'s subject key identifier): the
+/// admin credential is current. Names are not enough: a renewed operator CA may keep its name.
+fn issued_by(cert: &[u8], ca: &[u8]) -> bool {
+    use x509_parser::extensions::ParsedExtension;
+    let (Ok((_, cert)), Ok((_, ca))) =
+        (x509_parser::parse_x509_certificate(cert), x509_parser::parse_x509_certificate(ca))
+    else {
+        return false;
+    };
+    let aki = cert.extensions().iter().find_map(|e| match e.parsed_extension() {
+        ParsedExtension::AuthorityKeyIdentifier(aki) => aki.key_identifier.as_ref().map(|k| k.0.to_vec()),
+        _ => None,
+    });
+    let ski = ca.extensions().iter().find_map(|e| match e.parsed_extension() {
+        ParsedExtension::SubjectKeyIdentifier(ski) => Some(ski.0.to_vec()),
+        _ => None,
+    });
+    aki.is_some() && aki == ski
+}
+
+fn admin_name(cert: &[u8]) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => {
+            match trellis_proto::spiffe::SpiffeId::parse(uri).ok()?.subject() {
+                trellis_proto::spiffe::Subject::Admin(name) => Some(name.to_owned()),
+                _ => None,
+            }
+        }
+        _ => None,
+    })
+}
+
+/// `trellisctl ca status`: roots, phase, and per proxy how many certificates of the retiring CA it holds.
+pub fn status(shared: &Shared) -> Result<pb::CaStatusResponse, MeshError> {
+    let record = shared.mesh.rotation()?;
+    let authority = shared.mesh.authority();
+    let signing_root = authority.signer().root().clone();
+    let retiring_root = authority.retiring_root().cloned().filter(|r| *r != signing_root);
+    let mut roots: Vec<pb::CaRoot> = authority.roots().iter().map(|der| ca_root(der, &signing_root, None)).collect();
+    if let Some(old) = retiring_root.as_ref().filter(|r| !authority.roots().contains(r)) {
+        // Retire: no longer in the bundle, still shown as what is being retired.
+        roots.push(ca_root(old, &signing_root, Some(true)));
+    }
+    for root in &mut roots {
+        root.retiring |= retiring_root.as_ref().is_some_and(|r| fingerprint(r) == root.sha256);
+    }
+    let views = proxy_views(shared);
+    let proxies = views
+        .iter()
+        .map(|v| pb::ProxyCaHolding {
+            node: v.node.clone(),
+            connected: v.connected,
+            reported: v.reported,
+            certificates: shared.holdings.get(&v.node).certificates.len() as u32,
+            old_certificates: v.old_certificates as u32,
+            acked_version: v.acked_version,
+        })
+        .collect();
+    let (phase, waiting_for) = match &record {
+        None => ("none".to_owned(), String::new()),
+        Some(r) => (r.phase.as_str().to_owned(), waiting(r, &views)),
+    };
+    Ok(pb::CaStatusResponse {
+        phase,
+        rotation: record.as_ref().map_or(0, |r| r.rotation),
+        roots,
+        waiting_for,
+        retire_at_unix: record.as_ref().and_then(|r| r.retire_at).unwrap_or(0),
+        proxies,
+        history: record
+            .map(|r| {
+                r.history
+                    .into_iter()
+                    .map(|(phase, at)| pb::RotationEvent { phase: phase.as_str().into(), at_unix: at })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
+}
+
+fn waiting(record: &RotationRecord, views: &[ProxyView]) -> String {
+    match rotation::decide(record, views, now_unix()) {
+        Decision::Wait(what) if record.phase != Phase::Done => what,
+        Decision::Wait(_) => String::new(),
+        Decision::Advance(next) => format!("nothing: moving on to {}", next.as_str()),
+    }
+}
+
+fn ca_root(der: &[u8], signing_root: &[u8], retiring: Option<bool>) -> pb::CaRoot {
+    let (subject, not_after) = x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| (c.subject().to_string(), c.validity().not_after.timestamp()))
+        .unwrap_or_default();
+    pb::CaRoot {
+        subject,
+        sha256: fingerprint(der),
+        spki_sha256: trellis_proto::tls::ca_pin(der).unwrap_or_default(),
+        not_after_unix: not_after,
+        signing: der == signing_root,
+        retiring: retiring.unwrap_or(false),
+    }
+}
