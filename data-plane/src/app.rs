@@ -15,14 +15,14 @@ use crate::admin::{self, Shared};
 use crate::backoff::Backoff;
 use crate::bound_addresses::{self, BoundAddresses};
 use crate::config::Config;
-use crate::discovery::Discovery;
+use crate::discovery::{self, Discovery};
 use crate::identity::certs::rfc3339;
 use crate::identity::{CertManager, NodeCredential, NodeError, WorkloadCerts, files};
 use crate::proxy::{DataPath, inbound, inbound_plaintext, outbound, socks5};
 use crate::registry::LocalWorkloads;
 use crate::state::{State, StateStore};
 use crate::stored;
-use crate::{reconfigure, shutdown_requested};
+use crate::{reconfigure, shutdown_requested, workload_api};
 
 /// Why the proxy could not start (every error `run` returns happens before or while it starts).
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,8 @@ pub enum StartError {
     Bind { field: &'static str, address: std::net::SocketAddr, source: std::io::Error },
     #[error(transparent)]
     AddressesFile(#[from] bound_addresses::WriteError),
+    #[error(transparent)]
+    WorkloadApi(#[from] workload_api::BindError),
 }
 
 /// Runs the proxy until `shutdown` turns true; the addresses its listeners are bound to are logged and, with
@@ -123,15 +125,32 @@ pub async fn run(
     tokio::spawn(reconfigure::follow_changes(config.clone(), data.clone(), certs.clone(), state.clone()));
     tokio::spawn(crate::heap::release_when_quiet());
     tokio::spawn(crate::log_limit::report_suppressed());
-    let listeners = start_listeners(&config, &data, shared.clone(), shutdown.clone(), &mut bound).await?;
+    let mut listeners = start_listeners(&config, &data, shared.clone(), shutdown.clone(), &mut bound).await?;
     bound.publish()?;
+
+    // Application SVIDs (Workload API): the attested workloads' identities again, each under a key of its own.
+    let attestor = Arc::new(workload_api::attest::Attestor::new(&config.workloads, node.trust_domain())?);
+    let app_ids = attestor.identities();
+    let app_manager = (!app_ids.is_empty()).then(|| {
+        let app_certs = Arc::new(WorkloadCerts::new(app_ids));
+        CertManager::with_first_request_id(app_certs, Instant::now(), discovery::APP_REQUEST_IDS)
+    });
+    if let Some(listen) = &config.workload_api {
+        let listener = workload_api::bind(listen)?;
+        let app_certs = app_manager.as_ref().map_or_else(|| Arc::new(WorkloadCerts::new([])), |m| m.certs().clone());
+        let service = workload_api::service::Service::new(attestor, app_certs, state.clone());
+        listeners.push(tokio::spawn(workload_api::serve(listener, listen.path.clone(), service)));
+    }
 
     // The Hello advertises the HBONE port actually bound (listen.hbone may say port 0). Only the discovery
     // stream reads `hbone_address`.
     let hbone_port = bound.get("hbone").map_or(config.listen.hbone.port(), |a| a.port());
     let advertised =
         Arc::new(Config { hbone_address: config.advertised_hbone_address(hbone_port), ..(*config).clone() });
-    Discovery::new(advertised, node, shared.node_credential.clone(), state, manager).run(shutdown).await;
+    Discovery::new(advertised, node, shared.node_credential.clone(), state, manager)
+        .with_app_certs(app_manager)
+        .run(shutdown)
+        .await;
 
     // Stop accepting, then give open connections until the drain deadline.
     for listener in &listeners {

@@ -44,6 +44,41 @@ pub struct Config {
     pub jwt_clock_skew: std::time::Duration,
     /// Threads of the async runtime that carries every connection.
     pub worker_threads: usize,
+    /// Where the SPIFFE Workload API is served (`None`: not served).
+    pub workload_api: Option<WorkloadApiListen>,
+}
+
+/// `listen.workloadApi` when none is configured (/work/shared/README.md).
+pub const DEFAULT_WORKLOAD_API_SOCKET: &str = "/run/trellis/workload.sock";
+
+/// The SPIFFE Workload API's Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadApiListen {
+    pub path: PathBuf,
+    /// Permission bits of the socket file (who may connect; attestation decides what they get).
+    pub mode: u32,
+}
+
+/// One attestation selector of a workload (`workloads[].attest`): what a Workload API caller's Unix peer
+/// credentials must show. A workload matches a caller when every one of its selectors does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// The caller's user ID (SO_PEERCRED, as of connect).
+    Uid(u32),
+    /// The caller's primary group ID (SO_PEERCRED, as of connect).
+    Gid(u32),
+    /// The caller's executable (/proc/PID/exe), an absolute path.
+    Path(PathBuf),
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Uid(uid) => write!(f, "uid:{uid}"),
+            Selector::Gid(gid) => write!(f, "gid:{gid}"),
+            Selector::Path(path) => write!(f, "path:{}", path.display()),
+        }
+    }
 }
 
 /// `workerThreads` when none is configured: two, as ztunnel, on hosts with more than two CPUs; one on smaller hosts,
@@ -121,6 +156,8 @@ pub struct WorkloadConfig {
     pub labels: BTreeMap<String, String>,
     pub addresses: Vec<IpAddr>,
     pub ports: Vec<PortConfig>,
+    /// Who may fetch this workload's SVID from the Workload API (empty: nobody).
+    pub attest: Vec<Selector>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -404,6 +441,41 @@ struct RawWorkload {
     addresses: Vec<String>,
     #[serde(default)]
     ports: Vec<RawPort>,
+    #[serde(default)]
+    attest: Vec<RawSelector>,
+}
+
+/// One selector: exactly one of its fields.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSelector {
+    uid: Option<u64>,
+    gid: Option<u64>,
+    path: Option<String>,
+}
+
+impl RawSelector {
+    fn validate(self, at: &str, p: &mut Problems) -> Option<Selector> {
+        let id = |field: &str, n: u64, p: &mut Problems| {
+            u32::try_from(n).ok().filter(|n| *n != u32::MAX).or_else(|| {
+                p.add(&format!("{at}.{field}"), format!("{n} is not a valid ID (0..4294967294)"));
+                None
+            })
+        };
+        match (self.uid, self.gid, self.path) {
+            (Some(uid), None, None) => id("uid", uid, p).map(Selector::Uid),
+            (None, Some(gid), None) => id("gid", gid, p).map(Selector::Gid),
+            (None, None, Some(path)) if path.starts_with('/') => Some(Selector::Path(PathBuf::from(path))),
+            (None, None, Some(path)) => {
+                p.add(&format!("{at}.path"), format!("{path:?} is not an absolute path"));
+                None
+            }
+            _ => {
+                p.add(at, "must set exactly one of uid, gid, path (list several selectors to require several)");
+                None
+            }
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -425,6 +497,8 @@ struct RawListen {
     admin_allow_remote: bool,
     metrics: Option<String>,
     ready: Option<String>,
+    workload_api: Option<String>,
+    workload_api_mode: Option<String>,
 }
 
 /// Collects problems instead of stopping at the first, so one run shows them all.
@@ -466,6 +540,7 @@ impl RawConfig {
 
         let workloads = validate_workloads(self.workloads, &mut p);
         let listen = self.listen.validate(&mut p);
+        let workload_api = self.listen.validate_workload_api(workloads.iter().any(|w| !w.attest.is_empty()), &mut p);
         let capture = self.capture.validate(&mut p);
 
         let hbone_address = match self.hbone_address {
@@ -530,6 +605,7 @@ impl RawConfig {
             capture,
             jwt_clock_skew,
             worker_threads,
+            workload_api,
             node: self.node,
             control_plane: ControlPlane {
                 address: self.control_plane.address,
@@ -609,6 +685,10 @@ fn validate_workloads(raw: Vec<RawWorkload>, p: &mut Problems) -> Vec<WorkloadCo
             }
         }
 
+        let attest = (w.attest.into_iter().enumerate())
+            .filter_map(|(j, selector)| selector.validate(&format!("{at}.attest[{j}]"), p))
+            .collect();
+
         out.push(WorkloadConfig {
             name: w.name,
             namespace: w.namespace,
@@ -616,6 +696,7 @@ fn validate_workloads(raw: Vec<RawWorkload>, p: &mut Problems) -> Vec<WorkloadCo
             labels: w.labels,
             addresses,
             ports,
+            attest,
         });
     }
     out
@@ -653,6 +734,39 @@ impl RawListen {
             );
         }
         listen
+    }
+}
+
+impl RawListen {
+    /// The Workload API is served at `listen.workloadApi` (a path or `unix://` URI; `none` turns it off), by
+    /// default at [`DEFAULT_WORKLOAD_API_SOCKET`] when some workload lists `attest` selectors (without them it would
+    /// have nothing to hand out, and existing configs stay as they were).
+    fn validate_workload_api(&self, any_attested: bool, p: &mut Problems) -> Option<WorkloadApiListen> {
+        let mode = match self.workload_api_mode.as_deref() {
+            None => 0o666,
+            Some(text) => match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
+                Ok(mode) if mode <= 0o777 => mode,
+                _ => {
+                    p.add("listen.workloadApiMode", format!("{text:?} is not an octal file mode (e.g. \"0660\")"));
+                    0o666
+                }
+            },
+        };
+        let text = match self.workload_api.as_deref() {
+            Some("none") => return None,
+            Some(text) => text,
+            None if any_attested => DEFAULT_WORKLOAD_API_SOCKET,
+            None => return None,
+        };
+        let path = text.strip_prefix("unix://").unwrap_or(text);
+        if !path.starts_with('/') || path.ends_with('/') {
+            p.add(
+                "listen.workloadApi",
+                format!("{text:?} is not an absolute socket path or unix:///path URI (\"none\" turns it off)"),
+            );
+            return None;
+        }
+        Some(WorkloadApiListen { path: PathBuf::from(path), mode })
     }
 }
 
@@ -952,5 +1066,51 @@ workerThreads: 4
         }
         assert_eq!(check_host_port("10.0.0.1:0", PortZero::Allowed), Ok(()), "hboneAddress: the bound port");
         assert_eq!(check_host_port("10.0.0.1:x", PortZero::Allowed), Err("has no port in 0..65535"));
+    }
+
+    fn with_workload(extra: &str) -> String {
+        format!(
+            "{}workloads:\n  - name: web\n    namespace: shop\n    serviceAccount: web\n    addresses: [10.0.0.1]\n{extra}",
+            minimal()
+        )
+    }
+
+    #[test]
+    fn workload_api_is_off_without_attested_workloads_and_on_with_them() {
+        assert_eq!(Config::parse(&with_workload("")).unwrap().workload_api, None);
+        let c =
+            Config::parse(&with_workload("    attest: [{uid: 1000}, {path: /usr/bin/orders}, {gid: 0}]\n")).unwrap();
+        assert_eq!(
+            c.workloads[0].attest,
+            [Selector::Uid(1000), Selector::Path("/usr/bin/orders".into()), Selector::Gid(0)]
+        );
+        let api = c.workload_api.unwrap();
+        assert_eq!((api.path.to_str().unwrap(), api.mode), (DEFAULT_WORKLOAD_API_SOCKET, 0o666));
+
+        let yaml = format!("{}listen:\n  workloadApi: unix:///tmp/w.sock\n  workloadApiMode: \"0660\"\n", minimal());
+        let api = Config::parse(&yaml).unwrap().workload_api.unwrap();
+        assert_eq!((api.path.to_str().unwrap(), api.mode), ("/tmp/w.sock", 0o660));
+        let yaml = format!("{}listen:\n  workloadApi: none\n", with_workload("    attest: [{uid: 1}]\n"));
+        assert_eq!(Config::parse(&yaml).unwrap().workload_api, None);
+    }
+
+    #[test]
+    fn bad_selectors_and_sockets_are_named() {
+        let cases = [
+            ("    attest: [{uid: 1, gid: 2}]\n", "workloads[0].attest[0]: must set exactly one of uid, gid, path"),
+            ("    attest: [{}]\n", "workloads[0].attest[0]: must set exactly one"),
+            (
+                "    attest: [{path: bin/orders}]\n",
+                "workloads[0].attest[0].path: \"bin/orders\" is not an absolute path",
+            ),
+            ("    attest: [{uid: 4294967295}]\n", "workloads[0].attest[0].uid: 4294967295 is not a valid ID"),
+            ("    attest: [{pid: 1}]\n", "unknown field `pid`"),
+            ("listen:\n  workloadApi: relative.sock\n", "listen.workloadApi: \"relative.sock\" is not an absolute"),
+            ("listen:\n  workloadApiMode: \"999\"\n", "listen.workloadApiMode: \"999\" is not an octal file mode"),
+        ];
+        for (extra, expected) in cases {
+            let err = Config::parse(&with_workload(extra)).unwrap_err().to_string();
+            assert!(err.contains(expected), "{extra}: {err}");
+        }
     }
 }

@@ -63,6 +63,9 @@ pub struct Discovery {
     node_renewal: NodeRenewal,
     state: Arc<StateStore>,
     certs: CertManager,
+    /// Application SVIDs (Workload API): separate keys, same identities, same stream; `None` when no workload is
+    /// attested. Its request IDs start at [`APP_REQUEST_IDS`].
+    app_certs: Option<CertManager>,
     /// Roots last written to the state directory, to persist rotations only when they change.
     persisted_roots: Vec<CertificateDer<'static>>,
 }
@@ -90,7 +93,22 @@ impl Discovery {
     ) -> Self {
         let persisted_roots = node.roots.clone();
         let node_renewal = NodeRenewal::new(&node, Instant::now(), SystemTime::now());
-        Self { config, node, node_slot, node_renewal, state, certs, persisted_roots }
+        Self { config, node, node_slot, node_renewal, state, certs, app_certs: None, persisted_roots }
+    }
+
+    /// Also keeps the Workload API's application SVIDs issued and renewed over this stream.
+    pub fn with_app_certs(mut self, app_certs: Option<CertManager>) -> Self {
+        self.app_certs = app_certs;
+        self
+    }
+
+    fn managers(&mut self) -> impl Iterator<Item = (&mut CertManager, Purpose)> {
+        std::iter::once((&mut self.certs, Purpose::Tunnel)).chain(self.app_certs.as_mut().map(|m| (m, Purpose::App)))
+    }
+
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        let app = self.app_certs.as_ref().and_then(CertManager::next_deadline);
+        self.certs.next_deadline().into_iter().chain(app).min()
     }
 
     /// Runs until shutdown is requested.
@@ -113,7 +131,9 @@ impl Discovery {
                 }
                 other => warn!(error = %other, address = %self.config.control_plane.address, "discovery stream failed"),
             }
-            self.certs.stream_lost(Instant::now());
+            for (manager, _) in self.managers() {
+                manager.stream_lost(Instant::now());
+            }
             self.node_renewal.stream_lost(Instant::now());
             // Probing helps only when nothing answered: a control plane that answers and refuses (a Hello it
             // rejects, a status) is retried on the backoff alone, or the probe would turn the backoff into a loop.
@@ -131,10 +151,14 @@ impl Discovery {
         let until = tokio::time::Instant::now() + delay;
         let mut next_probe = tokio::time::Instant::now() + PROBE_INTERVAL;
         loop {
-            for id in self.certs.expire(Instant::now()) {
-                error!(spiffe_id = %id, "workload certificate expired before it could be renewed; withdrawn");
+            let mut next_expiry = None;
+            for (manager, purpose) in self.managers() {
+                for id in manager.expire(Instant::now()) {
+                    error!(spiffe_id = %id, "{} expired before it could be renewed; withdrawn", purpose.what());
+                }
+                next_expiry = next_expiry.into_iter().chain(manager.next_expiry()).min();
             }
-            let mut wake = self.certs.next_expiry().map_or(until, |at| until.min(at.into()));
+            let mut wake = next_expiry.map_or(until, |at| until.min(at.into()));
             if probe {
                 wake = wake.min(next_probe);
             }
@@ -196,7 +220,7 @@ impl Discovery {
         loop {
             self.request_certificates(&session)?;
             self.renew_node_credential(&session)?;
-            let deadline = [self.certs.next_deadline(), self.node_renewal.next_deadline()]
+            let deadline = [self.next_deadline(), self.node_renewal.next_deadline()]
                 .into_iter()
                 .flatten()
                 .min()
@@ -215,32 +239,44 @@ impl Discovery {
         match message {
             Some(Down::Update(update)) => return self.on_update(session, update),
             Some(Down::Certificate(answer)) => {
-                match self.certs.on_response(answer, Instant::now(), SystemTime::now()) {
+                let (manager, purpose) = match &mut self.app_certs {
+                    Some(app) if app.expects(answer.request_id) => (app, Purpose::App),
+                    _ => (&mut self.certs, Purpose::Tunnel),
+                };
+                match manager.on_response(answer, Instant::now(), SystemTime::now()) {
                     Ok(Some(cert)) => {
                         metrics::certificate_rotation(&cert.spiffe_id, true);
+                        if purpose == Purpose::App {
+                            metrics::workload_api_svid_issued(&cert.spiffe_id);
+                        }
                         info!(
                             spiffe_id = %cert.spiffe_id,
                             serial = %cert.info.serial,
                             not_after = %rfc3339(cert.info.not_after),
-                            "workload certificate installed"
+                            "{} installed", purpose.what()
                         );
-                        self.report_held(session)?;
+                        if purpose == Purpose::Tunnel {
+                            self.report_held(session)?;
+                        }
                     }
                     Ok(None) => debug!("answer to an abandoned CSR ignored"),
                     Err(e) => {
                         metrics::certificate_rotation(e.spiffe_id(), false);
-                        error!(error = %e, "workload certificate not issued")
+                        error!(error = %e, "{} not issued", purpose.what())
                     }
                 }
             }
             Some(Down::Renew(renew)) => {
-                let ids = self.certs.renew_now(&renew.spiffe_ids, Instant::now());
+                let mut renewing = 0;
+                for (manager, _) in self.managers() {
+                    renewing += manager.renew_now(&renew.spiffe_ids, Instant::now()).len();
+                }
                 let node_id = self.node.spiffe_id.to_string();
                 let node = renew.spiffe_ids.is_empty() || renew.spiffe_ids.contains(&node_id);
                 if node {
                     self.node_renewal.renew_now(Instant::now());
                 }
-                info!(requested = ?renew.spiffe_ids, renewing = ids.len(), node, "control plane asked for renewal");
+                info!(requested = ?renew.spiffe_ids, renewing, node, "control plane asked for renewal");
             }
             Some(Down::NodeCredential(answer)) => {
                 match self.node_renewal.on_response(answer, &self.node, Instant::now(), SystemTime::now()) {
@@ -315,17 +351,19 @@ impl Discovery {
 
     /// Sends CSRs for identities that are due and logs what the certificate schedule reports.
     fn request_certificates(&mut self, session: &Session) -> Result<(), StreamError> {
-        let step = self.certs.step(Instant::now());
-        for id in step.expired {
-            error!(spiffe_id = %id, "workload certificate expired before it could be renewed; withdrawn");
-        }
-        for failure in step.failures {
-            metrics::certificate_rotation(failure.spiffe_id(), false);
-            error!(error = %failure, "workload certificate not issued");
-        }
-        for request in step.requests {
-            debug!(request_id = request.request_id, "sending CSR");
-            session.send(Up::CertificateRequest(request))?;
+        for (manager, purpose) in self.managers() {
+            let step = manager.step(Instant::now());
+            for id in step.expired {
+                error!(spiffe_id = %id, "{} expired before it could be renewed; withdrawn", purpose.what());
+            }
+            for failure in step.failures {
+                metrics::certificate_rotation(failure.spiffe_id(), false);
+                error!(error = %failure, "{} not issued", purpose.what());
+            }
+            for request in step.requests {
+                debug!(request_id = request.request_id, ?purpose, "sending CSR");
+                session.send(Up::CertificateRequest(request))?;
+            }
         }
         Ok(())
     }
@@ -378,6 +416,28 @@ impl Discovery {
                 self.persisted_roots = roots;
             }
             Err(e) => warn!(error = %e, "cannot store the new trust bundle"),
+        }
+    }
+}
+
+/// First request ID of the application-SVID manager: far above any the tunnel manager reaches, so the two never
+/// collide on the stream.
+pub const APP_REQUEST_IDS: u64 = 1 << 62;
+
+/// Which certificates a manager keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// The proxy's own, for tunnels.
+    Tunnel,
+    /// Handed to applications by the Workload API.
+    App,
+}
+
+impl Purpose {
+    fn what(self) -> &'static str {
+        match self {
+            Purpose::Tunnel => "workload certificate",
+            Purpose::App => "application SVID (Workload API)",
         }
     }
 }

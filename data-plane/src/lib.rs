@@ -38,6 +38,7 @@ pub mod sockets;
 pub mod state;
 pub mod stored;
 pub mod tls;
+pub mod workload_api;
 
 #[cfg(test)]
 mod testing;

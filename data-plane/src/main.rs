@@ -41,6 +41,22 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Talk to a SPIFFE Workload API socket as an application would (debugging).
+    WorkloadApi {
+        #[command(subcommand)]
+        command: WorkloadApiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkloadApiCommand {
+    /// Print what FetchX509SVID answers this caller: SPIFFE IDs, certificate chains and the bundle (PEM; the private
+    /// key only by size).
+    Fetch {
+        /// The socket (a path or unix:///path).
+        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = trellis_data_plane::config::DEFAULT_WORKLOAD_API_SOCKET)]
+        socket: String,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -65,6 +81,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     use trellis_data_plane::capture;
     let (config, with_capture, addresses_file) = match cli.command {
         Command::Run { config, capture, addresses_file } => (config, capture, addresses_file),
+        Command::WorkloadApi { command: WorkloadApiCommand::Fetch { socket } } => return fetch(&socket),
         Command::Capture { action, config } => {
             let action = match action {
                 CaptureAction::Install => capture::Action::Install,
@@ -111,6 +128,53 @@ fn serve(config: Config, addresses_file: Option<PathBuf>) -> anyhow::Result<()> 
         });
         trellis_data_plane::app::run(config, addresses_file, shutdown).await.map_err(anyhow::Error::from)
     })
+}
+
+fn fetch(socket: &str) -> anyhow::Result<()> {
+    use trellis_data_plane::workload_api::fetch;
+    let path = fetch::socket_path(socket)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    let answer = runtime.block_on(fetch::x509_svid(&path))?;
+    let pem_of = |label: &str, der: &[u8]| -> anyhow::Result<String> {
+        // DER certificates back to back: each is one SEQUENCE whose length says where the next starts.
+        let mut out = String::new();
+        let mut rest = der;
+        while !rest.is_empty() {
+            let len = der_len(rest).with_context(|| format!("malformed DER in the {label}"))?;
+            out.push_str(&pem::encode(&pem::Pem::new("CERTIFICATE", rest[..len].to_vec())));
+            rest = &rest[len..];
+        }
+        Ok(out)
+    };
+    for svid in &answer.svids {
+        println!("spiffe_id: {}", svid.spiffe_id);
+        if !svid.hint.is_empty() {
+            println!("hint: {}", svid.hint);
+        }
+        println!("private key: PKCS#8, {} bytes (not printed)", svid.x509_svid_key.len());
+        println!("chain:");
+        print!("{}", pem_of("chain", &svid.x509_svid)?);
+        println!("bundle:");
+        print!("{}", pem_of("bundle", &svid.bundle)?);
+    }
+    Ok(())
+}
+
+/// Length of the DER element at the start of `der` (tag, length, contents).
+fn der_len(der: &[u8]) -> Option<usize> {
+    let first = *der.get(1)?;
+    let (header, len) = if first < 0x80 {
+        (2, usize::from(first))
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let bytes = der.get(2..2 + n)?;
+        (2 + n, bytes.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b)))
+    };
+    let total = header.checked_add(len)?;
+    (total <= der.len()).then_some(total)
 }
 
 async fn wait_for_signal() -> std::io::Result<&'static str> {

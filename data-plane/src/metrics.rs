@@ -85,6 +85,14 @@ fn describe() {
         "When each workload certificate expires (Unix time)."
     );
     describe_counter!("trellis_certificate_rotations_total", "Workload certificate issuance attempts, by result.");
+    describe_counter!(
+        "trellis_workload_api_svids_issued_total",
+        "X.509-SVIDs issued for applications (Workload API), each with its own key, by SPIFFE ID."
+    );
+    describe_counter!(
+        "trellis_workload_api_calls_total",
+        "Workload API calls, by method and result (ok, permission_denied, invalid_argument, unimplemented)."
+    );
     describe_gauge!("trellis_trust_bundle_roots", "Root certificates in the trust bundle.");
     describe_gauge!(
         "trellis_trust_bundle_root_expiry_timestamp_seconds",
@@ -529,6 +537,16 @@ pub fn certificate_rotation(spiffe_id: &SpiffeId, ok: bool) {
         "result" => if ok { "ok" } else { "error" }
     )
     .increment(1);
+}
+
+/// An application SVID (Workload API) was issued.
+pub fn workload_api_svid_issued(spiffe_id: &SpiffeId) {
+    metrics::counter!("trellis_workload_api_svids_issued_total", "spiffe_id" => spiffe_id.to_string()).increment(1);
+}
+
+/// A Workload API call was answered or refused.
+pub fn workload_api_call(method: &'static str, result: &'static str) {
+    metrics::counter!("trellis_workload_api_calls_total", "method" => method, "result" => result).increment(1);
 }
 
 pub fn config_update(applied: bool) {

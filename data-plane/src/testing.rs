@@ -186,6 +186,7 @@ fn workload(name: &str, namespace: &str, ip: [u8; 4], ports: Vec<u16>) -> Worklo
         labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
         addresses: vec![IpAddr::from(ip)],
         ports: ports.into_iter().map(|port| PortConfig { port, protocol: Protocol::Tcp }).collect(),
+        attest: Vec::new(),
     }
 }
 

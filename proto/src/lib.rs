@@ -1,6 +1,7 @@
 //! The wire contract between the Trellis control plane, its proxies and `trellisctl`.
 //!
-//! Generated from `proto/trellis/v1/trellis.proto`; see that file for the meaning of each message.
+//! Generated from `proto/trellis/v1/trellis.proto`; see that file for the meaning of each message. Also the SPIFFE
+//! Workload API (`workload`), which the proxy serves to applications.
 
 #![forbid(unsafe_code)]
 
@@ -10,6 +11,13 @@ pub mod v1 {
 }
 
 pub use v1::*;
+
+/// The SPIFFE Workload API (`proto/spiffe/workload/workload.proto`, unmodified from the SPIFFE project, which
+/// declares no protobuf package: the service is `SpiffeWorkloadAPI`). Served by the proxy on a Unix socket.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod workload {
+    tonic::include_proto!("_");
+}
 
 /// Default control-plane gRPC port (as istiod's 15012).
 pub const CONTROL_PLANE_PORT: u16 = 15012;

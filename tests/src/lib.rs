@@ -374,6 +374,8 @@ pub struct WorkloadSpec {
     pub addresses: Vec<String>,
     pub ports: Vec<(u16, &'static str)>,
     pub labels: Vec<(String, String)>,
+    /// `attest` selectors (Workload API), e.g. `{"uid": 1000}`.
+    pub attest: Vec<serde_json::Value>,
 }
 
 impl WorkloadSpec {
@@ -385,6 +387,7 @@ impl WorkloadSpec {
             addresses: vec![address.into()],
             ports: vec![(8080, "tcp")],
             labels: Vec::new(),
+            attest: Vec::new(),
         }
     }
 }
@@ -403,6 +406,8 @@ pub struct ProxyOptions {
     pub netns: Option<netns::Host>,
     /// `run --capture`: install the nftables rules (root; use with `netns`).
     pub capture: bool,
+    /// `listen.workloadApi` (default: none, the Workload API is off).
+    pub workload_api: Option<PathBuf>,
 }
 
 /// A running `trellis-proxy`. Its HBONE listener is on every address (so that tunnels dialled to a workload's
@@ -485,6 +490,7 @@ impl Proxy {
                     "addresses": w.addresses,
                     "labels": w.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
                     "ports": w.ports.iter().map(|(p, proto)| serde_json::json!({"port": p, "protocol": proto})).collect::<Vec<_>>(),
+                    "attest": w.attest,
                 })
             })
             .collect();
@@ -509,6 +515,8 @@ impl Proxy {
             "hboneAddress": hbone_address,
             "outbound": outbound,
         });
+        config["listen"]["workloadApi"] =
+            options.workload_api.as_ref().map_or_else(|| serde_json::json!("none"), |p| serde_json::json!(p));
         for (key, value) in options.extra {
             config[key] = value;
         }

@@ -178,6 +178,17 @@ impl CertManager {
         Self { certs, slots, pending: HashMap::new(), next_request_id: 1 }
     }
 
+    /// A manager whose request IDs start at `first`, so that two managers can share one discovery stream (the
+    /// tunnel certificates and the application SVIDs of the Workload API) and answers reach the one that asked.
+    pub fn with_first_request_id(certs: Arc<WorkloadCerts>, now: Instant, first: u64) -> Self {
+        Self { next_request_id: first, ..Self::new(certs, now) }
+    }
+
+    /// Whether an answer to `request_id` is awaited by this manager.
+    pub fn expects(&self, request_id: u64) -> bool {
+        self.pending.contains_key(&request_id)
+    }
+
     pub fn certs(&self) -> &Arc<WorkloadCerts> {
         &self.certs
     }

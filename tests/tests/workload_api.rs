@@ -1,0 +1,298 @@
+//! The SPIFFE Workload API served by the proxy (issue 17, X.509 part), driven by a client no one here wrote: the
+//! `spiffe` crate (`trellis-spiffe-client`, run under other uids); what it receives is checked with `openssl`.
+//! Python's py-spiffe cannot be used yet: grpc-python sends a UDS path as `:authority` (`run%2Ftrellis%2F...`),
+//! which the `h2` crate under tonic rejects as malformed (RST_STREAM PROTOCOL_ERROR); see README.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use trellis_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use trellis_proto::workload::{ValidateJwtsvidRequest, X509svidRequest};
+use trellis_tests::prometheus::sum_samples;
+use trellis_tests::{ControlPlane, Proxy, ProxyOptions, WorkloadSpec, bin, read_log, wait_for};
+
+const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
+const PAYMENTS: &str = "spiffe://cluster.local/ns/shop/sa/payments";
+const OPS: &str = "spiffe://cluster.local/ns/shop/sa/ops";
+const TESTER: &str = "spiffe://cluster.local/ns/shop/sa/tester";
+
+struct Setup {
+    cp: ControlPlane,
+    proxy: Proxy,
+    socket: PathBuf,
+    /// World-readable, so that clients under other uids reach the socket and write their files.
+    dir: tempfile::TempDir,
+}
+
+fn setup(cp_args: &[&str]) -> Setup {
+    let cp = ControlPlane::start(cp_args);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("api").join("workload.sock");
+    let workload = |name: &str, ip: &str, attest: Vec<Value>| {
+        let mut w = WorkloadSpec::new(name, "shop", name, ip);
+        w.attest = attest;
+        w
+    };
+    let test_exe = std::env::current_exe().unwrap().canonicalize().unwrap();
+    let workloads = [
+        workload("orders", "127.0.10.1", vec![json!({"uid": 1000})]),
+        workload("payments", "127.0.10.2", vec![json!({"uid": 1001})]),
+        workload("ops", "127.0.10.3", vec![json!({"uid": 1002}), json!({"gid": 1002})]),
+        workload("tester", "127.0.10.4", vec![json!({"uid": 0}), json!({"path": test_exe})]),
+        // No selectors: never handed out.
+        workload("web", "127.0.10.5", vec![]),
+    ];
+    let options = ProxyOptions {
+        socks5_workload: Some("web".into()),
+        // The URI form clients use in SPIFFE_ENDPOINT_SOCKET.
+        workload_api: Some(PathBuf::from(format!("unix://{}", socket.display()))),
+        ..ProxyOptions::default()
+    };
+    let proxy = Proxy::start_with(&cp, "node-a", &workloads, options);
+    wait_for("the Workload API socket", Duration::from_secs(30), || socket.exists().then_some(()));
+    Setup { cp, proxy, socket, dir }
+}
+
+impl Setup {
+    fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// `trellis-spiffe-client ARGS` as `uid` (gid the same).
+    fn rust_client(&self, uid: u32, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("trellis-spiffe-client"));
+        cmd.args(args).env("SPIFFE_ENDPOINT_SOCKET", self.endpoint()).uid(uid).gid(uid);
+        cmd
+    }
+
+    /// A directory `uid` may write to.
+    fn out_dir(&self, name: &str) -> PathBuf {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        dir
+    }
+
+    fn metrics(&self) -> String {
+        trellis_tests::http::get(self.proxy.metrics_addr, "/metrics").unwrap().1
+    }
+}
+
+fn ok_json(out: Output, what: &str) -> Value {
+    assert!(
+        out.status.success(),
+        "{what}: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn openssl(args: &[&str]) -> String {
+    let out = Command::new("openssl").args(args).output().expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The chain verifies against the bundle the client received, whose root is the mesh's; the leaf is the SPIFFE ID
+/// (one URI SAN) and the key the client got is the leaf's.
+fn check_with_openssl(dir: &Path, spiffe_id: &str, key_file: &str, key_form: &str, mesh_root: &str) {
+    let svid = dir.join("svid.pem");
+    let bundle = dir.join("bundle.pem");
+    let (svid, bundle) = (svid.to_str().unwrap(), bundle.to_str().unwrap());
+    let verified = openssl(&["verify", "-CAfile", bundle, "-untrusted", svid, "-purpose", "sslclient", svid]);
+    assert!(verified.trim().ends_with("OK"), "{verified}");
+    let leaf = openssl(&["x509", "-in", svid, "-noout", "-ext", "subjectAltName"]);
+    assert!(leaf.contains(&format!("URI:{spiffe_id}")), "{leaf}");
+    let bundle_root = openssl(&["x509", "-in", bundle, "-outform", "PEM"]);
+    assert_eq!(bundle_root.trim(), mesh_root.trim(), "the bundle is the mesh root");
+    let leaf_key = openssl(&["x509", "-in", svid, "-noout", "-pubkey"]);
+    let key = dir.join(key_file);
+    let key_pub = openssl(&["pkey", "-inform", key_form, "-in", key.to_str().unwrap(), "-pubout"]);
+    assert_eq!(leaf_key, key_pub, "the private key handed out is the leaf's");
+}
+
+fn normalize_serial(s: &str) -> String {
+    s.replace(':', "").trim_start_matches('0').to_ascii_lowercase()
+}
+
+#[test]
+fn clients_under_different_uids_get_their_own_identities_verified_by_openssl() {
+    let s = setup(&[]);
+    let root = s.cp.root_pem();
+
+    // Callers under different uids, through the `spiffe` crate.
+    let mut serials = Vec::new();
+    for (uid, expected) in [(1000, ORDERS), (1001, PAYMENTS), (1002, OPS)] {
+        let out_dir = s.out_dir(&format!("uid{uid}"));
+        let got = ok_json(s.rust_client(uid, &["fetch", out_dir.to_str().unwrap()]).output().unwrap(), "rust fetch");
+        assert_eq!(got["spiffe_id"], expected, "uid {uid}");
+        check_with_openssl(&out_dir, expected, "svid_key.der", "DER", &root);
+        serials.push((expected, normalize_serial(got["serial"].as_str().unwrap())));
+        let bundles = ok_json(s.rust_client(uid, &["bundles"]).output().unwrap(), "rust bundles");
+        assert_eq!(bundles["trust_domains"], json!(["cluster.local"]));
+    }
+
+    // Application SVIDs are not the proxy's tunnel certificates: other serials (other keys).
+    let dump = s.proxy.config_dump();
+    for (id, app_serial) in &serials {
+        let tunnel = dump["certificates"].as_array().unwrap().iter().find(|c| c["spiffe_id"] == *id);
+        let tunnel_serial = normalize_serial(tunnel.unwrap()["serial"].as_str().unwrap());
+        assert_ne!(&tunnel_serial, app_serial, "{id}: the application got the proxy's own certificate");
+    }
+
+    // Each issuance logged and counted.
+    let log = read_log(&s.proxy.log_path());
+    for id in [ORDERS, PAYMENTS, OPS, TESTER] {
+        assert!(
+            log.lines().any(|l| l.contains("application SVID (Workload API) installed") && l.contains(id)),
+            "no issuance logged for {id}"
+        );
+        let issued =
+            sum_samples(&s.metrics(), "trellis_workload_api_svids_issued_total", &[&format!("spiffe_id=\"{id}\"")]);
+        assert!(issued >= 1.0, "{id}: {issued}");
+    }
+    assert!(log.contains("Workload API: X.509-SVIDs sent"), "handouts are logged");
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+async fn grpc_client(socket: &Path) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
+    let path = socket.to_owned();
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let path = path.clone();
+        async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
+    });
+    let channel =
+        tonic::transport::Endpoint::from_static("http://localhost").connect_with_connector(connector).await.unwrap();
+    SpiffeWorkloadApiClient::new(channel)
+}
+
+fn with_header<T>(message: T, header: bool) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if header {
+        request.metadata_mut().insert("workload.spiffe.io", "true".parse().unwrap());
+    }
+    request
+}
+
+#[test]
+fn refusals_unattested_caller_missing_header_oversized_request_garbage() {
+    let s = setup(&[]);
+
+    // Control: uid 1000 is orders.
+    let out_dir = s.out_dir("control");
+    let got = ok_json(s.rust_client(1000, &["fetch", out_dir.to_str().unwrap()]).output().unwrap(), "control");
+    assert_eq!(got["spiffe_id"], ORDERS);
+
+    // uid 2000 matches no workload: PermissionDenied, no key material, and the proxy says why.
+    let refused_dir = s.out_dir("refused");
+    let out = s.rust_client(2000, &["fetch", refused_dir.to_str().unwrap()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    // The crate's name for a PermissionDenied answer.
+    assert!(stderr.contains("NoIdentityIssued"), "{stderr}");
+    assert!(std::fs::read_dir(&refused_dir).unwrap().next().is_none(), "nothing written for a refused caller");
+    // The same through `trellis-proxy workload-api fetch`, which shows the status and its reason, beside its control.
+    let fetch = |uid: u32| {
+        Command::new(bin("trellis-proxy"))
+            .args(["workload-api", "fetch", "--socket", &s.endpoint()])
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap()
+    };
+    let out = fetch(2000);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("PermissionDenied: no identity issued: the caller (uid 2000, gid 2000"), "{stderr}");
+    assert!(stderr.contains("matches no workload's attest selectors"), "{stderr}");
+    let out = fetch(1000);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("spiffe_id: {ORDERS}")), "{stdout}");
+    assert!(
+        stdout.contains("private key: PKCS#8") && stdout.contains("bundle:\n-----BEGIN CERTIFICATE-----"),
+        "{stdout}"
+    );
+    let log = read_log(&s.proxy.log_path());
+    assert!(
+        log.lines().any(|l| l.contains("matches no workload's attest selectors; refused") && l.contains("uid=2000")),
+        "the proxy's log names the refused caller:\n{log}"
+    );
+    assert!(sum_samples(&s.metrics(), "trellis_workload_api_calls_total", &["result=\"permission_denied\""]) >= 1.0);
+
+    rt().block_on(async {
+        let mut client = grpc_client(&s.socket).await;
+        // With the header this test binary (uid 0, its own path) is `tester`; without it the call is refused.
+        let mut stream = client.fetch_x509svid(with_header(X509svidRequest {}, true)).await.unwrap().into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        assert_eq!(first.svids[0].spiffe_id, TESTER);
+        drop(stream);
+        let status = client.fetch_x509svid(with_header(X509svidRequest {}, false)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert_eq!(status.message(), "security header missing from request");
+
+        // An oversized request is refused before it is decoded; a small one reaches the method.
+        let small = ValidateJwtsvidRequest { audience: "a".into(), svid: "x".repeat(100) };
+        let status = client.validate_jwtsvid(with_header(small, true)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+        let big = ValidateJwtsvidRequest { audience: "a".into(), svid: "x".repeat(1 << 20) };
+        let status = client.validate_jwtsvid(with_header(big, true)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    });
+    let log = read_log(&s.proxy.log_path());
+    assert!(log.contains("Workload API request without the workload.spiffe.io header refused"), "{log}");
+
+    // Garbage bytes cost one connection, not the proxy.
+    let mut garbage = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+    garbage.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = garbage.write_all(&[0xde; 64 * 1024]);
+    let mut rest = Vec::new();
+    let _ = garbage.read_to_end(&mut rest);
+    println!("garbage connection: the proxy answered {} bytes, then closed", rest.len());
+    let again =
+        ok_json(s.rust_client(1001, &["fetch", s.out_dir("after").to_str().unwrap()]).output().unwrap(), "after");
+    assert_eq!(again["spiffe_id"], PAYMENTS);
+}
+
+#[test]
+fn open_stream_receives_renewed_svids_before_expiry() {
+    let s = setup(&["--cert-ttl", "1m"]);
+    let mut child = s.rust_client(1000, &["watch", "3"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let started = Instant::now();
+    let mut previous: Option<(String, i64)> = None;
+    let mut received = 0;
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        let svid: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(svid["spiffe_id"], ORDERS);
+        let serial = svid["serial"].as_str().unwrap().to_owned();
+        let not_after = svid["not_after"].as_i64().unwrap();
+        if let Some((old_serial, old_not_after)) = &previous {
+            assert_ne!(&serial, old_serial, "a push carries a new SVID");
+            assert!(now < *old_not_after, "the new SVID arrived after the old one expired");
+            println!("renewed after {:?}, {}s before the old SVID expired", started.elapsed(), old_not_after - now);
+        }
+        previous = Some((serial, not_after));
+        received += 1;
+    }
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert_eq!(received, 3, "three SVIDs on one stream (two renewals)");
+}
