@@ -176,7 +176,8 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
         }
         let now = rotate_at.elapsed();
         if phases.last().is_none_or(|(p, _)| *p != status.phase) {
-            eprintln!("  {:>7.2}s {} ({})", now.as_secs_f64(), status.phase, status.waiting_for);
+            let waiting: String = status.waiting_for.chars().take(100).collect();
+            eprintln!("  {:>7.2}s {} (waiting for {waiting}…)", now.as_secs_f64(), status.phase);
             phases.push((status.phase.clone(), now));
         }
         let holding_old = status.proxies.iter().filter(|p| p.old_certificates > 0 || !p.reported).count();
