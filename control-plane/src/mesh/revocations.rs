@@ -149,25 +149,21 @@ impl Mesh {
     /// version, so proxies drop them too); does nothing when none has expired. Returns how many left the list.
     /// `services::revocation_expiry` calls it when the first listed certificate expires.
     pub fn prune_revocations(&self, now: i64) -> Result<usize, MeshError> {
+        let listed = self.current().revocations.certificates.len();
         if next_expiry(&self.current().revocations).is_none_or(|first| first > now) {
             return Ok(0);
         }
-        self.write(
+        // Published whatever the store held: the pushed list then has no expired entry, so the caller, which
+        // sleeps until the first listed expiry, cannot spin on one.
+        let list = self.write(
             |txn| {
-                let forgotten = forget_expired(txn, now)?;
-                if forgotten == 0 {
-                    return Ok(((0, None), None));
-                }
+                forget_expired(txn, now)?;
                 let list = Arc::new(in_txn(txn, now)?);
-                Ok(((forgotten, Some(list)), Some(records::bump(txn, META_VERSION)?)))
+                Ok((list, Some(records::bump(txn, META_VERSION)?)))
             },
-            |(_, list), snapshot| {
-                if let Some(list) = list {
-                    snapshot.revocations = list.clone();
-                }
-            },
-        )
-        .map(|(forgotten, _)| forgotten)
+            |list, snapshot| snapshot.revocations = list.clone(),
+        )?;
+        Ok(listed.saturating_sub(list.certificates.len()))
     }
 
     /// What is revoked now, as pushed to proxies.
