@@ -90,7 +90,7 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<()> {
         }
         Some(opened) => {
             let kek = opened.kek.as_ref().expect("etcd opens with a KEK");
-            crate::shared_files::publish(opened.store.as_ref(), dir, kek, true)?;
+            crate::shared_files::publish(opened.store.as_ref(), dir, kek, true, &[ADMIN_CERT])?;
         }
     }
     Ok(())

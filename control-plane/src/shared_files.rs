@@ -1,5 +1,5 @@
 //! On a shared store (etcd), the data dir files every replica needs are kept in the store too (table `CaFiles`):
-//! `control.yaml`, the CA directories (`ca*/`) and the initial admin's certificate. `init` publishes them once;
+//! `control.yaml`, the CA directories (`ca*/`) and the initial admin's certificate (named by `init`). `init` publishes them once;
 //! `serve` writes the missing ones into its own data dir before loading the CA, so a new replica needs only the
 //! etcd endpoints and the KEK. Private keys (`*key*`) are sealed with the KEK (`kek.rs`).
 
@@ -31,15 +31,13 @@ fn is_private(relative: &str) -> bool {
     relative.rsplit('/').next().is_some_and(|name| name.contains("key"))
 }
 
-/// The files of `data_dir` that are shared, as paths relative to it.
-fn shared_files(data_dir: &Path) -> Result<Vec<String>, SharedFilesError> {
+/// The files of `data_dir` that are shared, as paths relative to it: control.yaml, the CA dirs, and `also`.
+fn shared_files(data_dir: &Path, also: &[&str]) -> Result<Vec<String>, SharedFilesError> {
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SharedFilesError + '_ {
         move |source| SharedFilesError::Io { path: path.to_owned(), source }
     }
     let mut out = vec![MARKER.to_owned()];
-    if data_dir.join(crate::init::ADMIN_CERT).exists() {
-        out.push(crate::init::ADMIN_CERT.to_owned());
-    }
+    out.extend(also.iter().filter(|f| data_dir.join(f).exists()).map(|f| f.to_string()));
     for entry in std::fs::read_dir(data_dir).map_err(io(data_dir))? {
         let entry = entry.map_err(io(data_dir))?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -57,10 +55,17 @@ fn shared_files(data_dir: &Path) -> Result<Vec<String>, SharedFilesError> {
     Ok(out)
 }
 
-/// Publishes the shared files of `data_dir`; with `first`, refuses a store that already has a mesh.
-pub fn publish(store: &dyn Store, data_dir: &Path, kek: &Kek, first: bool) -> Result<usize, SharedFilesError> {
+/// Publishes the shared files of `data_dir` (and the files `also` names); with `first`, refuses a store that
+/// already has a mesh.
+pub fn publish(
+    store: &dyn Store,
+    data_dir: &Path,
+    kek: &Kek,
+    first: bool,
+    also: &[&str],
+) -> Result<usize, SharedFilesError> {
     let mut values = Vec::new();
-    for relative in shared_files(data_dir)? {
+    for relative in shared_files(data_dir, also)? {
         let path = data_dir.join(&relative);
         let bytes = std::fs::read(&path).map_err(|source| SharedFilesError::Io { path: path.clone(), source })?;
         let value = if is_private(&relative) { kek.seal(&relative, &bytes)? } else { bytes };

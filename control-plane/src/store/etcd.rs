@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, TxnOp, WatchOptions};
@@ -40,12 +40,72 @@ pub struct EtcdOptions {
 }
 
 pub struct EtcdStore {
-    client: Client,
+    /// One client per member: a call that cannot reach one member goes to the next (etcd-client's balanced
+    /// channel keeps picking a dead member).
+    clients: Arc<Members>,
     prefix: String,
     runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
     available: Arc<AtomicBool>,
     changes: watch::Receiver<u64>,
+    /// The highest etcd revision this replica has seen (reads, its commits, watch events).
+    seen: Arc<AtomicI64>,
+}
+
+/// The members' clients and which one answered last.
+struct Members {
+    clients: Vec<Client>,
+    preferred: std::sync::atomic::AtomicUsize,
+}
+
+impl Members {
+    /// Runs `call` on the member that answered last, moving on to the next member while the connection fails,
+    /// and again after a pause while the cluster elects a leader; the caller bounds the whole (`OP_TIMEOUT`).
+    async fn call<T, F, Fut>(&self, call: F) -> Result<T, etcd_client::Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut i = self.preferred.load(Ordering::Relaxed);
+        let mut unreachable = 0;
+        loop {
+            let member = i % self.clients.len();
+            match call(self.clients[member].clone()).await {
+                Err(e) if unreachable_member(&e) => {
+                    unreachable += 1;
+                    if unreachable >= self.clients.len() {
+                        return Err(e);
+                    }
+                    i += 1;
+                }
+                Err(e) if electing(&e) => tokio::time::sleep(Duration::from_millis(100)).await,
+                other => {
+                    self.preferred.store(member, Ordering::Relaxed);
+                    return other;
+                }
+            }
+        }
+    }
+}
+
+/// etcd is electing a leader: the request was not applied, and will be once a leader is there.
+fn electing(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.message().contains("leader changed") || s.message().contains("no leader"))
+}
+
+/// A member that could not be reached at all (nothing was sent): safe to try another.
+fn unreachable_member(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable
+                && (s.message().contains("connect")
+                    || s.message().contains("transport")
+                    || s.message().contains("refused"))
+        }
+        _ => false,
+    }
 }
 
 fn unavailable(e: etcd_client::Error) -> StoreError {
@@ -83,20 +143,26 @@ impl EtcdStore {
             .build()
             .map_err(|e| StoreError::Backend(format!("etcd client runtime: {e}")))?;
         let handle = runtime.handle().clone();
-        let endpoints = options.endpoints.clone();
-        let connect = ConnectOptions::new()
-            .with_connect_timeout(OP_TIMEOUT)
-            .with_timeout(OP_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
-        let client = wait(&handle, async move { Client::connect(endpoints, Some(connect)).await })?;
+        let mut clients = Vec::new();
+        for endpoint in &options.endpoints {
+            let connect = ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(1))
+                .with_timeout(OP_TIMEOUT)
+                .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+                .with_keep_alive_while_idle(true);
+            let endpoint = endpoint.clone();
+            // Lazy: connects at the first call.
+            clients.push(wait(&handle, async move { Client::connect([endpoint], Some(connect)).await })?);
+        }
+        let clients = Arc::new(Members { clients, preferred: Default::default() });
         let (tx, changes) = watch::channel(0u64);
         let available = Arc::new(AtomicBool::new(true));
-        let store = Self { client, prefix, runtime: Some(runtime), handle, available, changes };
+        let seen = Arc::new(AtomicI64::new(0));
+        let store = Self { clients, prefix, runtime: Some(runtime), handle, available, changes, seen };
         // A first read: fails now, clearly, if etcd does not answer.
-        store.get(Table::Meta, "-")?;
-        store.handle.spawn(follow(store.client.clone(), store.prefix.clone(), tx));
-        store.handle.spawn(probe(store.client.clone(), store.prefix.clone(), store.available.clone()));
+        store.read(Table::Meta, "-", false)?;
+        store.handle.spawn(follow(store.clients.clone(), store.prefix.clone(), tx, store.seen.clone()));
+        store.handle.spawn(probe(store.clients.clone(), store.prefix.clone(), store.available.clone()));
         Ok(store)
     }
 
@@ -119,11 +185,41 @@ impl EtcdStore {
         wait(&self.handle, f)
     }
 
+    fn members(&self) -> Arc<Members> {
+        self.clients.clone()
+    }
+
+    /// A Range (one key, or every key under a prefix). `serializable`: answered by the member alone (works without
+    /// quorum); read again linearizably if that member is behind what this replica has already seen (its own
+    /// commits, watch events), so a reader never goes back in time.
+    fn range(&self, key: String, prefix: bool, serializable: bool) -> Result<etcd_client::GetResponse, StoreError> {
+        let once = |serializable: bool| {
+            let members = self.members();
+            let key = key.clone();
+            self.run(async move {
+                members
+                    .call(|mut c| {
+                        let options = GetOptions::new();
+                        let options = if prefix { options.with_prefix() } else { options };
+                        let options = if serializable { options.with_serializable() } else { options };
+                        let key = key.clone();
+                        async move { c.get(key, Some(options)).await }
+                    })
+                    .await
+            })
+        };
+        let response = once(serializable)?;
+        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        if serializable && revision < self.seen.load(Ordering::Relaxed) {
+            return once(false);
+        }
+        self.seen.fetch_max(revision, Ordering::Relaxed);
+        Ok(response)
+    }
+
     /// One key with its mod_revision (0 when absent).
-    fn read(&self, table: Table, key: &str) -> Result<(Option<Vec<u8>>, i64), StoreError> {
-        let mut client = self.client.clone();
-        let full = self.key(table, key);
-        let response = self.run(async move { client.get(full, None).await })?;
+    fn read(&self, table: Table, key: &str, serializable: bool) -> Result<(Option<Vec<u8>>, i64), StoreError> {
+        let response = self.range(self.key(table, key), false, serializable)?;
         Ok(match response.kvs().first() {
             Some(kv) => (Some(kv.value().to_vec()), kv.mod_revision()),
             None => (None, 0),
@@ -131,14 +227,9 @@ impl EtcdStore {
     }
 
     /// A table's entries, with the revision they were read at.
-    fn read_table(&self, table: Table) -> Result<(Vec<(String, Vec<u8>)>, i64), StoreError> {
-        let mut client = self.client.clone();
+    fn read_table(&self, table: Table, serializable: bool) -> Result<(Vec<(String, Vec<u8>)>, i64), StoreError> {
         let prefix = self.table_prefix(table);
-        let options = GetOptions::new().with_prefix();
-        let response = self.run({
-            let prefix = prefix.clone();
-            async move { client.get(prefix, Some(options)).await }
-        })?;
+        let response = self.range(prefix.clone(), true, serializable)?;
         let revision = response.header().map(|h| h.revision()).unwrap_or(0);
         let mut entries = Vec::with_capacity(response.kvs().len());
         for kv in response.kvs() {
@@ -181,8 +272,16 @@ impl EtcdStore {
             ops.push(TxnOp::put(self.generation_key(table), Vec::new(), None));
         }
         let request = etcd_client::Txn::new().when(compares).and_then(ops);
-        let mut client = self.client.clone();
-        let response = self.run(async move { client.txn(request).await })?;
+        let members = self.members();
+        let response = self.run(async move {
+            members
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.txn(request).await }
+                })
+                .await
+        })?;
+        self.seen.fetch_max(response.header().map(|h| h.revision()).unwrap_or(0), Ordering::Relaxed);
         Ok(response.succeeded())
     }
 }
@@ -205,10 +304,13 @@ fn wait<T: Send + 'static>(
 
 /// Tells `changes` about every change under the prefix. Each (re)start of the watch counts as a change, so that a
 /// follower reloads everything: what it missed while disconnected, or behind a compaction, is then caught up.
-async fn follow(mut client: Client, prefix: String, changes: watch::Sender<u64>) {
+async fn follow(members: Arc<Members>, prefix: String, changes: watch::Sender<u64>, seen: Arc<AtomicI64>) {
     loop {
-        let options = WatchOptions::new().with_prefix();
-        match client.watch(prefix.clone(), Some(options)).await {
+        let watch = members.call(|mut c| {
+            let prefix = prefix.clone();
+            async move { c.watch(prefix, Some(WatchOptions::new().with_prefix())).await }
+        });
+        match watch.await {
             Ok(mut stream) => {
                 changes.send_modify(|n| *n += 1);
                 loop {
@@ -219,6 +321,9 @@ async fn follow(mut client: Client, prefix: String, changes: watch::Sender<u64>)
                                 break;
                             }
                             if !response.events().is_empty() {
+                                // Before telling: the reload this triggers must read at least this revision.
+                                let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+                                seen.fetch_max(revision, Ordering::Relaxed);
                                 changes.send_modify(|n| *n += 1);
                             }
                         }
@@ -240,10 +345,14 @@ async fn follow(mut client: Client, prefix: String, changes: watch::Sender<u64>)
 }
 
 /// Keeps `available` true while a linearizable read succeeds (it needs a quorum).
-async fn probe(mut client: Client, prefix: String, available: Arc<AtomicBool>) {
+async fn probe(members: Arc<Members>, prefix: String, available: Arc<AtomicBool>) {
     let key = format!("{prefix}{GENERATION}probe");
     loop {
-        let ok = matches!(tokio::time::timeout(OP_TIMEOUT, client.get(key.clone(), None)).await, Ok(Ok(_)));
+        let read = members.call(|mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        });
+        let ok = matches!(tokio::time::timeout(OP_TIMEOUT, read).await, Ok(Ok(_)));
         if available.swap(ok, Ordering::Relaxed) != ok {
             if ok {
                 tracing::info!("etcd available again");
@@ -264,12 +373,14 @@ impl Drop for EtcdStore {
 }
 
 impl Store for EtcdStore {
+    /// Serializable: keeps answering (possibly a little behind) when etcd has lost its quorum. What decides a
+    /// write is read again inside the transaction, linearizably, and compared at commit.
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.read(table, key)?.0)
+        Ok(self.read(table, key, true)?.0)
     }
 
     fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        Ok(self.read_table(table)?.0)
+        Ok(self.read_table(table, true)?.0)
     }
 
     fn update(&self, f: &mut dyn FnMut(&mut dyn Txn) -> Result<(), StoreError>) -> Result<(), StoreError> {
@@ -318,14 +429,14 @@ impl Txn for EtcdTxn<'_> {
         if let Some((value, _)) = self.reads.borrow().get(&id) {
             return Ok(value.clone());
         }
-        let read = self.store.read(table, key)?;
+        let read = self.store.read(table, key, false)?;
         let value = read.0.clone();
         self.reads.borrow_mut().insert(id, read);
         Ok(value)
     }
 
     fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let (entries, revision) = self.store.read_table(table)?;
+        let (entries, revision) = self.store.read_table(table, false)?;
         self.listed.borrow_mut().entry(table).and_modify(|r| *r = (*r).min(revision)).or_insert(revision);
         let mut merged: BTreeMap<String, Vec<u8>> = entries.into_iter().collect();
         for ((t, key), value) in &self.writes {
