@@ -295,7 +295,14 @@ fn wait<T: Send + 'static>(
     handle.spawn(async move {
         let _ = tx.send(tokio::time::timeout(OP_TIMEOUT, f).await);
     });
-    match rx.recv() {
+    // On a worker of a multi-threaded runtime (a gRPC handler), tell the runtime this thread blocks, so the other
+    // tasks it holds move to another worker meanwhile.
+    let receive = || rx.recv();
+    let received = match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(receive),
+        _ => receive(),
+    };
+    match received {
         Ok(Ok(result)) => result.map_err(unavailable),
         Ok(Err(_)) => Err(StoreError::Unavailable(format!("etcd did not answer within {OP_TIMEOUT:?}"))),
         Err(_) => Err(StoreError::Unavailable("etcd client stopped".into())),
