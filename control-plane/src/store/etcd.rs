@@ -227,7 +227,7 @@ impl EtcdStore {
     }
 
     /// A table's entries, with the revision they were read at.
-    fn read_table(&self, table: Table, serializable: bool) -> Result<(Vec<(String, Vec<u8>)>, i64), StoreError> {
+    fn read_table(&self, table: Table, serializable: bool) -> Result<(Entries, i64), StoreError> {
         let prefix = self.table_prefix(table);
         let response = self.range(prefix.clone(), true, serializable)?;
         let revision = response.header().map(|h| h.revision()).unwrap_or(0);
@@ -299,7 +299,9 @@ fn wait<T: Send + 'static>(
     // tasks it holds move to another worker meanwhile.
     let receive = || rx.recv();
     let received = match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(receive),
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(receive)
+        }
         _ => receive(),
     };
     match received {
@@ -417,10 +419,15 @@ fn rand_u8() -> u8 {
     byte[0]
 }
 
+/// A table's entries: (key, value).
+type Entries = Vec<(String, Vec<u8>)>;
+/// A key's value (None: absent) and mod_revision (0: absent) when read.
+type Read = (Option<Vec<u8>>, i64);
+
 struct EtcdTxn<'a> {
     store: &'a EtcdStore,
     /// Keys read, with their value and mod_revision (0: absent) when first read.
-    reads: RefCell<BTreeMap<(Table, String), (Option<Vec<u8>>, i64)>>,
+    reads: RefCell<BTreeMap<(Table, String), Read>>,
     /// Tables listed, with the revision of the listing.
     listed: RefCell<BTreeMap<Table, i64>>,
     /// Buffered writes (None: delete).

@@ -35,6 +35,8 @@ fn start() -> String {
             parent = std::process::id(),
             dir = dir.display()
         );
+        // Not waited for: it ends after this process does.
+        #[allow(clippy::zombie_processes)]
         Command::new("sh")
             .arg("-c")
             .arg(script)
