@@ -171,6 +171,8 @@ pub struct ControlPlane {
     netns: Option<String>,
     /// The etcd this control plane alone uses (`TRELLIS_TEST_STORE=etcd`), stopped with it.
     own_etcd: Option<etcd::EtcdCluster>,
+    /// `serve` flags of the store (and replica name), kept across `restart_with`.
+    store_args: Vec<String>,
 }
 
 /// `init`/`serve` flags for the etcd store at `etcd`, with the KEK file kept beside its data (made on first use).
@@ -229,8 +231,8 @@ impl ControlPlane {
         let store_args = own_etcd.as_ref().map(etcd_store_args).unwrap_or_default();
         let dir = tempfile::tempdir().expect("tempdir");
         init_data_dir(&dir.path().join("data"), addr, &store_args);
-        let extra_args = store_args.into_iter().chain(extra_serve_args.iter().map(|s| s.to_string())).collect();
-        let mut cp = Self { dir, addr, metrics_addr, extra_args, child: None, netns, own_etcd };
+        let extra_args = extra_serve_args.iter().map(|s| s.to_string()).collect();
+        let mut cp = Self { dir, addr, metrics_addr, extra_args, child: None, netns, own_etcd, store_args };
         cp.spawn();
         cp
     }
@@ -252,12 +254,9 @@ impl ControlPlane {
                     std::fs::copy(first.admin_config(), data_dir.join("admin.yaml")).expect("copy admin.yaml");
                 }
             }
-            let extra_args = store_args
-                .iter()
-                .cloned()
-                .chain(["--replica-name".to_owned(), format!("replica-{i}")])
-                .chain(extra_serve_args.iter().map(|s| s.to_string()))
-                .collect();
+            let extra_args = extra_serve_args.iter().map(|s| s.to_string()).collect();
+            let store_args =
+                store_args.iter().cloned().chain(["--replica-name".to_owned(), format!("replica-{i}")]).collect();
             let mut cp = Self {
                 dir,
                 addr: any_port,
@@ -266,6 +265,7 @@ impl ControlPlane {
                 child: None,
                 netns: None,
                 own_etcd: None,
+                store_args,
             };
             cp.spawn();
             replicas.push(cp);
@@ -300,6 +300,7 @@ impl ControlPlane {
             .args(["--listen", &self.addr.to_string(), "--metrics-listen", &self.metrics_addr.to_string()])
             .arg("--addresses-file")
             .arg(self.addresses_file())
+            .args(&self.store_args)
             .args(&self.extra_args)
             // Refused handshakes are logged at debug: tests check the control plane's reason for refusing.
             .env("RUST_LOG", "info,trellis_control_plane::server=debug")
