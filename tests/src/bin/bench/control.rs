@@ -27,6 +27,8 @@ pub struct Plan {
     pub csr_clients: usize,
     pub rounds: usize,
     pub sign_for: Duration,
+    /// 0: one control plane on redb; N: N replicas on a 3-member etcd cluster, proxies spread over them.
+    pub replicas: usize,
 }
 
 /// What it measured.
@@ -101,12 +103,18 @@ struct Signals {
 }
 
 pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
-    let cp = ControlPlane::start(&[]);
+    // Declared first, dropped last: the replicas stop before their etcd.
+    let etcd = (plan.replicas > 0).then(|| trellis_tests::etcd::EtcdCluster::start(3));
+    let replicas = match &etcd {
+        Some(etcd) => ControlPlane::start_replicas(etcd, plan.replicas, &[]),
+        None => vec![ControlPlane::start(&[])],
+    };
+    let cp = &replicas[0];
     let started = Instant::now();
-    let mut admin = admin(&cp).await?;
-    let addr = cp.addr.to_string();
+    let mut admin = admin(cp).await?;
+    let addrs: Vec<String> = replicas.iter().map(|r| r.addr.to_string()).collect();
     let gate = Arc::new(Semaphore::new(32));
-    let joined = join_all(&mut admin, &addr, plan.proxies, &gate).await?;
+    let joined = join_all(&mut admin, &addrs, plan.proxies, &gate).await?;
     let (acked_tx, mut acked_rx) = mpsc::unbounded_channel();
     let (signing_tx, signing_rx) = watch::channel(false);
     let signals = Arc::new(Signals {
@@ -238,7 +246,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
 /// P-256 key, its node certificate), at most `gate`'s permits at once.
 pub async fn join_all(
     admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
-    addr: &str,
+    addrs: &[String],
     count: usize,
     gate: &Arc<Semaphore>,
 ) -> anyhow::Result<Vec<Joined>> {
@@ -257,7 +265,8 @@ pub async fn join_all(
     eprintln!("  joining {count} proxies");
     let mut joins = tokio::task::JoinSet::new();
     for (i, (token, pin)) in tokens.into_iter().enumerate() {
-        let (gate, addr) = (gate.clone(), addr.to_owned());
+        // Proxy i joins (and then streams from) replica i mod N.
+        let (gate, addr) = (gate.clone(), addrs[i % addrs.len()].clone());
         joins.spawn(async move {
             let _permit = gate.acquire().await?;
             let joined = client::join(&addr, &pin, &token, &node_name(i)).await?.map_err(|s| anyhow!("join: {s}"))?;
@@ -328,5 +337,47 @@ async fn simulate(i: usize, mut stream: client::Stream, mut state: State, csr_cl
     if let Err(e) = result {
         eprintln!("simulated proxy {}: {e:#}", node_name(i));
         signals.failed.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `trellis-bench control [--replicas N] [--proxies N] [--csr-clients N] [--rounds N]`: this scenario alone, e.g. to
+/// compare one redb-backed control plane with replicas on etcd.
+pub fn main(argv: &[String]) -> std::process::ExitCode {
+    let mut plan = Plan { proxies: 1000, csr_clients: 100, rounds: 3, sign_for: Duration::from_secs(3), replicas: 0 };
+    let mut args = argv.iter();
+    while let Some(flag) = args.next() {
+        let value = args.next().and_then(|v| v.parse::<usize>().ok());
+        match (flag.as_str(), value) {
+            ("--replicas", Some(v)) => plan.replicas = v,
+            ("--proxies", Some(v)) => plan.proxies = v,
+            ("--csr-clients", Some(v)) => plan.csr_clients = v,
+            ("--rounds", Some(v)) => plan.rounds = v,
+            _ => {
+                eprintln!("trellis-bench control: {flag}: expected --replicas/--proxies/--csr-clients/--rounds N");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    match runtime.block_on(run(&plan)) {
+        Ok(r) => {
+            let store =
+                if plan.replicas > 0 { format!("{} replicas on etcd", plan.replicas) } else { "1 on redb".into() };
+            println!("control plane: {store}; {} proxies, setup {:.1}s", r.proxies, r.setup_seconds);
+            for ((stats, count), apply) in r.convergence.iter().zip(&r.apply_ms) {
+                println!(
+                    "  convergence: {count} ACKed, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (apply {apply:.0} ms)",
+                    stats[0], stats[1], stats[2]
+                );
+            }
+            for rate in &r.signings {
+                println!("  signings/s with {} clients: {rate:.0}", r.csr_clients);
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("trellis-bench control: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

@@ -124,7 +124,7 @@ async fn run(args: &Args) -> anyhow::Result<bool> {
     let mut admin = control::admin(&cp).await?;
     let addr = cp.addr.to_string();
     let gate = Arc::new(Semaphore::new(32));
-    let joined = control::join_all(&mut admin, &addr, args.proxies, &gate).await?;
+    let joined = control::join_all(&mut admin, std::slice::from_ref(&addr), args.proxies, &gate).await?;
     eprintln!("  opening {} discovery streams", args.proxies);
     let counters = Arc::new(Counters::default());
     // (proxy, when it last installed a certificate of the new CA): sent after each renewal it installs.
