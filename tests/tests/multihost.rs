@@ -19,7 +19,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use trellis_tests::netns::{Background, Host, Net, Segment};
+use trellis_tests::hbone;
+use trellis_tests::netns::{Background, Host, Net, Segment, in_netns};
 use trellis_tests::outcome::{self, Outcome, Refusal};
 use trellis_tests::{ControlPlane, Echo, Proxy, ProxyOptions, WorkloadSpec, wait_for};
 
@@ -290,6 +291,59 @@ fn source_address_is_the_proxys_when_preservation_is_off() {
     let rules = routing(b);
     assert!(!rules.contains("lookup 7472"), "{rules}");
     assert!(!b.nft_ruleset().contains("chain preserve_source"), "preserve_source chain with the option off");
+}
+
+/// A raw HBONE client on `from` (presenting `credential`, over a socket carrying the capture mark so that a
+/// capturing host lets it out like its proxy's own) asks for peername.py on host 2 claiming `claimed` as the original
+/// source; returns what peername.py saw.
+fn peer_name_claiming(m: &Mesh, from: &Host, credential: &hbone::Credential, claimed: &str) -> String {
+    let (roots, credential) = (hbone::roots(&m.cp.root_pem()), credential.clone());
+    let (hbone_addr, target) = (m.host(2).addr(15008), m.host(2).addr(PEERNAME).to_string());
+    let forwarded = format!("for=\"{claimed}\"");
+    in_netns(&from.ns, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            trellis_data_plane::sockets::set_mark(0x7472);
+            let tcp = trellis_data_plane::sockets::connect(hbone_addr).await.expect("connect to proxy B's HBONE port");
+            let mut connection =
+                hbone::connect_over(tcp, roots, "spiffe://cluster.local/ns/shop/sa/api", Some(credential))
+                    .await
+                    .unwrap_or_else(|o| panic!("HBONE connection: {o:?}"));
+            let mut stream = connection.open(&target, &[("forwarded", &forwarded)]).await.expect("CONNECT");
+            let mut seen = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut seen).await.expect("read peername");
+            seen.trim().to_owned()
+        })
+    })
+}
+
+/// The `Forwarded` address a tunnel claims is only used as the dial's source when the registry vouches for it: a
+/// workload at that address with the identity the peer authenticated as, fronted by the node the tunnel came
+/// from. Otherwise proxy B dials from its own address and says why. Control: the same client, credential and path
+/// claiming its own workload's address from its own node.
+#[test]
+fn a_claimed_source_address_is_used_only_when_the_registry_vouches_for_it() {
+    let m = mesh("mhfwd", 69, false);
+    let (a, b, outside) = (m.host(1), m.host(2), m.host(3));
+    let web = hbone::valid_credential(&m.cp.data_dir(), "spiffe://cluster.local/ns/shop/sa/web");
+    let claim = |ip: std::net::Ipv4Addr| format!("{ip}:4000");
+    assert_eq!(
+        peer_name_claiming(&m, a, &web, &claim(a.ip)),
+        a.ip.to_string(),
+        "control: web's address from web's node"
+    );
+    // Host 3's address is no workload's.
+    assert_eq!(
+        peer_name_claiming(&m, a, &web, &claim(outside.ip)),
+        b.ip.to_string(),
+        "a claim of a non-workload address"
+    );
+    // web's address, but the tunnel comes from host 3, not from the node that fronts web.
+    assert_eq!(peer_name_claiming(&m, outside, &web, &claim(a.ip)), b.ip.to_string(), "a claim from another node");
+    let log = trellis_tests::read_log(&m.b.log_path());
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("original source address not trusted")).collect();
+    assert!(refusals.iter().any(|l| l.contains("no mesh workload has that address")), "{log}");
+    assert!(refusals.iter().any(|l| l.contains(&format!("fronted by the proxy at {}, not the peer", a.ip))), "{log}");
 }
 
 #[test]
