@@ -71,7 +71,7 @@ fn sh(host: &Host, script: &str) {
     assert!(out.status.success(), "`{script}` in {}: {}", host.ns, String::from_utf8_lossy(&out.stderr));
 }
 
-/// Policy routing of `host`, both families: rules, and routes of every table.
+/// Policy routing of `host`, both families: rules, and routes of every table (link-local ones aside).
 fn routing(host: &Host) -> String {
     let mut out = String::new();
     for args in [["-4", "rule"], ["-6", "rule"]]
@@ -81,7 +81,11 @@ fn routing(host: &Host) -> String {
     {
         let run = host.cmd("ip").args(&args).output().expect("run ip");
         assert!(run.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&run.stderr));
-        out += &String::from_utf8_lossy(&run.stdout);
+        // Without the IPv6 link-local routes, which the kernel adds on its own some time after the link comes up.
+        for line in String::from_utf8_lossy(&run.stdout).lines().filter(|l| !l.contains("fe80:")) {
+            out += line;
+            out.push('\n');
+        }
     }
     out
 }
