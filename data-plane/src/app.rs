@@ -230,11 +230,26 @@ async fn start_listeners(
         Ok::<_, StartError>(listener)
     };
     let mut tasks = Vec::new();
+    // IPv6 workloads: each of these listeners on an IPv4 wildcard or loopback address gets an IPv6 twin at the same
+    // port (`crate::listen::ipv6_twin`), where tunnels to those workloads and their captured connections arrive.
+    let ipv6 = config.workloads.iter().any(|w| w.addresses.iter().any(|a| a.is_ipv6()));
+    let twin = |listener: &tokio::net::TcpListener, field: &'static str| {
+        ipv6.then(|| listener.local_addr().ok()).flatten().and_then(|bound| crate::listen::ipv6_twin(bound, field))
+    };
     let hbone = bind(config.listen.hbone, "hbone", "listen.hbone").await?;
+    if let Some(hbone6) = twin(&hbone, "listen.hbone") {
+        tasks.push(tokio::spawn(inbound::serve(hbone6, data.clone(), shutdown.clone())));
+    }
     tasks.push(tokio::spawn(inbound::serve(hbone, data.clone(), shutdown.clone())));
     let captured = bind(config.listen.outbound, "outbound", "listen.outbound").await?;
+    if let Some(captured6) = twin(&captured, "listen.outbound") {
+        tasks.push(tokio::spawn(outbound::serve_captured(captured6, data.clone())));
+    }
     tasks.push(tokio::spawn(outbound::serve_captured(captured, data.clone())));
     let plaintext = bind(config.listen.inbound, "inbound", "listen.inbound").await?;
+    if let Some(plaintext6) = twin(&plaintext, "listen.inbound") {
+        tasks.push(tokio::spawn(inbound_plaintext::serve(plaintext6, data.clone())));
+    }
     tasks.push(tokio::spawn(inbound_plaintext::serve(plaintext, data.clone())));
     if let Some(workload) = config.outbound.socks5_workload.and_then(|i| data.locals.get(i)).cloned() {
         let socks5 = bind(config.listen.socks5, "socks5", "listen.socks5").await?;

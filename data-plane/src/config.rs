@@ -103,10 +103,22 @@ pub struct Capture {
     pub exclude_outbound_ports: Vec<u16>,
     pub exclude_outbound_cidrs: Vec<trellis_policy::Cidr>,
     pub exclude_inbound_ports: Vec<u16>,
+    /// Dial local workloads from the client workload's address (IP_TRANSPARENT), with the policy routing that
+    /// brings their answers back to the proxy. Only with capture on.
+    pub preserve_source_address: bool,
+    /// The mark (on the packet, restored from the connection's conntrack mark) of a workload's answers to a
+    /// preserved-source connection; `ip rule fwmark <returnMark> lookup <routeTable>` delivers them locally.
+    pub return_mark: u32,
+    /// The routing table holding `local default dev lo` for [`Capture::return_mark`].
+    pub route_table: u32,
 }
 
 /// `capture.mark` when none is configured (ASCII "tr").
 pub const DEFAULT_CAPTURE_MARK: u32 = 0x7472;
+/// `capture.returnMark` when none is configured.
+pub const DEFAULT_RETURN_MARK: u32 = 0x7473;
+/// `capture.routeTable` when none is configured.
+pub const DEFAULT_ROUTE_TABLE: u32 = 7472;
 
 /// Outbound behaviour: what to do with destinations outside the mesh, and who the SOCKS5 listener speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -376,6 +388,9 @@ struct RawCapture {
     exclude_outbound_cidrs: Vec<String>,
     #[serde(default)]
     exclude_inbound_ports: Vec<u64>,
+    preserve_source_address: Option<bool>,
+    return_mark: Option<u64>,
+    route_table: Option<u64>,
 }
 
 impl RawCapture {
@@ -409,7 +424,39 @@ impl RawCapture {
                     .ok()
             })
             .collect();
-        Capture { mark, exclude_outbound_ports, exclude_outbound_cidrs, exclude_inbound_ports }
+        let return_mark = match self.return_mark {
+            None => DEFAULT_RETURN_MARK,
+            Some(m) => match u32::try_from(m) {
+                Ok(m) if m != 0 && m != mark => m,
+                _ => {
+                    p.add("capture.returnMark", format!("{m} is not in 1..4294967295 or equals capture.mark"));
+                    DEFAULT_RETURN_MARK
+                }
+            },
+        };
+        let route_table = match self.route_table {
+            None => DEFAULT_ROUTE_TABLE,
+            // 0 is unspecified, 253..255 are the kernel's default, main and local tables.
+            Some(t) => match u32::try_from(t) {
+                Ok(t) if t != 0 && !(253..=255).contains(&t) => t,
+                _ => {
+                    p.add(
+                        "capture.routeTable",
+                        format!("{t} is not in 1..4294967295 or is a reserved table (253-255)"),
+                    );
+                    DEFAULT_ROUTE_TABLE
+                }
+            },
+        };
+        Capture {
+            mark,
+            exclude_outbound_ports,
+            exclude_outbound_cidrs,
+            exclude_inbound_ports,
+            preserve_source_address: self.preserve_source_address.unwrap_or(true),
+            return_mark,
+            route_table,
+        }
     }
 }
 
@@ -958,6 +1005,8 @@ workerThreads: 4
             ("capture:\n  excludeInboundPorts: [0]\n".into(), "capture.excludeInboundPorts[0]: 0 is not"),
             ("capture:\n  excludeOutboundCidrs: [10.0.0.0/33]\n".into(), "capture.excludeOutboundCidrs[0]: \"10.0.0.0/33\" is not a CIDR"),
             ("capture:\n  redirect: all\n".into(), "unknown field `redirect`"),
+            ("capture:\n  returnMark: 29810\n".into(), "capture.returnMark: 29810 is not in 1..4294967295 or equals capture.mark"),
+            ("capture:\n  routeTable: 254\n".into(), "capture.routeTable: 254 is not in 1..4294967295 or is a reserved table"),
             ("jwtClockSkew: soon\n".into(), "jwtClockSkew: \"soon\""),
             ("workerThreads: 0\n".into(), "workerThreads: 0 is not in 1..=64"),
             ("workerThreads: 65\n".into(), "workerThreads: 65 is not in 1..=64"),
