@@ -2,9 +2,11 @@
 
 pub mod admin;
 pub mod discovery;
+pub mod history;
 pub mod identity;
 pub mod renewal;
 pub mod rotation;
+pub mod scope;
 
 use std::sync::Arc;
 
@@ -26,6 +28,8 @@ pub struct Shared {
     pub holdings: Arc<Holdings>,
     /// Wakes the root rotation's driver (a rotation started or resumed).
     pub rotation_wake: Arc<tokio::sync::Notify>,
+    /// Recent snapshots by version, for proxies that resume (`history.rs`).
+    pub history: Arc<history::History>,
 }
 
 impl Shared {
