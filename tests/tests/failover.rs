@@ -51,12 +51,13 @@ fn a_proxy_reaches_the_live_replica_whatever_its_place_in_the_list() {
     let cp = ControlPlane::start(&[]);
     let live = cp.addr.to_string();
     let dead = dead_address();
+    let mut proxies = Vec::new();
     for (node, ip, order) in
         [("node-a", A_IP, vec![dead.clone(), live.clone()]), ("node-b", B_IP, vec![live.clone(), dead.clone()])]
     {
         let started = Instant::now();
         let options = ProxyOptions { control_plane_addresses: order.clone(), ..Default::default() };
-        let proxy = Proxy::start_with(&cp, node, &[WorkloadSpec::new("w", "shop", node, ip)], options);
+        let proxy = Proxy::start_with(&cp, node, &[WorkloadSpec::new(node, "shop", node, ip)], options);
         proxy.wait_ready();
         let dump = proxy.wait_config("a config from the live replica", |d| !d["version"].is_null());
         println!("{node} with {order:?}: in sync at version {} after {:?}", dump["version"], started.elapsed());
@@ -71,6 +72,7 @@ fn a_proxy_reaches_the_live_replica_whatever_its_place_in_the_list() {
         assert!(log.contains(&format!("discovery stream open address={live}")), "{log}");
         let failures = log.matches(&format!("address={dead}")).count();
         println!("{node}: log lines naming the dead replica: {failures}");
+        proxies.push(proxy);
     }
     let status = wait_synced(&cp, 2);
     println!("{status}");
