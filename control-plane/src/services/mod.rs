@@ -5,6 +5,7 @@ pub mod discovery;
 pub mod history;
 pub mod identity;
 pub mod renewal;
+pub mod revocation_expiry;
 pub mod rotation;
 pub mod scope;
 
