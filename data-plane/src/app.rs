@@ -283,28 +283,31 @@ async fn node_credential(
         None => {}
     }
 
+    // Each round tries every replica in turn (a transient failure moves on to the next one at once); rounds are
+    // spaced by the backoff, so a mesh of dead replicas is never retried in a tight loop.
     let mut backoff = Backoff::control_plane();
     loop {
-        info!(address = %config.control_plane.address, node = %config.node, "joining the mesh");
-        let attempt = tokio::select! {
-            _ = shutdown_requested(&mut shutdown) => return Ok(None),
-            attempt = NodeCredential::join(&config.control_plane, &config.node) => attempt,
-        };
-        match attempt {
-            Ok(credential) => {
-                credential.save(dir)?;
-                info!(state_dir = %dir.display(), "joined; node credential stored");
-                return Ok(Some(credential));
-            }
-            Err(e) if e.is_transient() => {
-                let delay = backoff.next_delay();
-                warn!(error = %e, retry_in = ?delay, "join failed; retrying");
-                tokio::select! {
-                    _ = shutdown_requested(&mut shutdown) => return Ok(None),
-                    _ = tokio::time::sleep(delay) => {}
+        for address in &config.control_plane.addresses {
+            info!(%address, node = %config.node, "joining the mesh");
+            let attempt = tokio::select! {
+                _ = shutdown_requested(&mut shutdown) => return Ok(None),
+                attempt = NodeCredential::join(&config.control_plane, address, &config.node) => attempt,
+            };
+            match attempt {
+                Ok(credential) => {
+                    credential.save(dir)?;
+                    info!(state_dir = %dir.display(), %address, "joined; node credential stored");
+                    return Ok(Some(credential));
                 }
+                Err(e) if e.is_transient() => warn!(error = %e, %address, "join failed; trying the next replica"),
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
+        }
+        let delay = backoff.next_delay();
+        warn!(retry_in = ?delay, "no control-plane replica accepted the join; retrying");
+        tokio::select! {
+            _ = shutdown_requested(&mut shutdown) => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
         }
     }
 }

@@ -141,8 +141,9 @@ pub enum Passthrough {
 
 #[derive(Clone)]
 pub struct ControlPlane {
-    /// `host:port` of the control plane's gRPC endpoint.
-    pub address: String,
+    /// `host:port` of each control-plane replica's gRPC endpoint, in the order they are tried (`address` or
+    /// `addresses` in the file; never empty).
+    pub addresses: Vec<String>,
     /// SHA-256 of the mesh root's SubjectPublicKeyInfo: the only trust before the proxy has joined.
     pub ca_pin: [u8; 32],
     /// Join token; needed only until the node credential is stored in `stateDir`.
@@ -153,7 +154,7 @@ pub struct ControlPlane {
 impl fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ControlPlane")
-            .field("address", &self.address)
+            .field("addresses", &self.addresses)
             .field("ca_pin", &hex::encode(self.ca_pin))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .finish()
@@ -471,7 +472,8 @@ struct RawOutbound {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawControlPlane {
-    address: String,
+    address: Option<String>,
+    addresses: Option<Vec<String>>,
     ca_pin: String,
     token: Option<String>,
 }
@@ -570,9 +572,35 @@ impl RawConfig {
         }
 
         let cp = &self.control_plane;
-        if let Err(msg) = check_host_port(&cp.address, PortZero::Refused) {
-            p.add("controlPlane.address", format!("{:?} {msg}", cp.address));
-        }
+        let addresses = match (&cp.address, &cp.addresses) {
+            (Some(_), Some(_)) => {
+                p.add("controlPlane.addresses", "give either controlPlane.address or controlPlane.addresses, not both");
+                vec![]
+            }
+            (None, None) => {
+                p.add("controlPlane.address", "missing: set controlPlane.address or controlPlane.addresses");
+                vec![]
+            }
+            (Some(address), None) => {
+                if let Err(msg) = check_host_port(address, PortZero::Refused) {
+                    p.add("controlPlane.address", format!("{address:?} {msg}"));
+                }
+                vec![address.clone()]
+            }
+            (None, Some(list)) => {
+                if list.is_empty() {
+                    p.add("controlPlane.addresses", "must not be empty");
+                }
+                for (i, address) in list.iter().enumerate() {
+                    if let Err(msg) = check_host_port(address, PortZero::Refused) {
+                        p.add(&format!("controlPlane.addresses[{i}]"), format!("{address:?} {msg}"));
+                    } else if list[..i].contains(address) {
+                        p.add(&format!("controlPlane.addresses[{i}]"), format!("{address:?} is listed twice"));
+                    }
+                }
+                list.clone()
+            }
+        };
         let ca_pin = trellis_proto::tls::parse_pin(&cp.ca_pin).unwrap_or_else(|_| {
             p.add("controlPlane.caPin", format!("{:?} is not of the form sha256:<64 hex digits>", cp.ca_pin));
             [0; 32]
@@ -655,7 +683,7 @@ impl RawConfig {
             workload_api,
             node: self.node,
             control_plane: ControlPlane {
-                address: self.control_plane.address,
+                addresses,
                 ca_pin,
                 token: self.control_plane.token.map(|t| t.trim().to_owned()),
             },
@@ -897,6 +925,7 @@ workerThreads: 4
         assert_eq!(c.jwt_clock_skew, std::time::Duration::from_secs(30));
         assert_eq!(c.worker_threads, 4);
         assert_eq!(c.control_plane.token, None);
+        assert_eq!(c.control_plane.addresses, ["cp.example:15012"]);
         assert_eq!(c.workloads[0].addresses.len(), 2);
         assert_eq!(c.workloads[0].ports[0], PortConfig { port: 8080, protocol: Protocol::Http });
         assert_eq!(c.listen.admin, "127.0.0.1:25000".parse().unwrap());
@@ -1088,6 +1117,29 @@ workerThreads: 4
             ["node", "controlPlane.address", "controlPlane.caPin", "controlPlane.token", "stateDir"],
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn control_plane_addresses_list_the_replicas() {
+        let list = minimal().replace("  address: 127.0.0.1:15012\n", "  addresses: [a:1, 'b:2', '[::1]:3']\n");
+        let c = Config::parse(&list).unwrap();
+        assert_eq!(c.control_plane.addresses, ["a:1", "b:2", "[::1]:3"]);
+
+        let both = minimal().replace("  address: 127.0.0.1:15012\n", "  address: a:1\n  addresses: [b:2]\n");
+        let err = Config::parse(&both).unwrap_err().to_string();
+        assert!(err.starts_with("controlPlane.addresses: give either"), "{err}");
+
+        let neither = minimal().replace("  address: 127.0.0.1:15012\n", "");
+        let err = Config::parse(&neither).unwrap_err().to_string();
+        assert!(err.starts_with("controlPlane.address: missing"), "{err}");
+
+        let empty = minimal().replace("  address: 127.0.0.1:15012\n", "  addresses: []\n");
+        assert_eq!(Config::parse(&empty).unwrap_err().to_string(), "controlPlane.addresses: must not be empty");
+
+        let bad = minimal().replace("  address: 127.0.0.1:15012\n", "  addresses: [a:1, 'b', a:1]\n");
+        let err = Config::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("controlPlane.addresses[1]: \"b\""), "{err}");
+        assert!(err.contains("controlPlane.addresses[2]: \"a:1\" is listed twice"), "{err}");
     }
 
     #[test]

@@ -102,6 +102,11 @@ fn describe() {
     describe_gauge!("trellis_config_version", "The config version applied.");
     describe_counter!("trellis_config_updates_total", "Config updates received, by result (ack, nack).");
     describe_gauge!("trellis_control_plane_connected", "1 while the discovery stream is open.");
+    describe_gauge!(
+        "trellis_control_plane_replica",
+        "1 for the control-plane replica (address from controlPlane.addresses) whose discovery stream is open, 0 for \
+         the others."
+    );
     describe_counter!(
         "trellis_log_suppressed_total",
         "Log lines dropped by a rate limit (refused HBONE connections beyond the burst), by log and reason."
@@ -610,6 +615,14 @@ pub fn config_update(applied: bool) {
 /// Counts a log line dropped by a rate limit (`log_limit.rs`); `reason` is one of a fixed set.
 pub fn log_suppressed(log: &'static str, reason: &'static str) {
     metrics::counter!("trellis_log_suppressed_total", "log" => log, "reason" => reason).increment(1);
+}
+
+/// Which replica of `addresses` holds the discovery stream (`None`: none).
+pub fn control_plane_replica(addresses: &[String], connected: Option<&str>) {
+    for address in addresses {
+        let value = if Some(address.as_str()) == connected { 1.0 } else { 0.0 };
+        metrics::gauge!("trellis_control_plane_replica", "address" => address.clone()).set(value);
+    }
 }
 
 pub fn control_plane_connected(connected: bool) {

@@ -508,6 +508,8 @@ pub struct ProxyOptions {
     pub capture: bool,
     /// `listen.workloadApi` (default: none, the Workload API is off).
     pub workload_api: Option<PathBuf>,
+    /// `controlPlane.addresses` instead of `controlPlane.address` (the given control plane's address), in order.
+    pub control_plane_addresses: Vec<String>,
 }
 
 /// A running `trellis-proxy`. Its HBONE listener is on every address (so that tunnels dialled to a workload's
@@ -617,6 +619,10 @@ impl Proxy {
         });
         config["listen"]["workloadApi"] =
             options.workload_api.as_ref().map_or_else(|| serde_json::json!("none"), |p| serde_json::json!(p));
+        if !options.control_plane_addresses.is_empty() {
+            config["controlPlane"] =
+                serde_json::json!({"addresses": options.control_plane_addresses, "caPin": pin, "token": token});
+        }
         for (key, value) in options.extra {
             config[key] = value;
         }

@@ -8,6 +8,8 @@
 //! prints its report (RELIABILITY.md's soak row), writes nothing.
 //! `trellis-bench rotation [--proxies N]`: a root CA rotation with N simulated proxies (see `bench/rotation.rs`);
 //! prints its report (RELIABILITY.md's rotation figures), writes nothing.
+//! `trellis-bench scoping [--namespaces N] [--workloads W] [--rounds R] [--no-build]`: bytes pushed per proxy per
+//! namespace-local change with and without scoped pushes (see `bench/scoping.rs`); prints, writes nothing.
 
 // `deny`, not `forbid`: a few system calls std does not wrap (sysconf, rlimits, prctl in `bench::procfs`; geteuid
 // in `bench::contenders`) allow unsafe code where they are made, with their SAFETY reasoning.
@@ -18,7 +20,7 @@ mod common;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: trellis-bench all [--smoke] [--only N,N] [--worker-threads N] [--bulk-mib N] [--no-build] | trellis-bench tunnel [--quick] [--direct-only] [--no-build] | trellis-bench control [--replicas N] [--proxies N] [--csr-clients N] [--rounds N] | trellis-bench soak --duration D [--cert-ttl D] [--policy-every D] [--rate N] [--streams N] [--no-build] | trellis-bench rotation [--proxies N] [--workloads M] [--overlap D]";
+const USAGE: &str = "usage: trellis-bench all [--smoke] [--only N,N] [--worker-threads N] [--bulk-mib N] [--no-build] | trellis-bench tunnel [--quick] [--direct-only] [--no-build] | trellis-bench control [--replicas N] [--proxies N] [--csr-clients N] [--rounds N] | trellis-bench soak --duration D [--cert-ttl D] [--policy-every D] [--rate N] [--streams N] [--no-build] | trellis-bench rotation [--proxies N] [--workloads M] [--overlap D] | trellis-bench scoping [--namespaces N] [--workloads W] [--rounds R] [--no-build]";
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
         Some("control") => bench::control::main(&argv[1..]),
         Some("soak") => bench::soak::main(&argv[1..]),
         Some("rotation") => bench::rotation::main(&argv[1..]),
+        Some("scoping") => bench::scoping::main(&argv[1..]),
         // The suite's servers, as a process of their own.
         Some("servers") => bench::load::servers_main(),
         _ => {
