@@ -1,7 +1,6 @@
-//! The SPIFFE Workload API served by the proxy (issue 17, X.509 part), driven by a client no one here wrote: the
-//! `spiffe` crate (`trellis-spiffe-client`, run under other uids); what it receives is checked with `openssl`.
-//! Python's py-spiffe cannot be used yet: grpc-python sends a UDS path as `:authority` (`run%2Ftrellis%2F...`),
-//! which the `h2` crate under tonic rejects as malformed (RST_STREAM PROTOCOL_ERROR); see README.
+//! The SPIFFE Workload API served by the proxy (issue 17), driven by clients no one here wrote: the `spiffe` crate
+//! (`trellis-spiffe-client`, run under other uids) and Python's py-spiffe over grpc-python's C core
+//! (`py_spiffe_client.py`, attested by the interpreter's path); what they receive is checked with `openssl`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -21,6 +20,17 @@ const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 const PAYMENTS: &str = "spiffe://cluster.local/ns/shop/sa/payments";
 const OPS: &str = "spiffe://cluster.local/ns/shop/sa/ops";
 const TESTER: &str = "spiffe://cluster.local/ns/shop/sa/tester";
+const PYCLIENT: &str = "spiffe://cluster.local/ns/shop/sa/pyclient";
+
+/// The Python interpreter's executable, as /proc/PID/exe shows it (the `path` selector of `pyclient`).
+fn python_exe() -> PathBuf {
+    let out = Command::new("python3")
+        .args(["-c", "import os, sys; print(os.path.realpath(sys.executable))"])
+        .output()
+        .expect("python3 must be installed (with py-spiffe: see scripts/test)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
 
 struct Setup {
     cp: ControlPlane,
@@ -46,6 +56,7 @@ fn setup(cp_args: &[&str]) -> Setup {
         workload("payments", "127.0.10.2", vec![json!({"uid": 1001})]),
         workload("ops", "127.0.10.3", vec![json!({"uid": 1002}), json!({"gid": 1002})]),
         workload("tester", "127.0.10.4", vec![json!({"uid": 0}), json!({"path": test_exe})]),
+        workload("pyclient", "127.0.10.6", vec![json!({"path": python_exe()})]),
         // No selectors: never handed out.
         workload("web", "127.0.10.5", vec![]),
     ];
@@ -69,6 +80,14 @@ impl Setup {
     fn rust_client(&self, uid: u32, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin("trellis-spiffe-client"));
         cmd.args(args).env("SPIFFE_ENDPOINT_SOCKET", self.endpoint()).uid(uid).gid(uid);
+        cmd
+    }
+
+    /// `py_spiffe_client.py ARGS` (as root: the interpreter's path is what attests it).
+    fn py_client(&self, args: &[&str]) -> Command {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("py_spiffe_client.py");
+        let mut cmd = Command::new("python3");
+        cmd.arg(script).args(args).env("SPIFFE_ENDPOINT_SOCKET", self.endpoint());
         cmd
     }
 
@@ -152,7 +171,7 @@ fn clients_under_different_uids_get_their_own_identities_verified_by_openssl() {
 
     // Each issuance logged and counted.
     let log = read_log(&s.proxy.log_path());
-    for id in [ORDERS, PAYMENTS, OPS, TESTER] {
+    for id in [ORDERS, PAYMENTS, OPS, TESTER, PYCLIENT] {
         assert!(
             log.lines().any(|l| l.contains("application SVID (Workload API) installed") && l.contains(id)),
             "no issuance logged for {id}"
@@ -162,6 +181,21 @@ fn clients_under_different_uids_get_their_own_identities_verified_by_openssl() {
         assert!(issued >= 1.0, "{id}: {issued}");
     }
     assert!(log.contains("Workload API: X.509-SVIDs sent"), "handouts are logged");
+}
+
+/// grpc-python (C core) sends the socket path, percent-encoded, as `:authority`; h2 alone would reset the stream,
+/// the proxy's authority relay makes it acceptable. The control case is the Rust client on the same socket above.
+#[test]
+fn py_spiffe_fetches_svid_and_bundle_verified_by_openssl() {
+    let s = setup(&[]);
+    let root = s.cp.root_pem();
+    let out_dir = s.out_dir("py");
+    let got = ok_json(s.py_client(&["x509", out_dir.to_str().unwrap()]).output().unwrap(), "py-spiffe x509");
+    assert_eq!(got["spiffe_id"], PYCLIENT);
+    assert_eq!(got["trust_domains"], json!(["cluster.local"]));
+    check_with_openssl(&out_dir, PYCLIENT, "svid_key.pem", "PEM", &root);
+    let log = read_log(&s.proxy.log_path());
+    assert!(log.lines().any(|l| l.contains("X.509-SVIDs sent") && l.contains(PYCLIENT)), "{log}");
 }
 
 fn rt() -> tokio::runtime::Runtime {
