@@ -310,6 +310,72 @@ fn svid_files_serve_mutual_tls_across_rotation_without_restart() {
     let _ = server.wait();
 }
 
+/// Resident memory (bytes) and open descriptors of a process.
+fn usage(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = (status.lines().find_map(|l| l.strip_prefix("VmRSS:")))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    (kib * 1024, std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count())
+}
+
+const CALLERS: usize = 1000;
+
+/// 1,000 callers at once, each holding a FetchX509SVID stream open: every one is answered, a new caller is still
+/// served meanwhile, and the proxy's memory stays bounded and its descriptors come back when they leave.
+#[test]
+fn a_thousand_concurrent_callers_are_served_with_bounded_memory() {
+    let s = setup(&[]);
+    let pid = s.proxy.pid().unwrap();
+    // Warm up: one caller through the whole path.
+    ok_json(s.rust_client(1000, &["fetch", s.out_dir("warm").to_str().unwrap()]).output().unwrap(), "warm-up");
+    let (rss_before, fds_before) = usage(pid);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let streams = runtime.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..CALLERS {
+            let socket = s.socket.clone();
+            set.spawn(async move {
+                let mut client = grpc_client(&socket).await;
+                let mut stream =
+                    client.fetch_x509svid(with_header(X509svidRequest {}, true)).await.unwrap().into_inner();
+                let first = stream.message().await.unwrap().unwrap();
+                assert_eq!(first.svids[0].spiffe_id, TESTER);
+                (client, stream)
+            });
+        }
+        set.join_all().await
+    });
+    assert_eq!(streams.len(), CALLERS);
+    let (rss_during, fds_during) = usage(pid);
+    // A new caller while the thousand are open.
+    let during =
+        ok_json(s.rust_client(1001, &["fetch", s.out_dir("during").to_str().unwrap()]).output().unwrap(), "during");
+    assert_eq!(during["spiffe_id"], PAYMENTS);
+    drop(streams);
+    drop(runtime);
+    let (rss_after, fds_after) =
+        wait_for("the proxy to close the callers' connections", Duration::from_secs(30), || {
+            let (rss, fds) = usage(pid);
+            (fds <= fds_before + 10).then_some((rss, fds))
+        });
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!(
+        "{CALLERS} open FetchX509SVID streams: proxy RSS {:.1} MiB before, {:.1} MiB with them open ({:.1} KiB per \
+         caller), {:.1} MiB after they left; fds {fds_before} -> {fds_during} -> {fds_after}",
+        mib(rss_before),
+        mib(rss_during),
+        (rss_during.saturating_sub(rss_before)) as f64 / 1024.0 / CALLERS as f64,
+        mib(rss_after)
+    );
+    assert!(fds_during >= CALLERS, "the thousand were connected at once: {fds_during}");
+    // Bounded: well under a MiB per open caller.
+    assert!(rss_during < rss_before + 256 * 1024 * 1024, "RSS {:.1} MiB with {CALLERS} callers", mib(rss_during));
+    let again =
+        ok_json(s.rust_client(1000, &["fetch", s.out_dir("again").to_str().unwrap()]).output().unwrap(), "after");
+    assert_eq!(again["spiffe_id"], ORDERS);
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
