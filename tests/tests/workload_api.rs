@@ -211,6 +211,14 @@ fn py_spiffe_fetches_svid_and_bundle_verified_by_openssl() {
     check_with_openssl(&out_dir, PYCLIENT, "svid_key.pem", "PEM", &root);
     let log = read_log(&s.proxy.log_path());
     assert!(log.lines().any(|l| l.contains("X.509-SVIDs sent") && l.contains(PYCLIENT)), "{log}");
+
+    // The shipped example client does the same.
+    let example_dir = s.out_dir("example");
+    let out = example("fetch_svid.py").arg(&example_dir).env("SPIFFE_ENDPOINT_SOCKET", s.endpoint()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("SPIFFE ID:  {PYCLIENT}")), "{stdout}");
+    check_with_openssl(&example_dir, PYCLIENT, "svid_key.pem", "PEM", &root);
 }
 
 /// `examples/workload-api/NAME ARGS` (run as root: the files are the credentials, not the uid).
