@@ -137,6 +137,9 @@ pub struct Rewriter {
     open: Option<OpenBlock>,
 }
 
+/// A decoded header field: name, value.
+type Field = (Vec<u8>, Vec<u8>);
+
 struct OpenBlock {
     stream: u32,
     flags: u8,
@@ -204,7 +207,7 @@ impl Rewriter {
     }
 
     /// The block's fields, with an unparseable `:authority` replaced.
-    fn decode(&mut self, fragment: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, RelayError> {
+    fn decode(&mut self, fragment: &[u8]) -> Result<Vec<Field>, RelayError> {
         let mut fields = Vec::new();
         let mut size = 0usize;
         let mut too_large = false;
@@ -235,7 +238,7 @@ impl Rewriter {
 }
 
 /// The block re-encoded (literal fields without indexing, plain strings) as HEADERS and CONTINUATION frames.
-fn encode_frames(block: &OpenBlock, fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+fn encode_frames(block: &OpenBlock, fields: &[Field]) -> Vec<u8> {
     let mut encoded = Vec::new();
     for (name, value) in fields {
         // Literal Header Field without Indexing, New Name (RFC 7541, 6.2.2), no Huffman.
@@ -292,7 +295,10 @@ mod tests {
     }
 
     /// Splits frames and decodes their header blocks with a fresh decoder (the server's: empty table).
-    fn decode_frames(bytes: &[u8]) -> Vec<(u8, u8, u32, Vec<(String, String)>)> {
+    /// (frame type, flags, stream, fields) of each header block.
+    type Block = (u8, u8, u32, Vec<(String, String)>);
+
+    fn decode_frames(bytes: &[u8]) -> Vec<Block> {
         let mut out = Vec::new();
         let mut decoder = Decoder::new();
         let mut rest = bytes;
