@@ -34,6 +34,14 @@ pub fn describe_metrics() {
     describe_gauge!("trellis_store_workloads", "Workloads registered by proxies.");
     describe_gauge!("trellis_config_version", "The current config version.");
     describe_counter!("trellis_revocations_total", "Revocations recorded, by kind (node, identity, admin).");
+    describe_gauge!(
+        "trellis_rotation_phase",
+        "The root CA rotation's phase: 1 for the current one (none, prepare, switch, overlap, retire, done), 0 for the others."
+    );
+    describe_gauge!(
+        "trellis_rotation_proxies_holding_old_ca",
+        "Proxies whose last report names a certificate of the retiring CA (0 outside a rotation)."
+    );
 }
 
 pub async fn serve_metrics(listener: tokio::net::TcpListener, handle: PrometheusHandle) {

@@ -80,6 +80,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     tokio::spawn(crate::http::serve_metrics(metrics_listener, metrics));
 
     tokio::spawn(crate::jwks::run(shared.mesh.clone(), opts.jwks.clone()));
+    tokio::spawn(crate::services::revocation_expiry::run(shared.mesh.clone()));
 
     let listener =
         TcpListener::bind(opts.listen).await.with_context(|| format!("binding gRPC listener {}", opts.listen))?;

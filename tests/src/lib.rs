@@ -178,22 +178,35 @@ impl ControlPlane {
     /// the kernel picks.
     pub fn start(extra_serve_args: &[&str]) -> Self {
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
-        Self::start_at(None, any_port, any_port, extra_serve_args)
+        Self::start_at(None, any_port, any_port, &[], extra_serve_args)
+    }
+
+    /// The same with extra `init` flags (e.g. an operator CA: `--ca-cert`, `--ca-key`, `--ca-chain`).
+    pub fn start_init(extra_init_args: &[&str], extra_serve_args: &[&str]) -> Self {
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_at(None, any_port, any_port, extra_init_args, extra_serve_args)
     }
 
     /// The same on `host`, listening on its address at Istio's ports (15012, metrics on 127.0.0.1:15014).
     pub fn start_in(host: &netns::Host, extra_serve_args: &[&str]) -> Self {
         let metrics = SocketAddr::from(([127, 0, 0, 1], 15014));
-        Self::start_at(Some(host.ns.clone()), host.addr(15012), metrics, extra_serve_args)
+        Self::start_at(Some(host.ns.clone()), host.addr(15012), metrics, &[], extra_serve_args)
     }
 
-    fn start_at(netns: Option<String>, addr: SocketAddr, metrics_addr: SocketAddr, extra_serve_args: &[&str]) -> Self {
+    fn start_at(
+        netns: Option<String>,
+        addr: SocketAddr,
+        metrics_addr: SocketAddr,
+        extra_init_args: &[&str],
+        extra_serve_args: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().join("data");
         let init = Command::new(bin("trellis-control"))
             .args(["init", "--data-dir"])
             .arg(&data_dir)
             .args(["--endpoint", &addr.to_string()])
+            .args(extra_init_args)
             .output()
             .expect("run trellis-control init");
         assert!(init.status.success(), "init failed: {}", String::from_utf8_lossy(&init.stderr));

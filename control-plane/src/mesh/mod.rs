@@ -34,6 +34,7 @@ mod rotation;
 mod signing;
 
 pub use errors::MeshError;
+pub use revocations::next_expiry;
 pub use rotation::{CaMaterial, RotateRequest};
 
 /// Checks a proxy's Hello as the Discovery service does before registering it (`hello.rs`); public for the fuzz

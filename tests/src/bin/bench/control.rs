@@ -47,14 +47,14 @@ pub struct Results {
     pub signings: Vec<f64>,
 }
 
-const NAMESPACE: &str = "bench";
+pub const NAMESPACE: &str = "bench";
 const MARKER: &str = "bench-converge-";
 /// The control plane's trust domain (`trellis-control init`'s default), which a proxy's state is bound to.
-const TRUST_DOMAIN: &str = "cluster.local";
+pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// What a proxy does with an update: apply it to a copy of its state (`state::apply`, the proxy's own code: every
 /// resource parsed by trellis-policy, the policy set compiled), keep the result and ACK, or NACK with the reason.
-fn apply_and_answer(state: &mut State, update: &pb::ConfigUpdate) -> (pb::Ack, Result<(), String>) {
+pub fn apply_and_answer(state: &mut State, update: &pb::ConfigUpdate) -> (pb::Ack, Result<(), String>) {
     match state::apply(state, update) {
         Ok(next) => {
             *state = next;
@@ -76,7 +76,7 @@ struct AdminConfig {
     key: String,
 }
 
-async fn admin(cp: &ControlPlane) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
+pub async fn admin(cp: &ControlPlane) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
     let text = std::fs::read_to_string(cp.admin_config())?;
     let config: AdminConfig = serde_yaml_ng::from_str(&text).context("admin.yaml")?;
     let certs = |pem: &str| CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>();
@@ -105,34 +105,8 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
     let started = Instant::now();
     let mut admin = admin(&cp).await?;
     let addr = cp.addr.to_string();
-    eprintln!("  creating {} join tokens", plan.proxies);
-    let mut tokens = Vec::with_capacity(plan.proxies);
-    for i in 0..plan.proxies {
-        let request = pb::CreateTokenRequest {
-            node: node_name(i),
-            namespaces: vec![NAMESPACE.into()],
-            ttl_seconds: 3600,
-            reusable: false,
-        };
-        let token = admin.create_token(request).await.context("CreateToken")?.into_inner();
-        tokens.push((token.token, token.ca_pin));
-    }
-    eprintln!("  joining {} proxies", plan.proxies);
     let gate = Arc::new(Semaphore::new(32));
-    let mut joins = tokio::task::JoinSet::new();
-    for (i, (token, pin)) in tokens.into_iter().enumerate() {
-        let (gate, addr) = (gate.clone(), addr.clone());
-        joins.spawn(async move {
-            let _permit = gate.acquire().await?;
-            let joined = client::join(&addr, &pin, &token, &node_name(i)).await?.map_err(|s| anyhow!("join: {s}"))?;
-            anyhow::Ok((i, joined))
-        });
-    }
-    let mut joined: Vec<Option<Joined>> = (0..plan.proxies).map(|_| None).collect();
-    while let Some(done) = joins.join_next().await {
-        let (i, j) = done??;
-        joined[i] = Some(j);
-    }
+    let joined = join_all(&mut admin, &addr, plan.proxies, &gate).await?;
     let (acked_tx, mut acked_rx) = mpsc::unbounded_channel();
     let (signing_tx, signing_rx) = watch::channel(false);
     let signals = Arc::new(Signals {
@@ -147,7 +121,6 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
     let mut up = tokio::task::JoinSet::new();
     let mut simulated = tokio::task::JoinSet::new();
     for (i, j) in joined.into_iter().enumerate() {
-        let j = j.context("a join result is missing")?;
         let (gate, signals) = (gate.clone(), signals.clone());
         let csr_client = i < plan.csr_clients;
         up.spawn(async move {
@@ -261,7 +234,45 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
     })
 }
 
-fn node_name(i: usize) -> String {
+/// Creates a join token for each of `count` simulated proxies (named by [`node_name`]) and joins each (a fresh
+/// P-256 key, its node certificate), at most `gate`'s permits at once.
+pub async fn join_all(
+    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    addr: &str,
+    count: usize,
+    gate: &Arc<Semaphore>,
+) -> anyhow::Result<Vec<Joined>> {
+    eprintln!("  creating {count} join tokens");
+    let mut tokens = Vec::with_capacity(count);
+    for i in 0..count {
+        let request = pb::CreateTokenRequest {
+            node: node_name(i),
+            namespaces: vec![NAMESPACE.into()],
+            ttl_seconds: 3600,
+            reusable: false,
+        };
+        let token = admin.create_token(request).await.context("CreateToken")?.into_inner();
+        tokens.push((token.token, token.ca_pin));
+    }
+    eprintln!("  joining {count} proxies");
+    let mut joins = tokio::task::JoinSet::new();
+    for (i, (token, pin)) in tokens.into_iter().enumerate() {
+        let (gate, addr) = (gate.clone(), addr.to_owned());
+        joins.spawn(async move {
+            let _permit = gate.acquire().await?;
+            let joined = client::join(&addr, &pin, &token, &node_name(i)).await?.map_err(|s| anyhow!("join: {s}"))?;
+            anyhow::Ok((i, joined))
+        });
+    }
+    let mut joined: Vec<Option<Joined>> = (0..count).map(|_| None).collect();
+    while let Some(done) = joins.join_next().await {
+        let (i, j) = done??;
+        joined[i] = Some(j);
+    }
+    joined.into_iter().map(|j| j.context("a join result is missing")).collect()
+}
+
+pub fn node_name(i: usize) -> String {
     format!("sim-{i:04}")
 }
 
