@@ -130,11 +130,25 @@ pub async fn run(
 
     // Application SVIDs (Workload API): the attested workloads' identities again, each under a key of its own.
     let attestor = Arc::new(workload_api::attest::Attestor::new(&config.workloads, node.trust_domain())?);
-    let app_ids = attestor.identities();
+    // ... and those written as files (svidFiles).
+    let file_targets = (config.workloads.iter())
+        .filter_map(|w| {
+            let files = w.svid_files.clone()?;
+            Some(
+                SpiffeId::workload(node.trust_domain(), &w.namespace, &w.service_account)
+                    .map(|id| crate::svid_files::Target { id, config: files }),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut app_ids = attestor.identities();
+    app_ids.extend(file_targets.iter().map(|t| t.id.clone()));
     let app_manager = (!app_ids.is_empty()).then(|| {
         let app_certs = Arc::new(WorkloadCerts::new(app_ids));
         CertManager::with_first_request_id(app_certs, Instant::now(), discovery::APP_REQUEST_IDS)
     });
+    if let (Some(manager), false) = (&app_manager, file_targets.is_empty()) {
+        tokio::spawn(crate::svid_files::follow(file_targets, manager.certs().clone(), state.clone()));
+    }
     if let Some(listen) = &config.workload_api {
         let listener = workload_api::bind(listen)?;
         let app_certs = app_manager.as_ref().map_or_else(|| Arc::new(WorkloadCerts::new([])), |m| m.certs().clone());

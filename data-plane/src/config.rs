@@ -171,7 +171,32 @@ pub struct WorkloadConfig {
     pub ports: Vec<PortConfig>,
     /// Who may fetch this workload's SVID from the Workload API (empty: nobody).
     pub attest: Vec<Selector>,
+    /// Where to write this workload's application SVID as files (`workloads[].svidFiles`).
+    pub svid_files: Option<SvidFilesConfig>,
 }
+
+/// `workloads[].svidFiles`: the application SVID written as `svid.pem`, `svid_key.pem` and `bundle.pem` in `dir`,
+/// owned by `owner`, for programs that only read files; after each write `command` runs and `signal` is sent to the
+/// pid in `pid_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SvidFilesConfig {
+    pub dir: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    /// argv, run without a shell.
+    pub command: Vec<String>,
+    /// (signal number, its name) and the file holding the pid to send it to.
+    pub signal: Option<(i32, String, PathBuf)>,
+}
+
+/// The signals `svidFiles.signal` may name.
+const SIGNALS: &[(&str, i32)] = &[
+    ("SIGHUP", libc::SIGHUP),
+    ("SIGUSR1", libc::SIGUSR1),
+    ("SIGUSR2", libc::SIGUSR2),
+    ("SIGTERM", libc::SIGTERM),
+    ("SIGINT", libc::SIGINT),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortConfig {
@@ -492,6 +517,69 @@ struct RawWorkload {
     ports: Vec<RawPort>,
     #[serde(default)]
     attest: Vec<RawSelector>,
+    svid_files: Option<RawSvidFiles>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSvidFiles {
+    dir: String,
+    owner: String,
+    #[serde(default)]
+    command: Vec<String>,
+    signal: Option<String>,
+    pid_file: Option<String>,
+}
+
+impl RawSvidFiles {
+    fn validate(self, at: &str, p: &mut Problems) -> Option<SvidFilesConfig> {
+        let before = p.0.len();
+        if !self.dir.starts_with('/') {
+            p.add(&format!("{at}.dir"), format!("{:?} is not an absolute path", self.dir));
+        }
+        let owner = self.owner.split_once(':').and_then(|(u, g)| {
+            let id = |t: &str| t.parse::<u32>().ok().filter(|n| *n != u32::MAX);
+            Some((id(u)?, id(g)?))
+        });
+        if owner.is_none() {
+            p.add(&format!("{at}.owner"), format!("{:?} is not \"uid:gid\" (numeric IDs)", self.owner));
+        }
+        if self.command.first().is_some_and(|c| c.is_empty()) {
+            p.add(&format!("{at}.command"), "the program (first element) must not be empty");
+        }
+        let signal = match (self.signal, self.pid_file) {
+            (None, None) => None,
+            (Some(name), Some(pid_file)) => {
+                let upper = name.to_ascii_uppercase();
+                let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+                let number = SIGNALS.iter().find(|(n, _)| *n == full).map(|(_, s)| *s);
+                if number.is_none() {
+                    let known: Vec<&str> = SIGNALS.iter().map(|(n, _)| *n).collect();
+                    p.add(&format!("{at}.signal"), format!("{name:?} is not one of {}", known.join(", ")));
+                }
+                if !pid_file.starts_with('/') {
+                    p.add(&format!("{at}.pidFile"), format!("{pid_file:?} is not an absolute path"));
+                }
+                number.map(|n| (n, full, PathBuf::from(pid_file)))
+            }
+            (Some(_), None) => {
+                p.add(&format!("{at}.pidFile"), "required with signal (the process to signal)");
+                None
+            }
+            (None, Some(_)) => {
+                p.add(&format!("{at}.signal"), "required with pidFile (what to send)");
+                None
+            }
+        };
+        let (uid, gid) = owner?;
+        (p.0.len() == before).then(|| SvidFilesConfig {
+            dir: PathBuf::from(self.dir),
+            uid,
+            gid,
+            command: self.command,
+            signal,
+        })
+    }
 }
 
 /// One selector: exactly one of its fields.
@@ -763,6 +851,7 @@ fn validate_workloads(raw: Vec<RawWorkload>, p: &mut Problems) -> Vec<WorkloadCo
         let attest = (w.attest.into_iter().enumerate())
             .filter_map(|(j, selector)| selector.validate(&format!("{at}.attest[{j}]"), p))
             .collect();
+        let svid_files = w.svid_files.and_then(|f| f.validate(&format!("{at}.svidFiles"), p));
 
         out.push(WorkloadConfig {
             name: w.name,
@@ -772,6 +861,7 @@ fn validate_workloads(raw: Vec<RawWorkload>, p: &mut Problems) -> Vec<WorkloadCo
             addresses,
             ports,
             attest,
+            svid_files,
         });
     }
     out
@@ -1196,6 +1286,17 @@ workerThreads: 4
     }
 
     #[test]
+    fn svid_files_parse() {
+        let yaml = with_workload(
+            "    svidFiles: {dir: /run/web, owner: \"1000:1001\", command: [/bin/true, x], signal: hup, pidFile: /p}\n",
+        );
+        let files = Config::parse(&yaml).unwrap().workloads[0].svid_files.clone().unwrap();
+        assert_eq!((files.dir.as_path(), files.uid, files.gid), (Path::new("/run/web"), 1000, 1001));
+        assert_eq!(files.command, ["/bin/true", "x"]);
+        assert_eq!(files.signal, Some((libc::SIGHUP, "SIGHUP".to_owned(), PathBuf::from("/p"))));
+    }
+
+    #[test]
     fn bad_selectors_and_sockets_are_named() {
         let cases = [
             ("    attest: [{uid: 1, gid: 2}]\n", "workloads[0].attest[0]: must set exactly one of uid, gid, path"),
@@ -1208,6 +1309,14 @@ workerThreads: 4
             ("    attest: [{pid: 1}]\n", "unknown field `pid`"),
             ("listen:\n  workloadApi: relative.sock\n", "listen.workloadApi: \"relative.sock\" is not an absolute"),
             ("listen:\n  workloadApiMode: \"999\"\n", "listen.workloadApiMode: \"999\" is not an octal file mode"),
+            ("    svidFiles: {dir: rel, owner: \"1:1\"}\n", "workloads[0].svidFiles.dir: \"rel\" is not an absolute"),
+            ("    svidFiles: {dir: /d, owner: \"web\"}\n", "workloads[0].svidFiles.owner: \"web\" is not \"uid:gid\""),
+            ("    svidFiles: {dir: /d, owner: \"1:1\", signal: HUP}\n", "svidFiles.pidFile: required with signal"),
+            (
+                "    svidFiles: {dir: /d, owner: \"1:1\", signal: SIGKILL, pidFile: /p}\n",
+                "workloads[0].svidFiles.signal: \"SIGKILL\" is not one of SIGHUP",
+            ),
+            ("    svidFiles: {dir: /d, owner: \"1:1\", mode: 1}\n", "unknown field `mode`"),
         ];
         for (extra, expected) in cases {
             let err = Config::parse(&with_workload(extra)).unwrap_err().to_string();

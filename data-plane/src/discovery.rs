@@ -292,9 +292,7 @@ impl Discovery {
                             not_after = %rfc3339(cert.info.not_after),
                             "{} installed", purpose.what()
                         );
-                        if purpose == Purpose::Tunnel {
-                            self.report_held(session)?;
-                        }
+                        self.report_held(session)?;
                     }
                     Ok(None) => debug!("answer to an abandoned CSR ignored"),
                     Err(e) => {
@@ -370,7 +368,8 @@ impl Discovery {
         }
     }
 
-    /// Tells the control plane which certificates this proxy uses, and which CA signed each (a root rotation
+    /// Tells the control plane which certificates this proxy uses (its own and its applications'), and which CA
+    /// signed each (a root rotation
     /// waits for these reports).
     fn report_held(&self, session: &Session) -> Result<(), StreamError> {
         let held = |spiffe_id: String, chain: &[CertificateDer<'_>], info: &crate::identity::certs::CertInfo| {
@@ -384,8 +383,12 @@ impl Discovery {
                     .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
             }
         };
-        let mut certificates: Vec<HeldCertificate> =
-            self.certs.certs().all().iter().map(|c| held(c.spiffe_id.to_string(), &c.chain, &c.info)).collect();
+        // Tunnel certificates and application SVIDs (Workload API, svidFiles) alike: a root rotation must wait for
+        // the applications' certificates too, or it would retire the root they chain to.
+        let mut certificates: Vec<HeldCertificate> = (std::iter::once(&self.certs).chain(self.app_certs.as_ref()))
+            .flat_map(|manager| manager.certs().all())
+            .map(|c| held(c.spiffe_id.to_string(), &c.chain, &c.info))
+            .collect();
         certificates.push(held(self.node.spiffe_id.to_string(), &self.node.chain, &self.node.info));
         session.send(Up::Held(CertificatesHeld { certificates }))
     }

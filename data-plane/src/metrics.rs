@@ -90,6 +90,10 @@ fn describe() {
         "X.509-SVIDs issued for applications (Workload API), each with its own key, by SPIFFE ID."
     );
     describe_counter!(
+        "trellis_svid_files_written_total",
+        "Times a workload's SVID files (svidFiles: svid.pem, svid_key.pem, bundle.pem) were written, by SPIFFE ID."
+    );
+    describe_counter!(
         "trellis_workload_api_calls_total",
         "Workload API calls, by method and result (ok, permission_denied, invalid_argument, unimplemented)."
     );
@@ -601,6 +605,11 @@ pub fn certificate_renewal(kind: RenewalKind, outcome: RenewalOutcome) {
 /// An application SVID (Workload API) was issued.
 pub fn workload_api_svid_issued(spiffe_id: &SpiffeId) {
     metrics::counter!("trellis_workload_api_svids_issued_total", "spiffe_id" => spiffe_id.to_string()).increment(1);
+}
+
+/// A workload's SVID files were (re)written.
+pub fn svid_files_written(spiffe_id: &SpiffeId) {
+    metrics::counter!("trellis_svid_files_written_total", "spiffe_id" => spiffe_id.to_string()).increment(1);
 }
 
 /// A Workload API call was answered or refused.

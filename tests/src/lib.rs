@@ -476,6 +476,8 @@ pub struct WorkloadSpec {
     pub labels: Vec<(String, String)>,
     /// `attest` selectors (Workload API), e.g. `{"uid": 1000}`.
     pub attest: Vec<serde_json::Value>,
+    /// `svidFiles`, e.g. `{"dir": "/run/orders", "owner": "1000:1000"}`.
+    pub svid_files: Option<serde_json::Value>,
 }
 
 impl WorkloadSpec {
@@ -488,6 +490,7 @@ impl WorkloadSpec {
             ports: vec![(8080, "tcp")],
             labels: Vec::new(),
             attest: Vec::new(),
+            svid_files: None,
         }
     }
 }
@@ -587,13 +590,17 @@ impl Proxy {
         let workloads_yaml: Vec<serde_json::Value> = workloads
             .iter()
             .map(|w| {
-                serde_json::json!({
+                let mut yaml = serde_json::json!({
                     "name": w.name, "namespace": w.namespace, "serviceAccount": w.service_account,
                     "addresses": w.addresses,
                     "labels": w.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
                     "ports": w.ports.iter().map(|(p, proto)| serde_json::json!({"port": p, "protocol": proto})).collect::<Vec<_>>(),
                     "attest": w.attest,
-                })
+                });
+                if let Some(files) = &w.svid_files {
+                    yaml["svidFiles"] = files.clone();
+                }
+                yaml
             })
             .collect();
         let mut outbound = serde_json::json!({"passthrough": options.passthrough.unwrap_or("deny")});
