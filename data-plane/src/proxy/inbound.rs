@@ -147,7 +147,9 @@ async fn connection(
         tls_failure(&data, peer, local, started, &error);
         return Err(error.into());
     }
-    info!(%peer, %source, %serial, "HBONE connection accepted");
+    // DEBUG, not INFO: one line per authenticated connection is the access log's job (one entry per stream, with
+    // the peer's identity); at INFO a peer reconnecting in a loop would flood the log with lines no limit counts.
+    debug!(%peer, %source, %serial, "HBONE connection accepted");
     let peer_id = Arc::new(Peer {
         principal: source.principal().into(),
         labels: PeerLabels::identity_only(&source),
