@@ -60,8 +60,8 @@ where
                 // The pending connection is ready, so this completes at once; a peer that reset it meanwhile
                 // leaves nothing to accept, and the loop goes on.
                 let shed = tokio::time::timeout(Duration::ZERO, listener.accept()).await;
-                take_reserve();
                 if let Ok(Ok((tcp, peer))) = shed {
+                    // Closed before the reserve is taken again: its descriptor is the one the reserve gets back.
                     drop(tcp);
                     crate::metrics::connection_shed(what);
                     if ACCEPT_ERRORS.allow(what) {
@@ -69,12 +69,15 @@ where
                             "connection closed at once: out of file descriptors");
                     }
                 }
+                take_reserve();
             }
             Err(e) => {
                 if ACCEPT_ERRORS.allow(what) {
                     tracing::warn!(listener = what, error = %e, "accept failed");
                 }
                 tokio::time::sleep(RETRY_PAUSE).await;
+                // Descriptors freed meanwhile: hold the reserve again, for the next shortage.
+                take_reserve();
             }
         }
     }

@@ -72,7 +72,7 @@ fn parse_args(argv: &[String]) -> anyhow::Result<Args> {
 }
 
 /// `30s`, `5m`, `1h`.
-fn parse_duration(text: &str) -> Option<Duration> {
+pub fn parse_duration(text: &str) -> Option<Duration> {
     let split = text.len().checked_sub(1)?;
     let (number, unit) = text.split_at(split);
     let n: u64 = number.parse().ok()?;
@@ -250,7 +250,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     Ok(failed == 0 && lost == 0)
 }
 
-fn commit() -> String {
+pub fn commit() -> String {
     std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
