@@ -95,6 +95,24 @@ fn spawn_apply(cp: &ControlPlane, file: &std::path::Path) -> std::process::Child
         .expect("spawn trellisctl apply")
 }
 
+/// The pid of the process listening on `addr` (from `ss`).
+fn listening_pid(addr: SocketAddr) -> u32 {
+    let out = Command::new("ss").args(["-Htlnp"]).output().expect("run ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains(&format!(" {addr} "))).unwrap_or_else(|| panic!("no listener {addr}"));
+    let pid = line.split("pid=").nth(1).and_then(|r| r.split(',').next()).expect("pid in ss output");
+    pid.parse().expect("pid")
+}
+
+/// User and system CPU time of `pid`, in clock ticks (10 ms).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    tick(11) + tick(12)
+}
+
 /// Every proxy's resource names, sampled until `stop`: each distinct set seen, per proxy.
 fn watch_sets(admins: Vec<(String, SocketAddr)>, stop: Arc<AtomicBool>) -> Arc<Mutex<Vec<(String, usize)>>> {
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -116,8 +134,9 @@ fn watch_sets(admins: Vec<(String, SocketAddr)>, stop: Arc<AtomicBool>) -> Arc<M
 }
 
 /// SIGKILL of the control plane while it applies and pushes 1,000 policies, twice: once as soon as the first proxy
-/// holds the new set (the push to the others in flight), once right after the apply was sent (before, during or
-/// after the store's transaction, whichever the kill meets). The store is all or nothing, so after each restart
+/// holds the new set (the push to the others in flight), once while the control plane works on the apply (50 ms
+/// of its CPU spent since the apply started: parsing, validating or in the store's transaction, whichever the kill
+/// meets). The store is all or nothing, so after each restart
 /// every proxy converges to one set, the control plane's, and no proxy ever holds a part of the 1,000 (sampled
 /// throughout from each proxy's `/config_dump`).
 #[test]
@@ -135,9 +154,9 @@ fn control_plane_killed_during_a_push_of_1000_policies_leaves_no_proxy_with_a_pa
     let admins: Vec<(String, SocketAddr)> = m.proxies.iter().map(|p| (p.node.clone(), p.admin_addr)).collect();
     let seen = watch_sets(admins.clone(), stop.clone());
 
-    for round in ["when the first proxy holds the new set", "right after the apply was sent"] {
+    for round in ["when the first proxy holds the new set", "while the control plane works on the apply"] {
         // From the base set (1) again, so each round's kill meets a real change.
-        if round == "right after the apply was sent" {
+        if round == "while the control plane works on the apply" {
             m.cp.ctl_ok(&["delete", "-f", file.to_str().unwrap()]);
             for proxy in &m.proxies {
                 proxy.wait_config("the bulk policies deleted", |d| resource_names(d).len() == 1);
@@ -145,14 +164,13 @@ fn control_plane_killed_during_a_push_of_1000_policies_leaves_no_proxy_with_a_pa
         }
         let started = Instant::now();
         let mut apply = spawn_apply(&m.cp, &file);
-        if round == "right after the apply was sent" {
-            // Once trellisctl's connection to the control plane is up: the request is on its way or being
-            // parsed or stored; the kill meets whichever.
-            let pid = format!("pid={},", apply.id());
-            wait_for("trellisctl connected to the control plane", Duration::from_secs(30), || {
-                let out = Command::new("ss").args(["-Htnp", "state", "established"]).output().ok()?;
-                let text = String::from_utf8_lossy(&out.stdout);
-                text.lines().any(|l| l.contains(&pid) && l.contains(&m.cp.addr.to_string())).then_some(())
+        if round == "while the control plane works on the apply" {
+            // Once the control plane has spent 50 ms of CPU since the apply started: parsing, validating or
+            // storing the 1,000 documents (the kill meets whichever).
+            let pid = listening_pid(m.cp.addr);
+            let start = cpu_ticks(pid);
+            wait_for("the control plane working on the apply", Duration::from_secs(60), || {
+                (cpu_ticks(pid) >= start + 5).then_some(())
             });
         }
         if round == "when the first proxy holds the new set" {
@@ -493,4 +511,86 @@ fn a_full_control_plane_data_dir_refuses_applies_clearly_keeps_serving_and_recov
     m.cp.resume();
     let listed = m.cp.ctl_json(&["get", "ap", "-n", NAMESPACE]);
     assert_eq!(listed["items"].as_array().map_or(0, |a| a.len()), 200, "the store after a restart");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap_or("VmRSS: 0 kB");
+    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+/// A destination workload that accepts and then stops reading, with a client that keeps writing: what the proxies
+/// buffer for it is bounded by the socket buffers and the HTTP/2 stream window (measured: RSS of both proxies
+/// before, while the writer is blocked, after), other connections through the same proxies and the same pooled
+/// HBONE connection keep echoing meanwhile, and when the client gives up (closes) the proxies' open connections
+/// return to 0. The proxies have no idle timeout for tunnelled connections, so nothing closes the stalled one
+/// before its client does (printed, not asserted on: a stall is not an error by itself).
+#[test]
+fn a_destination_that_stops_reading_costs_bounded_memory_and_other_connections_flow() {
+    let cp = ControlPlane::start(&[]);
+    let echo = Echo::start(format!("{B_IP}:0").parse().unwrap());
+    let stall = std::net::TcpListener::bind(format!("{B_IP}:0")).unwrap();
+    let stall_addr = stall.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for stream in stall.incoming().flatten() {
+            keep.lock().unwrap().push(stream); // accepted, never read
+        }
+    });
+    let a_spec = WorkloadSpec::new("w0", NAMESPACE, "w0", A_IP);
+    let mut b_spec = WorkloadSpec::new("w1", NAMESPACE, "w1", B_IP);
+    b_spec.ports = vec![(echo.addr.port(), "tcp"), (stall_addr.port(), "tcp")];
+    let a = Proxy::start(&cp, "node-0", &[a_spec]);
+    let b = Proxy::start(&cp, "node-1", &[b_spec]);
+    a.wait_ready();
+    b.wait_ready();
+    a.wait_config("node-1's workload at node-0", |d| d["workloads"].to_string().contains(B_IP));
+    let pids = [a.pid().unwrap(), b.pid().unwrap()];
+    let echo_ok = || {
+        let echoed = socks::echo_round_trip(socks::connect_ok(a.socks5_addr, echo.addr), b"other traffic");
+        assert_eq!(echoed, b"other traffic");
+    };
+    echo_ok();
+    let before = pids.map(rss_kib);
+
+    // The writer: 1 MiB blocks until a write blocks for good (nothing sent for 2 s after the last block).
+    let mut stalled = socks::connect_ok(a.socks5_addr, stall_addr);
+    stalled.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let block = vec![7u8; 1 << 20];
+    let mut sent = 0usize;
+    loop {
+        match stalled.write(&block) {
+            Ok(n) => sent += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+            Err(e) => panic!("writing to the stalled tunnel: {e}"),
+        }
+        assert!(sent < 1 << 30, "1 GiB written to a destination that reads nothing: unbounded buffering");
+    }
+    let during = pids.map(rss_kib);
+    // Other connections flow meanwhile, over the same proxies (and the same pooled HBONE connection).
+    for _ in 0..20 {
+        echo_ok();
+    }
+    println!(
+        "a destination that stops reading: the client wrote {:.1} MiB before its write blocked; RSS KiB node-0 {} → {} \
+         , node-1 {} → {}",
+        sent as f64 / 1048576.0,
+        before[0],
+        during[0],
+        before[1],
+        during[1]
+    );
+    let open = |p: &Proxy| sum_samples(&scrape(p.metrics_addr), "trellis_open_connections", &[]);
+    assert!(open(&a) >= 1.0, "the stalled connection is still open at node-0 (no idle timeout)");
+    drop(stalled);
+    held.lock().unwrap().clear();
+    for proxy in [&a, &b] {
+        wait_for(&format!("{}'s open connections back to 0", proxy.node), Duration::from_secs(30), || {
+            (open(proxy) == 0.0).then_some(())
+        });
+    }
+    let after = pids.map(rss_kib);
+    println!("after the client closed: RSS KiB node-0 {}, node-1 {}", after[0], after[1]);
+    echo_ok();
 }
