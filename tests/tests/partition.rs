@@ -37,9 +37,6 @@ fn link(net_bridge: &str, wire: &str, state: &str) {
 }
 
 #[test]
-#[ignore = "fails today: during the cut a new A → B connection hangs (20 s and more) instead of failing: a CONNECT \
-            on the pooled HBONE connection to the cut-off host waits for an answer with no timeout until the \
-            HTTP/2 keep-alive (30 s interval, 10 s timeout) declares the connection dead; see RELIABILITY.md"]
 fn a_partitioned_host_costs_only_the_paths_across_it_and_everything_recovers_after_the_heal() {
     let net = Net::new("part", 77, 4);
     let (h0, h1, h2, h3) = (net.host(0), net.host(1), net.host(2), net.host(3));
@@ -93,8 +90,7 @@ fn a_partitioned_host_costs_only_the_paths_across_it_and_everything_recovers_aft
     assert_ne!(across, Outcome::Passed, "nothing crosses the cut");
     assert!(!matches!(across, Outcome::Hung), "it ends, it does not hang");
     let log = read_log(&a.log_path());
-    let reason =
-        log.lines().rev().find(|l| l.contains(&h2.ip.to_string()) && (l.contains("WARN") || l.contains("ERROR")));
+    let reason = log.lines().rev().find(|l| l.contains("connection refused") && l.contains(&h2.ip.to_string()));
     println!("A's reason: {}", reason.unwrap_or("(none)"));
     assert!(reason.is_some(), "A logs why it could not reach host 2:\n{log}");
     // The open connection to B: its data goes nowhere; the pooled HBONE connection is found dead by keep-alive.
