@@ -33,10 +33,23 @@ pub fn describe_metrics() {
     describe_gauge!("trellis_store_resources", "Security resources in the store, by kind.");
     describe_gauge!("trellis_store_workloads", "Workloads registered by proxies.");
     describe_gauge!("trellis_config_version", "The current config version.");
+    describe_gauge!("trellis_store_available", "1 while the store answers (etcd with quorum), else 0.");
     describe_counter!("trellis_revocations_total", "Revocations recorded, by kind (node, identity, admin).");
+    describe_gauge!(
+        "trellis_rotation_phase",
+        "The root CA rotation's phase: 1 for the current one (none, prepare, switch, overlap, retire, done), 0 for the others."
+    );
+    describe_gauge!(
+        "trellis_rotation_proxies_holding_old_ca",
+        "Proxies whose last report names a certificate of the retiring CA (0 outside a rotation)."
+    );
 }
 
-pub async fn serve_metrics(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+/// Whether the replica is ready: its store answers (a replica whose etcd lost quorum serves discovery from its last
+/// snapshot but refuses writes, and says so here).
+pub type Readiness = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
+
+pub async fn serve_metrics(listener: tokio::net::TcpListener, handle: PrometheusHandle, ready: Readiness) {
     loop {
         let (tcp, _peer): (tokio::net::TcpStream, SocketAddr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -47,20 +60,28 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, handle: Prometheus
             }
         };
         let handle = handle.clone();
+        let ready = ready.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let handle = handle.clone();
-                async move { Ok::<_, Infallible>(route(&req, &handle)) }
+                let ready = ready.clone();
+                async move { Ok::<_, Infallible>(route(&req, &handle, ready())) }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
         });
     }
 }
 
-fn route(req: &Request<hyper::body::Incoming>, handle: &PrometheusHandle) -> Response<Full<Bytes>> {
+fn route(req: &Request<hyper::body::Incoming>, handle: &PrometheusHandle, ready: bool) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match req.uri().path() {
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
-        "/healthz/ready" => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+        "/metrics" => {
+            metrics::gauge!("trellis_store_available").set(if ready { 1.0 } else { 0.0 });
+            (StatusCode::OK, "text/plain; version=0.0.4", handle.render())
+        }
+        "/healthz/ready" if ready => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+        "/healthz/ready" => {
+            (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: store unavailable\n".to_owned())
+        }
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
     };
     Response::builder()

@@ -9,7 +9,8 @@ use anyhow::{Context, bail};
 use crate::ca::{self, Ca, LocalCert};
 use crate::files::{pem, write_new};
 use crate::settings::{ADMIN_FILE, CONTROL_FILE, CliConfig, ControlSettings};
-use crate::store::{RedbStore, STORE_FILE};
+use crate::store::Table;
+use crate::store_config::StoreConfig;
 
 pub const ADMIN_CERT: &str = "admin/admin-cert.pem";
 pub const ADMIN_KEY: &str = "admin/admin-key.pem";
@@ -24,12 +25,25 @@ pub struct InitOptions {
     /// The endpoint written into admin.yaml.
     pub endpoint: String,
     pub admin_name: String,
+    /// redb (a file in the data dir) or etcd (the CA and control.yaml published there for every replica).
+    pub store: StoreConfig,
 }
 
 pub fn init(opts: &InitOptions) -> anyhow::Result<()> {
     trellis_proto::spiffe::validate_trust_domain(&opts.trust_domain)
         .map_err(|e| anyhow::anyhow!("--trust-domain {:?}: {e}", opts.trust_domain))?;
     refuse_existing(&opts.data_dir)?;
+    // A shared store is checked before anything is written: reachable, KEK readable, no mesh in it yet.
+    let shared = match &opts.store {
+        StoreConfig::Redb => None,
+        StoreConfig::Etcd { .. } => {
+            let opened = opts.store.open(&opts.data_dir)?;
+            if opened.store.get(Table::CaFiles, CONTROL_FILE)?.is_some() {
+                return Err(crate::shared_files::SharedFilesError::AlreadyInitialized.into());
+            }
+            Some(opened)
+        }
+    };
     let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     let (cert_pem, key_pem, chain_pem) = match (&opts.ca_cert, &opts.ca_key) {
         (Some(cert), Some(key)) => {
@@ -58,7 +72,7 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<()> {
     let root_pem = pem("CERTIFICATE", chain.last().expect("chain is never empty"));
     write_new(&dir.join(ca::ROOT_CERT), root_pem.as_bytes(), 0o644)?;
 
-    let settings = ControlSettings { trust_domain: opts.trust_domain.clone() };
+    let settings = ControlSettings { trust_domain: opts.trust_domain.clone(), store: None };
     write_new(&dir.join(CONTROL_FILE), serde_yaml_ng::to_string(&settings)?.as_bytes(), 0o644)?;
 
     let ca = Ca::load(dir, &opts.trust_domain)?;
@@ -70,7 +84,15 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<()> {
         CliConfig { endpoint: opts.endpoint.clone(), ca_bundle: root_pem, certificate: admin_chain, key: admin_key };
     write_new(&dir.join(ADMIN_FILE), serde_yaml_ng::to_string(&cli)?.as_bytes(), 0o600)?;
 
-    RedbStore::open(&dir.join(STORE_FILE))?;
+    match shared {
+        None => {
+            opts.store.open(dir)?;
+        }
+        Some(opened) => {
+            let kek = opened.kek.as_ref().expect("etcd opens with a KEK");
+            crate::shared_files::publish(opened.store.as_ref(), dir, kek, true, &[ADMIN_CERT])?;
+        }
+    }
     Ok(())
 }
 

@@ -15,6 +15,7 @@ pub mod http;
 pub mod init;
 pub mod jwks;
 pub mod jwks_host;
+pub mod kek;
 pub mod mesh;
 pub mod records;
 pub mod rotation;
@@ -22,8 +23,10 @@ pub mod server;
 pub mod services;
 pub mod serving;
 pub mod settings;
+pub mod shared_files;
 pub mod status;
 pub mod store;
+pub mod store_config;
 pub mod tokens;
 
 /// A command-line duration [`parse_duration`] refuses.

@@ -21,6 +21,8 @@ pub enum Phase {
 }
 
 impl Phase {
+    pub const ALL: [Phase; 5] = [Phase::Prepare, Phase::Switch, Phase::Overlap, Phase::Retire, Phase::Done];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Prepare => "prepare",

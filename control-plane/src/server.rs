@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use crate::mesh::{Mesh, MeshConfig};
 use crate::services::{Shared, admin::AdminService, discovery::DiscoveryService, identity::IdentityService};
 use crate::settings::ControlSettings;
 use crate::status::ProxyRegistry;
-use crate::store::{RedbStore, STORE_FILE};
+use crate::store_config::{StoreArgs, StoreConfig};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -36,6 +37,10 @@ pub struct ServeOptions {
     pub addresses_file: Option<PathBuf>,
     /// Tests only: a root rotation never leaves this phase.
     pub rotation_hold: Option<crate::rotation::Phase>,
+    /// The store backend (flags; control.yaml's `store:` section fills what they leave out).
+    pub store: StoreArgs,
+    /// This replica's name, as `trellisctl proxy-status` shows it.
+    pub replica_name: String,
 }
 
 pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
@@ -45,8 +50,24 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         .install_recorder()
         .context("installing the metrics recorder")?;
     crate::http::describe_metrics();
+    let config = opts.store.resolve(ControlSettings::store_section(&opts.data_dir)?.as_ref())?;
+    if matches!(config, StoreConfig::Redb) {
+        // The data dir must exist (made by `init`): say so before the store is created anywhere.
+        ControlSettings::load(&opts.data_dir)?;
+    }
+    let opened = config.open(&opts.data_dir).context("opening the store")?;
+    if let Some(kek) = &opened.kek {
+        // A replica on a shared store takes the CA and control.yaml from it (`shared_files.rs`).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&opts.data_dir)
+            .with_context(|| format!("creating {}", opts.data_dir.display()))?;
+        let written = crate::shared_files::materialize(opened.store.as_ref(), &opts.data_dir, kek)?;
+        tracing::info!(files = written, kek = kek.id(), "data dir filled from the shared store");
+    }
     let settings = ControlSettings::load(&opts.data_dir)?;
-    let store = Arc::new(RedbStore::open(&opts.data_dir.join(STORE_FILE)).context("opening the store")?);
+    let store = opened.store;
     let authority =
         crate::authority::load(&opts.data_dir, store.as_ref(), &settings.trust_domain).context("loading the CA")?;
     let mesh = Mesh::open(
@@ -77,9 +98,18 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         .with_context(|| format!("binding metrics listener {}", opts.metrics_listen))?;
     let metrics_address =
         metrics_listener.local_addr().with_context(|| format!("binding metrics listener {}", opts.metrics_listen))?;
-    tokio::spawn(crate::http::serve_metrics(metrics_listener, metrics));
+    let ready_store = shared.mesh.clone();
+    tokio::spawn(crate::http::serve_metrics(
+        metrics_listener,
+        metrics,
+        Arc::new(move || ready_store.store().available()),
+    ));
+    if let Some(changes) = shared.mesh.store().changes() {
+        tokio::spawn(crate::mesh::follow_store(shared.mesh.clone(), changes));
+    }
 
     tokio::spawn(crate::jwks::run(shared.mesh.clone(), opts.jwks.clone()));
+    tokio::spawn(crate::services::revocation_expiry::run(shared.mesh.clone()));
 
     let listener =
         TcpListener::bind(opts.listen).await.with_context(|| format!("binding gRPC listener {}", opts.listen))?;

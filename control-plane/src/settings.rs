@@ -12,6 +12,9 @@ pub const ADMIN_FILE: &str = "admin.yaml";
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ControlSettings {
     pub trust_domain: String,
+    /// The store backend when no `--store` flag is given (`store_config.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<crate::store_config::StoreSettings>,
 }
 
 impl ControlSettings {
@@ -20,6 +23,14 @@ impl ControlSettings {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| anyhow::anyhow!("{}: {e} (run `trellis-control init` first)", path.display()))?;
         serde_yaml_ng::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// The `store:` section, if the data dir has a control.yaml (a new etcd replica has none yet).
+    pub fn store_section(data_dir: &Path) -> anyhow::Result<Option<crate::store_config::StoreSettings>> {
+        if !data_dir.join(CONTROL_FILE).exists() {
+            return Ok(None);
+        }
+        Ok(Self::load(data_dir)?.store)
     }
 }
 

@@ -18,9 +18,10 @@ use trellis_proto::v1::{Ack, CertificatesHeld, ConfigUpdate, DiscoveryRequest, H
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::identity::certs::rfc3339;
-use crate::identity::node_renewal::NodeRenewal;
+use crate::identity::node_renewal::{NodeRenewal, NodeRenewalError};
+use crate::identity::workload::IssueError;
 use crate::identity::{CertManager, NodeCredential, node};
-use crate::metrics;
+use crate::metrics::{self, RenewalKind, RenewalOutcome};
 use crate::state::{self, StateStore};
 use crate::{connect_error, shutdown_requested};
 
@@ -246,6 +247,7 @@ impl Discovery {
                 match manager.on_response(answer, Instant::now(), SystemTime::now()) {
                     Ok(Some(cert)) => {
                         metrics::certificate_rotation(&cert.spiffe_id, true);
+                        metrics::certificate_renewal(RenewalKind::Workload, RenewalOutcome::Renewed);
                         if purpose == Purpose::App {
                             metrics::workload_api_svid_issued(&cert.spiffe_id);
                         }
@@ -262,6 +264,7 @@ impl Discovery {
                     Ok(None) => debug!("answer to an abandoned CSR ignored"),
                     Err(e) => {
                         metrics::certificate_rotation(e.spiffe_id(), false);
+                        metrics::certificate_renewal(RenewalKind::Workload, issue_outcome(&e));
                         error!(error = %e, "{} not issued", purpose.what())
                     }
                 }
@@ -280,9 +283,19 @@ impl Discovery {
             }
             Some(Down::NodeCredential(answer)) => {
                 match self.node_renewal.on_response(answer, &self.node, Instant::now(), SystemTime::now()) {
-                    Ok(Some(renewed)) => self.install_node_credential(renewed, session)?,
+                    Ok(Some(renewed)) => {
+                        metrics::certificate_renewal(RenewalKind::Node, RenewalOutcome::Renewed);
+                        self.install_node_credential(renewed, session)?
+                    }
                     Ok(None) => debug!("answer to an abandoned node credential renewal ignored"),
-                    Err(e) => error!(error = %e, "node credential not renewed; the current one stays in use"),
+                    Err(e) => {
+                        let outcome = match e {
+                            NodeRenewalError::Refused(_) => RenewalOutcome::Refused,
+                            _ => RenewalOutcome::Failed,
+                        };
+                        metrics::certificate_renewal(RenewalKind::Node, outcome);
+                        error!(error = %e, "node credential not renewed; the current one stays in use")
+                    }
                 }
             }
             None => debug!("empty message from the control plane ignored"),
@@ -315,6 +328,7 @@ impl Discovery {
             }
             Ok(None) => Ok(()),
             Err(e) => {
+                metrics::certificate_renewal(RenewalKind::Node, RenewalOutcome::Failed);
                 warn!(error = %e, "node credential renewal failed; retrying");
                 Ok(())
             }
@@ -358,6 +372,7 @@ impl Discovery {
             }
             for failure in step.failures {
                 metrics::certificate_rotation(failure.spiffe_id(), false);
+                metrics::certificate_renewal(RenewalKind::Workload, issue_outcome(&failure));
                 error!(error = %failure, "{} not issued", purpose.what());
             }
             for request in step.requests {
@@ -448,6 +463,14 @@ struct OnDrop<F: FnMut()>(F);
 impl<F: FnMut()> Drop for OnDrop<F> {
     fn drop(&mut self) {
         (self.0)()
+    }
+}
+
+/// A workload certificate not obtained: refused by the control plane, or failed here.
+fn issue_outcome(e: &IssueError) -> RenewalOutcome {
+    match e {
+        IssueError::Refused { .. } => RenewalOutcome::Refused,
+        IssueError::Invalid { .. } | IssueError::TimedOut(_) => RenewalOutcome::Failed,
     }
 }
 

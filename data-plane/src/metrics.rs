@@ -114,6 +114,10 @@ fn describe() {
         "trellis_revocations_total",
         "What revocations did, by kind (node, identity) and action (refused: a handshake; closed: an HBONE connection; stream_closed: a tunnel)."
     );
+    describe_counter!(
+        "trellis_certificate_renewals_total",
+        "Certificates this proxy asked for and got or did not, by kind (node: its node credential; workload: an SVID) and outcome (renewed; refused: by the control plane; failed: an unusable answer or no answer)."
+    );
     describe_gauge!("process_resident_memory_bytes", Unit::Bytes, "Resident memory.");
     describe_counter!("process_cpu_seconds_total", Unit::Seconds, "CPU time, user and system.");
     describe_gauge!("process_open_fds", "Open file descriptors.");
@@ -525,6 +529,12 @@ pub fn record_health(health: &Health<'_>) {
     for result in ["ack", "nack"] {
         metrics::counter!("trellis_config_updates_total", "result" => result).increment(0);
     }
+    for kind in [RenewalKind::Node, RenewalKind::Workload] {
+        for outcome in [RenewalOutcome::Renewed, RenewalOutcome::Refused, RenewalOutcome::Failed] {
+            metrics::counter!("trellis_certificate_renewals_total", "kind" => kind.label(), "outcome" => outcome.label())
+                .increment(0);
+        }
+    }
     for result in ["ok", "error"] {
         for (spiffe_id, _) in &health.certificates {
             metrics::counter!("trellis_certificate_rotations_total", "spiffe_id" => spiffe_id.clone(), "result" => result)
@@ -541,6 +551,50 @@ pub fn certificate_rotation(spiffe_id: &SpiffeId, ok: bool) {
         "result" => if ok { "ok" } else { "error" }
     )
     .increment(1);
+}
+
+/// Which certificate a renewal was for: `kind` of `trellis_certificate_renewals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewalKind {
+    /// The proxy's node credential.
+    Node,
+    /// A workload SVID (tunnel or Workload API).
+    Workload,
+}
+
+/// How a renewal ended: `outcome` of `trellis_certificate_renewals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewalOutcome {
+    Renewed,
+    /// The control plane said no (a revoked node or identity, a CSR it does not sign).
+    Refused,
+    /// The answer was unusable, or none came in time.
+    Failed,
+}
+
+impl RenewalKind {
+    fn label(self) -> &'static str {
+        match self {
+            RenewalKind::Node => "node",
+            RenewalKind::Workload => "workload",
+        }
+    }
+}
+
+impl RenewalOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            RenewalOutcome::Renewed => "renewed",
+            RenewalOutcome::Refused => "refused",
+            RenewalOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// Counts one certificate obtained or not (bounded labels: two kinds, three outcomes).
+pub fn certificate_renewal(kind: RenewalKind, outcome: RenewalOutcome) {
+    metrics::counter!("trellis_certificate_renewals_total", "kind" => kind.label(), "outcome" => outcome.label())
+        .increment(1);
 }
 
 /// An application SVID (Workload API) was issued.

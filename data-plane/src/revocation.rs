@@ -138,26 +138,10 @@ impl RevocationList {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::revocations as list;
 
     fn id(sa: &str) -> SpiffeId {
         SpiffeId::workload("td.test", "ns", sa).unwrap()
-    }
-
-    fn list(serials: &[(&str, &str)], identities: &[&str]) -> v1::Revocations {
-        v1::Revocations {
-            certificates: serials
-                .iter()
-                .map(|(serial, node)| v1::RevokedCertificate {
-                    serial: serial.to_string(),
-                    node: node.to_string(),
-                    ..Default::default()
-                })
-                .collect(),
-            identities: identities
-                .iter()
-                .map(|i| v1::RevokedIdentity { spiffe_id: i.to_string(), revoked_at_unix: 0 })
-                .collect(),
-        }
     }
 
     #[test]

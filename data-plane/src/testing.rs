@@ -204,8 +204,9 @@ pub enum At {
     B,
 }
 
-/// A revocation list naming certificates (serial, node) and identities.
-pub fn revocations(certificates: &[(&str, &str)], identities: &[&SpiffeId]) -> v1::Revocations {
+/// A revocation list naming certificates (serial, node) and identities (SPIFFE IDs as text, so that tests can send
+/// one the proxy must refuse).
+pub fn revocations(certificates: &[(&str, &str)], identities: &[&str]) -> v1::Revocations {
     v1::Revocations {
         certificates: certificates
             .iter()

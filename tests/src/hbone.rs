@@ -247,6 +247,12 @@ impl Connection {
         }
     }
 
+    /// Waits up to `within` for the connection to end (the server closed it, or it failed); false when it is still
+    /// open then. The sender stays alive meanwhile, so the client never closes an idle connection by itself.
+    pub async fn wait_closed(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, &mut self.task).await.is_ok()
+    }
+
     /// Why a request failed: the connection's own error when it ended (a TLS alert, a reset), else the request's.
     async fn failure(&mut self, request_error: &hyper::Error) -> Outcome {
         // A request fails because its connection ended: wait for the connection task to say why.

@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod client;
+pub mod etcd;
 pub mod hbone;
 pub mod http;
 pub mod netns;
@@ -16,6 +17,7 @@ pub mod prometheus;
 pub mod socks;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -142,6 +144,18 @@ pub fn read_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+/// `trellis-control init` of `data_dir`, its admin.yaml naming `addr`, with extra (store) flags.
+fn init_data_dir(data_dir: &Path, addr: SocketAddr, store_args: &[String]) {
+    let init = Command::new(bin("trellis-control"))
+        .args(["init", "--data-dir"])
+        .arg(data_dir)
+        .args(["--endpoint", &addr.to_string()])
+        .args(store_args)
+        .output()
+        .expect("run trellis-control init");
+    assert!(init.status.success(), "init failed: {}", String::from_utf8_lossy(&init.stderr));
+}
+
 /// A running `trellis-control` with its own data dir.
 ///
 /// It binds port 0 and reports the ports the kernel picked (`serve --addresses-file`), so no other process can take
@@ -155,6 +169,31 @@ pub struct ControlPlane {
     child: Option<Child>,
     /// Network namespace it runs in (and `trellisctl` with it); `None`: this one.
     netns: Option<String>,
+    /// The etcd this control plane alone uses (`TRELLIS_TEST_STORE=etcd`), stopped with it.
+    own_etcd: Option<etcd::EtcdCluster>,
+    /// `serve` flags of the store (and replica name), kept across `restart_with`.
+    store_args: Vec<String>,
+}
+
+/// `init`/`serve` flags for the etcd store at `etcd`, with the KEK file kept beside its data (made on first use).
+pub fn etcd_store_args(etcd: &etcd::EtcdCluster) -> Vec<String> {
+    let kek = etcd.dir.path().join("kek");
+    if !kek.exists() {
+        let mut key = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut key).expect("random KEK");
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&kek, hex).expect("write KEK");
+        std::fs::set_permissions(&kek, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod KEK");
+    }
+    ["--store", "etcd", "--etcd-endpoints", &etcd.endpoints(), "--kek-file", &kek.display().to_string()]
+        .map(String::from)
+        .to_vec()
+}
+
+/// Whether `ControlPlane::start` puts its control plane on etcd (`TRELLIS_TEST_STORE=etcd`: CI runs one
+/// representative test binary so).
+pub fn etcd_requested() -> bool {
+    std::env::var("TRELLIS_TEST_STORE").is_ok_and(|v| v == "etcd")
 }
 
 impl ControlPlane {
@@ -178,29 +217,89 @@ impl ControlPlane {
     /// the kernel picks.
     pub fn start(extra_serve_args: &[&str]) -> Self {
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
-        Self::start_at(None, any_port, any_port, extra_serve_args)
+        Self::start_at(None, any_port, any_port, &[], extra_serve_args)
+    }
+
+    /// The same with extra `init` flags (e.g. an operator CA: `--ca-cert`, `--ca-key`, `--ca-chain`).
+    pub fn start_init(extra_init_args: &[&str], extra_serve_args: &[&str]) -> Self {
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_at(None, any_port, any_port, extra_init_args, extra_serve_args)
     }
 
     /// The same on `host`, listening on its address at Istio's ports (15012, metrics on 127.0.0.1:15014).
     pub fn start_in(host: &netns::Host, extra_serve_args: &[&str]) -> Self {
         let metrics = SocketAddr::from(([127, 0, 0, 1], 15014));
-        Self::start_at(Some(host.ns.clone()), host.addr(15012), metrics, extra_serve_args)
+        Self::start_at(Some(host.ns.clone()), host.addr(15012), metrics, &[], extra_serve_args)
     }
 
-    fn start_at(netns: Option<String>, addr: SocketAddr, metrics_addr: SocketAddr, extra_serve_args: &[&str]) -> Self {
+    fn start_at(
+        netns: Option<String>,
+        addr: SocketAddr,
+        metrics_addr: SocketAddr,
+        extra_init_args: &[&str],
+        extra_serve_args: &[&str],
+    ) -> Self {
+        let own_etcd = (etcd_requested() && netns.is_none()).then(|| etcd::EtcdCluster::start(1));
+        let store_args = own_etcd.as_ref().map(etcd_store_args).unwrap_or_default();
         let dir = tempfile::tempdir().expect("tempdir");
-        let data_dir = dir.path().join("data");
-        let init = Command::new(bin("trellis-control"))
-            .args(["init", "--data-dir"])
-            .arg(&data_dir)
-            .args(["--endpoint", &addr.to_string()])
-            .output()
-            .expect("run trellis-control init");
-        assert!(init.status.success(), "init failed: {}", String::from_utf8_lossy(&init.stderr));
+        let init_args: Vec<String> =
+            store_args.iter().cloned().chain(extra_init_args.iter().map(|s| s.to_string())).collect();
+        init_data_dir(&dir.path().join("data"), addr, &init_args);
         let extra_args = extra_serve_args.iter().map(|s| s.to_string()).collect();
-        let mut cp = Self { dir, addr, metrics_addr, extra_args, child: None, netns };
+        let mut cp = Self { dir, addr, metrics_addr, extra_args, child: None, netns, own_etcd, store_args };
         cp.spawn();
         cp
+    }
+
+    /// `init --store etcd` against `etcd`, then `n` replicas serving it on 127.0.0.1 (ports the kernel picks), each
+    /// with its own data dir, filled from etcd at start, and its own admin.yaml pointing at it; replica i is named
+    /// `replica-i` in proxy-status.
+    pub fn start_replicas(etcd: &etcd::EtcdCluster, n: usize, extra_serve_args: &[&str]) -> Vec<Self> {
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        let store_args = etcd_store_args(etcd);
+        let mut replicas: Vec<Self> = Vec::new();
+        for i in 0..n {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let data_dir = dir.path().join("data");
+            match replicas.first() {
+                None => init_data_dir(&data_dir, any_port, &store_args),
+                Some(first) => {
+                    std::fs::DirBuilder::new().mode(0o700).create(&data_dir).expect("replica data dir");
+                    std::fs::copy(first.admin_config(), data_dir.join("admin.yaml")).expect("copy admin.yaml");
+                }
+            }
+            let extra_args = extra_serve_args.iter().map(|s| s.to_string()).collect();
+            let store_args =
+                store_args.iter().cloned().chain(["--replica-name".to_owned(), format!("replica-{i}")]).collect();
+            let mut cp = Self {
+                dir,
+                addr: any_port,
+                metrics_addr: any_port,
+                extra_args,
+                child: None,
+                netns: None,
+                own_etcd: None,
+                store_args,
+            };
+            cp.spawn();
+            replicas.push(cp);
+        }
+        replicas
+    }
+
+    /// The etcd this control plane alone uses, when `TRELLIS_TEST_STORE=etcd`.
+    pub fn own_etcd(&self) -> Option<&etcd::EtcdCluster> {
+        self.own_etcd.as_ref()
+    }
+
+    /// `GET /healthz/ready` on the metrics listener: the status code.
+    pub fn readiness(&self) -> u16 {
+        let mut stream = TcpStream::connect(self.metrics_addr).expect("connect metrics");
+        use std::io::{Read, Write};
+        write!(stream, "GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
     }
 
     /// Starts `serve` at `addr` and `metrics_addr` and waits for the addresses it reports; the first start (port 0)
@@ -215,6 +314,7 @@ impl ControlPlane {
             .args(["--listen", &self.addr.to_string(), "--metrics-listen", &self.metrics_addr.to_string()])
             .arg("--addresses-file")
             .arg(self.addresses_file())
+            .args(&self.store_args)
             .args(&self.extra_args)
             // Refused handshakes are logged at debug: tests check the control plane's reason for refusing.
             .env("RUST_LOG", "info,trellis_control_plane::server=debug")

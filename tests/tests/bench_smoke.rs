@@ -116,3 +116,24 @@ fn load_run_at_a_tenth_of_its_size_has_no_failure() {
     assert_eq!(burst[1], "900 attempted, 900 worked", "{burst:?}");
     assert_eq!(burst[2], "0", "{burst:?}");
 }
+
+/// `trellis-bench rotation` at a tiny size: the simulated proxies answer `RenewNow`, report what they hold and ACK
+/// both bundles, so a real rotation completes; the report says every certificate was renewed and nothing failed.
+#[test]
+fn rotation_bench_completes_with_simulated_proxies_and_reports_what_they_renewed() {
+    let out = Command::new(bin("trellis-bench"))
+        .args(["rotation", "--proxies", "10", "--workloads", "3", "--overlap", "1s"])
+        .output()
+        .expect("run");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "trellis-bench rotation failed ({}):\n{stdout}\n{stderr}", out.status);
+    let report = section(&stdout, "## Root CA rotation with 10 simulated proxies");
+    assert_eq!(row(report, "RenewNow received; node credentials renewed; workload SVIDs renewed")[1], "10; 10; 3");
+    assert_eq!(row(report, "failed: discovery streams; NACKs; refused renewals")[1], "0; 0; 0");
+    assert_measured(row(report, "whole rotation (RotateCa to `done` seen)")[1], "whole rotation");
+    let progress = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("proxies still holding a certificate of the old CA: "))
+        .unwrap_or_else(|| panic!("no progress line:\n{stdout}"));
+    assert!(progress.rsplit(", ").next().is_some_and(|last| last.starts_with("0 at ")), "{progress}");
+}

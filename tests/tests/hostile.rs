@@ -140,14 +140,22 @@ fn run(name: &str, m: &Mesh, victim: &Proxy, target: SocketAddr, send: fn(usize)
     let started = Instant::now();
     let attackers = attack(target, send);
     let opened_in = started.elapsed();
-    let mut last = before;
+    // "During" is the peak: every attacker held at once, or (on a loaded machine, where accepting 1,000 connections
+    // can outlast the 10 s handshake timeout) the most held before the first timeouts brought the count down.
+    let (mut last, mut peak) = (before, before);
     let during = trellis_tests::poll(Duration::from_secs(30), || {
         last = usage(pid);
-        (last.fds >= before.fds + ATTACKERS).then_some(last)
+        if last.fds > peak.fds {
+            peak = last;
+        }
+        let all_held = last.fds >= before.fds + ATTACKERS;
+        let closing = peak.fds > before.fds + FD_SLACK && last.fds + FD_SLACK < peak.fds;
+        (all_held || closing).then_some(peak)
     })
     .unwrap_or_else(|| {
         panic!(
-            "{name}: the victim never held every attacker (opened in {opened_in:.2?}): before {before:?}, last {last:?}"
+            "{name}: the victim never held the attackers (opened in {opened_in:.2?}): before {before:?}, peak {peak:?}, \
+             last {last:?}"
         )
     });
     let (p50_during, p99_during) = echo_latencies(m);

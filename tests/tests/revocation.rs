@@ -15,7 +15,7 @@ use trellis_proto::tls::ClientIdentity;
 use trellis_proto::v1 as pb;
 use trellis_tests::outcome::{Outcome, Refusal};
 use trellis_tests::prometheus::sum_samples;
-use trellis_tests::{ControlPlane, Echo, Proxy, WorkloadSpec, client, http, read_log, socks, wait_for};
+use trellis_tests::{ControlPlane, Echo, HttpEcho, Proxy, WorkloadSpec, client, http, read_log, socks, wait_for};
 
 const WAIT: Duration = Duration::from_secs(20);
 const TD: &str = "cluster.local";
@@ -226,6 +226,12 @@ async fn a_revoked_identity_loses_its_tunnels_and_certificates_while_another_of_
     let log = wait_log("the control plane's refusal", &cp.log_path(), &["CSR refused"]);
     let refusal = log.lines().find(|l| l.contains("CSR refused")).unwrap();
     assert!(refusal.contains(&format!("identity {} was revoked", spiffe("api"))), "{refusal}");
+    // B counts the refusal as such (trellis_certificate_renewals_total{kind="workload",outcome="refused"}).
+    wait_for("B's count of the refused renewal", WAIT, || {
+        let m = metrics(&b);
+        (sum_samples(&m, "trellis_certificate_renewals_total", &["kind=\"workload\"", "outcome=\"refused\""]) >= 1.0)
+            .then_some(())
+    });
     let signed_before = read_log(&cp.log_path()).matches(&spiffe("other")).count();
     cp.ctl_ok(&["renew", "--node", "node-b", "--spiffe-id", &spiffe("other")]);
     wait_for("other's renewal signed", WAIT, || {
@@ -235,6 +241,60 @@ async fn a_revoked_identity_loses_its_tunnels_and_certificates_while_another_of_
     assert!(sum_samples(&cp_metrics, "trellis_certificates_refused_total", &["reason=\"revoked\""]) >= 1.0);
     let listed = cp.ctl_json(&["revoke"]);
     assert_eq!(listed["identities"][0]["spiffeId"], spiffe("api"));
+}
+
+/// L7: an HTTP/1.1 keep-alive connection on an `http` port, which the destination proxy serves request by request
+/// (no byte tunnel to close): revoking the client's identity closes it at the destination proxy, which says why,
+/// and the client sees its end; the control, a keep-alive from another identity to the same port through the same
+/// destination proxy, stays up and serves its next request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_identity_loses_its_http_keep_alive_connection_while_another_identity_keeps_its_own() {
+    let cp = ControlPlane::start(&[]);
+    let echo = HttpEcho::start("127.0.15.2:0".parse().unwrap());
+    let mut api = workload("api", "127.0.15.2", None);
+    api.ports = vec![(echo.addr.port(), "http")];
+    let b = Proxy::start(&cp, "node-b", &[api]);
+    let a = Proxy::start(&cp, "node-a", &[workload("web", "127.0.15.1", None)]);
+    let c = Proxy::start(&cp, "node-c", &[workload("batch", "127.0.15.3", None)]);
+    for proxy in [&a, &b, &c] {
+        proxy.wait_ready();
+    }
+    for proxy in [&a, &c] {
+        proxy.wait_config("api in the registry", |d| d["workloads"].to_string().contains("127.0.15.2"));
+    }
+    let get = |conn: &mut http::Conn, path: &str| {
+        let response = conn.request("GET", path, "api.shop", &[]);
+        assert_eq!(response.status, 200, "{response:?}");
+        assert_eq!(response.json()["target"], path, "{response:?}");
+    };
+    let (from_web, from_batch) =
+        (socks::connect_ok(a.socks5_addr, echo.addr), socks::connect_ok(c.socks5_addr, echo.addr));
+    let (mut web, mut batch) = (http::Conn::new(from_web.try_clone().unwrap()), http::Conn::new(from_batch));
+    get(&mut web, "/first");
+    get(&mut batch, "/first");
+
+    let revoked_at = Instant::now();
+    cp.ctl_ok(&["revoke", "--spiffe-id", &spiffe("web")]);
+    let took = watch_end(&from_web, revoked_at).join().unwrap().expect("web's keep-alive closed");
+    println!("revoke --spiffe-id command -> web's HTTP keep-alive connection closed at the client: {took:?}");
+
+    // The destination end: B closed the HBONE connection carrying it, saying why.
+    let reason = format!("peer identity {} was revoked", spiffe("web"));
+    let b_log = wait_log("B's teardown", &b.log_path(), &["HBONE connection closed"]);
+    assert!(b_log.contains(&format!("closed by the proxy: {reason}")), "{b_log}");
+    // The control: batch's keep-alive, through the same proxy B to the same port, serves its next request.
+    get(&mut batch, "/second");
+    // A new connection of web is refused at B's handshake; batch's new one passes.
+    match socks::connect(a.socks5_addr, echo.addr) {
+        Err(Outcome::Refused(Refusal::Socks5(_))) => {}
+        other => panic!("web's new connection was not refused: {:?}", other.map(|_| "connected")),
+    }
+    get(&mut http::Conn::new(socks::connect_ok(c.socks5_addr, echo.addr)), "/third");
+    let metrics_b = metrics(&b);
+    assert!(
+        sum_samples(&metrics_b, "trellis_revocations_total", &["kind=\"identity\"", "action=\"closed\""]) >= 1.0,
+        "{metrics_b}"
+    );
 }
 
 /// A channel to the control plane with the credential of a `trellisctl` config file.
@@ -326,12 +386,87 @@ async fn revocation_to_teardown_latency() {
         admin.revoke_identity(pb::RevokeIdentityRequest { spiffe_id: spiffe(&format!("t{i}")) }).await.unwrap();
         took.push(end.join().unwrap().unwrap_or_else(|e| panic!("trial {i}: {e}")));
     }
+    print_quantiles("workload identity revocation to teardown (client end)", took);
+}
+
+/// Prints p50, p99 and max of `took` (a nearest-rank quantile: the smallest value at or above that fraction).
+fn print_quantiles(what: &str, mut took: Vec<Duration>) {
     took.sort();
     let at = |q: f64| took[((took.len() as f64 * q).ceil() as usize).clamp(1, took.len()) - 1];
     println!(
-        "revocation to teardown over {trials} trials: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        "{what} over {} trials: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        took.len(),
         at(0.50).as_secs_f64() * 1e3,
         at(0.99).as_secs_f64() * 1e3,
         took.last().unwrap().as_secs_f64() * 1e3
     );
+}
+
+/// The same figure for a node: each trial a new node joins (a raw client: its own token, node credential and
+/// discovery stream), gets a workload SVID, and opens an HBONE connection with it to node-b's workload, carrying one
+/// CONNECT; then one `Admin.RevokeNode` call, measured until node-b has closed that connection (the client sees its
+/// end). The control, a connection of a node never revoked, through the same node-b, stays open and serves a
+/// CONNECT at the end. Prints p50/p99; asserts only that each revoked node's connection was closed, by node-b,
+/// saying why.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_revocation_to_teardown_latency() {
+    let trials: usize = std::env::var("TRELLIS_REVOCATION_TRIALS").ok().and_then(|t| t.parse().ok()).unwrap_or(100);
+    assert!((1..=250).contains(&trials), "TRELLIS_REVOCATION_TRIALS must be 1..=250");
+    let cp = ControlPlane::start(&[]);
+    let echo = Echo::start("127.0.16.1:0".parse().unwrap());
+    let b = Proxy::start(&cp, "node-b", &[workload("api", "127.0.16.1", Some(&echo))]);
+    b.wait_ready();
+    let b_hbone: SocketAddr = format!("127.0.16.1:{}", b.hbone_port).parse().unwrap();
+    let roots = trellis_tests::hbone::roots(&cp.root_pem());
+    let mut admin = pb::admin_client::AdminClient::new(admin_channel(&cp, &cp.admin_config()).await);
+    let target = echo.addr.to_string();
+
+    // A node as a raw client: joined, its stream open (declaring one workload of service account `sim`), an SVID
+    // for it, and an HBONE connection to node-b presenting that SVID, checked with one CONNECT.
+    let node = async |admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>, i: usize| {
+        let name = format!("sim-{i}");
+        let request = pb::CreateTokenRequest {
+            node: name.clone(),
+            namespaces: vec!["shop".into()],
+            ttl_seconds: 600,
+            reusable: false,
+        };
+        let token = admin.create_token(request).await.unwrap().into_inner();
+        let joined = client::join(&cp.addr.to_string(), &token.ca_pin, &token.token, &name).await.unwrap().unwrap();
+        let address = format!("10.201.{}.{}", i / 250, 1 + i % 250);
+        let hello = client::hello(vec![client::workload(&name, "shop", "sim", &address)]);
+        let mut stream = joined.discover(hello).await.unwrap().expect("the node's stream");
+        let (key, csr) = client::csr(&[&spiffe("sim")]);
+        let answer = stream.certify(1, csr).await;
+        assert_eq!(answer.error, "", "{name}'s SVID");
+        let credential = trellis_tests::hbone::Credential {
+            chain: answer.certificate_chain.into_iter().map(Into::into).collect(),
+            key: client::key_der(&key),
+        };
+        let mut connection =
+            trellis_tests::hbone::connect(b_hbone, roots.clone(), &spiffe("api"), Some(credential)).await.unwrap();
+        assert_eq!(connection.request(hyper::Method::CONNECT, &target).await.unwrap(), hyper::StatusCode::OK);
+        (name, stream, connection)
+    };
+    let (_, _control_stream, mut control) = node(&mut admin, trials).await;
+    let mut took = Vec::with_capacity(trials);
+    for i in 0..trials {
+        let (name, _stream, mut connection) = node(&mut admin, i).await;
+        let started = Instant::now();
+        admin.revoke_node(pb::RevokeNodeRequest { name: name.clone() }).await.unwrap();
+        assert!(connection.wait_closed(WAIT).await, "trial {i}: {name}'s connection still open after {WAIT:?}");
+        took.push(started.elapsed());
+    }
+    print_quantiles("node revocation to teardown (client end)", took);
+    // Closed by node-b, because of the revocation, in every trial; the control's node never named.
+    // (The reason is a quoted field of the log line: its own quotes are escaped there.)
+    let named = |i: usize| format!("was issued to revoked node \\\"sim-{i}\\\"");
+    wait_for("node-b's teardown of every trial's connection, with the reason", WAIT, || {
+        let log = read_log(&b.log_path());
+        (0..trials).all(|i| log.contains(&named(i))).then_some(())
+    });
+    assert!(read_log(&b.log_path()).contains("was issued to revoked node"));
+    assert!(!read_log(&b.log_path()).contains(&named(trials)), "the control's node was not revoked");
+    // The control: the connection of the node never revoked is open and serves another CONNECT.
+    assert_eq!(control.request(hyper::Method::CONNECT, &target).await.unwrap(), hyper::StatusCode::OK);
 }

@@ -390,6 +390,20 @@ fn a_proxy_away_during_prepare_and_switch_rejoins_and_converges() {
     let status = wait_phase(&cp, "overlap");
     let away = status["proxies"].as_array().unwrap().iter().find(|p| p["node"] == "node-3").unwrap().clone();
     assert_eq!((away["connected"].clone(), away["oldCertificates"].clone()), (false.into(), 2.into()), "{status}");
+    // The control plane's gauges say the same: in the overlap, one proxy (node-3; the control: the two connected
+    // ones renewed) still holds certificates of the old CA.
+    wait_metric(cp.metrics_addr, "trellis_rotation_phase", &["phase=\"overlap\""], 1.0);
+    assert_eq!(metric(cp.metrics_addr, "trellis_rotation_phase", &[]), 1.0, "one phase at a time");
+    wait_metric(cp.metrics_addr, "trellis_rotation_proxies_holding_old_ca", &[], 1.0);
+    // And each connected proxy counted its renewals: the node credential and the workload SVID (issued, then
+    // renewed at the switch); nothing refused or failed.
+    for n in &nodes[..2] {
+        let m = n.proxy.metrics_addr;
+        let renewals = |labels: &[&str]| metric(m, "trellis_certificate_renewals_total", labels);
+        assert!(renewals(&["kind=\"node\"", "outcome=\"renewed\""]) >= 1.0, "{}", n.proxy.node);
+        assert!(renewals(&["kind=\"workload\"", "outcome=\"renewed\""]) >= 2.0, "{}", n.proxy.node);
+        assert_eq!(renewals(&["outcome=\"refused\""]) + renewals(&["outcome=\"failed\""]), 0.0);
+    }
     // Its state dir trusts only the old root; it comes back and verifies the control plane anyway (the serving
     // chain carries the new CA cross-signed by the old one), then renews what the old CA signed.
     let stored = std::fs::read_to_string(nodes[2].proxy.state_dir().join("trust-bundle.pem")).unwrap();
@@ -401,6 +415,7 @@ fn a_proxy_away_during_prepare_and_switch_rejoins_and_converges() {
         let p = s["proxies"].as_array().unwrap().iter().find(|p| p["node"] == "node-3").cloned()?;
         (p["connected"] == true && p["reported"] == true && p["oldCertificates"] == 0).then_some(())
     });
+    wait_metric(cp.metrics_addr, "trellis_rotation_proxies_holding_old_ca", &[], 0.0);
     assert_eq!(socks::echo_round_trip(socks::connect_ok(nodes[0].proxy.socks5_addr, nodes[2].echo), b"x"), b"x");
     assert_eq!(socks::echo_round_trip(socks::connect_ok(nodes[2].proxy.socks5_addr, nodes[0].echo), b"y"), b"y");
     let out = finish_ctl(&cp, spawn_ctl(&cp, &["ca", "rotate", "--force"]), Duration::from_secs(60));
@@ -411,6 +426,8 @@ fn a_proxy_away_during_prepare_and_switch_rejoins_and_converges() {
         assert_only_new_root(&n.proxy, &old_root, &new_root);
     }
     assert_eq!(socks::echo_round_trip(socks::connect_ok(nodes[2].proxy.socks5_addr, nodes[1].echo), b"z"), b"z");
+    wait_metric(cp.metrics_addr, "trellis_rotation_phase", &["phase=\"done\""], 1.0);
+    assert_eq!(metric(cp.metrics_addr, "trellis_rotation_phase", &[]), 1.0, "one phase at a time");
 }
 
 #[test]
@@ -435,4 +452,106 @@ fn prepare_waits_for_every_connected_proxy_to_ack_the_new_root() {
     signal("-CONT");
     let out = finish_ctl(&cp, cli, Duration::from_secs(60));
     assert!(out.contains("rotation 1 done"), "{out}");
+}
+
+/// An operator CA made with openssl in `dir`: `root.pem`/`root.key` and intermediates `int1` and `int2` under it
+/// (`intN.pem`, `intN.key`). Returns the paths, as text, by name.
+fn operator_ca(dir: &std::path::Path) -> impl Fn(&str) -> String + '_ {
+    let p = move |name: &str| dir.join(name).display().to_string();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    std::fs::write(p("ca.ext"), "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n").unwrap();
+    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &p("root.key")]);
+    let root = ["req", "-x509", "-new", "-key", &p("root.key"), "-subj", "/O=corp/CN=Corp Root", "-days", "30"];
+    openssl(&[&root[..], &["-out", &p("root.pem")]].concat());
+    for int in ["int1", "int2"] {
+        let (key, csr, pem) = (p(&format!("{int}.key")), p(&format!("{int}.csr")), p(&format!("{int}.pem")));
+        openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &key]);
+        openssl(&["req", "-new", "-key", &key, "-subj", &format!("/O=corp/CN=Mesh {int}"), "-out", &csr]);
+        let (root_pem, root_key, ext) = (p("root.pem"), p("root.key"), p("ca.ext"));
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &root_pem,
+            "-CAkey",
+            &root_key,
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            &ext,
+            "-out",
+            &pem,
+        ]);
+    }
+    p
+}
+
+fn metric(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
+    let (status, body) = http::get(addr, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{body}");
+    trellis_tests::prometheus::sum_samples(&body, name, labels)
+}
+
+fn wait_metric(addr: SocketAddr, name: &str, labels: &[&str], expected: f64) {
+    wait_for(&format!("{name}{labels:?} == {expected}"), Duration::from_secs(30), || {
+        (metric(addr, name, labels) == expected).then_some(())
+    });
+}
+
+/// The same `trellisctl ca rotate` with `--ca-cert` naming a new intermediate under the operator root in use: the
+/// trust bundle never changes (one root throughout), every certificate is renewed under the new intermediate, and
+/// the tunnel open across it and new ones work.
+#[test]
+fn an_intermediate_only_rotation_under_the_same_operator_root_renews_everything_under_the_new_intermediate() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = operator_ca(dir.path());
+    let cp = ControlPlane::start_init(
+        &["--ca-cert", &p("int1.pem"), "--ca-key", &p("int1.key"), "--ca-chain", &p("root.pem")],
+        &[],
+    );
+    let nodes = mesh(&cp, 2);
+    let root = std::fs::read_to_string(p("root.pem")).unwrap();
+    let (int1, int2) = (
+        sha256_hex(&pem_der(&std::fs::read_to_string(p("int1.pem")).unwrap())),
+        sha256_hex(&pem_der(&std::fs::read_to_string(p("int2.pem")).unwrap())),
+    );
+    // Before: everything under int1 (the control for the check below).
+    for n in &nodes {
+        for (id, chain) in held_chains(&n.proxy) {
+            assert_eq!(chain[1]["sha256"], int1.as_str(), "{}: {id} before", n.proxy.node);
+        }
+    }
+    let mut tunnel = socks::connect_ok(nodes[0].proxy.socks5_addr, nodes[1].echo);
+    round_trip(&mut tunnel, b"before").unwrap();
+
+    let args = ["ca", "rotate", "--ca-cert", &p("int2.pem"), "--ca-key", &p("int2.key"), "--ca-chain", &p("root.pem")];
+    let out = finish_ctl(&cp, spawn_ctl(&cp, &[&args[..], &["--overlap", "1s"]].concat()), Duration::from_secs(60));
+    assert!(out.contains("rotation 1 done"), "{out}");
+    println!("intermediate-only rotation:\n{out}");
+
+    let root_sha = sha256_hex(&pem_der(&root));
+    let status = ca_status(&cp);
+    let roots: Vec<&str> = status["roots"].as_array().unwrap().iter().map(|r| r["sha256"].as_str().unwrap()).collect();
+    assert_eq!(roots, [root_sha.as_str()], "one root, the operator's, throughout");
+    for n in &nodes {
+        let bundle: Vec<String> = certs(&n.proxy)["trust_bundle"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["sha256"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(bundle, [root_sha.as_str()], "{}: /certs trust bundle", n.proxy.node);
+        for (id, chain) in held_chains(&n.proxy) {
+            assert_eq!(chain[1]["sha256"], int2.as_str(), "{}: {id} is not under the new intermediate", n.proxy.node);
+            assert!(openssl_verifies(&root, &chain), "{}: {id} does not verify against the root", n.proxy.node);
+        }
+    }
+    round_trip(&mut tunnel, b"after").expect("the open tunnel across the rotation");
+    assert_eq!(socks::echo_round_trip(socks::connect_ok(nodes[1].proxy.socks5_addr, nodes[0].echo), b"new"), b"new");
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use trellis_control_plane::store_config::StoreArgs;
 use trellis_control_plane::{init, parse_duration, server};
 
 #[derive(Parser)]
@@ -41,6 +42,8 @@ enum Command {
         endpoint: String,
         #[arg(long, default_value = "admin")]
         admin_name: String,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Serve the Identity, Discovery and Admin gRPC services over TLS, and metrics over HTTP.
     Serve {
@@ -80,6 +83,11 @@ enum Command {
         /// For tests that interrupt a root rotation in a given phase: the rotation never leaves this phase.
         #[arg(long, hide = true)]
         rotation_hold: Option<trellis_control_plane::rotation::Phase>,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// This replica's name in `trellisctl proxy-status` [default: the host name].
+        #[arg(long)]
+        replica_name: Option<String>,
     },
 }
 
@@ -90,8 +98,16 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     trellis_control_plane::init_logging(cli.log_json);
     let result = match cli.command {
-        Command::Init { data_dir, trust_domain, ca_cert, ca_key, ca_chain, endpoint, admin_name } => {
-            let opts = init::InitOptions { data_dir, trust_domain, ca_cert, ca_key, ca_chain, endpoint, admin_name };
+        Command::Init { data_dir, trust_domain, ca_cert, ca_key, ca_chain, endpoint, admin_name, store } => {
+            let store = match store.resolve(None) {
+                Ok(store) => store,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            let opts =
+                init::InitOptions { data_dir, trust_domain, ca_cert, ca_key, ca_chain, endpoint, admin_name, store };
             init::init(&opts).map(|()| {
                 println!("initialised {}", opts.data_dir.display());
                 println!("trellisctl config: {}", opts.data_dir.join("admin.yaml").display());
@@ -109,6 +125,8 @@ fn main() -> std::process::ExitCode {
             jwks_allow_local,
             addresses_file,
             rotation_hold,
+            store,
+            replica_name,
         } => {
             if cert_ttl < Duration::from_secs(60) {
                 eprintln!("error: --cert-ttl must be at least 1m");
@@ -137,6 +155,8 @@ fn main() -> std::process::ExitCode {
                 jwks,
                 addresses_file,
                 rotation_hold,
+                store,
+                replica_name: replica_name.unwrap_or_else(host_name),
             };
             tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
                 |rt| {
@@ -163,4 +183,13 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// The host's name (`/proc/sys/kernel/hostname`), else "replica".
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "replica".to_owned())
 }

@@ -44,6 +44,7 @@ impl From<MeshError> for tonic::Status {
             MeshError::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
             MeshError::AlreadyExists(_) => tonic::Status::already_exists(msg),
             MeshError::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
+            MeshError::Store(StoreError::Unavailable(_)) => tonic::Status::unavailable(msg),
             MeshError::Ca(CaError::Rcgen(_) | CaError::Io(_) | CaError::Material(_)) | MeshError::Store(_) => {
                 tracing::error!(error = %msg, "internal error");
                 tonic::Status::internal(msg)
@@ -74,6 +75,10 @@ mod tests {
         assert_eq!(status(CaError::Refused("no".into()).into()), (Code::InvalidArgument, "no".into()));
         assert_eq!(status(CaError::Material("bad key".into()).into()).0, Code::Internal);
         assert_eq!(status(StoreError::Backend("disk".into()).into()).0, Code::Internal);
+        assert_eq!(
+            status(StoreError::Unavailable("etcd: no quorum".into()).into()),
+            (Code::Unavailable, "store unavailable: etcd: no quorum".into())
+        );
         assert_eq!(status(MeshError::NotFound("gone".into())), (Code::NotFound, "gone".into()));
     }
 }

@@ -23,6 +23,7 @@ use crate::store::{Store, StoreError, Table, Txn, transact};
 
 mod admins;
 mod errors;
+mod follow;
 mod hello;
 mod joins;
 mod nodes;
@@ -34,6 +35,8 @@ mod rotation;
 mod signing;
 
 pub use errors::MeshError;
+pub use follow::follow_store;
+pub use revocations::next_expiry;
 pub use rotation::{CaMaterial, RotateRequest};
 
 /// Checks a proxy's Hello as the Discovery service does before registering it (`hello.rs`); public for the fuzz
@@ -114,23 +117,31 @@ fn decode_workload(key: &str, bytes: &[u8]) -> Result<pb::Workload, StoreError> 
     })
 }
 
+/// Reads what a snapshot holds from the store: version, resources, workloads, revocations.
+fn load_state(store: &dyn Store, snapshot: &mut Snapshot) -> Result<(), StoreError> {
+    snapshot.version = records::load::<u64>(store, Table::Meta, META_VERSION)?.unwrap_or(0);
+    snapshot.resources.clear();
+    for record in records::load_all::<ResourceRecord>(store, Table::Resources)? {
+        snapshot.resources.insert(record.store_key(), Arc::new(to_pb_resource(&record)));
+    }
+    snapshot.workloads.clear();
+    for (key, bytes) in store.list(Table::Workloads)? {
+        snapshot.workloads.insert(key.clone(), Arc::new(decode_workload(&key, &bytes)?));
+    }
+    snapshot.revocations = Arc::new(revocations::load(store, now_unix())?);
+    Ok(())
+}
+
 impl Mesh {
     pub fn open(store: Arc<dyn Store>, authority: Authority, config: MeshConfig) -> Result<Self, MeshError> {
         let mut snapshot = Snapshot {
-            version: records::load::<u64>(store.as_ref(), Table::Meta, META_VERSION)?.unwrap_or(0),
             trust_bundle: pb::TrustBundle {
                 trust_domain: config.trust_domain.clone(),
                 roots: authority.roots().iter().map(|c| c.to_vec()).collect(),
             },
             ..Default::default()
         };
-        for record in records::load_all::<ResourceRecord>(store.as_ref(), Table::Resources)? {
-            snapshot.resources.insert(record.store_key(), Arc::new(to_pb_resource(&record)));
-        }
-        for (key, bytes) in store.list(Table::Workloads)? {
-            snapshot.workloads.insert(key.clone(), Arc::new(decode_workload(&key, &bytes)?));
-        }
-        snapshot.revocations = Arc::new(revocations::load(store.as_ref(), now_unix())?);
+        load_state(store.as_ref(), &mut snapshot)?;
         store_gauges(&snapshot);
         let (snapshot, _) = watch::channel(Arc::new(snapshot));
         let (authority, _) = watch::channel(Arc::new(authority));

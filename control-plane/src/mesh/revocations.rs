@@ -48,15 +48,28 @@ fn build(certificates: Entries, identities: Entries, now: i64) -> Result<pb::Rev
     Ok(list)
 }
 
-/// Revokes every certificate the log holds for `node` that has not expired at `now`, and forgets revoked
-/// certificates that have; returns how many were revoked.
-pub(super) fn revoke_node_certificates(txn: &mut dyn Txn, node: &str, now: i64) -> Result<usize, StoreError> {
+/// Forgets revoked certificates expired at `now`; returns how many.
+fn forget_expired(txn: &mut dyn Txn, now: i64) -> Result<usize, StoreError> {
+    let mut forgotten = 0;
     for (key, bytes) in txn.list(Table::RevokedCertificates)? {
         let record: RevokedCertRecord = records::decode(Table::RevokedCertificates, &key, &bytes)?;
         if record.not_after <= now {
             txn.delete(Table::RevokedCertificates, &key)?;
+            forgotten += 1;
         }
     }
+    Ok(forgotten)
+}
+
+/// When the first certificate of `list` expires (it then leaves the list: [`Mesh::prune_revocations`]).
+pub fn next_expiry(list: &pb::Revocations) -> Option<i64> {
+    list.certificates.iter().map(|c| c.not_after_unix).min()
+}
+
+/// Revokes every certificate the log holds for `node` that has not expired at `now`, and forgets revoked
+/// certificates that have; returns how many were revoked.
+pub(super) fn revoke_node_certificates(txn: &mut dyn Txn, node: &str, now: i64) -> Result<usize, StoreError> {
+    forget_expired(txn, now)?;
     let mut revoked = 0;
     for (key, bytes) in txn.list(Table::Certificates)? {
         let cert: CertRecord = records::decode(Table::Certificates, &key, &bytes)?;
@@ -132,6 +145,27 @@ impl Mesh {
         Ok(newly.is_some())
     }
 
+    /// Takes the revoked certificates expired at `now` out of the store and of the pushed list (a new config
+    /// version, so proxies drop them too); does nothing when none has expired. Returns how many left the list.
+    /// `services::revocation_expiry` calls it when the first listed certificate expires.
+    pub fn prune_revocations(&self, now: i64) -> Result<usize, MeshError> {
+        let listed = self.current().revocations.certificates.len();
+        if next_expiry(&self.current().revocations).is_none_or(|first| first > now) {
+            return Ok(0);
+        }
+        // Published whatever the store held: the pushed list then has no expired entry, so the caller, which
+        // sleeps until the first listed expiry, cannot spin on one.
+        let list = self.write(
+            |txn| {
+                forget_expired(txn, now)?;
+                let list = Arc::new(in_txn(txn, now)?);
+                Ok((list, Some(records::bump(txn, META_VERSION)?)))
+            },
+            |list, snapshot| snapshot.revocations = list.clone(),
+        )?;
+        Ok(listed.saturating_sub(list.certificates.len()))
+    }
+
     /// What is revoked now, as pushed to proxies.
     pub fn revocations(&self) -> Arc<pb::Revocations> {
         self.current().revocations.clone()
@@ -204,6 +238,33 @@ mod tests {
         assert!(refused("spiffe://other.test/ns/a/sa/b").1.contains("is not this mesh's"));
         assert!(refused(&format!("spiffe://{TRUST_DOMAIN}/trellis/node/n1")).1.contains("not a workload identity"));
         assert!(mesh.current().revocations.identities.is_empty());
+    }
+
+    #[test]
+    fn expired_revoked_certificates_leave_the_store_and_the_pushed_list_under_a_new_version() {
+        let mesh = TestMesh::new();
+        let n1 = mesh.joined("n1", &["shop"]);
+        mesh.register(&n1, &hello(vec![workload("shop", "a", "api", &["10.0.0.1"])])).unwrap();
+        mesh.sign_workload(&n1, &csr(Some(&id("shop", "api")))).unwrap();
+        mesh.revoke_identity(&id("shop", "web")).unwrap();
+        mesh.revoke_node("n1").unwrap();
+        let before = mesh.current();
+        assert_eq!(before.revocations.certificates.len(), 2);
+        let first = super::next_expiry(&before.revocations).unwrap();
+        // Control: before any expiry nothing changes, not even the version.
+        assert_eq!(mesh.prune_revocations(first - 1).unwrap(), 0);
+        assert_eq!(mesh.current().version, before.version);
+        // At the expiry of both (same TTL here): both leave, in the store too, under a new version.
+        let last = before.revocations.certificates.iter().map(|c| c.not_after_unix).max().unwrap();
+        assert_eq!(mesh.prune_revocations(last).unwrap(), 2);
+        let after = mesh.current();
+        assert!(after.version > before.version, "a new version, so that proxies ACK it");
+        assert!(after.revocations.certificates.is_empty());
+        assert_eq!(after.revocations.identities.len(), 1, "identities stay revoked");
+        assert!(mesh.store().list(crate::store::Table::RevokedCertificates).unwrap().is_empty());
+        assert_eq!(super::next_expiry(&after.revocations), None);
+        assert_eq!(mesh.prune_revocations(last + 1).unwrap(), 0, "nothing left to prune");
+        assert_eq!(mesh.current().version, after.version);
     }
 
     #[test]

@@ -31,6 +31,12 @@ pub struct RotateRequest {
 static ROTATING: Mutex<()> = Mutex::new(());
 
 impl Mesh {
+    /// Whether `authority`'s trust bundle differs from the one proxies were sent last.
+    fn bundle_changes(&self, authority: &crate::authority::Authority) -> bool {
+        let roots: Vec<Vec<u8>> = authority.roots().iter().map(|r| r.to_vec()).collect();
+        self.current().trust_bundle.roots != roots
+    }
+
     /// The latest rotation (in progress, or done), if any.
     pub fn rotation(&self) -> Result<Option<RotationRecord>, MeshError> {
         Ok(records::load(self.store.as_ref(), Table::Meta, RECORD_KEY)?)
@@ -67,6 +73,9 @@ impl Mesh {
             return Err(MeshError::InvalidArgument("--ca-cert is the CA in use already".into()));
         }
         let authority = Arc::new(self.authority().rotating(new_ca, Phase::Prepare));
+        // A new intermediate under the root in use leaves the bundle as it is: proxies get no update to ACK (a
+        // stream sends only changes), so prepare has nothing to wait for (`bundle_version` 0).
+        let bundle_changes = self.bundle_changes(&authority);
         let now = now_unix();
         let record = self.write(
             |txn| {
@@ -78,7 +87,7 @@ impl Mesh {
                     phase: Phase::Prepare,
                     overlap_secs: request.overlap.map(|d| d.as_secs()),
                     force: request.force,
-                    bundle_version: version,
+                    bundle_version: if bundle_changes { version } else { 0 },
                     retire_at: None,
                     history: vec![(Phase::Prepare, now)],
                 };
@@ -132,12 +141,14 @@ impl Mesh {
         }
         let authority = Arc::new(self.authority().for_phase(to));
         if to == Phase::Retire {
-            // The bundle loses the retiring root: a new config version, which proxies ACK.
+            // The bundle loses the retiring root: a new config version, which proxies ACK (unless the retiring CA
+            // was an intermediate under the same root: the bundle stays, nothing to wait for).
+            let bundle_changes = self.bundle_changes(&authority);
             record = self.write(
                 |txn| {
                     let version = records::bump(txn, META_VERSION)?;
                     let mut record = record.clone();
-                    record.bundle_version = version;
+                    record.bundle_version = if bundle_changes { version } else { 0 };
                     records::put(txn, Table::Meta, RECORD_KEY, &record)?;
                     Ok((record, Some(version)))
                 },

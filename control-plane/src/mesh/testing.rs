@@ -1,4 +1,5 @@
-//! In-process test support: a [`Mesh`] on a fresh redb store and a fresh CA in a temporary directory (removed on
+//! In-process test support: a [`Mesh`] on a fresh store (redb; etcd when `TRELLIS_TEST_STORE=etcd`, a fresh prefix
+//! on a real etcd this process starts) and a fresh CA in a temporary directory (removed on
 //! drop), and builders for what proxies send (CSRs, Hellos).
 
 use std::ops::Deref;
@@ -13,7 +14,7 @@ use trellis_proto::v1 as pb;
 use super::{Mesh, MeshConfig};
 use crate::ca::{CA_CERT, CA_CHAIN, CA_KEY, Ca};
 use crate::records::NodeRecord;
-use crate::store::{RedbStore, STORE_FILE};
+use crate::store::{EtcdStore, RedbStore, STORE_FILE, test_etcd};
 
 pub(super) const TRUST_DOMAIN: &str = "test.example";
 
@@ -34,7 +35,11 @@ impl TestMesh {
         std::fs::write(dir.join(CA_KEY), &key).expect("CA key");
         std::fs::write(dir.join(CA_CHAIN), &cert).expect("CA chain");
         let ca = crate::authority::Authority::single(Ca::load(&dir, TRUST_DOMAIN).expect("load test CA"));
-        let store = Arc::new(RedbStore::open(&dir.join(STORE_FILE)).expect("store"));
+        let store: Arc<dyn crate::store::Store> = if test_etcd::requested() {
+            Arc::new(EtcdStore::connect(&test_etcd::options()).expect("etcd store"))
+        } else {
+            Arc::new(RedbStore::open(&dir.join(STORE_FILE)).expect("store"))
+        };
         let config = MeshConfig {
             trust_domain: TRUST_DOMAIN.to_owned(),
             cert_ttl: Duration::from_secs(3600),

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod discovery;
 pub mod identity;
 pub mod renewal;
+pub mod revocation_expiry;
 pub mod rotation;
 
 use std::sync::Arc;

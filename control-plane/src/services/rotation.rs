@@ -46,7 +46,10 @@ fn step(
     admin_refreshed: &mut Option<(u64, bool)>,
     hold: Option<Phase>,
 ) -> Result<bool, MeshError> {
-    let Some(record) = shared.mesh.rotation()? else { return Ok(false) };
+    let record = shared.mesh.rotation()?;
+    let views = proxy_views(shared);
+    record_gauges(record.as_ref().map(|r| r.phase), &views);
+    let Some(record) = record else { return Ok(false) };
     if record.phase >= Phase::Switch {
         let done = record.phase == Phase::Done;
         if *admin_refreshed != Some((record.rotation, done)) {
@@ -59,7 +62,7 @@ fn step(
     if record.phase == Phase::Done {
         return Ok(false);
     }
-    match rotation::decide(&record, &proxy_views(shared), now_unix()) {
+    match rotation::decide(&record, &views, now_unix()) {
         Decision::Advance(_) if hold == Some(record.phase) => Ok(false),
         Decision::Advance(phase) => {
             // The data dir's admin.yaml was refreshed above (from the switch on) before the retiring root goes.
@@ -68,6 +71,18 @@ fn step(
         }
         Decision::Wait(_) => Ok(false),
     }
+}
+
+/// `trellis_rotation_phase{phase}`: 1 for the current phase (`none` without a rotation ever), 0 for the others;
+/// `trellis_rotation_proxies_holding_old_ca`: proxies (connected or not) whose last report names a certificate of
+/// the retiring CA, 0 outside a rotation.
+fn record_gauges(phase: Option<Phase>, views: &[ProxyView]) {
+    let current = phase.map_or("none", Phase::as_str);
+    for name in ["none"].into_iter().chain(Phase::ALL.iter().map(|p| p.as_str())) {
+        metrics::gauge!("trellis_rotation_phase", "phase" => name).set(if name == current { 1.0 } else { 0.0 });
+    }
+    let holding_old = views.iter().filter(|v| v.old_certificates > 0).count();
+    metrics::gauge!("trellis_rotation_proxies_holding_old_ca").set(holding_old as f64);
 }
 
 /// What the rotation sees of every proxy that ever connected.

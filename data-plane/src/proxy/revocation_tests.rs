@@ -70,13 +70,13 @@ async fn revoking_the_server_identity_closes_the_pooled_connection_and_the_clien
     // Control: another identity revoked at A, through the same path, leaves A → W_b alone.
     let unrelated =
         trellis_proto::spiffe::SpiffeId::workload(crate::testing::TRUST_DOMAIN, "elsewhere", "someone").unwrap();
-    mesh.revoke(At::A, revocations(&[], &[&unrelated])).await;
+    mesh.revoke(At::A, revocations(&[], &[&unrelated.to_string()])).await;
     echo_round(&mut client, b"still open").await;
     assert_eq!(mesh.a.data.pool.size(), 1, "the pooled connection stays");
 
     // W_b's identity revoked at A (the client side): A closes its pooled connection to B and the stream on it.
     let started = Instant::now();
-    mesh.revoke(At::A, revocations(&[], &[&unrelated, &server])).await;
+    mesh.revoke(At::A, revocations(&[], &[&unrelated.to_string(), &server.to_string()])).await;
     let took = ended(&mut client, started).await;
     println!("revocation installed at A -> A's client saw its tunnel end: {took:?}");
     assert_eq!(mesh.a.data.pool.size(), 0, "the pooled connection to the revoked peer is gone");

@@ -27,6 +27,8 @@ pub struct Plan {
     pub csr_clients: usize,
     pub rounds: usize,
     pub sign_for: Duration,
+    /// 0: one control plane on redb; N: N replicas on a 3-member etcd cluster, proxies spread over them.
+    pub replicas: usize,
 }
 
 /// What it measured.
@@ -47,14 +49,14 @@ pub struct Results {
     pub signings: Vec<f64>,
 }
 
-const NAMESPACE: &str = "bench";
+pub const NAMESPACE: &str = "bench";
 const MARKER: &str = "bench-converge-";
 /// The control plane's trust domain (`trellis-control init`'s default), which a proxy's state is bound to.
-const TRUST_DOMAIN: &str = "cluster.local";
+pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// What a proxy does with an update: apply it to a copy of its state (`state::apply`, the proxy's own code: every
 /// resource parsed by trellis-policy, the policy set compiled), keep the result and ACK, or NACK with the reason.
-fn apply_and_answer(state: &mut State, update: &pb::ConfigUpdate) -> (pb::Ack, Result<(), String>) {
+pub fn apply_and_answer(state: &mut State, update: &pb::ConfigUpdate) -> (pb::Ack, Result<(), String>) {
     match state::apply(state, update) {
         Ok(next) => {
             *state = next;
@@ -76,7 +78,7 @@ struct AdminConfig {
     key: String,
 }
 
-async fn admin(cp: &ControlPlane) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
+pub async fn admin(cp: &ControlPlane) -> anyhow::Result<pb::admin_client::AdminClient<tonic::transport::Channel>> {
     let text = std::fs::read_to_string(cp.admin_config())?;
     let config: AdminConfig = serde_yaml_ng::from_str(&text).context("admin.yaml")?;
     let certs = |pem: &str| CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>();
@@ -101,38 +103,18 @@ struct Signals {
 }
 
 pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
-    let cp = ControlPlane::start(&[]);
+    // Declared first, dropped last: the replicas stop before their etcd.
+    let etcd = (plan.replicas > 0).then(|| trellis_tests::etcd::EtcdCluster::start(3));
+    let replicas = match &etcd {
+        Some(etcd) => ControlPlane::start_replicas(etcd, plan.replicas, &[]),
+        None => vec![ControlPlane::start(&[])],
+    };
+    let cp = &replicas[0];
     let started = Instant::now();
-    let mut admin = admin(&cp).await?;
-    let addr = cp.addr.to_string();
-    eprintln!("  creating {} join tokens", plan.proxies);
-    let mut tokens = Vec::with_capacity(plan.proxies);
-    for i in 0..plan.proxies {
-        let request = pb::CreateTokenRequest {
-            node: node_name(i),
-            namespaces: vec![NAMESPACE.into()],
-            ttl_seconds: 3600,
-            reusable: false,
-        };
-        let token = admin.create_token(request).await.context("CreateToken")?.into_inner();
-        tokens.push((token.token, token.ca_pin));
-    }
-    eprintln!("  joining {} proxies", plan.proxies);
+    let mut admin = admin(cp).await?;
+    let addrs: Vec<String> = replicas.iter().map(|r| r.addr.to_string()).collect();
     let gate = Arc::new(Semaphore::new(32));
-    let mut joins = tokio::task::JoinSet::new();
-    for (i, (token, pin)) in tokens.into_iter().enumerate() {
-        let (gate, addr) = (gate.clone(), addr.clone());
-        joins.spawn(async move {
-            let _permit = gate.acquire().await?;
-            let joined = client::join(&addr, &pin, &token, &node_name(i)).await?.map_err(|s| anyhow!("join: {s}"))?;
-            anyhow::Ok((i, joined))
-        });
-    }
-    let mut joined: Vec<Option<Joined>> = (0..plan.proxies).map(|_| None).collect();
-    while let Some(done) = joins.join_next().await {
-        let (i, j) = done??;
-        joined[i] = Some(j);
-    }
+    let joined = join_all(&mut admin, &addrs, plan.proxies, &gate).await?;
     let (acked_tx, mut acked_rx) = mpsc::unbounded_channel();
     let (signing_tx, signing_rx) = watch::channel(false);
     let signals = Arc::new(Signals {
@@ -147,7 +129,6 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
     let mut up = tokio::task::JoinSet::new();
     let mut simulated = tokio::task::JoinSet::new();
     for (i, j) in joined.into_iter().enumerate() {
-        let j = j.context("a join result is missing")?;
         let (gate, signals) = (gate.clone(), signals.clone());
         let csr_client = i < plan.csr_clients;
         up.spawn(async move {
@@ -261,7 +242,46 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
     })
 }
 
-fn node_name(i: usize) -> String {
+/// Creates a join token for each of `count` simulated proxies (named by [`node_name`]) and joins each (a fresh
+/// P-256 key, its node certificate), at most `gate`'s permits at once.
+pub async fn join_all(
+    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    addrs: &[String],
+    count: usize,
+    gate: &Arc<Semaphore>,
+) -> anyhow::Result<Vec<Joined>> {
+    eprintln!("  creating {count} join tokens");
+    let mut tokens = Vec::with_capacity(count);
+    for i in 0..count {
+        let request = pb::CreateTokenRequest {
+            node: node_name(i),
+            namespaces: vec![NAMESPACE.into()],
+            ttl_seconds: 3600,
+            reusable: false,
+        };
+        let token = admin.create_token(request).await.context("CreateToken")?.into_inner();
+        tokens.push((token.token, token.ca_pin));
+    }
+    eprintln!("  joining {count} proxies");
+    let mut joins = tokio::task::JoinSet::new();
+    for (i, (token, pin)) in tokens.into_iter().enumerate() {
+        // Proxy i joins (and then streams from) replica i mod N.
+        let (gate, addr) = (gate.clone(), addrs[i % addrs.len()].clone());
+        joins.spawn(async move {
+            let _permit = gate.acquire().await?;
+            let joined = client::join(&addr, &pin, &token, &node_name(i)).await?.map_err(|s| anyhow!("join: {s}"))?;
+            anyhow::Ok((i, joined))
+        });
+    }
+    let mut joined: Vec<Option<Joined>> = (0..count).map(|_| None).collect();
+    while let Some(done) = joins.join_next().await {
+        let (i, j) = done??;
+        joined[i] = Some(j);
+    }
+    joined.into_iter().map(|j| j.context("a join result is missing")).collect()
+}
+
+pub fn node_name(i: usize) -> String {
     format!("sim-{i:04}")
 }
 
@@ -317,5 +337,47 @@ async fn simulate(i: usize, mut stream: client::Stream, mut state: State, csr_cl
     if let Err(e) = result {
         eprintln!("simulated proxy {}: {e:#}", node_name(i));
         signals.failed.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `trellis-bench control [--replicas N] [--proxies N] [--csr-clients N] [--rounds N]`: this scenario alone, e.g. to
+/// compare one redb-backed control plane with replicas on etcd.
+pub fn main(argv: &[String]) -> std::process::ExitCode {
+    let mut plan = Plan { proxies: 1000, csr_clients: 100, rounds: 3, sign_for: Duration::from_secs(3), replicas: 0 };
+    let mut args = argv.iter();
+    while let Some(flag) = args.next() {
+        let value = args.next().and_then(|v| v.parse::<usize>().ok());
+        match (flag.as_str(), value) {
+            ("--replicas", Some(v)) => plan.replicas = v,
+            ("--proxies", Some(v)) => plan.proxies = v,
+            ("--csr-clients", Some(v)) => plan.csr_clients = v,
+            ("--rounds", Some(v)) => plan.rounds = v,
+            _ => {
+                eprintln!("trellis-bench control: {flag}: expected --replicas/--proxies/--csr-clients/--rounds N");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    match runtime.block_on(run(&plan)) {
+        Ok(r) => {
+            let store =
+                if plan.replicas > 0 { format!("{} replicas on etcd", plan.replicas) } else { "1 on redb".into() };
+            println!("control plane: {store}; {} proxies, setup {:.1}s", r.proxies, r.setup_seconds);
+            for ((stats, count), apply) in r.convergence.iter().zip(&r.apply_ms) {
+                println!(
+                    "  convergence: {count} ACKed, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (apply {apply:.0} ms)",
+                    stats[0], stats[1], stats[2]
+                );
+            }
+            for rate in &r.signings {
+                println!("  signings/s with {} clients: {rate:.0}", r.csr_clients);
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("trellis-bench control: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

@@ -8,6 +8,7 @@ pub mod load;
 pub mod plot;
 pub mod procfs;
 pub mod report;
+pub mod rotation;
 pub mod scale;
 pub mod soak;
 pub mod suite;

@@ -56,7 +56,13 @@ const FULL: Plan = Plan {
     churn_for: Duration::from_secs(2),
     idle: 10_000,
     settle: Duration::from_secs(12),
-    control: control::Plan { proxies: 1000, csr_clients: 100, rounds: 3, sign_for: Duration::from_secs(3) },
+    control: control::Plan {
+        proxies: 1000,
+        csr_clients: 100,
+        rounds: 3,
+        sign_for: Duration::from_secs(3),
+        replicas: 0,
+    },
 };
 
 const SMOKE: Plan = Plan {
@@ -71,7 +77,13 @@ const SMOKE: Plan = Plan {
     churn_for: Duration::from_millis(200),
     idle: 50,
     settle: Duration::from_millis(100),
-    control: control::Plan { proxies: 20, csr_clients: 5, rounds: 1, sign_for: Duration::from_millis(300) },
+    control: control::Plan {
+        proxies: 20,
+        csr_clients: 5,
+        rounds: 1,
+        sign_for: Duration::from_millis(300),
+        replicas: 0,
+    },
 };
 
 /// `--only 4,5`: just those scenarios, at full size, writing nothing (to try one out).

@@ -1,69 +1,14 @@
-//! Durable state behind a deliberately narrow interface: tables of byte values by string key, read directly or
-//! inside an atomic read-modify-write transaction. That is all a distributed backend (etcd's transactions, for
-//! several replicas) needs to provide; the one here is redb, an embedded ACID store in the data dir.
+//! The embedded backend: redb, an ACID store in one file of the data dir (one process writes it).
 
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Table {
-    Resources,
-    Tokens,
-    Nodes,
-    Workloads,
-    Certificates,
-    Meta,
-    /// Certificates of revoked nodes, by serial.
-    RevokedCertificates,
-    /// Revoked workload identities, by SPIFFE ID.
-    RevokedIdentities,
-    /// Admin credentials, by name.
-    Admins,
-}
+use super::{Store, StoreError, Table, Txn};
 
-impl Table {
-    const ALL: [Table; 9] = [
-        Table::Resources,
-        Table::Tokens,
-        Table::Nodes,
-        Table::Workloads,
-        Table::Certificates,
-        Table::Meta,
-        Table::RevokedCertificates,
-        Table::RevokedIdentities,
-        Table::Admins,
-    ];
-
-    fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
-        TableDefinition::new(match self {
-            Table::Resources => "resources",
-            Table::Tokens => "tokens",
-            Table::Nodes => "nodes",
-            Table::Workloads => "workloads",
-            Table::Certificates => "certificates",
-            Table::Meta => "meta",
-            Table::RevokedCertificates => "revoked_certificates",
-            Table::RevokedIdentities => "revoked_identities",
-            Table::Admins => "admins",
-        })
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("store: {0}")]
-    Backend(String),
-    /// The file could not be read or written (a full disk, say). redb refuses every later write after one ("previous
-    /// I/O error") until the database is reopened, which [`RedbStore`] does.
-    #[error("store: {0}")]
-    Io(String),
-    #[error("store: corrupt value in {table:?}/{key}: {reason}")]
-    Corrupt { table: Table, key: String, reason: String },
-    /// The transaction's closure failed; nothing was written.
-    #[error("transaction aborted")]
-    Aborted,
+fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    TableDefinition::new(table.name())
 }
 
 impl From<redb::Error> for StoreError {
@@ -81,45 +26,6 @@ macro_rules! backend_errors {
     })*};
 }
 backend_errors!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
-
-/// Reads and writes inside one atomic transaction.
-pub trait Txn {
-    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
-    fn put(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError>;
-    fn delete(&mut self, table: Table, key: &str) -> Result<(), StoreError>;
-}
-
-pub trait Store: Send + Sync + 'static {
-    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
-    /// Runs `f` in a transaction; commits what it wrote if it returns Ok, discards everything otherwise.
-    fn update(&self, f: &mut dyn FnMut(&mut dyn Txn) -> Result<(), StoreError>) -> Result<(), StoreError>;
-}
-
-/// Runs `f` atomically and hands back its own result or error (the store's errors convert into `E`).
-pub fn transact<T, E: From<StoreError>>(
-    store: &dyn Store,
-    mut f: impl FnMut(&mut dyn Txn) -> Result<T, E>,
-) -> Result<T, E> {
-    let mut outcome: Option<Result<T, E>> = None;
-    let result = store.update(&mut |txn| match f(txn) {
-        Ok(value) => {
-            outcome = Some(Ok(value));
-            Ok(())
-        }
-        Err(e) => {
-            outcome = Some(Err(e));
-            Err(StoreError::Aborted)
-        }
-    });
-    match (result, outcome) {
-        (Ok(()), Some(Ok(value))) => Ok(value),
-        (_, Some(Err(e))) => Err(e),
-        (Err(e), _) => Err(e.into()),
-        (Ok(()), None) => unreachable!("update ran the closure"),
-    }
-}
 
 pub struct RedbStore {
     path: PathBuf,
@@ -171,7 +77,7 @@ fn open_database(path: &Path) -> Result<redb::Database, StoreError> {
     let db = redb::Database::create(path)?;
     let txn = db.begin_write()?;
     for table in Table::ALL {
-        txn.open_table(table.definition())?;
+        txn.open_table(definition(table))?;
     }
     txn.commit()?;
     Ok(db)
@@ -190,7 +96,7 @@ impl Store for RedbStore {
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.with_db(|db| {
             let txn = db.begin_read()?;
-            let t = txn.open_table(table.definition())?;
+            let t = txn.open_table(definition(table))?;
             Ok(t.get(key)?.map(|v| v.value().to_vec()))
         })
     }
@@ -198,7 +104,7 @@ impl Store for RedbStore {
     fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.with_db(|db| {
             let txn = db.begin_read()?;
-            collect(&txn.open_table(table.definition())?)
+            collect(&txn.open_table(definition(table))?)
         })
     }
 
@@ -237,24 +143,24 @@ impl RedbTxn {
 
 impl Txn for RedbTxn {
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let t = self.txn.open_table(table.definition())?;
+        let t = self.txn.open_table(definition(table))?;
         Ok(t.get(key)?.map(|v| v.value().to_vec()))
     }
 
     fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        collect(&self.txn.open_table(table.definition())?)
+        collect(&self.txn.open_table(definition(table))?)
     }
 
     fn put(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.write(|txn| {
-            txn.open_table(table.definition())?.insert(key, value)?;
+            txn.open_table(definition(table))?.insert(key, value)?;
             Ok(())
         })
     }
 
     fn delete(&mut self, table: Table, key: &str) -> Result<(), StoreError> {
         self.write(|txn| {
-            txn.open_table(table.definition())?.remove(key)?;
+            txn.open_table(definition(table))?.remove(key)?;
             Ok(())
         })
     }
@@ -263,6 +169,7 @@ impl Txn for RedbTxn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::transact;
 
     #[test]
     fn aborted_transaction_writes_nothing_and_data_survives_reopen() {

@@ -1,0 +1,114 @@
+//! On a shared store (etcd), the data dir files every replica needs are kept in the store too (table `CaFiles`):
+//! `control.yaml`, the CA directories (`ca*/`) and the initial admin's certificate (named by `init`). `init` publishes them once;
+//! `serve` writes the missing ones into its own data dir before loading the CA, so a new replica needs only the
+//! etcd endpoints and the KEK. Private keys (`*key*`) are sealed with the KEK (`kek.rs`).
+
+use std::path::{Path, PathBuf};
+
+use crate::files::write_new;
+use crate::kek::{Kek, KekError};
+use crate::store::{Store, StoreError, Table, transact};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SharedFilesError {
+    #[error(
+        "the store already holds a mesh (control.yaml and CA published by an earlier init): refusing to init it again"
+    )]
+    AlreadyInitialized,
+    #[error("the store holds no mesh: run `trellis-control init` against it first")]
+    NotInitialized,
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Kek(#[from] KekError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+const MARKER: &str = crate::settings::CONTROL_FILE;
+
+fn is_private(relative: &str) -> bool {
+    relative.rsplit('/').next().is_some_and(|name| name.contains("key"))
+}
+
+/// The files of `data_dir` that are shared, as paths relative to it: control.yaml, the CA dirs, and `also`.
+fn shared_files(data_dir: &Path, also: &[&str]) -> Result<Vec<String>, SharedFilesError> {
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SharedFilesError + '_ {
+        move |source| SharedFilesError::Io { path: path.to_owned(), source }
+    }
+    let mut out = vec![MARKER.to_owned()];
+    out.extend(also.iter().filter(|f| data_dir.join(f).exists()).map(|f| f.to_string()));
+    for entry in std::fs::read_dir(data_dir).map_err(io(data_dir))? {
+        let entry = entry.map_err(io(data_dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("ca") || !entry.path().is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(entry.path()).map_err(io(&entry.path()))? {
+            let file = file.map_err(io(&entry.path()))?;
+            if file.path().is_file() {
+                out.push(format!("{name}/{}", file.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Publishes the shared files of `data_dir` (and the files `also` names); with `first`, refuses a store that
+/// already has a mesh.
+pub fn publish(
+    store: &dyn Store,
+    data_dir: &Path,
+    kek: &Kek,
+    first: bool,
+    also: &[&str],
+) -> Result<usize, SharedFilesError> {
+    let mut values = Vec::new();
+    for relative in shared_files(data_dir, also)? {
+        let path = data_dir.join(&relative);
+        let bytes = std::fs::read(&path).map_err(|source| SharedFilesError::Io { path: path.clone(), source })?;
+        let value = if is_private(&relative) { kek.seal(&relative, &bytes)? } else { bytes };
+        values.push((relative, value));
+    }
+    transact(store, |txn| {
+        if first && txn.get(Table::CaFiles, MARKER)?.is_some() {
+            return Err(SharedFilesError::AlreadyInitialized);
+        }
+        for (relative, value) in &values {
+            if txn.get(Table::CaFiles, relative)?.is_none() {
+                txn.put(Table::CaFiles, relative, value)?;
+            }
+        }
+        Ok(values.len())
+    })
+}
+
+/// Writes the shared files missing from `data_dir` (existing files are left as they are). Returns how many.
+pub fn materialize(store: &dyn Store, data_dir: &Path, kek: &Kek) -> Result<usize, SharedFilesError> {
+    let files = store.list(Table::CaFiles)?;
+    if !files.iter().any(|(k, _)| k == MARKER) {
+        return Err(SharedFilesError::NotInitialized);
+    }
+    let mut written = 0;
+    for (relative, value) in files {
+        if relative.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+            return Err(StoreError::Corrupt {
+                table: Table::CaFiles,
+                key: relative,
+                reason: "not a plain path".into(),
+            }
+            .into());
+        }
+        let path = data_dir.join(&relative);
+        if path.exists() {
+            continue;
+        }
+        let private = is_private(&relative);
+        let bytes = if private { kek.open(&relative, &value)? } else { value };
+        write_new(&path, &bytes, if private { 0o600 } else { 0o644 })
+            .map_err(|source| SharedFilesError::Io { path: path.clone(), source })?;
+        written += 1;
+    }
+    Ok(written)
+}

@@ -1,0 +1,476 @@
+//! The shared backend: etcd v3, for several replicas serving one mesh.
+//!
+//! Keys are `<prefix><table>/<key>` (default prefix `/trellis/`). A transaction is optimistic: its closure runs on
+//! an in-memory view (reads go to etcd and are remembered with their `mod_revision`, writes are buffered), then one
+//! etcd `Txn` commits the writes only if nothing it read changed: `mod_revision == read` for every key read,
+//! `version == 0` for a key read as absent, and for a table it listed, the table's generation key (`<prefix>_gen/
+//! <table>`, put by every transaction that writes to the table) not modified since the listing's revision. On a
+//! conflict the closure runs again on fresh reads, a bounded number of times. A failed etcd call is
+//! [`StoreError::Unavailable`]: nothing was written.
+//!
+//! The [`Store`] interface is synchronous (closures run under the mesh's writer lock); this backend runs its etcd
+//! client on a small runtime of its own and the calling thread waits for each answer, bounded by [`OP_TIMEOUT`].
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, TxnOp, WatchOptions};
+use tokio::sync::watch;
+
+use super::{Store, StoreError, Table, Txn};
+
+/// How long one etcd call may take before the store is considered unavailable (etcd without quorum hangs).
+pub const OP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often readiness is probed (a linearizable read, which needs quorum).
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Conflicting commits before a transaction gives up.
+const MAX_ATTEMPTS: u32 = 64;
+const GENERATION: &str = "_gen/";
+
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// Client URLs of the etcd members (`http://127.0.0.1:2379`).
+    pub endpoints: Vec<String>,
+    /// Prefix of every key (ends with `/`), so several meshes can share one etcd.
+    pub prefix: String,
+}
+
+pub struct EtcdStore {
+    /// One client per member: a call that cannot reach one member goes to the next (etcd-client's balanced
+    /// channel keeps picking a dead member).
+    clients: Arc<Members>,
+    prefix: String,
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+    available: Arc<AtomicBool>,
+    changes: watch::Receiver<u64>,
+    /// The highest etcd revision this replica has seen (reads, its commits, watch events).
+    seen: Arc<AtomicI64>,
+}
+
+/// The members' clients and which one answered last.
+struct Members {
+    clients: Vec<Client>,
+    preferred: std::sync::atomic::AtomicUsize,
+}
+
+impl Members {
+    /// Runs `call` on the member that answered last, moving on to the next member while the connection fails,
+    /// and again after a pause while the cluster elects a leader; the caller bounds the whole (`OP_TIMEOUT`).
+    async fn call<T, F, Fut>(&self, call: F) -> Result<T, etcd_client::Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut i = self.preferred.load(Ordering::Relaxed);
+        let mut unreachable = 0;
+        loop {
+            let member = i % self.clients.len();
+            match call(self.clients[member].clone()).await {
+                Err(e) if unreachable_member(&e) => {
+                    unreachable += 1;
+                    if unreachable >= self.clients.len() {
+                        return Err(e);
+                    }
+                    i += 1;
+                }
+                Err(e) if electing(&e) => tokio::time::sleep(Duration::from_millis(100)).await,
+                other => {
+                    self.preferred.store(member, Ordering::Relaxed);
+                    return other;
+                }
+            }
+        }
+    }
+}
+
+/// etcd is electing a leader: the request was not applied, and will be once a leader is there.
+fn electing(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.message().contains("leader changed") || s.message().contains("no leader"))
+}
+
+/// A member that could not be reached at all (nothing was sent): safe to try another.
+fn unreachable_member(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable
+                && (s.message().contains("connect")
+                    || s.message().contains("transport")
+                    || s.message().contains("refused"))
+        }
+        _ => false,
+    }
+}
+
+fn unavailable(e: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(s)
+            if !matches!(
+                s.code(),
+                tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::FailedPrecondition
+            ) =>
+        {
+            StoreError::Unavailable(format!("etcd: {}", s.message()))
+        }
+        E::GRpcStatus(s) => StoreError::Backend(format!("etcd: {}", s.message())),
+        E::TransportError(e) => StoreError::Unavailable(format!("etcd: {e}")),
+        E::IoError(e) => StoreError::Unavailable(format!("etcd: {e}")),
+        other => StoreError::Backend(format!("etcd: {other}")),
+    }
+}
+
+impl EtcdStore {
+    /// Connects (checking that etcd answers) and starts following changes under the prefix.
+    pub fn connect(options: &EtcdOptions) -> Result<Self, StoreError> {
+        if options.endpoints.is_empty() {
+            return Err(StoreError::Backend("etcd: no endpoints (--etcd-endpoints)".into()));
+        }
+        let mut prefix = options.prefix.clone();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("etcd-store")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Backend(format!("etcd client runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        let mut clients = Vec::new();
+        for endpoint in &options.endpoints {
+            let connect = ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(1))
+                .with_timeout(OP_TIMEOUT)
+                .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+                .with_keep_alive_while_idle(true);
+            let endpoint = endpoint.clone();
+            // Lazy: connects at the first call.
+            clients.push(wait(&handle, async move { Client::connect([endpoint], Some(connect)).await })?);
+        }
+        let clients = Arc::new(Members { clients, preferred: Default::default() });
+        let (tx, changes) = watch::channel(0u64);
+        let available = Arc::new(AtomicBool::new(true));
+        let seen = Arc::new(AtomicI64::new(0));
+        let store = Self { clients, prefix, runtime: Some(runtime), handle, available, changes, seen };
+        // A first read: fails now, clearly, if etcd does not answer.
+        store.read(Table::Meta, "-", false)?;
+        store.handle.spawn(follow(store.clients.clone(), store.prefix.clone(), tx, store.seen.clone()));
+        store.handle.spawn(probe(store.clients.clone(), store.prefix.clone(), store.available.clone()));
+        Ok(store)
+    }
+
+    fn key(&self, table: Table, key: &str) -> String {
+        format!("{}{}/{key}", self.prefix, table.name())
+    }
+
+    fn table_prefix(&self, table: Table) -> String {
+        format!("{}{}/", self.prefix, table.name())
+    }
+
+    fn generation_key(&self, table: Table) -> String {
+        format!("{}{GENERATION}{}", self.prefix, table.name())
+    }
+
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        wait(&self.handle, f)
+    }
+
+    fn members(&self) -> Arc<Members> {
+        self.clients.clone()
+    }
+
+    /// A Range (one key, or every key under a prefix). `serializable`: answered by the member alone (works without
+    /// quorum); read again linearizably if that member is behind what this replica has already seen (its own
+    /// commits, watch events), so a reader never goes back in time.
+    fn range(&self, key: String, prefix: bool, serializable: bool) -> Result<etcd_client::GetResponse, StoreError> {
+        let once = |serializable: bool| {
+            let members = self.members();
+            let key = key.clone();
+            self.run(async move {
+                members
+                    .call(|mut c| {
+                        let options = GetOptions::new();
+                        let options = if prefix { options.with_prefix() } else { options };
+                        let options = if serializable { options.with_serializable() } else { options };
+                        let key = key.clone();
+                        async move { c.get(key, Some(options)).await }
+                    })
+                    .await
+            })
+        };
+        let response = once(serializable)?;
+        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        if serializable && revision < self.seen.load(Ordering::Relaxed) {
+            return once(false);
+        }
+        self.seen.fetch_max(revision, Ordering::Relaxed);
+        Ok(response)
+    }
+
+    /// One key with its mod_revision (0 when absent).
+    fn read(&self, table: Table, key: &str, serializable: bool) -> Result<(Option<Vec<u8>>, i64), StoreError> {
+        let response = self.range(self.key(table, key), false, serializable)?;
+        Ok(match response.kvs().first() {
+            Some(kv) => (Some(kv.value().to_vec()), kv.mod_revision()),
+            None => (None, 0),
+        })
+    }
+
+    /// A table's entries, with the revision they were read at.
+    fn read_table(&self, table: Table, serializable: bool) -> Result<(Entries, i64), StoreError> {
+        let prefix = self.table_prefix(table);
+        let response = self.range(prefix.clone(), true, serializable)?;
+        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        let mut entries = Vec::with_capacity(response.kvs().len());
+        for kv in response.kvs() {
+            let key = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
+            entries.push((key, kv.value().to_vec()));
+        }
+        Ok((entries, revision))
+    }
+
+    fn attempt(&self, f: &mut dyn FnMut(&mut dyn Txn) -> Result<(), StoreError>) -> Result<bool, StoreError> {
+        let mut txn =
+            EtcdTxn { store: self, reads: RefCell::default(), listed: RefCell::default(), writes: BTreeMap::new() };
+        f(&mut txn)?;
+        if txn.writes.is_empty() {
+            return Ok(true);
+        }
+        let mut compares = Vec::new();
+        for ((table, key), (_, revision)) in txn.reads.borrow().iter() {
+            let full = self.key(*table, key);
+            compares.push(if *revision == 0 {
+                Compare::version(full, CompareOp::Equal, 0)
+            } else {
+                Compare::mod_revision(full, CompareOp::Equal, *revision)
+            });
+        }
+        for (table, revision) in txn.listed.borrow().iter() {
+            compares.push(Compare::mod_revision(self.generation_key(*table), CompareOp::Less, revision + 1));
+        }
+        let mut ops = Vec::new();
+        let mut tables = std::collections::BTreeSet::new();
+        for ((table, key), value) in &txn.writes {
+            tables.insert(*table);
+            let full = self.key(*table, key);
+            ops.push(match value {
+                Some(value) => TxnOp::put(full, value.clone(), None),
+                None => TxnOp::delete(full, None),
+            });
+        }
+        for table in tables {
+            ops.push(TxnOp::put(self.generation_key(table), Vec::new(), None));
+        }
+        let request = etcd_client::Txn::new().when(compares).and_then(ops);
+        let members = self.members();
+        let response = self.run(async move {
+            members
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.txn(request).await }
+                })
+                .await
+        })?;
+        self.seen.fetch_max(response.header().map(|h| h.revision()).unwrap_or(0), Ordering::Relaxed);
+        Ok(response.succeeded())
+    }
+}
+
+/// Runs `f` on the store's runtime and waits for it on this thread, at most [`OP_TIMEOUT`].
+fn wait<T: Send + 'static>(
+    handle: &tokio::runtime::Handle,
+    f: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = tx.send(tokio::time::timeout(OP_TIMEOUT, f).await);
+    });
+    // On a worker of a multi-threaded runtime (a gRPC handler), tell the runtime this thread blocks, so the other
+    // tasks it holds move to another worker meanwhile.
+    let receive = || rx.recv();
+    let received = match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(receive)
+        }
+        _ => receive(),
+    };
+    match received {
+        Ok(Ok(result)) => result.map_err(unavailable),
+        Ok(Err(_)) => Err(StoreError::Unavailable(format!("etcd did not answer within {OP_TIMEOUT:?}"))),
+        Err(_) => Err(StoreError::Unavailable("etcd client stopped".into())),
+    }
+}
+
+/// Tells `changes` about every change under the prefix. Each (re)start of the watch counts as a change, so that a
+/// follower reloads everything: what it missed while disconnected, or behind a compaction, is then caught up.
+async fn follow(members: Arc<Members>, prefix: String, changes: watch::Sender<u64>, seen: Arc<AtomicI64>) {
+    loop {
+        let watch = members.call(|mut c| {
+            let prefix = prefix.clone();
+            async move { c.watch(prefix, Some(WatchOptions::new().with_prefix())).await }
+        });
+        match watch.await {
+            Ok(mut stream) => {
+                changes.send_modify(|n| *n += 1);
+                loop {
+                    match stream.message().await {
+                        Ok(Some(response)) => {
+                            if response.canceled() || response.compact_revision() > 0 {
+                                tracing::warn!(reason = response.cancel_reason(), "etcd watch canceled; restarting");
+                                break;
+                            }
+                            if !response.events().is_empty() {
+                                // Before telling: the reload this triggers must read at least this revision.
+                                let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+                                seen.fetch_max(revision, Ordering::Relaxed);
+                                changes.send_modify(|n| *n += 1);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "etcd watch failed; restarting");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "etcd watch not established"),
+        }
+        if changes.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Keeps `available` true while a linearizable read succeeds (it needs a quorum).
+async fn probe(members: Arc<Members>, prefix: String, available: Arc<AtomicBool>) {
+    let key = format!("{prefix}{GENERATION}probe");
+    loop {
+        let read = members.call(|mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        });
+        let ok = matches!(tokio::time::timeout(OP_TIMEOUT, read).await, Ok(Ok(_)));
+        if available.swap(ok, Ordering::Relaxed) != ok {
+            if ok {
+                tracing::info!("etcd available again");
+            } else {
+                tracing::warn!("etcd unavailable: writes are refused, discovery serves the last snapshot");
+            }
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Store for EtcdStore {
+    /// Serializable: keeps answering (possibly a little behind) when etcd has lost its quorum. What decides a
+    /// write is read again inside the transaction, linearizably, and compared at commit.
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.read(table, key, true)?.0)
+    }
+
+    fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(self.read_table(table, true)?.0)
+    }
+
+    fn update(&self, f: &mut dyn FnMut(&mut dyn Txn) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        for attempt in 1..=MAX_ATTEMPTS {
+            if self.attempt(f)? {
+                return Ok(());
+            }
+            // Another writer won: back off a little (randomly, so racing replicas spread), then read again.
+            let jitter = u64::from(rand_u8()) % (attempt.min(8) as u64 * 2 + 1);
+            std::thread::sleep(Duration::from_millis(jitter));
+        }
+        Err(StoreError::Conflict { attempts: MAX_ATTEMPTS })
+    }
+
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.changes.clone())
+    }
+
+    fn available(&self) -> bool {
+        self.available.load(Ordering::Relaxed)
+    }
+}
+
+fn rand_u8() -> u8 {
+    let mut byte = [0u8];
+    let _ = aws_lc_rs::rand::fill(&mut byte);
+    byte[0]
+}
+
+/// A table's entries: (key, value).
+type Entries = Vec<(String, Vec<u8>)>;
+/// A key's value (None: absent) and mod_revision (0: absent) when read.
+type Read = (Option<Vec<u8>>, i64);
+
+struct EtcdTxn<'a> {
+    store: &'a EtcdStore,
+    /// Keys read, with their value and mod_revision (0: absent) when first read.
+    reads: RefCell<BTreeMap<(Table, String), Read>>,
+    /// Tables listed, with the revision of the listing.
+    listed: RefCell<BTreeMap<Table, i64>>,
+    /// Buffered writes (None: delete).
+    writes: BTreeMap<(Table, String), Option<Vec<u8>>>,
+}
+
+impl Txn for EtcdTxn<'_> {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let id = (table, key.to_owned());
+        if let Some(value) = self.writes.get(&id) {
+            return Ok(value.clone());
+        }
+        if let Some((value, _)) = self.reads.borrow().get(&id) {
+            return Ok(value.clone());
+        }
+        let read = self.store.read(table, key, false)?;
+        let value = read.0.clone();
+        self.reads.borrow_mut().insert(id, read);
+        Ok(value)
+    }
+
+    fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let (entries, revision) = self.store.read_table(table, false)?;
+        self.listed.borrow_mut().entry(table).and_modify(|r| *r = (*r).min(revision)).or_insert(revision);
+        let mut merged: BTreeMap<String, Vec<u8>> = entries.into_iter().collect();
+        for ((t, key), value) in &self.writes {
+            if *t == table {
+                match value {
+                    Some(value) => merged.insert(key.clone(), value.clone()),
+                    None => merged.remove(key),
+                };
+            }
+        }
+        Ok(merged.into_iter().collect())
+    }
+
+    fn put(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.writes.insert((table, key.to_owned()), Some(value.to_vec()));
+        Ok(())
+    }
+
+    fn delete(&mut self, table: Table, key: &str) -> Result<(), StoreError> {
+        self.writes.insert((table, key.to_owned()), None);
+        Ok(())
+    }
+}

@@ -1,0 +1,239 @@
+//! Durable state behind a deliberately narrow interface: tables of byte values by string key, read directly or
+//! inside an atomic read-modify-write transaction. Two backends: `redb` (embedded, one process, the default) and
+//! `etcd` (shared by several replicas: optimistic transactions that compare what they read at commit, and a watch
+//! that tells each replica about every change, its own included).
+
+mod etcd;
+mod redb;
+#[cfg(test)]
+pub(crate) mod test_etcd;
+
+pub use self::etcd::{EtcdOptions, EtcdStore};
+pub use self::redb::{RedbStore, STORE_FILE};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Resources,
+    Tokens,
+    Nodes,
+    Workloads,
+    Certificates,
+    Meta,
+    /// Certificates of revoked nodes, by serial.
+    RevokedCertificates,
+    /// Revoked workload identities, by SPIFFE ID.
+    RevokedIdentities,
+    /// Admin credentials, by name.
+    Admins,
+    /// The CA's files (etcd only: what a replica needs to start; private keys sealed with the KEK, `kek.rs`).
+    CaFiles,
+}
+
+impl Table {
+    pub const ALL: [Table; 10] = [
+        Table::Resources,
+        Table::Tokens,
+        Table::Nodes,
+        Table::Workloads,
+        Table::Certificates,
+        Table::Meta,
+        Table::RevokedCertificates,
+        Table::RevokedIdentities,
+        Table::Admins,
+        Table::CaFiles,
+    ];
+
+    /// The table's name: redb's table name, etcd's key segment (`<prefix><name>/<key>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Resources => "resources",
+            Table::Tokens => "tokens",
+            Table::Nodes => "nodes",
+            Table::Workloads => "workloads",
+            Table::Certificates => "certificates",
+            Table::Meta => "meta",
+            Table::RevokedCertificates => "revoked_certificates",
+            Table::RevokedIdentities => "revoked_identities",
+            Table::Admins => "admins",
+            Table::CaFiles => "ca_files",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Backend(String),
+    /// The file could not be read or written (a full disk, say). redb refuses every later write after one ("previous
+    /// I/O error") until the database is reopened, which `RedbStore` does.
+    #[error("store: {0}")]
+    Io(String),
+    /// The backend cannot be reached (etcd down or without quorum): nothing was written.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Other replicas kept changing what the transaction read; nothing was written.
+    #[error("store: transaction conflicted with concurrent writes {attempts} times; nothing was written")]
+    Conflict { attempts: u32 },
+    #[error("store: corrupt value in {table:?}/{key}: {reason}")]
+    Corrupt { table: Table, key: String, reason: String },
+    /// The transaction's closure failed; nothing was written.
+    #[error("transaction aborted")]
+    Aborted,
+}
+
+/// Reads and writes inside one atomic transaction.
+pub trait Txn {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    fn put(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    fn delete(&mut self, table: Table, key: &str) -> Result<(), StoreError>;
+}
+
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Runs `f` in a transaction; commits what it wrote if it returns Ok, discards everything otherwise. A backend
+    /// with optimistic transactions may run `f` more than once (each run sees fresh reads; only the last commits).
+    fn update(&self, f: &mut dyn FnMut(&mut dyn Txn) -> Result<(), StoreError>) -> Result<(), StoreError>;
+
+    /// Changes written by anyone (other replicas too): a counter that moves on every change, None where this
+    /// process is the only writer (redb). A receiver that sees it move reloads what it derives from the store.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
+    /// Whether the backend answers now (readiness); always true for an embedded store.
+    fn available(&self) -> bool {
+        true
+    }
+}
+
+/// Runs `f` atomically and hands back its own result or error (the store's errors convert into `E`).
+pub fn transact<T, E: From<StoreError>>(
+    store: &dyn Store,
+    mut f: impl FnMut(&mut dyn Txn) -> Result<T, E>,
+) -> Result<T, E> {
+    let mut outcome: Option<Result<T, E>> = None;
+    let result = store.update(&mut |txn| match f(txn) {
+        Ok(value) => {
+            outcome = Some(Ok(value));
+            Ok(())
+        }
+        Err(e) => {
+            outcome = Some(Err(e));
+            Err(StoreError::Aborted)
+        }
+    });
+    match (result, outcome) {
+        (Ok(()), Some(Ok(value))) => Ok(value),
+        (Err(StoreError::Aborted), Some(Err(e))) => Err(e),
+        (Err(e), _) => Err(e.into()),
+        (Ok(()), _) => unreachable!("update committed after the closure succeeded"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both backends: a fresh redb file, and a fresh prefix on a real etcd.
+    fn backends() -> Vec<(&'static str, Box<dyn Store>, Option<std::path::PathBuf>)> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("trellis-store-test-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let redb = RedbStore::open(&dir.join(STORE_FILE)).unwrap();
+        let etcd = EtcdStore::connect(&test_etcd::options()).unwrap();
+        vec![("redb", Box::new(redb), Some(dir)), ("etcd", Box::new(etcd), None)]
+    }
+
+    #[test]
+    fn transactions_are_all_or_nothing_and_read_their_own_writes() {
+        for (name, store, dir) in backends() {
+            transact::<_, StoreError>(store.as_ref(), |txn| {
+                txn.put(Table::Meta, "a", b"1")?;
+                assert_eq!(txn.get(Table::Meta, "a")?, Some(b"1".to_vec()), "{name}");
+                assert_eq!(txn.list(Table::Meta)?.len(), 1, "{name}");
+                Ok(())
+            })
+            .unwrap();
+            let failed: Result<(), StoreError> = transact(store.as_ref(), |txn| {
+                txn.put(Table::Meta, "b", b"2")?;
+                txn.delete(Table::Meta, "a")?;
+                Err(StoreError::Backend("boom".into()))
+            });
+            assert!(matches!(failed, Err(StoreError::Backend(ref m)) if m == "boom"), "{name}: {failed:?}");
+            assert_eq!(store.get(Table::Meta, "b").unwrap(), None, "{name}");
+            assert_eq!(store.get(Table::Meta, "a").unwrap(), Some(b"1".to_vec()), "{name}");
+            // Tables are separate.
+            assert_eq!(store.list(Table::Tokens).unwrap(), vec![], "{name}");
+            if let Some(dir) = dir {
+                std::fs::remove_dir_all(dir).unwrap();
+            }
+        }
+    }
+
+    /// Racing read-modify-write transactions on one counter from several threads (several etcd clients: as
+    /// replicas do) lose no increment: each commit compares what it read.
+    #[test]
+    fn concurrent_increments_are_serialized() {
+        let options = test_etcd::options();
+        let stores: Vec<std::sync::Arc<EtcdStore>> =
+            (0..3).map(|_| std::sync::Arc::new(EtcdStore::connect(&options).unwrap())).collect();
+        let threads: Vec<_> = (0..6)
+            .map(|i| {
+                let store = stores[i % 3].clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        transact::<_, StoreError>(store.as_ref(), |txn| {
+                            let n: u64 = txn
+                                .get(Table::Meta, "n")?
+                                .map(|v| String::from_utf8(v).unwrap().parse().unwrap())
+                                .unwrap_or(0);
+                            txn.put(Table::Meta, "n", (n + 1).to_string().as_bytes())
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(stores[0].get(Table::Meta, "n").unwrap(), Some(b"120".to_vec()));
+    }
+
+    /// A transaction that listed a table conflicts with an insert into that table made meanwhile (the key it
+    /// never read): the table's generation key is compared.
+    #[test]
+    fn listing_conflicts_with_a_concurrent_insert() {
+        let options = test_etcd::options();
+        let one = EtcdStore::connect(&options).unwrap();
+        let two = EtcdStore::connect(&options).unwrap();
+        let mut runs = 0;
+        transact::<_, StoreError>(&one, |txn| {
+            runs += 1;
+            let count = txn.list(Table::Nodes)?.len();
+            if runs == 1 {
+                // Another replica inserts between this transaction's read and its commit.
+                transact::<_, StoreError>(&two, |t| t.put(Table::Nodes, "other", b"x")).unwrap();
+            }
+            txn.put(Table::Meta, "count", count.to_string().as_bytes())
+        })
+        .unwrap();
+        assert_eq!(runs, 2, "the first commit must have been refused");
+        assert_eq!(one.get(Table::Meta, "count").unwrap(), Some(b"1".to_vec()));
+    }
+
+    #[test]
+    fn unreachable_etcd_is_unavailable() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let options = EtcdOptions { endpoints: vec![format!("http://127.0.0.1:{port}")], prefix: "/x/".into() };
+        let err = EtcdStore::connect(&options).err().expect("no etcd there");
+        assert!(err.to_string().starts_with("store unavailable: "), "{err}");
+    }
+}

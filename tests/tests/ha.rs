@@ -1,0 +1,281 @@
+//! A highly available control plane: three `trellis-control` replicas over one real 3-member etcd cluster
+//! (Debian's etcd-server, started by the harness on loopback ports). Changes made through any replica reach proxies
+//! on every replica; single-use tokens hold across replicas; every replica signs under the same root; etcd losing
+//! quorum refuses writes with the reason while discovery keeps serving; CA keys in etcd are sealed with the KEK.
+
+#![forbid(unsafe_code)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use trellis_tests::client::{self, csr, hello, workload};
+use trellis_tests::etcd::EtcdCluster;
+use trellis_tests::{ControlPlane, Proxy, WorkloadSpec, bin, wait_for};
+
+fn policy(name: &str) -> String {
+    format!(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/client"]
+"#
+    )
+}
+
+/// (proxy-status entry of `node` on `cp`, the replica's current version)
+fn status_of(cp: &ControlPlane, node: &str) -> Option<(serde_json::Value, u64)> {
+    let status = cp.proxy_status();
+    let current = status["currentVersion"].as_u64()?;
+    let entry = status["proxies"].as_array()?.iter().find(|p| p["node"] == node).cloned()?;
+    Some((entry, current))
+}
+
+/// Every replica serves `version` (or later) and its proxy ACKed it.
+fn wait_all_acked(replicas: &[ControlPlane], nodes: &[&str], version: u64) {
+    for (cp, node) in replicas.iter().zip(nodes) {
+        wait_for(&format!("{node} to ACK version {version}"), Duration::from_secs(30), || {
+            let (entry, current) = status_of(cp, node)?;
+            (current >= version && entry["ackedVersion"].as_u64()? >= version).then_some(())
+        });
+    }
+}
+
+#[test]
+fn a_change_through_one_replica_reaches_proxies_on_every_replica() {
+    let etcd = EtcdCluster::start(3);
+    let replicas = ControlPlane::start_replicas(&etcd, 3, &[]);
+    let nodes = ["node-0", "node-1", "node-2"];
+    let proxies: Vec<Proxy> = replicas
+        .iter()
+        .zip(nodes)
+        .enumerate()
+        .map(|(i, (cp, node))| {
+            let spec = WorkloadSpec::new(&format!("web-{i}"), "default", "web", &format!("10.9.0.{}", i + 1));
+            Proxy::start(cp, node, &[spec])
+        })
+        .collect();
+    for proxy in &proxies {
+        proxy.wait_ready();
+    }
+    // The registry is shared: replica 2's proxy learns the workloads of proxies on replicas 0 and 1.
+    proxies[2].wait_config("every replica's workloads", |dump| {
+        let text = dump.to_string();
+        text.contains("web-0") && text.contains("web-1") && text.contains("web-2")
+    });
+
+    let before: Vec<u64> = replicas.iter().map(|cp| cp.proxy_status()["currentVersion"].as_u64().unwrap()).collect();
+    let started = std::time::Instant::now();
+    replicas[0].apply(&policy("allow-client"));
+    let version = replicas[0].proxy_status()["currentVersion"].as_u64().unwrap();
+    assert!(version > before[0], "the apply made a new version");
+    wait_all_acked(&replicas, &nodes, version);
+    println!("one apply through replica 0 ACKed by the proxies of 3 replicas in {:?}", started.elapsed());
+    // Versions are comparable across replicas: every replica serves the same number for the same state.
+    for cp in &replicas {
+        assert_eq!(cp.proxy_status()["currentVersion"].as_u64().unwrap(), version);
+    }
+    for proxy in &proxies {
+        proxy.wait_config("the policy", |dump| dump.to_string().contains("allow-client"));
+    }
+    // And the other way: a delete through replica 2 reaches replica 0's proxy.
+    replicas[2].ctl_ok(&["delete", "ap", "allow-client", "-n", "default"]);
+    proxies[0].wait_config("the policy gone", |dump| !dump.to_string().contains("allow-client"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn one_single_use_token_raced_through_three_replicas_joins_exactly_once() {
+    let etcd = EtcdCluster::start(3);
+    let replicas = ControlPlane::start_replicas(&etcd, 3, &[]);
+    let (token, pin) = replicas[0].token("racer", &["default"], &[]);
+    let attempts: Vec<_> = (0..50)
+        .map(|i| {
+            let addr = replicas[i % 3].addr.to_string();
+            let (token, pin) = (token.clone(), pin.clone());
+            tokio::spawn(async move { (i % 3, client::join(&addr, &pin, &token, "racer").await.expect("connect")) })
+        })
+        .collect();
+    let mut joined = Vec::new();
+    let mut refused = Vec::new();
+    for attempt in attempts {
+        let (replica, result) = attempt.await.unwrap();
+        match result {
+            Ok(_) => joined.push(replica),
+            Err(status) => refused.push((replica, status)),
+        }
+    }
+    assert_eq!(joined.len(), 1, "exactly one join succeeds; refusals: {refused:?}");
+    assert_eq!(refused.len(), 49);
+    for (replica, status) in &refused {
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "replica {replica}: {status:?}");
+        assert!(status.message().contains("join token was already used"), "replica {replica}: {status:?}");
+    }
+    // The refusals came from every replica, not only from the one that let the join through.
+    for r in 0..3 {
+        assert!(refused.iter().any(|(replica, _)| *replica == r) || joined[0] == r, "replica {r} answered");
+    }
+    println!("50 racing joins: replica {} let one through, 49 refused", joined[0]);
+}
+
+fn pem_encode(der: &[u8]) -> String {
+    format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", pem_lines(der))
+}
+
+fn pem_lines(der: &[u8]) -> String {
+    let out = Command::new("openssl")
+        .args(["base64", "-A"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(der)?;
+            child.wait_with_output()
+        })
+        .expect("openssl base64");
+    let b64 = String::from_utf8(out.stdout).unwrap();
+    b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_replica_signs_under_the_same_root() {
+    let etcd = EtcdCluster::start(3);
+    let replicas = ControlPlane::start_replicas(&etcd, 3, &[]);
+    let root = replicas[0].root_pem();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("root.pem"), &root).unwrap();
+    for (i, cp) in replicas.iter().enumerate() {
+        // Each replica's data dir was filled from etcd: the same root.
+        assert_eq!(cp.root_pem(), root, "replica {i}'s root");
+        let node = format!("signer-{i}");
+        let (token, pin) = cp.token(&node, &["default"], &[]);
+        let joined = client::join(&cp.addr.to_string(), &pin, &token, &node).await.unwrap().expect("join");
+        let address = format!("10.9.1.{}", i + 1);
+        let mut stream = joined
+            .discover(hello(vec![workload(&format!("web-{i}"), "default", "web", &address)]))
+            .await
+            .unwrap()
+            .expect("stream");
+        let (_, der) = csr(&["spiffe://cluster.local/ns/default/sa/web"]);
+        let answer = stream.certify(1, der).await;
+        assert!(answer.error.is_empty(), "replica {i}: {}", answer.error);
+        let leaf = dir.path().join(format!("leaf-{i}.pem"));
+        std::fs::write(&leaf, pem_encode(&answer.certificate_chain[0])).unwrap();
+        let verify = Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(dir.path().join("root.pem"))
+            .arg(&leaf)
+            .output()
+            .unwrap();
+        assert!(verify.status.success(), "replica {i}: openssl verify: {}", String::from_utf8_lossy(&verify.stderr));
+    }
+    // Control: a root made elsewhere does not verify these leaves (the check can fail).
+    let other = tempfile::tempdir().unwrap();
+    let init = Command::new(bin("trellis-control")).args(["init", "--data-dir"]).arg(other.path().join("d")).output();
+    assert!(init.unwrap().status.success());
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(other.path().join("d/ca/root-cert.pem"))
+        .arg(dir.path().join("leaf-0.pem"))
+        .output()
+        .unwrap();
+    assert!(!verify.status.success(), "a foreign root must not verify the leaf");
+}
+
+#[test]
+fn etcd_losing_quorum_refuses_writes_keeps_serving_and_recovers() {
+    let mut etcd = EtcdCluster::start(3);
+    let replicas = ControlPlane::start_replicas(&etcd, 2, &[]);
+    let proxy = Proxy::start(&replicas[1], "node-a", &[WorkloadSpec::new("web", "default", "web", "10.9.2.1")]);
+    proxy.wait_ready();
+
+    // One member down: a quorum is left, everything works.
+    etcd.kill(2);
+    replicas[0].apply(&policy("one-down"));
+    proxy.wait_config("the policy applied with one etcd member down", |d| d.to_string().contains("one-down"));
+    assert_eq!(replicas[0].readiness(), 200);
+
+    // Two down: no quorum. Writes are refused with the reason, at the replica.
+    etcd.kill(1);
+    let refused = wait_for("a write to be refused", Duration::from_secs(30), || {
+        let out = replicas[0].ctl_stdin(&["apply", "-f", "-"], Some(&policy("no-quorum")));
+        (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+    });
+    assert!(refused.contains("store unavailable: "), "{refused}");
+    wait_for("replica 0 to report not-ready", Duration::from_secs(30), || {
+        (replicas[0].readiness() == 503).then_some(())
+    });
+    wait_for("replica 1 to report not-ready", Duration::from_secs(30), || {
+        (replicas[1].readiness() == 503).then_some(())
+    });
+    // Discovery keeps serving from the last snapshot: the connected proxy stays ready and configured, and the
+    // replica still answers reads from memory.
+    proxy.wait_ready();
+    assert!(proxy.config_dump().to_string().contains("one-down"));
+    let status = replicas[1].proxy_status();
+    assert_eq!(status["proxies"][0]["node"], "node-a", "{status}");
+    assert_eq!(status["proxies"][0]["connected"], true, "{status}");
+
+    // Members return: writes succeed again, on their own, and reach the proxy.
+    etcd.revive(1);
+    etcd.revive(2);
+    wait_for("replica 0 to be ready again", Duration::from_secs(30), || (replicas[0].readiness() == 200).then_some(()));
+    wait_for("a write to succeed again", Duration::from_secs(30), || {
+        replicas[0].ctl_stdin(&["apply", "-f", "-"], Some(&policy("recovered"))).status.success().then_some(())
+    });
+    proxy.wait_config("the policy applied after recovery", |d| d.to_string().contains("recovered"));
+    assert!(!proxy.config_dump().to_string().contains("no-quorum"), "the refused apply left nothing behind");
+}
+
+#[test]
+fn ca_keys_in_etcd_are_sealed_and_a_second_init_is_refused() {
+    let etcd = EtcdCluster::start(3);
+    let replicas = ControlPlane::start_replicas(&etcd, 1, &[]);
+    // Control: the values exist, and a certificate is stored as it is.
+    let cert = etcd.get("/trellis/ca_files/ca/ca-cert.pem").expect("the CA certificate is in etcd");
+    assert!(String::from_utf8_lossy(&cert).contains("BEGIN CERTIFICATE"));
+    let key = etcd.get("/trellis/ca_files/ca/ca-key.pem").expect("the CA key is in etcd");
+    let text = String::from_utf8_lossy(&key);
+    assert!(!text.contains("PRIVATE KEY"), "the CA key is readable in etcd: {text}");
+    assert!(text.starts_with("trellis-sealed:v1:"), "{text}");
+    // The replica's own copy is the plaintext key, private.
+    let local = replicas[0].data_dir().join("ca/ca-key.pem");
+    assert!(std::fs::read_to_string(&local).unwrap().contains("PRIVATE KEY"));
+
+    // A second init against the same etcd refuses, before writing anything, and says why.
+    let dir = tempfile::tempdir().unwrap();
+    let store_args = trellis_tests::etcd_store_args(&etcd);
+    let second = Command::new(bin("trellis-control"))
+        .args(["init", "--data-dir"])
+        .arg(dir.path().join("d"))
+        .args(&store_args)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("already holds a mesh"), "{stderr}");
+    assert!(!dir.path().join("d").exists(), "nothing written by the refused init");
+
+    // A KEK readable by others is refused, naming the file.
+    let loose = dir.path().join("loose-kek");
+    std::fs::write(&loose, "ab".repeat(32)).unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let mut args = store_args.clone();
+    *args.last_mut().unwrap() = loose.display().to_string();
+    let refused = Command::new(bin("trellis-control"))
+        .args(["init", "--data-dir"])
+        .arg(dir.path().join("e"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains(&loose.display().to_string()), "{stderr}");
+    assert!(stderr.contains("0600"), "{stderr}");
+}
