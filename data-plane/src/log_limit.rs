@@ -19,8 +19,12 @@ pub static HBONE_REFUSALS: LogLimit = LogLimit::new("hbone_refusal", "HBONE refu
 /// Every listener's accept errors and connections shed for want of file descriptors (`listen.rs`), by listener.
 pub static ACCEPT_ERRORS: LogLimit = LogLimit::new("accept_error", "accept errors or shed connections");
 
+/// "HBONE connection accepted" (an authenticated peer proxy): kept at INFO, as pooled connections are few, but
+/// limited, so that a peer reconnecting in a loop cannot flood the log.
+pub static HBONE_ACCEPTS: LogLimit = LogLimit::new("hbone_accepted", "HBONE connections accepted");
+
 /// Every limit, for the summary.
-static ALL: [&LogLimit; 2] = [&HBONE_REFUSALS, &ACCEPT_ERRORS];
+static ALL: [&LogLimit; 3] = [&HBONE_REFUSALS, &ACCEPT_ERRORS, &HBONE_ACCEPTS];
 
 pub struct LogLimit {
     /// The `log` label, naming which lines are limited.

@@ -77,11 +77,7 @@ impl Mesh {
     pub async fn start() -> Self {
         let events = Events::default();
         // The proxy's own events only (not the TLS and HTTP/2 libraries' debug output).
-        let filter = Targets::new()
-            .with_target("trellis_data_plane", Level::INFO)
-            // "HBONE connection accepted" is DEBUG; tests count handshakes by it.
-            .with_target("trellis_data_plane::proxy::inbound", Level::DEBUG)
-            .with_target("access", Level::INFO);
+        let filter = Targets::new().with_target("trellis_data_plane", Level::INFO).with_target("access", Level::INFO);
         let tracing =
             tracing::subscriber::set_default(tracing_subscriber::registry().with(filter).with(events.clone()));
         let ca = TestCa::new();
