@@ -9,7 +9,8 @@ use tonic::transport::Channel;
 
 use crate::settings::CliConfig;
 
-/// Connects with the admin credential of `config`, verifying the control plane against its CA bundle.
+/// Connects with the admin credential of `config`, verifying the control plane against its CA bundle: to the
+/// first of its endpoints that accepts the connection (each replica is verified the same way).
 pub async fn connect(config: &CliConfig) -> anyhow::Result<Channel> {
     let roots = certs(&config.ca_bundle).context("config caBundle")?;
     let chain = certs(&config.certificate).context("config certificate")?;
@@ -18,9 +19,21 @@ pub async fn connect(config: &CliConfig) -> anyhow::Result<Channel> {
         trellis_proto::tls::ServerTrust::Roots(roots),
         Some(trellis_proto::tls::ClientIdentity { chain, key }),
     )?;
-    trellis_proto::tls::connect(&config.endpoint, Arc::new(tls))
-        .await
-        .with_context(|| format!("connecting to the control plane at {}", config.endpoint))
+    let tls = Arc::new(tls);
+    let endpoints = config.endpoints().map_err(|e| anyhow::anyhow!("config: {e}"))?;
+    let mut failures = Vec::new();
+    for endpoint in &endpoints {
+        match trellis_proto::tls::connect(endpoint, tls.clone()).await {
+            Ok(channel) => return Ok(channel),
+            Err(e) => {
+                if endpoints.len() > 1 {
+                    eprintln!("trellisctl: cannot connect to {endpoint} ({e}); trying the next endpoint");
+                }
+                failures.push(format!("{endpoint}: {e:#}"));
+            }
+        }
+    }
+    anyhow::bail!("connecting to the control plane: {}", failures.join("; "))
 }
 
 fn certs(pem: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {

@@ -20,6 +20,15 @@ pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!("trellis_connected_proxies", "Proxies with an open discovery stream.");
     describe_counter!("trellis_pushes_total", "Config updates sent to proxies.");
+    describe_counter!(
+        "trellis_push_updates_total",
+        "Config updates sent to proxies, by kind: full (snapshot), delta, resume (a resumed stream's first delta)."
+    );
+    describe_counter!("trellis_push_bytes_total", "Encoded bytes of the config updates sent to proxies, by kind.");
+    describe_counter!(
+        "trellis_stream_resumes_total",
+        "Discovery streams by what their Hello's resume request got: delta, not_asked, other_lineage, unknown_version."
+    );
     describe_counter!("trellis_nacks_total", "Config updates proxies rejected, by the part rejected.");
     describe_histogram!(
         "trellis_config_convergence_seconds",

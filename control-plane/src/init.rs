@@ -80,8 +80,13 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<()> {
     let admin_chain = ca::certs_to_pem(&admin.chain[..admin.chain.len() - 1]);
     write_new(&dir.join(ADMIN_CERT), admin_chain.as_bytes(), 0o644)?;
     write_new(&dir.join(ADMIN_KEY), admin_key.as_bytes(), 0o600)?;
-    let cli =
-        CliConfig { endpoint: opts.endpoint.clone(), ca_bundle: root_pem, certificate: admin_chain, key: admin_key };
+    let cli = CliConfig {
+        endpoint: opts.endpoint.clone(),
+        endpoints: vec![],
+        ca_bundle: root_pem,
+        certificate: admin_chain,
+        key: admin_key,
+    };
     write_new(&dir.join(ADMIN_FILE), serde_yaml_ng::to_string(&cli)?.as_bytes(), 0o600)?;
 
     match shared {

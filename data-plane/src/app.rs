@@ -130,11 +130,25 @@ pub async fn run(
 
     // Application SVIDs (Workload API): the attested workloads' identities again, each under a key of its own.
     let attestor = Arc::new(workload_api::attest::Attestor::new(&config.workloads, node.trust_domain())?);
-    let app_ids = attestor.identities();
+    // ... and those written as files (svidFiles).
+    let file_targets = (config.workloads.iter())
+        .filter_map(|w| {
+            let files = w.svid_files.clone()?;
+            Some(
+                SpiffeId::workload(node.trust_domain(), &w.namespace, &w.service_account)
+                    .map(|id| crate::svid_files::Target { id, config: files }),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut app_ids = attestor.identities();
+    app_ids.extend(file_targets.iter().map(|t| t.id.clone()));
     let app_manager = (!app_ids.is_empty()).then(|| {
         let app_certs = Arc::new(WorkloadCerts::new(app_ids));
         CertManager::with_first_request_id(app_certs, Instant::now(), discovery::APP_REQUEST_IDS)
     });
+    if let (Some(manager), false) = (&app_manager, file_targets.is_empty()) {
+        tokio::spawn(crate::svid_files::follow(file_targets, manager.certs().clone(), state.clone()));
+    }
     if let Some(listen) = &config.workload_api {
         let listener = workload_api::bind(listen)?;
         let app_certs = app_manager.as_ref().map_or_else(|| Arc::new(WorkloadCerts::new([])), |m| m.certs().clone());
@@ -230,11 +244,26 @@ async fn start_listeners(
         Ok::<_, StartError>(listener)
     };
     let mut tasks = Vec::new();
+    // IPv6 workloads: each of these listeners on an IPv4 wildcard or loopback address gets an IPv6 twin at the same
+    // port (`crate::listen::ipv6_twin`), where tunnels to those workloads and their captured connections arrive.
+    let ipv6 = config.workloads.iter().any(|w| w.addresses.iter().any(|a| a.is_ipv6()));
+    let twin = |listener: &tokio::net::TcpListener, field: &'static str| {
+        ipv6.then(|| listener.local_addr().ok()).flatten().and_then(|bound| crate::listen::ipv6_twin(bound, field))
+    };
     let hbone = bind(config.listen.hbone, "hbone", "listen.hbone").await?;
+    if let Some(hbone6) = twin(&hbone, "listen.hbone") {
+        tasks.push(tokio::spawn(inbound::serve(hbone6, data.clone(), shutdown.clone())));
+    }
     tasks.push(tokio::spawn(inbound::serve(hbone, data.clone(), shutdown.clone())));
     let captured = bind(config.listen.outbound, "outbound", "listen.outbound").await?;
+    if let Some(captured6) = twin(&captured, "listen.outbound") {
+        tasks.push(tokio::spawn(outbound::serve_captured(captured6, data.clone())));
+    }
     tasks.push(tokio::spawn(outbound::serve_captured(captured, data.clone())));
     let plaintext = bind(config.listen.inbound, "inbound", "listen.inbound").await?;
+    if let Some(plaintext6) = twin(&plaintext, "listen.inbound") {
+        tasks.push(tokio::spawn(inbound_plaintext::serve(plaintext6, data.clone())));
+    }
     tasks.push(tokio::spawn(inbound_plaintext::serve(plaintext, data.clone())));
     if let Some(workload) = config.outbound.socks5_workload.and_then(|i| data.locals.get(i)).cloned() {
         let socks5 = bind(config.listen.socks5, "socks5", "listen.socks5").await?;
@@ -268,28 +297,31 @@ async fn node_credential(
         None => {}
     }
 
+    // Each round tries every replica in turn (a transient failure moves on to the next one at once); rounds are
+    // spaced by the backoff, so a mesh of dead replicas is never retried in a tight loop.
     let mut backoff = Backoff::control_plane();
     loop {
-        info!(address = %config.control_plane.address, node = %config.node, "joining the mesh");
-        let attempt = tokio::select! {
-            _ = shutdown_requested(&mut shutdown) => return Ok(None),
-            attempt = NodeCredential::join(&config.control_plane, &config.node) => attempt,
-        };
-        match attempt {
-            Ok(credential) => {
-                credential.save(dir)?;
-                info!(state_dir = %dir.display(), "joined; node credential stored");
-                return Ok(Some(credential));
-            }
-            Err(e) if e.is_transient() => {
-                let delay = backoff.next_delay();
-                warn!(error = %e, retry_in = ?delay, "join failed; retrying");
-                tokio::select! {
-                    _ = shutdown_requested(&mut shutdown) => return Ok(None),
-                    _ = tokio::time::sleep(delay) => {}
+        for address in &config.control_plane.addresses {
+            info!(%address, node = %config.node, "joining the mesh");
+            let attempt = tokio::select! {
+                _ = shutdown_requested(&mut shutdown) => return Ok(None),
+                attempt = NodeCredential::join(&config.control_plane, address, &config.node) => attempt,
+            };
+            match attempt {
+                Ok(credential) => {
+                    credential.save(dir)?;
+                    info!(state_dir = %dir.display(), %address, "joined; node credential stored");
+                    return Ok(Some(credential));
                 }
+                Err(e) if e.is_transient() => warn!(error = %e, %address, "join failed; trying the next replica"),
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
+        }
+        let delay = backoff.next_delay();
+        warn!(retry_in = ?delay, "no control-plane replica accepted the join; retrying");
+        tokio::select! {
+            _ = shutdown_requested(&mut shutdown) => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
         }
     }
 }

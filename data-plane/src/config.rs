@@ -103,10 +103,22 @@ pub struct Capture {
     pub exclude_outbound_ports: Vec<u16>,
     pub exclude_outbound_cidrs: Vec<trellis_policy::Cidr>,
     pub exclude_inbound_ports: Vec<u16>,
+    /// Dial local workloads from the client workload's address (IP_TRANSPARENT), with the policy routing that
+    /// brings their answers back to the proxy. Only with capture on.
+    pub preserve_source_address: bool,
+    /// The mark (on the packet, restored from the connection's conntrack mark) of a workload's answers to a
+    /// preserved-source connection; `ip rule fwmark <returnMark> lookup <routeTable>` delivers them locally.
+    pub return_mark: u32,
+    /// The routing table holding `local default dev lo` for [`Capture::return_mark`].
+    pub route_table: u32,
 }
 
 /// `capture.mark` when none is configured (ASCII "tr").
 pub const DEFAULT_CAPTURE_MARK: u32 = 0x7472;
+/// `capture.returnMark` when none is configured.
+pub const DEFAULT_RETURN_MARK: u32 = 0x7473;
+/// `capture.routeTable` when none is configured.
+pub const DEFAULT_ROUTE_TABLE: u32 = 7472;
 
 /// Outbound behaviour: what to do with destinations outside the mesh, and who the SOCKS5 listener speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,8 +141,9 @@ pub enum Passthrough {
 
 #[derive(Clone)]
 pub struct ControlPlane {
-    /// `host:port` of the control plane's gRPC endpoint.
-    pub address: String,
+    /// `host:port` of each control-plane replica's gRPC endpoint, in the order they are tried (`address` or
+    /// `addresses` in the file; never empty).
+    pub addresses: Vec<String>,
     /// SHA-256 of the mesh root's SubjectPublicKeyInfo: the only trust before the proxy has joined.
     pub ca_pin: [u8; 32],
     /// Join token; needed only until the node credential is stored in `stateDir`.
@@ -141,7 +154,7 @@ pub struct ControlPlane {
 impl fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ControlPlane")
-            .field("address", &self.address)
+            .field("addresses", &self.addresses)
             .field("ca_pin", &hex::encode(self.ca_pin))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .finish()
@@ -158,7 +171,32 @@ pub struct WorkloadConfig {
     pub ports: Vec<PortConfig>,
     /// Who may fetch this workload's SVID from the Workload API (empty: nobody).
     pub attest: Vec<Selector>,
+    /// Where to write this workload's application SVID as files (`workloads[].svidFiles`).
+    pub svid_files: Option<SvidFilesConfig>,
 }
+
+/// `workloads[].svidFiles`: the application SVID written as `svid.pem`, `svid_key.pem` and `bundle.pem` in `dir`,
+/// owned by `owner`, for programs that only read files; after each write `command` runs and `signal` is sent to the
+/// pid in `pid_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SvidFilesConfig {
+    pub dir: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    /// argv, run without a shell.
+    pub command: Vec<String>,
+    /// (signal number, its name) and the file holding the pid to send it to.
+    pub signal: Option<(i32, String, PathBuf)>,
+}
+
+/// The signals `svidFiles.signal` may name.
+const SIGNALS: &[(&str, i32)] = &[
+    ("SIGHUP", libc::SIGHUP),
+    ("SIGUSR1", libc::SIGUSR1),
+    ("SIGUSR2", libc::SIGUSR2),
+    ("SIGTERM", libc::SIGTERM),
+    ("SIGINT", libc::SIGINT),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortConfig {
@@ -376,6 +414,9 @@ struct RawCapture {
     exclude_outbound_cidrs: Vec<String>,
     #[serde(default)]
     exclude_inbound_ports: Vec<u64>,
+    preserve_source_address: Option<bool>,
+    return_mark: Option<u64>,
+    route_table: Option<u64>,
 }
 
 impl RawCapture {
@@ -409,7 +450,39 @@ impl RawCapture {
                     .ok()
             })
             .collect();
-        Capture { mark, exclude_outbound_ports, exclude_outbound_cidrs, exclude_inbound_ports }
+        let return_mark = match self.return_mark {
+            None => DEFAULT_RETURN_MARK,
+            Some(m) => match u32::try_from(m) {
+                Ok(m) if m != 0 && m != mark => m,
+                _ => {
+                    p.add("capture.returnMark", format!("{m} is not in 1..4294967295 or equals capture.mark"));
+                    DEFAULT_RETURN_MARK
+                }
+            },
+        };
+        let route_table = match self.route_table {
+            None => DEFAULT_ROUTE_TABLE,
+            // 0 is unspecified, 253..255 are the kernel's default, main and local tables.
+            Some(t) => match u32::try_from(t) {
+                Ok(t) if t != 0 && !(253..=255).contains(&t) => t,
+                _ => {
+                    p.add(
+                        "capture.routeTable",
+                        format!("{t} is not in 1..4294967295 or is a reserved table (253-255)"),
+                    );
+                    DEFAULT_ROUTE_TABLE
+                }
+            },
+        };
+        Capture {
+            mark,
+            exclude_outbound_ports,
+            exclude_outbound_cidrs,
+            exclude_inbound_ports,
+            preserve_source_address: self.preserve_source_address.unwrap_or(true),
+            return_mark,
+            route_table,
+        }
     }
 }
 
@@ -424,7 +497,8 @@ struct RawOutbound {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawControlPlane {
-    address: String,
+    address: Option<String>,
+    addresses: Option<Vec<String>>,
     ca_pin: String,
     token: Option<String>,
 }
@@ -443,6 +517,69 @@ struct RawWorkload {
     ports: Vec<RawPort>,
     #[serde(default)]
     attest: Vec<RawSelector>,
+    svid_files: Option<RawSvidFiles>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSvidFiles {
+    dir: String,
+    owner: String,
+    #[serde(default)]
+    command: Vec<String>,
+    signal: Option<String>,
+    pid_file: Option<String>,
+}
+
+impl RawSvidFiles {
+    fn validate(self, at: &str, p: &mut Problems) -> Option<SvidFilesConfig> {
+        let before = p.0.len();
+        if !self.dir.starts_with('/') {
+            p.add(&format!("{at}.dir"), format!("{:?} is not an absolute path", self.dir));
+        }
+        let owner = self.owner.split_once(':').and_then(|(u, g)| {
+            let id = |t: &str| t.parse::<u32>().ok().filter(|n| *n != u32::MAX);
+            Some((id(u)?, id(g)?))
+        });
+        if owner.is_none() {
+            p.add(&format!("{at}.owner"), format!("{:?} is not \"uid:gid\" (numeric IDs)", self.owner));
+        }
+        if self.command.first().is_some_and(|c| c.is_empty()) {
+            p.add(&format!("{at}.command"), "the program (first element) must not be empty");
+        }
+        let signal = match (self.signal, self.pid_file) {
+            (None, None) => None,
+            (Some(name), Some(pid_file)) => {
+                let upper = name.to_ascii_uppercase();
+                let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+                let number = SIGNALS.iter().find(|(n, _)| *n == full).map(|(_, s)| *s);
+                if number.is_none() {
+                    let known: Vec<&str> = SIGNALS.iter().map(|(n, _)| *n).collect();
+                    p.add(&format!("{at}.signal"), format!("{name:?} is not one of {}", known.join(", ")));
+                }
+                if !pid_file.starts_with('/') {
+                    p.add(&format!("{at}.pidFile"), format!("{pid_file:?} is not an absolute path"));
+                }
+                number.map(|n| (n, full, PathBuf::from(pid_file)))
+            }
+            (Some(_), None) => {
+                p.add(&format!("{at}.pidFile"), "required with signal (the process to signal)");
+                None
+            }
+            (None, Some(_)) => {
+                p.add(&format!("{at}.signal"), "required with pidFile (what to send)");
+                None
+            }
+        };
+        let (uid, gid) = owner?;
+        (p.0.len() == before).then(|| SvidFilesConfig {
+            dir: PathBuf::from(self.dir),
+            uid,
+            gid,
+            command: self.command,
+            signal,
+        })
+    }
 }
 
 /// One selector: exactly one of its fields.
@@ -523,9 +660,35 @@ impl RawConfig {
         }
 
         let cp = &self.control_plane;
-        if let Err(msg) = check_host_port(&cp.address, PortZero::Refused) {
-            p.add("controlPlane.address", format!("{:?} {msg}", cp.address));
-        }
+        let addresses = match (&cp.address, &cp.addresses) {
+            (Some(_), Some(_)) => {
+                p.add("controlPlane.addresses", "give either controlPlane.address or controlPlane.addresses, not both");
+                vec![]
+            }
+            (None, None) => {
+                p.add("controlPlane.address", "missing: set controlPlane.address or controlPlane.addresses");
+                vec![]
+            }
+            (Some(address), None) => {
+                if let Err(msg) = check_host_port(address, PortZero::Refused) {
+                    p.add("controlPlane.address", format!("{address:?} {msg}"));
+                }
+                vec![address.clone()]
+            }
+            (None, Some(list)) => {
+                if list.is_empty() {
+                    p.add("controlPlane.addresses", "must not be empty");
+                }
+                for (i, address) in list.iter().enumerate() {
+                    if let Err(msg) = check_host_port(address, PortZero::Refused) {
+                        p.add(&format!("controlPlane.addresses[{i}]"), format!("{address:?} {msg}"));
+                    } else if list[..i].contains(address) {
+                        p.add(&format!("controlPlane.addresses[{i}]"), format!("{address:?} is listed twice"));
+                    }
+                }
+                list.clone()
+            }
+        };
         let ca_pin = trellis_proto::tls::parse_pin(&cp.ca_pin).unwrap_or_else(|_| {
             p.add("controlPlane.caPin", format!("{:?} is not of the form sha256:<64 hex digits>", cp.ca_pin));
             [0; 32]
@@ -608,7 +771,7 @@ impl RawConfig {
             workload_api,
             node: self.node,
             control_plane: ControlPlane {
-                address: self.control_plane.address,
+                addresses,
                 ca_pin,
                 token: self.control_plane.token.map(|t| t.trim().to_owned()),
             },
@@ -688,6 +851,7 @@ fn validate_workloads(raw: Vec<RawWorkload>, p: &mut Problems) -> Vec<WorkloadCo
         let attest = (w.attest.into_iter().enumerate())
             .filter_map(|(j, selector)| selector.validate(&format!("{at}.attest[{j}]"), p))
             .collect();
+        let svid_files = w.svid_files.and_then(|f| f.validate(&format!("{at}.svidFiles"), p));
 
         out.push(WorkloadConfig {
             name: w.name,
@@ -697,6 +861,7 @@ fn validate_workloads(raw: Vec<RawWorkload>, p: &mut Problems) -> Vec<WorkloadCo
             addresses,
             ports,
             attest,
+            svid_files,
         });
     }
     out
@@ -850,6 +1015,7 @@ workerThreads: 4
         assert_eq!(c.jwt_clock_skew, std::time::Duration::from_secs(30));
         assert_eq!(c.worker_threads, 4);
         assert_eq!(c.control_plane.token, None);
+        assert_eq!(c.control_plane.addresses, ["cp.example:15012"]);
         assert_eq!(c.workloads[0].addresses.len(), 2);
         assert_eq!(c.workloads[0].ports[0], PortConfig { port: 8080, protocol: Protocol::Http });
         assert_eq!(c.listen.admin, "127.0.0.1:25000".parse().unwrap());
@@ -958,6 +1124,8 @@ workerThreads: 4
             ("capture:\n  excludeInboundPorts: [0]\n".into(), "capture.excludeInboundPorts[0]: 0 is not"),
             ("capture:\n  excludeOutboundCidrs: [10.0.0.0/33]\n".into(), "capture.excludeOutboundCidrs[0]: \"10.0.0.0/33\" is not a CIDR"),
             ("capture:\n  redirect: all\n".into(), "unknown field `redirect`"),
+            ("capture:\n  returnMark: 29810\n".into(), "capture.returnMark: 29810 is not in 1..4294967295 or equals capture.mark"),
+            ("capture:\n  routeTable: 254\n".into(), "capture.routeTable: 254 is not in 1..4294967295 or is a reserved table"),
             ("jwtClockSkew: soon\n".into(), "jwtClockSkew: \"soon\""),
             ("workerThreads: 0\n".into(), "workerThreads: 0 is not in 1..=64"),
             ("workerThreads: 65\n".into(), "workerThreads: 65 is not in 1..=64"),
@@ -1042,6 +1210,29 @@ workerThreads: 4
     }
 
     #[test]
+    fn control_plane_addresses_list_the_replicas() {
+        let list = minimal().replace("  address: 127.0.0.1:15012\n", "  addresses: [a:1, 'b:2', '[::1]:3']\n");
+        let c = Config::parse(&list).unwrap();
+        assert_eq!(c.control_plane.addresses, ["a:1", "b:2", "[::1]:3"]);
+
+        let both = minimal().replace("  address: 127.0.0.1:15012\n", "  address: a:1\n  addresses: [b:2]\n");
+        let err = Config::parse(&both).unwrap_err().to_string();
+        assert!(err.starts_with("controlPlane.addresses: give either"), "{err}");
+
+        let neither = minimal().replace("  address: 127.0.0.1:15012\n", "");
+        let err = Config::parse(&neither).unwrap_err().to_string();
+        assert!(err.starts_with("controlPlane.address: missing"), "{err}");
+
+        let empty = minimal().replace("  address: 127.0.0.1:15012\n", "  addresses: []\n");
+        assert_eq!(Config::parse(&empty).unwrap_err().to_string(), "controlPlane.addresses: must not be empty");
+
+        let bad = minimal().replace("  address: 127.0.0.1:15012\n", "  addresses: [a:1, 'b', a:1]\n");
+        let err = Config::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("controlPlane.addresses[1]: \"b\""), "{err}");
+        assert!(err.contains("controlPlane.addresses[2]: \"a:1\" is listed twice"), "{err}");
+    }
+
+    #[test]
     fn node_name_must_be_one_path_segment() {
         for bad in ["a/b", "a b", ".."] {
             let yaml = minimal().replace("node: node-a", &format!("node: {bad:?}"));
@@ -1095,6 +1286,17 @@ workerThreads: 4
     }
 
     #[test]
+    fn svid_files_parse() {
+        let yaml = with_workload(
+            "    svidFiles: {dir: /run/web, owner: \"1000:1001\", command: [/bin/true, x], signal: hup, pidFile: /p}\n",
+        );
+        let files = Config::parse(&yaml).unwrap().workloads[0].svid_files.clone().unwrap();
+        assert_eq!((files.dir.as_path(), files.uid, files.gid), (Path::new("/run/web"), 1000, 1001));
+        assert_eq!(files.command, ["/bin/true", "x"]);
+        assert_eq!(files.signal, Some((libc::SIGHUP, "SIGHUP".to_owned(), PathBuf::from("/p"))));
+    }
+
+    #[test]
     fn bad_selectors_and_sockets_are_named() {
         let cases = [
             ("    attest: [{uid: 1, gid: 2}]\n", "workloads[0].attest[0]: must set exactly one of uid, gid, path"),
@@ -1107,6 +1309,14 @@ workerThreads: 4
             ("    attest: [{pid: 1}]\n", "unknown field `pid`"),
             ("listen:\n  workloadApi: relative.sock\n", "listen.workloadApi: \"relative.sock\" is not an absolute"),
             ("listen:\n  workloadApiMode: \"999\"\n", "listen.workloadApiMode: \"999\" is not an octal file mode"),
+            ("    svidFiles: {dir: rel, owner: \"1:1\"}\n", "workloads[0].svidFiles.dir: \"rel\" is not an absolute"),
+            ("    svidFiles: {dir: /d, owner: \"web\"}\n", "workloads[0].svidFiles.owner: \"web\" is not \"uid:gid\""),
+            ("    svidFiles: {dir: /d, owner: \"1:1\", signal: HUP}\n", "svidFiles.pidFile: required with signal"),
+            (
+                "    svidFiles: {dir: /d, owner: \"1:1\", signal: SIGKILL, pidFile: /p}\n",
+                "workloads[0].svidFiles.signal: \"SIGKILL\" is not one of SIGHUP",
+            ),
+            ("    svidFiles: {dir: /d, owner: \"1:1\", mode: 1}\n", "unknown field `mode`"),
         ];
         for (extra, expected) in cases {
             let err = Config::parse(&with_workload(extra)).unwrap_err().to_string();

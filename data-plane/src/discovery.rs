@@ -1,6 +1,8 @@
 //! The Discovery stream client: one long-lived bidirectional stream to the control plane carrying the
 //! Hello, CSRs and ACK/NACKs up, and config updates, certificates and renewal requests down. Reconnects
-//! with backoff for as long as the proxy runs.
+//! with backoff for as long as the proxy runs, moving on to the next replica of `controlPlane.addresses` after
+//! each lost stream or failed connect, and resuming from the version it last applied (the control plane answers
+//! with a delta when it knows that version).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -69,13 +71,22 @@ pub struct Discovery {
     app_certs: Option<CertManager>,
     /// Roots last written to the state directory, to persist rotations only when they change.
     persisted_roots: Vec<CertificateDer<'static>>,
+    /// Index in `controlPlane.addresses` of the replica the next stream dials.
+    replica: usize,
+    /// The lineage (`ConfigUpdate.lineage`) of the state the proxy holds, once an update from the control plane
+    /// was applied: with the state's version, what the next stream asks to resume from. `None` while the proxy
+    /// serves only what it stored on disk.
+    lineage: Option<String>,
 }
 
 /// One connected stream's outbound side.
 struct Session {
     tx: mpsc::UnboundedSender<DiscoveryRequest>,
-    /// The control plane promises a full snapshot first on every stream.
+    /// The control plane promises a full snapshot first on every stream, or a delta when it grants the resume
+    /// the Hello asked for.
     seen_update: bool,
+    /// The lineage this stream asked to resume within, if any.
+    resuming: Option<String>,
 }
 
 impl Session {
@@ -94,7 +105,18 @@ impl Discovery {
     ) -> Self {
         let persisted_roots = node.roots.clone();
         let node_renewal = NodeRenewal::new(&node, Instant::now(), SystemTime::now());
-        Self { config, node, node_slot, node_renewal, state, certs, app_certs: None, persisted_roots }
+        Self {
+            config,
+            node,
+            node_slot,
+            node_renewal,
+            state,
+            certs,
+            app_certs: None,
+            persisted_roots,
+            replica: 0,
+            lineage: None,
+        }
     }
 
     /// Also keeps the Workload API's application SVIDs issued and renewed over this stream.
@@ -130,8 +152,10 @@ impl Discovery {
                 StreamError::Status { code, message } => {
                     error!(code = ?code, "control plane ended the discovery stream: {message}")
                 }
-                other => warn!(error = %other, address = %self.config.control_plane.address, "discovery stream failed"),
+                other => warn!(error = %other, address = %self.address(), "discovery stream failed"),
             }
+            // On to the next replica (the same one when only one is configured); the backoff spaces attempts.
+            self.replica = (self.replica + 1) % self.config.control_plane.addresses.len();
             for (manager, _) in self.managers() {
                 manager.stream_lost(Instant::now());
             }
@@ -172,16 +196,22 @@ impl Discovery {
                 return true;
             }
             if probe && now >= next_probe {
-                let address = self.config.control_plane.address.clone();
-                let reachable = tokio::select! {
-                    _ = shutdown_requested(shutdown) => return false,
-                    probe = tokio::time::timeout(PROBE_TIMEOUT, crate::sockets::connect_host(address)) => {
-                        matches!(probe, Ok(Ok(_)))
+                // Every replica, from the next one due: the first that accepts a connection is dialled now.
+                let addresses = &self.config.control_plane.addresses;
+                for offset in 0..addresses.len() {
+                    let index = (self.replica + offset) % addresses.len();
+                    let address = addresses[index].clone();
+                    let reachable = tokio::select! {
+                        _ = shutdown_requested(shutdown) => return false,
+                        probe = tokio::time::timeout(PROBE_TIMEOUT, crate::sockets::connect_host(address.clone())) => {
+                            matches!(probe, Ok(Ok(_)))
+                        }
+                    };
+                    if reachable {
+                        info!(%address, "a control-plane replica accepts connections; reconnecting now");
+                        self.replica = index;
+                        return true;
                     }
-                };
-                if reachable {
-                    info!("the control plane accepts connections again; reconnecting now");
-                    return true;
                 }
                 next_probe = tokio::time::Instant::now() + PROBE_INTERVAL;
             }
@@ -200,22 +230,27 @@ impl Discovery {
         // Trust the live bundle (it follows root rotations), or the stored one before the first snapshot.
         let roots = self.state.load().trust_bundle.as_ref().map_or_else(|| self.node.roots.clone(), |b| b.root_ders());
         let tls_config = tls::client_config(ServerTrust::Roots(roots), Some(self.node.client_identity()))?;
-        let address = &self.config.control_plane.address;
-        let channel = tls::connect_with(address, tls_config.into(), crate::sockets::connect_host)
+        let address = self.address().to_owned();
+        let channel = tls::connect_with(&address, tls_config.into(), crate::sockets::connect_host)
             .await
             .map_err(|e| StreamError::Connect(connect_error(&e)))?;
 
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut session = Session { tx, seen_update: false };
+        let mut session = Session { tx, seen_update: false, resuming: self.lineage.clone() };
         // Queued before the call: the control plane may wait for the Hello before it answers with headers.
         session.send(Up::Hello(self.hello()))?;
         let mut client = DiscoveryClient::new(channel);
         let call = client.stream(UnboundedReceiverStream::new(rx));
         let mut inbound =
             tokio::time::timeout(OPEN_TIMEOUT, call).await.map_err(|_| StreamError::OpenTimeout)??.into_inner();
-        info!(address = %address, "discovery stream open");
+        info!(address = %address, replica = self.replica, "discovery stream open");
         metrics::control_plane_connected(true);
-        let _disconnected = OnDrop(|| metrics::control_plane_connected(false));
+        metrics::control_plane_replica(&self.config.control_plane.addresses, Some(&address));
+        let config = self.config.clone();
+        let _disconnected = OnDrop(move || {
+            metrics::control_plane_connected(false);
+            metrics::control_plane_replica(&config.control_plane.addresses, None);
+        });
         self.report_held(&session)?;
 
         loop {
@@ -257,9 +292,7 @@ impl Discovery {
                             not_after = %rfc3339(cert.info.not_after),
                             "{} installed", purpose.what()
                         );
-                        if purpose == Purpose::Tunnel {
-                            self.report_held(session)?;
-                        }
+                        self.report_held(session)?;
                     }
                     Ok(None) => debug!("answer to an abandoned CSR ignored"),
                     Err(e) => {
@@ -335,7 +368,8 @@ impl Discovery {
         }
     }
 
-    /// Tells the control plane which certificates this proxy uses, and which CA signed each (a root rotation
+    /// Tells the control plane which certificates this proxy uses (its own and its applications'), and which CA
+    /// signed each (a root rotation
     /// waits for these reports).
     fn report_held(&self, session: &Session) -> Result<(), StreamError> {
         let held = |spiffe_id: String, chain: &[CertificateDer<'_>], info: &crate::identity::certs::CertInfo| {
@@ -349,17 +383,33 @@ impl Discovery {
                     .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
             }
         };
-        let mut certificates: Vec<HeldCertificate> =
-            self.certs.certs().all().iter().map(|c| held(c.spiffe_id.to_string(), &c.chain, &c.info)).collect();
+        // Tunnel certificates and application SVIDs (Workload API, svidFiles) alike: a root rotation must wait for
+        // the applications' certificates too, or it would retire the root they chain to.
+        let mut certificates: Vec<HeldCertificate> = (std::iter::once(&self.certs).chain(self.app_certs.as_ref()))
+            .flat_map(|manager| manager.certs().all())
+            .map(|c| held(c.spiffe_id.to_string(), &c.chain, &c.info))
+            .collect();
         certificates.push(held(self.node.spiffe_id.to_string(), &self.node.chain, &self.node.info));
         session.send(Up::Held(CertificatesHeld { certificates }))
     }
 
+    /// The replica the next (or current) stream dials.
+    fn address(&self) -> &str {
+        &self.config.control_plane.addresses[self.replica]
+    }
+
     fn hello(&self) -> Hello {
+        let (resume_lineage, resume_version) = match &self.lineage {
+            Some(lineage) => (lineage.clone(), self.state.load().version),
+            None => (String::new(), 0),
+        };
         Hello {
             workloads: self.config.workloads.iter().map(|w| w.to_proto()).collect(),
             hbone_address: self.config.hbone_address.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            resume_version,
+            resume_lineage,
+            root_namespace: self.config.root_namespace.clone(),
         }
     }
 
@@ -387,8 +437,11 @@ impl Discovery {
     fn on_update(&mut self, session: &mut Session, update: ConfigUpdate) -> Result<(), StreamError> {
         let version = update.version;
         let current = self.state.load();
-        let result = if !session.seen_update && !update.full {
-            Err(("protocol", "the first update on a stream must be a full snapshot".to_owned()))
+        let resumed = !session.seen_update
+            && !update.full
+            && session.resuming.as_deref().is_some_and(|lineage| lineage == update.lineage);
+        let result = if !session.seen_update && !update.full && !resumed {
+            Err(("protocol", "the first update on a stream must be a full snapshot or a resume asked for".to_owned()))
         } else {
             state::injected_refusal(&update)
                 .and_then(|()| state::apply(&current, &update))
@@ -400,10 +453,14 @@ impl Discovery {
                 info!(
                     version,
                     full = update.full,
+                    resumed,
                     workloads = next.workloads.len(),
                     resources = next.resources.len(),
                     "config applied"
                 );
+                if !update.lineage.is_empty() {
+                    self.lineage = Some(update.lineage.clone());
+                }
                 if let Some(bundle) = &next.trust_bundle {
                     self.persist_roots(bundle.root_ders());
                 }

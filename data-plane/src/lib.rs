@@ -37,6 +37,7 @@ pub mod revocation;
 pub mod sockets;
 pub mod state;
 pub mod stored;
+pub mod svid_files;
 pub mod tls;
 pub mod workload_api;
 

@@ -1,4 +1,5 @@
-//! The accept loop every data-path listener shares, and what it does when the process is out of file descriptors.
+//! The accept loop every data-path listener shares, what it does when the process is out of file descriptors, and
+//! the IPv6 twin of an IPv4 listener.
 //!
 //! Out of descriptors (`EMFILE`/`ENFILE`), `accept` fails and the pending connection stays in the kernel's backlog:
 //! retrying only would leave its client hanging until the backlog overflows. So the process keeps one descriptor in
@@ -8,7 +9,7 @@
 //! ([`crate::log_limit::ACCEPT_ERRORS`]), so a flood costs a bounded number of lines.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -79,6 +80,35 @@ where
                 // Descriptors freed meanwhile: hold the reserve again, for the next shortage.
                 take_reserve();
             }
+        }
+    }
+}
+
+/// The IPv6 twin of a listener bound to `bound` (the kernel's port): `[::]` for `0.0.0.0`, `[::1]` for `127.0.0.1`,
+/// same port, IPV6_V6ONLY so that it does not collide with the IPv4 one. `None` for other addresses, and where IPv6
+/// is unavailable or the port taken (logged: IPv6 workloads are then unreachable through this listener, as before).
+pub fn ipv6_twin(bound: SocketAddr, field: &'static str) -> Option<TcpListener> {
+    let ip = match bound {
+        SocketAddr::V4(v4) if v4.ip().is_unspecified() => Ipv6Addr::UNSPECIFIED,
+        SocketAddr::V4(v4) if v4.ip().is_loopback() => Ipv6Addr::LOCALHOST,
+        _ => return None,
+    };
+    let address = SocketAddr::new(ip.into(), bound.port());
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = tokio::net::TcpSocket::new_v6()?;
+        socket.set_reuseaddr(true)?;
+        socket2::SockRef::from(&socket).set_only_v6(true)?;
+        socket.bind(address)?;
+        socket.listen(1024)
+    };
+    match listen() {
+        Ok(listener) => {
+            tracing::info!(listener = field, %address, "listening (IPv6)");
+            Some(listener)
+        }
+        Err(error) => {
+            tracing::warn!(listener = field, %address, %error, "cannot listen on IPv6: IPv6 workloads are unreachable here");
+            None
         }
     }
 }

@@ -97,13 +97,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // Config errors go to stderr before logging exists; the log format is itself configured.
     let config = Config::load(&config)?;
     trellis_data_plane::logging::init(config.log_format);
-    if with_capture {
-        capture::install(&capture::CaptureSpec::from_config(&config)?).context("installing the capture rules")?;
+    let spec = with_capture.then(|| capture::CaptureSpec::from_config(&config)).transpose()?;
+    if let Some(spec) = &spec {
+        let installed = capture::install(spec).context("installing the capture rules")?;
         tracing::info!(table = capture::TABLE, "capture rules installed");
+        if let Some(error) = &installed.return_route_failed {
+            tracing::warn!(
+                %error,
+                "capture.preserveSourceAddress: cannot install the return route; workloads see the proxy's address \
+                 as their clients'"
+            );
+        }
+        trellis_data_plane::sockets::set_preserve_source(installed.preserves_source(spec));
     }
     let result = serve(config, addresses_file);
-    if with_capture {
-        match capture::uninstall() {
+    if let Some(spec) = spec {
+        match capture::uninstall(spec.preserve_source) {
             Ok(()) => tracing::info!("capture rules removed"),
             Err(e) => tracing::error!(error = %e, "cannot remove the capture rules"),
         }

@@ -90,6 +90,10 @@ fn describe() {
         "X.509-SVIDs issued for applications (Workload API), each with its own key, by SPIFFE ID."
     );
     describe_counter!(
+        "trellis_svid_files_written_total",
+        "Times a workload's SVID files (svidFiles: svid.pem, svid_key.pem, bundle.pem) were written, by SPIFFE ID."
+    );
+    describe_counter!(
         "trellis_workload_api_calls_total",
         "Workload API calls, by method and result (ok, permission_denied, invalid_argument, unimplemented)."
     );
@@ -102,6 +106,11 @@ fn describe() {
     describe_gauge!("trellis_config_version", "The config version applied.");
     describe_counter!("trellis_config_updates_total", "Config updates received, by result (ack, nack).");
     describe_gauge!("trellis_control_plane_connected", "1 while the discovery stream is open.");
+    describe_gauge!(
+        "trellis_control_plane_replica",
+        "1 for the control-plane replica (address from controlPlane.addresses) whose discovery stream is open, 0 for \
+         the others."
+    );
     describe_counter!(
         "trellis_log_suppressed_total",
         "Log lines dropped by a rate limit (refused HBONE connections, accept errors beyond the burst), by log and reason."
@@ -602,6 +611,11 @@ pub fn workload_api_svid_issued(spiffe_id: &SpiffeId) {
     metrics::counter!("trellis_workload_api_svids_issued_total", "spiffe_id" => spiffe_id.to_string()).increment(1);
 }
 
+/// A workload's SVID files were (re)written.
+pub fn svid_files_written(spiffe_id: &SpiffeId) {
+    metrics::counter!("trellis_svid_files_written_total", "spiffe_id" => spiffe_id.to_string()).increment(1);
+}
+
 /// A Workload API call was answered or refused.
 pub fn workload_api_call(method: &'static str, result: &'static str) {
     metrics::counter!("trellis_workload_api_calls_total", "method" => method, "result" => result).increment(1);
@@ -619,6 +633,14 @@ pub fn log_suppressed(log: &'static str, reason: &'static str) {
 /// Counts a connection closed at accept because the process had no file descriptor left (`listen.rs`).
 pub fn connection_shed(listener: &'static str) {
     metrics::counter!("trellis_connections_shed_total", "listener" => listener).increment(1);
+}
+
+/// Which replica of `addresses` holds the discovery stream (`None`: none).
+pub fn control_plane_replica(addresses: &[String], connected: Option<&str>) {
+    for address in addresses {
+        let value = if Some(address.as_str()) == connected { 1.0 } else { 0.0 };
+        metrics::gauge!("trellis_control_plane_replica", "address" => address.clone()).set(value);
+    }
 }
 
 pub fn control_plane_connected(connected: bool) {

@@ -24,6 +24,8 @@ pub struct MeshWorkload {
     pub ports: HashMap<u16, Protocol>,
     /// Port of the HBONE listener of the proxy that fronts it; tunnels go to `<workload ip>:<hbone_port>`.
     pub hbone_port: u16,
+    /// The address of the proxy that fronts it (its node), as the control plane recorded it.
+    pub proxy_ip: IpAddr,
     /// Its metric labels, built once here.
     pub peer: Arc<PeerLabels>,
 }
@@ -70,15 +72,45 @@ impl Registry {
             .or_else(|| self.by_identity.get(id)?.as_ref())
     }
 
+    /// Whether a tunnel's claimed original source address (`Forwarded`) may be used as the source of the dial to the
+    /// workload: the claim comes from a peer proxy, which could name any address. Trusted only when the registry
+    /// has a workload at `claimed` that holds the identity the peer authenticated with (`id`, from its mTLS
+    /// certificate), fronted by a proxy at the address the tunnel came from (`peer`): a node can then only claim
+    /// the addresses of workloads it hosts and holds the certificates of.
+    pub fn vouch_source(&self, id: &SpiffeId, claimed: IpAddr, peer: IpAddr) -> Result<(), UntrustedSource> {
+        let workload = self.by_ip.get(&claimed).ok_or(UntrustedSource::NotAWorkload)?;
+        if workload.spiffe_id != *id {
+            return Err(UntrustedSource::OtherIdentity(workload.spiffe_id.clone()));
+        }
+        // The tunnel comes from the node's address, or, over the other family, from one of its workloads' addresses.
+        let same_node = |ip: &IpAddr| *ip == workload.proxy_ip;
+        if !(same_node(&peer) || self.by_ip.get(&peer).is_some_and(|w| same_node(&w.proxy_ip))) {
+            return Err(UntrustedSource::OtherNode(workload.proxy_ip));
+        }
+        Ok(())
+    }
+
     /// The metric labels of every mesh workload, for expiring the series of those that left.
     pub fn present(&self) -> impl Iterator<Item = &Arc<PeerLabels>> {
         self.by_ip.values().map(|w| &w.peer)
     }
 }
 
+/// Why a tunnel's claimed source address is not used (the dial goes from the proxy's own address instead).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UntrustedSource {
+    #[error("no mesh workload has that address")]
+    NotAWorkload,
+    #[error("the workload at that address is {0}, not the peer's identity")]
+    OtherIdentity(SpiffeId),
+    #[error("the workload at that address is fronted by the proxy at {0}, not the peer")]
+    OtherNode(IpAddr),
+}
+
 fn mesh_workload(w: &v1::Workload) -> Option<MeshWorkload> {
     let spiffe_id = SpiffeId::parse(&w.spiffe_id).ok()?;
-    let hbone_port = w.proxy_address.parse::<SocketAddr>().ok()?.port();
+    let proxy = w.proxy_address.parse::<SocketAddr>().ok()?;
+    let (hbone_port, proxy_ip) = (proxy.port(), proxy.ip());
     let ports = w
         .ports
         .iter()
@@ -96,6 +128,7 @@ fn mesh_workload(w: &v1::Workload) -> Option<MeshWorkload> {
         labels: w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         ports,
         hbone_port,
+        proxy_ip,
     })
 }
 
@@ -239,5 +272,32 @@ mod tests {
         assert_eq!(name(&id("own"), None).as_deref(), Some("c"));
         assert_eq!(name(&id("own"), Some("10.1.0.1")).as_deref(), Some("c"));
         assert_eq!(name(&id("unknown"), Some("10.1.0.1")), None);
+    }
+
+    #[test]
+    fn a_claimed_source_is_trusted_only_for_a_workload_of_the_peer_identity_on_the_peer_node() {
+        let mut elsewhere = workload("b", "shared", &["10.1.0.2"]);
+        elsewhere.proxy_address = "192.0.2.9:15008".into();
+        let registry = registry(vec![
+            workload("a", "shared", &["10.1.0.1", "fd00::1"]),
+            elsewhere,
+            workload("c", "own", &["10.1.0.3"]),
+        ]);
+        let node = ip("192.0.2.1");
+        // Control: the peer's own workload, on the peer's node, both families.
+        assert_eq!(registry.vouch_source(&id("shared"), ip("10.1.0.1"), node), Ok(()));
+        assert_eq!(registry.vouch_source(&id("shared"), ip("fd00::1"), node), Ok(()));
+        // A tunnel over IPv6 comes from the node's IPv6 address, which one of its workloads holds.
+        assert_eq!(registry.vouch_source(&id("shared"), ip("fd00::1"), ip("fd00::1")), Ok(()));
+        // An address no workload has, another identity's workload, the same identity's workload on another node.
+        assert_eq!(registry.vouch_source(&id("shared"), ip("10.9.9.9"), node), Err(UntrustedSource::NotAWorkload));
+        assert_eq!(
+            registry.vouch_source(&id("shared"), ip("10.1.0.3"), node),
+            Err(UntrustedSource::OtherIdentity(id("own")))
+        );
+        assert_eq!(
+            registry.vouch_source(&id("shared"), ip("10.1.0.2"), node),
+            Err(UntrustedSource::OtherNode(ip("192.0.2.9")))
+        );
     }
 }

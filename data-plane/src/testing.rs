@@ -187,6 +187,7 @@ fn workload(name: &str, namespace: &str, ip: [u8; 4], ports: Vec<u16>) -> Worklo
         addresses: vec![IpAddr::from(ip)],
         ports: ports.into_iter().map(|port| PortConfig { port, protocol: Protocol::Tcp }).collect(),
         attest: Vec::new(),
+        svid_files: None,
     }
 }
 

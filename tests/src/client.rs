@@ -173,5 +173,5 @@ pub fn workload(name: &str, namespace: &str, sa: &str, address: &str) -> pb::Wor
 }
 
 pub fn hello(workloads: Vec<pb::Workload>) -> pb::Hello {
-    pb::Hello { workloads, hbone_address: "127.0.0.1:15008".into(), version: "test".into() }
+    pb::Hello { workloads, hbone_address: "127.0.0.1:15008".into(), version: "test".into(), ..Default::default() }
 }

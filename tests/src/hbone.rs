@@ -156,6 +156,18 @@ pub async fn connect(
     expected: &str,
     credential: Option<Credential>,
 ) -> Result<Connection, Outcome> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| Outcome::from_io(&e))?;
+    connect_over(tcp, roots, expected, credential).await
+}
+
+/// [`connect`] over a TCP connection the caller opened (e.g. a marked socket that capture rules let out).
+pub async fn connect_over(
+    tcp: tokio::net::TcpStream,
+    roots: Arc<RootCertStore>,
+    expected: &str,
+    credential: Option<Credential>,
+) -> Result<Connection, Outcome> {
+    let addr = tcp.peer_addr().map_err(|e| Outcome::from_io(&e))?;
     let provider = trellis_proto::tls::provider();
     let expected = SpiffeId::parse(expected).map_err(|e| Outcome::Broke(e.to_string()))?;
     let config = match credential {
@@ -180,7 +192,6 @@ pub async fn connect(
         }
     }
     .map_err(Outcome::Broke)?;
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| Outcome::from_io(&e))?;
     let tls = tokio::time::timeout(
         outcome::HANG_AFTER,
         tokio_rustls::TlsConnector::from(Arc::new(config)).connect(ServerName::IpAddress(addr.ip().into()), tcp),
@@ -245,6 +256,29 @@ impl Connection {
             Ok(Ok(response)) => Ok(response.status()),
             Ok(Err(e)) => Err(self.failure(&e).await),
         }
+    }
+
+    /// Opens a CONNECT stream to `target` with extra request headers (e.g. `Forwarded`); the stream once answered
+    /// 200, else `Refused(Http(status))`.
+    pub async fn open(
+        &mut self,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, Outcome> {
+        let mut request = Request::builder().method(Method::CONNECT).uri(target);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Empty::new()).map_err(|e| Outcome::Broke(e.to_string()))?;
+        let response = match tokio::time::timeout(outcome::HANG_AFTER, self.sender.send_request(request)).await {
+            Err(_) => return Err(Outcome::Hung),
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => return Err(self.failure(&e).await),
+        };
+        if response.status() != StatusCode::OK {
+            return Err(Outcome::Refused(Refusal::Http(response.status().as_u16())));
+        }
+        hyper::upgrade::on(response).await.map(TokioIo::new).map_err(|e| Outcome::Broke(e.to_string()))
     }
 
     /// Waits up to `within` for the connection to end (the server closed it, or it failed); false when it is still

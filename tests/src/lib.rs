@@ -476,6 +476,8 @@ pub struct WorkloadSpec {
     pub labels: Vec<(String, String)>,
     /// `attest` selectors (Workload API), e.g. `{"uid": 1000}`.
     pub attest: Vec<serde_json::Value>,
+    /// `svidFiles`, e.g. `{"dir": "/run/orders", "owner": "1000:1000"}`.
+    pub svid_files: Option<serde_json::Value>,
 }
 
 impl WorkloadSpec {
@@ -488,6 +490,7 @@ impl WorkloadSpec {
             ports: vec![(8080, "tcp")],
             labels: Vec::new(),
             attest: Vec::new(),
+            svid_files: None,
         }
     }
 }
@@ -508,6 +511,8 @@ pub struct ProxyOptions {
     pub capture: bool,
     /// `listen.workloadApi` (default: none, the Workload API is off).
     pub workload_api: Option<PathBuf>,
+    /// `controlPlane.addresses` instead of `controlPlane.address` (the given control plane's address), in order.
+    pub control_plane_addresses: Vec<String>,
 }
 
 /// A running `trellis-proxy`. Its HBONE listener is on every address (so that tunnels dialled to a workload's
@@ -585,13 +590,17 @@ impl Proxy {
         let workloads_yaml: Vec<serde_json::Value> = workloads
             .iter()
             .map(|w| {
-                serde_json::json!({
+                let mut yaml = serde_json::json!({
                     "name": w.name, "namespace": w.namespace, "serviceAccount": w.service_account,
                     "addresses": w.addresses,
                     "labels": w.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
                     "ports": w.ports.iter().map(|(p, proto)| serde_json::json!({"port": p, "protocol": proto})).collect::<Vec<_>>(),
                     "attest": w.attest,
-                })
+                });
+                if let Some(files) = &w.svid_files {
+                    yaml["svidFiles"] = files.clone();
+                }
+                yaml
             })
             .collect();
         let mut outbound = serde_json::json!({"passthrough": options.passthrough.unwrap_or("deny")});
@@ -617,6 +626,10 @@ impl Proxy {
         });
         config["listen"]["workloadApi"] =
             options.workload_api.as_ref().map_or_else(|| serde_json::json!("none"), |p| serde_json::json!(p));
+        if !options.control_plane_addresses.is_empty() {
+            config["controlPlane"] =
+                serde_json::json!({"addresses": options.control_plane_addresses, "caPin": pin, "token": token});
+        }
         for (key, value) in options.extra {
             config[key] = value;
         }

@@ -6,7 +6,7 @@
 //! | --- | --- |
 //! | 0 | control plane |
 //! | 1 | proxy A, workload `shop/web` (sa web), passthrough allow |
-//! | 2 | proxy B, workload `shop/api` (label app=api): http.server on 8080, echoes on 9000 and 9001 |
+//! | 2 | proxy B, workload `shop/api` (label app=api): http.server on 8080, echoes on 9000 and 9001, peer-name server on 9002 |
 //! | 3 | outside the mesh: no proxy, echo on 7000, plaintext clients |
 //! | 4 | proxy C, workload `jobs/batch` (sa batch), passthrough deny |
 //!
@@ -16,15 +16,19 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
-use trellis_tests::netns::{Background, Host, Net, Segment};
+use trellis_tests::hbone;
+use trellis_tests::netns::{Background, Host, Net, Segment, in_netns};
 use trellis_tests::outcome::{self, Outcome, Refusal};
 use trellis_tests::{ControlPlane, Echo, Proxy, ProxyOptions, WorkloadSpec, wait_for};
 
 const HTTP: u16 = 8080;
 const ECHO: u16 = 9000;
 const ECHO2: u16 = 9001;
+/// `peername.py`: answers each connection with the client address it sees.
+const PEERNAME: u16 = 9002;
 const OUTSIDE_ECHO: u16 = 7000;
 /// The table every host with a proxy already has before the proxy starts: capture must leave it alone.
 const OTHER_TABLE: &str =
@@ -41,6 +45,8 @@ struct Mesh {
     _www: tempfile::TempDir,
     /// `nft list ruleset` of host 1 before its proxy installed anything.
     ruleset_before: String,
+    /// `ip rule` and `ip route show table all` (both families) of host 1 before its proxy installed anything.
+    routing_before: String,
     net: Net,
 }
 
@@ -65,27 +71,62 @@ fn sh(host: &Host, script: &str) {
     assert!(out.status.success(), "`{script}` in {}: {}", host.ns, String::from_utf8_lossy(&out.stderr));
 }
 
+/// Policy routing of `host`, both families: rules, and routes of every table (link-local ones aside).
+fn routing(host: &Host) -> String {
+    let mut out = String::new();
+    for args in [["-4", "rule"], ["-6", "rule"]]
+        .iter()
+        .map(|a| a.to_vec())
+        .chain([vec!["-4", "route", "show", "table", "all"], vec!["-6", "route", "show", "table", "all"]])
+    {
+        let run = host.cmd("ip").args(&args).output().expect("run ip");
+        assert!(run.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&run.stderr));
+        // Without the IPv6 link-local routes, which the kernel adds on its own some time after the link comes up.
+        for line in String::from_utf8_lossy(&run.stdout).lines().filter(|l| !l.contains("fe80:")) {
+            out += line;
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// What `python3 peername.py` on `to` saw as the address of a connection from `from`.
+fn peer_name(from: &Host, to: SocketAddr) -> String {
+    let mut stream = from.connect(to).unwrap_or_else(|e| panic!("connect {to} from {}: {e}", from.ns));
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut seen = String::new();
+    stream.read_to_string(&mut seen).unwrap_or_else(|e| panic!("read from {to}: {e}"));
+    seen.trim().to_owned()
+}
+
 /// Builds the five hosts; `with_c` also starts proxy C on host 4.
 fn mesh(tag: &str, subnet: u8, with_c: bool) -> Mesh {
+    mesh_with(tag, subnet, with_c, serde_json::Map::new())
+}
+
+/// [`mesh`], with extra config fields for proxy B.
+fn mesh_with(tag: &str, subnet: u8, with_c: bool, b_extra: serde_json::Map<String, serde_json::Value>) -> Mesh {
     let net = Net::new(tag, subnet, 5);
     let (h0, h1, h2, h3, h4) = (net.host(0), net.host(1), net.host(2), net.host(3), net.host(4));
 
     // Applications first, reachable before any capture exists.
     let www = tempfile::tempdir().unwrap();
     std::fs::write(www.path().join("index.txt"), "SECRET-BODY-6f1c\n").unwrap();
-    let server = h2.spawn(
-        "python3",
-        &[
-            "-m",
-            "http.server",
-            &HTTP.to_string(),
-            "--bind",
-            &h2.ip.to_string(),
-            "--directory",
-            www.path().to_str().unwrap(),
-        ],
-    );
+    // Its access log (stderr) names each request's client address.
+    let access_log = std::fs::File::create(www.path().join("access.log")).unwrap();
+    let server = h2
+        .cmd("python3")
+        .args(["-m", "http.server", &HTTP.to_string(), "--bind", &h2.ip.to_string(), "--directory"])
+        .arg(www.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(access_log)
+        .spawn()
+        .expect("spawn python3 -m http.server");
+    let server = Background(server);
+    let peername = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peername.py");
+    let peername = h2.spawn("python3", &[peername.to_str().unwrap(), &h2.ip.to_string(), &PEERNAME.to_string()]);
     wait_for("http.server on host 2", Duration::from_secs(20), || h2.connect(h2.addr(HTTP)).ok());
+    wait_for("peername.py on host 2", Duration::from_secs(20), || h2.connect(h2.addr(PEERNAME)).ok());
     let apps = vec![
         Echo::start_in(Some(&h2.ns), h2.addr(ECHO)),
         Echo::start_in(Some(&h2.ns), h2.addr(ECHO2)),
@@ -93,6 +134,7 @@ fn mesh(tag: &str, subnet: u8, with_c: bool) -> Mesh {
     ];
     sh(h1, &format!("echo '{OTHER_TABLE}' | nft -f -"));
     let ruleset_before = h1.nft_ruleset();
+    let routing_before = routing(h1);
 
     let cp = ControlPlane::start_in(h0, &[]);
     let on = |host: &Host, passthrough| ProxyOptions {
@@ -102,9 +144,9 @@ fn mesh(tag: &str, subnet: u8, with_c: bool) -> Mesh {
         ..ProxyOptions::default()
     };
     let mut api = WorkloadSpec::new("api", "shop", "api", &h2.ip.to_string());
-    api.ports = vec![(HTTP, "tcp"), (ECHO, "tcp"), (ECHO2, "tcp")];
+    api.ports = vec![(HTTP, "tcp"), (ECHO, "tcp"), (ECHO2, "tcp"), (PEERNAME, "tcp")];
     api.labels = vec![("app".into(), "api".into())];
-    let b = Proxy::start_with(&cp, "node-b", &[api], on(h2, "allow"));
+    let b = Proxy::start_with(&cp, "node-b", &[api], ProxyOptions { extra: b_extra, ..on(h2, "allow") });
     let a = Proxy::start_with(
         &cp,
         "node-a",
@@ -123,7 +165,7 @@ fn mesh(tag: &str, subnet: u8, with_c: bool) -> Mesh {
         p.wait_ready();
         p.wait_config("host 2's workload in the registry", |d| d["workloads"].to_string().contains(&h2.ip.to_string()));
     }
-    Mesh { cp, a, b, c, _apps: apps, _bg: vec![server], _www: www, ruleset_before, net }
+    Mesh { cp, a, b, c, _apps: apps, _bg: vec![server, peername], _www: www, ruleset_before, routing_before, net }
 }
 
 /// Sends `message` from `from` to `to` and reads it back: `Passed` when the echo came back whole.
@@ -200,6 +242,112 @@ fn unmodified_programs_cross_hosts_in_tls_only() {
     for marker in [&b"SECRET-BODY"[..], b"SECRET-QUERY", b"SECRET-ECHO", b"index.txt", b"HTTP/1"] {
         assert!(!segments.iter().any(|s| has(&s.payload, marker)), "{:?} crossed the wire in clear", marker);
     }
+}
+
+/// The client addresses host 2's http.server logged, in order (its access log: `<client> - - [date] "GET ..."`).
+fn access_log_clients(m: &Mesh) -> Vec<String> {
+    let log = std::fs::read_to_string(m._www.path().join("access.log")).unwrap_or_default();
+    log.lines().filter(|l| l.contains("\"GET ")).filter_map(|l| l.split(' ').next()).map(str::to_owned).collect()
+}
+
+/// curl on `from` fetches index.txt from host 2's http.server; returns the client address its access log names.
+fn curl_seen_as(m: &Mesh, from: &Host) -> String {
+    let before = access_log_clients(m).len();
+    let url = format!("http://{}:{HTTP}/index.txt", m.host(2).ip);
+    let out = from.cmd("curl").args(["-sS", "--max-time", "20", &url]).output().expect("run curl");
+    assert!(out.status.success(), "curl from {}: {}", from.ns, String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "SECRET-BODY-6f1c\n");
+    wait_for("http.server to log the request", Duration::from_secs(20), || access_log_clients(m).get(before).cloned())
+}
+
+/// `capture.preserveSourceAddress` (on by default): host 2's workloads see their clients' own addresses, through a
+/// tunnel from host 1's workload and from a plaintext client on host 3 alike, in http.server's access log and in
+/// getpeername. The control case with the option off is `source_address_is_the_proxys_when_preservation_is_off`.
+#[test]
+fn workloads_see_their_clients_addresses() {
+    let m = mesh("mhsrc", 67, false);
+    let (a, b, outside) = (m.host(1), m.host(2), m.host(3));
+    for (client, path) in [(a, "tunnelled from proxy A"), (outside, "plaintext inbound")] {
+        assert_eq!(peer_name(client, b.addr(PEERNAME)), client.ip.to_string(), "getpeername, {path}");
+        assert_eq!(curl_seen_as(&m, client), client.ip.to_string(), "http.server access log, {path}");
+    }
+    // The return route is what brings the workload's answers back to proxy B (they are addressed to host 1 or 3).
+    let rules = routing(b);
+    assert!(rules.contains("fwmark 0x7473 lookup 7472"), "{rules}");
+    assert!(b.nft_ruleset().contains("chain preserve_source"), "no preserve_source chain on host 2");
+    // Proxy A's claim of its workload's address was trusted (registry: that workload, that identity, that node).
+    let log = trellis_tests::read_log(&m.b.log_path());
+    assert!(!log.contains("original source address not trusted"), "{log}");
+}
+
+/// Control for [`workloads_see_their_clients_addresses`], through the same paths: with
+/// `capture.preserveSourceAddress: false` on proxy B, its workloads see proxy B's address (host 2's), and no return
+/// route is installed.
+#[test]
+fn source_address_is_the_proxys_when_preservation_is_off() {
+    let extra = serde_json::json!({"capture": {"preserveSourceAddress": false}});
+    let m = mesh_with("mhnosrc", 68, false, extra.as_object().unwrap().clone());
+    let (a, b, outside) = (m.host(1), m.host(2), m.host(3));
+    for (client, path) in [(a, "tunnelled from proxy A"), (outside, "plaintext inbound")] {
+        assert_eq!(peer_name(client, b.addr(PEERNAME)), b.ip.to_string(), "getpeername, {path}");
+        assert_eq!(curl_seen_as(&m, client), b.ip.to_string(), "http.server access log, {path}");
+    }
+    let rules = routing(b);
+    assert!(!rules.contains("lookup 7472"), "{rules}");
+    assert!(!b.nft_ruleset().contains("chain preserve_source"), "preserve_source chain with the option off");
+}
+
+/// A raw HBONE client on `from` (presenting `credential`, over a socket carrying the capture mark so that a
+/// capturing host lets it out like its proxy's own) asks for peername.py on host 2 claiming `claimed` as the original
+/// source; returns what peername.py saw.
+fn peer_name_claiming(m: &Mesh, from: &Host, credential: &hbone::Credential, claimed: &str) -> String {
+    let (roots, credential) = (hbone::roots(&m.cp.root_pem()), credential.clone());
+    let (hbone_addr, target) = (m.host(2).addr(15008), m.host(2).addr(PEERNAME).to_string());
+    let forwarded = format!("for=\"{claimed}\"");
+    in_netns(&from.ns, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            trellis_data_plane::sockets::set_mark(0x7472);
+            let tcp = trellis_data_plane::sockets::connect(hbone_addr).await.expect("connect to proxy B's HBONE port");
+            let mut connection =
+                hbone::connect_over(tcp, roots, "spiffe://cluster.local/ns/shop/sa/api", Some(credential))
+                    .await
+                    .unwrap_or_else(|o| panic!("HBONE connection: {o:?}"));
+            let mut stream = connection.open(&target, &[("forwarded", &forwarded)]).await.expect("CONNECT");
+            let mut seen = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut seen).await.expect("read peername");
+            seen.trim().to_owned()
+        })
+    })
+}
+
+/// The `Forwarded` address a tunnel claims is only used as the dial's source when the registry vouches for it: a
+/// workload at that address with the identity the peer authenticated as, fronted by the node the tunnel came
+/// from. Otherwise proxy B dials from its own address and says why. Control: the same client, credential and path
+/// claiming its own workload's address from its own node.
+#[test]
+fn a_claimed_source_address_is_used_only_when_the_registry_vouches_for_it() {
+    let m = mesh("mhfwd", 69, false);
+    let (a, b, outside) = (m.host(1), m.host(2), m.host(3));
+    let web = hbone::valid_credential(&m.cp.data_dir(), "spiffe://cluster.local/ns/shop/sa/web");
+    let claim = |ip: std::net::Ipv4Addr| format!("{ip}:4000");
+    assert_eq!(
+        peer_name_claiming(&m, a, &web, &claim(a.ip)),
+        a.ip.to_string(),
+        "control: web's address from web's node"
+    );
+    // Host 3's address is no workload's.
+    assert_eq!(
+        peer_name_claiming(&m, a, &web, &claim(outside.ip)),
+        b.ip.to_string(),
+        "a claim of a non-workload address"
+    );
+    // web's address, but the tunnel comes from host 3, not from the node that fronts web.
+    assert_eq!(peer_name_claiming(&m, outside, &web, &claim(a.ip)), b.ip.to_string(), "a claim from another node");
+    let log = trellis_tests::read_log(&m.b.log_path());
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("original source address not trusted")).collect();
+    assert!(refusals.iter().any(|l| l.contains("no mesh workload has that address")), "{log}");
+    assert!(refusals.iter().any(|l| l.contains(&format!("fronted by the proxy at {}, not the peer", a.ip))), "{log}");
 }
 
 #[test]
@@ -314,11 +462,15 @@ fn a_dead_proxy_fails_closed_and_rules_are_installed_once_and_removed_exactly() 
     let tables = a.cmd("nft").args(["list", "tables"]).output().unwrap();
     let tables = String::from_utf8_lossy(&tables.stdout);
     assert_eq!(tables.lines().filter(|l| l.trim() == "table inet trellis").count(), 1, "{tables}");
+    // And so is the return route's rule, one per family.
+    let rules = routing(&a);
+    assert_eq!(rules.lines().filter(|l| l.contains("fwmark 0x7473 lookup 7472")).count(), 2, "{rules}");
     wait_reach("traffic through the restarted proxy", &a, b.addr(ECHO), true);
 
     // A clean exit removes exactly what was installed.
     assert!(m.a.terminate(Duration::from_secs(30)), "proxy A did not exit on SIGTERM");
     assert_eq!(a.nft_ruleset(), m.ruleset_before, "the ruleset after a clean exit differs from before install");
+    assert_eq!(routing(&a), m.routing_before, "the policy routing after a clean exit differs from before install");
 
     // The operator commands: install twice (one table), status, uninstall: byte-identical ruleset again.
     let proxy = |args: &[&str]| {
@@ -340,9 +492,11 @@ fn a_dead_proxy_fails_closed_and_rules_are_installed_once_and_removed_exactly() 
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(text.matches("table inet trellis").count(), 1, "{text}");
     assert!(text.contains("redirect to :15001") && text.contains("redirect to :15006"), "{text}");
+    assert_ne!(routing(&a), m.routing_before, "`capture install` did not add the return route");
     let (code, text) = proxy(&["capture", "uninstall"]);
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(a.nft_ruleset(), m.ruleset_before);
+    assert_eq!(routing(&a), m.routing_before);
 }
 
 /// Without the `nft` tool, capture fails and says what is missing (nothing is touched: no namespace needed):
@@ -385,70 +539,99 @@ fn capture_without_nft_names_the_missing_tool() {
     assert!(!addresses.exists(), "run --capture listened without its capture rules");
 }
 
-/// README: IPv6 is redirected too, but the capture listeners serve IPv4 only, so captured IPv6 connections are
-/// refused, never passed in clear. Host 1 runs a capturing proxy whose workload has an IPv4 and an IPv6 address;
-/// host 2 is outside the mesh. Each refusal has its control case through the same rules: the same connection over
-/// IPv4, and the same IPv6 connection before the proxy existed.
+/// IPv6 as IPv4 (README, capture): host 1 runs a dual-stack workload `web`; host 2 an IPv6-only workload `api`
+/// (http.server and peername.py on its IPv6 address only); host 3 a dual-stack workload `db` with an echo on both
+/// addresses. Unmodified programs on host 1 reach both over IPv6 through the mesh (the HBONE tunnel itself runs over
+/// IPv6 to the destination's IPv6 address), host 3 over IPv4 too, the destination sees host 1's IPv6 address, and
+/// nothing but TLS on 15008 crosses host 1's wire. Control case first: the same IPv6 connections work before any
+/// proxy, so the test proves the mesh carries them rather than the network alone.
 #[test]
-fn captured_ipv6_connections_are_refused_and_never_cross_in_clear() {
-    let net = Net::new("mhv6", 66, 3);
-    let (h0, h1, h2) = (net.host(0), net.host(1), net.host(2));
-    net.add_ipv6(1);
-    net.add_ipv6(2);
-    let _apps = [
-        Echo::start_in(Some(&h1.ns), h1.addr(ECHO)),
-        Echo::start_in(Some(&h1.ns), h1.addr6(ECHO)),
-        Echo::start_in(Some(&h2.ns), h2.addr(OUTSIDE_ECHO)),
-        Echo::start_in(Some(&h2.ns), h2.addr6(OUTSIDE_ECHO)),
+fn ipv6_workloads_are_captured_and_cross_in_tls_only() {
+    let net = Net::new("mhv6", 66, 4);
+    let (h0, h1, h2, h3) = (net.host(0), net.host(1), net.host(2), net.host(3));
+    for i in 1..=3 {
+        net.add_ipv6(i);
+    }
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(www.path().join("index.txt"), "SECRET-BODY-v6\n").unwrap();
+    let access_log = std::fs::File::create(www.path().join("access.log")).unwrap();
+    let server = h2
+        .cmd("python3")
+        .args(["-m", "http.server", &HTTP.to_string(), "--bind", &h2.ipv6().to_string(), "--directory"])
+        .arg(www.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(access_log)
+        .spawn()
+        .expect("spawn python3 -m http.server");
+    let peername = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peername.py");
+    let _bg = [
+        Background(server),
+        h2.spawn("python3", &[peername.to_str().unwrap(), &h2.ipv6().to_string(), &PEERNAME.to_string()]),
     ];
-    // Control: without capture, IPv6 works both ways between the hosts.
-    wait_for("IPv6 between the hosts", Duration::from_secs(20), || {
-        (echo(h1, h2.addr6(OUTSIDE_ECHO), b"v6") == Outcome::Passed).then_some(())
-    });
-    assert_eq!(echo(h2, h1.addr6(ECHO), b"v6 in"), Outcome::Passed, "IPv6 to the workload before capture");
+    let _apps = [Echo::start_in(Some(&h3.ns), h3.addr(ECHO)), Echo::start_in(Some(&h3.ns), h3.addr6(ECHO))];
+    // Control: without the mesh, IPv6 works between the hosts.
+    wait_for("http.server on host 2 over IPv6", Duration::from_secs(20), || h1.connect(h2.addr6(HTTP)).ok());
+    wait_for("peername.py on host 2", Duration::from_secs(20), || h1.connect(h2.addr6(PEERNAME)).ok());
+    assert_eq!(echo(h1, h3.addr6(ECHO), b"v6"), Outcome::Passed, "IPv6 between the hosts before the mesh");
 
     let cp = ControlPlane::start_in(h0, &[]);
+    let on = |host: &Host| ProxyOptions {
+        netns: Some(host.clone()),
+        capture: true,
+        passthrough: Some("deny"),
+        ..ProxyOptions::default()
+    };
     let mut web = WorkloadSpec::new("web", "shop", "web", &h1.ip.to_string());
     web.addresses.push(h1.ipv6().to_string());
-    web.ports = vec![(ECHO, "tcp")];
-    let options =
-        ProxyOptions { netns: Some(h1.clone()), capture: true, passthrough: Some("allow"), ..ProxyOptions::default() };
-    let a = Proxy::start_with(&cp, "node-a", &[web], options);
-    a.wait_ready();
+    let mut api = WorkloadSpec::new("api", "shop", "api", &h2.ipv6().to_string());
+    api.ports = vec![(HTTP, "tcp"), (PEERNAME, "tcp")];
+    let mut db = WorkloadSpec::new("db", "shop", "db", &h3.ip.to_string());
+    db.addresses.push(h3.ipv6().to_string());
+    db.ports = vec![(ECHO, "tcp")];
+    let proxies = [Proxy::start_with(&cp, "node-b", &[api], on(h2)), Proxy::start_with(&cp, "node-c", &[db], on(h3))];
+    let a = Proxy::start_with(&cp, "node-a", &[web], on(h1));
+    for p in proxies.iter().chain([&a]) {
+        p.wait_ready();
+        p.wait_config("every workload in the registry", |d| {
+            let w = d["workloads"].to_string();
+            [h1.ipv6(), h2.ipv6(), h3.ipv6()].iter().all(|ip| w.contains(&ip.to_string()))
+        });
+    }
     let pcap = tempfile::tempdir().unwrap();
     let dump = net.capture_wire(1, &pcap.path().join("wire.pcap"));
 
-    // Outbound from the captured host: IPv4 goes through the proxy (passthrough allow), IPv6 is refused on host 1.
-    assert_eq!(echo(h1, h2.addr(OUTSIDE_ECHO), b"out v4"), Outcome::Passed, "captured IPv4, same rules");
-    let err = h1.connect(h2.addr6(OUTSIDE_ECHO)).expect_err("a captured IPv6 connection was let out");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
-    // Inbound to the workload from outside: IPv4 reaches the plaintext listener (PERMISSIVE), IPv6 is refused.
-    assert_eq!(echo(h2, h1.addr(ECHO), b"in v4"), Outcome::Passed, "captured inbound IPv4, same rules");
-    let err = h2.connect(h1.addr6(ECHO)).expect_err("a captured inbound IPv6 connection reached the workload");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    // curl → http.server over IPv6 only.
+    let url = format!("http://[{}]:{HTTP}/index.txt?q=SECRET-QUERY-v6", h2.ipv6());
+    let out = h1.cmd("curl").args(["-sS", "--max-time", "20", "-g", &url]).output().expect("run curl");
+    assert!(out.status.success(), "curl over IPv6: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "SECRET-BODY-v6\n");
+    let logged = wait_for("http.server to log the request", Duration::from_secs(20), || {
+        std::fs::read_to_string(www.path().join("access.log")).ok().filter(|l| l.contains("GET /index.txt"))
+    });
+    assert!(logged.starts_with(&format!("{} ", h1.ipv6())), "http.server saw another client: {logged}");
+    assert_eq!(peer_name(h1, h2.addr6(PEERNAME)), h1.ipv6().to_string(), "getpeername over IPv6");
+    // The dual-stack host, by both families.
+    let message = b"SECRET-ECHO-v6".repeat(32);
+    assert_eq!(echo(h1, h3.addr6(ECHO), &message), Outcome::Passed, "dual-stack host over IPv6");
+    assert_eq!(echo(h1, h3.addr(ECHO), &message), Outcome::Passed, "dual-stack host over IPv4");
 
     let segments = dump.finish();
     let v6: Vec<&Segment> = segments.iter().filter(|s| s.src.is_ipv6()).collect();
     assert!(
-        !v6.iter().any(|s| s.dst == h2.addr6(OUTSIDE_ECHO)),
-        "the captured outbound IPv6 connection left host 1: {v6:?}"
+        v6.iter().any(|s| s.dst == h2.addr6(15008)) && v6.iter().any(|s| s.dst == h3.addr6(15008)),
+        "no HBONE over IPv6 seen: {v6:?}"
     );
-    // The inbound SYN arrives from outside; host 1 answers it with a reset, and no byte crosses either way.
-    assert!(v6.iter().any(|s| s.dst == h1.addr6(ECHO)), "the inbound IPv6 attempt was not seen: {segments:?}");
-    assert!(v6.iter().all(|s| s.payload.is_empty()), "IPv6 data crossed the wire: {v6:?}");
-
-    // Why: the rules send IPv6 to the capture ports as well, where the proxy listens on IPv4 only.
-    let ruleset = h1.nft_ruleset();
-    assert!(ruleset.contains("meta l4proto tcp redirect to :15001"), "every outbound family is redirected:\n{ruleset}");
-    assert!(
-        ruleset.contains(&format!("ip6 daddr {} meta l4proto tcp redirect to :15006", h1.ipv6())),
-        "the workload's IPv6 address is redirected:\n{ruleset}"
-    );
+    // Besides the control plane's own connection (host 0), only HBONE crosses host 1's wire.
+    for s in segments.iter().filter(|s| s.src.ip() != h0.ip && s.dst.ip() != h0.ip) {
+        assert!(s.src.port() == 15008 || s.dst.port() == 15008, "segment outside HBONE on the wire: {s:?}");
+    }
+    for marker in [&b"SECRET-BODY"[..], b"SECRET-QUERY", b"SECRET-ECHO", b"index.txt", b"HTTP/1"] {
+        assert!(!segments.iter().any(|s| has(&s.payload, marker)), "{:?} crossed the wire in clear", marker);
+    }
+    // The proxies listen on both families where capture delivers.
     let listening = h1.cmd("ss").args(["-H", "-ltn"]).output().expect("run ss (iproute2)");
     let listening = String::from_utf8_lossy(&listening.stdout);
-    for port in [":15001 ", ":15006 "] {
-        let on: Vec<&str> = listening.lines().filter(|l| l.contains(port)).collect();
-        assert!(!on.is_empty() && on.iter().all(|l| !l.contains('[')), "IPv4 listeners only on {port}: {listening}");
+    for twin in ["[::1]:15001 ", "[::]:15006 ", "[::]:15008 "] {
+        assert!(listening.contains(twin), "no IPv6 listener {twin}: {listening}");
     }
-    drop(a);
 }

@@ -21,6 +21,10 @@ struct Cli {
     /// Config file (default: $TRELLIS_CONFIG, else ~/.trellis/config.yaml).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Control-plane endpoint (host:port) to call instead of the config's; repeat it (or separate with commas) to
+    /// list several replicas, tried in order until one accepts the connection.
+    #[arg(long = "endpoint", global = true, value_delimiter = ',')]
+    endpoints: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -311,7 +315,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             CaCommand::RenewCredential => trellis_control_plane::ca_cli::renew(&path).await,
         };
     }
-    let config = CliConfig::load(&CliConfig::resolve_path(cli.config)?)?;
+    let config = CliConfig::load(&CliConfig::resolve_path(cli.config)?)?.with_endpoints(cli.endpoints.clone());
     let mut admin = AdminClient::new(cli::connect(&config).await?);
     match cli.command {
         Command::Version | Command::Authz { .. } | Command::Ca { .. } => unreachable!("handled above"),
@@ -588,6 +592,7 @@ async fn admins(
             let pem = |der: &[u8]| trellis_control_plane::files::pem("CERTIFICATE", der);
             let new = CliConfig {
                 endpoint: config.endpoint.clone(),
+                endpoints: config.endpoints.clone(),
                 ca_bundle: pem(&created.ca_root),
                 certificate: created.certificate_chain.iter().map(|c| pem(c)).collect(),
                 key: key.serialize_pem(),

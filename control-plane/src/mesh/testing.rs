@@ -98,7 +98,12 @@ pub(super) fn workload(namespace: &str, name: &str, service_account: &str, addre
 }
 
 pub(super) fn hello(workloads: Vec<pb::Workload>) -> pb::Hello {
-    pb::Hello { workloads, hbone_address: "127.0.0.1:15008".to_owned(), version: "test".to_owned() }
+    pb::Hello {
+        workloads,
+        hbone_address: "127.0.0.1:15008".to_owned(),
+        version: "test".to_owned(),
+        ..Default::default()
+    }
 }
 
 /// A refusal as `(variant, message)`, so a test checks both the kind of refusal and its reason.

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -13,7 +14,9 @@ use trellis_proto::v1::discovery_request::Message as Inbound;
 use trellis_proto::v1::discovery_response::Message as Outbound;
 
 use super::Shared;
+use super::history::Resume;
 use super::renewal::{self, RenewalTracker};
+use super::scope::Scope;
 use crate::auth::{self, Caller};
 use crate::authority::Authority;
 use crate::ca::CaError;
@@ -60,12 +63,22 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             tracing::warn!(node = %node_name, error = %e, "workload declaration refused");
             return Err(e.into());
         }
+        // Resuming: the snapshot the proxy holds, if this replica knows it (`history.rs`). The current snapshot is
+        // recorded first: after a restart it is the one loaded from the store, which proxies may hold.
+        shared.history.record(&shared.mesh.current());
+        let lineage = shared.history.lineage(shared.mesh.store()).map_err(MeshError::from)?.to_owned();
+        let resume = shared.history.resume(&hello.resume_lineage, &lineage, hello.resume_version);
+        metrics::counter!("trellis_stream_resumes_total", "outcome" => resume.label()).increment(1);
+        if hello.resume_version != 0 {
+            tracing::info!(node = %node_name, version = hello.resume_version, outcome = %resume.label(), "proxy asks to resume");
+        }
+        let scope = Scope::of(&hello);
         let (tx, rx) = mpsc::channel(16);
         let (commands_tx, commands) = mpsc::channel(8);
         let stream_id = shared.proxies.connect(&node_name, &hello.version, commands_tx);
         shared.holdings.stream_started(&node_name);
         metrics::gauge!("trellis_connected_proxies").set(shared.proxies.connected_count() as f64);
-        tracing::info!(node = %node_name, workloads = hello.workloads.len(), "proxy connected");
+        tracing::info!(node = %node_name, workloads = hello.workloads.len(), scope = %scope.describe(), "proxy connected");
         let task = StreamTask {
             authority: shared.mesh.authority_changes(),
             renewals: RenewalTracker::default(),
@@ -77,6 +90,12 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             in_flight: InFlight::default(),
             sent: None,
             rejected: None,
+            scope,
+            lineage,
+            resume: match resume {
+                Resume::From(base) => Some(base),
+                _ => None,
+            },
         };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -105,6 +124,12 @@ struct StreamTask {
     /// Root rotation phases: from the switch on, what the retiring CA signed is renewed.
     authority: tokio::sync::watch::Receiver<Arc<Authority>>,
     renewals: RenewalTracker,
+    /// Which resources the proxy receives (`scope.rs`).
+    scope: Scope,
+    /// The store's lineage, sent with the stream's first update.
+    lineage: String,
+    /// The snapshot the proxy holds when it resumes: the first push is a delta from it.
+    resume: Option<Arc<Snapshot>>,
 }
 
 /// Pushes on one stream not yet answered, in order, with when each change was made: a proxy's ACK of version v
@@ -192,7 +217,40 @@ impl StreamTask {
             let held_back = self.rejected.is_some_and(|rejected| current.version <= rejected);
             if !held_back {
                 self.rejected = None;
-                if let Some(update) = diff(self.sent.as_deref(), &current) {
+                self.shared.history.record(&current);
+                let update = match self.resume.take() {
+                    // A resumed stream's first push is sent even when empty: the proxy learns it is in sync, and
+                    // its ACK records the version. The JWKS set always goes (a restarted control plane refetches
+                    // it, so the stored version does not name it).
+                    Some(base) => {
+                        let mut update = diff(Some(&base), &current, &self.scope)
+                            .unwrap_or_else(|| pb::ConfigUpdate { version: current.version, ..Default::default() });
+                        update.jwks = Some(jwks_set(&current.jwks));
+                        Some(update)
+                    }
+                    None => diff(self.sent.as_deref(), &current, &self.scope).or_else(|| {
+                        // A change outside a scoped proxy's view reaches it as a version-only update (a few bytes):
+                        // it ACKs every version, so proxy-status and a rotation's phases see it in sync.
+                        let advanced = self.sent.as_ref().is_some_and(|sent| sent.version != current.version);
+                        (advanced && self.scope != Scope::Everything)
+                            .then(|| pb::ConfigUpdate { version: current.version, ..Default::default() })
+                    }),
+                };
+                if let Some(mut update) = update {
+                    let kind = match (update.full, first_push) {
+                        (true, _) => "full",
+                        (false, true) => "resume",
+                        (false, false) => "delta",
+                    };
+                    if first_push {
+                        update.lineage = self.lineage.clone();
+                    }
+                    metrics::counter!("trellis_push_bytes_total", "kind" => kind)
+                        .increment(update.encoded_len() as u64);
+                    metrics::counter!("trellis_push_updates_total", "kind" => kind).increment(1);
+                    if first_push {
+                        tracing::info!(node = %self.node.name, version = update.version, kind, bytes = update.encoded_len(), "first push of the stream");
+                    }
                     let version = update.version;
                     if self.tx.send(response(Outbound::Update(update))).await.is_err() {
                         return "proxy went away".into();
@@ -311,6 +369,13 @@ impl StreamTask {
                 // The node may have been revoked since the stream started.
                 self.shared.mesh.active_node(&self.node.name)?;
                 self.shared.mesh.register(&self.node, &hello)?;
+                let scope = Scope::of(&hello);
+                if scope != self.scope {
+                    // Resources enter and leave the proxy's view: resynchronise it with a full snapshot.
+                    self.scope = scope;
+                    self.sent = None;
+                    self.rejected = None;
+                }
                 Ok(())
             }
             None => Err(Status::invalid_argument("empty discovery message")),
@@ -364,8 +429,9 @@ fn refusal_label(e: &MeshError) -> &'static str {
     }
 }
 
-/// What a proxy that has seen `sent` needs to reach `next`: a full snapshot first, then only what changed.
-pub fn diff(sent: Option<&Snapshot>, next: &Snapshot) -> Option<pb::ConfigUpdate> {
+/// What a proxy that has seen `sent` needs to reach `next`, within its scope: a full snapshot first, then only
+/// what changed. The registry goes whole in a full snapshot and as added, changed and removed entries after it.
+pub fn diff(sent: Option<&Snapshot>, next: &Snapshot, scope: &Scope) -> Option<pb::ConfigUpdate> {
     let Some(sent) = sent else {
         return Some(pb::ConfigUpdate {
             version: next.version,
@@ -373,10 +439,11 @@ pub fn diff(sent: Option<&Snapshot>, next: &Snapshot) -> Option<pb::ConfigUpdate
             trust_bundle: Some(next.trust_bundle.clone()),
             workloads: next.workloads.values().map(|w| (**w).clone()).collect(),
             removed_workloads: vec![],
-            resources: next.resources.values().map(|r| (**r).clone()).collect(),
+            resources: scope.resources(next).map(|(_, r)| (**r).clone()).collect(),
             removed_resources: vec![],
             jwks: Some(jwks_set(&next.jwks)),
             revocations: Some((*next.revocations).clone()),
+            lineage: String::new(),
         });
     };
     if std::ptr::eq(sent, next) {
@@ -392,17 +459,13 @@ pub fn diff(sent: Option<&Snapshot>, next: &Snapshot) -> Option<pb::ConfigUpdate
         }
     }
     update.removed_workloads = sent.workloads.keys().filter(|k| !next.workloads.contains_key(*k)).cloned().collect();
-    for (key, r) in &next.resources {
+    for (key, r) in scope.resources(next) {
         if sent.resources.get(key).is_none_or(|old| !Arc::ptr_eq(old, r) && old != r) {
             update.resources.push((**r).clone());
         }
     }
-    update.removed_resources = sent
-        .resources
-        .iter()
-        .filter(|(k, _)| !next.resources.contains_key(*k))
-        .filter_map(|(_, r)| r.key.clone())
-        .collect();
+    update.removed_resources =
+        scope.resources(sent).filter(|(k, _)| !scope.holds(next, k)).filter_map(|(_, r)| r.key.clone()).collect();
     if !Arc::ptr_eq(&sent.jwks, &next.jwks) && sent.jwks != next.jwks {
         update.jwks = Some(jwks_set(&next.jwks));
     }
@@ -489,27 +552,35 @@ mod tests {
     #[test]
     fn diff_sends_the_jwks_set_when_it_changes() {
         let a = Snapshot { version: 1, ..Default::default() };
-        assert_eq!(diff(None, &a).unwrap().jwks, Some(pb::JwksSet::default()), "always in a full snapshot");
+        assert_eq!(
+            diff(None, &a, &Scope::Everything).unwrap().jwks,
+            Some(pb::JwksSet::default()),
+            "always in a full snapshot"
+        );
         let jwks: std::collections::BTreeMap<String, String> = [("https://k/jwks".into(), "{}".into())].into();
         let b = Snapshot { version: 2, jwks: Arc::new(jwks.clone()), ..Default::default() };
-        let update = diff(Some(&a), &b).unwrap();
+        let update = diff(Some(&a), &b, &Scope::Everything).unwrap();
         assert_eq!(update.jwks.unwrap().entries, [pb::Jwks { uri: "https://k/jwks".into(), json: "{}".into() }]);
         let c = Snapshot { version: 3, jwks: Arc::new(jwks), ..Default::default() };
-        assert!(diff(Some(&b), &c).is_none(), "same set: nothing to send");
+        assert!(diff(Some(&b), &c, &Scope::Everything).is_none(), "same set: nothing to send");
     }
 
     #[test]
     fn diff_sends_the_revocations_when_they_change() {
         let a = Snapshot { version: 1, ..Default::default() };
-        assert_eq!(diff(None, &a).unwrap().revocations, Some(pb::Revocations::default()), "always in a full snapshot");
+        assert_eq!(
+            diff(None, &a, &Scope::Everything).unwrap().revocations,
+            Some(pb::Revocations::default()),
+            "always in a full snapshot"
+        );
         let list = pb::Revocations {
             identities: vec![pb::RevokedIdentity { spiffe_id: "spiffe://td/ns/a/sa/b".into(), revoked_at_unix: 1 }],
             ..Default::default()
         };
         let b = Snapshot { version: 2, revocations: Arc::new(list.clone()), ..Default::default() };
-        assert_eq!(diff(Some(&a), &b).unwrap().revocations, Some(list.clone()));
+        assert_eq!(diff(Some(&a), &b, &Scope::Everything).unwrap().revocations, Some(list.clone()));
         let c = Snapshot { version: 3, revocations: Arc::new(list), ..Default::default() };
-        assert!(diff(Some(&b), &c).is_none(), "same list: nothing to send");
+        assert!(diff(Some(&b), &c, &Scope::Everything).is_none(), "same list: nothing to send");
     }
 
     #[test]
@@ -518,7 +589,7 @@ mod tests {
         a.workloads.insert("ns/a".into(), workload("a", "10.0.0.1"));
         a.workloads.insert("ns/b".into(), workload("b", "10.0.0.2"));
         a.resources.insert("AuthorizationPolicy/ns/p".into(), resource("p", 1));
-        let full = diff(None, &a).unwrap();
+        let full = diff(None, &a, &Scope::Everything).unwrap();
         assert!(full.full);
         assert_eq!((full.workloads.len(), full.resources.len()), (2, 1));
         assert!(full.trust_bundle.is_some());
@@ -527,7 +598,7 @@ mod tests {
         b.workloads.insert("ns/a".into(), a.workloads["ns/a"].clone());
         b.workloads.insert("ns/c".into(), workload("c", "10.0.0.3"));
         b.resources.insert("AuthorizationPolicy/ns/p".into(), resource("p", 2));
-        let update = diff(Some(&a), &b).unwrap();
+        let update = diff(Some(&a), &b, &Scope::Everything).unwrap();
         assert!(!update.full);
         assert!(update.trust_bundle.is_none());
         assert_eq!(update.workloads.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["c"]);
@@ -544,7 +615,7 @@ mod tests {
             revocations: b.revocations.clone(),
             ..Default::default()
         };
-        assert!(diff(Some(&b), &same).is_none());
+        assert!(diff(Some(&b), &same, &Scope::Everything).is_none());
 
         let mut gone = Snapshot {
             version: 4,
@@ -553,8 +624,61 @@ mod tests {
             ..Default::default()
         };
         gone.trust_bundle.roots.push(vec![1]);
-        let update = diff(Some(&b), &gone).unwrap();
+        let update = diff(Some(&b), &gone, &Scope::Everything).unwrap();
         assert_eq!(update.removed_resources.len(), 1);
         assert!(update.trust_bundle.is_some());
+    }
+
+    fn namespaced(namespace: &str, name: &str, revision: u64) -> Arc<pb::Resource> {
+        Arc::new(pb::Resource {
+            key: Some(pb::ResourceKey {
+                kind: "AuthorizationPolicy".into(),
+                namespace: namespace.into(),
+                name: name.into(),
+            }),
+            revision,
+            json: format!("{{\"r\":{revision}}}"),
+        })
+    }
+
+    #[test]
+    fn scoped_diff_sends_only_the_proxys_namespaces_and_the_root_and_the_registry_as_deltas() {
+        let scope = Scope::Namespaces(["a".to_owned(), "trellis-system".to_owned()].into());
+        let mut one = Snapshot { version: 1, ..Default::default() };
+        one.workloads.insert("ns/a".into(), workload("a", "10.0.0.1"));
+        for (ns, name) in [("a", "p"), ("b", "p"), ("trellis-system", "mesh")] {
+            one.resources.insert(format!("AuthorizationPolicy/{ns}/{name}"), namespaced(ns, name, 1));
+        }
+        let full = diff(None, &one, &scope).unwrap();
+        let names: Vec<String> =
+            full.resources.iter().map(|r| r.key.as_ref().map(|k| k.namespace.clone()).unwrap()).collect();
+        assert_eq!(names, ["a", "trellis-system"], "b's policy cannot select this proxy's workloads");
+        assert_eq!(full.workloads.len(), 1, "the registry is whole");
+
+        // A change in namespace b only: nothing for this proxy.
+        let mut two = Snapshot { version: 2, trust_bundle: one.trust_bundle.clone(), ..Default::default() };
+        two.workloads = one.workloads.clone();
+        two.resources = one.resources.clone();
+        two.resources.insert("AuthorizationPolicy/b/p".into(), namespaced("b", "p", 2));
+        two.jwks = one.jwks.clone();
+        two.revocations = one.revocations.clone();
+        assert!(diff(Some(&one), &two, &scope).is_none());
+        assert!(diff(Some(&one), &two, &Scope::Everything).is_some(), "control: unscoped, the change goes out");
+
+        // In scope: changed, removed, and one registry entry added; the rest of the registry is not resent.
+        let mut three = Snapshot { version: 3, trust_bundle: two.trust_bundle.clone(), ..Default::default() };
+        three.workloads = two.workloads.clone();
+        three.workloads.insert("ns/c".into(), workload("c", "10.0.0.3"));
+        three.resources = two.resources.clone();
+        three.resources.insert("AuthorizationPolicy/a/p".into(), namespaced("a", "p", 3));
+        three.resources.remove("AuthorizationPolicy/trellis-system/mesh");
+        three.resources.remove("AuthorizationPolicy/b/p");
+        three.jwks = two.jwks.clone();
+        three.revocations = two.revocations.clone();
+        let update = diff(Some(&two), &three, &scope).unwrap();
+        assert_eq!(update.resources.iter().map(|r| r.revision).collect::<Vec<_>>(), [3]);
+        let removed: Vec<&str> = update.removed_resources.iter().map(|k| k.namespace.as_str()).collect();
+        assert_eq!(removed, ["trellis-system"], "b's removal is not this proxy's business");
+        assert_eq!(update.workloads.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["c"]);
     }
 }

@@ -2,10 +2,12 @@
 
 pub mod admin;
 pub mod discovery;
+pub mod history;
 pub mod identity;
 pub mod renewal;
 pub mod revocation_expiry;
 pub mod rotation;
+pub mod scope;
 
 use std::sync::Arc;
 
@@ -27,6 +29,8 @@ pub struct Shared {
     pub holdings: Arc<Holdings>,
     /// Wakes the root rotation's driver (a rotation started or resumed).
     pub rotation_wake: Arc<tokio::sync::Notify>,
+    /// Recent snapshots by version, for proxies that resume (`history.rs`).
+    pub history: Arc<history::History>,
 }
 
 impl Shared {

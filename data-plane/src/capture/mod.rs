@@ -8,7 +8,7 @@ pub mod rules;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-pub use rules::{CaptureSpec, SpecError, TABLE};
+pub use rules::{CaptureSpec, ReturnRoute, SpecError, TABLE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -26,23 +26,92 @@ pub enum CaptureError {
     Spec(#[from] SpecError),
 }
 
-/// Installs the rules, replacing any previous copy of the table in the same transaction.
-pub fn install(spec: &CaptureSpec) -> Result<(), CaptureError> {
-    match nft_stdin(&spec.render()) {
-        Ok(()) => Ok(()),
-        Err(CaptureError::Nft { stderr, .. }) => {
-            Err(diagnose().unwrap_or(CaptureError::Nft { what: "install", stderr }))
-        }
-        Err(e) => Err(e),
+/// Why the return route for preserved source addresses could not be installed (capture goes on without it).
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("`ip` (iproute2) was not found on PATH: install iproute2")]
+    IpMissing,
+    #[error("running ip: {0}")]
+    Spawn(std::io::Error),
+    #[error("`ip {command}` failed: {stderr}")]
+    Ip { command: String, stderr: String },
+}
+
+/// What [`install`] did.
+#[derive(Debug)]
+pub struct Installed {
+    /// `Some` when `capture.preserveSourceAddress` is on but its return route could not be installed: the proxy
+    /// dials workloads from its own address instead (today's behaviour), and says why.
+    pub return_route_failed: Option<RouteError>,
+}
+
+impl Installed {
+    /// Whether the proxy may dial workloads from their clients' addresses.
+    pub fn preserves_source(&self, spec: &CaptureSpec) -> bool {
+        spec.preserve_source.is_some() && self.return_route_failed.is_none()
     }
 }
 
-/// Removes the table; succeeds when it was not there.
-pub fn uninstall() -> Result<(), CaptureError> {
+/// Installs the rules, replacing any previous copy of the table in the same transaction, then the return route
+/// (`capture.preserveSourceAddress`). A refused return route is not an error: see [`Installed`].
+pub fn install(spec: &CaptureSpec) -> Result<Installed, CaptureError> {
+    match nft_stdin(&spec.render()) {
+        Ok(()) => {}
+        Err(CaptureError::Nft { stderr, .. }) => {
+            return Err(diagnose().unwrap_or(CaptureError::Nft { what: "install", stderr }));
+        }
+        Err(e) => return Err(e),
+    }
+    let return_route_failed = spec.preserve_source.and_then(|route| install_route(&route).err());
+    if return_route_failed.is_some()
+        && let Some(route) = spec.preserve_source
+    {
+        remove_route(&route);
+    }
+    Ok(Installed { return_route_failed })
+}
+
+/// Removes the table (succeeds when it was not there) and the return route when `route` is given.
+pub fn uninstall(route: Option<ReturnRoute>) -> Result<(), CaptureError> {
+    if let Some(route) = route {
+        remove_route(&route);
+    }
     nft_stdin(&rules::remove_transaction()).map_err(|e| match e {
         CaptureError::Nft { stderr, .. } => CaptureError::Nft { what: "uninstall", stderr },
         e => e,
     })
+}
+
+fn install_route(route: &ReturnRoute) -> Result<(), RouteError> {
+    // Removed first, so that a leftover rule from a crash is replaced instead of doubled.
+    remove_route(route);
+    route.ip_commands().iter().try_for_each(|args| ip(args))
+}
+
+/// Best effort: each command fails harmlessly when there is nothing to remove.
+fn remove_route(route: &ReturnRoute) {
+    for args in route.remove_commands() {
+        // `rule del` removes one matching rule per call: repeat until none is left (bounded, in case it never says
+        // so).
+        for _ in 0..16 {
+            if ip(&args).is_err() || args[1] != "rule" {
+                break;
+            }
+        }
+    }
+}
+
+fn ip(args: &[String]) -> Result<(), RouteError> {
+    let out = Command::new("ip").args(args).stdin(Stdio::null()).output().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound { RouteError::IpMissing } else { RouteError::Spawn(e) }
+    })?;
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(RouteError::Ip {
+            command: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        }),
+    }
 }
 
 /// The installed table as nft lists it, or `None` when it is not installed.
@@ -121,11 +190,14 @@ pub enum Action {
 pub fn command(action: Action, config: &crate::config::Config) -> Result<bool, CaptureError> {
     match action {
         Action::Install => {
-            install(&CaptureSpec::from_config(config)?)?;
+            let installed = install(&CaptureSpec::from_config(config)?)?;
             println!("installed nftables table inet {TABLE}");
+            if let Some(e) = installed.return_route_failed {
+                println!("warning: capture.preserveSourceAddress: return route not installed ({e})");
+            }
         }
         Action::Uninstall => {
-            uninstall()?;
+            uninstall(CaptureSpec::from_config(config)?.preserve_source)?;
             println!("removed nftables table inet {TABLE} (if it was there)");
         }
         Action::Status => match status()? {

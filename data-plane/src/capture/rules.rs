@@ -7,6 +7,15 @@
 //! - `prerouting` (arriving from the network): TCP to a workload address is redirected to the plaintext inbound
 //!   listener, except HBONE (mTLS from other proxies), the proxy's metrics and readiness ports, and excluded ports.
 //!
+//! With `capture.preserveSourceAddress` a third chain, `preserve_source` (route hook output, mangle priority), lets
+//! the workloads' answers to the proxy's transparent dials (from the client's address, IP_TRANSPARENT) come back to
+//! the proxy: each new connection the proxy opens (its mark) gets the conntrack mark `returnMark`, and every answer
+//! on such a connection gets `returnMark` as packet mark, which re-routes it through the policy routing
+//! [`ReturnRoute::ip_commands`] installs (`ip rule fwmark <returnMark> lookup <routeTable>`, whose table holds only
+//! `local default dev lo`): delivered to the proxy instead of sent out towards the client's real host. Marking every
+//! proxy connection, not only the transparent ones, is harmless: an answer that passes the output hook comes from a
+//! local socket to a local address, which is delivered locally either way.
+//!
 //! The transaction first adds the table (a no-op if it exists), deletes it, then creates it: one atomic step that
 //! replaces a leftover table from a crash instead of adding a second copy of the rules.
 
@@ -33,6 +42,47 @@ pub struct CaptureSpec {
     pub exclude_outbound_cidrs: Vec<Cidr>,
     /// Configured exclusions plus the proxy's own listeners reached on workload addresses (HBONE, metrics, ready).
     pub exclude_inbound_ports: BTreeSet<u16>,
+    /// `capture.preserveSourceAddress`: the return route for transparent dials; `None` when off.
+    pub preserve_source: Option<ReturnRoute>,
+}
+
+/// The policy routing that brings answers to transparent dials back to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReturnRoute {
+    pub mark: u32,
+    pub table: u32,
+}
+
+impl ReturnRoute {
+    /// The `ip` invocations that install the route, both families; each is idempotent (`replace`), except `rule
+    /// add`, which [`ReturnRoute::remove_commands`] run first make so.
+    pub fn ip_commands(&self) -> Vec<Vec<String>> {
+        let (mark, table) = (format!("{:#x}", self.mark), self.table.to_string());
+        let mut out = Vec::new();
+        for (family, default) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+            out.push(words(&[family, "route", "replace", "local", default, "dev", "lo", "table", &table]));
+            out.push(words(&[family, "rule", "add", "fwmark", &mark, "lookup", &table, "priority", RULE_PRIORITY]));
+        }
+        out
+    }
+
+    /// The `ip` invocations that remove the route; each may fail when there is nothing to remove.
+    pub fn remove_commands(&self) -> Vec<Vec<String>> {
+        let (mark, table) = (format!("{:#x}", self.mark), self.table.to_string());
+        let mut out = Vec::new();
+        for family in ["-4", "-6"] {
+            out.push(words(&[family, "rule", "del", "fwmark", &mark, "lookup", &table, "priority", RULE_PRIORITY]));
+            out.push(words(&[family, "route", "flush", "table", &table]));
+        }
+        out
+    }
+}
+
+/// The `ip rule` priority of the return route: before the main table (32766), after the local table (0).
+pub const RULE_PRIORITY: &str = "7472";
+
+fn words(w: &[&str]) -> Vec<String> {
+    w.iter().map(|s| (*s).to_owned()).collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +130,9 @@ impl CaptureSpec {
             exclude_outbound_ports: capture.exclude_outbound_ports.iter().copied().collect(),
             exclude_outbound_cidrs: capture.exclude_outbound_cidrs.clone(),
             exclude_inbound_ports,
+            preserve_source: capture
+                .preserve_source_address
+                .then_some(ReturnRoute { mark: capture.return_mark, table: capture.route_table }),
         })
     }
 
@@ -122,7 +175,14 @@ impl CaptureSpec {
                 );
             }
         }
-        out.push_str("\t}\n}\n");
+        out.push_str("\t}\n");
+        if let Some(route) = self.preserve_source {
+            out.push_str("\n\tchain preserve_source {\n\t\ttype route hook output priority mangle; policy accept;\n");
+            let _ = writeln!(out, "\t\tmeta mark {:#x} ct state new ct mark set {:#x}", self.mark, route.mark);
+            let _ = writeln!(out, "\t\tct direction reply ct mark {:#x} meta mark set {:#x}", route.mark, route.mark);
+            out.push_str("\t}\n");
+        }
+        out.push_str("}\n");
         out
     }
 }
@@ -151,6 +211,7 @@ mod tests {
             exclude_outbound_ports: [53, 22].into(),
             exclude_outbound_cidrs: vec!["169.254.1.1/16".parse().unwrap(), "fd00:ff::/32".parse().unwrap()],
             exclude_inbound_ports: [15008, 15020, 15021, 22].into(),
+            preserve_source: Some(ReturnRoute { mark: 0x7473, table: 7472 }),
         }
     }
 
@@ -176,9 +237,39 @@ table inet trellis {
 \t\tip daddr { 10.200.1.2, 10.200.1.3 } meta l4proto tcp redirect to :15006
 \t\tip6 daddr { fd00::2 } meta l4proto tcp redirect to :15006
 \t}
+
+\tchain preserve_source {
+\t\ttype route hook output priority mangle; policy accept;
+\t\tmeta mark 0x7472 ct state new ct mark set 0x7473
+\t\tct direction reply ct mark 0x7473 meta mark set 0x7473
+\t}
 }
 ";
         assert_eq!(spec().render(), want);
+    }
+
+    #[test]
+    fn return_route_commands_install_and_remove_both_families() {
+        let route = ReturnRoute { mark: 0x7473, table: 7472 };
+        let line = |c: &Vec<String>| c.join(" ");
+        assert_eq!(
+            route.ip_commands().iter().map(line).collect::<Vec<_>>(),
+            [
+                "-4 route replace local 0.0.0.0/0 dev lo table 7472",
+                "-4 rule add fwmark 0x7473 lookup 7472 priority 7472",
+                "-6 route replace local ::/0 dev lo table 7472",
+                "-6 rule add fwmark 0x7473 lookup 7472 priority 7472",
+            ]
+        );
+        assert_eq!(
+            route.remove_commands().iter().map(line).collect::<Vec<_>>(),
+            [
+                "-4 rule del fwmark 0x7473 lookup 7472 priority 7472",
+                "-4 route flush table 7472",
+                "-6 rule del fwmark 0x7473 lookup 7472 priority 7472",
+                "-6 route flush table 7472",
+            ]
+        );
     }
 
     #[test]
@@ -188,6 +279,7 @@ table inet trellis {
             exclude_outbound_ports: BTreeSet::new(),
             exclude_outbound_cidrs: Vec::new(),
             exclude_inbound_ports: BTreeSet::new(),
+            preserve_source: None,
             ..spec()
         };
         let want = "add table inet trellis
@@ -222,6 +314,9 @@ table inet trellis {
         assert_eq!(spec.exclude_outbound_ports, [53].into());
         assert_eq!((spec.mark, spec.outbound_port, spec.inbound_port), (7, 15001, 15006));
         assert_eq!(spec.workload_addresses, ["10.200.1.2".parse().unwrap()].into());
+        assert_eq!(spec.preserve_source, Some(ReturnRoute { mark: 0x7473, table: 7472 }), "on by default");
+        let off = format!("{}, preserveSourceAddress: false}}\n", base.trim_end().trim_end_matches('}'));
+        assert_eq!(CaptureSpec::from_config(&Config::parse(&off).unwrap()).unwrap().preserve_source, None);
 
         let err =
             CaptureSpec::from_config(&Config::parse(&format!("{base}listen: {{inbound: 127.0.0.1:15006}}\n")).unwrap())

@@ -226,15 +226,15 @@ impl NodeCredential {
         Ok(())
     }
 
-    /// Joins the mesh: one attempt, trusting the control plane only through the CA pin.
-    pub async fn join(cp: &ControlPlane, node: &str) -> Result<Self, NodeError> {
+    /// Joins the mesh: one attempt at the replica at `address`, trusting it only through the CA pin.
+    pub async fn join(cp: &ControlPlane, address: &str, node: &str) -> Result<Self, NodeError> {
         let token = cp.token.clone().ok_or_else(|| NodeError::NoToken(PathBuf::new()))?;
         let key = csr::new_key()?;
         let csr_der = csr::node_csr(&key)?;
 
         let config = tls::client_config(ServerTrust::Pin(cp.ca_pin), None)?;
-        let unreachable = |reason: String| NodeError::Unreachable { address: cp.address.clone(), reason };
-        let channel = tls::connect_with(&cp.address, config.into(), crate::sockets::connect_host)
+        let unreachable = |reason: String| NodeError::Unreachable { address: address.to_owned(), reason };
+        let channel = tls::connect_with(address, config.into(), crate::sockets::connect_host)
             .await
             .map_err(|e| unreachable(connect_error(&e)))?;
         let request = JoinRequest { token, node: node.to_owned(), csr_der };

@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -61,16 +61,18 @@ async fn within<S>(timeout: Duration, connect: impl Future<Output = io::Result<S
     }
 }
 
-/// Dials the local workload at `target` for a connection that authorization let through (`authz`). Connected: the
+/// Dials the local workload at `target` for a connection that authorization let through (`authz`), from `source`
+/// (the client's address, trusted by the caller) where preservation is on (`sockets::connect_from`). Connected: the
 /// connection counts as open from here. Not connected: it is reported as refused (flags and detail from the error),
 /// and the error is returned for the caller's answer to its client.
 pub async fn dial_workload(
     target: SocketAddr,
+    source: Option<IpAddr>,
     report: ConnectionReport,
     authz: Authz,
     traffic: &TrafficMetrics,
 ) -> Result<(Open, TcpStream), DialError> {
-    let connect = within(WORKLOAD_DIAL_TIMEOUT, crate::sockets::connect(target));
+    let connect = within(WORKLOAD_DIAL_TIMEOUT, crate::sockets::connect_from(target, source));
     opened_or_refused(connect, report, authz, traffic).await
 }
 
@@ -187,7 +189,7 @@ mod tests {
         // A port nobody listens on: bound, then closed.
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
 
-        let result = dial_workload(closed, report(), Authz::allowed(Some("shop/allow".into())), &traffic).await;
+        let result = dial_workload(closed, None, report(), Authz::allowed(Some("shop/allow".into())), &traffic).await;
 
         let error = result.err().expect("nothing listens there");
         assert!(matches!(&error, DialError::Refused(e) if e.kind() == io::ErrorKind::ConnectionRefused), "{error}");

@@ -196,6 +196,25 @@ async fn handshake(config: Arc<rustls::ServerConfig>, tcp: TcpStream) -> Result<
     }
 }
 
+/// The address to dial the workload from: the tunnel's claimed original source when the registry vouches for it
+/// (`Registry::vouch_source`), else none (the proxy's own address), logged. Only consulted while source
+/// preservation is on.
+fn trusted_source(data: &DataPath, id: &SpiffeId, claimed: Option<SocketAddr>, peer: SocketAddr) -> Option<IpAddr> {
+    if !crate::sockets::preserves_source() {
+        return None;
+    }
+    let claimed = claimed?.ip();
+    match data.registry.load().vouch_source(id, claimed, peer.ip()) {
+        Ok(()) => Some(claimed),
+        Err(reason) => {
+            if HBONE_REFUSALS.allow("untrusted_source") {
+                info!(%peer, source = %id, %claimed, %reason, "original source address not trusted; dialling from the proxy's address");
+            }
+            None
+        }
+    }
+}
+
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     let mut response = Response::new(Empty::new());
     *response.status_mut() = code;
@@ -335,7 +354,8 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
         Authz::allowed(policy)
     };
 
-    let (open, mut upstream) = match finish::dial_workload(target, report, allowed, &data.traffic).await {
+    let dial_from = trusted_source(&data, source, source_addr, peer);
+    let (open, mut upstream) = match finish::dial_workload(target, dial_from, report, allowed, &data.traffic).await {
         Ok(dialled) => dialled,
         Err(DialError::Refused(e)) => {
             info!(source = %conn.source, %target, error = %e, "workload refused the connection");

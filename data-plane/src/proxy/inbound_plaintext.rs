@@ -169,7 +169,8 @@ async fn connection(
             Check::UnknownWorkload => return Err(refuse(report, Authz::NONE, Refusal::UnknownWorkload)),
         }
     };
-    let (open, mut upstream) = finish::dial_workload(target, report, allowed, &data.traffic)
+    // The client's address is the connection's own peer: the kernel vouches for it as much as it would without us.
+    let (open, mut upstream) = finish::dial_workload(target, Some(client.ip()), report, allowed, &data.traffic)
         .await
         .map_err(|e| PlaintextError::Refused { target, refusal: e.into() })?;
     let _ = tcp.set_nodelay(true);

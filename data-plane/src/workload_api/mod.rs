@@ -2,10 +2,12 @@
 //! X.509-SVIDs of the workloads whose `attest` selectors the caller's peer credentials match, each with a key of
 //! its own (not the proxy's tunnel keys), and the trust bundle, pushed again on renewal and on bundle change.
 //!
-//! `peer` reads who called (SO_PEERCRED, /proc), `attest` decides which identities that entitles it to, `service`
+//! `peer` reads who called (SO_PEERCRED, /proc), `authority` relays the bytes so that h2 accepts the `:authority`
+//! gRPC C-core clients send on a Unix socket, `attest` decides which identities that entitles it to, `service`
 //! answers the gRPC calls, `fetch` is the debugging client behind `trellis-proxy workload-api fetch`.
 
 pub mod attest;
+pub mod authority;
 pub mod fetch;
 pub mod peer;
 pub mod service;

@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::UnixStream;
 
 /// What the kernel recorded about the caller at connect time.
@@ -79,16 +79,32 @@ fn parse_start_time(stat: &str) -> Option<u64> {
     after_comm.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// An accepted connection with its peer credentials, which tonic hands to every request's extensions.
+/// An accepted connection with its peer credentials, which tonic hands to every request's extensions. The bytes
+/// reach the server through the authority relay (`authority.rs`): `inner` is the server's end of a pipe the relay
+/// tasks feed from the socket.
 pub struct PeerStream {
-    inner: UnixStream,
+    inner: DuplexStream,
     peer: Arc<Peer>,
 }
 
+/// The pipe between the relay and the server, per direction: small, so a connection holds little memory.
+const PIPE_BYTES: usize = 16 * 1024;
+
 impl PeerStream {
-    pub fn new(inner: UnixStream) -> io::Result<Self> {
-        let peer = Arc::new(Peer::of(&inner)?);
-        Ok(Self { inner, peer })
+    /// Reads the credentials, then starts the relay tasks (they end when either side closes).
+    pub fn new(socket: UnixStream) -> io::Result<Self> {
+        let peer = Arc::new(Peer::of(&socket)?);
+        let (server_end, relay_end) = tokio::io::duplex(PIPE_BYTES);
+        let (from_client, mut to_client) = socket.into_split();
+        let (mut from_server, to_server) = tokio::io::split(relay_end);
+        tokio::spawn(async move {
+            super::authority::log_end(super::authority::relay_client(from_client, to_server).await);
+        });
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+            let _ = to_client.shutdown().await;
+        });
+        Ok(Self { inner: server_end, peer })
     }
 }
 

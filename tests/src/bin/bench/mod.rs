@@ -10,6 +10,7 @@ pub mod procfs;
 pub mod report;
 pub mod rotation;
 pub mod scale;
+pub mod scoping;
 pub mod soak;
 pub mod suite;
 pub mod tunnel;
