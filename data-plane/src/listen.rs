@@ -1,26 +1,84 @@
-//! The accept loop every data-path listener shares, and the IPv6 twin of an IPv4 listener.
+//! The accept loop every data-path listener shares, what it does when the process is out of file descriptors, and
+//! the IPv6 twin of an IPv4 listener.
+//!
+//! Out of descriptors (`EMFILE`/`ENFILE`), `accept` fails and the pending connection stays in the kernel's backlog:
+//! retrying only would leave its client hanging until the backlog overflows. So the process keeps one descriptor in
+//! reserve (`/dev/null`); on exhaustion the loop gives it up, accepts the oldest pending connection, closes it at
+//! once (the client sees the connection end, not a hang), counts it (`trellis_connections_shed_total{listener}`) and
+//! takes the reserve again. Both the shed connections and the accept errors are logged through a rate limit
+//! ([`crate::log_limit::ACCEPT_ERRORS`]), so a flood costs a bounded number of lines.
 
 use std::future::Future;
 use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::log_limit::ACCEPT_ERRORS;
+
+/// Pause after an accept error that shedding could not clear (no reserve descriptor, or another error).
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// The descriptor given up to shed a connection when the process has none left; shared by every listener.
+static RESERVE: Mutex<Option<std::fs::File>> = Mutex::new(None);
+
+/// Opens the reserve descriptor if it is not held (at start, and again after each shed connection).
+fn take_reserve() -> bool {
+    let mut reserve = RESERVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if reserve.is_none() {
+        *reserve = std::fs::File::open("/dev/null").ok();
+    }
+    reserve.is_some()
+}
+
+/// Closes the reserve descriptor, so that one `accept` can succeed; whether there was one.
+fn release_reserve() -> bool {
+    let file = RESERVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+    file.is_some()
+}
+
+/// Whether an accept error means the process (or the system) is out of file descriptors.
+pub fn out_of_descriptors(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 /// Accepts connections until the task running it is dropped, handling each in its own task. An accept error
-/// (out of file descriptors, say) is logged and retried after a pause instead of ending the listener.
+/// never ends the listener: out of descriptors, the oldest pending connection is closed at once (see the module
+/// comment); any other error is logged and retried after a pause.
 pub async fn accept_each<F, Fut>(listener: TcpListener, what: &'static str, handle: F)
 where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    take_reserve();
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
                 tokio::spawn(handle(tcp, peer));
             }
+            Err(e) if out_of_descriptors(&e) && release_reserve() => {
+                // The pending connection is ready, so this completes at once; a peer that reset it meanwhile
+                // leaves nothing to accept, and the loop goes on.
+                let shed = tokio::time::timeout(Duration::ZERO, listener.accept()).await;
+                if let Ok(Ok((tcp, peer))) = shed {
+                    // Closed before the reserve is taken again: its descriptor is the one the reserve gets back.
+                    drop(tcp);
+                    crate::metrics::connection_shed(what);
+                    if ACCEPT_ERRORS.allow(what) {
+                        tracing::warn!(listener = what, %peer, error = %e,
+                            "connection closed at once: out of file descriptors");
+                    }
+                }
+                take_reserve();
+            }
             Err(e) => {
-                tracing::warn!(listener = what, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                if ACCEPT_ERRORS.allow(what) {
+                    tracing::warn!(listener = what, error = %e, "accept failed");
+                }
+                tokio::time::sleep(RETRY_PAUSE).await;
+                // Descriptors freed meanwhile: hold the reserve again, for the next shortage.
+                take_reserve();
             }
         }
     }
@@ -52,5 +110,18 @@ pub fn ipv6_twin(bound: SocketAddr, field: &'static str) -> Option<TcpListener> 
             tracing::warn!(listener = field, %address, %error, "cannot listen on IPv6: IPv6 workloads are unreachable here");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emfile_and_enfile_are_out_of_descriptors_and_other_errors_are_not() {
+        assert!(out_of_descriptors(&std::io::Error::from_raw_os_error(libc::EMFILE)));
+        assert!(out_of_descriptors(&std::io::Error::from_raw_os_error(libc::ENFILE)));
+        assert!(!out_of_descriptors(&std::io::Error::from_raw_os_error(libc::ECONNABORTED)));
+        assert!(!out_of_descriptors(&std::io::Error::other("no errno")));
     }
 }

@@ -1,5 +1,5 @@
-//! Rate limits for log lines that anyone who can open a TCP connection can cause (refused HBONE connections): a
-//! token bucket per reason. Within the bucket each refusal gets its one line; beyond it the line is dropped and
+//! Rate limits for log lines that anyone who can open a TCP connection can cause (refused HBONE connections, and
+//! accept errors and shed connections when the proxy is out of file descriptors): a token bucket per reason. Within the bucket each refusal gets its one line; beyond it the line is dropped and
 //! counted (`trellis_log_suppressed_total{log,reason}`), and `report_suppressed` logs one summary line per reason
 //! per interval ("N refusals not logged"). So a flood of 100,000 bad handshakes costs a few dozen lines, and the
 //! counters still say what happened.
@@ -15,11 +15,22 @@ pub const PER_SECOND: f64 = 1.0;
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The HBONE listener's refusals (before the peer is identified: bad TLS, no or unusable certificate).
-pub static HBONE_REFUSALS: LogLimit = LogLimit::new("hbone_refusal");
+pub static HBONE_REFUSALS: LogLimit = LogLimit::new("hbone_refusal", "HBONE refusals");
+/// Every listener's accept errors and connections shed for want of file descriptors (`listen.rs`), by listener.
+pub static ACCEPT_ERRORS: LogLimit = LogLimit::new("accept_error", "accept errors or shed connections");
+
+/// "HBONE connection accepted" (an authenticated peer proxy): kept at INFO, as pooled connections are few, but
+/// limited, so that a peer reconnecting in a loop cannot flood the log.
+pub static HBONE_ACCEPTS: LogLimit = LogLimit::new("hbone_accepted", "HBONE connections accepted");
+
+/// Every limit, for the summary.
+static ALL: [&LogLimit; 3] = [&HBONE_REFUSALS, &ACCEPT_ERRORS, &HBONE_ACCEPTS];
 
 pub struct LogLimit {
     /// The `log` label, naming which lines are limited.
     log: &'static str,
+    /// What the lines are about, for the summary line ("N HBONE refusals not logged").
+    what: &'static str,
     /// Few reasons, so a list; the lock is held for a few instructions, never across an await.
     buckets: Mutex<Vec<Bucket>>,
 }
@@ -33,8 +44,8 @@ struct Bucket {
 }
 
 impl LogLimit {
-    pub const fn new(log: &'static str) -> Self {
-        Self { log, buckets: Mutex::new(Vec::new()) }
+    pub const fn new(log: &'static str, what: &'static str) -> Self {
+        Self { log, what, buckets: Mutex::new(Vec::new()) }
     }
 
     /// Whether a line for `reason` may be logged now; if not, it is counted as suppressed.
@@ -81,14 +92,17 @@ pub async fn report_suppressed() {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        for (reason, suppressed) in HBONE_REFUSALS.take_suppressed() {
-            tracing::warn!(
-                log = HBONE_REFUSALS.log,
-                reason,
-                suppressed,
-                "{suppressed} HBONE refusals not logged in the last {SUMMARY_INTERVAL:?} (rate limit; counted in \
-                 trellis_log_suppressed_total)"
-            );
+        for limit in ALL {
+            for (reason, suppressed) in limit.take_suppressed() {
+                tracing::warn!(
+                    log = limit.log,
+                    reason,
+                    suppressed,
+                    "{suppressed} {} not logged in the last {SUMMARY_INTERVAL:?} (rate limit; counted in \
+                     trellis_log_suppressed_total)",
+                    limit.what
+                );
+            }
         }
     }
 }
@@ -99,7 +113,7 @@ mod tests {
 
     #[test]
     fn burst_then_refill_per_reason_and_suppressed_counts_are_taken_once() {
-        let limit = LogLimit::new("test");
+        let limit = LogLimit::new("test", "test lines");
         let t0 = Instant::now();
         let allowed = (0..1000).filter(|_| limit.allow_at("a", t0)).count();
         assert_eq!(allowed, BURST as usize);

@@ -113,7 +113,11 @@ fn describe() {
     );
     describe_counter!(
         "trellis_log_suppressed_total",
-        "Log lines dropped by a rate limit (refused HBONE connections beyond the burst), by log and reason."
+        "Log lines dropped by a rate limit (refused HBONE connections, accept errors beyond the burst), by log and reason."
+    );
+    describe_counter!(
+        "trellis_connections_shed_total",
+        "Connections closed as soon as accepted because the proxy was out of file descriptors, by listener."
     );
     describe_counter!(
         "trellis_revocations_total",
@@ -624,6 +628,11 @@ pub fn config_update(applied: bool) {
 /// Counts a log line dropped by a rate limit (`log_limit.rs`); `reason` is one of a fixed set.
 pub fn log_suppressed(log: &'static str, reason: &'static str) {
     metrics::counter!("trellis_log_suppressed_total", "log" => log, "reason" => reason).increment(1);
+}
+
+/// Counts a connection closed at accept because the process had no file descriptor left (`listen.rs`).
+pub fn connection_shed(listener: &'static str) {
+    metrics::counter!("trellis_connections_shed_total", "listener" => listener).increment(1);
 }
 
 /// Which replica of `addresses` holds the discovery stream (`None`: none).

@@ -156,7 +156,8 @@ pub fn load_cert(dir: &Path, id: &SpiffeId, now: SystemTime) -> Result<Option<Wo
 
 /// Keeps the state directory in step: every newly stored synced state (an ACKed config) is written as the stored
 /// config, every installed certificate is written and every withdrawn one removed. The writes run on a blocking
-/// thread (they sync to disk), one at a time; changes that arrive meanwhile are coalesced into the next write.
+/// thread (they sync to disk), one at a time; changes that arrive meanwhile are coalesced into the next write. A
+/// write that fails (a full disk) is retried every `RETRY_AFTER` until it succeeds or a newer one replaces it.
 pub async fn follow(dir: PathBuf, state: Arc<StateStore>, certs: Arc<WorkloadCerts>) {
     let mut state_changes = state.subscribe();
     let mut cert_changes = certs.subscribe();
@@ -177,28 +178,56 @@ pub async fn follow(dir: PathBuf, state: Arc<StateStore>, certs: Arc<WorkloadCer
                 cert_writes.push((id.clone(), now));
             }
         }
-        if let Some(config) = &config {
-            written_version = Some(config.version);
-        }
+        let mut retry = false;
         if config.is_some() || !cert_writes.is_empty() {
             let dir = dir.clone();
+            let version = config.as_ref().map(|c| c.version);
             let written = tokio::task::spawn_blocking(move || write_all(&dir, config.as_deref(), &cert_writes)).await;
-            if let Err(e) = written {
-                warn!(error = %e, "the task storing the config and certificates failed");
+            match written {
+                Ok(written) => {
+                    if written.config {
+                        written_version = version.or(written_version);
+                    }
+                    // Marked as not on disk (no serial is empty), so that the next round writes them again.
+                    for id in &written.failed_certs {
+                        written_serials.insert(id.clone(), Some(String::new()));
+                    }
+                    retry = !written.config || !written.failed_certs.is_empty();
+                }
+                Err(e) => {
+                    warn!(error = %e, "the task storing the config and certificates failed");
+                    retry = true;
+                }
             }
         }
         tokio::select! {
             changed = state_changes.changed() => if changed.is_err() { return },
             changed = cert_changes.changed() => if changed.is_err() { return },
+            // A write that failed (a full disk, say) is tried again, so that recovery needs no further change.
+            () = tokio::time::sleep(RETRY_AFTER), if retry => {}
         }
     }
 }
 
-fn write_all(dir: &Path, config: Option<&State>, certs: &[(SpiffeId, Option<Arc<WorkloadCert>>)]) {
+/// How long after a failed write the proxy tries again.
+pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What a round of writes did: whether the config (if any) was written, and the certificates that were not.
+struct Written {
+    config: bool,
+    failed_certs: Vec<SpiffeId>,
+}
+
+fn write_all(dir: &Path, config: Option<&State>, certs: &[(SpiffeId, Option<Arc<WorkloadCert>>)]) -> Written {
+    let mut written = Written { config: true, failed_certs: Vec::new() };
     if let Some(state) = config {
         match save_config(dir, state) {
             Ok(()) => info!(version = state.version, "config stored for a restart without the control plane"),
-            Err(e) => warn!(error = %e, "cannot store the config; a restart will wait for the control plane"),
+            Err(e) => {
+                warn!(error = %e, retry_in = ?RETRY_AFTER,
+                    "cannot store the config; a restart will wait for the control plane");
+                written.config = false;
+            }
         }
     }
     for (id, cert) in certs {
@@ -207,9 +236,11 @@ fn write_all(dir: &Path, config: Option<&State>, certs: &[(SpiffeId, Option<Arc<
             None => remove_cert(dir, id),
         };
         if let Err(e) = result {
-            warn!(spiffe_id = %id, error = %e, "cannot store the workload certificate");
+            warn!(spiffe_id = %id, error = %e, retry_in = ?RETRY_AFTER, "cannot store the workload certificate");
+            written.failed_certs.push(id.clone());
         }
     }
+    written
 }
 
 #[cfg(test)]

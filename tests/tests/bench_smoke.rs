@@ -97,6 +97,26 @@ fn smoke_run_measures_every_scenario_for_every_contender_and_leaves_benchmarks_m
     assert!(before == after, "--smoke must leave BENCHMARKS.md as it was");
 }
 
+/// `trellis-bench load` at a tenth of its size (1,000 concurrent tunnelled connections held 5 s, then 300 new
+/// connections/s for 3 s): every connection opened, every echo returned, every burst connection worked (the bench
+/// exits 1 otherwise); the figures are printed, never compared with a threshold.
+#[test]
+fn load_run_at_a_tenth_of_its_size_has_no_failure() {
+    let args = ["load", "--connections", "1000", "--hold", "5s", "--burst-rate", "300", "--burst", "3s", "--no-build"];
+    let out = Command::new(bin("trellis-bench")).args(args).output().expect("run");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{stdout}");
+    assert!(out.status.success(), "trellis-bench load failed ({}):\n{stdout}\n{stderr}", out.status);
+    let table = section(&stdout, "## Load");
+    let held = row(table, "1000 concurrent, held 5s echoing 64 B every second");
+    assert!(held[1].starts_with("1000 opened in "), "{held:?}");
+    assert_eq!(held[2], "0 open, 0 during the hold", "{held:?}");
+    assert!(held[3].contains(", 0 bytes lost; failures: none"), "{held:?}");
+    let burst = row(table, "burst 300 new connections/s for 3s");
+    assert_eq!(burst[1], "900 attempted, 900 worked", "{burst:?}");
+    assert_eq!(burst[2], "0", "{burst:?}");
+}
+
 /// `trellis-bench rotation` at a tiny size: the simulated proxies answer `RenewNow`, report what they hold and ACK
 /// both bundles, so a real rotation completes; the report says every certificate was renewed and nothing failed.
 #[test]

@@ -68,6 +68,10 @@ impl Table {
 pub enum StoreError {
     #[error("store: {0}")]
     Backend(String),
+    /// The file could not be read or written (a full disk, say). redb refuses every later write after one ("previous
+    /// I/O error") until the database is reopened, which `RedbStore` does.
+    #[error("store: {0}")]
+    Io(String),
     /// The backend cannot be reached (etcd down or without quorum): nothing was written.
     #[error("store unavailable: {0}")]
     Unavailable(String),

@@ -1,6 +1,7 @@
 //! The embedded backend: redb, an ACID store in one file of the data dir (one process writes it).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -12,19 +13,24 @@ fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [
 
 impl From<redb::Error> for StoreError {
     fn from(e: redb::Error) -> Self {
-        StoreError::Backend(e.to_string())
+        match e {
+            redb::Error::Io(_) | redb::Error::PreviousIo => StoreError::Io(e.to_string()),
+            other => StoreError::Backend(other.to_string()),
+        }
     }
 }
 
 macro_rules! backend_errors {
     ($($t:ty),*) => {$(impl From<$t> for StoreError {
-        fn from(e: $t) -> Self { StoreError::Backend(e.to_string()) }
+        fn from(e: $t) -> Self { redb::Error::from(e).into() }
     })*};
 }
 backend_errors!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
 pub struct RedbStore {
-    db: redb::Database,
+    path: PathBuf,
+    /// `None` after a reopen failed: every call tries again.
+    db: RwLock<Option<redb::Database>>,
 }
 
 pub const STORE_FILE: &str = "store.redb";
@@ -32,14 +38,49 @@ pub const STORE_FILE: &str = "store.redb";
 impl RedbStore {
     /// Opens (creating if needed) the store and its tables.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = redb::Database::create(path)?;
-        let txn = db.begin_write()?;
-        for table in Table::ALL {
-            txn.open_table(definition(table))?;
-        }
-        txn.commit()?;
-        Ok(Self { db })
+        let db = open_database(path)?;
+        Ok(Self { path: path.to_owned(), db: RwLock::new(Some(db)) })
     }
+
+    /// Runs `f` on the database. After an I/O error, redb refuses every later write until the database is
+    /// reopened; so the store reopens it then (the file holds the last committed transaction, redb's own
+    /// guarantee), and once the cause is gone (space freed) the next call works without a restart.
+    fn with_db<T>(&self, f: impl FnOnce(&redb::Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let result = {
+            let db = self.db.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+            match db.as_ref() {
+                Some(db) => f(db),
+                None => Err(StoreError::Io("closed after an I/O error; reopening".into())),
+            }
+        };
+        if matches!(result, Err(StoreError::Io(_))) {
+            self.reopen();
+        }
+        result
+    }
+
+    fn reopen(&self) {
+        let mut db = self.db.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // redb allows one open handle per file: the old one goes first.
+        drop(db.take());
+        match open_database(&self.path) {
+            Ok(opened) => {
+                tracing::warn!(path = %self.path.display(), "store reopened after an I/O error");
+                *db = Some(opened);
+            }
+            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "cannot reopen the store yet"),
+        }
+    }
+}
+
+fn open_database(path: &Path) -> Result<redb::Database, StoreError> {
+    let db = redb::Database::create(path)?;
+    let txn = db.begin_write()?;
+    for table in Table::ALL {
+        txn.open_table(definition(table))?;
+    }
+    txn.commit()?;
+    Ok(db)
 }
 
 fn collect<T: ReadableTable<&'static str, &'static [u8]>>(table: &T) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
@@ -53,30 +94,51 @@ fn collect<T: ReadableTable<&'static str, &'static [u8]>>(table: &T) -> Result<V
 
 impl Store for RedbStore {
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(definition(table))?;
-        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(definition(table))?;
+            Ok(t.get(key)?.map(|v| v.value().to_vec()))
+        })
     }
 
     fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read()?;
-        collect(&txn.open_table(definition(table))?)
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            collect(&txn.open_table(definition(table))?)
+        })
     }
 
     fn update(&self, f: &mut dyn FnMut(&mut dyn Txn) -> Result<(), StoreError>) -> Result<(), StoreError> {
-        let mut txn = RedbTxn { txn: self.db.begin_write()? };
-        match f(&mut txn) {
-            Ok(()) => Ok(txn.txn.commit()?),
-            Err(e) => {
-                txn.txn.abort()?;
-                Err(e)
+        self.with_db(|db| {
+            let mut txn = RedbTxn { txn: db.begin_write()?, io_failed: None };
+            match f(&mut txn) {
+                Ok(()) => Ok(txn.txn.commit()?),
+                Err(e) => {
+                    let io_failed = txn.io_failed.take();
+                    txn.txn.abort()?;
+                    // An I/O error inside the transaction (which the closure may have turned into its own error)
+                    // still means the database must be reopened.
+                    Err(io_failed.map_or(e, StoreError::Io))
+                }
             }
-        }
+        })
     }
 }
 
 struct RedbTxn {
     txn: redb::WriteTransaction,
+    /// The first I/O error a write met, if any.
+    io_failed: Option<String>,
+}
+
+impl RedbTxn {
+    fn write(&mut self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let result = f(&self.txn);
+        if let Err(StoreError::Io(e)) = &result {
+            self.io_failed.get_or_insert_with(|| e.clone());
+        }
+        result
+    }
 }
 
 impl Txn for RedbTxn {
@@ -90,13 +152,17 @@ impl Txn for RedbTxn {
     }
 
     fn put(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.txn.open_table(definition(table))?.insert(key, value)?;
-        Ok(())
+        self.write(|txn| {
+            txn.open_table(definition(table))?.insert(key, value)?;
+            Ok(())
+        })
     }
 
     fn delete(&mut self, table: Table, key: &str) -> Result<(), StoreError> {
-        self.txn.open_table(definition(table))?.remove(key)?;
-        Ok(())
+        self.write(|txn| {
+            txn.open_table(definition(table))?.remove(key)?;
+            Ok(())
+        })
     }
 }
 

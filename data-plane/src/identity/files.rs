@@ -21,17 +21,24 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let file_name = path.file_name().ok_or_else(|| io::Error::other("path has no file name"))?;
     let tmp = path.with_file_name(format!(".{}.tmp", file_name.to_string_lossy()));
     let _ = fs::remove_file(&tmp);
-    let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-    // The umask may have narrowed the mode on create; set it exactly.
-    file.set_permissions(Permissions::from_mode(mode))?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, path)?;
+    if let Err(e) = write_new(&tmp, contents, mode).and_then(|()| fs::rename(&tmp, path)) {
+        // A full disk, say: no partial file left behind to hold the space.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     if let Some(parent) = path.parent() {
         sync_dir(parent);
     }
     Ok(())
+}
+
+/// Creates `path` (which must not exist) with `mode` and `contents`, synced to disk.
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
+    // The umask may have narrowed the mode on create; set it exactly.
+    file.set_permissions(Permissions::from_mode(mode))?;
+    file.write_all(contents)?;
+    file.sync_all()
 }
 
 /// Makes renames in `dir` durable; best effort (not every filesystem allows syncing a directory).

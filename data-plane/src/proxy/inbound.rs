@@ -147,7 +147,11 @@ async fn connection(
         tls_failure(&data, peer, local, started, &error);
         return Err(error.into());
     }
-    info!(%peer, %source, %serial, "HBONE connection accepted");
+    // Rate-limited like the refusals (20 at once, then one a second; the rest counted): pooled connections are few,
+    // so each normally gets its line, but a peer reconnecting in a loop cannot flood the log.
+    if crate::log_limit::HBONE_ACCEPTS.allow("accepted") {
+        info!(%peer, %source, %serial, "HBONE connection accepted");
+    }
     let peer_id = Arc::new(Peer {
         principal: source.principal().into(),
         labels: PeerLabels::identity_only(&source),

@@ -166,7 +166,20 @@ impl Pool {
                 .body(Empty::new())
                 .expect("CONNECT request parts are valid");
             let mut sender = conn.sender.clone();
-            match sender.send_request(request).await {
+            // A pooled connection can die silently (a partition): its CONNECTs then get no answer until the
+            // HTTP/2 keep-alive gives up (up to 40 s). Waiting as long as a dial would: then this stream retries on
+            // a fresh connection, and the silent one takes no new streams (its open ones keep it until they end
+            // or the keep-alive closes it).
+            let answer = match tokio::time::timeout(TUNNEL_DIAL_TIMEOUT, sender.send_request(request)).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    tracing::debug!(proxy = %key.proxy, "no answer to CONNECT on a pooled connection; retrying on a new one");
+                    self.forget(key, &conn);
+                    last_error = Some(TunnelError::Timeout(key.proxy));
+                    continue;
+                }
+            };
+            match answer {
                 Ok(response) if response.status() == StatusCode::OK => {
                     let upgraded = hyper::upgrade::on(response).await.map_err(|e| TunnelError::Http(key.proxy, e))?;
                     return Ok(Tunnel { io: TokioIo::new(upgraded), guard, peer: conn.peer.clone() });

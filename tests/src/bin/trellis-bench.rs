@@ -10,6 +10,8 @@
 //! prints its report (RELIABILITY.md's rotation figures), writes nothing.
 //! `trellis-bench scoping [--namespaces N] [--workloads W] [--rounds R] [--no-build]`: bytes pushed per proxy per
 //! namespace-local change with and without scoped pushes (see `bench/scoping.rs`); prints, writes nothing.
+//! `trellis-bench load [--connections N] [--hold D] [--burst-rate N] [--burst D]`: 10,000 concurrent tunnelled
+//! connections and a burst of new ones through one proxy pair (see `bench/scale.rs`); prints, writes nothing.
 
 // `deny`, not `forbid`: a few system calls std does not wrap (sysconf, rlimits, prctl in `bench::procfs`; geteuid
 // in `bench::contenders`) allow unsafe code where they are made, with their SAFETY reasoning.
@@ -20,7 +22,7 @@ mod common;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: trellis-bench all [--smoke] [--only N,N] [--worker-threads N] [--bulk-mib N] [--no-build] | trellis-bench tunnel [--quick] [--direct-only] [--no-build] | trellis-bench control [--replicas N] [--proxies N] [--csr-clients N] [--rounds N] | trellis-bench soak --duration D [--cert-ttl D] [--policy-every D] [--rate N] [--streams N] [--no-build] | trellis-bench rotation [--proxies N] [--workloads M] [--overlap D] | trellis-bench scoping [--namespaces N] [--workloads W] [--rounds R] [--no-build]";
+const USAGE: &str = "usage: trellis-bench all [--smoke] [--only N,N] [--worker-threads N] [--bulk-mib N] [--no-build] | trellis-bench tunnel [--quick] [--direct-only] [--no-build] | trellis-bench control [--replicas N] [--proxies N] [--csr-clients N] [--rounds N] | trellis-bench soak --duration D [--cert-ttl D] [--policy-every D] [--rate N] [--streams N] [--no-build] | trellis-bench rotation [--proxies N] [--workloads M] [--overlap D] | trellis-bench scoping [--namespaces N] [--workloads W] [--rounds R] [--no-build] | trellis-bench load [--connections N] [--hold D] [--burst-rate N] [--burst D] [--no-build]";
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
         Some("soak") => bench::soak::main(&argv[1..]),
         Some("rotation") => bench::rotation::main(&argv[1..]),
         Some("scoping") => bench::scoping::main(&argv[1..]),
+        Some("load") => bench::scale::main(&argv[1..]),
         // The suite's servers, as a process of their own.
         Some("servers") => bench::load::servers_main(),
         _ => {

@@ -9,6 +9,7 @@ pub mod plot;
 pub mod procfs;
 pub mod report;
 pub mod rotation;
+pub mod scale;
 pub mod scoping;
 pub mod soak;
 pub mod suite;

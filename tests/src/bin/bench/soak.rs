@@ -250,7 +250,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     Ok(failed == 0 && lost == 0)
 }
 
-fn commit() -> String {
+pub fn commit() -> String {
     std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
