@@ -15,34 +15,14 @@ use spiffe::WorkloadApiClient;
 use tokio_stream::StreamExt;
 
 fn pem(label: &str, ders: &[&[u8]]) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    for der in ders {
-        let b64 = base64(der);
-        let _ = writeln!(out, "-----BEGIN {label}-----");
-        for line in b64.as_bytes().chunks(64) {
-            let _ = writeln!(out, "{}", std::str::from_utf8(line).expect("ascii"));
-        }
-        let _ = writeln!(out, "-----END {label}-----");
-    }
-    out
-}
-
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    ders.iter()
+        .map(|der| {
+            pem::encode_config(
+                &pem::Pem::new(label, *der),
+                pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+            )
+        })
+        .collect()
 }
 
 fn leaf_facts(der: &[u8]) -> anyhow::Result<(String, i64)> {

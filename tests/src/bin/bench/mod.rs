@@ -14,3 +14,18 @@ pub mod scoping;
 pub mod soak;
 pub mod suite;
 pub mod tunnel;
+
+/// Waits until every proxy is ready and has the server's workload (at `server_ip`) in its registry; a failure names
+/// the step and ends with the proxies' last log lines.
+pub fn wait_for_server_in_registry(proxies: &[trellis_tests::Proxy], server_ip: &str) -> anyhow::Result<()> {
+    let logs: Vec<(&str, std::path::PathBuf)> = proxies.iter().map(|p| ("proxy", p.log_path())).collect();
+    crate::common::step("waiting for the proxies", &logs, || {
+        for proxy in proxies {
+            proxy.wait_ready();
+            proxy.wait_config("the server's workload in the registry", |d| {
+                d["workloads"].to_string().contains(server_ip)
+            });
+        }
+        Ok(())
+    })
+}

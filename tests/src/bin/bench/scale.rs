@@ -138,17 +138,7 @@ fn start_mesh(echo: SocketAddr) -> anyhow::Result<(ControlPlane, Vec<Proxy>)> {
             Ok(Proxy::start_with(&cp, "load-client", &[client], options.clone()))
         })?,
     ];
-    let logs: Vec<(&str, std::path::PathBuf)> = proxies.iter().map(|p| ("proxy", p.log_path())).collect();
-    step("waiting for the proxies", &logs, || {
-        let server_ip = IpAddr::from(SERVER_IP).to_string();
-        for proxy in &proxies {
-            proxy.wait_ready();
-            proxy.wait_config("the server's workload in the registry", |d| {
-                d["workloads"].to_string().contains(&server_ip)
-            });
-        }
-        Ok(())
-    })?;
+    super::wait_for_server_in_registry(&proxies, &IpAddr::from(SERVER_IP).to_string())?;
     Ok((cp, proxies))
 }
 
