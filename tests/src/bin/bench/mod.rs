@@ -29,3 +29,18 @@ pub fn wait_for_server_in_registry(proxies: &[trellis_tests::Proxy], server_ip: 
         Ok(())
     })
 }
+
+/// One short connection through a SOCKS5 listener: send `message`, half-close, read the echo to its end.
+pub async fn short_exchange(
+    socks: std::net::SocketAddr,
+    echo: std::net::SocketAddr,
+    message: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = crate::common::socks5::connect_async(socks, echo).await?;
+    stream.write_all(message).await?;
+    stream.shutdown().await?;
+    let mut back = Vec::new();
+    stream.read_to_end(&mut back).await?;
+    Ok(back)
+}

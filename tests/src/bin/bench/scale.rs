@@ -359,14 +359,7 @@ async fn burst(
         let failures = failures.clone();
         tasks.push(tokio::spawn(async move {
             let begun = Instant::now();
-            let exchange = async {
-                let mut stream = socks5::connect_async(socks, echo).await?;
-                stream.write_all(SHORT).await?;
-                stream.shutdown().await?;
-                let mut back = Vec::new();
-                stream.read_to_end(&mut back).await?;
-                std::io::Result::Ok(back)
-            };
+            let exchange = super::short_exchange(socks, echo, SHORT);
             match tokio::time::timeout(Duration::from_secs(30), exchange).await {
                 Ok(Ok(back)) if back == SHORT => Some(begun.elapsed()),
                 Ok(Ok(back)) => {

@@ -333,14 +333,7 @@ async fn short_connections(
             c.attempted.fetch_add(1, Ordering::Relaxed);
             let at = started.elapsed();
             let begun = Instant::now();
-            let exchange = async {
-                let mut stream = socks5::connect_async(proxy, echo).await?;
-                stream.write_all(SHORT_MESSAGE).await?;
-                stream.shutdown().await?;
-                let mut back = Vec::new();
-                stream.read_to_end(&mut back).await?;
-                std::io::Result::Ok(back)
-            };
+            let exchange = super::short_exchange(proxy, echo, SHORT_MESSAGE);
             match tokio::time::timeout(Duration::from_secs(10), exchange).await {
                 Ok(Ok(back)) if back == SHORT_MESSAGE => Some((at, begun.elapsed())),
                 outcome => {
