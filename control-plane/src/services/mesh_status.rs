@@ -125,7 +125,11 @@ pub fn list(shared: &Shared) -> Vec<MeshProxy> {
             Err(e) => tracing::warn!(error = %e, "other replicas' proxy status unavailable; listing this replica's"),
         }
     }
-    let own = shared.proxies.replica();
+    one_per_node(all, shared.proxies.replica())
+}
+
+/// One entry per node, sorted by node: connected before disconnected, then the latest stream, then `own`'s.
+fn one_per_node(all: Vec<MeshProxy>, own: &str) -> Vec<MeshProxy> {
     let mut by_node: BTreeMap<String, MeshProxy> = BTreeMap::new();
     for proxy in all {
         let rank = |p: &MeshProxy| (p.status.connected, p.status.connected_since_unix, p.status.replica == own);
@@ -162,8 +166,14 @@ pub async fn publish(shared: Shared) {
         };
         tokio::select! {
             () = tokio::time::sleep(PUBLISH_EVERY) => {}
-            () = shared.shutting_down() => return,
+            () = shared.shutting_down() => break,
         }
+    }
+    // A clean shutdown: this replica's entries (and the rotation driver role) go now, not at the lease's end.
+    let store = shared.clone();
+    let released = tokio::task::spawn_blocking(move || store.mesh.store().leased().map(|l| l.release())).await;
+    if let Ok(Some(Err(e))) = released {
+        tracing::warn!(error = %e, "cannot release the proxy status lease; it expires on its own");
     }
 }
 
@@ -211,5 +221,61 @@ impl Published {
                 self.written.clear();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy(node: &str, replica: &str, connected: bool, since: i64, acked: u64) -> MeshProxy {
+        let status = pb::ProxyStatus {
+            node: node.into(),
+            replica: replica.into(),
+            connected,
+            connected_since_unix: since,
+            acked_version: acked,
+            ..Default::default()
+        };
+        MeshProxy::new(status, &Held::default())
+    }
+
+    #[test]
+    fn a_node_listed_by_several_replicas_is_shown_once_at_its_live_stream() {
+        let all = vec![
+            // a moved from r1 (dead, its entry not expired yet) to r2.
+            proxy("a", "r1", true, 100, 5),
+            proxy("a", "r2", true, 200, 7),
+            // b left r2 (still alive: disconnected there) for r3.
+            proxy("b", "r2", false, 150, 6),
+            proxy("b", "r3", true, 120, 6),
+            proxy("c", "r3", true, 50, 7),
+        ];
+        let listed: Vec<(String, String)> =
+            one_per_node(all, "r2").into_iter().map(|p| (p.status.node, p.status.replica)).collect();
+        assert_eq!(
+            listed,
+            [("a".into(), "r2".into()), ("b".into(), "r3".into()), ("c".into(), "r3".into())],
+            "connected first, then the latest stream"
+        );
+    }
+
+    #[test]
+    fn an_entry_round_trips_with_its_replica_and_holdings() {
+        let held = Held {
+            reported: true,
+            certificates: vec![
+                pb::HeldCertificate { issuer_sha256: "old".into(), ..Default::default() },
+                pb::HeldCertificate { issuer_sha256: "new".into(), ..Default::default() },
+                pb::HeldCertificate { issuer_sha256: "new".into(), ..Default::default() },
+            ],
+        };
+        let mut status = proxy("a", "r1", true, 100, 5).status;
+        status.last_nack_error = "bad".into();
+        let original = MeshProxy::new(status, &held);
+        let decoded = decode("r1", "a", &encode(&original)).unwrap();
+        assert_eq!(decoded, original);
+        assert_eq!((decoded.signed_by("old"), decoded.signed_by("new"), decoded.certificates()), (1, 2, 3));
+        assert!(decode("r1", "a", b"not json").is_err());
     }
 }

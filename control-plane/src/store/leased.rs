@@ -112,6 +112,16 @@ impl LeasedStatus for EtcdStore {
         Ok(holder.unwrap_or_default())
     }
 
+    fn release(&self) -> Result<(), StoreError> {
+        let id = std::mem::take(&mut *self.lease.lock().expect("lease lock"));
+        if id == 0 {
+            return Ok(());
+        }
+        let members = self.members();
+        self.run(async move { members.call(|mut c| async move { c.lease_revoke(id).await }).await })?;
+        Ok(())
+    }
+
     fn list_all(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
         let prefix = self.status_prefix();
         let members = self.members();
@@ -132,5 +142,48 @@ impl LeasedStatus for EtcdStore {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_etcd;
+
+    #[test]
+    fn entries_live_with_their_replicas_lease_and_a_role_has_one_holder() {
+        let options = test_etcd::options();
+        let (one, two) = (EtcdStore::connect(&options).unwrap(), EtcdStore::connect(&options).unwrap());
+        let lease_one = one.keep_alive().unwrap();
+        assert_eq!(one.keep_alive().unwrap(), lease_one, "kept alive, not granted again");
+        let lease_two = two.keep_alive().unwrap();
+        // More entries than one transaction takes: written in batches.
+        let many: Vec<(String, Option<Vec<u8>>)> =
+            (0..250).map(|i| (format!("node-{i:03}"), Some(format!("v{i}").into_bytes()))).collect();
+        one.write(lease_one, "r1", &many).unwrap();
+        two.write(lease_two, "r2", &[("node-x".into(), Some(b"x".to_vec()))]).unwrap();
+        let listed = two.list_all().unwrap();
+        assert_eq!(listed.iter().filter(|(r, _, _)| r == "r1").count(), 250);
+        assert!(listed.contains(&("r1".into(), "node-007".into(), b"v7".to_vec())));
+        assert!(listed.contains(&("r2".into(), "node-x".into(), b"x".to_vec())));
+        // A delete.
+        one.write(lease_one, "r1", &[("node-000".into(), None)]).unwrap();
+        assert!(!two.list_all().unwrap().iter().any(|(r, k, _)| r == "r1" && k == "node-000"));
+
+        // One holder for a role; the other replica is told who.
+        assert_eq!(one.claim(lease_one, "driver", "r1").unwrap(), "r1");
+        assert_eq!(two.claim(lease_two, "driver", "r2").unwrap(), "r1");
+        assert_eq!(one.claim(lease_one, "driver", "r1").unwrap(), "r1", "kept by its holder");
+        // The role's key is not taken for a replica's entry.
+        assert!(!two.list_all().unwrap().iter().any(|(_, k, _)| k.contains("driver")));
+
+        // r1's lease goes (as when it dies and its TTL passes): its entries and its role go with it.
+        one.release().unwrap();
+        let listed = two.list_all().unwrap();
+        assert!(!listed.iter().any(|(r, _, _)| r == "r1"), "{} entries of r1 left", listed.len());
+        assert_eq!(listed.len(), 1);
+        assert_eq!(two.claim(lease_two, "driver", "r2").unwrap(), "r2", "the role is free again");
+        // A replica whose lease went gets a new one (and rewrites its entries).
+        assert_ne!(one.keep_alive().unwrap(), lease_one);
     }
 }

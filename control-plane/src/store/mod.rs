@@ -134,6 +134,8 @@ pub trait LeasedStatus: Send + Sync {
     /// Takes the role `role` (`<prefix>status/_<role>`) for `replica` under `lease` unless another replica holds
     /// it; returns the holder. The role is free again when its holder's lease expires.
     fn claim(&self, lease: i64, role: &str, replica: &str) -> Result<String, StoreError>;
+    /// Revokes this replica's lease (a clean shutdown): its entries and roles go at once.
+    fn release(&self) -> Result<(), StoreError>;
 }
 
 /// Runs `f` atomically and hands back its own result or error (the store's errors convert into `E`).
