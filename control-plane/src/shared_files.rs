@@ -95,8 +95,7 @@ pub fn ca_dir_values(data_dir: &Path, dir: &str, kek: &Kek) -> Result<Vec<(Strin
             continue;
         }
         let relative = format!("{dir}/{}", file.file_name().to_string_lossy());
-        let bytes =
-            std::fs::read(file.path()).map_err(|source| SharedFilesError::Io { path: file.path(), source })?;
+        let bytes = std::fs::read(file.path()).map_err(|source| SharedFilesError::Io { path: file.path(), source })?;
         let value = if is_private(&relative) { kek.seal(&relative, &bytes)? } else { bytes };
         values.push((relative, value));
     }

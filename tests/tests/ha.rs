@@ -328,7 +328,11 @@ fn proxy_status_through_any_replica_lists_every_proxy_at_its_replica() {
     // Control: the status is in etcd, under each replica's name.
     let keys = etcd.keys("/trellis/status/");
     for r in 0..3 {
-        assert_eq!(keys.iter().filter(|k| k.starts_with(&format!("/trellis/status/replica-{r}/"))).count(), 2, "{keys:?}");
+        assert_eq!(
+            keys.iter().filter(|k| k.starts_with(&format!("/trellis/status/replica-{r}/"))).count(),
+            2,
+            "{keys:?}"
+        );
     }
 
     replicas[0].kill9();

@@ -215,9 +215,8 @@ impl Mesh {
             crate::shared_files::materialize(self.store.as_ref(), &self.config.data_dir, kek)
                 .map_err(|e| MeshError::Ca(CaError::Material(e.to_string())))?;
         }
-        let authority =
-            crate::authority::for_record(&self.config.data_dir, Some(record), &self.config.trust_domain)
-                .map_err(|e| MeshError::Ca(CaError::Material(e.to_string())))?;
+        let authority = crate::authority::for_record(&self.config.data_dir, Some(record), &self.config.trust_domain)
+            .map_err(|e| MeshError::Ca(CaError::Material(e.to_string())))?;
         let changed = self.set_authority(Arc::new(authority), record);
         if changed {
             tracing::warn!(rotation = record.rotation, phase = record.phase.as_str(), "root CA rotation followed");
@@ -366,5 +365,74 @@ mod tests {
         let good = CaMaterial { cert_pem: cert, key_pem: key, chain_pem: None };
         let record = mesh.rotate(RotateRequest { material: Some(good), ..Default::default() }).unwrap();
         assert_eq!(record.phase, Phase::Prepare);
+    }
+
+    /// Two replicas on one etcd, each with its own data dir: a rotation started by one is followed by the other
+    /// (the new CA from the store, key sealed; its phases; the bundle it sends); a transition made from a record
+    /// another replica has moved on since is refused, and the control (the record as read) goes through.
+    #[test]
+    fn a_replica_on_a_shared_store_follows_a_rotation_another_started() {
+        use crate::store::{EtcdStore, Store, test_etcd};
+        let options = test_etcd::options();
+        let (cert, key) = Ca::generate_root("test.example").unwrap();
+        let replica = |n: usize| {
+            let dir = std::env::temp_dir().join(format!("trellis-follow-test-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("ca")).unwrap();
+            std::fs::write(dir.join(ca::CA_CERT), &cert).unwrap();
+            std::fs::write(dir.join(ca::CA_KEY), &key).unwrap();
+            std::fs::write(dir.join(ca::CA_CHAIN), &cert).unwrap();
+            let authority = crate::authority::Authority::single(Ca::load(&dir, "test.example").unwrap());
+            let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(&options).unwrap());
+            let config = super::super::MeshConfig {
+                trust_domain: "test.example".into(),
+                cert_ttl: Duration::from_secs(3600),
+                node_cert_ttl: Duration::from_secs(3600),
+                jwks_allow_local: false,
+                data_dir: dir.clone(),
+                kek: crate::kek::Kek::from_bytes(&[7; 32]),
+            };
+            (Mesh::open(store, authority, config).unwrap(), dir)
+        };
+        let ((one, dir_one), (two, dir_two)) = (replica(1), replica(2));
+        // What `init --store etcd` publishes first (materializing needs it).
+        transact::<_, MeshError>(one.store(), |txn| Ok(txn.put(Table::CaFiles, "control.yaml", b"x")?)).unwrap();
+
+        one.rotate(RotateRequest::default()).unwrap();
+        let sealed = one.store().get(Table::CaFiles, "ca-1/ca-key.pem").unwrap().expect("the new key in the store");
+        assert!(!String::from_utf8_lossy(&sealed).contains("PRIVATE KEY"), "sealed");
+        assert_eq!(two.authority().phase(), None, "not followed yet");
+        assert!(two.reload().unwrap(), "a new version: the bundle with the new root");
+        assert_eq!(two.authority().phase(), Some(Phase::Prepare));
+        assert_eq!(two.current().trust_bundle.roots, one.current().trust_bundle.roots);
+        assert_eq!(two.current().trust_bundle.roots.len(), 2);
+        assert_eq!(
+            std::fs::read(dir_two.join("ca-1/ca-key.pem")).unwrap(),
+            std::fs::read(dir_one.join("ca-1/ca-key.pem")).unwrap(),
+            "the new CA's key, opened with the KEK"
+        );
+
+        one.advance_rotation(Phase::Switch).unwrap();
+        assert_ne!(two.ca().chain()[0], one.ca().chain()[0], "not followed yet: the old CA signs on two");
+        two.reload().unwrap();
+        assert_eq!(two.ca().chain()[0], one.ca().chain()[0], "two signs with the new CA");
+        assert!(two.authority().retiring().is_some());
+
+        // A transition from a record that moved on meanwhile is refused; the record as read goes through.
+        let stale = two.rotation().unwrap().unwrap();
+        one.advance_rotation(Phase::Overlap).unwrap();
+        let refused = transact::<_, MeshError>(two.store(), |txn| unchanged(txn, &stale)).unwrap_err();
+        assert!(refused.to_string().contains("moved on meanwhile (now overlap)"), "{refused}");
+        let current = two.rotation().unwrap().unwrap();
+        transact::<_, MeshError>(two.store(), |txn| unchanged(txn, &current)).unwrap();
+        // Two, driving now, moves on from where one left it (it follows first).
+        let retired = two.advance_rotation(Phase::Retire).unwrap();
+        assert_eq!(retired.phase, Phase::Retire);
+        assert_eq!(two.current().trust_bundle.roots.len(), 1);
+        one.reload().unwrap();
+        assert_eq!(one.current().trust_bundle.roots, two.current().trust_bundle.roots);
+        for dir in [dir_one, dir_two] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
     }
 }

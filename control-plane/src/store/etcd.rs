@@ -160,8 +160,16 @@ impl EtcdStore {
         let (tx, changes) = watch::channel(0u64);
         let available = Arc::new(AtomicBool::new(true));
         let seen = Arc::new(AtomicI64::new(0));
-        let store =
-            Self { clients, prefix, runtime: Some(runtime), handle, available, changes, seen, lease: Default::default() };
+        let store = Self {
+            clients,
+            prefix,
+            runtime: Some(runtime),
+            handle,
+            available,
+            changes,
+            seen,
+            lease: Default::default(),
+        };
         // A first read: fails now, clearly, if etcd does not answer.
         store.read(Table::Meta, "-", false)?;
         store.handle.spawn(follow(store.clients.clone(), store.prefix.clone(), tx, store.seen.clone()));
@@ -339,9 +347,10 @@ async fn follow(members: Arc<Members>, prefix: String, changes: watch::Sender<u6
                             }
                             // Status entries (`leased.rs`) change all the time and are no part of the snapshot.
                             let status = format!("{prefix}{}", super::STATUS);
-                            let relevant = response.events().iter().any(|e| {
-                                e.kv().is_none_or(|kv| !kv.key().starts_with(status.as_bytes()))
-                            });
+                            let relevant = response
+                                .events()
+                                .iter()
+                                .any(|e| e.kv().is_none_or(|kv| !kv.key().starts_with(status.as_bytes())));
                             if relevant {
                                 // Before telling: the reload this triggers must read at least this revision.
                                 let revision = response.header().map(|h| h.revision()).unwrap_or(0);

@@ -24,9 +24,8 @@ impl EtcdStore {
     fn grant(&self) -> Result<i64, StoreError> {
         let members = self.members();
         let ttl = STATUS_LEASE_TTL.as_secs() as i64;
-        let granted = self.run(async move {
-            members.call(|mut c| async move { c.lease_grant(ttl, None).await }).await
-        })?;
+        let granted =
+            self.run(async move { members.call(|mut c| async move { c.lease_grant(ttl, None).await }).await })?;
         Ok(granted.id())
     }
 
