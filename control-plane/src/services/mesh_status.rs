@@ -244,11 +244,11 @@ mod tests {
     fn a_node_listed_by_several_replicas_is_shown_once_at_its_live_stream() {
         let all = vec![
             // a moved from r1 (dead, its entry not expired yet) to r2.
-            proxy("a", "r1", true, 100, 5),
             proxy("a", "r2", true, 200, 7),
+            proxy("a", "r1", true, 100, 5),
             // b left r2 (still alive: disconnected there) for r3.
-            proxy("b", "r2", false, 150, 6),
             proxy("b", "r3", true, 120, 6),
+            proxy("b", "r2", false, 150, 6),
             proxy("c", "r3", true, 50, 7),
         ];
         let listed: Vec<(String, String)> =
