@@ -359,6 +359,12 @@ fn proxy_status_through_any_replica_lists_every_proxy_at_its_replica() {
     }
     let keys = etcd.keys("/trellis/status/replica-1/");
     assert_eq!(keys.len(), 4, "{keys:?}");
+    // Writes are per changed entry, batched once a second: a handful per proxy over the whole test.
+    let (code, metrics) = trellis_tests::http::get(replicas[1].metrics_addr, "/metrics").expect("GET /metrics");
+    assert_eq!(code, 200);
+    let writes = trellis_tests::prometheus::sum_samples(&metrics, "trellis_proxy_status_writes_total", &[]);
+    assert!(writes >= 4.0, "{metrics}");
+    println!("replica 1 wrote {writes} status entries in {:?} (4 proxies at the end)", started.elapsed());
 }
 
 fn ca_status(cp: &ControlPlane) -> serde_json::Value {

@@ -41,8 +41,11 @@ impl Mesh {
         // Read after the version: at least as new as the state loaded. A rotation another replica started or
         // moved on changes this replica's CAs (signer, serving chain) and the bundle it sends.
         let record: Option<RotationRecord> = records::load(self.store.as_ref(), Table::Meta, RECORD_KEY)?;
-        if let Some(record) = &record {
-            self.follow_rotation(record)?;
+        if let Some(record) = &record
+            && let Err(e) = self.follow_rotation(record)
+        {
+            // The rest of the state still follows; the rotation is tried again at the next change.
+            tracing::error!(error = %e, rotation = record.rotation, "cannot follow the root CA rotation");
         }
         next.trust_bundle.roots = self.authority().roots().iter().map(|r| r.to_vec()).collect();
         if next.version <= current.version {

@@ -25,6 +25,9 @@ pub const ADMIN_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// phase: `trellis-control serve --rotation-hold`).
 pub async fn drive(shared: Shared, data_dir: PathBuf, hold: Option<Phase>) {
     let mut admin_refreshed: Option<(u64, bool)> = None;
+    // On a shared store the proxies' status is read from it, and is written there once a period: looking more
+    // often would only read the same entries again.
+    let poll = if shared.mesh.store().leased().is_some() { super::mesh_status::PUBLISH_EVERY } else { POLL };
     loop {
         match step(&shared, &data_dir, &mut admin_refreshed, hold) {
             Ok(true) => continue,
@@ -33,7 +36,7 @@ pub async fn drive(shared: Shared, data_dir: PathBuf, hold: Option<Phase>) {
         }
         tokio::select! {
             () = shared.rotation_wake.notified() => {}
-            () = tokio::time::sleep(POLL) => {}
+            () = tokio::time::sleep(poll) => {}
             () = shared.shutting_down() => return,
         }
     }
