@@ -12,8 +12,10 @@ use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 
 use super::mirror::Mirror;
-use super::{Mesh, Snapshot, store_gauges};
-use crate::store::Change;
+use super::{Mesh, MeshError, Snapshot, load_state, store_gauges};
+use crate::records;
+use crate::rotation::{RECORD_KEY, RotationRecord};
+use crate::store::{Change, Table};
 
 /// Applies the store's changes to this replica's mirror and publishes it, until the store goes away.
 pub async fn follow_store(mesh: Arc<Mesh>, mut changes: mpsc::UnboundedReceiver<Change>) {
@@ -31,6 +33,11 @@ pub async fn follow_store(mesh: Arc<Mesh>, mut changes: mpsc::UnboundedReceiver<
                 changed |= mirror.apply(change);
             }
             if changed {
+                // A rotation another replica started or moved on changes this replica's CAs (signer, serving
+                // chain) and the bundle it sends; cheap when already followed.
+                if let Some(record) = mirror.rotation() {
+                    mesh.follow_rotation_logged(&record);
+                }
                 mesh.publish_mirror(&mirror);
             }
             mirror
@@ -47,17 +54,54 @@ pub async fn follow_store(mesh: Arc<Mesh>, mut changes: mpsc::UnboundedReceiver<
 }
 
 impl Mesh {
+    fn follow_rotation_logged(&self, record: &RotationRecord) {
+        if let Err(e) = self.follow_rotation(record) {
+            // The rest of the state still follows; the rotation is tried again at the next change.
+            tracing::error!(error = %e, rotation = record.rotation, "cannot follow the root CA rotation");
+        }
+    }
+
+    /// Reads the store's whole state and publishes it if its version is newer than the current snapshot's (what
+    /// a follower's [`Change::Reset`] does, for callers without a follower).
+    pub fn reload(&self) -> Result<bool, MeshError> {
+        let _guard = self.writer.lock().expect("writer lock");
+        let current = self.current();
+        let mut next = Snapshot {
+            trust_bundle: current.trust_bundle.clone(),
+            jwks: current.jwks.clone(),
+            created: Some(std::time::Instant::now()),
+            ..Default::default()
+        };
+        load_state(self.store.as_ref(), &mut next)?;
+        // Read after the version: at least as new as the state loaded.
+        let record: Option<RotationRecord> = records::load(self.store.as_ref(), Table::Meta, RECORD_KEY)?;
+        if let Some(record) = &record {
+            self.follow_rotation_logged(record);
+        }
+        next.trust_bundle.roots = self.authority().roots().iter().map(|r| r.to_vec()).collect();
+        if next.version <= current.version {
+            return Ok(false);
+        }
+        tracing::debug!(from = current.version, to = next.version, "snapshot reloaded from the store");
+        store_gauges(&next);
+        self.snapshot.send_replace(Arc::new(next));
+        Ok(true)
+    }
+
     /// Publishes the mirror if it is loaded and its version is newer than the current snapshot's; returns whether
-    /// it did. What is not in the store (the trust bundle, fetched JWKS) is kept from the current snapshot.
+    /// it did. The bundle's roots are the authority's (a followed rotation changes them); the fetched JWKS are
+    /// kept from the current snapshot.
     pub(super) fn publish_mirror(&self, mirror: &Mirror) -> bool {
         let _guard = self.writer.lock().expect("writer lock");
         let current = self.current();
         if !mirror.loaded || mirror.version <= current.version {
             return false;
         }
+        let mut trust_bundle = current.trust_bundle.clone();
+        trust_bundle.roots = self.authority().roots().iter().map(|r| r.to_vec()).collect();
         let next = Snapshot {
             version: mirror.version,
-            trust_bundle: current.trust_bundle.clone(),
+            trust_bundle,
             workloads: mirror.workloads.clone(),
             resources: mirror.resources.clone(),
             created: Some(std::time::Instant::now()),

@@ -12,6 +12,7 @@ use trellis_proto::v1 as pb;
 
 use super::{decode_workload, now_unix, revocations, to_pb_resource};
 use crate::records::{self, META_VERSION, ResourceRecord};
+use crate::rotation::{RECORD_KEY, RotationRecord};
 use crate::store::{Change, StoreError, Table};
 
 /// The tables a snapshot derives from (what a replica follows).
@@ -27,6 +28,8 @@ pub struct Mirror {
     revoked_certificates: BTreeMap<String, Vec<u8>>,
     revoked_identities: BTreeMap<String, Vec<u8>>,
     pub revocations: Arc<pb::Revocations>,
+    /// The root CA rotation's record, raw (`rotation::RECORD_KEY` in the meta table).
+    rotation: Option<Vec<u8>>,
     /// Whether nothing was applied yet (a follower must not publish an empty image).
     pub loaded: bool,
 }
@@ -73,6 +76,10 @@ impl Mirror {
                 };
                 true
             }
+            Table::Meta if key == RECORD_KEY => {
+                self.rotation = value;
+                true
+            }
             Table::Resources => {
                 match value.map(|v| records::decode::<ResourceRecord>(table, &key, &v)) {
                     Some(Ok(record)) => {
@@ -113,6 +120,14 @@ impl Mirror {
             }
             _ => false,
         }
+    }
+
+    /// The rotation's record, if there is one that decodes.
+    pub fn rotation(&self) -> Option<RotationRecord> {
+        let bytes = self.rotation.as_ref()?;
+        records::decode(Table::Meta, RECORD_KEY, bytes)
+            .map_err(|e| tracing::error!(error = %e, "ignoring a corrupt rotation record"))
+            .ok()
     }
 
     fn rebuild_revocations(&mut self) {

@@ -77,6 +77,9 @@ pub struct MeshConfig {
     pub jwks_allow_local: bool,
     /// Where a rotation writes the new CA's files.
     pub data_dir: std::path::PathBuf,
+    /// On a shared store: seals the CA keys a rotation publishes there (`shared_files.rs`), and opens those other
+    /// replicas published.
+    pub kek: Option<crate::kek::Kek>,
 }
 
 pub struct Mesh {
@@ -90,6 +93,9 @@ pub struct Mesh {
     /// Whether a follower publishes what the store reports (`follow.rs`): then a write that skipped versions
     /// (another replica wrote in between, and this one has not seen it yet) leaves publishing to the follower.
     followed: AtomicBool,
+    /// The rotation (number, phase) the authority reflects (None: none ever), so that a replica following the
+    /// store sees when another replica moved a rotation on (`follow.rs`).
+    applied_rotation: Mutex<Option<(u64, crate::rotation::Phase)>>,
 }
 
 /// The size of what the store holds, as gauges: resources by kind and registered workloads.
@@ -149,9 +155,19 @@ impl Mesh {
         };
         load_state(store.as_ref(), &mut snapshot)?;
         store_gauges(&snapshot);
+        let applied: Option<crate::rotation::RotationRecord> =
+            records::load(store.as_ref(), Table::Meta, crate::rotation::RECORD_KEY)?;
         let (snapshot, _) = watch::channel(Arc::new(snapshot));
         let (authority, _) = watch::channel(Arc::new(authority));
-        Ok(Self { store, authority, config, snapshot, writer: Mutex::new(()), followed: AtomicBool::new(false) })
+        Ok(Self {
+            store,
+            authority,
+            config,
+            snapshot,
+            writer: Mutex::new(()),
+            followed: AtomicBool::new(false),
+            applied_rotation: Mutex::new(applied.map(|r| (r.rotation, r.phase))),
+        })
     }
 
     /// The CA that signs new certificates now.

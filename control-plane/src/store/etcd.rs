@@ -52,10 +52,12 @@ pub struct EtcdStore {
     /// Tests: how many of the next commits lose etcd's answer (the request is then sent again).
     #[cfg(test)]
     pub(crate) lose_answers: std::sync::atomic::AtomicU32,
+    /// The lease this replica's status entries are attached to (0: none granted yet, or expired); `leased.rs`.
+    pub(super) lease: std::sync::Mutex<i64>,
 }
 
 /// The members' clients and which one answered last.
-struct Members {
+pub(super) struct Members {
     clients: Vec<Client>,
     preferred: std::sync::atomic::AtomicUsize,
 }
@@ -63,7 +65,7 @@ struct Members {
 impl Members {
     /// Runs `call` on the member that answered last, moving on to the next member while the connection fails,
     /// and again after a pause while the cluster elects a leader; the caller bounds the whole (`OP_TIMEOUT`).
-    async fn call<T, F, Fut>(&self, call: F) -> Result<T, etcd_client::Error>
+    pub(super) async fn call<T, F, Fut>(&self, call: F) -> Result<T, etcd_client::Error>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
@@ -181,6 +183,7 @@ impl EtcdStore {
             seen,
             #[cfg(test)]
             lose_answers: Default::default(),
+            lease: Default::default(),
         };
         // A first read: fails now, clearly, if etcd does not answer.
         store.read(Table::Meta, "-", false)?;
@@ -200,14 +203,19 @@ impl EtcdStore {
         format!("{}{GENERATION}{}", self.prefix, table.name())
     }
 
-    fn run<T: Send + 'static>(
+    /// The prefix of every key (ends with `/`).
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub(super) fn run<T: Send + 'static>(
         &self,
         f: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     ) -> Result<T, StoreError> {
         wait(&self.handle, f)
     }
 
-    fn members(&self) -> Arc<Members> {
+    pub(super) fn members(&self) -> Arc<Members> {
         self.clients.clone()
     }
 
@@ -577,6 +585,10 @@ impl Store for EtcdStore {
         let (tx, rx) = mpsc::unbounded_channel();
         self.handle.spawn(follow(self.members(), self.prefix.clone(), tables.to_vec(), tx, self.seen.clone()));
         Some(rx)
+    }
+
+    fn leased(&self) -> Option<&dyn super::LeasedStatus> {
+        Some(self)
     }
 
     fn available(&self) -> bool {
