@@ -28,13 +28,13 @@ pub struct Workload {
 }
 
 /// The `LOCAL_XDS_PATH` file: the workloads, both HBONE-capable (so traffic between them is tunnelled), no services
-/// and no policies.
+/// and no policies (ztunnel requires each workload's `services` map, even empty).
 pub fn local_config(workloads: &[Workload]) -> String {
     let mut yaml = "workloads:\n".to_owned();
     for w in workloads {
         yaml.push_str(&format!(
             "- uid: bench//v1/Pod/{ns}/{name}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {sa}\n  \
-             workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: {name}-node\n  network: \"\"\n",
+             workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: {name}-node\n  network: \"\"\n  services: {{}}\n",
             ns = w.namespace,
             name = w.name,
             sa = w.service_account,
@@ -178,6 +178,7 @@ mod tests {
         assert_eq!(workloads[1]["serviceAccount"], "servers");
         assert_eq!(workloads[1]["workloadIps"], serde_json::json!(["10.0.0.2"]));
         assert_eq!(workloads[1]["protocol"], "HBONE");
+        assert_eq!(workloads[1]["services"], serde_json::json!({}), "ztunnel requires the field");
         assert_eq!(doc["policies"], serde_json::json!([]));
     }
 
