@@ -991,8 +991,9 @@ fn render(
     s.push_str(&format!(
         "### 3. Connection churn\n\n{}",
         wrap(&format!(
-            "{c} clients in a loop for {p} s: connect (for Trellis: the SOCKS5 handshake too), one request, its \
-             response, close. Setup latency is that whole exchange. {rounds} rounds.",
+            "{c} clients in a loop for {p} s: connect{socks}, one request, its response, close. Setup latency is \
+             that whole exchange. {rounds} rounds.",
+            socks = if versus { "" } else { " (for Trellis: the SOCKS5 handshake too)" },
             c = plan.churn_concurrency,
             p = plan.churn_for.as_secs_f64()
         ))
@@ -1122,10 +1123,12 @@ fn versus_targets(header: &str, plan: &Plan, r: &Results) -> String {
     };
     let pair = |metric: &str, n: &str| (0..2).map(|i| m(&format!("{metric} {i}"), n)).sum::<f64>();
     let row = |target: String, ours: f64, theirs: f64, pass: bool, unit: &str| {
+        // CPU figures are fractions of a second: three decimals.
+        let show = |v: f64| if unit.starts_with("CPU") { format!("{v:.3}") } else { number(v) };
         format!(
             "| {target} | {} vs. {} {unit} = {} | {} |\n",
-            number(ours),
-            number(theirs),
+            show(ours),
+            show(theirs),
             ratio(ours, theirs),
             if pass { "pass" } else { "**FAIL**" }
         )
