@@ -99,6 +99,21 @@ impl Authority {
         }
     }
 
+    /// The mesh JWKS (JSON): the key of every CA whose root is in the bundle, so that during a rotation the new key
+    /// is published from prepare on (before it signs, at the switch) and the retiring key stays until the retiring
+    /// root leaves (after the overlap, which lasts past every certificate, hence every JWT-SVID, it signed unless
+    /// the rotation is forced).
+    pub fn jwks(&self) -> String {
+        let mut keys = Vec::new();
+        if self.new.as_ref().is_none_or(|(_, phase)| phase.old_root_trusted()) {
+            keys.push(self.old.jwt_key());
+        }
+        if let Some((new, _)) = &self.new {
+            keys.push(new.jwt_key());
+        }
+        crate::jwt_key::jwks(keys)
+    }
+
     /// The trust bundle.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots

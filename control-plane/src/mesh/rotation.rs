@@ -34,7 +34,8 @@ impl Mesh {
     /// Whether `authority`'s trust bundle differs from the one proxies were sent last.
     fn bundle_changes(&self, authority: &crate::authority::Authority) -> bool {
         let roots: Vec<Vec<u8>> = authority.roots().iter().map(|r| r.to_vec()).collect();
-        self.current().trust_bundle.roots != roots
+        let current = self.current();
+        current.trust_bundle.roots != roots || current.trust_bundle.jwks != authority.jwks()
     }
 
     /// The latest rotation (in progress, or done), if any.
@@ -96,6 +97,7 @@ impl Mesh {
             },
             |_, snapshot| {
                 snapshot.trust_bundle.roots = authority.roots().iter().map(|r| r.to_vec()).collect();
+                snapshot.trust_bundle.jwks = authority.jwks();
                 self.authority.send_replace(authority.clone());
             },
         )?;
@@ -154,6 +156,7 @@ impl Mesh {
                 },
                 |_, snapshot| {
                     snapshot.trust_bundle.roots = authority.roots().iter().map(|r| r.to_vec()).collect();
+                    snapshot.trust_bundle.jwks = authority.jwks();
                     self.authority.send_replace(authority.clone());
                 },
             )?;
