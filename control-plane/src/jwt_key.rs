@@ -77,7 +77,7 @@ impl JwtKey {
         let kid = URL_SAFE_NO_PAD
             .encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes()).as_ref());
         let jwk = json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": kid, "alg": "ES256", "use": "jwt-svid"});
-        let encoding = EncodingKey::from_ec_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
+        let encoding = EncodingKey::from_ec_der(&pair.serialize_der());
         Ok(Self { kid, jwk, encoding })
     }
 
@@ -92,7 +92,14 @@ impl JwtKey {
 
     /// A JWT-SVID: `sub` the SPIFFE ID, `aud`, `iat`, `exp`; header `alg: ES256`, `typ: JWT`, `kid`. The issuer is
     /// the trust domain's SPIFFE ID (`spiffe://<td>`), which is how a RequestAuthentication names the mesh's keys.
-    pub fn sign(&self, issuer: &str, sub: &str, audiences: &[String], iat: i64, exp: i64) -> Result<String, JwtKeyError> {
+    pub fn sign(
+        &self,
+        issuer: &str,
+        sub: &str,
+        audiences: &[String],
+        iat: i64,
+        exp: i64,
+    ) -> Result<String, JwtKeyError> {
         let mut header = Header::new(Algorithm::ES256);
         header.typ = Some("JWT".into());
         header.kid = Some(self.kid.clone());
@@ -134,7 +141,10 @@ mod tests {
 
         let token = key.sign("spiffe://td", "spiffe://td/ns/a/sa/b", &["x".into()], 100, 4_000_000_000).unwrap();
         let header = jsonwebtoken::decode_header(&token).unwrap();
-        assert_eq!((header.alg, header.kid.as_deref(), header.typ.as_deref()), (Algorithm::ES256, Some(key.kid()), Some("JWT")));
+        assert_eq!(
+            (header.alg, header.kid.as_deref(), header.typ.as_deref()),
+            (Algorithm::ES256, Some(key.kid()), Some("JWT"))
+        );
         let jwk = set.find(key.kid()).unwrap();
         let mut validation = jsonwebtoken::Validation::new(Algorithm::ES256);
         validation.set_audience(&["x"]);

@@ -39,7 +39,11 @@ impl LocalPolicies {
     ) -> Self {
         let (mesh_issuer, mesh_jwks) = mesh;
         let lookup = |uri: &str| {
-            if uri == mesh_issuer && !mesh_jwks.is_empty() { Some(mesh_jwks) } else { jwks.get(uri).map(String::as_str) }
+            if uri == mesh_issuer && !mesh_jwks.is_empty() {
+                Some(mesh_jwks)
+            } else {
+                jwks.get(uri).map(String::as_str)
+            }
         };
         let by_workload: HashMap<String, WorkloadAuth> = locals
             .all()

@@ -613,8 +613,7 @@ pub fn certificate_renewal(kind: RenewalKind, outcome: RenewalOutcome) {
 /// An application SVID (Workload API) was issued.
 /// A JWT-SVID was handed to a Workload API caller (labels: the configured workloads' identities).
 pub fn workload_api_jwt_svid_issued(spiffe_id: &SpiffeId) {
-    metrics::counter!("trellis_workload_api_jwt_svids_issued_total", "spiffe_id" => spiffe_id.to_string())
-        .increment(1);
+    metrics::counter!("trellis_workload_api_jwt_svids_issued_total", "spiffe_id" => spiffe_id.to_string()).increment(1);
 }
 
 pub fn workload_api_svid_issued(spiffe_id: &SpiffeId) {

@@ -43,7 +43,8 @@ pub async fn follow_changes(
         }) {
             let issuer = format!("spiffe://{}", current.trust_domain);
             let mesh = (issuer.as_str(), current.mesh_jwks.as_str());
-            let local = LocalPolicies::build(&current.policies, &data.locals, &current.jwks, mesh, config.jwt_clock_skew);
+            let local =
+                LocalPolicies::build(&current.policies, &data.locals, &current.jwks, mesh, config.jwt_clock_skew);
             reauthorize(&data, local);
             policies = Some((current.policies.clone(), current.jwks.clone(), current.mesh_jwks.clone()));
         }

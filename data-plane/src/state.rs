@@ -145,7 +145,8 @@ pub fn apply(state: &State, update: &v1::ConfigUpdate) -> Result<State, ApplyErr
                 state.mesh_jwks.clone()
             } else {
                 if !wire.jwks.is_empty() {
-                    trellis_policy::check_jwks(&wire.jwks).map_err(|e| ApplyError::TrustBundle(format!("jwks: {e}")))?;
+                    trellis_policy::check_jwks(&wire.jwks)
+                        .map_err(|e| ApplyError::TrustBundle(format!("jwks: {e}")))?;
                 }
                 Arc::new(wire.jwks.clone())
             };

@@ -165,7 +165,9 @@ impl JwtAuthenticator {
                     },
                     None if rule.jwks_uri.is_empty() => (
                         Vec::new(),
-                        Some("no jwks or jwksUri, and the issuer is not the mesh's own (spiffe://<trust-domain>)".into()),
+                        Some(
+                            "no jwks or jwksUri, and the issuer is not the mesh's own (spiffe://<trust-domain>)".into(),
+                        ),
                     ),
                     None => (Vec::new(), Some(format!("the JWKS at {} has not been fetched", rule.jwks_uri))),
                 };

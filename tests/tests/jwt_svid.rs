@@ -100,7 +100,8 @@ fn ok_json(out: Output, what: &str) -> Value {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -128,10 +129,8 @@ fn with_header<T>(message: T) -> tonic::Request<T> {
 fn fetch_jwt(m: &Mesh, spiffe_id: &str, audience: &[&str]) -> Result<String, tonic::Status> {
     rt().block_on(async {
         let mut client = grpc_client(&m.socket).await;
-        let request = JwtsvidRequest {
-            audience: audience.iter().map(|a| a.to_string()).collect(),
-            spiffe_id: spiffe_id.into(),
-        };
+        let request =
+            JwtsvidRequest { audience: audience.iter().map(|a| a.to_string()).collect(), spiffe_id: spiffe_id.into() };
         let answer = client.fetch_jwtsvid(with_header(request)).await?.into_inner();
         assert_eq!(answer.svids.len(), 1, "{answer:?}");
         Ok(answer.svids[0].svid.clone())
@@ -228,11 +227,8 @@ fn jwt_svids_from_py_spiffe_verify_with_pyjwt_and_validate_jwtsvid() {
     let log = read_log(&m.client.log_path());
     for id in [WEB, BATCH] {
         assert!(log.lines().any(|l| l.contains("Workload API: JWT-SVID sent") && l.contains(id)), "{id}: {log}");
-        let issued = sum_samples(
-            &m.metrics(),
-            "trellis_workload_api_jwt_svids_issued_total",
-            &[&format!("spiffe_id=\"{id}\"")],
-        );
+        let issued =
+            sum_samples(&m.metrics(), "trellis_workload_api_jwt_svids_issued_total", &[&format!("spiffe_id=\"{id}\"")]);
         assert!(issued >= 1.0, "{id}: {issued}");
     }
     let cp_log = read_log(&m.cp.log_path());

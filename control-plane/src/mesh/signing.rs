@@ -16,9 +16,9 @@ impl Mesh {
         // The caller's record may predate a revocation (a stream opened before it): the store says.
         self.active_node(&node.name)?;
         let hosted = self.hosted(node);
-        let (id, issued) = self.ca().sign_workload(csr_der, self.config.cert_ttl, |_, namespace, sa| {
-            may_hold(node, &hosted, namespace, sa)
-        })?;
+        let (id, issued) = self
+            .ca()
+            .sign_workload(csr_der, self.config.cert_ttl, |_, namespace, sa| may_hold(node, &hosted, namespace, sa))?;
         transact::<_, MeshError>(self.store.as_ref(), |txn| self.log_certificate(txn, &issued, &id, &node.name))?;
         Ok((id, issued))
     }

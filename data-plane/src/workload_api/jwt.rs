@@ -106,7 +106,7 @@ mod tests {
     impl Signer {
         fn new(kid: &str) -> Self {
             let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-            Self { key: EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(), kid: kid.into() }
+            Self { key: EncodingKey::from_ec_der(&pair.serialize_der()), kid: kid.into() }
         }
 
         fn jwk(&self) -> Value {
@@ -138,7 +138,10 @@ mod tests {
         assert_eq!(to_struct(&ok.claims).fields["aud"].kind, to_value(&json!(["svc"])).kind);
 
         assert_eq!(validate(&good, "other", &jwks, "td").unwrap_err(), JwtSvidError::Audience("other".into()));
-        assert_eq!(validate(&b.sign(claims.clone()), "svc", &jwks, "td").unwrap_err(), JwtSvidError::UnknownKey("b".into()));
+        assert_eq!(
+            validate(&b.sign(claims.clone()), "svc", &jwks, "td").unwrap_err(),
+            JwtSvidError::UnknownKey("b".into())
+        );
         // b's token under a's kid: the signature does not verify.
         let forged = Signer { key: b.key.clone(), kid: "a".into() }.sign(claims.clone());
         assert_eq!(validate(&forged, "svc", &jwks, "td").unwrap_err(), JwtSvidError::Signature);

@@ -302,7 +302,8 @@ fn a_rule_without_keys_is_resolved_by_its_issuer() {
     c["sub"] = json!("spiffe://td/ns/a/sa/b");
     let token = ES256.sign(&c);
     let text = jwks(&[&ES256]);
-    let resolved = JwtAuthenticator::new([&mesh], |i| (i == "spiffe://td").then_some(text.as_str()), DEFAULT_CLOCK_SKEW);
+    let resolved =
+        JwtAuthenticator::new([&mesh], |i| (i == "spiffe://td").then_some(text.as_str()), DEFAULT_CLOCK_SKEW);
     let JwtOutcome::Verified(v) = run(&resolved, &bearer(&token), None) else { panic!("not verified") };
     assert_eq!(v.payload["sub"], "spiffe://td/ns/a/sa/b");
     // Control: another issuer without keys is not resolved, and says why.
