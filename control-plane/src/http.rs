@@ -25,6 +25,10 @@ pub fn describe_metrics() {
         "JWT-SVID signing requests from proxies, by outcome (issued, permission_denied, invalid_argument, error)."
     );
     describe_counter!(
+        "trellis_proxy_status_writes_total",
+        "Proxy status entries this replica wrote to the shared store (etcd), batched at most once a second."
+    );
+    describe_counter!(
         "trellis_push_updates_total",
         "Config updates sent to proxies, by kind: full (snapshot), delta, resume (a resumed stream's first delta)."
     );

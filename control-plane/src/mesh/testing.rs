@@ -47,6 +47,7 @@ impl TestMesh {
             jwt_svid_ttl: crate::jwt_key::DEFAULT_JWT_TTL,
             jwks_allow_local: false,
             data_dir: dir.clone(),
+            kek: None,
         };
         TestMesh { mesh: Mesh::open(store, ca, config).expect("open mesh"), dir }
     }
