@@ -99,6 +99,21 @@ impl Authority {
         }
     }
 
+    /// The mesh JWKS (JSON): the key of every CA whose root is in the bundle, so that during a rotation the new key
+    /// is published from prepare on (before it signs, at the switch) and the retiring key stays until the retiring
+    /// root leaves (after the overlap, which lasts past every certificate, hence every JWT-SVID, it signed unless
+    /// the rotation is forced).
+    pub fn jwks(&self) -> String {
+        let mut keys = Vec::new();
+        if self.new.as_ref().is_none_or(|(_, phase)| phase.old_root_trusted()) {
+            keys.push(self.old.jwt_key());
+        }
+        if let Some((new, _)) = &self.new {
+            keys.push(new.jwt_key());
+        }
+        crate::jwt_key::jwks(keys)
+    }
+
     /// The trust bundle.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
@@ -229,6 +244,35 @@ mod tests {
         assert!(verifies(&serving_chain(&retire), &old_root).is_err());
         let done = retire.for_phase(Phase::Done);
         assert_eq!((done.roots(), done.phase(), done.retiring()), ([new_root.clone()].as_slice(), None, None));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The kids of the JWKS an authority publishes.
+    fn kids(authority: &Authority) -> Vec<String> {
+        let set: serde_json::Value = serde_json::from_str(&authority.jwks()).unwrap();
+        set["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect()
+    }
+
+    #[test]
+    fn the_new_jwt_key_is_published_before_it_signs_and_the_old_one_leaves_with_its_root() {
+        let dir = tempdir();
+        let old = ca(&dir.join("old"), "root one");
+        let new = ca(&dir.join("new"), "root two");
+        let (old_kid, new_kid) = (old.jwt_key().kid().to_owned(), new.jwt_key().kid().to_owned());
+        assert_ne!(old_kid, new_kid, "each CA has its own JWT key");
+        let start = Authority::single(old);
+        assert_eq!(kids(&start), std::slice::from_ref(&old_kid));
+        let prepare = start.rotating(new, Phase::Prepare);
+        assert_eq!(kids(&prepare), [old_kid.clone(), new_kid.clone()], "published before it signs");
+        assert_eq!(prepare.signer().jwt_key().kid(), old_kid, "the old key still signs");
+        for phase in [Phase::Switch, Phase::Overlap] {
+            let a = prepare.for_phase(phase);
+            assert_eq!(a.signer().jwt_key().kid(), new_kid, "{phase:?}: the new key signs");
+            assert_eq!(kids(&a), [old_kid.clone(), new_kid.clone()], "{phase:?}: the old key is still trusted");
+        }
+        for phase in [Phase::Retire, Phase::Done] {
+            assert_eq!(kids(&prepare.for_phase(phase)), std::slice::from_ref(&new_kid), "{phase:?}: the old key left");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

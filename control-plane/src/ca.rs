@@ -59,6 +59,8 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     /// Issuer certificate first, root last (one element when the CA is its own root).
     chain: Vec<CertificateDer<'static>>,
+    /// The mesh JWT key kept with this CA (`jwt_key.rs`).
+    jwt: crate::jwt_key::JwtKey,
 }
 
 /// The folder of the CA `init` creates, and the file names inside it (a rotation's CA has a folder of its own).
@@ -143,7 +145,13 @@ impl Ca {
             .map_err(|e| CaError::Material(format!("{}: {e}", file(CA_CHAIN).display())))?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Material(format!("{CA_KEY}: {e}")))?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
-        Ok(Self { trust_domain: trust_domain.to_owned(), issuer, chain })
+        let jwt = crate::jwt_key::JwtKey::load_or_create(dir).map_err(|e| CaError::Material(e.to_string()))?;
+        Ok(Self { trust_domain: trust_domain.to_owned(), issuer, chain, jwt })
+    }
+
+    /// The JWT key that signs JWT-SVIDs while this CA signs.
+    pub fn jwt_key(&self) -> &crate::jwt_key::JwtKey {
+        &self.jwt
     }
 
     pub fn trust_domain(&self) -> &str {

@@ -15,6 +15,7 @@ pub mod http;
 pub mod init;
 pub mod jwks;
 pub mod jwks_host;
+pub mod jwt_key;
 pub mod kek;
 pub mod mesh;
 pub mod records;

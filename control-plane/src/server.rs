@@ -30,6 +30,7 @@ pub struct ServeOptions {
     pub metrics_listen: SocketAddr,
     pub cert_ttl: Duration,
     pub node_cert_ttl: Duration,
+    pub jwt_svid_ttl: Duration,
     /// Extra names (DNS or IP) for the serving certificate.
     pub sans: Vec<String>,
     pub jwks: crate::jwks::JwksOptions,
@@ -68,8 +69,16 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     }
     let settings = ControlSettings::load(&opts.data_dir)?;
     let store = opened.store;
-    let authority =
-        crate::authority::load(&opts.data_dir, store.as_ref(), &settings.trust_domain).context("loading the CA")?;
+    let load = || crate::authority::load(&opts.data_dir, store.as_ref(), &settings.trust_domain);
+    let mut authority = load().context("loading the CA")?;
+    if let Some(kek) = &opened.kek {
+        // A CA folder from before JWT-SVIDs got its JWT key when it was loaded: publish it, or take the one another
+        // replica published first, so that every replica signs with (and publishes) the same key.
+        crate::shared_files::publish(store.as_ref(), &opts.data_dir, kek, false, &[])?;
+        if crate::shared_files::adopt(store.as_ref(), &opts.data_dir, kek, crate::jwt_key::JWT_KEY_FILE)? > 0 {
+            authority = load().context("loading the CA")?;
+        }
+    }
     let mesh = Mesh::open(
         store,
         authority,
@@ -77,6 +86,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
             trust_domain: settings.trust_domain.clone(),
             cert_ttl: opts.cert_ttl,
             node_cert_ttl: opts.node_cert_ttl,
+            jwt_svid_ttl: opts.jwt_svid_ttl,
             jwks_allow_local: opts.jwks.allow_local,
             data_dir: opts.data_dir.clone(),
             kek: opened.kek,

@@ -131,3 +131,62 @@ pub fn materialize(store: &dyn Store, data_dir: &Path, kek: &Kek) -> Result<usiz
     }
     Ok(written)
 }
+
+/// Overwrites the local copies of the shared files named `file_name` (in any CA folder) whose content differs from
+/// the store's: the store's copy wins. Returns how many were replaced.
+pub fn adopt(store: &dyn Store, data_dir: &Path, kek: &Kek, file_name: &str) -> Result<usize, SharedFilesError> {
+    let mut replaced = 0;
+    for (relative, value) in store.list(Table::CaFiles)? {
+        let Some((dir, name)) = relative.split_once('/') else { continue };
+        if name != file_name || dir.is_empty() || dir == "." || dir == ".." || name.contains('/') {
+            continue;
+        }
+        let bytes = if is_private(&relative) { kek.open(&relative, &value)? } else { value };
+        let path = data_dir.join(&relative);
+        if std::fs::read(&path).ok().as_deref() == Some(bytes.as_slice()) {
+            continue;
+        }
+        let _ = std::fs::remove_file(&path);
+        write_new(&path, &bytes, if is_private(&relative) { 0o600 } else { 0o644 })
+            .map_err(|source| SharedFilesError::Io { path: path.clone(), source })?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwt_key::{JWT_KEY_FILE, JwtKey};
+    use crate::store::RedbStore;
+
+    /// Two replicas of a store from before JWT-SVIDs each make a JWT key at start: the first to publish wins, the
+    /// other adopts it, so both sign with (and publish) the same key; the store holds it sealed.
+    #[test]
+    fn replicas_converge_on_the_first_published_jwt_key() {
+        let root = std::env::temp_dir().join(format!("trellis-shared-jwt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let store = RedbStore::open(&root.join("store.redb")).unwrap();
+        let kek = Kek::from_bytes(&[7u8; 32]).unwrap();
+        let replica = |name: &str| {
+            let dir = root.join(name);
+            std::fs::create_dir_all(dir.join("ca")).unwrap();
+            std::fs::write(dir.join(MARKER), "trustDomain: td\n").unwrap();
+            let key = JwtKey::load_or_create(&dir.join("ca")).unwrap();
+            (dir, key.kid().to_owned())
+        };
+        let ((one, kid_one), (two, kid_two)) = (replica("one"), replica("two"));
+        assert_ne!(kid_one, kid_two);
+
+        publish(&store, &one, &kek, false, &[]).unwrap();
+        assert_eq!(adopt(&store, &one, &kek, JWT_KEY_FILE).unwrap(), 0, "the first replica's key is the store's");
+        publish(&store, &two, &kek, false, &[]).unwrap();
+        assert_eq!(adopt(&store, &two, &kek, JWT_KEY_FILE).unwrap(), 1);
+        assert_eq!(JwtKey::load_or_create(&two.join("ca")).unwrap().kid(), kid_one);
+
+        let sealed = store.get(Table::CaFiles, "ca/jwt-key.pem").unwrap().unwrap();
+        assert!(Kek::is_sealed(&sealed), "the JWT key is sealed in the store like the CA key");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -379,7 +379,11 @@ mod tests {
         let update = v1::ConfigUpdate {
             version: 7,
             full: true,
-            trust_bundle: Some(v1::TrustBundle { trust_domain: "td".into(), roots: vec![ca.root.to_vec()] }),
+            trust_bundle: Some(v1::TrustBundle {
+                trust_domain: "td".into(),
+                roots: vec![ca.root.to_vec()],
+                jwks: String::new(),
+            }),
             workloads: vec![v1::Workload {
                 name: "w".into(),
                 namespace: "ns".into(),

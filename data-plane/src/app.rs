@@ -149,10 +149,11 @@ pub async fn run(
     if let (Some(manager), false) = (&app_manager, file_targets.is_empty()) {
         tokio::spawn(crate::svid_files::follow(file_targets, manager.certs().clone(), state.clone()));
     }
+    let control = discovery::ControlChannel::default();
     if let Some(listen) = &config.workload_api {
         let listener = workload_api::bind(listen)?;
         let app_certs = app_manager.as_ref().map_or_else(|| Arc::new(WorkloadCerts::new([])), |m| m.certs().clone());
-        let service = workload_api::service::Service::new(attestor, app_certs, state.clone());
+        let service = workload_api::service::Service::new(attestor, app_certs, state.clone(), control.clone());
         listeners.push(tokio::spawn(workload_api::serve(listener, listen.path.clone(), service)));
     }
 
@@ -163,6 +164,7 @@ pub async fn run(
         Arc::new(Config { hbone_address: config.advertised_hbone_address(hbone_port), ..(*config).clone() });
     Discovery::new(advertised, node, shared.node_credential.clone(), state, manager)
         .with_app_certs(app_manager)
+        .with_channel_slot(control)
         .run(shutdown)
         .await;
 

@@ -27,20 +27,31 @@ pub struct WorkloadAuth {
 }
 
 impl LocalPolicies {
-    /// `jwks`: the JWKS text of each `jwksUri`, as the control plane fetched it.
+    /// `jwks`: the JWKS text of each `jwksUri`, as the control plane fetched it; `mesh`: the mesh's issuer
+    /// (`spiffe://<trust-domain>`) and its JWKS from the trust bundle, for rules of that issuer without keys of their
+    /// own (JWT-SVIDs).
     pub fn build(
         compiled: &CompiledPolicies,
         locals: &LocalWorkloads,
         jwks: &BTreeMap<String, String>,
+        mesh: (&str, &str),
         clock_skew: Duration,
     ) -> Self {
+        let (mesh_issuer, mesh_jwks) = mesh;
+        let lookup = |uri: &str| {
+            if uri == mesh_issuer && !mesh_jwks.is_empty() {
+                Some(mesh_jwks)
+            } else {
+                jwks.get(uri).map(String::as_str)
+            }
+        };
         let by_workload: HashMap<String, WorkloadAuth> = locals
             .all()
             .iter()
             .map(|w| {
                 let (ns, labels) = (&w.config.namespace, &w.config.labels);
                 let rules = compiled.jwt_rules_for(ns, labels);
-                let jwt = JwtAuthenticator::new(rules, |uri| jwks.get(uri).map(String::as_str), clock_skew);
+                let jwt = JwtAuthenticator::new(rules, lookup, clock_skew);
                 for (issuer, problem) in jwt.jwks_problems() {
                     tracing::warn!(workload = %w.key, %issuer, %problem, "JWT rule without usable keys: its tokens get 401");
                 }

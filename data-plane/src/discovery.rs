@@ -57,8 +57,14 @@ impl From<tonic::Status> for StreamError {
     }
 }
 
+/// The connection of the open discovery stream, for unary calls on the same authenticated channel (JWT-SVIDs for
+/// the Workload API); empty while the proxy is not connected.
+pub type ControlChannel = Arc<arc_swap::ArcSwapOption<tonic::transport::Channel>>;
+
 pub struct Discovery {
     config: Arc<Config>,
+    /// Set while a stream is open (see [`ControlChannel`]).
+    channel_slot: ControlChannel,
     /// The node credential the next connection presents (replaced by each renewal).
     node: Arc<NodeCredential>,
     /// Where the admin endpoint reads the node credential in use.
@@ -107,6 +113,7 @@ impl Discovery {
         let node_renewal = NodeRenewal::new(&node, Instant::now(), SystemTime::now());
         Self {
             config,
+            channel_slot: ControlChannel::default(),
             node,
             node_slot,
             node_renewal,
@@ -117,6 +124,12 @@ impl Discovery {
             replica: 0,
             lineage: None,
         }
+    }
+
+    /// Publishes each open stream's channel in `slot`.
+    pub fn with_channel_slot(mut self, slot: ControlChannel) -> Self {
+        self.channel_slot = slot;
+        self
     }
 
     /// Also keeps the Workload API's application SVIDs issued and renewed over this stream.
@@ -239,7 +252,7 @@ impl Discovery {
         let mut session = Session { tx, seen_update: false, resuming: self.lineage.clone() };
         // Queued before the call: the control plane may wait for the Hello before it answers with headers.
         session.send(Up::Hello(self.hello()))?;
-        let mut client = DiscoveryClient::new(channel);
+        let mut client = DiscoveryClient::new(channel.clone());
         let call = client.stream(UnboundedReceiverStream::new(rx));
         let mut inbound =
             tokio::time::timeout(OPEN_TIMEOUT, call).await.map_err(|_| StreamError::OpenTimeout)??.into_inner();
@@ -247,7 +260,10 @@ impl Discovery {
         metrics::control_plane_connected(true);
         metrics::control_plane_replica(&self.config.control_plane.addresses, Some(&address));
         let config = self.config.clone();
+        self.channel_slot.store(Some(Arc::new(channel.clone())));
+        let slot = self.channel_slot.clone();
         let _disconnected = OnDrop(move || {
+            slot.store(None);
             metrics::control_plane_connected(false);
             metrics::control_plane_replica(&config.control_plane.addresses, None);
         });

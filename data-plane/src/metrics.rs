@@ -90,12 +90,16 @@ fn describe() {
         "X.509-SVIDs issued for applications (Workload API), each with its own key, by SPIFFE ID."
     );
     describe_counter!(
+        "trellis_workload_api_jwt_svids_issued_total",
+        "JWT-SVIDs (signed by the control plane) handed to Workload API callers, by SPIFFE ID."
+    );
+    describe_counter!(
         "trellis_svid_files_written_total",
         "Times a workload's SVID files (svidFiles: svid.pem, svid_key.pem, bundle.pem) were written, by SPIFFE ID."
     );
     describe_counter!(
         "trellis_workload_api_calls_total",
-        "Workload API calls, by method and result (ok, permission_denied, invalid_argument, unimplemented)."
+        "Workload API calls, by method and result (ok, permission_denied, invalid_argument, unavailable, unimplemented)."
     );
     describe_gauge!("trellis_trust_bundle_roots", "Root certificates in the trust bundle.");
     describe_gauge!(
@@ -607,6 +611,11 @@ pub fn certificate_renewal(kind: RenewalKind, outcome: RenewalOutcome) {
 }
 
 /// An application SVID (Workload API) was issued.
+/// A JWT-SVID was handed to a Workload API caller (labels: the configured workloads' identities).
+pub fn workload_api_jwt_svid_issued(spiffe_id: &SpiffeId) {
+    metrics::counter!("trellis_workload_api_jwt_svids_issued_total", "spiffe_id" => spiffe_id.to_string()).increment(1);
+}
+
 pub fn workload_api_svid_issued(spiffe_id: &SpiffeId) {
     metrics::counter!("trellis_workload_api_svids_issued_total", "spiffe_id" => spiffe_id.to_string()).increment(1);
 }

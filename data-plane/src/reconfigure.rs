@@ -29,7 +29,7 @@ pub async fn follow_changes(
     let mut certs_changed = true;
     let mut reap = tokio::time::interval(std::time::Duration::from_secs(15));
     let mut upkeep = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
-    let mut policies: Option<(Arc<trellis_policy::CompiledPolicies>, Arc<_>)> = None;
+    let mut policies: Option<(Arc<trellis_policy::CompiledPolicies>, Arc<_>, Arc<String>)> = None;
     let mut revocations = data.tls.revocations().load();
     loop {
         let current = state.load();
@@ -38,10 +38,15 @@ pub async fn follow_changes(
             revoke(&data, revocations.clone());
         }
         data.registry.store(Arc::new(Registry::from_state(&current)));
-        if !policies.as_ref().is_some_and(|(p, j)| Arc::ptr_eq(p, &current.policies) && Arc::ptr_eq(j, &current.jwks)) {
-            let local = LocalPolicies::build(&current.policies, &data.locals, &current.jwks, config.jwt_clock_skew);
+        if !policies.as_ref().is_some_and(|(p, j, m)| {
+            Arc::ptr_eq(p, &current.policies) && Arc::ptr_eq(j, &current.jwks) && Arc::ptr_eq(m, &current.mesh_jwks)
+        }) {
+            let issuer = format!("spiffe://{}", current.trust_domain);
+            let mesh = (issuer.as_str(), current.mesh_jwks.as_str());
+            let local =
+                LocalPolicies::build(&current.policies, &data.locals, &current.jwks, mesh, config.jwt_clock_skew);
             reauthorize(&data, local);
-            policies = Some((current.policies.clone(), current.jwks.clone()));
+            policies = Some((current.policies.clone(), current.jwks.clone(), current.mesh_jwks.clone()));
         }
         let same_bundle = match (&bundle, &current.trust_bundle) {
             (Some(old), Some(new)) => Arc::ptr_eq(old, new),

@@ -26,6 +26,9 @@ pub struct State {
     /// This proxy's trust domain (from its node credential); a bundle for another domain is refused.
     pub trust_domain: String,
     pub trust_bundle: Option<Arc<TrustBundle>>,
+    /// The mesh JWT keys (a JWKS document, from the trust bundle; empty from a control plane without them): what
+    /// JWT-SVIDs of this trust domain verify against (Workload API, RequestAuthentication with the mesh issuer).
+    pub mesh_jwks: Arc<String>,
     /// By `<namespace>/<name>`.
     pub workloads: BTreeMap<String, Arc<v1::Workload>>,
     pub resources: BTreeMap<ResourceKey, Arc<StoredResource>>,
@@ -129,14 +132,23 @@ pub fn apply(state: &State, update: &v1::ConfigUpdate) -> Result<State, ApplyErr
     };
 
     match &update.trust_bundle {
-        Some(bundle) => {
-            let bundle = check_bundle(bundle, &state.trust_domain)?;
+        Some(wire) => {
+            let bundle = check_bundle(wire, &state.trust_domain)?;
             // The same roots again (every full snapshot, so every reconnect, carries the bundle) keep the current
             // `Arc`: whoever follows changes by pointer (the TLS set, which would otherwise be rebuilt and make every
             // pooled connection re-handshake) sees no change.
             next.trust_bundle = match &state.trust_bundle {
                 Some(current) if current.same_roots(&bundle) => Some(current.clone()),
                 _ => Some(Arc::new(bundle)),
+            };
+            next.mesh_jwks = if *state.mesh_jwks == wire.jwks {
+                state.mesh_jwks.clone()
+            } else {
+                if !wire.jwks.is_empty() {
+                    trellis_policy::check_jwks(&wire.jwks)
+                        .map_err(|e| ApplyError::TrustBundle(format!("jwks: {e}")))?;
+                }
+                Arc::new(wire.jwks.clone())
             };
         }
         None if update.full => return Err(ApplyError::MissingTrustBundle),
@@ -329,7 +341,7 @@ mod tests {
     static CA: LazyLock<TestCa> = LazyLock::new(TestCa::new);
 
     fn bundle() -> Option<v1::TrustBundle> {
-        Some(v1::TrustBundle { trust_domain: "td".into(), roots: vec![CA.root.to_vec()] })
+        Some(v1::TrustBundle { trust_domain: "td".into(), roots: vec![CA.root.to_vec()], jwks: String::new() })
     }
 
     fn workload(name: &str, address: &str, port: u32) -> v1::Workload {
@@ -487,7 +499,7 @@ mod tests {
         let grown = apply(
             &kept,
             &v1::ConfigUpdate {
-                trust_bundle: Some(v1::TrustBundle { trust_domain: "td".into(), roots }),
+                trust_bundle: Some(v1::TrustBundle { trust_domain: "td".into(), roots, jwks: String::new() }),
                 ..incremental(3)
             },
         )
@@ -504,7 +516,7 @@ mod tests {
         let mut wrong_kind = policy("p9", 9);
         wrong_kind.key = Some(wire_key("PeerAuthentication", "p9"));
         let bad_bundle = |roots: Vec<Vec<u8>>, td: &str| v1::ConfigUpdate {
-            trust_bundle: Some(v1::TrustBundle { trust_domain: td.into(), roots }),
+            trust_bundle: Some(v1::TrustBundle { trust_domain: td.into(), roots, jwks: String::new() }),
             ..incremental(2)
         };
         let cases: Vec<(&str, State, v1::ConfigUpdate, &str)> = vec![

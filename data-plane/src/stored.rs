@@ -51,6 +51,7 @@ pub fn snapshot(state: &State) -> v1::ConfigUpdate {
         trust_bundle: state.trust_bundle.as_ref().map(|b| v1::TrustBundle {
             trust_domain: b.trust_domain.clone(),
             roots: b.roots.iter().map(|r| r.der.to_vec()).collect(),
+            jwks: state.mesh_jwks.to_string(),
         }),
         workloads: state.workloads.values().map(|w| (**w).clone()).collect(),
         resources: state
@@ -267,7 +268,7 @@ mod tests {
         let update = v1::ConfigUpdate {
             version: 7,
             full: true,
-            trust_bundle: Some(v1::TrustBundle { trust_domain: "td".into(), roots: vec![ca.root.to_vec()] }),
+            trust_bundle: Some(v1::TrustBundle { trust_domain: "td".into(), roots: vec![ca.root.to_vec()], jwks: String::new() }),
             workloads: vec![v1::Workload {
                 name: "a".into(),
                 namespace: "ns".into(),

@@ -192,7 +192,11 @@ fn workload(name: &str, namespace: &str, ip: [u8; 4], ports: Vec<u16>) -> Worklo
 }
 
 fn bundle(roots: &[CertificateDer<'static>]) -> v1::TrustBundle {
-    v1::TrustBundle { trust_domain: TRUST_DOMAIN.into(), roots: roots.iter().map(|r| r.to_vec()).collect() }
+    v1::TrustBundle {
+        trust_domain: TRUST_DOMAIN.into(),
+        roots: roots.iter().map(|r| r.to_vec()).collect(),
+        jwks: String::new(),
+    }
 }
 
 /// Which proxy of the [`Mesh`].

@@ -54,7 +54,7 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
     let full = v1::ConfigUpdate {
         version: 1,
         full: true,
-        trust_bundle: Some(v1::TrustBundle { trust_domain: TRUST_DOMAIN.into(), roots: vec![root.der().to_vec()] }),
+        trust_bundle: Some(v1::TrustBundle { trust_domain: TRUST_DOMAIN.into(), roots: vec![root.der().to_vec()], jwks: String::new() }),
         ..Default::default()
     };
     let synced = state::apply(&State::new(TRUST_DOMAIN), &full).expect("the fixture's full snapshot applies");

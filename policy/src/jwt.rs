@@ -141,7 +141,9 @@ pub fn is_cors_preflight(method: &str, headers: &dyn Headers) -> bool {
 
 impl JwtAuthenticator {
     /// `rules` from every RequestAuthentication applying to the workload (combined, as Istio does); `jwks_for`
-    /// resolves a `jwksUri` to the JWKS text the control plane fetched (`None`: not fetched yet).
+    /// resolves a `jwksUri` to the JWKS text the control plane fetched (`None`: not fetched yet). A rule with neither
+    /// `jwks` nor `jwksUri` is resolved by its issuer: the proxy answers for the mesh's own issuer
+    /// (`spiffe://<trust-domain>`, whose keys come with the trust bundle) and nothing else.
     pub fn new<'r>(
         rules: impl IntoIterator<Item = &'r JwtRule>,
         jwks_for: impl Fn(&str) -> Option<&'r str>,
@@ -150,13 +152,23 @@ impl JwtAuthenticator {
         let providers = rules
             .into_iter()
             .map(|rule| {
-                let jwks = if rule.jwks.is_empty() { jwks_for(&rule.jwks_uri) } else { Some(rule.jwks.as_str()) };
+                let jwks = match (rule.jwks.is_empty(), rule.jwks_uri.is_empty()) {
+                    (false, _) => Some(rule.jwks.as_str()),
+                    (true, false) => jwks_for(&rule.jwks_uri),
+                    (true, true) => jwks_for(&rule.issuer),
+                };
                 let (keys, jwks_problem) = match jwks {
                     Some(text) => match parse_jwks(text) {
                         Ok(keys) if keys.is_empty() => (keys, Some("the JWKS has no usable key".to_string())),
                         Ok(keys) => (keys, None),
                         Err(e) => (Vec::new(), Some(e)),
                     },
+                    None if rule.jwks_uri.is_empty() => (
+                        Vec::new(),
+                        Some(
+                            "no jwks or jwksUri, and the issuer is not the mesh's own (spiffe://<trust-domain>)".into(),
+                        ),
+                    ),
                     None => (Vec::new(), Some(format!("the JWKS at {} has not been fetched", rule.jwks_uri))),
                 };
                 Provider {

@@ -218,6 +218,7 @@ fn py_spiffe_fetches_svid_and_bundle_verified_by_openssl() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(&format!("SPIFFE ID:  {PYCLIENT}")), "{stdout}");
+    assert!(stdout.contains(&format!("JWT-SVID:   sub {PYCLIENT}, aud ['example']")), "{stdout}");
     check_with_openssl(&example_dir, PYCLIENT, "svid_key.pem", "PEM", &root);
 }
 
@@ -467,7 +468,8 @@ fn refusals_unattested_caller_missing_header_oversized_request_garbage() {
         // An oversized request is refused before it is decoded; a small one reaches the method.
         let small = ValidateJwtsvidRequest { audience: "a".into(), svid: "x".repeat(100) };
         let status = client.validate_jwtsvid(with_header(small, true)).await.unwrap_err();
-        assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with("JWT-SVID refused: malformed token"), "{status:?}");
         let big = ValidateJwtsvidRequest { audience: "a".into(), svid: "x".repeat(1 << 20) };
         let status = client.validate_jwtsvid(with_header(big, true)).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");

@@ -61,6 +61,9 @@ enum Command {
         /// and still reconnect without a new token, while a stolen credential is usable for at most 30 days.
         #[arg(long, default_value = "720h", value_parser = parse_duration)]
         node_cert_ttl: Duration,
+        /// Lifetime of JWT-SVIDs (at most --cert-ttl, minimum 10s): short, since a bearer token cannot be revoked.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        jwt_svid_ttl: Duration,
         /// Extra DNS name or IP for the serving certificate (repeatable).
         #[arg(long = "san")]
         sans: Vec<String>,
@@ -119,6 +122,7 @@ fn main() -> std::process::ExitCode {
             metrics_listen,
             cert_ttl,
             node_cert_ttl,
+            jwt_svid_ttl,
             sans,
             jwks_refresh,
             jwks_allow_http,
@@ -130,6 +134,10 @@ fn main() -> std::process::ExitCode {
         } => {
             if cert_ttl < Duration::from_secs(60) {
                 eprintln!("error: --cert-ttl must be at least 1m");
+                return std::process::ExitCode::FAILURE;
+            }
+            if jwt_svid_ttl < Duration::from_secs(10) || jwt_svid_ttl > cert_ttl {
+                eprintln!("error: --jwt-svid-ttl must be at least 10s and at most --cert-ttl");
                 return std::process::ExitCode::FAILURE;
             }
             if node_cert_ttl < Duration::from_secs(30) {
@@ -151,6 +159,7 @@ fn main() -> std::process::ExitCode {
                 metrics_listen,
                 cert_ttl,
                 node_cert_ttl,
+                jwt_svid_ttl,
                 sans,
                 jwks,
                 addresses_file,

@@ -79,6 +79,7 @@ impl Mesh {
             self.follow_rotation_logged(record);
         }
         next.trust_bundle.roots = self.authority().roots().iter().map(|r| r.to_vec()).collect();
+        next.trust_bundle.jwks = self.authority().jwks();
         if next.version <= current.version {
             return Ok(false);
         }

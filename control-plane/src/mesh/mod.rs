@@ -73,6 +73,8 @@ pub struct MeshConfig {
     pub trust_domain: String,
     pub cert_ttl: Duration,
     pub node_cert_ttl: Duration,
+    /// Lifetime of JWT-SVIDs (`--jwt-svid-ttl`).
+    pub jwt_svid_ttl: Duration,
     /// Accept `jwksUri` values whose host is a loopback, link-local or unspecified address (`--jwks-allow-local`).
     pub jwks_allow_local: bool,
     /// Where a rotation writes the new CA's files.
@@ -150,6 +152,7 @@ impl Mesh {
             trust_bundle: pb::TrustBundle {
                 trust_domain: config.trust_domain.clone(),
                 roots: authority.roots().iter().map(|c| c.to_vec()).collect(),
+                jwks: authority.jwks(),
             },
             ..Default::default()
         };

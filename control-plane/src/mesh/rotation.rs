@@ -34,7 +34,8 @@ impl Mesh {
     /// Whether `authority`'s trust bundle differs from the one proxies were sent last.
     fn bundle_changes(&self, authority: &crate::authority::Authority) -> bool {
         let roots: Vec<Vec<u8>> = authority.roots().iter().map(|r| r.to_vec()).collect();
-        self.current().trust_bundle.roots != roots
+        let current = self.current();
+        current.trust_bundle.roots != roots || current.trust_bundle.jwks != authority.jwks()
     }
 
     /// The latest rotation (in progress, or done), if any.
@@ -114,6 +115,7 @@ impl Mesh {
             },
             |record, snapshot| {
                 snapshot.trust_bundle.roots = authority.roots().iter().map(|r| r.to_vec()).collect();
+                snapshot.trust_bundle.jwks = authority.jwks();
                 self.set_authority(authority.clone(), record);
             },
         )?;
@@ -178,6 +180,7 @@ impl Mesh {
                 },
                 |record, snapshot| {
                     snapshot.trust_bundle.roots = authority.roots().iter().map(|r| r.to_vec()).collect();
+                    snapshot.trust_bundle.jwks = authority.jwks();
                     self.set_authority(authority.clone(), record);
                 },
             )?;
@@ -388,6 +391,7 @@ mod tests {
                 trust_domain: "test.example".into(),
                 cert_ttl: Duration::from_secs(3600),
                 node_cert_ttl: Duration::from_secs(3600),
+                jwt_svid_ttl: crate::jwt_key::DEFAULT_JWT_TTL,
                 jwks_allow_local: false,
                 data_dir: dir.clone(),
                 kek: crate::kek::Kek::from_bytes(&[7; 32]),

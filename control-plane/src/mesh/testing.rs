@@ -44,6 +44,7 @@ impl TestMesh {
             trust_domain: TRUST_DOMAIN.to_owned(),
             cert_ttl: Duration::from_secs(3600),
             node_cert_ttl: Duration::from_secs(3600),
+            jwt_svid_ttl: crate::jwt_key::DEFAULT_JWT_TTL,
             jwks_allow_local: false,
             data_dir: dir.clone(),
             kek: None,

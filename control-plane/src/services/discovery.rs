@@ -36,6 +36,37 @@ type ResponseStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Discove
 impl pb::discovery_server::Discovery for DiscoveryService {
     type StreamStream = ResponseStream;
 
+    async fn sign_jwt_svid(
+        &self,
+        request: Request<pb::SignJwtSvidRequest>,
+    ) -> Result<Response<pb::SignJwtSvidResponse>, Status> {
+        let shared = &self.0;
+        let node_name = match auth::caller(&request, shared.mesh.trust_domain())? {
+            Caller::Node(name) => name,
+            other => {
+                return Err(Status::permission_denied(format!("{} is not a node credential", auth::describe(&other))));
+            }
+        };
+        let node = shared.mesh.active_node(&node_name)?;
+        let request = request.into_inner();
+        match shared.mesh.sign_jwt_svid(&node, &request.spiffe_id, &request.audiences) {
+            Ok((token, expires_at_unix)) => {
+                metrics::counter!("trellis_jwt_svids_total", "outcome" => "issued").increment(1);
+                Ok(Response::new(pb::SignJwtSvidResponse { token, expires_at_unix }))
+            }
+            Err(e) => {
+                let outcome = match &e {
+                    MeshError::PermissionDenied(_) => "permission_denied",
+                    MeshError::InvalidArgument(_) => "invalid_argument",
+                    _ => "error",
+                };
+                metrics::counter!("trellis_jwt_svids_total", "outcome" => outcome).increment(1);
+                tracing::warn!(node = %node.name, spiffe_id = %request.spiffe_id, error = %e, "JWT-SVID refused");
+                Err(e.into())
+            }
+        }
+    }
+
     async fn stream(
         &self,
         request: Request<Streaming<pb::DiscoveryRequest>>,

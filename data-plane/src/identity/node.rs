@@ -341,7 +341,11 @@ mod tests {
         let csr_der = csr::workload_csr(&key, &id).unwrap();
         let response = JoinResponse {
             certificate_chain: ca.sign(&csr_der, Duration::from_secs(3600)).into_iter().map(|c| c.to_vec()).collect(),
-            trust_bundle: Some(TrustBundle { trust_domain: "td.example".into(), roots: vec![ca.root.to_vec()] }),
+            trust_bundle: Some(TrustBundle {
+                trust_domain: "td.example".into(),
+                roots: vec![ca.root.to_vec()],
+                jwks: String::new(),
+            }),
             namespaces: vec!["shop".into()],
         };
         let pin = tls::spki_sha256(&ca.root).unwrap();
@@ -426,7 +430,8 @@ mod tests {
             let csr_der = csr::workload_csr(&key, id).unwrap();
             ca.sign(&csr_der, Duration::from_secs(3600)).into_iter().map(|c| c.to_vec()).collect()
         };
-        let good_bundle = Some(TrustBundle { trust_domain: "td".into(), roots: vec![ca.root.to_vec()] });
+        let good_bundle =
+            Some(TrustBundle { trust_domain: "td".into(), roots: vec![ca.root.to_vec()], jwks: String::new() });
         let cases: Vec<(JoinResponse, &str)> = vec![
             (
                 JoinResponse {
@@ -447,7 +452,11 @@ mod tests {
             (
                 JoinResponse {
                     certificate_chain: signed(&SpiffeId::node("td", "n").unwrap()),
-                    trust_bundle: Some(TrustBundle { trust_domain: "td".into(), roots: vec![ca.leaf().to_vec()] }),
+                    trust_bundle: Some(TrustBundle {
+                        trust_domain: "td".into(),
+                        roots: vec![ca.leaf().to_vec()],
+                        jwks: String::new(),
+                    }),
                     namespaces: vec![],
                 },
                 "not a CA certificate",

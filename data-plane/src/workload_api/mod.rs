@@ -2,13 +2,17 @@
 //! X.509-SVIDs of the workloads whose `attest` selectors the caller's peer credentials match, each with a key of
 //! its own (not the proxy's tunnel keys), and the trust bundle, pushed again on renewal and on bundle change.
 //!
+//! JWT-SVIDs are signed by the control plane (asked over the discovery connection) and checked against the mesh
+//! JWKS of the trust bundle.
+//!
 //! `peer` reads who called (SO_PEERCRED, /proc), `authority` relays the bytes so that h2 accepts the `:authority`
-//! gRPC C-core clients send on a Unix socket, `attest` decides which identities that entitles it to, `service`
-//! answers the gRPC calls, `fetch` is the debugging client behind `trellis-proxy workload-api fetch`.
+//! gRPC C-core clients send on a Unix socket, `attest` decides which identities that entitles it to, `jwt` checks
+//! JWT-SVIDs, `service` answers the gRPC calls, `fetch` is the debugging client behind `trellis-proxy workload-api fetch`.
 
 pub mod attest;
 pub mod authority;
 pub mod fetch;
+pub mod jwt;
 pub mod peer;
 pub mod service;
 

@@ -1,8 +1,11 @@
 //! The `SpiffeWorkloadAPI` gRPC service: every call is checked the same way (the `workload.spiffe.io: true`
 //! header, then attestation of the caller's credentials as of this call), and the X.509 streams push again
-//! whenever an application SVID is renewed or the trust bundle changes, re-attesting before each push.
+//! whenever an application SVID is renewed or the trust bundle changes, re-attesting before each push. JWT-SVIDs
+//! are signed by the control plane for an identity the caller is attested for; FetchJWTBundles pushes the mesh
+//! JWKS whenever it changes; ValidateJWTSVID checks a token against it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,7 +16,9 @@ use trellis_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use trellis_proto::workload::{self as pb};
 
 use super::attest::Attestor;
+use super::jwt;
 use super::peer::{Caller, Peer};
+use crate::discovery::ControlChannel;
 use crate::identity::WorkloadCerts;
 use crate::metrics;
 use crate::state::{StateStore, TrustBundle};
@@ -29,11 +34,50 @@ pub struct Service {
     /// The application SVIDs (not the proxy's tunnel certificates).
     certs: Arc<WorkloadCerts>,
     state: Arc<StateStore>,
+    /// The discovery stream's connection: JWT-SVIDs are signed by the control plane.
+    control: ControlChannel,
 }
 
+/// How long a FetchJWTSVID waits for the control plane to sign.
+const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Service {
-    pub fn new(attestor: Arc<Attestor>, certs: Arc<WorkloadCerts>, state: Arc<StateStore>) -> Self {
-        Self { attestor, certs, state }
+    pub fn new(
+        attestor: Arc<Attestor>,
+        certs: Arc<WorkloadCerts>,
+        state: Arc<StateStore>,
+        control: ControlChannel,
+    ) -> Self {
+        Self { attestor, certs, state, control }
+    }
+
+    /// A refusal after admission: counted with its result label and logged with its reason.
+    fn refuse(&self, method: &'static str, admitted: &Admitted, status: Status) -> Status {
+        let result = match status.code() {
+            tonic::Code::InvalidArgument => "invalid_argument",
+            tonic::Code::PermissionDenied => "permission_denied",
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => "unavailable",
+            _ => "error",
+        };
+        metrics::workload_api_call(method, result);
+        warn!(method, caller = %describe(&admitted.caller), reason = status.message(), "Workload API request refused");
+        status
+    }
+
+    /// Asks the control plane for a JWT-SVID of `id` with `audiences`.
+    async fn sign_jwt(&self, id: &SpiffeId, audiences: &[String]) -> Result<String, Status> {
+        let channel = self
+            .control
+            .load_full()
+            .ok_or_else(|| Status::unavailable("the proxy is not connected to the control plane; try again"))?;
+        let mut client = trellis_proto::v1::discovery_client::DiscoveryClient::new((*channel).clone());
+        let request =
+            trellis_proto::v1::SignJwtSvidRequest { spiffe_id: id.to_string(), audiences: audiences.to_vec() };
+        let answer = tokio::time::timeout(SIGN_TIMEOUT, client.sign_jwt_svid(request))
+            .await
+            .map_err(|_| Status::unavailable("the control plane did not sign within 10s"))?
+            .map_err(|s| Status::new(s.code(), format!("control plane: {}", s.message())))?;
+        Ok(answer.into_inner().token)
     }
 
     /// The header, then the caller's identities; a refusal is logged and counted with its reason.
@@ -89,7 +133,6 @@ fn describe(caller: &Caller) -> String {
     format!("uid {}, gid {}, pid {pid}, exe {exe}", caller.uid, caller.gid)
 }
 
-const JWT_LATER: &str = "JWT-SVIDs are not served by this proxy yet; use X.509-SVIDs (FetchX509SVID)";
 const WIT_NEVER: &str = "WIT-SVIDs are not served by this proxy";
 
 #[tonic::async_trait]
@@ -128,21 +171,88 @@ impl SpiffeWorkloadApi for Service {
         &self,
         request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        Err(self.unimplemented("FetchJWTSVID", &request, JWT_LATER))
+        const METHOD: &str = "FetchJWTSVID";
+        let admitted = self.admit(METHOD, &request)?;
+        let request = request.into_inner();
+        if request.audience.is_empty() || request.audience.iter().any(String::is_empty) {
+            let status = Status::invalid_argument("audience is required (at least one, none empty)");
+            return Err(self.refuse(METHOD, &admitted, status));
+        }
+        let ids: Vec<SpiffeId> = if request.spiffe_id.is_empty() {
+            admitted.ids.clone()
+        } else {
+            match admitted.ids.iter().find(|id| id.to_string() == request.spiffe_id) {
+                Some(id) => vec![id.clone()],
+                None => {
+                    let status = Status::permission_denied(format!(
+                        "the caller ({}) is not attested for {}",
+                        describe(&admitted.caller),
+                        request.spiffe_id
+                    ));
+                    return Err(self.refuse(METHOD, &admitted, status));
+                }
+            }
+        };
+        let mut svids = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let token = match self.sign_jwt(id, &request.audience).await {
+                Ok(token) => token,
+                Err(status) => return Err(self.refuse(METHOD, &admitted, status)),
+            };
+            metrics::workload_api_jwt_svid_issued(id);
+            info!(
+                uid = admitted.caller.uid,
+                pid = ?admitted.caller.pid,
+                exe = ?admitted.caller.exe,
+                spiffe_id = %id,
+                audience = ?request.audience,
+                "Workload API: JWT-SVID sent"
+            );
+            svids.push(pb::Jwtsvid { spiffe_id: id.to_string(), svid: token, hint: String::new() });
+        }
+        metrics::workload_api_call(METHOD, "ok");
+        Ok(Response::new(pb::JwtsvidResponse { svids }))
     }
 
     async fn fetch_jwt_bundles(
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        Err(self.unimplemented("FetchJWTBundles", &request, JWT_LATER))
+        let admitted = self.admit("FetchJWTBundles", &request)?;
+        metrics::workload_api_call("FetchJWTBundles", "ok");
+        let (tx, rx) = mpsc::channel(1);
+        let pusher = Pusher { attestor: self.attestor.clone(), certs: self.certs.clone(), state: self.state.clone() };
+        tokio::spawn(pusher.jwt_bundles(admitted, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn validate_jwtsvid(
         &self,
         request: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
-        Err(self.unimplemented("ValidateJWTSVID", &request, JWT_LATER))
+        const METHOD: &str = "ValidateJWTSVID";
+        let admitted = self.admit(METHOD, &request)?;
+        let request = request.into_inner();
+        if request.audience.is_empty() {
+            return Err(self.refuse(METHOD, &admitted, Status::invalid_argument("audience is required")));
+        }
+        if request.svid.is_empty() {
+            return Err(self.refuse(METHOD, &admitted, Status::invalid_argument("svid is required")));
+        }
+        let state = self.state.load();
+        match jwt::validate(&request.svid, &request.audience, &state.mesh_jwks, &state.trust_domain) {
+            Ok(valid) => {
+                metrics::workload_api_call(METHOD, "ok");
+                Ok(Response::new(pb::ValidateJwtsvidResponse {
+                    spiffe_id: valid.spiffe_id.to_string(),
+                    claims: Some(jwt::to_struct(&valid.claims)),
+                }))
+            }
+            Err(e) => {
+                let status = Status::invalid_argument(format!("JWT-SVID refused: {e}"));
+                Err(self.refuse(METHOD, &admitted, status))
+            }
+        }
     }
 
     async fn fetch_witsvid(
@@ -171,7 +281,7 @@ struct Pusher {
 impl Pusher {
     async fn svids(self, admitted: Admitted, tx: mpsc::Sender<Result<pb::X509svidResponse, Status>>) {
         let mut last: Option<Vec<String>> = None;
-        self.follow(&admitted, &tx, |bundle| {
+        self.follow(&admitted, &tx, |bundle, _| {
             let roots = bundle.root_ders();
             let bundle_der: Vec<u8> = roots.iter().flat_map(|r| r.iter().copied()).collect();
             let mut serials = Vec::new();
@@ -213,7 +323,7 @@ impl Pusher {
 
     async fn bundles(self, admitted: Admitted, tx: mpsc::Sender<Result<pb::X509BundlesResponse, Status>>) {
         let mut last: Option<Vec<u8>> = None;
-        self.follow(&admitted, &tx, |bundle| {
+        self.follow(&admitted, &tx, |bundle, _| {
             let der: Vec<u8> = bundle.roots.iter().flat_map(|r| r.der.iter().copied()).collect();
             if last.as_ref() == Some(&der) {
                 return None;
@@ -225,12 +335,26 @@ impl Pusher {
         .await
     }
 
-    /// The loop both streams share: wake on a certificate or state change, re-attest, build, send.
+    async fn jwt_bundles(self, admitted: Admitted, tx: mpsc::Sender<Result<pb::JwtBundlesResponse, Status>>) {
+        let mut last: Option<String> = None;
+        self.follow(&admitted, &tx, |bundle, jwks| {
+            // Nothing until the control plane sent keys; again only when they change.
+            if jwks.is_empty() || last.as_deref() == Some(jwks) {
+                return None;
+            }
+            last = Some(jwks.to_owned());
+            let key = format!("spiffe://{}", bundle.trust_domain);
+            Some(pb::JwtBundlesResponse { bundles: [(key, jwks.as_bytes().to_vec())].into_iter().collect() })
+        })
+        .await
+    }
+
+    /// The loop the streams share: wake on a certificate or state change, re-attest, build, send.
     async fn follow<T>(
         &self,
         admitted: &Admitted,
         tx: &mpsc::Sender<Result<T, Status>>,
-        mut build: impl FnMut(&TrustBundle) -> Option<T>,
+        mut build: impl FnMut(&TrustBundle, &str) -> Option<T>,
     ) {
         let mut cert_changes = self.certs.subscribe();
         let mut state_changes = self.state.subscribe();
@@ -246,8 +370,11 @@ impl Pusher {
                 let _ = tx.send(Err(Status::permission_denied("the caller no longer matches its identities"))).await;
                 return;
             }
-            let bundle = self.state.load().trust_bundle.clone();
-            if let Some(message) = bundle.as_deref().and_then(&mut build)
+            let message = {
+                let state = self.state.load();
+                state.trust_bundle.as_deref().and_then(|b| build(b, state.mesh_jwks.as_str()))
+            };
+            if let Some(message) = message
                 && tx.send(Ok(message)).await.is_err()
             {
                 return;

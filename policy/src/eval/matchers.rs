@@ -30,11 +30,16 @@ pub(crate) struct ServiceAccountMatch {
 }
 
 /// A `requestPrincipals` / `request.auth.principal` value: istiod splits it at the LAST `/` into matchers for
-/// the JWT `iss` and `sub` claims (an issuer may be a URL), so wildcards apply to one half only.
+/// the JWT `iss` and `sub` claims (an issuer may be a URL), so wildcards apply to one half only. A value without
+/// wildcards is compared with the whole `iss/sub` string, as Istio's `request.auth.principal` is: so the principal
+/// of a JWT-SVID, whose `sub` is a SPIFFE ID with slashes of its own (`spiffe://td/spiffe://td/ns/a/sa/b`), matches
+/// too, where the split at the last `/` would cut its `sub`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct JwtPrincipalMatch {
     pub(crate) iss: StringMatch,
     pub(crate) sub: StringMatch,
+    /// Without wildcards: the whole `iss/sub`.
+    pub(crate) whole: Option<String>,
 }
 
 impl JwtPrincipalMatch {
@@ -45,6 +50,7 @@ impl JwtPrincipalMatch {
             Some(i) => (&value[..i], &value[i + 1..], true),
             None => (value, "", false),
         };
+        let mut whole = None;
         let (iss, sub) = if value == "*" {
             (any(), any())
         } else if let Some(rest) = value.strip_prefix('*') {
@@ -63,12 +69,19 @@ impl JwtPrincipalMatch {
             }
         } else {
             // Without any `/` this is `iss == value && sub == ""`: it effectively never matches a real token.
+            whole = found.then(|| value.to_string());
             (StringMatch::Exact(iss.to_string()), StringMatch::Exact(sub.to_string()))
         };
-        JwtPrincipalMatch { iss, sub }
+        JwtPrincipalMatch { iss, sub, whole }
     }
 
     pub(crate) fn matches(&self, iss: Option<&str>, sub: Option<&str>) -> bool {
+        if let (Some(whole), Some(iss), Some(sub)) = (&self.whole, iss, sub) {
+            return whole.len() == iss.len() + 1 + sub.len()
+                && whole.starts_with(iss)
+                && whole[iss.len()..].starts_with('/')
+                && whole.ends_with(sub);
+        }
         iss.is_some_and(|i| self.iss.matches(i)) && sub.is_some_and(|s| self.sub.matches(s))
     }
 }
@@ -326,6 +339,17 @@ impl FilterValueMatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exact_principal_is_the_whole_iss_slash_sub() {
+        let p = JwtPrincipalMatch::parse("spiffe://td/spiffe://td/ns/a/sa/b");
+        assert!(p.matches(Some("spiffe://td"), Some("spiffe://td/ns/a/sa/b")), "a JWT-SVID's principal");
+        assert!(!p.matches(Some("spiffe://td"), Some("spiffe://td/ns/a/sa/c")));
+        assert!(!p.matches(Some("spiffe://td"), None));
+        let plain = JwtPrincipalMatch::parse("https://example.com/alice");
+        assert!(plain.matches(Some("https://example.com"), Some("alice")));
+        assert!(!plain.matches(Some("https://example.com"), Some("bob")));
+    }
 
     #[test]
     fn jwt_principal_split_follows_istiod() {

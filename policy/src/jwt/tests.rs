@@ -292,3 +292,23 @@ fn configurable_skew() {
     c["exp"] = json!(NOW - 1);
     assert_eq!(status(&run(&a, &bearer(&ES256.sign(&c)), None)), 401);
 }
+
+#[test]
+fn a_rule_without_keys_is_resolved_by_its_issuer() {
+    // The mesh's own issuer: the proxy resolves it to the JWKS of the trust bundle (JWT-SVIDs).
+    let mesh = JwtRule { issuer: "spiffe://td".into(), ..JwtRule::default() };
+    let mut c = claims();
+    c["iss"] = json!("spiffe://td");
+    c["sub"] = json!("spiffe://td/ns/a/sa/b");
+    let token = ES256.sign(&c);
+    let text = jwks(&[&ES256]);
+    let resolved =
+        JwtAuthenticator::new([&mesh], |i| (i == "spiffe://td").then_some(text.as_str()), DEFAULT_CLOCK_SKEW);
+    let JwtOutcome::Verified(v) = run(&resolved, &bearer(&token), None) else { panic!("not verified") };
+    assert_eq!(v.payload["sub"], "spiffe://td/ns/a/sa/b");
+    // Control: another issuer without keys is not resolved, and says why.
+    let unresolved = JwtAuthenticator::new([&mesh], |_| None, DEFAULT_CLOCK_SKEW);
+    assert_eq!(status(&run(&unresolved, &bearer(&token), None)), 401);
+    let (_, problem) = unresolved.jwks_problems().next().unwrap();
+    assert!(problem.contains("no jwks or jwksUri"), "{problem}");
+}
