@@ -132,10 +132,19 @@ impl Authority {
 
 /// Loads the CAs the store's rotation record names (the `init` CA when there was never a rotation).
 pub fn load(data_dir: &Path, store: &dyn Store, trust_domain: &str) -> Result<Authority, AuthorityError> {
+    let record: Option<RotationRecord> = records::load(store, Table::Meta, RECORD_KEY)?;
+    for_record(data_dir, record.as_ref(), trust_domain)
+}
+
+/// The CAs a rotation record names, from the data dir's folders.
+pub fn for_record(
+    data_dir: &Path,
+    record: Option<&RotationRecord>,
+    trust_domain: &str,
+) -> Result<Authority, AuthorityError> {
     let load_dir = |dir: &str| {
         Ca::load_dir(&data_dir.join(dir), trust_domain).map_err(|source| AuthorityError::Ca { dir: dir.into(), source })
     };
-    let record: Option<RotationRecord> = records::load(store, Table::Meta, RECORD_KEY)?;
     Ok(match record {
         None => Authority::single(load_dir(ca::CA_DIR)?),
         Some(r) if r.phase == Phase::Done => Authority::single(load_dir(&r.new_dir)?),

@@ -21,6 +21,10 @@ pub fn describe_metrics() {
     describe_gauge!("trellis_connected_proxies", "Proxies with an open discovery stream.");
     describe_counter!("trellis_pushes_total", "Config updates sent to proxies.");
     describe_counter!(
+        "trellis_proxy_status_writes_total",
+        "Proxy status entries this replica wrote to the shared store (etcd), batched at most once a second."
+    );
+    describe_counter!(
         "trellis_push_updates_total",
         "Config updates sent to proxies, by kind: full (snapshot), delta, resume (a resumed stream's first delta)."
     );

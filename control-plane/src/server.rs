@@ -79,13 +79,14 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
             node_cert_ttl: opts.node_cert_ttl,
             jwks_allow_local: opts.jwks.allow_local,
             data_dir: opts.data_dir.clone(),
+            kek: opened.kek,
         },
     )?;
     adopt_initial_admin(&mesh, &opts.data_dir)?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let shared = Shared {
         mesh: Arc::new(mesh),
-        proxies: Arc::new(ProxyRegistry::default()),
+        proxies: Arc::new(ProxyRegistry::named(&opts.replica_name)),
         shutdown: shutdown_rx,
         holdings: Default::default(),
         rotation_wake: Default::default(),
@@ -109,6 +110,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         tokio::spawn(crate::mesh::follow_store(shared.mesh.clone(), changes));
     }
 
+    tokio::spawn(crate::services::mesh_status::publish(shared.clone()));
     tokio::spawn(crate::jwks::run(shared.mesh.clone(), opts.jwks.clone()));
     tokio::spawn(crate::services::revocation_expiry::run(shared.mesh.clone()));
 

@@ -84,6 +84,25 @@ pub fn publish(
     })
 }
 
+/// The files of one CA folder of `data_dir` (a rotation's new CA) as the store keeps them (keys sealed), for the
+/// caller to write in its own transaction.
+pub fn ca_dir_values(data_dir: &Path, dir: &str, kek: &Kek) -> Result<Vec<(String, Vec<u8>)>, SharedFilesError> {
+    let path = data_dir.join(dir);
+    let mut values = Vec::new();
+    for file in std::fs::read_dir(&path).map_err(|source| SharedFilesError::Io { path: path.clone(), source })? {
+        let file = file.map_err(|source| SharedFilesError::Io { path: path.clone(), source })?;
+        if !file.path().is_file() {
+            continue;
+        }
+        let relative = format!("{dir}/{}", file.file_name().to_string_lossy());
+        let bytes = std::fs::read(file.path()).map_err(|source| SharedFilesError::Io { path: file.path(), source })?;
+        let value = if is_private(&relative) { kek.seal(&relative, &bytes)? } else { bytes };
+        values.push((relative, value));
+    }
+    values.sort();
+    Ok(values)
+}
+
 /// Writes the shared files missing from `data_dir` (existing files are left as they are). Returns how many.
 pub fn materialize(store: &dyn Store, data_dir: &Path, kek: &Kek) -> Result<usize, SharedFilesError> {
     let files = store.list(Table::CaFiles)?;

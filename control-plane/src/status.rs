@@ -38,9 +38,19 @@ struct Entry {
 pub struct ProxyRegistry {
     proxies: DashMap<String, Entry>,
     next_stream: std::sync::atomic::AtomicU64,
+    /// This replica's name (`--replica-name`), shown beside each of its proxies.
+    replica: String,
 }
 
 impl ProxyRegistry {
+    pub fn named(replica: &str) -> Self {
+        Self { replica: replica.to_owned(), ..Self::default() }
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
     /// Records a new stream for `node` (replacing any older one, which is told to disconnect).
     pub fn connect(&self, node: &str, proxy_version: &str, commands: mpsc::Sender<StreamCommand>) -> u64 {
         let stream_id = self.next_stream.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -109,6 +119,7 @@ impl ProxyRegistry {
                     last_nack_error: s.last_nack_error,
                     proxy_version: s.proxy_version,
                     last_convergence_seconds: s.last_convergence_seconds,
+                    replica: self.replica.clone(),
                 }
             })
             .collect();

@@ -145,6 +145,20 @@ impl EtcdCluster {
     }
 }
 
+impl EtcdCluster {
+    /// `etcdctl get --prefix --keys-only` through the first running member: the keys under `prefix`.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let endpoint = &self.members.iter().find(|m| m.child.is_some()).expect("a running member").client;
+        let out = Command::new("etcdctl")
+            .args(["--endpoints", endpoint, "get", prefix, "--prefix", "--keys-only"])
+            .env("ETCDCTL_API", "3")
+            .output()
+            .expect("run etcdctl");
+        assert!(out.status.success(), "etcdctl get --prefix {prefix}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()
+    }
+}
+
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for i in 0..self.members.len() {

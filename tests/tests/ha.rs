@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use trellis_tests::client::{self, csr, hello, workload};
 use trellis_tests::etcd::EtcdCluster;
-use trellis_tests::{ControlPlane, Proxy, WorkloadSpec, bin, wait_for};
+use trellis_tests::{ControlPlane, Proxy, ProxyOptions, WorkloadSpec, bin, wait_for};
 
 fn policy(name: &str) -> String {
     format!(
@@ -278,4 +278,198 @@ fn ca_keys_in_etcd_are_sealed_and_a_second_init_is_refused() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && stderr.contains(&loose.display().to_string()), "{stderr}");
     assert!(stderr.contains("0600"), "{stderr}");
+}
+
+/// The control-plane addresses for a proxy of replica `first`: its replica, then the others in order.
+fn addresses_from(replicas: &[ControlPlane], first: usize) -> Vec<String> {
+    (0..replicas.len()).map(|k| replicas[(first + k) % replicas.len()].addr.to_string()).collect()
+}
+
+/// proxy-status through `cp`: node -> (replica, connected). Panics if a node is listed twice.
+fn listed(cp: &ControlPlane) -> std::collections::BTreeMap<String, (String, bool)> {
+    let status = cp.proxy_status();
+    let mut out = std::collections::BTreeMap::new();
+    for p in status["proxies"].as_array().expect("proxies") {
+        let node = p["node"].as_str().unwrap().to_owned();
+        let entry = (p["replica"].as_str().unwrap_or_default().to_owned(), p["connected"] == true);
+        assert!(out.insert(node.clone(), entry).is_none(), "{node} listed twice: {status}");
+    }
+    out
+}
+
+/// `trellisctl proxy-status` through any replica lists every proxy of the mesh with the replica holding its stream
+/// (each replica publishes its proxies' status to etcd under a lease). A replica killed with SIGKILL: its proxies
+/// fail over and show at their new replica; its own entries go when its lease expires; no proxy is ever listed
+/// twice.
+#[test]
+fn proxy_status_through_any_replica_lists_every_proxy_at_its_replica() {
+    let etcd = EtcdCluster::start(3);
+    let mut replicas = ControlPlane::start_replicas(&etcd, 3, &[]);
+    let mut proxies = Vec::new();
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 0..6 {
+        let r = i % 3;
+        let node = format!("node-{i}");
+        let spec = WorkloadSpec::new(&format!("web-{i}"), "default", "web", &format!("10.9.3.{}", i + 1));
+        let options = ProxyOptions { control_plane_addresses: addresses_from(&replicas, r), ..Default::default() };
+        proxies.push(Proxy::start_with(&replicas[r], &node, &[spec], options));
+        expected.insert(node, (format!("replica-{r}"), true));
+    }
+    for proxy in &proxies {
+        proxy.wait_ready();
+    }
+    let started = std::time::Instant::now();
+    for (i, cp) in replicas.iter().enumerate() {
+        wait_for(&format!("replica {i} to list every proxy at its replica"), Duration::from_secs(30), || {
+            (listed(cp) == expected).then_some(())
+        });
+    }
+    println!("every replica listed the 6 proxies of 3 replicas after {:?}", started.elapsed());
+    // Control: the status is in etcd, under each replica's name.
+    let keys = etcd.keys("/trellis/status/");
+    for r in 0..3 {
+        assert_eq!(
+            keys.iter().filter(|k| k.starts_with(&format!("/trellis/status/replica-{r}/"))).count(),
+            2,
+            "{keys:?}"
+        );
+    }
+
+    replicas[0].kill9();
+    let killed = std::time::Instant::now();
+    // node-0 and node-3 fail over to replica 1 (next in their lists).
+    for node in ["node-0", "node-3"] {
+        expected.insert(node.to_owned(), ("replica-1".to_owned(), true));
+    }
+    for (i, cp) in replicas.iter().enumerate().skip(1) {
+        wait_for(&format!("replica {i} to list replica 0's proxies at replica 1"), Duration::from_secs(60), || {
+            (listed(cp) == expected).then_some(())
+        });
+    }
+    println!("replica 0's proxies listed at replica 1 {:?} after the kill", killed.elapsed());
+    wait_for("replica 0's status entries to expire with its lease", Duration::from_secs(60), || {
+        let keys = etcd.keys("/trellis/status/replica-0/");
+        // Meanwhile no proxy is listed twice, nor elsewhere than at its live replica.
+        assert_eq!(listed(&replicas[2]), expected);
+        keys.is_empty().then_some(())
+    });
+    println!("replica 0's status entries gone {:?} after the kill", killed.elapsed());
+    for cp in &replicas[1..] {
+        assert_eq!(listed(cp), expected, "after the lease expired");
+    }
+    let keys = etcd.keys("/trellis/status/replica-1/");
+    assert_eq!(keys.len(), 4, "{keys:?}");
+    // Writes are per changed entry, batched once a second: a handful per proxy over the whole test.
+    let (code, metrics) = trellis_tests::http::get(replicas[1].metrics_addr, "/metrics").expect("GET /metrics");
+    assert_eq!(code, 200);
+    let writes = trellis_tests::prometheus::sum_samples(&metrics, "trellis_proxy_status_writes_total", &[]);
+    assert!(writes >= 4.0, "{metrics}");
+    println!("replica 1 wrote {writes} status entries in {:?} (4 proxies at the end)", started.elapsed());
+}
+
+fn ca_status(cp: &ControlPlane) -> serde_json::Value {
+    cp.ctl_json(&["ca", "status"])
+}
+
+/// Joins a node through `cp` and has it sign a CSR; the leaf, PEM, in `dir/leaf-NAME.pem`.
+async fn signed_leaf(cp: &ControlPlane, name: &str, address: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let (token, pin) = cp.token(name, &["default"], &[]);
+    let joined = client::join(&cp.addr.to_string(), &pin, &token, name).await.unwrap().expect("join");
+    let mut stream = joined
+        .discover(hello(vec![workload(&format!("w-{name}"), "default", "web", address)]))
+        .await
+        .unwrap()
+        .expect("stream");
+    let (_, der) = csr(&["spiffe://cluster.local/ns/default/sa/web"]);
+    let answer = stream.certify(1, der).await;
+    assert!(answer.error.is_empty(), "{name}: {}", answer.error);
+    let leaf = dir.join(format!("leaf-{name}.pem"));
+    std::fs::write(&leaf, pem_encode(&answer.certificate_chain[0])).unwrap();
+    leaf
+}
+
+fn openssl_verify(root: &std::path::Path, leaf: &std::path::Path) -> std::process::Output {
+    Command::new("openssl").args(["verify", "-CAfile"]).arg(root).arg(leaf).output().unwrap()
+}
+
+/// A root CA rotation on etcd: started through replica 1, its CA (key sealed with the KEK) and record go to etcd,
+/// every replica follows its phases (signs with the new CA from the switch on, trusts what the bundle holds), and
+/// the replica driving it, killed with SIGKILL mid-rotation (in the overlap), is replaced by another that completes
+/// it. CSRs signed by each replica verify against the new root (and, once retired, not the old one).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_rotation_on_etcd_is_followed_by_every_replica_and_outlives_its_driver() {
+    let etcd = EtcdCluster::start(3);
+    let mut replicas = ControlPlane::start_replicas(&etcd, 3, &[]);
+    let mut proxies = Vec::new();
+    for r in 0..3 {
+        let spec = WorkloadSpec::new(&format!("web-{r}"), "default", "web", &format!("10.9.4.{}", r + 1));
+        let options = ProxyOptions { control_plane_addresses: addresses_from(&replicas, r), ..Default::default() };
+        proxies.push(Proxy::start_with(&replicas[r], &format!("node-{r}"), &[spec], options));
+    }
+    for proxy in &proxies {
+        proxy.wait_ready();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let old_root = dir.path().join("old-root.pem");
+    std::fs::write(&old_root, replicas[0].root_pem()).unwrap();
+
+    let started = std::time::Instant::now();
+    replicas[1].ctl_ok(&["ca", "rotate", "--detach", "--overlap", "45s"]);
+    // The new CA is in etcd, its key sealed.
+    let key = etcd.get("/trellis/ca_files/ca-1/ca-key.pem").expect("the new CA key is in etcd");
+    assert!(String::from_utf8_lossy(&key).starts_with("trellis-sealed:v1:"));
+    for (i, cp) in replicas.iter().enumerate() {
+        wait_for(&format!("replica {i} to follow the rotation to its overlap"), Duration::from_secs(90), || {
+            (ca_status(cp)["phase"] == "overlap").then_some(())
+        });
+    }
+    println!("prepare and switch through 3 replicas in {:?}", started.elapsed());
+    let new_root = replicas[1].data_dir().join("ca-1/root-cert.pem");
+    for (i, cp) in replicas.iter().enumerate() {
+        // Each replica loaded the new CA from etcd (its own copy in its data dir).
+        let copy = std::fs::read_to_string(cp.data_dir().join("ca-1/root-cert.pem")).expect("replica's copy");
+        assert_eq!(copy, std::fs::read_to_string(&new_root).unwrap(), "replica {i}");
+        let leaf = signed_leaf(cp, &format!("overlap-{i}"), &format!("10.9.5.{}", i + 1), dir.path()).await;
+        let verify = openssl_verify(&new_root, &leaf);
+        assert!(verify.status.success(), "replica {i}: {}", String::from_utf8_lossy(&verify.stderr));
+        // Control: the old root does not verify what the new CA signed.
+        assert!(!openssl_verify(&old_root, &leaf).status.success(), "replica {i}");
+    }
+
+    // The driver: the replica holding the role in etcd. Killed in the overlap, another one completes it.
+    let driver = String::from_utf8(etcd.get("/trellis/status/_rotation-driver").expect("a driver")).unwrap();
+    let killed: usize = driver.strip_prefix("replica-").and_then(|n| n.parse().ok()).expect("a replica name");
+    assert_eq!(ca_status(&replicas[killed])["phase"], "overlap", "killed mid-rotation");
+    replicas[killed].kill9();
+    println!("killed the driver, {driver}, in the overlap");
+    let live: Vec<usize> = (0..3).filter(|i| *i != killed).collect();
+    // As in rotation.rs: a call may fail while the retire swaps the replica's TLS (printed, not hidden).
+    let mut failed = 0;
+    wait_for("another replica to complete the rotation", Duration::from_secs(180), || {
+        let out = replicas[live[0]].ctl(&["ca", "status", "-o", "json"]);
+        if !out.status.success() {
+            failed += 1;
+            println!("ca status through replica {} failed: {}", live[0], String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (status["phase"] == "done").then_some(())
+    });
+    println!("ca status calls that failed meanwhile: {failed}");
+    let successor = String::from_utf8(etcd.get("/trellis/status/_rotation-driver").expect("a driver")).unwrap();
+    assert_ne!(successor, driver);
+    println!("rotation done, completed by {successor}, {:?} after it started", started.elapsed());
+    for &i in &live {
+        // The replica serves a chain under the new root (its admin.yaml now trusts only that one).
+        let status = ca_status(&replicas[i]);
+        assert_eq!(status["phase"], "done", "replica {i}");
+        assert_eq!(status["roots"].as_array().unwrap().len(), 1, "replica {i}: {status}");
+        let leaf = signed_leaf(&replicas[i], &format!("done-{i}"), &format!("10.9.6.{}", i + 1), dir.path()).await;
+        let verify = openssl_verify(&new_root, &leaf);
+        assert!(verify.status.success(), "replica {i}: {}", String::from_utf8_lossy(&verify.stderr));
+        assert!(!openssl_verify(&old_root, &leaf).status.success(), "replica {i}: the old root is retired");
+    }
+    for proxy in &proxies {
+        proxy.wait_ready();
+    }
 }

@@ -432,7 +432,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|p| json!({"node": p.node, "connected": p.connected, "connectedSince": timestamp(p.connected_since_unix),
                         "sentVersion": p.sent_version, "ackedVersion": p.acked_version, "nackedVersion": p.nacked_version,
-                        "lastNackError": p.last_nack_error, "proxyVersion": p.proxy_version,
+                        "lastNackError": p.last_nack_error, "proxyVersion": p.proxy_version, "replica": p.replica,
                         "lastConvergenceSeconds": (p.last_convergence_seconds > 0.0).then_some(p.last_convergence_seconds),
                         "synced": p.connected && p.acked_version == status.current_version}))
                     .collect();
@@ -453,6 +453,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         };
                         vec![
                             p.node.clone(),
+                            if p.replica.is_empty() { "-".into() } else { p.replica.clone() },
                             state.into(),
                             p.sent_version.to_string(),
                             p.acked_version.to_string(),
@@ -473,7 +474,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("current version: {}", status.current_version);
                 print!(
                     "{}",
-                    table(&["NODE", "STATE", "SENT", "ACKED", "CONVERGENCE", "LAST NACK", "CONNECTED SINCE"], &rows)
+                    table(
+                        &["NODE", "REPLICA", "STATE", "SENT", "ACKED", "CONVERGENCE", "LAST NACK", "CONNECTED SINCE"],
+                        &rows
+                    )
                 );
             }
         }

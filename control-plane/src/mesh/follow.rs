@@ -8,6 +8,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::{Mesh, MeshError, Snapshot, load_state, store_gauges};
+use crate::records;
+use crate::rotation::{RECORD_KEY, RotationRecord};
+use crate::store::Table;
 
 /// Reloads on every change of `changes` until the store goes away. A failed reload (etcd unavailable) is retried
 /// on the next change; the watch reports its own restart as a change, so recovery reloads.
@@ -35,6 +38,16 @@ impl Mesh {
             ..Default::default()
         };
         load_state(self.store.as_ref(), &mut next)?;
+        // Read after the version: at least as new as the state loaded. A rotation another replica started or
+        // moved on changes this replica's CAs (signer, serving chain) and the bundle it sends.
+        let record: Option<RotationRecord> = records::load(self.store.as_ref(), Table::Meta, RECORD_KEY)?;
+        if let Some(record) = &record
+            && let Err(e) = self.follow_rotation(record)
+        {
+            // The rest of the state still follows; the rotation is tried again at the next change.
+            tracing::error!(error = %e, rotation = record.rotation, "cannot follow the root CA rotation");
+        }
+        next.trust_bundle.roots = self.authority().roots().iter().map(|r| r.to_vec()).collect();
         if next.version <= current.version {
             return Ok(false);
         }

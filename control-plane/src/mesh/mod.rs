@@ -74,6 +74,9 @@ pub struct MeshConfig {
     pub jwks_allow_local: bool,
     /// Where a rotation writes the new CA's files.
     pub data_dir: std::path::PathBuf,
+    /// On a shared store: seals the CA keys a rotation publishes there (`shared_files.rs`), and opens those other
+    /// replicas published.
+    pub kek: Option<crate::kek::Kek>,
 }
 
 pub struct Mesh {
@@ -84,6 +87,9 @@ pub struct Mesh {
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// Serializes write transactions with the publication of their snapshot, so snapshots appear in version order.
     writer: Mutex<()>,
+    /// The rotation (number, phase) the authority reflects (None: none ever), so that a replica following the
+    /// store sees when another replica moved a rotation on (`follow.rs`).
+    applied_rotation: Mutex<Option<(u64, crate::rotation::Phase)>>,
 }
 
 /// The size of what the store holds, as gauges: resources by kind and registered workloads.
@@ -143,9 +149,18 @@ impl Mesh {
         };
         load_state(store.as_ref(), &mut snapshot)?;
         store_gauges(&snapshot);
+        let applied: Option<crate::rotation::RotationRecord> =
+            records::load(store.as_ref(), Table::Meta, crate::rotation::RECORD_KEY)?;
         let (snapshot, _) = watch::channel(Arc::new(snapshot));
         let (authority, _) = watch::channel(Arc::new(authority));
-        Ok(Self { store, authority, config, snapshot, writer: Mutex::new(()) })
+        Ok(Self {
+            store,
+            authority,
+            config,
+            snapshot,
+            writer: Mutex::new(()),
+            applied_rotation: Mutex::new(applied.map(|r| (r.rotation, r.phase))),
+        })
     }
 
     /// The CA that signs new certificates now.

@@ -60,11 +60,12 @@ impl Mesh {
                 if current.phase < Phase::Overlap {
                     current.overlap_secs = request.overlap.map(|d| d.as_secs()).or(current.overlap_secs);
                 }
-                self.put_record(&current)?;
+                self.put_record(previous.as_ref().expect("a rotation in progress"), &current)?;
             }
             return Ok(current);
         }
 
+        let previous_record = previous.clone();
         let number = previous.as_ref().map_or(0, |r| r.rotation) + 1;
         let old_dir = previous.map_or_else(|| ca::CA_DIR.to_owned(), |r| r.new_dir);
         let new_dir = format!("ca-{number}");
@@ -72,6 +73,13 @@ impl Mesh {
         if new_ca.chain()[0] == self.ca().chain()[0] {
             return Err(MeshError::InvalidArgument("--ca-cert is the CA in use already".into()));
         }
+        // On a shared store the new CA goes there too (its key sealed), in the record's transaction: every replica
+        // loads it from there when it sees the record (`follow.rs`), and any of them can drive the rotation on.
+        let published = match &self.config.kek {
+            Some(kek) => crate::shared_files::ca_dir_values(&self.config.data_dir, &new_dir, kek)
+                .map_err(|e| MeshError::Ca(CaError::Material(e.to_string())))?,
+            None => Vec::new(),
+        };
         let authority = Arc::new(self.authority().rotating(new_ca, Phase::Prepare));
         // A new intermediate under the root in use leaves the bundle as it is: proxies get no update to ACK (a
         // stream sends only changes), so prepare has nothing to wait for (`bundle_version` 0).
@@ -79,6 +87,16 @@ impl Mesh {
         let now = now_unix();
         let record = self.write(
             |txn| {
+                let stored: Option<RotationRecord> = records::get(txn, Table::Meta, RECORD_KEY)?;
+                if stored != previous_record {
+                    return Err(MeshError::AlreadyExists(
+                        "another replica started or moved a root CA rotation meanwhile: run `trellisctl ca status`"
+                            .into(),
+                    ));
+                }
+                for (key, value) in &published {
+                    txn.put(Table::CaFiles, key, value)?;
+                }
                 let version = records::bump(txn, META_VERSION)?;
                 let record = RotationRecord {
                     rotation: number,
@@ -94,9 +112,9 @@ impl Mesh {
                 records::put(txn, Table::Meta, RECORD_KEY, &record)?;
                 Ok((record, Some(version)))
             },
-            |_, snapshot| {
+            |record, snapshot| {
                 snapshot.trust_bundle.roots = authority.roots().iter().map(|r| r.to_vec()).collect();
-                self.authority.send_replace(authority.clone());
+                self.set_authority(authority.clone(), record);
             },
         )?;
         tracing::warn!(
@@ -116,8 +134,13 @@ impl Mesh {
             return Err(MeshError::NotFound("no root CA rotation".into()));
         };
         if record.phase >= to {
+            self.follow_rotation(&record)?;
             return Ok(record);
         }
+        let read = record.clone();
+        // The authority must be the record's (another replica may have moved the rotation, this one not yet
+        // followed): the overlap's retiring certificates and the next phase's CAs derive from it.
+        self.follow_rotation(&record)?;
         if record.phase.next() != to {
             return Err(MeshError::InvalidArgument(format!(
                 "rotation phase {} cannot go to {}",
@@ -146,27 +169,66 @@ impl Mesh {
             let bundle_changes = self.bundle_changes(&authority);
             record = self.write(
                 |txn| {
+                    unchanged(txn, &read)?;
                     let version = records::bump(txn, META_VERSION)?;
                     let mut record = record.clone();
                     record.bundle_version = if bundle_changes { version } else { 0 };
                     records::put(txn, Table::Meta, RECORD_KEY, &record)?;
                     Ok((record, Some(version)))
                 },
-                |_, snapshot| {
+                |record, snapshot| {
                     snapshot.trust_bundle.roots = authority.roots().iter().map(|r| r.to_vec()).collect();
-                    self.authority.send_replace(authority.clone());
+                    self.set_authority(authority.clone(), record);
                 },
             )?;
         } else {
-            self.put_record(&record)?;
-            self.authority.send_replace(authority);
+            transact::<_, MeshError>(self.store.as_ref(), |txn| {
+                unchanged(txn, &read)?;
+                Ok(records::put(txn, Table::Meta, RECORD_KEY, &record)?)
+            })?;
+            self.set_authority(authority, &record);
         }
         tracing::warn!(rotation = record.rotation, phase = to.as_str(), retire_at = ?record.retire_at, "root CA rotation: next phase");
         Ok(record)
     }
 
-    fn put_record(&self, record: &RotationRecord) -> Result<(), MeshError> {
-        transact::<_, MeshError>(self.store.as_ref(), |txn| Ok(records::put(txn, Table::Meta, RECORD_KEY, record)?))
+    /// Publishes the CAs of `record`'s phase, unless a later phase is published already (a reload that read the
+    /// store before this replica's own transition).
+    pub(super) fn set_authority(&self, authority: Arc<crate::authority::Authority>, record: &RotationRecord) -> bool {
+        let mut applied = self.applied_rotation.lock().expect("rotation lock");
+        let this = (record.rotation, record.phase);
+        if applied.is_some_and(|a| a > this) {
+            return false;
+        }
+        *applied = Some(this);
+        self.authority.send_replace(authority);
+        true
+    }
+
+    /// Makes the authority the CAs of `record` if it is not already (another replica started or moved the
+    /// rotation): on a shared store, the new CA's files are first written into the data dir from the store.
+    pub(super) fn follow_rotation(&self, record: &RotationRecord) -> Result<bool, MeshError> {
+        if *self.applied_rotation.lock().expect("rotation lock") == Some((record.rotation, record.phase)) {
+            return Ok(false);
+        }
+        if let Some(kek) = &self.config.kek {
+            crate::shared_files::materialize(self.store.as_ref(), &self.config.data_dir, kek)
+                .map_err(|e| MeshError::Ca(CaError::Material(e.to_string())))?;
+        }
+        let authority = crate::authority::for_record(&self.config.data_dir, Some(record), &self.config.trust_domain)
+            .map_err(|e| MeshError::Ca(CaError::Material(e.to_string())))?;
+        let changed = self.set_authority(Arc::new(authority), record);
+        if changed {
+            tracing::warn!(rotation = record.rotation, phase = record.phase.as_str(), "root CA rotation followed");
+        }
+        Ok(changed)
+    }
+
+    fn put_record(&self, read: &RotationRecord, record: &RotationRecord) -> Result<(), MeshError> {
+        transact::<_, MeshError>(self.store.as_ref(), |txn| {
+            unchanged(txn, read)?;
+            Ok(records::put(txn, Table::Meta, RECORD_KEY, record)?)
+        })
     }
 
     /// Writes the new CA's files into `data_dir/dir` (replacing what a start that failed before its transaction
@@ -204,6 +266,18 @@ impl Mesh {
         write_new(&file(ca::ROOT_CERT), root_pem.as_bytes(), 0o644).map_err(io)?;
         Ok(Ca::load_dir(&path, td)?)
     }
+}
+
+/// Refuses a transition whose record changed since it was read (another replica moved the rotation meanwhile).
+fn unchanged(txn: &dyn crate::store::Txn, read: &RotationRecord) -> Result<(), MeshError> {
+    let stored: Option<RotationRecord> = records::get(txn, Table::Meta, RECORD_KEY)?;
+    if stored.as_ref() != Some(read) {
+        return Err(MeshError::FailedPrecondition(format!(
+            "the root CA rotation moved on meanwhile (now {}); looking again",
+            stored.map_or("none", |r| r.phase.as_str())
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -291,5 +365,74 @@ mod tests {
         let good = CaMaterial { cert_pem: cert, key_pem: key, chain_pem: None };
         let record = mesh.rotate(RotateRequest { material: Some(good), ..Default::default() }).unwrap();
         assert_eq!(record.phase, Phase::Prepare);
+    }
+
+    /// Two replicas on one etcd, each with its own data dir: a rotation started by one is followed by the other
+    /// (the new CA from the store, key sealed; its phases; the bundle it sends); a transition made from a record
+    /// another replica has moved on since is refused, and the control (the record as read) goes through.
+    #[test]
+    fn a_replica_on_a_shared_store_follows_a_rotation_another_started() {
+        use crate::store::{EtcdStore, Store, test_etcd};
+        let options = test_etcd::options();
+        let (cert, key) = Ca::generate_root("test.example").unwrap();
+        let replica = |n: usize| {
+            let dir = std::env::temp_dir().join(format!("trellis-follow-test-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("ca")).unwrap();
+            std::fs::write(dir.join(ca::CA_CERT), &cert).unwrap();
+            std::fs::write(dir.join(ca::CA_KEY), &key).unwrap();
+            std::fs::write(dir.join(ca::CA_CHAIN), &cert).unwrap();
+            let authority = crate::authority::Authority::single(Ca::load(&dir, "test.example").unwrap());
+            let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(&options).unwrap());
+            let config = super::super::MeshConfig {
+                trust_domain: "test.example".into(),
+                cert_ttl: Duration::from_secs(3600),
+                node_cert_ttl: Duration::from_secs(3600),
+                jwks_allow_local: false,
+                data_dir: dir.clone(),
+                kek: crate::kek::Kek::from_bytes(&[7; 32]),
+            };
+            (Mesh::open(store, authority, config).unwrap(), dir)
+        };
+        let ((one, dir_one), (two, dir_two)) = (replica(1), replica(2));
+        // What `init --store etcd` publishes first (materializing needs it).
+        transact::<_, MeshError>(one.store(), |txn| Ok(txn.put(Table::CaFiles, "control.yaml", b"x")?)).unwrap();
+
+        one.rotate(RotateRequest::default()).unwrap();
+        let sealed = one.store().get(Table::CaFiles, "ca-1/ca-key.pem").unwrap().expect("the new key in the store");
+        assert!(!String::from_utf8_lossy(&sealed).contains("PRIVATE KEY"), "sealed");
+        assert_eq!(two.authority().phase(), None, "not followed yet");
+        assert!(two.reload().unwrap(), "a new version: the bundle with the new root");
+        assert_eq!(two.authority().phase(), Some(Phase::Prepare));
+        assert_eq!(two.current().trust_bundle.roots, one.current().trust_bundle.roots);
+        assert_eq!(two.current().trust_bundle.roots.len(), 2);
+        assert_eq!(
+            std::fs::read(dir_two.join("ca-1/ca-key.pem")).unwrap(),
+            std::fs::read(dir_one.join("ca-1/ca-key.pem")).unwrap(),
+            "the new CA's key, opened with the KEK"
+        );
+
+        one.advance_rotation(Phase::Switch).unwrap();
+        assert_ne!(two.ca().chain()[0], one.ca().chain()[0], "not followed yet: the old CA signs on two");
+        two.reload().unwrap();
+        assert_eq!(two.ca().chain()[0], one.ca().chain()[0], "two signs with the new CA");
+        assert!(two.authority().retiring().is_some());
+
+        // A transition from a record that moved on meanwhile is refused; the record as read goes through.
+        let stale = two.rotation().unwrap().unwrap();
+        one.advance_rotation(Phase::Overlap).unwrap();
+        let refused = transact::<_, MeshError>(two.store(), |txn| unchanged(txn, &stale)).unwrap_err();
+        assert!(refused.to_string().contains("moved on meanwhile (now overlap)"), "{refused}");
+        let current = two.rotation().unwrap().unwrap();
+        transact::<_, MeshError>(two.store(), |txn| unchanged(txn, &current)).unwrap();
+        // Two, driving now, moves on from where one left it (it follows first).
+        let retired = two.advance_rotation(Phase::Retire).unwrap();
+        assert_eq!(retired.phase, Phase::Retire);
+        assert_eq!(two.current().trust_bundle.roots.len(), 1);
+        one.reload().unwrap();
+        assert_eq!(one.current().trust_bundle.roots, two.current().trust_bundle.roots);
+        for dir in [dir_one, dir_two] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
     }
 }

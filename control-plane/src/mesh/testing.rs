@@ -46,6 +46,7 @@ impl TestMesh {
             node_cert_ttl: Duration::from_secs(3600),
             jwks_allow_local: false,
             data_dir: dir.clone(),
+            kek: None,
         };
         TestMesh { mesh: Mesh::open(store, ca, config).expect("open mesh"), dir }
     }

@@ -236,9 +236,14 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ProxyStatusRequest>,
     ) -> Result<Response<pb::ProxyStatusResponse>, Status> {
         self.authorize(&request)?;
+        let shared = self.shared.clone();
+        // Other replicas' proxies are read from the store: off the async workers.
+        let proxies = tokio::task::spawn_blocking(move || super::mesh_status::list(&shared))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ProxyStatusResponse {
             current_version: self.shared.mesh.current().version,
-            proxies: self.shared.proxies.list(),
+            proxies: proxies.into_iter().map(|p| p.status).collect(),
         }))
     }
 

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod discovery;
 pub mod history;
 pub mod identity;
+pub mod mesh_status;
 pub mod renewal;
 pub mod revocation_expiry;
 pub mod rotation;

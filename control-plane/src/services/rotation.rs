@@ -25,6 +25,9 @@ pub const ADMIN_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// phase: `trellis-control serve --rotation-hold`).
 pub async fn drive(shared: Shared, data_dir: PathBuf, hold: Option<Phase>) {
     let mut admin_refreshed: Option<(u64, bool)> = None;
+    // On a shared store the proxies' status is read from it, and is written there once a period: looking more
+    // often would only read the same entries again.
+    let poll = if shared.mesh.store().leased().is_some() { super::mesh_status::PUBLISH_EVERY } else { POLL };
     loop {
         match step(&shared, &data_dir, &mut admin_refreshed, hold) {
             Ok(true) => continue,
@@ -33,7 +36,7 @@ pub async fn drive(shared: Shared, data_dir: PathBuf, hold: Option<Phase>) {
         }
         tokio::select! {
             () = shared.rotation_wake.notified() => {}
-            () = tokio::time::sleep(POLL) => {}
+            () = tokio::time::sleep(poll) => {}
             () = shared.shutting_down() => return,
         }
     }
@@ -47,7 +50,12 @@ fn step(
     hold: Option<Phase>,
 ) -> Result<bool, MeshError> {
     let record = shared.mesh.rotation()?;
-    let views = proxy_views(shared);
+    // Outside a rotation no proxy holds a retiring CA's certificate: the proxies (on a shared store, every
+    // replica's, read from it) are looked at only while one is under way.
+    let views: Vec<ProxyView> = match &record {
+        Some(r) if r.phase != Phase::Done => proxy_views(shared).into_iter().map(|(v, _)| v).collect(),
+        _ => Vec::new(),
+    };
     record_gauges(record.as_ref().map(|r| r.phase), &views);
     let Some(record) = record else { return Ok(false) };
     if record.phase >= Phase::Switch {
@@ -64,6 +72,7 @@ fn step(
     }
     match rotation::decide(&record, &views, now_unix()) {
         Decision::Advance(_) if hold == Some(record.phase) => Ok(false),
+        Decision::Advance(_) if !driving(shared)? => Ok(false),
         Decision::Advance(phase) => {
             // The data dir's admin.yaml was refreshed above (from the switch on) before the retiring root goes.
             shared.mesh.advance_rotation(phase)?;
@@ -72,6 +81,26 @@ fn step(
         Decision::Wait(_) => Ok(false),
     }
 }
+
+/// Whether this replica drives the rotation: always with one replica; on a shared store, the replica that holds
+/// the `rotation-driver` role (taken by the first replica to find a phase complete, kept while its lease lives, so
+/// another replica takes over when it dies). Every replica follows the phases; one moves them on.
+fn driving(shared: &Shared) -> Result<bool, MeshError> {
+    let Some(leased) = shared.mesh.store().leased() else { return Ok(true) };
+    let lease = leased.keep_alive()?;
+    let replica = shared.proxies.replica();
+    let holder = leased.claim(lease, DRIVER_ROLE, replica)?;
+    if holder == replica {
+        tracing::debug!(replica, "driving the root CA rotation");
+        Ok(true)
+    } else {
+        tracing::debug!(replica, %holder, "another replica drives the root CA rotation");
+        Ok(false)
+    }
+}
+
+/// The role (`store::LeasedStatus::claim`) of the replica that moves a rotation on.
+pub const DRIVER_ROLE: &str = "rotation-driver";
 
 /// `trellis_rotation_phase{phase}`: 1 for the current phase (`none` without a rotation ever), 0 for the others;
 /// `trellis_rotation_proxies_holding_old_ca`: proxies (connected or not) whose last report names a certificate of
@@ -85,22 +114,21 @@ fn record_gauges(phase: Option<Phase>, views: &[ProxyView]) {
     metrics::gauge!("trellis_rotation_proxies_holding_old_ca").set(holding_old as f64);
 }
 
-/// What the rotation sees of every proxy that ever connected.
-fn proxy_views(shared: &Shared) -> Vec<ProxyView> {
+/// What the rotation sees of every proxy that ever connected, whichever replica holds its stream
+/// (`mesh_status.rs`).
+fn proxy_views(shared: &Shared) -> Vec<(ProxyView, usize)> {
     let retiring = shared.mesh.authority().retiring();
-    shared
-        .proxies
-        .list()
+    super::mesh_status::list(shared)
         .into_iter()
         .map(|p| {
-            let held = shared.holdings.get(&p.node);
-            ProxyView {
-                old_certificates: retiring.as_deref().map_or(0, |r| held.signed_by(r)),
-                reported: held.reported,
-                connected: p.connected,
-                acked_version: p.acked_version,
-                node: p.node,
-            }
+            let view = ProxyView {
+                old_certificates: retiring.as_deref().map_or(0, |r| p.signed_by(r)),
+                reported: p.reported,
+                connected: p.status.connected,
+                acked_version: p.status.acked_version,
+                node: p.status.node.clone(),
+            };
+            (view, p.certificates())
         })
         .collect()
 }
@@ -177,14 +205,15 @@ pub fn status(shared: &Shared) -> Result<pb::CaStatusResponse, MeshError> {
     for root in &mut roots {
         root.retiring |= retiring_root.as_ref().is_some_and(|r| fingerprint(r) == root.sha256);
     }
-    let views = proxy_views(shared);
+    let (views, certificates): (Vec<ProxyView>, Vec<usize>) = proxy_views(shared).into_iter().unzip();
     let proxies = views
         .iter()
-        .map(|v| pb::ProxyCaHolding {
+        .zip(certificates)
+        .map(|(v, certificates)| pb::ProxyCaHolding {
             node: v.node.clone(),
             connected: v.connected,
             reported: v.reported,
-            certificates: shared.holdings.get(&v.node).certificates.len() as u32,
+            certificates: certificates as u32,
             old_certificates: v.old_certificates as u32,
             acked_version: v.acked_version,
         })

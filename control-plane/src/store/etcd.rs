@@ -50,10 +50,12 @@ pub struct EtcdStore {
     changes: watch::Receiver<u64>,
     /// The highest etcd revision this replica has seen (reads, its commits, watch events).
     seen: Arc<AtomicI64>,
+    /// The lease this replica's status entries are attached to (0: none granted yet, or expired); `leased.rs`.
+    pub(super) lease: std::sync::Mutex<i64>,
 }
 
 /// The members' clients and which one answered last.
-struct Members {
+pub(super) struct Members {
     clients: Vec<Client>,
     preferred: std::sync::atomic::AtomicUsize,
 }
@@ -61,7 +63,7 @@ struct Members {
 impl Members {
     /// Runs `call` on the member that answered last, moving on to the next member while the connection fails,
     /// and again after a pause while the cluster elects a leader; the caller bounds the whole (`OP_TIMEOUT`).
-    async fn call<T, F, Fut>(&self, call: F) -> Result<T, etcd_client::Error>
+    pub(super) async fn call<T, F, Fut>(&self, call: F) -> Result<T, etcd_client::Error>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
@@ -158,7 +160,16 @@ impl EtcdStore {
         let (tx, changes) = watch::channel(0u64);
         let available = Arc::new(AtomicBool::new(true));
         let seen = Arc::new(AtomicI64::new(0));
-        let store = Self { clients, prefix, runtime: Some(runtime), handle, available, changes, seen };
+        let store = Self {
+            clients,
+            prefix,
+            runtime: Some(runtime),
+            handle,
+            available,
+            changes,
+            seen,
+            lease: Default::default(),
+        };
         // A first read: fails now, clearly, if etcd does not answer.
         store.read(Table::Meta, "-", false)?;
         store.handle.spawn(follow(store.clients.clone(), store.prefix.clone(), tx, store.seen.clone()));
@@ -178,14 +189,19 @@ impl EtcdStore {
         format!("{}{GENERATION}{}", self.prefix, table.name())
     }
 
-    fn run<T: Send + 'static>(
+    /// The prefix of every key (ends with `/`).
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub(super) fn run<T: Send + 'static>(
         &self,
         f: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     ) -> Result<T, StoreError> {
         wait(&self.handle, f)
     }
 
-    fn members(&self) -> Arc<Members> {
+    pub(super) fn members(&self) -> Arc<Members> {
         self.clients.clone()
     }
 
@@ -329,7 +345,13 @@ async fn follow(members: Arc<Members>, prefix: String, changes: watch::Sender<u6
                                 tracing::warn!(reason = response.cancel_reason(), "etcd watch canceled; restarting");
                                 break;
                             }
-                            if !response.events().is_empty() {
+                            // Status entries (`leased.rs`) change all the time and are no part of the snapshot.
+                            let status = format!("{prefix}{}", super::STATUS);
+                            let relevant = response
+                                .events()
+                                .iter()
+                                .any(|e| e.kv().is_none_or(|kv| !kv.key().starts_with(status.as_bytes())));
+                            if relevant {
                                 // Before telling: the reload this triggers must read at least this revision.
                                 let revision = response.header().map(|h| h.revision()).unwrap_or(0);
                                 seen.fetch_max(revision, Ordering::Relaxed);
@@ -406,6 +428,10 @@ impl Store for EtcdStore {
 
     fn changes(&self) -> Option<watch::Receiver<u64>> {
         Some(self.changes.clone())
+    }
+
+    fn leased(&self) -> Option<&dyn super::LeasedStatus> {
+        Some(self)
     }
 
     fn available(&self) -> bool {

@@ -4,11 +4,13 @@
 //! that tells each replica about every change, its own included).
 
 mod etcd;
+mod leased;
 mod redb;
 #[cfg(test)]
 pub(crate) mod test_etcd;
 
 pub use self::etcd::{EtcdOptions, EtcdStore};
+pub use self::leased::{STATUS, STATUS_LEASE_TTL};
 pub use self::redb::{RedbStore, STORE_FILE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -110,6 +112,30 @@ pub trait Store: Send + Sync + 'static {
     fn available(&self) -> bool {
         true
     }
+
+    /// Status that each replica keeps under a lease of its own (etcd), so that what a dead replica wrote
+    /// disappears; None where this process is the only one (redb: status stays in memory).
+    fn leased(&self) -> Option<&dyn LeasedStatus> {
+        None
+    }
+}
+
+/// Entries each replica writes under `<prefix>status/<replica>/<key>`, attached to a lease this replica keeps
+/// alive by calling [`LeasedStatus::keep_alive`]; when the lease expires (the replica died, or could not reach the
+/// store for longer than the TTL) its entries go.
+pub trait LeasedStatus: Send + Sync {
+    /// Keeps this replica's lease alive, granting a new one if it expired (or none was granted yet). Returns the
+    /// lease's id: a new id means every entry written under the old one is gone and must be written again.
+    fn keep_alive(&self) -> Result<i64, StoreError>;
+    /// Writes (Some) and deletes (None) entries of `replica` under `lease`, in batches.
+    fn write(&self, lease: i64, replica: &str, entries: &[(String, Option<Vec<u8>>)]) -> Result<(), StoreError>;
+    /// Every replica's entries: (replica, key, value).
+    fn list_all(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError>;
+    /// Takes the role `role` (`<prefix>status/_<role>`) for `replica` under `lease` unless another replica holds
+    /// it; returns the holder. The role is free again when its holder's lease expires.
+    fn claim(&self, lease: i64, role: &str, replica: &str) -> Result<String, StoreError>;
+    /// Revokes this replica's lease (a clean shutdown): its entries and roles go at once.
+    fn release(&self) -> Result<(), StoreError>;
 }
 
 /// Runs `f` atomically and hands back its own result or error (the store's errors convert into `E`).
