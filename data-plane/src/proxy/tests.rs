@@ -372,5 +372,5 @@ async fn an_idle_tunnel_is_closed_by_the_idle_timeout_and_an_active_one_of_the_s
     );
     assert_eq!(mesh.b.data.connections.len(), 1, "B still holds the active one");
     drop(active);
-    eventually("both tunnels gone at B", || mesh.b.data.connections.len() == 0).await;
+    eventually("both tunnels gone at B", || mesh.b.data.connections.is_empty()).await;
 }
