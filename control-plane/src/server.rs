@@ -106,7 +106,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         metrics,
         Arc::new(move || ready_store.store().available()),
     ));
-    if let Some(changes) = shared.mesh.store().changes() {
+    if let Some(changes) = shared.mesh.store().follow(&crate::mesh::FOLLOWED) {
         tokio::spawn(crate::mesh::follow_store(shared.mesh.clone(), changes));
     }
 

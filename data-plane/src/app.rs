@@ -234,46 +234,57 @@ async fn start_listeners(
     shutdown: watch::Receiver<bool>,
     bound: &mut BoundAddresses,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
-    let mut bind = async |address: std::net::SocketAddr, name: &'static str, field: &'static str| {
-        let listener = tokio::net::TcpListener::bind(address).await.map_err(|source| StartError::Bind {
-            field,
-            address,
-            source,
-        })?;
-        bound.add(name, local_address(&listener, field, address)?);
-        Ok::<_, StartError>(listener)
-    };
     let mut tasks = Vec::new();
     // IPv6 workloads: each of these listeners on an IPv4 wildcard or loopback address gets an IPv6 twin at the same
     // port (`crate::listen::ipv6_twin`), where tunnels to those workloads and their captured connections arrive.
+    // Recorded as `<name>Ipv6` (`hboneIpv6`, ...).
     let ipv6 = config.workloads.iter().any(|w| w.addresses.iter().any(|a| a.is_ipv6()));
-    let twin = |listener: &tokio::net::TcpListener, field: &'static str| {
-        ipv6.then(|| listener.local_addr().ok()).flatten().and_then(|bound| crate::listen::ipv6_twin(bound, field))
-    };
-    let hbone = bind(config.listen.hbone, "hbone", "listen.hbone").await?;
-    if let Some(hbone6) = twin(&hbone, "listen.hbone") {
+    let twin =
+        |listener: &tokio::net::TcpListener, name: &'static str, field: &'static str, bound: &mut BoundAddresses| {
+            let twin =
+                ipv6.then(|| listener.local_addr().ok()).flatten().and_then(|b| crate::listen::ipv6_twin(b, field))?;
+            if let Ok(address) = twin.local_addr() {
+                bound.add(name, address);
+            }
+            Some(twin)
+        };
+    let hbone = bind_listener(bound, config.listen.hbone, "hbone", "listen.hbone").await?;
+    if let Some(hbone6) = twin(&hbone, "hboneIpv6", "listen.hbone", bound) {
         tasks.push(tokio::spawn(inbound::serve(hbone6, data.clone(), shutdown.clone())));
     }
     tasks.push(tokio::spawn(inbound::serve(hbone, data.clone(), shutdown.clone())));
-    let captured = bind(config.listen.outbound, "outbound", "listen.outbound").await?;
-    if let Some(captured6) = twin(&captured, "listen.outbound") {
+    let captured = bind_listener(bound, config.listen.outbound, "outbound", "listen.outbound").await?;
+    if let Some(captured6) = twin(&captured, "outboundIpv6", "listen.outbound", bound) {
         tasks.push(tokio::spawn(outbound::serve_captured(captured6, data.clone())));
     }
     tasks.push(tokio::spawn(outbound::serve_captured(captured, data.clone())));
-    let plaintext = bind(config.listen.inbound, "inbound", "listen.inbound").await?;
-    if let Some(plaintext6) = twin(&plaintext, "listen.inbound") {
+    let plaintext = bind_listener(bound, config.listen.inbound, "inbound", "listen.inbound").await?;
+    if let Some(plaintext6) = twin(&plaintext, "inboundIpv6", "listen.inbound", bound) {
         tasks.push(tokio::spawn(inbound_plaintext::serve(plaintext6, data.clone())));
     }
     tasks.push(tokio::spawn(inbound_plaintext::serve(plaintext, data.clone())));
     if let Some(workload) = config.outbound.socks5_workload.and_then(|i| data.locals.get(i)).cloned() {
-        let socks5 = bind(config.listen.socks5, "socks5", "listen.socks5").await?;
+        let socks5 = bind_listener(bound, config.listen.socks5, "socks5", "listen.socks5").await?;
         info!(workload = %workload.spiffe_id, "SOCKS5 clients speak as this workload");
         tasks.push(tokio::spawn(socks5::serve(socks5, data.clone(), workload)));
     }
     // Last: its presence in the addresses file says every listener is bound.
-    let ready = bind(config.listen.ready, "ready", "listen.ready").await?;
+    let ready = bind_listener(bound, config.listen.ready, "ready", "listen.ready").await?;
     tasks.push(tokio::spawn(admin::serve_ready(ready, shared, shutdown)));
     Ok(tasks)
+}
+
+/// Binds one data-path listener at `address` (config field `field`) and records it in `bound` as `name`.
+async fn bind_listener(
+    bound: &mut BoundAddresses,
+    address: std::net::SocketAddr,
+    name: &'static str,
+    field: &'static str,
+) -> Result<tokio::net::TcpListener, StartError> {
+    let listener =
+        tokio::net::TcpListener::bind(address).await.map_err(|source| StartError::Bind { field, address, source })?;
+    bound.add(name, local_address(&listener, field, address)?);
+    Ok(listener)
 }
 
 /// The stored credential, or a new one from a join (retried while the control plane is unreachable).

@@ -15,6 +15,7 @@ pub mod netns;
 pub mod outcome;
 pub mod prometheus;
 pub mod socks;
+pub mod ws_h2;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::DirBuilderExt;
@@ -657,6 +658,12 @@ impl Proxy {
 
     fn addresses_file(&self) -> PathBuf {
         self.dir.path().join("addresses.json")
+    }
+
+    /// What the proxy wrote to its `--addresses-file` (every listener bound, by name).
+    pub fn bound_addresses(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.addresses_file()).expect("read the addresses file");
+        serde_json::from_str(&text).expect("the addresses file is JSON")
     }
 
     /// Starts the proxy and waits until every listener is bound (`ready`, bound last, is in the addresses file); the

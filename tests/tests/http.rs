@@ -934,6 +934,50 @@ fn websocket_upgrade_is_authorized_then_carried() {
     assert_eq!(py_client("ws.py", &[&tcp_addr, "100"]), json!({"echoed": 100}));
 }
 
+/// WebSocket over HTTP/2 (RFC 8441 extended CONNECT) through an `http` port to Python's websockets server, which
+/// speaks HTTP/1.1 only: the proxy advertises SETTINGS_ENABLE_CONNECT_PROTOCOL, authorizes the CONNECT
+/// `:protocol=websocket` like any request (the same JWT principal as over HTTP/1.1 is required), forwards it as an
+/// HTTP/1.1 Upgrade and answers 200 once the workload switched; 1,000 messages then go both ways. Without the
+/// principal: 403 as the stream's answer, from the proxy, whose access log names the refusal. No unmodified
+/// client speaks extended CONNECT, so the client is `trellis_tests::ws_h2` (hyper's HTTP/2 client).
+#[test]
+fn websocket_over_http2_extended_connect_is_authorized_then_carried() {
+    use trellis_tests::ws_h2::{self, WsOutcome};
+    let http_ws = PyServer::start("ws.py");
+    let m = mesh_full(&[], "http", &[(http_ws.addr.port(), "http")]);
+    let t = jose(json!({
+        "keys": {"rs": {"kind": "RS256", "kid": "rs"}},
+        "jwks": {"one": ["rs"]},
+        "tokens": {"alice": {"key": "rs", "claims": {"iss": ISS1, "sub": "alice", "exp": 600}},
+                   "bob": {"key": "rs", "claims": {"iss": ISS1, "sub": "bob", "exp": 600}}}
+    }));
+    let policy = WS_POLICY.replace("JWKS", t["jwks"]["one"].as_str().unwrap());
+    // The policy's tcp-port rule names a port this workload does not have.
+    m.apply(&policy.replace("TCP_PORT", &trellis_tests::free_port().to_string()));
+    let through = socks::Forward::start(m.client.socks5_addr, http_ws.addr);
+    let authority = http_ws.addr.to_string();
+    let open = |token: Option<&str>, count| {
+        ws_h2::exchange(through.addr, &authority, "/chat", token, count).unwrap_or_else(|e| panic!("{e}"))
+    };
+
+    let started = std::time::Instant::now();
+    assert_eq!(open(Some(&token(&t, "alice")), 1000), WsOutcome::Echoed(1000));
+    println!("1,000 WebSocket round trips over HTTP/2 extended CONNECT (http port, JWT): {:?}", started.elapsed());
+
+    let denied = |m: &Mesh| {
+        let log = trellis_tests::read_log(&m.server.log_path());
+        let refusal = ["path=\"/chat\"", "response_code=403", "decision=\"denied\"", "response_flags=\"DENY\""];
+        log.lines().filter(|l| refusal.iter().all(|part| l.contains(part))).count()
+    };
+    let before = denied(&m);
+    let refused = WsOutcome::Refused { status: 403, body: "RBAC: access denied".into() };
+    assert_eq!(open(Some(&token(&t, "bob")), 1), refused, "another principal");
+    assert_eq!(open(None, 1), refused, "no token");
+    wait_for("the proxy's access log to show both refusals", Duration::from_secs(10), || {
+        (denied(&m) == before + 2).then_some(())
+    });
+}
+
 /// A request is reported (access log, Istio's series) when the last byte of its response has gone, not when its
 /// headers have: while the workload holds the end of the body back, the client has the headers and the first
 /// bytes and nothing is logged; once the body ends, the request is.

@@ -6,7 +6,7 @@
 //! | --- | --- |
 //! | 0 | control plane |
 //! | 1 | proxy A, workload `shop/web` (sa web), passthrough allow |
-//! | 2 | proxy B, workload `shop/api` (label app=api): http.server on 8080, echoes on 9000 and 9001, peer-name server on 9002 |
+//! | 2 | proxy B, workload `shop/api` (label app=api): http.server on 8080 (`tcp`) and 8081 (`http`), echoes on 9000 and 9001, peer-name server on 9002 |
 //! | 3 | outside the mesh: no proxy, echo on 7000, plaintext clients |
 //! | 4 | proxy C, workload `jobs/batch` (sa batch), passthrough deny |
 //!
@@ -25,6 +25,8 @@ use trellis_tests::outcome::{self, Outcome, Refusal};
 use trellis_tests::{ControlPlane, Echo, Proxy, ProxyOptions, WorkloadSpec, wait_for};
 
 const HTTP: u16 = 8080;
+/// A second http.server, on a port declared `http`: its requests go through the proxy's HTTP path (`l7`).
+const HTTP_L7: u16 = 8081;
 const ECHO: u16 = 9000;
 const ECHO2: u16 = 9001;
 /// `peername.py`: answers each connection with the client address it sees.
@@ -113,19 +115,23 @@ fn mesh_with(tag: &str, subnet: u8, with_c: bool, b_extra: serde_json::Map<Strin
     let www = tempfile::tempdir().unwrap();
     std::fs::write(www.path().join("index.txt"), "SECRET-BODY-6f1c\n").unwrap();
     // Its access log (stderr) names each request's client address.
-    let access_log = std::fs::File::create(www.path().join("access.log")).unwrap();
-    let server = h2
-        .cmd("python3")
-        .args(["-m", "http.server", &HTTP.to_string(), "--bind", &h2.ip.to_string(), "--directory"])
-        .arg(www.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(access_log)
-        .spawn()
-        .expect("spawn python3 -m http.server");
-    let server = Background(server);
+    let http_server = |port: u16| {
+        let access_log = std::fs::File::create(www.path().join(access_log_name(port))).unwrap();
+        let server = h2
+            .cmd("python3")
+            .args(["-m", "http.server", &port.to_string(), "--bind", &h2.ip.to_string(), "--directory"])
+            .arg(www.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(access_log)
+            .spawn()
+            .expect("spawn python3 -m http.server");
+        Background(server)
+    };
+    let (server, server_l7) = (http_server(HTTP), http_server(HTTP_L7));
     let peername = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peername.py");
     let peername = h2.spawn("python3", &[peername.to_str().unwrap(), &h2.ip.to_string(), &PEERNAME.to_string()]);
     wait_for("http.server on host 2", Duration::from_secs(20), || h2.connect(h2.addr(HTTP)).ok());
+    wait_for("the second http.server on host 2", Duration::from_secs(20), || h2.connect(h2.addr(HTTP_L7)).ok());
     wait_for("peername.py on host 2", Duration::from_secs(20), || h2.connect(h2.addr(PEERNAME)).ok());
     let apps = vec![
         Echo::start_in(Some(&h2.ns), h2.addr(ECHO)),
@@ -144,7 +150,7 @@ fn mesh_with(tag: &str, subnet: u8, with_c: bool, b_extra: serde_json::Map<Strin
         ..ProxyOptions::default()
     };
     let mut api = WorkloadSpec::new("api", "shop", "api", &h2.ip.to_string());
-    api.ports = vec![(HTTP, "tcp"), (ECHO, "tcp"), (ECHO2, "tcp"), (PEERNAME, "tcp")];
+    api.ports = vec![(HTTP, "tcp"), (HTTP_L7, "http"), (ECHO, "tcp"), (ECHO2, "tcp"), (PEERNAME, "tcp")];
     api.labels = vec![("app".into(), "api".into())];
     let b = Proxy::start_with(&cp, "node-b", &[api], ProxyOptions { extra: b_extra, ..on(h2, "allow") });
     let a = Proxy::start_with(
@@ -165,7 +171,18 @@ fn mesh_with(tag: &str, subnet: u8, with_c: bool, b_extra: serde_json::Map<Strin
         p.wait_ready();
         p.wait_config("host 2's workload in the registry", |d| d["workloads"].to_string().contains(&h2.ip.to_string()));
     }
-    Mesh { cp, a, b, c, _apps: apps, _bg: vec![server, peername], _www: www, ruleset_before, routing_before, net }
+    Mesh {
+        cp,
+        a,
+        b,
+        c,
+        _apps: apps,
+        _bg: vec![server, server_l7, peername],
+        _www: www,
+        ruleset_before,
+        routing_before,
+        net,
+    }
 }
 
 /// Sends `message` from `from` to `to` and reads it back: `Passed` when the echo came back whole.
@@ -244,32 +261,51 @@ fn unmodified_programs_cross_hosts_in_tls_only() {
     }
 }
 
-/// The client addresses host 2's http.server logged, in order (its access log: `<client> - - [date] "GET ..."`).
-fn access_log_clients(m: &Mesh) -> Vec<String> {
-    let log = std::fs::read_to_string(m._www.path().join("access.log")).unwrap_or_default();
+/// The access log of host 2's http.server on `port`.
+fn access_log_name(port: u16) -> String {
+    format!("access-{port}.log")
+}
+
+/// The client addresses host 2's http.server on `port` logged, in order (its access log:
+/// `<client> - - [date] "GET ..."`).
+fn access_log_clients(m: &Mesh, port: u16) -> Vec<String> {
+    let log = std::fs::read_to_string(m._www.path().join(access_log_name(port))).unwrap_or_default();
     log.lines().filter(|l| l.contains("\"GET ")).filter_map(|l| l.split(' ').next()).map(str::to_owned).collect()
 }
 
-/// curl on `from` fetches index.txt from host 2's http.server; returns the client address its access log names.
-fn curl_seen_as(m: &Mesh, from: &Host) -> String {
-    let before = access_log_clients(m).len();
-    let url = format!("http://{}:{HTTP}/index.txt", m.host(2).ip);
-    let out = from.cmd("curl").args(["-sS", "--max-time", "20", &url]).output().expect("run curl");
+/// curl on `from` fetches index.txt from host 2's http.server on `port`, twice on one connection (the second
+/// request reuses the proxy's upstream connection); returns the client addresses its access log names.
+fn curl_seen_as(m: &Mesh, from: &Host, port: u16) -> Vec<String> {
+    let before = access_log_clients(m, port).len();
+    let url = format!("http://{}:{port}/index.txt", m.host(2).ip);
+    let out = from.cmd("curl").args(["-sS", "--max-time", "20", &url, &url]).output().expect("run curl");
     assert!(out.status.success(), "curl from {}: {}", from.ns, String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "SECRET-BODY-6f1c\n");
-    wait_for("http.server to log the request", Duration::from_secs(20), || access_log_clients(m).get(before).cloned())
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "SECRET-BODY-6f1c\n".repeat(2));
+    wait_for("http.server to log both requests", Duration::from_secs(20), || {
+        let seen = access_log_clients(m, port);
+        (seen.len() >= before + 2).then(|| seen[before..].to_vec())
+    })
 }
 
 /// `capture.preserveSourceAddress` (on by default): host 2's workloads see their clients' own addresses, through a
 /// tunnel from host 1's workload and from a plaintext client on host 3 alike, in http.server's access log and in
-/// getpeername. The control case with the option off is `source_address_is_the_proxys_when_preservation_is_off`.
+/// getpeername; on a `tcp` port and on an `http` port (whose requests proxy B forwards over its own HTTP
+/// connections to the workload) alike. The control case with the option off is
+/// `source_address_is_the_proxys_when_preservation_is_off`.
 #[test]
 fn workloads_see_their_clients_addresses() {
     let m = mesh("mhsrc", 67, false);
     let (a, b, outside) = (m.host(1), m.host(2), m.host(3));
     for (client, path) in [(a, "tunnelled from proxy A"), (outside, "plaintext inbound")] {
         assert_eq!(peer_name(client, b.addr(PEERNAME)), client.ip.to_string(), "getpeername, {path}");
-        assert_eq!(curl_seen_as(&m, client), client.ip.to_string(), "http.server access log, {path}");
+        let ip = client.ip.to_string();
+        for port in [HTTP, HTTP_L7] {
+            assert_eq!(
+                curl_seen_as(&m, client, port),
+                [ip.clone(), ip.clone()],
+                "http.server access log, port {port}, {path}"
+            );
+        }
     }
     // The return route is what brings the workload's answers back to proxy B (they are addressed to host 1 or 3).
     let rules = routing(b);
@@ -290,7 +326,14 @@ fn source_address_is_the_proxys_when_preservation_is_off() {
     let (a, b, outside) = (m.host(1), m.host(2), m.host(3));
     for (client, path) in [(a, "tunnelled from proxy A"), (outside, "plaintext inbound")] {
         assert_eq!(peer_name(client, b.addr(PEERNAME)), b.ip.to_string(), "getpeername, {path}");
-        assert_eq!(curl_seen_as(&m, client), b.ip.to_string(), "http.server access log, {path}");
+        let ip = b.ip.to_string();
+        for port in [HTTP, HTTP_L7] {
+            assert_eq!(
+                curl_seen_as(&m, client, port),
+                [ip.clone(), ip.clone()],
+                "http.server access log, port {port}, {path}"
+            );
+        }
     }
     let rules = routing(b);
     assert!(!rules.contains("lookup 7472"), "{rules}");
@@ -634,4 +677,8 @@ fn ipv6_workloads_are_captured_and_cross_in_tls_only() {
     for twin in ["[::1]:15001 ", "[::]:15006 ", "[::]:15008 "] {
         assert!(listening.contains(twin), "no IPv6 listener {twin}: {listening}");
     }
+    // And say so in their addresses file, beside the IPv4 listeners.
+    let bound = a.bound_addresses();
+    let twins = ["outboundIpv6", "inboundIpv6", "hboneIpv6"].map(|k| bound[k].as_str().unwrap_or("-").to_owned());
+    assert_eq!(twins, ["[::1]:15001", "[::]:15006", "[::]:15008"], "{bound}");
 }

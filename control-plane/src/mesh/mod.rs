@@ -9,6 +9,7 @@
 //! identities), `admins` (admin credentials) and `errors` ([`MeshError`] and its gRPC status).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ mod errors;
 mod follow;
 mod hello;
 mod joins;
+mod mirror;
 mod nodes;
 mod registry;
 mod renewal;
@@ -36,6 +38,7 @@ mod signing;
 
 pub use errors::MeshError;
 pub use follow::follow_store;
+pub use mirror::FOLLOWED;
 pub use revocations::next_expiry;
 pub use rotation::{CaMaterial, RotateRequest};
 
@@ -87,6 +90,9 @@ pub struct Mesh {
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// Serializes write transactions with the publication of their snapshot, so snapshots appear in version order.
     writer: Mutex<()>,
+    /// Whether a follower publishes what the store reports (`follow.rs`): then a write that skipped versions
+    /// (another replica wrote in between, and this one has not seen it yet) leaves publishing to the follower.
+    followed: AtomicBool,
     /// The rotation (number, phase) the authority reflects (None: none ever), so that a replica following the
     /// store sees when another replica moved a rotation on (`follow.rs`).
     applied_rotation: Mutex<Option<(u64, crate::rotation::Phase)>>,
@@ -159,6 +165,7 @@ impl Mesh {
             config,
             snapshot,
             writer: Mutex::new(()),
+            followed: AtomicBool::new(false),
             applied_rotation: Mutex::new(applied.map(|r| (r.rotation, r.phase))),
         })
     }
@@ -203,6 +210,11 @@ impl Mesh {
         let (result, new_version) = transact(self.store.as_ref(), txn)?;
         if let Some(version) = new_version {
             let current = self.current();
+            if version != current.version + 1 && self.followed.load(Ordering::Relaxed) {
+                // Publishing `current` + this change as `version` would miss the versions in between (other
+                // replicas' writes): the follower publishes this version, whole, when the store reports it.
+                return Ok(result);
+            }
             let mut next = Snapshot {
                 version,
                 trust_bundle: current.trust_bundle.clone(),

@@ -28,7 +28,7 @@ pub(super) fn in_txn(txn: &dyn Txn, now: i64) -> Result<pb::Revocations, StoreEr
     build(txn.list(Table::RevokedCertificates)?, txn.list(Table::RevokedIdentities)?, now)
 }
 
-fn build(certificates: Entries, identities: Entries, now: i64) -> Result<pb::Revocations, StoreError> {
+pub(super) fn build(certificates: Entries, identities: Entries, now: i64) -> Result<pb::Revocations, StoreError> {
     let mut list = pb::Revocations::default();
     for (key, bytes) in certificates {
         let record: RevokedCertRecord = records::decode(Table::RevokedCertificates, &key, &bytes)?;

@@ -18,10 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, TxnOp, WatchOptions};
-use tokio::sync::watch;
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, TxnOp, WatchOptions};
+use tokio::sync::mpsc;
 
-use super::{Store, StoreError, Table, Txn};
+use super::{Change, Entry, Store, StoreError, Table, Txn, Write};
 
 /// How long one etcd call may take before the store is considered unavailable (etcd without quorum hangs).
 pub const OP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -47,9 +47,11 @@ pub struct EtcdStore {
     runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
     available: Arc<AtomicBool>,
-    changes: watch::Receiver<u64>,
     /// The highest etcd revision this replica has seen (reads, its commits, watch events).
     seen: Arc<AtomicI64>,
+    /// Tests: how many of the next commits lose etcd's answer (the request is then sent again).
+    #[cfg(test)]
+    pub(crate) lose_answers: std::sync::atomic::AtomicU32,
     /// The lease this replica's status entries are attached to (0: none granted yet, or expired); `leased.rs`.
     pub(super) lease: std::sync::Mutex<i64>,
 }
@@ -68,6 +70,16 @@ impl Members {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.call_noting(call, &AtomicBool::new(false)).await
+    }
+
+    /// [`Members::call`], setting `resent` when the call was sent again after an answer that leaves open whether
+    /// the first was applied (a leader change while it was being committed).
+    async fn call_noting<T, F, Fut>(&self, call: F, resent: &AtomicBool) -> Result<T, etcd_client::Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let mut i = self.preferred.load(Ordering::Relaxed);
         let mut unreachable = 0;
         loop {
@@ -80,7 +92,10 @@ impl Members {
                     }
                     i += 1;
                 }
-                Err(e) if electing(&e) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) if electing(&e) => {
+                    resent.store(true, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
                 other => {
                     self.preferred.store(member, Ordering::Relaxed);
                     return other;
@@ -157,7 +172,6 @@ impl EtcdStore {
             clients.push(wait(&handle, async move { Client::connect([endpoint], Some(connect)).await })?);
         }
         let clients = Arc::new(Members { clients, preferred: Default::default() });
-        let (tx, changes) = watch::channel(0u64);
         let available = Arc::new(AtomicBool::new(true));
         let seen = Arc::new(AtomicI64::new(0));
         let store = Self {
@@ -166,13 +180,13 @@ impl EtcdStore {
             runtime: Some(runtime),
             handle,
             available,
-            changes,
             seen,
+            #[cfg(test)]
+            lose_answers: Default::default(),
             lease: Default::default(),
         };
         // A first read: fails now, clearly, if etcd does not answer.
         store.read(Table::Meta, "-", false)?;
-        store.handle.spawn(follow(store.clients.clone(), store.prefix.clone(), tx, store.seen.clone()));
         store.handle.spawn(probe(store.clients.clone(), store.prefix.clone(), store.available.clone()));
         Ok(store)
     }
@@ -256,6 +270,8 @@ impl EtcdStore {
     }
 
     fn attempt(&self, f: &mut dyn FnMut(&mut dyn Txn) -> Result<(), StoreError>) -> Result<bool, StoreError> {
+        // The transaction commits after this revision, if at all.
+        let floor = self.seen.load(Ordering::Relaxed);
         let mut txn =
             EtcdTxn { store: self, reads: RefCell::default(), listed: RefCell::default(), writes: BTreeMap::new() };
         f(&mut txn)?;
@@ -284,21 +300,90 @@ impl EtcdStore {
                 None => TxnOp::delete(full, None),
             });
         }
+        // Every generation key written holds this transaction's id: if etcd's answer is lost and the request sent
+        // again, the second send fails its compares, and the id tells whether that is because the first committed.
+        let id = txn_id();
+        let witness = tables.first().map(|t| self.generation_key(*t));
         for table in tables {
-            ops.push(TxnOp::put(self.generation_key(table), Vec::new(), None));
+            ops.push(TxnOp::put(self.generation_key(table), id.clone(), None));
         }
+        let (compared, written) = (compares.len(), ops.len());
         let request = etcd_client::Txn::new().when(compares).and_then(ops);
-        let members = self.members();
-        let response = self.run(async move {
-            members
-                .call(|mut c| {
-                    let request = request.clone();
-                    async move { c.txn(request).await }
-                })
-                .await
+        let resent = Arc::new(AtomicBool::new(false));
+        let response = self.commit(request.clone(), resent.clone()).map_err(|e| match e {
+            // etcd's own message names no flag: say which limit and by how much.
+            StoreError::Backend(m) if m.contains("too many operations") => StoreError::Backend(format!(
+                "etcd refused a transaction of {compared} compares and {written} writes ({m}): start etcd with \
+                 --max-txn-ops of at least {}",
+                compared.max(written)
+            )),
+            other => other,
         })?;
+        #[cfg(test)]
+        let response =
+            if self.lose_answers.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok() {
+                // As if etcd's answer had been lost to a leader change and `Members::call` had sent the request again.
+                resent.store(true, Ordering::Relaxed);
+                self.commit(request, resent.clone())?
+            } else {
+                response
+            };
         self.seen.fetch_max(response.header().map(|h| h.revision()).unwrap_or(0), Ordering::Relaxed);
-        Ok(response.succeeded())
+        if response.succeeded() {
+            return Ok(true);
+        }
+        match witness {
+            Some(key) if resent.load(Ordering::Relaxed) => self.committed(key, &id, floor),
+            _ => Ok(false),
+        }
+    }
+
+    fn commit(
+        &self,
+        request: etcd_client::Txn,
+        resent: Arc<AtomicBool>,
+    ) -> Result<etcd_client::TxnResponse, StoreError> {
+        let members = self.members();
+        self.run(async move {
+            members
+                .call_noting(
+                    |mut c| {
+                        let request = request.clone();
+                        async move { c.txn(request).await }
+                    },
+                    &resent,
+                )
+                .await
+        })
+    }
+
+    /// Whether the transaction `id` committed after revision `floor`: some version of its generation key `key`
+    /// written since then holds the id. Walks the key's history back (bounded; a compacted history counts as no).
+    fn committed(&self, key: String, id: &str, floor: i64) -> Result<bool, StoreError> {
+        let mut at = 0;
+        for _ in 0..MAX_ATTEMPTS {
+            let members = self.members();
+            let k = key.clone();
+            let response = self.run(async move {
+                members
+                    .call(|mut c| {
+                        let options = if at > 0 { GetOptions::new().with_revision(at) } else { GetOptions::new() };
+                        let key = k.clone();
+                        async move { c.get(key, Some(options)).await }
+                    })
+                    .await
+            });
+            let Ok(response) = response else { return Ok(false) };
+            let Some(kv) = response.kvs().first() else { return Ok(false) };
+            if kv.value() == id.as_bytes() {
+                return Ok(true);
+            }
+            if kv.mod_revision() <= floor {
+                return Ok(false);
+            }
+            at = kv.mod_revision() - 1;
+        }
+        Ok(false)
     }
 }
 
@@ -327,52 +412,122 @@ fn wait<T: Send + 'static>(
     }
 }
 
-/// Tells `changes` about every change under the prefix. Each (re)start of the watch counts as a change, so that a
-/// follower reloads everything: what it missed while disconnected, or behind a compaction, is then caught up.
-async fn follow(members: Arc<Members>, prefix: String, changes: watch::Sender<u64>, seen: Arc<AtomicI64>) {
-    loop {
-        let watch = members.call(|mut c| {
-            let prefix = prefix.clone();
-            async move { c.watch(prefix, Some(WatchOptions::new().with_prefix())).await }
-        });
-        match watch.await {
-            Ok(mut stream) => {
-                changes.send_modify(|n| *n += 1);
-                loop {
-                    match stream.message().await {
-                        Ok(Some(response)) => {
-                            if response.canceled() || response.compact_revision() > 0 {
-                                tracing::warn!(reason = response.cancel_reason(), "etcd watch canceled; restarting");
-                                break;
-                            }
-                            // Status entries (`leased.rs`) change all the time and are no part of the snapshot.
-                            let status = format!("{prefix}{}", super::STATUS);
-                            let relevant = response
-                                .events()
-                                .iter()
-                                .any(|e| e.kv().is_none_or(|kv| !kv.key().starts_with(status.as_bytes())));
-                            if relevant {
-                                // Before telling: the reload this triggers must read at least this revision.
-                                let revision = response.header().map(|h| h.revision()).unwrap_or(0);
-                                seen.fetch_max(revision, Ordering::Relaxed);
-                                changes.send_modify(|n| *n += 1);
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "etcd watch failed; restarting");
-                            break;
-                        }
-                    }
+/// Tells `changes` what is written to `tables`: a [`Change::Reset`] read at one revision R, then the watch's events
+/// from R + 1 on, one [`Change::Delta`] per watch response (etcd never splits one revision's events across responses
+/// unless asked to: a transaction arrives whole). When the watch fails or falls behind a compaction, a new `Reset`
+/// and a watch from its revision: the follower catches up on what it missed without replaying anything twice.
+async fn follow(
+    members: Arc<Members>,
+    prefix: String,
+    tables: Vec<Table>,
+    changes: mpsc::UnboundedSender<Change>,
+    seen: Arc<AtomicI64>,
+) {
+    while !changes.is_closed() {
+        match tokio::time::timeout(OP_TIMEOUT, read_tables(&members, &prefix, &tables)).await {
+            Ok(Ok((entries, revision))) => {
+                seen.fetch_max(revision, Ordering::Relaxed);
+                if changes.send(Change::Reset(entries)).is_err() {
+                    return;
                 }
+                watch_from(&members, &prefix, &tables, revision + 1, &changes, &seen).await;
             }
-            Err(e) => tracing::debug!(error = %e, "etcd watch not established"),
-        }
-        if changes.is_closed() {
-            return;
+            Ok(Err(e)) => tracing::debug!(error = %e, "etcd: reading the followed tables failed"),
+            Err(_) => tracing::debug!("etcd: reading the followed tables timed out"),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Every entry of `tables`, all read at one revision (the first listing's, linearizable), and that revision.
+async fn read_tables(
+    members: &Members,
+    prefix: &str,
+    tables: &[Table],
+) -> Result<(Vec<Entry>, i64), etcd_client::Error> {
+    let mut entries = Vec::new();
+    let mut revision = 0;
+    for table in tables {
+        let table_prefix = format!("{prefix}{}/", table.name());
+        let response = members
+            .call(|mut c| {
+                let options = GetOptions::new().with_prefix();
+                let options = if revision > 0 { options.with_revision(revision) } else { options };
+                let key = table_prefix.clone();
+                async move { c.get(key, Some(options)).await }
+            })
+            .await?;
+        if revision == 0 {
+            revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        }
+        for kv in response.kvs() {
+            let key = String::from_utf8_lossy(&kv.key()[table_prefix.len()..]).into_owned();
+            entries.push((*table, key, kv.value().to_vec()));
+        }
+    }
+    Ok((entries, revision))
+}
+
+/// Follows the watch from `start` until it fails, is canceled or compacted, or nobody listens any more.
+async fn watch_from(
+    members: &Members,
+    prefix: &str,
+    tables: &[Table],
+    start: i64,
+    changes: &mpsc::UnboundedSender<Change>,
+    seen: &AtomicI64,
+) {
+    let watch = members.call(|mut c| {
+        let prefix = prefix.to_owned();
+        async move { c.watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(start))).await }
+    });
+    let mut stream = match watch.await {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!(error = %e, "etcd watch not established");
+            return;
+        }
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(response)) => {
+                if response.canceled() || response.compact_revision() > 0 {
+                    tracing::warn!(reason = response.cancel_reason(), "etcd watch canceled; reading everything again");
+                    return;
+                }
+                let writes = followed_writes(prefix, tables, response.events());
+                // Before telling: whatever the follower reads next must be at least this revision.
+                let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+                seen.fetch_max(revision, Ordering::Relaxed);
+                if !writes.is_empty() && changes.send(Change::Delta(writes)).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd watch failed; reading everything again");
+                return;
+            }
+        }
+    }
+}
+
+/// The events that write to one of `tables` (not generation keys, not other tables), in order.
+fn followed_writes(prefix: &str, tables: &[Table], events: &[etcd_client::Event]) -> Vec<Write> {
+    let mut writes = Vec::new();
+    for event in events {
+        let Some(kv) = event.kv() else { continue };
+        let Some(rest) = kv.key().strip_prefix(prefix.as_bytes()) else { continue };
+        let rest = String::from_utf8_lossy(rest);
+        let Some((table, key)) = rest.split_once('/') else { continue };
+        let Some(table) = Table::from_name(table).filter(|t| tables.contains(t)) else { continue };
+        let value = match event.event_type() {
+            EventType::Put => Some(kv.value().to_vec()),
+            EventType::Delete => None,
+        };
+        writes.push((table, key.to_owned(), value));
+    }
+    writes
 }
 
 /// Keeps `available` true while a linearizable read succeeds (it needs a quorum).
@@ -426,8 +581,10 @@ impl Store for EtcdStore {
         Err(StoreError::Conflict { attempts: MAX_ATTEMPTS })
     }
 
-    fn changes(&self) -> Option<watch::Receiver<u64>> {
-        Some(self.changes.clone())
+    fn follow(&self, tables: &[Table]) -> Option<mpsc::UnboundedReceiver<Change>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.handle.spawn(follow(self.members(), self.prefix.clone(), tables.to_vec(), tx, self.seen.clone()));
+        Some(rx)
     }
 
     fn leased(&self) -> Option<&dyn super::LeasedStatus> {
@@ -437,6 +594,13 @@ impl Store for EtcdStore {
     fn available(&self) -> bool {
         self.available.load(Ordering::Relaxed)
     }
+}
+
+/// A transaction's id: 16 random bytes, hex.
+fn txn_id() -> String {
+    let mut bytes = [0u8; 16];
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    hex::encode(bytes)
 }
 
 fn rand_u8() -> u8 {

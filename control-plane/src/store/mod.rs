@@ -87,6 +87,21 @@ pub enum StoreError {
     Aborted,
 }
 
+/// One entry of a followed table: (table, key, value).
+pub type Entry = (Table, String, Vec<u8>);
+/// One write of a committed transaction: (table, key, value; None: deleted).
+pub type Write = (Table, String, Option<Vec<u8>>);
+
+/// What a follower of the store ([`Store::follow`]) is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Everything the followed tables hold, read at one revision: replaces what the follower knew.
+    Reset(Vec<Entry>),
+    /// The writes to the followed tables of one or more committed transactions, in commit order, each transaction
+    /// whole (never split across two deltas).
+    Delta(Vec<Write>),
+}
+
 /// Reads and writes inside one atomic transaction.
 pub trait Txn {
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
@@ -102,9 +117,12 @@ pub trait Store: Send + Sync + 'static {
     /// with optimistic transactions may run `f` more than once (each run sees fresh reads; only the last commits).
     fn update(&self, f: &mut dyn FnMut(&mut dyn Txn) -> Result<(), StoreError>) -> Result<(), StoreError>;
 
-    /// Changes written by anyone (other replicas too): a counter that moves on every change, None where this
-    /// process is the only writer (redb). A receiver that sees it move reloads what it derives from the store.
-    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+    /// Follows what anyone (other replicas too, this one included) writes to `tables`: first a [`Change::Reset`]
+    /// with everything they hold, then a [`Change::Delta`] per batch of committed transactions, and a new `Reset`
+    /// whenever the backend cannot say what changed (a reconnect, a compaction). None where this process is the
+    /// only writer (redb).
+    fn follow(&self, tables: &[Table]) -> Option<tokio::sync::mpsc::UnboundedReceiver<Change>> {
+        let _ = tables;
         None
     }
 
@@ -253,6 +271,97 @@ mod tests {
         .unwrap();
         assert_eq!(runs, 2, "the first commit must have been refused");
         assert_eq!(one.get(Table::Meta, "count").unwrap(), Some(b"1".to_vec()));
+    }
+
+    /// A commit whose answer is lost and which is sent again (as after a leader change) reports its own success,
+    /// not a conflict: the second send fails its compares because the first committed, and the transaction's id,
+    /// written in the same transaction, says so. Without that, the closure ran again and refused its own write.
+    #[test]
+    fn a_resent_commit_that_committed_reports_success() {
+        let options = test_etcd::options();
+        let store = EtcdStore::connect(&options).unwrap();
+        transact::<_, StoreError>(&store, |txn| txn.put(Table::Tokens, "t", b"fresh")).unwrap();
+        let consume = |store: &EtcdStore| {
+            let mut runs = 0;
+            let result = transact::<_, StoreError>(store, |txn| {
+                runs += 1;
+                match txn.get(Table::Tokens, "t")? {
+                    Some(v) if v == b"fresh" => txn.put(Table::Tokens, "t", b"used"),
+                    _ => Err(StoreError::Backend("already used".into())),
+                }
+            });
+            (result, runs)
+        };
+        store.lose_answers.store(1, std::sync::atomic::Ordering::Relaxed);
+        let (result, runs) = consume(&store);
+        assert_eq!(store.lose_answers.load(std::sync::atomic::Ordering::Relaxed), 0, "the first answer was lost");
+        assert!(result.is_ok(), "the resent commit reported {result:?}");
+        assert_eq!(runs, 1, "the closure did not run again");
+        assert_eq!(store.get(Table::Tokens, "t").unwrap(), Some(b"used".to_vec()));
+        // Control, through the same path: a second consumption is refused, by the closure, as already used.
+        let (result, runs) = consume(&store);
+        assert!(matches!(result, Err(StoreError::Backend(ref m)) if m == "already used"), "{result:?}");
+        assert_eq!(runs, 1);
+        // And a resent commit that conflicts with another writer's commit (not its own) is still a conflict: the
+        // closure runs again on fresh reads.
+        let other = EtcdStore::connect(&options).unwrap();
+        transact::<_, StoreError>(&other, |txn| txn.put(Table::Tokens, "u", b"1")).unwrap();
+        let mut runs = 0;
+        transact::<_, StoreError>(&other, |txn| {
+            runs += 1;
+            let n = txn.get(Table::Tokens, "u")?.unwrap();
+            if runs == 1 {
+                transact::<_, StoreError>(&store, |t| t.put(Table::Tokens, "u", b"2")).unwrap();
+                other.lose_answers.store(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            txn.put(Table::Tokens, "u", &[n, b"+".to_vec()].concat())
+        })
+        .unwrap();
+        assert_eq!(runs, 2, "the conflict made the closure run again");
+        assert_eq!(other.get(Table::Tokens, "u").unwrap(), Some(b"2+".to_vec()));
+    }
+
+    /// The follower of an etcd store is told everything at first, then each transaction's writes to the followed
+    /// tables, whole and in order, and nothing about other tables.
+    #[test]
+    fn follow_reports_a_reset_then_each_transaction() {
+        let options = test_etcd::options();
+        let store = EtcdStore::connect(&options).unwrap();
+        transact::<_, StoreError>(&store, |txn| txn.put(Table::Resources, "a", b"1")).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut changes = store.follow(&[Table::Resources, Table::Meta]).unwrap();
+        let next = |changes: &mut tokio::sync::mpsc::UnboundedReceiver<Change>| {
+            runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), changes.recv()).await })
+        };
+        assert_eq!(next(&mut changes), Ok(Some(Change::Reset(vec![(Table::Resources, "a".into(), b"1".to_vec())]))));
+        transact::<_, StoreError>(&store, |txn| {
+            txn.put(Table::Resources, "b", b"2")?;
+            txn.delete(Table::Resources, "a")?;
+            txn.put(Table::Meta, "v", b"7")?;
+            txn.put(Table::Certificates, "c", b"x")
+        })
+        .unwrap();
+        transact::<_, StoreError>(&store, |txn| txn.put(Table::Certificates, "d", b"y")).unwrap();
+        transact::<_, StoreError>(&store, |txn| txn.put(Table::Resources, "a", b"3")).unwrap();
+        // Each transaction whole, in commit order (the watch may batch both into one response), nothing else.
+        let expected = vec![
+            (Table::Resources, "a".into(), None),
+            (Table::Resources, "b".into(), Some(b"2".to_vec())),
+            (Table::Meta, "v".into(), Some(b"7".to_vec())),
+            (Table::Resources, "a".into(), Some(b"3".to_vec())),
+        ];
+        let mut received = Vec::new();
+        while received.len() < expected.len() {
+            match next(&mut changes) {
+                Ok(Some(Change::Delta(writes))) => {
+                    let whole = if received.is_empty() { [3, 4].contains(&writes.len()) } else { writes.len() == 1 };
+                    assert!(whole, "a transaction split across deltas: {writes:?} after {received:?}");
+                    received.extend(writes);
+                }
+                other => panic!("expected a delta, got {other:?}"),
+            }
+        }
+        assert_eq!(received, expected);
     }
 
     #[test]

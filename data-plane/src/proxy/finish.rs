@@ -50,7 +50,13 @@ impl From<DialError> for io::Error {
 
 /// Dials `target` within `timeout`, through `sockets` (so the socket carries the capture mark).
 pub async fn dial(target: SocketAddr, timeout: Duration) -> Result<TcpStream, DialError> {
-    within(timeout, crate::sockets::connect(target)).await
+    dial_from(target, None, timeout).await
+}
+
+/// [`dial`] from `source` (the client's address, trusted by the caller) where preservation is on
+/// (`sockets::connect_from`).
+pub async fn dial_from(target: SocketAddr, source: Option<IpAddr>, timeout: Duration) -> Result<TcpStream, DialError> {
+    within(timeout, crate::sockets::connect_from(target, source)).await
 }
 
 async fn within<S>(timeout: Duration, connect: impl Future<Output = io::Result<S>>) -> Result<S, DialError> {
@@ -72,7 +78,7 @@ pub async fn dial_workload(
     authz: Authz,
     traffic: &TrafficMetrics,
 ) -> Result<(Open, TcpStream), DialError> {
-    let connect = within(WORKLOAD_DIAL_TIMEOUT, crate::sockets::connect_from(target, source));
+    let connect = dial_from(target, source, WORKLOAD_DIAL_TIMEOUT);
     opened_or_refused(connect, report, authz, traffic).await
 }
 

@@ -334,9 +334,10 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
     let report = ConnectionReport::new(key, source_addr.unwrap_or(peer), target);
     // Registered before the check, so that a policy change between check and registration cannot be missed.
     let registration = data.connections.register_inbound(conn.clone());
+    let dial_from = trusted_source(&data, source, source_addr, peer);
     if l7::is_http(&conn) {
         // Checked per request instead (`l7`).
-        return l7::accept(request, conn, report, registration, data);
+        return l7::accept(request, conn, report, registration, data, dial_from);
     }
     let allowed = {
         let policies = data.authz.load();
@@ -354,7 +355,6 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
         Authz::allowed(policy)
     };
 
-    let dial_from = trusted_source(&data, source, source_addr, peer);
     let (open, mut upstream) = match finish::dial_workload(target, dial_from, report, allowed, &data.traffic).await {
         Ok(dialled) => dialled,
         Err(DialError::Refused(e)) => {

@@ -1,5 +1,6 @@
 //! `cargo run --release -p trellis-tests --bin trellis-bench -- all [--smoke] [--no-build]`: the benchmark suite
-//! (Trellis against direct TCP, a stunnel4 pair and an HAProxy pair; see `bench/suite.rs`).
+//! (Trellis against direct TCP, a stunnel4 pair and an HAProxy pair; see `bench/suite.rs`); `all --ztunnel PATH`:
+//! Trellis against Istio's ztunnel on simulated hosts (see `bench/netpath.rs`).
 //! `trellis-bench tunnel [--quick] [--direct-only] [--no-build]`: the older direct vs. Trellis tunnel benchmark.
 //! `trellis-bench http [--quick] [--no-build]`: HTTP/1.1 requests direct vs. through the mesh, with and without a
 //! JWT rule (see `bench/http.rs`).
@@ -22,7 +23,7 @@ mod common;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: trellis-bench all [--smoke] [--only N,N] [--worker-threads N] [--bulk-mib N] [--no-build] | trellis-bench tunnel [--quick] [--direct-only] [--no-build] | trellis-bench control [--replicas N] [--proxies N] [--csr-clients N] [--rounds N] | trellis-bench soak --duration D [--cert-ttl D] [--policy-every D] [--rate N] [--streams N] [--no-build] | trellis-bench rotation [--proxies N] [--workloads M] [--overlap D] | trellis-bench scoping [--namespaces N] [--workloads W] [--rounds R] [--no-build] | trellis-bench load [--connections N] [--hold D] [--burst-rate N] [--burst D] [--no-build]";
+const USAGE: &str = "usage: trellis-bench all [--smoke] [--quick] [--only N,N] [--worker-threads N] [--bulk-mib N] [--ztunnel PATH] [--no-build] | trellis-bench tunnel [--quick] [--direct-only] [--no-build] | trellis-bench control [--replicas N] [--proxies N] [--csr-clients N] [--rounds N] | trellis-bench soak --duration D [--cert-ttl D] [--policy-every D] [--rate N] [--streams N] [--no-build] | trellis-bench rotation [--proxies N] [--workloads M] [--overlap D] | trellis-bench scoping [--namespaces N] [--workloads W] [--rounds R] [--no-build] | trellis-bench load [--connections N] [--hold D] [--burst-rate N] [--burst D] [--no-build]";
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -36,7 +37,7 @@ fn main() -> ExitCode {
         Some("scoping") => bench::scoping::main(&argv[1..]),
         Some("load") => bench::scale::main(&argv[1..]),
         // The suite's servers, as a process of their own.
-        Some("servers") => bench::load::servers_main(),
+        Some("servers") => bench::load::servers_main(&argv[1..]),
         // The load's echo server, as a process of its own.
         Some("load-echo") => bench::scale::echo_main(),
         _ => {

@@ -19,7 +19,7 @@ use http_body_util::{Either, Empty, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::upgrade::Upgraded;
-use hyper::{Request, Response, StatusCode, Version};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::{debug, info};
@@ -48,7 +48,9 @@ pub fn is_http(conn: &InboundConn) -> bool {
 }
 
 /// Pooled HTTP clients to local workloads: HTTP/1.1 for `http` ports, h2c for `http2` and `grpc` ports, whatever
-/// the caller speaks.
+/// the caller speaks. The proxy's shared one dials from its own address; a tunnel whose client's address is kept
+/// (`capture.preserveSourceAddress`) has its own, dialling from that address ([`Upstream::from_source`]), so that
+/// its connections are reused for its requests and for no one else's.
 pub struct Upstream {
     http1: Client<MarkedDial, ReqBody>,
     http2: Client<MarkedDial, ReqBody>,
@@ -58,8 +60,11 @@ pub struct Upstream {
 /// carries the capture mark like every other connection the proxy opens): hyper's client takes its connector as a
 /// tower `Service`, which is why this adapter lives here, next to the client, and not in `sockets` or `finish`
 /// (which would then depend on hyper and tower). A failed dial fails the request (`Verdict::UpstreamError`).
+/// `source`: the client's address to dial from (`sockets::connect_from`), for a tunnel whose source is kept.
 #[derive(Clone, Copy)]
-pub struct MarkedDial;
+pub struct MarkedDial {
+    source: Option<std::net::IpAddr>,
+}
 
 impl tower::Service<hyper::Uri> for MarkedDial {
     type Response = TokioIo<tokio::net::TcpStream>;
@@ -71,12 +76,13 @@ impl tower::Service<hyper::Uri> for MarkedDial {
     }
 
     fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let source = self.source;
         Box::pin(async move {
             let address: std::net::SocketAddr = uri
                 .authority()
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "upstream URI is not ip:port"))?;
-            let stream = finish::dial(address, WORKLOAD_DIAL_TIMEOUT).await?;
+            let stream = finish::dial_from(address, source, WORKLOAD_DIAL_TIMEOUT).await?;
             Ok(TokioIo::new(stream))
         })
     }
@@ -84,7 +90,15 @@ impl tower::Service<hyper::Uri> for MarkedDial {
 
 impl Default for Upstream {
     fn default() -> Self {
-        let connector = MarkedDial;
+        Self::from_source(None)
+    }
+}
+
+impl Upstream {
+    /// Clients dialling from `source` (the proxy's own address when `None`). No socket is opened until a request
+    /// needs one.
+    pub fn from_source(source: Option<std::net::IpAddr>) -> Self {
+        let connector = MarkedDial { source };
         let builder = || {
             let mut b = Client::builder(TokioExecutor::new());
             b.timer(TokioTimer::new()).pool_timer(TokioTimer::new()).pool_idle_timeout(Duration::from_secs(60));
@@ -96,17 +110,19 @@ impl Default for Upstream {
 
 /// Answers the CONNECT with 200 and serves the tunnel as HTTP in its own task.
 /// `report` carries the tunnel's labels (its requests are counted under the same source and destination).
+/// `dial_from`: the client's address the workload sees, when source preservation is on and the address is trusted.
 pub fn accept(
     mut request: Request<Incoming>,
     conn: Arc<InboundConn>,
     report: ConnectionReport,
     registration: Registration,
     data: Arc<DataPath>,
+    dial_from: Option<std::net::IpAddr>,
 ) -> Response<Empty<Bytes>> {
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(tunnel) => serve(tunnel, conn, report, registration, data).await,
+            Ok(tunnel) => serve(tunnel, conn, report, registration, data, dial_from).await,
             Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
         }
     });
@@ -119,6 +135,7 @@ async fn serve(
     report: ConnectionReport,
     registration: Registration,
     data: Arc<DataPath>,
+    dial_from: Option<std::net::IpAddr>,
 ) {
     // The tunnel is a TCP connection too: counted and logged as one, with its bytes, next to its requests.
     let source = report.key.source.clone();
@@ -131,7 +148,19 @@ async fn serve(
     // Every upgraded stream holds a sender; the tunnel is reported closed once the last one is done.
     let (upgrades, mut upgrades_done) = tokio::sync::mpsc::channel::<()>(1);
     let cancel = registration.cancel.clone();
-    let ctx = Arc::new(Tunnel { conn, data, source, smuggling, protocol, cancel, upgrades: upgrades.downgrade() });
+    // Once per tunnel: its own clients when the workload must see the client's address (their connections serve
+    // this tunnel's requests only, and close with it), else the shared ones.
+    let own_upstream = dial_from.map(|ip| Upstream::from_source(Some(ip)));
+    let ctx = Arc::new(Tunnel {
+        conn,
+        data,
+        source,
+        smuggling,
+        protocol,
+        cancel,
+        upgrades: upgrades.downgrade(),
+        own_upstream,
+    });
     let service = hyper::service::service_fn(move |request| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.handle(request).await) }
@@ -139,6 +168,10 @@ async fn serve(
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(MAX_HEADERS);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEADERS as u32);
+    if protocol == Protocol::Http {
+        // RFC 8441: h2 clients may open WebSockets with extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL).
+        builder.http2().enable_connect_protocol();
+    }
     let result = {
         let connection = builder.serve_connection_with_upgrades(tunnel, service);
         tokio::pin!(connection);
@@ -180,6 +213,8 @@ struct Tunnel {
     /// Made strong in each upgraded stream's task, so that `serve` waits for them (and only them) before it
     /// reports the tunnel closed.
     upgrades: tokio::sync::mpsc::WeakSender<()>,
+    /// Clients dialling from the client's address (source preservation), used instead of `DataPath::upstream`.
+    own_upstream: Option<Upstream>,
 }
 
 /// What happened to one request: the one place a request's result is reported (access logs and metrics attach
@@ -308,7 +343,8 @@ impl Tunnel {
         })
     }
 
-    async fn decide(&self, request: Request<ReqBody>, outcome: &mut RequestOutcome) -> Response<Body> {
+    async fn decide(&self, mut request: Request<ReqBody>, outcome: &mut RequestOutcome) -> Response<Body> {
+        let extended = extended_connect(&mut request);
         let grpc = self.protocol == Protocol::Grpc || is_grpc(request.headers());
         // Counted for every HTTP/1 request, first, so the count matches the heads `framing` saw.
         if request.version() != Version::HTTP_2 && self.smuggling.next_request_is_flagged() {
@@ -339,7 +375,7 @@ impl Tunnel {
             Ok(edits) => edits,
             Err(response) => return *response,
         };
-        match self.forward(request, &target, edits).await {
+        match self.forward(request, &target, edits, extended).await {
             Ok(response) => response,
             Err(e) => {
                 info!(source = %self.conn.source, target = %self.conn.destination, error = %e, "upstream request failed");
@@ -415,18 +451,25 @@ impl Tunnel {
         request: Request<ReqBody>,
         target: &str,
         edits: trellis_policy::HeaderEdits,
+        extended: Option<HeaderValue>,
     ) -> Result<Response<Body>, hyper_util::client::legacy::Error> {
         let (mut parts, body) = request.into_parts();
         let version = parts.version;
         let authority = parts.uri.authority().cloned();
-        // An HTTP/1.1 Upgrade (WebSocket) to an `http` port, authorized like any request: passed on with its
-        // Upgrade and Connection headers; if the workload switches protocols, both sides become one opaque stream.
-        let upgrade = (self.protocol == Protocol::Http).then(|| upgrade_request(&parts)).flatten();
+        // An HTTP/1.1 Upgrade (WebSocket) to an `http` port, or an HTTP/2 extended CONNECT standing for one,
+        // authorized like any request: passed on as an Upgrade request; if the workload switches protocols, both
+        // sides become one opaque stream.
+        let upgrade =
+            (self.protocol == Protocol::Http).then(|| extended.clone().or_else(|| upgrade_request(&parts))).flatten();
         let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
         strip_hop_by_hop(&mut parts.headers);
         if let Some(protocol) = &upgrade {
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol.clone());
+            // RFC 8441 §5: extended CONNECT carries no handshake nonce; the HTTP/1.1 side needs one (RFC 6455 §4.1).
+            if extended.is_some() && protocol.as_bytes().eq_ignore_ascii_case(b"websocket") {
+                parts.headers.insert(header::SEC_WEBSOCKET_KEY, websocket_key());
+            }
         }
         for name in &edits.remove {
             parts.headers.remove(name.as_str());
@@ -439,10 +482,11 @@ impl Tunnel {
         let uri = format!("http://{}{target}", self.conn.destination);
         parts.uri = uri.parse().expect("an address and a normalized path form a valid URI");
         // The port's protocol decides what the workload is spoken to; the caller's version is translated.
+        let upstream = self.own_upstream.as_ref().unwrap_or(&self.data.upstream);
         let client = match self.protocol {
             Protocol::Http2 | Protocol::Grpc => {
                 parts.version = Version::HTTP_2;
-                &self.data.upstream.http2
+                &upstream.http2
             }
             Protocol::Http | Protocol::Tcp => {
                 // An HTTP/2 caller's :authority becomes the Host an HTTP/1.1 workload expects.
@@ -451,7 +495,7 @@ impl Tunnel {
                     parts.headers.insert(header::HOST, value);
                 }
                 parts.version = Version::HTTP_11;
-                &self.data.upstream.http1
+                &upstream.http1
             }
         };
         let mut response = client.request(Request::from_parts(parts, body)).await?;
@@ -466,7 +510,17 @@ impl Tunnel {
         let (mut parts, body) = response.into_parts();
         let upgrade_header = parts.headers.get(header::UPGRADE).cloned();
         strip_hop_by_hop(&mut parts.headers);
-        if let Some(protocol) = upgrade_header.filter(|_| switched) {
+        if extended.is_some() {
+            // The HTTP/2 form of "switched": 200 on the CONNECT stream, without the HTTP/1.1 handshake's answer.
+            // Any other 2xx would open a tunnel to a workload that did not switch: refused instead.
+            parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+            if switched {
+                parts.status = StatusCode::OK;
+            } else if parts.status.is_success() {
+                info!(source = %self.conn.source, status = %parts.status, "extended CONNECT: the workload did not switch protocols");
+                return Ok(text(StatusCode::BAD_GATEWAY, "upstream did not switch protocols"));
+            }
+        } else if let Some(protocol) = upgrade_header.filter(|_| switched) {
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol);
         }
@@ -516,6 +570,32 @@ fn upgrade_request(parts: &hyper::http::request::Parts) -> Option<HeaderValue> {
         .flat_map(|v| v.split(','))
         .any(|option| option.trim().eq_ignore_ascii_case("upgrade"));
     asks.then(|| parts.headers.get(header::UPGRADE).cloned()).flatten()
+}
+
+/// An HTTP/2 extended CONNECT (RFC 8441): the protocol it opens (`websocket`), with the request rewritten into the
+/// HTTP/1.1 Upgrade it stands for (`GET`, `Upgrade`, `Connection: upgrade`), as Envoy does, so that policies and the
+/// workload see one form whichever HTTP version the client spoke. `None` (and the request untouched) otherwise.
+fn extended_connect<B>(request: &mut Request<B>) -> Option<HeaderValue> {
+    if request.method() != Method::CONNECT {
+        return None;
+    }
+    let protocol = request.extensions().get::<hyper::ext::Protocol>()?;
+    let value = HeaderValue::from_str(protocol.as_str()).ok()?;
+    request.extensions_mut().remove::<hyper::ext::Protocol>();
+    *request.method_mut() = Method::GET;
+    let headers = request.headers_mut();
+    headers.insert(header::UPGRADE, value.clone());
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    Some(value)
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes in base64.
+fn websocket_key() -> HeaderValue {
+    use base64::Engine as _;
+    let mut nonce = [0u8; 16];
+    let _ = aws_lc_rs::rand::fill(&mut nonce);
+    let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+    HeaderValue::try_from(key).expect("base64 is a valid header value")
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -572,4 +652,53 @@ fn grpc_status(code: u8, message: &'static str) -> Response<Body> {
     headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
     headers.insert("grpc-message", HeaderValue::from_static(message));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(protocol: Option<&'static str>) -> Request<()> {
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .version(Version::HTTP_2)
+            .uri("http://chat.example/chat")
+            .body(())
+            .unwrap();
+        if let Some(p) = protocol {
+            request.extensions_mut().insert(hyper::ext::Protocol::from_static(p));
+        }
+        request
+    }
+
+    #[test]
+    fn an_extended_connect_becomes_the_upgrade_it_stands_for_and_nothing_else_changes() {
+        let mut ws = connect(Some("websocket"));
+        assert_eq!(extended_connect(&mut ws), Some(HeaderValue::from_static("websocket")));
+        assert_eq!(ws.method(), Method::GET);
+        assert_eq!(ws.headers()[header::UPGRADE], "websocket");
+        assert_eq!(ws.headers()[header::CONNECTION], "upgrade");
+        assert_eq!(ws.uri().path(), "/chat");
+        assert!(ws.extensions().get::<hyper::ext::Protocol>().is_none());
+
+        // A plain CONNECT (no :protocol) and other methods are left alone.
+        let mut plain = connect(None);
+        assert_eq!(extended_connect(&mut plain), None);
+        assert_eq!(plain.method(), Method::CONNECT);
+        assert!(plain.headers().is_empty());
+        let mut get = Request::builder().uri("/chat").body(()).unwrap();
+        get.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+        assert_eq!(extended_connect(&mut get), None);
+        assert_eq!(get.method(), Method::GET);
+        assert!(get.headers().is_empty());
+    }
+
+    #[test]
+    fn websocket_keys_are_16_random_bytes_in_base64() {
+        use base64::Engine as _;
+        let (a, b) = (websocket_key(), websocket_key());
+        let decoded = base64::engine::general_purpose::STANDARD.decode(a.as_bytes()).unwrap();
+        assert_eq!(decoded.len(), 16);
+        assert_ne!(a, b);
+    }
 }

@@ -12,6 +12,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use tokio::net::TcpStream;
 use trellis_tests::{ControlPlane, Proxy, ProxyOptions, WorkloadSpec, free_port};
 
+use super::nsdial::NetnsDialer;
 use crate::common::{self, step};
 
 /// The bench servers' address: the server proxy's workload owns it.
@@ -54,6 +55,9 @@ pub enum Route {
     Socks5 { proxy: SocketAddr, servers: Ports },
     /// TCP to a forwarder's listener, one per target (stunnel's and HAProxy's client side).
     Forward(Ports),
+    /// TCP to the servers from a client host (network namespace), where a redirect rule may hand the connection to
+    /// the host's proxy, as an application's would be (`trellis-bench all --ztunnel`, see `netpath.rs`).
+    Netns { from: &'static NetnsDialer, servers: Ports },
 }
 
 impl Route {
@@ -61,6 +65,7 @@ impl Route {
         let stream = match self {
             Route::Direct(ports) | Route::Forward(ports) => TcpStream::connect(ports.get(target)).await?,
             Route::Socks5 { proxy, servers } => common::socks5::connect_async(proxy, servers.get(target)).await?,
+            Route::Netns { from, servers } => from.connect(servers.get(target)).await?,
         };
         stream.set_nodelay(true)?;
         Ok(stream)
@@ -73,6 +78,7 @@ impl Route {
                 std::net::TcpStream::connect_timeout(&ports.get(target), timeout)?
             }
             Route::Socks5 { proxy, servers } => common::socks5::connect(proxy, servers.get(target), timeout)?,
+            Route::Netns { from, servers } => from.connect_blocking(servers.get(target), timeout)?,
         };
         stream.set_nodelay(true)?;
         Ok(stream)

@@ -47,6 +47,8 @@ pub struct Results {
     pub last_round_ms: Vec<f64>,
     /// Per round: signings/s.
     pub signings: Vec<f64>,
+    /// Per round: mean encoded bytes of the update carrying the round's policy, per proxy.
+    pub bytes_per_proxy: Vec<f64>,
 }
 
 pub const NAMESPACE: &str = "bench";
@@ -95,8 +97,8 @@ pub async fn admin(cp: &ControlPlane) -> anyhow::Result<pb::admin_client::AdminC
 
 /// Shared by the simulated proxies.
 struct Signals {
-    /// (round, proxy index, when its ACK went out).
-    acked: mpsc::UnboundedSender<(usize, usize, Instant)>,
+    /// (round, proxy index, when its ACK went out, encoded bytes of the update it ACKed).
+    acked: mpsc::UnboundedSender<(usize, usize, Instant, usize)>,
     signing: watch::Receiver<bool>,
     signed: AtomicU64,
     failed: AtomicBool,
@@ -166,6 +168,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
     let mut convergence = Vec::new();
     let mut last_round_ms = Vec::new();
     let mut apply_ms = Vec::new();
+    let mut bytes_per_proxy = Vec::new();
     for round in 1..=plan.rounds {
         let yaml = format!(
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {MARKER}{round}\n  \
@@ -179,13 +182,15 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
         }
         apply_ms.push(applied_at.elapsed().as_secs_f64() * 1e3);
         let mut times = vec![None; plan.proxies];
+        let mut bytes = 0usize;
         let mut count = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while count < plan.proxies {
             match tokio::time::timeout_at(deadline, acked_rx.recv()).await {
-                Ok(Some((r, i, at))) if r == round => {
+                Ok(Some((r, i, at, len))) if r == round => {
                     if times[i].is_none() {
                         count += 1;
+                        bytes += len;
                     }
                     times[i] = Some(at.saturating_duration_since(applied_at).as_secs_f64() * 1e3);
                 }
@@ -211,6 +216,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
             eprintln!("  apply round {round}: {} proxies did not ACK within 60 s", plan.proxies - count);
         }
         convergence.push((stats, count));
+        bytes_per_proxy.push(bytes as f64 / count.max(1) as f64);
         last_round_ms = ms;
     }
 
@@ -239,6 +245,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
         apply_ms,
         last_round_ms,
         signings,
+        bytes_per_proxy,
     })
 }
 
@@ -311,7 +318,7 @@ async fn simulate(i: usize, mut stream: client::Stream, mut state: State, csr_cl
                         for r in &u.resources {
                             let round = r.key.as_ref().and_then(|k| k.name.strip_prefix(MARKER)?.parse().ok());
                             if let Some(round) = round {
-                                let _ = signals.acked.send((round, i, at));
+                                let _ = signals.acked.send((round, i, at, prost::Message::encoded_len(&u)));
                             }
                         }
                     }
@@ -364,9 +371,10 @@ pub fn main(argv: &[String]) -> std::process::ExitCode {
             let store =
                 if plan.replicas > 0 { format!("{} replicas on etcd", plan.replicas) } else { "1 on redb".into() };
             println!("control plane: {store}; {} proxies, setup {:.1}s", r.proxies, r.setup_seconds);
-            for ((stats, count), apply) in r.convergence.iter().zip(&r.apply_ms) {
+            for (((stats, count), apply), bytes) in r.convergence.iter().zip(&r.apply_ms).zip(&r.bytes_per_proxy) {
                 println!(
-                    "  convergence: {count} ACKed, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (apply {apply:.0} ms)",
+                    "  convergence: {count} ACKed, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (apply {apply:.0} ms), \
+                     {bytes:.0} bytes per proxy",
                     stats[0], stats[1], stats[2]
                 );
             }

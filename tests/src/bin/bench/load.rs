@@ -42,10 +42,16 @@ pub struct Servers {
 
 impl Servers {
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_in(None, IpAddr::from(SERVER_IP))
+    }
+
+    /// The servers on `ip`, in network namespace `netns` (else this one).
+    pub fn start_in(netns: Option<&str>, ip: IpAddr) -> anyhow::Result<Self> {
         use std::io::BufRead;
         let exe = std::env::current_exe()?;
-        let mut child = std::process::Command::new(exe)
+        let mut child = trellis_tests::netns::command(netns, exe)
             .arg("servers")
+            .arg(ip.to_string())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -71,11 +77,16 @@ impl Drop for Servers {
     }
 }
 
-/// `trellis-bench servers`: serves until its standard input closes (the benchmark ended, however it ended).
-pub fn servers_main() -> std::process::ExitCode {
+/// `trellis-bench servers [IP]`: serves on IP (default the suite's 127.0.20.2) until its standard input closes (the
+/// benchmark ended, however it ended).
+pub fn servers_main(argv: &[String]) -> std::process::ExitCode {
     let result = (|| -> anyhow::Result<()> {
+        let ip = match argv.first() {
+            None => IpAddr::from(SERVER_IP),
+            Some(text) => text.parse().with_context(|| format!("servers: IP address expected, got {text:?}"))?,
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-        let ports = runtime.block_on(start_servers())?;
+        let ports = runtime.block_on(start_servers(ip))?;
         println!("sink {} http {}", ports.sink, ports.http);
         std::io::stdout().flush()?;
         let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
@@ -90,8 +101,7 @@ pub fn servers_main() -> std::process::ExitCode {
     }
 }
 
-async fn start_servers() -> anyhow::Result<Ports> {
-    let ip = IpAddr::from(SERVER_IP);
+async fn start_servers(ip: IpAddr) -> anyhow::Result<Ports> {
     let sink = TcpListener::bind((ip, 0)).await.with_context(|| format!("binding the sink on {ip}"))?;
     let http = TcpListener::bind((ip, 0)).await.with_context(|| format!("binding the HTTP responder on {ip}"))?;
     let ports = Ports { sink: sink.local_addr()?, http: http.local_addr()? };
@@ -117,9 +127,23 @@ pub async fn serve<F: Future<Output = std::io::Result<()>> + Send + 'static>(
     }
 }
 
-/// Reads a u64 length, then exactly that many bytes, then answers one byte.
+/// The top bit of the sink's length header: send that many bytes back instead of reading them.
+const REVERSE: u64 = 1 << 63;
+
+/// Reads a u64 length, then exactly that many bytes, then answers one byte; with [`REVERSE`] set in the length,
+/// sends that many bytes instead (the server→client direction).
 pub async fn sink_connection(mut stream: TcpStream) -> std::io::Result<()> {
-    let mut left = stream.read_u64().await?;
+    let header = stream.read_u64().await?;
+    if header & REVERSE != 0 {
+        let mut left = header & !REVERSE;
+        while left > 0 {
+            let n = ZEROS.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            stream.write_all(&ZEROS[..n]).await?;
+            left -= n as u64;
+        }
+        return stream.flush().await;
+    }
+    let mut left = header;
     let mut buf = vec![0; 256 * 1024];
     while left > 0 {
         let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
@@ -211,6 +235,67 @@ pub async fn send_bulk(connections: Vec<TcpStream>, share: u64) -> std::io::Resu
         done.map_err(std::io::Error::other)??;
     }
     Ok((share * streams as u64) as f64 / 1e6 / started.elapsed().as_secs_f64())
+}
+
+/// The other direction: asks the sink for `total` bytes over `streams` connections (opened first); MB/s from the
+/// request until every byte has arrived.
+pub async fn bulk_reverse(route: Route, total: u64, streams: usize) -> std::io::Result<f64> {
+    let share = total / streams as u64;
+    let mut connections = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        connections.push(route.dial(Target::Sink).await?);
+    }
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut stream in connections {
+        tasks.spawn(async move {
+            stream.write_u64(share | REVERSE).await?;
+            let mut buf = vec![0; 256 * 1024];
+            let mut left = share;
+            while left > 0 {
+                let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                let n = stream.read(&mut buf[..want]).await?;
+                if n == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                }
+                left -= n as u64;
+            }
+            Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.map_err(std::io::Error::other)??;
+    }
+    Ok((share * streams as u64) as f64 / 1e6 / started.elapsed().as_secs_f64())
+}
+
+/// Closed loop: `connections` keep-alive connections, each sending its next request as soon as the previous answer
+/// is in, for `period`; requests/s.
+pub async fn closed_loop(route: Route, connections: usize, period: Duration) -> std::io::Result<f64> {
+    let mut streams = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        streams.push(route.dial(Target::Http).await?);
+    }
+    let started = Instant::now();
+    let deadline = started + period;
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut stream in streams {
+        tasks.spawn(async move {
+            let (message, mut answer) = (request(), vec![0; response().len()]);
+            let mut done = 0u64;
+            while Instant::now() < deadline {
+                stream.write_all(&message).await?;
+                stream.read_exact(&mut answer).await?;
+                done += 1;
+            }
+            std::io::Result::Ok(done)
+        });
+    }
+    let mut total = 0;
+    while let Some(done) = tasks.join_next().await {
+        total += done.map_err(std::io::Error::other)??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Latencies in nanoseconds, 1 ns to 60 s at 3 significant digits.
@@ -364,5 +449,41 @@ pub fn describe(route: Route) -> String {
     match route {
         Route::Direct(p) | Route::Forward(p) => format!("{} / {}", p.sink, p.http),
         Route::Socks5 { proxy, servers } => format!("SOCKS5 {proxy} → {} / {}", servers.sink, servers.http),
+        Route::Netns { from, servers } => format!("from {} to {} / {}", from.namespace(), servers.sink, servers.http),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn servers() -> (tokio::runtime::Runtime, Ports) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let ports = runtime.block_on(start_servers(IpAddr::from([127, 0, 0, 1]))).expect("servers");
+        (runtime, ports)
+    }
+
+    #[test]
+    fn the_sink_sends_back_exactly_what_is_asked_and_reads_the_other_way_as_before() {
+        let (runtime, ports) = servers();
+        runtime.block_on(async {
+            // Server→client: exactly 3 MiB + 5 bytes, then the end of the stream.
+            let mut stream = TcpStream::connect(ports.sink).await.unwrap();
+            let want = (3 << 20) + 5;
+            stream.write_u64(want | REVERSE).await.unwrap();
+            let mut got = Vec::new();
+            stream.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got.len() as u64, want);
+            // Client→server, unchanged: the one-byte answer once every byte is in.
+            assert!(bulk(Route::Direct(ports), 1 << 20, 2).await.unwrap() > 0.0);
+            assert!(bulk_reverse(Route::Direct(ports), 1 << 20, 2).await.unwrap() > 0.0);
+        });
+    }
+
+    #[test]
+    fn the_closed_loop_counts_answered_requests() {
+        let (runtime, ports) = servers();
+        let rate = runtime.block_on(closed_loop(Route::Direct(ports), 4, Duration::from_millis(200))).unwrap();
+        assert!(rate > 0.0, "{rate}");
     }
 }

@@ -5,6 +5,8 @@ pub mod contenders;
 pub mod control;
 pub mod http;
 pub mod load;
+pub mod netpath;
+pub mod nsdial;
 pub mod plot;
 pub mod procfs;
 pub mod report;
@@ -14,6 +16,7 @@ pub mod scoping;
 pub mod soak;
 pub mod suite;
 pub mod tunnel;
+pub mod ztunnel;
 
 /// Waits until every proxy is ready and has the server's workload (at `server_ip`) in its registry; a failure names
 /// the step and ends with the proxies' last log lines.

@@ -20,6 +20,18 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(total as f64 / if hz > 0 { hz as f64 } else { 100.0 })
 }
 
+/// The process's threads by name (`/proc/PID/task/*/comm`), e.g. "3 threads: 2× ztunnel-proxy-0, 1× ztunnel".
+pub fn thread_names(pid: u32) -> anyhow::Result<String> {
+    let mut names = std::collections::BTreeMap::<String, usize>::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let comm = std::fs::read_to_string(task?.path().join("comm"))?;
+        *names.entry(comm.trim().to_owned()).or_default() += 1;
+    }
+    let total: usize = names.values().sum();
+    let each: Vec<String> = names.iter().map(|(name, n)| format!("{n}× {name}")).collect();
+    Ok(format!("{total} threads: {}", each.join(", ")))
+}
+
 /// Resident set size in bytes (VmRSS).
 pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -21,16 +21,18 @@ use trellis_proto::v1::discovery_response::Message as Down;
 use trellis_tests::ControlPlane;
 use trellis_tests::client;
 
-const USAGE: &str = "trellis-bench scoping [--namespaces N] [--workloads W] [--rounds R] [--no-build]";
+const USAGE: &str = "trellis-bench scoping [--namespaces N] [--workloads W] [--rounds R] [--replicas N] [--no-build]";
 
 struct Plan {
     namespaces: usize,
     workloads: usize,
     rounds: usize,
+    /// 0: one control plane on redb; N: N replicas on a 3-member etcd cluster, proxy i on replica i mod N.
+    replicas: usize,
 }
 
 pub fn main(argv: &[String]) -> ExitCode {
-    let mut plan = Plan { namespaces: 100, workloads: 10_000, rounds: 3 };
+    let mut plan = Plan { namespaces: 100, workloads: 10_000, rounds: 3, replicas: 0 };
     let mut build = true;
     let mut args = argv.iter();
     while let Some(arg) = args.next() {
@@ -45,6 +47,7 @@ pub fn main(argv: &[String]) -> ExitCode {
             "--namespaces" => number(&mut plan.namespaces),
             "--workloads" => number(&mut plan.workloads),
             "--rounds" => number(&mut plan.rounds),
+            "--replicas" => number(&mut plan.replicas),
             "--no-build" => {
                 build = false;
                 true
@@ -74,8 +77,14 @@ pub fn main(argv: &[String]) -> ExitCode {
 type Received = (usize, bool, u64, usize);
 
 async fn run(plan: &Plan) -> anyhow::Result<()> {
-    let cp = ControlPlane::start(&[]);
-    let addr = cp.addr.to_string();
+    // Declared first, dropped last: the replicas stop before their etcd.
+    let etcd = (plan.replicas > 0).then(|| trellis_tests::etcd::EtcdCluster::start(3));
+    let replicas = match &etcd {
+        Some(etcd) => ControlPlane::start_replicas(etcd, plan.replicas, &[]),
+        None => vec![ControlPlane::start(&[])],
+    };
+    let cp = &replicas[0];
+    let addrs: Vec<String> = replicas.iter().map(|r| r.addr.to_string()).collect();
     let per_namespace = plan.workloads / plan.namespaces;
     let namespace = |n: usize| format!("ns-{n:03}");
     eprintln!(
@@ -94,7 +103,7 @@ async fn run(plan: &Plan) -> anyhow::Result<()> {
         let node = format!("scope-{i:04}");
         let ns = namespace(n);
         let (token, pin) = tokio::task::block_in_place(|| cp.token(&node, &[&ns], &[]));
-        let (addr, gate, tx) = (addr.clone(), gate.clone(), tx.clone());
+        let (addr, gate, tx) = (addrs[i % addrs.len()].clone(), gate.clone(), tx.clone());
         proxies.spawn(async move {
             let permit = gate.acquire_owned().await?;
             let joined = client::join(&addr, &pin, &token, &node).await?.map_err(|s| anyhow!("join: {s}"))?;

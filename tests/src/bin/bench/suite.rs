@@ -1,10 +1,16 @@
-//! `trellis-bench all [--smoke] [--only N,N] [--worker-threads N] [--bulk-mib N] [--no-build]`: every scenario against every
-//! contender, on this machine, in one run. Contenders: direct TCP, Trellis (two proxies, HBONE mTLS), a stunnel4 pair and an HAProxy pair (both
-//! mutual TLS 1.3 with ECDSA P-256). Each measurement alternates the contenders (A B C D, A B C D, …) for several
-//! rounds and reports the median with (min..max). Writes the "targets" and "suite" sections of BENCHMARKS.md and
-//! PNG plots into docs/bench/; `--smoke` runs every scenario at tiny sizes in about ten seconds and writes nothing
-//! but temporary plots, as do `--only` (some scenarios at full size), `--worker-threads` (the proxies' runtime
-//! threads, an experiment) and `--bulk-mib` (a longer bulk transfer, to profile). Nothing asserts on timings.
+//! `trellis-bench all [--smoke] [--quick] [--only N,N] [--worker-threads N] [--bulk-mib N] [--ztunnel PATH]
+//! [--no-build]`: every scenario against every contender, on this machine, in one run. Contenders: direct TCP, Trellis
+//! (two proxies, HBONE mTLS), a stunnel4 pair and an HAProxy pair (both mutual TLS 1.3 with ECDSA P-256). Each
+//! measurement alternates the contenders (A B C D, A B C D, …) for several rounds and reports the median with
+//! (min..max). Writes the "targets" and "suite" sections of BENCHMARKS.md and PNG plots into docs/bench/; `--smoke`
+//! runs every scenario at tiny sizes in about ten seconds and writes nothing but temporary plots, as do `--quick`
+//! (three shorter rounds), `--only` (some scenarios at full size), `--worker-threads` (the proxies' runtime threads,
+//! an experiment) and `--bulk-mib` (a longer bulk transfer, to profile). Nothing asserts on timings.
+//!
+//! `--ztunnel PATH` measures Trellis against that ztunnel binary instead, both on simulated hosts with the client's
+//! traffic redirected to the client-side proxy (`netpath.rs`), with direct TCP between hosts as the baseline: the
+//! data-plane scenarios, plus single-stream throughput server→client with the proxies' CPU per GB and 16-connection
+//! closed-loop HTTP; targets of issue 19. `--worker-threads N` then sets both proxies' worker threads. Writes nothing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +28,8 @@ use crate::common;
 const COMMAND: &str = "cargo run --release -p trellis-tests --bin trellis-bench -- all";
 const PERCENTILES: [(f64, &str); 4] = [(50.0, "p50"), (90.0, "p90"), (99.0, "p99"), (99.9, "p99.9")];
 const MEASUREMENT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Connections of the closed-loop HTTP measurement (`--ztunnel` runs).
+const CLOSED_LOOP: usize = 16;
 
 /// Sizes of one run.
 struct Plan {
@@ -65,6 +73,22 @@ const FULL: Plan = Plan {
     },
 };
 
+/// `--quick`: three rounds (the fewest a median of alternated rounds is worth), shorter periods and transfers.
+const QUICK: Plan = Plan {
+    rounds: 3,
+    bulk_bytes: 256 << 20,
+    streams: 8,
+    rates: [1000, 5000],
+    connections: 4,
+    warmup: Duration::from_millis(500),
+    period: Duration::from_secs(4),
+    churn_concurrency: 4,
+    churn_for: Duration::from_secs(2),
+    idle: 2_000,
+    settle: Duration::from_secs(12),
+    control: FULL.control,
+};
+
 const SMOKE: Plan = Plan {
     rounds: 1,
     bulk_bytes: 4 << 20,
@@ -93,6 +117,10 @@ struct Options {
     only: Option<Vec<u8>>,
     /// `--bulk-mib N`: scenario 1's size per measurement, to hold a transfer long enough to profile.
     bulk_bytes: Option<u64>,
+    /// `--ztunnel PATH`: Trellis against that ztunnel binary on the simulated hosts of `netpath.rs`.
+    ztunnel: Option<PathBuf>,
+    /// `--quick`: three rounds of shorter measurements (a first look; with --ztunnel on a busy machine).
+    quick: bool,
 }
 
 impl Options {
@@ -103,18 +131,36 @@ impl Options {
     /// Whether this run leaves BENCHMARKS.md and docs/bench alone (a run with a non-default proxy setting
     /// measures an experiment, not Trellis as shipped).
     fn dry(&self) -> bool {
-        self.smoke || self.only.is_some() || self.bulk_bytes.is_some() || contenders::proxy_worker_threads().is_some()
+        self.smoke
+            || self.quick
+            || self.only.is_some()
+            || self.bulk_bytes.is_some()
+            || self.ztunnel.is_some()
+            || contenders::proxy_worker_threads().is_some()
     }
 }
 
-const USAGE: &str = "trellis-bench all [--smoke] [--only N,N] [--worker-threads N] [--bulk-mib N] [--no-build]";
+const USAGE: &str = "trellis-bench all [--smoke] [--quick] [--only N,N] [--worker-threads N] [--bulk-mib N] [--ztunnel PATH] [--no-build]";
 
 pub fn main(argv: &[String]) -> ExitCode {
-    let mut options = Options { smoke: false, no_build: false, only: None, bulk_bytes: None };
+    let mut options =
+        Options { smoke: false, no_build: false, only: None, bulk_bytes: None, ztunnel: None, quick: false };
     let mut args = argv.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--smoke" => options.smoke = true,
+            "--quick" => options.quick = true,
+            "--ztunnel" => match args.next().map(PathBuf::from) {
+                Some(path) if path.is_file() => options.ztunnel = Some(path),
+                Some(path) => {
+                    eprintln!("trellis-bench all: --ztunnel {}: no such file (a ztunnel binary)", path.display());
+                    return ExitCode::from(2);
+                }
+                None => {
+                    eprintln!("trellis-bench all: --ztunnel takes the path of a ztunnel binary");
+                    return ExitCode::from(2);
+                }
+            },
             "--no-build" => options.no_build = true,
             "--only" => {
                 let list = args.next().map(|l| l.split(',').map(str::parse).collect::<Result<Vec<u8>, _>>());
@@ -196,28 +242,55 @@ impl Results {
 }
 
 const DIRECT: &str = "direct";
+const ZTUNNEL: &str = "ztunnel";
 
 fn run(options: &Options) -> anyhow::Result<()> {
     let smoke = options.smoke;
-    let mut plan = if smoke { SMOKE } else { FULL };
+    let mut plan = if smoke {
+        SMOKE
+    } else if options.quick {
+        QUICK
+    } else {
+        FULL
+    };
     if let Some(bytes) = options.bulk_bytes {
         plan.bulk_bytes = bytes;
+    }
+    if options.ztunnel.is_some() {
+        // Issue 19's rates.
+        plan.rates = [1000, 5000];
     }
     let plan = &plan;
     // Before anything writes BENCHMARKS.md, which would make the tree look modified.
     let header = {
         let date = super::report::command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
         let profile = if cfg!(debug_assertions) { "debug build (numbers not representative)" } else { "release build" };
-        let flags = if smoke { " --smoke" } else { "" };
+        let mut flags = String::new();
+        for (on, flag) in [(smoke, " --smoke"), (options.quick, " --quick")] {
+            if on {
+                flags.push_str(flag);
+            }
+        }
+        if let Some(n) = contenders::proxy_worker_threads() {
+            flags.push_str(&format!(" --worker-threads {n}"));
+        }
+        if let Some(path) = &options.ztunnel {
+            flags.push_str(&format!(" --ztunnel {}", path.display()));
+        }
         format!("`{COMMAND}{flags}` — started {date}, {}, {profile}", revision())
     };
-    let mut versions = contenders::versions();
+    let mut versions = match &options.ztunnel {
+        Some(path) => vec![format!("ztunnel: `{}`", super::ztunnel::version(path))],
+        None => contenders::versions(),
+    };
     versions.push(format!("Trellis: {} (rustls, aws-lc-rs)", revision()));
     let stamp = Stamp { header, versions };
     // Every connection of the idle-connection scenario is a descriptor here and in the proxies (which inherit it).
     let wanted_nofile = 4 * plan.idle as u64 + 4 * plan.control.proxies as u64 + 4096;
     let nofile = procfs::raise_open_files(wanted_nofile);
-    contenders::ensure_tools()?;
+    if options.ztunnel.is_none() {
+        contenders::ensure_tools()?;
+    }
     common::prepare(options.no_build, |line| eprintln!("{line}"))?;
     let work = tempfile::tempdir()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -225,28 +298,19 @@ fn run(options: &Options) -> anyhow::Result<()> {
         let _context = runtime.enter();
         (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
     };
-    let server_process = load::Servers::start()?;
-    let servers = server_process.ports;
-    eprintln!("sink on {}, HTTP responder on {} (`trellis-bench servers`)", servers.sink, servers.http);
-
-    let certs = contenders::Certs::generate(work.path())?;
-    let (trellis, mesh) = contenders::start_trellis(servers)?;
-    let (stunnel, stunnel_daemons) = contenders::start_stunnel(work.path(), &certs, servers)?;
-    let (haproxy, haproxy_daemons) =
-        contenders::start_haproxy(work.path(), &certs, servers, (nofile.saturating_sub(200) / 2).min(40_000))?;
-    let all = vec![
-        Contender {
-            name: DIRECT,
-            route: Route::Direct(servers),
-            pids: vec![],
-            fds_per_connection: 0,
-            max_connections: None,
-        },
-        trellis,
-        stunnel,
-        haproxy,
-    ];
+    let (all, guard, logs, threads) = match &options.ztunnel {
+        Some(binary) => {
+            let (all, path) = super::netpath::start(binary, work.path())?;
+            let (logs, threads) = (path.logs.clone(), path.threads.clone());
+            let guard: Box<dyn std::any::Any> = Box::new(path);
+            (all, guard, logs, threads)
+        }
+        None => loopback(work.path(), nofile)?,
+    };
     let mut results = Results::default();
+    for line in threads {
+        results.notes.push(format!("threads of {line}"));
+    }
     results.notes.push(format!(
         "open-files limit of the benchmark process, inherited by the proxies: {nofile}{}",
         if nofile < wanted_nofile { " (its hard limit here; raising that is not permitted)" } else { "" }
@@ -259,7 +323,6 @@ fn run(options: &Options) -> anyhow::Result<()> {
             _ = sigterm.recv() => bail!("interrupted (SIGTERM)"),
         }
     });
-    let logs = [("client proxy", mesh.client.log_path()), ("server proxy", mesh.server.log_path())];
     if let Err(e) = measured {
         let mut message = format!("{e:#}");
         for (name, log) in logs {
@@ -269,9 +332,9 @@ fn run(options: &Options) -> anyhow::Result<()> {
         }
         bail!(message);
     }
-    drop((mesh, stunnel_daemons, haproxy_daemons, server_process));
+    drop(guard);
 
-    let control = if !options.wants(5) {
+    let control = if !options.wants(5) || options.ztunnel.is_some() {
         control::Results::default()
     } else {
         eprintln!("scenario 5: control plane, {} simulated proxies", plan.control.proxies);
@@ -303,7 +366,7 @@ fn run(options: &Options) -> anyhow::Result<()> {
             plots_dir.display()
         );
     }
-    if !smoke && options.wants(6) {
+    if !smoke && options.wants(6) && options.ztunnel.is_none() {
         eprintln!("scenario 6: policy evaluation micro-benchmark (cargo bench -p trellis-policy --bench authz)");
         let fresh = authz_table(false);
         (targets, suite) = render(plan, &stamp, &names, &results, &control, &fresh, true, &plots);
@@ -320,6 +383,42 @@ fn run(options: &Options) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The contenders, what keeps them running (dropped when the data-plane scenarios end), the proxies' logs (shown
+/// when a measurement fails) and their threads (for the report).
+type Setup = (Vec<Contender>, Box<dyn std::any::Any>, Vec<(&'static str, PathBuf)>, Vec<String>);
+
+/// Today's contenders on loopback: direct TCP, Trellis (SOCKS5), stunnel and HAProxy; with what keeps them running,
+/// Trellis's logs and its threads.
+fn loopback(dir: &Path, nofile: u64) -> anyhow::Result<Setup> {
+    let server_process = load::Servers::start()?;
+    let servers = server_process.ports;
+    eprintln!("sink on {}, HTTP responder on {} (`trellis-bench servers`)", servers.sink, servers.http);
+
+    let certs = contenders::Certs::generate(dir)?;
+    let (trellis, mesh) = contenders::start_trellis(servers)?;
+    let (stunnel, stunnel_daemons) = contenders::start_stunnel(dir, &certs, servers)?;
+    let (haproxy, haproxy_daemons) =
+        contenders::start_haproxy(dir, &certs, servers, (nofile.saturating_sub(200) / 2).min(40_000))?;
+    let all = vec![
+        Contender {
+            name: DIRECT,
+            route: Route::Direct(servers),
+            pids: vec![],
+            fds_per_connection: 0,
+            max_connections: None,
+        },
+        trellis,
+        stunnel,
+        haproxy,
+    ];
+    let logs = vec![("client proxy", mesh.client.log_path()), ("server proxy", mesh.server.log_path())];
+    let threads = [("client", mesh.client.pid()), ("server", mesh.server.pid())]
+        .into_iter()
+        .filter_map(|(side, pid)| Some(format!("Trellis {side}: {}", procfs::thread_names(pid?).ok()?)))
+        .collect();
+    Ok((all, Box::new((mesh, stunnel_daemons, haproxy_daemons, server_process)), logs, threads))
 }
 
 fn root() -> PathBuf {
@@ -364,13 +463,33 @@ async fn measure_data_plane(
     }
 
     eprintln!("scenario 1: bulk throughput");
+    // Against ztunnel, the single stream runs both ways (the server→client one is "bulk 1 back").
+    let versus = options.ztunnel.is_some();
+    let mut kinds = vec![("bulk 1".to_owned(), 1, false)];
+    if versus {
+        kinds.push(("bulk 1 back".to_owned(), 1, true));
+    }
+    kinds.push((format!("bulk {}", plan.streams), plan.streams, false));
     for round in (1..=plan.rounds).filter(|_| options.wants(1)) {
-        for streams in [1, plan.streams] {
+        for (metric, streams, back) in &kinds {
+            let (metric, streams, back) = (metric.as_str(), *streams, *back);
             for c in all {
-                let mbps =
-                    within("bulk", c, async { Ok(load::bulk(c.route, plan.bulk_bytes, streams).await?) }).await?;
-                eprintln!("  round {round}, {streams} stream(s), {:8} {mbps:>8.0} MB/s", c.name);
-                results.push(&format!("bulk {streams}"), c.name, mbps);
+                let cpu_before = cpu(&c.pids)?;
+                let mbps = within("bulk", c, async {
+                    Ok(if back {
+                        load::bulk_reverse(c.route, plan.bulk_bytes, streams).await?
+                    } else {
+                        load::bulk(c.route, plan.bulk_bytes, streams).await?
+                    })
+                })
+                .await?;
+                let cpu_used = cpu(&c.pids)? - cpu_before;
+                eprintln!("  round {round}, {metric:12} {:8} {mbps:>8.0} MB/s, proxies' CPU {cpu_used:.2} s", c.name);
+                results.push(metric, c.name, mbps);
+                if !c.pids.is_empty() {
+                    // CPU seconds per GB moved, both proxies together.
+                    results.push(&format!("{metric} cpu"), c.name, cpu_used / (plan.bulk_bytes as f64 / 1e9));
+                }
             }
         }
     }
@@ -397,6 +516,21 @@ async fn measure_data_plane(
                 if !c.pids.is_empty() {
                     results.push(&format!("cpu {rate}"), c.name, cpu_used / (run.sent as f64 / 1000.0));
                 }
+            }
+        }
+    }
+
+    if versus {
+        eprintln!("scenario 2b: HTTP, {CLOSED_LOOP} connections closed loop");
+        for round in (1..=plan.rounds).filter(|_| options.wants(2)) {
+            for c in all {
+                let cpu_before = cpu(&c.pids)?;
+                let rate =
+                    within("closed loop", c, async { Ok(load::closed_loop(c.route, CLOSED_LOOP, plan.period).await?) })
+                        .await?;
+                let cpu_used = cpu(&c.pids)? - cpu_before;
+                eprintln!("  round {round}, {:8} {rate:>8.0} req/s, proxies' CPU {cpu_used:.2} s", c.name);
+                results.push("closed loop", c.name, rate);
             }
         }
     }
@@ -619,6 +753,7 @@ fn render(
 ) -> (String, String) {
     let header = &stamp.header;
     let proxied: Vec<&str> = names.iter().copied().filter(|n| *n != DIRECT).collect();
+    let versus = names.contains(&ZTUNNEL);
 
     // ---- targets --------------------------------------------------------------------------------------------
     let t = "Trellis";
@@ -724,13 +859,30 @@ fn render(
         all_acked && conv < 1000.0,
     ));
     targets.push('\n');
+    if versus {
+        targets = versus_targets(header, plan, r);
+    }
 
     // ---- results --------------------------------------------------------------------------------------------
-    let mut s = "## Suite: Trellis against direct TCP, stunnel and HAProxy\n\n".to_owned();
+    let mut s = if versus {
+        "## Suite: Trellis against ztunnel on simulated hosts\n\n".to_owned()
+    } else {
+        "## Suite: Trellis against direct TCP, stunnel and HAProxy\n\n".to_owned()
+    };
     s.push_str(&wrap(&format!("{header}.")));
     s.push_str(&wrap(&format!("Machine: {}.", machine())));
     s.push_str(&wrap(&format!("Versions: {}.", stamp.versions.join("; "))));
-    s.push_str(&wrap(
+    s.push_str(&wrap(if versus {
+        "Network namespaces on one bridge (`trellis-bench` sources every client connection from the client host's \
+         namespace; see tests/src/bin/bench/netpath.rs). **direct**: TCP from a host of its own to the servers. \
+         **Trellis**: a proxy on the client host with `run --capture` (a NAT redirect of the host's outgoing TCP to its \
+         outbound listener, SO_ORIGINAL_DST), HBONE (mTLS, HTTP/2 CONNECT) to the server host's proxy on 15008, TCP \
+         to the servers there; passthrough denied. **ztunnel**: the same with ztunnel in dedicated mode on each host \
+         (FAKE_CA, a static LOCAL_XDS_PATH config with the two workloads, PROXY_MODE=dedicated), the same shape of \
+         redirect rule to its port 15001 on the client host. Each logs at info (a line per connection), to a file. All \
+         processes share the machine's CPUs. Each measurement alternates the contenders in every round; a cell is \
+         the median over the rounds with (min..max)."
+    } else {
         "Servers (a bulk sink and an HTTP/1.1 keep-alive responder, tokio, in a process of their own) listen on \
          127.0.20.2. **direct**: TCP straight to them. **Trellis**: SOCKS5 CONNECT to the client proxy, HBONE (mTLS, \
          HTTP/2 CONNECT) to the server proxy, TCP to the server; passthrough denied. **stunnel** and **HAProxy** \
@@ -740,8 +892,8 @@ fn render(
          per connection; stunnel: notice, a line per connection; HAProxy: no log section), to a file. All processes \
          share the machine's CPUs. Each \
          measurement alternates the contenders in every round; a cell is the median over the rounds with \
-         (min..max).",
-    ));
+         (min..max)."
+    }));
     let rounds = plan.rounds;
 
     s.push_str(&format!(
@@ -767,6 +919,26 @@ fn render(
         ));
     }
     s.push('\n');
+    if versus {
+        s.push_str(&wrap(
+            "One stream each way, and the CPU both proxies used meanwhile (user + system, /proc/PID/stat) per GB \
+             moved:",
+        ));
+        s.push_str(
+            "| contender | client→server (MB/s) | CPU-s / GB | server→client (MB/s) | CPU-s / GB |\n\
+             | --- | ---: | ---: | ---: | ---: |\n",
+        );
+        for n in names {
+            s.push_str(&format!(
+                "| {n} | {} | {} | {} | {} |\n",
+                r.cell("bulk 1", n),
+                cpu_cell(r.get("bulk 1 cpu", n)),
+                r.cell("bulk 1 back", n),
+                cpu_cell(r.get("bulk 1 back cpu", n)),
+            ));
+        }
+        s.push('\n');
+    }
 
     s.push_str(&format!(
         "### 2. Latency at a fixed request rate\n\n{}",
@@ -800,11 +972,28 @@ fn render(
         s.push('\n');
     }
 
+    if versus {
+        s.push_str(&format!(
+            "**{CLOSED_LOOP} connections, closed loop** (each sends its next request when the answer is in; {} s; \
+             {rounds} rounds)\n\n| contender | requests/s | vs. direct |\n| --- | ---: | ---: |\n",
+            plan.period.as_secs_f64()
+        ));
+        for n in names {
+            s.push_str(&format!(
+                "| {n} | {} | {} |\n",
+                r.cell("closed loop", n),
+                ratio(r.median("closed loop", n), r.median("closed loop", DIRECT))
+            ));
+        }
+        s.push('\n');
+    }
+
     s.push_str(&format!(
         "### 3. Connection churn\n\n{}",
         wrap(&format!(
-            "{c} clients in a loop for {p} s: connect (for Trellis: the SOCKS5 handshake too), one request, its \
-             response, close. Setup latency is that whole exchange. {rounds} rounds.",
+            "{c} clients in a loop for {p} s: connect{socks}, one request, its response, close. Setup latency is \
+             that whole exchange. {rounds} rounds.",
+            socks = if versus { "" } else { " (for Trellis: the SOCKS5 handshake too)" },
             c = plan.churn_concurrency,
             p = plan.churn_for.as_secs_f64()
         ))
@@ -848,7 +1037,7 @@ fn render(
     for n in &proxied {
         let cpu_rate = |rate: u32| cpu_cell(r.get(&format!("cpu {rate}"), n));
         // The client-side process is started second for the forwarders, first for Trellis: label by role.
-        let (client_i, server_i) = if *n == "Trellis" { (0, 1) } else { (1, 0) };
+        let (client_i, server_i) = if *n == "Trellis" || *n == ZTUNNEL { (0, 1) } else { (1, 0) };
         s.push_str(&format!(
             "| {n} | {} | {} | {}, {} | {} | {} → {} | {:.1} |\n",
             cpu_rate(plan.rates[0]),
@@ -866,6 +1055,9 @@ fn render(
         s.push_str(&wrap(&format!("Note: {note}.")));
     }
 
+    if versus {
+        return (targets, s);
+    }
     s.push_str(&format!(
         "### 5. Control plane\n\n{}",
         wrap(&format!(
@@ -919,6 +1111,70 @@ fn render(
         s.push('\n');
     }
     (targets, s)
+}
+
+/// The targets of issue 19 against ztunnel, from a `--ztunnel` run.
+fn versus_targets(header: &str, plan: &Plan, r: &Results) -> String {
+    let (t, z) = ("Trellis", ZTUNNEL);
+    let m = |metric: &str, n: &str| r.median(metric, n);
+    let added = |metric: &str, n: &str| {
+        let v = r.added(metric, n);
+        if v.is_empty() { f64::NAN } else { median(&v) }
+    };
+    let pair = |metric: &str, n: &str| (0..2).map(|i| m(&format!("{metric} {i}"), n)).sum::<f64>();
+    let row = |target: String, ours: f64, theirs: f64, pass: bool, unit: &str| {
+        // CPU figures are fractions of a second: three decimals.
+        let show = |v: f64| if unit.starts_with("CPU") { format!("{v:.3}") } else { number(v) };
+        format!(
+            "| {target} | {} vs. {} {unit} = {} | {} |\n",
+            show(ours),
+            show(theirs),
+            ratio(ours, theirs),
+            if pass { "pass" } else { "**FAIL**" }
+        )
+    };
+    let mut out = format!(
+        "## Targets against ztunnel\n\n{}| target | Trellis vs. ztunnel | result |\n| --- | --- | --- |\n",
+        wrap(&format!("From the run below ({header}). Medians of the same run; \"added\" is over direct TCP."))
+    );
+    for (metric, way) in [("bulk 1", "client→server"), ("bulk 1 back", "server→client")] {
+        let (a, b) = (m(metric, t), m(metric, z));
+        out.push_str(&row(format!("single stream {way} ≥ 1.15 × ztunnel"), a, b, a >= 1.15 * b, "MB/s"));
+        let (a, b) = (m(&format!("{metric} cpu"), t), m(&format!("{metric} cpu"), z));
+        out.push_str(&row(format!("CPU per byte, {way} ≤ 0.9 × ztunnel"), a, b, a <= 0.9 * b, "CPU-s/GB"));
+    }
+    for rate in plan.rates {
+        let metric = format!("rate {rate} p99");
+        let (a, b) = (added(&metric, t), added(&metric, z));
+        out.push_str(&row(format!("added p99 at {rate} req/s ≤ 0.8 × ztunnel"), a, b, a <= 0.8 * b, "µs"));
+    }
+    let p50 = format!("rate {} p50", plan.rates[1]);
+    let (a, b) = (m(&p50, t), m(&p50, z));
+    out.push_str(&row(format!("p50 at {} req/s ≤ ztunnel", plan.rates[1]), a, b, a <= b, "µs"));
+    let (a, b) = (m("closed loop", t), m("closed loop", z));
+    out.push_str(&row(format!("HTTP, {CLOSED_LOOP} connections ≥ 1.3 × ztunnel"), a, b, a >= 1.3 * b, "req/s"));
+    let (a, b) = (m("churn rate", t), m("churn rate", z));
+    let lower_p99 = m("churn p99", t) < m("churn p99", z);
+    out.push_str(&row("churn ≥ 1.5 × ztunnel (and a lower p99, next row)".into(), a, b, a >= 1.5 * b, "conn/s"));
+    let (a, b) = (m("churn p99", t), m("churn p99", z));
+    out.push_str(&row("churn p99 < ztunnel".into(), a, b, lower_p99, "µs"));
+    let (a, b) = (pair("idle RSS", t), pair("idle RSS", z));
+    out.push_str(&row("idle RSS of the pair ≤ 0.6 × ztunnel".into(), a, b, a <= 0.6 * b, "MB"));
+    let (a, b) = (m("idle conns per conn", t), m("idle conns per conn", z));
+    out.push_str(&row("per idle tunnelled connection ≤ ztunnel".into(), a, b, a <= b, "KiB"));
+    for rate in plan.rates {
+        let metric = format!("cpu {rate}");
+        let (a, b) = (m(&metric, t), m(&metric, z));
+        out.push_str(&row(
+            format!("proxies' CPU at {rate} req/s ≤ 0.5 × ztunnel"),
+            a,
+            b,
+            a <= 0.5 * b,
+            "CPU-s/1000 req",
+        ));
+    }
+    out.push('\n');
+    out
 }
 
 /// CPU seconds, three decimals, median (min..max).

@@ -1,0 +1,145 @@
+//! The path `trellis-bench all --ztunnel PATH` measures on: simulated hosts (network namespaces on a bridge, see
+//! `trellis_tests::netns`), each proxy on the host of the workload it serves, the client's traffic sent to the
+//! client-side proxy the way a deployment does it: a NAT redirect rule in the client host's output chain (Trellis's
+//! own `run --capture` rules; for ztunnel the same shape of rule, `ztunnel::redirect_rules`). Neither proxy is
+//! dialled through SOCKS5, and the server side of both is reached on its HBONE port 15008 across the bridge.
+//!
+//! | host | what runs there |
+//! | --- | --- |
+//! | `trl-zb-0` | the Trellis control plane |
+//! | `trl-zb-1` | Trellis client proxy (capture); the benchmark's client sockets for Trellis |
+//! | `trl-zb-2` | Trellis server proxy (capture); the servers (`trellis-bench servers`) on its address |
+//! | `trl-zb-3` | ztunnel client (dedicated, redirect rule); the client sockets for ztunnel |
+//! | `trl-zb-4` | ztunnel server (dedicated); the servers on its address |
+//! | `trl-zb-5` | the client sockets for direct TCP, to host 4's servers (no rule on the way) |
+//!
+//! The benchmark process stays in its own namespace: a thread per client host creates the sockets there
+//! (`nsdial`). All processes share the machine's CPUs, as in the loopback suite.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use trellis_tests::netns::Net;
+use trellis_tests::{ControlPlane, Proxy, ProxyOptions, WorkloadSpec};
+
+use super::contenders::{Contender, Route, mesh_logs, proxy_worker_threads};
+use super::load::Servers;
+use super::nsdial::NetnsDialer;
+use super::ztunnel::{self, Workload, Ztunnel};
+use crate::common::step;
+
+const TAG: &str = "zb";
+/// 10.200.219.0/24: no test uses it (the tests pick 11 and 61..77).
+const SUBNET: u8 = 219;
+
+/// Everything the path runs; dropping it stops the processes and then removes the namespaces.
+pub struct NetPath {
+    _servers: [Servers; 2],
+    _ztunnels: [Ztunnel; 2],
+    _trellis_client: Proxy,
+    _trellis_server: Proxy,
+    _cp: ControlPlane,
+    _net: Net,
+    pub logs: Vec<(&'static str, PathBuf)>,
+    /// Each proxy's threads, by name, as started (for the report).
+    pub threads: Vec<String>,
+}
+
+/// Builds the hosts and starts both meshes; returns the contenders direct, Trellis and ztunnel (in that order).
+pub fn start(ztunnel_binary: &Path, dir: &Path) -> anyhow::Result<(Vec<Contender>, NetPath)> {
+    let net = step("building the hosts (network namespaces; root needed)", &[], || Ok(Net::new(TAG, SUBNET, 6)))?;
+    let host = |i: usize| net.host(i).clone();
+    let ip = |i: usize| IpAddr::V4(net.host(i).ip);
+
+    let trellis_servers = Servers::start_in(Some(&host(2).ns), ip(2))?;
+    let ztunnel_servers = Servers::start_in(Some(&host(4).ns), ip(4))?;
+
+    // Trellis: the control plane on host 0, a capturing proxy on hosts 1 and 2.
+    let cp = step("starting the control plane", &[], || Ok(ControlPlane::start_in(&host(0), &[])))?;
+    let mut options = ProxyOptions { passthrough: Some("deny"), capture: true, ..ProxyOptions::default() };
+    if let Some(n) = proxy_worker_threads() {
+        options.extra.insert("workerThreads".into(), n.into());
+    }
+    let client_spec = WorkloadSpec::new("client", "bench", "client", &ip(1).to_string());
+    let mut server_spec = WorkloadSpec::new("servers", "bench", "servers", &ip(2).to_string());
+    let ports = trellis_servers.ports;
+    server_spec.ports = vec![(ports.sink.port(), "tcp"), (ports.http.port(), "tcp")];
+    let on = |i: usize| ProxyOptions { netns: Some(host(i)), ..options.clone() };
+    let client = step("starting the Trellis client proxy", &[], || {
+        Ok(Proxy::start_with(&cp, "bench-client", &[client_spec], on(1)))
+    })?;
+    let server = step("starting the Trellis server proxy", &[], || {
+        Ok(Proxy::start_with(&cp, "bench-server", &[server_spec], on(2)))
+    })?;
+    step("waiting for the Trellis proxies", &mesh_logs(&client, &server), || {
+        client.wait_ready();
+        server.wait_ready();
+        let server_ip = ip(2).to_string();
+        client.wait_config("the servers' workload in the client proxy's registry", |d| {
+            d["workloads"].to_string().contains(&server_ip)
+        });
+        Ok(())
+    })?;
+
+    // ztunnel: a dedicated instance on hosts 3 and 4, the redirect on host 3.
+    let v4 = |i: usize| net.host(i).ip;
+    let z_client = Workload { name: "client", namespace: "bench", service_account: "client", ip: v4(3) };
+    let z_server = Workload { name: "servers", namespace: "bench", service_account: "servers", ip: v4(4) };
+    let config = dir.join("ztunnel-local.yaml");
+    std::fs::write(&config, ztunnel::local_config(&[z_client.clone(), z_server.clone()]))?;
+    let threads = proxy_worker_threads();
+    let z_server_proc =
+        Ztunnel::start(ztunnel_binary, &host(4), &z_server, &config, threads, dir.join("zt-server.log"))?;
+    let z_client_proc =
+        Ztunnel::start(ztunnel_binary, &host(3), &z_client, &config, threads, dir.join("zt-client.log"))?;
+    ztunnel::install_rules(&host(3).ns, &ztunnel::redirect_rules())?;
+
+    let dial = |i: usize| NetnsDialer::start(&net.host(i).ns);
+    let direct = Contender {
+        name: "direct",
+        route: Route::Netns { from: dial(5)?, servers: ztunnel_servers.ports },
+        pids: vec![],
+        fds_per_connection: 0,
+        max_connections: None,
+    };
+    let trellis = Contender {
+        name: "Trellis",
+        route: Route::Netns { from: dial(1)?, servers: trellis_servers.ports },
+        pids: [client.pid(), server.pid()].into_iter().flatten().collect(),
+        fds_per_connection: 1,
+        max_connections: None,
+    };
+    let ztunnel = Contender {
+        name: "ztunnel",
+        route: Route::Netns { from: dial(3)?, servers: ztunnel_servers.ports },
+        pids: vec![z_client_proc.pid(), z_server_proc.pid()],
+        fds_per_connection: 1,
+        max_connections: None,
+    };
+    let mut logs = vec![
+        ("Trellis client proxy", client.log_path()),
+        ("Trellis server proxy", server.log_path()),
+        ("ztunnel client", z_client_proc.log.clone()),
+        ("ztunnel server", z_server_proc.log.clone()),
+    ];
+    logs.retain(|(_, p)| p.exists());
+    let threads = [("Trellis", &trellis.pids), ("ztunnel", &ztunnel.pids)]
+        .into_iter()
+        .flat_map(|(name, pids)| {
+            pids.iter().zip(["client", "server"]).map(move |(&pid, side)| {
+                format!("{name} {side}: {}", super::procfs::thread_names(pid).unwrap_or_else(|e| e.to_string()))
+            })
+        })
+        .collect();
+    let path = NetPath {
+        _servers: [trellis_servers, ztunnel_servers],
+        _ztunnels: [z_client_proc, z_server_proc],
+        _trellis_client: client,
+        _trellis_server: server,
+        _cp: cp,
+        _net: net,
+        logs,
+        threads,
+    };
+    Ok((vec![direct, trellis, ztunnel], path))
+}
