@@ -121,7 +121,7 @@ pub async fn run(
     tokio::spawn(stored::follow(config.state_dir.clone(), state.clone(), certs.clone()));
 
     let locals = LocalWorkloads::new(&config.workloads, node.trust_domain())?;
-    let data = Arc::new(DataPath::new(locals, config.outbound.clone()));
+    let data = Arc::new(DataPath::new(locals, config.outbound.clone(), config.connection.into()));
     tokio::spawn(reconfigure::follow_changes(config.clone(), data.clone(), certs.clone(), state.clone()));
     tokio::spawn(crate::heap::release_when_quiet());
     tokio::spawn(crate::log_limit::report_suppressed());

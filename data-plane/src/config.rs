@@ -37,6 +37,8 @@ pub struct Config {
     pub outbound: Outbound,
     /// How long SIGTERM waits for open connections before exiting.
     pub drain_timeout: std::time::Duration,
+    /// When a proxied connection that carries nothing is closed.
+    pub connection: Connection,
     /// Namespace whose policies apply mesh-wide (Istio's root namespace).
     pub root_namespace: String,
     pub capture: Capture,
@@ -46,6 +48,31 @@ pub struct Config {
     pub worker_threads: usize,
     /// Where the SPIFFE Workload API is served (`None`: not served).
     pub workload_api: Option<WorkloadApiListen>,
+}
+
+/// `connection`: timeouts of proxied connections (`None`: off, written `0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connection {
+    /// `idleTimeout`: no byte either way for this long closes the connection (HBONE stream and the connection
+    /// behind it alike).
+    pub idle_timeout: Option<std::time::Duration>,
+    /// `writeStallTimeout`: a peer that takes no byte of what the proxy holds for it for this long (a destination
+    /// that accepts and never reads) closes the connection.
+    pub write_stall_timeout: Option<std::time::Duration>,
+}
+
+/// `connection.idleTimeout` when none is configured: Envoy's TCP proxy default (`idle_timeout`, 1 h, which Istio
+/// keeps), long enough for connections that are quiet by design (a database pool, a push channel with hourly
+/// traffic) and short enough that abandoned ones do not pile up.
+pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+/// `connection.writeStallTimeout` when none is configured: a reader that takes no byte for 5 minutes while bytes
+/// wait for it is gone or wedged; what it pins is a 256 KiB copy buffer per direction and the stream's window.
+pub const DEFAULT_WRITE_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl Default for Connection {
+    fn default() -> Self {
+        Self { idle_timeout: Some(DEFAULT_IDLE_TIMEOUT), write_stall_timeout: Some(DEFAULT_WRITE_STALL_TIMEOUT) }
+    }
 }
 
 /// `listen.workloadApi` when none is configured (/work/shared/README.md).
@@ -397,11 +424,46 @@ struct RawConfig {
     #[serde(default)]
     outbound: RawOutbound,
     drain_timeout: Option<String>,
+    #[serde(default)]
+    connection: RawConnection,
     root_namespace: Option<String>,
     #[serde(default)]
     capture: RawCapture,
     jwt_clock_skew: Option<String>,
     worker_threads: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConnection {
+    idle_timeout: Option<String>,
+    write_stall_timeout: Option<String>,
+}
+
+impl RawConnection {
+    fn validate(&self, p: &mut Problems) -> Connection {
+        // `0` (any zero duration) turns a timeout off.
+        let timeout = |p: &mut Problems, field: &str, text: Option<&str>, default| match text {
+            None => Some(default),
+            Some(text) => match humantime::parse_duration(text.trim()) {
+                Ok(d) if d.is_zero() => None,
+                Ok(d) => Some(d),
+                Err(e) => {
+                    p.add(field, format!("{text:?}: {e} (a duration such as 30s, 5m or 1h; 0 turns it off)"));
+                    None
+                }
+            },
+        };
+        Connection {
+            idle_timeout: timeout(p, "connection.idleTimeout", self.idle_timeout.as_deref(), DEFAULT_IDLE_TIMEOUT),
+            write_stall_timeout: timeout(
+                p,
+                "connection.writeStallTimeout",
+                self.write_stall_timeout.as_deref(),
+                DEFAULT_WRITE_STALL_TIMEOUT,
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -737,6 +799,8 @@ impl RawConfig {
             }),
         };
 
+        let connection = self.connection.validate(&mut p);
+
         let jwt_clock_skew = match self.jwt_clock_skew.as_deref() {
             None => trellis_policy::DEFAULT_CLOCK_SKEW,
             Some(text) => humantime::parse_duration(text).unwrap_or_else(|e| {
@@ -764,6 +828,7 @@ impl RawConfig {
         Ok(Config {
             outbound: Outbound { passthrough: self.outbound.passthrough, socks5_workload },
             drain_timeout,
+            connection,
             root_namespace,
             capture,
             jwt_clock_skew,
@@ -1081,6 +1146,28 @@ workerThreads: 4
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(c.workloads.is_empty());
         assert!(!format!("{c:?}").contains("abc.def"), "token must not appear in Debug output");
+    }
+
+    #[test]
+    fn connection_timeouts_default_parse_and_turn_off_with_zero() {
+        let parse = |extra: &str| Config::parse(&format!("{}{extra}", minimal())).map(|c| c.connection);
+        let defaults = Connection {
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            write_stall_timeout: Some(DEFAULT_WRITE_STALL_TIMEOUT),
+        };
+        assert_eq!(parse("").unwrap(), defaults);
+        assert_eq!(DEFAULT_IDLE_TIMEOUT, std::time::Duration::from_secs(3600));
+        let set = parse("connection: {idleTimeout: 90s, writeStallTimeout: 2m}\n").unwrap();
+        assert_eq!(set.idle_timeout, Some(std::time::Duration::from_secs(90)));
+        assert_eq!(set.write_stall_timeout, Some(std::time::Duration::from_secs(120)));
+        let off = parse("connection: {idleTimeout: \"0\", writeStallTimeout: 0s}\n").unwrap();
+        assert_eq!(off, Connection { idle_timeout: None, write_stall_timeout: None });
+        let error = parse("connection: {idleTimeout: soon}\n").unwrap_err().to_string();
+        assert!(error.contains("connection.idleTimeout: \"soon\""), "{error}");
+        let error = parse("connection: {writeStallTimeout: 5x}\n").unwrap_err().to_string();
+        assert!(error.contains("connection.writeStallTimeout: \"5x\""), "{error}");
+        let error = parse("connection: {idleTimout: 5m}\n").unwrap_err().to_string();
+        assert!(error.contains("idleTimout"), "an unknown field is an error: {error}");
     }
 
     /// Each case appends YAML to a minimal config and expects one problem containing `want`.

@@ -7,6 +7,11 @@
 //!
 //! The bytes each way are counted as they move ([`ByteCounts`]): by [`copy_counted`] for a relayed connection, by
 //! [`CountingIo`] for one whose bytes hyper moves (an HTTP tunnel).
+//!
+//! A copy also ends on its own [`Timeouts`]: when no byte moved either way for the idle timeout, or when one
+//! direction held bytes its writer would not take for the write-stall timeout (a destination that accepts and never
+//! reads). Both share one timer per connection, armed lazily: moving bytes only notes the time, and the timer, when
+//! it fires early, is pushed to the next deadline, so a busy connection does not touch the timer wheel per read.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -59,6 +64,56 @@ enum Failure {
     Write(io::Error),
 }
 
+/// When a copy gives up on a connection that carries nothing (`None`: never).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// No byte read or written either way for this long.
+    pub idle: Option<Duration>,
+    /// One direction holding bytes its writer takes none of for this long.
+    pub write_stall: Option<Duration>,
+}
+
+impl Timeouts {
+    /// Neither: a copy that only its peers or the proxy end.
+    pub const NONE: Timeouts = Timeouts { idle: None, write_stall: None };
+}
+
+impl From<crate::config::Connection> for Timeouts {
+    fn from(c: crate::config::Connection) -> Self {
+        Timeouts { idle: c.idle_timeout, write_stall: c.write_stall_timeout }
+    }
+}
+
+/// Why a copy gave up, carried inside the `io::Error` (kind `TimedOut`) it returns; [`Timeout::of`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Timeout {
+    #[error("idle timeout: no byte either way for {}", humantime::format_duration(*.0))]
+    Idle(Duration),
+    #[error("write stalled: the peer took no byte for {}", humantime::format_duration(*.0))]
+    WriteStall(Duration),
+}
+
+impl Timeout {
+    /// The timeout that ended a copy, if `error` is one.
+    pub fn of(error: &io::Error) -> Option<Timeout> {
+        error.get_ref()?.downcast_ref::<Timeout>().copied()
+    }
+
+    /// The `reason` label of `trellis_connections_timed_out_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Timeout::Idle(_) => "idle",
+            Timeout::WriteStall(_) => "write_stall",
+        }
+    }
+}
+
+impl From<Timeout> for io::Error {
+    fn from(timeout: Timeout) -> Self {
+        io::Error::new(io::ErrorKind::TimedOut, timeout)
+    }
+}
+
 /// One direction of a copy.
 #[derive(Default)]
 struct Direction {
@@ -69,6 +124,10 @@ struct Direction {
     read_done: bool,
     needs_flush: bool,
     done: bool,
+    /// Set by `poll_copy` whenever a byte was read or written (the caller notes the time and clears it).
+    moved: bool,
+    /// While bytes wait in `pos..end`: since when the writer took none (set when they were read or last written).
+    waiting_since: Option<tokio::time::Instant>,
 }
 
 impl Direction {
@@ -111,6 +170,8 @@ impl Direction {
                         } else {
                             counter.fetch_add(n as u64, Ordering::Relaxed);
                             (self.pos, self.end) = (0, n);
+                            self.moved = true;
+                            self.waiting_since = None;
                         }
                     }
                 }
@@ -123,6 +184,8 @@ impl Direction {
                 }
                 self.pos += n;
                 self.needs_flush = true;
+                self.moved = true;
+                self.waiting_since = None;
             }
             if self.read_done {
                 ready!(writer.as_mut().poll_shutdown(cx)).map_err(Failure::Write)?;
@@ -170,6 +233,66 @@ impl Progress {
     }
 }
 
+/// The idle and write-stall deadlines of one copy, checked against one lazily armed timer.
+struct Watch {
+    timeouts: Timeouts,
+    /// When a byte last moved either way.
+    last_moved: tokio::time::Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Watch {
+    fn new(timeouts: Timeouts) -> Self {
+        Self { timeouts, last_moved: tokio::time::Instant::now(), timer: None }
+    }
+
+    /// Notes what the directions did in this poll; then `Ready` with the timeout that has expired, if one has, or
+    /// `Pending` with the timer armed at (or before) the next deadline.
+    fn poll(&mut self, cx: &mut Context<'_>, directions: [&mut Direction; 2]) -> Poll<Timeout> {
+        if self.timeouts == Timeouts::NONE {
+            return Poll::Pending;
+        }
+        let mut now = None;
+        let mut now = || *now.get_or_insert_with(tokio::time::Instant::now);
+        for direction in directions.iter() {
+            if direction.moved {
+                self.last_moved = now();
+            }
+        }
+        let mut stalled_since: Option<tokio::time::Instant> = None;
+        for direction in directions {
+            direction.moved = false;
+            if direction.pos < direction.end {
+                let since = *direction.waiting_since.get_or_insert_with(&mut now);
+                stalled_since = Some(stalled_since.map_or(since, |s| s.min(since)));
+            } else {
+                direction.waiting_since = None;
+            }
+        }
+        loop {
+            let idle_at = self.timeouts.idle.map(|d| (self.last_moved + d, Timeout::Idle(d)));
+            let stall_at = self.timeouts.write_stall.zip(stalled_since).map(|(d, s)| (s + d, Timeout::WriteStall(d)));
+            let Some((deadline, timeout)) = [idle_at, stall_at].into_iter().flatten().min_by_key(|(at, _)| *at) else {
+                return Poll::Pending;
+            };
+            match &mut self.timer {
+                // Armed at or before the deadline: it fires early when bytes moved since, and is pushed on then.
+                Some(timer) if timer.deadline() <= deadline => {
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if deadline <= tokio::time::Instant::now() {
+                        return Poll::Ready(timeout);
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+    }
+}
+
 /// Copies both ways until both directions have ended (a half-close passes through as a shutdown of the other
 /// side's write half); `from_a` and `from_b` count the bytes read from each side as they are read.
 ///
@@ -177,8 +300,14 @@ impl Progress {
 /// after a failed write (the peer stopped taking bytes) the other goes on delivering what that peer had already
 /// sent, for at most [`DRAIN_AFTER_FAILURE`], so that an answer in flight (an HTTP 431 to a request head still
 /// being sent) reaches the client. After a failed read the stream is gone both ways and the copy ends at once. The
-/// first error is returned.
-async fn bidirectional<A, B>(a: &mut A, b: &mut B, from_a: &AtomicU64, from_b: &AtomicU64) -> io::Result<()>
+/// first error is returned. A [`Timeout`] that expires ends the copy with an error of kind `TimedOut` carrying it.
+async fn bidirectional<A, B>(
+    a: &mut A,
+    b: &mut B,
+    from_a: &AtomicU64,
+    from_b: &AtomicU64,
+    timeouts: Timeouts,
+) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -187,6 +316,7 @@ where
     let mut progress = Progress { first_error: None, stop: false };
     // Armed by the first failure only: a connection that flows never creates a timer.
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut watch = Watch::new(timeouts);
     poll_fn(|cx| {
         if !a_to_b.done {
             let result = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b), from_a);
@@ -197,6 +327,9 @@ where
             progress.note(&mut b_to_a, result);
         }
         let ended = (a_to_b.done && b_to_a.done) || progress.stop;
+        if !ended && let Poll::Ready(timeout) = watch.poll(cx, [&mut a_to_b, &mut b_to_a]) {
+            return Poll::Ready(Err(timeout.into()));
+        }
         if !ended && progress.first_error.is_some() {
             let deadline = deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(DRAIN_AFTER_FAILURE)));
             if deadline.as_mut().poll(cx).is_pending() {
@@ -225,14 +358,19 @@ impl ByteCounts {
     }
 }
 
-/// Copies both ways between `client` and `server` until both directions are closed (half-close passes through),
-/// counting into `counts`.
-pub async fn copy_counted<C, S>(client: &mut C, server: &mut S, counts: &ByteCounts) -> io::Result<()>
+/// Copies both ways between `client` and `server` until both directions are closed (half-close passes through) or
+/// one of `timeouts` expires, counting into `counts`.
+pub async fn copy_counted<C, S>(
+    client: &mut C,
+    server: &mut S,
+    counts: &ByteCounts,
+    timeouts: Timeouts,
+) -> io::Result<()>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    bidirectional(client, server, &counts.from_client, &counts.to_client).await
+    bidirectional(client, server, &counts.from_client, &counts.to_client, timeouts).await
 }
 
 /// Counts the bytes read from and written to `io` into `counts` (`from_client`: read, `to_client`: written), for a
@@ -287,7 +425,7 @@ mod tests {
         let (mut proxy_b, mut server) = tokio::io::duplex(1024);
         let (from_client, from_server) = (AtomicU64::new(0), AtomicU64::new(0));
         let copy = async {
-            bidirectional(&mut proxy_a, &mut proxy_b, &from_client, &from_server).await.unwrap();
+            bidirectional(&mut proxy_a, &mut proxy_b, &from_client, &from_server, Timeouts::NONE).await.unwrap();
         };
         let peers = async {
             let request: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
@@ -326,7 +464,8 @@ mod tests {
         let (from_client, from_server) = (AtomicU64::new(0), AtomicU64::new(0));
         let (from_client, from_server) = (&from_client, &from_server);
         // The proxy's ends close when the copy returns, as a relay's do.
-        let copy = async move { bidirectional(&mut proxy_a, &mut proxy_b, from_client, from_server).await };
+        let copy =
+            async move { bidirectional(&mut proxy_a, &mut proxy_b, from_client, from_server, Timeouts::NONE).await };
         let (mut client_read, mut client_write) = tokio::io::split(client);
         let send = async {
             // Fails once the proxy's end closes; the client then only waits for the answer.
@@ -391,7 +530,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         client.write_all(b"request").await.unwrap();
 
-        let result = bidirectional(&mut proxy_a, &mut server, &counters.0, &counters.1).await;
+        let result = bidirectional(&mut proxy_a, &mut server, &counters.0, &counters.1, Timeouts::NONE).await;
 
         assert_eq!(result.expect_err("the write failed").kind(), io::ErrorKind::BrokenPipe);
         assert_eq!(started.elapsed(), DRAIN_AFTER_FAILURE, "the other direction was given the drain bound, no more");
@@ -405,7 +544,7 @@ mod tests {
         let counters = (AtomicU64::new(0), AtomicU64::new(0));
         let started = tokio::time::Instant::now();
 
-        let result = bidirectional(&mut client_side, &mut proxy_b, &counters.0, &counters.1).await;
+        let result = bidirectional(&mut client_side, &mut proxy_b, &counters.0, &counters.1, Timeouts::NONE).await;
 
         assert_eq!(result.expect_err("the read failed").kind(), io::ErrorKind::ConnectionReset);
         assert_eq!(started.elapsed(), Duration::ZERO);
@@ -417,7 +556,7 @@ mod tests {
         let (mut client, mut proxy_a) = tokio::io::duplex(64);
         let (mut proxy_b, mut server) = tokio::io::duplex(64);
         let counters = (AtomicU64::new(0), AtomicU64::new(0));
-        let copy = bidirectional(&mut proxy_a, &mut proxy_b, &counters.0, &counters.1);
+        let copy = bidirectional(&mut proxy_a, &mut proxy_b, &counters.0, &counters.1, Timeouts::NONE);
         let serve = async {
             let mut request = Vec::new();
             server.read_to_end(&mut request).await.unwrap();
@@ -460,5 +599,133 @@ mod tests {
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello");
         assert_eq!(counter.load(Ordering::Relaxed), 5);
+    }
+
+    const IDLE: Duration = Duration::from_secs(60);
+    const STALL: Duration = Duration::from_secs(10);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_that_carries_nothing_ends_at_the_idle_timeout_with_its_reason() {
+        let (_client, mut proxy_a) = tokio::io::duplex(1024);
+        let (mut proxy_b, _server) = tokio::io::duplex(1024);
+        let counters = (AtomicU64::new(0), AtomicU64::new(0));
+        let started = tokio::time::Instant::now();
+        let timeouts = Timeouts { idle: Some(IDLE), write_stall: Some(STALL) };
+
+        let result = bidirectional(&mut proxy_a, &mut proxy_b, &counters.0, &counters.1, timeouts).await;
+
+        let error = result.expect_err("closed by the idle timeout");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(Timeout::of(&error), Some(Timeout::Idle(IDLE)), "{error}");
+        assert_eq!(error.to_string(), "idle timeout: no byte either way for 1m");
+        assert_eq!(started.elapsed(), IDLE, "no sooner, no later: nothing moved since the copy began");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_that_keeps_moving_bytes_outlives_the_idle_timeout_and_ends_idle_after_its_last_byte() {
+        let (mut client, mut proxy_a) = tokio::io::duplex(1024);
+        let (mut proxy_b, mut server) = tokio::io::duplex(1024);
+        let counters = (AtomicU64::new(0), AtomicU64::new(0));
+        let started = tokio::time::Instant::now();
+        let timeouts = Timeouts { idle: Some(IDLE), write_stall: Some(STALL) };
+        let copy = bidirectional(&mut proxy_a, &mut proxy_b, &counters.0, &counters.1, timeouts);
+        // The control: one byte each way every 40 s (under the idle timeout) for 5 idle timeouts, then quiet.
+        let peers = async {
+            for _ in 0..(5 * IDLE.as_secs() / 40) {
+                tokio::time::sleep(Duration::from_secs(40)).await;
+                client.write_all(b"x").await.unwrap();
+                let mut byte = [0];
+                server.read_exact(&mut byte).await.unwrap();
+                server.write_all(b"y").await.unwrap();
+                client.read_exact(&mut byte).await.unwrap();
+            }
+            // Both peers stay open (returned, not dropped): only the proxy's timeout ends the copy.
+            (started.elapsed(), (client, server))
+        };
+
+        let (result, (last_byte, _peers)) = tokio::join!(copy, peers);
+
+        assert_eq!(Timeout::of(&result.expect_err("idle once quiet")), Some(Timeout::Idle(IDLE)));
+        assert!(last_byte >= 5 * IDLE - Duration::from_secs(40), "the active connection outlived 4 idle timeouts");
+        assert_eq!(started.elapsed(), last_byte + IDLE, "closed one idle timeout after its last byte");
+        assert_eq!(counters.0.load(Ordering::Relaxed), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_that_never_reads_ends_the_copy_at_the_write_stall_timeout() {
+        // The server accepts and never reads (nor writes): the bytes the client sends wait in the copy's buffer.
+        let (mut client, mut proxy_a) = tokio::io::duplex(64 * 1024);
+        let mut server = Stuck { read: None, write: None };
+        let counters = (AtomicU64::new(0), AtomicU64::new(0));
+        client.write_all(&[b'a'; 1000]).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let timeouts = Timeouts { idle: Some(IDLE), write_stall: Some(STALL) };
+
+        let result = bidirectional(&mut proxy_a, &mut server, &counters.0, &counters.1, timeouts).await;
+
+        let error = result.expect_err("closed by the write-stall timeout");
+        assert_eq!(Timeout::of(&error), Some(Timeout::WriteStall(STALL)), "{error}");
+        assert_eq!(error.to_string(), "write stalled: the peer took no byte for 10s");
+        assert_eq!(started.elapsed(), STALL, "well before the idle timeout");
+        assert_eq!(counters.0.load(Ordering::Relaxed), 1000, "read and held");
+    }
+
+    /// A writer that takes `per_call` bytes once every `every`, else is pending: a slow reader, not a stalled one.
+    struct Slow {
+        every: Duration,
+        per_call: usize,
+        next: Option<Pin<Box<tokio::time::Sleep>>>,
+        taken: usize,
+    }
+
+    impl AsyncRead for Slow {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Slow {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+            let every = self.every;
+            let next = self.next.get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
+            ready!(next.as_mut().poll(cx));
+            self.next = None;
+            let n = data.len().min(self.per_call);
+            self.taken += n;
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_is_not_a_stalled_one() {
+        // The control of the stall test: the same held bytes, taken 10 at a time every 5 s (under the stall
+        // timeout), all delivered; only once everything is delivered and nothing moves does the idle timeout end it.
+        let (mut client, mut proxy_a) = tokio::io::duplex(64 * 1024);
+        let mut server = Slow { every: Duration::from_secs(5), per_call: 10, next: None, taken: 0 };
+        let counters = (AtomicU64::new(0), AtomicU64::new(0));
+        client.write_all(&[b'a'; 1000]).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let timeouts = Timeouts { idle: Some(IDLE), write_stall: Some(STALL) };
+
+        let result = bidirectional(&mut proxy_a, &mut server, &counters.0, &counters.1, timeouts).await;
+
+        assert_eq!(Timeout::of(&result.expect_err("idle at last")), Some(Timeout::Idle(IDLE)));
+        assert_eq!(server.taken, 1000, "every byte delivered, over 100 writes spanning {:?}", Duration::from_secs(500));
+        assert_eq!(started.elapsed(), Duration::from_secs(500) + IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_the_timeouts_off_nothing_ends_a_quiet_copy() {
+        let (_client, mut proxy_a) = tokio::io::duplex(1024);
+        let (mut proxy_b, _server) = tokio::io::duplex(1024);
+        let counters = (AtomicU64::new(0), AtomicU64::new(0));
+        let copy = bidirectional(&mut proxy_a, &mut proxy_b, &counters.0, &counters.1, Timeouts::NONE);
+        assert!(tokio::time::timeout(Duration::from_secs(24 * 3600), copy).await.is_err(), "still copying a day later");
     }
 }

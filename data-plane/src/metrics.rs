@@ -124,6 +124,11 @@ fn describe() {
         "Connections closed as soon as accepted because the proxy was out of file descriptors, by listener."
     );
     describe_counter!(
+        "trellis_connections_timed_out_total",
+        "Proxied connections the proxy closed because they carried nothing, by reason (idle: no byte either way for \
+         connection.idleTimeout; write_stall: a peer took no byte for connection.writeStallTimeout)."
+    );
+    describe_counter!(
         "trellis_revocations_total",
         "What revocations did, by kind (node, identity) and action (refused: a handshake; closed: an HBONE connection; stream_closed: a tunnel)."
     );
@@ -642,6 +647,11 @@ pub fn log_suppressed(log: &'static str, reason: &'static str) {
 /// Counts a connection closed at accept because the process had no file descriptor left (`listen.rs`).
 pub fn connection_shed(listener: &'static str) {
     metrics::counter!("trellis_connections_shed_total", "listener" => listener).increment(1);
+}
+
+/// Counts a proxied connection closed by one of its timeouts (`copy::Timeout::reason`).
+pub fn connection_timed_out(reason: &'static str) {
+    metrics::counter!("trellis_connections_timed_out_total", "reason" => reason).increment(1);
 }
 
 /// Which replica of `addresses` holds the discovery stream (`None`: none).

@@ -27,7 +27,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use trellis_proto::spiffe::SpiffeId;
 use trellis_proto::v1;
 
-use crate::config::{Config, Outbound, Passthrough, PortConfig, Protocol, WorkloadConfig};
+use crate::config::{Config, Connection, Outbound, Passthrough, PortConfig, Protocol, WorkloadConfig};
 use crate::identity::certs::test_ca::TestCa;
 use crate::identity::{CertManager, WorkloadCert, WorkloadCerts};
 use crate::proxy::{DataPath, inbound, socks5};
@@ -75,6 +75,11 @@ impl Mesh {
     /// Both proxies with certificates from one CA, the bundle of its root, and the registry of W_a and W_b; no
     /// policy. Returns once both proxies have applied it.
     pub async fn start() -> Self {
+        Self::start_with(Connection::default()).await
+    }
+
+    /// The same, with B's `connection` timeouts set (A keeps the defaults).
+    pub async fn start_with(b_connection: Connection) -> Self {
         let events = Events::default();
         // The proxy's own events only (not the TLS and HTTP/2 libraries' debug output).
         let filter = Targets::new().with_target("trellis_data_plane", Level::INFO).with_target("access", Level::INFO);
@@ -86,8 +91,8 @@ impl Mesh {
         let greeter = Server::start(Behaviour::Greet).await;
         let w_a = workload("web", "front", [127, 0, 0, 2], vec![]);
         let w_b = workload("api", "back", [127, 0, 0, 1], vec![echo.addr.port(), greeter.addr.port()]);
-        let a = Proxy::start("node-a", w_a, &ca, stop.clone()).await;
-        let b = Proxy::start("node-b", w_b, &ca, stop).await;
+        let a = Proxy::start("node-a", w_a, &ca, stop.clone(), Connection::default()).await;
+        let b = Proxy::start("node-b", w_b, &ca, stop, b_connection).await;
         let mut mesh = Self { ca, a, b, echo, greeter, events, version: 0, _shutdown: shutdown, _tracing: tracing };
         let snapshot = v1::ConfigUpdate {
             full: true,
@@ -241,12 +246,19 @@ pub struct Proxy {
 impl Proxy {
     /// Binds the listeners, issues the first certificate and starts following changes; the mesh state comes later
     /// (`Mesh::push`).
-    async fn start(node: &str, workload: WorkloadConfig, ca: &TestCa, shutdown: watch::Receiver<bool>) -> Self {
+    async fn start(
+        node: &str,
+        workload: WorkloadConfig,
+        ca: &TestCa,
+        shutdown: watch::Receiver<bool>,
+        connection: Connection,
+    ) -> Self {
         let pin = format!("sha256:{}", "0".repeat(64));
         let yaml =
             format!("node: {node}\ncontrolPlane: {{address: 127.0.0.1:1, caPin: '{pin}'}}\nstateDir: /nonexistent\n");
         let mut config = Config::parse(&yaml).expect("the minimal config parses");
         config.outbound = Outbound { passthrough: Passthrough::Deny, socks5_workload: Some(0) };
+        config.connection = connection;
         let ip = workload.addresses[0];
         config.workloads = vec![workload];
         let config = Arc::new(config);
@@ -256,7 +268,7 @@ impl Proxy {
         let (hbone_addr, socks5_addr) = (hbone.local_addr().unwrap(), socks5.local_addr().unwrap());
         let locals = LocalWorkloads::new(&config.workloads, TRUST_DOMAIN).expect("valid workload");
         let local = locals.get(0).expect("one workload").clone();
-        let data = Arc::new(DataPath::new(locals, config.outbound.clone()));
+        let data = Arc::new(DataPath::new(locals, config.outbound.clone(), config.connection.into()));
         let certs = Arc::new(WorkloadCerts::new([local.spiffe_id.clone()]));
         let state = Arc::new(StateStore::new(State::with_root_namespace(TRUST_DOMAIN, config.root_namespace.clone())));
         let tasks = vec![

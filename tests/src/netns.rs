@@ -200,8 +200,17 @@ unsafe extern "C" {
 const CLONE_NEWNET: i32 = 0x4000_0000;
 
 /// Runs `f` on a thread that joined namespace `ns` (sockets it creates stay in that namespace wherever used).
-#[allow(unsafe_code)]
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_netns(ns, f).join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// Starts `f` on a new thread that joined namespace `ns` first (every socket it creates, e.g. with a tokio runtime
+/// of its own, is in that namespace) and returns at once.
+#[allow(unsafe_code)]
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let path = std::path::Path::new("/run/netns").join(ns);
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
@@ -210,8 +219,6 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
         assert_eq!(rc, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
         f()
     })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 /// Connects to `addr` from namespace `netns` (or this one).

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use trellis_tests::prometheus::sum_samples;
-use trellis_tests::{ControlPlane, Echo, Proxy, WorkloadSpec, bin, http, read_log, socks, wait_for};
+use trellis_tests::{ControlPlane, Echo, Proxy, ProxyOptions, WorkloadSpec, bin, http, read_log, socks, wait_for};
 
 const A_IP: &str = "127.0.12.1";
 const B_IP: &str = "127.0.12.2";
@@ -582,7 +582,7 @@ fn a_destination_that_stops_reading_costs_bounded_memory_and_other_connections_f
         during[1]
     );
     let open = |p: &Proxy| sum_samples(&scrape(p.metrics_addr), "trellis_open_connections", &[]);
-    assert!(open(&a) >= 1.0, "the stalled connection is still open at node-0 (no idle timeout)");
+    assert!(open(&a) >= 1.0, "the stalled connection is still open at node-0 (within the 5 min write-stall timeout)");
     drop(stalled);
     held.lock().unwrap().clear();
     for proxy in [&a, &b] {
@@ -593,4 +593,109 @@ fn a_destination_that_stops_reading_costs_bounded_memory_and_other_connections_f
     let after = pids.map(rss_kib);
     println!("after the client closed: RSS KiB node-0 {}, node-1 {}", after[0], after[1]);
     echo_ok();
+}
+
+/// Proxy B closes the tunnels that carry nothing: one left silent for its `connection.idleTimeout` (3 s here), one
+/// whose destination accepts and never reads, once B's writes to it have made no progress for its
+/// `connection.writeStallTimeout` (2 s). The control: a tunnel opened at the same time through the same proxies to
+/// the same server, echoing every 500 ms, stays open long after both. The closing side says why: B's access log
+/// names the timeout, and `trellis_connections_timed_out_total` counts each by reason at B; A (defaults: 1 h and
+/// 5 min) closes nothing itself.
+#[test]
+fn idle_and_stalled_tunnels_are_closed_by_their_timeouts_with_the_reason_and_an_active_one_stays_open() {
+    const IDLE: Duration = Duration::from_secs(3);
+    let cp = ControlPlane::start(&[]);
+    let echo = Echo::start(format!("{B_IP}:0").parse().unwrap());
+    let stall = std::net::TcpListener::bind(format!("{B_IP}:0")).unwrap();
+    let stall_addr = stall.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for stream in stall.incoming().flatten() {
+            keep.lock().unwrap().push(stream); // accepted, never read
+        }
+    });
+    let a_spec = WorkloadSpec::new("w0", NAMESPACE, "w0", A_IP);
+    let mut b_spec = WorkloadSpec::new("w1", NAMESPACE, "w1", B_IP);
+    b_spec.ports = vec![(echo.addr.port(), "tcp"), (stall_addr.port(), "tcp")];
+    let a = Proxy::start(&cp, "node-0", &[a_spec]);
+    let mut b_options = ProxyOptions::default();
+    b_options.extra.insert("connection".into(), serde_json::json!({"idleTimeout": "3s", "writeStallTimeout": "2s"}));
+    let b = Proxy::start_with(&cp, "node-1", &[b_spec], b_options);
+    a.wait_ready();
+    b.wait_ready();
+    a.wait_config("node-1's workload at node-0", |d| d["workloads"].to_string().contains(B_IP));
+    let round = |tcp: &mut TcpStream, message: &[u8]| {
+        tcp.write_all(message).unwrap();
+        let mut back = vec![0; message.len()];
+        tcp.read_exact(&mut back).unwrap();
+        assert_eq!(back, message);
+    };
+
+    let started = Instant::now();
+    let mut active = socks::connect_ok(a.socks5_addr, echo.addr);
+    let mut idle = socks::connect_ok(a.socks5_addr, echo.addr);
+    round(&mut active, b"active");
+    round(&mut idle, b"once, then silence");
+    // The stalled one: a writer that sends until its connection is closed under it.
+    let stalled = socks::connect_ok(a.socks5_addr, stall_addr);
+    let writer = std::thread::spawn(move || {
+        let mut stalled = stalled;
+        let block = vec![7u8; 64 * 1024];
+        let mut sent = 0usize;
+        loop {
+            match stalled.write(&block) {
+                Ok(n) => sent += n,
+                Err(e) => return (sent, e.kind(), Instant::now()),
+            }
+            assert!(sent < 1 << 30, "1 GiB written to a destination that reads nothing");
+        }
+    });
+
+    // Echo on the active tunnel every 500 ms until both others ended, then for two more idle timeouts.
+    let mut idle_closed = None;
+    let mut idle = Some(idle);
+    while idle_closed.is_none() || !writer.is_finished() {
+        assert!(started.elapsed() < Duration::from_secs(60), "a tunnel was never closed: idle {idle_closed:?}");
+        std::thread::sleep(Duration::from_millis(500));
+        round(&mut active, b"ping");
+        if idle.as_ref().is_some_and(ended) {
+            idle_closed = Some(started.elapsed());
+            // Its client closes on the end it saw (A passes a half-close on and waits for the client's side).
+            idle = None;
+        }
+    }
+    let (sent, write_error, stall_closed) = writer.join().unwrap();
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(500));
+        round(&mut active, b"still here");
+    }
+    println!(
+        "idle tunnel closed {:.2?} after it opened (idle timeout {IDLE:?}); stalled tunnel's client wrote {:.1} MiB, \
+         then its write failed ({write_error:?}) {:.2?} after the start; the active tunnel, {:.2?} old, still echoes",
+        idle_closed.unwrap(),
+        sent as f64 / 1048576.0,
+        stall_closed - started,
+        started.elapsed()
+    );
+
+    // The reasons, at the side that closed (B).
+    let b_log = read_log(&b.log_path());
+    assert!(b_log.contains("closed by the proxy: idle timeout: no byte either way for 3s"), "{b_log}");
+    assert!(b_log.contains("closed by the proxy: write stalled: the peer took no byte for 2s"), "{b_log}");
+    let timed_out = |p: &Proxy, reason: &str| {
+        sum_samples(&scrape(p.metrics_addr), "trellis_connections_timed_out_total", &[&format!("reason=\"{reason}\"")])
+    };
+    assert_eq!((timed_out(&b, "idle"), timed_out(&b, "write_stall")), (1.0, 1.0), "counted at B, once each");
+    assert_eq!(sum_samples(&scrape(a.metrics_addr), "trellis_connections_timed_out_total", &[]), 0.0, "A closed none");
+    // The control: the active tunnel is the only one open at both proxies.
+    let open = |p: &Proxy| sum_samples(&scrape(p.metrics_addr), "trellis_open_connections", &[]);
+    for proxy in [&a, &b] {
+        wait_for(&format!("only the active tunnel open at {}", proxy.node), Duration::from_secs(30), || {
+            (open(proxy) == 1.0).then_some(())
+        });
+    }
+    round(&mut active, b"last");
+    drop(active);
+    held.lock().unwrap().clear();
 }

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 
 use super::WORKLOAD_DIAL_TIMEOUT;
 use crate::connections::Registration;
-use crate::copy::{ByteCounts, copy_counted};
+use crate::copy::{ByteCounts, Timeout, Timeouts, copy_counted};
 use crate::metrics::{Flags, TrafficMetrics};
 use crate::report::{Authz, ConnectionReport, Open};
 
@@ -106,12 +106,21 @@ pub enum Ended {
     Failed(io::Error),
     /// The proxy cancelled it (`Registration::cancel`: a policy change, or shutdown).
     Cancelled,
+    /// It carried nothing for one of its [`Timeouts`]: closed by the proxy, counted in
+    /// `trellis_connections_timed_out_total`.
+    TimedOut(Timeout),
 }
 
-/// Relays between `client` and `upstream` until both directions are closed (half-close passes through) or the
-/// proxy cancels the connection, then reports its end once: the bytes each way (`received`: from the client), and
-/// why it ended early if it did.
-pub async fn relay<C, U>(open: Open, client: &mut C, upstream: &mut U, registration: &Registration) -> Ended
+/// Relays between `client` and `upstream` until both directions are closed (half-close passes through), the
+/// proxy cancels the connection, or it carries nothing for one of `timeouts`; then reports its end once: the bytes
+/// each way (`received`: from the client), and why it ended early if it did (the access log's detail).
+pub async fn relay<C, U>(
+    open: Open,
+    client: &mut C,
+    upstream: &mut U,
+    registration: &Registration,
+    timeouts: Timeouts,
+) -> Ended
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -122,13 +131,20 @@ where
         // revocation), the copy fails too, and the report must say the proxy closed it, and why.
         biased;
         () = registration.cancel.cancelled() => Ended::Cancelled,
-        result = copy_counted(client, upstream, &counts) => result.map_or_else(Ended::Failed, |()| Ended::Closed),
+        result = copy_counted(client, upstream, &counts, timeouts) => match result {
+            Ok(()) => Ended::Closed,
+            Err(e) => Timeout::of(&e).map_or(Ended::Failed(e), Ended::TimedOut),
+        },
     };
     let (received, sent) = counts.get();
     let detail = match &ended {
         Ended::Closed => None,
         Ended::Failed(e) => Some(Cow::Owned(e.to_string())),
         Ended::Cancelled => Some(Cow::Borrowed(registration.closed_by_proxy())),
+        Ended::TimedOut(timeout) => {
+            crate::metrics::connection_timed_out(timeout.reason());
+            Some(Cow::Owned(format!("closed by the proxy: {timeout}")))
+        }
     };
     open.closed(received, sent, detail.as_deref());
     ended
@@ -232,7 +248,7 @@ mod tests {
         let connect = async { Ok(()) };
         let (open, ()) = opened_or_refused(connect, report(), Authz::allowed(None), &traffic).await.unwrap();
         assert_eq!(open_gauge(&handle), 1.0);
-        let relay = relay(open, &mut client_side, &mut upstream_side, &registration);
+        let relay = relay(open, &mut client_side, &mut upstream_side, &registration, Timeouts::NONE);
         // More bytes than the pipes hold: each peer reads while the other writes.
         let client_peer = async {
             client.write_all(&[7; 300]).await.unwrap();
@@ -267,7 +283,7 @@ mod tests {
         let (mut upstream_side, mut workload) = tokio::io::duplex(64);
 
         let (open, ()) = opened_or_refused(async { Ok(()) }, report(), Authz::NONE, &traffic).await.unwrap();
-        let relay = relay(open, &mut client_side, &mut upstream_side, &registration);
+        let relay = relay(open, &mut client_side, &mut upstream_side, &registration, Timeouts::NONE);
         let proxy_cancels = async {
             client.write_all(b"hello").await.unwrap();
             let mut got = [0; 5];

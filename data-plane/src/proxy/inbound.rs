@@ -376,7 +376,7 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
                 return;
             }
         };
-        if let Ended::Cancelled = finish::relay(open, &mut tunnel, &mut upstream, &registration).await {
+        if let Ended::Cancelled = finish::relay(open, &mut tunnel, &mut upstream, &registration, data.timeouts).await {
             info!(source = %conn.source, target = %conn.destination, "connection closed: no longer allowed by policy, or shutting down");
         }
         drop(registration);

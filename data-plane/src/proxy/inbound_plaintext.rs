@@ -175,7 +175,7 @@ async fn connection(
         .map_err(|e| PlaintextError::Refused { target, refusal: e.into() })?;
     let _ = tcp.set_nodelay(true);
     let mut tcp = tcp;
-    if let Ended::Cancelled = finish::relay(open, &mut tcp, &mut upstream, &registration).await {
+    if let Ended::Cancelled = finish::relay(open, &mut tcp, &mut upstream, &registration, data.timeouts).await {
         info!(%client, %target, "plaintext connection closed: no longer allowed by policy, or shutting down");
     }
     Ok(())

@@ -26,6 +26,7 @@ use arc_swap::ArcSwap;
 use crate::authz::LocalPolicies;
 use crate::config::Outbound;
 use crate::connections::Connections;
+use crate::copy::Timeouts;
 use crate::metrics::TrafficMetrics;
 use crate::registry::{LocalWorkloads, Registry};
 use crate::tls::MeshTls;
@@ -53,11 +54,13 @@ pub struct DataPath {
     pub traffic: TrafficMetrics,
     /// Pooled connections to local workloads for requests on `http` ports.
     pub upstream: l7::Upstream,
+    /// When a relayed connection that carries nothing is closed (`connection` in proxy.yaml).
+    pub timeouts: Timeouts,
 }
 
 impl DataPath {
     /// Empty TLS set, registry and policies until the first change arrives (`reconfigure`).
-    pub fn new(locals: LocalWorkloads, outbound: Outbound) -> Self {
+    pub fn new(locals: LocalWorkloads, outbound: Outbound, timeouts: Timeouts) -> Self {
         Self {
             tls: MeshTls::default(),
             registry: ArcSwap::from_pointee(Registry::default()),
@@ -68,6 +71,7 @@ impl DataPath {
             outbound,
             traffic: TrafficMetrics::default(),
             upstream: l7::Upstream::default(),
+            timeouts,
         }
     }
 }

@@ -122,8 +122,12 @@ pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(data: &DataPath, mut clien
     };
     let open = connected.report.opened(&data.traffic, Authz::NONE);
     match connected.upstream {
-        Upstream::Tunnel(mut tunnel) => finish::relay(open, &mut client, &mut tunnel.io, &registration).await,
-        Upstream::Direct(mut stream) => finish::relay(open, &mut client, &mut stream, &registration).await,
+        Upstream::Tunnel(mut tunnel) => {
+            finish::relay(open, &mut client, &mut tunnel.io, &registration, data.timeouts).await
+        }
+        Upstream::Direct(mut stream) => {
+            finish::relay(open, &mut client, &mut stream, &registration, data.timeouts).await
+        }
     };
 }
 

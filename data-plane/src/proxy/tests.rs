@@ -318,3 +318,59 @@ async fn streams_waiting_for_a_dial_to_a_silent_peer_share_its_failure() {
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "one dial, shared by every waiting stream");
     holder.abort();
 }
+
+#[tokio::test]
+async fn an_idle_tunnel_is_closed_by_the_idle_timeout_and_an_active_one_of_the_same_age_stays_open() {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    use crate::config::Connection;
+    // B closes tunnels idle for IDLE; A keeps the default (1 h), so any close seen here is B's.
+    const IDLE: Duration = Duration::from_millis(800);
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let metrics = recorder.handle();
+    // Every task of both proxies runs on this test's thread (current-thread runtime).
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let mesh = Mesh::start_with(Connection { idle_timeout: Some(IDLE), write_stall_timeout: None }).await;
+    let a = &mesh.a;
+    let mut idle = a.connect(mesh.echo.addr).await.expect("the idle tunnel opens");
+    let mut active = a.connect(mesh.echo.addr).await.expect("the active tunnel opens");
+    // Taken before the round: B's last byte on this tunnel moves after it.
+    let last_byte = Instant::now();
+    echo_round(&mut idle, b"one round, then silence").await;
+
+    // The control, through the same proxies and to the same server: an echo every quarter of the idle timeout
+    // while the idle one waits for its end, and for two idle timeouts after.
+    let mut byte = [0u8; 1];
+    let closed_after = loop {
+        echo_round(&mut active, b"ping").await;
+        match tokio::time::timeout(IDLE / 4, idle.read(&mut byte)).await {
+            Err(_) => assert!(last_byte.elapsed() < crate::testing::WAIT, "the idle tunnel was never closed"),
+            Ok(Ok(0) | Err(_)) => break last_byte.elapsed(),
+            Ok(Ok(n)) => panic!("{n} unexpected bytes on the idle tunnel"),
+        }
+    };
+    for _ in 0..8 {
+        tokio::time::sleep(IDLE / 4).await;
+        echo_round(&mut active, b"still here").await;
+    }
+    let active_age = last_byte.elapsed();
+    println!(
+        "idle tunnel closed {closed_after:?} after its last byte (idle timeout {IDLE:?}); the active one, {active_age:?} old, still echoes"
+    );
+
+    // The refusal and its reason at the side that closed: B's access log and counter.
+    let at_b = mesh.events.access("destination");
+    let reason = "closed by the proxy: idle timeout: no byte either way for 800ms";
+    let closed: Vec<_> = at_b.iter().filter(|e| e.field("detail") == reason).collect();
+    assert_eq!(closed.len(), 1, "one connection closed for idleness, by B: {at_b:?}");
+    assert_eq!(at_b.len(), 1, "the active tunnel has not ended: {at_b:?}");
+    assert!(closed_after >= IDLE, "not before the idle timeout: {closed_after:?}");
+    let rendered = metrics.render();
+    assert!(
+        rendered.lines().any(|l| l == "trellis_connections_timed_out_total{reason=\"idle\"} 1"),
+        "counted once, as idle: {rendered}"
+    );
+    assert_eq!(mesh.b.data.connections.len(), 1, "B still holds the active one");
+    drop(active);
+    eventually("both tunnels gone at B", || mesh.b.data.connections.is_empty()).await;
+}

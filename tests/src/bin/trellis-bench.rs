@@ -38,6 +38,8 @@ fn main() -> ExitCode {
         Some("load") => bench::scale::main(&argv[1..]),
         // The suite's servers, as a process of their own.
         Some("servers") => bench::load::servers_main(&argv[1..]),
+        // The load's echo server, as a process of its own.
+        Some("load-echo") => bench::scale::echo_main(),
         _ => {
             eprintln!("trellis-bench: which benchmark?\n{USAGE}");
             ExitCode::from(2)

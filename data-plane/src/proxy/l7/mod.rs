@@ -532,7 +532,7 @@ impl Tunnel {
     /// cancelled (the drain; HTTP tunnels are not closed on a policy change, whose next request is checked).
     fn splice(&self, client: hyper::upgrade::OnUpgrade, workload: hyper::upgrade::OnUpgrade) {
         let (cancel, done) = (self.cancel.clone(), self.upgrades.upgrade());
-        let source = self.conn.source.clone();
+        let (source, timeouts) = (self.conn.source.clone(), self.data.timeouts);
         tokio::spawn(async move {
             let (client, workload) = match tokio::join!(client, workload) {
                 (Ok(c), Ok(w)) => (c, w),
@@ -544,8 +544,11 @@ impl Tunnel {
             let (mut client, mut workload) = (TokioIo::new(client), TokioIo::new(workload));
             let counts = ByteCounts::default();
             tokio::select! {
-                result = crate::copy::copy_counted(&mut client, &mut workload, &counts) => {
-                    if let Err(e) = result {
+                result = crate::copy::copy_counted(&mut client, &mut workload, &counts, timeouts) => {
+                    if let Some(timeout) = result.as_ref().err().and_then(crate::copy::Timeout::of) {
+                        crate::metrics::connection_timed_out(timeout.reason());
+                        debug!(%source, %timeout, "upgraded stream closed by the proxy");
+                    } else if let Err(e) = result {
                         debug!(%source, error = %e, "upgraded stream ended with an error");
                     }
                 }

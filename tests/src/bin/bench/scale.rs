@@ -7,7 +7,11 @@
 //!
 //! Reports connections attempted and failed (with the first reasons), echoes and bytes lost, each proxy's RSS,
 //! open fds and CPU seconds before, at the peak and after, and the burst's connection latency. Raises this
-//! process's RLIMIT_NOFILE first (the proxies inherit it). Prints; writes nothing; exits 1 if anything failed.
+//! process's RLIMIT_NOFILE first (the proxies inherit it). The echo server is a process of its own
+//! (`trellis-bench load-echo`): in this one, its 10,000 ends beside the 10,000 client ends went past a 20,000
+//! descriptor limit by the dozen other descriptors the process holds, and exactly that many echoes timed out (their
+//! connections waited in the backlog of a server that could not accept). Prints; writes nothing; exits 1 if
+//! anything failed.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -153,22 +157,71 @@ async fn echo_connection(mut stream: TcpStream) -> std::io::Result<()> {
     }
 }
 
+/// `trellis-bench load-echo`: the load's echo server, on `SERVER_IP` (a port the kernel picks, backlog 4096); prints
+/// `echo ADDR`, serves until its standard input closes (the benchmark ended, however it ended).
+pub fn echo_main() -> ExitCode {
+    let result = (|| -> anyhow::Result<()> {
+        use std::io::Write;
+        procfs::raise_open_files(65536);
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let listener = runtime.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind((IpAddr::from(SERVER_IP), 0).into())?;
+            socket.listen(4096)
+        })?;
+        println!("echo {}", listener.local_addr()?);
+        std::io::stdout().flush()?;
+        runtime.spawn(super::load::serve(listener, echo_connection));
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        Ok(())
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trellis-bench load-echo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `load-echo` process, killed on drop.
+struct EchoProcess(std::process::Child);
+
+impl EchoProcess {
+    fn start() -> anyhow::Result<(Self, SocketAddr)> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .arg("load-echo")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting `trellis-bench load-echo`")?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let process = Self(child);
+        let addr = line.strip_prefix("echo ").and_then(|a| a.trim().parse().ok());
+        let addr = addr.with_context(|| format!("`trellis-bench load-echo` did not say where it listens: {line:?}"))?;
+        Ok((process, addr))
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn run(args: &Args) -> anyhow::Result<bool> {
     common::prepare(args.no_build, |line| eprintln!("{line}"))?;
-    // Client ends and echo ends of every connection live in this process, plus the burst's.
-    let want = (2 * args.connections + 2 * args.burst_rate as usize * 10 + 4096) as u64;
+    // The client end of every connection lives in this process, plus the burst's (the echo ends in load-echo's).
+    let want = (args.connections + args.burst_rate as usize * 10 + 4096) as u64;
     let limit = procfs::raise_open_files(want);
     if limit < want {
         eprintln!("load: RLIMIT_NOFILE is {limit}, below the {want} this run may need; failures may be EMFILE");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let echo_listener = runtime.block_on(async {
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.bind((IpAddr::from(SERVER_IP), 0).into())?;
-        socket.listen(4096)
-    })?;
-    let echo = echo_listener.local_addr()?;
-    runtime.spawn(super::load::serve(echo_listener, echo_connection));
+    let (_echo_process, echo) = EchoProcess::start()?;
     let (_cp, proxies) = start_mesh(echo)?;
     let socks = proxies[1].socks5_addr;
     let pids: Vec<(String, u32)> = proxies.iter().map(|p| (p.node.clone(), p.pid().expect("proxy running"))).collect();
@@ -280,8 +333,9 @@ fn run(args: &Args) -> anyhow::Result<bool> {
 
     println!("## Load (commit {})\n", super::soak::commit());
     println!(
-        "2 proxies on loopback (client → server → echo in the bench process), debug or release as built; \
-         RLIMIT_NOFILE {limit}\n"
+        "2 proxies on loopback (client → server → echo, the echo a process of its own), {} build; RLIMIT_NOFILE \
+         {limit}\n",
+        if cfg!(debug_assertions) { "debug" } else { "release" }
     );
     println!("| phase | connections | failed | detail |");
     println!("| --- | --- | --- | --- |");

@@ -1,5 +1,8 @@
 //! `trellis-bench soak --duration D`: a mesh kept busy for a long time while everything that changes in production
-//! changes: three proxies on loopback (two clients, one fronting the echo server), workload certificates of
+//! changes: three proxies (two clients, one fronting the echo server) on loopback, or with `--netns` each on a host
+//! of its own (network namespaces `trl-soak-*`, the control plane on a fourth) with capture on, so that the clients
+//! connect straight to the echo server's address and their host's nftables rules send it through the mesh; workload
+//! certificates of
 //! `--cert-ttl` (default 1m, so each proxy rotates about twice a minute), an AuthorizationPolicy rewritten every
 //! `--policy-every` (default 30 s, at most a third of the run; it still allows the traffic, so every rewrite re-authorizes every open
 //! connection without closing any), long-lived streams echoing 1 KiB every second, and short connections opened at a
@@ -16,19 +19,25 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use trellis_tests::netns::{self, Net};
 use trellis_tests::{ControlPlane, Proxy, ProxyOptions, WorkloadSpec};
 
 use super::procfs;
 use crate::common::{self, socks5, step};
 
-const USAGE: &str =
-    "usage: trellis-bench soak --duration D [--cert-ttl D] [--policy-every D] [--rate N] [--streams N] [--no-build]";
+const USAGE: &str = "usage: trellis-bench soak --duration D [--cert-ttl D] [--policy-every D] [--rate N] [--streams N] \
+                     [--netns] [--no-build]";
 const SERVER_IP: [u8; 4] = [127, 0, 50, 2];
 const CLIENT_IPS: [[u8; 4]; 2] = [[127, 0, 50, 1], [127, 0, 50, 3]];
 const NAMESPACE: &str = "soak";
 const STREAM_MESSAGE: usize = 1024;
 const SHORT_MESSAGE: &[u8] = b"short connection through the mesh";
 const WINDOW: Duration = Duration::from_secs(300);
+/// `--netns`: hosts `trl-soak-0` (control plane) .. `trl-soak-3` on 10.200.88.0/24 (a subnet no test uses).
+const NETNS_TAG: &str = "soak";
+const NETNS_SUBNET: u8 = 88;
+/// `--netns`: the echo server's port on its host (a namespace of its own, so a fixed port is free).
+const NETNS_ECHO_PORT: u16 = 7000;
 
 struct Args {
     duration: Duration,
@@ -36,6 +45,7 @@ struct Args {
     policy_every: Duration,
     rate: u32,
     streams: usize,
+    netns: bool,
     no_build: bool,
 }
 
@@ -46,6 +56,7 @@ fn parse_args(argv: &[String]) -> anyhow::Result<Args> {
         policy_every: Duration::from_secs(30),
         rate: 20,
         streams: 20,
+        netns: false,
         no_build: false,
     };
     let mut it = argv.iter();
@@ -58,6 +69,7 @@ fn parse_args(argv: &[String]) -> anyhow::Result<Args> {
             "--policy-every" => args.policy_every = duration(value()?)?,
             "--rate" => args.rate = value()?.parse().context("--rate")?,
             "--streams" => args.streams = value()?.parse().context("--streams")?,
+            "--netns" => args.netns = true,
             "--no-build" => args.no_build = true,
             other => bail!("unknown argument {other:?}"),
         }
@@ -113,29 +125,88 @@ struct Counters {
     bytes_lost: AtomicU64,
 }
 
+/// Where a client's connections come from.
+#[derive(Clone)]
+enum Client {
+    /// A process on loopback using its client proxy's SOCKS5 listener.
+    Socks(SocketAddr),
+    /// An application on a captured host (this network namespace): it connects straight to the echo server and the
+    /// host's nftables rules send the connection through its proxy.
+    Captured(String),
+}
+
+impl Client {
+    async fn dial(&self, echo: SocketAddr) -> std::io::Result<TcpStream> {
+        match self {
+            Client::Socks(socks) => socks5::connect_async(*socks, echo).await,
+            Client::Captured(_) => TcpStream::connect(echo).await,
+        }
+    }
+}
+
+/// The mesh and its hosts. Fields drop in order: the processes before the namespaces they run in.
 struct Mesh {
     cp: ControlPlane,
     proxies: Vec<Proxy>,
+    clients: Vec<Client>,
+    echo: SocketAddr,
+    /// The control plane's namespace (`trellisctl` runs there), if any.
+    cp_netns: Option<String>,
+    _net: Option<Net>,
 }
 
-fn start_mesh(args: &Args, echo: SocketAddr) -> anyhow::Result<Mesh> {
+fn start_mesh(args: &Args, runtime: &tokio::runtime::Runtime) -> anyhow::Result<Mesh> {
     let ttl = format!("{}s", args.cert_ttl.as_secs());
-    let cp = step("starting the control plane", &[], || Ok(ControlPlane::start(&["--cert-ttl", &ttl])))?;
-    let options = ProxyOptions { passthrough: Some("deny"), ..ProxyOptions::default() };
-    let mut server = WorkloadSpec::new("server", NAMESPACE, "server", &IpAddr::from(SERVER_IP).to_string());
+    let (net, echo_listener) = if args.netns {
+        let net = step("creating the hosts (network namespaces trl-soak-*; root needed)", &[], || {
+            Ok(Net::new(NETNS_TAG, NETNS_SUBNET, 4))
+        })?;
+        let at = net.host(1).addr(NETNS_ECHO_PORT);
+        let listener = netns::in_netns(&net.host(1).ns, move || std::net::TcpListener::bind(at))
+            .with_context(|| format!("echo server on {at} in {}", net.host(1).ns))?;
+        listener.set_nonblocking(true)?;
+        let _runtime = runtime.enter();
+        (Some(net), TcpListener::from_std(listener)?)
+    } else {
+        (None, runtime.block_on(TcpListener::bind((IpAddr::from(SERVER_IP), 0)))?)
+    };
+    let echo = echo_listener.local_addr()?;
+    runtime.spawn(super::load::serve(echo_listener, echo_connection));
+    let host = |i: usize| net.as_ref().map(|n| n.host(i).clone());
+    let cp = step("starting the control plane", &[], || {
+        Ok(match host(0) {
+            Some(h0) => ControlPlane::start_in(&h0, &["--cert-ttl", &ttl]),
+            None => ControlPlane::start(&["--cert-ttl", &ttl]),
+        })
+    })?;
+    let options = |i: usize| ProxyOptions {
+        passthrough: Some("deny"),
+        capture: net.is_some(),
+        netns: host(i),
+        ..ProxyOptions::default()
+    };
+    let server_ip = echo.ip().to_string();
+    let mut server = WorkloadSpec::new("server", NAMESPACE, "server", &server_ip);
     server.ports = vec![(echo.port(), "tcp")];
     let mut proxies = vec![step("starting the server proxy", &[], || {
-        Ok(Proxy::start_with(&cp, "soak-server", &[server], options.clone()))
+        Ok(Proxy::start_with(&cp, "soak-server", &[server], options(1)))
     })?];
+    let mut clients = Vec::new();
     for (i, ip) in CLIENT_IPS.iter().enumerate() {
         let name = format!("client-{}", i + 1);
-        let spec = WorkloadSpec::new(&name, NAMESPACE, &name, &IpAddr::from(*ip).to_string());
-        proxies.push(step(&format!("starting proxy soak-{name}"), &[], || {
-            Ok(Proxy::start_with(&cp, &format!("soak-{name}"), &[spec], options.clone()))
-        })?);
+        let ip = host(i + 2).map_or(IpAddr::from(*ip), |h| h.ip.into());
+        let spec = WorkloadSpec::new(&name, NAMESPACE, &name, &ip.to_string());
+        let proxy = step(&format!("starting proxy soak-{name}"), &[], || {
+            Ok(Proxy::start_with(&cp, &format!("soak-{name}"), &[spec], options(i + 2)))
+        })?;
+        clients.push(match host(i + 2) {
+            Some(h) => Client::Captured(h.ns),
+            None => Client::Socks(proxy.socks5_addr),
+        });
+        proxies.push(proxy);
     }
-    super::wait_for_server_in_registry(&proxies, &IpAddr::from(SERVER_IP).to_string())?;
-    Ok(Mesh { cp, proxies })
+    super::wait_for_server_in_registry(&proxies, &server_ip)?;
+    Ok(Mesh { cp, proxies, clients, echo, cp_netns: host(0).map(|h| h.ns), _net: net })
 }
 
 /// The policy of rewrite `n`: both clients allowed to the echo port; odd rewrites allow one more port, so every
@@ -153,17 +224,19 @@ fn policy(n: u64, echo_port: u16) -> String {
 fn run(args: &Args) -> anyhow::Result<bool> {
     common::prepare(args.no_build, |line| eprintln!("{line}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let echo_listener = runtime.block_on(TcpListener::bind((IpAddr::from(SERVER_IP), 0)))?;
-    let echo = echo_listener.local_addr()?;
-    runtime.spawn(super::load::serve(echo_listener, echo_connection));
-    let mesh = start_mesh(args, echo)?;
+    let mesh = start_mesh(args, &runtime)?;
+    let echo = mesh.echo;
     mesh.cp.apply(&policy(0, echo.port()));
-    let socks: Vec<SocketAddr> = mesh.proxies[1..].iter().map(|p| p.socks5_addr).collect();
     let pids: Vec<(String, u32)> =
         mesh.proxies.iter().map(|p| (p.node.clone(), p.pid().expect("proxy running"))).collect();
     eprintln!(
-        "soak: {:?}, cert TTL {:?}, a policy change every {:?}, {} long-lived streams, {} short connections/s",
-        args.duration, args.cert_ttl, args.policy_every, args.streams, args.rate
+        "soak: {:?}, {}, cert TTL {:?}, a policy change every {:?}, {} long-lived streams, {} short connections/s",
+        args.duration,
+        where_(args),
+        args.cert_ttl,
+        args.policy_every,
+        args.streams,
+        args.rate
     );
 
     let counters = Arc::new(Counters::default());
@@ -172,25 +245,34 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let window = WINDOW.min(args.duration);
     let sample_every = Duration::from_secs(60).min(args.duration / 3);
 
-    let (latencies, samples, policy_changes) = runtime.block_on(async {
-        let streams: Vec<_> = (0..args.streams)
-            .map(|i| tokio::spawn(long_lived(socks[i % socks.len()], echo, deadline, counters.clone())))
-            .collect();
-        let short = tokio::spawn(short_connections(socks.clone(), echo, args.rate, deadline, counters.clone()));
+    // Each client its own thread (in its host's namespace with --netns) and runtime; streams and the rate shared out.
+    let n = mesh.clients.len();
+    let load: Vec<_> = mesh
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(i, client)| {
+            let streams = args.streams / n + usize::from(i < args.streams % n);
+            let rate = args.rate / n as u32 + u32::from((i as u32) < args.rate % n as u32);
+            let plan = ClientLoad { client: client.clone(), echo, streams, rate, started, deadline };
+            spawn_client(plan, counters.clone())
+        })
+        .collect();
+    let (samples, policy_changes) = runtime.block_on(async {
         let policies = {
             // A short run (a check) still changes the policy a few times.
             let every = args.policy_every.min(args.duration / 3);
-            let cp_args = (mesh.cp.admin_config(), echo.port());
+            let cp_args = (mesh.cp.admin_config(), mesh.cp_netns.clone(), echo.port());
             tokio::spawn(change_policies(every, deadline, cp_args))
         };
         let samples = sample(&pids, sample_every, started, deadline).await;
-        for stream in streams {
-            let _ = stream.await;
-        }
-        let latencies = short.await.unwrap_or_default();
         let changes = policies.await.unwrap_or(Ok(0));
-        (latencies, samples, changes)
+        (samples, changes)
     });
+    let mut latencies = Vec::new();
+    for client in load {
+        latencies.extend(client.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))?);
+    }
     let policy_changes = policy_changes?;
 
     // Every certificate a proxy installed (the first ones and each rotation), from the proxies' own logs.
@@ -204,10 +286,12 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let lost = c.bytes_lost.load(Ordering::Relaxed);
     println!("## Soak ({:?}, commit {})\n", args.duration, commit());
     println!(
-        "3 proxies on loopback, cert TTL {:?} ({installed} workload certificates installed, the first three \
-         included), {policy_changes} policy changes, {} long-lived streams (1 KiB echoed every second), {} short \
-         connections/s\n",
-        args.cert_ttl, args.streams, args.rate
+        "3 proxies {}, cert TTL {:?} ({installed} workload certificates installed, the first three included), \
+         {policy_changes} policy changes, {} long-lived streams (1 KiB echoed every second), {} short connections/s\n",
+        where_(args),
+        args.cert_ttl,
+        args.streams,
+        args.rate
     );
     println!("| connections attempted | failed | bytes sent | bytes echoed | bytes lost |");
     println!("| --- | --- | --- | --- | --- |");
@@ -226,6 +310,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     println!("\n| window | short connections | p50 | p99 |");
     println!("| --- | --- | --- | --- |");
     let mut by_window: std::collections::BTreeMap<u64, Vec<Duration>> = Default::default();
+    latencies.sort();
     for (at, latency) in latencies {
         by_window.entry(at.as_secs() / window.as_secs().max(1)).or_default().push(latency);
     }
@@ -238,6 +323,10 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     }
     drop(mesh);
     Ok(failed == 0 && lost == 0)
+}
+
+fn where_(args: &Args) -> &'static str {
+    if args.netns { "on network-namespace hosts, capture on" } else { "on loopback" }
 }
 
 pub fn commit() -> String {
@@ -263,12 +352,12 @@ async fn echo_connection(mut stream: TcpStream) -> std::io::Result<()> {
 
 /// One long-lived stream: 1 KiB every second, each echo checked; on a failure the stream counts it (and the bytes
 /// not echoed) and opens a new connection.
-async fn long_lived(socks: SocketAddr, echo: SocketAddr, deadline: Instant, c: Arc<Counters>) {
+async fn long_lived(client: Client, echo: SocketAddr, deadline: Instant, c: Arc<Counters>) {
     let message: Vec<u8> = (0..STREAM_MESSAGE).map(|i| (i * 7 % 251) as u8).collect();
     let mut back = vec![0u8; STREAM_MESSAGE];
     while Instant::now() < deadline {
         c.attempted.fetch_add(1, Ordering::Relaxed);
-        let mut stream = match socks5::connect_async(socks, echo).await {
+        let mut stream = match client.dial(echo).await {
             Ok(stream) => stream,
             Err(e) => {
                 fail(&c, &format!("long-lived stream: connect: {e}"));
@@ -309,31 +398,61 @@ fn fail(c: &Counters, what: &str) {
     }
 }
 
-/// Short connections at a fixed rate (open loop: one is started at each tick whatever the others do), alternating
-/// between the client proxies; returns (time since start, latency) of each that worked.
-async fn short_connections(
-    socks: Vec<SocketAddr>,
+/// One client's share of the load.
+struct ClientLoad {
+    client: Client,
     echo: SocketAddr,
+    streams: usize,
     rate: u32,
+    started: Instant,
     deadline: Instant,
-    c: Arc<Counters>,
-) -> Vec<(Duration, Duration)> {
-    let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+}
+
+/// Runs a client's long-lived streams and short connections on a thread of its own (in the client's namespace when
+/// captured) until the deadline; the thread returns the short connections' (time since start, latency).
+fn spawn_client(plan: ClientLoad, c: Arc<Counters>) -> std::thread::JoinHandle<Vec<(Duration, Duration)>> {
+    let ns = match &plan.client {
+        Client::Captured(ns) => Some(ns.clone()),
+        Client::Socks(_) => None,
+    };
+    let work = move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        runtime.block_on(async move {
+            let streams: Vec<_> = (0..plan.streams)
+                .map(|_| tokio::spawn(long_lived(plan.client.clone(), plan.echo, plan.deadline, c.clone())))
+                .collect();
+            let latencies = short_connections(&plan, c).await;
+            for stream in streams {
+                let _ = stream.await;
+            }
+            latencies
+        })
+    };
+    match ns {
+        Some(ns) => netns::spawn_in_netns(&ns, work),
+        None => std::thread::spawn(work),
+    }
+}
+
+/// Short connections at a fixed rate (open loop: one is started at each tick whatever the others do); returns
+/// (time since start, latency) of each that worked.
+async fn short_connections(plan: &ClientLoad, c: Arc<Counters>) -> Vec<(Duration, Duration)> {
+    if plan.rate == 0 {
+        return Vec::new();
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / plan.rate);
     let mut tasks = Vec::new();
-    let mut n = 0usize;
     loop {
         tick.tick().await;
-        if Instant::now() >= deadline {
+        if Instant::now() >= plan.deadline {
             break;
         }
-        let (proxy, c) = (socks[n % socks.len()], c.clone());
-        n += 1;
+        let (client, echo, started, c) = (plan.client.clone(), plan.echo, plan.started, c.clone());
         tasks.push(tokio::spawn(async move {
             c.attempted.fetch_add(1, Ordering::Relaxed);
             let at = started.elapsed();
             let begun = Instant::now();
-            let exchange = super::short_exchange(proxy, echo, SHORT_MESSAGE);
+            let exchange = short_exchange(&client, echo);
             match tokio::time::timeout(Duration::from_secs(10), exchange).await {
                 Ok(Ok(back)) if back == SHORT_MESSAGE => Some((at, begun.elapsed())),
                 outcome => {
@@ -352,11 +471,21 @@ async fn short_connections(
     latencies
 }
 
+/// One short connection: send the message, half-close, read the echo to its end.
+async fn short_exchange(client: &Client, echo: SocketAddr) -> std::io::Result<Vec<u8>> {
+    let mut stream = client.dial(echo).await?;
+    stream.write_all(SHORT_MESSAGE).await?;
+    stream.shutdown().await?;
+    let mut back = Vec::new();
+    stream.read_to_end(&mut back).await?;
+    Ok(back)
+}
+
 /// Rewrites the policy every `every` until the deadline (trellisctl, as an operator would); returns how many times.
 async fn change_policies(
     every: Duration,
     deadline: Instant,
-    (admin_config, echo_port): (std::path::PathBuf, u16),
+    (admin_config, cp_ns, echo_port): (std::path::PathBuf, Option<String>, u16),
 ) -> anyhow::Result<u64> {
     let mut n = 0;
     loop {
@@ -366,10 +495,10 @@ async fn change_policies(
         }
         n += 1;
         let text = policy(n, echo_port);
-        let config = admin_config.clone();
+        let (config, cp_ns) = (admin_config.clone(), cp_ns.clone());
         let output = tokio::task::spawn_blocking(move || {
             use std::io::Write;
-            let mut child = std::process::Command::new(trellis_tests::bin("trellisctl"))
+            let mut child = netns::command(cp_ns.as_deref(), trellis_tests::bin("trellisctl"))
                 .args(["--config", &config.to_string_lossy(), "apply", "-f", "-"])
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
