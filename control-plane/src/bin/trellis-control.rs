@@ -61,9 +61,10 @@ enum Command {
         /// and still reconnect without a new token, while a stolen credential is usable for at most 30 days.
         #[arg(long, default_value = "720h", value_parser = parse_duration)]
         node_cert_ttl: Duration,
-        /// Lifetime of JWT-SVIDs (at most --cert-ttl, minimum 10s): short, since a bearer token cannot be revoked.
-        #[arg(long, default_value = "5m", value_parser = parse_duration)]
-        jwt_svid_ttl: Duration,
+        /// Lifetime of JWT-SVIDs (at most --cert-ttl, minimum 10s): short, since a bearer token cannot be revoked
+        /// [default: 5m, or --cert-ttl where that is shorter].
+        #[arg(long, value_parser = parse_duration)]
+        jwt_svid_ttl: Option<Duration>,
         /// Extra DNS name or IP for the serving certificate (repeatable).
         #[arg(long = "san")]
         sans: Vec<String>,
@@ -136,6 +137,7 @@ fn main() -> std::process::ExitCode {
                 eprintln!("error: --cert-ttl must be at least 1m");
                 return std::process::ExitCode::FAILURE;
             }
+            let jwt_svid_ttl = jwt_svid_ttl.unwrap_or(trellis_control_plane::jwt_key::DEFAULT_JWT_TTL.min(cert_ttl));
             if jwt_svid_ttl < Duration::from_secs(10) || jwt_svid_ttl > cert_ttl {
                 eprintln!("error: --jwt-svid-ttl must be at least 10s and at most --cert-ttl");
                 return std::process::ExitCode::FAILURE;
