@@ -1,8 +1,9 @@
 //! JWT-SVIDs (issue 17) with real processes: the control plane signs them with the mesh JWT key, the proxy hands
 //! them out on the Workload API to attested callers, and its JWKS travels in the trust bundle. Clients no one here
-//! wrote fetch and check them: py-spiffe (FetchJWTSVID, FetchJWTBundles, ValidateJWTSVID over grpc-python) and
-//! PyJWT (the signature against the fetched bundle). Then a service calls another through the mesh with one: a
-//! RequestAuthentication of the mesh issuer (no jwks, no jwksUri) and an AuthorizationPolicy on requestPrincipals.
+//! wrote fetch and check them: py-spiffe and the Rust `spiffe` crate (FetchJWTSVID, FetchJWTBundles,
+//! ValidateJWTSVID) and PyJWT (the signature against the fetched bundle). Then a service calls another through the
+//! mesh with one: a RequestAuthentication of the mesh issuer (no jwks, no jwksUri) and an AuthorizationPolicy on
+//! requestPrincipals.
 
 #![forbid(unsafe_code)]
 
@@ -16,13 +17,15 @@ use trellis_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient
 use trellis_proto::workload::{JwtsvidRequest, ValidateJwtsvidRequest};
 use trellis_tests::http::{Conn, Response};
 use trellis_tests::prometheus::sum_samples;
-use trellis_tests::{ControlPlane, HttpEcho, Proxy, ProxyOptions, WorkloadSpec, read_log, socks, wait_for};
+use trellis_tests::{ControlPlane, HttpEcho, Proxy, ProxyOptions, WorkloadSpec, bin, read_log, socks, wait_for};
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const BATCH: &str = "spiffe://cluster.local/ns/shop/sa/batch";
 const WEB_IP: &str = "127.0.14.1";
 const BATCH_IP: &str = "127.0.14.3";
 const API_IP: &str = "127.0.14.2";
+const REPORTS: &str = "spiffe://cluster.local/ns/shop/sa/reports";
+const REPORTS_IP: &str = "127.0.14.4";
 const HOST: &str = "api.shop";
 
 fn python_exe() -> PathBuf {
@@ -58,12 +61,15 @@ fn mesh() -> Mesh {
     let mut batch = WorkloadSpec::new("batch", "shop", "batch", BATCH_IP);
     let test_exe = std::env::current_exe().unwrap().canonicalize().unwrap();
     batch.attest = vec![json!({"uid": 0}), json!({"path": test_exe})];
+    // `reports`: the Rust `spiffe` crate's client binary.
+    let mut reports = WorkloadSpec::new("reports", "shop", "reports", REPORTS_IP);
+    reports.attest = vec![json!({"path": bin("trellis-spiffe-client").canonicalize().unwrap()})];
     let options = ProxyOptions {
         socks5_workload: Some("web".into()),
         workload_api: Some(socket.clone()),
         ..ProxyOptions::default()
     };
-    let client = Proxy::start_with(&cp, "node-a", &[web, batch], options);
+    let client = Proxy::start_with(&cp, "node-a", &[web, batch, reports], options);
     for p in [&server, &client] {
         p.wait_ready();
     }
@@ -77,6 +83,12 @@ impl Mesh {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("py_spiffe_client.py");
         let endpoint = format!("unix://{}", self.socket.display());
         Command::new("python3").arg(script).args(args).env("SPIFFE_ENDPOINT_SOCKET", endpoint).output().unwrap()
+    }
+
+    /// `trellis-spiffe-client ARGS` (the Rust `spiffe` crate; attested as `reports` by its path).
+    fn rust_client(&self, args: &[&str]) -> Output {
+        let endpoint = format!("unix://{}", self.socket.display());
+        Command::new(bin("trellis-spiffe-client")).args(args).env("SPIFFE_ENDPOINT_SOCKET", endpoint).output().unwrap()
     }
 
     fn wait_synced(&self) {
@@ -137,14 +149,15 @@ fn fetch_jwt(m: &Mesh, spiffe_id: &str, audience: &[&str]) -> Result<String, ton
     })
 }
 
-/// PyJWT verifies `token` with the key of its `kid` from the JWT bundle py-spiffe fetched (PEM per kid), for
-/// `audience`: prints the claims, or exits 3 with the error.
+/// PyJWT verifies `token` with the key of its `kid` from the JWT bundle a client fetched (py-spiffe: PEM per kid;
+/// the `spiffe` crate: the JWK per kid), for `audience`: prints the claims, or exits 3 with the error.
 fn pyjwt_verify(bundle: &Path, token: &str, audience: &str) -> Output {
     let script = r#"
 import json, sys, jwt
 bundle, token, audience = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
 kid = jwt.get_unverified_header(token)["kid"]
-key = next(k["pem"] for k in bundle["keys"] if k["kid"] == kid)
+entry = next(k for k in bundle["keys"] if k["kid"] == kid)
+key = entry["pem"] if "pem" in entry else jwt.algorithms.ECAlgorithm.from_jwk(json.dumps(entry["jwk"]))
 try:
     print(json.dumps(jwt.decode(token, key, algorithms=["ES256"], audience=audience)))
 except jwt.PyJWTError as e:
@@ -235,6 +248,45 @@ fn jwt_svids_from_py_spiffe_verify_with_pyjwt_and_validate_jwtsvid() {
     assert!(cp_log.lines().any(|l| l.contains("JWT-SVID issued") && l.contains(WEB)), "{cp_log}");
     let cp_metrics = trellis_tests::http::get(m.cp.metrics_addr, "/metrics").unwrap().1;
     assert!(sum_samples(&cp_metrics, "trellis_jwt_svids_total", &["outcome=\"issued\""]) >= 2.0, "{cp_metrics}");
+}
+
+#[test]
+fn jwt_svids_from_the_rust_spiffe_crate_verify_with_pyjwt_and_validate_jwtsvid() {
+    let m = mesh();
+    let out_dir = m.dir.path().join("rust");
+    std::fs::create_dir_all(&out_dir).unwrap();
+
+    // The `spiffe` crate: FetchJWTSVID (audience "api") and FetchJWTBundles, as the `reports` workload.
+    let got = ok_json(m.rust_client(&["jwt", "api", out_dir.to_str().unwrap()]), "spiffe crate jwt");
+    assert_eq!(got["spiffe_id"], REPORTS);
+    let token = got["token"].as_str().unwrap().to_owned();
+    let bundle = out_dir.join("jwt_bundle.json");
+
+    // PyJWT verifies it against the JWKS the crate fetched; a wrong audience is refused (the control).
+    let claims = ok_json(pyjwt_verify(&bundle, &token, "api"), "PyJWT");
+    assert_eq!((claims["sub"].as_str(), claims["iss"].as_str()), (Some(REPORTS), Some("spiffe://cluster.local")));
+    let out = pyjwt_verify(&bundle, &token, "other");
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidAudienceError"));
+
+    // ValidateJWTSVID through the crate: the right audience accepted, a wrong one and a tampered signature refused
+    // by the proxy with their reasons.
+    let valid = ok_json(m.rust_client(&["validate", &token, "api"]), "spiffe crate validate");
+    assert_eq!(valid["spiffe_id"], REPORTS);
+    for (svid, audience, reason) in [
+        (token.clone(), "other", "is not in the token's aud claim"),
+        (tamper(&token), "api", "the signature does not verify"),
+    ] {
+        let out = m.rust_client(&["validate", &svid, audience]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(reason), "{reason}: {stderr}");
+        let log = read_log(&m.client.log_path());
+        assert!(
+            log.lines().any(|l| l.contains("Workload API request refused") && l.contains(reason)),
+            "the proxy logs the refusal's reason ({reason}):\n{log}"
+        );
+    }
 }
 
 /// The token with one bit of its signature's first byte flipped.

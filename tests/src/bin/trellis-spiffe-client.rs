@@ -4,6 +4,9 @@
 //!   fetch OUT_DIR  one X.509 context: prints {"spiffe_id", "serial"}, writes svid.pem, svid_key.der, bundle.pem
 //!   watch N        the FetchX509SVID stream: one line {"spiffe_id", "serial", "not_after"} per SVID received, N times
 //!   bundles        FetchX509Bundles once: {"trust_domains": [...]}
+//!   jwt AUD OUT_DIR  FetchJWTSVID for audience AUD: prints {"spiffe_id", "token"}; FetchJWTBundles: writes
+//!                  OUT_DIR/jwt_bundle.json as {"trust_domain", "keys": [{"kid", "jwk"}]}
+//!   validate TOKEN AUD  ValidateJWTSVID: prints {"spiffe_id"}
 //! A refusal exits with status 2 and the error on stderr.
 
 #![forbid(unsafe_code)]
@@ -74,7 +77,29 @@ async fn run() -> anyhow::Result<()> {
             let tds: Vec<String> = set.iter().map(|(td, _)| td.to_string()).collect();
             println!("{}", serde_json::json!({"trust_domains": tds}));
         }
-        _ => anyhow::bail!("usage: trellis-spiffe-client fetch OUT_DIR | watch N | bundles"),
+        ["jwt", audience, dir] => {
+            let svid = client.fetch_jwt_svid([audience], None).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let bundles = client.fetch_jwt_bundles().await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let td = svid.spiffe_id().trust_domain();
+            let bundle = bundles.get(td).context("no JWT bundle for the SVID's trust domain")?;
+            let keys: Vec<serde_json::Value> = bundle
+                .jwt_authorities()
+                .map(|a| {
+                    let jwk: serde_json::Value = serde_json::from_slice(a.jwk_json())?;
+                    Ok(serde_json::json!({"kid": a.key_id(), "jwk": jwk}))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let file = serde_json::json!({"trust_domain": td.to_string(), "keys": keys});
+            std::fs::write(PathBuf::from(dir).join("jwt_bundle.json"), file.to_string())?;
+            println!("{}", serde_json::json!({"spiffe_id": svid.spiffe_id().to_string(), "token": svid.token()}));
+        }
+        ["validate", token, audience] => {
+            let svid = client.validate_jwt_token(audience, token).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            println!("{}", serde_json::json!({"spiffe_id": svid.spiffe_id().to_string()}));
+        }
+        _ => anyhow::bail!(
+            "usage: trellis-spiffe-client fetch OUT_DIR | watch N | bundles | jwt AUD OUT_DIR | validate TOKEN AUD"
+        ),
     }
     Ok(())
 }
