@@ -69,7 +69,10 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
 
 fn use_state(next: &State) {
     let _ = Registry::from_state(next);
-    let _ = LocalPolicies::build(&next.policies, &FIXTURE.locals, &next.jwks, Duration::from_secs(60));
+    // The mesh issuer with the JWKS from the trust bundle, as the proxy's reconfigure does.
+    let issuer = format!("spiffe://{}", next.trust_domain);
+    let mesh = (issuer.as_str(), next.mesh_jwks.as_str());
+    let _ = LocalPolicies::build(&next.policies, &FIXTURE.locals, &next.jwks, mesh, Duration::from_secs(60));
 }
 
 fuzz_target!(|data: &[u8]| {
