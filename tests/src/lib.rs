@@ -30,6 +30,17 @@ pub fn profile_dir() -> PathBuf {
     if dir.ends_with("deps") { dir.parent().unwrap_or(dir) } else { dir }.to_path_buf()
 }
 
+/// The Python interpreter's executable, as /proc/PID/exe shows it (what a workload's `path` selector names to attest
+/// a Python client of the Workload API).
+pub fn python_exe() -> PathBuf {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import os, sys; print(os.path.realpath(sys.executable))"])
+        .output()
+        .expect("python3 must be installed (with py-spiffe: see scripts/test)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
 /// Path of a workspace binary built with the same profile (`target/<profile>/<name>`).
 pub fn bin(name: &str) -> PathBuf {
     let path = profile_dir().join(name);

@@ -17,7 +17,9 @@ use trellis_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient
 use trellis_proto::workload::{JwtsvidRequest, ValidateJwtsvidRequest};
 use trellis_tests::http::{Conn, Response};
 use trellis_tests::prometheus::sum_samples;
-use trellis_tests::{ControlPlane, HttpEcho, Proxy, ProxyOptions, WorkloadSpec, bin, read_log, socks, wait_for};
+use trellis_tests::{
+    ControlPlane, HttpEcho, Proxy, ProxyOptions, WorkloadSpec, bin, python_exe, read_log, socks, wait_for,
+};
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const BATCH: &str = "spiffe://cluster.local/ns/shop/sa/batch";
@@ -27,15 +29,6 @@ const API_IP: &str = "127.0.14.2";
 const REPORTS: &str = "spiffe://cluster.local/ns/shop/sa/reports";
 const REPORTS_IP: &str = "127.0.14.4";
 const HOST: &str = "api.shop";
-
-fn python_exe() -> PathBuf {
-    let out = Command::new("python3")
-        .args(["-c", "import os, sys; print(os.path.realpath(sys.executable))"])
-        .output()
-        .expect("python3 must be installed (with py-spiffe: see scripts/test)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 /// Node A fronts `web` (handed to the Python interpreter, so py-spiffe gets it) and `batch` (handed to this test
 /// binary); node B fronts `api`, an HTTP echo.

@@ -14,23 +14,13 @@ use serde_json::{Value, json};
 use trellis_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use trellis_proto::workload::{ValidateJwtsvidRequest, X509svidRequest};
 use trellis_tests::prometheus::sum_samples;
-use trellis_tests::{ControlPlane, Proxy, ProxyOptions, WorkloadSpec, bin, read_log, wait_for};
+use trellis_tests::{ControlPlane, Proxy, ProxyOptions, WorkloadSpec, bin, python_exe, read_log, wait_for};
 
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 const PAYMENTS: &str = "spiffe://cluster.local/ns/shop/sa/payments";
 const OPS: &str = "spiffe://cluster.local/ns/shop/sa/ops";
 const TESTER: &str = "spiffe://cluster.local/ns/shop/sa/tester";
 const PYCLIENT: &str = "spiffe://cluster.local/ns/shop/sa/pyclient";
-
-/// The Python interpreter's executable, as /proc/PID/exe shows it (the `path` selector of `pyclient`).
-fn python_exe() -> PathBuf {
-    let out = Command::new("python3")
-        .args(["-c", "import os, sys; print(os.path.realpath(sys.executable))"])
-        .output()
-        .expect("python3 must be installed (with py-spiffe: see scripts/test)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 struct Setup {
     cp: ControlPlane,
