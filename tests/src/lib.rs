@@ -30,6 +30,20 @@ pub fn profile_dir() -> PathBuf {
     if dir.ends_with("deps") { dir.parent().unwrap_or(dir) } else { dir }.to_path_buf()
 }
 
+/// The JSON a successful child process printed on stdout; panics naming `what`, with its exit status and output,
+/// when it failed or printed something else.
+pub fn ok_json(out: std::process::Output, what: &str) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{what}: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
 /// The Python interpreter's executable, as /proc/PID/exe shows it (what a workload's `path` selector names to attest
 /// a Python client of the Workload API).
 pub fn python_exe() -> PathBuf {

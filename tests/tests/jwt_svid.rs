@@ -18,7 +18,7 @@ use trellis_proto::workload::{JwtsvidRequest, ValidateJwtsvidRequest};
 use trellis_tests::http::{Conn, Response};
 use trellis_tests::prometheus::sum_samples;
 use trellis_tests::{
-    ControlPlane, HttpEcho, Proxy, ProxyOptions, WorkloadSpec, bin, python_exe, read_log, socks, wait_for,
+    ControlPlane, HttpEcho, Proxy, ProxyOptions, WorkloadSpec, bin, ok_json, python_exe, read_log, socks, wait_for,
 };
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -95,18 +95,6 @@ impl Mesh {
     fn metrics(&self) -> String {
         trellis_tests::http::get(self.client.metrics_addr, "/metrics").unwrap().1
     }
-}
-
-fn ok_json(out: Output, what: &str) -> Value {
-    assert!(
-        out.status.success(),
-        "{what}: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn rt() -> tokio::runtime::Runtime {

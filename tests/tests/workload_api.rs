@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hyper_util::rt::TokioIo;
@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use trellis_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use trellis_proto::workload::{ValidateJwtsvidRequest, X509svidRequest};
 use trellis_tests::prometheus::sum_samples;
-use trellis_tests::{ControlPlane, Proxy, ProxyOptions, WorkloadSpec, bin, python_exe, read_log, wait_for};
+use trellis_tests::{ControlPlane, Proxy, ProxyOptions, WorkloadSpec, bin, ok_json, python_exe, read_log, wait_for};
 
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 const PAYMENTS: &str = "spiffe://cluster.local/ns/shop/sa/payments";
@@ -107,18 +107,6 @@ impl Setup {
     fn metrics(&self) -> String {
         trellis_tests::http::get(self.proxy.metrics_addr, "/metrics").unwrap().1
     }
-}
-
-fn ok_json(out: Output, what: &str) -> Value {
-    assert!(
-        out.status.success(),
-        "{what}: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn openssl(args: &[&str]) -> String {
