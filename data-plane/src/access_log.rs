@@ -80,6 +80,7 @@ pub fn request(e: &RequestEntry<'_>) {
         destination_workload = &*e.key.destination.workload,
         destination_namespace = &*e.key.destination.namespace,
         destination_address = %e.destination_addr,
+        connection_security_policy = if e.key.mutual_tls { "mutual_tls" } else { "none" },
         method = e.method,
         path = e.path,
         response_code = e.status,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use trellis_policy::{CompiledPolicies, Decision, JwtAuthenticator, Request, WorkloadPolicies};
 
-use crate::connections::InboundConn;
+use crate::connections::{Downstream, InboundConn};
 use crate::metrics::DecisionCounters;
 use crate::registry::LocalWorkloads;
 
@@ -84,4 +84,11 @@ pub fn tcp_request(conn: &InboundConn, peer: SocketAddr) -> Request<'_> {
     // source.ip is the original client's address when the sending proxy reported it.
     let source_ip = conn.source_addr.map_or(peer.ip(), |a| a.ip());
     Request::tcp(Some(&conn.principal), source_ip, conn.destination.ip(), conn.destination.port())
+}
+
+/// The connection attributes of a connection to an HTTP port, whose requests add theirs with `with_http`: a
+/// tunnel's as [`tcp_request`]; a plaintext client's without principal or namespace, `source.ip` its own address.
+pub fn downstream_request(downstream: &Downstream) -> Request<'_> {
+    let destination = downstream.destination();
+    Request::tcp(downstream.principal(), downstream.client().ip(), destination.ip(), destination.port())
 }

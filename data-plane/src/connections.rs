@@ -50,6 +50,62 @@ pub struct PlaintextConn {
     pub workload: Arc<LocalWorkload>,
 }
 
+/// The connection an HTTP port's requests arrive on (`proxy::l7`): an HBONE tunnel from an authenticated peer, or a
+/// captured plaintext connection (no principal, no namespace; `source.ip` is the client's own address).
+#[derive(Debug, Clone)]
+pub enum Downstream {
+    Tunnel(Arc<InboundConn>),
+    Plaintext(Arc<PlaintextConn>),
+}
+
+impl Downstream {
+    pub fn workload(&self) -> &Arc<LocalWorkload> {
+        match self {
+            Downstream::Tunnel(conn) => &conn.workload,
+            Downstream::Plaintext(conn) => &conn.workload,
+        }
+    }
+
+    pub fn destination(&self) -> SocketAddr {
+        match self {
+            Downstream::Tunnel(conn) => conn.destination,
+            Downstream::Plaintext(conn) => conn.destination,
+        }
+    }
+
+    /// The peer's principal (Istio's form); none for plaintext.
+    pub fn principal(&self) -> Option<&str> {
+        match self {
+            Downstream::Tunnel(conn) => Some(&conn.principal),
+            Downstream::Plaintext(_) => None,
+        }
+    }
+
+    /// The original client's address: reported by the sending proxy (else that proxy's own), or the plaintext
+    /// connection's peer.
+    pub fn client(&self) -> SocketAddr {
+        match self {
+            Downstream::Tunnel(conn) => conn.source_addr.unwrap_or(conn.peer),
+            Downstream::Plaintext(conn) => conn.client,
+        }
+    }
+
+    /// Whether the peer authenticated with mTLS (`connection_security_policy`).
+    pub fn mutual_tls(&self) -> bool {
+        matches!(self, Downstream::Tunnel(_))
+    }
+}
+
+/// For logs: the peer's SPIFFE ID, or `plaintext <client address>`.
+impl std::fmt::Display for Downstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Downstream::Tunnel(conn) => conn.source.fmt(f),
+            Downstream::Plaintext(conn) => write!(f, "plaintext {}", conn.client),
+        }
+    }
+}
+
 /// What kind of connection is open: inbound ones are re-checked on every policy change, outbound ones only wait
 /// for the drain.
 enum Tracked {

@@ -121,12 +121,13 @@ fn revoke(data: &DataPath, revocations: Arc<Revocations>) {
 }
 
 /// Installs the policies for the local workloads, then closes every open inbound connection they no longer allow.
-/// Tunnels to `http` ports stay: each of their requests is checked against the policies current at that time.
+/// Connections to `http` ports stay (tunnelled or plaintext; a plaintext one unless its port now requires mTLS): each
+/// of their requests is checked against the policies current at that time.
 fn reauthorize(data: &DataPath, local: LocalPolicies) {
     let local = Arc::new(local);
     data.authz.store(local.clone());
     let mut closed = data.connections.close_inbound_unless(|conn| match local.check(conn, conn.peer) {
-        _ if l7::is_http(conn) => true,
+        _ if l7::is_http(&conn.workload, conn.destination) => true,
         Some(decision) if decision.allowed => true,
         Some(decision) => {
             info!(source = %conn.source, target = %conn.destination, %decision, "closing connection after a policy change");

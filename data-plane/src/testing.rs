@@ -2,7 +2,8 @@
 //! fronting W_a) and "B" (server side, fronting W_b), each a real [`DataPath`] with its HBONE and SOCKS5 listeners and
 //! its `reconfigure::follow_changes` task, fed the way a running proxy is fed: the mesh state through `state::apply`
 //! into its `StateStore`, certificates through its `CertManager`, whose CSRs a test CA answers (first issuance and
-//! renewals alike). W_b is played by two TCP servers on 127.0.0.1 (an echo and a greeter); W_a lives at 127.0.0.2.
+//! renewals alike). W_b is played by three servers on 127.0.0.1 (an echo and a greeter on ports declared `tcp`, and
+//! a minimal HTTP/1.1 server on a port declared `http`); W_a lives at 127.0.0.2.
 //!
 //! What each proxy recorded (access-log entries, accepted HBONE connections with the client certificate's serial,
 //! authorization decisions) is read from the tracing events of the test, captured by [`Events`]. The capture is the
@@ -64,6 +65,8 @@ pub struct Mesh {
     pub echo: Server,
     /// W_b's greeter port: sends [`GREETING`] and closes its side at once, then reads until EOF.
     pub greeter: Server,
+    /// W_b's `http` port: answers every HTTP/1.1 request head with 200 `ok`, reporting each head as it arrives.
+    pub http: Server,
     pub events: Events,
     version: u64,
     _shutdown: watch::Sender<bool>,
@@ -89,11 +92,14 @@ impl Mesh {
         let (shutdown, stop) = watch::channel(false);
         let echo = Server::start(Behaviour::Echo).await;
         let greeter = Server::start(Behaviour::Greet).await;
+        let http = Server::start(Behaviour::Http).await;
         let w_a = workload("web", "front", [127, 0, 0, 2], vec![]);
-        let w_b = workload("api", "back", [127, 0, 0, 1], vec![echo.addr.port(), greeter.addr.port()]);
+        let ports = vec![(echo.addr.port(), Protocol::Tcp), (greeter.addr.port(), Protocol::Tcp)];
+        let w_b = workload("api", "back", [127, 0, 0, 1], [ports, vec![(http.addr.port(), Protocol::Http)]].concat());
         let a = Proxy::start("node-a", w_a, &ca, stop.clone(), Connection::default()).await;
         let b = Proxy::start("node-b", w_b, &ca, stop, b_connection).await;
-        let mut mesh = Self { ca, a, b, echo, greeter, events, version: 0, _shutdown: shutdown, _tracing: tracing };
+        let mut mesh =
+            Self { ca, a, b, echo, greeter, http, events, version: 0, _shutdown: shutdown, _tracing: tracing };
         let snapshot = v1::ConfigUpdate {
             full: true,
             trust_bundle: Some(bundle(&[mesh.ca.root.clone()])),
@@ -183,14 +189,14 @@ impl Mesh {
     }
 }
 
-fn workload(name: &str, namespace: &str, ip: [u8; 4], ports: Vec<u16>) -> WorkloadConfig {
+fn workload(name: &str, namespace: &str, ip: [u8; 4], ports: Vec<(u16, Protocol)>) -> WorkloadConfig {
     WorkloadConfig {
         name: name.into(),
         namespace: namespace.into(),
         service_account: name.into(),
         labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
         addresses: vec![IpAddr::from(ip)],
-        ports: ports.into_iter().map(|port| PortConfig { port, protocol: Protocol::Tcp }).collect(),
+        ports: ports.into_iter().map(|(port, protocol)| PortConfig { port, protocol }).collect(),
         attest: Vec::new(),
         svid_files: None,
     }
@@ -379,6 +385,8 @@ pub async fn echo_round(stream: &mut TcpStream, bytes: &[u8]) {
 enum Behaviour {
     Echo,
     Greet,
+    /// HTTP/1.1 without bodies: each request head is reported when it arrives, answered `200 ok`.
+    Http,
 }
 
 /// A TCP server standing for W_b on one port; reports what each connection sent it until EOF.
@@ -401,11 +409,24 @@ impl Server {
                 let Ok((tcp, _)) = listener.accept().await else { continue };
                 count.fetch_add(1, Ordering::Relaxed);
                 let report = report.clone();
-                let greet = matches!(behaviour, Behaviour::Greet);
+                let (greet, http) = (matches!(behaviour, Behaviour::Greet), matches!(behaviour, Behaviour::Http));
                 tokio::spawn(async move {
                     let (mut reader, mut writer) = tcp.into_split();
                     let mut seen = Vec::new();
-                    if greet {
+                    if http {
+                        let mut buffer = [0u8; 16 * 1024];
+                        while let Ok(n @ 1..) = reader.read(&mut buffer).await {
+                            seen.extend_from_slice(&buffer[..n]);
+                            while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                                let _ = report.send(seen.drain(..end + 4).collect());
+                                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                                if writer.write_all(answer).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        return;
+                    } else if greet {
                         let _ = writer.write_all(GREETING).await;
                         let _ = writer.shutdown().await;
                         let _ = reader.read_to_end(&mut seen).await;
@@ -431,7 +452,7 @@ impl Server {
         self.accepted.load(Ordering::Relaxed)
     }
 
-    /// What the next connection to end sent before its EOF.
+    /// What the next connection to end sent before its EOF (the HTTP server: the next request head).
     pub async fn received(&self) -> Vec<u8> {
         within("a W_b connection to see EOF", async { self.received.lock().await.recv().await.expect("server alive") })
             .await

@@ -44,6 +44,28 @@ pub fn ok_json(out: std::process::Output, what: &str) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{what}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// Keys, JWKS documents and tokens from `tests/jose.py` (PyJWT), as `spec` asks for them (see the script). Claims
+/// `exp`/`nbf`/`iat` are relative to now.
+pub fn jose(spec: serde_json::Value) -> serde_json::Value {
+    use std::io::Write as _;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/jose.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 must be installed (with pyjwt and cryptography: see .ci/run)");
+    child.stdin.take().unwrap().write_all(spec.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "jose.py failed (pip install pyjwt cryptography): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("jose.py output")
+}
+
 /// The Python interpreter's executable, as /proc/PID/exe shows it (what a workload's `path` selector names to attest
 /// a Python client of the Workload API).
 pub fn python_exe() -> PathBuf {

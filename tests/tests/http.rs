@@ -5,7 +5,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -13,7 +12,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use trellis_tests::http::{Conn, Response};
 use trellis_tests::outcome::{Outcome, Refusal};
-use trellis_tests::{ControlPlane, HttpEcho, Proxy, WorkloadSpec, socks, wait_for};
+use trellis_tests::{ControlPlane, HttpEcho, Proxy, WorkloadSpec, jose, socks, wait_for};
 
 const CLIENT: &str = "127.0.12.1";
 const API: &str = "127.0.12.2";
@@ -249,26 +248,6 @@ fn malformed_requests_get_400_and_are_not_forwarded() {
     }
     // A good request still works on a new connection.
     assert_eq!(forwarded_target(&get(&mut m.conn(), "/fine")), "/fine");
-}
-
-/// Keys, JWKS documents and tokens from `jose.py` (PyJWT). Claims `exp`/`nbf`/`iat` are relative to now.
-fn jose(spec: Value) -> Value {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/jose.py");
-    let mut child = Command::new("python3")
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 must be installed (with pyjwt and cryptography: see .ci/run)");
-    child.stdin.take().unwrap().write_all(spec.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "jose.py failed (pip install pyjwt cryptography): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("jose.py output")
 }
 
 const ISS1: &str = "https://issuer1.example";

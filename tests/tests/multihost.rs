@@ -447,6 +447,132 @@ fn peer_authentication_on_the_plaintext_inbound_listener() {
     assert!(matches!(closed, Outcome::Refused(Refusal::Closed | Refusal::Reset)), "the open connection: {closed:?}");
 }
 
+/// Requests on a plaintext connection to an `http` port (captured at 15006, PERMISSIVE) take the same HTTP path as
+/// tunnelled ones: each is authenticated and authorized with its HTTP attributes, with a plaintext peer (no
+/// principal). curl on host 3 (outside the mesh) to host 2's http.server on `HTTP_L7`: a path rule allows /allowed
+/// and refuses /denied with 403 at proxy B (access log and metric name the refusal, http.server never sees it); a
+/// `requestPrincipals` rule refuses /protected without a token and lets it through with a valid JWT; the requests
+/// are counted in istio_requests_total with connection_security_policy="none".
+#[test]
+fn plaintext_requests_to_an_http_port_are_authorized_one_by_one() {
+    let m = mesh("mhl7", 69, false);
+    let (b, outside) = (m.host(2), m.host(3));
+    for file in ["allowed", "denied", "protected"] {
+        std::fs::write(m._www.path().join(file), format!("{file} body\n")).unwrap();
+    }
+    let t = trellis_tests::jose(serde_json::json!({
+        "keys": {"rs": {"kind": "RS256", "kid": "rs"}},
+        "jwks": {"one": ["rs"]},
+        "tokens": {"alice": {"key": "rs", "claims": {"iss": "https://issuer1.example", "sub": "alice", "exp": 600}}}
+    }));
+    let jwks = t["jwks"]["one"].as_str().unwrap();
+    let alice = t["tokens"]["alice"].as_str().unwrap();
+    m.apply(&format!(
+        "apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: api}}}}
+  jwtRules: [{{issuer: \"https://issuer1.example\", jwks: '{jwks}'}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: l7, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: api}}}}
+  action: ALLOW
+  rules:
+  - to: [{{operation: {{methods: [GET], paths: [/allowed]}}}}]
+  - from: [{{source: {{requestPrincipals: [\"https://issuer1.example/alice\"]}}}}]
+    to: [{{operation: {{paths: [/protected]}}}}]
+"
+    ));
+    // One curl per request, from outside the mesh: a plaintext connection captured on host 2.
+    let curl = |path: &str, token: Option<&str>| {
+        let url = format!("http://{}:{HTTP_L7}{path}", b.ip);
+        let mut cmd = outside.cmd("curl");
+        cmd.args(["-sS", "--max-time", "20", "-w", "\n%{http_code}", &url]);
+        if let Some(token) = token {
+            cmd.args(["-H", &format!("authorization: Bearer {token}")]);
+        }
+        let out = cmd.output().expect("run curl");
+        assert!(out.status.success(), "curl {path}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').expect("curl's status line");
+        (code.parse::<u16>().expect("a status"), body.to_owned())
+    };
+    let served = |path: &str| {
+        let log = std::fs::read_to_string(m._www.path().join(access_log_name(HTTP_L7))).unwrap_or_default();
+        log.lines().filter(|l| l.contains(&format!("\"GET {path} "))).count()
+    };
+
+    // The control: allowed by the path rule, from a plaintext client (which an HTTP rule on a TCP connection would
+    // never match).
+    assert_eq!(curl("/allowed", None), (200, "allowed body\n".into()), "GET /allowed");
+    assert_eq!(curl("/denied", None), (403, "RBAC: access denied".into()), "GET /denied");
+    // requestPrincipals: no token matches none; alice's token matches.
+    assert_eq!(curl("/protected", None), (403, "RBAC: access denied".into()), "GET /protected without a token");
+    assert_eq!(curl("/protected", Some(alice)), (200, "protected body\n".into()), "GET /protected with a JWT");
+    assert_eq!(
+        curl("/protected", Some("not.a.jwt")),
+        (401, "Jwt verification fails".into()),
+        "GET /protected with a bad token"
+    );
+
+    // The workload saw the allowed requests only (logged as they were answered, so the last one is there).
+    wait_for("http.server to log the allowed requests", Duration::from_secs(20), || {
+        (served("/allowed") == 1 && served("/protected") == 1).then_some(())
+    });
+    assert_eq!(served("/denied"), 0, "a refused request reached the workload");
+    // Refused at proxy B, by the per-request check, as plaintext: its access log names each refusal.
+    let log = trellis_tests::read_log(&m.b.log_path());
+    let refused = |path: &str| {
+        let entry = [
+            &format!("path=\"{path}\""),
+            "response_code=403",
+            "decision=\"denied\"",
+            "response_flags=\"DENY\"",
+            "connection_security_policy=\"none\"",
+            "source_principal=\"unknown\"",
+            "policy=\"-\"",
+        ];
+        log.lines().filter(|l| l.contains("request") && entry.iter().all(|part| l.contains(part))).count()
+    };
+    assert_eq!((refused("/denied"), refused("/protected")), (1, 1), "proxy B's access log:\n{log}");
+    assert!(
+        log.lines().any(|l| l.contains("path=\"/protected\"")
+            && l.contains("request_principal=\"https://issuer1.example/alice\"")
+            && l.contains("response_code=200")
+            && l.contains("policy=\"shop/l7\"")),
+        "{log}"
+    );
+
+    let (_, metrics) =
+        trellis_tests::http::get_in(Some(&b.ns), "127.0.0.1:15020".parse().unwrap(), "/metrics").unwrap();
+    let requests = |code: &str, flags: &str| {
+        let labels = [
+            "reporter=\"destination\"",
+            "connection_security_policy=\"none\"",
+            "destination_workload=\"api\"",
+            "source_workload=\"unknown\"",
+            code,
+            flags,
+        ];
+        trellis_tests::prometheus::sum_samples(&metrics, "istio_requests_total", &labels)
+    };
+    assert_eq!(requests("response_code=\"200\"", "response_flags=\"-\""), 2.0, "{metrics}");
+    assert_eq!(requests("response_code=\"403\"", "response_flags=\"DENY\""), 2.0, "{metrics}");
+    assert_eq!(requests("response_code=\"401\"", ""), 1.0, "{metrics}");
+    let sizes = |name: &str| {
+        trellis_tests::prometheus::sum_samples(
+            &metrics,
+            &format!("{name}_count"),
+            &["connection_security_policy=\"none\""],
+        )
+    };
+    assert_eq!((sizes("istio_request_bytes"), sizes("istio_response_bytes")), (5.0, 5.0), "{metrics}");
+}
+
 #[test]
 fn passthrough_and_principal_policies_across_hosts() {
     let m = mesh("mhpol", 63, true);

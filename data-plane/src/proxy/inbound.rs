@@ -23,7 +23,7 @@ use trellis_proto::spiffe::SpiffeId;
 
 use super::finish::{self, DialError, Ended};
 use super::{DataPath, HANDSHAKE_TIMEOUT, l7};
-use crate::connections::{InboundConn, PeerCert};
+use crate::connections::{Downstream, InboundConn, PeerCert};
 use crate::hbone::{
     self, CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
 };
@@ -335,9 +335,9 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
     // Registered before the check, so that a policy change between check and registration cannot be missed.
     let registration = data.connections.register_inbound(conn.clone());
     let dial_from = trusted_source(&data, source, source_addr, peer);
-    if l7::is_http(&conn) {
+    if l7::is_http(&conn.workload, target) {
         // Checked per request instead (`l7`).
-        return l7::accept(request, conn, report, registration, data, dial_from);
+        return l7::accept(request, Downstream::Tunnel(conn), report, registration, data, dial_from);
     }
     let allowed = {
         let policies = data.authz.load();

@@ -2,6 +2,9 @@
 //! here by the capture rules. Accept → original destination → local workload and declared port →
 //! PeerAuthentication (STRICT refuses; PERMISSIVE and DISABLE accept) → authorization with a plaintext peer (no
 //! principal: `principals` ALLOW rules never match, `notPrincipals: ["*"]` DENY rules do) → dial → copy.
+//! On a port declared `http`, `http2` or `grpc`, the connection takes the HBONE tunnels' HTTP path instead (`l7`,
+//! after the PeerAuthentication check): every request is authenticated and authorized with its HTTP attributes,
+//! forwarded over pooled connections, and counted in the request series.
 //!
 //! The per-port modes and policies are resolved once per config change (`LocalPolicies`); a connection costs two
 //! map lookups and the evaluator's comparisons. Metrics and the access log report it like an inbound tunnel, with an
@@ -15,10 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 use trellis_policy::{Decision, MtlsMode, Request};
 
-use super::DataPath;
 use super::finish::{self, DialError, Ended};
+use super::{DataPath, l7};
 use crate::authz::LocalPolicies;
-use crate::connections::PlaintextConn;
+use crate::connections::{Downstream, PlaintextConn};
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::report::{Authz, ConnectionReport};
 
@@ -65,7 +68,7 @@ pub async fn serve(listener: TcpListener, data: Arc<DataPath>) {
     crate::listen::accept_each(listener, "inbound-plaintext", |tcp, client| {
         let data = data.clone();
         async move {
-            if let Err(reason) = connection(tcp, client, own, &data).await {
+            if let Err(reason) = connection(tcp, client, own, data).await {
                 info!(%client, %reason, "plaintext connection refused");
             }
         }
@@ -79,6 +82,10 @@ pub enum Check<'p> {
         mode: MtlsMode,
         decision: Decision<'p>,
     },
+    /// A port declared `http`, `http2` or `grpc` that PeerAuthentication lets in: each request is authorized (`l7`).
+    PerRequest {
+        mode: MtlsMode,
+    },
     /// STRICT: the reason, and the PeerAuthentication (`ns/name`) that set it.
     MtlsRequired {
         reason: String,
@@ -88,8 +95,8 @@ pub enum Check<'p> {
     UnknownWorkload,
 }
 
-/// PeerAuthentication, then authorization, for a plaintext connection (also used to re-check open connections
-/// after a policy change).
+/// PeerAuthentication, then authorization (on a port not served as HTTP), for a plaintext connection (also used to
+/// re-check open connections after a policy change).
 pub fn check<'p>(policies: &'p LocalPolicies, conn: &PlaintextConn) -> Check<'p> {
     let Some(workload) = policies.workload(&conn.workload.key) else { return Check::UnknownWorkload };
     let port = conn.destination.port();
@@ -97,6 +104,9 @@ pub fn check<'p>(policies: &'p LocalPolicies, conn: &PlaintextConn) -> Check<'p>
     if mtls.mode == MtlsMode::Strict {
         let policy = mtls.policy.as_ref().map(|k| crate::metrics::policy_name(&k.namespace, &k.name));
         return Check::MtlsRequired { reason: format!("port {port} requires mTLS: {mtls}"), policy };
+    }
+    if l7::is_http(&conn.workload, conn.destination) {
+        return Check::PerRequest { mode: mtls.mode };
     }
     let request = Request::tcp(None, conn.client.ip(), conn.destination.ip(), port);
     let decision = workload.evaluate(&request);
@@ -106,7 +116,7 @@ pub fn check<'p>(policies: &'p LocalPolicies, conn: &PlaintextConn) -> Check<'p>
 /// Whether an open plaintext connection is still allowed (re-evaluation after a config change).
 pub fn still_allowed(policies: &LocalPolicies, conn: &PlaintextConn) -> bool {
     let reason = match check(policies, conn) {
-        Check::Allowed { .. } => return true,
+        Check::Allowed { .. } | Check::PerRequest { .. } => return true,
         Check::MtlsRequired { reason, .. } => reason,
         Check::Denied(decision) => {
             policies.decisions.record_closed(&decision);
@@ -122,12 +132,23 @@ async fn connection(
     tcp: TcpStream,
     client: SocketAddr,
     own: Option<SocketAddr>,
-    data: &DataPath,
+    data: Arc<DataPath>,
 ) -> Result<(), PlaintextError> {
     let started = Instant::now();
     let target = crate::sockets::original_destination(&tcp)
         .filter(|t| Some(*t) != own && Some(*t) != tcp.local_addr().ok())
         .ok_or(PlaintextError::NotRedirected)?;
+    redirected(tcp, client, target, started, data).await
+}
+
+/// A connection from `client` that the capture rules redirected here from `target`.
+pub(super) async fn redirected(
+    tcp: TcpStream,
+    client: SocketAddr,
+    target: SocketAddr,
+    started: Instant,
+    data: Arc<DataPath>,
+) -> Result<(), PlaintextError> {
     let workload = (data.locals.by_ip(target.ip()))
         .filter(|w| w.port(target.port()).is_some())
         .cloned()
@@ -147,16 +168,21 @@ async fn connection(
     };
     // Registered before the check, so that a policy change between check and registration cannot be missed.
     let registration = data.connections.register_plaintext(conn.clone());
+    // `None`: served as HTTP, each request authorized on its own.
     let allowed = {
         let policies = data.authz.load();
         match check(&policies, &conn) {
+            Check::PerRequest { mode } => {
+                debug!(%client, %target, %mode, "plaintext connection accepted; its requests are checked one by one");
+                None
+            }
             Check::Allowed { mode, decision } => {
                 policies.decisions.record(&decision);
                 if !decision.audit.is_empty() || decision.dry_run.is_some() {
                     info!(%client, %target, %decision, "plaintext connection allowed");
                 }
                 debug!(%client, %target, %mode, "plaintext connection accepted");
-                Authz::allowed(policies.decisions.name_of(decision.deciding.as_ref()))
+                Some(Authz::allowed(policies.decisions.name_of(decision.deciding.as_ref())))
             }
             Check::MtlsRequired { reason, policy } => {
                 return Err(refuse(report, Authz::denied(policy), Refusal::MtlsRequired(reason)));
@@ -169,11 +195,18 @@ async fn connection(
             Check::UnknownWorkload => return Err(refuse(report, Authz::NONE, Refusal::UnknownWorkload)),
         }
     };
+    let _ = tcp.set_nodelay(true);
+    let Some(allowed) = allowed else {
+        // Its requests go out over this connection's own pooled clients when they dial from the client's address
+        // (as an HBONE tunnel's do), else over the shared ones.
+        let dial_from = crate::sockets::preserves_source().then_some(client.ip());
+        l7::serve(tcp, Downstream::Plaintext(conn), report, registration, data.clone(), dial_from).await;
+        return Ok(());
+    };
     // The client's address is the connection's own peer: the kernel vouches for it as much as it would without us.
     let (open, mut upstream) = finish::dial_workload(target, Some(client.ip()), report, allowed, &data.traffic)
         .await
         .map_err(|e| PlaintextError::Refused { target, refusal: e.into() })?;
-    let _ = tcp.set_nodelay(true);
     let mut tcp = tcp;
     if let Ended::Cancelled = finish::relay(open, &mut tcp, &mut upstream, &registration, data.timeouts).await {
         info!(%client, %target, "plaintext connection closed: no longer allowed by policy, or shutting down");

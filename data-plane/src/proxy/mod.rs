@@ -3,7 +3,8 @@
 //! workloads, the tunnel pool and the registry of open connections. The children are the paths a connection takes,
 //! each read in one walk (accept, identify, authorize, dial, copy):
 //! - `inbound`: HBONE from another proxy (mTLS, HTTP/2 CONNECT), `l7` for streams to `http` ports;
-//! - `inbound_plaintext`: captured plaintext to a local workload (PeerAuthentication, authorization);
+//! - `inbound_plaintext`: captured plaintext to a local workload (PeerAuthentication, authorization), `l7` for
+//!   connections to `http` ports;
 //! - `outbound`: a local application's connection, fed by `socks5` and the capture listener, through `pool`
 //!   (the HBONE client).
 //!
@@ -76,6 +77,8 @@ impl DataPath {
     }
 }
 
+#[cfg(test)]
+mod plaintext_tests;
 #[cfg(test)]
 mod revocation_tests;
 #[cfg(test)]

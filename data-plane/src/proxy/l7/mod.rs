@@ -1,6 +1,8 @@
-//! HTTP-aware enforcement for workload ports declared `http`: the CONNECT tunnel's bytes are served as HTTP/1.1 or
-//! h2c (prior knowledge) with hyper, and every request is authenticated (RequestAuthentication), authorized with
-//! the full request attributes, and forwarded to the workload over pooled connections.
+//! HTTP-aware enforcement for workload ports declared `http` (`http2`, `grpc`): the bytes of a CONNECT tunnel, or of
+//! a captured plaintext connection, are served as HTTP/1.1 or h2c (prior knowledge) with hyper, and every request is
+//! authenticated (RequestAuthentication), authorized with the full request attributes, and forwarded to the workload
+//! over pooled connections. The two differ only in their peer ([`Downstream`]): a plaintext client has no principal
+//! and is reported with `connection_security_policy="none"`.
 //!
 //! The policies are read from the `ArcSwap` per request, so a policy change applies to the next request on an open
 //! connection. A denied request gets its answer and the client's connection stays usable; only malformed requests
@@ -11,6 +13,7 @@ mod framing;
 mod measure;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -18,19 +21,20 @@ use std::time::{Duration, Instant, SystemTime};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 use trellis_policy::{Decision, Headers, HttpRequest, JwtOutcome, TokenSource};
 
 use super::{DataPath, WORKLOAD_DIAL_TIMEOUT, finish};
 use crate::access_log;
 use crate::config::Protocol;
-use crate::connections::{InboundConn, Registration};
+use crate::connections::{Downstream, Registration};
 use crate::copy::{ByteCounts, CountingIo};
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
+use crate::registry::LocalWorkload;
 use crate::report::{Authz, ConnectionReport};
 
 /// Largest request head accepted (Envoy's default is 60 KiB); larger → 431.
@@ -42,9 +46,10 @@ type Body = Either<Incoming, Full<Bytes>>;
 /// A request as the service passes it on: its body's bytes counted for `istio_request_bytes`.
 type ReqBody = measure::Counted<Incoming>;
 
-/// Whether an inbound tunnel goes to a port declared `http`.
-pub fn is_http(conn: &InboundConn) -> bool {
-    conn.workload.port(conn.destination.port()).is_some_and(Protocol::is_http)
+/// Whether a connection to `destination` of `workload` (tunnelled or plaintext) goes to a port declared `http`,
+/// `http2` or `grpc`: its requests are checked one by one here.
+pub fn is_http(workload: &LocalWorkload, destination: SocketAddr) -> bool {
+    workload.port(destination.port()).is_some_and(Protocol::is_http)
 }
 
 /// Pooled HTTP clients to local workloads: HTTP/1.1 for `http` ports, h2c for `http2` and `grpc` ports, whatever
@@ -113,7 +118,7 @@ impl Upstream {
 /// `dial_from`: the client's address the workload sees, when source preservation is on and the address is trusted.
 pub fn accept(
     mut request: Request<Incoming>,
-    conn: Arc<InboundConn>,
+    conn: Downstream,
     report: ConnectionReport,
     registration: Registration,
     data: Arc<DataPath>,
@@ -122,29 +127,33 @@ pub fn accept(
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(tunnel) => serve(tunnel, conn, report, registration, data, dial_from).await,
+            Ok(tunnel) => serve(TokioIo::new(tunnel), conn, report, registration, data, dial_from).await,
             Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
         }
     });
     Response::new(Empty::new())
 }
 
-async fn serve(
-    tunnel: Upgraded,
-    conn: Arc<InboundConn>,
+/// Serves `tunnel` (a CONNECT stream's bytes, or a plaintext TCP connection) as HTTP until it ends or `registration`
+/// is cancelled; reports it as one connection (`report`, opened here), and each request under the same labels.
+pub async fn serve<T>(
+    tunnel: T,
+    conn: Downstream,
     report: ConnectionReport,
     registration: Registration,
     data: Arc<DataPath>,
     dial_from: Option<std::net::IpAddr>,
-) {
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     // The tunnel is a TCP connection too: counted and logged as one, with its bytes, next to its requests.
     let source = report.key.source.clone();
     let open = report.opened(&data.traffic, Authz::PER_REQUEST);
     let counts = Arc::new(ByteCounts::default());
     let smuggling = Arc::new(framing::Smuggling::default());
-    let tunnel = CountingIo::new(TokioIo::new(tunnel), counts.clone());
+    let tunnel = CountingIo::new(tunnel, counts.clone());
     let tunnel = TokioIo::new(framing::FramingIo::new(tunnel, smuggling.clone()));
-    let protocol = conn.workload.port(conn.destination.port()).unwrap_or(Protocol::Http);
+    let protocol = conn.workload().port(conn.destination().port()).unwrap_or(Protocol::Http);
     // Every upgraded stream holds a sender; the tunnel is reported closed once the last one is done.
     let (upgrades, mut upgrades_done) = tokio::sync::mpsc::channel::<()>(1);
     let cancel = registration.cancel.clone();
@@ -200,7 +209,7 @@ async fn serve(
 }
 
 struct Tunnel {
-    conn: Arc<InboundConn>,
+    conn: Downstream,
     data: Arc<DataPath>,
     /// Metric labels of the source workload.
     source: Arc<PeerLabels>,
@@ -272,8 +281,8 @@ impl RequestOutcome {
         let key = TrafficKey {
             reporter: Reporter::Destination,
             source: tunnel.source.clone(),
-            destination: conn.workload.peer.clone(),
-            mutual_tls: true,
+            destination: conn.workload().peer.clone(),
+            mutual_tls: conn.mutual_tls(),
             flags,
         };
         tunnel.data.traffic.http(key.clone(), self.status).record(
@@ -283,8 +292,8 @@ impl RequestOutcome {
         );
         access_log::request(&access_log::RequestEntry {
             key: &key,
-            source_addr: Some(conn.source_addr.unwrap_or(conn.peer)),
-            destination_addr: conn.destination,
+            source_addr: Some(conn.client()),
+            destination_addr: conn.destination(),
             method: &self.method,
             path: &self.path,
             status: self.status,
@@ -348,7 +357,7 @@ impl Tunnel {
         let grpc = self.protocol == Protocol::Grpc || is_grpc(request.headers());
         // Counted for every HTTP/1 request, first, so the count matches the heads `framing` saw.
         if request.version() != Version::HTTP_2 && self.smuggling.next_request_is_flagged() {
-            info!(source = %self.conn.source, uri = %request.uri(), "request refused: both Content-Length and Transfer-Encoding");
+            info!(source = %self.conn, uri = %request.uri(), "request refused: both Content-Length and Transfer-Encoding");
             outcome.verdict = Verdict::BadRequest;
             return bad_request(&request);
         }
@@ -378,7 +387,7 @@ impl Tunnel {
         match self.forward(request, &target, edits, extended).await {
             Ok(response) => response,
             Err(e) => {
-                info!(source = %self.conn.source, target = %self.conn.destination, error = %e, "upstream request failed");
+                info!(source = %self.conn, target = %self.conn.destination(), error = %e, "upstream request failed");
                 outcome.verdict = Verdict::UpstreamError;
                 if grpc {
                     return grpc_status(14, "upstream connect error");
@@ -398,7 +407,7 @@ impl Tunnel {
         outcome: &mut RequestOutcome,
     ) -> Result<trellis_policy::HeaderEdits, Box<Response<Body>>> {
         let policies = self.data.authz.load();
-        let Some(auth) = policies.auth(&self.conn.workload.key) else {
+        let Some(auth) = policies.auth(&self.conn.workload().key) else {
             outcome.verdict = Verdict::Denied;
             return Err(Box::new(deny(grpc, StatusCode::FORBIDDEN, DENIED_BODY)));
         };
@@ -409,7 +418,7 @@ impl Tunnel {
             JwtOutcome::NoToken => (None, trellis_policy::HeaderEdits::default()),
             JwtOutcome::Verified(v) => (Some(v.payload), v.edits),
             JwtOutcome::Rejected(r) => {
-                info!(source = %self.conn.source, reason = %r.reason, status = r.status, "JWT rejected");
+                info!(source = %self.conn, reason = %r.reason, status = r.status, "JWT rejected");
                 outcome.verdict = Verdict::Unauthenticated;
                 let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::UNAUTHORIZED);
                 return Err(Box::new(deny(grpc, status, r.body())));
@@ -428,12 +437,12 @@ impl Tunnel {
         let mut http = HttpRequest::new(request.method().as_str(), target).with_headers(&headers);
         http.host = host;
         http.jwt = payload.as_ref();
-        let attributes = crate::authz::tcp_request(&self.conn, self.conn.peer).with_http(http);
+        let attributes = crate::authz::downstream_request(&self.conn).with_http(http);
         let decision: Decision<'_> = auth.policies.evaluate(&attributes);
         policies.decisions.record(&decision);
         outcome.policy = policies.decisions.name_of(decision.deciding.as_ref());
         if !decision.allowed {
-            debug!(source = %self.conn.source, %decision, "request denied");
+            debug!(source = %self.conn, %decision, "request denied");
             outcome.verdict = Verdict::Denied;
             return Err(Box::new(deny(grpc, StatusCode::FORBIDDEN, DENIED_BODY)));
         }
@@ -479,7 +488,7 @@ impl Tunnel {
                 parts.headers.insert(name, value);
             }
         }
-        let uri = format!("http://{}{target}", self.conn.destination);
+        let uri = format!("http://{}{target}", self.conn.destination());
         parts.uri = uri.parse().expect("an address and a normalized path form a valid URI");
         // The port's protocol decides what the workload is spoken to; the caller's version is translated.
         let upstream = self.own_upstream.as_ref().unwrap_or(&self.data.upstream);
@@ -517,7 +526,7 @@ impl Tunnel {
             if switched {
                 parts.status = StatusCode::OK;
             } else if parts.status.is_success() {
-                info!(source = %self.conn.source, status = %parts.status, "extended CONNECT: the workload did not switch protocols");
+                info!(source = %self.conn, status = %parts.status, "extended CONNECT: the workload did not switch protocols");
                 return Ok(text(StatusCode::BAD_GATEWAY, "upstream did not switch protocols"));
             }
         } else if let Some(protocol) = upgrade_header.filter(|_| switched) {
@@ -532,7 +541,7 @@ impl Tunnel {
     /// cancelled (the drain; HTTP tunnels are not closed on a policy change, whose next request is checked).
     fn splice(&self, client: hyper::upgrade::OnUpgrade, workload: hyper::upgrade::OnUpgrade) {
         let (cancel, done) = (self.cancel.clone(), self.upgrades.upgrade());
-        let (source, timeouts) = (self.conn.source.clone(), self.data.timeouts);
+        let (source, timeouts) = (self.conn.clone(), self.data.timeouts);
         tokio::spawn(async move {
             let (client, workload) = match tokio::join!(client, workload) {
                 (Ok(c), Ok(w)) => (c, w),
