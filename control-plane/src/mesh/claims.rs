@@ -269,14 +269,22 @@ mod tests {
         assert_eq!(keys(&mesh), ["shop/a", "shop/b", "shop/y"]);
     }
 
-    /// A stale address entry (its workload gone or changed behind the index's back) never refuses a claim.
+    /// A stale address entry (its workload gone, or holding other addresses now) never refuses a claim.
     #[test]
     fn a_stale_entry_is_no_claim() {
         let mesh = TestMesh::new();
-        let n2 = mesh.joined("n2", &["shop"]);
-        transact::<_, StoreError>(mesh.store(), |txn| txn.put(Table::WorkloadAddresses, "10.0.0.9", b"shop/gone"))
-            .unwrap();
-        mesh.register(&n2, &hello(vec![workload("shop", "b", "b", &["10.0.0.9"])])).unwrap();
-        assert_eq!(mesh.store().get(Table::WorkloadAddresses, "10.0.0.9").unwrap(), Some(b"shop/b".to_vec()));
+        let (n1, n2) = (mesh.joined("n1", &["shop"]), mesh.joined("n2", &["shop"]));
+        mesh.register(&n1, &hello(vec![workload("shop", "a", "a", &["10.0.0.1"])])).unwrap();
+        transact::<_, StoreError>(mesh.store(), |txn| {
+            txn.put(Table::WorkloadAddresses, "10.0.0.8", b"shop/a")?;
+            txn.put(Table::WorkloadAddresses, "10.0.0.9", b"shop/gone")
+        })
+        .unwrap();
+        mesh.register(&n2, &hello(vec![workload("shop", "b", "b", &["10.0.0.8", "10.0.0.9"])])).unwrap();
+        let entry = |address| mesh.store().get(Table::WorkloadAddresses, address).unwrap();
+        assert_eq!((entry("10.0.0.8"), entry("10.0.0.9")), (Some(b"shop/b".to_vec()), Some(b"shop/b".to_vec())));
+        // Control: an entry that is true still refuses.
+        let err = mesh.register(&n2, &hello(vec![workload("shop", "b", "b", &["10.0.0.1"])])).unwrap_err();
+        assert_eq!(refusal(&err).0, "AlreadyExists");
     }
 }
