@@ -101,6 +101,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         holdings: Default::default(),
         rotation_wake: Default::default(),
         history: Default::default(),
+        steps: Default::default(),
     };
     let tls = crate::serving::follow(shared.mesh.clone(), crate::serving::ServingNames::new(opts.listen, &opts.sans))?;
     tokio::spawn(crate::services::rotation::drive(shared.clone(), opts.data_dir.clone(), opts.rotation_hold));

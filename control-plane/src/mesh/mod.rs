@@ -3,10 +3,11 @@
 //!
 //! This module holds the [`Mesh`], its snapshot and the write path every change takes; the operations are split
 //! by concern: `resources` (apply, dry run, delete), `joins` (tokens, and a join consuming one), `nodes` (active
-//! and revoked nodes), `registry` (the workloads each node declares), `hello` (checking a proxy's declaration),
-//! `signing` (workload certificates, the certificate log), `renewal` (node credentials renewed over the stream),
-//! `rotation` (the root CA rotation's transitions), `revocations` (revoked nodes' certificates and workload
-//! identities), `admins` (admin credentials) and `errors` ([`MeshError`] and its gRPC status).
+//! and revoked nodes), `registry` (the workloads each node declares), `claims` (the registry's index: address
+//! claims and each node's declaration), `hello` (checking a proxy's declaration), `signing` (workload
+//! certificates, the certificate log), `renewal` (node credentials renewed over the stream), `rotation` (the root
+//! CA rotation's transitions), `revocations` (revoked nodes' certificates and workload identities), `admins` (admin
+//! credentials) and `errors` ([`MeshError`] and its gRPC status).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +24,7 @@ use crate::records::{self, META_VERSION, ResourceRecord};
 use crate::store::{Store, StoreError, Table, Txn, transact};
 
 mod admins;
+mod claims;
 mod errors;
 mod follow;
 mod hello;
@@ -156,6 +158,7 @@ impl Mesh {
             },
             ..Default::default()
         };
+        claims::build_index(store.as_ref())?;
         load_state(store.as_ref(), &mut snapshot)?;
         store_gauges(&snapshot);
         let applied: Option<crate::rotation::RotationRecord> =

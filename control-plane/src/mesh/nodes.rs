@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{Mesh, MeshError, decode_workload, now_unix, revocations};
+use super::{Mesh, MeshError, claims, now_unix, revocations};
 use crate::records::{self, META_VERSION, NodeRecord};
 use crate::store::Table;
 
@@ -26,13 +26,13 @@ impl Mesh {
                     .ok_or_else(|| MeshError::NotFound(format!("node {node:?} not found")))?;
                 record.revoked = true;
                 records::put(txn, Table::Nodes, node, &record)?;
-                let mut removed = Vec::new();
-                for (key, bytes) in txn.list(Table::Workloads)? {
-                    if decode_workload(&key, &bytes)?.node == node {
-                        txn.delete(Table::Workloads, &key)?;
-                        removed.push(key);
-                    }
+                let declared = claims::load_declared(txn, node)?;
+                for key in declared.keys() {
+                    txn.delete(Table::Workloads, key)?;
                 }
+                claims::reindex(txn, &declared, &Default::default())?;
+                claims::set_declared_by(txn, node, &Default::default())?;
+                let removed: Vec<String> = declared.into_keys().collect();
                 let certificates = revocations::revoke_node_certificates(txn, node, now)?;
                 let list = Arc::new(revocations::in_txn(txn, now)?);
                 Ok(((removed, certificates, list), Some(records::bump(txn, META_VERSION)?)))

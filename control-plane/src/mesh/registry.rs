@@ -1,13 +1,14 @@
 //! The workload registry: each node declares the workloads it fronts (in its proxy's Hello); a declaration
-//! replaces the node's previous one, and is refused whole if a name or an address is another node's.
+//! replaces the node's previous one, and is refused whole if a name or an address is another node's. The index in
+//! `claims.rs` finds the node's previous declaration and each address's holder, so a registration reads and writes
+//! what it declares (and what it declared before), whatever the size of the mesh.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use prost::Message;
 use trellis_proto::v1 as pb;
 
-use super::{Mesh, MeshError, decode_workload, hello};
+use super::{Mesh, MeshError, claims, decode_workload, hello};
 use crate::records::{self, META_VERSION, NodeRecord};
 use crate::store::{StoreError, Table, Txn};
 
@@ -17,19 +18,8 @@ impl Mesh {
         let declared = hello::validate(node, hello, &self.config.trust_domain)?;
         let (version, changed, removed) = self.write(
             |txn| {
-                // Addresses held by other nodes' workloads.
-                let mut claimed: BTreeMap<String, (String, String)> = BTreeMap::new();
-                let mut mine = BTreeSet::new();
-                for (key, bytes) in txn.list(Table::Workloads)? {
-                    let w = decode_workload(&key, &bytes)?;
-                    if w.node == node.name {
-                        mine.insert(key);
-                        continue;
-                    }
-                    for address in &w.addresses {
-                        claimed.insert(address.clone(), (key.clone(), w.node.clone()));
-                    }
-                }
+                // What this node declared before, found through its index entry (no scan of the registry).
+                let before = claims::load_declared(txn, &node.name)?;
                 let mut changed = Vec::new();
                 for (key, w) in &declared {
                     if declared_name_clash(txn, key, &node.name)? {
@@ -38,9 +28,12 @@ impl Mesh {
                         )));
                     }
                     for address in &w.addresses {
-                        if let Some((other, other_node)) = claimed.get(address) {
+                        if let Some((other, holder)) = claims::holder(txn, address)?
+                            && holder.node != node.name
+                        {
                             return Err(MeshError::AlreadyExists(format!(
-                                "address {address} of workload {key} is already claimed by workload {other} on node {other_node}"
+                                "address {address} of workload {key} is already claimed by workload {other} on node {}",
+                                holder.node
                             )));
                         }
                     }
@@ -50,10 +43,12 @@ impl Mesh {
                         changed.push((key.clone(), w.clone()));
                     }
                 }
-                let removed: Vec<String> = mine.into_iter().filter(|k| !declared.contains_key(k)).collect();
+                let removed: Vec<String> = before.keys().filter(|k| !declared.contains_key(*k)).cloned().collect();
                 for key in &removed {
                     txn.delete(Table::Workloads, key)?;
                 }
+                claims::reindex(txn, &before, &declared)?;
+                claims::set_declared_by(txn, &node.name, &declared.keys().cloned().collect())?;
                 let version = if changed.is_empty() && removed.is_empty() {
                     None
                 } else {

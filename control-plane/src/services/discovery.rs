@@ -17,6 +17,7 @@ use super::Shared;
 use super::history::Resume;
 use super::renewal::{self, RenewalTracker};
 use super::scope::Scope;
+use super::steps::{Step, jwks_set};
 use crate::auth::{self, Caller};
 use crate::authority::Authority;
 use crate::ca::CaError;
@@ -254,12 +255,15 @@ impl StreamTask {
                     // its ACK records the version. The JWKS set always goes (a restarted control plane refetches
                     // it, so the stored version does not name it).
                     Some(base) => {
-                        let mut update = diff(Some(&base), &current, &self.scope)
+                        let mut update = self
+                            .shared
+                            .steps
+                            .update(Some(&base), &current, &self.scope)
                             .unwrap_or_else(|| pb::ConfigUpdate { version: current.version, ..Default::default() });
                         update.jwks = Some(jwks_set(&current.jwks));
                         Some(update)
                     }
-                    None => diff(self.sent.as_deref(), &current, &self.scope).or_else(|| {
+                    None => self.shared.steps.update(self.sent.as_ref(), &current, &self.scope).or_else(|| {
                         // A change outside a scoped proxy's view reaches it as a version-only update (a few bytes):
                         // it ACKs every version, so proxy-status and a rotation's phases see it in sync.
                         let advanced = self.sent.as_ref().is_some_and(|sent| sent.version != current.version);
@@ -461,60 +465,9 @@ fn refusal_label(e: &MeshError) -> &'static str {
 }
 
 /// What a proxy that has seen `sent` needs to reach `next`, within its scope: a full snapshot first, then only
-/// what changed. The registry goes whole in a full snapshot and as added, changed and removed entries after it.
+/// what changed (`steps.rs`; streams share the computed step through [`Steps`], this is the same for one caller).
 pub fn diff(sent: Option<&Snapshot>, next: &Snapshot, scope: &Scope) -> Option<pb::ConfigUpdate> {
-    let Some(sent) = sent else {
-        return Some(pb::ConfigUpdate {
-            version: next.version,
-            full: true,
-            trust_bundle: Some(next.trust_bundle.clone()),
-            workloads: next.workloads.values().map(|w| (**w).clone()).collect(),
-            removed_workloads: vec![],
-            resources: scope.resources(next).map(|(_, r)| (**r).clone()).collect(),
-            removed_resources: vec![],
-            jwks: Some(jwks_set(&next.jwks)),
-            revocations: Some((*next.revocations).clone()),
-            lineage: String::new(),
-        });
-    };
-    if std::ptr::eq(sent, next) {
-        return None;
-    }
-    let mut update = pb::ConfigUpdate { version: next.version, ..Default::default() };
-    if sent.trust_bundle != next.trust_bundle {
-        update.trust_bundle = Some(next.trust_bundle.clone());
-    }
-    for (key, w) in &next.workloads {
-        if sent.workloads.get(key).is_none_or(|old| !Arc::ptr_eq(old, w) && old != w) {
-            update.workloads.push((**w).clone());
-        }
-    }
-    update.removed_workloads = sent.workloads.keys().filter(|k| !next.workloads.contains_key(*k)).cloned().collect();
-    for (key, r) in scope.resources(next) {
-        if sent.resources.get(key).is_none_or(|old| !Arc::ptr_eq(old, r) && old != r) {
-            update.resources.push((**r).clone());
-        }
-    }
-    update.removed_resources =
-        scope.resources(sent).filter(|(k, _)| !scope.holds(next, k)).filter_map(|(_, r)| r.key.clone()).collect();
-    if !Arc::ptr_eq(&sent.jwks, &next.jwks) && sent.jwks != next.jwks {
-        update.jwks = Some(jwks_set(&next.jwks));
-    }
-    if !Arc::ptr_eq(&sent.revocations, &next.revocations) && sent.revocations != next.revocations {
-        update.revocations = Some((*next.revocations).clone());
-    }
-    let empty = update.trust_bundle.is_none()
-        && update.jwks.is_none()
-        && update.revocations.is_none()
-        && update.workloads.is_empty()
-        && update.removed_workloads.is_empty()
-        && update.resources.is_empty()
-        && update.removed_resources.is_empty();
-    (!empty).then_some(update)
-}
-
-fn jwks_set(jwks: &std::collections::BTreeMap<String, String>) -> pb::JwksSet {
-    pb::JwksSet { entries: jwks.iter().map(|(uri, json)| pb::Jwks { uri: uri.clone(), json: json.clone() }).collect() }
+    Step::between(sent, next).update(scope)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Recent snapshots by version, so that a proxy that reconnects (to this replica after a restart, or to another
 //! replica over the same store) resumes with a delta from the version it last ACKed instead of a full snapshot.
 //!
-//! A delta is computed by the same `discovery::diff` as every push, from the very snapshot the proxy holds: the
+//! A delta is computed by the same `steps::Step` as every push, from the very snapshot the proxy holds: the
 //! history keeps the snapshots themselves (unchanged entries share their `Arc` with the current one, so an entry
 //! costs its maps, not its contents). A version is trusted only within one *lineage*: a name recorded once in the
 //! store's meta table, the same for every replica of that store. A version of another lineage (another store), a

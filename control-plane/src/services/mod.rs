@@ -9,6 +9,7 @@ pub mod renewal;
 pub mod revocation_expiry;
 pub mod rotation;
 pub mod scope;
+pub mod steps;
 
 use std::sync::Arc;
 
@@ -32,6 +33,8 @@ pub struct Shared {
     pub rotation_wake: Arc<tokio::sync::Notify>,
     /// Recent snapshots by version, for proxies that resume (`history.rs`).
     pub history: Arc<history::History>,
+    /// The recent steps from one snapshot to the next, computed once and shared by the streams (`steps.rs`).
+    pub steps: Arc<steps::Steps>,
 }
 
 impl Shared {

@@ -29,10 +29,14 @@ pub enum Table {
     Admins,
     /// The CA's files (etcd only: what a replica needs to start; private keys sealed with the KEK, `kek.rs`).
     CaFiles,
+    /// The registry's address claims: canonical IP -> key of the workload holding it (`mesh/claims.rs`).
+    WorkloadAddresses,
+    /// The registry's declarations: node -> keys of the workloads it declared (`mesh/claims.rs`).
+    NodeWorkloads,
 }
 
 impl Table {
-    pub const ALL: [Table; 10] = [
+    pub const ALL: [Table; 12] = [
         Table::Resources,
         Table::Tokens,
         Table::Nodes,
@@ -43,6 +47,8 @@ impl Table {
         Table::RevokedIdentities,
         Table::Admins,
         Table::CaFiles,
+        Table::WorkloadAddresses,
+        Table::NodeWorkloads,
     ];
 
     /// The table's name: redb's table name, etcd's key segment (`<prefix><name>/<key>`).
@@ -58,6 +64,8 @@ impl Table {
             Table::RevokedIdentities => "revoked_identities",
             Table::Admins => "admins",
             Table::CaFiles => "ca_files",
+            Table::WorkloadAddresses => "workload_addresses",
+            Table::NodeWorkloads => "node_workloads",
         }
     }
 
