@@ -20,8 +20,8 @@ use super::TUNNEL_DIAL_TIMEOUT;
 use super::h2_stream::H2Stream;
 use crate::connections::PeerCert;
 use crate::hbone::{
-    self, CONNECTION_WINDOW, FORWARDED, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_SEND_BUFFER, MAX_STREAMS_PER_CONNECTION,
-    STREAM_WINDOW,
+    self, CONNECTION_WINDOW, FORWARDED, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_SEND_BUFFER,
+    MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
 };
 use crate::metrics::Flags;
 use crate::revocation::{Revocations, Revoked};
