@@ -106,15 +106,6 @@ impl Held {
             self.pos += n;
         } else {
             self.shared.advance(n);
-            self.let_go();
-        }
-    }
-
-    /// Drops an emptied `shared` at once: even empty, it keeps the buffer it was cut from referenced (h2's read
-    /// buffer, which then cannot be reused for the next frame and is allocated afresh).
-    fn let_go(&mut self) {
-        if self.shared.is_empty() {
-            self.shared = Bytes::new();
         }
     }
 
@@ -126,9 +117,7 @@ impl Held {
             self.shared = Bytes::from_owner(Lent(Some(buffer))).slice(self.pos..self.end);
             (self.pos, self.end) = (0, 0);
         }
-        let taken = self.shared.split_to(max.min(self.shared.len()));
-        self.let_go();
-        taken
+        self.shared.split_to(max.min(self.shared.len()))
     }
 
     /// Holds `bytes` a reader handed over (when it holds nothing).
