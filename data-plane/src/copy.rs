@@ -5,6 +5,11 @@
 //! buffer when it reads and gives it back as soon as a read would block with nothing left to write, so an idle
 //! connection holds none and the memory in use follows the connections that are actually busy.
 //!
+//! A side of a copy is anything that reads or writes bytes ([`CopyRead`], [`CopyWrite`]: every tokio `AsyncRead` and
+//! `AsyncWrite` through a copy into or out of the pooled buffer), or an HTTP/2 stream that hands its received bytes
+//! over as they are and takes a filled pooled buffer as it is (`h2_stream`): bytes from an HBONE tunnel go to the
+//! socket straight from the frame they arrived in, and bytes read from a socket go into a DATA frame without a copy.
+//!
 //! The bytes each way are counted as they move ([`ByteCounts`]): by [`copy_counted`] for a relayed connection, by
 //! [`CountingIo`] for one whose bytes hyper moves (an HTTP tunnel).
 //!
@@ -21,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -46,6 +52,145 @@ fn give_back(buffer: Box<[u8]>) {
     let mut free = POOL.lock();
     if free.len() < MAX_FREE {
         free.push(buffer);
+    }
+}
+
+/// A pooled buffer lent out as [`Bytes`] (to an HTTP/2 stream, which may hold it until the frame is encrypted): it
+/// goes back to the pool when the last of those bytes is dropped.
+struct Lent(Option<Box<[u8]>>);
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or_default()
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.0.take() {
+            give_back(buffer);
+        }
+    }
+}
+
+/// Bytes one direction has read and not yet written: in a pooled buffer (`pos..end`), or handed over by the reader
+/// as they are (`shared`). At most one of the two holds bytes.
+#[derive(Default)]
+pub struct Held {
+    buffer: Option<Box<[u8]>>,
+    pos: usize,
+    end: usize,
+    shared: Bytes,
+}
+
+impl Held {
+    pub fn is_empty(&self) -> bool {
+        self.pos == self.end && self.shared.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.end - self.pos + self.shared.len()
+    }
+
+    /// The bytes held.
+    pub fn bytes(&self) -> &[u8] {
+        match &self.buffer {
+            Some(buffer) if self.pos < self.end => &buffer[self.pos..self.end],
+            _ => &self.shared,
+        }
+    }
+
+    /// Marks the first `n` held bytes as written.
+    pub fn consume(&mut self, n: usize) {
+        if self.pos < self.end {
+            self.pos += n;
+        } else {
+            self.shared.advance(n);
+        }
+    }
+
+    /// Up to `max` of the held bytes as [`Bytes`], taken out of the holding: a pooled buffer is lent, not copied.
+    pub fn take_bytes(&mut self, max: usize) -> Bytes {
+        if self.pos < self.end
+            && let Some(buffer) = self.buffer.take()
+        {
+            self.shared = Bytes::from_owner(Lent(Some(buffer))).slice(self.pos..self.end);
+            (self.pos, self.end) = (0, 0);
+        }
+        self.shared.split_to(max.min(self.shared.len()))
+    }
+
+    /// Holds `bytes` a reader handed over (when it holds nothing).
+    pub fn hand_over(&mut self, bytes: Bytes) {
+        debug_assert!(self.is_empty());
+        self.shared = bytes;
+    }
+
+    /// A pooled buffer to read into (taken from the pool unless one is held); `filled` says how much was read.
+    fn read_space(&mut self) -> &mut [u8] {
+        self.buffer.get_or_insert_with(take_buffer)
+    }
+
+    fn filled(&mut self, n: usize) {
+        (self.pos, self.end) = (0, n);
+    }
+
+    /// Gives the pooled buffer back while nothing waits in it.
+    fn release(&mut self) {
+        if self.pos == self.end
+            && let Some(buffer) = self.buffer.take()
+        {
+            give_back(buffer);
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            give_back(buffer);
+        }
+    }
+}
+
+/// The reading side of a copy.
+pub trait CopyRead {
+    /// Reads into `held`, which holds nothing on entry; `Ok(0)` is the end of the stream.
+    fn poll_fill(self: Pin<&mut Self>, cx: &mut Context<'_>, held: &mut Held) -> Poll<io::Result<usize>>;
+}
+
+/// The writing side of a copy.
+pub trait CopyWrite {
+    /// Writes some of `held`'s bytes (which holds some on entry) and takes them out of it; returns how many.
+    fn poll_drain(self: Pin<&mut Self>, cx: &mut Context<'_>, held: &mut Held) -> Poll<io::Result<usize>>;
+    fn poll_copy_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// The end of this direction (a half-close).
+    fn poll_copy_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl<T: AsyncRead + ?Sized> CopyRead for T {
+    fn poll_fill(self: Pin<&mut Self>, cx: &mut Context<'_>, held: &mut Held) -> Poll<io::Result<usize>> {
+        let mut read = ReadBuf::new(held.read_space());
+        ready!(self.poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        held.filled(n);
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl<T: AsyncWrite + ?Sized> CopyWrite for T {
+    fn poll_drain(self: Pin<&mut Self>, cx: &mut Context<'_>, held: &mut Held) -> Poll<io::Result<usize>> {
+        let n = ready!(self.poll_write(cx, held.bytes()))?;
+        held.consume(n);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_copy_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_flush(cx)
+    }
+
+    fn poll_copy_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_shutdown(cx)
     }
 }
 
@@ -117,16 +262,14 @@ impl From<Timeout> for io::Error {
 /// One direction of a copy.
 #[derive(Default)]
 struct Direction {
-    buffer: Option<Box<[u8]>>,
-    /// Bytes of `buffer` in `pos..end` are read and not yet written.
-    pos: usize,
-    end: usize,
+    /// Bytes read and not yet written.
+    held: Held,
     read_done: bool,
     needs_flush: bool,
     done: bool,
     /// Set by `poll_copy` whenever a byte was read or written (the caller notes the time and clears it).
     moved: bool,
-    /// While bytes wait in `pos..end`: since when the writer took none (set when they were read or last written).
+    /// While bytes wait in `held`: since when the writer took none (set when they were read or last written).
     waiting_since: Option<tokio::time::Instant>,
 }
 
@@ -140,65 +283,46 @@ impl Direction {
         counter: &AtomicU64,
     ) -> Poll<Result<(), Failure>>
     where
-        R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
+        R: CopyRead + ?Sized,
+        W: CopyWrite + ?Sized,
     {
         loop {
-            if self.pos == self.end && !self.read_done {
-                let buffer = self.buffer.get_or_insert_with(take_buffer);
-                let mut read = ReadBuf::new(buffer);
-                match reader.as_mut().poll_read(cx, &mut read) {
+            if self.held.is_empty() && !self.read_done {
+                match reader.as_mut().poll_fill(cx, &mut self.held) {
                     Poll::Pending => {
                         // Nothing to write and nothing to read: the buffer goes back while the peer is quiet.
-                        if let Some(buffer) = self.buffer.take() {
-                            give_back(buffer);
-                        }
+                        self.held.release();
                         if self.needs_flush {
-                            ready!(writer.as_mut().poll_flush(cx)).map_err(Failure::Write)?;
+                            ready!(writer.as_mut().poll_copy_flush(cx)).map_err(Failure::Write)?;
                             self.needs_flush = false;
                         }
                         return Poll::Pending;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Read(e))),
-                    Poll::Ready(Ok(())) => {
-                        let n = read.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
-                            if let Some(buffer) = self.buffer.take() {
-                                give_back(buffer);
-                            }
-                        } else {
-                            counter.fetch_add(n as u64, Ordering::Relaxed);
-                            (self.pos, self.end) = (0, n);
-                            self.moved = true;
-                            self.waiting_since = None;
-                        }
+                    Poll::Ready(Ok(0)) => {
+                        self.read_done = true;
+                        self.held.release();
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        counter.fetch_add(n as u64, Ordering::Relaxed);
+                        self.moved = true;
+                        self.waiting_since = None;
                     }
                 }
             }
-            while self.pos < self.end {
-                let buffer = self.buffer.as_ref().expect("a buffer holds unwritten bytes");
-                let n = ready!(writer.as_mut().poll_write(cx, &buffer[self.pos..self.end])).map_err(Failure::Write)?;
+            while !self.held.is_empty() {
+                let n = ready!(writer.as_mut().poll_drain(cx, &mut self.held)).map_err(Failure::Write)?;
                 if n == 0 {
                     return Poll::Ready(Err(Failure::Write(io::ErrorKind::WriteZero.into())));
                 }
-                self.pos += n;
                 self.needs_flush = true;
                 self.moved = true;
                 self.waiting_since = None;
             }
             if self.read_done {
-                ready!(writer.as_mut().poll_shutdown(cx)).map_err(Failure::Write)?;
+                ready!(writer.as_mut().poll_copy_shutdown(cx)).map_err(Failure::Write)?;
                 return Poll::Ready(Ok(()));
             }
-        }
-    }
-}
-
-impl Drop for Direction {
-    fn drop(&mut self) {
-        if let Some(buffer) = self.buffer.take() {
-            give_back(buffer);
         }
     }
 }
@@ -262,7 +386,7 @@ impl Watch {
         let mut stalled_since: Option<tokio::time::Instant> = None;
         for direction in directions {
             direction.moved = false;
-            if direction.pos < direction.end {
+            if !direction.held.is_empty() {
                 let since = *direction.waiting_since.get_or_insert_with(&mut now);
                 stalled_since = Some(stalled_since.map_or(since, |s| s.min(since)));
             } else {
@@ -309,8 +433,8 @@ async fn bidirectional<A, B>(
     timeouts: Timeouts,
 ) -> io::Result<()>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: CopyRead + CopyWrite + Unpin + ?Sized,
+    B: CopyRead + CopyWrite + Unpin + ?Sized,
 {
     let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
     let mut progress = Progress { first_error: None, stop: false };
@@ -367,8 +491,8 @@ pub async fn copy_counted<C, S>(
     timeouts: Timeouts,
 ) -> io::Result<()>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
+    C: CopyRead + CopyWrite + Unpin,
+    S: CopyRead + CopyWrite + Unpin,
 {
     bidirectional(client, server, &counts.from_client, &counts.to_client, timeouts).await
 }
@@ -591,10 +715,10 @@ mod tests {
             |d: &mut Direction| d.poll_copy(&mut cx, Pin::new(&mut proxy_a), Pin::new(&mut proxy_b), &counter);
 
         assert!(poll(&mut direction).is_pending());
-        assert!(direction.buffer.is_none(), "idle: nothing read, no buffer held");
+        assert!(direction.held.buffer.is_none(), "idle: nothing read, no buffer held");
         client.write_all(b"hello").await.unwrap();
         assert!(poll(&mut direction).is_pending());
-        assert!(direction.buffer.is_none(), "everything written: the buffer went back");
+        assert!(direction.held.buffer.is_none(), "everything written: the buffer went back");
         let mut got = [0; 5];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello");

@@ -14,6 +14,9 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
+/// Most bytes one stream of the client side hands HTTP/2 ahead of the connection writing them: four full copy
+/// buffers, so that the next one is read from the socket while earlier ones are encrypted and sent.
+pub const MAX_SEND_BUFFER: usize = 4 * crate::copy::BUFFER_SIZE;
 /// HTTP/2 PINGs on an HBONE connection, both sides.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 

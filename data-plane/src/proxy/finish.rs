@@ -11,12 +11,11 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::WORKLOAD_DIAL_TIMEOUT;
 use crate::connections::Registration;
-use crate::copy::{ByteCounts, Timeout, Timeouts, copy_counted};
+use crate::copy::{ByteCounts, CopyRead, CopyWrite, Timeout, Timeouts, copy_counted};
 use crate::metrics::{Flags, TrafficMetrics};
 use crate::report::{Authz, ConnectionReport, Open};
 
@@ -122,8 +121,8 @@ pub async fn relay<C, U>(
     timeouts: Timeouts,
 ) -> Ended
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    C: CopyRead + CopyWrite + Unpin,
+    U: CopyRead + CopyWrite + Unpin,
 {
     let counts = ByteCounts::default();
     let ended = tokio::select! {

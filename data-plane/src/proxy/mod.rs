@@ -12,6 +12,7 @@
 //! sides are done or the proxy cancels, report once.
 
 pub mod finish;
+pub mod h2_stream;
 pub mod inbound;
 pub mod inbound_plaintext;
 pub mod l7;

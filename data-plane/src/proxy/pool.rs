@@ -9,26 +9,27 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use http_body_util::Empty;
-use hyper::body::Bytes;
-use hyper::client::conn::http2::SendRequest;
-use hyper::upgrade::Upgraded;
+use bytes::Bytes;
+use h2::client::SendRequest;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use rustls_pki_types::ServerName;
 use trellis_proto::spiffe::SpiffeId;
 
 use super::TUNNEL_DIAL_TIMEOUT;
+use super::h2_stream::H2Stream;
 use crate::connections::PeerCert;
 use crate::hbone::{
-    self, CONNECTION_WINDOW, FORWARDED, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
+    self, CONNECTION_WINDOW, FORWARDED, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_SEND_BUFFER,
+    MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
 };
 use crate::metrics::Flags;
 use crate::revocation::{Revocations, Revoked};
 use crate::tls::{ClientConfigError, TlsSet};
 
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a keep-alive PING may go unanswered before the connection is given up.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -41,7 +42,7 @@ pub enum TunnelError {
     #[error("TLS with proxy {}: {}", .0, crate::error_chain(.1))]
     Tls(SocketAddr, std::io::Error),
     #[error("HTTP/2 with proxy {0}: {1}")]
-    Http(SocketAddr, hyper::Error),
+    Http(SocketAddr, h2::Error),
     #[error("proxy {0} refused the tunnel: {1}")]
     Refused(SocketAddr, StatusCode),
     #[error("timed out connecting to proxy {0}")]
@@ -87,10 +88,11 @@ pub struct PoolKey {
 }
 
 struct PooledConn {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
     /// The certificate the destination proxy presented.
     peer: Arc<PeerCert>,
-    /// Fires when `peer` is revoked: the connection task drops the connection and every stream on it.
+    /// Fires when `peer` is revoked (the connection task then drops the connection and every stream on it), and
+    /// when the connection has ended (a GOAWAY, a failure, an unanswered keep-alive).
     cancel: tokio_util::sync::CancellationToken,
     streams: AtomicUsize,
     tls_generation: u64,
@@ -102,7 +104,6 @@ impl PooledConn {
     fn usable(&self, generation: u64) -> bool {
         self.tls_generation == generation
             && !self.cancel.is_cancelled()
-            && !self.sender.is_closed()
             && self.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION as usize
     }
 }
@@ -122,7 +123,7 @@ impl Drop for StreamGuard {
 
 /// An established tunnel: bytes written here reach the destination workload.
 pub struct Tunnel {
-    pub io: TokioIo<Upgraded>,
+    pub io: H2Stream,
     pub guard: StreamGuard,
     /// The destination proxy's certificate (what revocation matches).
     pub peer: Arc<PeerCert>,
@@ -163,14 +164,13 @@ impl Pool {
                 .method(Method::CONNECT)
                 .uri(target.to_string())
                 .header(FORWARDED, hbone::forwarded_for(original_source))
-                .body(Empty::new())
+                .body(())
                 .expect("CONNECT request parts are valid");
-            let mut sender = conn.sender.clone();
             // A pooled connection can die silently (a partition): its CONNECTs then get no answer until the
             // HTTP/2 keep-alive gives up (up to 40 s). Waiting as long as a dial would: then this stream retries on
             // a fresh connection, and the silent one takes no new streams (its open ones keep it until they end
             // or the keep-alive closes it).
-            let answer = match tokio::time::timeout(TUNNEL_DIAL_TIMEOUT, sender.send_request(request)).await {
+            let answer = match tokio::time::timeout(TUNNEL_DIAL_TIMEOUT, connect(conn.sender.clone(), request)).await {
                 Ok(answer) => answer,
                 Err(_) => {
                     tracing::debug!(proxy = %key.proxy, "no answer to CONNECT on a pooled connection; retrying on a new one");
@@ -180,11 +180,11 @@ impl Pool {
                 }
             };
             match answer {
-                Ok(response) if response.status() == StatusCode::OK => {
-                    let upgraded = hyper::upgrade::on(response).await.map_err(|e| TunnelError::Http(key.proxy, e))?;
-                    return Ok(Tunnel { io: TokioIo::new(upgraded), guard, peer: conn.peer.clone() });
+                Ok((response, send)) if response.status() == StatusCode::OK => {
+                    let io = H2Stream::new(send, response.into_body());
+                    return Ok(Tunnel { io, guard, peer: conn.peer.clone() });
                 }
-                Ok(response) => return Err(TunnelError::Refused(key.proxy, response.status())),
+                Ok((response, _)) => return Err(TunnelError::Refused(key.proxy, response.status())),
                 Err(e) => {
                     tracing::debug!(proxy = %key.proxy, error = %e, "pooled connection failed; retrying on a new one");
                     self.forget(key, &conn);
@@ -284,7 +284,7 @@ impl Pool {
             list.retain(|c| {
                 let idle = c.streams.load(Ordering::Relaxed) == 0
                     && now.saturating_sub(c.idle_since.load(Ordering::Relaxed)) > idle_ms;
-                !c.sender.is_closed() && !idle
+                !c.cancel.is_cancelled() && !idle
             });
             !list.is_empty()
         });
@@ -315,26 +315,28 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
             let id = leaf.and_then(|l| crate::tls::peer_identity(l).ok()).unwrap_or_else(|| key.destination.clone());
             Arc::new(PeerCert { id, serial: leaf.and_then(crate::revocation::serial_hex).unwrap_or_default() })
         };
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (sender, mut connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
-            .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(tls_stream))
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .handshake::<_, Bytes>(tls_stream)
             .await
             .map_err(|e| TunnelError::Http(proxy, e))?;
+        let ping = connection.ping_pong();
         let cancel = tokio_util::sync::CancellationToken::new();
         let cancelled = cancel.clone();
         tokio::spawn(async move {
             tokio::select! {
-                result = connection => if let Err(e) = result {
+                result = &mut connection => if let Err(e) = result {
                     tracing::debug!(%proxy, error = %e, "HBONE connection ended with an error");
                 },
                 // Dropping the connection closes it and fails every stream on it at once.
                 () = cancelled.cancelled() => {}
+                () = keep_alive(ping) => tracing::debug!(%proxy, "HBONE connection closed: keep-alive PING unanswered"),
             }
+            // No new streams on it (its sender would fail them).
+            cancelled.cancel();
         });
         Ok(PooledConn {
             sender,
@@ -346,4 +348,27 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
         })
     };
     tokio::time::timeout(TUNNEL_DIAL_TIMEOUT, connect).await.map_err(|_| TunnelError::Timeout(proxy))?
+}
+
+/// Sends a CONNECT on a pooled connection (once it takes another stream) and waits for its answer.
+async fn connect(
+    sender: SendRequest<Bytes>,
+    request: Request<()>,
+) -> Result<(hyper::Response<h2::RecvStream>, h2::SendStream<Bytes>), h2::Error> {
+    let mut sender = sender.ready().await?;
+    let (response, send) = sender.send_request(request, false)?;
+    Ok((response.await?, send))
+}
+
+/// Returns once a keep-alive PING (one every `KEEP_ALIVE_INTERVAL`) went unanswered for `KEEP_ALIVE_TIMEOUT`, or
+/// could not be sent; never without a PING handle.
+async fn keep_alive(ping: Option<h2::PingPong>) {
+    let Some(mut ping) = ping else { return std::future::pending().await };
+    loop {
+        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
+    }
 }
