@@ -32,6 +32,9 @@ pub struct Shared {
     pub rotation_wake: Arc<tokio::sync::Notify>,
     /// Recent snapshots by version, for proxies that resume (`history.rs`).
     pub history: Arc<history::History>,
+    /// SHA-256 of the root this replica's serving certificate chains to (`serving.rs` sets it at each rebuild; empty
+    /// before the first): a root rotation retires the old root only once every replica's is the new one.
+    pub serving_root: Arc<std::sync::Mutex<String>>,
 }
 
 impl Shared {
