@@ -423,18 +423,20 @@ impl EtcdStore {
         sends: Arc<Sends>,
     ) -> Result<etcd_client::TxnResponse, StoreError> {
         #[cfg(test)]
-        let fault = self.commit_faults.lock().expect("faults").front().copied();
-        if let Some(fault) = fault {
-            if fault == CommitFault::RequestLost {
-                *self.lost_request.lock().expect("lost request") = Some(request);
-            } else {
-                self.commit(request, sends.clone())?;
+        {
+            let fault = self.commit_faults.lock().expect("faults").front().copied();
+            if let Some(fault) = fault {
+                if fault == CommitFault::RequestLost {
+                    *self.lost_request.lock().expect("lost request") = Some(request);
+                } else {
+                    self.commit(request, sends.clone())?;
+                }
+                if fault != CommitFault::AnswerLostThenUnreachable {
+                    self.commit_faults.lock().expect("faults").pop_front();
+                }
+                sends.in_doubt.store(true, Ordering::Relaxed);
+                return Err(StoreError::Unavailable(format!("etcd did not answer within {OP_TIMEOUT:?}")));
             }
-            if fault != CommitFault::AnswerLostThenUnreachable {
-                self.commit_faults.lock().expect("faults").pop_front();
-            }
-            sends.in_doubt.store(true, Ordering::Relaxed);
-            return Err(StoreError::Unavailable(format!("etcd did not answer within {OP_TIMEOUT:?}")));
         }
         self.commit(request, sends)
     }
