@@ -120,7 +120,7 @@ impl pb::admin_server::Admin for AdminService {
                 for key in &mut keys {
                     key.kind = parse_kind(&key.kind)?.to_string();
                 }
-                Ok(mesh.delete(&keys).map_err(|e| e.status_checked(DELETE_CHECK))?)
+                mesh.delete(&keys).map_err(|e| e.status_checked(DELETE_CHECK))
             })
             .await?;
         Ok(Response::new(pb::DeleteResponse { deleted }))
