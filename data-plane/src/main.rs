@@ -10,6 +10,12 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use trellis_data_plane::config::Config;
 
+/// With the `jemalloc` feature (off by default: BENCHMARKS.md, "Allocator"), Rust's allocations go to jemalloc;
+/// without it, to glibc's malloc, trimmed when traffic goes quiet (`heap.rs`).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "trellis-proxy", version, about = "Trellis node proxy")]
 struct Cli {

@@ -539,6 +539,8 @@ pub struct ProxyOptions {
     pub workload_api: Option<PathBuf>,
     /// `controlPlane.addresses` instead of `controlPlane.address` (the given control plane's address), in order.
     pub control_plane_addresses: Vec<String>,
+    /// Run this `trellis-proxy` executable instead of the workspace's (the bench's `--proxy-b`: another build of it).
+    pub binary: Option<PathBuf>,
 }
 
 /// A running `trellis-proxy`. Its HBONE listener is on every address (so that tunnels dialled to a workload's
@@ -561,6 +563,8 @@ pub struct Proxy {
     child: Option<Child>,
     netns: Option<String>,
     capture: bool,
+    /// The executable (`ProxyOptions::binary`).
+    binary: PathBuf,
 }
 
 impl Proxy {
@@ -676,6 +680,7 @@ impl Proxy {
             child: None,
             netns: options.netns.map(|h| h.ns),
             capture: options.capture,
+            binary: options.binary.unwrap_or_else(|| bin("trellis-proxy")),
         };
         proxy.spawn();
         proxy
@@ -696,7 +701,7 @@ impl Proxy {
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
         let _ = std::fs::remove_file(self.addresses_file());
-        let mut child = netns::command(self.netns.as_deref(), bin("trellis-proxy"))
+        let mut child = netns::command(self.netns.as_deref(), &self.binary)
             .args(["run", "--config"])
             .arg(&self.config_path)
             .args(self.capture.then_some("--capture"))

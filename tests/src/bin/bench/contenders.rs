@@ -403,8 +403,14 @@ pub fn proxy_worker_threads() -> Option<u64> {
 /// servers' address with `server_ports`. Passthrough is denied, so a connection that works went through the tunnel.
 /// Returns once the client proxy knows the servers' workload.
 pub fn start_mesh(server_ports: &[u16]) -> anyhow::Result<(ControlPlane, Proxy, Proxy)> {
+    start_mesh_with(server_ports, None)
+}
+
+/// `start_mesh`, with the proxies running `binary` instead of the workspace's `trellis-proxy` when given.
+pub fn start_mesh_with(server_ports: &[u16], binary: Option<&Path>) -> anyhow::Result<(ControlPlane, Proxy, Proxy)> {
     let cp = step("starting the control plane", &[], || Ok(ControlPlane::start(&[])))?;
-    let mut options = ProxyOptions { passthrough: Some("deny"), ..ProxyOptions::default() };
+    let mut options =
+        ProxyOptions { passthrough: Some("deny"), binary: binary.map(Path::to_path_buf), ..ProxyOptions::default() };
     if let Some(n) = proxy_worker_threads() {
         options.extra.insert("workerThreads".into(), n.into());
     }
@@ -434,16 +440,17 @@ pub fn mesh_logs(client: &Proxy, server: &Proxy) -> [(&'static str, std::path::P
     [("client proxy", client.log_path()), ("server proxy", server.log_path())]
 }
 
-pub fn start_trellis(servers: Ports) -> anyhow::Result<(Contender, Mesh)> {
-    let (cp, client, server) = start_mesh(&[servers.sink.port(), servers.http.port()])?;
+/// A mesh of its own as the contender `name`, its proxies running `binary` (default: the workspace's).
+pub fn start_trellis(servers: Ports, name: &'static str, binary: Option<&Path>) -> anyhow::Result<(Contender, Mesh)> {
+    let (cp, client, server) = start_mesh_with(&[servers.sink.port(), servers.http.port()], binary)?;
     if let (Some(c), Some(s)) = (client.pid(), server.pid()) {
         // For profilers to attach to (bench/profile-bulk.sh reads this line).
-        eprintln!("Trellis proxies: client pid {c}, server pid {s}");
+        eprintln!("{name} proxies: client pid {c}, server pid {s}");
     }
     let pids = [client.pid(), server.pid()].into_iter().flatten().collect();
     let route = Route::Socks5 { proxy: client.socks5_addr, servers };
     Ok((
-        Contender { name: "Trellis", route, pids, fds_per_connection: 1, max_connections: None },
+        Contender { name, route, pids, fds_per_connection: 1, max_connections: None },
         Mesh { client, server, _cp: cp },
     ))
 }

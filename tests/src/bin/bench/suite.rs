@@ -11,6 +11,11 @@
 //! traffic redirected to the client-side proxy (`netpath.rs`), with direct TCP between hosts as the baseline: the
 //! data-plane scenarios, plus single-stream throughput server→client with the proxies' CPU per GB and 16-connection
 //! closed-loop HTTP; targets of issue 19. `--worker-threads N` then sets both proxies' worker threads. Writes nothing.
+//!
+//! `--proxy-b PATH` measures two builds of the proxy against each other on loopback (e.g. another allocator,
+//! BENCHMARKS.md "Allocator"): "Trellis" runs the workspace's `trellis-proxy`, "Trellis B" a mesh of its own with
+//! that executable, alternated round by round with direct TCP as the baseline; stunnel and HAProxy are left out.
+//! Writes nothing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -121,6 +126,8 @@ struct Options {
     ztunnel: Option<PathBuf>,
     /// `--quick`: three rounds of shorter measurements (a first look; with --ztunnel on a busy machine).
     quick: bool,
+    /// `--proxy-b PATH`: a second Trellis contender ("Trellis B") whose proxies run that executable.
+    proxy_b: Option<PathBuf>,
 }
 
 impl Options {
@@ -136,15 +143,23 @@ impl Options {
             || self.only.is_some()
             || self.bulk_bytes.is_some()
             || self.ztunnel.is_some()
+            || self.proxy_b.is_some()
             || contenders::proxy_worker_threads().is_some()
     }
 }
 
-const USAGE: &str = "trellis-bench all [--smoke] [--quick] [--only N,N] [--worker-threads N] [--bulk-mib N] [--ztunnel PATH] [--no-build]";
+const USAGE: &str = "trellis-bench all [--smoke] [--quick] [--only N,N] [--worker-threads N] [--bulk-mib N] [--ztunnel PATH] [--proxy-b PATH] [--no-build]";
 
 pub fn main(argv: &[String]) -> ExitCode {
-    let mut options =
-        Options { smoke: false, no_build: false, only: None, bulk_bytes: None, ztunnel: None, quick: false };
+    let mut options = Options {
+        smoke: false,
+        no_build: false,
+        only: None,
+        bulk_bytes: None,
+        ztunnel: None,
+        quick: false,
+        proxy_b: None,
+    };
     let mut args = argv.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -158,6 +173,17 @@ pub fn main(argv: &[String]) -> ExitCode {
                 }
                 None => {
                     eprintln!("trellis-bench all: --ztunnel takes the path of a ztunnel binary");
+                    return ExitCode::from(2);
+                }
+            },
+            "--proxy-b" => match args.next().map(PathBuf::from) {
+                Some(path) if path.is_file() => options.proxy_b = Some(path),
+                Some(path) => {
+                    eprintln!("trellis-bench all: --proxy-b {}: no such file (a trellis-proxy binary)", path.display());
+                    return ExitCode::from(2);
+                }
+                None => {
+                    eprintln!("trellis-bench all: --proxy-b takes the path of a trellis-proxy binary");
                     return ExitCode::from(2);
                 }
             },
@@ -277,6 +303,9 @@ fn run(options: &Options) -> anyhow::Result<()> {
         if let Some(path) = &options.ztunnel {
             flags.push_str(&format!(" --ztunnel {}", path.display()));
         }
+        if let Some(path) = &options.proxy_b {
+            flags.push_str(&format!(" --proxy-b {}", path.display()));
+        }
         format!("`{COMMAND}{flags}` — started {date}, {}, {profile}", revision())
     };
     let mut versions = match &options.ztunnel {
@@ -288,7 +317,7 @@ fn run(options: &Options) -> anyhow::Result<()> {
     // Every connection of the idle-connection scenario is a descriptor here and in the proxies (which inherit it).
     let wanted_nofile = 4 * plan.idle as u64 + 4 * plan.control.proxies as u64 + 4096;
     let nofile = procfs::raise_open_files(wanted_nofile);
-    if options.ztunnel.is_none() {
+    if options.ztunnel.is_none() && options.proxy_b.is_none() {
         contenders::ensure_tools()?;
     }
     common::prepare(options.no_build, |line| eprintln!("{line}"))?;
@@ -305,7 +334,7 @@ fn run(options: &Options) -> anyhow::Result<()> {
             let guard: Box<dyn std::any::Any> = Box::new(path);
             (all, guard, logs, threads)
         }
-        None => loopback(work.path(), nofile)?,
+        None => loopback(work.path(), nofile, options.proxy_b.as_deref())?,
     };
     let mut results = Results::default();
     for line in threads {
@@ -390,14 +419,37 @@ fn run(options: &Options) -> anyhow::Result<()> {
 type Setup = (Vec<Contender>, Box<dyn std::any::Any>, Vec<(&'static str, PathBuf)>, Vec<String>);
 
 /// Today's contenders on loopback: direct TCP, Trellis (SOCKS5), stunnel and HAProxy; with what keeps them running,
-/// Trellis's logs and its threads.
-fn loopback(dir: &Path, nofile: u64) -> anyhow::Result<Setup> {
+/// Trellis's logs and its threads. With `proxy_b`, direct TCP, Trellis and "Trellis B" (that proxy executable).
+fn loopback(dir: &Path, nofile: u64, proxy_b: Option<&Path>) -> anyhow::Result<Setup> {
     let server_process = load::Servers::start()?;
     let servers = server_process.ports;
     eprintln!("sink on {}, HTTP responder on {} (`trellis-bench servers`)", servers.sink, servers.http);
 
+    let (trellis, mesh) = contenders::start_trellis(servers, "Trellis", None)?;
+    if let Some(binary) = proxy_b {
+        let (b, mesh_b) = contenders::start_trellis(servers, "Trellis B", Some(binary))?;
+        let direct = Contender {
+            name: DIRECT,
+            route: Route::Direct(servers),
+            pids: vec![],
+            fds_per_connection: 0,
+            max_connections: None,
+        };
+        let logs = vec![
+            ("client proxy", mesh.client.log_path()),
+            ("server proxy", mesh.server.log_path()),
+            ("client proxy B", mesh_b.client.log_path()),
+            ("server proxy B", mesh_b.server.log_path()),
+        ];
+        let threads = [("", &mesh), (" B", &mesh_b)]
+            .into_iter()
+            .flat_map(|(b, m)| [("client", m.client.pid(), b), ("server", m.server.pid(), b)])
+            .filter_map(|(side, pid, b)| Some(format!("Trellis{b} {side}: {}", procfs::thread_names(pid?).ok()?)))
+            .collect();
+        return Ok((vec![direct, trellis, b], Box::new((mesh, mesh_b, server_process)), logs, threads));
+    }
+
     let certs = contenders::Certs::generate(dir)?;
-    let (trellis, mesh) = contenders::start_trellis(servers)?;
     let (stunnel, stunnel_daemons) = contenders::start_stunnel(dir, &certs, servers)?;
     let (haproxy, haproxy_daemons) =
         contenders::start_haproxy(dir, &certs, servers, (nofile.saturating_sub(200) / 2).min(40_000))?;
