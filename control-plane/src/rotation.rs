@@ -5,8 +5,10 @@
 //! Phases, in order: `prepare` (the new root joins the trust bundle; complete when every connected proxy ACKed a
 //! version carrying it), `switch` (the new CA signs; every proxy renews; complete when every connected proxy
 //! reported certificates and none of them is from the retiring CA), `overlap` (the retiring root stays in the
-//! bundle for proxies that were away, until `retire_at`), `retire` (the retiring root leaves the bundle; complete
-//! when every connected proxy ACKed that), `done`.
+//! bundle for proxies that were away, until `retire_at`, and until every live control-plane replica serves a
+//! certificate from the new root: a client that trusts only the new root, as admin configs do once the rotation is
+//! done, must be able to reach every replica), `retire` (the retiring root leaves the bundle; complete when every
+//! connected proxy ACKed that), `done`.
 
 use serde::{Deserialize, Serialize};
 
@@ -102,6 +104,14 @@ pub struct ProxyView {
     pub old_certificates: usize,
 }
 
+/// What the rotation sees of one control-plane replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaView {
+    pub replica: String,
+    /// Its serving certificate chains to the new root (it rebuilt its TLS since it followed the switch).
+    pub serves_new_root: bool,
+}
+
 /// Whether the current phase is complete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -111,9 +121,10 @@ pub enum Decision {
     Advance(Phase),
 }
 
-/// Decides from the record and what the proxies show (only connected ones count: one that comes back later gets
-/// the current bundle in its first snapshot and is asked to renew when it reports old certificates).
-pub fn decide(record: &RotationRecord, proxies: &[ProxyView], now: i64) -> Decision {
+/// Decides from the record, what the proxies show (only connected ones count: one that comes back later gets the
+/// current bundle in its first snapshot and is asked to renew when it reports old certificates) and what the live
+/// replicas serve (looked at in the overlap only).
+pub fn decide(record: &RotationRecord, proxies: &[ProxyView], replicas: &[ReplicaView], now: i64) -> Decision {
     let waiting = |what: &str, pending: Vec<&str>| {
         if pending.is_empty() {
             Decision::Advance(record.phase.next())
@@ -132,9 +143,11 @@ pub fn decide(record: &RotationRecord, proxies: &[ProxyView], now: i64) -> Decis
             connected.filter(|p| !p.reported || p.old_certificates > 0).map(|p| p.node.as_str()).collect(),
         ),
         Phase::Overlap => match record.retire_at {
-            Some(at) if record.force || now >= at => Decision::Advance(Phase::Retire),
-            Some(at) => Decision::Wait(format!("the overlap to end at unix time {at}")),
-            None => Decision::Advance(Phase::Retire),
+            Some(at) if !record.force && now < at => Decision::Wait(format!("the overlap to end at unix time {at}")),
+            _ => waiting(
+                "control-plane replicas to serve a certificate from the new root",
+                replicas.iter().filter(|r| !r.serves_new_root).map(|r| r.replica.as_str()).collect(),
+            ),
         },
         Phase::Retire => waiting(
             &format!("proxies to ACK version {} (the bundle without the retiring root)", record.bundle_version),
@@ -183,12 +196,12 @@ mod tests {
         let r = record(Phase::Prepare);
         let proxies = [proxy("a", true, 10, true, 3), proxy("b", true, 9, true, 3), proxy("c", false, 1, true, 3)];
         assert_eq!(
-            decide(&r, &proxies, 0),
+            decide(&r, &proxies, &[], 0),
             Decision::Wait("1 proxies to ACK version 10 (the bundle with the new root): b".into())
         );
         // Control: once b ACKs (a later version counts too), the disconnected c does not hold it back.
         let proxies = [proxy("a", true, 10, true, 3), proxy("b", true, 11, true, 3), proxy("c", false, 1, true, 3)];
-        assert_eq!(decide(&r, &proxies, 0), Decision::Advance(Phase::Switch));
+        assert_eq!(decide(&r, &proxies, &[], 0), Decision::Advance(Phase::Switch));
     }
 
     #[test]
@@ -201,7 +214,7 @@ mod tests {
             (proxy("a", true, 10, true, 0), true, "reported only new certificates"),
         ];
         for (p, complete, why) in cases {
-            let decision = decide(&r, &[p], 0);
+            let decision = decide(&r, &[p], &[], 0);
             assert_eq!(decision == Decision::Advance(Phase::Overlap), complete, "{why}: {decision:?}");
         }
     }
@@ -210,18 +223,40 @@ mod tests {
     fn overlap_ends_at_retire_at_or_at_once_when_forced() {
         let mut r = record(Phase::Overlap);
         r.retire_at = Some(100);
-        assert!(matches!(decide(&r, &[], 99), Decision::Wait(_)));
-        assert_eq!(decide(&r, &[], 100), Decision::Advance(Phase::Retire));
+        assert!(matches!(decide(&r, &[], &[], 99), Decision::Wait(_)));
+        assert_eq!(decide(&r, &[], &[], 100), Decision::Advance(Phase::Retire));
         r.force = true;
-        assert_eq!(decide(&r, &[], 0), Decision::Advance(Phase::Retire));
+        assert_eq!(decide(&r, &[], &[], 0), Decision::Advance(Phase::Retire));
+    }
+
+    /// The old root leaves the bundle only once every live replica serves a certificate from the new root: a
+    /// client that then trusts only the new root reaches each of them.
+    #[test]
+    fn overlap_ends_only_once_every_replica_serves_the_new_root() {
+        let mut r = record(Phase::Overlap);
+        r.retire_at = Some(100);
+        let replica = |name: &str, serves_new_root: bool| ReplicaView { replica: name.into(), serves_new_root };
+        let replicas = [replica("r0", true), replica("r1", false), replica("r2", true)];
+        assert_eq!(
+            decide(&r, &[], &replicas, 100),
+            Decision::Wait("1 control-plane replicas to serve a certificate from the new root: r1".into())
+        );
+        r.force = true;
+        assert!(matches!(decide(&r, &[], &replicas, 0), Decision::Wait(_)), "not even when forced");
+        // Control: once r1 serves the new root, the overlap ends.
+        let replicas = [replica("r0", true), replica("r1", true), replica("r2", true)];
+        assert_eq!(decide(&r, &[], &replicas, 0), Decision::Advance(Phase::Retire));
+        // And the time still counts first.
+        r.force = false;
+        assert!(matches!(decide(&r, &[], &replicas, 99), Decision::Wait(ref w) if w.contains("unix time 100")));
     }
 
     #[test]
     fn retire_waits_for_acks_then_done_stays_done() {
         let r = record(Phase::Retire);
-        assert!(matches!(decide(&r, &[proxy("a", true, 9, true, 0)], 0), Decision::Wait(_)));
-        assert_eq!(decide(&r, &[proxy("a", true, 10, true, 0)], 0), Decision::Advance(Phase::Done));
-        assert!(matches!(decide(&record(Phase::Done), &[], 0), Decision::Wait(_)));
+        assert!(matches!(decide(&r, &[proxy("a", true, 9, true, 0)], &[], 0), Decision::Wait(_)));
+        assert_eq!(decide(&r, &[proxy("a", true, 10, true, 0)], &[], 0), Decision::Advance(Phase::Done));
+        assert!(matches!(decide(&record(Phase::Done), &[], &[], 0), Decision::Wait(_)));
         assert_eq!(Phase::Done.next(), Phase::Done);
     }
 

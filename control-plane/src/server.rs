@@ -102,8 +102,13 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         rotation_wake: Default::default(),
         history: Default::default(),
         steps: Default::default(),
+        serving_root: Default::default(),
     };
-    let tls = crate::serving::follow(shared.mesh.clone(), crate::serving::ServingNames::new(opts.listen, &opts.sans))?;
+    let tls = crate::serving::follow(
+        shared.mesh.clone(),
+        crate::serving::ServingNames::new(opts.listen, &opts.sans),
+        shared.serving_root.clone(),
+    )?;
     tokio::spawn(crate::services::rotation::drive(shared.clone(), opts.data_dir.clone(), opts.rotation_hold));
 
     let metrics_listener = TcpListener::bind(opts.metrics_listen)

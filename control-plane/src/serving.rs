@@ -74,10 +74,20 @@ pub fn server_config(authority: &Authority, names: &ServingNames) -> anyhow::Res
 }
 
 /// The current server config, rebuilt whenever the mesh's CAs change (a failed rebuild keeps the previous one).
-pub fn follow(mesh: Arc<Mesh>, names: ServingNames) -> anyhow::Result<watch::Receiver<Arc<ServerConfig>>> {
+/// `serving_root` is set, after each swap, to the fingerprint of the root the serving certificate chains to: what
+/// this replica tells the others (`services/mesh_status.rs`), so that a root rotation retires the old root only once
+/// every replica serves a certificate from the new one.
+pub fn follow(
+    mesh: Arc<Mesh>,
+    names: ServingNames,
+    serving_root: Arc<std::sync::Mutex<String>>,
+) -> anyhow::Result<watch::Receiver<Arc<ServerConfig>>> {
     let mut changes = mesh.authority_changes();
-    let first = server_config(&changes.borrow_and_update(), &names)?;
+    let served = |authority: &Authority| crate::authority::fingerprint(authority.signer().root());
+    let first_authority = changes.borrow_and_update().clone();
+    let first = server_config(&first_authority, &names)?;
     let (tx, rx) = watch::channel(Arc::new(first));
+    *serving_root.lock().expect("serving root") = served(&first_authority);
     tokio::spawn(async move {
         while changes.changed().await.is_ok() {
             let authority = changes.borrow_and_update().clone();
@@ -85,6 +95,8 @@ pub fn follow(mesh: Arc<Mesh>, names: ServingNames) -> anyhow::Result<watch::Rec
                 Ok(config) => {
                     tracing::info!(phase = ?authority.phase(), "serving certificate and client roots rebuilt");
                     tx.send_replace(Arc::new(config));
+                    // After the swap: every handshake from now on presents a chain to this root.
+                    *serving_root.lock().expect("serving root") = served(&authority);
                 }
                 Err(e) => tracing::error!(error = %e, "cannot rebuild the control plane's TLS; keeping the previous"),
             }

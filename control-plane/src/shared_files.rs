@@ -125,8 +125,14 @@ pub fn materialize(store: &dyn Store, data_dir: &Path, kek: &Kek) -> Result<usiz
         }
         let private = is_private(&relative);
         let bytes = if private { kek.open(&relative, &value)? } else { value };
-        write_new(&path, &bytes, if private { 0o600 } else { 0o644 })
-            .map_err(|source| SharedFilesError::Io { path: path.clone(), source })?;
+        // Whole or not at all, as another thread of this replica may be materializing (or loading) the same CA
+        // folder at once (the follower, the rotation driver): written aside, then renamed into place.
+        static ASIDE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = ASIDE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let aside = path.with_extension(format!("materializing-{}-{n}", std::process::id()));
+        let io = |source| SharedFilesError::Io { path: path.clone(), source };
+        write_new(&aside, &bytes, if private { 0o600 } else { 0o644 }).map_err(io)?;
+        std::fs::rename(&aside, &path).map_err(io)?;
         written += 1;
     }
     Ok(written)

@@ -325,14 +325,14 @@ fn proxy_status_through_any_replica_lists_every_proxy_at_its_replica() {
         });
     }
     println!("every replica listed the 6 proxies of 3 replicas after {:?}", started.elapsed());
-    // Control: the status is in etcd, under each replica's name.
+    // Control: the status is in etcd, under each replica's name: its proxies, and the root it serves under
+    // (`_serving`, which a root rotation waits on).
     let keys = etcd.keys("/trellis/status/");
     for r in 0..3 {
-        assert_eq!(
-            keys.iter().filter(|k| k.starts_with(&format!("/trellis/status/replica-{r}/"))).count(),
-            2,
-            "{keys:?}"
-        );
+        let prefix = format!("/trellis/status/replica-{r}/");
+        let nodes = keys.iter().filter(|k| k.starts_with(&prefix) && !k.ends_with("/_serving")).count();
+        assert_eq!(nodes, 2, "{keys:?}");
+        assert!(keys.contains(&format!("{prefix}_serving")), "{keys:?}");
     }
 
     replicas[0].kill9();
@@ -358,7 +358,7 @@ fn proxy_status_through_any_replica_lists_every_proxy_at_its_replica() {
         assert_eq!(listed(cp), expected, "after the lease expired");
     }
     let keys = etcd.keys("/trellis/status/replica-1/");
-    assert_eq!(keys.len(), 4, "{keys:?}");
+    assert_eq!(keys.iter().filter(|k| !k.ends_with("/_serving")).count(), 4, "{keys:?}");
     // Writes are per changed entry, batched once a second: a handful per proxy over the whole test.
     let (code, metrics) = trellis_tests::http::get(replicas[1].metrics_addr, "/metrics").expect("GET /metrics");
     assert_eq!(code, 200);
@@ -471,5 +471,99 @@ async fn a_root_rotation_on_etcd_is_followed_by_every_replica_and_outlives_its_d
     }
     for proxy in &proxies {
         proxy.wait_ready();
+    }
+}
+
+/// `trellisctl --config CONFIG ARGS`: (succeeded, stderr).
+fn ctl_with(config: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin("trellisctl")).arg("--config").arg(config).args(args).output().expect("trellisctl");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The rotation's phase as etcd holds it (read there, not through a replica's TLS).
+fn stored_phase(etcd: &EtcdCluster) -> Option<String> {
+    let record: serde_json::Value = serde_json::from_slice(&etcd.get("/trellis/meta/ca_rotation")?).ok()?;
+    record["phase"].as_str().map(str::to_owned)
+}
+
+/// Right after `trellisctl ca rotate` retires the old root on 3 etcd-backed replicas, admin calls reach EVERY
+/// replica: with each replica's own admin.yaml (which that replica refreshes) and with the config the CLI renewed
+/// through replica 0, pointed at each replica in turn. The old root leaves only once every replica serves a
+/// certificate from the new one, and an admin credential renewed for the switch comes from the new CA even through
+/// a replica that had not followed the switch yet. Calls go from the moment etcd records `retire` until after
+/// `done` (waiting on the record, never sleeping); any failure fails the test, with the replica's reason.
+#[test]
+fn admin_calls_reach_every_replica_right_after_a_rotation_on_etcd_retires_the_old_root() {
+    let etcd = EtcdCluster::start(3);
+    let replicas = ControlPlane::start_replicas(&etcd, 3, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    // The config `ca rotate` renews (replica 0's), pointed at replica i.
+    let cli_config_for = |i: usize| {
+        let mut config: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(replicas[0].admin_config()).unwrap()).unwrap();
+        config["endpoint"] = replicas[i].addr.to_string().into();
+        let path = dir.path().join(format!("cli-{i}.yaml"));
+        std::fs::write(&path, serde_yaml_ng::to_string(&config).unwrap()).unwrap();
+        path
+    };
+    let mut calls = 0;
+    let mut failures: Vec<String> = Vec::new();
+    let mut round = |when: &str| {
+        for (i, cp) in replicas.iter().enumerate() {
+            let configs = [("its own admin.yaml", cp.admin_config()), ("the CLI's config", cli_config_for(i))];
+            for (which, config) in configs {
+                for args in [&["ca", "status", "-o", "json"][..], &["proxy-status", "-o", "json"][..]] {
+                    calls += 1;
+                    let (ok, stderr) = ctl_with(&config, args);
+                    if !ok {
+                        failures.push(format!("{when}: replica {i} with {which}: trellisctl {args:?}: {stderr}"));
+                    }
+                }
+            }
+        }
+    };
+
+    let rotate = {
+        let config = replicas[0].admin_config();
+        std::thread::spawn(move || {
+            Command::new(bin("trellisctl"))
+                .arg("--config")
+                .arg(config)
+                .args(["ca", "rotate", "--overlap", "1s", "-o", "json"])
+                .output()
+                .expect("trellisctl ca rotate")
+        })
+    };
+    wait_for("etcd to record the retire", Duration::from_secs(120), || {
+        stored_phase(&etcd).filter(|p| p == "retire" || p == "done")
+    });
+    let mut rounds = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !rotate.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "ca rotate did not finish within 120s of the retire");
+        rounds += 1;
+        round("after the retire");
+    }
+    let rotated = rotate.join().unwrap();
+    assert!(
+        rotated.status.success(),
+        "ca rotate: {}{}",
+        String::from_utf8_lossy(&rotated.stdout),
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    assert_eq!(stored_phase(&etcd).as_deref(), Some("done"));
+    round("after done");
+    println!("{calls} admin calls in {} rounds from the retire on; {} failed", rounds + 1, failures.len());
+    assert!(failures.is_empty(), "admin calls failed after the retire:\n{}", failures.join("\n"));
+    // Every replica and every config ends under the new root only.
+    let new_root = std::fs::read_to_string(replicas[0].data_dir().join("ca-1/root-cert.pem")).unwrap();
+    for (i, cp) in replicas.iter().enumerate() {
+        let status = ca_status(cp);
+        assert_eq!(status["roots"].as_array().unwrap().len(), 1, "replica {i}: {status}");
+        for config in [cp.admin_config(), cli_config_for(i)] {
+            let config: serde_yaml_ng::Value =
+                serde_yaml_ng::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+            assert_eq!(config["caBundle"].as_str().unwrap().trim(), new_root.trim(), "replica {i}");
+        }
     }
 }

@@ -34,10 +34,29 @@ impl From<TokenRefusal> for MeshError {
     }
 }
 
+/// How to check a write whose outcome is unknown, where the call does not say better ([`MeshError::status_checked`]).
+const CHECK_ANY: &str = "`trellisctl get`, `trellisctl nodes`, `trellisctl revoke` or `trellisctl ca status` (what the \
+                         call changes) once the store answers, before repeating it";
+
+impl MeshError {
+    /// The gRPC status, an unknown outcome naming `check` (a command, and how to read it) as the way to find out
+    /// whether the write was applied.
+    pub fn status_checked(self, check: &str) -> tonic::Status {
+        match self {
+            MeshError::Store(e @ StoreError::OutcomeUnknown { .. }) => {
+                tracing::warn!(error = %e, "a write's outcome is unknown");
+                tonic::Status::unknown(format!("{e}: check with {check}"))
+            }
+            other => other.into(),
+        }
+    }
+}
+
 impl From<MeshError> for tonic::Status {
     fn from(e: MeshError) -> Self {
         let msg = e.to_string();
         match e {
+            MeshError::Store(StoreError::OutcomeUnknown { .. }) => e.status_checked(CHECK_ANY),
             MeshError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             MeshError::NotFound(_) => tonic::Status::not_found(msg),
             MeshError::PermissionDenied(_) => tonic::Status::permission_denied(msg),
@@ -80,5 +99,12 @@ mod tests {
             (Code::Unavailable, "store unavailable: etcd: no quorum".into())
         );
         assert_eq!(status(MeshError::NotFound("gone".into())), (Code::NotFound, "gone".into()));
+        let unknown = || StoreError::OutcomeUnknown { txn: "ab12".into(), reason: "etcd did not answer".into() };
+        let (code, message) = status(unknown().into());
+        assert_eq!(code, Code::Unknown);
+        assert!(message.starts_with("store unavailable: outcome unknown: etcd did not answer; transaction ab12 "));
+        assert!(message.ends_with(&format!("check with {CHECK_ANY}")), "{message}");
+        let checked = MeshError::from(unknown()).status_checked("`trellisctl apply --dry-run -f FILE`");
+        assert!(checked.message().ends_with(": check with `trellisctl apply --dry-run -f FILE`"), "{checked:?}");
     }
 }

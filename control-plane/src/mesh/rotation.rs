@@ -210,7 +210,7 @@ impl Mesh {
 
     /// Makes the authority the CAs of `record` if it is not already (another replica started or moved the
     /// rotation): on a shared store, the new CA's files are first written into the data dir from the store.
-    pub(super) fn follow_rotation(&self, record: &RotationRecord) -> Result<bool, MeshError> {
+    pub fn follow_rotation(&self, record: &RotationRecord) -> Result<bool, MeshError> {
         if *self.applied_rotation.lock().expect("rotation lock") == Some((record.rotation, record.phase)) {
             return Ok(false);
         }

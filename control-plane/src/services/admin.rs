@@ -60,6 +60,12 @@ impl AdminService {
     }
 }
 
+/// How to find out whether an apply whose outcome is unknown was applied (`MeshError::status_checked`).
+const APPLY_CHECK: &str = "`trellisctl apply --dry-run -f FILE` once the store answers (every document `unchanged`: \
+                           it was applied; applying it again is safe either way)";
+const DELETE_CHECK: &str = "`trellisctl get KIND NAME -n NAMESPACE` once the store answers (not found: it was deleted; \
+                            deleting again is safe either way)";
+
 fn to_pb(r: ResourceRecord) -> pb::Resource {
     pb::Resource {
         key: Some(pb::ResourceKey { kind: r.kind, namespace: r.namespace, name: r.name }),
@@ -89,7 +95,8 @@ impl pb::admin_server::Admin for AdminService {
                         mesh.apply_dry_run(&request.documents, trellis_policy::DEFAULT_ROOT_NAMESPACE)?;
                     return Ok(pb::ApplyResponse { results, changes });
                 }
-                Ok(pb::ApplyResponse { results: mesh.apply(&request.documents)?, changes: vec![] })
+                let results = mesh.apply(&request.documents).map_err(|e| e.status_checked(APPLY_CHECK))?;
+                Ok(pb::ApplyResponse { results, changes: vec![] })
             })
             .await?;
         Ok(Response::new(response))
@@ -113,7 +120,7 @@ impl pb::admin_server::Admin for AdminService {
                 for key in &mut keys {
                     key.kind = parse_kind(&key.kind)?.to_string();
                 }
-                Ok(mesh.delete(&keys)?)
+                mesh.delete(&keys).map_err(|e| e.status_checked(DELETE_CHECK))
             })
             .await?;
         Ok(Response::new(pb::DeleteResponse { deleted }))
@@ -296,6 +303,12 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::RenewAdminCredentialResponse>, Status> {
         // A revoked admin cannot renew.
         let name = self.authorize(&request)?;
+        // The rotation in the store may be ahead of this replica's CAs (another replica moved it on, the watch has
+        // not told this one yet): catch up first, so that a credential renewed for the switch comes from the new CA
+        // (one from the retiring CA would be refused once the rotation retires it).
+        if let Some(record) = self.shared.mesh.rotation()? {
+            self.shared.mesh.follow_rotation(&record)?;
+        }
         let (_, issued) = self
             .shared
             .mesh
@@ -303,9 +316,12 @@ impl pb::admin_server::Admin for AdminService {
             .sign_admin(&request.into_inner().csr_der, &name, rotation::ADMIN_VALIDITY)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::info!(admin = %name, serial = %issued.serial_hex, "admin credential renewed");
+        // The roots of the CAs it was issued under (the snapshot's bundle may not have followed them yet).
+        let mut trust_bundle = self.shared.mesh.current().trust_bundle.clone();
+        trust_bundle.roots = self.shared.mesh.authority().roots().iter().map(|r| r.to_vec()).collect();
         Ok(Response::new(pb::RenewAdminCredentialResponse {
             certificate_chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
-            trust_bundle: Some(self.shared.mesh.current().trust_bundle.clone()),
+            trust_bundle: Some(trust_bundle),
         }))
     }
 

@@ -15,6 +15,9 @@ use crate::holdings::Held;
 
 /// How often a replica writes what changed in its proxies' status.
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// The key of a replica's entry about itself among its proxies' (node names have no `_`): the fingerprint of the
+/// root its serving certificate chains to (`Shared::serving_root`).
+const SERVING_KEY: &str = "_serving";
 
 /// One proxy as the mesh sees it: its stream's status and what it reported holding.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,7 +116,7 @@ pub fn list(shared: &Shared) -> Vec<MeshProxy> {
         match leased.list_all() {
             Ok(entries) => {
                 for (replica, node, bytes) in entries {
-                    if replica == shared.proxies.replica() {
+                    if replica == shared.proxies.replica() || node.starts_with('_') {
                         continue;
                     }
                     match decode(&replica, &node, &bytes) {
@@ -126,6 +129,22 @@ pub fn list(shared: &Shared) -> Vec<MeshProxy> {
         }
     }
     one_per_node(all, shared.proxies.replica())
+}
+
+/// Every live replica (this one first) and the fingerprint of the root its serving certificate chains to. A
+/// replica is live while its lease is (`store/leased.rs`): a dead one drops out within the lease's TTL. Without a
+/// shared store, this replica alone.
+pub fn serving_roots(shared: &Shared) -> Result<Vec<(String, String)>, crate::store::StoreError> {
+    let own = shared.proxies.replica().to_owned();
+    let mut roots = vec![(own.clone(), shared.serving_root.lock().expect("serving root").clone())];
+    if let Some(leased) = shared.mesh.store().leased() {
+        for (replica, key, bytes) in leased.list_all()? {
+            if key == SERVING_KEY && replica != own {
+                roots.push((replica, String::from_utf8_lossy(&bytes).into_owned()));
+            }
+        }
+    }
+    Ok(roots)
 }
 
 /// One entry per node, sorted by node: connected before disconnected, then the latest stream, then `own`'s.
@@ -199,8 +218,12 @@ impl Published {
             self.written.clear();
             self.lease = lease;
         }
-        let current: HashMap<String, Vec<u8>> =
+        let mut current: HashMap<String, Vec<u8>> =
             local(shared).into_iter().map(|p| (p.status.node.clone(), encode(&p))).collect();
+        let serving_root = shared.serving_root.lock().expect("serving root").clone();
+        if !serving_root.is_empty() {
+            current.insert(SERVING_KEY.to_owned(), serving_root.into_bytes());
+        }
         let mut changes: Vec<(String, Option<Vec<u8>>)> = current
             .iter()
             .filter(|(node, bytes)| self.written.get(*node) != Some(*bytes))

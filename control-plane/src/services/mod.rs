@@ -35,6 +35,9 @@ pub struct Shared {
     pub history: Arc<history::History>,
     /// The recent steps from one snapshot to the next, computed once and shared by the streams (`steps.rs`).
     pub steps: Arc<steps::Steps>,
+    /// SHA-256 of the root this replica's serving certificate chains to (`serving.rs` sets it at each rebuild; empty
+    /// before the first): a root rotation retires the old root only once every replica's is the new one.
+    pub serving_root: Arc<std::sync::Mutex<String>>,
 }
 
 impl Shared {

@@ -13,7 +13,7 @@ use super::Shared;
 use crate::authority::{Authority, fingerprint};
 use crate::ca::{LocalCert, certs_to_pem};
 use crate::mesh::{MeshError, now_unix};
-use crate::rotation::{self, Decision, Phase, ProxyView, RotationRecord};
+use crate::rotation::{self, Decision, Phase, ProxyView, ReplicaView, RotationRecord};
 use crate::settings::{ADMIN_FILE, CliConfig};
 
 /// How often the driver looks at the proxies while a rotation is under way.
@@ -50,6 +50,12 @@ fn step(
     hold: Option<Phase>,
 ) -> Result<bool, MeshError> {
     let record = shared.mesh.rotation()?;
+    if let Some(record) = &record {
+        // The store's record may be ahead of this replica's CAs (another replica moved the rotation on, and the
+        // watch has not told this one yet): catch up first, so that what follows (the admin.yaml refreshed below,
+        // what is decided) is from the CAs of the record's phase, not the phase before.
+        shared.mesh.follow_rotation(record)?;
+    }
     // Outside a rotation no proxy holds a retiring CA's certificate: the proxies (on a shared store, every
     // replica's, read from it) are looked at only while one is under way.
     let views: Vec<ProxyView> = match &record {
@@ -70,7 +76,8 @@ fn step(
     if record.phase == Phase::Done {
         return Ok(false);
     }
-    match rotation::decide(&record, &views, now_unix()) {
+    let replicas = replica_views(shared, &record)?;
+    match rotation::decide(&record, &views, &replicas, now_unix()) {
         Decision::Advance(_) if hold == Some(record.phase) => Ok(false),
         Decision::Advance(_) if !driving(shared)? => Ok(false),
         Decision::Advance(phase) => {
@@ -131,6 +138,20 @@ fn proxy_views(shared: &Shared) -> Vec<(ProxyView, usize)> {
             (view, p.certificates())
         })
         .collect()
+}
+
+/// What the rotation sees of every live replica, in the overlap (the only phase that waits on them; empty in the
+/// others): whether its serving certificate chains to the root of the CA that signs now (the new one, this replica
+/// having followed the record).
+fn replica_views(shared: &Shared, record: &RotationRecord) -> Result<Vec<ReplicaView>, MeshError> {
+    if record.phase != Phase::Overlap {
+        return Ok(Vec::new());
+    }
+    let new_root = fingerprint(shared.mesh.authority().signer().root());
+    Ok(super::mesh_status::serving_roots(shared)?
+        .into_iter()
+        .map(|(replica, root)| ReplicaView { serves_new_root: root == new_root, replica })
+        .collect())
 }
 
 /// Re-issues the data dir's admin credential (a new key) with the signing CA, and sets its CA bundle to the trust
@@ -194,6 +215,12 @@ fn admin_name(cert: &[u8]) -> Option<String> {
 /// `trellisctl ca status`: roots, phase, and per proxy how many certificates of the retiring CA it holds.
 pub fn status(shared: &Shared) -> Result<pb::CaStatusResponse, MeshError> {
     let record = shared.mesh.rotation()?;
+    if let Some(r) = &record
+        && let Err(e) = shared.mesh.follow_rotation(r)
+    {
+        // Shown as this replica has it; the driver tries again.
+        tracing::warn!(error = %e, "cannot follow the root CA rotation");
+    }
     let authority = shared.mesh.authority();
     let signing_root = authority.signer().root().clone();
     let retiring_root = authority.retiring_root().cloned().filter(|r| *r != signing_root);
@@ -220,7 +247,7 @@ pub fn status(shared: &Shared) -> Result<pb::CaStatusResponse, MeshError> {
         .collect();
     let (phase, waiting_for) = match &record {
         None => ("none".to_owned(), String::new()),
-        Some(r) => (r.phase.as_str().to_owned(), waiting(r, &views)),
+        Some(r) => (r.phase.as_str().to_owned(), waiting(r, &views, &replica_views(shared, r).unwrap_or_default())),
     };
     Ok(pb::CaStatusResponse {
         phase,
@@ -240,8 +267,8 @@ pub fn status(shared: &Shared) -> Result<pb::CaStatusResponse, MeshError> {
     })
 }
 
-fn waiting(record: &RotationRecord, views: &[ProxyView]) -> String {
-    match rotation::decide(record, views, now_unix()) {
+fn waiting(record: &RotationRecord, views: &[ProxyView], replicas: &[ReplicaView]) -> String {
+    match rotation::decide(record, views, replicas, now_unix()) {
         Decision::Wait(what) if record.phase != Phase::Done => what,
         Decision::Wait(_) => String::new(),
         Decision::Advance(next) => format!("nothing: moving on to {}", next.as_str()),

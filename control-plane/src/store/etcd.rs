@@ -5,8 +5,17 @@
 //! etcd `Txn` commits the writes only if nothing it read changed: `mod_revision == read` for every key read,
 //! `version == 0` for a key read as absent, and for a table it listed, the table's generation key (`<prefix>_gen/
 //! <table>`, put by every transaction that writes to the table) not modified since the listing's revision. On a
-//! conflict the closure runs again on fresh reads, a bounded number of times. A failed etcd call is
+//! conflict the closure runs again on fresh reads, a bounded number of times. A call that reached no member is
 //! [`StoreError::Unavailable`]: nothing was written.
+//!
+//! A commit that was sent but got no answer (a timeout, a leader change) may have been applied, or may still be (a
+//! proposal in the Raft log commits when the cluster has a quorum again). Its outcome is settled before anything is
+//! reported: every commit also compares its *fence key* (`<prefix>_fence/<txn id>`) as absent, so putting that key
+//! makes sure the commit can no longer apply; the transaction's id, written to the generation keys in the same
+//! commit, then tells from their history whether it applied before the fence. Success is reported as success; a
+//! fenced commit that did not apply is `Unavailable` (nothing was written); only when the fence cannot be put (etcd
+//! still has no quorum) or the history is compacted is the outcome reported unknown
+//! ([`StoreError::OutcomeUnknown`]).
 //!
 //! The [`Store`] interface is synchronous (closures run under the mesh's writer lock); this backend runs its etcd
 //! client on a small runtime of its own and the calling thread waits for each answer, bounded by [`OP_TIMEOUT`].
@@ -30,6 +39,10 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Conflicting commits before a transaction gives up.
 const MAX_ATTEMPTS: u32 = 64;
 const GENERATION: &str = "_gen/";
+/// Fence keys of transactions whose commit went unanswered (`<prefix>_fence/<txn id>`).
+const FENCE: &str = "_fence/";
+/// How long a fence key stays: longer than any commit left in a Raft log could wait for a quorum in practice.
+const FENCE_TTL_SECS: i64 = 7 * 24 * 3600;
 
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
@@ -52,8 +65,36 @@ pub struct EtcdStore {
     /// Tests: how many of the next commits lose etcd's answer (the request is then sent again).
     #[cfg(test)]
     pub(crate) lose_answers: std::sync::atomic::AtomicU32,
+    /// Tests: faults of the next commits, in order (`CommitFault`).
+    #[cfg(test)]
+    pub(crate) commit_faults: std::sync::Mutex<std::collections::VecDeque<CommitFault>>,
+    /// Tests: the last request a `CommitFault::RequestLost` kept from etcd (to send it late).
+    #[cfg(test)]
+    pub(crate) lost_request: std::sync::Mutex<Option<etcd_client::Txn>>,
     /// The lease this replica's status entries are attached to (0: none granted yet, or expired); `leased.rs`.
     pub(super) lease: std::sync::Mutex<i64>,
+}
+
+/// Tests: what happens to a commit instead of its answer.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CommitFault {
+    /// etcd applies it; its answer never comes (the call times out).
+    AnswerLost,
+    /// It never reaches etcd; the call times out.
+    RequestLost,
+    /// etcd applies it; its answer never comes, and etcd cannot be reached while the outcome is looked for.
+    AnswerLostThenUnreachable,
+}
+
+/// What became of the sends of one call (`Members::call_noting`).
+#[derive(Default)]
+pub(crate) struct Sends {
+    /// The call was sent again after an answer that leaves open whether the first was applied (a leader change
+    /// while it was being committed).
+    resent: AtomicBool,
+    /// A send may have reached etcd and been (or yet be) applied: any send except one that could not connect.
+    in_doubt: AtomicBool,
 }
 
 /// The members' clients and which one answered last.
@@ -70,12 +111,12 @@ impl Members {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        self.call_noting(call, &AtomicBool::new(false)).await
+        self.call_noting(call, &Sends::default()).await
     }
 
-    /// [`Members::call`], setting `resent` when the call was sent again after an answer that leaves open whether
-    /// the first was applied (a leader change while it was being committed).
-    async fn call_noting<T, F, Fut>(&self, call: F, resent: &AtomicBool) -> Result<T, etcd_client::Error>
+    /// [`Members::call`], noting in `sends` whether a send may have been applied, and whether the call was sent
+    /// again after one such send (a future dropped mid-call, at a timeout, leaves `in_doubt` set).
+    async fn call_noting<T, F, Fut>(&self, call: F, sends: &Sends) -> Result<T, etcd_client::Error>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
@@ -84,8 +125,11 @@ impl Members {
         let mut unreachable = 0;
         loop {
             let member = i % self.clients.len();
+            let doubted = sends.in_doubt.swap(true, Ordering::Relaxed);
             match call(self.clients[member].clone()).await {
                 Err(e) if unreachable_member(&e) => {
+                    // This send reached nobody.
+                    sends.in_doubt.store(doubted, Ordering::Relaxed);
                     unreachable += 1;
                     if unreachable >= self.clients.len() {
                         return Err(e);
@@ -93,7 +137,7 @@ impl Members {
                     i += 1;
                 }
                 Err(e) if electing(&e) => {
-                    resent.store(true, Ordering::Relaxed);
+                    sends.resent.store(true, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(100)).await
                 }
                 other => {
@@ -183,6 +227,10 @@ impl EtcdStore {
             seen,
             #[cfg(test)]
             lose_answers: Default::default(),
+            #[cfg(test)]
+            commit_faults: Default::default(),
+            #[cfg(test)]
+            lost_request: Default::default(),
             lease: Default::default(),
         };
         // A first read: fails now, clearly, if etcd does not answer.
@@ -201,6 +249,10 @@ impl EtcdStore {
 
     fn generation_key(&self, table: Table) -> String {
         format!("{}{GENERATION}{}", self.prefix, table.name())
+    }
+
+    fn fence_key(&self, id: &str) -> String {
+        format!("{}{FENCE}{id}", self.prefix)
     }
 
     /// The prefix of every key (ends with `/`).
@@ -303,28 +355,38 @@ impl EtcdStore {
         // Every generation key written holds this transaction's id: if etcd's answer is lost and the request sent
         // again, the second send fails its compares, and the id tells whether that is because the first committed.
         let id = txn_id();
-        let witness = tables.first().map(|t| self.generation_key(*t));
+        let witness = self.generation_key(*tables.first().expect("a transaction that writes writes to a table"));
         for table in tables {
             ops.push(TxnOp::put(self.generation_key(table), id.clone(), None));
         }
+        // And it applies only while its fence key is absent: `settle` puts that key when no answer came.
+        let fence = self.fence_key(&id);
+        compares.push(Compare::version(fence.clone(), CompareOp::Equal, 0));
         let (compared, written) = (compares.len(), ops.len());
         let request = etcd_client::Txn::new().when(compares).and_then(ops);
-        let resent = Arc::new(AtomicBool::new(false));
-        let response = self.commit(request.clone(), resent.clone()).map_err(|e| match e {
+        let sends = Arc::new(Sends::default());
+        let response = match self.commit_or_fault(request.clone(), sends.clone()) {
+            Ok(response) => response,
+            // Sent, and no answer: it may have been applied, or may yet be.
+            Err(StoreError::Unavailable(reason)) if sends.in_doubt.load(Ordering::Relaxed) => {
+                return self.settle(&witness, &fence, &id, floor, reason);
+            }
             // etcd's own message names no flag: say which limit and by how much.
-            StoreError::Backend(m) if m.contains("too many operations") => StoreError::Backend(format!(
-                "etcd refused a transaction of {compared} compares and {written} writes ({m}): start etcd with \
-                 --max-txn-ops of at least {}",
-                compared.max(written)
-            )),
-            other => other,
-        })?;
+            Err(StoreError::Backend(m)) if m.contains("too many operations") => {
+                return Err(StoreError::Backend(format!(
+                    "etcd refused a transaction of {compared} compares and {written} writes ({m}): start etcd with \
+                     --max-txn-ops of at least {}",
+                    compared.max(written)
+                )));
+            }
+            Err(other) => return Err(other),
+        };
         #[cfg(test)]
         let response =
             if self.lose_answers.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok() {
                 // As if etcd's answer had been lost to a leader change and `Members::call` had sent the request again.
-                resent.store(true, Ordering::Relaxed);
-                self.commit(request, resent.clone())?
+                sends.resent.store(true, Ordering::Relaxed);
+                self.commit(request, sends.clone())?
             } else {
                 response
             };
@@ -332,16 +394,57 @@ impl EtcdStore {
         if response.succeeded() {
             return Ok(true);
         }
-        match witness {
-            Some(key) if resent.load(Ordering::Relaxed) => self.committed(key, &id, floor),
-            _ => Ok(false),
+        if !sends.resent.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        // The last send was applied and failed its compares: an earlier send either committed before it, or never
+        // will (it was not in the log the cluster kept). The history up to now tells which.
+        match self.committed_before(&witness, &id, floor, 0) {
+            Ok(Some(committed)) => Ok(committed),
+            Ok(None) => Err(StoreError::OutcomeUnknown {
+                txn: id,
+                reason: "etcd's answer was lost, the commit sent again, and the history that would say whether the \
+                         first send applied is compacted"
+                    .into(),
+            }),
+            Err(e) => Err(StoreError::OutcomeUnknown {
+                txn: id,
+                reason: format!(
+                    "etcd's answer was lost, the commit sent again, and its history could not be read: {e}"
+                ),
+            }),
         }
     }
 
-    fn commit(
+    /// [`EtcdStore::commit`], or (tests) the fault injected for it.
+    fn commit_or_fault(
         &self,
         request: etcd_client::Txn,
-        resent: Arc<AtomicBool>,
+        sends: Arc<Sends>,
+    ) -> Result<etcd_client::TxnResponse, StoreError> {
+        #[cfg(test)]
+        {
+            let fault = self.commit_faults.lock().expect("faults").front().copied();
+            if let Some(fault) = fault {
+                if fault == CommitFault::RequestLost {
+                    *self.lost_request.lock().expect("lost request") = Some(request);
+                } else {
+                    self.commit(request, sends.clone())?;
+                }
+                if fault != CommitFault::AnswerLostThenUnreachable {
+                    self.commit_faults.lock().expect("faults").pop_front();
+                }
+                sends.in_doubt.store(true, Ordering::Relaxed);
+                return Err(StoreError::Unavailable(format!("etcd did not answer within {OP_TIMEOUT:?}")));
+            }
+        }
+        self.commit(request, sends)
+    }
+
+    pub(crate) fn commit(
+        &self,
+        request: etcd_client::Txn,
+        sends: Arc<Sends>,
     ) -> Result<etcd_client::TxnResponse, StoreError> {
         let members = self.members();
         self.run(async move {
@@ -351,39 +454,107 @@ impl EtcdStore {
                         let request = request.clone();
                         async move { c.txn(request).await }
                     },
-                    &resent,
+                    &sends,
                 )
                 .await
         })
     }
 
-    /// Whether the transaction `id` committed after revision `floor`: some version of its generation key `key`
-    /// written since then holds the id. Walks the key's history back (bounded; a compacted history counts as no).
-    fn committed(&self, key: String, id: &str, floor: i64) -> Result<bool, StoreError> {
-        let mut at = 0;
-        for _ in 0..MAX_ATTEMPTS {
-            let members = self.members();
-            let k = key.clone();
-            let response = self.run(async move {
-                members
-                    .call(|mut c| {
-                        let options = if at > 0 { GetOptions::new().with_revision(at) } else { GetOptions::new() };
-                        let key = k.clone();
-                        async move { c.get(key, Some(options)).await }
-                    })
-                    .await
-            });
-            let Ok(response) = response else { return Ok(false) };
-            let Some(kv) = response.kvs().first() else { return Ok(false) };
-            if kv.value() == id.as_bytes() {
-                return Ok(true);
+    /// The outcome of the commit of transaction `id`, sent after revision `floor` and left without an answer
+    /// (`reason`): fences it off (puts its fence key, so it can no longer apply), then looks whether it applied
+    /// before. Ok(true): it did. `Unavailable`: it did not and never will. `OutcomeUnknown`: it cannot be known
+    /// now (etcd still without a quorum: the commit may yet apply).
+    fn settle(&self, witness: &str, fence: &str, id: &str, floor: i64, reason: String) -> Result<bool, StoreError> {
+        let unknown =
+            |why: String| StoreError::OutcomeUnknown { txn: id.to_owned(), reason: format!("{reason}; {why}") };
+        let fenced = self.fence(fence).map_err(|e| unknown(format!("fencing it off failed ({e})")))?;
+        match self.committed_before(witness, id, floor, fenced) {
+            Ok(Some(true)) => {
+                tracing::info!(txn = id, "a commit etcd did not answer had applied: reported as committed");
+                Ok(true)
             }
-            if kv.mod_revision() <= floor {
-                return Ok(false);
-            }
-            at = kv.mod_revision() - 1;
+            Ok(Some(false)) => Err(StoreError::Unavailable(format!(
+                "{reason}; nothing was written (transaction {id} was fenced off before it applied)"
+            ))),
+            Ok(None) => Err(unknown("the history that would say whether it applied is compacted".into())),
+            Err(e) => Err(unknown(format!("its history could not be read ({e})"))),
         }
-        Ok(false)
+    }
+
+    /// Puts `fence` (under a lease of [`FENCE_TTL_SECS`]); returns the revision it was put at.
+    fn fence(&self, fence: &str) -> Result<i64, StoreError> {
+        #[cfg(test)]
+        {
+            let mut faults = self.commit_faults.lock().expect("faults");
+            if faults.front() == Some(&CommitFault::AnswerLostThenUnreachable) {
+                faults.pop_front();
+                return Err(StoreError::Unavailable(format!("etcd did not answer within {OP_TIMEOUT:?}")));
+            }
+        }
+        let members = self.members();
+        let key = fence.to_owned();
+        let put = self.run(async move {
+            members
+                .call(|mut c| {
+                    let key = key.clone();
+                    async move {
+                        let lease = c.lease_grant(FENCE_TTL_SECS, None).await?.id();
+                        let options = etcd_client::PutOptions::new().with_lease(lease);
+                        c.put(key, "fenced", Some(options)).await
+                    }
+                })
+                .await
+        })?;
+        let revision = put.header().map(|h| h.revision()).unwrap_or(0);
+        self.seen.fetch_max(revision, Ordering::Relaxed);
+        Ok(revision)
+    }
+
+    /// Whether transaction `id` committed after revision `floor` and at or before revision `until` (0: now): some
+    /// version of its generation key `witness` written in that span holds the id. None: that history is compacted.
+    fn committed_before(&self, witness: &str, id: &str, floor: i64, until: i64) -> Result<Option<bool>, StoreError> {
+        let (members, key, id) = (self.members(), witness.to_owned(), id.to_owned());
+        self.run(async move {
+            let at = if until > 0 { GetOptions::new().with_revision(until) } else { GetOptions::new() };
+            let latest = members
+                .call(|mut c| {
+                    let (key, at) = (key.clone(), at.clone());
+                    async move { c.get(key, Some(at)).await }
+                })
+                .await;
+            let latest = match latest {
+                Ok(response) => response,
+                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("compacted") => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let last = match latest.kvs().first() {
+                None => return Ok(Some(false)),
+                Some(kv) if kv.value() == id.as_bytes() => return Ok(Some(true)),
+                Some(kv) if kv.mod_revision() <= floor => return Ok(Some(false)),
+                Some(kv) => kv.mod_revision(),
+            };
+            // The versions written between `floor` and `last`, oldest first.
+            let mut stream = members
+                .call(|mut c| {
+                    let key = key.clone();
+                    async move { c.watch(key, Some(WatchOptions::new().with_start_revision(floor + 1))).await }
+                })
+                .await?;
+            while let Some(response) = stream.message().await? {
+                if response.compact_revision() > 0 {
+                    return Ok(None);
+                }
+                for kv in response.events().iter().filter_map(|e| e.kv()) {
+                    if kv.value() == id.as_bytes() {
+                        return Ok(Some(true));
+                    }
+                    if kv.mod_revision() >= last {
+                        return Ok(Some(false));
+                    }
+                }
+            }
+            Ok(None)
+        })
     }
 }
 

@@ -9,6 +9,8 @@ mod redb;
 #[cfg(test)]
 pub(crate) mod test_etcd;
 
+#[cfg(test)]
+pub(crate) use self::etcd::CommitFault;
 pub use self::etcd::{EtcdOptions, EtcdStore};
 pub use self::leased::{STATUS, STATUS_LEASE_TTL};
 pub use self::redb::{RedbStore, STORE_FILE};
@@ -85,6 +87,13 @@ pub enum StoreError {
     /// The backend cannot be reached (etcd down or without quorum): nothing was written.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A commit was sent and no answer says whether it applied, and that could not be found out (etcd still without
+    /// a quorum, or the history that would tell compacted): it may have been written, or may still be once etcd
+    /// has a quorum again. Callers say how to check (`mesh/errors.rs`).
+    #[error(
+        "store unavailable: outcome unknown: {reason}; transaction {txn} may have been committed, or may still be once etcd has a quorum again"
+    )]
+    OutcomeUnknown { txn: String, reason: String },
     /// Other replicas kept changing what the transaction read; nothing was written.
     #[error("store: transaction conflicted with concurrent writes {attempts} times; nothing was written")]
     Conflict { attempts: u32 },
@@ -327,6 +336,72 @@ mod tests {
         .unwrap();
         assert_eq!(runs, 2, "the conflict made the closure run again");
         assert_eq!(other.get(Table::Tokens, "u").unwrap(), Some(b"2+".to_vec()));
+    }
+
+    /// A commit that etcd applied but never answered (the call timed out) reports success, not "store unavailable";
+    /// one that never reached etcd is fenced off (sent late, it no longer applies) and reported unavailable with
+    /// nothing written; one whose outcome cannot be found out (etcd unreachable meanwhile) is reported unknown, with
+    /// its transaction's id, by the store that commits it.
+    #[test]
+    fn an_unanswered_commit_reports_its_true_outcome() {
+        let store = EtcdStore::connect(&test_etcd::options()).unwrap();
+        let fault = |f: CommitFault| store.commit_faults.lock().unwrap().push_back(f);
+        let put = |key: &str| {
+            let mut runs = 0;
+            let result = transact::<_, StoreError>(&store, |txn| {
+                runs += 1;
+                txn.put(Table::Resources, key, b"v")
+            });
+            (result, runs)
+        };
+        let stored = |key: &str| store.get(Table::Resources, key).unwrap();
+
+        // Control: no fault.
+        assert!(matches!(put("control"), (Ok(()), 1)));
+        // Applied, answer lost: found committed, reported as such; the closure did not run again.
+        fault(CommitFault::AnswerLost);
+        let (result, runs) = put("applied");
+        assert!(result.is_ok(), "an applied commit reported {result:?}");
+        assert_eq!((runs, stored("applied")), (1, Some(b"v".to_vec())));
+        assert!(store.commit_faults.lock().unwrap().is_empty(), "the fault was used");
+
+        // Never reached etcd: nothing written, said so, and the commit can no longer apply.
+        fault(CommitFault::RequestLost);
+        let (result, runs) = put("lost");
+        match &result {
+            Err(StoreError::Unavailable(m)) => assert!(
+                m.starts_with("etcd did not answer within 3s; nothing was written (transaction ")
+                    && m.ends_with(" was fenced off before it applied)"),
+                "{m}"
+            ),
+            other => panic!("a lost commit reported {other:?}"),
+        }
+        assert_eq!((runs, stored("lost")), (1, None));
+        // The request reaches etcd late (a proposal committed when the cluster recovers): its fence refuses it.
+        let late = store.lost_request.lock().unwrap().take().expect("the lost request");
+        let applied = store.commit(late.clone(), Default::default()).unwrap();
+        assert!(!applied.succeeded(), "the fenced-off commit applied late");
+        assert_eq!(stored("lost"), None);
+
+        // Applied, answer lost, and etcd out of reach while looking: unknown, with the reason and the id.
+        fault(CommitFault::AnswerLostThenUnreachable);
+        let (result, runs) = put("unknown");
+        match &result {
+            Err(e @ StoreError::OutcomeUnknown { txn, .. }) => {
+                let m = e.to_string();
+                assert!(
+                    m.starts_with(
+                        "store unavailable: outcome unknown: etcd did not answer within 3s; fencing it off failed \
+                         (store unavailable: etcd did not answer within 3s); transaction "
+                    ) && m.contains(txn.as_str())
+                        && m.ends_with("may have been committed, or may still be once etcd has a quorum again"),
+                    "{m}"
+                );
+            }
+            other => panic!("an unsettled commit reported {other:?}"),
+        }
+        // (It did apply: what the error leaves open.)
+        assert_eq!((runs, stored("unknown")), (1, Some(b"v".to_vec())));
     }
 
     /// The follower of an etcd store is told everything at first, then each transaction's writes to the followed
