@@ -55,11 +55,17 @@ async fn run(
         .await
         .map_err(|e| format!("h2 handshake: {e}"))?;
     // The server's SETTINGS come first on the connection: drive it until they were read, then in its own task.
+    // The flag can turn on after the poll that read the SETTINGS returned (h2 applies them with their ACK), and no
+    // wake-up follows it: so while it is off, this future asks to be polled again (a few polls, until the SETTINGS
+    // are in), instead of waiting for the next frame, which on an idle connection was the 10 s timeout.
     let mut connection = Box::pin(connection);
     let read_settings = std::future::poll_fn(|cx| match connection.as_mut().poll(cx) {
         std::task::Poll::Ready(_) => std::task::Poll::Ready(Err("the connection ended before SETTINGS".to_owned())),
         std::task::Poll::Pending if connection.is_extended_connect_protocol_enabled() => std::task::Poll::Ready(Ok(())),
-        std::task::Poll::Pending => std::task::Poll::Pending,
+        std::task::Poll::Pending => {
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
     });
     match tokio::time::timeout(Duration::from_secs(10), read_settings).await {
         Ok(Ok(())) => {}
