@@ -10,6 +10,7 @@ pub mod ca;
 pub mod ca_cli;
 pub mod cli;
 pub mod files;
+pub mod group_commit;
 pub mod holdings;
 pub mod http;
 pub mod init;

@@ -20,7 +20,8 @@ use trellis_proto::v1 as pb;
 
 use crate::authority::Authority;
 use crate::ca::Ca;
-use crate::records::{self, META_VERSION, ResourceRecord};
+use crate::group_commit::GroupCommit;
+use crate::records::{self, CertRecord, META_VERSION, ResourceRecord};
 use crate::store::{Store, StoreError, Table, Txn, transact};
 
 mod admins;
@@ -100,6 +101,9 @@ pub struct Mesh {
     /// The rotation (number, phase) the authority reflects (None: none ever), so that a replica following the
     /// store sees when another replica moved a rotation on (`follow.rs`).
     applied_rotation: Mutex<Option<(u64, crate::rotation::Phase)>>,
+    /// Workload certificates waiting for their record in the certificate log: committed in batches, one transaction
+    /// for the records that queued during the previous commit (`signing.rs`).
+    cert_log: GroupCommit<CertRecord, Result<(), MeshError>>,
 }
 
 /// The size of what the store holds, as gauges: resources by kind and registered workloads.
@@ -173,6 +177,7 @@ impl Mesh {
             writer: Mutex::new(()),
             followed: AtomicBool::new(false),
             applied_rotation: Mutex::new(applied.map(|r| (r.rotation, r.phase))),
+            cert_log: GroupCommit::new(signing::LOG_BATCH),
         })
     }
 

@@ -3,9 +3,9 @@
 //!
 //! Why serials for nodes: a node's workload SVIDs name identities that other nodes hold too (one service account
 //! on several hosts), so only the certificates issued *to that node* identify it; the certificate log has them all,
-//! and the transaction that logs a new certificate refuses one for a revoked node or identity
-//! ([`refuse_revoked`]), so a signing that races a revocation is either refused or already in the log the
-//! revocation reads. Revoked certificates leave the pushed list once expired (proxies refuse them anyway).
+//! and the transaction that logs a new certificate refuses one for a revoked node or identity ([`refuse_revoked`];
+//! for workload certificates, logged in batches, `signing.rs`), reading what it checks in the transaction (compared
+//! at commit), so a signing that races a revocation is either refused or already in the log the revocation reads. Revoked certificates leave the pushed list once expired (proxies refuse them anyway).
 
 use std::sync::Arc;
 

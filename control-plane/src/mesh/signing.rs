@@ -1,5 +1,12 @@
 //! Workload certificates: the CA signs a CSR only for an identity the node may hold (a namespace its token
 //! allows, a service account of a workload it fronts); every issued certificate is logged in the store.
+//!
+//! Workload certificates are logged in batches ([`GroupCommit`](crate::group_commit::GroupCommit)): the records of
+//! the signings that arrive while one batch is being committed go into the next transaction, which reads every node
+//! record and revoked-identity key the batch names in one read, refuses (one by one) the records of revoked or
+//! unknown nodes and of revoked identities, and writes the others. A caller hands out its certificate only once that
+//! transaction committed its record; when the transaction fails, every caller of the batch gets its error and hands
+//! out nothing. Node credentials (joins, renewals) are logged in the transaction that writes the node's record.
 
 use std::collections::BTreeSet;
 
@@ -8,19 +15,53 @@ use trellis_proto::spiffe::{SpiffeId, Subject};
 use super::{Mesh, MeshError, now_unix, revocations};
 use crate::ca::{CaError, Issued};
 use crate::records::{self, CertRecord, NodeRecord};
-use crate::store::{Table, Txn, transact};
+use crate::store::{StoreError, Table, Txn, transact};
+
+/// Records per certificate-log transaction at most. On etcd each record is a write and names a node record and a
+/// revoked-identity key, which its transaction reads and compares at commit: 50 records stay within the 128
+/// operations etcd allows per transaction by default (`--max-txn-ops`).
+pub(super) const LOG_BATCH: usize = 50;
 
 impl Mesh {
-    /// Signs a workload certificate for `node` if the identity is one of the workloads it fronts.
+    /// Signs a workload certificate for `node` if the identity is one of the workloads it fronts, and hands it out
+    /// once it is logged. Whether the node may still sign (joined, not revoked: the caller's record may predate a
+    /// revocation) and whether the identity is revoked is decided by the transaction that logs the certificate.
     pub fn sign_workload(&self, node: &NodeRecord, csr_der: &[u8]) -> Result<(SpiffeId, Issued), MeshError> {
-        // The caller's record may predate a revocation (a stream opened before it): the store says.
-        self.active_node(&node.name)?;
         let hosted = self.hosted(node);
-        let (id, issued) = self
+        let signed = self
             .ca()
-            .sign_workload(csr_der, self.config.cert_ttl, |_, namespace, sa| may_hold(node, &hosted, namespace, sa))?;
-        transact::<_, MeshError>(self.store.as_ref(), |txn| self.log_certificate(txn, &issued, &id, &node.name))?;
+            .sign_workload(csr_der, self.config.cert_ttl, |_, namespace, sa| may_hold(node, &hosted, namespace, sa));
+        let (id, issued) = match signed {
+            Ok(signed) => signed,
+            Err(e) => {
+                // A revoked node's workloads left the registry with its revocation: say that it was revoked rather
+                // than what the CA found wrong (the store says; only refusals pay this read).
+                self.active_node(&node.name)?;
+                return Err(e.into());
+            }
+        };
+        let record = certificate_record(&issued, &id, &node.name);
+        let logged = self.cert_log.submit(record, &mut |batch: &[CertRecord]| self.log_batch(batch));
+        logged.map_err(|e| MeshError::Store(StoreError::Backend(format!("certificate log: {e}"))))??;
         Ok((id, issued))
+    }
+
+    /// Logs a batch of workload certificates in one transaction: one outcome per record, in order (a refusal for a
+    /// revoked node or identity; the transaction's error for each record when it fails).
+    fn log_batch(&self, batch: &[CertRecord]) -> Vec<Result<(), MeshError>> {
+        metrics::histogram!("trellis_certificate_log_batch_records").record(batch.len() as f64);
+        let mut outcomes = Vec::new();
+        let committed = transact::<_, StoreError>(self.store.as_ref(), |txn| {
+            outcomes = log_records(txn, batch)?;
+            Ok(())
+        });
+        match committed {
+            Ok(()) => outcomes,
+            Err(e) => {
+                tracing::warn!(records = batch.len(), error = %e, "logging a batch of certificates failed: none is handed out");
+                batch.iter().map(|_| Err(MeshError::Store(e.clone()))).collect()
+            }
+        }
     }
 
     /// The (namespace, service account) of every workload `node` fronts.
@@ -32,7 +73,8 @@ impl Mesh {
     }
 
     /// Signs a JWT-SVID for `spiffe_id` with `audiences`, with the key of the CA that signs now, if `node` may hold
-    /// the identity (the same check as for its X.509-SVIDs) and neither is revoked. The token and its `exp`.
+    /// the identity (the same check as for its X.509-SVIDs) and the identity is not revoked. `node` is the record the
+    /// caller has just read with [`Mesh::active_node`] (which refuses a revoked node). The token and its `exp`.
     pub fn sign_jwt_svid(
         &self,
         node: &NodeRecord,
@@ -53,7 +95,6 @@ impl Mesh {
         if audiences.is_empty() || audiences.iter().any(|a| a.is_empty()) {
             return Err(MeshError::InvalidArgument("audiences: at least one, none empty".into()));
         }
-        self.active_node(&node.name)?;
         may_hold(node, &self.hosted(node), namespace, service_account).map_err(MeshError::PermissionDenied)?;
         let id_text = id.to_string();
         if self.current().revocations.identities.iter().any(|r| r.spiffe_id == id_text) {
@@ -76,8 +117,8 @@ impl Mesh {
         Ok((token, exp))
     }
 
-    /// Records an issued certificate (node credential or workload SVID) in the certificate log; refuses it (so it is
-    /// never handed out) when the node or the identity is revoked, in the same transaction.
+    /// Records an issued node credential in the certificate log; refuses it (so it is never handed out) when the
+    /// node is revoked, in the same transaction.
     pub(super) fn log_certificate(
         &self,
         txn: &mut dyn Txn,
@@ -86,16 +127,59 @@ impl Mesh {
         node: &str,
     ) -> Result<(), MeshError> {
         revocations::refuse_revoked(txn, node, &id.to_string())?;
-        let record = CertRecord {
-            serial: issued.serial_hex.clone(),
-            identity: id.to_string(),
-            node: node.to_owned(),
-            issued_at: now_unix(),
-            not_after: issued.not_after.unix_timestamp(),
-            issuer: issued.chain.get(1).map(|ca| crate::authority::fingerprint(ca)).unwrap_or_default(),
-        };
+        let record = certificate_record(issued, id, node);
         Ok(records::put(txn, Table::Certificates, &issued.serial_hex, &record)?)
     }
+}
+
+/// The certificate log's record of `issued`.
+fn certificate_record(issued: &Issued, id: &SpiffeId, node: &str) -> CertRecord {
+    CertRecord {
+        serial: issued.serial_hex.clone(),
+        identity: id.to_string(),
+        node: node.to_owned(),
+        issued_at: now_unix(),
+        not_after: issued.not_after.unix_timestamp(),
+        issuer: issued.chain.get(1).map(|ca| crate::authority::fingerprint(ca)).unwrap_or_default(),
+    }
+}
+
+/// In one transaction: reads every node record and revoked-identity key `batch` names (one read; compared at
+/// commit, so a revocation committed meanwhile makes the transaction run again), then writes the record of each
+/// certificate whose node is joined and not revoked and whose identity is not revoked. One outcome per record.
+fn log_records(txn: &mut dyn Txn, batch: &[CertRecord]) -> Result<Vec<Result<(), MeshError>>, StoreError> {
+    let nodes: BTreeSet<&str> = batch.iter().map(|r| r.node.as_str()).collect();
+    let identities: BTreeSet<&str> = batch.iter().map(|r| r.identity.as_str()).collect();
+    let keys: Vec<(Table, &str)> = (nodes.iter().map(|n| (Table::Nodes, *n)))
+        .chain(identities.iter().map(|i| (Table::RevokedIdentities, *i)))
+        .collect();
+    let values = txn.get_many(&keys)?;
+    let (node_values, identity_values) = values.split_at(nodes.len());
+    let mut node_records = std::collections::BTreeMap::new();
+    for (node, bytes) in nodes.iter().zip(node_values) {
+        let record = bytes.as_deref().map(|b| records::decode::<NodeRecord>(Table::Nodes, node, b)).transpose()?;
+        node_records.insert(*node, record);
+    }
+    let revoked: BTreeSet<&str> =
+        identities.iter().zip(identity_values).filter(|(_, v)| v.is_some()).map(|(i, _)| *i).collect();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for record in batch {
+        let refusal = match node_records.get(record.node.as_str()) {
+            Some(Some(node)) if node.revoked => Some(format!("node {:?} was revoked", record.node)),
+            Some(Some(_)) => {
+                revoked.contains(record.identity.as_str()).then(|| format!("identity {} was revoked", record.identity))
+            }
+            _ => Some(format!("node {:?} has not joined", record.node)),
+        };
+        match refusal {
+            Some(reason) => outcomes.push(Err(MeshError::PermissionDenied(reason))),
+            None => {
+                records::put(txn, Table::Certificates, &record.serial, record)?;
+                outcomes.push(Ok(()));
+            }
+        }
+    }
+    Ok(outcomes)
 }
 
 /// Whether `node` may hold the workload identity `namespace`/`sa`: a namespace its join token allows and a service
@@ -112,11 +196,14 @@ fn may_hold(node: &NodeRecord, hosted: &BTreeSet<(String, String)>, namespace: &
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex, mpsc};
+    use std::time::{Duration, Instant};
+
     use crate::ca::CaError;
-    use crate::mesh::MeshError;
-    use crate::mesh::testing::{TRUST_DOMAIN, TestMesh, csr, hello, workload};
+    use crate::mesh::testing::{ProbedStore, TRUST_DOMAIN, TestMesh, csr, hello, refusal, workload};
+    use crate::mesh::{Mesh, MeshError};
     use crate::records::{self, CertRecord};
-    use crate::store::Table;
+    use crate::store::{StoreError, Table};
 
     fn id(namespace: &str, sa: &str) -> String {
         format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{sa}")
@@ -193,5 +280,146 @@ mod tests {
         mesh.revoke_identity(&id("shop", "api-sa")).unwrap();
         let err = mesh.sign_jwt_svid(&n1, &id("shop", "api-sa"), &aud).unwrap_err();
         assert!(denied(err).contains("was revoked"));
+    }
+
+    /// Serials in the certificate log for `identity`.
+    fn logged(mesh: &Mesh, identity: &str) -> Vec<String> {
+        let records: Vec<CertRecord> = records::load_all(mesh.store(), Table::Certificates).unwrap();
+        records.into_iter().filter(|r| r.identity == identity).map(|r| r.serial).collect()
+    }
+
+    /// Waits (polling, bounded) until `n` signings wait for the certificate log.
+    fn until_queued(mesh: &Mesh, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while mesh.cert_log.queued() < n {
+            assert!(Instant::now() < deadline, "{} of {n} signings queued", mesh.cert_log.queued());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Transactions from now on: the `hold`th ones (counted from 0) wait until the test releases them; the `fail`th
+    /// ones fail with "store unavailable: injected", writing nothing.
+    fn hold_and_fail(probe: &ProbedStore, hold: &'static [usize], fail: &'static [usize]) -> mpsc::Sender<()> {
+        let base = probe.updates();
+        let (release, held) = mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        *probe.hook.lock().unwrap() = Some(Arc::new(move |n| {
+            let n = n - base;
+            if hold.contains(&n) {
+                held.lock().unwrap().recv().unwrap();
+            }
+            if fail.contains(&n) {
+                return Err(StoreError::Unavailable("injected".into()));
+            }
+            Ok(())
+        }));
+        release
+    }
+
+    /// Many concurrent signings share a few transactions and every certificate is in the log when its caller gets
+    /// it; a transaction that fails fails every signing of its batch, with its error, and none of the other batches.
+    #[test]
+    fn concurrent_signings_are_logged_in_few_transactions_and_a_failed_one_fails_only_its_batch() {
+        let (mesh, probe) = TestMesh::probed();
+        let node = mesh.joined("n1", &["shop"]);
+        mesh.register(&node, &hello(vec![workload("shop", "api", "api-sa", &["10.0.0.1"])])).unwrap();
+        let identity = id("shop", "api-sa");
+        let request = csr(Some(&identity));
+        let sign = || mesh.sign_workload(&node, &request).map(|(_, issued)| issued.serial_hex);
+        // Transactions: 0 (one signing, held while 39 queue), 1 (the 39); 2 (one signing, held while 10 queue),
+        // 3 (those 10: fails); 4.. (10 more, after).
+        let release = hold_and_fail(&probe, &[0, 2], &[3]);
+        let before = probe.updates();
+        let (first, batch) = std::thread::scope(|s| {
+            let first = s.spawn(sign);
+            while probe.updates() == before {
+                std::thread::yield_now();
+            }
+            let batch: Vec<_> = (0..39).map(|_| s.spawn(sign)).collect();
+            until_queued(&mesh, 39);
+            release.send(()).unwrap();
+            (first.join().unwrap(), batch.into_iter().map(|t| t.join().unwrap()).collect::<Vec<_>>())
+        });
+        let transactions = probe.updates() - before;
+        println!("40 concurrent signings: {transactions} transactions");
+        assert_eq!(transactions, 2, "the first alone, then the 39 that queued while it committed");
+        let mut serials: Vec<String> = batch.into_iter().map(|r| r.expect("signed")).collect();
+        serials.push(first.expect("signed"));
+        let mut in_log = logged(&mesh, &identity);
+        serials.sort();
+        in_log.sort();
+        assert_eq!(serials, in_log, "every certificate handed out is in the log, and only those");
+
+        // The batch whose transaction fails: each of its 10 signings fails with the store's error, nothing logged.
+        let before = probe.updates();
+        let (held, failed) = std::thread::scope(|s| {
+            let held = s.spawn(sign);
+            while probe.updates() == before {
+                std::thread::yield_now();
+            }
+            let failing: Vec<_> = (0..10).map(|_| s.spawn(sign)).collect();
+            until_queued(&mesh, 10);
+            release.send(()).unwrap();
+            (held.join().unwrap(), failing.into_iter().map(|t| t.join().unwrap()).collect::<Vec<_>>())
+        });
+        assert_eq!(probe.updates() - before, 2);
+        let held = held.expect("the batch before the failed one is logged");
+        for result in failed {
+            match result {
+                Err(MeshError::Store(StoreError::Unavailable(reason))) => assert_eq!(reason, "injected"),
+                other => panic!("a signing of the failed batch returned {other:?}"),
+            }
+        }
+        assert_eq!(logged(&mesh, &identity).len(), 41, "only the held batch's certificate was added");
+        assert!(logged(&mesh, &identity).contains(&held));
+        // Control, through the same path: the batches after succeed, and are logged.
+        let after: Vec<String> = std::thread::scope(|s| {
+            let signers: Vec<_> = (0..10).map(|_| s.spawn(sign)).collect();
+            signers.into_iter().map(|t| t.join().unwrap().expect("signed after the failure")).collect()
+        });
+        let in_log = logged(&mesh, &identity);
+        assert_eq!(in_log.len(), 51);
+        assert!(after.iter().all(|serial| in_log.contains(serial)));
+    }
+
+    /// One batch's transaction refuses, record by record, a revoked node's, an unknown node's and a revoked
+    /// identity's certificate, and logs the others of the batch.
+    #[test]
+    fn a_batch_refuses_revoked_records_one_by_one_and_logs_the_rest() {
+        let mesh = TestMesh::new();
+        let (n1, _n2) = (mesh.joined("n1", &["shop"]), mesh.joined("n2", &["shop"]));
+        mesh.revoke_node("n2").unwrap();
+        mesh.revoke_identity(&id("shop", "gone")).unwrap();
+        let record = |serial: &str, node: &str, sa: &str| CertRecord {
+            serial: serial.into(),
+            identity: id("shop", sa),
+            node: node.into(),
+            issued_at: 0,
+            not_after: i64::MAX,
+            issuer: String::new(),
+        };
+        let batch = [
+            record("01", "n1", "api"),
+            record("02", "n2", "api"),
+            record("03", "n1", "gone"),
+            record("04", "n9", "api"),
+            record("05", &n1.name, "web"),
+        ];
+        let outcomes: Vec<Option<(&str, String)>> =
+            mesh.log_batch(&batch).iter().map(|o| o.as_ref().err().map(refusal)).collect();
+        let denied = |reason: &str| Some(("PermissionDenied", reason.to_owned()));
+        assert_eq!(
+            outcomes,
+            [
+                None,
+                denied("node \"n2\" was revoked"),
+                denied(&format!("identity {} was revoked", id("shop", "gone"))),
+                denied("node \"n9\" has not joined"),
+                None,
+            ]
+        );
+        let present =
+            |serial: &str| records::load::<CertRecord>(mesh.store(), Table::Certificates, serial).unwrap().is_some();
+        assert_eq!(["01", "02", "03", "04", "05"].map(present), [true, false, false, false, true]);
     }
 }

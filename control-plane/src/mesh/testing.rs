@@ -4,8 +4,8 @@
 
 use std::ops::Deref;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rcgen::{CertificateParams, KeyPair, SanType};
@@ -14,7 +14,7 @@ use trellis_proto::v1 as pb;
 use super::{Mesh, MeshConfig};
 use crate::ca::{CA_CERT, CA_CHAIN, CA_KEY, Ca};
 use crate::records::NodeRecord;
-use crate::store::{EtcdStore, RedbStore, STORE_FILE, test_etcd};
+use crate::store::{EtcdStore, RedbStore, STORE_FILE, Store, StoreError, Table, Txn, test_etcd};
 
 pub(super) const TRUST_DOMAIN: &str = "test.example";
 
@@ -25,6 +25,22 @@ pub(super) struct TestMesh {
 
 impl TestMesh {
     pub(super) fn new() -> TestMesh {
+        Self::with_store(|store| store)
+    }
+
+    /// A test mesh whose store is wrapped in a [`ProbedStore`] (counts transactions, can hold or fail them).
+    pub(super) fn probed() -> (TestMesh, Arc<ProbedStore>) {
+        let mut probe = None;
+        let mesh = Self::with_store(|inner| {
+            let probed = Arc::new(ProbedStore { inner, updates: AtomicUsize::new(0), hook: Mutex::new(None) });
+            probe = Some(probed.clone());
+            probed as Arc<dyn Store>
+        });
+        (mesh, probe.expect("wrapped"))
+    }
+
+    /// A test mesh on the store `wrap` makes of the fresh one.
+    fn with_store(wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>) -> TestMesh {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("trellis-mesh-test-{}-{n}", std::process::id()));
@@ -40,6 +56,7 @@ impl TestMesh {
         } else {
             Arc::new(RedbStore::open(&dir.join(STORE_FILE)).expect("store"))
         };
+        let store = wrap(store);
         let config = MeshConfig {
             trust_domain: TRUST_DOMAIN.to_owned(),
             cert_ttl: Duration::from_secs(3600),
@@ -122,4 +139,41 @@ pub(super) fn refusal(e: &super::MeshError) -> (&'static str, String) {
         Ca(_) => "Ca",
     };
     (kind, e.to_string())
+}
+
+/// Called before each transaction of a [`ProbedStore`] with its number (from 0): an error fails the transaction
+/// without running it; blocking holds it.
+pub(super) type TxnHook = Arc<dyn Fn(usize) -> Result<(), StoreError> + Send + Sync>;
+
+/// A store that counts its transactions and lets a test hold or fail them ([`TxnHook`]).
+pub(super) struct ProbedStore {
+    inner: Arc<dyn Store>,
+    updates: AtomicUsize,
+    pub(super) hook: Mutex<Option<TxnHook>>,
+}
+
+impl ProbedStore {
+    /// Transactions begun so far.
+    pub(super) fn updates(&self) -> usize {
+        self.updates.load(Ordering::SeqCst)
+    }
+}
+
+impl Store for ProbedStore {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(table, key)
+    }
+
+    fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.list(table)
+    }
+
+    fn update(&self, f: &mut dyn FnMut(&mut dyn Txn) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let n = self.updates.fetch_add(1, Ordering::SeqCst);
+        let hook = self.hook.lock().expect("hook").clone();
+        if let Some(hook) = hook {
+            hook(n)?;
+        }
+        self.inner.update(f)
+    }
 }

@@ -43,6 +43,9 @@ const GENERATION: &str = "_gen/";
 const FENCE: &str = "_fence/";
 /// How long a fence key stays: longer than any commit left in a Raft log could wait for a quorum in practice.
 const FENCE_TTL_SECS: i64 = 7 * 24 * 3600;
+/// Keys per read-only transaction of [`EtcdStore::read_many`]: etcd's default `--max-txn-ops` (128) bounds the
+/// operations of one transaction.
+const READ_BATCH: usize = 128;
 
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
@@ -306,6 +309,43 @@ impl EtcdStore {
             Some(kv) => (Some(kv.value().to_vec()), kv.mod_revision()),
             None => (None, 0),
         })
+    }
+
+    /// Several keys in one linearizable read (a read-only etcd `Txn` of [`READ_BATCH`] ranges at most; more keys take
+    /// more), each with its mod_revision (0 when absent), in order.
+    fn read_many(&self, keys: &[(Table, &str)]) -> Result<Vec<Read>, StoreError> {
+        let mut reads = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(READ_BATCH) {
+            let ops: Vec<TxnOp> = chunk.iter().map(|(table, key)| TxnOp::get(self.key(*table, key), None)).collect();
+            let members = self.members();
+            let response = self.run(async move {
+                members
+                    .call(|mut c| {
+                        let request = etcd_client::Txn::new().and_then(ops.clone());
+                        async move { c.txn(request).await }
+                    })
+                    .await
+            })?;
+            self.seen.fetch_max(response.header().map(|h| h.revision()).unwrap_or(0), Ordering::Relaxed);
+            let answers = response.op_responses();
+            if answers.len() != chunk.len() {
+                return Err(StoreError::Backend(format!(
+                    "etcd answered {} of {} reads of one transaction",
+                    answers.len(),
+                    chunk.len()
+                )));
+            }
+            for answer in answers {
+                let etcd_client::TxnOpResponse::Get(got) = answer else {
+                    return Err(StoreError::Backend("etcd answered a read with something else".into()));
+                };
+                reads.push(match got.kvs().first() {
+                    Some(kv) => (Some(kv.value().to_vec()), kv.mod_revision()),
+                    None => (None, 0),
+                });
+            }
+        }
+        Ok(reads)
     }
 
     /// A table's entries, with the revision they were read at.
@@ -808,6 +848,30 @@ impl Txn for EtcdTxn<'_> {
         let value = read.0.clone();
         self.reads.borrow_mut().insert(id, read);
         Ok(value)
+    }
+
+    fn get_many(&self, keys: &[(Table, &str)]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        // What this transaction wrote or read already, from memory; the rest in one read.
+        let known = |table: Table, key: &str| {
+            let id = (table, key.to_owned());
+            (self.writes.get(&id).cloned()).or_else(|| self.reads.borrow().get(&id).map(|(value, _)| value.clone()))
+        };
+        let mut values: Vec<Option<Option<Vec<u8>>>> = keys.iter().map(|(table, key)| known(*table, *key)).collect();
+        let missing: Vec<(Table, &str)> =
+            keys.iter().zip(&values).filter(|(_, value)| value.is_none()).map(|(key, _)| *key).collect();
+        if !missing.is_empty() {
+            let mut fetched = self.store.read_many(&missing)?.into_iter();
+            for ((table, key), value) in keys.iter().zip(values.iter_mut()) {
+                if value.is_some() {
+                    continue;
+                }
+                let read = fetched.next().expect("one read per missing key");
+                *value = Some(read.0.clone());
+                // A key named twice is read once; the first read is the one compared.
+                self.reads.borrow_mut().entry((*table, (*key).to_owned())).or_insert(read);
+            }
+        }
+        Ok(values.into_iter().map(|value| value.expect("every key known or read")).collect())
     }
 
     fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {

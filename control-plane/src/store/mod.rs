@@ -76,7 +76,9 @@ impl Table {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Clone: one failed commit of several callers' writes (the certificate log's batches, `mesh/signing.rs`) fails each
+/// of them with the same error.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store: {0}")]
     Backend(String),
@@ -122,6 +124,11 @@ pub enum Change {
 /// Reads and writes inside one atomic transaction.
 pub trait Txn {
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Several keys at once, as [`Txn::get`] reads each (and compared at commit the same way), in order: one round
+    /// trip to a remote backend (etcd) instead of one per key.
+    fn get_many(&self, keys: &[(Table, &str)]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|(table, key)| self.get(*table, key)).collect()
+    }
     fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     fn put(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError>;
     fn delete(&mut self, table: Table, key: &str) -> Result<(), StoreError>;
@@ -236,6 +243,63 @@ mod tests {
                 std::fs::remove_dir_all(dir).unwrap();
             }
         }
+    }
+
+    /// `get_many` answers as `get` does, key by key: this transaction's own writes, absent keys, a key named twice.
+    #[test]
+    fn get_many_reads_what_get_reads() {
+        for (name, store, dir) in backends() {
+            transact::<_, StoreError>(store.as_ref(), |txn| txn.put(Table::Meta, "a", b"1")).unwrap();
+            transact::<_, StoreError>(store.as_ref(), |txn| {
+                txn.put(Table::Meta, "c", b"3")?;
+                let keys = [(Table::Meta, "a"), (Table::Meta, "x"), (Table::Meta, "c"), (Table::Meta, "a")];
+                let values = txn.get_many(&keys)?;
+                let expected = [Some(b"1".to_vec()), None, Some(b"3".to_vec()), Some(b"1".to_vec())];
+                assert_eq!(values, expected, "{name}");
+                let one_by_one: Vec<_> = keys.iter().map(|(t, k)| txn.get(*t, k).unwrap()).collect();
+                assert_eq!(one_by_one, expected, "{name}");
+                Ok(())
+            })
+            .unwrap();
+            if let Some(dir) = dir {
+                std::fs::remove_dir_all(dir).unwrap();
+            }
+        }
+    }
+
+    /// What a transaction read through `get_many` is compared at commit, as a `get` is: another replica's write to a
+    /// key it read (present or absent) between its read and its commit makes it run again on fresh reads.
+    #[test]
+    fn keys_read_together_conflict_with_a_concurrent_write() {
+        let options = test_etcd::options();
+        let one = EtcdStore::connect(&options).unwrap();
+        let two = EtcdStore::connect(&options).unwrap();
+        transact::<_, StoreError>(&one, |txn| txn.put(Table::Nodes, "n1", b"active")).unwrap();
+        for (key, value) in [("n1", b"revoked"), ("absent", b"created")] {
+            let mut runs = 0;
+            let mut seen = Vec::new();
+            transact::<_, StoreError>(&one, |txn| {
+                runs += 1;
+                seen = txn.get_many(&[(Table::Nodes, "n1"), (Table::Nodes, "absent")])?;
+                if runs == 1 {
+                    transact::<_, StoreError>(&two, |t| t.put(Table::Nodes, key, value)).unwrap();
+                }
+                txn.put(Table::Certificates, "c", b"x")
+            })
+            .unwrap();
+            assert_eq!(runs, 2, "{key}: the first commit must have been refused");
+            let index = usize::from(key == "absent");
+            assert_eq!(seen[index].as_deref(), Some(&value[..]), "{key}: the second run read the other write");
+        }
+        // Control, through the same path: with no concurrent write, one run commits.
+        let mut runs = 0;
+        transact::<_, StoreError>(&one, |txn| {
+            runs += 1;
+            txn.get_many(&[(Table::Nodes, "n1"), (Table::Nodes, "other")])?;
+            txn.put(Table::Certificates, "d", b"y")
+        })
+        .unwrap();
+        assert_eq!(runs, 1);
     }
 
     /// Racing read-modify-write transactions on one counter from several threads (several etcd clients: as
