@@ -856,7 +856,7 @@ impl Txn for EtcdTxn<'_> {
             let id = (table, key.to_owned());
             (self.writes.get(&id).cloned()).or_else(|| self.reads.borrow().get(&id).map(|(value, _)| value.clone()))
         };
-        let mut values: Vec<Option<Option<Vec<u8>>>> = keys.iter().map(|(table, key)| known(*table, *key)).collect();
+        let mut values: Vec<Option<Option<Vec<u8>>>> = keys.iter().map(|(table, key)| known(*table, key)).collect();
         let missing: Vec<(Table, &str)> =
             keys.iter().zip(&values).filter(|(_, value)| value.is_none()).map(|(key, _)| *key).collect();
         if !missing.is_empty() {
