@@ -319,7 +319,9 @@ impl ConnectRequest {
 /// One CONNECT stream: check the target, authorize, dial the workload, answer 200 and copy until both sides are
 /// done (or a policy change revokes the connection); a refusal is answered with its status and ends the stream.
 async fn stream(request: Request<RecvStream>, mut respond: SendResponse<Bytes>, peer_id: Arc<Peer>, data: Arc<DataPath>) {
-    let accepted = match accept(&request, &peer_id, &data).await {
+    // Boxed, as the rest below: the dial's and the HTTP path's large futures do not stay inline in the task of every
+    // relayed stream while it is idle (what an idle tunnel costs in memory).
+    let accepted = match Box::pin(accept(&request, &peer_id, &data)).await {
         Ok(accepted) => accepted,
         Err(code) => {
             let _ = respond.send_response(status(code), true);
@@ -349,7 +351,7 @@ async fn stream(request: Request<RecvStream>, mut respond: SendResponse<Bytes>, 
                 return;
             };
             let tunnel = H2Io::new(H2Stream::new(send, body));
-            l7::serve(tunnel, Downstream::Tunnel(conn), report, registration, data, dial_from).await;
+            Box::pin(l7::serve(tunnel, Downstream::Tunnel(conn), report, registration, data, dial_from)).await;
         }
     }
 }
