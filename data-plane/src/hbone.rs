@@ -17,15 +17,8 @@ pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// Most bytes one stream of the client side hands HTTP/2 ahead of the connection writing them: four full copy
 /// buffers, so that the next one is read from the socket while earlier ones are encrypted and sent.
 pub const MAX_SEND_BUFFER: usize = 4 * crate::copy::BUFFER_SIZE;
-/// The server side's bound on a request head (hyper's default, which served HBONE before `h2` directly).
-pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
-/// Streams the server side may reset for a peer's protocol errors before it closes the connection (hyper's and h2's
-/// default).
-pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// HTTP/2 PINGs on an HBONE connection, both sides.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
-/// How long a keep-alive PING may go unanswered before the connection is given up.
-pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Header carrying the original client address (RFC 7239); trusted only from an authenticated peer.
 pub const FORWARDED: &str = "forwarded";
@@ -44,19 +37,6 @@ pub fn original_source(headers: &HeaderMap) -> Option<SocketAddr> {
         .and_then(|v| v.strip_prefix("for=\""))
         .and_then(|v| v.strip_suffix('"'))
         .and_then(|v| v.parse::<SocketAddr>().ok())
-}
-
-/// Returns once a keep-alive PING (one every [`KEEP_ALIVE_INTERVAL`]) went unanswered for [`KEEP_ALIVE_TIMEOUT`],
-/// or could not be sent; never without a PING handle.
-pub async fn keep_alive(ping: Option<h2::PingPong>) {
-    let Some(mut ping) = ping else { return std::future::pending().await };
-    loop {
-        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
-        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => return,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,4 @@
-//! One HBONE stream, either side, as a side of a copy ([`CopyRead`], [`CopyWrite`]), on `h2` directly; and the same
-//! stream as a tokio `AsyncRead` / `AsyncWrite` ([`H2Io`]) for the server side's HTTP path, which hyper serves.
+//! One HBONE stream of the client side as a side of a copy ([`CopyRead`], [`CopyWrite`]), on `h2` directly.
 //!
 //! Through hyper's upgraded CONNECT stream, every write was copied into a new allocation and passed over a channel
 //! to a task of its own that fed the HTTP/2 stream, and every read copied the received frame's bytes into the copy
@@ -10,9 +9,8 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::copy::{CopyRead, CopyWrite, Held};
 
@@ -28,55 +26,6 @@ impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         Self { send, recv, finished: false }
     }
-
-    /// The next received DATA frame's payload (not empty), `None` at the end of the stream.
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
-        loop {
-            return match ready!(self.recv.poll_data(cx)) {
-                None => Poll::Ready(Ok(None)),
-                // An empty DATA frame (one that only ends the stream): the next poll tells the end.
-                Some(Ok(data)) if data.is_empty() => continue,
-                Some(Ok(data)) => {
-                    // The window reopens as the bytes arrive (as hyper's tunnel did once it had copied them): what
-                    // is in flight stays bounded by the window plus the one frame held here.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    Poll::Ready(Ok(Some(data)))
-                }
-                // The peer ended the stream without an error of its own: an end, as through hyper's tunnel.
-                Some(Err(e)) if matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL)) => Poll::Ready(Ok(None)),
-                Some(Err(e)) if e.reason() == Some(Reason::STREAM_CLOSED) => {
-                    Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, e)))
-                }
-                Some(Err(e)) => Poll::Ready(Err(io_error(e))),
-            };
-        }
-    }
-
-    /// Room for up to `want` bytes in the stream's send window (and h2's send buffer): backpressure.
-    fn poll_room(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
-        self.send.reserve_capacity(want);
-        loop {
-            let room = self.send.capacity();
-            if room > 0 {
-                return Poll::Ready(Ok(room));
-            }
-            match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            }
-        }
-    }
-
-    /// Sends END_STREAM, once.
-    fn finish(&mut self) -> io::Result<()> {
-        if !self.finished {
-            self.finished = true;
-            self.send.reserve_capacity(0);
-            self.send.send_data(Bytes::new(), true).map_err(io_error)?;
-        }
-        Ok(())
-    }
 }
 
 /// An HTTP/2 error as the copy reports it: the I/O error under it when there is one.
@@ -86,20 +35,45 @@ fn io_error(e: h2::Error) -> io::Error {
 
 impl CopyRead for H2Stream {
     fn poll_fill(mut self: Pin<&mut Self>, cx: &mut Context<'_>, held: &mut Held) -> Poll<io::Result<usize>> {
-        Poll::Ready(match ready!(self.poll_frame(cx))? {
-            None => Ok(0),
-            Some(data) => {
-                let n = data.len();
-                held.hand_over(data);
-                Ok(n)
-            }
-        })
+        loop {
+            return match ready!(self.recv.poll_data(cx)) {
+                None => Poll::Ready(Ok(0)),
+                // An empty DATA frame (one that only ends the stream): the next poll tells the end.
+                Some(Ok(data)) if data.is_empty() => continue,
+                Some(Ok(data)) => {
+                    // The window reopens as the bytes arrive (as hyper's tunnel did once it had copied them): what
+                    // is in flight stays bounded by the window plus the one frame held here.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    let n = data.len();
+                    held.hand_over(data);
+                    Poll::Ready(Ok(n))
+                }
+                // The peer ended the stream without an error of its own: an end, as through hyper's tunnel.
+                Some(Err(e)) if matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL)) => Poll::Ready(Ok(0)),
+                Some(Err(e)) if e.reason() == Some(Reason::STREAM_CLOSED) => {
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, e)))
+                }
+                Some(Err(e)) => Poll::Ready(Err(io_error(e))),
+            };
+        }
     }
 }
 
 impl CopyWrite for H2Stream {
     fn poll_drain(mut self: Pin<&mut Self>, cx: &mut Context<'_>, held: &mut Held) -> Poll<io::Result<usize>> {
-        let room = ready!(self.poll_room(cx, held.len()))?;
+        // Backpressure: bytes go to the stream only as the peer's window (and h2's send buffer) has room for them.
+        self.send.reserve_capacity(held.len());
+        let room = loop {
+            let room = self.send.capacity();
+            if room > 0 {
+                break room;
+            }
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        };
         let data = held.take_bytes(room);
         let n = data.len();
         self.send.send_data(data, false).map_err(io_error)?;
@@ -112,55 +86,12 @@ impl CopyWrite for H2Stream {
     }
 
     fn poll_copy_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.finish())
-    }
-}
-
-/// An HBONE stream as a byte stream for code that wants tokio's traits (hyper serving an HTTP tunnel): a read copies
-/// out of the received frame, a write copies into a DATA frame of its own. No task or channel sits in between.
-pub struct H2Io {
-    stream: H2Stream,
-    /// What is left of the last received frame.
-    unread: Bytes,
-}
-
-impl H2Io {
-    pub fn new(stream: H2Stream) -> Self {
-        Self { stream, unread: Bytes::new() }
-    }
-}
-
-impl AsyncRead for H2Io {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if self.unread.is_empty() {
-            match ready!(self.stream.poll_frame(cx))? {
-                Some(data) => self.unread = data,
-                None => return Poll::Ready(Ok(())),
-            }
+        if !self.finished {
+            self.finished = true;
+            self.send.reserve_capacity(0);
+            self.send.send_data(Bytes::new(), true).map_err(io_error)?;
         }
-        let n = self.unread.len().min(buf.remaining());
-        buf.put_slice(&self.unread[..n]);
-        self.unread.advance(n);
         Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for H2Io {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        if data.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let n = ready!(self.stream.poll_room(cx, data.len()))?.min(data.len());
-        self.stream.send.send_data(Bytes::copy_from_slice(&data[..n]), false).map_err(io_error)?;
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.stream.finish())
     }
 }
 
@@ -237,45 +168,6 @@ mod tests {
         assert_eq!(answer, b"done");
         copy.await.unwrap().expect("both directions ended cleanly");
         assert_eq!(counts.get(), (3_000_000, 4));
-    }
-
-    #[tokio::test]
-    async fn as_a_byte_stream_it_reads_and_writes_in_order_and_its_shutdown_ends_the_stream() {
-        // Through H2Io (what the HTTP path reads and writes): 1 MB each way, in small writes and reads, then EOF.
-        let sent: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
-        let expected = sent.clone();
-        let tunnel = stream_to(|mut body, mut send| async move {
-            // The peer echoes every frame, and ends its side once the client's ends.
-            while let Some(data) = body.data().await {
-                let data = data.unwrap();
-                let _ = body.flow_control().release_capacity(data.len());
-                send.reserve_capacity(data.len());
-                send.send_data(data, false).unwrap();
-            }
-            send.send_data(Bytes::new(), true).unwrap();
-        })
-        .await;
-        let (mut read, mut write) = tokio::io::split(H2Io::new(tunnel));
-        let writing = async {
-            for chunk in sent.chunks(7_000) {
-                write.write_all(chunk).await.unwrap();
-            }
-            write.shutdown().await.unwrap();
-        };
-        let reading = async {
-            let mut got = Vec::new();
-            let mut buf = [0; 3_000];
-            loop {
-                let n = read.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break got;
-                }
-                got.extend_from_slice(&buf[..n]);
-            }
-        };
-        let ((), got) = tokio::join!(writing, reading);
-        assert_eq!(got.len(), expected.len());
-        assert!(got == expected, "echoed in order, then the end of the stream");
     }
 
     #[tokio::test]

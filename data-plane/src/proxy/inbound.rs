@@ -5,15 +5,16 @@
 //! `CONNECT <ip>:<port>` to an address and declared port of a workload this proxy fronts. A bad handshake, a bad
 //! request or an unreachable workload costs that connection or stream only.
 
+use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use h2::RecvStream;
-use h2::server::SendResponse;
+use http_body_util::Empty;
+use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
@@ -21,16 +22,14 @@ use tracing::{debug, info};
 use trellis_proto::spiffe::SpiffeId;
 
 use super::finish::{self, DialError, Ended};
-use super::h2_stream::{H2Io, H2Stream};
 use super::{DataPath, HANDSHAKE_TIMEOUT, l7};
-use crate::connections::{Downstream, InboundConn, PeerCert, Registration};
+use crate::connections::{Downstream, InboundConn, PeerCert};
 use crate::hbone::{
-    self, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_LOCAL_ERROR_RESETS, MAX_SEND_BUFFER,
-    MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW, keep_alive,
+    self, CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
 };
 use crate::log_limit::HBONE_REFUSALS;
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
-use crate::report::{Authz, ConnectionReport, Open};
+use crate::report::{Authz, ConnectionReport};
 use crate::tls::PeerIdentityError;
 
 /// Why an HBONE connection was refused or ended badly (logged as "HBONE connection refused").
@@ -47,9 +46,7 @@ pub enum HboneError {
     #[error(transparent)]
     PeerIdentity(#[from] PeerIdentityError),
     #[error("HTTP/2: {0}")]
-    Http(h2::Error),
-    #[error("no HTTP/2 preface within the handshake timeout")]
-    PrefaceTimeout,
+    Http(hyper::Error),
 }
 
 /// A TLS handshake that did not complete; counted and logged against the workload it was meant for.
@@ -74,7 +71,6 @@ impl HboneError {
             HboneError::NoClientCertificate => "no_client_certificate",
             HboneError::PeerIdentity(_) => "peer_identity",
             HboneError::Http(_) => "http2",
-            HboneError::PrefaceTimeout => "http2_preface_timeout",
         }
     }
 }
@@ -163,53 +159,33 @@ async fn connection(
         serial: serial.into(),
         addr: peer,
     });
-    // HTTP/2 on `h2` directly: each CONNECT stream's bytes go between the workload's socket and the stream's DATA
-    // frames without hyper's upgraded-stream task, channel and copies (`h2_stream`).
-    let handshake = h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
+    let service = hyper::service::service_fn(move |request| {
+        let data = data.clone();
+        let peer_id = peer_id.clone();
+        async move { Ok::<_, Infallible>(stream(request, &peer_id, data).await) }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .max_send_buffer_size(MAX_SEND_BUFFER)
-        // hyper's limits, which served HBONE before: a CONNECT head is small.
-        .max_header_list_size(MAX_HEADER_LIST_SIZE)
-        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
-        .handshake::<_, Bytes>(tls);
-    // The client's preface and SETTINGS are due at once; one that sends nothing after TLS does not hold the socket.
-    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(conn) => conn.map_err(HboneError::Http)?,
-        Err(_) => return Err(HboneError::PrefaceTimeout),
-    };
-    let keep_alive = keep_alive(conn.ping_pong());
-    tokio::pin!(keep_alive);
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            next = conn.accept() => match next {
-                // Each stream in a task of its own, as hyper ran them; the loop drives the connection for all.
-                Some(Ok((request, respond))) => {
-                    tokio::spawn(stream(request, respond, peer_id.clone(), data.clone()));
-                }
-                Some(Err(e)) => return Err(HboneError::Http(e)),
-                // Closed by the peer, or drained after a GOAWAY: every stream is done.
-                None => return Ok(()),
-            },
-            // GOAWAY: streams in progress finish, new ones go elsewhere; the loop ends once they are done.
-            () = crate::shutdown_requested(&mut shutdown), if !draining => {
-                draining = true;
-                conn.graceful_shutdown();
-            }
-            () = session.cancel.cancelled() => {
-                // Dropping the connection closes it and every stream on it at once (no GOAWAY: the peer is revoked).
-                info!(%peer, reason = session.reason(), "HBONE connection closed");
-                return Ok(());
-            }
-            () = &mut keep_alive => {
-                debug!(%peer, "HBONE connection closed: keep-alive PING unanswered");
-                return Ok(());
-            }
+        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = crate::shutdown_requested(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
-    }
+        () = session.cancel.cancelled() => {
+            // Dropping the connection closes it and every stream on it at once (no GOAWAY: the peer is revoked).
+            info!(%peer, reason = session.reason(), "HBONE connection closed");
+            return Ok(());
+        }
+    };
+    result.map_err(HboneError::Http)
 }
 
 async fn handshake(config: Arc<rustls::ServerConfig>, tcp: TcpStream) -> Result<TlsStream<TcpStream>, HandshakeError> {
@@ -239,8 +215,8 @@ fn trusted_source(data: &DataPath, id: &SpiffeId, claimed: Option<SocketAddr>, p
     }
 }
 
-fn status(code: StatusCode) -> Response<()> {
-    let mut response = Response::new(());
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
     *response.status_mut() = code;
     response
 }
@@ -317,70 +293,20 @@ impl ConnectRequest {
 }
 
 /// One CONNECT stream: check the target, authorize, dial the workload, answer 200 and copy until both sides are
-/// done (or a policy change revokes the connection); a refusal is answered with its status and ends the stream.
-async fn stream(request: Request<RecvStream>, mut respond: SendResponse<Bytes>, peer_id: Arc<Peer>, data: Arc<DataPath>) {
-    // Boxed, as the rest below: the dial's and the HTTP path's large futures do not stay inline in the task of every
-    // relayed stream while it is idle (what an idle tunnel costs in memory).
-    let accepted = match Box::pin(accept(&request, &peer_id, &data)).await {
-        Ok(accepted) => accepted,
-        Err(code) => {
-            let _ = respond.send_response(status(code), true);
-            return;
-        }
-    };
-    let body = request.into_body();
-    let send = respond.send_response(status(StatusCode::OK), false);
-    match accepted {
-        Accepted::Tcp { conn, open, mut upstream, registration } => {
-            let Ok(send) = send else {
-                debug!("CONNECT answer could not be sent: the stream is gone");
-                open.closed(0, 0, Some("CONNECT answer failed"));
-                return;
-            };
-            let mut tunnel = H2Stream::new(send, body);
-            if let Ended::Cancelled =
-                finish::relay(open, &mut tunnel, &mut upstream, &registration, data.timeouts).await
-            {
-                info!(source = %conn.source, target = %conn.destination, "connection closed: no longer allowed by policy, or shutting down");
-            }
-            drop(registration);
-        }
-        Accepted::Http { conn, report, registration, dial_from } => {
-            let Ok(send) = send else {
-                debug!("CONNECT answer could not be sent: the stream is gone");
-                return;
-            };
-            let tunnel = H2Io::new(H2Stream::new(send, body));
-            Box::pin(l7::serve(tunnel, Downstream::Tunnel(conn), report, registration, data, dial_from)).await;
-        }
-    }
-}
-
-/// A stream allowed through: relayed as TCP, or served as HTTP (checked per request, `l7`).
-enum Accepted {
-    Tcp { conn: Arc<InboundConn>, open: Open, upstream: TcpStream, registration: Registration },
-    Http {
-        conn: Arc<InboundConn>,
-        report: ConnectionReport,
-        registration: Registration,
-        dial_from: Option<IpAddr>,
-    },
-}
-
-/// The checks of a stream's request, up to the dialled workload; the status to answer with when refused.
-async fn accept(request: &Request<RecvStream>, peer_id: &Peer, data: &Arc<DataPath>) -> Result<Accepted, StatusCode> {
+/// done (or a policy change revokes the connection).
+async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPath>) -> Response<Empty<Bytes>> {
     let (source, peer) = (&peer_id.id, peer_id.addr);
-    let ConnectRequest { target, source_addr } = match ConnectRequest::parse(request) {
+    let ConnectRequest { target, source_addr } = match ConnectRequest::parse(&request) {
         Ok(connect) => connect,
         Err(refusal) => {
             debug!(%peer, method = %request.method(), uri = %request.uri(), %refusal, "CONNECT request refused");
-            return Err(refusal.status());
+            return status(refusal.status());
         }
     };
     let locals = &data.locals;
     let Some(workload) = locals.by_ip(target.ip()).filter(|w| w.port(target.port()).is_some()).cloned() else {
         info!(%peer, %source, %target, "CONNECT to an address or port this proxy does not front");
-        return Err(StatusCode::NOT_FOUND);
+        return status(StatusCode::NOT_FOUND);
     };
     let conn = Arc::new(InboundConn {
         source: source.clone(),
@@ -408,20 +334,20 @@ async fn accept(request: &Request<RecvStream>, peer_id: &Peer, data: &Arc<DataPa
     let report = ConnectionReport::new(key, source_addr.unwrap_or(peer), target);
     // Registered before the check, so that a policy change between check and registration cannot be missed.
     let registration = data.connections.register_inbound(conn.clone());
-    let dial_from = trusted_source(data, source, source_addr, peer);
+    let dial_from = trusted_source(&data, source, source_addr, peer);
     if l7::is_http(&conn.workload, target) {
         // Checked per request instead (`l7`).
-        return Ok(Accepted::Http { conn, report, registration, dial_from });
+        return l7::accept(request, Downstream::Tunnel(conn), report, registration, data, dial_from);
     }
     let allowed = {
         let policies = data.authz.load();
-        let Some(decision) = policies.check(&conn, peer) else { return Err(StatusCode::NOT_FOUND) };
+        let Some(decision) = policies.check(&conn, peer) else { return status(StatusCode::NOT_FOUND) };
         policies.decisions.record(&decision);
         let policy = policies.decisions.name_of(decision.deciding.as_ref());
         if !decision.allowed {
             info!(source = %conn.source, %target, %decision, "connection denied");
             report.refused(&data.traffic, Flags::Deny, Authz::denied(policy), "-");
-            return Err(StatusCode::FORBIDDEN);
+            return status(StatusCode::FORBIDDEN);
         }
         if !decision.audit.is_empty() || decision.dry_run.is_some() {
             info!(source = %conn.source, %target, %decision, "connection allowed");
@@ -429,18 +355,33 @@ async fn accept(request: &Request<RecvStream>, peer_id: &Peer, data: &Arc<DataPa
         Authz::allowed(policy)
     };
 
-    let (open, upstream) = match finish::dial_workload(target, dial_from, report, allowed, &data.traffic).await {
+    let (open, mut upstream) = match finish::dial_workload(target, dial_from, report, allowed, &data.traffic).await {
         Ok(dialled) => dialled,
         Err(DialError::Refused(e)) => {
             info!(source = %conn.source, %target, error = %e, "workload refused the connection");
-            return Err(StatusCode::SERVICE_UNAVAILABLE);
+            return status(StatusCode::SERVICE_UNAVAILABLE);
         }
         Err(DialError::TimedOut) => {
             info!(source = %conn.source, %target, "timed out dialling the workload");
-            return Err(StatusCode::GATEWAY_TIMEOUT);
+            return status(StatusCode::GATEWAY_TIMEOUT);
         }
     };
-    Ok(Accepted::Tcp { conn, open, upstream, registration })
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let mut tunnel = match upgrade.await {
+            Ok(upgraded) => TokioIo::new(upgraded),
+            Err(e) => {
+                debug!(error = %e, "CONNECT upgrade failed");
+                open.closed(0, 0, Some("CONNECT upgrade failed"));
+                return;
+            }
+        };
+        if let Ended::Cancelled = finish::relay(open, &mut tunnel, &mut upstream, &registration, data.timeouts).await {
+            info!(source = %conn.source, target = %conn.destination, "connection closed: no longer allowed by policy, or shutting down");
+        }
+        drop(registration);
+    });
+    status(StatusCode::OK)
 }
 
 #[cfg(test)]
