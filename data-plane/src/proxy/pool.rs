@@ -27,7 +27,7 @@ use super::TUNNEL_DIAL_TIMEOUT;
 use super::h2_stream::H2Stream;
 use crate::connections::PeerCert;
 use crate::hbone::{
-    self, CONNECTION_WINDOW, FORWARDED, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_SEND_BUFFER,
+    self, CLIENT_KEEP_ALIVE_TIMEOUT, CONNECTION_WINDOW, FORWARDED, MAX_FRAME_SIZE, MAX_SEND_BUFFER,
     MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
 };
 use crate::metrics::Flags;
@@ -42,8 +42,6 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) const SURPLUS_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often [`Pool::reap`] runs (`reconfigure`): an idle connection is closed within this of its timeout.
 pub const REAP_INTERVAL: Duration = Duration::from_secs(5);
-/// How long a keep-alive PING may go unanswered before the connection is given up.
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -359,7 +357,7 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
                 },
                 // Dropping the connection closes it and fails every stream on it at once.
                 () = cancelled.cancelled() => {}
-                () = keep_alive(ping) => tracing::debug!(%proxy, "HBONE connection closed: keep-alive PING unanswered"),
+                () = hbone::keep_alive(ping, CLIENT_KEEP_ALIVE_TIMEOUT) => tracing::debug!(%proxy, "HBONE connection closed: keep-alive PING unanswered"),
             }
             // No new streams on it (its sender would fail them).
             cancelled.cancel();
@@ -384,17 +382,4 @@ async fn connect(
     let mut sender = sender.ready().await?;
     let (response, send) = sender.send_request(request, false)?;
     Ok((response.await?, send))
-}
-
-/// Returns once a keep-alive PING (one every `KEEP_ALIVE_INTERVAL`) went unanswered for `KEEP_ALIVE_TIMEOUT`, or
-/// could not be sent; never without a PING handle.
-async fn keep_alive(ping: Option<h2::PingPong>) {
-    let Some(mut ping) = ping else { return std::future::pending().await };
-    loop {
-        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
-        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => return,
-        }
-    }
 }
