@@ -46,8 +46,15 @@ impl H2Stream {
                     let _ = self.recv.flow_control().release_capacity(data.len());
                     Poll::Ready(Ok(Some(data)))
                 }
-                // The peer ended the stream without an error of its own: an end, as through hyper's tunnel.
-                Some(Err(e)) if matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL)) => Poll::Ready(Ok(None)),
+                // NO_ERROR: the peer has finished and asks this side to stop sending (RFC 9113 §8.1); what it sent
+                // is complete, so this direction ends.
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => Poll::Ready(Ok(None)),
+                // CANCEL: the peer gave the stream up before ending it (its side failed, or it dropped the stream;
+                // h2 then discards the DATA it had not sent yet). Read as an end, a cut-short transfer would look
+                // complete to the workload and in the access log; it is a reset.
+                Some(Err(e)) if e.reason() == Some(Reason::CANCEL) => {
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, e)))
+                }
                 Some(Err(e)) if e.reason() == Some(Reason::STREAM_CLOSED) => {
                     Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, e)))
                 }
@@ -250,15 +257,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stream_the_peer_resets_with_an_error_is_a_failed_read_and_one_it_ends_without_error_is_an_end() {
-        for (reason, fails) in [(Reason::INTERNAL_ERROR, true), (Reason::NO_ERROR, false), (Reason::CANCEL, false)] {
+    async fn a_stream_the_peer_resets_or_cancels_is_a_failed_read_and_one_it_ends_without_error_is_an_end() {
+        for (reason, fails) in [(Reason::INTERNAL_ERROR, true), (Reason::CANCEL, true), (Reason::NO_ERROR, false)] {
             let mut tunnel = stream_to(move |_body, mut send| async move { send.send_reset(reason) }).await;
             let mut held = Held::default();
             let read = std::future::poll_fn(|cx| Pin::new(&mut tunnel).poll_fill(cx, &mut held)).await;
             match read {
                 Err(e) => {
                     assert!(fails, "{reason:?}: {e}");
-                    assert!(e.to_string().contains("internal error"), "the reason is reported: {e}");
+                    let name = if reason == Reason::CANCEL { "stream no longer needed" } else { "internal error" };
+                    assert!(e.to_string().contains(name), "the reason is reported: {e}");
                 }
                 Ok(n) => {
                     assert!(!fails, "{reason:?} must fail the read");
