@@ -38,6 +38,8 @@ struct Entry {
 pub struct ProxyRegistry {
     proxies: DashMap<String, Entry>,
     next_stream: std::sync::atomic::AtomicU64,
+    /// Bumped by every change of a proxy's state, so that the status publisher skips a period where nothing changed.
+    generation: std::sync::atomic::AtomicU64,
     /// This replica's name (`--replica-name`), shown beside each of its proxies.
     replica: String,
 }
@@ -70,6 +72,8 @@ impl ProxyRegistry {
             stream_id,
             ..ProxyState::default()
         };
+        drop(state);
+        self.changed();
         stream_id
     }
 
@@ -79,6 +83,8 @@ impl ProxyRegistry {
             if state.stream_id == stream_id {
                 state.connected = false;
                 entry.commands.lock().expect("lock").take();
+                drop(state);
+                self.changed();
             }
         }
     }
@@ -86,7 +92,26 @@ impl ProxyRegistry {
     pub fn update(&self, node: &str, f: impl FnOnce(&mut ProxyState)) {
         if let Some(entry) = self.proxies.get(node) {
             f(&mut entry.state.lock().expect("lock"));
+            self.changed();
         }
+    }
+
+    /// After a change (a publisher that read the generation before listing sees the change, or a newer generation).
+    fn changed(&self) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Changes with every change of a proxy's state (read it before reading the states).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether a connected proxy has a push it has not answered yet (neither ACKed nor NACKed).
+    pub fn awaiting_answers(&self) -> bool {
+        self.proxies.iter().any(|entry| {
+            let s = entry.state.lock().expect("lock");
+            s.connected && s.sent_version > s.acked_version.max(s.nacked_version)
+        })
     }
 
     /// Sends a command to the node's live stream; false when it has none.
@@ -125,5 +150,40 @@ impl ProxyRegistry {
             .collect();
         out.sort_by(|a, b| a.node.cmp(&b.node));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The status publisher skips a period where the generation did not move, and waits while a push is unanswered.
+    #[test]
+    fn every_change_moves_the_generation_and_unanswered_pushes_are_seen() {
+        let registry = ProxyRegistry::named("r1");
+        let g0 = registry.generation();
+        let (tx, _rx) = mpsc::channel(1);
+        let stream = registry.connect("a", "v1", tx);
+        let g1 = registry.generation();
+        assert!(g1 > g0, "a connection is a change");
+        assert!(!registry.awaiting_answers(), "nothing pushed yet");
+        registry.update("a", |s| s.sent_version = 5);
+        assert!(registry.generation() > g1, "a push is a change");
+        assert!(registry.awaiting_answers(), "version 5 pushed, not answered");
+        registry.update("a", |s| s.acked_version = 5);
+        assert!(!registry.awaiting_answers(), "ACKed");
+        registry.update("a", |s| s.sent_version = 6);
+        registry.update("a", |s| s.nacked_version = 6);
+        assert!(!registry.awaiting_answers(), "a NACK answers too");
+        registry.update("a", |s| s.sent_version = 7);
+        let g2 = registry.generation();
+        registry.update("missing", |s| s.sent_version = 1);
+        assert_eq!(registry.generation(), g2, "no proxy, no change");
+        registry.disconnect("a", stream + 1);
+        assert_eq!(registry.generation(), g2, "another stream's end changes nothing");
+        assert!(registry.awaiting_answers());
+        registry.disconnect("a", stream);
+        assert!(registry.generation() > g2);
+        assert!(!registry.awaiting_answers(), "a disconnected proxy is not waited for");
     }
 }

@@ -1,6 +1,6 @@
 //! Whether the proxy carries traffic: a counter every burst bumps (a connection opening, a copy direction waking
-//! from idle, an HTTP request), read by whoever acts once traffic goes quiet (`heap`). A leaf: it names no other
-//! module, so the data path reports activity without knowing who listens.
+//! from idle, an HTTP request, pooled connections closing), read by whoever acts once traffic goes quiet (`heap`).
+//! A leaf: it names no other module, so the data path reports activity without knowing who listens.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -289,6 +289,11 @@ impl Connections {
         self.open.len()
     }
 
+    /// HBONE connections accepted from other proxies and still open.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.open.is_empty()
     }

@@ -27,7 +27,7 @@ pub async fn follow_changes(
     let mut state_changes = state.subscribe();
     let mut bundle: Option<Arc<crate::state::TrustBundle>> = None;
     let mut certs_changed = true;
-    let mut reap = tokio::time::interval(std::time::Duration::from_secs(15));
+    let mut reap = tokio::time::interval(crate::proxy::pool::REAP_INTERVAL);
     let mut upkeep = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
     let mut policies: Option<(Arc<trellis_policy::CompiledPolicies>, Arc<_>, Arc<String>)> = None;
     let mut revocations = data.tls.revocations().load();
@@ -70,7 +70,7 @@ pub async fn follow_changes(
                     certs_changed = false;
                     break;
                 }
-                _ = reap.tick() => data.pool.reap(),
+                _ = reap.tick() => data.pool.reap(data.tls.load().generation),
                 _ = upkeep.tick() => metrics_upkeep(&data, &certs, &state),
             }
         }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
-use trellis_policy::{CompiledPolicies, Kind, ResourceKey};
+use trellis_policy::{CompileOptions, CompiledPolicies, CompiledResource, Kind, ResourceKey};
 use trellis_proto::v1;
 
 use crate::identity::certs::{self, CertError, CertInfo};
@@ -58,6 +58,8 @@ pub struct Root {
 pub struct StoredResource {
     pub revision: u64,
     pub resource: trellis_policy::Resource,
+    /// Compiled when the resource arrived: an update recompiles only the resources it carries.
+    pub compiled: CompiledResource,
 }
 
 impl TrustBundle {
@@ -100,8 +102,6 @@ pub enum ApplyError {
     Resource { index: usize, key: String, reason: String },
     #[error("removed_resources[{index}]: {reason}")]
     RemovedResource { index: usize, reason: String },
-    #[error("policies do not compile: {0}")]
-    Policy(String),
     #[error("revocations: {0}")]
     Revocations(crate::revocation::RevocationsError),
 }
@@ -115,7 +115,6 @@ impl ApplyError {
             ApplyError::Workload { .. } => "workload",
             ApplyError::Resource { .. } => "resource",
             ApplyError::RemovedResource { .. } => "removed_resource",
-            ApplyError::Policy(_) => "policy",
             ApplyError::Revocations(_) => "revocations",
         }
     }
@@ -173,8 +172,10 @@ pub fn apply(state: &State, update: &v1::ConfigUpdate) -> Result<State, ApplyErr
         next.workloads.insert(key, Arc::new(workload.clone()));
     }
 
+    let options = compile_options(&next.root_namespace);
     for (index, resource) in update.resources.iter().enumerate() {
-        let stored = check_resource(resource).map_err(|(key, reason)| ApplyError::Resource { index, key, reason })?;
+        let stored =
+            check_resource(resource, &options).map_err(|(key, reason)| ApplyError::Resource { index, key, reason })?;
         next.resources.insert(stored.resource.key(), Arc::new(stored));
     }
 
@@ -202,10 +203,9 @@ pub fn apply(state: &State, update: &v1::ConfigUpdate) -> Result<State, ApplyErr
     }
 
     if update.full || !update.resources.is_empty() || !update.removed_resources.is_empty() {
-        let resources: Vec<trellis_policy::Resource> = next.resources.values().map(|r| r.resource.clone()).collect();
-        let compiled = CompiledPolicies::compile(&resources, &next.root_namespace)
-            .map_err(|e| ApplyError::Policy(e.to_string()))?;
-        next.policies = Arc::new(compiled);
+        // Each resource was compiled when it arrived (`check_resource`); this only puts the set together.
+        let parts = next.resources.values().map(|r| (&r.resource, &r.compiled));
+        next.policies = Arc::new(CompiledPolicies::assemble(parts, &options));
     }
 
     next.version = update.version;
@@ -286,7 +286,11 @@ fn check_workload(w: &v1::Workload) -> Result<(), String> {
 }
 
 /// Parses a resource; on error returns (key as sent, reason).
-fn check_resource(r: &v1::Resource) -> Result<StoredResource, (String, String)> {
+fn compile_options(root_namespace: &str) -> CompileOptions {
+    CompileOptions { root_namespace: root_namespace.to_string(), ..CompileOptions::default() }
+}
+
+fn check_resource(r: &v1::Resource, options: &CompileOptions) -> Result<StoredResource, (String, String)> {
     let Some(wire_key) = &r.key else {
         return Err(("?".into(), "no key".into()));
     };
@@ -297,7 +301,8 @@ fn check_resource(r: &v1::Resource) -> Result<StoredResource, (String, String)> 
     if got != want {
         return Err((shown, format!("the document is {got}, not the resource its key names")));
     }
-    Ok(StoredResource { revision: r.revision, resource })
+    let compiled = CompiledResource::compile(&resource, options).map_err(|e| (shown, e.to_string()))?;
+    Ok(StoredResource { revision: r.revision, resource, compiled })
 }
 
 fn policy_key(key: &v1::ResourceKey) -> Result<ResourceKey, String> {

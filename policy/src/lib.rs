@@ -45,8 +45,8 @@ pub use condition::{ConditionKey, ValueKind};
 pub use dns_name::{DNS1123_LABEL_MAX_LEN, InvalidDnsLabel, check_dns1123_label};
 pub use error::{DocumentError, FieldError, ParseError};
 pub use eval::{
-    CompileError, CompileOptions, CompiledPolicies, Decision, DryRunOutcome, Headers, HttpRequest, IgnoreReason,
-    IgnoredPolicy, NoHeaders, PolicyRef, Protocol, Reason, Request, WorkloadPolicies,
+    CompileError, CompileOptions, CompiledPolicies, CompiledResource, Decision, DryRunOutcome, Headers, HttpRequest,
+    IgnoreReason, IgnoredPolicy, NoHeaders, PolicyRef, Protocol, Reason, Request, WorkloadPolicies,
 };
 pub use eval_request::{
     EvalDestination, EvalHttp, EvalProtocol, EvalRequest, EvalRequestError, EvalSource, Explanation, Verdict, explain,

@@ -112,6 +112,11 @@ impl EtcdCluster {
         self.members.iter().map(|m| m.client.clone()).collect::<Vec<_>>().join(",")
     }
 
+    /// The process ids of the running members (the benchmarks read their CPU time from /proc).
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().filter_map(|m| m.child.as_ref().map(Child::id)).collect()
+    }
+
     /// SIGKILL one member.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {

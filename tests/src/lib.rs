@@ -336,6 +336,11 @@ impl ControlPlane {
     }
 
     /// The etcd this control plane alone uses, when `TRELLIS_TEST_STORE=etcd`.
+    /// The process id while the control plane runs (the benchmarks read its CPU time from /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn own_etcd(&self) -> Option<&etcd::EtcdCluster> {
         self.own_etcd.as_ref()
     }

@@ -280,11 +280,11 @@ impl StreamTask {
                     if first_push {
                         update.lineage = self.lineage.clone();
                     }
-                    metrics::counter!("trellis_push_bytes_total", "kind" => kind)
-                        .increment(update.encoded_len() as u64);
+                    let bytes = update.encoded_len();
+                    metrics::counter!("trellis_push_bytes_total", "kind" => kind).increment(bytes as u64);
                     metrics::counter!("trellis_push_updates_total", "kind" => kind).increment(1);
                     if first_push {
-                        tracing::info!(node = %self.node.name, version = update.version, kind, bytes = update.encoded_len(), "first push of the stream");
+                        tracing::info!(node = %self.node.name, version = update.version, kind, bytes, "first push of the stream");
                     }
                     let version = update.version;
                     if self.tx.send(response(Outbound::Update(update))).await.is_err() {

@@ -1,8 +1,11 @@
 //! Every proxy of the mesh, whichever replica holds its stream. On a shared store each replica publishes its own
 //! proxies' stream status (and the certificates each reported holding, which a root rotation waits on) as leased
 //! entries (`store/leased.rs`): at most once per [`PUBLISH_EVERY`], only the entries that changed (so a burst of
-//! ACKs costs one write per proxy per period, in batches), and everything again when its lease had expired. A dead
-//! replica's entries go with its lease. With redb the status stays in memory, as the only replica's.
+//! ACKs costs one write per proxy per period, in batches), and everything again when its lease had expired. A
+//! publication waits (at most [`SETTLE_AT_MOST`] longer) while a push of this replica is unanswered, so that the
+//! writes do not compete with the push and a change costs one write per proxy, not one for the push and one for its
+//! ACK; a period where nothing changed encodes nothing. A dead replica's entries go with its lease. With redb the
+//! status stays in memory, as the only replica's.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -15,6 +18,12 @@ use crate::holdings::Held;
 
 /// How often a replica writes what changed in its proxies' status.
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// How much longer a publication waits, at most, while a push of this replica is not answered yet: the status
+/// writes (one etcd put per proxy that changed, which every replica's watch then receives) do not compete with a
+/// push for the CPU and the store, and a push's sent and ACKed versions go out in one write instead of two.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(1);
+/// How often a waiting publication looks again.
+const SETTLE_POLL: Duration = Duration::from_millis(20);
 /// The key of a replica's entry about itself among its proxies' (node names have no `_`): the fingerprint of the
 /// root its serving certificate chains to (`Shared::serving_root`).
 const SERVING_KEY: &str = "_serving";
@@ -187,6 +196,16 @@ pub async fn publish(shared: Shared) {
             () = tokio::time::sleep(PUBLISH_EVERY) => {}
             () = shared.shutting_down() => break,
         }
+        let settle_by = tokio::time::Instant::now() + SETTLE_AT_MOST;
+        while shared.proxies.awaiting_answers() && tokio::time::Instant::now() < settle_by {
+            tokio::select! {
+                () = tokio::time::sleep(SETTLE_POLL) => {}
+                () = shared.shutting_down() => break,
+            }
+        }
+        if *shared.shutdown.borrow() {
+            break;
+        }
     }
     // A clean shutdown: this replica's entries (and the rotation driver role) go now, not at the lease's end.
     let store = shared.clone();
@@ -201,6 +220,9 @@ pub async fn publish(shared: Shared) {
 struct Published {
     lease: i64,
     written: HashMap<String, Vec<u8>>,
+    /// What `written` reflects (the proxies' and holdings' generations, the serving root), once written whole: a
+    /// period where none of it changed encodes nothing.
+    reflects: Option<(u64, u64, String)>,
 }
 
 impl Published {
@@ -216,11 +238,17 @@ impl Published {
         if lease != self.lease {
             // A new lease: whatever was written under the old one is gone (or going).
             self.written.clear();
+            self.reflects = None;
             self.lease = lease;
+        }
+        // Read before listing: a change made while listing leaves a newer generation, listed next time.
+        let serving_root = shared.serving_root.lock().expect("serving root").clone();
+        let reflects = (shared.proxies.generation(), shared.holdings.generation(), serving_root.clone());
+        if self.reflects.as_ref() == Some(&reflects) {
+            return;
         }
         let mut current: HashMap<String, Vec<u8>> =
             local(shared).into_iter().map(|p| (p.status.node.clone(), encode(&p))).collect();
-        let serving_root = shared.serving_root.lock().expect("serving root").clone();
         if !serving_root.is_empty() {
             current.insert(SERVING_KEY.to_owned(), serving_root.into_bytes());
         }
@@ -231,17 +259,20 @@ impl Published {
             .collect();
         changes.extend(self.written.keys().filter(|n| !current.contains_key(*n)).map(|n| (n.clone(), None)));
         if changes.is_empty() {
+            self.reflects = Some(reflects);
             return;
         }
         match leased.write(lease, shared.proxies.replica(), &changes) {
             Ok(()) => {
                 metrics::counter!("trellis_proxy_status_writes_total").increment(changes.len() as u64);
                 self.written = current;
+                self.reflects = Some(reflects);
             }
             Err(e) => {
                 // Partly written perhaps: write everything next time.
                 tracing::warn!(error = %e, "cannot publish the proxy status");
                 self.written.clear();
+                self.reflects = None;
             }
         }
     }

@@ -1,16 +1,22 @@
-//! One HBONE stream of the client side as a side of a copy ([`CopyRead`], [`CopyWrite`]), on `h2` directly.
+//! One HBONE stream as a side of a copy ([`CopyRead`], [`CopyWrite`]), on `h2` directly, on both sides of a tunnel:
+//! the client side's stream once its CONNECT was answered 200 (`pool`), the server side's once it answered 200
+//! (`h2_server`).
 //!
 //! Through hyper's upgraded CONNECT stream, every write was copied into a new allocation and passed over a channel
 //! to a task of its own that fed the HTTP/2 stream, and every read copied the received frame's bytes into the copy
 //! buffer. Here a filled copy buffer becomes the DATA frame's payload as it is (lent as `Bytes`, back in the pool
 //! once rustls has encrypted it), and a received frame's payload is written to the socket from where it arrived.
+//!
+//! [`H2Io`] is the same stream as tokio bytes I/O, for hyper's HTTP server on the tunnel of an `http` port (`l7`),
+//! which parses the bytes and copies them anyway.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::copy::{CopyRead, CopyWrite, Held};
 
@@ -26,6 +32,67 @@ impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         Self { send, recv, finished: false }
     }
+
+    /// The next received DATA payload (never empty), or `None` at the end of the stream. The window reopens as the
+    /// bytes arrive (as hyper's tunnel did once it had copied them): what is in flight stays bounded by the window
+    /// plus the one frame the reader holds.
+    fn poll_received(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        loop {
+            return match ready!(self.recv.poll_data(cx)) {
+                None => Poll::Ready(Ok(None)),
+                // An empty DATA frame (one that only ends the stream): the next poll tells the end.
+                Some(Ok(data)) if data.is_empty() => continue,
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    Poll::Ready(Ok(Some(data)))
+                }
+                // NO_ERROR: the peer has finished and asks this side to stop sending (RFC 9113 §8.1); what it sent
+                // is complete, so this direction ends.
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => Poll::Ready(Ok(None)),
+                // CANCEL: the peer gave the stream up before ending it (its side failed, or it dropped the stream;
+                // h2 then discards the DATA it had not sent yet). Read as an end, a cut-short transfer would look
+                // complete to the workload and in the access log; it is a reset.
+                Some(Err(e)) if e.reason() == Some(Reason::CANCEL) => {
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, e)))
+                }
+                Some(Err(e)) if e.reason() == Some(Reason::STREAM_CLOSED) => {
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, e)))
+                }
+                Some(Err(e)) => Poll::Ready(Err(io_error(e))),
+            };
+        }
+    }
+
+    /// Room for up to `wanted` bytes (at least one) in the peer's window and h2's send buffer. Backpressure: bytes
+    /// go to the stream only as there is room for them.
+    fn poll_room(&mut self, cx: &mut Context<'_>, wanted: usize) -> Poll<io::Result<usize>> {
+        self.send.reserve_capacity(wanted);
+        loop {
+            let room = self.send.capacity();
+            if room > 0 {
+                return Poll::Ready(Ok(room));
+            }
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+    }
+
+    fn send(&mut self, data: Bytes) -> io::Result<()> {
+        self.send.send_data(data, false).map_err(io_error)
+    }
+
+    /// Ends this direction (END_STREAM), once.
+    fn finish(&mut self) -> io::Result<()> {
+        if !self.finished {
+            self.finished = true;
+            self.send.reserve_capacity(0);
+            self.send.send_data(Bytes::new(), true).map_err(io_error)?;
+        }
+        Ok(())
+    }
 }
 
 /// An HTTP/2 error as the copy reports it: the I/O error under it when there is one.
@@ -35,48 +102,23 @@ fn io_error(e: h2::Error) -> io::Error {
 
 impl CopyRead for H2Stream {
     fn poll_fill(mut self: Pin<&mut Self>, cx: &mut Context<'_>, held: &mut Held) -> Poll<io::Result<usize>> {
-        loop {
-            return match ready!(self.recv.poll_data(cx)) {
-                None => Poll::Ready(Ok(0)),
-                // An empty DATA frame (one that only ends the stream): the next poll tells the end.
-                Some(Ok(data)) if data.is_empty() => continue,
-                Some(Ok(data)) => {
-                    // The window reopens as the bytes arrive (as hyper's tunnel did once it had copied them): what
-                    // is in flight stays bounded by the window plus the one frame held here.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    let n = data.len();
-                    held.hand_over(data);
-                    Poll::Ready(Ok(n))
-                }
-                // The peer ended the stream without an error of its own: an end, as through hyper's tunnel.
-                Some(Err(e)) if matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL)) => Poll::Ready(Ok(0)),
-                Some(Err(e)) if e.reason() == Some(Reason::STREAM_CLOSED) => {
-                    Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, e)))
-                }
-                Some(Err(e)) => Poll::Ready(Err(io_error(e))),
-            };
-        }
+        Poll::Ready(match ready!(self.poll_received(cx))? {
+            None => Ok(0),
+            Some(data) => {
+                let n = data.len();
+                held.hand_over(data);
+                Ok(n)
+            }
+        })
     }
 }
 
 impl CopyWrite for H2Stream {
     fn poll_drain(mut self: Pin<&mut Self>, cx: &mut Context<'_>, held: &mut Held) -> Poll<io::Result<usize>> {
-        // Backpressure: bytes go to the stream only as the peer's window (and h2's send buffer) has room for them.
-        self.send.reserve_capacity(held.len());
-        let room = loop {
-            let room = self.send.capacity();
-            if room > 0 {
-                break room;
-            }
-            match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            }
-        };
+        let room = ready!(self.poll_room(cx, held.len()))?;
         let data = held.take_bytes(room);
         let n = data.len();
-        self.send.send_data(data, false).map_err(io_error)?;
+        self.send(data)?;
         Poll::Ready(Ok(n))
     }
 
@@ -86,12 +128,56 @@ impl CopyWrite for H2Stream {
     }
 
     fn poll_copy_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.finished {
-            self.finished = true;
-            self.send.reserve_capacity(0);
-            self.send.send_data(Bytes::new(), true).map_err(io_error)?;
+        Poll::Ready(self.finish())
+    }
+}
+
+/// An HBONE stream as `AsyncRead` + `AsyncWrite`: received frames are copied out as they are read, written bytes
+/// copied into frames as the window has room for them.
+pub struct H2Io {
+    stream: H2Stream,
+    /// The rest of the last received frame.
+    unread: Bytes,
+}
+
+impl H2Io {
+    pub fn new(stream: H2Stream) -> Self {
+        Self { stream, unread: Bytes::new() }
+    }
+}
+
+impl AsyncRead for H2Io {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.unread.is_empty() {
+            match ready!(self.stream.poll_received(cx))? {
+                None => return Poll::Ready(Ok(())),
+                Some(data) => self.unread = data,
+            }
         }
+        let n = self.unread.len().min(buf.remaining());
+        buf.put_slice(&self.unread[..n]);
+        self.unread.advance(n);
         Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Io {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let room = ready!(self.stream.poll_room(cx, data.len()))?;
+        let n = room.min(data.len());
+        self.stream.send(Bytes::copy_from_slice(&data[..n]))?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.stream.finish())
     }
 }
 
@@ -171,15 +257,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stream_the_peer_resets_with_an_error_is_a_failed_read_and_one_it_ends_without_error_is_an_end() {
-        for (reason, fails) in [(Reason::INTERNAL_ERROR, true), (Reason::NO_ERROR, false), (Reason::CANCEL, false)] {
+    async fn a_stream_the_peer_resets_or_cancels_is_a_failed_read_and_one_it_ends_without_error_is_an_end() {
+        for (reason, fails) in [(Reason::INTERNAL_ERROR, true), (Reason::CANCEL, true), (Reason::NO_ERROR, false)] {
             let mut tunnel = stream_to(move |_body, mut send| async move { send.send_reset(reason) }).await;
             let mut held = Held::default();
             let read = std::future::poll_fn(|cx| Pin::new(&mut tunnel).poll_fill(cx, &mut held)).await;
             match read {
                 Err(e) => {
                     assert!(fails, "{reason:?}: {e}");
-                    assert!(e.to_string().contains("internal error"), "the reason is reported: {e}");
+                    let name = if reason == Reason::CANCEL { "stream no longer needed" } else { "internal error" };
+                    assert!(e.to_string().contains(name), "the reason is reported: {e}");
                 }
                 Ok(n) => {
                     assert!(!fails, "{reason:?} must fail the read");

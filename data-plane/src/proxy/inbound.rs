@@ -1,20 +1,19 @@
 //! HBONE inbound (15008): accept, identify, (authorize,) dial, copy.
 //!
 //! TLS 1.3 with a required client certificate checked by SPIFFE rules; the server certificate is the destination
-//! workload's, chosen by the local address the connection arrived on. Then HTTP/2: every stream must be
-//! `CONNECT <ip>:<port>` to an address and declared port of a workload this proxy fronts. A bad handshake, a bad
+//! workload's, chosen by the local address the connection arrived on. Then HTTP/2 (`h2_server`): every stream must
+//! be `CONNECT <ip>:<port>` to an address and declared port of a workload this proxy fronts. A bad handshake, a bad
 //! request or an unreachable workload costs that connection or stream only.
 
-use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http_body_util::Empty;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use hyper::{Method, Request, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
@@ -22,11 +21,11 @@ use tracing::{debug, info};
 use trellis_proto::spiffe::SpiffeId;
 
 use super::finish::{self, DialError, Ended};
+use super::h2_server::{self, ServeError};
+use super::h2_stream::H2Io;
 use super::{DataPath, HANDSHAKE_TIMEOUT, l7};
 use crate::connections::{Downstream, InboundConn, PeerCert};
-use crate::hbone::{
-    self, CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
-};
+use crate::hbone;
 use crate::log_limit::HBONE_REFUSALS;
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::report::{Authz, ConnectionReport};
@@ -45,8 +44,8 @@ pub enum HboneError {
     NoClientCertificate,
     #[error(transparent)]
     PeerIdentity(#[from] PeerIdentityError),
-    #[error("HTTP/2: {0}")]
-    Http(hyper::Error),
+    #[error(transparent)]
+    Http(ServeError),
 }
 
 /// A TLS handshake that did not complete; counted and logged against the workload it was meant for.
@@ -159,33 +158,18 @@ async fn connection(
         serial: serial.into(),
         addr: peer,
     });
-    let service = hyper::service::service_fn(move |request| {
-        let data = data.clone();
-        let peer_id = peer_id.clone();
-        async move { Ok::<_, Infallible>(stream(request, &peer_id, data).await) }
+    // Each stream in a task of its own; GOAWAY on shutdown, the connection ending with its last stream.
+    let serving = h2_server::serve(tls, crate::shutdown_requested(&mut shutdown), |request, respond| {
+        stream(request, respond, peer_id.clone(), data.clone())
     });
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE)
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-        .serve_connection(TokioIo::new(tls), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = crate::shutdown_requested(&mut shutdown) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
+    tokio::select! {
+        result = serving => result.map_err(HboneError::Http),
         () = session.cancel.cancelled() => {
             // Dropping the connection closes it and every stream on it at once (no GOAWAY: the peer is revoked).
             info!(%peer, reason = session.reason(), "HBONE connection closed");
-            return Ok(());
+            Ok(())
         }
-    };
-    result.map_err(HboneError::Http)
+    }
 }
 
 async fn handshake(config: Arc<rustls::ServerConfig>, tcp: TcpStream) -> Result<TlsStream<TcpStream>, HandshakeError> {
@@ -213,12 +197,6 @@ fn trusted_source(data: &DataPath, id: &SpiffeId, claimed: Option<SocketAddr>, p
             None
         }
     }
-}
-
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut response = Response::new(Empty::new());
-    *response.status_mut() = code;
-    response
 }
 
 /// The authenticated peer of an HBONE connection.
@@ -265,23 +243,40 @@ pub enum ConnectRefusal {
     NotConnect,
     #[error("CONNECT target is not ip:port")]
     BadTarget,
+    /// RFC 9110 §9.3.6: a CONNECT request has no content; the stream's bytes after the head are the tunnel's.
+    #[error("CONNECT with a non-zero content-length")]
+    HasContent,
 }
 
 impl ConnectRefusal {
     pub fn status(self) -> StatusCode {
         match self {
             ConnectRefusal::NotConnect => StatusCode::METHOD_NOT_ALLOWED,
-            ConnectRefusal::BadTarget => StatusCode::BAD_REQUEST,
+            ConnectRefusal::BadTarget | ConnectRefusal::HasContent => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The refusal's reason, as the log rate limit names it.
+    pub fn kind(self) -> &'static str {
+        match self {
+            ConnectRefusal::NotConnect => "not_connect",
+            ConnectRefusal::BadTarget => "bad_connect_target",
+            ConnectRefusal::HasContent => "connect_with_content",
         }
     }
 }
 
 impl ConnectRequest {
-    /// Reads method, authority and `Forwarded`; pure, so the fuzz target (`fuzz/fuzz_targets/hbone_connect.rs`)
-    /// drives the same code the listener runs.
+    /// Reads method, authority, `content-length` and `Forwarded`; pure, so the fuzz target
+    /// (`fuzz/fuzz_targets/hbone_connect.rs`) drives the same code the listener runs.
     pub fn parse<B>(request: &Request<B>) -> Result<ConnectRequest, ConnectRefusal> {
         if request.method() != Method::CONNECT {
             return Err(ConnectRefusal::NotConnect);
+        }
+        // Any content-length but 0 (several, or one that is not a number, included): hyper's server refused these.
+        let content = request.headers().get_all(hyper::header::CONTENT_LENGTH).iter().any(|v| v.as_bytes() != b"0");
+        if content {
+            return Err(ConnectRefusal::HasContent);
         }
         let target = request
             .uri()
@@ -293,20 +288,24 @@ impl ConnectRequest {
 }
 
 /// One CONNECT stream: check the target, authorize, dial the workload, answer 200 and copy until both sides are
-/// done (or a policy change revokes the connection).
-async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPath>) -> Response<Empty<Bytes>> {
+/// done (or a policy change revokes the connection). Every refusal answers the stream with its status.
+async fn stream(request: Request<RecvStream>, respond: SendResponse<Bytes>, peer_id: Arc<Peer>, data: Arc<DataPath>) {
     let (source, peer) = (&peer_id.id, peer_id.addr);
     let ConnectRequest { target, source_addr } = match ConnectRequest::parse(&request) {
         Ok(connect) => connect,
         Err(refusal) => {
-            debug!(%peer, method = %request.method(), uri = %request.uri(), %refusal, "CONNECT request refused");
-            return status(refusal.status());
+            // Rate-limited: any authenticated peer can send these.
+            if HBONE_REFUSALS.allow(refusal.kind()) {
+                info!(%peer, %source, method = %request.method(), uri = %request.uri(), %refusal, kind = refusal.kind(),
+                    "CONNECT request refused");
+            }
+            return h2_server::refuse(respond, refusal.status());
         }
     };
     let locals = &data.locals;
     let Some(workload) = locals.by_ip(target.ip()).filter(|w| w.port(target.port()).is_some()).cloned() else {
         info!(%peer, %source, %target, "CONNECT to an address or port this proxy does not front");
-        return status(StatusCode::NOT_FOUND);
+        return h2_server::refuse(respond, StatusCode::NOT_FOUND);
     };
     let conn = Arc::new(InboundConn {
         source: source.clone(),
@@ -336,18 +335,27 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
     let registration = data.connections.register_inbound(conn.clone());
     let dial_from = trusted_source(&data, source, source_addr, peer);
     if l7::is_http(&conn.workload, target) {
-        // Checked per request instead (`l7`).
-        return l7::accept(request, Downstream::Tunnel(conn), report, registration, data, dial_from);
+        // Checked per request instead (`l7`), on the stream's bytes served as HTTP.
+        match h2_server::accept(respond, request.into_body()) {
+            Ok(tunnel) => {
+                let tunnel = H2Io::new(tunnel);
+                l7::serve(tunnel, Downstream::Tunnel(conn), report, registration, data, dial_from).await;
+            }
+            Err(e) => debug!(%peer, %target, error = %e, "CONNECT stream reset before its answer"),
+        }
+        return;
     }
     let allowed = {
         let policies = data.authz.load();
-        let Some(decision) = policies.check(&conn, peer) else { return status(StatusCode::NOT_FOUND) };
+        let Some(decision) = policies.check(&conn, peer) else {
+            return h2_server::refuse(respond, StatusCode::NOT_FOUND);
+        };
         policies.decisions.record(&decision);
         let policy = policies.decisions.name_of(decision.deciding.as_ref());
         if !decision.allowed {
             info!(source = %conn.source, %target, %decision, "connection denied");
             report.refused(&data.traffic, Flags::Deny, Authz::denied(policy), "-");
-            return status(StatusCode::FORBIDDEN);
+            return h2_server::refuse(respond, StatusCode::FORBIDDEN);
         }
         if !decision.audit.is_empty() || decision.dry_run.is_some() {
             info!(source = %conn.source, %target, %decision, "connection allowed");
@@ -359,29 +367,25 @@ async fn stream(mut request: Request<Incoming>, peer_id: &Peer, data: Arc<DataPa
         Ok(dialled) => dialled,
         Err(DialError::Refused(e)) => {
             info!(source = %conn.source, %target, error = %e, "workload refused the connection");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return h2_server::refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
         }
         Err(DialError::TimedOut) => {
             info!(source = %conn.source, %target, "timed out dialling the workload");
-            return status(StatusCode::GATEWAY_TIMEOUT);
+            return h2_server::refuse(respond, StatusCode::GATEWAY_TIMEOUT);
         }
     };
-    let upgrade = hyper::upgrade::on(&mut request);
-    tokio::spawn(async move {
-        let mut tunnel = match upgrade.await {
-            Ok(upgraded) => TokioIo::new(upgraded),
-            Err(e) => {
-                debug!(error = %e, "CONNECT upgrade failed");
-                open.closed(0, 0, Some("CONNECT upgrade failed"));
-                return;
-            }
-        };
-        if let Ended::Cancelled = finish::relay(open, &mut tunnel, &mut upstream, &registration, data.timeouts).await {
-            info!(source = %conn.source, target = %conn.destination, "connection closed: no longer allowed by policy, or shutting down");
+    let mut tunnel = match h2_server::accept(respond, request.into_body()) {
+        Ok(tunnel) => tunnel,
+        Err(e) => {
+            debug!(%peer, %target, error = %e, "CONNECT stream reset before its answer");
+            open.closed(0, 0, Some("CONNECT stream reset before its answer"));
+            return;
         }
-        drop(registration);
-    });
-    status(StatusCode::OK)
+    };
+    if let Ended::Cancelled = finish::relay(open, &mut tunnel, &mut upstream, &registration, data.timeouts).await {
+        info!(source = %conn.source, target = %conn.destination, "connection closed: no longer allowed by policy, or shutting down");
+    }
+    drop(registration);
 }
 
 #[cfg(test)]
@@ -418,5 +422,18 @@ mod tests {
             assert_eq!(refused(Method::CONNECT, target), ConnectRefusal::BadTarget, "{target}");
         }
         assert_eq!(ConnectRefusal::BadTarget.status(), StatusCode::BAD_REQUEST);
+        // A CONNECT with content: refused whatever the length says, unless it says 0 (the control).
+        let with_length = |values: &[&str]| {
+            let mut connect = request(Method::CONNECT, "10.1.0.2:8080", None);
+            for value in values {
+                connect.headers_mut().append(hyper::header::CONTENT_LENGTH, value.parse().unwrap());
+            }
+            ConnectRequest::parse(&connect)
+        };
+        assert_eq!(with_length(&["0"]).map(|c| c.target), Ok("10.1.0.2:8080".parse().unwrap()));
+        for values in [&["5"][..], &["x"], &["0", "5"]] {
+            assert_eq!(with_length(values), Err(ConnectRefusal::HasContent), "{values:?}");
+        }
+        assert_eq!(ConnectRefusal::HasContent.status(), StatusCode::BAD_REQUEST);
     }
 }

@@ -2,16 +2,20 @@
 //! current TLS set, registry and policies (each replaced whole on a change, read per connection), this proxy's
 //! workloads, the tunnel pool and the registry of open connections. The children are the paths a connection takes,
 //! each read in one walk (accept, identify, authorize, dial, copy):
-//! - `inbound`: HBONE from another proxy (mTLS, HTTP/2 CONNECT), `l7` for streams to `http` ports;
+//! - `inbound`: HBONE from another proxy (mTLS, HTTP/2 CONNECT served by `h2_server`), `l7` for streams to `http`
+//!   ports;
 //! - `inbound_plaintext`: captured plaintext to a local workload (PeerAuthentication, authorization), `l7` for
 //!   connections to `http` ports;
 //! - `outbound`: a local application's connection, fed by `socks5` and the capture listener, through `pool`
 //!   (the HBONE client).
 //!
+//! Both ends of an HBONE stream carry its bytes as an `h2_stream::H2Stream`, on `h2` directly.
+//!
 //! Every path ends a connection the same way (`finish`): dial the workload within its timeout, relay until both
 //! sides are done or the proxy cancels, report once.
 
 pub mod finish;
+pub mod h2_server;
 pub mod h2_stream;
 pub mod inbound;
 pub mod inbound_plaintext;
@@ -78,6 +82,8 @@ impl DataPath {
     }
 }
 
+#[cfg(test)]
+mod inbound_tests;
 #[cfg(test)]
 mod plaintext_tests;
 #[cfg(test)]

@@ -2,6 +2,13 @@
 //! destination identity), each carrying many CONNECT streams. A connection is not reused for new streams once it is
 //! full, closed (GOAWAY, failure), or built from older TLS material than the current set (after a rotation new
 //! streams get a fresh handshake with the new certificate); idle connections expire.
+//!
+//! Memory after a burst: each pooled connection holds buffers of its own (rustls's records, h2's read buffer that
+//! grows to the largest frame, its stream slabs that grow to the most streams it carried at once) for as long as it
+//! lives, and a burst of concurrent tunnels opens one connection per [`MAX_STREAMS_PER_CONNECTION`]. So once a
+//! burst is over, the connections it opened beyond the first are closed after [`SURPLUS_IDLE_TIMEOUT`] without a
+//! stream, and the one kept for the next tunnel after [`IDLE_TIMEOUT`]: the proxy (and its peer, whose side of each
+//! connection ends with it) returns to about its idle size instead of keeping the burst's peak.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,16 +27,21 @@ use super::TUNNEL_DIAL_TIMEOUT;
 use super::h2_stream::H2Stream;
 use crate::connections::PeerCert;
 use crate::hbone::{
-    self, CONNECTION_WINDOW, FORWARDED, KEEP_ALIVE_INTERVAL, MAX_FRAME_SIZE, MAX_SEND_BUFFER,
+    self, CLIENT_KEEP_ALIVE_TIMEOUT, CONNECTION_WINDOW, FORWARDED, MAX_FRAME_SIZE, MAX_SEND_BUFFER,
     MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW,
 };
 use crate::metrics::Flags;
 use crate::revocation::{Revocations, Revoked};
 use crate::tls::{ClientConfigError, TlsSet};
 
+/// A key's last usable connection is closed after this long without a stream.
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a keep-alive PING may go unanswered before the connection is given up.
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Any other connection of the key (opened by a burst, one per [`MAX_STREAMS_PER_CONNECTION`] concurrent tunnels)
+/// is closed after this long without a stream. Longer than a gap between requests of a steady load, so that a
+/// load that needs several connections keeps them rather than handshaking again.
+pub(crate) const SURPLUS_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often [`Pool::reap`] runs (`reconfigure`): an idle connection is closed within this of its timeout.
+pub const REAP_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -270,24 +282,36 @@ impl Pool {
         }
     }
 
-    /// Drops closed connections, and idle ones after `IDLE_TIMEOUT` (dropping the last sender closes it).
-    pub fn reap(&self) {
-        self.reap_at(Instant::now());
+    /// Drops closed connections, surplus idle ones after `SURPLUS_IDLE_TIMEOUT` and a key's last usable one after
+    /// `IDLE_TIMEOUT` (dropping the last sender closes it: h2 sends GOAWAY once it carries no stream).
+    pub fn reap(&self, generation: u64) {
+        self.reap_at(Instant::now(), generation);
     }
 
-    /// `reap` as if it ran at `now` (tests drive the idle expiry without waiting for it).
-    pub(crate) fn reap_at(&self, now: Instant) {
+    /// `reap` as if it ran at `now` (tests drive the idle expiry without waiting for it); `generation` is the
+    /// current TLS set's, whose connections alone take new streams (so only one of them is worth keeping).
+    pub(crate) fn reap_at(&self, now: Instant, generation: u64) {
         let now = now.saturating_duration_since(self.epoch).as_millis() as u64;
-        let idle_ms = IDLE_TIMEOUT.as_millis() as u64;
+        let (idle_ms, surplus_ms) = (IDLE_TIMEOUT.as_millis() as u64, SURPLUS_IDLE_TIMEOUT.as_millis() as u64);
         let mut connections = self.connections.lock();
+        let before: usize = connections.values().map(Vec::len).sum();
         connections.retain(|_, list| {
+            // The first usable connection is the one `reserve` fills first: the one kept warm for the next tunnel.
+            let kept = list.iter().position(|c| c.usable(generation)).map(|i| Arc::as_ptr(&list[i]));
             list.retain(|c| {
-                let idle = c.streams.load(Ordering::Relaxed) == 0
-                    && now.saturating_sub(c.idle_since.load(Ordering::Relaxed)) > idle_ms;
-                !c.cancel.is_cancelled() && !idle
+                let quiet_for = match c.streams.load(Ordering::Relaxed) {
+                    0 => now.saturating_sub(c.idle_since.load(Ordering::Relaxed)),
+                    _ => 0,
+                };
+                let limit = if kept == Some(Arc::as_ptr(c)) { idle_ms } else { surplus_ms };
+                !c.cancel.is_cancelled() && quiet_for <= limit
             });
             !list.is_empty()
         });
+        if connections.values().map(Vec::len).sum::<usize>() < before {
+            // What the closed connections held is freed: `heap` then returns it to the OS once the proxy is quiet.
+            crate::activity::note();
+        }
         // Gates of keys with no connection left are not needed any more, unless a dial holds one. (The one place
         // both locks are held: `connections` first; no other place takes them nested.)
         self.dial_gates.lock().retain(|k, gate| connections.contains_key(k) || Arc::strong_count(gate) > 1);
@@ -333,7 +357,7 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
                 },
                 // Dropping the connection closes it and fails every stream on it at once.
                 () = cancelled.cancelled() => {}
-                () = keep_alive(ping) => tracing::debug!(%proxy, "HBONE connection closed: keep-alive PING unanswered"),
+                () = hbone::keep_alive(ping, CLIENT_KEEP_ALIVE_TIMEOUT) => tracing::debug!(%proxy, "HBONE connection closed: keep-alive PING unanswered"),
             }
             // No new streams on it (its sender would fail them).
             cancelled.cancel();
@@ -358,17 +382,4 @@ async fn connect(
     let mut sender = sender.ready().await?;
     let (response, send) = sender.send_request(request, false)?;
     Ok((response.await?, send))
-}
-
-/// Returns once a keep-alive PING (one every `KEEP_ALIVE_INTERVAL`) went unanswered for `KEEP_ALIVE_TIMEOUT`, or
-/// could not be sent; never without a PING handle.
-async fn keep_alive(ping: Option<h2::PingPong>) {
-    let Some(mut ping) = ping else { return std::future::pending().await };
-    loop {
-        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
-        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => return,
-        }
-    }
 }

@@ -232,7 +232,8 @@ async fn tunnels_share_a_pooled_connection_until_it_expires_idle() {
 
     // A connection carrying streams never expires, however long ago the last one ended.
     let long_after = || Instant::now() + super::pool::IDLE_TIMEOUT + Duration::from_secs(1);
-    a.data.pool.reap_at(long_after());
+    let generation = a.data.tls.load().generation;
+    a.data.pool.reap_at(long_after(), generation);
     assert_eq!(a.data.pool.size(), 1, "busy connections are kept");
 
     for stream in [&mut first, &mut second] {
@@ -240,15 +241,78 @@ async fn tunnels_share_a_pooled_connection_until_it_expires_idle() {
         assert_eq!(read_rest(stream).await.expect("a clean EOF"), b"");
     }
     eventually("both tunnels gone from A", || a.data.connections.is_empty()).await;
-    a.data.pool.reap_at(Instant::now());
+    a.data.pool.reap_at(Instant::now(), generation);
     assert_eq!(a.data.pool.size(), 1, "idle, but not for long: kept");
-    a.data.pool.reap_at(long_after());
+    let surplus = Instant::now() + super::pool::SURPLUS_IDLE_TIMEOUT + Duration::from_secs(1);
+    a.data.pool.reap_at(surplus, generation);
+    assert_eq!(a.data.pool.size(), 1, "the key's only connection is kept past the surplus timeout");
+    a.data.pool.reap_at(long_after(), generation);
     assert_eq!(a.data.pool.size(), 0, "idle past the timeout: dropped");
+    eventually("B sees the idle connection closed", || mesh.b.data.connections.sessions() == 0).await;
 
     let mut third = a.connect(mesh.echo.addr).await.expect("a tunnel after the expiry");
     echo_round(&mut third, b"three").await;
     assert_eq!(a.data.pool.size(), 1);
     assert_eq!(mesh.events.hbone_accepts(w_a).len(), 2, "a new mTLS connection");
+}
+
+/// After a burst that needed more than one pooled connection (more concurrent tunnels than one carries), the
+/// connections beyond the first close once idle for the surplus timeout, at both ends (their buffers and stream
+/// tables go with them), the first stays for the next tunnel until the idle timeout, and tunnels after each step work.
+#[tokio::test]
+async fn connections_a_burst_opened_close_once_idle_and_the_next_tunnel_still_works() {
+    use crate::hbone::MAX_STREAMS_PER_CONNECTION;
+    let mesh = Mesh::start().await;
+    let (a, b, w_a) = (&mesh.a, &mesh.b, &mesh.a.workload.spiffe_id);
+    let generation = a.data.tls.load().generation;
+
+    // One tunnel more than a connection carries: two pooled connections, both accepted by B.
+    let mut burst = Vec::new();
+    for i in 0..=MAX_STREAMS_PER_CONNECTION {
+        let mut tunnel = a.connect(mesh.echo.addr).await.unwrap_or_else(|e| panic!("tunnel {i}: SOCKS5 reply {e}"));
+        echo_round(&mut tunnel, b"burst").await;
+        burst.push(tunnel);
+    }
+    assert_eq!(a.data.pool.size(), 2, "a second connection for the stream beyond the first's limit");
+    assert_eq!(b.data.connections.sessions(), 2);
+    assert_eq!(mesh.events.hbone_accepts(w_a).len(), 2);
+
+    // Busy connections are kept, however late the reap.
+    let late = Instant::now() + super::pool::IDLE_TIMEOUT + Duration::from_secs(1);
+    a.data.pool.reap_at(late, generation);
+    assert_eq!(a.data.pool.size(), 2, "connections carrying streams are kept");
+
+    for mut tunnel in burst {
+        tunnel.shutdown().await.unwrap();
+        assert_eq!(read_rest(&mut tunnel).await.expect("a clean EOF"), b"");
+    }
+    eventually("every tunnel gone from A", || a.data.connections.is_empty()).await;
+
+    // Control: just idle, nothing closes.
+    a.data.pool.reap_at(Instant::now(), generation);
+    assert_eq!(a.data.pool.size(), 2, "idle for less than the surplus timeout: both kept");
+    // Past the surplus timeout: the second connection closes, at A and (its GOAWAY and close) at B.
+    let surplus = Instant::now() + super::pool::SURPLUS_IDLE_TIMEOUT + Duration::from_secs(1);
+    a.data.pool.reap_at(surplus, generation);
+    assert_eq!(a.data.pool.size(), 1, "the surplus connection is dropped, the first kept");
+    eventually("B sees the surplus connection closed", || b.data.connections.sessions() == 1).await;
+
+    // The kept connection carries the next tunnel without a handshake.
+    let mut next = a.connect(mesh.echo.addr).await.expect("a tunnel on the kept connection");
+    echo_round(&mut next, b"after the burst").await;
+    assert_eq!(mesh.events.hbone_accepts(w_a).len(), 2, "no new handshake: the kept connection took it");
+    next.shutdown().await.unwrap();
+    assert_eq!(read_rest(&mut next).await.expect("a clean EOF"), b"");
+    eventually("the tunnel gone from A", || a.data.connections.is_empty()).await;
+
+    // Past the idle timeout the last one closes too, at both ends; a new tunnel dials afresh.
+    a.data.pool.reap_at(Instant::now() + super::pool::IDLE_TIMEOUT + Duration::from_secs(1), generation);
+    assert_eq!(a.data.pool.size(), 0, "idle past the timeout: dropped");
+    eventually("B sees the last connection closed", || b.data.connections.sessions() == 0).await;
+    let mut fresh = a.connect(mesh.echo.addr).await.expect("a tunnel on a new connection");
+    echo_round(&mut fresh, b"fresh").await;
+    assert_eq!(a.data.pool.size(), 1);
+    assert_eq!(mesh.events.hbone_accepts(w_a).len(), 3, "a new mTLS connection");
 }
 
 #[tokio::test]

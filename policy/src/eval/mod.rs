@@ -24,5 +24,5 @@ mod tests;
 
 pub use compile::CompileError;
 pub use decision::{Decision, DryRunOutcome, PolicyRef, Reason};
-pub use policies::{CompileOptions, CompiledPolicies, IgnoreReason, IgnoredPolicy, WorkloadPolicies};
+pub use policies::{CompileOptions, CompiledPolicies, CompiledResource, IgnoreReason, IgnoredPolicy, WorkloadPolicies};
 pub use request::{Headers, HttpRequest, NoHeaders, Protocol, Request};

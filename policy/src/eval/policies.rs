@@ -85,6 +85,28 @@ struct SpaceDelimitedRule {
     claims: Vec<String>,
 }
 
+/// One resource compiled on its own: what [`CompiledPolicies::assemble`] puts together. Keep it beside its resource
+/// and compile it again only when the resource changes. Only AuthorizationPolicies that apply to workloads carry
+/// anything; the other kinds are read when the set is assembled.
+#[derive(Debug, Clone, Default)]
+pub struct CompiledResource {
+    authz: Option<Arc<CompiledPolicy>>,
+}
+
+impl CompiledResource {
+    /// Compiles `resource` with `options` (use the same options to assemble). The error names the policy.
+    pub fn compile(resource: &Resource, options: &CompileOptions) -> Result<CompiledResource, CompileError> {
+        let (ns, name) = (resource.metadata.namespace.as_str(), resource.metadata.name.as_str());
+        let authz = match &resource.spec {
+            Spec::AuthorizationPolicy(p) if !p.has_target_refs() => {
+                Some(Arc::new(compile_policy(ns, name, resource.dry_run(), p, &options.trust_domains)?))
+            }
+            _ => None,
+        };
+        Ok(CompiledResource { authz })
+    }
+}
+
 /// Every security policy of a configuration, compiled. Immutable; share it (e.g. behind an `Arc`) between
 /// threads.
 #[derive(Debug, Clone, Default)]
@@ -108,22 +130,35 @@ impl CompiledPolicies {
     }
 
     pub fn compile_with(resources: &[Resource], options: &CompileOptions) -> Result<CompiledPolicies, CompileError> {
+        let compiled =
+            resources.iter().map(|r| CompiledResource::compile(r, options)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::assemble(resources.iter().zip(&compiled), options))
+    }
+
+    /// Puts a configuration together from resources compiled one by one ([`CompiledResource::compile`], with the
+    /// same `options`): the cheap part of [`compile_with`](Self::compile_with), which never compiles a policy, so
+    /// a change that touches one resource costs one compilation, not one per resource of the configuration.
+    pub fn assemble<'a>(
+        parts: impl IntoIterator<Item = (&'a Resource, &'a CompiledResource)>,
+        options: &CompileOptions,
+    ) -> CompiledPolicies {
         let root = options.root_namespace.as_str();
         let mut out = CompiledPolicies {
             root_namespace: root.to_string(),
             peer_authn: PeerAuthnSet::new(root),
             ..CompiledPolicies::default()
         };
-        for r in resources {
+        for (r, compiled) in parts {
             let (ns, name) = (r.metadata.namespace.as_str(), r.metadata.name.as_str());
             let ignore = |reason| IgnoredPolicy { key: r.key(), reason };
             match &r.spec {
                 Spec::AuthorizationPolicy(p) if p.has_target_refs() => {
                     out.ignored.push(ignore(IgnoreReason::TargetRefs))
                 }
-                Spec::AuthorizationPolicy(p) => {
-                    out.authz.push(Arc::new(compile_policy(ns, name, r.dry_run(), p, &options.trust_domains)?));
-                }
+                Spec::AuthorizationPolicy(_) => match &compiled.authz {
+                    Some(policy) => out.authz.push(policy.clone()),
+                    None => debug_assert!(false, "{} assembled without its compiled form", r.key()),
+                },
                 Spec::RequestAuthentication(p) if p.has_target_refs() => {
                     out.ignored.push(ignore(IgnoreReason::TargetRefs))
                 }
@@ -147,7 +182,7 @@ impl CompiledPolicies {
         out.authz.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         out.ignored.sort_by(|a, b| a.key.cmp(&b.key));
         out.request_authn.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-        Ok(out)
+        out
     }
 
     pub fn root_namespace(&self) -> &str {
@@ -286,5 +321,35 @@ impl WorkloadPolicies {
             .into_iter()
             .flat_map(|list| &list.policies)
             .map(|p| (p.namespace.as_str(), p.name.as_str(), p.action, p.dry_run))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resource(name: &str) -> Resource {
+        let yaml = format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: ns}}\n\
+             spec: {{action: DENY, rules: [{{from: [{{source: {{principals: [cluster.local/ns/ns/sa/{name}]}}}}]}}]}}\n"
+        );
+        crate::parse_documents(&yaml).unwrap().remove(0)
+    }
+
+    /// Assembling never compiles again: the set holds the very policy each part compiled, so a change that adds one
+    /// resource costs one compilation, however many resources the configuration already has.
+    #[test]
+    fn assemble_shares_each_part_compiled_once() {
+        let options = CompileOptions::default();
+        let (a, b) = (resource("a"), resource("b"));
+        let (pa, pb) =
+            (CompiledResource::compile(&a, &options).unwrap(), CompiledResource::compile(&b, &options).unwrap());
+        let first = CompiledPolicies::assemble([(&a, &pa)], &options);
+        let second = CompiledPolicies::assemble([(&b, &pb), (&a, &pa)], &options);
+        let pa_policy = pa.authz.as_ref().unwrap();
+        assert!(Arc::ptr_eq(&first.authz[0], pa_policy));
+        assert_eq!(second.authz.len(), 2);
+        assert!(Arc::ptr_eq(&second.authz[0], pa_policy), "sorted by name: a first, the same compiled policy");
+        assert!(Arc::ptr_eq(&second.authz[1], pb.authz.as_ref().unwrap()));
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use http_body_util::{Either, Empty, Full};
+use http_body_util::{Either, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
@@ -111,27 +111,6 @@ impl Upstream {
         };
         Upstream { http1: builder().build(connector), http2: builder().http2_only(true).build(connector) }
     }
-}
-
-/// Answers the CONNECT with 200 and serves the tunnel as HTTP in its own task.
-/// `report` carries the tunnel's labels (its requests are counted under the same source and destination).
-/// `dial_from`: the client's address the workload sees, when source preservation is on and the address is trusted.
-pub fn accept(
-    mut request: Request<Incoming>,
-    conn: Downstream,
-    report: ConnectionReport,
-    registration: Registration,
-    data: Arc<DataPath>,
-    dial_from: Option<std::net::IpAddr>,
-) -> Response<Empty<Bytes>> {
-    let upgrade = hyper::upgrade::on(&mut request);
-    tokio::spawn(async move {
-        match upgrade.await {
-            Ok(tunnel) => serve(TokioIo::new(tunnel), conn, report, registration, data, dial_from).await,
-            Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
-        }
-    });
-    Response::new(Empty::new())
 }
 
 /// Serves `tunnel` (a CONNECT stream's bytes, or a plaintext TCP connection) as HTTP until it ends or `registration`

@@ -29,6 +29,9 @@ pub struct Plan {
     pub sign_for: Duration,
     /// 0: one control plane on redb; N: N replicas on a 3-member etcd cluster, proxies spread over them.
     pub replicas: usize,
+    /// The simulated proxies ACK each update without applying it (`--ack-only`): a diagnostic, to measure how much
+    /// of the convergence time is the simulator's own work on the shared machine.
+    pub ack_only: bool,
 }
 
 /// What it measured.
@@ -97,11 +100,129 @@ pub async fn admin(cp: &ControlPlane) -> anyhow::Result<pb::admin_client::AdminC
 
 /// Shared by the simulated proxies.
 struct Signals {
-    /// (round, proxy index, when its ACK went out, encoded bytes of the update it ACKed).
-    acked: mpsc::UnboundedSender<(usize, usize, Instant, usize)>,
+    acked: mpsc::UnboundedSender<Acked>,
     signing: watch::Receiver<bool>,
     signed: AtomicU64,
     failed: AtomicBool,
+    /// CPU nanoseconds the simulated proxies spent in `state::apply` (their thread's CPU time, so time the thread was
+    /// preempted does not count), every update together.
+    applying_ns: AtomicU64,
+}
+
+/// A simulated proxy ACKed the update carrying a round's policy.
+struct Acked {
+    round: usize,
+    proxy: usize,
+    /// When the update was read off its stream (before applying it).
+    received: Instant,
+    /// When its ACK went out (after applying it).
+    acked: Instant,
+    /// Encoded bytes of the update.
+    bytes: usize,
+}
+
+/// CPU seconds used so far by each process taking part, read from /proc, to tell which one a round's time went to.
+struct Cpu {
+    at: Instant,
+    bench: f64,
+    replicas: Vec<f64>,
+    etcd: f64,
+    /// Children waited for (`trellisctl`): getrusage(RUSAGE_CHILDREN).
+    children: f64,
+    /// Every CPU of the machine, busy (not idle, not waiting for I/O): includes other users of the machine.
+    machine: f64,
+}
+
+impl Cpu {
+    fn now(replicas: &[u32], etcd: &[u32]) -> Cpu {
+        let cpu = |pid: u32| super::procfs::cpu_seconds(pid).unwrap_or(f64::NAN);
+        Cpu {
+            at: Instant::now(),
+            bench: cpu(std::process::id()),
+            replicas: replicas.iter().map(|p| cpu(*p)).collect(),
+            etcd: etcd.iter().map(|p| cpu(*p)).sum(),
+            children: children_cpu_seconds(),
+            machine: machine_busy_seconds().unwrap_or(f64::NAN),
+        }
+    }
+
+    /// What was used from `self` to `later`, as one line.
+    fn used_until(&self, later: &Cpu, applying_s: f64) -> String {
+        let replicas: Vec<String> =
+            self.replicas.iter().zip(&later.replicas).map(|(a, b)| format!("{:.2}", b - a)).collect();
+        format!(
+            "CPU s over {:.2} s wall: bench {:.2} (of which state::apply {applying_s:.2}), replicas {} (sum {:.2}), etcd {:.2}, \
+             trellisctl {:.2}, machine {:.2} of {:.2}",
+            later.at.duration_since(self.at).as_secs_f64(),
+            later.bench - self.bench,
+            replicas.join("/"),
+            later.replicas.iter().sum::<f64>() - self.replicas.iter().sum::<f64>(),
+            later.etcd - self.etcd,
+            later.children - self.children,
+            later.machine - self.machine,
+            later.at.duration_since(self.at).as_secs_f64()
+                * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+        )
+    }
+}
+
+/// CPU seconds (user + system) of this process's children that were waited for.
+#[allow(unsafe_code)]
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: rusage is plain data (all zeroes is a valid value); getrusage only writes the struct passed.
+    let (usage, status) = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        let status = libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        (usage, status)
+    };
+    if status != 0 {
+        return f64::NAN;
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// CPU nanoseconds the calling thread has used so far.
+#[allow(unsafe_code)]
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime only writes the struct passed.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Busy CPU seconds of the whole machine so far (/proc/stat: every field but idle and iowait).
+fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().ok_or_else(|| anyhow!("empty /proc/stat"))?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0)).collect();
+    let busy: u64 = ticks.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok(busy as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+/// Proxy status entries the replicas wrote to the store so far (`trellis_proxy_status_writes_total`, summed).
+fn status_writes(replicas: &[ControlPlane]) -> f64 {
+    let mut sum = 0.0;
+    for cp in replicas {
+        if let Ok((200, body)) = trellis_tests::http::get(cp.metrics_addr, "/metrics") {
+            sum += trellis_tests::prometheus::sum_samples(&body, "trellis_proxy_status_writes_total", &[]);
+        }
+    }
+    sum
+}
+
+/// p50, p99 and max of `ms` (sorted; a missing value counts as infinitely late).
+fn quantiles(ms: &[f64]) -> [f64; 3] {
+    if ms.is_empty() {
+        return [f64::NAN; 3];
+    }
+    let q = |p: f64| ms[((p / 100.0 * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
+    [q(50.0), q(99.0), q(100.0)]
 }
 
 pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
@@ -124,7 +245,10 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
         signing: signing_rx,
         signed: AtomicU64::new(0),
         failed: AtomicBool::new(false),
+        applying_ns: AtomicU64::new(0),
     });
+    let replica_pids: Vec<u32> = replicas.iter().filter_map(|r| r.pid()).collect();
+    let etcd_pids = etcd.as_ref().map(|e| e.pids()).unwrap_or_default();
     eprintln!("  opening {} discovery streams", plan.proxies);
     // The proxies that will ask for workload certificates declare a workload; they connect first, so that their
     // registrations reach few streams.
@@ -158,12 +282,18 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
             while let Some(done) = up.join_next().await {
                 let (i, stream, state, csr_client) = done??;
                 let signals = signals.clone();
-                simulated.spawn(simulate(i, stream, state, csr_client, signals));
+                simulated.spawn(simulate(i, stream, state, csr_client, plan.ack_only, signals));
             }
         }
     }
     let setup_seconds = started.elapsed().as_secs_f64();
     eprintln!("  {} proxies connected in {setup_seconds:.1}s", plan.proxies);
+
+    // What the processes use with nothing to do (a measurement window, not a wait): the baseline of the rounds'
+    // CPU figures (probes, lease keep-alives, proxy status publication, Raft heartbeats).
+    let idle_before = Cpu::now(&replica_pids, &etcd_pids);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    eprintln!("  idle: {}", idle_before.used_until(&Cpu::now(&replica_pids, &etcd_pids), 0.0));
 
     let mut convergence = Vec::new();
     let mut last_round_ms = Vec::new();
@@ -175,30 +305,43 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
              namespace: trellis-system\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        \
              principals: [\"cluster.local/ns/{NAMESPACE}/sa/blocked-{round}\"]\n"
         );
+        let writes_before = status_writes(&replicas);
+        let cpu_before = Cpu::now(&replica_pids, &etcd_pids);
+        let applying_before = signals.applying_ns.load(Ordering::Relaxed);
         let applied_at = Instant::now();
         let out = tokio::task::block_in_place(|| cp.ctl_stdin(&["apply", "-f", "-"], Some(&yaml)));
         if !out.status.success() {
             bail!("trellisctl apply failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         apply_ms.push(applied_at.elapsed().as_secs_f64() * 1e3);
+        let since = |at: Instant| at.saturating_duration_since(applied_at).as_secs_f64() * 1e3;
         let mut times = vec![None; plan.proxies];
+        let mut received = vec![f64::INFINITY; plan.proxies];
+        // Per replica: when the first and the last of its proxies read the update (ms after the apply started).
+        let mut spread = vec![(f64::INFINITY, 0f64); replicas.len()];
         let mut bytes = 0usize;
         let mut count = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while count < plan.proxies {
             match tokio::time::timeout_at(deadline, acked_rx.recv()).await {
-                Ok(Some((r, i, at, len))) if r == round => {
-                    if times[i].is_none() {
+                Ok(Some(a)) if a.round == round => {
+                    if times[a.proxy].is_none() {
                         count += 1;
-                        bytes += len;
+                        bytes += a.bytes;
                     }
-                    times[i] = Some(at.saturating_duration_since(applied_at).as_secs_f64() * 1e3);
+                    times[a.proxy] = Some(since(a.acked));
+                    received[a.proxy] = since(a.received);
+                    let (first, last) = &mut spread[a.proxy % replicas.len()];
+                    *first = first.min(since(a.received));
+                    *last = last.max(since(a.received));
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => bail!("every simulated proxy stopped"),
                 Err(_) => break,
             }
         }
+        let cpu_after = Cpu::now(&replica_pids, &etcd_pids);
+        let applying_s = (signals.applying_ns.load(Ordering::Relaxed) - applying_before) as f64 / 1e9;
         if signals.failed.load(Ordering::Relaxed) {
             bail!("a simulated proxy's stream failed (see above)");
         }
@@ -206,11 +349,21 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
         // infinitely late (a round where 500 of 1,000 ACKed has an infinite p99, not the p99 of the 500).
         let mut ms: Vec<f64> = times.into_iter().map(|t| t.unwrap_or(f64::INFINITY)).collect();
         ms.sort_by(f64::total_cmp);
-        let q = |p: f64| ms[((p / 100.0 * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
-        let stats = if ms.is_empty() { [f64::NAN; 3] } else { [q(50.0), q(99.0), q(100.0)] };
+        let stats = quantiles(&ms);
+        received.sort_by(f64::total_cmp);
+        let read = quantiles(&received);
         eprintln!(
-            "  apply round {round}: {count}/{} ACKed, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            plan.proxies, stats[0], stats[1], stats[2]
+            "  apply round {round}: {count}/{} ACKed, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; update read p50 {:.1}, \
+             p99 {:.1}, max {:.1} ms",
+            plan.proxies, stats[0], stats[1], stats[2], read[0], read[1], read[2]
+        );
+        let spread: Vec<String> =
+            spread.iter().enumerate().map(|(r, (a, b))| format!("replica {r} {a:.0}..{b:.0}")).collect();
+        eprintln!("  apply round {round}: first..last read (ms) {}", spread.join(", "));
+        eprintln!(
+            "  apply round {round}: {}; proxy status entries written to the store {:.0}",
+            cpu_before.used_until(&cpu_after, applying_s),
+            status_writes(&replicas) - writes_before
         );
         if count < plan.proxies {
             eprintln!("  apply round {round}: {} proxies did not ACK within 60 s", plan.proxies - count);
@@ -295,7 +448,14 @@ pub fn node_name(i: usize) -> String {
 /// One simulated proxy: applies every update and ACKs it (noting when it ACKs one that carries a round's policy), or
 /// NACKs it and stops (a failure of the run) and, while signing is on and it is a CSR client, keeps one workload CSR
 /// outstanding.
-async fn simulate(i: usize, mut stream: client::Stream, mut state: State, csr_client: bool, signals: Arc<Signals>) {
+async fn simulate(
+    i: usize,
+    mut stream: client::Stream,
+    mut state: State,
+    csr_client: bool,
+    ack_only: bool,
+    signals: Arc<Signals>,
+) {
     let result = async {
         let (_key, csr_der) = client::csr(&[&format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{}", node_name(i))]);
         let mut signing = signals.signing.clone();
@@ -311,14 +471,22 @@ async fn simulate(i: usize, mut stream: client::Stream, mut state: State, csr_cl
             tokio::select! {
                 message = stream.rx.message() => match message? {
                     Some(pb::DiscoveryResponse { message: Some(Down::Update(u)) }) => {
-                        let (ack, applied) = apply_and_answer(&mut state, &u);
+                        let received = Instant::now();
+                        let cpu = thread_cpu_ns();
+                        let (ack, applied) = if ack_only {
+                            (pb::Ack { version: u.version, ..Default::default() }, Ok(()))
+                        } else {
+                            apply_and_answer(&mut state, &u)
+                        };
+                        signals.applying_ns.fetch_add(thread_cpu_ns().saturating_sub(cpu), Ordering::Relaxed);
                         stream.send(Up::Ack(ack)).await;
                         applied.map_err(|e| anyhow!(e))?;
-                        let at = Instant::now();
+                        let acked = Instant::now();
                         for r in &u.resources {
                             let round = r.key.as_ref().and_then(|k| k.name.strip_prefix(MARKER)?.parse().ok());
                             if let Some(round) = round {
-                                let _ = signals.acked.send((round, i, at, prost::Message::encoded_len(&u)));
+                                let bytes = prost::Message::encoded_len(&u);
+                                let _ = signals.acked.send(Acked { round, proxy: i, received, acked, bytes });
                             }
                         }
                     }
@@ -350,9 +518,20 @@ async fn simulate(i: usize, mut stream: client::Stream, mut state: State, csr_cl
 /// `trellis-bench control [--replicas N] [--proxies N] [--csr-clients N] [--rounds N]`: this scenario alone, e.g. to
 /// compare one redb-backed control plane with replicas on etcd.
 pub fn main(argv: &[String]) -> std::process::ExitCode {
-    let mut plan = Plan { proxies: 1000, csr_clients: 100, rounds: 3, sign_for: Duration::from_secs(3), replicas: 0 };
+    let mut plan = Plan {
+        proxies: 1000,
+        csr_clients: 100,
+        rounds: 3,
+        sign_for: Duration::from_secs(3),
+        replicas: 0,
+        ack_only: false,
+    };
     let mut args = argv.iter();
     while let Some(flag) = args.next() {
+        if flag == "--ack-only" {
+            plan.ack_only = true;
+            continue;
+        }
         let value = args.next().and_then(|v| v.parse::<usize>().ok());
         match (flag.as_str(), value) {
             ("--replicas", Some(v)) => plan.replicas = v,
@@ -360,7 +539,9 @@ pub fn main(argv: &[String]) -> std::process::ExitCode {
             ("--csr-clients", Some(v)) => plan.csr_clients = v,
             ("--rounds", Some(v)) => plan.rounds = v,
             _ => {
-                eprintln!("trellis-bench control: {flag}: expected --replicas/--proxies/--csr-clients/--rounds N");
+                eprintln!(
+                    "trellis-bench control: {flag}: expected --replicas/--proxies/--csr-clients/--rounds N or --ack-only"
+                );
                 return std::process::ExitCode::FAILURE;
             }
         }

@@ -75,6 +75,7 @@ const FULL: Plan = Plan {
         rounds: 3,
         sign_for: Duration::from_secs(3),
         replicas: 0,
+        ack_only: false,
     },
 };
 
@@ -112,6 +113,7 @@ const SMOKE: Plan = Plan {
         rounds: 1,
         sign_for: Duration::from_millis(300),
         replicas: 0,
+        ack_only: false,
     },
 };
 
