@@ -339,7 +339,9 @@ async fn stream(request: Request<RecvStream>, respond: SendResponse<Bytes>, peer
         match h2_server::accept(respond, request.into_body()) {
             Ok(tunnel) => {
                 let tunnel = H2Io::new(tunnel);
-                l7::serve(tunnel, Downstream::Tunnel(conn), report, registration, data, dial_from).await;
+                // Boxed, as the dial below: the HTTP path's and the dial's large futures do not stay inline in the
+                // task of every relayed stream for as long as it lives (what an idle tunnel costs in memory).
+                Box::pin(l7::serve(tunnel, Downstream::Tunnel(conn), report, registration, data, dial_from)).await;
             }
             Err(e) => debug!(%peer, %target, error = %e, "CONNECT stream reset before its answer"),
         }
@@ -363,7 +365,8 @@ async fn stream(request: Request<RecvStream>, respond: SendResponse<Bytes>, peer
         Authz::allowed(policy)
     };
 
-    let (open, mut upstream) = match finish::dial_workload(target, dial_from, report, allowed, &data.traffic).await {
+    let dial = Box::pin(finish::dial_workload(target, dial_from, report, allowed, &data.traffic));
+    let (open, mut upstream) = match dial.await {
         Ok(dialled) => dialled,
         Err(DialError::Refused(e)) => {
             info!(source = %conn.source, %target, error = %e, "workload refused the connection");
