@@ -85,10 +85,11 @@ struct SpaceDelimitedRule {
     claims: Vec<String>,
 }
 
-/// One resource compiled on its own: what [`CompiledPolicies::assemble`] puts together. Keep it beside its resource
-/// and compile it again only when the resource changes. Only AuthorizationPolicies that apply to workloads carry
+/// One resource compiled on its own: what [`CompiledPolicies::assemble`] puts together, each paired with the resource
+/// it was compiled from (the only way to make one is [`CompiledResource::compile`]). Keep it beside its resource and
+/// compile it again only when the resource changes. Only AuthorizationPolicies that apply to workloads carry
 /// anything; the other kinds are read when the set is assembled.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CompiledResource {
     authz: Option<Arc<CompiledPolicy>>,
 }
@@ -149,16 +150,15 @@ impl CompiledPolicies {
             ..CompiledPolicies::default()
         };
         for (r, compiled) in parts {
+            // Compiled exactly when it is an AuthorizationPolicy without targetRefs (`CompiledResource::compile`).
+            if let Some(policy) = &compiled.authz {
+                out.authz.push(policy.clone());
+                continue;
+            }
             let (ns, name) = (r.metadata.namespace.as_str(), r.metadata.name.as_str());
             let ignore = |reason| IgnoredPolicy { key: r.key(), reason };
             match &r.spec {
-                Spec::AuthorizationPolicy(p) if p.has_target_refs() => {
-                    out.ignored.push(ignore(IgnoreReason::TargetRefs))
-                }
-                Spec::AuthorizationPolicy(_) => match &compiled.authz {
-                    Some(policy) => out.authz.push(policy.clone()),
-                    None => debug_assert!(false, "{} assembled without its compiled form", r.key()),
-                },
+                Spec::AuthorizationPolicy(_) => out.ignored.push(ignore(IgnoreReason::TargetRefs)),
                 Spec::RequestAuthentication(p) if p.has_target_refs() => {
                     out.ignored.push(ignore(IgnoreReason::TargetRefs))
                 }

@@ -34,6 +34,18 @@ pub struct Plan {
     pub ack_only: bool,
 }
 
+impl Plan {
+    /// The suite's full run and `trellis-bench control` without flags: 1,000 proxies on one redb-backed replica.
+    pub const DEFAULT: Plan = Plan {
+        proxies: 1000,
+        csr_clients: 100,
+        rounds: 3,
+        sign_for: Duration::from_secs(3),
+        replicas: 0,
+        ack_only: false,
+    };
+}
+
 /// What it measured.
 #[derive(Default)]
 pub struct Results {
@@ -518,14 +530,7 @@ async fn simulate(
 /// `trellis-bench control [--replicas N] [--proxies N] [--csr-clients N] [--rounds N]`: this scenario alone, e.g. to
 /// compare one redb-backed control plane with replicas on etcd.
 pub fn main(argv: &[String]) -> std::process::ExitCode {
-    let mut plan = Plan {
-        proxies: 1000,
-        csr_clients: 100,
-        rounds: 3,
-        sign_for: Duration::from_secs(3),
-        replicas: 0,
-        ack_only: false,
-    };
+    let mut plan = Plan::DEFAULT;
     let mut args = argv.iter();
     while let Some(flag) = args.next() {
         if flag == "--ack-only" {

@@ -69,14 +69,7 @@ const FULL: Plan = Plan {
     churn_for: Duration::from_secs(2),
     idle: 10_000,
     settle: Duration::from_secs(12),
-    control: control::Plan {
-        proxies: 1000,
-        csr_clients: 100,
-        rounds: 3,
-        sign_for: Duration::from_secs(3),
-        replicas: 0,
-        ack_only: false,
-    },
+    control: control::Plan::DEFAULT,
 };
 
 /// `--quick`: three rounds (the fewest a median of alternated rounds is worth), shorter periods and transfers.
