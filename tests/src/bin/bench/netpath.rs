@@ -6,12 +6,12 @@
 //!
 //! | host | what runs there |
 //! | --- | --- |
-//! | `trl-zb-0` | the Trellis control plane |
-//! | `trl-zb-1` | Trellis client proxy (capture); the benchmark's client sockets for Trellis |
-//! | `trl-zb-2` | Trellis server proxy (capture); the servers (`trellis-bench servers`) on its address |
-//! | `trl-zb-3` | ztunnel client (dedicated, redirect rule); the client sockets for ztunnel |
-//! | `trl-zb-4` | ztunnel server (dedicated); the servers on its address |
-//! | `trl-zb-5` | the client sockets for direct TCP, to host 4's servers (no rule on the way) |
+//! | `trl-zb<pid>-0` | the Trellis control plane |
+//! | `trl-zb<pid>-1` | Trellis client proxy (capture); the benchmark's client sockets for Trellis |
+//! | `trl-zb<pid>-2` | Trellis server proxy (capture); the servers (`trellis-bench servers`) on its address |
+//! | `trl-zb<pid>-3` | ztunnel client (dedicated, redirect rule); the client sockets for ztunnel |
+//! | `trl-zb<pid>-4` | ztunnel server (dedicated); the servers on its address |
+//! | `trl-zb<pid>-5` | the client sockets for direct TCP, to host 4's servers (no rule on the way) |
 //!
 //! The benchmark process stays in its own namespace: a thread per client host creates the sockets there
 //! (`nsdial`). All processes share the machine's CPUs, as in the loopback suite.
@@ -28,9 +28,15 @@ use super::nsdial::NetnsDialer;
 use super::ztunnel::{self, Workload, Ztunnel};
 use crate::common::step;
 
-const TAG: &str = "zb";
-/// 10.200.219.0/24: no test uses it (the tests pick 11 and 61..77).
+/// 10.200.219.0/24: no test uses it (the tests pick 11 and 61..77). The namespaces are isolated from the root one
+/// (the bridge has its own), so two benchmarks at once may share the subnet; their namespace names differ.
 const SUBNET: u8 = 219;
+
+/// `zb<pid>`: the namespaces' tag, this process's own, so that a benchmark started beside a running one does not
+/// remove that one's namespaces as leftovers.
+fn tag() -> String {
+    format!("zb{}", std::process::id() % 100_000)
+}
 
 /// Everything the path runs; dropping it stops the processes and then removes the namespaces.
 pub struct NetPath {
@@ -47,7 +53,7 @@ pub struct NetPath {
 
 /// Builds the hosts and starts both meshes; returns the contenders direct, Trellis and ztunnel (in that order).
 pub fn start(ztunnel_binary: &Path, dir: &Path) -> anyhow::Result<(Vec<Contender>, NetPath)> {
-    let net = step("building the hosts (network namespaces; root needed)", &[], || Ok(Net::new(TAG, SUBNET, 6)))?;
+    let net = step("building the hosts (network namespaces; root needed)", &[], || Ok(Net::new(&tag(), SUBNET, 6)))?;
     let host = |i: usize| net.host(i).clone();
     let ip = |i: usize| IpAddr::V4(net.host(i).ip);
 
