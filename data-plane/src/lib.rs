@@ -6,7 +6,8 @@
 //! (`tls`, `hbone`, `registry`, `authz`, `connections`, `copy`, `report`, `sockets`, ...). No two sibling modules
 //! import each other (checked by `tests/tests/layout.rs`).
 
-// One function is allowed `unsafe`: `heap::release_free_pages` (malloc_trim), with its SAFETY argument.
+// Two functions are allowed `unsafe`: `heap::keep_busy_memory` (mallopt) and `heap::release_free_pages`
+// (malloc_trim), each with its SAFETY argument.
 #![deny(unsafe_code)]
 
 pub mod access_log;
@@ -30,6 +31,7 @@ pub mod logging;
 pub mod metrics;
 pub mod process;
 pub mod proxy;
+pub mod read_ahead;
 pub mod reconfigure;
 pub mod registry;
 pub mod report;
