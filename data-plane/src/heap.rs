@@ -15,21 +15,8 @@ use crate::activity;
 /// How often activity is sampled; memory is returned after one whole period without traffic.
 const QUIET_PERIOD: Duration = Duration::from_secs(5);
 
-/// Allocations at least this large get a mapping of their own from glibc (`M_MMAP_THRESHOLD`), mapped and unmapped
-/// with each one; below it they come from the arena. Above the largest buffer the data path allocates per frame
-/// (HTTP/2's read buffer holding a 256 KiB DATA frame, the copy pool's 256 KiB buffers), so those are reused.
-const MMAP_THRESHOLD: usize = 1024 * 1024;
-
-/// Free memory an arena keeps at its top while traffic flows (`M_TRIM_THRESHOLD`) before glibc returns it by itself.
-/// Left to glibc's dynamic default (twice the largest freed mapping, about 600 KiB here), a single-stream transfer
-/// had the receiving proxy's freed frame buffers returned and faulted in again over and over (17 % of the client
-/// side's samples in page faults, server→client: BENCHMARKS.md, issue 19). Quiet periods still return everything
-/// (`malloc_trim` below), so an idle proxy keeps none of it.
-const TRIM_THRESHOLD: usize = 16 * 1024 * 1024;
-
 /// Runs until the runtime stops.
 pub async fn release_when_quiet() {
-    keep_busy_memory();
     // The first check one period from now: an interval's immediate first tick would trim before start-up is done.
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + QUIET_PERIOD, QUIET_PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -51,25 +38,7 @@ pub async fn release_when_quiet() {
     }
 }
 
-/// Sets glibc's thresholds ([`MMAP_THRESHOLD`], [`TRIM_THRESHOLD`]) once, at start-up. One of the crate's two
-/// `unsafe` functions (the crate root denies `unsafe_code`).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn keep_busy_memory() {
-    let int = |n: usize| libc::c_int::try_from(n).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `mallopt` is glibc's documented call for these two parameters, callable from any thread; it takes
-    // plain integers and the allocator's own lock, and changes only where later allocations come from and when
-    // glibc trims on its own, not any allocation that exists. Its result (1 on success) is information only.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, int(MMAP_THRESHOLD));
-        libc::mallopt(libc::M_TRIM_THRESHOLD, int(TRIM_THRESHOLD));
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_busy_memory() {}
-
-/// The crate's other `unsafe` function (the crate root denies `unsafe_code`; these two alone are allowed it).
+/// The crate's one `unsafe` code (the crate root denies `unsafe_code`; this function alone is allowed it).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn release_free_pages() {

@@ -6,8 +6,7 @@
 //! (`tls`, `hbone`, `registry`, `authz`, `connections`, `copy`, `report`, `sockets`, ...). No two sibling modules
 //! import each other (checked by `tests/tests/layout.rs`).
 
-// Two functions are allowed `unsafe`: `heap::keep_busy_memory` (mallopt) and `heap::release_free_pages`
-// (malloc_trim), each with its SAFETY argument.
+// One function is allowed `unsafe`: `heap::release_free_pages` (malloc_trim), with its SAFETY argument.
 #![deny(unsafe_code)]
 
 pub mod access_log;
