@@ -40,15 +40,20 @@ pub const BUFFER_SIZE: usize = 256 * 1024;
 /// idle), and once traffic goes quiet the pool is emptied ([`release_pooled_buffers`]).
 const MAX_FREE: usize = 64;
 
-static POOL: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+static POOL: Mutex<Vec<PooledBuffer>> = Mutex::new(Vec::new());
 
-fn take_buffer() -> Box<[u8]> {
+/// One buffer of the pool ([`BUFFER_SIZE`] bytes).
+pub(crate) type PooledBuffer = Box<[u8]>;
+
+/// A buffer from the pool (allocated when the pool has none); give it back with [`give_back_buffer`].
+pub(crate) fn take_buffer() -> PooledBuffer {
     crate::activity::note();
     let reused = POOL.lock().pop();
     reused.unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice())
 }
 
-fn give_back(buffer: Box<[u8]>) {
+/// Returns a buffer [`take_buffer`] lent (freed when the pool is full).
+pub(crate) fn give_back_buffer(buffer: PooledBuffer) {
     let mut free = POOL.lock();
     if free.len() < MAX_FREE {
         free.push(buffer);
@@ -68,7 +73,7 @@ impl AsRef<[u8]> for Lent {
 impl Drop for Lent {
     fn drop(&mut self) {
         if let Some(buffer) = self.0.take() {
-            give_back(buffer);
+            give_back_buffer(buffer);
         }
     }
 }
@@ -140,7 +145,7 @@ impl Held {
         if self.pos == self.end
             && let Some(buffer) = self.buffer.take()
         {
-            give_back(buffer);
+            give_back_buffer(buffer);
         }
     }
 }
@@ -148,7 +153,7 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         if let Some(buffer) = self.buffer.take() {
-            give_back(buffer);
+            give_back_buffer(buffer);
         }
     }
 }
