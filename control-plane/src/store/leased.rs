@@ -51,9 +51,12 @@ impl EtcdStore {
     }
 }
 
+/// A key and its value to put (Some) or nothing to delete (None).
+type Write = (String, Option<Vec<u8>>);
+
 /// `entries` cut into transactions of at most [`BATCH`] operations and (unless one value alone is larger)
 /// [`BATCH_BYTES`] value bytes.
-fn batches(entries: &[(String, Option<Vec<u8>>)]) -> Vec<&[(String, Option<Vec<u8>>)]> {
+fn batches(entries: &[Write]) -> Vec<&[Write]> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, (key, value)) in entries.iter().enumerate() {
