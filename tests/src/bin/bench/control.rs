@@ -217,12 +217,14 @@ fn machine_busy_seconds() -> anyhow::Result<f64> {
     Ok(busy as f64 / if hz > 0 { hz as f64 } else { 100.0 })
 }
 
-/// Proxy status entries the replicas wrote to the store so far (`trellis_proxy_status_writes_total`, summed).
-fn status_writes(replicas: &[ControlPlane]) -> f64 {
-    let mut sum = 0.0;
+/// Proxy status entries the replicas wrote to the store so far, and the puts (buckets) they went in
+/// (`trellis_proxy_status_writes_total`, `trellis_proxy_status_puts_total`, summed over the replicas).
+fn status_writes(replicas: &[ControlPlane]) -> [f64; 2] {
+    let mut sum = [0.0; 2];
     for cp in replicas {
         if let Ok((200, body)) = trellis_tests::http::get(cp.metrics_addr, "/metrics") {
-            sum += trellis_tests::prometheus::sum_samples(&body, "trellis_proxy_status_writes_total", &[]);
+            sum[0] += trellis_tests::prometheus::sum_samples(&body, "trellis_proxy_status_writes_total", &[]);
+            sum[1] += trellis_tests::prometheus::sum_samples(&body, "trellis_proxy_status_puts_total", &[]);
         }
     }
     sum
@@ -372,10 +374,12 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
         let spread: Vec<String> =
             spread.iter().enumerate().map(|(r, (a, b))| format!("replica {r} {a:.0}..{b:.0}")).collect();
         eprintln!("  apply round {round}: first..last read (ms) {}", spread.join(", "));
+        let writes_after = status_writes(&replicas);
         eprintln!(
-            "  apply round {round}: {}; proxy status entries written to the store {:.0}",
+            "  apply round {round}: {}; proxy status entries written to the store {:.0} in {:.0} puts",
             cpu_before.used_until(&cpu_after, applying_s),
-            status_writes(&replicas) - writes_before
+            writes_after[0] - writes_before[0],
+            writes_after[1] - writes_before[1]
         );
         if count < plan.proxies {
             eprintln!("  apply round {round}: {} proxies did not ACK within 60 s", plan.proxies - count);
