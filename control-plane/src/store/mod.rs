@@ -548,9 +548,9 @@ mod tests {
         })
         .unwrap();
         let expected = vec![
+            (Table::Workloads, "w".into(), Some(b"1".to_vec())),
             (Table::Meta, "v".into(), Some(b"2".to_vec())),
             (Table::RevokedIdentities, "i".into(), Some(b"3".to_vec())),
-            (Table::Workloads, "w".into(), Some(b"1".to_vec())),
         ];
         assert_eq!(next(&mut changes), Ok(Some(Change::Delta(expected))), "the transaction, whole, in one delta");
         // Sent by etcd: the tokens write and the transaction's 4 writes inside the range (tokens and nodes sort
