@@ -6,10 +6,15 @@
 //! items per transaction as arrived during one commit. A caller waits at most for the commit in progress and for
 //! the commits of the items queued before its own (`max_batch` per commit).
 //!
-//! Synchronous, like the store: waiting blocks the thread (on a worker of a multi-threaded tokio runtime, inside
-//! `block_in_place`, so that the worker's other tasks move on meanwhile). No lock is held while committing.
+//! Two ways in. [`GroupCommit::submit`] is synchronous, like the store: waiting blocks the thread (on a worker of a
+//! multi-threaded tokio runtime, inside `block_in_place`, so that the worker's other tasks move on meanwhile).
+//! [`GroupCommit::submit_async`] waits as a task: only the caller that leads a batch blocks its thread (in
+//! `block_in_place`) while the store commits; the others are woken when a batch settles, with no thread of their own
+//! (a signing stream does not hand its worker over, nor sleep on a condition variable, per certificate). No lock is
+//! held while committing, nor across an await.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::pin::pin;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 /// The batch holding the item was abandoned: the leader's commit function panicked (or returned the wrong number of
@@ -21,8 +26,11 @@ pub struct Abandoned;
 pub struct GroupCommit<T, R> {
     max_batch: usize,
     state: Mutex<Queue<T, R>>,
-    /// Notified when a batch's outcomes are in, and the next leader may start.
+    /// Notified when a batch's outcomes are in, and the next leader may start: the threads waiting in
+    /// [`GroupCommit::submit`]...
     settled: Condvar,
+    /// ... and the tasks waiting in [`GroupCommit::submit_async`].
+    settled_tasks: tokio::sync::Notify,
 }
 
 struct Queue<T, R> {
@@ -33,6 +41,19 @@ struct Queue<T, R> {
     next_ticket: u64,
     /// Whether a leader is committing a batch now.
     committing: bool,
+    /// Tickets whose caller went away before its outcome (an async caller dropped while waiting): their outcome is
+    /// not kept.
+    forgotten: HashSet<u64>,
+}
+
+/// What a caller does next.
+enum Turn<T, R> {
+    /// Its outcome is in.
+    Done(Result<R, Abandoned>),
+    /// Another caller is committing a batch: wait until it settles.
+    Wait,
+    /// Nobody is committing: commit this batch (tickets and items, queue order).
+    Lead(Vec<u64>, Vec<T>),
 }
 
 impl<T, R> GroupCommit<T, R> {
@@ -45,8 +66,10 @@ impl<T, R> GroupCommit<T, R> {
                 outcomes: HashMap::new(),
                 next_ticket: 0,
                 committing: false,
+                forgotten: HashSet::new(),
             }),
             settled: Condvar::new(),
+            settled_tasks: tokio::sync::Notify::new(),
         }
     }
 
@@ -69,38 +92,104 @@ impl<T, R> GroupCommit<T, R> {
     }
 
     fn submit_blocking(&self, item: T, commit: &mut dyn FnMut(&[T]) -> Vec<R>) -> Result<R, Abandoned> {
+        let ticket = self.enqueue(item);
+        let mut queue = self.lock();
+        loop {
+            match self.turn(&mut queue, ticket) {
+                Turn::Done(outcome) => return outcome,
+                Turn::Wait => queue = self.settled.wait(queue).unwrap_or_else(PoisonError::into_inner),
+                Turn::Lead(tickets, items) => {
+                    drop(queue);
+                    self.lead(tickets, items, commit);
+                    queue = self.lock();
+                }
+            }
+        }
+    }
+
+    /// [`GroupCommit::submit`] for a task: the same batches and outcomes, but a caller waits for the batch in
+    /// progress without blocking its thread; only while it leads a batch (runs `commit`) does it block (in
+    /// `block_in_place` on a multi-threaded runtime). Dropped while waiting, its item is still committed with its
+    /// batch (nobody is told the outcome).
+    pub async fn submit_async(&self, item: T, commit: &mut (dyn FnMut(&[T]) -> Vec<R> + Send)) -> Result<R, Abandoned> {
+        let mut ticket = Ticket { group: self, ticket: self.enqueue(item), done: false };
+        loop {
+            // Registered before looking, so that a batch settling in between still wakes this task.
+            let mut settled = pin!(self.settled_tasks.notified());
+            settled.as_mut().enable();
+            let turn = self.turn(&mut self.lock(), ticket.ticket);
+            match turn {
+                Turn::Done(outcome) => {
+                    ticket.done = true;
+                    return outcome;
+                }
+                Turn::Wait => settled.await,
+                Turn::Lead(tickets, items) => blocking(|| self.lead(tickets, items, commit)),
+            }
+        }
+    }
+
+    /// Queues `item`; its ticket.
+    fn enqueue(&self, item: T) -> u64 {
         let mut queue = self.lock();
         let ticket = queue.next_ticket;
         queue.next_ticket += 1;
         queue.waiting.push_back((ticket, item));
-        loop {
-            if let Some(outcome) = queue.outcomes.remove(&ticket) {
-                return outcome;
-            }
-            if queue.committing {
-                queue = self.settled.wait(queue).unwrap_or_else(PoisonError::into_inner);
-                continue;
-            }
-            // Lead: take a batch, commit it without the lock, hand out its outcomes.
-            queue.committing = true;
-            let take = queue.waiting.len().min(self.max_batch);
-            let (tickets, items): (Vec<u64>, Vec<T>) = queue.waiting.drain(..take).unzip();
-            drop(queue);
-            let mut leading = Leading { group: self, tickets, done: false };
-            let outcomes = commit(&items);
-            queue = self.lock();
-            if outcomes.len() == items.len() {
-                for (ticket, outcome) in leading.tickets.iter().zip(outcomes) {
+        ticket
+    }
+
+    /// What the caller of `ticket` does next; taking the lead marks the queue as committing.
+    fn turn(&self, queue: &mut Queue<T, R>, ticket: u64) -> Turn<T, R> {
+        if let Some(outcome) = queue.outcomes.remove(&ticket) {
+            return Turn::Done(outcome);
+        }
+        if queue.committing {
+            return Turn::Wait;
+        }
+        queue.committing = true;
+        let take = queue.waiting.len().min(self.max_batch);
+        let (tickets, items) = queue.waiting.drain(..take).unzip();
+        Turn::Lead(tickets, items)
+    }
+
+    /// Commits a batch taken by [`GroupCommit::turn`] without the lock, then hands out its outcomes and lets the
+    /// waiting callers know.
+    fn lead(&self, tickets: Vec<u64>, items: Vec<T>, commit: &mut dyn FnMut(&[T]) -> Vec<R>) {
+        let mut leading = Leading { group: self, tickets, done: false };
+        let outcomes = commit(&items);
+        let mut queue = self.lock();
+        if outcomes.len() == items.len() {
+            for (ticket, outcome) in leading.tickets.iter().zip(outcomes) {
+                if !queue.forgotten.remove(ticket) {
                     queue.outcomes.insert(*ticket, Ok(outcome));
                 }
-                leading.done = true;
-            } else {
-                tracing::error!(items = items.len(), outcomes = outcomes.len(), "group commit: outcomes do not match");
-                // `leading` abandons the batch as it drops, below.
             }
-            drop(queue);
-            drop(leading);
-            queue = self.lock();
+            leading.done = true;
+        } else {
+            tracing::error!(items = items.len(), outcomes = outcomes.len(), "group commit: outcomes do not match");
+            // `leading` abandons the batch as it drops, below.
+        }
+        drop(queue);
+        drop(leading);
+    }
+}
+
+/// An async caller's ticket: when the caller goes away before its outcome, the outcome is not kept.
+struct Ticket<'a, T, R> {
+    group: &'a GroupCommit<T, R>,
+    ticket: u64,
+    done: bool,
+}
+
+impl<T, R> Drop for Ticket<'_, T, R> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut queue = self.group.lock();
+        if queue.outcomes.remove(&self.ticket).is_none() {
+            // Still queued or being committed: committed all the same, its outcome dropped when it comes.
+            queue.forgotten.insert(self.ticket);
         }
     }
 }
@@ -118,12 +207,15 @@ impl<T, R> Drop for Leading<'_, T, R> {
         let mut queue = self.group.lock();
         if !self.done {
             for ticket in &self.tickets {
-                queue.outcomes.insert(*ticket, Err(Abandoned));
+                if !queue.forgotten.remove(ticket) {
+                    queue.outcomes.insert(*ticket, Err(Abandoned));
+                }
             }
         }
         queue.committing = false;
         drop(queue);
         self.group.settled.notify_all();
+        self.group.settled_tasks.notify_waiters();
     }
 }
 
@@ -271,6 +363,102 @@ mod tests {
         for (i, caller) in (9..=16).zip(after) {
             assert_eq!(caller.join().unwrap(), Ok(i));
         }
+    }
+
+    /// The commit function of the tests below: records each batch; the first one is held at `gate` (twice) so that
+    /// the other callers queue meanwhile.
+    fn held_first_commit(
+        batches: Arc<Mutex<Vec<Vec<u32>>>>,
+        gate: Arc<Barrier>,
+    ) -> impl FnMut(&[u32]) -> Vec<u32> + Clone + Send + 'static {
+        move |items: &[u32]| {
+            let first = {
+                let mut batches = batches.lock().unwrap();
+                batches.push(items.to_vec());
+                batches.len() == 1
+            };
+            if first {
+                gate.wait();
+                gate.wait();
+            }
+            items.iter().map(|i| i * 10).collect::<Vec<u32>>()
+        }
+    }
+
+    /// Async callers wait without holding a thread: 40 tasks on a runtime of ONE thread all queue while another
+    /// caller's batch is being committed (a caller waiting in `submit` would block that thread, and the 39 others
+    /// would never queue), then share the next commit, each getting its own item's outcome.
+    #[test]
+    fn async_callers_wait_without_a_thread_and_share_the_next_commit() {
+        let group = Arc::new(GroupCommit::<u32, u32>::new(64));
+        let (batches, gate) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Barrier::new(2)));
+        let commit = held_first_commit(batches.clone(), gate.clone());
+        let first = {
+            let (group, mut commit) = (group.clone(), commit.clone());
+            std::thread::spawn(move || group.submit(0, &mut commit))
+        };
+        gate.wait();
+        let tasks = {
+            let group = group.clone();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                runtime.block_on(async {
+                    let tasks: Vec<_> = (1..=40u32)
+                        .map(|i| {
+                            let (group, mut commit) = (group.clone(), commit.clone());
+                            tokio::spawn(async move { group.submit_async(i, &mut commit).await })
+                        })
+                        .collect();
+                    let mut outcomes = Vec::new();
+                    for task in tasks {
+                        outcomes.push(task.await.unwrap().unwrap());
+                    }
+                    outcomes
+                })
+            })
+        };
+        until_queued(&group, 40);
+        gate.wait();
+        assert_eq!(first.join().unwrap().unwrap(), 0);
+        assert_eq!(tasks.join().unwrap(), (1..=40).map(|i| i * 10).collect::<Vec<_>>(), "each its own outcome");
+        let batches = batches.lock().unwrap();
+        assert_eq!(batches.len(), 2, "the first alone, then the 40 tasks that queued meanwhile: {batches:?}");
+        assert_eq!(batches[1], (1..=40).collect::<Vec<_>>());
+    }
+
+    /// An async caller that goes away while waiting: its item is committed with the next batch all the same, and
+    /// its outcome is not kept (nothing is left behind in the queue).
+    #[test]
+    fn an_async_caller_dropped_while_waiting_leaves_nothing_behind() {
+        let group = Arc::new(GroupCommit::<u32, u32>::new(64));
+        let (batches, gate) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Barrier::new(2)));
+        let commit = held_first_commit(batches.clone(), gate.clone());
+        let first = {
+            let (group, mut commit) = (group.clone(), commit.clone());
+            std::thread::spawn(move || group.submit(0, &mut commit))
+        };
+        gate.wait();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let waiting = {
+            let (group, mut commit) = (group.clone(), commit.clone());
+            runtime.spawn(async move { group.submit_async(1, &mut commit).await })
+        };
+        // Run the task until it has queued and waits.
+        runtime.block_on(async {
+            while group.queued() < 1 {
+                tokio::task::yield_now().await;
+            }
+        });
+        waiting.abort();
+        assert!(runtime.block_on(waiting).unwrap_err().is_cancelled());
+        gate.wait();
+        assert_eq!(first.join().unwrap().unwrap(), 0);
+        // The next caller commits the dropped caller's item with its own.
+        let mut commit = commit;
+        assert_eq!(group.submit(2, &mut commit).unwrap(), 20);
+        assert_eq!(batches.lock().unwrap()[1], [1, 2], "the dropped caller's item was committed");
+        let queue = group.lock();
+        assert!(queue.outcomes.is_empty() && queue.forgotten.is_empty(), "an outcome was kept for nobody");
     }
 
     #[test]

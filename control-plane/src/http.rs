@@ -32,6 +32,10 @@ pub fn describe_metrics() {
         "Proxy status entries this replica wrote to the shared store (etcd), batched at most once a second."
     );
     describe_counter!(
+        "trellis_proxy_status_puts_total",
+        "Keys this replica put to the shared store (etcd) for its proxies' status: one per bucket of proxies written."
+    );
+    describe_counter!(
         "trellis_push_updates_total",
         "Config updates sent to proxies, by kind: full (snapshot), delta, resume (a resumed stream's first delta)."
     );

@@ -42,6 +42,9 @@ pub struct ProxyRegistry {
     generation: std::sync::atomic::AtomicU64,
     /// This replica's name (`--replica-name`), shown beside each of its proxies.
     replica: String,
+    /// How many proxies are connected, kept as states change (`trellis_connected_proxies` is set at every connect
+    /// and disconnect: counting the map each time made a burst of N connections cost N² lock-and-reads).
+    connected: std::sync::atomic::AtomicUsize,
 }
 
 impl ProxyRegistry {
@@ -65,6 +68,9 @@ impl ProxyRegistry {
             let _ = old.try_send(StreamCommand::Disconnect("replaced by a newer stream from the same node".into()));
         }
         let mut state = entry.state.lock().expect("lock");
+        if !state.connected {
+            self.connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         *state = ProxyState {
             connected: true,
             connected_since: crate::mesh::now_unix(),
@@ -80,8 +86,9 @@ impl ProxyRegistry {
     pub fn disconnect(&self, node: &str, stream_id: u64) {
         if let Some(entry) = self.proxies.get(node) {
             let mut state = entry.state.lock().expect("lock");
-            if state.stream_id == stream_id {
+            if state.stream_id == stream_id && state.connected {
                 state.connected = false;
+                self.connected.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 entry.commands.lock().expect("lock").take();
                 drop(state);
                 self.changed();
@@ -124,8 +131,9 @@ impl ProxyRegistry {
         self.proxies.get(node).is_some_and(|e| e.state.lock().expect("lock").connected)
     }
 
+    /// Proxies with an open stream (kept as they connect and disconnect: O(1)).
     pub fn connected_count(&self) -> usize {
-        self.proxies.iter().filter(|e| e.state.lock().expect("lock").connected).count()
+        self.connected.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn list(&self) -> Vec<pb::ProxyStatus> {
@@ -185,5 +193,28 @@ mod tests {
         registry.disconnect("a", stream);
         assert!(registry.generation() > g2);
         assert!(!registry.awaiting_answers(), "a disconnected proxy is not waited for");
+    }
+
+    /// `trellis_connected_proxies` is kept as proxies connect and disconnect, not counted over the map.
+    #[test]
+    fn the_connected_count_follows_connections_replacements_and_late_ends() {
+        let registry = ProxyRegistry::named("r1");
+        let (tx, _rx) = mpsc::channel(1);
+        let a1 = registry.connect("a", "v1", tx.clone());
+        let b = registry.connect("b", "v1", tx.clone());
+        assert_eq!(registry.connected_count(), 2);
+        // a reconnects: its old stream is replaced, still one proxy; the old stream ending late changes nothing.
+        let a2 = registry.connect("a", "v1", tx.clone());
+        assert_eq!(registry.connected_count(), 2);
+        registry.disconnect("a", a1);
+        assert_eq!(registry.connected_count(), 2, "a late end of a replaced stream");
+        registry.disconnect("a", a2);
+        registry.disconnect("a", a2);
+        assert_eq!(registry.connected_count(), 1, "one end counted once");
+        registry.disconnect("b", b);
+        assert_eq!(registry.connected_count(), 0);
+        registry.connect("b", "v1", tx);
+        assert_eq!(registry.connected_count(), 1);
+        assert_eq!(registry.connected_count(), registry.list().iter().filter(|p| p.connected).count());
     }
 }

@@ -49,25 +49,35 @@ const MAX_FREE: usize = 64;
 
 /// Free buffers, by size.
 struct Free {
-    first: Vec<Box<[u8]>>,
-    bulk: Vec<Box<[u8]>>,
+    first: Vec<PooledBuffer>,
+    bulk: Vec<PooledBuffer>,
 }
 
 impl Free {
-    fn of(&mut self, size: usize) -> &mut Vec<Box<[u8]>> {
+    fn of(&mut self, size: usize) -> &mut Vec<PooledBuffer> {
         if size == BUFFER_SIZE { &mut self.bulk } else { &mut self.first }
     }
 }
 
 static POOL: Mutex<Free> = Mutex::new(Free { first: Vec::new(), bulk: Vec::new() });
 
-fn take_buffer(size: usize) -> Box<[u8]> {
+/// One buffer of the pool ([`BUFFER_SIZE`] or [`FIRST_BUFFER_SIZE`] bytes).
+pub(crate) type PooledBuffer = Box<[u8]>;
+
+/// A [`BUFFER_SIZE`] buffer from the pool (allocated when the pool has none); give it back with
+/// [`give_back_buffer`].
+pub(crate) fn take_buffer() -> PooledBuffer {
+    take_sized(BUFFER_SIZE)
+}
+
+fn take_sized(size: usize) -> PooledBuffer {
     crate::activity::note();
     let reused = POOL.lock().of(size).pop();
     reused.unwrap_or_else(|| vec![0; size].into_boxed_slice())
 }
 
-fn give_back(buffer: Box<[u8]>) {
+/// Returns a buffer the pool lent, to the free list of its size (freed when that list is full).
+pub(crate) fn give_back_buffer(buffer: PooledBuffer) {
     let mut pool = POOL.lock();
     let free = pool.of(buffer.len());
     if free.len() < MAX_FREE {
@@ -88,7 +98,7 @@ impl AsRef<[u8]> for Lent {
 impl Drop for Lent {
     fn drop(&mut self) {
         if let Some(buffer) = self.0.take() {
-            give_back(buffer);
+            give_back_buffer(buffer);
         }
     }
 }
@@ -153,9 +163,9 @@ impl Held {
     fn read_space(&mut self) -> &mut [u8] {
         let size = if self.bulk { BUFFER_SIZE } else { FIRST_BUFFER_SIZE };
         if let Some(small) = self.buffer.take_if(|b| b.len() < size) {
-            give_back(small);
+            give_back_buffer(small);
         }
-        self.buffer.get_or_insert_with(|| take_buffer(size))
+        self.buffer.get_or_insert_with(|| take_sized(size))
     }
 
     fn filled(&mut self, n: usize) {
@@ -176,7 +186,7 @@ impl Held {
         if self.pos == self.end
             && let Some(buffer) = self.buffer.take()
         {
-            give_back(buffer);
+            give_back_buffer(buffer);
         }
     }
 }
@@ -184,7 +194,7 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         if let Some(buffer) = self.buffer.take() {
-            give_back(buffer);
+            give_back_buffer(buffer);
         }
     }
 }

@@ -30,6 +30,7 @@ pub mod logging;
 pub mod metrics;
 pub mod process;
 pub mod proxy;
+pub mod read_ahead;
 pub mod reconfigure;
 pub mod registry;
 pub mod report;

@@ -209,7 +209,7 @@ mod tests {
     fn registry(workloads: Vec<v1::Workload>) -> Registry {
         let mut state = State::default();
         for w in workloads {
-            state.workloads.insert(trellis_proto::workload_key(&w.namespace, &w.name), Arc::new(w));
+            Arc::make_mut(&mut state.workloads).insert(trellis_proto::workload_key(&w.namespace, &w.name), Arc::new(w));
         }
         Registry::from_state(&state)
     }

@@ -29,9 +29,11 @@ pub struct State {
     /// The mesh JWT keys (a JWKS document, from the trust bundle; empty from a control plane without them): what
     /// JWT-SVIDs of this trust domain verify against (Workload API, RequestAuthentication with the mesh issuer).
     pub mesh_jwks: Arc<String>,
-    /// By `<namespace>/<name>`.
-    pub workloads: BTreeMap<String, Arc<v1::Workload>>,
-    pub resources: BTreeMap<ResourceKey, Arc<StoredResource>>,
+    /// By `<namespace>/<name>`. Shared with the state this one was made from until an update changes it (`apply`
+    /// copies a map only when the update touches it: an update that carries a policy does not copy the registry).
+    pub workloads: Arc<BTreeMap<String, Arc<v1::Workload>>>,
+    /// Shared the same way as `workloads`.
+    pub resources: Arc<BTreeMap<ResourceKey, Arc<StoredResource>>>,
     /// Namespace whose policies apply mesh-wide.
     pub root_namespace: String,
     /// The resources compiled for evaluation; a resource set that does not compile is NACKed.
@@ -156,27 +158,41 @@ pub fn apply(state: &State, update: &v1::ConfigUpdate) -> Result<State, ApplyErr
 
     // Removals first, so an update that removes and re-adds a key ends with the key present. A full
     // snapshot starts empty, so its removal lists mean nothing.
-    if !update.full {
+    // The maps are copied (`make_mut`) only when this update changes them; the copy holds `Arc`s, not values.
+    if !update.full && !update.removed_workloads.is_empty() {
+        let workloads = Arc::make_mut(&mut next.workloads);
         for key in &update.removed_workloads {
-            next.workloads.remove(key);
+            workloads.remove(key);
         }
+    }
+    if !update.full && !update.removed_resources.is_empty() {
+        let resources = Arc::make_mut(&mut next.resources);
         for (index, key) in update.removed_resources.iter().enumerate() {
             let key = policy_key(key).map_err(|reason| ApplyError::RemovedResource { index, reason })?;
-            next.resources.remove(&key);
+            resources.remove(&key);
         }
     }
 
-    for (index, workload) in update.workloads.iter().enumerate() {
-        let key = trellis_proto::workload_key(&workload.namespace, &workload.name);
-        check_workload(workload).map_err(|reason| ApplyError::Workload { index, key: key.clone(), reason })?;
-        next.workloads.insert(key, Arc::new(workload.clone()));
+    if !update.workloads.is_empty() {
+        let workloads = Arc::make_mut(&mut next.workloads);
+        for (index, workload) in update.workloads.iter().enumerate() {
+            let key = trellis_proto::workload_key(&workload.namespace, &workload.name);
+            check_workload(workload).map_err(|reason| ApplyError::Workload { index, key: key.clone(), reason })?;
+            workloads.insert(key, Arc::new(workload.clone()));
+        }
     }
 
     let options = compile_options(&next.root_namespace);
-    for (index, resource) in update.resources.iter().enumerate() {
-        let stored =
-            check_resource(resource, &options).map_err(|(key, reason)| ApplyError::Resource { index, key, reason })?;
-        next.resources.insert(stored.resource.key(), Arc::new(stored));
+    if !update.resources.is_empty() {
+        let resources = Arc::make_mut(&mut next.resources);
+        for (index, resource) in update.resources.iter().enumerate() {
+            let stored = check_resource(resource, &options).map_err(|(key, reason)| ApplyError::Resource {
+                index,
+                key,
+                reason,
+            })?;
+            resources.insert(stored.resource.key(), Arc::new(stored));
+        }
     }
 
     match &update.jwks {
@@ -392,6 +408,42 @@ mod tests {
 
     fn names(state: &State) -> (Vec<String>, Vec<String>) {
         (state.workloads.keys().cloned().collect(), state.resources.keys().map(|k| k.name.clone()).collect())
+    }
+
+    /// An update copies only the maps it changes: a policy does not copy the registry, a workload not the
+    /// resources; the state it was applied to never changes.
+    #[test]
+    fn an_update_shares_the_maps_it_does_not_change() {
+        let state = synced();
+        let policy_only =
+            apply(&state, &v1::ConfigUpdate { resources: vec![policy("p3", 3)], ..incremental(2) }).unwrap();
+        assert!(Arc::ptr_eq(&policy_only.workloads, &state.workloads), "the registry is shared");
+        assert!(!Arc::ptr_eq(&policy_only.resources, &state.resources));
+        assert_eq!(names(&policy_only).1, ["p1", "p2", "p3"]);
+        assert_eq!(names(&state).1, ["p1", "p2"], "the state applied to is unchanged");
+
+        let workload_only =
+            apply(&policy_only, &v1::ConfigUpdate { workloads: vec![workload("c", "10.0.0.3", 80)], ..incremental(3) })
+                .unwrap();
+        assert!(Arc::ptr_eq(&workload_only.resources, &policy_only.resources), "the resources are shared");
+        assert_eq!(names(&workload_only).0, ["ns/a", "ns/b", "ns/c"]);
+        assert_eq!(names(&policy_only).0, ["ns/a", "ns/b"]);
+
+        let removed =
+            apply(&workload_only, &v1::ConfigUpdate { removed_workloads: vec!["ns/a".into()], ..incremental(4) })
+                .unwrap();
+        assert_eq!(names(&removed).0, ["ns/b", "ns/c"]);
+        assert_eq!(names(&workload_only).0, ["ns/a", "ns/b", "ns/c"]);
+        assert!(Arc::ptr_eq(&removed.resources, &workload_only.resources));
+
+        // A refused update leaves the state it was applied to as it was, though it changed a copy of a map first.
+        let refused = v1::ConfigUpdate {
+            removed_workloads: vec!["ns/b".into()],
+            workloads: vec![workload("", "10.0.0.4", 80)],
+            ..incremental(5)
+        };
+        assert!(apply(&removed, &refused).is_err());
+        assert_eq!(names(&removed).0, ["ns/b", "ns/c"]);
     }
 
     #[test]

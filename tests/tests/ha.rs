@@ -325,15 +325,19 @@ fn proxy_status_through_any_replica_lists_every_proxy_at_its_replica() {
         });
     }
     println!("every replica listed the 6 proxies of 3 replicas after {:?}", started.elapsed());
-    // Control: the status is in etcd, under each replica's name: its proxies, and the root it serves under
-    // (`_serving`, which a root rotation waits on).
-    let keys = etcd.keys("/trellis/status/");
+    // Control: the status is in etcd, under each replica's name: its proxies, grouped in buckets (one key per
+    // bucket, `_proxies-NN`, outside the followed tables' range), and the root it serves under (`_serving`, which
+    // a root rotation waits on).
+    let keys = etcd.keys("/trellis/_status/");
     for r in 0..3 {
-        let prefix = format!("/trellis/status/replica-{r}/");
-        let nodes = keys.iter().filter(|k| k.starts_with(&prefix) && !k.ends_with("/_serving")).count();
-        assert_eq!(nodes, 2, "{keys:?}");
+        let prefix = format!("/trellis/_status/replica-{r}/");
         assert!(keys.contains(&format!("{prefix}_serving")), "{keys:?}");
+        let nodes = status_nodes(&etcd, r);
+        let mine: Vec<String> =
+            expected.iter().filter(|(_, (at, _))| *at == format!("replica-{r}")).map(|(n, _)| n.clone()).collect();
+        assert_eq!(nodes, mine, "{keys:?}");
     }
+    assert!(etcd.keys("/trellis/status/").is_empty(), "nothing under the old per-proxy keys");
 
     replicas[0].kill9();
     let killed = std::time::Instant::now();
@@ -348,7 +352,7 @@ fn proxy_status_through_any_replica_lists_every_proxy_at_its_replica() {
     }
     println!("replica 0's proxies listed at replica 1 {:?} after the kill", killed.elapsed());
     wait_for("replica 0's status entries to expire with its lease", Duration::from_secs(60), || {
-        let keys = etcd.keys("/trellis/status/replica-0/");
+        let keys = etcd.keys("/trellis/_status/replica-0/");
         // Meanwhile no proxy is listed twice, nor elsewhere than at its live replica.
         assert_eq!(listed(&replicas[2]), expected);
         keys.is_empty().then_some(())
@@ -357,14 +361,31 @@ fn proxy_status_through_any_replica_lists_every_proxy_at_its_replica() {
     for cp in &replicas[1..] {
         assert_eq!(listed(cp), expected, "after the lease expired");
     }
-    let keys = etcd.keys("/trellis/status/replica-1/");
-    assert_eq!(keys.iter().filter(|k| !k.ends_with("/_serving")).count(), 4, "{keys:?}");
+    assert_eq!(status_nodes(&etcd, 1), ["node-0", "node-1", "node-3", "node-4"], "replica 1's buckets");
     // Writes are per changed entry, batched once a second: a handful per proxy over the whole test.
     let (code, metrics) = trellis_tests::http::get(replicas[1].metrics_addr, "/metrics").expect("GET /metrics");
     assert_eq!(code, 200);
     let writes = trellis_tests::prometheus::sum_samples(&metrics, "trellis_proxy_status_writes_total", &[]);
     assert!(writes >= 4.0, "{metrics}");
-    println!("replica 1 wrote {writes} status entries in {:?} (4 proxies at the end)", started.elapsed());
+    let puts = trellis_tests::prometheus::sum_samples(&metrics, "trellis_proxy_status_puts_total", &[]);
+    assert!(puts >= 1.0, "{metrics}");
+    println!(
+        "replica 1 wrote {writes} status entries in {puts} bucket puts in {:?} (4 proxies at the end)",
+        started.elapsed()
+    );
+}
+
+/// The nodes in replica `r`'s status buckets in etcd (`/trellis/_status/replica-R/_proxies-NN`: node to entry).
+fn status_nodes(etcd: &EtcdCluster, r: usize) -> Vec<String> {
+    let prefix = format!("/trellis/_status/replica-{r}/_proxies-");
+    let mut nodes = Vec::new();
+    for key in etcd.keys(&prefix) {
+        let bucket: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&etcd.get(&key).expect("a bucket's value")).expect("a bucket is a JSON object");
+        nodes.extend(bucket.into_iter().map(|(node, _)| node));
+    }
+    nodes.sort();
+    nodes
 }
 
 fn ca_status(cp: &ControlPlane) -> serde_json::Value {
@@ -437,7 +458,7 @@ async fn a_root_rotation_on_etcd_is_followed_by_every_replica_and_outlives_its_d
     }
 
     // The driver: the replica holding the role in etcd. Killed in the overlap, another one completes it.
-    let driver = String::from_utf8(etcd.get("/trellis/status/_rotation-driver").expect("a driver")).unwrap();
+    let driver = String::from_utf8(etcd.get("/trellis/_status/_rotation-driver").expect("a driver")).unwrap();
     let killed: usize = driver.strip_prefix("replica-").and_then(|n| n.parse().ok()).expect("a replica name");
     assert_eq!(ca_status(&replicas[killed])["phase"], "overlap", "killed mid-rotation");
     replicas[killed].kill9();
@@ -456,7 +477,7 @@ async fn a_root_rotation_on_etcd_is_followed_by_every_replica_and_outlives_its_d
         (status["phase"] == "done").then_some(())
     });
     println!("ca status calls that failed meanwhile: {failed}");
-    let successor = String::from_utf8(etcd.get("/trellis/status/_rotation-driver").expect("a driver")).unwrap();
+    let successor = String::from_utf8(etcd.get("/trellis/_status/_rotation-driver").expect("a driver")).unwrap();
     assert_ne!(successor, driver);
     println!("rotation done, completed by {successor}, {:?} after it started", started.elapsed());
     for &i in &live {

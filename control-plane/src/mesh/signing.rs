@@ -27,6 +27,28 @@ impl Mesh {
     /// once it is logged. Whether the node may still sign (joined, not revoked: the caller's record may predate a
     /// revocation) and whether the identity is revoked is decided by the transaction that logs the certificate.
     pub fn sign_workload(&self, node: &NodeRecord, csr_der: &[u8]) -> Result<(SpiffeId, Issued), MeshError> {
+        let (id, issued, record) = self.sign_unlogged(node, csr_der)?;
+        let logged = self.cert_log.submit(record, &mut |batch: &[CertRecord]| self.log_batch(batch));
+        logged.map_err(|e| MeshError::Store(StoreError::Backend(format!("certificate log: {e}"))))??;
+        Ok((id, issued))
+    }
+
+    /// [`Mesh::sign_workload`] for a task (a discovery stream): the same checks, batches and outcomes, but waiting
+    /// for the certificate's batch does not hold a thread (only the caller that commits a batch blocks one).
+    pub async fn sign_workload_async(
+        &self,
+        node: &NodeRecord,
+        csr_der: &[u8],
+    ) -> Result<(SpiffeId, Issued), MeshError> {
+        let (id, issued, record) = self.sign_unlogged(node, csr_der)?;
+        let logged = self.cert_log.submit_async(record, &mut |batch: &[CertRecord]| self.log_batch(batch)).await;
+        logged.map_err(|e| MeshError::Store(StoreError::Backend(format!("certificate log: {e}"))))??;
+        Ok((id, issued))
+    }
+
+    /// The CA's certificate for the CSR if `node` may hold its identity, and the certificate log's record of it
+    /// (not logged yet).
+    fn sign_unlogged(&self, node: &NodeRecord, csr_der: &[u8]) -> Result<(SpiffeId, Issued, CertRecord), MeshError> {
         let hosted = self.hosted(node);
         let signed = self
             .ca()
@@ -41,9 +63,7 @@ impl Mesh {
             }
         };
         let record = certificate_record(&issued, &id, &node.name);
-        let logged = self.cert_log.submit(record, &mut |batch: &[CertRecord]| self.log_batch(batch));
-        logged.map_err(|e| MeshError::Store(StoreError::Backend(format!("certificate log: {e}"))))??;
-        Ok((id, issued))
+        Ok((id, issued, record))
     }
 
     /// Logs a batch of workload certificates in one transaction: one outcome per record, in order (a refusal for a

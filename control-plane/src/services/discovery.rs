@@ -383,7 +383,7 @@ impl StreamTask {
                 Ok(())
             }
             Some(Inbound::CertificateRequest(csr)) => {
-                let answer = self.sign(&csr);
+                let answer = self.sign(&csr).await;
                 self.tx
                     .send(response(Outbound::Certificate(answer)))
                     .await
@@ -428,9 +428,9 @@ impl StreamTask {
         self.tx.send(response(Outbound::Renew(pb::RenewNow { spiffe_ids }))).await.map_err(|_| ())
     }
 
-    fn sign(&self, csr: &pb::CertificateRequest) -> pb::CertificateResponse {
+    async fn sign(&self, csr: &pb::CertificateRequest) -> pb::CertificateResponse {
         let started = std::time::Instant::now();
-        match self.shared.mesh.sign_workload(&self.node, &csr.csr_der) {
+        match self.shared.mesh.sign_workload_async(&self.node, &csr.csr_der).await {
             Ok((id, issued)) => {
                 metrics::counter!("trellis_certificates_signed_total").increment(1);
                 metrics::histogram!("trellis_certificate_signing_seconds").record(started.elapsed().as_secs_f64());

@@ -24,7 +24,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, TxnOp, WatchOptions};
@@ -65,6 +65,8 @@ pub struct EtcdStore {
     available: Arc<AtomicBool>,
     /// The highest etcd revision this replica has seen (reads, its commits, watch events).
     seen: Arc<AtomicI64>,
+    /// Events the follower's watch received from etcd (followed or not), since the store was connected.
+    watched: Arc<AtomicU64>,
     /// Tests: how many of the next commits lose etcd's answer (the request is then sent again).
     #[cfg(test)]
     pub(crate) lose_answers: std::sync::atomic::AtomicU32,
@@ -228,6 +230,7 @@ impl EtcdStore {
             handle,
             available,
             seen,
+            watched: Default::default(),
             #[cfg(test)]
             lose_answers: Default::default(),
             #[cfg(test)]
@@ -254,13 +257,19 @@ impl EtcdStore {
         format!("{}{GENERATION}{}", self.prefix, table.name())
     }
 
-    fn fence_key(&self, id: &str) -> String {
+    pub(super) fn fence_key(&self, id: &str) -> String {
         format!("{}{FENCE}{id}", self.prefix)
     }
 
     /// The prefix of every key (ends with `/`).
     pub(super) fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Events the follower's watch has received from etcd so far, whether they were for a followed table or not.
+    #[cfg(test)]
+    pub(crate) fn watched_events(&self) -> u64 {
+        self.watched.load(Ordering::Relaxed)
     }
 
     pub(super) fn run<T: Send + 'static>(
@@ -522,7 +531,7 @@ impl EtcdStore {
     }
 
     /// Puts `fence` (under a lease of [`FENCE_TTL_SECS`]); returns the revision it was put at.
-    fn fence(&self, fence: &str) -> Result<i64, StoreError> {
+    pub(super) fn fence(&self, fence: &str) -> Result<i64, StoreError> {
         #[cfg(test)]
         {
             let mut faults = self.commit_faults.lock().expect("faults");
@@ -632,16 +641,19 @@ async fn follow(
     prefix: String,
     tables: Vec<Table>,
     changes: mpsc::UnboundedSender<Change>,
-    seen: Arc<AtomicI64>,
+    watch: Watch,
 ) {
+    if tables.is_empty() {
+        return;
+    }
     while !changes.is_closed() {
         match tokio::time::timeout(OP_TIMEOUT, read_tables(&members, &prefix, &tables)).await {
             Ok(Ok((entries, revision))) => {
-                seen.fetch_max(revision, Ordering::Relaxed);
+                watch.seen.fetch_max(revision, Ordering::Relaxed);
                 if changes.send(Change::Reset(entries)).is_err() {
                     return;
                 }
-                watch_from(&members, &prefix, &tables, revision + 1, &changes, &seen).await;
+                watch_from(&members, &prefix, &tables, revision + 1, &changes, &watch).await;
             }
             Ok(Err(e)) => tracing::debug!(error = %e, "etcd: reading the followed tables failed"),
             Err(_) => tracing::debug!("etcd: reading the followed tables timed out"),
@@ -679,6 +691,28 @@ async fn read_tables(
     Ok((entries, revision))
 }
 
+/// What the follower's watch reports back to the store: the revision it saw, the events etcd sent it.
+struct Watch {
+    seen: Arc<AtomicI64>,
+    events: Arc<AtomicU64>,
+}
+
+/// The one key range holding every key of `tables` (not empty): from the first table's `<prefix><table>/` to the
+/// end of the last one's, in etcd's byte order. One range, so that one watch covers it and a transaction's writes to
+/// several followed tables arrive in one response. The tables that sort between the followed ones lie inside it
+/// (their writes are dropped by [`followed_writes`]); the certificate log, generation and fence keys (`_gen/`,
+/// `_fence/`), admins and CA files lie outside, so etcd no longer sends them to every replica.
+fn followed_range(prefix: &str, tables: &[Table]) -> (String, String) {
+    let mut prefixes: Vec<String> = tables.iter().map(|t| format!("{prefix}{}/", t.name())).collect();
+    prefixes.sort();
+    let first = prefixes.first().cloned().unwrap_or_else(|| prefix.to_owned());
+    // The end is exclusive: `<prefix><last>0` (`0` is the byte after `/`) is the first key past `<prefix><last>/`.
+    let mut end = prefixes.last().cloned().unwrap_or_else(|| prefix.to_owned());
+    end.pop();
+    end.push('0');
+    (first, end)
+}
+
 /// Follows the watch from `start` until it fails, is canceled or compacted, or nobody listens any more.
 async fn watch_from(
     members: &Members,
@@ -686,11 +720,12 @@ async fn watch_from(
     tables: &[Table],
     start: i64,
     changes: &mpsc::UnboundedSender<Change>,
-    seen: &AtomicI64,
+    progress: &Watch,
 ) {
+    let (from, end) = followed_range(prefix, tables);
     let watch = members.call(|mut c| {
-        let prefix = prefix.to_owned();
-        async move { c.watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(start))).await }
+        let (from, end) = (from.clone(), end.clone());
+        async move { c.watch(from, Some(WatchOptions::new().with_range(end).with_start_revision(start))).await }
     });
     let mut stream = match watch.await {
         Ok(stream) => stream,
@@ -706,10 +741,11 @@ async fn watch_from(
                     tracing::warn!(reason = response.cancel_reason(), "etcd watch canceled; reading everything again");
                     return;
                 }
+                progress.events.fetch_add(response.events().len() as u64, Ordering::Relaxed);
                 let writes = followed_writes(prefix, tables, response.events());
                 // Before telling: whatever the follower reads next must be at least this revision.
                 let revision = response.header().map(|h| h.revision()).unwrap_or(0);
-                seen.fetch_max(revision, Ordering::Relaxed);
+                progress.seen.fetch_max(revision, Ordering::Relaxed);
                 if !writes.is_empty() && changes.send(Change::Delta(writes)).is_err() {
                     return;
                 }
@@ -794,7 +830,8 @@ impl Store for EtcdStore {
 
     fn follow(&self, tables: &[Table]) -> Option<mpsc::UnboundedReceiver<Change>> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.handle.spawn(follow(self.members(), self.prefix.clone(), tables.to_vec(), tx, self.seen.clone()));
+        let watch = Watch { seen: self.seen.clone(), events: self.watched.clone() };
+        self.handle.spawn(follow(self.members(), self.prefix.clone(), tables.to_vec(), tx, watch));
         Some(rx)
     }
 

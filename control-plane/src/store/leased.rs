@@ -1,6 +1,9 @@
-//! Status entries each replica keeps in etcd under a lease of its own (`<prefix>status/<replica>/<key>`): the
+//! Status entries each replica keeps in etcd under a lease of its own (`<prefix>_status/<replica>/<key>`): the
 //! lease is kept alive by the replica's publisher; when the replica dies (or cannot reach etcd for longer than
 //! [`STATUS_LEASE_TTL`]), etcd deletes its entries. Writes go in batches, each one etcd transaction.
+//!
+//! `_` sorts before every table's name (all lowercase), so the status keys lie outside the range of the tables a
+//! replica follows (`mesh::FOLLOWED`, `meta/` to `workloads/`): a watch of that range never carries them.
 
 use std::time::Duration;
 
@@ -9,12 +12,15 @@ use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, TxnOp, TxnOpRespon
 use super::etcd::EtcdStore;
 use super::{LeasedStatus, StoreError};
 
-/// The key segment under the prefix.
-pub const STATUS: &str = "status/";
+/// The key segment under the prefix (outside the followed tables' range: see above).
+pub const STATUS: &str = "_status/";
 /// How long a replica's entries outlive its last keep-alive.
 pub const STATUS_LEASE_TTL: Duration = Duration::from_secs(10);
 /// Operations per etcd transaction (etcd's default `--max-txn-ops` is 128).
 const BATCH: usize = 100;
+/// Value bytes per etcd transaction (etcd's default `--max-request-bytes` is 1.5 MiB; an entry may group many
+/// proxies).
+const BATCH_BYTES: usize = 512 * 1024;
 
 impl EtcdStore {
     fn status_prefix(&self) -> String {
@@ -45,6 +51,28 @@ impl EtcdStore {
     }
 }
 
+/// A key and its value to put (Some) or nothing to delete (None).
+type Write = (String, Option<Vec<u8>>);
+
+/// `entries` cut into transactions of at most [`BATCH`] operations and (unless one value alone is larger)
+/// [`BATCH_BYTES`] value bytes.
+fn batches(entries: &[Write]) -> Vec<&[Write]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (key, value)) in entries.iter().enumerate() {
+        let size = key.len() + value.as_ref().map_or(0, Vec::len);
+        if i > start && (i - start == BATCH || bytes + size > BATCH_BYTES) {
+            out.push(&entries[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < entries.len() {
+        out.push(&entries[start..]);
+    }
+    out
+}
+
 impl LeasedStatus for EtcdStore {
     fn keep_alive(&self) -> Result<i64, StoreError> {
         let current = *self.lease.lock().expect("lease lock");
@@ -61,7 +89,7 @@ impl LeasedStatus for EtcdStore {
 
     fn write(&self, lease: i64, replica: &str, entries: &[(String, Option<Vec<u8>>)]) -> Result<(), StoreError> {
         let base = format!("{}{replica}/", self.status_prefix());
-        for batch in entries.chunks(BATCH) {
+        for batch in batches(entries) {
             let ops: Vec<TxnOp> = batch
                 .iter()
                 .map(|(key, value)| match value {
@@ -148,6 +176,33 @@ impl LeasedStatus for EtcdStore {
 mod tests {
     use super::*;
     use crate::store::test_etcd;
+
+    #[test]
+    fn a_batch_holds_at_most_its_operations_and_bytes() {
+        let entry = |size: usize| ("k".to_owned(), Some(vec![0u8; size]));
+        let many: Vec<_> = (0..250).map(|_| entry(10)).collect();
+        let sizes: Vec<usize> = batches(&many).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, [100, 100, 50]);
+        let big: Vec<_> = (0..5).map(|_| entry(200 * 1024)).collect();
+        let sizes: Vec<usize> = batches(&big).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, [2, 2, 1], "512 KiB of values at most");
+        let huge = vec![entry(BATCH_BYTES + 1), entry(1)];
+        let sizes: Vec<usize> = batches(&huge).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, [1, 1], "a value larger than a batch goes alone");
+        assert!(batches(&[]).is_empty());
+    }
+
+    /// Status keys sort outside the followed tables' range, so a watch of that range does not carry them.
+    #[test]
+    fn status_keys_sort_outside_the_followed_tables() {
+        let names: Vec<&str> = crate::mesh::FOLLOWED.iter().map(|t| t.name()).collect();
+        let (first, last) = (names.iter().min().unwrap(), names.iter().max().unwrap());
+        let key = format!("{STATUS}replica-0/_proxies-00");
+        assert!(key.as_str() < *first && !key.starts_with(last), "{key} within {first}..{last}");
+        for table in crate::store::Table::ALL {
+            assert!(STATUS < table.name(), "{} sorts before {STATUS}", table.name());
+        }
+    }
 
     #[test]
     fn entries_live_with_their_replicas_lease_and_a_role_has_one_holder() {

@@ -511,6 +511,66 @@ mod tests {
         assert_eq!(received, expected);
     }
 
+    /// etcd sends a follower only what lies in the followed tables' key range: a transaction writing to several
+    /// followed tables (and to the certificate log) still arrives whole, in one delta, while the certificate
+    /// records, the generation keys and the fence keys written meanwhile are never sent to the watch at all. The
+    /// control: a follower of the certificate log, through the same watch code, is sent those records.
+    #[test]
+    fn follow_is_sent_only_the_followed_tables() {
+        // The tables a replica follows (mesh::FOLLOWED), in an order unlike etcd's.
+        let followed =
+            [Table::Workloads, Table::Meta, Table::RevokedIdentities, Table::Resources, Table::RevokedCertificates];
+        let options = test_etcd::options();
+        let (store, other) = (EtcdStore::connect(&options).unwrap(), EtcdStore::connect(&options).unwrap());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let next = |changes: &mut tokio::sync::mpsc::UnboundedReceiver<Change>| {
+            runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), changes.recv()).await })
+        };
+        let mut changes = store.follow(&followed).unwrap();
+        assert_eq!(next(&mut changes), Ok(Some(Change::Reset(vec![]))));
+        let mut logged = other.follow(&[Table::Certificates]).unwrap();
+        assert_eq!(next(&mut logged), Ok(Some(Change::Reset(vec![]))));
+
+        // The certificate log (each transaction also puts `_gen/certificates`), a fence key, tokens: none followed.
+        for i in 0..20 {
+            transact::<_, StoreError>(&store, |txn| txn.put(Table::Certificates, &format!("serial-{i}"), b"c"))
+                .unwrap();
+        }
+        store.fence(&store.fence_key("some-transaction")).unwrap();
+        transact::<_, StoreError>(&store, |txn| txn.put(Table::Tokens, "t", b"1")).unwrap();
+        // One transaction over three followed tables, an unfollowed one inside their range, and the log.
+        transact::<_, StoreError>(&store, |txn| {
+            txn.put(Table::Workloads, "w", b"1")?;
+            txn.put(Table::Meta, "v", b"2")?;
+            txn.put(Table::RevokedIdentities, "i", b"3")?;
+            txn.put(Table::Nodes, "n", b"4")?;
+            txn.put(Table::Certificates, "serial-x", b"5")
+        })
+        .unwrap();
+        let expected = vec![
+            (Table::Workloads, "w".into(), Some(b"1".to_vec())),
+            (Table::Meta, "v".into(), Some(b"2".to_vec())),
+            (Table::RevokedIdentities, "i".into(), Some(b"3".to_vec())),
+        ];
+        assert_eq!(next(&mut changes), Ok(Some(Change::Delta(expected))), "the transaction, whole, in one delta");
+        // Sent by etcd: the tokens write and the transaction's 4 writes inside the range (tokens and nodes sort
+        // between meta and workloads: dropped by the replica); no certificate record, generation or fence key.
+        assert_eq!(store.watched_events(), 1 + 4, "etcd sent the watch writes outside the followed tables' range");
+
+        // Control: the same watch code following the certificate log (another replica) is sent every record.
+        let mut records = 0;
+        while records < 21 {
+            match next(&mut logged) {
+                Ok(Some(Change::Delta(writes))) => {
+                    assert!(writes.iter().all(|(t, _, _)| *t == Table::Certificates), "{writes:?}");
+                    records += writes.len();
+                }
+                other => panic!("expected the certificate log's writes, got {other:?}"),
+            }
+        }
+        assert_eq!((records, other.watched_events()), (21, 21), "the log's follower was sent its records only");
+    }
+
     #[test]
     fn unreachable_etcd_is_unavailable() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

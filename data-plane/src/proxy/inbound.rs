@@ -28,6 +28,7 @@ use crate::connections::{Downstream, InboundConn, PeerCert};
 use crate::hbone;
 use crate::log_limit::HBONE_REFUSALS;
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
+use crate::read_ahead::ReadAhead;
 use crate::report::{Authz, ConnectionReport};
 use crate::tls::PeerIdentityError;
 
@@ -172,8 +173,12 @@ async fn connection(
     }
 }
 
-async fn handshake(config: Arc<rustls::ServerConfig>, tcp: TcpStream) -> Result<TlsStream<TcpStream>, HandshakeError> {
-    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+/// The TLS handshake, over the socket read ahead (`read_ahead`: one system call per socket read, not per 4 KiB).
+async fn handshake(
+    config: Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+) -> Result<TlsStream<ReadAhead<TcpStream>>, HandshakeError> {
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(ReadAhead::new(tcp));
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(result) => result.map_err(HandshakeError::Failed),
         Err(_) => Err(HandshakeError::TimedOut),

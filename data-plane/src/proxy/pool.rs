@@ -330,7 +330,8 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
         let tcp = crate::sockets::connect(proxy).await.map_err(|e| TunnelError::Connect(proxy, e))?;
         let _ = tcp.set_nodelay(true);
         let mut tls_stream = tokio_rustls::TlsConnector::from(config)
-            .connect(ServerName::IpAddress(proxy.ip().into()), tcp)
+            // Read ahead: one system call per socket read, not per 4 KiB rustls asks for (`read_ahead`).
+            .connect(ServerName::IpAddress(proxy.ip().into()), crate::read_ahead::ReadAhead::new(tcp))
             .await
             .map_err(|e| TunnelError::Tls(proxy, e))?;
         crate::tls::tune(tls_stream.get_mut().1);

@@ -440,6 +440,51 @@ async fn an_idle_tunnel_is_closed_by_the_idle_timeout_and_an_active_one_of_the_s
 }
 
 #[tokio::test]
+async fn a_large_transfer_crosses_both_hops_both_ways_byte_exact_through_odd_writes_and_a_half_close() {
+    // 16 MiB and an odd remainder, sent in writes of odd sizes (one byte, just over a TLS record, just over a copy
+    // buffer, ...): the echo server sends each piece back as it reads it, so both directions run at once, through
+    // both proxies' read-ahead, TLS, HTTP/2 frames and copy buffers.
+    let mesh = Mesh::start().await;
+    let client = mesh.a.connect(mesh.echo.addr).await.expect("the tunnel opens");
+    let data: Vec<u8> =
+        (0..16 * 1024 * 1024 + 12_345u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let (mut read, mut write) = client.into_split();
+    let send = async {
+        let (mut rest, mut i) = (&data[..], 0);
+        while !rest.is_empty() {
+            let n = [1, 16_385, 262_147, 4_093, 65_537, 7][i % 6].min(rest.len());
+            write.write_all(&rest[..n]).await?;
+            (rest, i) = (&rest[n..], i + 1);
+        }
+        // The half-close: END_STREAM from A, FIN from B; the echo server then finishes and closes its side.
+        write.shutdown().await
+    };
+    let receive = async {
+        let mut got = Vec::with_capacity(data.len());
+        read.read_to_end(&mut got).await.map(|_| got)
+    };
+    let (sent, got) = within("the transfer both ways", async { tokio::join!(send, receive) }).await;
+    sent.expect("every byte sent, then the half-close");
+    let got = got.expect("the echo, then a clean EOF (not a reset)");
+    let first_difference = got.iter().zip(&data).position(|(a, b)| a != b);
+    assert_eq!((got.len(), first_difference), (data.len(), None), "the echo is byte-exact");
+    assert!(mesh.echo.received().await == data, "W_b received every byte in order, then EOF");
+
+    eventually("the connection gone from A and B", || {
+        mesh.a.data.connections.is_empty() && mesh.b.data.connections.is_empty()
+    })
+    .await;
+    let length = data.len().to_string();
+    let (at_a, at_b) = (mesh.events.access("source"), mesh.events.access("destination"));
+    assert_eq!((at_a.len(), at_b.len()), (1, 1), "{at_a:?} {at_b:?}");
+    for entry in [&at_a[0], &at_b[0]] {
+        assert_eq!(entry.field("bytes_received"), length, "{entry:?}");
+        assert_eq!(entry.field("bytes_sent"), length, "{entry:?}");
+        assert_eq!(entry.field("detail"), "-", "ended normally: {entry:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_workload_that_resets_is_seen_as_a_reset_by_the_client_through_both_proxies_and_one_that_closes_as_an_eof() {
     let mesh = Mesh::start().await;
     let a = &mesh.a;

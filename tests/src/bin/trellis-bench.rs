@@ -23,7 +23,7 @@ mod common;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: trellis-bench all [--smoke] [--quick] [--only N,N] [--worker-threads N] [--bulk-mib N] [--ztunnel PATH] [--no-build] | trellis-bench tunnel [--quick] [--direct-only] [--no-build] | trellis-bench control [--replicas N] [--proxies N] [--csr-clients N] [--rounds N] [--ack-only] | trellis-bench soak --duration D [--cert-ttl D] [--policy-every D] [--rate N] [--streams N] [--no-build] | trellis-bench rotation [--proxies N] [--workloads M] [--overlap D] | trellis-bench scoping [--namespaces N] [--workloads W] [--rounds R] [--no-build] | trellis-bench load [--connections N] [--hold D] [--burst-rate N] [--burst D] [--no-build]";
+const USAGE: &str = "usage: trellis-bench all [--smoke] [--quick] [--only N,N] [--worker-threads N] [--bulk-mib N] [--ztunnel PATH] [--no-build] | trellis-bench tunnel [--quick] [--direct-only] [--no-build] | trellis-bench control [--replicas N] [--proxies N] [--csr-clients N] [--rounds N] [--sign-for SECONDS] [--ack-only] | trellis-bench soak --duration D [--cert-ttl D] [--policy-every D] [--rate N] [--streams N] [--no-build] | trellis-bench rotation [--proxies N] [--workloads M] [--overlap D] | trellis-bench scoping [--namespaces N] [--workloads W] [--rounds R] [--no-build] | trellis-bench load [--connections N] [--hold D] [--burst-rate N] [--burst D] [--no-build]";
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();

@@ -217,12 +217,14 @@ fn machine_busy_seconds() -> anyhow::Result<f64> {
     Ok(busy as f64 / if hz > 0 { hz as f64 } else { 100.0 })
 }
 
-/// Proxy status entries the replicas wrote to the store so far (`trellis_proxy_status_writes_total`, summed).
-fn status_writes(replicas: &[ControlPlane]) -> f64 {
-    let mut sum = 0.0;
+/// Proxy status entries the replicas wrote to the store so far, and the puts (buckets) they went in
+/// (`trellis_proxy_status_writes_total`, `trellis_proxy_status_puts_total`, summed over the replicas).
+fn status_writes(replicas: &[ControlPlane]) -> [f64; 2] {
+    let mut sum = [0.0; 2];
     for cp in replicas {
         if let Ok((200, body)) = trellis_tests::http::get(cp.metrics_addr, "/metrics") {
-            sum += trellis_tests::prometheus::sum_samples(&body, "trellis_proxy_status_writes_total", &[]);
+            sum[0] += trellis_tests::prometheus::sum_samples(&body, "trellis_proxy_status_writes_total", &[]);
+            sum[1] += trellis_tests::prometheus::sum_samples(&body, "trellis_proxy_status_puts_total", &[]);
         }
     }
     sum
@@ -372,10 +374,12 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
         let spread: Vec<String> =
             spread.iter().enumerate().map(|(r, (a, b))| format!("replica {r} {a:.0}..{b:.0}")).collect();
         eprintln!("  apply round {round}: first..last read (ms) {}", spread.join(", "));
+        let writes_after = status_writes(&replicas);
         eprintln!(
-            "  apply round {round}: {}; proxy status entries written to the store {:.0}",
+            "  apply round {round}: {}; proxy status entries written to the store {:.0} in {:.0} puts",
             cpu_before.used_until(&cpu_after, applying_s),
-            status_writes(&replicas) - writes_before
+            writes_after[0] - writes_before[0],
+            writes_after[1] - writes_before[1]
         );
         if count < plan.proxies {
             eprintln!("  apply round {round}: {} proxies did not ACK within 60 s", plan.proxies - count);
@@ -388,12 +392,24 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
     let mut signings = Vec::new();
     for round in 1..=plan.rounds {
         let before = signals.signed.load(Ordering::Relaxed);
+        let cpu_before = Cpu::now(&replica_pids, &etcd_pids);
         let t0 = Instant::now();
         signing_tx.send_replace(true);
         tokio::time::sleep(plan.sign_for).await;
         signing_tx.send_replace(false);
-        let rate = (signals.signed.load(Ordering::Relaxed) - before) as f64 / t0.elapsed().as_secs_f64();
+        let signed = signals.signed.load(Ordering::Relaxed) - before;
+        let cpu_after = Cpu::now(&replica_pids, &etcd_pids);
+        let rate = signed as f64 / t0.elapsed().as_secs_f64();
         eprintln!("  signing round {round}: {rate:.0} certificates/s with {} clients", plan.csr_clients);
+        // Where the CPU of a signing goes (the round's CPU over its signings; idle baseline included).
+        let per_signing = |seconds: f64| seconds * 1e6 / signed.max(1) as f64;
+        eprintln!(
+            "    {}; per signing: replicas {:.0} µs, etcd {:.0} µs, bench {:.0} µs",
+            cpu_before.used_until(&cpu_after, 0.0),
+            per_signing(cpu_after.replicas.iter().sum::<f64>() - cpu_before.replicas.iter().sum::<f64>()),
+            per_signing(cpu_after.etcd - cpu_before.etcd),
+            per_signing(cpu_after.bench - cpu_before.bench),
+        );
         signings.push(rate);
         // Let the answers in flight land before the next round.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -543,9 +559,10 @@ pub fn main(argv: &[String]) -> std::process::ExitCode {
             ("--proxies", Some(v)) => plan.proxies = v,
             ("--csr-clients", Some(v)) => plan.csr_clients = v,
             ("--rounds", Some(v)) => plan.rounds = v,
+            ("--sign-for", Some(v)) => plan.sign_for = Duration::from_secs(v as u64),
             _ => {
                 eprintln!(
-                    "trellis-bench control: {flag}: expected --replicas/--proxies/--csr-clients/--rounds N or --ack-only"
+                    "trellis-bench control: {flag}: expected --replicas/--proxies/--csr-clients/--rounds N, --sign-for SECONDS or --ack-only"
                 );
                 return std::process::ExitCode::FAILURE;
             }
