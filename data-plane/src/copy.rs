@@ -22,7 +22,7 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -30,31 +30,56 @@ use bytes::{Buf, Bytes};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bytes per buffer. Measured (2 vCPU): 8 and 16 KiB gave ~180 MB/s through two proxies, 64 KiB ~280 MB/s
-/// (`trellis-bench tunnel --quick`); against 64 KiB, 256 KiB took a single stream from a median of 480 to 590 MB/s
-/// and eight from 450 to 545 (`trellis-bench all --only 1 --bulk-mib 1024`, alternated, 10 rounds each): fewer
-/// reads and writes per byte on both sockets and HTTP/2 DATA frames of up to 256 KiB (the frame size limit).
+/// Bytes per buffer of a direction that moves bulk. Measured (2 vCPU): 8 and 16 KiB gave ~180 MB/s through two
+/// proxies, 64 KiB ~280 MB/s (`trellis-bench tunnel --quick`); against 64 KiB, 256 KiB took a single stream from a
+/// median of 480 to 590 MB/s and eight from 450 to 545 (`trellis-bench all --only 1 --bulk-mib 1024`, alternated, 10
+/// rounds each): fewer reads and writes per byte on both sockets and HTTP/2 DATA frames of up to 256 KiB (the frame
+/// size limit).
 pub const BUFFER_SIZE: usize = 256 * 1024;
 
-/// Free buffers kept for reuse while traffic flows; beyond this a returned buffer is freed (16 MiB at most sits
-/// idle), and once traffic goes quiet the pool is emptied ([`release_pooled_buffers`]).
+/// Bytes of the first buffer a direction reads into. Most reads of a request-and-answer exchange (an HTTP request,
+/// its headers, a small answer) fit in it, and a buffer taken from the allocator is written whole (zeroed), so a
+/// burst of new connections costs 16 KiB per direction in flight, not 256. A read that fills it marks the direction
+/// as moving bulk: from then on it reads into [`BUFFER_SIZE`] buffers (one extra read per direction, once).
+pub const FIRST_BUFFER_SIZE: usize = 16 * 1024;
+
+/// Free buffers of each size kept for reuse while traffic flows; beyond this a returned buffer is freed (17 MiB at
+/// most sits idle), and once traffic goes quiet the pool is emptied ([`release_pooled_buffers`]).
 const MAX_FREE: usize = 64;
 
-static POOL: Mutex<Vec<PooledBuffer>> = Mutex::new(Vec::new());
-
-/// One buffer of the pool ([`BUFFER_SIZE`] bytes).
-pub(crate) type PooledBuffer = Box<[u8]>;
-
-/// A buffer from the pool (allocated when the pool has none); give it back with [`give_back_buffer`].
-pub(crate) fn take_buffer() -> PooledBuffer {
-    crate::activity::note();
-    let reused = POOL.lock().pop();
-    reused.unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice())
+/// Free buffers, by size.
+struct Free {
+    first: Vec<PooledBuffer>,
+    bulk: Vec<PooledBuffer>,
 }
 
-/// Returns a buffer [`take_buffer`] lent (freed when the pool is full).
+impl Free {
+    fn of(&mut self, size: usize) -> &mut Vec<PooledBuffer> {
+        if size == BUFFER_SIZE { &mut self.bulk } else { &mut self.first }
+    }
+}
+
+static POOL: Mutex<Free> = Mutex::new(Free { first: Vec::new(), bulk: Vec::new() });
+
+/// One buffer of the pool ([`BUFFER_SIZE`] or [`FIRST_BUFFER_SIZE`] bytes).
+pub(crate) type PooledBuffer = Box<[u8]>;
+
+/// A [`BUFFER_SIZE`] buffer from the pool (allocated when the pool has none); give it back with
+/// [`give_back_buffer`].
+pub(crate) fn take_buffer() -> PooledBuffer {
+    take_sized(BUFFER_SIZE)
+}
+
+fn take_sized(size: usize) -> PooledBuffer {
+    crate::activity::note();
+    let reused = POOL.lock().of(size).pop();
+    reused.unwrap_or_else(|| vec![0; size].into_boxed_slice())
+}
+
+/// Returns a buffer the pool lent, to the free list of its size (freed when that list is full).
 pub(crate) fn give_back_buffer(buffer: PooledBuffer) {
-    let mut free = POOL.lock();
+    let mut pool = POOL.lock();
+    let free = pool.of(buffer.len());
     if free.len() < MAX_FREE {
         free.push(buffer);
     }
@@ -86,6 +111,8 @@ pub struct Held {
     pos: usize,
     end: usize,
     shared: Bytes,
+    /// A read filled a whole [`FIRST_BUFFER_SIZE`] buffer: reads go into [`BUFFER_SIZE`] ones from then on.
+    bulk: bool,
 }
 
 impl Held {
@@ -131,13 +158,27 @@ impl Held {
         self.shared = bytes;
     }
 
-    /// A pooled buffer to read into (taken from the pool unless one is held); `filled` says how much was read.
+    /// A pooled buffer to read into (taken from the pool unless one of the size wanted is held; called only while
+    /// nothing is held); `filled` says how much was read.
     fn read_space(&mut self) -> &mut [u8] {
-        self.buffer.get_or_insert_with(take_buffer)
+        let size = if self.bulk { BUFFER_SIZE } else { FIRST_BUFFER_SIZE };
+        if let Some(small) = self.buffer.take_if(|b| b.len() < size) {
+            give_back_buffer(small);
+        }
+        self.buffer.get_or_insert_with(|| take_sized(size))
     }
 
     fn filled(&mut self, n: usize) {
         (self.pos, self.end) = (0, n);
+        if self.buffer.as_ref().is_some_and(|b| n == b.len()) {
+            self.bulk = true;
+        }
+    }
+
+    /// The size of the buffer held, if one is (tests).
+    #[cfg(test)]
+    pub(crate) fn buffer_size(&self) -> Option<usize> {
+        self.buffer.as_ref().map(|b| b.len())
     }
 
     /// Gives the pooled buffer back while nothing waits in it.
@@ -202,7 +243,10 @@ impl<T: AsyncWrite + ?Sized> CopyWrite for T {
 /// Frees every pooled buffer (when traffic has gone quiet: see `heap`); the next burst allocates afresh.
 pub fn release_pooled_buffers() {
     // Taken out under the lock, freed after it is released.
-    let drained = std::mem::take(&mut *POOL.lock());
+    let drained = {
+        let mut pool = POOL.lock();
+        (std::mem::take(&mut pool.first), std::mem::take(&mut pool.bulk))
+    };
     drop(drained);
 }
 
@@ -338,22 +382,33 @@ impl Direction {
 /// neither answers nor closes from holding the connection.
 pub const DRAIN_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
+/// The sides of a copy: `copy_counted`'s client and server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
 /// How the two directions of a copy stand after one poll.
 struct Progress {
     first_error: Option<io::Error>,
     /// Set when the other direction can no longer deliver anything: a reader failed, so the stream the other
     /// direction writes to is gone too.
     stop: bool,
+    /// The side whose read failed first (it reset, or broke), if one did.
+    broken: Option<Side>,
 }
 
 impl Progress {
-    fn note(&mut self, direction: &mut Direction, result: Poll<Result<(), Failure>>) {
+    /// Notes what the direction that reads from `from` did.
+    fn note(&mut self, direction: &mut Direction, from: Side, result: Poll<Result<(), Failure>>) {
         let Poll::Ready(result) = result else { return };
         direction.done = true;
         let error = match result {
             Ok(()) => return,
             Err(Failure::Read(e)) => {
                 self.stop = true;
+                self.broken.get_or_insert(from);
                 e
             }
             Err(Failure::Write(e)) => e,
@@ -430,6 +485,7 @@ impl Watch {
 /// sent, for at most [`DRAIN_AFTER_FAILURE`], so that an answer in flight (an HTTP 431 to a request head still
 /// being sent) reaches the client. After a failed read the stream is gone both ways and the copy ends at once. The
 /// first error is returned. A [`Timeout`] that expires ends the copy with an error of kind `TimedOut` carrying it.
+#[cfg(test)]
 async fn bidirectional<A, B>(
     a: &mut A,
     b: &mut B,
@@ -441,23 +497,37 @@ where
     A: CopyRead + CopyWrite + Unpin + ?Sized,
     B: CopyRead + CopyWrite + Unpin + ?Sized,
 {
+    copy_both_ways(a, b, [from_a, from_b], timeouts).await.map_err(|(error, _)| error)
+}
+
+/// `bidirectional` (`a` is the client side), its error with the side whose read failed, if one did.
+async fn copy_both_ways<A, B>(
+    a: &mut A,
+    b: &mut B,
+    [from_a, from_b]: [&AtomicU64; 2],
+    timeouts: Timeouts,
+) -> Result<(), (io::Error, Option<Side>)>
+where
+    A: CopyRead + CopyWrite + Unpin + ?Sized,
+    B: CopyRead + CopyWrite + Unpin + ?Sized,
+{
     let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
-    let mut progress = Progress { first_error: None, stop: false };
+    let mut progress = Progress { first_error: None, stop: false, broken: None };
     // Armed by the first failure only: a connection that flows never creates a timer.
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut watch = Watch::new(timeouts);
     poll_fn(|cx| {
         if !a_to_b.done {
             let result = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b), from_a);
-            progress.note(&mut a_to_b, result);
+            progress.note(&mut a_to_b, Side::Client, result);
         }
         if !b_to_a.done && !progress.stop {
             let result = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a), from_b);
-            progress.note(&mut b_to_a, result);
+            progress.note(&mut b_to_a, Side::Server, result);
         }
         let ended = (a_to_b.done && b_to_a.done) || progress.stop;
         if !ended && let Poll::Ready(timeout) = watch.poll(cx, [&mut a_to_b, &mut b_to_a]) {
-            return Poll::Ready(Err(timeout.into()));
+            return Poll::Ready(Err((timeout.into(), None)));
         }
         if !ended && progress.first_error.is_some() {
             let deadline = deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(DRAIN_AFTER_FAILURE)));
@@ -467,23 +537,38 @@ where
         } else if !ended {
             return Poll::Pending;
         }
-        Poll::Ready(progress.first_error.take().map_or(Ok(()), Err))
+        Poll::Ready(progress.first_error.take().map_or(Ok(()), |error| Err((error, progress.broken))))
     })
     .await
 }
 
 /// Bytes a proxied connection carried each way, counted as they are read so that a connection cut short (by a
 /// policy change or shutdown) still reports what it carried.
+///
+/// Also what broke a copy that failed: the side whose read failed first ([`ByteCounts::broken`]), so that the
+/// proxy can pass the failure on as a reset rather than a clean close.
 #[derive(Default)]
 pub struct ByteCounts {
     from_client: AtomicU64,
     to_client: AtomicU64,
+    /// 0: none; 1: the client side; 2: the server side.
+    broken: AtomicU8,
 }
 
 impl ByteCounts {
     /// `(from the client, to the client)`.
     pub fn get(&self) -> (u64, u64) {
         (self.from_client.load(Ordering::Relaxed), self.to_client.load(Ordering::Relaxed))
+    }
+
+    /// The side whose read failed (a reset, a stream reset, a connection that broke) and ended the copy, if one
+    /// did; `None` after a clean end, a timeout, or when only a write failed.
+    pub fn broken(&self) -> Option<Side> {
+        match self.broken.load(Ordering::Relaxed) {
+            1 => Some(Side::Client),
+            2 => Some(Side::Server),
+            _ => None,
+        }
     }
 }
 
@@ -499,7 +584,16 @@ where
     C: CopyRead + CopyWrite + Unpin,
     S: CopyRead + CopyWrite + Unpin,
 {
-    bidirectional(client, server, &counts.from_client, &counts.to_client, timeouts).await
+    let result = copy_both_ways(client, server, [&counts.from_client, &counts.to_client], timeouts).await;
+    result.map_err(|(error, broken)| {
+        let code = match broken {
+            None => 0,
+            Some(Side::Client) => 1,
+            Some(Side::Server) => 2,
+        };
+        counts.broken.store(code, Ordering::Relaxed);
+        error
+    })
 }
 
 /// Counts the bytes read from and written to `io` into `counts` (`from_client`: read, `to_client`: written), for a
@@ -728,6 +822,54 @@ mod tests {
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello");
         assert_eq!(counter.load(Ordering::Relaxed), 5);
+    }
+
+    #[tokio::test]
+    async fn a_direction_gives_its_buffer_back_when_idle_takes_one_when_bytes_flow_and_grows_it_for_bulk() {
+        // The writer's pipe is small: while it is full the direction holds what it read, in the buffer it took.
+        let (mut client, mut proxy_a) = tokio::io::duplex(1 << 20);
+        let (mut proxy_b, mut server) = tokio::io::duplex(64);
+        let counter = AtomicU64::new(0);
+        let mut direction = Direction::default();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut poll =
+            |d: &mut Direction| d.poll_copy(&mut cx, Pin::new(&mut proxy_a), Pin::new(&mut proxy_b), &counter);
+        let pattern = |from: usize, n: usize| (from..from + n).map(|i| (i % 251) as u8).collect::<Vec<u8>>();
+        let mut sent = 0;
+        let mut received = Vec::new();
+        let mut sizes = Vec::new();
+
+        // Idle at first: no buffer.
+        assert!(poll(&mut direction).is_pending());
+        assert_eq!(direction.held.buffer_size(), None, "idle: nothing read, no buffer held");
+
+        // Three rounds, each followed by a quiet spell: a short message, a bulk transfer, a short message again.
+        for n in [100, 3 * BUFFER_SIZE + 12_345, 100] {
+            client.write_all(&pattern(sent, n)).await.unwrap();
+            sent += n;
+            let mut chunk = [0; 64];
+            while received.len() < sent {
+                assert!(poll(&mut direction).is_pending());
+                sizes.extend(direction.held.buffer_size());
+                // The server reads what the direction wrote (a full pipe: 64 bytes at most at a time).
+                while let Ok(k) = tokio::time::timeout(Duration::ZERO, server.read(&mut chunk)).await {
+                    received.extend_from_slice(&chunk[..k.unwrap()]);
+                }
+            }
+            assert!(poll(&mut direction).is_pending());
+            assert_eq!(direction.held.buffer_size(), None, "quiet after {n} bytes: the buffer went back");
+            assert!(
+                received == pattern(0, sent),
+                "every byte, in order, after {n} more ({} of {sent})",
+                received.len()
+            );
+        }
+        assert_eq!(counter.load(Ordering::Relaxed), sent as u64);
+        // While bytes flowed a buffer was held: the small one first, the bulk one once a read had filled it.
+        assert_eq!(sizes.first(), Some(&FIRST_BUFFER_SIZE), "{sizes:?}");
+        assert!(sizes.contains(&BUFFER_SIZE), "the bulk transfer grew the buffer");
+        let first_bulk = sizes.iter().position(|&s| s == BUFFER_SIZE).unwrap();
+        assert!(sizes[first_bulk..].iter().all(|&s| s == BUFFER_SIZE), "and kept it for the direction's later reads");
     }
 
     const IDLE: Duration = Duration::from_secs(60);

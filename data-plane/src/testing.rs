@@ -2,8 +2,8 @@
 //! fronting W_a) and "B" (server side, fronting W_b), each a real [`DataPath`] with its HBONE and SOCKS5 listeners and
 //! its `reconfigure::follow_changes` task, fed the way a running proxy is fed: the mesh state through `state::apply`
 //! into its `StateStore`, certificates through its `CertManager`, whose CSRs a test CA answers (first issuance and
-//! renewals alike). W_b is played by three servers on 127.0.0.1 (an echo and a greeter on ports declared `tcp`, and
-//! a minimal HTTP/1.1 server on a port declared `http`); W_a lives at 127.0.0.2.
+//! renewals alike). W_b is played by four servers on 127.0.0.1 (an echo, a greeter and one that resets, on ports
+//! declared `tcp`, and a minimal HTTP/1.1 server on a port declared `http`); W_a lives at 127.0.0.2.
 //!
 //! What each proxy recorded (access-log entries, accepted HBONE connections with the client certificate's serial,
 //! authorization decisions) is read from the tracing events of the test, captured by [`Events`]. The capture is the
@@ -65,6 +65,8 @@ pub struct Mesh {
     pub echo: Server,
     /// W_b's greeter port: sends [`GREETING`] and closes its side at once, then reads until EOF.
     pub greeter: Server,
+    /// W_b's resetting port: reads what arrives first, reports it, then resets the connection (SO_LINGER 0).
+    pub resetter: Server,
     /// W_b's `http` port: answers every HTTP/1.1 request head with 200 `ok`, reporting each head as it arrives.
     pub http: Server,
     pub events: Events,
@@ -92,14 +94,30 @@ impl Mesh {
         let (shutdown, stop) = watch::channel(false);
         let echo = Server::start(Behaviour::Echo).await;
         let greeter = Server::start(Behaviour::Greet).await;
+        let resetter = Server::start(Behaviour::Reset).await;
         let http = Server::start(Behaviour::Http).await;
         let w_a = workload("web", "front", [127, 0, 0, 2], vec![]);
-        let ports = vec![(echo.addr.port(), Protocol::Tcp), (greeter.addr.port(), Protocol::Tcp)];
+        let ports = vec![
+            (echo.addr.port(), Protocol::Tcp),
+            (greeter.addr.port(), Protocol::Tcp),
+            (resetter.addr.port(), Protocol::Tcp),
+        ];
         let w_b = workload("api", "back", [127, 0, 0, 1], [ports, vec![(http.addr.port(), Protocol::Http)]].concat());
         let a = Proxy::start("node-a", w_a, &ca, stop.clone(), Connection::default()).await;
         let b = Proxy::start("node-b", w_b, &ca, stop, b_connection).await;
-        let mut mesh =
-            Self { ca, a, b, echo, greeter, http, events, version: 0, _shutdown: shutdown, _tracing: tracing };
+        let mut mesh = Self {
+            ca,
+            a,
+            b,
+            echo,
+            greeter,
+            resetter,
+            http,
+            events,
+            version: 0,
+            _shutdown: shutdown,
+            _tracing: tracing,
+        };
         let snapshot = v1::ConfigUpdate {
             full: true,
             trust_bundle: Some(bundle(&[mesh.ca.root.clone()])),
@@ -387,6 +405,8 @@ enum Behaviour {
     Greet,
     /// HTTP/1.1 without bodies: each request head is reported when it arrives, answered `200 ok`.
     Http,
+    /// Reads once, reports it, then resets the connection.
+    Reset,
 }
 
 /// A TCP server standing for W_b on one port; reports what each connection sent it until EOF.
@@ -410,7 +430,17 @@ impl Server {
                 count.fetch_add(1, Ordering::Relaxed);
                 let report = report.clone();
                 let (greet, http) = (matches!(behaviour, Behaviour::Greet), matches!(behaviour, Behaviour::Http));
+                let reset = matches!(behaviour, Behaviour::Reset);
                 tokio::spawn(async move {
+                    if reset {
+                        let mut tcp = tcp;
+                        let mut buffer = [0u8; 16 * 1024];
+                        let n = tcp.read(&mut buffer).await.unwrap_or(0);
+                        socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)).expect("SO_LINGER 0");
+                        drop(tcp);
+                        let _ = report.send(buffer[..n].to_vec());
+                        return;
+                    }
                     let (mut reader, mut writer) = tcp.into_split();
                     let mut seen = Vec::new();
                     if http {

@@ -2,6 +2,10 @@
 //! [`WORKLOAD_DIAL_TIMEOUT`] (a failure is reported as refused, its response flags derived from [`DialError`]), then
 //! relay both ways until both sides are done or the proxy cancels the connection, and report its end once.
 //!
+//! A relay that fails because one side broke (a reset, an HTTP/2 stream reset, a connection that died) ends the
+//! other side with a reset too ([`Abort`]): a workload then tells a failure from a clean close, as it would without
+//! the proxies. A clean end, a timeout and a cancellation close as before (a FIN, END_STREAM).
+//!
 //! "Once" is kept by the types of `report`: a `ConnectionReport` is consumed either as refused or as opened, and
 //! the `Open` it becomes is consumed when closed.
 
@@ -15,7 +19,7 @@ use tokio::net::TcpStream;
 
 use super::WORKLOAD_DIAL_TIMEOUT;
 use crate::connections::Registration;
-use crate::copy::{ByteCounts, CopyRead, CopyWrite, Timeout, Timeouts, copy_counted};
+use crate::copy::{ByteCounts, CopyRead, CopyWrite, Side, Timeout, Timeouts, copy_counted};
 use crate::metrics::{Flags, TrafficMetrics};
 use crate::report::{Authz, ConnectionReport, Open};
 
@@ -96,6 +100,26 @@ async fn opened_or_refused<S>(
     }
 }
 
+/// A side of a relay that can end with a reset instead of a clean close.
+pub trait Abort {
+    /// Makes the coming close (the drop) a reset.
+    fn abort_on_close(&self);
+}
+
+impl Abort for TcpStream {
+    /// SO_LINGER 0: the close sends an RST (and drops what is still unsent), the peer reads `ECONNRESET`.
+    fn abort_on_close(&self) {
+        if let Err(error) = socket2::SockRef::from(self).set_linger(Some(Duration::ZERO)) {
+            tracing::debug!(%error, "SO_LINGER 0 refused; the connection closes with a FIN");
+        }
+    }
+}
+
+impl Abort for super::h2_stream::H2Stream {
+    /// Nothing to do: a stream dropped before both its ends were sent is reset (RST_STREAM CANCEL).
+    fn abort_on_close(&self) {}
+}
+
 /// How a relayed connection ended.
 #[derive(Debug)]
 pub enum Ended {
@@ -112,7 +136,8 @@ pub enum Ended {
 
 /// Relays between `client` and `upstream` until both directions are closed (half-close passes through), the
 /// proxy cancels the connection, or it carries nothing for one of `timeouts`; then reports its end once: the bytes
-/// each way (`received`: from the client), and why it ended early if it did (the access log's detail).
+/// each way (`received`: from the client), and why it ended early if it did (the access log's detail). When it failed
+/// because one side broke (its read failed), the other side is made to close with a reset ([`Abort`]).
 pub async fn relay<C, U>(
     open: Open,
     client: &mut C,
@@ -121,8 +146,8 @@ pub async fn relay<C, U>(
     timeouts: Timeouts,
 ) -> Ended
 where
-    C: CopyRead + CopyWrite + Unpin,
-    U: CopyRead + CopyWrite + Unpin,
+    C: CopyRead + CopyWrite + Abort + Unpin,
+    U: CopyRead + CopyWrite + Abort + Unpin,
 {
     let counts = ByteCounts::default();
     let ended = tokio::select! {
@@ -135,6 +160,11 @@ where
             Err(e) => Timeout::of(&e).map_or(Ended::Failed(e), Ended::TimedOut),
         },
     };
+    match counts.broken() {
+        Some(Side::Client) => upstream.abort_on_close(),
+        Some(Side::Server) => client.abort_on_close(),
+        None => {}
+    }
     let (received, sent) = counts.get();
     let detail = match &ended {
         Ended::Closed => None,
@@ -297,6 +327,152 @@ mod tests {
         assert_eq!(opened_and_closed(&handle, Flags::None), (Some(1), Some(1)));
         assert_eq!(value(&handle, "istio_tcp_received_bytes_total", Flags::None), Some(5));
         assert_eq!(open_gauge(&handle), 0.0);
+    }
+
+    /// In-memory pipes stand for sockets in the tests above; nothing to reset.
+    impl Abort for DuplexStream {
+        fn abort_on_close(&self) {}
+    }
+
+    /// Both ends of a loopback TCP connection: (the workload's, the proxy's).
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (workload, accepted) = tokio::join!(TcpStream::connect(listener.local_addr().unwrap()), listener.accept());
+        (workload.unwrap(), accepted.unwrap().0)
+    }
+
+    type Half = (h2::SendStream<bytes::Bytes>, h2::RecvStream);
+
+    /// One HBONE stream answered 200 over an in-memory HTTP/2 connection: (the client side's half, the server's).
+    async fn hbone_stream() -> (Half, Half) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+            let send = respond.send_response(hyper::Response::new(()), false).unwrap();
+            tokio::spawn(async move { while let Some(Ok(_)) = conn.accept().await {} });
+            (send, request.into_body())
+        });
+        let (sender, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let mut sender = sender.ready().await.unwrap();
+        let request = hyper::Request::builder().method(hyper::Method::CONNECT).uri("10.1.0.2:8080").body(()).unwrap();
+        let (response, send) = sender.send_request(request, false).unwrap();
+        let server_half = server.await.unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), hyper::StatusCode::OK);
+        ((send, response.into_body()), server_half)
+    }
+
+    /// How the peer of the proxy's tunnel ends its side.
+    #[derive(Debug, Clone, Copy)]
+    enum PeerEnd {
+        /// END_STREAM, after the workload closed its side too (the control).
+        Clean,
+        /// RST_STREAM with this reason.
+        Reset(h2::Reason),
+    }
+
+    const PEER_ENDS: [PeerEnd; 3] =
+        [PeerEnd::Clean, PeerEnd::Reset(h2::Reason::CANCEL), PeerEnd::Reset(h2::Reason::INTERNAL_ERROR)];
+
+    /// What the workload's socket reads until its end: the bytes, then EOF (`Ok`) or the error (a reset).
+    async fn read_until_end(workload: &mut TcpStream) -> (Vec<u8>, io::Result<usize>) {
+        let mut got = Vec::new();
+        let result = crate::testing::within("the workload's end", workload.read_to_end(&mut got)).await;
+        (got, result)
+    }
+
+    #[tokio::test]
+    async fn a_client_side_workload_socket_is_reset_when_its_tunnel_is_reset_and_closed_when_the_tunnel_ends() {
+        for end in PEER_ENDS {
+            let traffic = TrafficMetrics::default();
+            let registration = Arc::new(Connections::default()).register_outbound();
+            let ((send, recv), (mut peer_send, _peer_recv)) = hbone_stream().await;
+            let mut tunnel = super::super::h2_stream::H2Stream::new(send, recv);
+            let (mut workload, mut proxy_end) = tcp_pair().await;
+            let open = report().opened(&traffic, Authz::NONE);
+            // The client proxy's relay; the workload's connection closes when it returns, as `outbound`'s does.
+            let relay = async move {
+                let ended = relay(open, &mut proxy_end, &mut tunnel, &registration, Timeouts::NONE).await;
+                drop(proxy_end);
+                ended
+            };
+            let peer = async {
+                peer_send.send_data(bytes::Bytes::from_static(b"answer"), false).unwrap();
+                match end {
+                    PeerEnd::Clean => {
+                        peer_send.send_data(bytes::Bytes::new(), true).unwrap();
+                        workload.shutdown().await.unwrap();
+                    }
+                    PeerEnd::Reset(reason) => peer_send.send_reset(reason),
+                }
+                read_until_end(&mut workload).await
+            };
+            let (ended, (got, result)) = tokio::join!(relay, peer);
+            match end {
+                PeerEnd::Clean => {
+                    assert!(matches!(ended, Ended::Closed), "{end:?}: {ended:?}");
+                    assert_eq!(result.expect("a clean close is an EOF"), 6, "{end:?}");
+                    assert_eq!(got, b"answer");
+                }
+                PeerEnd::Reset(_) => {
+                    assert!(matches!(ended, Ended::Failed(_)), "{end:?}: {ended:?}");
+                    let error = result.expect_err("a reset tunnel resets the workload's connection");
+                    assert_eq!(error.kind(), io::ErrorKind::ConnectionReset, "{end:?}: {error}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_side_upstream_socket_is_reset_when_the_client_side_resets_and_closed_when_it_ends() {
+        for end in PEER_ENDS {
+            let traffic = TrafficMetrics::default();
+            let registration = Arc::new(Connections::default()).register_outbound();
+            let ((mut peer_send, _peer_recv), (send, recv)) = hbone_stream().await;
+            let mut tunnel = super::super::h2_stream::H2Stream::new(send, recv);
+            let (mut workload, mut proxy_end) = tcp_pair().await;
+            let open = report().opened(&traffic, Authz::NONE);
+            // The server proxy's relay: the tunnel is its client side, the workload's connection its upstream.
+            let relay = async move {
+                let ended = relay(open, &mut tunnel, &mut proxy_end, &registration, Timeouts::NONE).await;
+                drop(proxy_end);
+                ended
+            };
+            let peer = async {
+                peer_send.send_data(bytes::Bytes::from_static(b"request"), false).unwrap();
+                match end {
+                    PeerEnd::Clean => {
+                        peer_send.send_data(bytes::Bytes::new(), true).unwrap();
+                        let read = read_until_end(&mut workload).await;
+                        workload.shutdown().await.unwrap();
+                        read
+                    }
+                    PeerEnd::Reset(reason) => {
+                        // Once the workload has the bytes: the reset is what ends its connection, not a lost race.
+                        let mut got = [0; 7];
+                        workload.read_exact(&mut got).await.unwrap();
+                        peer_send.send_reset(reason);
+                        let (rest, result) = read_until_end(&mut workload).await;
+                        ([&got[..], &rest].concat(), result)
+                    }
+                }
+            };
+            let (ended, (got, result)) = tokio::join!(relay, peer);
+            assert_eq!(got, b"request", "{end:?}");
+            match end {
+                PeerEnd::Clean => {
+                    assert!(matches!(ended, Ended::Closed), "{end:?}: {ended:?}");
+                    result.expect("a clean end is an EOF");
+                }
+                PeerEnd::Reset(_) => {
+                    assert!(matches!(ended, Ended::Failed(_)), "{end:?}: {ended:?}");
+                    let error = result.expect_err("a reset stream resets the workload's connection");
+                    assert_eq!(error.kind(), io::ErrorKind::ConnectionReset, "{end:?}: {error}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -115,7 +115,11 @@ async fn open(
 }
 
 /// Copies both ways until both directions are closed (half-close passes through), or the proxy cancels it.
-pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(data: &DataPath, mut client: C, connected: Connected) {
+pub async fn relay<C: AsyncRead + AsyncWrite + finish::Abort + Unpin>(
+    data: &DataPath,
+    mut client: C,
+    connected: Connected,
+) {
     let registration = match &connected.upstream {
         Upstream::Tunnel(tunnel) => data.connections.register_tunnel(tunnel.peer.clone()),
         Upstream::Direct(_) => data.connections.register_outbound(),

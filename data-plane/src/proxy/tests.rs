@@ -483,3 +483,23 @@ async fn a_large_transfer_crosses_both_hops_both_ways_byte_exact_through_odd_wri
         assert_eq!(entry.field("detail"), "-", "ended normally: {entry:?}");
     }
 }
+
+#[tokio::test]
+async fn a_workload_that_resets_is_seen_as_a_reset_by_the_client_through_both_proxies_and_one_that_closes_as_an_eof() {
+    let mesh = Mesh::start().await;
+    let a = &mesh.a;
+
+    // Control: the greeter sends its greeting and closes (FIN): the client reads it, then EOF.
+    let mut client = a.connect(mesh.greeter.addr).await.expect("the tunnel opens");
+    let mut got = Vec::new();
+    within("the greeting, then EOF", client.read_to_end(&mut got)).await.expect("a clean close is an EOF");
+    assert_eq!(got, GREETING);
+
+    // W_b resets its connection: B's copy fails on the read, B resets the HBONE stream, A's copy fails on the read
+    // and resets the client's connection.
+    let mut client = a.connect(mesh.resetter.addr).await.expect("the tunnel opens");
+    client.write_all(b"hello").await.unwrap();
+    assert_eq!(mesh.resetter.received().await, b"hello", "W_b read the bytes, then reset");
+    let error = read_rest(&mut client).await.expect_err("the reset reaches the client as a reset");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+}
