@@ -123,7 +123,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
         Arc::new(move || ready_store.store().available()),
     ));
     if let Some(changes) = shared.mesh.store().follow(&crate::mesh::FOLLOWED) {
-        tokio::spawn(crate::mesh::follow_store(shared.mesh.clone(), changes));
+        tokio::spawn(crate::mesh::follow_store(shared.mesh.clone(), changes, shared.rotation_wake.clone()));
     }
 
     tokio::spawn(crate::services::mesh_status::publish(shared.clone()));

@@ -581,10 +581,17 @@ fn admin_calls_reach_every_replica_right_after_a_rotation_on_etcd_retires_the_ol
     for (i, cp) in replicas.iter().enumerate() {
         let status = ca_status(cp);
         assert_eq!(status["roots"].as_array().unwrap().len(), 1, "replica {i}: {status}");
+        // A replica refreshes its admin.yaml once it has followed `done` (the watch wakes its rotation loop), which
+        // may be a moment after its CA status says so: wait for the file, bounded.
         for config in [cp.admin_config(), cli_config_for(i)] {
-            let config: serde_yaml_ng::Value =
-                serde_yaml_ng::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
-            assert_eq!(config["caBundle"].as_str().unwrap().trim(), new_root.trim(), "replica {i}");
+            let bundle = || -> String {
+                let config: serde_yaml_ng::Value =
+                    serde_yaml_ng::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+                config["caBundle"].as_str().unwrap().trim().to_owned()
+            };
+            if trellis_tests::poll(Duration::from_secs(30), || (bundle() == new_root.trim()).then_some(())).is_none() {
+                assert_eq!(bundle(), new_root.trim(), "replica {i}: {}", config.display());
+            }
         }
     }
 }

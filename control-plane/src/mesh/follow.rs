@@ -17,10 +17,17 @@ use crate::records;
 use crate::rotation::{RECORD_KEY, RotationRecord};
 use crate::store::{Change, Table};
 
-/// Applies the store's changes to this replica's mirror and publishes it, until the store goes away.
-pub async fn follow_store(mesh: Arc<Mesh>, mut changes: mpsc::UnboundedReceiver<Change>) {
+/// Applies the store's changes to this replica's mirror and publishes it, until the store goes away. When the root CA
+/// rotation's record changes (another replica moved it on), `rotation_moved` is notified, so that this replica's
+/// rotation loop acts on the new phase now (e.g. refreshes its data dir's admin.yaml) rather than at its next poll.
+pub async fn follow_store(
+    mesh: Arc<Mesh>,
+    mut changes: mpsc::UnboundedReceiver<Change>,
+    rotation_moved: Arc<tokio::sync::Notify>,
+) {
     mesh.followed.store(true, Ordering::Relaxed);
     let mut mirror = Mirror::default();
+    let mut rotation_seen: Option<RotationRecord> = None;
     while let Some(first) = changes.recv().await {
         let mut batch = vec![first];
         while let Ok(more) = changes.try_recv() {
@@ -44,7 +51,14 @@ pub async fn follow_store(mesh: Arc<Mesh>, mut changes: mpsc::UnboundedReceiver<
         })
         .await;
         match applied {
-            Ok(m) => mirror = m,
+            Ok(m) => {
+                mirror = m;
+                let rotation = mirror.rotation();
+                if rotation.is_some() && rotation != rotation_seen {
+                    rotation_moved.notify_one();
+                }
+                rotation_seen = rotation;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "applying the store's changes failed; waiting for the next full read");
                 mirror = Mirror::default();
