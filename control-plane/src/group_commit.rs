@@ -251,21 +251,7 @@ mod tests {
         let batches = Arc::new(Mutex::new(Vec::<Vec<u32>>::new()));
         // The first commit is held until every other caller has queued: they must then share the next commit.
         let gate = Arc::new(Barrier::new(2));
-        let commit = {
-            let (batches, gate) = (batches.clone(), gate.clone());
-            move |items: &[u32]| {
-                let first = {
-                    let mut batches = batches.lock().unwrap();
-                    batches.push(items.to_vec());
-                    batches.len() == 1
-                };
-                if first {
-                    gate.wait();
-                    gate.wait();
-                }
-                items.iter().map(|i| i * 10).collect::<Vec<u32>>()
-            }
-        };
+        let commit = held_first_commit(batches.clone(), gate.clone());
         let spawn = |i: u32| {
             let (group, mut commit) = (group.clone(), commit.clone());
             std::thread::spawn(move || group.submit(i, &mut commit))
