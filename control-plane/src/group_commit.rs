@@ -371,12 +371,18 @@ mod tests {
         }
     }
 
-    /// Async callers wait without holding a thread: 40 tasks on a runtime of ONE thread all queue while another
-    /// caller's batch is being committed (a caller waiting in `submit` would block that thread, and the 39 others
-    /// would never queue), then share the next commit, each getting its own item's outcome.
-    #[test]
-    fn async_callers_wait_without_a_thread_and_share_the_next_commit() {
-        let group = Arc::new(GroupCommit::<u32, u32>::new(64));
+    /// A first caller (item 0) on a thread of its own, its batch's commit held at `gate` (its first wait already
+    /// passed): what the callers of a test queue meanwhile goes into the next batch once the test passes the gate.
+    struct Held<C> {
+        batches: Arc<Mutex<Vec<Vec<u32>>>>,
+        gate: Arc<Barrier>,
+        commit: C,
+        first: std::thread::JoinHandle<Result<u32, Abandoned>>,
+    }
+
+    fn first_batch_held(
+        group: &Arc<GroupCommit<u32, u32>>,
+    ) -> Held<impl FnMut(&[u32]) -> Vec<u32> + Clone + Send + 'static> {
         let (batches, gate) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Barrier::new(2)));
         let commit = held_first_commit(batches.clone(), gate.clone());
         let first = {
@@ -384,6 +390,16 @@ mod tests {
             std::thread::spawn(move || group.submit(0, &mut commit))
         };
         gate.wait();
+        Held { batches, gate, commit, first }
+    }
+
+    /// Async callers wait without holding a thread: 40 tasks on a runtime of ONE thread all queue while another
+    /// caller's batch is being committed (a caller waiting in `submit` would block that thread, and the 39 others
+    /// would never queue), then share the next commit, each getting its own item's outcome.
+    #[test]
+    fn async_callers_wait_without_a_thread_and_share_the_next_commit() {
+        let group = Arc::new(GroupCommit::<u32, u32>::new(64));
+        let Held { batches, gate, commit, first } = first_batch_held(&group);
         let tasks = {
             let group = group.clone();
             std::thread::spawn(move || {
@@ -417,13 +433,7 @@ mod tests {
     #[test]
     fn an_async_caller_dropped_while_waiting_leaves_nothing_behind() {
         let group = Arc::new(GroupCommit::<u32, u32>::new(64));
-        let (batches, gate) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Barrier::new(2)));
-        let commit = held_first_commit(batches.clone(), gate.clone());
-        let first = {
-            let (group, mut commit) = (group.clone(), commit.clone());
-            std::thread::spawn(move || group.submit(0, &mut commit))
-        };
-        gate.wait();
+        let Held { batches, gate, commit, first } = first_batch_held(&group);
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let waiting = {
             let (group, mut commit) = (group.clone(), commit.clone());

@@ -14,6 +14,7 @@ use trellis_proto::spiffe::{SpiffeId, Subject};
 
 use super::{Mesh, MeshError, now_unix, revocations};
 use crate::ca::{CaError, Issued};
+use crate::group_commit::Abandoned;
 use crate::records::{self, CertRecord, NodeRecord};
 use crate::store::{StoreError, Table, Txn, transact};
 
@@ -28,8 +29,7 @@ impl Mesh {
     /// revocation) and whether the identity is revoked is decided by the transaction that logs the certificate.
     pub fn sign_workload(&self, node: &NodeRecord, csr_der: &[u8]) -> Result<(SpiffeId, Issued), MeshError> {
         let (id, issued, record) = self.sign_unlogged(node, csr_der)?;
-        let logged = self.cert_log.submit(record, &mut |batch: &[CertRecord]| self.log_batch(batch));
-        logged.map_err(|e| MeshError::Store(StoreError::Backend(format!("certificate log: {e}"))))??;
+        logged(self.cert_log.submit(record, &mut |batch: &[CertRecord]| self.log_batch(batch)))?;
         Ok((id, issued))
     }
 
@@ -41,8 +41,7 @@ impl Mesh {
         csr_der: &[u8],
     ) -> Result<(SpiffeId, Issued), MeshError> {
         let (id, issued, record) = self.sign_unlogged(node, csr_der)?;
-        let logged = self.cert_log.submit_async(record, &mut |batch: &[CertRecord]| self.log_batch(batch)).await;
-        logged.map_err(|e| MeshError::Store(StoreError::Backend(format!("certificate log: {e}"))))??;
+        logged(self.cert_log.submit_async(record, &mut |batch: &[CertRecord]| self.log_batch(batch)).await)?;
         Ok((id, issued))
     }
 
@@ -150,6 +149,11 @@ impl Mesh {
         let record = certificate_record(issued, id, node);
         Ok(records::put(txn, Table::Certificates, &issued.serial_hex, &record)?)
     }
+}
+
+/// A certificate's outcome in the log: its batch's (abandoned when the batch's commit panicked).
+fn logged(outcome: Result<Result<(), MeshError>, Abandoned>) -> Result<(), MeshError> {
+    outcome.map_err(|e| MeshError::Store(StoreError::Backend(format!("certificate log: {e}"))))?
 }
 
 /// The certificate log's record of `issued`.
