@@ -123,7 +123,8 @@ pub async fn run(
     let locals = LocalWorkloads::new(&config.workloads, node.trust_domain())?;
     let data = Arc::new(DataPath::new(locals, config.outbound.clone(), config.connection.into()));
     tokio::spawn(reconfigure::follow_changes(config.clone(), data.clone(), certs.clone(), state.clone()));
-    tokio::spawn(crate::heap::release_when_quiet());
+    let registry = data.clone();
+    tokio::spawn(crate::heap::release_when_quiet(move || registry.connections.shrink_to_fit()));
     tokio::spawn(crate::log_limit::report_suppressed());
     let mut listeners = start_listeners(&config, &data, shared.clone(), shutdown.clone(), &mut bound).await?;
     bound.publish()?;

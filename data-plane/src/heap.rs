@@ -7,6 +7,11 @@
 //! nothing: as jemalloc's decay does, but without a second allocator in the build. With the `jemalloc` feature
 //! (off by default) the same quiet point also purges jemalloc's arenas: without background threads its decay only
 //! advances while the process allocates, so an idle proxy would otherwise keep its dirty pages.
+//!
+//! [`limit_arenas`] caps glibc's arenas at the runtime's worker threads: by default every thread that allocates
+//! gets an arena of its own (up to 8 per CPU), each with its own free and partly used pages, so the main thread
+//! (start-up, the discovery stream) and the blocking threads the trims and state writes run on each kept memory
+//! beside the worker's. Those threads allocate rarely, so sharing an arena costs the data path no lock contention.
 
 use std::time::Duration;
 
@@ -15,8 +20,9 @@ use crate::activity;
 /// How often activity is sampled; memory is returned after one whole period without traffic.
 const QUIET_PERIOD: Duration = Duration::from_secs(5);
 
-/// Runs until the runtime stops.
-pub async fn release_when_quiet() {
+/// Runs until the runtime stops. `on_quiet` runs at each quiet point before the trim: what holds room a burst grew
+/// (the connection registry) gives it back there, so that its pages are among those returned.
+pub async fn release_when_quiet(on_quiet: impl Fn()) {
     // The first check one period from now: an interval's immediate first tick would trim before start-up is done.
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + QUIET_PERIOD, QUIET_PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -32,13 +38,37 @@ pub async fn release_when_quiet() {
             busy = false;
             // The copy pool's buffers first, so that their pages are among those returned.
             crate::copy::release_pooled_buffers();
+            on_quiet();
             // A walk over every arena: off the async workers.
             let _ = tokio::task::spawn_blocking(release_free_pages).await;
         }
     }
 }
 
-/// The crate's one `unsafe` code (the crate root denies `unsafe_code`; this function alone is allowed it).
+/// Caps glibc's malloc arenas at `arenas` (the runtime's worker threads; at least 1). Call before the runtime
+/// starts threads: arenas already made stay. Returns whether the allocator took the limit (false with another
+/// allocator or libc).
+pub fn limit_arenas(arenas: usize) -> bool {
+    set_arena_max(arenas.max(1))
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn set_arena_max(arenas: usize) -> bool {
+    let value = libc::c_int::try_from(arenas).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `mallopt(M_ARENA_MAX, n)` is glibc's documented setter of a malloc tunable: it takes two integers and no
+    // pointer, takes the allocator's own lock, and only changes how many arenas later threads may create; no
+    // allocation is moved or freed. It returns 1 on success, 0 for a value it refuses.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, value) == 1 }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn set_arena_max(_: usize) -> bool {
+    false
+}
+
+/// The crate's `unsafe` code: this function and [`set_arena_max`] (the crate root denies `unsafe_code`; these two
+/// alone are allowed it).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn release_free_pages() {

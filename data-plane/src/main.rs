@@ -127,6 +127,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn serve(config: Config, addresses_file: Option<PathBuf>) -> anyhow::Result<()> {
+    // One glibc arena per runtime worker, shared by the main and blocking threads (heap.rs): before any thread starts.
+    if !trellis_data_plane::heap::limit_arenas(config.worker_threads) {
+        tracing::debug!("the allocator did not take an arena limit");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
         .enable_all()

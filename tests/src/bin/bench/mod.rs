@@ -4,6 +4,7 @@
 pub mod contenders;
 pub mod control;
 pub mod http;
+pub mod idle;
 pub mod load;
 pub mod netpath;
 pub mod nsdial;

@@ -27,7 +27,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::contenders::{self, Contender, Route};
 use super::report::{cell, machine, median, number, revision, wrap, write_section};
-use super::{control, load, plot, procfs};
+use super::{control, idle, load, plot, procfs};
 use crate::common;
 
 const COMMAND: &str = "cargo run --release -p trellis-tests --bin trellis-bench -- all";
@@ -48,9 +48,12 @@ struct Plan {
     churn_concurrency: usize,
     churn_for: Duration,
     idle: usize,
-    /// Quiet time after the warm-up before idle RSS is read: long enough for Trellis's proxies to give the burst's
-    /// freed heap back (two of their 5 s quiet periods), the same wait for every contender.
+    /// Quiet time before idle RSS is read, the same for every contender; then each process is read once its RSS
+    /// holds still (`idle.rs`). Long enough that Trellis's last housekeeping after a burst (about 20 s: surplus
+    /// pooled connections closed, then a quiet period, then the trim) falls inside the steadiness window.
     settle: Duration,
+    /// Readings a second apart that must agree before an idle process is read (`idle::STEADY_READINGS`).
+    steady_readings: usize,
     control: control::Plan,
 }
 
@@ -68,7 +71,8 @@ const FULL: Plan = Plan {
     churn_concurrency: 8,
     churn_for: Duration::from_secs(2),
     idle: 10_000,
-    settle: Duration::from_secs(12),
+    settle: Duration::from_secs(15),
+    steady_readings: idle::STEADY_READINGS,
     control: control::Plan::DEFAULT,
 };
 
@@ -84,7 +88,8 @@ const QUICK: Plan = Plan {
     churn_concurrency: 4,
     churn_for: Duration::from_secs(2),
     idle: 2_000,
-    settle: Duration::from_secs(12),
+    settle: Duration::from_secs(15),
+    steady_readings: idle::STEADY_READINGS,
     control: FULL.control,
 };
 
@@ -100,6 +105,7 @@ const SMOKE: Plan = Plan {
     churn_for: Duration::from_millis(200),
     idle: 50,
     settle: Duration::from_millis(100),
+    steady_readings: 1,
     control: control::Plan {
         proxies: 20,
         csr_clients: 5,
@@ -214,6 +220,14 @@ pub fn main(argv: &[String]) -> ExitCode {
                 return ExitCode::from(2);
             }
         }
+    }
+    if options.ztunnel.is_some() && options.proxy_b.is_some() {
+        // The netns path runs one Trellis pair; a second build would be silently left out.
+        eprintln!(
+            "trellis-bench all: --proxy-b runs on loopback only and cannot be combined with --ztunnel; compare two \
+             builds against ztunnel in two runs, one from each build's directory"
+        );
+        return ExitCode::from(2);
     }
     match run(&options) {
         Ok(()) => ExitCode::SUCCESS,
@@ -502,12 +516,7 @@ async fn measure_data_plane(
         }
         within("warm-up bulk", c, async { Ok(load::bulk(c.route, plan.bulk_bytes / 8, plan.streams).await?) }).await?;
     }
-    tokio::time::sleep(plan.settle).await;
-    for c in all {
-        for (i, &pid) in c.pids.iter().enumerate() {
-            results.push(&format!("idle RSS {i}"), c.name, procfs::rss_bytes(pid)? as f64 / 1e6);
-        }
-    }
+    idle_rss(plan, all, "after the warm-up", results).await?;
 
     eprintln!("scenario 1: bulk throughput");
     // Against ztunnel, the single stream runs both ways (the server→client one is "bulk 1 back").
@@ -603,16 +612,43 @@ async fn measure_data_plane(
 
     eprintln!("scenario 4: memory with up to {} idle connections", plan.idle);
     for round in (1..=plan.rounds).filter(|_| options.wants(4)) {
-        // Every contender quiet for `settle` (the last one's connections closed at least that long ago): each
-        // round adds one idle-RSS sample per process, so the idle targets take medians too.
-        tokio::time::sleep(plan.settle).await;
-        for c in all {
-            for (i, &pid) in c.pids.iter().enumerate() {
-                results.push(&format!("idle RSS {i}"), c.name, procfs::rss_bytes(pid)? as f64 / 1e6);
-            }
-        }
+        // Every contender quiet for `settle` (the last one's connections closed at least that long ago), then each
+        // process read once it holds still: each round adds one idle-RSS sample per process, so the idle targets
+        // take medians too.
+        idle_rss(plan, all, &format!("before round {round}"), results).await?;
         for c in all.iter().filter(|c| !c.pids.is_empty()) {
             idle_connections(plan, round, c, results).await?;
+        }
+    }
+    Ok(())
+}
+
+/// One idle-RSS sample per process of every contender, read by `idle::settled_rss`'s rule; prints when each was read.
+async fn idle_rss(plan: &Plan, all: &[Contender], when: &str, results: &mut Results) -> anyhow::Result<()> {
+    let pids: Vec<u32> = all.iter().flat_map(|c| c.pids.iter().copied()).collect();
+    let readings = idle::settled_rss(&pids, plan.settle, plan.steady_readings).await?;
+    let mut readings = readings.into_iter();
+    for c in all {
+        let mut shown = Vec::new();
+        for (i, reading) in (0..c.pids.len()).zip(readings.by_ref()) {
+            results.push(&format!("idle RSS {i}"), c.name, reading.bytes as f64 / 1e6);
+            shown.push(format!(
+                "{:.1} MB at {:.0} s{}",
+                reading.bytes as f64 / 1e6,
+                reading.after.as_secs_f64(),
+                if reading.steady { "" } else { " (never steady)" }
+            ));
+            if !reading.steady {
+                results.note(format!(
+                    "{} (pid {}): RSS did not hold still within {} s of the quiet time; its last reading counted",
+                    c.name,
+                    reading.pid,
+                    idle::MAX_WAIT.as_secs()
+                ));
+            }
+        }
+        if !shown.is_empty() {
+            eprintln!("  idle RSS {when}, {:8} {}", c.name, shown.join(", "));
         }
     }
     Ok(())
@@ -1065,15 +1101,19 @@ fn render(
         "### 4. Cost\n\n{}",
         wrap(&format!(
             "CPU: user + system time of the contender's two processes (/proc/PID/stat) over each run of scenario 2, \
-             per 1000 requests sent (equivalently, CPU cores per 1000 requests/s). Idle RSS: each process {settle} s after \
-             the warm-up (one request, a short bulk transfer), and again at the start of each of the {rounds} rounds of \
-             idle connections, every contender quiet for as long; the median of these samples. Idle connections: \
+             per 1000 requests sent (equivalently, CPU cores per 1000 requests/s). Idle RSS: each process after the warm-up \
+             (one request, a short bulk transfer) and again at the start of each of the {rounds} rounds of idle \
+             connections, every contender quiet for at least {settle} s and then read once its RSS held still \
+             ({steady} readings a second apart within 1 %, at most {max_wait} s more; tests/src/bin/bench/idle.rs); \
+             the median of these samples. Idle connections: \
              up to {idle} connections opened through the pair (each after one request) and held, as many as the \
              contender's limits allow (the \"held\" column, median of the rounds); RSS of both processes before \
              and with them, and the difference per connection; {rounds} rounds, medians.",
             rounds = plan.rounds,
             idle = count(plan.idle),
-            settle = plan.settle.as_secs_f64()
+            settle = plan.settle.as_secs_f64(),
+            steady = plan.steady_readings,
+            max_wait = idle::MAX_WAIT.as_secs()
         ))
     ));
     s.push_str(&format!(
