@@ -221,14 +221,6 @@ pub fn main(argv: &[String]) -> ExitCode {
             }
         }
     }
-    if options.ztunnel.is_some() && options.proxy_b.is_some() {
-        // The netns path runs one Trellis pair; a second build would be silently left out.
-        eprintln!(
-            "trellis-bench all: --proxy-b runs on loopback only and cannot be combined with --ztunnel; compare two \
-             builds against ztunnel in two runs, one from each build's directory"
-        );
-        return ExitCode::from(2);
-    }
     match run(&options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
