@@ -365,8 +365,9 @@ mod tests {
         assert!(grown >= 2_000, "{grown}");
         let kept: Vec<Registration> = burst.into_iter().take(10).collect(); // the rest closed
         assert_eq!(connections.len(), 10);
-        // The control: closing connections alone leaves the room they took.
-        assert_eq!(connections.capacity(), grown, "a hash table does not shrink by itself");
+        // The control: closing connections alone leaves (nearly all) the room they took.
+        let after_close = connections.capacity();
+        assert!(after_close > grown / 2, "a hash table does not shrink by itself: {after_close} of {grown}");
         connections.shrink_to_fit();
         let shrunk = connections.capacity();
         assert!(shrunk < grown / 10, "shrunk to {shrunk} from {grown} (idle {idle})");

@@ -53,8 +53,10 @@ fn run_child(mode: &str) -> (usize, usize) {
         .expect("running the child");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "child ({mode}) failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let line = stdout.lines().find(|l| l.starts_with("arena heaps: ")).unwrap_or_else(|| panic!("{stdout}"));
-    let (before, after) = line["arena heaps: ".len()..].split_once(" -> ").expect("two counts");
+    // The harness prints the test's name on the same line.
+    let at = stdout.find("arena heaps: ").unwrap_or_else(|| panic!("{stdout}")) + "arena heaps: ".len();
+    let line = stdout[at..].lines().next().unwrap_or_default();
+    let (before, after) = line.split_once(" -> ").expect("two counts");
     (before.parse().expect("count"), after.parse().expect("count"))
 }
 
