@@ -64,9 +64,13 @@ static POOL: Mutex<Free> = Mutex::new(Free { first: Vec::new(), bulk: Vec::new()
 /// One buffer of the pool ([`BUFFER_SIZE`] or [`FIRST_BUFFER_SIZE`] bytes).
 pub(crate) type PooledBuffer = Box<[u8]>;
 
-/// A buffer of `size` bytes ([`BUFFER_SIZE`] or [`FIRST_BUFFER_SIZE`]) from the pool (allocated when the pool has
-/// none); give it back with [`give_back_buffer`].
-pub(crate) fn take_sized(size: usize) -> PooledBuffer {
+/// A [`BUFFER_SIZE`] buffer from the pool (allocated when the pool has none); give it back with
+/// [`give_back_buffer`].
+pub(crate) fn take_buffer() -> PooledBuffer {
+    take_sized(BUFFER_SIZE)
+}
+
+fn take_sized(size: usize) -> PooledBuffer {
     crate::activity::note();
     let reused = POOL.lock().of(size).pop();
     reused.unwrap_or_else(|| vec![0; size].into_boxed_slice())

@@ -5,12 +5,9 @@
 //! receives. [`ReadAhead`] reads as much as the socket holds (up to one pooled copy buffer, `copy::BUFFER_SIZE`) in
 //! one call and serves rustls's small reads from memory, at the price of one copy of the ciphertext.
 //!
-//! Memory: the buffer is the copy pool's, held only while it holds unread bytes or the socket has more; it goes back
-//! to the pool when a read finds the socket empty. An idle connection holds none; a busy one one buffer. As a copy
-//! direction does (`copy::FIRST_BUFFER_SIZE`), a read waking on a quiet connection takes a small buffer and only a
-//! read that fills it makes the next ones take a large one; a read of less than a small buffer's worth goes back to
-//! small ones. An idle pooled connection's keep-alive PING (a 39-byte record every 30 s) used to take a 256 KiB
-//! buffer, zeroed on allocation and so resident until the next trim.
+//! Memory: the buffer is the copy pool's (`copy::take_buffer`), held only while it holds unread bytes or the socket
+//! has more; it goes back to the pool when a read finds the socket empty. An idle connection holds none; a busy one
+//! one buffer.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -18,7 +15,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::copy::{BUFFER_SIZE, FIRST_BUFFER_SIZE, PooledBuffer, give_back_buffer, take_sized};
+use crate::copy::{PooledBuffer, give_back_buffer, take_buffer};
 
 /// `io` with its reads served from a buffer filled in one system call each; writes pass through.
 pub struct ReadAhead<T> {
@@ -27,13 +24,11 @@ pub struct ReadAhead<T> {
     /// Unread bytes of `buffer`: `pos..end`.
     pos: usize,
     end: usize,
-    /// The last read brought at least [`FIRST_BUFFER_SIZE`] bytes: the next buffer taken is a [`BUFFER_SIZE`] one.
-    bulk: bool,
 }
 
 impl<T> ReadAhead<T> {
     pub fn new(io: T) -> Self {
-        Self { io, buffer: None, pos: 0, end: 0, bulk: false }
+        Self { io, buffer: None, pos: 0, end: 0 }
     }
 
     pub fn get_ref(&self) -> &T {
@@ -48,11 +43,6 @@ impl<T> ReadAhead<T> {
     /// Whether a buffer is held (for the memory tests).
     pub fn holds_buffer(&self) -> bool {
         self.buffer.is_some()
-    }
-
-    /// The size of the buffer held, if any (for the memory tests).
-    pub fn buffer_size(&self) -> Option<usize> {
-        self.buffer.as_ref().map(|b| b.len())
     }
 
     fn release(&mut self) {
@@ -73,11 +63,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.pos == this.end {
-            let size = if this.bulk { BUFFER_SIZE } else { FIRST_BUFFER_SIZE };
-            if this.buffer.as_ref().is_some_and(|held| held.len() != size) {
-                this.release(); // empty (pos == end): the other size from now on
-            }
-            let buffer = this.buffer.get_or_insert_with(|| take_sized(size));
+            let buffer = this.buffer.get_or_insert_with(take_buffer);
             let mut read = ReadBuf::new(&mut buffer[..]);
             match Pin::new(&mut this.io).poll_read(cx, &mut read) {
                 Poll::Pending => {
@@ -96,7 +82,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
                         return Poll::Ready(Ok(()));
                     }
                     (this.pos, this.end) = (0, n);
-                    this.bulk = n >= FIRST_BUFFER_SIZE;
                 }
             }
         }
@@ -175,44 +160,8 @@ mod tests {
         }
         assert_eq!(got, data, "byte-exact, in order");
         // The control: the same 4 KiB reads straight from the socket take one read each.
-        assert_eq!(
-            ahead.get_ref().reads,
-            3,
-            "200,000 bytes in two reads (a small buffer's worth, then the rest into a large one), one for the end (not \
-             49 + 1)"
-        );
+        assert_eq!(ahead.get_ref().reads, 2, "one read for 200,000 bytes, one for the end (not 49 + 1)");
         assert!(!ahead.holds_buffer(), "at the end the buffer went back");
-    }
-
-    #[tokio::test]
-    async fn a_quiet_connection_reads_into_a_small_buffer_and_only_a_full_one_makes_the_next_large() {
-        let ping = vec![1u8; 39];
-        let bulk: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let mut ahead = ReadAhead::new(Counted { chunks: [ping.clone(), bulk.clone(), ping.clone()].into(), reads: 0 });
-        let mut got = Vec::new();
-        let mut sizes = Vec::new(); // the buffer held after each read, as (bytes read so far, its size)
-        let mut small = [0; 4096];
-        loop {
-            let n = ahead.read(&mut small).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&small[..n]);
-            sizes.push((got.len(), ahead.buffer_size()));
-        }
-        assert_eq!(got, [ping.clone(), bulk, ping].concat(), "byte-exact, in order");
-        let size_at = |len: usize| sizes.iter().find(|(l, _)| *l >= len).map(|(_, s)| *s);
-        // A PING on a quiet connection: a small buffer.
-        assert_eq!(size_at(39), Some(Some(FIRST_BUFFER_SIZE)), "{sizes:?}");
-        // Bulk arrives: the first read fills the small buffer, the next ones go into a large one.
-        assert_eq!(size_at(39 + 4096), Some(Some(FIRST_BUFFER_SIZE)), "{sizes:?}");
-        assert_eq!(size_at(39 + FIRST_BUFFER_SIZE + 1), Some(Some(BUFFER_SIZE)), "{sizes:?}");
-        // The control: right after bulk the next read still takes a large buffer (the PING's 39 bytes) ...
-        assert_eq!(size_at(39 + 100_000 + 39), Some(Some(BUFFER_SIZE)), "{sizes:?}");
-        // ... and having brought less than a small buffer's worth, the one after goes back to small (here the end).
-        assert!(!ahead.bulk, "a 39-byte read ends bulk mode");
-        assert!(!ahead.holds_buffer(), "at the end the buffer went back");
-        assert_eq!(ahead.get_ref().reads, 5, "ping, one small buffer of bulk, the rest, ping, end");
     }
 
     #[tokio::test]
