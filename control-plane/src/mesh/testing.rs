@@ -14,7 +14,7 @@ use trellis_proto::v1 as pb;
 use super::{Mesh, MeshConfig};
 use crate::ca::{CA_CERT, CA_CHAIN, CA_KEY, Ca};
 use crate::records::NodeRecord;
-use crate::store::{EtcdStore, RedbStore, STORE_FILE, Store, StoreError, Table, Txn, test_etcd};
+use crate::store::{EtcdStore, Guarded, RedbStore, STORE_FILE, Store, StoreError, Table, Txn, test_etcd};
 
 pub(super) const TRUST_DOMAIN: &str = "test.example";
 
@@ -204,11 +204,7 @@ impl Txn for ProbedTxn<'_> {
         self.inner.get_many(keys)
     }
 
-    fn get_many_guarded(
-        &self,
-        guard: (Table, &str),
-        keys: &[(Table, &str)],
-    ) -> Result<(Option<Vec<u8>>, Vec<Option<Vec<u8>>>), StoreError> {
+    fn get_many_guarded(&self, guard: (Table, &str), keys: &[(Table, &str)]) -> Result<Guarded, StoreError> {
         let read = self.inner.get_many_guarded(guard, keys)?;
         self.store.guarded_reads.fetch_add(1, Ordering::SeqCst);
         let after = self.store.after_guarded_read.lock().expect("after read").take();

@@ -30,7 +30,7 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, TxnOp, WatchOptions};
 use tokio::sync::mpsc;
 
-use super::{Change, Entry, Store, StoreError, Table, Txn, Write};
+use super::{Change, Entry, Guarded, Store, StoreError, Table, Txn, Write};
 
 /// How long one etcd call may take before the store is considered unavailable (etcd without quorum hangs).
 pub const OP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -911,11 +911,7 @@ impl Txn for EtcdTxn<'_> {
         Ok(values.into_iter().map(|value| value.expect("every key known or read")).collect())
     }
 
-    fn get_many_guarded(
-        &self,
-        guard: (Table, &str),
-        keys: &[(Table, &str)],
-    ) -> Result<(Option<Vec<u8>>, Vec<Option<Vec<u8>>>), StoreError> {
+    fn get_many_guarded(&self, guard: (Table, &str), keys: &[(Table, &str)]) -> Result<Guarded, StoreError> {
         // The guard first, in the first read-only etcd transaction (one revision), so that every key is read at
         // that revision or later; only the guard is remembered as read (compared at commit).
         let known = |table: Table, key: &str| {

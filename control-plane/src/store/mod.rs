@@ -121,6 +121,9 @@ pub enum Change {
     Delta(Vec<Write>),
 }
 
+/// What [`Txn::get_many_guarded`] read: the guard's value, and each key's, in order (None: absent).
+pub type Guarded = (Option<Vec<u8>>, Vec<Option<Vec<u8>>>);
+
 /// Reads and writes inside one atomic transaction.
 pub trait Txn {
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
@@ -135,11 +138,7 @@ pub trait Txn {
     /// transaction (the certificate log's eligibility epoch, `mesh/eligibility.rs`). Each of `keys` is read no
     /// earlier than `guard`, so if `guard` is unchanged at commit, what was read of `keys` still holds. A backend
     /// that serializes its transactions (redb) simply reads them.
-    fn get_many_guarded(
-        &self,
-        guard: (Table, &str),
-        keys: &[(Table, &str)],
-    ) -> Result<(Option<Vec<u8>>, Vec<Option<Vec<u8>>>), StoreError> {
+    fn get_many_guarded(&self, guard: (Table, &str), keys: &[(Table, &str)]) -> Result<Guarded, StoreError> {
         let guard = self.get(guard.0, guard.1)?;
         Ok((guard, self.get_many(keys)?))
     }
