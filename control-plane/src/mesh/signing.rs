@@ -467,7 +467,11 @@ mod tests {
                 let err = outcome.expect_err(what);
                 assert_eq!(refusal(&err), ("PermissionDenied", reason.clone()), "{what}");
                 assert_eq!(runs, 2, "{what}: the first commit was refused at its compare, the second run refused");
-                assert_eq!(logged(&mesh, &id("shop", "api")), [control.serial_hex.clone()], "{what}: nothing logged");
+                assert_eq!(
+                    logged(&mesh, &id("shop", "api")),
+                    std::slice::from_ref(&control.serial_hex),
+                    "{what}: nothing logged"
+                );
             } else {
                 let (_, issued) = outcome.expect(what);
                 assert_eq!(runs, 1, "{what}");
