@@ -10,11 +10,11 @@
 //!
 //! While traffic flows, glibc is kept from handing memory back by itself ([`BUSY_TRIM_THRESHOLD`]). By default it
 //! trims a thread's arena whenever the free memory at its top exceeds twice the largest block it has seen mapped
-//! (about 600 KiB here), and a bulk stream's receiving side frees and allocates such blocks all the time: h2 takes a
-//! new read buffer of a frame's size (up to 256 KiB) per DATA frame, freed once the frame is written out. Those
-//! pages went back to the kernel (`madvise`) and were faulted in again, zeroed, for the next frames: 17-18 % of the
-//! receiving proxy's samples (BENCHMARKS.md, "Bulk: page faults on the receiving side"). So the mmap threshold is
-//! fixed at [`MMAP_THRESHOLD`] (setting any threshold ends glibc's dynamic ones), an arena keeps up to
+//! (about 520 KiB for 256 KiB blocks), and a bulk stream's receiving side frees and allocates such blocks all the
+//! time: h2 takes a new read buffer of a frame's size (up to 256 KiB) per DATA frame, freed once the frame is written
+//! out. Those pages went back to the kernel (`madvise`) and were faulted in again, zeroed, for the next frames:
+//! 17-18 % of the receiving proxy's samples (BENCHMARKS.md, "Bulk: page faults on the receiving side"). So the mmap
+//! threshold is fixed at [`MMAP_THRESHOLD`] (setting any threshold ends glibc's dynamic ones), an arena keeps up to
 //! [`BUSY_TRIM_THRESHOLD`] free at its top while traffic flows, and once traffic goes quiet the threshold drops to
 //! [`QUIET_TRIM_THRESHOLD`] for the trim: `malloc_trim` returns the free pages inside every arena and the main
 //! heap's top, and a block freed on the worker running this (a thread's arena's top is trimmed only by a free in it)
@@ -34,7 +34,8 @@ pub const MMAP_THRESHOLD: usize = 1024 * 1024;
 /// Free memory an arena may keep at its top while traffic flows, before a free hands the rest back: what one bulk
 /// stream's receiving side frees and takes again between frames (a stream window of frames, 4 MiB, and the copy
 /// and read-ahead buffers) with room to spare. Bounded: per arena (one per worker thread), and only until the
-/// next quiet period.
+/// next quiet period; with more than one worker, the quiet trim returns the top of the arena of the worker it runs
+/// on, and another worker's arena keeps up to this much until a large block is freed on that worker.
 pub const BUSY_TRIM_THRESHOLD: usize = 8 * 1024 * 1024;
 /// The threshold for the trim when traffic has gone quiet (glibc's default).
 pub const QUIET_TRIM_THRESHOLD: usize = 128 * 1024;
