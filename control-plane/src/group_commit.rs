@@ -1,5 +1,6 @@
 //! Group commit: callers that each need one item made durable queue it; one of them at a time (the *leader*)
-//! commits the items queued so far, at most `max_batch` of them, in one call of its commit function (one store
+//! commits the items queued so far, at most `max_batch` of them (and at most `max_weight` of their weights, a byte
+//! bound say, but always at least one item), in one call of its commit function (one store
 //! transaction), while the others wait. Each caller returns its own item's outcome, once the batch holding its item
 //! has been committed, or has failed. No caller is delayed on purpose: a batch gathers the items queued while the
 //! previous one was being committed, so an idle queue commits a lone item at once, and a busy one commits as many
@@ -25,6 +26,9 @@ pub struct Abandoned;
 
 pub struct GroupCommit<T, R> {
     max_batch: usize,
+    /// Bound on the summed weights of one batch's items (its first item is taken whatever its weight).
+    max_weight: usize,
+    weight: fn(&T) -> usize,
     state: Mutex<Queue<T, R>>,
     /// Notified when a batch's outcomes are in, and the next leader may start: the threads waiting in
     /// [`GroupCommit::submit`]...
@@ -59,8 +63,16 @@ enum Turn<T, R> {
 impl<T, R> GroupCommit<T, R> {
     /// At most `max_batch` items per commit (at least 1).
     pub fn new(max_batch: usize) -> Self {
+        Self::bounded(max_batch, usize::MAX, |_| 0)
+    }
+
+    /// At most `max_batch` items per commit (at least 1), and items whose `weight`s sum to at most `max_weight`
+    /// (the first item of a batch is taken whatever its weight).
+    pub fn bounded(max_batch: usize, max_weight: usize, weight: fn(&T) -> usize) -> Self {
         GroupCommit {
             max_batch: max_batch.max(1),
+            max_weight,
+            weight,
             state: Mutex::new(Queue {
                 waiting: VecDeque::new(),
                 outcomes: HashMap::new(),
@@ -147,7 +159,15 @@ impl<T, R> GroupCommit<T, R> {
             return Turn::Wait;
         }
         queue.committing = true;
-        let take = queue.waiting.len().min(self.max_batch);
+        let mut take = 0;
+        let mut weight = 0usize;
+        for (_, item) in queue.waiting.iter().take(self.max_batch) {
+            weight = weight.saturating_add((self.weight)(item));
+            if take > 0 && weight > self.max_weight {
+                break;
+            }
+            take += 1;
+        }
         let (tickets, items) = queue.waiting.drain(..take).unzip();
         Turn::Lead(tickets, items)
     }
@@ -308,6 +328,29 @@ mod tests {
         let sizes = sizes.lock().unwrap();
         assert_eq!(sizes.iter().sum::<usize>(), 11);
         assert_eq!(sizes[..], [1, 4, 4, 2], "10 queued items in batches of at most 4");
+    }
+
+    /// A batch also ends before the item that would take its summed weight over `max_weight` (a byte bound), and an
+    /// item heavier than the bound alone still goes, in a batch of its own.
+    #[test]
+    fn a_batch_holds_at_most_max_weight() {
+        let group = Arc::new(GroupCommit::<u32, u32>::bounded(64, 10, |i| *i as usize));
+        let Held { batches, gate, commit, first } = first_batch_held(&group);
+        // Queued in this order (one at a time): weights 3, 4, 2 (9), then 5, 5 (10), then 11 (alone), then 1.
+        let weights = [3u32, 4, 2, 5, 5, 11, 1];
+        let mut callers = Vec::new();
+        for (n, w) in weights.into_iter().enumerate() {
+            let (caller_group, mut commit) = (group.clone(), commit.clone());
+            callers.push(std::thread::spawn(move || caller_group.submit(w, &mut commit)));
+            until_queued(&group, n + 1);
+        }
+        gate.wait();
+        assert_eq!(first.join().unwrap().unwrap(), 0);
+        for (w, caller) in weights.into_iter().zip(callers) {
+            assert_eq!(caller.join().unwrap().unwrap(), w * 10);
+        }
+        let batches = batches.lock().unwrap();
+        assert_eq!(batches[..], [vec![0], vec![3, 4, 2], vec![5, 5], vec![11], vec![1]]);
     }
 
     /// The outcome a commit function gives a whole failed batch reaches every caller of that batch, and no other.

@@ -129,6 +129,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send
     tokio::spawn(crate::services::mesh_status::publish(shared.clone()));
     tokio::spawn(crate::jwks::run(shared.mesh.clone(), opts.jwks.clone()));
     tokio::spawn(crate::services::revocation_expiry::run(shared.mesh.clone()));
+    tokio::spawn(crate::services::certificate_log_expiry::run(shared.mesh.clone()));
 
     let listener =
         TcpListener::bind(opts.listen).await.with_context(|| format!("binding gRPC listener {}", opts.listen))?;

@@ -25,7 +25,9 @@ use crate::records::{self, CertRecord, META_VERSION, ResourceRecord};
 use crate::store::{Store, StoreError, Table, Txn, transact};
 
 mod admins;
+mod cert_log;
 mod claims;
+mod eligibility;
 mod errors;
 mod follow;
 mod hello;
@@ -177,7 +179,7 @@ impl Mesh {
             writer: Mutex::new(()),
             followed: AtomicBool::new(false),
             applied_rotation: Mutex::new(applied.map(|r| (r.rotation, r.phase))),
-            cert_log: GroupCommit::new(signing::LOG_BATCH),
+            cert_log: GroupCommit::bounded(signing::LOG_BATCH, signing::LOG_BATCH_BYTES, cert_log::weight),
         })
     }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{Mesh, MeshError, claims, now_unix, revocations};
+use super::{Mesh, MeshError, claims, eligibility, now_unix, revocations};
 use crate::records::{self, META_VERSION, NodeRecord};
 use crate::store::Table;
 
@@ -26,6 +26,7 @@ impl Mesh {
                     .ok_or_else(|| MeshError::NotFound(format!("node {node:?} not found")))?;
                 record.revoked = true;
                 records::put(txn, Table::Nodes, node, &record)?;
+                eligibility::changed(txn)?;
                 let declared = claims::load_declared(txn, node)?;
                 for key in declared.keys() {
                     txn.delete(Table::Workloads, key)?;

@@ -4,16 +4,18 @@
 //! Why serials for nodes: a node's workload SVIDs name identities that other nodes hold too (one service account
 //! on several hosts), so only the certificates issued *to that node* identify it; the certificate log has them all,
 //! and the transaction that logs a new certificate refuses one for a revoked node or identity ([`refuse_revoked`];
-//! for workload certificates, logged in batches, `signing.rs`), reading what it checks in the transaction (compared
-//! at commit), so a signing that races a revocation is either refused or already in the log the revocation reads. Revoked certificates leave the pushed list once expired (proxies refuse them anyway).
+//! for workload certificates, logged in batches, `signing.rs` and `eligibility.rs`), reading what it checks in the
+//! transaction (compared at commit: for batches, the eligibility epoch every revocation bumps), so a signing that
+//! races a revocation is either refused or already in the log the revocation reads (the revocation lists the log,
+//! compared at commit too). Revoked certificates leave the pushed list once expired (proxies refuse them anyway).
 
 use std::sync::Arc;
 
 use trellis_proto::spiffe::{SpiffeId, Subject};
 use trellis_proto::v1 as pb;
 
-use super::{Mesh, MeshError, now_unix};
-use crate::records::{self, CertRecord, META_VERSION, NodeRecord, RevokedCertRecord, RevokedIdentityRecord};
+use super::{Mesh, MeshError, cert_log, eligibility, now_unix};
+use crate::records::{self, META_VERSION, NodeRecord, RevokedCertRecord, RevokedIdentityRecord};
 use crate::store::{Store, StoreError, Table, Txn};
 
 type Entries = Vec<(String, Vec<u8>)>;
@@ -66,13 +68,14 @@ pub fn next_expiry(list: &pb::Revocations) -> Option<i64> {
     list.certificates.iter().map(|c| c.not_after_unix).min()
 }
 
-/// Revokes every certificate the log holds for `node` that has not expired at `now`, and forgets revoked
-/// certificates that have; returns how many were revoked.
+/// Revokes every certificate the log holds for `node` that has not expired at `now` (both layouts of the log,
+/// `cert_log.rs`), forgets revoked certificates that have, and deletes the log's keys whose every record has
+/// expired; returns how many were revoked.
 pub(super) fn revoke_node_certificates(txn: &mut dyn Txn, node: &str, now: i64) -> Result<usize, StoreError> {
     forget_expired(txn, now)?;
+    let entries = txn.list(Table::Certificates)?;
     let mut revoked = 0;
-    for (key, bytes) in txn.list(Table::Certificates)? {
-        let cert: CertRecord = records::decode(Table::Certificates, &key, &bytes)?;
+    for cert in cert_log::all(&entries)? {
         if cert.node != node || cert.not_after <= now {
             continue;
         }
@@ -85,6 +88,9 @@ pub(super) fn revoke_node_certificates(txn: &mut dyn Txn, node: &str, now: i64) 
         };
         records::put(txn, Table::RevokedCertificates, &cert.serial, &record)?;
         revoked += 1;
+    }
+    for key in cert_log::expired(&entries, now)? {
+        txn.delete(Table::Certificates, &key)?;
     }
     Ok(revoked)
 }
@@ -129,6 +135,7 @@ impl Mesh {
                 }
                 let record = RevokedIdentityRecord { spiffe_id: key.clone(), revoked_at: now };
                 records::put(txn, Table::RevokedIdentities, &key, &record)?;
+                eligibility::changed(txn)?;
                 let list = Arc::new(in_txn(txn, now)?);
                 Ok((Some(list), Some(records::bump(txn, META_VERSION)?)))
             },
@@ -175,6 +182,8 @@ impl Mesh {
 #[cfg(test)]
 mod tests {
     use crate::mesh::testing::{TRUST_DOMAIN, TestMesh, csr, hello, refusal, workload};
+    use crate::records::{self, CertRecord};
+    use crate::store::{StoreError, Table, transact};
 
     fn id(namespace: &str, sa: &str) -> String {
         format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{sa}")
@@ -199,6 +208,75 @@ mod tests {
         assert_eq!(serials.len(), 2, "{serials:?}");
         assert!(!serials.contains(&on_n2.serial_hex.as_str()), "n2's certificate of the same identity is not");
         assert!(snapshot.revocations.certificates.iter().all(|c| c.node == "n1"));
+    }
+
+    /// A store written before the log had batches (one key per certificate, its serial): revoking a node revokes
+    /// its unexpired certificates logged that way as well as those logged in batches, and deletes the log's keys
+    /// whose records have expired (here the old-layout ones), leaving the others.
+    #[test]
+    fn certificates_logged_one_key_each_are_revoked_and_expired_ones_deleted() {
+        let mesh = TestMesh::new();
+        let n1 = mesh.joined("n1", &["shop"]);
+        mesh.register(&n1, &hello(vec![workload("shop", "a", "api", &["10.0.0.1"])])).unwrap();
+        let (_, batched) = mesh.sign_workload(&n1, &csr(Some(&id("shop", "api")))).unwrap();
+        let now = super::now_unix();
+        let old = |serial: &str, node: &str, not_after: i64| CertRecord {
+            serial: serial.into(),
+            identity: id("shop", "api"),
+            node: node.into(),
+            issued_at: now - 100,
+            not_after,
+            issuer: String::new(),
+        };
+        let written = [
+            old("0a", "n1", now + 600),
+            old("0b", "n1", now - 1),
+            old("0c", "n2", now + 600),
+            old("0d", "n2", now - 1),
+        ];
+        transact::<_, StoreError>(mesh.store(), |txn| {
+            written.iter().try_for_each(|r| records::put(txn, Table::Certificates, &r.serial, r))
+        })
+        .unwrap();
+        mesh.revoke_node("n1").unwrap();
+        let mut serials: Vec<String> = mesh.revocations().certificates.iter().map(|c| c.serial.clone()).collect();
+        serials.sort();
+        let mut expected = vec!["0a".to_owned(), n1.credential_serial.clone(), batched.serial_hex.clone()];
+        expected.sort();
+        assert_eq!(serials, expected, "n1's unexpired certificates of both layouts, no other");
+        let keys: Vec<String> = mesh.store().list(Table::Certificates).unwrap().into_iter().map(|(k, _)| k).collect();
+        assert!(keys.contains(&"0a".to_owned()) && keys.contains(&"0c".to_owned()), "{keys:?}");
+        assert!(!keys.contains(&"0b".to_owned()) && !keys.contains(&"0d".to_owned()), "expired, deleted: {keys:?}");
+        assert_eq!(keys.iter().filter(|k| k.starts_with("batch-")).count(), 2, "the credential's and the SVID's");
+    }
+
+    /// The sweep deletes the log's keys whose every record has expired, of both layouts, and nothing before.
+    #[test]
+    fn the_sweep_deletes_only_keys_whose_records_all_expired() {
+        let mesh = TestMesh::new();
+        let n1 = mesh.joined("n1", &["shop"]);
+        mesh.register(&n1, &hello(vec![workload("shop", "a", "api", &["10.0.0.1"])])).unwrap();
+        let (_, issued) = mesh.sign_workload(&n1, &csr(Some(&id("shop", "api")))).unwrap();
+        let now = super::now_unix();
+        let old = CertRecord {
+            serial: "0e".into(),
+            identity: id("shop", "api"),
+            node: "n1".into(),
+            issued_at: 0,
+            not_after: now - 1,
+            issuer: String::new(),
+        };
+        transact::<_, StoreError>(mesh.store(), |txn| records::put(txn, Table::Certificates, "0e", &old)).unwrap();
+        let keys = || mesh.store().list(Table::Certificates).unwrap().len();
+        assert_eq!(keys(), 3);
+        // Control: at `now` only the expired old-layout record goes.
+        assert_eq!(mesh.forget_expired_certificates(now).unwrap(), 1);
+        assert_eq!(keys(), 2);
+        assert_eq!(mesh.forget_expired_certificates(now + 60).unwrap(), 0, "nothing else expired yet");
+        assert!(issued.not_after.unix_timestamp() > now + 60);
+        // Once the SVID and the node credential have expired, their batches go too.
+        assert_eq!(mesh.forget_expired_certificates(now + 7200).unwrap(), 2);
+        assert_eq!(keys(), 0);
     }
 
     #[test]

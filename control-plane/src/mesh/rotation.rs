@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{Mesh, MeshError, now_unix};
+use super::{Mesh, MeshError, cert_log, now_unix};
 use crate::ca::{self, Ca, CaError};
 use crate::files::write_new;
 use crate::records::{self, CertRecord, META_VERSION};
@@ -156,7 +156,7 @@ impl Mesh {
         if to == Phase::Overlap {
             let switched = record.history.iter().find(|(p, _)| *p == Phase::Switch).map_or(now, |(_, at)| *at);
             let retiring = self.authority().retiring().unwrap_or_default();
-            let issued: Vec<CertRecord> = records::load_all(self.store.as_ref(), Table::Certificates)?;
+            let issued: Vec<CertRecord> = cert_log::all(&self.store.list(Table::Certificates)?)?;
             // The retiring CA's certificates (records older than the issuer field: those logged before the switch).
             let old = issued
                 .iter()

@@ -2,9 +2,10 @@
 //! allows, a service account of a workload it fronts); every issued certificate is logged in the store.
 //!
 //! Workload certificates are logged in batches ([`GroupCommit`](crate::group_commit::GroupCommit)): the records of
-//! the signings that arrive while one batch is being committed go into the next transaction, which reads every node
-//! record and revoked-identity key the batch names in one read, refuses (one by one) the records of revoked or
-//! unknown nodes and of revoked identities, and writes the others. A caller hands out its certificate only once that
+//! the signings that arrive while one batch is being committed go into the next transaction, which reads the
+//! eligibility epoch and every node record and revoked-identity key the batch names in one read (`eligibility.rs`:
+//! only the epoch is compared at commit), refuses (one by one) the records of revoked or unknown nodes and of
+//! revoked identities, and writes the others under one key (`cert_log.rs`). A caller hands out its certificate only once that
 //! transaction committed its record; when the transaction fails, every caller of the batch gets its error and hands
 //! out nothing. Node credentials (joins, renewals) are logged in the transaction that writes the node's record.
 
@@ -12,16 +13,22 @@ use std::collections::BTreeSet;
 
 use trellis_proto::spiffe::{SpiffeId, Subject};
 
-use super::{Mesh, MeshError, now_unix, revocations};
+use super::{Mesh, MeshError, cert_log, eligibility, now_unix, revocations};
 use crate::ca::{CaError, Issued};
 use crate::group_commit::Abandoned;
-use crate::records::{self, CertRecord, NodeRecord};
+use crate::records::{CertRecord, NodeRecord};
 use crate::store::{StoreError, Table, Txn, transact};
 
-/// Records per certificate-log transaction at most. On etcd each record is a write and names a node record and a
-/// revoked-identity key, which its transaction reads and compares at commit: 50 records stay within the 128
-/// operations etcd allows per transaction by default (`--max-txn-ops`).
-pub(super) const LOG_BATCH: usize = 50;
+/// Records per certificate-log transaction at most. A batch is one etcd write and two compares (the eligibility
+/// epoch, the commit's fence) whatever its size, so the bound is the wait of the callers queued behind a full batch
+/// and the request's size: 512 records of about 300 bytes each are about 150 KiB.
+pub(super) const LOG_BATCH: usize = 512;
+/// Bytes of records per certificate-log transaction at most (as `cert_log::weight` counts them): a third of etcd's
+/// default request limit (`--max-request-bytes`, 1.5 MiB), so that a batch of records with long names (a SPIFFE ID
+/// may take 2 KiB) still fits with room to spare.
+pub(super) const LOG_BATCH_BYTES: usize = 512 * 1024;
+/// Deletes per transaction when expired keys leave the log (within etcd's default 128 operations).
+const SWEEP_BATCH: usize = 100;
 
 impl Mesh {
     /// Signs a workload certificate for `node` if the identity is one of the workloads it fronts, and hands it out
@@ -81,6 +88,20 @@ impl Mesh {
                 batch.iter().map(|_| Err(MeshError::Store(e.clone()))).collect()
             }
         }
+    }
+
+    /// Deletes the certificate log's keys whose every record has expired at `now` (batches, and single records of
+    /// the layout before batches), at most [`SWEEP_BATCH`] per transaction; returns how many keys went. Read outside
+    /// a transaction, deleted without comparing: a key of the log is written once, never rewritten, and what has
+    /// expired stays expired, so nothing a revocation needs can go. `services::certificate_log_expiry` calls it.
+    pub fn forget_expired_certificates(&self, now: i64) -> Result<usize, MeshError> {
+        let expired = cert_log::expired(&self.store.list(Table::Certificates)?, now)?;
+        for chunk in expired.chunks(SWEEP_BATCH) {
+            transact::<_, StoreError>(self.store.as_ref(), |txn| {
+                chunk.iter().try_for_each(|key| txn.delete(Table::Certificates, key))
+            })?;
+        }
+        Ok(expired.len())
     }
 
     /// The (namespace, service account) of every workload `node` fronts.
@@ -147,7 +168,7 @@ impl Mesh {
     ) -> Result<(), MeshError> {
         revocations::refuse_revoked(txn, node, &id.to_string())?;
         let record = certificate_record(issued, id, node);
-        Ok(records::put(txn, Table::Certificates, &issued.serial_hex, &record)?)
+        Ok(cert_log::append(txn, &[&record])?)
     }
 }
 
@@ -168,42 +189,18 @@ fn certificate_record(issued: &Issued, id: &SpiffeId, node: &str) -> CertRecord 
     }
 }
 
-/// In one transaction: reads every node record and revoked-identity key `batch` names (one read; compared at
-/// commit, so a revocation committed meanwhile makes the transaction run again), then writes the record of each
-/// certificate whose node is joined and not revoked and whose identity is not revoked. One outcome per record.
+/// In one transaction: reads the eligibility epoch, then every node record and revoked-identity key `batch` names
+/// (one read; only the epoch is compared at commit, and every revocation bumps it, so a revocation committed
+/// meanwhile makes the transaction run again), then writes the records of the certificates whose node is joined and
+/// not revoked and whose identity is not revoked, under one key. One outcome per record.
 fn log_records(txn: &mut dyn Txn, batch: &[CertRecord]) -> Result<Vec<Result<(), MeshError>>, StoreError> {
-    let nodes: BTreeSet<&str> = batch.iter().map(|r| r.node.as_str()).collect();
-    let identities: BTreeSet<&str> = batch.iter().map(|r| r.identity.as_str()).collect();
-    let keys: Vec<(Table, &str)> = (nodes.iter().map(|n| (Table::Nodes, *n)))
-        .chain(identities.iter().map(|i| (Table::RevokedIdentities, *i)))
-        .collect();
-    let values = txn.get_many(&keys)?;
-    let (node_values, identity_values) = values.split_at(nodes.len());
-    let mut node_records = std::collections::BTreeMap::new();
-    for (node, bytes) in nodes.iter().zip(node_values) {
-        let record = bytes.as_deref().map(|b| records::decode::<NodeRecord>(Table::Nodes, node, b)).transpose()?;
-        node_records.insert(*node, record);
+    let refusals = eligibility::refusals(txn, batch)?;
+    let accepted: Vec<&CertRecord> =
+        batch.iter().zip(&refusals).filter(|(_, refusal)| refusal.is_none()).map(|(record, _)| record).collect();
+    if !accepted.is_empty() {
+        cert_log::append(txn, &accepted)?;
     }
-    let revoked: BTreeSet<&str> =
-        identities.iter().zip(identity_values).filter(|(_, v)| v.is_some()).map(|(i, _)| *i).collect();
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for record in batch {
-        let refusal = match node_records.get(record.node.as_str()) {
-            Some(Some(node)) if node.revoked => Some(format!("node {:?} was revoked", record.node)),
-            Some(Some(_)) => {
-                revoked.contains(record.identity.as_str()).then(|| format!("identity {} was revoked", record.identity))
-            }
-            _ => Some(format!("node {:?} has not joined", record.node)),
-        };
-        match refusal {
-            Some(reason) => outcomes.push(Err(MeshError::PermissionDenied(reason))),
-            None => {
-                records::put(txn, Table::Certificates, &record.serial, record)?;
-                outcomes.push(Ok(()));
-            }
-        }
-    }
-    Ok(outcomes)
+    Ok(refusals.into_iter().map(|refusal| refusal.map_or(Ok(()), |r| Err(MeshError::PermissionDenied(r)))).collect())
 }
 
 /// Whether `node` may hold the workload identity `namespace`/`sa`: a namespace its join token allows and a service
@@ -226,11 +223,16 @@ mod tests {
     use crate::ca::CaError;
     use crate::mesh::testing::{ProbedStore, TRUST_DOMAIN, TestMesh, csr, hello, refusal, workload};
     use crate::mesh::{Mesh, MeshError};
-    use crate::records::{self, CertRecord};
+    use crate::records::CertRecord;
     use crate::store::{StoreError, Table};
 
     fn id(namespace: &str, sa: &str) -> String {
         format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{sa}")
+    }
+
+    /// Every record of the certificate log.
+    fn in_log(mesh: &Mesh) -> Vec<CertRecord> {
+        super::cert_log::all(&mesh.store().list(Table::Certificates).unwrap()).unwrap()
     }
 
     fn refused(err: MeshError) -> String {
@@ -254,7 +256,7 @@ mod tests {
         // Control: the identity of a workload it fronts is signed, and logged.
         let (signed, issued) = mesh.sign_workload(&node, &csr(Some(&id("shop", "api-sa")))).unwrap();
         assert_eq!(signed.to_string(), id("shop", "api-sa"));
-        let logged: CertRecord = records::load(mesh.store(), Table::Certificates, &issued.serial_hex).unwrap().unwrap();
+        let logged = in_log(&mesh).into_iter().find(|r| r.serial == issued.serial_hex).expect("logged");
         assert_eq!((logged.identity.as_str(), logged.node.as_str()), (id("shop", "api-sa").as_str(), "n1"));
     }
 
@@ -308,8 +310,7 @@ mod tests {
 
     /// Serials in the certificate log for `identity`.
     fn logged(mesh: &Mesh, identity: &str) -> Vec<String> {
-        let records: Vec<CertRecord> = records::load_all(mesh.store(), Table::Certificates).unwrap();
-        records.into_iter().filter(|r| r.identity == identity).map(|r| r.serial).collect()
+        in_log(mesh).into_iter().filter(|r| r.identity == identity).map(|r| r.serial).collect()
     }
 
     /// Waits (polling, bounded) until `n` signings wait for the certificate log.
@@ -406,6 +407,80 @@ mod tests {
         assert!(after.iter().all(|serial| in_log.contains(serial)));
     }
 
+    /// A revocation committed between a batch's read and its commit (another replica's, on etcd) still refuses the
+    /// batch's certificate: the revocation bumped the eligibility epoch, the only key the batch compares, so its
+    /// commit is refused and it runs again on fresh reads. On redb, whose transactions are serialized, the
+    /// revocation waits for the batch instead, and then lists its certificate. Either way the certificate is
+    /// refused or in the log the revocation read. For a node's revocation and an identity's.
+    #[test]
+    fn a_revocation_between_a_batchs_read_and_its_commit_refuses_or_revokes_its_certificate() {
+        type Revoke = fn(&Mesh) -> Result<(), MeshError>;
+        let revocations: [(&str, Revoke, String); 2] = [
+            ("node", |m| m.revoke_node("n1"), "node \"n1\" was revoked".into()),
+            (
+                "identity",
+                |m| m.revoke_identity(&id("shop", "api")).map(|_| ()),
+                format!("identity {} was revoked", id("shop", "api")),
+            ),
+        ];
+        let etcd = crate::store::test_etcd::requested();
+        for (what, revoke, reason) in revocations {
+            let (mesh, probe) = TestMesh::probed();
+            let node = mesh.joined("n1", &["shop"]);
+            mesh.register(&node, &hello(vec![workload("shop", "a", "api", &["10.0.0.1"])])).unwrap();
+            let request = csr(Some(&id("shop", "api")));
+            // Control, through the same path: no revocation meanwhile, one read, signed and logged.
+            let reads = probe.guarded_reads.load(std::sync::atomic::Ordering::SeqCst);
+            let (_, control) = mesh.sign_workload(&node, &request).unwrap();
+            assert_eq!(probe.guarded_reads.load(std::sync::atomic::Ordering::SeqCst) - reads, 1, "{what}");
+            assert!(logged(&mesh, &id("shop", "api")).contains(&control.serial_hex), "{what}");
+
+            let reads = probe.guarded_reads.load(std::sync::atomic::Ordering::SeqCst);
+            let (outcome, revoked) = std::thread::scope(|s| {
+                let (go, went) = mpsc::channel::<()>();
+                let (committed, revoker_done) = mpsc::channel::<()>();
+                let mesh = &*mesh;
+                let revoker = s.spawn(move || {
+                    went.recv().unwrap();
+                    let revoked = revoke(mesh);
+                    let _ = committed.send(());
+                    revoked
+                });
+                *probe.after_guarded_read.lock().unwrap() = Some(Box::new(move || {
+                    go.send(()).unwrap();
+                    if etcd {
+                        // Another replica's revocation commits before this batch's commit.
+                        revoker_done.recv().unwrap();
+                    }
+                }));
+                let outcome = mesh.sign_workload(&node, &request);
+                (outcome, revoker.join().unwrap())
+            });
+            revoked.unwrap();
+            let runs = probe.guarded_reads.load(std::sync::atomic::Ordering::SeqCst) - reads;
+            let listed = |serial: &str| {
+                let list = mesh.revocations();
+                list.certificates.iter().any(|c| c.serial == serial)
+                    || list.identities.iter().any(|i| i.spiffe_id == id("shop", "api"))
+            };
+            if etcd {
+                let err = outcome.expect_err(what);
+                assert_eq!(refusal(&err), ("PermissionDenied", reason.clone()), "{what}");
+                assert_eq!(runs, 2, "{what}: the first commit was refused at its compare, the second run refused");
+                assert_eq!(
+                    logged(&mesh, &id("shop", "api")),
+                    std::slice::from_ref(&control.serial_hex),
+                    "{what}: nothing logged"
+                );
+            } else {
+                let (_, issued) = outcome.expect(what);
+                assert_eq!(runs, 1, "{what}");
+                assert!(logged(&mesh, &id("shop", "api")).contains(&issued.serial_hex), "{what}");
+                assert!(listed(&issued.serial_hex), "{what}: the revocation, after the batch, revokes its certificate");
+            }
+        }
+    }
+
     /// One batch's transaction refuses, record by record, a revoked node's, an unknown node's and a revoked
     /// identity's certificate, and logs the others of the batch.
     #[test]
@@ -442,8 +517,8 @@ mod tests {
                 None,
             ]
         );
-        let present =
-            |serial: &str| records::load::<CertRecord>(mesh.store(), Table::Certificates, serial).unwrap().is_some();
+        let log = in_log(&mesh);
+        let present = |serial: &str| log.iter().any(|r| r.serial == serial);
         assert_eq!(["01", "02", "03", "04", "05"].map(present), [true, false, false, false, true]);
     }
 }

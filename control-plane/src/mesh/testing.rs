@@ -14,7 +14,7 @@ use trellis_proto::v1 as pb;
 use super::{Mesh, MeshConfig};
 use crate::ca::{CA_CERT, CA_CHAIN, CA_KEY, Ca};
 use crate::records::NodeRecord;
-use crate::store::{EtcdStore, RedbStore, STORE_FILE, Store, StoreError, Table, Txn, test_etcd};
+use crate::store::{EtcdStore, Guarded, RedbStore, STORE_FILE, Store, StoreError, Table, Txn, test_etcd};
 
 pub(super) const TRUST_DOMAIN: &str = "test.example";
 
@@ -32,7 +32,13 @@ impl TestMesh {
     pub(super) fn probed() -> (TestMesh, Arc<ProbedStore>) {
         let mut probe = None;
         let mesh = Self::with_store(|inner| {
-            let probed = Arc::new(ProbedStore { inner, updates: AtomicUsize::new(0), hook: Mutex::new(None) });
+            let probed = Arc::new(ProbedStore {
+                inner,
+                updates: AtomicUsize::new(0),
+                hook: Mutex::new(None),
+                guarded_reads: AtomicUsize::new(0),
+                after_guarded_read: Mutex::new(None),
+            });
             probe = Some(probed.clone());
             probed as Arc<dyn Store>
         });
@@ -145,11 +151,16 @@ pub(super) fn refusal(e: &super::MeshError) -> (&'static str, String) {
 /// without running it; blocking holds it.
 pub(super) type TxnHook = Arc<dyn Fn(usize) -> Result<(), StoreError> + Send + Sync>;
 
-/// A store that counts its transactions and lets a test hold or fail them ([`TxnHook`]).
+/// A store that counts its transactions and lets a test hold or fail them ([`TxnHook`]), and act between a
+/// transaction's guarded read ([`Txn::get_many_guarded`]: the certificate log's) and its commit.
 pub(super) struct ProbedStore {
     inner: Arc<dyn Store>,
     updates: AtomicUsize,
     pub(super) hook: Mutex<Option<TxnHook>>,
+    /// Guarded reads so far.
+    pub(super) guarded_reads: AtomicUsize,
+    /// Run once, right after the next guarded read returns (inside that transaction, before its commit).
+    pub(super) after_guarded_read: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl ProbedStore {
@@ -174,6 +185,44 @@ impl Store for ProbedStore {
         if let Some(hook) = hook {
             hook(n)?;
         }
-        self.inner.update(f)
+        self.inner.update(&mut |txn| f(&mut ProbedTxn { inner: txn, store: self }))
+    }
+}
+
+/// A transaction of a [`ProbedStore`]: the inner store's, noting guarded reads.
+struct ProbedTxn<'a> {
+    inner: &'a mut dyn Txn,
+    store: &'a ProbedStore,
+}
+
+impl Txn for ProbedTxn<'_> {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(table, key)
+    }
+
+    fn get_many(&self, keys: &[(Table, &str)]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.inner.get_many(keys)
+    }
+
+    fn get_many_guarded(&self, guard: (Table, &str), keys: &[(Table, &str)]) -> Result<Guarded, StoreError> {
+        let read = self.inner.get_many_guarded(guard, keys)?;
+        self.store.guarded_reads.fetch_add(1, Ordering::SeqCst);
+        let after = self.store.after_guarded_read.lock().expect("after read").take();
+        if let Some(after) = after {
+            after();
+        }
+        Ok(read)
+    }
+
+    fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.list(table)
+    }
+
+    fn put(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.inner.put(table, key, value)
+    }
+
+    fn delete(&mut self, table: Table, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(table, key)
     }
 }

@@ -1,6 +1,7 @@
 //! The gRPC services: thin translations between the wire contract and [`crate::mesh::Mesh`].
 
 pub mod admin;
+pub mod certificate_log_expiry;
 pub mod discovery;
 pub mod history;
 pub mod identity;
