@@ -6,8 +6,8 @@
 //! (`tls`, `hbone`, `registry`, `authz`, `connections`, `copy`, `report`, `sockets`, ...). No two sibling modules
 //! import each other (checked by `tests/tests/layout.rs`).
 
-// Two functions are allowed `unsafe`: `heap::release_free_pages` (malloc_trim) and `heap::set_arena_max` (mallopt),
-// each with its SAFETY argument.
+// Three functions are allowed `unsafe`: `heap::release_free_pages` (malloc_trim), `heap::set_arena_max` and
+// `heap::set_thresholds` (mallopt), each with its SAFETY argument.
 #![deny(unsafe_code)]
 
 pub mod access_log;
