@@ -12,6 +12,7 @@
 //! | `trl-zb<pid>-3` | ztunnel client (dedicated, redirect rule); the client sockets for ztunnel |
 //! | `trl-zb<pid>-4` | ztunnel server (dedicated); the servers on its address |
 //! | `trl-zb<pid>-5` | the client sockets for direct TCP, to host 4's servers (no rule on the way) |
+//! | `trl-zb<pid>-6`, `-7` | with `--proxy-b PATH`: "Trellis B", a second pair as on hosts 1 and 2 running that executable |
 //!
 //! The benchmark process stays in its own namespace: a thread per client host creates the sockets there
 //! (`nsdial`). All processes share the machine's CPUs, as in the loopback suite.
@@ -40,10 +41,9 @@ fn tag() -> String {
 
 /// Everything the path runs; dropping it stops the processes and then removes the namespaces.
 pub struct NetPath {
-    _servers: [Servers; 2],
+    _servers: Vec<Servers>,
     _ztunnels: [Ztunnel; 2],
-    _trellis_client: Proxy,
-    _trellis_server: Proxy,
+    _trellis: Vec<Proxy>,
     _cp: ControlPlane,
     _net: Net,
     pub logs: Vec<(&'static str, PathBuf)>,
@@ -51,41 +51,61 @@ pub struct NetPath {
     pub threads: Vec<String>,
 }
 
-/// Builds the hosts and starts both meshes; returns the contenders direct, Trellis and ztunnel (in that order).
-pub fn start(ztunnel_binary: &Path, dir: &Path) -> anyhow::Result<(Vec<Contender>, NetPath)> {
-    let net = step("building the hosts (network namespaces; root needed)", &[], || Ok(Net::new(&tag(), SUBNET, 6)))?;
+/// Builds the hosts and starts the meshes; returns the contenders direct, Trellis and ztunnel (in that order), and
+/// "Trellis B" last when `proxy_b` names a second proxy executable.
+pub fn start(ztunnel_binary: &Path, dir: &Path, proxy_b: Option<&Path>) -> anyhow::Result<(Vec<Contender>, NetPath)> {
+    let hosts = if proxy_b.is_some() { 8 } else { 6 };
+    let net =
+        step("building the hosts (network namespaces; root needed)", &[], || Ok(Net::new(&tag(), SUBNET, hosts)))?;
     let host = |i: usize| net.host(i).clone();
     let ip = |i: usize| IpAddr::V4(net.host(i).ip);
 
     let trellis_servers = Servers::start_in(Some(&host(2).ns), ip(2))?;
     let ztunnel_servers = Servers::start_in(Some(&host(4).ns), ip(4))?;
 
-    // Trellis: the control plane on host 0, a capturing proxy on hosts 1 and 2.
+    // Trellis: the control plane on host 0, a capturing proxy on hosts 1 and 2 (and B's on 6 and 7).
     let cp = step("starting the control plane", &[], || Ok(ControlPlane::start_in(&host(0), &[])))?;
     let mut options = ProxyOptions { passthrough: Some("deny"), capture: true, ..ProxyOptions::default() };
     if let Some(n) = proxy_worker_threads() {
         options.extra.insert("workerThreads".into(), n.into());
     }
-    let client_spec = WorkloadSpec::new("client", "bench", "client", &ip(1).to_string());
-    let mut server_spec = WorkloadSpec::new("servers", "bench", "servers", &ip(2).to_string());
-    let ports = trellis_servers.ports;
-    server_spec.ports = vec![(ports.sink.port(), "tcp"), (ports.http.port(), "tcp")];
-    let on = |i: usize| ProxyOptions { netns: Some(host(i)), ..options.clone() };
-    let client = step("starting the Trellis client proxy", &[], || {
-        Ok(Proxy::start_with(&cp, "bench-client", &[client_spec], on(1)))
-    })?;
-    let server = step("starting the Trellis server proxy", &[], || {
-        Ok(Proxy::start_with(&cp, "bench-server", &[server_spec], on(2)))
-    })?;
-    step("waiting for the Trellis proxies", &mesh_logs(&client, &server), || {
-        client.wait_ready();
-        server.wait_ready();
-        let server_ip = ip(2).to_string();
-        client.wait_config("the servers' workload in the client proxy's registry", |d| {
-            d["workloads"].to_string().contains(&server_ip)
-        });
-        Ok(())
-    })?;
+    // A client proxy on host `c`, a server proxy on host `s` in front of `servers`, named with `suffix`.
+    let pair = |c: usize, s: usize, servers: &Servers, suffix: &str, binary: Option<&Path>| {
+        let client_spec = WorkloadSpec::new(&format!("client{suffix}"), "bench", "client", &ip(c).to_string());
+        let mut server_spec = WorkloadSpec::new(&format!("servers{suffix}"), "bench", "servers", &ip(s).to_string());
+        let ports = servers.ports;
+        server_spec.ports = vec![(ports.sink.port(), "tcp"), (ports.http.port(), "tcp")];
+        let on = |i: usize| ProxyOptions {
+            netns: Some(host(i)),
+            binary: binary.map(Path::to_path_buf),
+            ..options.clone()
+        };
+        let client = step(&format!("starting the Trellis{suffix} client proxy"), &[], || {
+            Ok(Proxy::start_with(&cp, &format!("bench-client{suffix}"), &[client_spec], on(c)))
+        })?;
+        let server = step(&format!("starting the Trellis{suffix} server proxy"), &[], || {
+            Ok(Proxy::start_with(&cp, &format!("bench-server{suffix}"), &[server_spec], on(s)))
+        })?;
+        step(&format!("waiting for the Trellis{suffix} proxies"), &mesh_logs(&client, &server), || {
+            client.wait_ready();
+            server.wait_ready();
+            let server_ip = ip(s).to_string();
+            client.wait_config("the servers' workload in the client proxy's registry", |d| {
+                d["workloads"].to_string().contains(&server_ip)
+            });
+            Ok(())
+        })?;
+        anyhow::Ok((client, server))
+    };
+    let (client, server) = pair(1, 2, &trellis_servers, "", None)?;
+    let b = match proxy_b {
+        Some(binary) => {
+            let servers = Servers::start_in(Some(&host(7).ns), ip(7))?;
+            let (client, server) = pair(6, 7, &servers, "-b", Some(binary))?;
+            Some((servers, client, server))
+        }
+        None => None,
+    };
 
     // ztunnel: a dedicated instance on hosts 3 and 4, the redirect on host 3.
     let v4 = |i: usize| net.host(i).ip;
@@ -128,9 +148,27 @@ pub fn start(ztunnel_binary: &Path, dir: &Path) -> anyhow::Result<(Vec<Contender
         ("ztunnel client", z_client_proc.log.clone()),
         ("ztunnel server", z_server_proc.log.clone()),
     ];
+    let mut contenders = vec![direct, trellis, ztunnel];
+    let mut servers = vec![trellis_servers, ztunnel_servers];
+    let mut proxies = vec![client, server];
+    if let Some((b_servers, b_client, b_server)) = b {
+        logs.push(("Trellis B client proxy", b_client.log_path()));
+        logs.push(("Trellis B server proxy", b_server.log_path()));
+        contenders.push(Contender {
+            name: "Trellis B",
+            route: Route::Netns { from: dial(6)?, servers: b_servers.ports },
+            pids: [b_client.pid(), b_server.pid()].into_iter().flatten().collect(),
+            fds_per_connection: 1,
+            max_connections: None,
+        });
+        servers.push(b_servers);
+        proxies.extend([b_client, b_server]);
+    }
     logs.retain(|(_, p)| p.exists());
-    let threads = [("Trellis", &trellis.pids), ("ztunnel", &ztunnel.pids)]
-        .into_iter()
+    let threads = contenders
+        .iter()
+        .filter(|c| !c.pids.is_empty())
+        .map(|c| (c.name, &c.pids))
         .flat_map(|(name, pids)| {
             pids.iter().zip(["client", "server"]).map(move |(&pid, side)| {
                 format!("{name} {side}: {}", super::procfs::thread_names(pid).unwrap_or_else(|e| e.to_string()))
@@ -138,14 +176,13 @@ pub fn start(ztunnel_binary: &Path, dir: &Path) -> anyhow::Result<(Vec<Contender
         })
         .collect();
     let path = NetPath {
-        _servers: [trellis_servers, ztunnel_servers],
+        _servers: servers,
         _ztunnels: [z_client_proc, z_server_proc],
-        _trellis_client: client,
-        _trellis_server: server,
+        _trellis: proxies,
         _cp: cp,
         _net: net,
         logs,
         threads,
     };
-    Ok((vec![direct, trellis, ztunnel], path))
+    Ok((contenders, path))
 }

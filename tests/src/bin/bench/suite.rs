@@ -324,7 +324,7 @@ fn run(options: &Options) -> anyhow::Result<()> {
     };
     let (all, guard, logs, threads) = match &options.ztunnel {
         Some(binary) => {
-            let (all, path) = super::netpath::start(binary, work.path())?;
+            let (all, path) = super::netpath::start(binary, work.path(), options.proxy_b.as_deref())?;
             let (logs, threads) = (path.logs.clone(), path.threads.clone());
             let guard: Box<dyn std::any::Any> = Box::new(path);
             (all, guard, logs, threads)
