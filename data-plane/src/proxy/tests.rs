@@ -524,7 +524,7 @@ async fn captured_client(sent: &[u8]) -> (tokio::net::TcpStream, tokio::net::Tcp
 }
 
 #[tokio::test]
-async fn a_captured_clients_first_bytes_go_with_the_connect_before_a_relays_anything() {
+async fn a_captured_clients_first_bytes_leave_with_the_tunnels_opening_before_a_relays_anything() {
     let mesh = Mesh::start().await;
     let data = mesh.a.data.clone();
     // W_b's http port reports each request head as it arrives.
