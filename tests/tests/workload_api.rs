@@ -83,7 +83,7 @@ impl Setup {
 
     /// `trellis-spiffe-client ARGS` as `uid` (gid the same).
     fn rust_client(&self, uid: u32, args: &[&str]) -> Command {
-        let mut cmd = Command::new(bin("trellis-spiffe-client"));
+        let mut cmd = Command::new(self.runnable_by_anyone("trellis-spiffe-client"));
         cmd.args(args).env("SPIFFE_ENDPOINT_SOCKET", self.endpoint()).uid(uid).gid(uid);
         cmd
     }
@@ -94,6 +94,17 @@ impl Setup {
         let mut cmd = Command::new("python3");
         cmd.arg(script).args(args).env("SPIFFE_ENDPOINT_SOCKET", self.endpoint());
         cmd
+    }
+
+    /// The binary `name` copied into this test's world-readable directory: clients under other uids run it from
+    /// there, wherever the checkout (and its target directory) lies and whoever may enter it.
+    fn runnable_by_anyone(&self, name: &str) -> PathBuf {
+        let copy = self.dir.path().join(name);
+        if !copy.exists() {
+            std::fs::copy(bin(name), &copy).unwrap();
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        copy
     }
 
     /// A directory `uid` may write to.
@@ -405,7 +416,7 @@ fn refusals_unattested_caller_missing_header_oversized_request_garbage() {
     assert!(std::fs::read_dir(&refused_dir).unwrap().next().is_none(), "nothing written for a refused caller");
     // The same through `trellis-proxy workload-api fetch`, which shows the status and its reason, beside its control.
     let fetch = |uid: u32| {
-        Command::new(bin("trellis-proxy"))
+        Command::new(s.runnable_by_anyone("trellis-proxy"))
             .args(["workload-api", "fetch", "--socket", &s.endpoint()])
             .uid(uid)
             .gid(uid)

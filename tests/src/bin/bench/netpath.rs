@@ -12,7 +12,7 @@
 //! | `trl-zb<pid>-3` | ztunnel client (dedicated, redirect rule); the client sockets for ztunnel |
 //! | `trl-zb<pid>-4` | ztunnel server (dedicated); the servers on its address |
 //! | `trl-zb<pid>-5` | the client sockets for direct TCP, to host 4's servers (no rule on the way) |
-//! | `trl-zb<pid>-6`, `-7` | with `--proxy-b PATH`: "Trellis B", a second pair as on hosts 1 and 2 running that executable |
+//! | `trl-zb<pid>-6`, `-7` | with `--proxy-b PATH`: "Trellis B", a client and server proxy running that executable, as 1 and 2 |
 //!
 //! The benchmark process stays in its own namespace: a thread per client host creates the sockets there
 //! (`nsdial`). All processes share the machine's CPUs, as in the loopback suite.
@@ -41,9 +41,10 @@ fn tag() -> String {
 
 /// Everything the path runs; dropping it stops the processes and then removes the namespaces.
 pub struct NetPath {
-    _servers: Vec<Servers>,
+    _servers: Servers,
     _ztunnels: [Ztunnel; 2],
-    _trellis: Vec<Proxy>,
+    _trellis: TrellisPair,
+    _trellis_b: Option<TrellisPair>,
     _cp: ControlPlane,
     _net: Net,
     pub logs: Vec<(&'static str, PathBuf)>,
@@ -51,61 +52,78 @@ pub struct NetPath {
     pub threads: Vec<String>,
 }
 
-/// Builds the hosts and starts the meshes; returns the contenders direct, Trellis and ztunnel (in that order), and
-/// "Trellis B" last when `proxy_b` names a second proxy executable.
-pub fn start(ztunnel_binary: &Path, dir: &Path, proxy_b: Option<&Path>) -> anyhow::Result<(Vec<Contender>, NetPath)> {
-    let hosts = if proxy_b.is_some() { 8 } else { 6 };
-    let net =
-        step("building the hosts (network namespaces; root needed)", &[], || Ok(Net::new(&tag(), SUBNET, hosts)))?;
-    let host = |i: usize| net.host(i).clone();
-    let ip = |i: usize| IpAddr::V4(net.host(i).ip);
+/// A Trellis client and server proxy, each capturing on its own host, with the servers on the server's host.
+struct TrellisPair {
+    client: Proxy,
+    server: Proxy,
+    servers: Servers,
+}
 
-    let trellis_servers = Servers::start_in(Some(&host(2).ns), ip(2))?;
-    let ztunnel_servers = Servers::start_in(Some(&host(4).ns), ip(4))?;
-
-    // Trellis: the control plane on host 0, a capturing proxy on hosts 1 and 2 (and B's on 6 and 7).
-    let cp = step("starting the control plane", &[], || Ok(ControlPlane::start_in(&host(0), &[])))?;
-    let mut options = ProxyOptions { passthrough: Some("deny"), capture: true, ..ProxyOptions::default() };
-    if let Some(n) = proxy_worker_threads() {
-        options.extra.insert("workerThreads".into(), n.into());
-    }
-    // A client proxy on host `c`, a server proxy on host `s` in front of `servers`, named with `suffix`.
-    let pair = |c: usize, s: usize, servers: &Servers, suffix: &str, binary: Option<&Path>| {
-        let client_spec = WorkloadSpec::new(&format!("client{suffix}"), "bench", "client", &ip(c).to_string());
-        let mut server_spec = WorkloadSpec::new(&format!("servers{suffix}"), "bench", "servers", &ip(s).to_string());
-        let ports = servers.ports;
-        server_spec.ports = vec![(ports.sink.port(), "tcp"), (ports.http.port(), "tcp")];
-        let on = |i: usize| ProxyOptions {
-            netns: Some(host(i)),
+impl TrellisPair {
+    /// `suffix` tells a second pair's workloads and nodes apart ("" or "-b"); `binary` is its proxies' executable
+    /// (default: the workspace's `trellis-proxy`).
+    fn start(
+        cp: &ControlPlane,
+        net: &Net,
+        (client_host, server_host): (usize, usize),
+        suffix: &str,
+        binary: Option<&Path>,
+    ) -> anyhow::Result<TrellisPair> {
+        let ip = |i: usize| IpAddr::V4(net.host(i).ip);
+        let servers = Servers::start_in(Some(&net.host(server_host).ns), ip(server_host))?;
+        let mut options = ProxyOptions {
+            passthrough: Some("deny"),
+            capture: true,
             binary: binary.map(Path::to_path_buf),
-            ..options.clone()
+            ..ProxyOptions::default()
         };
+        if let Some(n) = proxy_worker_threads() {
+            options.extra.insert("workerThreads".into(), n.into());
+        }
+        let client_spec =
+            WorkloadSpec::new(&format!("client{suffix}"), "bench", "client", &ip(client_host).to_string());
+        let mut server_spec =
+            WorkloadSpec::new(&format!("servers{suffix}"), "bench", "servers", &ip(server_host).to_string());
+        server_spec.ports = vec![(servers.ports.sink.port(), "tcp"), (servers.ports.http.port(), "tcp")];
+        let on = |i: usize| ProxyOptions { netns: Some(net.host(i).clone()), ..options.clone() };
         let client = step(&format!("starting the Trellis{suffix} client proxy"), &[], || {
-            Ok(Proxy::start_with(&cp, &format!("bench-client{suffix}"), &[client_spec], on(c)))
+            Ok(Proxy::start_with(cp, &format!("bench-client{suffix}"), &[client_spec], on(client_host)))
         })?;
         let server = step(&format!("starting the Trellis{suffix} server proxy"), &[], || {
-            Ok(Proxy::start_with(&cp, &format!("bench-server{suffix}"), &[server_spec], on(s)))
+            Ok(Proxy::start_with(cp, &format!("bench-server{suffix}"), &[server_spec], on(server_host)))
         })?;
         step(&format!("waiting for the Trellis{suffix} proxies"), &mesh_logs(&client, &server), || {
             client.wait_ready();
             server.wait_ready();
-            let server_ip = ip(s).to_string();
+            let server_ip = ip(server_host).to_string();
             client.wait_config("the servers' workload in the client proxy's registry", |d| {
                 d["workloads"].to_string().contains(&server_ip)
             });
             Ok(())
         })?;
-        anyhow::Ok((client, server))
-    };
-    let (client, server) = pair(1, 2, &trellis_servers, "", None)?;
-    let b = match proxy_b {
-        Some(binary) => {
-            let servers = Servers::start_in(Some(&host(7).ns), ip(7))?;
-            let (client, server) = pair(6, 7, &servers, "-b", Some(binary))?;
-            Some((servers, client, server))
-        }
-        None => None,
-    };
+        Ok(TrellisPair { client, server, servers })
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        [self.client.pid(), self.server.pid()].into_iter().flatten().collect()
+    }
+}
+
+/// Builds the hosts and starts both meshes; returns the contenders direct, Trellis and ztunnel (in that order), and
+/// "Trellis B" last when `proxy_b` names a second `trellis-proxy` executable (its own pair on hosts 6 and 7, on the
+/// same control plane).
+pub fn start(ztunnel_binary: &Path, proxy_b: Option<&Path>, dir: &Path) -> anyhow::Result<(Vec<Contender>, NetPath)> {
+    let hosts = if proxy_b.is_some() { 8 } else { 6 };
+    let net =
+        step("building the hosts (network namespaces; root needed)", &[], || Ok(Net::new(&tag(), SUBNET, hosts)))?;
+    let host = |i: usize| net.host(i).clone();
+
+    let ztunnel_servers = Servers::start_in(Some(&host(4).ns), IpAddr::V4(net.host(4).ip))?;
+
+    // Trellis: the control plane on host 0, a capturing proxy on hosts 1 and 2 (and 6 and 7 for Trellis B).
+    let cp = step("starting the control plane", &[], || Ok(ControlPlane::start_in(&host(0), &[])))?;
+    let trellis_pair = TrellisPair::start(&cp, &net, (1, 2), "", None)?;
+    let pair_b = proxy_b.map(|binary| TrellisPair::start(&cp, &net, (6, 7), "-b", Some(binary))).transpose()?;
 
     // ztunnel: a dedicated instance on hosts 3 and 4, the redirect on host 3.
     let v4 = |i: usize| net.host(i).ip;
@@ -130,8 +148,8 @@ pub fn start(ztunnel_binary: &Path, dir: &Path, proxy_b: Option<&Path>) -> anyho
     };
     let trellis = Contender {
         name: "Trellis",
-        route: Route::Netns { from: dial(1)?, servers: trellis_servers.ports },
-        pids: [client.pid(), server.pid()].into_iter().flatten().collect(),
+        route: Route::Netns { from: dial(1)?, servers: trellis_pair.servers.ports },
+        pids: trellis_pair.pids(),
         fds_per_connection: 1,
         max_connections: None,
     };
@@ -142,33 +160,30 @@ pub fn start(ztunnel_binary: &Path, dir: &Path, proxy_b: Option<&Path>) -> anyho
         fds_per_connection: 1,
         max_connections: None,
     };
+    let trellis_b = match &pair_b {
+        Some(pair) => Some(Contender {
+            name: "Trellis B",
+            route: Route::Netns { from: dial(6)?, servers: pair.servers.ports },
+            pids: pair.pids(),
+            fds_per_connection: 1,
+            max_connections: None,
+        }),
+        None => None,
+    };
     let mut logs = vec![
-        ("Trellis client proxy", client.log_path()),
-        ("Trellis server proxy", server.log_path()),
+        ("Trellis client proxy", trellis_pair.client.log_path()),
+        ("Trellis server proxy", trellis_pair.server.log_path()),
         ("ztunnel client", z_client_proc.log.clone()),
         ("ztunnel server", z_server_proc.log.clone()),
     ];
-    let mut contenders = vec![direct, trellis, ztunnel];
-    let mut servers = vec![trellis_servers, ztunnel_servers];
-    let mut proxies = vec![client, server];
-    if let Some((b_servers, b_client, b_server)) = b {
-        logs.push(("Trellis B client proxy", b_client.log_path()));
-        logs.push(("Trellis B server proxy", b_server.log_path()));
-        contenders.push(Contender {
-            name: "Trellis B",
-            route: Route::Netns { from: dial(6)?, servers: b_servers.ports },
-            pids: [b_client.pid(), b_server.pid()].into_iter().flatten().collect(),
-            fds_per_connection: 1,
-            max_connections: None,
-        });
-        servers.push(b_servers);
-        proxies.extend([b_client, b_server]);
+    if let Some(pair) = &pair_b {
+        logs.push(("Trellis B client proxy", pair.client.log_path()));
+        logs.push(("Trellis B server proxy", pair.server.log_path()));
     }
     logs.retain(|(_, p)| p.exists());
-    let threads = contenders
-        .iter()
-        .filter(|c| !c.pids.is_empty())
-        .map(|c| (c.name, &c.pids))
+    let threads = [("Trellis", &trellis.pids), ("ztunnel", &ztunnel.pids)]
+        .into_iter()
+        .chain(trellis_b.as_ref().map(|b| ("Trellis B", &b.pids)))
         .flat_map(|(name, pids)| {
             pids.iter().zip(["client", "server"]).map(move |(&pid, side)| {
                 format!("{name} {side}: {}", super::procfs::thread_names(pid).unwrap_or_else(|e| e.to_string()))
@@ -176,13 +191,16 @@ pub fn start(ztunnel_binary: &Path, dir: &Path, proxy_b: Option<&Path>) -> anyho
         })
         .collect();
     let path = NetPath {
-        _servers: servers,
+        _servers: ztunnel_servers,
         _ztunnels: [z_client_proc, z_server_proc],
-        _trellis: proxies,
+        _trellis: trellis_pair,
+        _trellis_b: pair_b,
         _cp: cp,
         _net: net,
         logs,
         threads,
     };
-    Ok((contenders, path))
+    let mut all = vec![direct, trellis, ztunnel];
+    all.extend(trellis_b);
+    Ok((all, path))
 }

@@ -15,7 +15,8 @@
 //! `--proxy-b PATH` measures two builds of the proxy against each other on loopback (e.g. another allocator,
 //! BENCHMARKS.md "Allocator"): "Trellis" runs the workspace's `trellis-proxy`, "Trellis B" a mesh of its own with
 //! that executable, alternated round by round with direct TCP as the baseline; stunnel and HAProxy are left out.
-//! Writes nothing.
+//! With `--ztunnel` too, "Trellis B" is a fourth contender on the namespace path (its own two hosts, the same
+//! control plane), so a before/after pair is measured beside ztunnel in the same rounds. Writes nothing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -324,7 +325,7 @@ fn run(options: &Options) -> anyhow::Result<()> {
     };
     let (all, guard, logs, threads) = match &options.ztunnel {
         Some(binary) => {
-            let (all, path) = super::netpath::start(binary, work.path(), options.proxy_b.as_deref())?;
+            let (all, path) = super::netpath::start(binary, options.proxy_b.as_deref(), work.path())?;
             let (logs, threads) = (path.logs.clone(), path.threads.clone());
             let guard: Box<dyn std::any::Any> = Box::new(path);
             (all, guard, logs, threads)
@@ -1084,7 +1085,7 @@ fn render(
     for n in &proxied {
         let cpu_rate = |rate: u32| cpu_cell(r.get(&format!("cpu {rate}"), n));
         // The client-side process is started second for the forwarders, first for Trellis: label by role.
-        let (client_i, server_i) = if *n == "Trellis" || *n == ZTUNNEL { (0, 1) } else { (1, 0) };
+        let (client_i, server_i) = if n.starts_with("Trellis") || *n == ZTUNNEL { (0, 1) } else { (1, 0) };
         s.push_str(&format!(
             "| {n} | {} | {} | {}, {} | {} | {} → {} | {:.1} |\n",
             cpu_rate(plan.rates[0]),
