@@ -18,8 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
-use super::pool::{PoolKey, Tunnel, TunnelError};
 use super::finish::Abort;
+use super::pool::{PoolKey, Tunnel, TunnelError};
 use super::{DataPath, PASSTHROUGH_DIAL_TIMEOUT, finish};
 use crate::config::Passthrough;
 use crate::copy::Held;

@@ -186,7 +186,9 @@ impl Pool {
             // HTTP/2 keep-alive gives up (up to 40 s). Waiting as long as a dial would: then this stream retries on
             // a fresh connection, and the silent one takes no new streams (its open ones keep it until they end
             // or the keep-alive closes it).
-            let answer = match tokio::time::timeout(TUNNEL_DIAL_TIMEOUT, connect(conn.sender.clone(), request, first)).await {
+            let answer = match tokio::time::timeout(TUNNEL_DIAL_TIMEOUT, connect(conn.sender.clone(), request, first))
+                .await
+            {
                 Ok(answer) => answer,
                 Err(_) => {
                     self.forget(key, &conn);

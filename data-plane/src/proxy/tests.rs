@@ -369,7 +369,8 @@ async fn streams_waiting_for_a_dial_to_a_silent_peer_share_its_failure() {
         let (data, key) = (a.data.clone(), key.clone());
         streams.spawn(async move {
             let tls = data.tls.load();
-            let result = data.pool.open(&key, &tls, silent_addr, "127.0.0.1:1".parse().unwrap(), &bytes::Bytes::new()).await;
+            let result =
+                data.pool.open(&key, &tls, silent_addr, "127.0.0.1:1".parse().unwrap(), &bytes::Bytes::new()).await;
             (result.err().map(|e| e.to_string()), Instant::now())
         });
     }
