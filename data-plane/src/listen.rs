@@ -146,7 +146,12 @@ mod tests {
                 let _ = seen.send(tcp.nodelay().unwrap());
             }
         }));
-        crate::testing::eventually("TCP_NODELAY on the listener", || probe.tcp_nodelay().unwrap()).await;
+        let set = async {
+            while !probe.tcp_nodelay().unwrap() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), set).await.expect("TCP_NODELAY on the listener");
         let _client = TcpStream::connect(address).await.unwrap();
         let on = tokio::time::timeout(Duration::from_secs(10), nodelay.recv()).await.unwrap().unwrap();
         assert!(on, "the accepted socket has TCP_NODELAY (set on the listener only)");
