@@ -168,6 +168,14 @@ impl Held {
         self.buffer.get_or_insert_with(|| take_sized(size))
     }
 
+    /// Reads into a pooled buffer with `read` (called only while nothing is held), as [`CopyRead::poll_fill`] does
+    /// through a runtime's reader: for a read made outside it (`outbound::first_bytes`).
+    pub(crate) fn fill(&mut self, read: impl FnOnce(&mut [u8]) -> io::Result<usize>) -> io::Result<usize> {
+        let n = read(self.read_space())?;
+        self.filled(n);
+        Ok(n)
+    }
+
     fn filled(&mut self, n: usize) {
         (self.pos, self.end) = (0, n);
         if self.buffer.as_ref().is_some_and(|b| n == b.len()) {

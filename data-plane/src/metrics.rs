@@ -206,6 +206,8 @@ pub enum Flags {
     TlsFailure,
     /// Refused before any hop: no route for it (e.g. passthrough denied, unknown target).
     NoRoute,
+    /// The client's connection ended (a reset) before the proxy had a way on for it.
+    DownstreamTerminated,
 }
 
 impl Flags {
@@ -216,6 +218,7 @@ impl Flags {
             Flags::Connect => "CONNECT",
             Flags::TlsFailure => "TLS_FAILURE",
             Flags::NoRoute => "NR",
+            Flags::DownstreamTerminated => "DC",
         }
     }
 }

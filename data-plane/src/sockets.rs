@@ -101,10 +101,11 @@ pub async fn connect_host(address: String) -> std::io::Result<TcpStream> {
     Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{address}: no address"))))
 }
 
-/// The destination of an accepted connection before the kernel's REDIRECT/TPROXY rewrite.
-pub fn original_destination(tcp: &TcpStream) -> Option<SocketAddr> {
+/// The destination of an accepted connection from `peer` before the kernel's REDIRECT/TPROXY rewrite. The address
+/// family is the peer's (the one `accept` returned), so this costs one system call, not two.
+pub fn original_destination(tcp: &TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
     let socket = socket2::SockRef::from(tcp);
-    let original = match tcp.local_addr().ok()? {
+    let original = match peer {
         SocketAddr::V4(_) => socket.original_dst_v4(),
         SocketAddr::V6(_) => socket.original_dst_v6(),
     };

@@ -149,6 +149,23 @@ where
     C: CopyRead + CopyWrite + Abort + Unpin,
     U: CopyRead + CopyWrite + Abort + Unpin,
 {
+    relay_after(open, 0, client, upstream, registration, timeouts).await
+}
+
+/// [`relay`] for a connection whose first `already_sent` bytes from the client went upstream before the relay
+/// (with an outbound tunnel's CONNECT): they count as received from it.
+pub async fn relay_after<C, U>(
+    open: Open,
+    already_sent: u64,
+    client: &mut C,
+    upstream: &mut U,
+    registration: &Registration,
+    timeouts: Timeouts,
+) -> Ended
+where
+    C: CopyRead + CopyWrite + Abort + Unpin,
+    U: CopyRead + CopyWrite + Abort + Unpin,
+{
     let counts = ByteCounts::default();
     let ended = tokio::select! {
         // Cancellation first: when the proxy closes a connection and, with it, the HBONE connection under it (a
@@ -166,6 +183,7 @@ where
         None => {}
     }
     let (received, sent) = counts.get();
+    let received = received + already_sent;
     let detail = match &ended {
         Ended::Closed => None,
         Ended::Failed(e) => Some(Cow::Owned(e.to_string())),

@@ -122,7 +122,7 @@ async fn connection(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), HboneError> {
     let local = tcp.local_addr().map_err(HboneError::LocalAddress)?;
-    let _ = tcp.set_nodelay(true);
+    // TCP_NODELAY: inherited from the listener (`listen::accept_each`).
     let config = data.tls.load().server_for(local.ip()).ok_or(HboneError::NoCertificate(local.ip()))?;
     let started = Instant::now();
     let mut tls = match handshake(config, tcp).await {

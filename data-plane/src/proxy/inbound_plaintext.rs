@@ -135,7 +135,7 @@ async fn connection(
     data: Arc<DataPath>,
 ) -> Result<(), PlaintextError> {
     let started = Instant::now();
-    let target = crate::sockets::original_destination(&tcp)
+    let target = crate::sockets::original_destination(&tcp, client)
         .filter(|t| Some(*t) != own && Some(*t) != tcp.local_addr().ok())
         .ok_or(PlaintextError::NotRedirected)?;
     redirected(tcp, client, target, started, data).await
@@ -195,7 +195,7 @@ pub(super) async fn redirected(
             Check::UnknownWorkload => return Err(refuse(report, Authz::NONE, Refusal::UnknownWorkload)),
         }
     };
-    let _ = tcp.set_nodelay(true);
+    // TCP_NODELAY: inherited from the listener (`listen::accept_each`).
     let Some(allowed) = allowed else {
         // Its requests go out over this connection's own pooled clients when they dial from the client's address
         // (as an HBONE tunnel's do), else over the shared ones.

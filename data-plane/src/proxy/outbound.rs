@@ -4,17 +4,25 @@
 //!
 //! Two entry points feed this: SOCKS5 (`socks5`) and the capture listener (`serve_captured`, where the kernel's
 //! redirect rules send workloads' traffic and SO_ORIGINAL_DST tells the real destination).
+//!
+//! A captured client that speaks first (an HTTP request) has usually sent its first bytes by the time its
+//! connection is handled: those go to the tunnel with the CONNECT (`pool::connect`), read without waiting
+//! ([`first_bytes`]); a client that has sent nothing yet is not waited for.
 
+use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info};
 
+use super::finish::Abort;
 use super::pool::{PoolKey, Tunnel, TunnelError};
 use super::{DataPath, PASSTHROUGH_DIAL_TIMEOUT, finish};
 use crate::config::Passthrough;
+use crate::copy::Held;
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::registry::{LocalWorkload, MeshWorkload};
 use crate::report::{Authz, ConnectionReport};
@@ -29,6 +37,9 @@ pub enum OutboundError {
     Tunnel(#[from] TunnelError),
     #[error("dialling {0}: {1}")]
     Direct(SocketAddr, std::io::Error),
+    /// Reading what the client had sent failed (it reset its connection) before the tunnel opened.
+    #[error("the client's connection failed before its tunnel to {0} opened: {1}")]
+    Client(SocketAddr, std::io::Error),
 }
 
 impl From<&OutboundError> for Flags {
@@ -37,6 +48,7 @@ impl From<&OutboundError> for Flags {
             OutboundError::PassthroughDenied(_) | OutboundError::NoSourceIdentity(_) => Flags::NoRoute,
             OutboundError::Tunnel(e) => Flags::from(e),
             OutboundError::Direct(..) => Flags::Connect,
+            OutboundError::Client(..) => Flags::DownstreamTerminated,
         }
     }
 }
@@ -51,14 +63,20 @@ pub enum Upstream {
 pub struct Connected {
     upstream: Upstream,
     report: ConnectionReport,
+    /// Bytes of the client's already sent with the CONNECT (counted as received from it).
+    first_sent: u64,
 }
 
 /// Resolves `target` and opens the tunnel (or direct connection) to it. A refusal is counted and logged here.
+/// `client`: the captured client's socket, whose bytes already sent go with the CONNECT of a tunnel (none for
+/// SOCKS5, whose client sends nothing before the reply); a refused tunnel then closes it with a reset, as a close
+/// with those bytes still unread would have.
 pub async fn connect(
     data: &DataPath,
     source: Option<&LocalWorkload>,
     client_addr: SocketAddr,
     target: SocketAddr,
+    client: Option<&TcpStream>,
 ) -> Result<Connected, OutboundError> {
     let registry = data.registry.load();
     let destination = registry.lookup(target.ip());
@@ -70,10 +88,10 @@ pub async fn connect(
         flags: Flags::None,
     };
     let report = ConnectionReport::new(key, client_addr, target);
-    let result = open(data, source, destination, client_addr, target).await;
+    let result = open(data, source, destination, client_addr, target, client).await;
     drop(registry);
     match result {
-        Ok(upstream) => Ok(Connected { upstream, report }),
+        Ok((upstream, first_sent)) => Ok(Connected { upstream, report, first_sent }),
         Err(error) => {
             report.refused(&data.traffic, Flags::from(&error), Authz::NONE, &error.to_string());
             Err(error)
@@ -87,7 +105,8 @@ async fn open(
     destination: Option<&Arc<MeshWorkload>>,
     client_addr: SocketAddr,
     target: SocketAddr,
-) -> Result<Upstream, OutboundError> {
+    client: Option<&TcpStream>,
+) -> Result<(Upstream, u64), OutboundError> {
     match destination {
         Some(destination) => {
             let source = source.ok_or(OutboundError::NoSourceIdentity(target))?;
@@ -97,9 +116,21 @@ async fn open(
                 destination: destination.spiffe_id.clone(),
             };
             let tls = data.tls.load();
-            let tunnel = data.pool.open(&key, &tls, target, client_addr).await?;
+            let first = match client {
+                Some(client) => first_bytes(client).map_err(|e| OutboundError::Client(target, e))?,
+                None => Bytes::new(),
+            };
+            let tunnel = match data.pool.open(&key, &tls, target, client_addr, &first).await {
+                Ok(tunnel) => tunnel,
+                Err(e) => {
+                    if let Some(client) = client.filter(|_| !first.is_empty()) {
+                        client.abort_on_close();
+                    }
+                    return Err(e.into());
+                }
+            };
             debug!(source = %key.source, destination = %key.destination, %target, "tunnel open");
-            Ok(Upstream::Tunnel(tunnel))
+            Ok((Upstream::Tunnel(tunnel), first.len() as u64))
         }
         None => match data.outbound.passthrough {
             Passthrough::Deny => Err(OutboundError::PassthroughDenied(target)),
@@ -108,7 +139,7 @@ async fn open(
                     .await
                     .map_err(|e| OutboundError::Direct(target, e.into()))?;
                 debug!(%target, "passthrough to a destination outside the mesh");
-                Ok(Upstream::Direct(stream))
+                Ok((Upstream::Direct(stream), 0))
             }
         },
     }
@@ -127,12 +158,29 @@ pub async fn relay<C: AsyncRead + AsyncWrite + finish::Abort + Unpin>(
     let open = connected.report.opened(&data.traffic, Authz::NONE);
     match connected.upstream {
         Upstream::Tunnel(mut tunnel) => {
-            finish::relay(open, &mut client, &mut tunnel.io, &registration, data.timeouts).await
+            let sent = connected.first_sent;
+            finish::relay_after(open, sent, &mut client, &mut tunnel.io, &registration, data.timeouts).await
         }
         Upstream::Direct(mut stream) => {
             finish::relay(open, &mut client, &mut stream, &registration, data.timeouts).await
         }
     };
+}
+
+/// What `client` has sent and the proxy not yet read, read now without waiting: empty when nothing has arrived, or
+/// when the client has already half-closed (the relay reads that end again). Read into a pooled copy buffer, lent
+/// to the tunnel as it is (`copy::Held`).
+///
+/// One non-blocking `recv` straight on the socket: the runtime learns a new socket's readiness only at its next
+/// poll of the kernel's events, so a read through it would find nothing this early and wait.
+fn first_bytes(client: &TcpStream) -> std::io::Result<Bytes> {
+    let mut held = Held::default();
+    let socket = socket2::SockRef::from(client);
+    match held.fill(|buffer| (&*socket).read(buffer)) {
+        Ok(n) => Ok(held.take_bytes(n)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Bytes::new()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The capture listener: connections redirected by the kernel, whose real destination is SO_ORIGINAL_DST.
@@ -141,14 +189,14 @@ pub async fn serve_captured(listener: TcpListener, data: Arc<DataPath>) {
     crate::listen::accept_each(listener, "outbound", |tcp, peer| {
         let data = data.clone();
         async move {
-            let Some(target) = crate::sockets::original_destination(&tcp).filter(|t| Some(*t) != own) else {
+            let Some(target) = crate::sockets::original_destination(&tcp, peer).filter(|t| Some(*t) != own) else {
                 debug!(%peer, "connection to the capture listener was not redirected; closing");
                 return;
             };
-            let _ = tcp.set_nodelay(true);
+            // TCP_NODELAY: inherited from the listener (`listen::accept_each`).
             let source = data.locals.by_ip(peer.ip()).cloned();
             // Boxed, so the dial's large future does not stay inline in the task while the connection is idle.
-            match Box::pin(connect(&data, source.as_deref(), peer, target)).await {
+            match Box::pin(connect(&data, source.as_deref(), peer, target, Some(&tcp))).await {
                 Ok(connected) => relay(&data, tcp, connected).await,
                 Err(e) => info!(%peer, %target, error = %e, "captured connection refused"),
             }
@@ -169,11 +217,12 @@ mod tests {
     fn refusals_derive_their_response_flags() {
         let target = SocketAddr::from(([10, 1, 0, 2], 8080));
         let proxy = SocketAddr::from(([10, 1, 0, 2], 15008));
-        let cases: [(OutboundError, &str); 10] = [
+        let cases: [(OutboundError, &str); 11] = [
             (OutboundError::PassthroughDenied(target), "NR"),
             (OutboundError::NoSourceIdentity(target), "NR"),
             (OutboundError::Direct(target, io::ErrorKind::ConnectionRefused.into()), "CONNECT"),
             (OutboundError::Direct(target, io::ErrorKind::TimedOut.into()), "CONNECT"),
+            (OutboundError::Client(target, io::ErrorKind::ConnectionReset.into()), "DC"),
             (TunnelError::Refused(proxy, StatusCode::FORBIDDEN).into(), "DENY"),
             (TunnelError::Refused(proxy, StatusCode::SERVICE_UNAVAILABLE).into(), "CONNECT"),
             (TunnelError::Connect(proxy, io::ErrorKind::ConnectionRefused.into()).into(), "CONNECT"),

@@ -160,14 +160,18 @@ impl Default for Pool {
 
 impl Pool {
     /// Opens a CONNECT stream to `target` through the proxy of `key`, reusing a pooled connection when one fits.
+    /// `first`: bytes the client already sent, sent on the stream right behind the CONNECT rather than after its
+    /// answer (see [`connect`]); empty for none.
     pub async fn open(
         &self,
         key: &PoolKey,
         tls: &TlsSet,
         target: SocketAddr,
         original_source: SocketAddr,
+        first: &Bytes,
     ) -> Result<Tunnel, TunnelError> {
-        // A pooled connection may have died since its last use; one retry on a fresh connection covers that.
+        // A pooled connection may have died since its last use; one retry on a fresh connection covers that. Not
+        // when the client's first bytes went with a CONNECT that the peer may have taken (see `retry_after`).
         let mut last_error = None;
         for _ in 0..2 {
             let conn = self.checkout(key, tls).await?;
@@ -182,11 +186,16 @@ impl Pool {
             // HTTP/2 keep-alive gives up (up to 40 s). Waiting as long as a dial would: then this stream retries on
             // a fresh connection, and the silent one takes no new streams (its open ones keep it until they end
             // or the keep-alive closes it).
-            let answer = match tokio::time::timeout(TUNNEL_DIAL_TIMEOUT, connect(conn.sender.clone(), request)).await {
+            let answer = match tokio::time::timeout(TUNNEL_DIAL_TIMEOUT, connect(conn.sender.clone(), request, first))
+                .await
+            {
                 Ok(answer) => answer,
                 Err(_) => {
-                    tracing::debug!(proxy = %key.proxy, "no answer to CONNECT on a pooled connection; retrying on a new one");
                     self.forget(key, &conn);
+                    if !first.is_empty() {
+                        return Err(TunnelError::Timeout(key.proxy));
+                    }
+                    tracing::debug!(proxy = %key.proxy, "no answer to CONNECT on a pooled connection; retrying on a new one");
                     last_error = Some(TunnelError::Timeout(key.proxy));
                     continue;
                 }
@@ -197,9 +206,12 @@ impl Pool {
                     return Ok(Tunnel { io, guard, peer: conn.peer.clone() });
                 }
                 Ok((response, _)) => return Err(TunnelError::Refused(key.proxy, response.status())),
-                Err(e) => {
-                    tracing::debug!(proxy = %key.proxy, error = %e, "pooled connection failed; retrying on a new one");
+                Err(Failed { sent, error: e }) => {
                     self.forget(key, &conn);
+                    if !retry_after(sent && !first.is_empty(), &e) {
+                        return Err(TunnelError::Http(key.proxy, e));
+                    }
+                    tracing::debug!(proxy = %key.proxy, error = %e, "pooled connection failed; retrying on a new one");
                     last_error = Some(TunnelError::Http(key.proxy, e));
                 }
             }
@@ -375,12 +387,58 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
     tokio::time::timeout(TUNNEL_DIAL_TIMEOUT, connect).await.map_err(|_| TunnelError::Timeout(proxy))?
 }
 
-/// Sends a CONNECT on a pooled connection (once it takes another stream) and waits for its answer.
+/// Sends a CONNECT on a pooled connection (once it takes another stream), then `first` (the bytes the client already
+/// sent, if any) as the stream's first DATA, and waits for the answer.
+///
+/// Sending `first` before the answer takes a round trip between the proxies out of every new connection whose
+/// client speaks first (an HTTP request): the CONNECT and the request leave in one TLS write, and the server side
+/// has the request in hand when its workload connection is up. Nothing reaches the destination workload before the
+/// server side has authorized the stream and dialled it: it reads the stream's bytes only once it answered 200, and
+/// a refused stream's bytes are dropped there with the stream.
 async fn connect(
     sender: SendRequest<Bytes>,
     request: Request<()>,
-) -> Result<(hyper::Response<h2::RecvStream>, h2::SendStream<Bytes>), h2::Error> {
-    let mut sender = sender.ready().await?;
-    let (response, send) = sender.send_request(request, false)?;
-    Ok((response.await?, send))
+    first: &Bytes,
+) -> Result<(hyper::Response<h2::RecvStream>, h2::SendStream<Bytes>), Failed> {
+    let unsent = |error| Failed { sent: false, error };
+    let mut sender = sender.ready().await.map_err(unsent)?;
+    let (response, mut send) = sender.send_request(request, false).map_err(unsent)?;
+    let sent = |error| Failed { sent: true, error };
+    if !first.is_empty() {
+        send.send_data(first.clone(), false).map_err(sent)?;
+    }
+    Ok((response.await.map_err(sent)?, send))
+}
+
+/// A CONNECT that failed, and whether it may have left (the peer may have taken it).
+struct Failed {
+    sent: bool,
+    error: h2::Error,
+}
+
+/// Whether a CONNECT that failed with `error` is tried again on a fresh connection. Always, unless it carried the
+/// client's first bytes (`carried_first`) and the peer may have acted on it: a retry would hand the destination the
+/// same bytes twice (an HTTP request run twice). The peer did not act on a stream it refused or that its GOAWAY
+/// left out (RFC 9113 §8.7).
+fn retry_after(carried_first: bool, error: &h2::Error) -> bool {
+    !carried_first || error.is_go_away() || error.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_connect_that_carried_the_clients_first_bytes_is_retried_only_when_the_peer_did_not_take_it() {
+        let refused = h2::Error::from(h2::Reason::REFUSED_STREAM);
+        let cancelled = h2::Error::from(h2::Reason::CANCEL);
+        let broken = h2::Error::from(h2::Reason::INTERNAL_ERROR);
+        // Control: without first bytes, every failure is retried.
+        for error in [&refused, &cancelled, &broken] {
+            assert!(retry_after(false, error), "{error}");
+        }
+        assert!(retry_after(true, &refused), "the peer refused the stream: it did not act on it");
+        assert!(!retry_after(true, &cancelled), "the peer may have passed the bytes on");
+        assert!(!retry_after(true, &broken), "the stream failed after the bytes left");
+    }
 }

@@ -51,7 +51,7 @@ async fn session(
     data: &DataPath,
     workload: &LocalWorkload,
 ) -> std::io::Result<()> {
-    let _ = tcp.set_nodelay(true);
+    // TCP_NODELAY: inherited from the listener (`listen::accept_each`).
     let target = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut tcp)).await {
         Ok(Ok(Ok(target))) => target,
         Ok(Ok(Err(reply))) => return reply_with(&mut tcp, reply).await,
@@ -60,7 +60,7 @@ async fn session(
     };
     // Boxed: the dial (TLS and HTTP/2 handshakes) is a large future that would otherwise stay inline in this
     // connection's task, idle or not, for as long as the connection lives.
-    match Box::pin(outbound::connect(data, Some(workload), peer, target)).await {
+    match Box::pin(outbound::connect(data, Some(workload), peer, target, None)).await {
         Ok(connected) => {
             reply_with(&mut tcp, Reply::Succeeded).await?;
             outbound::relay(data, tcp, connected).await;
@@ -87,6 +87,8 @@ fn reply_for(error: &OutboundError) -> Reply {
             TunnelError::Connect(..) | TunnelError::Timeout(_) => Reply::HostUnreachable,
             _ => Reply::GeneralFailure,
         },
+        // Not from SOCKS5 (its client sends nothing before the reply), but answered all the same.
+        OutboundError::Client(..) => Reply::GeneralFailure,
     }
 }
 

@@ -10,6 +10,8 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 
+use super::outbound::{self, OutboundError};
+use super::pool::TunnelError;
 use crate::identity::certs::CertInfo;
 use crate::identity::certs::test_ca::TestCa;
 use crate::testing::{GREETING, Mesh, echo_round, eventually, socks5_connect, within};
@@ -367,7 +369,8 @@ async fn streams_waiting_for_a_dial_to_a_silent_peer_share_its_failure() {
         let (data, key) = (a.data.clone(), key.clone());
         streams.spawn(async move {
             let tls = data.tls.load();
-            let result = data.pool.open(&key, &tls, silent_addr, "127.0.0.1:1".parse().unwrap()).await;
+            let result =
+                data.pool.open(&key, &tls, silent_addr, "127.0.0.1:1".parse().unwrap(), &bytes::Bytes::new()).await;
             (result.err().map(|e| e.to_string()), Instant::now())
         });
     }
@@ -502,4 +505,129 @@ async fn a_workload_that_resets_is_seen_as_a_reset_by_the_client_through_both_pr
     assert_eq!(mesh.resetter.received().await, b"hello", "W_b read the bytes, then reset");
     let error = read_rest(&mut client).await.expect_err("the reset reaches the client as a reset");
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+}
+
+/// A client of A's capture path as `outbound::serve_captured` takes it over: the accepted end of a loopback
+/// connection whose client has already written `sent` (all of it in the accepted socket by the time this returns).
+async fn captured_client(sent: &[u8]) -> (tokio::net::TcpStream, tokio::net::TcpStream, std::net::SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let (accepted, peer) = listener.accept().await.unwrap();
+    within("the client's bytes", client.write_all(sent)).await.unwrap();
+    let mut peeked = vec![0u8; sent.len()];
+    within("the client's bytes in the accepted socket", async {
+        while accepted.peek(&mut peeked).await.unwrap() < sent.len() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    (client, accepted, peer)
+}
+
+#[tokio::test]
+async fn a_captured_clients_first_bytes_leave_with_the_tunnels_opening_before_a_relays_anything() {
+    let mesh = Mesh::start().await;
+    let data = mesh.a.data.clone();
+    // W_b's http port reports each request head as it arrives.
+    let head = b"GET /first HTTP/1.1\r\nhost: w-b\r\n\r\n";
+    let (mut client, accepted, peer) = captured_client(head).await;
+
+    let open = outbound::connect(&data, Some(&mesh.a.workload), peer, mesh.http.addr, Some(&accepted));
+    let connected = within("the tunnel", open).await.expect("the tunnel opens");
+    // A has not relayed anything yet (no relay runs): the head went behind the CONNECT, and B, having answered 200,
+    // passed it on to W_b.
+    assert_eq!(mesh.http.received().await, head, "W_b has the request before A's relay started");
+
+    let relay = tokio::spawn(async move { outbound::relay(&data, accepted, connected).await });
+    let mut answer = Vec::new();
+    within("the answer", async {
+        while !answer.ends_with(b"ok\n") {
+            let mut chunk = [0u8; 1024];
+            let n = client.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "EOF before the answer: {:?}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    assert!(answer.starts_with(b"HTTP/1.1 200 OK\r\n"), "{:?}", String::from_utf8_lossy(&answer));
+    client.shutdown().await.unwrap();
+    let _ = read_rest(&mut client).await;
+    within("A's relay to end", relay).await.unwrap();
+    let at_a = mesh.events.access("source");
+    assert_eq!(at_a.len(), 1, "{at_a:?}");
+    assert_eq!(at_a[0].field("bytes_received"), head.len().to_string(), "the first bytes count as received: {at_a:?}");
+    assert_eq!(at_a[0].field("response_flags"), "-", "{at_a:?}");
+}
+
+#[tokio::test]
+async fn a_captured_client_whose_first_bytes_exceed_one_read_arrives_byte_exact_through_a_half_close() {
+    let mesh = Mesh::start().await;
+    let data = mesh.a.data.clone();
+    // More than the first read takes (`copy::FIRST_BUFFER_SIZE`): the rest follows through the relay.
+    let sent: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+    assert!(sent.len() > crate::copy::FIRST_BUFFER_SIZE);
+    let (mut client, accepted, peer) = captured_client(&sent).await;
+
+    let open = outbound::connect(&data, Some(&mesh.a.workload), peer, mesh.echo.addr, Some(&accepted));
+    let connected = within("the tunnel", open).await.expect("the tunnel opens");
+    let relay = tokio::spawn(async move { outbound::relay(&data, accepted, connected).await });
+    client.shutdown().await.unwrap();
+    assert!(mesh.echo.received().await == sent, "W_b got every byte in order, then EOF");
+    let back = read_rest(&mut client).await.expect("a clean EOF");
+    assert!(back == sent, "the echo came back whole ({} of {} bytes)", back.len(), sent.len());
+    within("A's relay to end", relay).await.unwrap();
+
+    let (at_a, at_b) = (mesh.events.access("source"), mesh.events.access("destination"));
+    assert_eq!((at_a.len(), at_b.len()), (1, 1), "{at_a:?} {at_b:?}");
+    for entry in [&at_a[0], &at_b[0]] {
+        assert_eq!(entry.field("bytes_received"), sent.len().to_string(), "{entry:?}");
+        assert_eq!(entry.field("bytes_sent"), sent.len().to_string(), "{entry:?}");
+        assert_eq!(entry.field("detail"), "-", "ended normally: {entry:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_refused_captured_client_whose_first_bytes_went_with_the_connect_is_refused_at_b_and_reset_at_a() {
+    let mut mesh = Mesh::start().await;
+    let data = mesh.a.data.clone();
+    let sent = b"first bytes for W_b";
+
+    // Control: the same path under an ALLOW policy.
+    mesh.apply_policy(ALLOW_WEB).await;
+    let (mut client, accepted, peer) = captured_client(sent).await;
+    let open = outbound::connect(&data, Some(&mesh.a.workload), peer, mesh.echo.addr, Some(&accepted));
+    let connected = within("the tunnel", open).await.expect("allowed by back/allow-web");
+    let relay_data = data.clone();
+    let relay = tokio::spawn(async move { outbound::relay(&relay_data, accepted, connected).await });
+    client.shutdown().await.unwrap();
+    assert_eq!(read_rest(&mut client).await.expect("a clean EOF"), sent, "echoed");
+    within("A's relay to end", relay).await.unwrap();
+    assert_eq!(mesh.echo.accepted(), 1);
+
+    mesh.apply_policy(DENY_WEB).await;
+    let (mut client, accepted, peer) = captured_client(sent).await;
+    let open = outbound::connect(&data, Some(&mesh.a.workload), peer, mesh.echo.addr, Some(&accepted));
+    let error = within("the refusal", open).await.err().expect("B refuses");
+    let status = match &error {
+        OutboundError::Tunnel(e) => match e.cause() {
+            TunnelError::Refused(_, status) => Some(*status),
+            _ => None,
+        },
+        _ => None,
+    };
+    assert_eq!(status, Some(hyper::StatusCode::FORBIDDEN), "B answered 403: {error}");
+    // B refused it (its access log: denied by back/deny-web) and never dialled W_b: the bytes sent with the
+    // CONNECT went nowhere.
+    let refused: Vec<_> =
+        mesh.events.access("destination").into_iter().filter(|e| e.field("decision") == "denied").collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].field("policy"), "back/deny-web");
+    assert_eq!(refused[0].field("response_flags"), "DENY");
+    assert_eq!(refused[0].field("bytes_received"), "0");
+    assert_eq!(mesh.echo.accepted(), 1, "B never dialled W_b for the refused tunnel");
+    // A closes the client's connection with a reset, as a close with its bytes unread would have.
+    drop(accepted);
+    let mut byte = [0u8; 1];
+    let reset = within("the client's connection to end", client.read(&mut byte)).await.expect_err("a reset");
+    assert_eq!(reset.kind(), std::io::ErrorKind::ConnectionReset, "{reset}");
 }
