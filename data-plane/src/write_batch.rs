@@ -17,8 +17,8 @@
 //! the tasks already queued; a lone frame costs one more poll of the connection's task and no system call. Larger
 //! writes (bulk transfers' frames) pass straight through, behind what is buffered, in the same vectored write.
 //!
-//! Memory: the buffer is at most [`BATCH`] bytes and kept for the connection's life (pooled HBONE connections are
-//! few: one per peer and identity pair, plus one per 100 concurrent tunnels).
+//! Memory: the buffer is at most [`BATCH`] bytes, taken when a write is gathered and given back once the batch is
+//! written, so an idle connection holds none.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -45,8 +45,10 @@ impl<T> WriteBatch<T> {
         Self { io, buffer: Vec::new(), deferred: false, next_poll: false }
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.io
+    /// Whether a buffer is held (for the memory test).
+    #[cfg(test)]
+    fn holds_buffer(&self) -> bool {
+        self.buffer.capacity() > 0
     }
 }
 
@@ -70,7 +72,8 @@ impl<T: AsyncWrite + Unpin> WriteBatch<T> {
             }
             let buffered = self.buffer.len();
             if n >= buffered {
-                self.buffer.clear();
+                // Given back once written: an idle connection holds no buffer (a batch costs one allocation).
+                self.buffer = Vec::new();
                 self.deferred = false;
                 return Poll::Ready(Ok(if count > 1 { n - buffered } else { 0 }));
             }
@@ -304,6 +307,44 @@ mod tests {
             }
             drop(open);
         }
+    }
+
+    /// The deferral on its own: a flush in the poll that gathered the bytes writes nothing (and asks for another
+    /// poll), the first flush after the next poll's read writes them, and the buffer goes back once they are out.
+    #[tokio::test]
+    async fn gathered_bytes_wait_for_the_next_poll_and_the_buffer_goes_back_once_they_are_written() {
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let mut batch = WriteBatch::new(ours);
+        let mut got = [0u8; 64];
+        let pending_read = |theirs: &mut DuplexStream, got: &mut [u8]| {
+            let mut out = ReadBuf::new(got);
+            let poll = Pin::new(theirs).poll_read(&mut Context::from_waker(std::task::Waker::noop()), &mut out);
+            (poll.is_pending(), out.filled().len())
+        };
+        std::future::poll_fn(|cx| {
+            let mut batch = Pin::new(&mut batch);
+            assert!(matches!(batch.as_mut().poll_write(cx, b"frame one"), Poll::Ready(Ok(9))));
+            assert!(batch.as_mut().poll_flush(cx).is_ready(), "the flush is reported done");
+            assert!(matches!(batch.as_mut().poll_write(cx, b", two"), Poll::Ready(Ok(5))));
+            assert!(batch.as_mut().poll_flush(cx).is_ready());
+            Poll::Ready(())
+        })
+        .await;
+        assert_eq!(pending_read(&mut theirs, &mut got), (true, 0), "nothing written in the poll that gathered them");
+        assert!(batch.holds_buffer());
+        // The next poll of the connection's task: h2 reads first, then flushes.
+        std::future::poll_fn(|cx| {
+            let mut batch = Pin::new(&mut batch);
+            let mut nothing = [0u8; 16];
+            assert!(batch.as_mut().poll_read(cx, &mut ReadBuf::new(&mut nothing)).is_pending());
+            assert!(matches!(batch.as_mut().poll_flush(cx), Poll::Ready(Ok(()))));
+            Poll::Ready(())
+        })
+        .await;
+        let (pending, n) = pending_read(&mut theirs, &mut got);
+        assert!(!pending);
+        assert_eq!(&got[..n], b"frame one, two", "both writes in one, in order");
+        assert!(!batch.holds_buffer(), "the buffer went back once the bytes were out");
     }
 
     /// Sizes around the batch's edges and far past it, on concurrent streams, both ways (the server's side batched
