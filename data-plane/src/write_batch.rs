@@ -38,11 +38,15 @@ pub struct WriteBatch<T> {
     deferred: bool,
     /// A read happened since the deferral: the connection's task is in a later poll, so the next flush writes.
     next_poll: bool,
+    /// The peer has sent bytes: the HTTP/2 handshake is behind, every poll of the connection ends with a flush and
+    /// deferring is safe. Before, writes go at their flush: a server's handshake flushes its SETTINGS and then only
+    /// reads until the client's preface arrives, and a client may wait for those SETTINGS before it writes.
+    armed: bool,
 }
 
 impl<T> WriteBatch<T> {
     pub fn new(io: T) -> Self {
-        Self { io, buffer: Vec::new(), deferred: false, next_poll: false }
+        Self { io, buffer: Vec::new(), deferred: false, next_poll: false, armed: false }
     }
 
     /// Whether a buffer is held (for the memory test).
@@ -92,7 +96,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for WriteBatch<T> {
         if self.deferred {
             self.next_poll = true;
         }
-        Pin::new(&mut self.io).poll_read(cx, out)
+        let before = out.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, out);
+        if out.filled().len() > before {
+            self.armed = true;
+        }
+        read
     }
 }
 
@@ -143,7 +152,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteBatch<T> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if !this.buffer.is_empty() {
-            if !this.deferred || !this.next_poll {
+            if this.armed && (!this.deferred || !this.next_poll) {
                 // Once per poll of the connection's task: the streams already woken add their frames first. (Waking
                 // again when already deferred in this poll costs nothing: the task is already notified.)
                 this.deferred = true;
@@ -309,10 +318,11 @@ mod tests {
         }
     }
 
-    /// The deferral on its own: a flush in the poll that gathered the bytes writes nothing (and asks for another
-    /// poll), the first flush after the next poll's read writes them, and the buffer goes back once they are out.
+    /// The deferral on its own: before the peer has spoken a flush writes at once; after, a flush in the poll that
+    /// gathered the bytes writes nothing (and asks for another poll), the first flush after the next poll's read
+    /// writes them, and the buffer goes back once they are out.
     #[tokio::test]
-    async fn gathered_bytes_wait_for_the_next_poll_and_the_buffer_goes_back_once_they_are_written() {
+    async fn once_the_peer_spoke_gathered_bytes_wait_for_the_next_poll_and_the_buffer_goes_back_once_written() {
         let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
         let mut batch = WriteBatch::new(ours);
         let mut got = [0u8; 64];
@@ -321,6 +331,20 @@ mod tests {
             let poll = Pin::new(theirs).poll_read(&mut Context::from_waker(std::task::Waker::noop()), &mut out);
             (poll.is_pending(), out.filled().len())
         };
+        // Before the peer has sent anything (a server's handshake: SETTINGS, then it waits for the preface), a
+        // flush writes at once.
+        std::future::poll_fn(|cx| {
+            let mut batch = Pin::new(&mut batch);
+            assert!(matches!(batch.as_mut().poll_write(cx, b"settings"), Poll::Ready(Ok(8))));
+            assert!(matches!(batch.as_mut().poll_flush(cx), Poll::Ready(Ok(()))));
+            Poll::Ready(())
+        })
+        .await;
+        let (pending, n) = pending_read(&mut theirs, &mut got);
+        assert!(!pending && &got[..n] == b"settings", "written at its flush before the peer spoke");
+        tokio::io::AsyncWriteExt::write_all(&mut theirs, b"preface").await.unwrap();
+        let mut preface = [0u8; 7];
+        tokio::io::AsyncReadExt::read_exact(&mut batch, &mut preface).await.unwrap();
         std::future::poll_fn(|cx| {
             let mut batch = Pin::new(&mut batch);
             assert!(matches!(batch.as_mut().poll_write(cx, b"frame one"), Poll::Ready(Ok(9))));
