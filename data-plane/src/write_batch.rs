@@ -371,6 +371,19 @@ mod tests {
         assert!(!batch.holds_buffer(), "the buffer went back once the bytes were out");
     }
 
+    /// A client may wait for the server's first bytes before it writes (the tests' raw HBONE client does): the
+    /// server's handshake flushes its SETTINGS, then only reads until the preface comes, so they must not wait.
+    #[tokio::test]
+    async fn a_server_sends_its_settings_before_the_client_has_written_anything() {
+        let (mut client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move { h2::server::handshake(WriteBatch::new(server_io)).await.map(|_| ()) });
+        let mut head = [0u8; 9];
+        let read = tokio::io::AsyncReadExt::read_exact(&mut client_io, &mut head);
+        crate::testing::within("the server's SETTINGS", read).await.unwrap();
+        assert_eq!(head[3], 0x4, "the server's first frame is SETTINGS");
+        server.abort();
+    }
+
     /// Sizes around the batch's edges and far past it, on concurrent streams, both ways (the server's side batched
     /// too): every byte arrives, in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
