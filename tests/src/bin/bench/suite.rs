@@ -9,8 +9,8 @@
 //!
 //! `--ztunnel PATH` measures Trellis against that ztunnel binary instead, both on simulated hosts with the client's
 //! traffic redirected to the client-side proxy (`netpath.rs`), with direct TCP between hosts as the baseline: the
-//! data-plane scenarios, plus single-stream throughput server→client with the proxies' CPU per GB and 16-connection
-//! closed-loop HTTP; targets of issue 19. `--worker-threads N` then sets both proxies' worker threads. Writes nothing.
+//! data-plane scenarios, plus single-stream throughput server→client with the proxies' CPU per GB (and its system
+//! share: how much of it the kernel spends) and 16-connection closed-loop HTTP; targets of issue 19. `--worker-threads N` then sets both proxies' worker threads. Writes nothing.
 //!
 //! `--proxy-b PATH` measures two builds of the proxy against each other on loopback (e.g. another allocator,
 //! BENCHMARKS.md "Allocator"): "Trellis" runs the workspace's `trellis-proxy`, "Trellis B" a mesh of its own with
