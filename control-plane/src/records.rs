@@ -58,6 +58,16 @@ pub struct RevokedIdentityRecord {
     pub revoked_at: i64,
 }
 
+/// A revoked node, by the tag the serials of its workload certificates start with (`serial_tag.rs`): the
+/// revocation list names the tag for good.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RevokedNodeRecord {
+    pub node: String,
+    /// Lower-case hex.
+    pub tag: String,
+    pub revoked_at: i64,
+}
+
 /// An admin credential; calls are accepted only from admins recorded here and not revoked.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AdminRecord {

@@ -16,8 +16,14 @@ use crate::rotation::{RECORD_KEY, RotationRecord};
 use crate::store::{Change, StoreError, Table};
 
 /// The tables a snapshot derives from (what a replica follows).
-pub const FOLLOWED: [Table; 5] =
-    [Table::Meta, Table::Resources, Table::Workloads, Table::RevokedCertificates, Table::RevokedIdentities];
+pub const FOLLOWED: [Table; 6] = [
+    Table::Meta,
+    Table::Resources,
+    Table::Workloads,
+    Table::RevokedCertificates,
+    Table::RevokedIdentities,
+    Table::RevokedNodes,
+];
 
 #[derive(Debug, Default, Clone)]
 pub struct Mirror {
@@ -27,6 +33,7 @@ pub struct Mirror {
     /// The revocation tables' raw records, from which `revocations` is rebuilt when they change (they are small).
     revoked_certificates: BTreeMap<String, Vec<u8>>,
     revoked_identities: BTreeMap<String, Vec<u8>>,
+    revoked_nodes: BTreeMap<String, Vec<u8>>,
     pub revocations: Arc<pb::Revocations>,
     /// The root CA rotation's record, raw (`rotation::RECORD_KEY` in the meta table).
     rotation: Option<Vec<u8>>,
@@ -51,7 +58,8 @@ impl Mirror {
                 let mut revocations = false;
                 let mut changed = false;
                 for (table, key, value) in writes {
-                    revocations |= matches!(table, Table::RevokedCertificates | Table::RevokedIdentities);
+                    revocations |=
+                        matches!(table, Table::RevokedCertificates | Table::RevokedIdentities | Table::RevokedNodes);
                     changed |= self.set(table, key, value);
                 }
                 if revocations {
@@ -118,6 +126,10 @@ impl Mirror {
                 set_raw(&mut self.revoked_identities, key, value);
                 true
             }
+            Table::RevokedNodes => {
+                set_raw(&mut self.revoked_nodes, key, value);
+                true
+            }
             _ => false,
         }
     }
@@ -134,7 +146,13 @@ impl Mirror {
         let entries = |m: &BTreeMap<String, Vec<u8>>| -> Vec<(String, Vec<u8>)> {
             m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
-        match revocations::build(entries(&self.revoked_certificates), entries(&self.revoked_identities), now_unix()) {
+        let built = revocations::build(
+            entries(&self.revoked_certificates),
+            entries(&self.revoked_identities),
+            entries(&self.revoked_nodes),
+            now_unix(),
+        );
+        match built {
             Ok(list) => self.revocations = Arc::new(list),
             Err(e) => tracing::error!(error = %e, "keeping the last revocation list: a revocation record is corrupt"),
         }
@@ -157,7 +175,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::records::{RevokedCertRecord, RevokedIdentityRecord};
+    use crate::records::{RevokedCertRecord, RevokedIdentityRecord, RevokedNodeRecord};
 
     fn resource(name: &str, revision: u64) -> (Table, String, Vec<u8>) {
         let record = ResourceRecord {
@@ -246,13 +264,16 @@ mod tests {
         };
         let expired = RevokedCertRecord { serial: "02".into(), not_after: now_unix() - 1, ..cert.clone() };
         let identity = RevokedIdentityRecord { spiffe_id: "spiffe://td/ns/ns/sa/b".into(), revoked_at: 1 };
+        let node = RevokedNodeRecord { node: "n".into(), tag: "4011223344556677".into(), revoked_at: 1 };
         m.apply(Change::Delta(vec![
             (Table::RevokedCertificates, "01".into(), Some(serde_json::to_vec(&cert).unwrap())),
             (Table::RevokedCertificates, "02".into(), Some(serde_json::to_vec(&expired).unwrap())),
             (Table::RevokedIdentities, "b".into(), Some(serde_json::to_vec(&identity).unwrap())),
+            (Table::RevokedNodes, "n".into(), Some(serde_json::to_vec(&node).unwrap())),
         ]));
         assert_eq!(m.revocations.certificates.iter().map(|c| c.serial.as_str()).collect::<Vec<_>>(), ["01"]);
         assert_eq!(m.revocations.identities.len(), 1);
+        assert_eq!(m.revocations.nodes.iter().map(|n| n.serial_tag.as_str()).collect::<Vec<_>>(), ["4011223344556677"]);
         m.apply(Change::Delta(vec![(Table::RevokedIdentities, "b".into(), None)]));
         assert!(m.revocations.identities.is_empty());
         assert_eq!(m.revocations.certificates.len(), 1);

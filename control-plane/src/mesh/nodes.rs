@@ -16,8 +16,9 @@ impl Mesh {
         }
     }
 
-    /// Marks the node revoked, removes its workloads from the registry and revokes every unexpired certificate
-    /// issued to it (`revocations`), all in one version that every proxy is pushed.
+    /// Marks the node revoked, removes its workloads from the registry, lists its serial tag (every workload
+    /// certificate issued to it) and revokes every unexpired certificate the log holds for it (its node credentials;
+    /// workload certificates logged before tags) (`revocations`), all in one version that every proxy is pushed.
     pub fn revoke_node(&self, node: &str) -> Result<(), MeshError> {
         let now = now_unix();
         let (removed, certificates, _) = self.write(
@@ -34,6 +35,7 @@ impl Mesh {
                 claims::reindex(txn, &declared, &Default::default())?;
                 claims::set_declared_by(txn, node, &Default::default())?;
                 let removed: Vec<String> = declared.into_keys().collect();
+                revocations::revoke_node_tag(txn, node, now)?;
                 let certificates = revocations::revoke_node_certificates(txn, node, now)?;
                 let list = Arc::new(revocations::in_txn(txn, now)?);
                 Ok(((removed, certificates, list), Some(records::bump(txn, META_VERSION)?)))
