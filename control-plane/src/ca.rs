@@ -277,11 +277,7 @@ impl Ca {
         Ok(params.signed_by(&spki, &self.issuer)?.der().clone())
     }
 
-    fn sign_leaf(
-        &self,
-        public_key: &impl rcgen::PublicKeyData,
-        params: CertificateParams,
-    ) -> Result<Issued, CaError> {
+    fn sign_leaf(&self, public_key: &impl rcgen::PublicKeyData, params: CertificateParams) -> Result<Issued, CaError> {
         self.sign_leaf_with(public_key, params, random_serial())
     }
 
