@@ -25,6 +25,9 @@ pub struct NodeRecord {
     pub namespaces: Vec<String>,
     pub joined_at: i64,
     pub revoked: bool,
+    /// When it was revoked (absent in records revoked before this field, or not revoked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
     pub credential_serial: String,
 }
 
@@ -55,16 +58,6 @@ pub struct RevokedCertRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RevokedIdentityRecord {
     pub spiffe_id: String,
-    pub revoked_at: i64,
-}
-
-/// A revoked node, by the tag the serials of its workload certificates start with (`serial_tag.rs`): the
-/// revocation list names the tag for good.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RevokedNodeRecord {
-    pub node: String,
-    /// Lower-case hex.
-    pub tag: String,
     pub revoked_at: i64,
 }
 

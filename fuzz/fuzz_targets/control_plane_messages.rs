@@ -39,6 +39,7 @@ fn node() -> NodeRecord {
         namespaces: vec!["shop".into(), "bank".into()],
         joined_at: 0,
         revoked: false,
+        revoked_at: None,
         credential_serial: "01".into(),
     }
 }

@@ -16,8 +16,8 @@ impl Mesh {
         }
     }
 
-    /// Marks the node revoked, removes its workloads from the registry, lists its serial tag (every workload
-    /// certificate issued to it) and revokes every unexpired certificate the log holds for it (its node credentials;
+    /// Marks the node revoked (which lists its serial tag: every workload certificate issued to it), removes its
+    /// workloads from the registry and revokes every unexpired certificate the log holds for it (its node credentials;
     /// workload certificates logged before tags) (`revocations`), all in one version that every proxy is pushed.
     pub fn revoke_node(&self, node: &str) -> Result<(), MeshError> {
         let now = now_unix();
@@ -26,6 +26,7 @@ impl Mesh {
                 let mut record: NodeRecord = records::get(txn, Table::Nodes, node)?
                     .ok_or_else(|| MeshError::NotFound(format!("node {node:?} not found")))?;
                 record.revoked = true;
+                record.revoked_at = Some(now);
                 records::put(txn, Table::Nodes, node, &record)?;
                 eligibility::changed(txn)?;
                 let declared = claims::load_declared(txn, node)?;
@@ -35,7 +36,6 @@ impl Mesh {
                 claims::reindex(txn, &declared, &Default::default())?;
                 claims::set_declared_by(txn, node, &Default::default())?;
                 let removed: Vec<String> = declared.into_keys().collect();
-                revocations::revoke_node_tag(txn, node, now)?;
                 let certificates = revocations::revoke_node_certificates(txn, node, now)?;
                 let list = Arc::new(revocations::in_txn(txn, now)?);
                 Ok(((removed, certificates, list), Some(records::bump(txn, META_VERSION)?)))

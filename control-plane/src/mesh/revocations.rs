@@ -21,7 +21,7 @@ use trellis_proto::spiffe::{SpiffeId, Subject};
 use trellis_proto::v1 as pb;
 
 use super::{Mesh, MeshError, cert_log, eligibility, now_unix};
-use crate::records::{self, META_VERSION, NodeRecord, RevokedCertRecord, RevokedIdentityRecord, RevokedNodeRecord};
+use crate::records::{self, META_VERSION, NodeRecord, RevokedCertRecord, RevokedIdentityRecord};
 use crate::serial_tag::NodeTag;
 use crate::store::{Store, StoreError, Table, Txn};
 
@@ -31,19 +31,34 @@ type Entries = Vec<(String, Vec<u8>)>;
 /// every revoked node's tag.
 pub(super) fn load(store: &dyn Store, now: i64) -> Result<pb::Revocations, StoreError> {
     let (certificates, identities) = (store.list(Table::RevokedCertificates)?, store.list(Table::RevokedIdentities)?);
-    build(certificates, identities, store.list(Table::RevokedNodes)?, now)
+    build(certificates, identities, revoked_nodes(store.list(Table::Nodes)?)?, now)
 }
 
 /// The same list inside a transaction, after its writes.
 pub(super) fn in_txn(txn: &dyn Txn, now: i64) -> Result<pb::Revocations, StoreError> {
     let (certificates, identities) = (txn.list(Table::RevokedCertificates)?, txn.list(Table::RevokedIdentities)?);
-    build(certificates, identities, txn.list(Table::RevokedNodes)?, now)
+    build(certificates, identities, revoked_nodes(txn.list(Table::Nodes)?)?, now)
 }
 
+/// The revoked nodes among the node records `entries` (name, when revoked: 0 if not recorded). Derived from the node
+/// records, not kept apart, so that a node revoked by a replica of the previous version during a rolling upgrade
+/// (which marks the record and knows nothing of tags) has its tag listed too.
+pub(super) fn revoked_nodes(entries: Entries) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut revoked = Vec::new();
+    for (key, bytes) in entries {
+        let record: NodeRecord = records::decode(Table::Nodes, &key, &bytes)?;
+        if record.revoked {
+            revoked.push((record.name, record.revoked_at.unwrap_or(0)));
+        }
+    }
+    Ok(revoked)
+}
+
+/// The list from the revocation tables' entries and the revoked nodes.
 pub(super) fn build(
     certificates: Entries,
     identities: Entries,
-    nodes: Entries,
+    nodes: Vec<(String, i64)>,
     now: i64,
 ) -> Result<pb::Revocations, StoreError> {
     let mut list = pb::Revocations::default();
@@ -62,13 +77,9 @@ pub(super) fn build(
         let record: RevokedIdentityRecord = records::decode(Table::RevokedIdentities, &key, &bytes)?;
         list.identities.push(pb::RevokedIdentity { spiffe_id: record.spiffe_id, revoked_at_unix: record.revoked_at });
     }
-    for (key, bytes) in nodes {
-        let record: RevokedNodeRecord = records::decode(Table::RevokedNodes, &key, &bytes)?;
-        list.nodes.push(pb::RevokedNode {
-            node: record.node,
-            serial_tag: record.tag,
-            revoked_at_unix: record.revoked_at,
-        });
+    for (node, revoked_at) in nodes {
+        let serial_tag = NodeTag::of(&node).hex();
+        list.nodes.push(pb::RevokedNode { node, serial_tag, revoked_at_unix: revoked_at });
     }
     Ok(list)
 }
@@ -116,12 +127,6 @@ pub(super) fn revoke_node_certificates(txn: &mut dyn Txn, node: &str, now: i64) 
         txn.delete(Table::Certificates, &key)?;
     }
     Ok(revoked)
-}
-
-/// Lists `node`'s tag for good: every workload certificate whose serial starts with it is refused.
-pub(super) fn revoke_node_tag(txn: &mut dyn Txn, node: &str, now: i64) -> Result<(), StoreError> {
-    let record = RevokedNodeRecord { node: node.to_owned(), tag: NodeTag::of(node).hex(), revoked_at: now };
-    records::put(txn, Table::RevokedNodes, node, &record)
 }
 
 /// In the transaction that logs a new certificate for `identity` issued to `node`: refuses it when the node or the
@@ -378,6 +383,21 @@ mod tests {
         assert_eq!(super::next_expiry(&after.revocations), None);
         assert_eq!(mesh.prune_revocations(last + 1).unwrap(), 0, "nothing left to prune");
         assert_eq!(mesh.current().version, after.version);
+    }
+
+    /// A rolling upgrade: a replica of the previous version revokes a node by marking its record (it knows nothing of
+    /// tags); this version lists the node's tag all the same, since it derives the tags from the node records. The
+    /// control: an active node's record lists nothing.
+    #[test]
+    fn a_node_revoked_by_a_replica_of_the_previous_version_has_its_tag_listed() {
+        let mesh = TestMesh::new();
+        let (n1, _n2) = (mesh.joined("n1", &["shop"]), mesh.joined("n2", &["shop"]));
+        let old_revocation = crate::records::NodeRecord { revoked: true, revoked_at: None, ..n1.clone() };
+        transact::<_, StoreError>(mesh.store(), |txn| records::put(txn, Table::Nodes, "n1", &old_revocation)).unwrap();
+        let loaded = super::load(mesh.store(), super::now_unix()).unwrap();
+        let listed: Vec<(&str, &str, i64)> =
+            loaded.nodes.iter().map(|n| (n.node.as_str(), n.serial_tag.as_str(), n.revoked_at_unix)).collect();
+        assert_eq!(listed, [("n1", NodeTag::of("n1").hex().as_str(), 0)], "n2, active, is not listed");
     }
 
     #[test]

@@ -27,8 +27,6 @@ pub enum Table {
     RevokedCertificates,
     /// Revoked workload identities, by SPIFFE ID.
     RevokedIdentities,
-    /// Revoked nodes' serial tags, by node name (`serial_tag.rs`).
-    RevokedNodes,
     /// Admin credentials, by name.
     Admins,
     /// The CA's files (etcd only: what a replica needs to start; private keys sealed with the KEK, `kek.rs`).
@@ -40,7 +38,7 @@ pub enum Table {
 }
 
 impl Table {
-    pub const ALL: [Table; 13] = [
+    pub const ALL: [Table; 12] = [
         Table::Resources,
         Table::Tokens,
         Table::Nodes,
@@ -49,7 +47,6 @@ impl Table {
         Table::Meta,
         Table::RevokedCertificates,
         Table::RevokedIdentities,
-        Table::RevokedNodes,
         Table::Admins,
         Table::CaFiles,
         Table::WorkloadAddresses,
@@ -67,7 +64,6 @@ impl Table {
             Table::Meta => "meta",
             Table::RevokedCertificates => "revoked_certificates",
             Table::RevokedIdentities => "revoked_identities",
-            Table::RevokedNodes => "revoked_nodes",
             Table::Admins => "admins",
             Table::CaFiles => "ca_files",
             Table::WorkloadAddresses => "workload_addresses",
