@@ -102,7 +102,7 @@ impl Revocations {
         }
     }
 
-    /// [`Revocations::check`] for a certificate at handshake: parsed only when some serial is revoked.
+    /// [`Revocations::check`] for a certificate at handshake: parsed only when some serial or node tag is revoked.
     pub fn check_cert(&self, cert: &CertificateDer<'_>, id: &SpiffeId) -> Result<(), Revoked> {
         if self.identities.contains(id) {
             return Err(Revoked::Identity(id.clone()));
