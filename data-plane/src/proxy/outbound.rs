@@ -174,11 +174,12 @@ pub async fn relay<C: AsyncRead + AsyncWrite + finish::Abort + Unpin>(
 /// One non-blocking `recv` straight on the socket: the runtime learns a new socket's readiness only at its next
 /// poll of the kernel's events, so a read through it would find nothing this early and wait.
 ///
-/// Read into a buffer on the stack and returned as a copy of exactly their size: the bytes wait, while the tunnel
-/// opens (a dial, the CONNECT's turn on a pooled connection), in h2's send queue. A pooled 16 KiB copy buffer lent
-/// for them would stay out of the pool that long, and a burst of new connections would take one each, growing
-/// the pool (kept until the proxy is quiet) by 16 KiB per connection in flight: what memory per idle tunnel
-/// measured (BENCHMARKS.md). A copy of a request's few hundred bytes costs less than taking and zeroing a buffer.
+/// Read into a buffer on the stack and returned as a copy of exactly their size: the bytes wait in h2's send queue
+/// while the tunnel opens (a dial, the CONNECT's turn on a pooled connection). A pooled 16 KiB copy buffer lent for
+/// them stayed out of the pool that long, so a burst of new connections took one each and left the pool (emptied
+/// only once the proxy is quiet) at up to 64 of them, 1 MiB, where a relay's short-lived reads need a few: about
+/// 1 MB more with 2,000 idle tunnels (BENCHMARKS.md, "Memory per idle tunnel: h2's read buffers"). Copying a
+/// request's bytes once costs less than a TLS record's encryption of them.
 fn first_bytes(client: &TcpStream) -> std::io::Result<Bytes> {
     let mut buffer = [0; FIRST_BUFFER_SIZE];
     match (&*socket2::SockRef::from(client)).read(&mut buffer) {
