@@ -149,20 +149,25 @@ async fn open(
 pub async fn relay<C: AsyncRead + AsyncWrite + finish::Abort + Unpin>(
     data: &DataPath,
     mut client: C,
-    connected: Connected,
+    mut connected: Connected,
 ) {
     let registration = match &connected.upstream {
         Upstream::Tunnel(tunnel) => data.connections.register_tunnel(tunnel.peer.clone()),
         Upstream::Direct(_) => data.connections.register_outbound(),
     };
-    let open = connected.report.opened(&data.traffic, Authz::NONE);
-    match connected.upstream {
-        Upstream::Tunnel(mut tunnel) => {
-            let sent = connected.first_sent;
-            finish::relay_after(open, sent, &mut client, &mut tunnel.io, &registration, data.timeouts).await
+    // This future lives inline in the connection's task for as long as the connection does: what it holds is what
+    // every idle tunnel costs. So the upstream is borrowed where it is rather than moved out of `connected` (a
+    // moved-out value keeps a slot of its own beside the argument's), and the rare passthrough's relay is boxed
+    // rather than sized into every tunnel's task: 1,552 bytes instead of 1,816 (debug build, `size_of`).
+    match &mut connected.upstream {
+        Upstream::Tunnel(tunnel) => {
+            let open = connected.report.opened(&data.traffic, Authz::NONE);
+            finish::relay_after(open, connected.first_sent, &mut client, &mut tunnel.io, &registration, data.timeouts)
+                .await
         }
-        Upstream::Direct(mut stream) => {
-            finish::relay(open, &mut client, &mut stream, &registration, data.timeouts).await
+        Upstream::Direct(stream) => {
+            let open = connected.report.opened(&data.traffic, Authz::NONE);
+            Box::pin(finish::relay(open, &mut client, stream, &registration, data.timeouts)).await
         }
     };
 }
