@@ -12,9 +12,11 @@ use rcgen::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 use time::OffsetDateTime;
+use trellis_proto::SERIAL_TAG_BYTES;
 use trellis_proto::spiffe::SpiffeId;
 
 use crate::files;
+use crate::serial_tag::NodeTag;
 
 /// Certificates are back-dated a little so that small clock differences between hosts do not make a fresh
 /// certificate "not yet valid".
@@ -172,12 +174,14 @@ impl Ca {
         &self.chain
     }
 
-    /// Signs an X.509-SVID for a workload. `authorize` decides whether the caller may hold the identity the CSR
-    /// names (node namespaces, hosted workloads); its error is the refusal reason.
+    /// Signs an X.509-SVID for a workload issued to the node whose tag is `tag` (the serial starts with it:
+    /// `serial_tag.rs`). `authorize` decides whether the caller may hold the identity the CSR names (node namespaces,
+    /// hosted workloads); its error is the refusal reason.
     pub fn sign_workload(
         &self,
         csr_der: &[u8],
         ttl: Duration,
+        tag: &NodeTag,
         authorize: impl FnOnce(&SpiffeId, &str, &str) -> Result<(), String>,
     ) -> Result<(SpiffeId, Issued), CaError> {
         let csr = parse_csr(csr_der)?;
@@ -190,7 +194,7 @@ impl Ca {
             return Err(CaError::NotWorkload(id.to_string()));
         };
         authorize(&id, namespace, service_account).map_err(CaError::Refused)?;
-        let issued = self.sign_leaf(&csr.public_key, leaf_params(&id, ttl))?;
+        let issued = self.sign_leaf_with(&csr.public_key, leaf_params(&id, ttl), tagged_serial(tag))?;
         Ok((id, issued))
     }
 
@@ -273,12 +277,16 @@ impl Ca {
         Ok(params.signed_by(&spki, &self.issuer)?.der().clone())
     }
 
-    fn sign_leaf(
+    fn sign_leaf(&self, public_key: &impl rcgen::PublicKeyData, params: CertificateParams) -> Result<Issued, CaError> {
+        self.sign_leaf_with(public_key, params, random_serial())
+    }
+
+    fn sign_leaf_with(
         &self,
         public_key: &impl rcgen::PublicKeyData,
         mut params: CertificateParams,
+        serial: SerialNumber,
     ) -> Result<Issued, CaError> {
-        let serial = random_serial();
         let serial_hex = hex::encode(serial.to_bytes());
         params.serial_number = Some(serial);
         params.use_authority_key_identifier_extension = true;
@@ -363,6 +371,15 @@ fn random_serial() -> SerialNumber {
     aws_lc_rs::rand::fill(&mut bytes).expect("system RNG");
     bytes[0] &= 0x7f;
     bytes[0] |= 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+/// A workload certificate's serial: the node's tag (8 bytes, a positive first byte without a leading zero), then 12
+/// random bytes (96 bits of entropy): 20 bytes, RFC 5280's maximum.
+fn tagged_serial(tag: &NodeTag) -> SerialNumber {
+    let mut bytes = [0u8; 20];
+    bytes[..SERIAL_TAG_BYTES].copy_from_slice(tag.bytes());
+    aws_lc_rs::rand::fill(&mut bytes[SERIAL_TAG_BYTES..]).expect("system RNG");
     SerialNumber::from_slice(&bytes)
 }
 

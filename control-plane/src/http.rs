@@ -12,10 +12,7 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 /// Latency histograms as real Prometheus histograms (buckets), so `histogram_quantile` works across instances.
 pub fn metrics_builder() -> Result<PrometheusBuilder, BuildError> {
     const SECONDS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-    const RECORDS: [f64; 7] = [1.0, 2.0, 5.0, 10.0, 20.0, 35.0, 50.0];
-    PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)?
-        .set_buckets_for_metric(Matcher::Full("trellis_certificate_log_batch_records".into()), &RECORDS)
+    PrometheusBuilder::new().set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
 }
 
 /// HELP text for every series the control plane exports (Prometheus lints series without it).
@@ -51,10 +48,6 @@ pub fn describe_metrics() {
         "Time from a config change to each proxy's ACK of it."
     );
     describe_counter!("trellis_certificates_signed_total", "Workload certificates issued.");
-    describe_histogram!(
-        "trellis_certificate_log_batch_records",
-        "Certificate records committed per store transaction of the certificate log (group commit, at most 50)."
-    );
     describe_counter!("trellis_certificates_refused_total", "Certificate requests refused, by reason.");
     describe_histogram!("trellis_certificate_signing_seconds", metrics::Unit::Seconds, "Time to sign a workload CSR.");
     describe_counter!("trellis_join_attempts_total", "Node join attempts, by result.");

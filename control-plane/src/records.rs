@@ -25,6 +25,9 @@ pub struct NodeRecord {
     pub namespaces: Vec<String>,
     pub joined_at: i64,
     pub revoked: bool,
+    /// When it was revoked (absent in records revoked before this field, or not revoked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
     pub credential_serial: String,
 }
 

@@ -136,6 +136,11 @@ impl Held {
     pub fn consume(&mut self, n: usize) {
         if self.pos < self.end {
             self.pos += n;
+        } else if n == self.shared.len() {
+            // Not `advance`: an emptied `Bytes` still owns its share of what the bytes came in (an HTTP/2 frame's
+            // payload is a slice of the connection's read buffer), so an idle tunnel would keep the read buffer its
+            // last frame arrived in alive, with every other frame of it, for as long as it stays idle.
+            self.shared = Bytes::new();
         } else {
             self.shared.advance(n);
         }
@@ -166,14 +171,6 @@ impl Held {
             give_back_buffer(small);
         }
         self.buffer.get_or_insert_with(|| take_sized(size))
-    }
-
-    /// Reads into a pooled buffer with `read` (called only while nothing is held), as [`CopyRead::poll_fill`] does
-    /// through a runtime's reader: for a read made outside it (`outbound::first_bytes`).
-    pub(crate) fn fill(&mut self, read: impl FnOnce(&mut [u8]) -> io::Result<usize>) -> io::Result<usize> {
-        let n = read(self.read_space())?;
-        self.filled(n);
-        Ok(n)
     }
 
     fn filled(&mut self, n: usize) {
@@ -830,6 +827,70 @@ mod tests {
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello");
         assert_eq!(counter.load(Ordering::Relaxed), 5);
+    }
+
+    /// Bytes whose storage reports when it is freed: a frame's payload sharing its connection's read buffer.
+    struct Tracked(Vec<u8>, Arc<std::sync::atomic::AtomicBool>);
+
+    impl AsRef<[u8]> for Tracked {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.1.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A reader that hands over what it is given as it is, as an HTTP/2 stream does (`h2_stream`).
+    struct HandsOver(Option<Bytes>);
+
+    impl CopyRead for HandsOver {
+        fn poll_fill(mut self: Pin<&mut Self>, _: &mut Context<'_>, held: &mut Held) -> Poll<io::Result<usize>> {
+            match self.0.take() {
+                Some(bytes) => {
+                    let n = bytes.len();
+                    held.hand_over(bytes);
+                    Poll::Ready(Ok(n))
+                }
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_direction_keeps_nothing_of_the_storage_its_last_handed_over_bytes_came_in() {
+        // The writer's pipe takes 64 bytes at a time: the bytes are written in several steps.
+        let (mut proxy_b, mut server) = tokio::io::duplex(64);
+        let freed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // A 4 KiB "read buffer" of which the reader hands over 200 bytes in the middle.
+        let storage = Bytes::from_owner(Tracked((0..4096).map(|i| i as u8).collect(), freed.clone()));
+        let mut reader = HandsOver(Some(storage.slice(1000..1200)));
+        drop(storage);
+        let counter = AtomicU64::new(0);
+        let mut direction = Direction::default();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut received = Vec::new();
+        let mut chunk = [0; 64];
+        while received.len() < 200 {
+            assert!(direction.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut proxy_b), &counter).is_pending());
+            if received.len() + 64 < 200 {
+                // Control: bytes still wait in the holding, so their storage is alive.
+                assert!(
+                    !freed.load(Ordering::Relaxed),
+                    "freed while {} bytes were still to write",
+                    200 - received.len()
+                );
+            }
+            let n = server.read(&mut chunk).await.unwrap();
+            received.extend_from_slice(&chunk[..n]);
+        }
+        assert!(direction.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut proxy_b), &counter).is_pending());
+        assert_eq!(received, (1000..1200).map(|i| i as u8).collect::<Vec<_>>(), "every byte, in order");
+        assert!(direction.held.is_empty());
+        assert!(freed.load(Ordering::Relaxed), "idle, everything written: the storage is not kept alive");
     }
 
     #[tokio::test]

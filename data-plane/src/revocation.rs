@@ -1,5 +1,6 @@
-//! Revocations the control plane pushes (`ConfigUpdate.revocations`): certificates of revoked nodes, by serial, and
-//! revoked workload identities, by SPIFFE ID. The TLS verifiers of both sides read the current set at every
+//! Revocations the control plane pushes (`ConfigUpdate.revocations`): revoked nodes, by the tag that starts the
+//! serial of every workload certificate issued to them and by the serials of their other certificates, and revoked
+//! workload identities, by SPIFFE ID. The TLS verifiers of both sides read the current set at every
 //! handshake ([`RevocationList`]) and refuse a peer certificate it names; when the set changes, `reconfigure`
 //! closes every open connection whose peer certificate it names (both directions, see `connections` and
 //! `proxy::pool`).
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use rustls_pki_types::CertificateDer;
+use trellis_proto::SERIAL_TAG_BYTES;
 use trellis_proto::spiffe::SpiffeId;
 use trellis_proto::v1;
 
@@ -17,6 +19,8 @@ use trellis_proto::v1;
 pub struct Revocations {
     /// Serial (lower-case hex of its magnitude) → the node it was issued to.
     serials: HashMap<String, String>,
+    /// Serial tag (the hex of a serial's first [`SERIAL_TAG_BYTES`]) → the revoked node it names.
+    tags: HashMap<String, String>,
     identities: HashSet<SpiffeId>,
 }
 
@@ -51,6 +55,8 @@ pub enum RevocationsError {
     Serial { index: usize, serial: String },
     #[error("identities[{index}]: {reason}")]
     Identity { index: usize, reason: String },
+    #[error("nodes[{index}]: serial_tag {tag:?} is not {} hexadecimal digits", 2 * SERIAL_TAG_BYTES)]
+    Tag { index: usize, tag: String },
 }
 
 impl Revocations {
@@ -61,6 +67,13 @@ impl Revocations {
                 .ok_or_else(|| RevocationsError::Serial { index, serial: cert.serial.clone() })?;
             serials.insert(serial, cert.node.clone());
         }
+        let mut tags = HashMap::with_capacity(list.nodes.len());
+        for (index, node) in list.nodes.iter().enumerate() {
+            let tag = normalize_serial(&node.serial_tag)
+                .filter(|tag| tag.len() == 2 * SERIAL_TAG_BYTES)
+                .ok_or_else(|| RevocationsError::Tag { index, tag: node.serial_tag.clone() })?;
+            tags.insert(tag, node.node.clone());
+        }
         let identities = list
             .identities
             .iter()
@@ -70,11 +83,11 @@ impl Revocations {
                     .map_err(|e| RevocationsError::Identity { index, reason: format!("{:?}: {e}", revoked.spiffe_id) })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { serials, identities })
+        Ok(Self { serials, tags, identities })
     }
 
     pub fn is_empty(&self) -> bool {
-        self.serials.is_empty() && self.identities.is_empty()
+        self.serials.is_empty() && self.tags.is_empty() && self.identities.is_empty()
     }
 
     /// Whether a peer holding the certificate with `serial` naming `id` is revoked.
@@ -82,18 +95,19 @@ impl Revocations {
         if self.identities.contains(id) {
             return Err(Revoked::Identity(id.clone()));
         }
-        match self.serials.get(serial) {
+        let tagged = || serial.get(..2 * SERIAL_TAG_BYTES).and_then(|tag| self.tags.get(tag));
+        match self.serials.get(serial).or_else(tagged) {
             Some(node) => Err(Revoked::Node { node: node.clone(), serial: serial.to_owned() }),
             None => Ok(()),
         }
     }
 
-    /// [`Revocations::check`] for a certificate at handshake: parsed only when some serial is revoked.
+    /// [`Revocations::check`] for a certificate at handshake: parsed only when some serial or node tag is revoked.
     pub fn check_cert(&self, cert: &CertificateDer<'_>, id: &SpiffeId) -> Result<(), Revoked> {
         if self.identities.contains(id) {
             return Err(Revoked::Identity(id.clone()));
         }
-        if self.serials.is_empty() {
+        if self.serials.is_empty() && self.tags.is_empty() {
             return Ok(());
         }
         self.check(&serial_hex(cert).unwrap_or_default(), id)
@@ -161,8 +175,30 @@ mod tests {
         assert_eq!(set.check("ffff", &id("good")), Ok(()));
     }
 
+    /// A serial that starts with a revoked node's tag is refused, as the node's revoked serial would be; a serial
+    /// with another node's tag, or too short to carry one, is not.
+    #[test]
+    fn a_serial_carrying_a_revoked_nodes_tag_is_refused_and_no_other() {
+        let set = Revocations::from_wire(&crate::testing::revoked_tags(&[("40AABBCCDDEEFF00", "n1")])).unwrap();
+        let serial = "40aabbccddeeff00112233445566778899aabbcc";
+        assert_eq!(set.check(serial, &id("good")), Err(Revoked::Node { node: "n1".into(), serial: serial.into() }));
+        assert_eq!(
+            set.check(serial, &id("good")).unwrap_err().to_string(),
+            format!("peer certificate {serial} was issued to revoked node \"n1\"")
+        );
+        // Control: another node's tag, the tag elsewhere than at the start, a serial shorter than a tag.
+        assert_eq!(set.check("41aabbccddeeff00112233445566778899aabbcc", &id("good")), Ok(()));
+        assert_eq!(set.check("0040aabbccddeeff00", &id("good")), Ok(()));
+        assert_eq!(set.check("40aabbcc", &id("good")), Ok(()));
+        assert!(!set.is_empty());
+    }
+
     #[test]
     fn a_list_it_cannot_read_is_refused_naming_the_entry() {
+        let err =
+            Revocations::from_wire(&crate::testing::revoked_tags(&[("40aabbccddeeff00", "n1"), ("40aabb", "n2")]))
+                .unwrap_err();
+        assert_eq!(err.to_string(), "nodes[1]: serial_tag \"40aabb\" is not 16 hexadecimal digits");
         let err = Revocations::from_wire(&list(&[("ab", "n1"), ("xyz", "n1")], &[])).unwrap_err();
         assert_eq!(err.to_string(), "certificates[1]: serial \"xyz\" is not hexadecimal");
         let err = Revocations::from_wire(&list(&[], &["not-an-id"])).unwrap_err();

@@ -250,6 +250,22 @@ pub fn revocations(certificates: &[(&str, &str)], identities: &[&str]) -> v1::Re
             .iter()
             .map(|id| v1::RevokedIdentity { spiffe_id: id.to_string(), revoked_at_unix: 0 })
             .collect(),
+        nodes: Vec::new(),
+    }
+}
+
+/// A revocation list naming revoked nodes by serial tag (tag hex, node).
+pub fn revoked_tags(tags: &[(&str, &str)]) -> v1::Revocations {
+    v1::Revocations {
+        nodes: tags
+            .iter()
+            .map(|(tag, node)| v1::RevokedNode {
+                serial_tag: tag.to_string(),
+                node: node.to_string(),
+                revoked_at_unix: 0,
+            })
+            .collect(),
+        ..Default::default()
     }
 }
 

@@ -700,7 +700,20 @@ mod tests {
 
     /// A revocation list naming `serials` (of node "n1") and `identities`.
     fn revoking(serials: &[&str], identities: &[&SpiffeId]) -> Arc<RevocationList> {
+        revoking_also_tags(serials, identities, &[])
+    }
+
+    /// [`revoking`], and node "n1" by serial `tags` too.
+    fn revoking_also_tags(serials: &[&str], identities: &[&SpiffeId], tags: &[&str]) -> Arc<RevocationList> {
         let list = trellis_proto::v1::Revocations {
+            nodes: tags
+                .iter()
+                .map(|t| trellis_proto::v1::RevokedNode {
+                    serial_tag: t.to_string(),
+                    node: "n1".into(),
+                    revoked_at_unix: 0,
+                })
+                .collect(),
             certificates: serials
                 .iter()
                 .map(|s| trellis_proto::v1::RevokedCertificate {
@@ -734,6 +747,29 @@ mod tests {
         // Control: the same identity, another certificate (another node's), through the same server.
         assert_accepted(client(&ca, other), server.clone()).await;
         let bad_serial = serial(&revoked);
+        let (client_saw, server_saw) = handshake(client(&ca, revoked), server).await;
+        assert_eq!(
+            server_saw,
+            Err(rustls::Error::General(format!("peer certificate {bad_serial} was issued to revoked node \"n1\"")))
+        );
+        assert_eq!(client_saw, Err(rustls::Error::AlertReceived(AlertDescription::HandshakeFailure)));
+    }
+
+    /// A node revoked by its serial tag: the server refuses a client certificate whose serial starts with it, with
+    /// the same reason as a revoked serial; another certificate of the same identity, whose serial starts with
+    /// another tag, passes through the same server (the control).
+    #[tokio::test]
+    async fn server_refuses_a_client_certificate_whose_serial_carries_a_revoked_node_tag() {
+        let ca = TestCa::new();
+        let (revoked, other) = (good_client(&ca), good_client(&ca));
+        let bad_serial = serial(&revoked);
+        let tag = &bad_serial[..2 * trellis_proto::SERIAL_TAG_BYTES];
+        assert!(!serial(&other).starts_with(tag));
+        let list = revoking_also_tags(&[], &[], &[tag]);
+        let provider = trellis_proto::tls::provider();
+        let good = good_server(&ca);
+        let server = server_config(provider, roots(&ca), TRUST_DOMAIN, good.chain, good.key, list.clone()).unwrap();
+        assert_accepted(client(&ca, other), server.clone()).await;
         let (client_saw, server_saw) = handshake(client(&ca, revoked), server).await;
         assert_eq!(
             server_saw,

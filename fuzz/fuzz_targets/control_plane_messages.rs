@@ -15,6 +15,7 @@ use trellis_control_plane::ca::{CA_CERT, CA_CHAIN, CA_KEY, Ca};
 use trellis_control_plane::holdings::Holdings;
 use trellis_control_plane::mesh::validate_hello;
 use trellis_control_plane::records::NodeRecord;
+use trellis_control_plane::serial_tag::NodeTag;
 use trellis_proto::v1::DiscoveryRequest;
 use trellis_proto::v1::discovery_request::Message as Up;
 
@@ -38,6 +39,7 @@ fn node() -> NodeRecord {
         namespaces: vec!["shop".into(), "bank".into()],
         joined_at: 0,
         revoked: false,
+        revoked_at: None,
         credential_serial: "01".into(),
     }
 }
@@ -57,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Some(Up::CertificateRequest(csr)) => {
             let hosted: BTreeSet<(&str, &str)> = [("shop", "web-sa")].into();
-            let _ = CA.sign_workload(&csr.csr_der, Duration::from_secs(3600), |_, namespace, sa| {
+            let _ = CA.sign_workload(&csr.csr_der, Duration::from_secs(3600), &NodeTag::of("n1"), |_, namespace, sa| {
                 if hosted.contains(&(namespace, sa)) { Ok(()) } else { Err("not hosted".into()) }
             });
         }

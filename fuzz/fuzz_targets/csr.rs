@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use trellis_control_plane::ca::{CA_CERT, CA_CHAIN, CA_KEY, Ca};
+use trellis_control_plane::serial_tag::NodeTag;
 
 const TRUST_DOMAIN: &str = "fuzz.example";
 
@@ -26,7 +27,7 @@ static CA: LazyLock<Ca> = LazyLock::new(|| {
 fuzz_target!(|data: &[u8]| {
     let ttl = Duration::from_secs(3600);
     let mut asked = None;
-    let signed = CA.sign_workload(data, ttl, |id, namespace, sa| {
+    let signed = CA.sign_workload(data, ttl, &NodeTag::of("n1"), |id, namespace, sa| {
         asked = Some((id.to_string(), namespace.to_owned(), sa.to_owned()));
         Ok(())
     });

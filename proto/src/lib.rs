@@ -26,6 +26,10 @@ pub const CONTROL_PLANE_PORT: u16 = 15012;
 /// any address and still verify it by name.
 pub const CONTROL_PLANE_SERVER_NAME: &str = "trellis-control";
 
+/// Bytes of the node tag a workload certificate's serial starts with (`Revocations.nodes`): the control plane
+/// derives it from the node's name, the proxies refuse a certificate whose serial starts with a revoked node's.
+pub const SERIAL_TAG_BYTES: usize = 8;
+
 /// Key of a workload in the registry and on the wire: `<namespace>/<name>`.
 pub fn workload_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")

@@ -562,7 +562,12 @@ fn print_revocations(list: &pb::Revocations, output: Output) {
             .iter()
             .map(|i| json!({"spiffeId": i.spiffe_id, "revokedAt": timestamp(i.revoked_at_unix)}))
             .collect();
-        print_json(&json!({"certificates": certificates, "identities": identities}));
+        let nodes: Vec<_> = list
+            .nodes
+            .iter()
+            .map(|n| json!({"node": n.node, "serialTag": n.serial_tag, "revokedAt": timestamp(n.revoked_at_unix)}))
+            .collect();
+        print_json(&json!({"certificates": certificates, "identities": identities, "nodes": nodes}));
         return;
     }
     let mut rows: Vec<Vec<String>> = list
@@ -570,6 +575,10 @@ fn print_revocations(list: &pb::Revocations, output: Output) {
         .iter()
         .map(|i| vec!["identity".into(), i.spiffe_id.clone(), "-".into(), timestamp(i.revoked_at_unix)])
         .collect();
+    // A revoked node's workload certificates: every serial starting with its tag.
+    rows.extend(list.nodes.iter().map(|n| {
+        vec![format!("node {}", n.node), "-".into(), format!("{}*", n.serial_tag), timestamp(n.revoked_at_unix)]
+    }));
     rows.extend(
         list.certificates.iter().map(|c| {
             vec![format!("node {}", c.node), c.spiffe_id.clone(), c.serial.clone(), timestamp(c.not_after_unix)]

@@ -1,8 +1,8 @@
 //! The certificate log's layout in the store (`certificates` table), above the store seam so that both backends
 //! keep the same: one key per batch of records, `batch-<latest not_after, 20 digits>-<first record's serial>`,
-//! whose value is the batch's records (a JSON array). A batch costs one write whatever its size (etcd applies it
-//! on every member). Node credentials, logged in the transaction that writes their node's record, are batches of
-//! one.
+//! whose value is the batch's records (a JSON array). Node credentials, logged in the transaction that writes their
+//! node's record, are batches of one; workload certificates are no longer logged (their serials carry the node's
+//! tag, `serial_tag.rs`), but the batches of them that earlier versions wrote are read as before.
 //!
 //! Stores written before batches hold one key per certificate (its serial, hex, which never starts with `batch-`)
 //! whose value is one record: every reader here takes both, and [`expired`] finds both kinds once all their records
@@ -13,12 +13,6 @@ use crate::store::{StoreError, Table, Txn};
 
 /// Keys of batches start with this; a serial (hex) never does.
 const BATCH: &str = "batch-";
-
-/// Bytes a record takes in a batch's value, about (its JSON): the bound the log's batches are cut by.
-pub(super) fn weight(record: &CertRecord) -> usize {
-    // Field names, quotes, two numbers of up to 20 digits, separators.
-    120 + record.serial.len() + record.identity.len() + record.node.len() + record.issuer.len()
-}
 
 /// Writes `batch` (not empty) under one key.
 pub(super) fn append(txn: &mut dyn Txn, batch: &[&CertRecord]) -> Result<(), StoreError> {

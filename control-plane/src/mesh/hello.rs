@@ -84,6 +84,7 @@ mod tests {
             namespaces: vec!["shop".into()],
             joined_at: 0,
             revoked: false,
+            revoked_at: None,
             credential_serial: String::new(),
         }
     }

@@ -70,6 +70,7 @@ impl Mesh {
                 namespaces: record.namespaces.clone(),
                 joined_at: now,
                 revoked: false,
+                revoked_at: None,
                 credential_serial: issued.serial_hex.clone(),
             };
             // Logged first: refused if the node was revoked since the token was checked.

@@ -11,13 +11,19 @@ use std::sync::Arc;
 use trellis_proto::v1 as pb;
 
 use super::{decode_workload, now_unix, revocations, to_pb_resource};
-use crate::records::{self, META_VERSION, ResourceRecord};
+use crate::records::{self, META_VERSION, NodeRecord, ResourceRecord};
 use crate::rotation::{RECORD_KEY, RotationRecord};
 use crate::store::{Change, StoreError, Table};
 
 /// The tables a snapshot derives from (what a replica follows).
-pub const FOLLOWED: [Table; 5] =
-    [Table::Meta, Table::Resources, Table::Workloads, Table::RevokedCertificates, Table::RevokedIdentities];
+pub const FOLLOWED: [Table; 6] = [
+    Table::Meta,
+    Table::Resources,
+    Table::Workloads,
+    Table::RevokedCertificates,
+    Table::RevokedIdentities,
+    Table::Nodes,
+];
 
 #[derive(Debug, Default, Clone)]
 pub struct Mirror {
@@ -27,6 +33,8 @@ pub struct Mirror {
     /// The revocation tables' raw records, from which `revocations` is rebuilt when they change (they are small).
     revoked_certificates: BTreeMap<String, Vec<u8>>,
     revoked_identities: BTreeMap<String, Vec<u8>>,
+    /// Revoked nodes (from their records: `revocations::revoked_nodes`), and when.
+    revoked_nodes: BTreeMap<String, i64>,
     pub revocations: Arc<pb::Revocations>,
     /// The root CA rotation's record, raw (`rotation::RECORD_KEY` in the meta table).
     rotation: Option<Vec<u8>>,
@@ -51,8 +59,10 @@ impl Mirror {
                 let mut revocations = false;
                 let mut changed = false;
                 for (table, key, value) in writes {
-                    revocations |= matches!(table, Table::RevokedCertificates | Table::RevokedIdentities);
-                    changed |= self.set(table, key, value);
+                    let listed = matches!(table, Table::RevokedCertificates | Table::RevokedIdentities | Table::Nodes);
+                    let set = self.set(table, key, value);
+                    revocations |= listed && set;
+                    changed |= set;
                 }
                 if revocations {
                     self.rebuild_revocations();
@@ -118,6 +128,22 @@ impl Mirror {
                 set_raw(&mut self.revoked_identities, key, value);
                 true
             }
+            // Only whether a node is revoked matters here (joins and renewals rewrite records too).
+            Table::Nodes => {
+                let revoked = match value.map(|v| records::decode::<NodeRecord>(table, &key, &v)) {
+                    Some(Ok(record)) => record.revoked.then(|| record.revoked_at.unwrap_or(0)),
+                    Some(Err(e)) => {
+                        corrupt(e);
+                        None
+                    }
+                    None => None,
+                };
+                let before = match revoked {
+                    Some(at) => self.revoked_nodes.insert(key, at),
+                    None => self.revoked_nodes.remove(&key),
+                };
+                before != revoked
+            }
             _ => false,
         }
     }
@@ -134,7 +160,13 @@ impl Mirror {
         let entries = |m: &BTreeMap<String, Vec<u8>>| -> Vec<(String, Vec<u8>)> {
             m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
-        match revocations::build(entries(&self.revoked_certificates), entries(&self.revoked_identities), now_unix()) {
+        let built = revocations::build(
+            entries(&self.revoked_certificates),
+            entries(&self.revoked_identities),
+            self.revoked_nodes.iter().map(|(node, at)| (node.clone(), *at)).collect(),
+            now_unix(),
+        );
+        match built {
             Ok(list) => self.revocations = Arc::new(list),
             Err(e) => tracing::error!(error = %e, "keeping the last revocation list: a revocation record is corrupt"),
         }
@@ -246,13 +278,28 @@ mod tests {
         };
         let expired = RevokedCertRecord { serial: "02".into(), not_after: now_unix() - 1, ..cert.clone() };
         let identity = RevokedIdentityRecord { spiffe_id: "spiffe://td/ns/ns/sa/b".into(), revoked_at: 1 };
+        let node = |revoked: bool| NodeRecord {
+            name: "n".into(),
+            namespaces: vec![],
+            joined_at: 0,
+            revoked,
+            revoked_at: revoked.then_some(5),
+            credential_serial: "0a".into(),
+        };
+        // A node's record that is not revoked (a join) changes nothing the snapshot shows.
+        let joined = serde_json::to_vec(&node(false)).unwrap();
+        assert!(!m.apply(Change::Delta(vec![(Table::Nodes, "n".into(), Some(joined))])));
         m.apply(Change::Delta(vec![
             (Table::RevokedCertificates, "01".into(), Some(serde_json::to_vec(&cert).unwrap())),
             (Table::RevokedCertificates, "02".into(), Some(serde_json::to_vec(&expired).unwrap())),
             (Table::RevokedIdentities, "b".into(), Some(serde_json::to_vec(&identity).unwrap())),
+            (Table::Nodes, "n".into(), Some(serde_json::to_vec(&node(true)).unwrap())),
         ]));
         assert_eq!(m.revocations.certificates.iter().map(|c| c.serial.as_str()).collect::<Vec<_>>(), ["01"]);
         assert_eq!(m.revocations.identities.len(), 1);
+        let tags: Vec<(&str, i64)> =
+            m.revocations.nodes.iter().map(|n| (n.serial_tag.as_str(), n.revoked_at_unix)).collect();
+        assert_eq!(tags, [(crate::serial_tag::NodeTag::of("n").hex().as_str(), 5)]);
         m.apply(Change::Delta(vec![(Table::RevokedIdentities, "b".into(), None)]));
         assert!(m.revocations.identities.is_empty());
         assert_eq!(m.revocations.certificates.len(), 1);

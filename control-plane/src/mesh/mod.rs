@@ -5,7 +5,7 @@
 //! by concern: `resources` (apply, dry run, delete), `joins` (tokens, and a join consuming one), `nodes` (active
 //! and revoked nodes), `registry` (the workloads each node declares), `claims` (the registry's index: address
 //! claims and each node's declaration), `hello` (checking a proxy's declaration), `signing` (workload
-//! certificates, the certificate log), `renewal` (node credentials renewed over the stream), `rotation` (the root
+//! certificates, tagged with their node), `renewal` (node credentials renewed over the stream), `rotation` (the root
 //! CA rotation's transitions), `revocations` (revoked nodes' certificates and workload identities), `admins` (admin
 //! credentials) and `errors` ([`MeshError`] and its gRPC status).
 
@@ -20,8 +20,7 @@ use trellis_proto::v1 as pb;
 
 use crate::authority::Authority;
 use crate::ca::Ca;
-use crate::group_commit::GroupCommit;
-use crate::records::{self, CertRecord, META_VERSION, ResourceRecord};
+use crate::records::{self, META_VERSION, ResourceRecord};
 use crate::store::{Store, StoreError, Table, Txn, transact};
 
 mod admins;
@@ -103,9 +102,6 @@ pub struct Mesh {
     /// The rotation (number, phase) the authority reflects (None: none ever), so that a replica following the
     /// store sees when another replica moved a rotation on (`follow.rs`).
     applied_rotation: Mutex<Option<(u64, crate::rotation::Phase)>>,
-    /// Workload certificates waiting for their record in the certificate log: committed in batches, one transaction
-    /// for the records that queued during the previous commit (`signing.rs`).
-    cert_log: GroupCommit<CertRecord, Result<(), MeshError>>,
 }
 
 /// The size of what the store holds, as gauges: resources by kind and registered workloads.
@@ -179,7 +175,6 @@ impl Mesh {
             writer: Mutex::new(()),
             followed: AtomicBool::new(false),
             applied_rotation: Mutex::new(applied.map(|r| (r.rotation, r.phase))),
-            cert_log: GroupCommit::bounded(signing::LOG_BATCH, signing::LOG_BATCH_BYTES, cert_log::weight),
         })
     }
 

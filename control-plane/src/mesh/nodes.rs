@@ -16,8 +16,9 @@ impl Mesh {
         }
     }
 
-    /// Marks the node revoked, removes its workloads from the registry and revokes every unexpired certificate
-    /// issued to it (`revocations`), all in one version that every proxy is pushed.
+    /// Marks the node revoked (which lists its serial tag: every workload certificate issued to it), removes its
+    /// workloads from the registry and revokes every unexpired certificate the log holds for it (its node credentials;
+    /// workload certificates logged before tags) (`revocations`), all in one version that every proxy is pushed.
     pub fn revoke_node(&self, node: &str) -> Result<(), MeshError> {
         let now = now_unix();
         let (removed, certificates, _) = self.write(
@@ -25,6 +26,7 @@ impl Mesh {
                 let mut record: NodeRecord = records::get(txn, Table::Nodes, node)?
                     .ok_or_else(|| MeshError::NotFound(format!("node {node:?} not found")))?;
                 record.revoked = true;
+                record.revoked_at = Some(now);
                 records::put(txn, Table::Nodes, node, &record)?;
                 eligibility::changed(txn)?;
                 let declared = claims::load_declared(txn, node)?;

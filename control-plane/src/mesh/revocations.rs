@@ -1,13 +1,19 @@
-//! Revocation: a revoked node's certificates (by serial, from the certificate log) and revoked workload identities
-//! (by SPIFFE ID), recorded in the store and published in the snapshot as the list every proxy enforces.
+//! Revocation: revoked nodes (by the tag that starts the serial of every workload certificate issued to them, and
+//! their logged certificates by serial) and revoked workload identities (by SPIFFE ID), recorded in the store and
+//! published in the snapshot as the list every proxy enforces.
 //!
-//! Why serials for nodes: a node's workload SVIDs name identities that other nodes hold too (one service account
-//! on several hosts), so only the certificates issued *to that node* identify it; the certificate log has them all,
-//! and the transaction that logs a new certificate refuses one for a revoked node or identity ([`refuse_revoked`];
-//! for workload certificates, logged in batches, `signing.rs` and `eligibility.rs`), reading what it checks in the
-//! transaction (compared at commit: for batches, the eligibility epoch every revocation bumps), so a signing that
-//! races a revocation is either refused or already in the log the revocation reads (the revocation lists the log,
-//! compared at commit too). Revoked certificates leave the pushed list once expired (proxies refuse them anyway).
+//! Why a tag for nodes: a node's workload SVIDs name identities that other nodes hold too (one service account on
+//! several hosts), so only what was issued *to that node* identifies it. Every workload certificate's serial starts
+//! with its node's tag (`serial_tag.rs`), so revoking the node names every workload certificate it holds or will
+//! ever be given, with no record of each: a replica whose snapshot has not seen the revocation yet (or never will,
+//! cut off from the store) still signs with the tag, and proxies refuse that certificate as soon as they have the
+//! list. The tag stays listed for good (a revoked node never gets another certificate, and no time bound on a
+//! lagging replica is needed); the list grows by one entry per revoked node, as identities do.
+//!
+//! Node credentials (joins, renewals) are still logged, in the transaction that writes the node's record and
+//! refuses a revoked node ([`refuse_revoked`]); revoking a node lists the log and revokes them by serial, with the
+//! workload certificates of stores written before tags (`cert_log.rs` reads every layout). Revoked certificates
+//! leave the pushed list once expired (proxies refuse them anyway).
 
 use std::sync::Arc;
 
@@ -16,21 +22,45 @@ use trellis_proto::v1 as pb;
 
 use super::{Mesh, MeshError, cert_log, eligibility, now_unix};
 use crate::records::{self, META_VERSION, NodeRecord, RevokedCertRecord, RevokedIdentityRecord};
+use crate::serial_tag::NodeTag;
 use crate::store::{Store, StoreError, Table, Txn};
 
 type Entries = Vec<(String, Vec<u8>)>;
 
-/// The list proxies enforce, from the store: revoked certificates not expired at `now`, and every revoked identity.
+/// The list proxies enforce, from the store: revoked certificates not expired at `now`, every revoked identity and
+/// every revoked node's tag.
 pub(super) fn load(store: &dyn Store, now: i64) -> Result<pb::Revocations, StoreError> {
-    build(store.list(Table::RevokedCertificates)?, store.list(Table::RevokedIdentities)?, now)
+    let (certificates, identities) = (store.list(Table::RevokedCertificates)?, store.list(Table::RevokedIdentities)?);
+    build(certificates, identities, revoked_nodes(store.list(Table::Nodes)?)?, now)
 }
 
 /// The same list inside a transaction, after its writes.
 pub(super) fn in_txn(txn: &dyn Txn, now: i64) -> Result<pb::Revocations, StoreError> {
-    build(txn.list(Table::RevokedCertificates)?, txn.list(Table::RevokedIdentities)?, now)
+    let (certificates, identities) = (txn.list(Table::RevokedCertificates)?, txn.list(Table::RevokedIdentities)?);
+    build(certificates, identities, revoked_nodes(txn.list(Table::Nodes)?)?, now)
 }
 
-pub(super) fn build(certificates: Entries, identities: Entries, now: i64) -> Result<pb::Revocations, StoreError> {
+/// The revoked nodes among the node records `entries` (name, when revoked: 0 if not recorded). Derived from the node
+/// records, not kept apart, so that a node revoked by a replica of the previous version during a rolling upgrade
+/// (which marks the record and knows nothing of tags) has its tag listed too.
+pub(super) fn revoked_nodes(entries: Entries) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut revoked = Vec::new();
+    for (key, bytes) in entries {
+        let record: NodeRecord = records::decode(Table::Nodes, &key, &bytes)?;
+        if record.revoked {
+            revoked.push((record.name, record.revoked_at.unwrap_or(0)));
+        }
+    }
+    Ok(revoked)
+}
+
+/// The list from the revocation tables' entries and the revoked nodes.
+pub(super) fn build(
+    certificates: Entries,
+    identities: Entries,
+    nodes: Vec<(String, i64)>,
+    now: i64,
+) -> Result<pb::Revocations, StoreError> {
     let mut list = pb::Revocations::default();
     for (key, bytes) in certificates {
         let record: RevokedCertRecord = records::decode(Table::RevokedCertificates, &key, &bytes)?;
@@ -46,6 +76,10 @@ pub(super) fn build(certificates: Entries, identities: Entries, now: i64) -> Res
     for (key, bytes) in identities {
         let record: RevokedIdentityRecord = records::decode(Table::RevokedIdentities, &key, &bytes)?;
         list.identities.push(pb::RevokedIdentity { spiffe_id: record.spiffe_id, revoked_at_unix: record.revoked_at });
+    }
+    for (node, revoked_at) in nodes {
+        let serial_tag = NodeTag::of(&node).hex();
+        list.nodes.push(pb::RevokedNode { node, serial_tag, revoked_at_unix: revoked_at });
     }
     Ok(list)
 }
@@ -183,12 +217,15 @@ impl Mesh {
 mod tests {
     use crate::mesh::testing::{TRUST_DOMAIN, TestMesh, csr, hello, refusal, workload};
     use crate::records::{self, CertRecord};
+    use crate::serial_tag::NodeTag;
     use crate::store::{StoreError, Table, transact};
 
     fn id(namespace: &str, sa: &str) -> String {
         format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{sa}")
     }
 
+    /// Revoking a node lists its tag (every workload certificate it was issued starts its serial with it) and its
+    /// node credential's serial; another node's certificate of the same identity is named by neither.
     #[test]
     fn revoking_a_node_lists_every_certificate_it_was_issued_and_no_other() {
         let mesh = TestMesh::new();
@@ -203,22 +240,26 @@ mod tests {
         let snapshot = mesh.current();
         assert!(snapshot.version > version, "a new version, so that proxies ACK it");
         let serials: Vec<&str> = snapshot.revocations.certificates.iter().map(|c| c.serial.as_str()).collect();
-        assert!(serials.contains(&on_n1.serial_hex.as_str()), "n1's SVID is revoked");
-        assert!(serials.contains(&n1.credential_serial.as_str()), "n1's node credential is revoked");
-        assert_eq!(serials.len(), 2, "{serials:?}");
-        assert!(!serials.contains(&on_n2.serial_hex.as_str()), "n2's certificate of the same identity is not");
+        let tags: Vec<&str> = snapshot.revocations.nodes.iter().map(|n| n.serial_tag.as_str()).collect();
+        let named = |serial: &str| serials.contains(&serial) || tags.iter().any(|t| serial.starts_with(t));
+        assert!(named(&on_n1.serial_hex), "n1's SVID is revoked");
+        assert!(named(&n1.credential_serial), "n1's node credential is revoked");
+        assert_eq!(serials, [n1.credential_serial.as_str()], "workload certificates are not listed one by one");
+        assert_eq!(tags, [NodeTag::of("n1").hex()]);
+        assert!(!named(&on_n2.serial_hex), "n2's certificate of the same identity is not");
         assert!(snapshot.revocations.certificates.iter().all(|c| c.node == "n1"));
+        assert!(snapshot.revocations.nodes.iter().all(|c| c.node == "n1"));
     }
 
-    /// A store written before the log had batches (one key per certificate, its serial): revoking a node revokes
-    /// its unexpired certificates logged that way as well as those logged in batches, and deletes the log's keys
-    /// whose records have expired (here the old-layout ones), leaving the others.
+    /// A store written before the log had batches (one key per certificate, its serial) and before tags (workload
+    /// certificates logged): revoking a node revokes its unexpired certificates logged that way as well as those
+    /// logged in batches (its node credential), and deletes the log's keys whose records have expired (here the
+    /// old-layout ones), leaving the others.
     #[test]
     fn certificates_logged_one_key_each_are_revoked_and_expired_ones_deleted() {
         let mesh = TestMesh::new();
         let n1 = mesh.joined("n1", &["shop"]);
         mesh.register(&n1, &hello(vec![workload("shop", "a", "api", &["10.0.0.1"])])).unwrap();
-        let (_, batched) = mesh.sign_workload(&n1, &csr(Some(&id("shop", "api")))).unwrap();
         let now = super::now_unix();
         let old = |serial: &str, node: &str, not_after: i64| CertRecord {
             serial: serial.into(),
@@ -241,13 +282,13 @@ mod tests {
         mesh.revoke_node("n1").unwrap();
         let mut serials: Vec<String> = mesh.revocations().certificates.iter().map(|c| c.serial.clone()).collect();
         serials.sort();
-        let mut expected = vec!["0a".to_owned(), n1.credential_serial.clone(), batched.serial_hex.clone()];
+        let mut expected = vec!["0a".to_owned(), n1.credential_serial.clone()];
         expected.sort();
         assert_eq!(serials, expected, "n1's unexpired certificates of both layouts, no other");
         let keys: Vec<String> = mesh.store().list(Table::Certificates).unwrap().into_iter().map(|(k, _)| k).collect();
         assert!(keys.contains(&"0a".to_owned()) && keys.contains(&"0c".to_owned()), "{keys:?}");
         assert!(!keys.contains(&"0b".to_owned()) && !keys.contains(&"0d".to_owned()), "expired, deleted: {keys:?}");
-        assert_eq!(keys.iter().filter(|k| k.starts_with("batch-")).count(), 2, "the credential's and the SVID's");
+        assert_eq!(keys.iter().filter(|k| k.starts_with("batch-")).count(), 1, "the credential's");
     }
 
     /// The sweep deletes the log's keys whose every record has expired, of both layouts, and nothing before.
@@ -256,7 +297,6 @@ mod tests {
         let mesh = TestMesh::new();
         let n1 = mesh.joined("n1", &["shop"]);
         mesh.register(&n1, &hello(vec![workload("shop", "a", "api", &["10.0.0.1"])])).unwrap();
-        let (_, issued) = mesh.sign_workload(&n1, &csr(Some(&id("shop", "api")))).unwrap();
         let now = super::now_unix();
         let old = CertRecord {
             serial: "0e".into(),
@@ -268,14 +308,13 @@ mod tests {
         };
         transact::<_, StoreError>(mesh.store(), |txn| records::put(txn, Table::Certificates, "0e", &old)).unwrap();
         let keys = || mesh.store().list(Table::Certificates).unwrap().len();
-        assert_eq!(keys(), 3);
+        assert_eq!(keys(), 2, "the node credential's batch and the old record");
         // Control: at `now` only the expired old-layout record goes.
         assert_eq!(mesh.forget_expired_certificates(now).unwrap(), 1);
-        assert_eq!(keys(), 2);
+        assert_eq!(keys(), 1);
         assert_eq!(mesh.forget_expired_certificates(now + 60).unwrap(), 0, "nothing else expired yet");
-        assert!(issued.not_after.unix_timestamp() > now + 60);
-        // Once the SVID and the node credential have expired, their batches go too.
-        assert_eq!(mesh.forget_expired_certificates(now + 7200).unwrap(), 2);
+        // Once the node credential has expired, its batch goes too.
+        assert_eq!(mesh.forget_expired_certificates(now + 7200).unwrap(), 1);
         assert_eq!(keys(), 0);
     }
 
@@ -327,22 +366,38 @@ mod tests {
         mesh.revoke_identity(&id("shop", "web")).unwrap();
         mesh.revoke_node("n1").unwrap();
         let before = mesh.current();
-        assert_eq!(before.revocations.certificates.len(), 2);
+        assert_eq!(before.revocations.certificates.len(), 1, "the node credential (the SVID: by tag)");
         let first = super::next_expiry(&before.revocations).unwrap();
         // Control: before any expiry nothing changes, not even the version.
         assert_eq!(mesh.prune_revocations(first - 1).unwrap(), 0);
         assert_eq!(mesh.current().version, before.version);
-        // At the expiry of both (same TTL here): both leave, in the store too, under a new version.
+        // At its expiry it leaves, in the store too, under a new version.
         let last = before.revocations.certificates.iter().map(|c| c.not_after_unix).max().unwrap();
-        assert_eq!(mesh.prune_revocations(last).unwrap(), 2);
+        assert_eq!(mesh.prune_revocations(last).unwrap(), 1);
         let after = mesh.current();
         assert!(after.version > before.version, "a new version, so that proxies ACK it");
         assert!(after.revocations.certificates.is_empty());
         assert_eq!(after.revocations.identities.len(), 1, "identities stay revoked");
+        assert_eq!(after.revocations.nodes.len(), 1, "the node's tag stays listed");
         assert!(mesh.store().list(crate::store::Table::RevokedCertificates).unwrap().is_empty());
         assert_eq!(super::next_expiry(&after.revocations), None);
         assert_eq!(mesh.prune_revocations(last + 1).unwrap(), 0, "nothing left to prune");
         assert_eq!(mesh.current().version, after.version);
+    }
+
+    /// A rolling upgrade: a replica of the previous version revokes a node by marking its record (it knows nothing of
+    /// tags); this version lists the node's tag all the same, since it derives the tags from the node records. The
+    /// control: an active node's record lists nothing.
+    #[test]
+    fn a_node_revoked_by_a_replica_of_the_previous_version_has_its_tag_listed() {
+        let mesh = TestMesh::new();
+        let (n1, _n2) = (mesh.joined("n1", &["shop"]), mesh.joined("n2", &["shop"]));
+        let old_revocation = crate::records::NodeRecord { revoked: true, revoked_at: None, ..n1.clone() };
+        transact::<_, StoreError>(mesh.store(), |txn| records::put(txn, Table::Nodes, "n1", &old_revocation)).unwrap();
+        let loaded = super::load(mesh.store(), super::now_unix()).unwrap();
+        let listed: Vec<(&str, &str, i64)> =
+            loaded.nodes.iter().map(|n| (n.node.as_str(), n.serial_tag.as_str(), n.revoked_at_unix)).collect();
+        assert_eq!(listed, [("n1", NodeTag::of("n1").hex().as_str(), 0)], "n2, active, is not listed");
     }
 
     #[test]
@@ -358,5 +413,6 @@ mod tests {
         let later = super::load(mesh.store(), loaded.certificates[0].not_after_unix).unwrap();
         assert!(later.certificates.is_empty());
         assert_eq!(later.identities.len(), 1, "identities stay revoked");
+        assert_eq!(later.nodes.len(), 1, "tags stay listed");
     }
 }

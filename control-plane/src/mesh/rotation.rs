@@ -157,12 +157,17 @@ impl Mesh {
             let switched = record.history.iter().find(|(p, _)| *p == Phase::Switch).map_or(now, |(_, at)| *at);
             let retiring = self.authority().retiring().unwrap_or_default();
             let issued: Vec<CertRecord> = cert_log::all(&self.store.list(Table::Certificates)?)?;
-            // The retiring CA's certificates (records older than the issuer field: those logged before the switch).
-            let old = issued
+            // The retiring CA's logged certificates: node credentials, and workload certificates logged before they
+            // were tagged instead (records older than the issuer field: those logged before the switch).
+            let logged = issued
                 .iter()
                 .filter(|c| c.issuer == retiring || (c.issuer.is_empty() && c.issued_at < switched))
                 .map(|c| c.not_after);
-            record.retire_at = Some(rotation::retire_at(&record, now, old));
+            // Workload certificates are not logged: each the retiring CA signed was signed before now (every replica
+            // signs with the new CA since the switch, which the switch phase's renewals waited on) and lives at most
+            // the certificate TTL.
+            let workloads = now.saturating_add(i64::try_from(self.config.cert_ttl.as_secs()).unwrap_or(i64::MAX));
+            record.retire_at = Some(rotation::retire_at(&record, now, logged.chain([workloads])));
         }
         let authority = Arc::new(self.authority().for_phase(to));
         if to == Phase::Retire {
@@ -327,7 +332,8 @@ mod tests {
         assert_eq!((reloaded.phase(), reloaded.retiring()), (Some(Phase::Switch), Some(retiring)));
 
         let overlap = mesh.advance_rotation(Phase::Overlap).unwrap();
-        // Default overlap: until the retiring CA's last certificate (the join's node credential, 1h) expires.
+        // Default overlap: until the retiring CA's last certificate expires (the join's node credential, 1h; a
+        // workload certificate signed until now, 1h).
         let retire_at = overlap.retire_at.unwrap();
         assert!(retire_at >= now_unix() + 3500 && retire_at <= now_unix() + 3600, "{retire_at}");
         let forced = mesh.rotate(RotateRequest { force: true, ..Default::default() }).unwrap();

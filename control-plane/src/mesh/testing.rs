@@ -4,8 +4,8 @@
 
 use std::ops::Deref;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rcgen::{CertificateParams, KeyPair, SanType};
@@ -14,7 +14,7 @@ use trellis_proto::v1 as pb;
 use super::{Mesh, MeshConfig};
 use crate::ca::{CA_CERT, CA_CHAIN, CA_KEY, Ca};
 use crate::records::NodeRecord;
-use crate::store::{EtcdStore, Guarded, RedbStore, STORE_FILE, Store, StoreError, Table, Txn, test_etcd};
+use crate::store::{EtcdStore, RedbStore, STORE_FILE, Store, StoreError, Table, Txn, test_etcd};
 
 pub(super) const TRUST_DOMAIN: &str = "test.example";
 
@@ -28,17 +28,11 @@ impl TestMesh {
         Self::with_store(|store| store)
     }
 
-    /// A test mesh whose store is wrapped in a [`ProbedStore`] (counts transactions, can hold or fail them).
+    /// A test mesh whose store is wrapped in a [`ProbedStore`] (counts transactions).
     pub(super) fn probed() -> (TestMesh, Arc<ProbedStore>) {
         let mut probe = None;
         let mesh = Self::with_store(|inner| {
-            let probed = Arc::new(ProbedStore {
-                inner,
-                updates: AtomicUsize::new(0),
-                hook: Mutex::new(None),
-                guarded_reads: AtomicUsize::new(0),
-                after_guarded_read: Mutex::new(None),
-            });
+            let probed = Arc::new(ProbedStore { inner, updates: AtomicUsize::new(0) });
             probe = Some(probed.clone());
             probed as Arc<dyn Store>
         });
@@ -63,16 +57,14 @@ impl TestMesh {
             Arc::new(RedbStore::open(&dir.join(STORE_FILE)).expect("store"))
         };
         let store = wrap(store);
-        let config = MeshConfig {
-            trust_domain: TRUST_DOMAIN.to_owned(),
-            cert_ttl: Duration::from_secs(3600),
-            node_cert_ttl: Duration::from_secs(3600),
-            jwt_svid_ttl: crate::jwt_key::DEFAULT_JWT_TTL,
-            jwks_allow_local: false,
-            data_dir: dir.clone(),
-            kek: None,
-        };
-        TestMesh { mesh: Mesh::open(store, ca, config).expect("open mesh"), dir }
+        TestMesh { mesh: Mesh::open(store, ca, config(&dir)).expect("open mesh"), dir }
+    }
+
+    /// Another replica on the same store and CA, whose snapshot is the store's now and then follows nothing: it
+    /// stands for a replica that has not seen the changes made after this call (its own writes aside).
+    pub(super) fn replica(&self) -> Mesh {
+        let ca = crate::authority::Authority::single(Ca::load(&self.dir, TRUST_DOMAIN).expect("load test CA"));
+        Mesh::open(self.mesh.store.clone(), ca, config(&self.dir)).expect("open replica")
     }
 
     /// Creates a token for `node` and joins with it: the node's record, as the discovery service loads it.
@@ -82,6 +74,18 @@ impl TestMesh {
             self.create_token(node, namespaces, Duration::from_secs(600), false).expect("token for a joining node");
         self.join(&token, node, &csr(None)).expect("join");
         self.active_node(node).expect("joined node is active")
+    }
+}
+
+fn config(dir: &std::path::Path) -> MeshConfig {
+    MeshConfig {
+        trust_domain: TRUST_DOMAIN.to_owned(),
+        cert_ttl: Duration::from_secs(3600),
+        node_cert_ttl: Duration::from_secs(3600),
+        jwt_svid_ttl: crate::jwt_key::DEFAULT_JWT_TTL,
+        jwks_allow_local: false,
+        data_dir: dir.to_owned(),
+        kek: None,
     }
 }
 
@@ -147,20 +151,10 @@ pub(super) fn refusal(e: &super::MeshError) -> (&'static str, String) {
     (kind, e.to_string())
 }
 
-/// Called before each transaction of a [`ProbedStore`] with its number (from 0): an error fails the transaction
-/// without running it; blocking holds it.
-pub(super) type TxnHook = Arc<dyn Fn(usize) -> Result<(), StoreError> + Send + Sync>;
-
-/// A store that counts its transactions and lets a test hold or fail them ([`TxnHook`]), and act between a
-/// transaction's guarded read ([`Txn::get_many_guarded`]: the certificate log's) and its commit.
+/// A store that counts its transactions.
 pub(super) struct ProbedStore {
     inner: Arc<dyn Store>,
     updates: AtomicUsize,
-    pub(super) hook: Mutex<Option<TxnHook>>,
-    /// Guarded reads so far.
-    pub(super) guarded_reads: AtomicUsize,
-    /// Run once, right after the next guarded read returns (inside that transaction, before its commit).
-    pub(super) after_guarded_read: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl ProbedStore {
@@ -180,49 +174,7 @@ impl Store for ProbedStore {
     }
 
     fn update(&self, f: &mut dyn FnMut(&mut dyn Txn) -> Result<(), StoreError>) -> Result<(), StoreError> {
-        let n = self.updates.fetch_add(1, Ordering::SeqCst);
-        let hook = self.hook.lock().expect("hook").clone();
-        if let Some(hook) = hook {
-            hook(n)?;
-        }
-        self.inner.update(&mut |txn| f(&mut ProbedTxn { inner: txn, store: self }))
-    }
-}
-
-/// A transaction of a [`ProbedStore`]: the inner store's, noting guarded reads.
-struct ProbedTxn<'a> {
-    inner: &'a mut dyn Txn,
-    store: &'a ProbedStore,
-}
-
-impl Txn for ProbedTxn<'_> {
-    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(table, key)
-    }
-
-    fn get_many(&self, keys: &[(Table, &str)]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        self.inner.get_many(keys)
-    }
-
-    fn get_many_guarded(&self, guard: (Table, &str), keys: &[(Table, &str)]) -> Result<Guarded, StoreError> {
-        let read = self.inner.get_many_guarded(guard, keys)?;
-        self.store.guarded_reads.fetch_add(1, Ordering::SeqCst);
-        let after = self.store.after_guarded_read.lock().expect("after read").take();
-        if let Some(after) = after {
-            after();
-        }
-        Ok(read)
-    }
-
-    fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.inner.list(table)
-    }
-
-    fn put(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.inner.put(table, key, value)
-    }
-
-    fn delete(&mut self, table: Table, key: &str) -> Result<(), StoreError> {
-        self.inner.delete(table, key)
+        self.updates.fetch_add(1, Ordering::SeqCst);
+        self.inner.update(f)
     }
 }

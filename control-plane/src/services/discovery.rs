@@ -430,7 +430,7 @@ impl StreamTask {
 
     async fn sign(&self, csr: &pb::CertificateRequest) -> pb::CertificateResponse {
         let started = std::time::Instant::now();
-        match self.shared.mesh.sign_workload_async(&self.node, &csr.csr_der).await {
+        match self.shared.mesh.sign_workload(&self.node, &csr.csr_der) {
             Ok((id, issued)) => {
                 metrics::counter!("trellis_certificates_signed_total").increment(1);
                 metrics::histogram!("trellis_certificate_signing_seconds").record(started.elapsed().as_secs_f64());

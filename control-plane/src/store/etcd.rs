@@ -30,7 +30,7 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, TxnOp, WatchOptions};
 use tokio::sync::mpsc;
 
-use super::{Change, Entry, Guarded, Store, StoreError, Table, Txn, Write};
+use super::{Change, Entry, Store, StoreError, Table, Txn, Write};
 
 /// How long one etcd call may take before the store is considered unavailable (etcd without quorum hangs).
 pub const OP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -909,36 +909,6 @@ impl Txn for EtcdTxn<'_> {
             }
         }
         Ok(values.into_iter().map(|value| value.expect("every key known or read")).collect())
-    }
-
-    fn get_many_guarded(&self, guard: (Table, &str), keys: &[(Table, &str)]) -> Result<Guarded, StoreError> {
-        // The guard first, in the first read-only etcd transaction (one revision), so that every key is read at
-        // that revision or later; only the guard is remembered as read (compared at commit).
-        let known = |table: Table, key: &str| {
-            let id = (table, key.to_owned());
-            (self.writes.get(&id).cloned()).or_else(|| self.reads.borrow().get(&id).map(|(value, _)| value.clone()))
-        };
-        let guard_known = known(guard.0, guard.1);
-        let mut values: Vec<Option<Option<Vec<u8>>>> = keys.iter().map(|(table, key)| known(*table, key)).collect();
-        let mut missing: Vec<(Table, &str)> = Vec::with_capacity(keys.len() + 1);
-        if guard_known.is_none() {
-            missing.push(guard);
-        }
-        missing.extend(keys.iter().zip(&values).filter(|(_, value)| value.is_none()).map(|(key, _)| *key));
-        let mut fetched = self.store.read_many(&missing)?.into_iter();
-        let guard_value = match guard_known {
-            Some(value) => value,
-            None => {
-                let read = fetched.next().expect("the guard's read");
-                let value = read.0.clone();
-                self.reads.borrow_mut().insert((guard.0, guard.1.to_owned()), read);
-                value
-            }
-        };
-        for value in values.iter_mut().filter(|value| value.is_none()) {
-            *value = Some(fetched.next().expect("one read per missing key").0);
-        }
-        Ok((guard_value, values.into_iter().map(|value| value.expect("every key known or read")).collect()))
     }
 
     fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {

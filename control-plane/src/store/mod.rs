@@ -76,8 +76,7 @@ impl Table {
     }
 }
 
-/// Clone: one failed commit of several callers' writes (the certificate log's batches, `mesh/signing.rs`) fails each
-/// of them with the same error.
+/// Clone, so that one error can be handed to several callers.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store: {0}")]
@@ -121,9 +120,6 @@ pub enum Change {
     Delta(Vec<Write>),
 }
 
-/// What [`Txn::get_many_guarded`] read: the guard's value, and each key's, in order (None: absent).
-pub type Guarded = (Option<Vec<u8>>, Vec<Option<Vec<u8>>>);
-
 /// Reads and writes inside one atomic transaction.
 pub trait Txn {
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
@@ -133,15 +129,6 @@ pub trait Txn {
         keys.iter().map(|(table, key)| self.get(*table, key)).collect()
     }
     fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
-    /// Reads `guard` and then `keys` (as [`Txn::get_many`]: one round trip where it can), but compares only `guard`
-    /// at commit, not `keys`: for keys every change of which that matters to the caller changes `guard` in the same
-    /// transaction (the certificate log's eligibility epoch, `mesh/eligibility.rs`). Each of `keys` is read no
-    /// earlier than `guard`, so if `guard` is unchanged at commit, what was read of `keys` still holds. A backend
-    /// that serializes its transactions (redb) simply reads them.
-    fn get_many_guarded(&self, guard: (Table, &str), keys: &[(Table, &str)]) -> Result<Guarded, StoreError> {
-        let guard = self.get(guard.0, guard.1)?;
-        Ok((guard, self.get_many(keys)?))
-    }
     fn put(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), StoreError>;
     fn delete(&mut self, table: Table, key: &str) -> Result<(), StoreError>;
 }

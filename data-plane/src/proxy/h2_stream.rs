@@ -156,7 +156,13 @@ impl AsyncRead for H2Io {
         }
         let n = self.unread.len().min(buf.remaining());
         buf.put_slice(&self.unread[..n]);
-        self.unread.advance(n);
+        if n == self.unread.len() {
+            // Not `advance`: an emptied `Bytes` would keep the read buffer the frame arrived in alive while the
+            // stream is idle (`copy::Held::consume`).
+            self.unread = Bytes::new();
+        } else {
+            self.unread.advance(n);
+        }
         Poll::Ready(Ok(()))
     }
 }

@@ -22,7 +22,7 @@ use super::finish::Abort;
 use super::pool::{PoolKey, Tunnel, TunnelError};
 use super::{DataPath, PASSTHROUGH_DIAL_TIMEOUT, finish};
 use crate::config::Passthrough;
-use crate::copy::Held;
+use crate::copy::FIRST_BUFFER_SIZE;
 use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::registry::{LocalWorkload, MeshWorkload};
 use crate::report::{Authz, ConnectionReport};
@@ -149,35 +149,46 @@ async fn open(
 pub async fn relay<C: AsyncRead + AsyncWrite + finish::Abort + Unpin>(
     data: &DataPath,
     mut client: C,
-    connected: Connected,
+    mut connected: Connected,
 ) {
     let registration = match &connected.upstream {
         Upstream::Tunnel(tunnel) => data.connections.register_tunnel(tunnel.peer.clone()),
         Upstream::Direct(_) => data.connections.register_outbound(),
     };
-    let open = connected.report.opened(&data.traffic, Authz::NONE);
-    match connected.upstream {
-        Upstream::Tunnel(mut tunnel) => {
-            let sent = connected.first_sent;
-            finish::relay_after(open, sent, &mut client, &mut tunnel.io, &registration, data.timeouts).await
+    // This future lives inline in the connection's task for as long as the connection does: what it holds is what
+    // every idle tunnel costs. So the upstream is borrowed where it is rather than moved out of `connected` (a
+    // moved-out value keeps a slot of its own beside the argument's), and the rare passthrough's relay is boxed
+    // rather than sized into every tunnel's task: 1,552 bytes instead of 1,816 (debug build, `size_of`).
+    match &mut connected.upstream {
+        Upstream::Tunnel(tunnel) => {
+            let open = connected.report.opened(&data.traffic, Authz::NONE);
+            finish::relay_after(open, connected.first_sent, &mut client, &mut tunnel.io, &registration, data.timeouts)
+                .await
         }
-        Upstream::Direct(mut stream) => {
-            finish::relay(open, &mut client, &mut stream, &registration, data.timeouts).await
+        Upstream::Direct(stream) => {
+            let open = connected.report.opened(&data.traffic, Authz::NONE);
+            Box::pin(finish::relay(open, &mut client, stream, &registration, data.timeouts)).await
         }
     };
 }
 
 /// What `client` has sent and the proxy not yet read, read now without waiting: empty when nothing has arrived, or
-/// when the client has already half-closed (the relay reads that end again). Read into a pooled copy buffer, lent
-/// to the tunnel as it is (`copy::Held`).
+/// when the client has already half-closed (the relay reads that end again). At most [`FIRST_BUFFER_SIZE`] bytes
+/// (the relay reads the rest, as it would have).
 ///
 /// One non-blocking `recv` straight on the socket: the runtime learns a new socket's readiness only at its next
 /// poll of the kernel's events, so a read through it would find nothing this early and wait.
+///
+/// Read into a buffer on the stack and returned as a copy of exactly their size: the bytes wait in h2's send queue
+/// while the tunnel opens (a dial, the CONNECT's turn on a pooled connection). A pooled 16 KiB copy buffer lent for
+/// them stayed out of the pool that long, so a burst of new connections took one each and left the pool (emptied
+/// only once the proxy is quiet) at up to 64 of them, 1 MiB, where a relay's short-lived reads need a few: about
+/// 1 MB more with 2,000 idle tunnels (BENCHMARKS.md, "Memory per idle tunnel: h2's read buffers"). Copying a
+/// request's bytes once costs less than a TLS record's encryption of them.
 fn first_bytes(client: &TcpStream) -> std::io::Result<Bytes> {
-    let mut held = Held::default();
-    let socket = socket2::SockRef::from(client);
-    match held.fill(|buffer| (&*socket).read(buffer)) {
-        Ok(n) => Ok(held.take_bytes(n)),
+    let mut buffer = [0; FIRST_BUFFER_SIZE];
+    match (&*socket2::SockRef::from(client)).read(&mut buffer) {
+        Ok(n) => Ok(Bytes::copy_from_slice(&buffer[..n])),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Bytes::new()),
         Err(e) => Err(e),
     }
@@ -232,6 +243,44 @@ mod tests {
         ];
         for (error, flags) in cases {
             assert_eq!(Flags::from(&error).as_str(), flags, "{error}");
+        }
+    }
+
+    /// A connected pair of loopback sockets: (the client's end, the proxy's accepted end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        (client, listener.accept().await.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_arrive_byte_exact_in_an_allocation_of_their_own_size_and_the_rest_stays_for_the_relay() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Control: nothing sent yet is not waited for.
+        let (_client, accepted) = pair().await;
+        assert!(first_bytes(&accepted).unwrap().is_empty());
+
+        for n in [1, 1_100, FIRST_BUFFER_SIZE, FIRST_BUFFER_SIZE + 5_000] {
+            let (mut client, mut accepted) = pair().await;
+            let sent: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            client.write_all(&sent).await.unwrap();
+            // Until the kernel holds what the first read can take.
+            let mut peek = vec![0; FIRST_BUFFER_SIZE];
+            while accepted.peek(&mut peek).await.unwrap() < n.min(FIRST_BUFFER_SIZE) {
+                tokio::task::yield_now().await;
+            }
+            let first = first_bytes(&accepted).unwrap();
+            assert_eq!(first, sent[..n.min(FIRST_BUFFER_SIZE)], "{n} bytes sent: the first read's, byte-exact");
+            // The bytes wait in h2's send queue while the tunnel opens: what they hold then is exactly their size,
+            // nothing shared (a pooled 16 KiB buffer lent for them is copied out here, and its address differs).
+            let at = first.as_ptr();
+            let owned = Vec::from(first);
+            assert_eq!((owned.as_ptr(), owned.capacity()), (at, owned.len()), "{n} bytes sent");
+            // The rest is the relay's to read, in order.
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            accepted.read_to_end(&mut rest).await.unwrap();
+            assert_eq!(rest, sent[owned.len()..], "{n} bytes sent: the rest, byte-exact");
         }
     }
 

@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use tokio::io::AsyncReadExt;
 
-use crate::testing::{At, Event, Mesh, echo_round, eventually, revocations, within};
+use trellis_proto::v1;
+
+use crate::testing::{At, Event, Mesh, echo_round, eventually, revocations, revoked_tags, within};
 
 /// Waits for the client's side of a tunnel to end (EOF or reset); returns how long that took from `since`.
 async fn ended(client: &mut tokio::net::TcpStream, since: Instant) -> std::time::Duration {
@@ -21,21 +23,46 @@ fn detail_contains<'a>(entries: &'a [Event], text: &str) -> Vec<&'a Event> {
     entries.iter().filter(|e| e.field("detail").contains(text)).collect()
 }
 
+/// How a test names node A's certificate as revoked: the list naming another node (the control) and the list
+/// naming A too, given A's serial.
+type Lists = fn(&str) -> (v1::Revocations, v1::Revocations);
+
 #[tokio::test]
 async fn revoking_the_client_node_closes_its_tunnel_at_the_server_and_refuses_its_handshakes() {
+    client_node_revoked_at_the_server(|serial| {
+        let control = revocations(&[("0123abcd", "node-z")], &[]);
+        (control, revocations(&[("0123abcd", "node-z"), (serial, "node-a")], &[]))
+    })
+    .await;
+}
+
+/// The same, with node A revoked by the tag its serial starts with (as the control plane revokes a node's workload
+/// certificates): the control names another node's tag.
+#[tokio::test]
+async fn revoking_the_client_nodes_serial_tag_closes_its_tunnel_at_the_server_and_refuses_its_handshakes() {
+    client_node_revoked_at_the_server(|serial| {
+        let tag = &serial[..2 * trellis_proto::SERIAL_TAG_BYTES];
+        let other = if tag.starts_with('7') { "4000000000000000" } else { "7fffffffffffffff" };
+        (revoked_tags(&[(other, "node-z")]), revoked_tags(&[(other, "node-z"), (tag, "node-a")]))
+    })
+    .await;
+}
+
+async fn client_node_revoked_at_the_server(lists: Lists) {
     let mut mesh = Mesh::start().await;
     let serial = mesh.a.cert().info.serial.clone();
+    let (control, revoking) = lists(&serial);
     let mut client = mesh.a.connect(mesh.echo.addr).await.expect("the tunnel opens");
     echo_round(&mut client, b"before").await;
 
     // Control: another node's certificate revoked at B, through the same path: the tunnel stays.
-    mesh.revoke(At::B, revocations(&[("0123abcd", "node-z")], &[])).await;
+    mesh.revoke(At::B, control).await;
     echo_round(&mut client, b"still open").await;
     assert_eq!(mesh.b.data.connections.len(), 1);
 
     // Node A's certificate revoked at B (A itself hears nothing, as a revoked node's stream is cut).
     let started = Instant::now();
-    mesh.revoke(At::B, revocations(&[("0123abcd", "node-z"), (&serial, "node-a")], &[])).await;
+    mesh.revoke(At::B, revoking).await;
     let took = ended(&mut client, started).await;
     println!("revocation installed at B -> A's client saw its tunnel end: {took:?}");
     assert_eq!(mesh.echo.received().await, b"beforestill open", "W_b's connection was closed too");

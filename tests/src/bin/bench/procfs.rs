@@ -3,21 +3,50 @@
 
 /// CPU seconds (user + system, every thread) the process has used so far.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    cpu_times(pid).map(|t| t.user + t.system)
+}
+
+/// CPU seconds a process used, split by mode: in its own code (user) and in the kernel on its behalf (system: its
+/// system calls, and the network stack's work done in its context, such as delivering what it sends over loopback
+/// or a veth to the receiving socket).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTimes {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl std::ops::Sub for CpuTimes {
+    type Output = CpuTimes;
+    fn sub(self, earlier: CpuTimes) -> CpuTimes {
+        CpuTimes { user: self.user - earlier.user, system: self.system - earlier.system }
+    }
+}
+
+impl std::iter::Sum for CpuTimes {
+    fn sum<I: Iterator<Item = CpuTimes>>(iter: I) -> CpuTimes {
+        iter.fold(CpuTimes::default(), |a, b| CpuTimes { user: a.user + b.user, system: a.system + b.system })
+    }
+}
+
+/// The process's user and system CPU seconds so far (every thread).
+pub fn cpu_times(pid: u32) -> anyhow::Result<CpuTimes> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) may hold spaces; the fields after its closing parenthesis are space-separated,
-    // utime and stime being the 14th and 15th fields of the whole line.
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| -> anyhow::Result<u64> {
-        let text = fields.get(i).ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat: too few fields"))?;
-        Ok(text.parse()?)
-    };
-    // After ")": field 3 (state) is index 0, so field 14 (utime) is index 11 and field 15 (stime) index 12.
-    let total = ticks(11)? + ticks(12)?;
+    let (user, system) = stat_ticks(&stat).ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat: no utime and stime"))?;
     // SAFETY: sysconf has no preconditions.
     #[allow(unsafe_code)]
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Ok(total as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Ok(CpuTimes { user: user as f64 / hz, system: system as f64 / hz })
+}
+
+/// utime and stime (clock ticks) of a `/proc/PID/stat` line.
+fn stat_ticks(stat: &str) -> Option<(u64, u64)> {
+    // The command name (field 2) may hold spaces and parentheses; the fields after its last closing parenthesis are
+    // space-separated, utime and stime being the 14th and 15th fields of the whole line: after ")", field 3 (state)
+    // is index 0, so utime is index 11 and stime index 12.
+    let (_, after) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    Some((fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?))
 }
 
 /// The process's threads by name (`/proc/PID/task/*/comm`), e.g. "3 threads: 2× ztunnel-proxy-0, 1× ztunnel".
@@ -77,5 +106,21 @@ pub fn precise_sleeps() {
     // SAFETY: PR_SET_TIMERSLACK takes a plain integer and affects only the calling thread.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_and_system_ticks_are_read_past_a_command_name_with_spaces_and_parentheses() {
+        let line = "4242 (tokio (rt) worker) S 1 4242 4242 0 -1 4194560 1234 0 0 0 731 2209 0 0 20 0 3 0 100 0 0";
+        assert_eq!(stat_ticks(line), Some((731, 2209)));
+        // The control: a line cut before stime has no reading rather than a wrong one.
+        assert_eq!(stat_ticks("4242 (tokio (rt) worker) S 1 4242 4242 0 -1 4194560 1234 0 0 0 731"), None);
+        let own = cpu_times(std::process::id()).unwrap();
+        assert!(own.user >= 0.0 && own.system >= 0.0);
+        assert!(cpu_seconds(std::process::id()).unwrap() >= own.user + own.system, "the sum, read later");
     }
 }

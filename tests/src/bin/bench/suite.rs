@@ -9,8 +9,8 @@
 //!
 //! `--ztunnel PATH` measures Trellis against that ztunnel binary instead, both on simulated hosts with the client's
 //! traffic redirected to the client-side proxy (`netpath.rs`), with direct TCP between hosts as the baseline: the
-//! data-plane scenarios, plus single-stream throughput server→client with the proxies' CPU per GB and 16-connection
-//! closed-loop HTTP; targets of issue 19. `--worker-threads N` then sets both proxies' worker threads. Writes nothing.
+//! data-plane scenarios, plus single-stream throughput server→client with the proxies' CPU per GB (and its system
+//! share: how much of it the kernel spends) and 16-connection closed-loop HTTP; targets of issue 19. `--worker-threads N` then sets both proxies' worker threads. Writes nothing.
 //!
 //! `--proxy-b PATH` measures two builds of the proxy against each other on loopback (e.g. another allocator,
 //! BENCHMARKS.md "Allocator"): "Trellis" runs the workspace's `trellis-proxy`, "Trellis B" a mesh of its own with
@@ -491,6 +491,10 @@ fn cpu(pids: &[u32]) -> anyhow::Result<f64> {
     pids.iter().map(|&pid| procfs::cpu_seconds(pid)).sum()
 }
 
+fn cpu_times(pids: &[u32]) -> anyhow::Result<procfs::CpuTimes> {
+    pids.iter().map(|&pid| procfs::cpu_times(pid)).sum()
+}
+
 fn rss(pids: &[u32]) -> anyhow::Result<u64> {
     pids.iter().map(|&pid| procfs::rss_bytes(pid)).sum()
 }
@@ -523,7 +527,7 @@ async fn measure_data_plane(
         for (metric, streams, back) in &kinds {
             let (metric, streams, back) = (metric.as_str(), *streams, *back);
             for c in all {
-                let cpu_before = cpu(&c.pids)?;
+                let cpu_before = cpu_times(&c.pids)?;
                 let mbps = within("bulk", c, async {
                     Ok(if back {
                         load::bulk_reverse(c.route, plan.bulk_bytes, streams).await?
@@ -532,12 +536,19 @@ async fn measure_data_plane(
                     })
                 })
                 .await?;
-                let cpu_used = cpu(&c.pids)? - cpu_before;
-                eprintln!("  round {round}, {metric:12} {:8} {mbps:>8.0} MB/s, proxies' CPU {cpu_used:.2} s", c.name);
+                let used = cpu_times(&c.pids)? - cpu_before;
+                let cpu_used = used.user + used.system;
+                let system = if cpu_used > 0.0 { used.system / cpu_used } else { 0.0 };
+                eprintln!(
+                    "  round {round}, {metric:12} {:8} {mbps:>8.0} MB/s, proxies' CPU {cpu_used:.2} s ({:.0} % system)",
+                    c.name,
+                    system * 100.0
+                );
                 results.push(metric, c.name, mbps);
                 if !c.pids.is_empty() {
-                    // CPU seconds per GB moved, both proxies together.
+                    // CPU seconds per GB moved, both proxies together, and the kernel's share of them.
                     results.push(&format!("{metric} cpu"), c.name, cpu_used / (plan.bulk_bytes as f64 / 1e9));
+                    results.push(&format!("{metric} system"), c.name, system * 100.0);
                 }
             }
         }
@@ -1011,6 +1022,22 @@ fn render(
                 cpu_cell(r.get("bulk 1 cpu", n)),
                 r.cell("bulk 1 back", n),
                 cpu_cell(r.get("bulk 1 back cpu", n)),
+            ));
+        }
+        s.push('\n');
+        s.push_str(&wrap(
+            "Of that CPU, the share spent in the kernel (system time: the proxies' system calls and the network \
+             stack's work done in their context), in %:",
+        ));
+        s.push_str("| contender | client→server | server→client |\n| --- | ---: | ---: |\n");
+        for n in names.iter().filter(|n| !r.get("bulk 1 system", n).is_empty()) {
+            let share = |v: &[f64]| {
+                if v.is_empty() { "–".into() } else { format!("{:.0} ({:.0}..{:.0})", median(v), min(v), max(v)) }
+            };
+            s.push_str(&format!(
+                "| {n} | {} | {} |\n",
+                share(r.get("bulk 1 system", n)),
+                share(r.get("bulk 1 back system", n))
             ));
         }
         s.push('\n');
