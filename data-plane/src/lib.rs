@@ -42,6 +42,7 @@ pub mod stored;
 pub mod svid_files;
 pub mod tls;
 pub mod workload_api;
+pub mod write_batch;
 
 #[cfg(test)]
 mod testing;

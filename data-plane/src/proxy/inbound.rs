@@ -31,6 +31,7 @@ use crate::metrics::{Flags, PeerLabels, Reporter, TrafficKey};
 use crate::read_ahead::ReadAhead;
 use crate::report::{Authz, ConnectionReport};
 use crate::tls::PeerIdentityError;
+use crate::write_batch::WriteBatch;
 
 /// Why an HBONE connection was refused or ended badly (logged as "HBONE connection refused").
 #[derive(Debug, thiserror::Error)]
@@ -160,9 +161,11 @@ async fn connection(
         addr: peer,
     });
     // Each stream in a task of its own; GOAWAY on shutdown, the connection ending with its last stream.
-    let serving = h2_server::serve(tls, crate::shutdown_requested(&mut shutdown), |request, respond| {
-        stream(request, respond, peer_id.clone(), data.clone())
-    });
+    // Frames of the streams that had bytes in the same turn leave in one TLS record (`write_batch`).
+    let serving =
+        h2_server::serve(WriteBatch::new(tls), crate::shutdown_requested(&mut shutdown), |request, respond| {
+            stream(request, respond, peer_id.clone(), data.clone())
+        });
     tokio::select! {
         result = serving => result.map_err(HboneError::Http),
         () = session.cancel.cancelled() => {

@@ -357,7 +357,8 @@ async fn dial(key: &PoolKey, tls: &TlsSet) -> Result<PooledConn, TunnelError> {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
             .max_send_buffer_size(MAX_SEND_BUFFER)
-            .handshake::<_, Bytes>(tls_stream)
+            // Frames of the streams that had bytes in the same turn leave in one TLS record (`write_batch`).
+            .handshake::<_, Bytes>(crate::write_batch::WriteBatch::new(tls_stream))
             .await
             .map_err(|e| TunnelError::Http(proxy, e))?;
         let ping = connection.ping_pong();
