@@ -109,6 +109,20 @@ impl TrellisPair {
     }
 }
 
+/// Lets host `ns` open connections as fast as churn closes them, the same for every contender: a churn round leaves
+/// about 14,000 connections in TIME_WAIT on a host, which with the default range (32768-60999, of which `connect`
+/// takes every other port) leaves no port to dial from, and the fastest contender hit that first. So: the range
+/// above the proxies' ports (15000-15080), and reuse of a TIME_WAIT port for a new outgoing connection (safe with TCP
+/// timestamps; the default `2` allows it on loopback only).
+fn widen_ports(ns: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=16000 65535"])
+        .args(["net.ipv4.tcp_tw_reuse=1"])
+        .status()?;
+    anyhow::ensure!(status.success(), "sysctl in {ns}: {status}");
+    Ok(())
+}
+
 /// Builds the hosts and starts both meshes; returns the contenders direct, Trellis and ztunnel (in that order), and
 /// "Trellis B" last when `proxy_b` names a second `trellis-proxy` executable (its own pair on hosts 6 and 7, on the
 /// same control plane).
@@ -117,6 +131,9 @@ pub fn start(ztunnel_binary: &Path, proxy_b: Option<&Path>, dir: &Path) -> anyho
     let net =
         step("building the hosts (network namespaces; root needed)", &[], || Ok(Net::new(&tag(), SUBNET, hosts)))?;
     let host = |i: usize| net.host(i).clone();
+    for i in 0..hosts {
+        step("widening each host's ports for churn", &[], || widen_ports(&net.host(i).ns))?;
+    }
 
     let ztunnel_servers = Servers::start_in(Some(&host(4).ns), IpAddr::V4(net.host(4).ip))?;
 
