@@ -84,9 +84,35 @@ fn transparent(socket: &TcpSocket, source: IpAddr, destination: SocketAddr) -> s
         }
         return Ok(());
     }
+    // The port is then chosen by `connect`, for the 4-tuple: a bind to port 0 would choose it alone, among ports no
+    // other socket holds, TIME_WAIT ones included, and under churn the range runs out (every connection of the last
+    // minute holds one). Without the option (an old kernel) the bind chooses, as before.
+    if let Err(e) = defer_port_choice(socket) {
+        tracing::debug!(error = %e, "cannot set IP_BIND_ADDRESS_NO_PORT: the bind picks the port");
+    }
     socket.bind(SocketAddr::new(source, 0)).inspect_err(|e| {
         tracing::debug!(%source, %destination, error = %e, "cannot bind the transparent socket to the client's address");
     })
+}
+
+/// Sets IP_BIND_ADDRESS_NO_PORT on `socket`: a later bind to port 0 takes the address only, and `connect` picks the
+/// port (socket2 and tokio have no setter for it).
+#[allow(unsafe_code)]
+fn defer_port_choice(socket: &TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: `socket` owns the descriptor for the call's duration; the value is a c_int of the length given, as
+    // setsockopt(2) reads it, and the kernel copies it before returning.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// Resolves `host:port` and connects to the first address that answers (the control plane's address may be a name).
@@ -110,4 +136,36 @@ pub fn original_destination(tcp: &TcpStream, peer: SocketAddr) -> Option<SocketA
         SocketAddr::V6(_) => socket.original_dst_v6(),
     };
     original.ok()?.as_socket()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A transparent socket is bound to its client's address without a port, and `connect` picks one (the
+    /// address-only bind that keeps churn from running out of ports); the plain bind beside it, through the same
+    /// call, takes a port at once. Needs root (IP_TRANSPARENT), as CI runs it.
+    #[tokio::test]
+    async fn a_transparent_dial_leaves_the_port_to_connect() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap();
+        let source: IpAddr = "127.0.0.1".parse().unwrap();
+
+        let socket = TcpSocket::new_v4().unwrap();
+        transparent(&socket, source, server).unwrap();
+        let bound = socket.local_addr().unwrap();
+        assert_eq!(bound.ip(), source, "not bound to the client's address (IP_TRANSPARENT needs root)");
+        assert_eq!(bound.port(), 0, "the bind chose a port");
+        let stream = socket.connect(server).await.unwrap();
+        let (accepted, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer, stream.local_addr().unwrap());
+        assert_ne!(peer.port(), 0);
+        assert_eq!(peer.ip(), source);
+        drop(accepted);
+
+        // Control: the same bind without the option takes its port at once.
+        let plain = TcpSocket::new_v4().unwrap();
+        plain.bind(SocketAddr::new(source, 0)).unwrap();
+        assert_ne!(plain.local_addr().unwrap().port(), 0);
+    }
 }
