@@ -334,7 +334,8 @@ impl Connections {
     }
 
     /// Entries the registry has room for without growing (for the memory tests).
-    pub fn capacity(&self) -> usize {
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
         self.open.capacity() + self.sessions.capacity()
     }
 
