@@ -230,19 +230,6 @@ fn status_writes(replicas: &[ControlPlane]) -> [f64; 2] {
     sum
 }
 
-/// Certificate-log batches the replicas committed so far, and the records in them
-/// (`trellis_certificate_log_batch_records`, its count and sum, summed over the replicas).
-fn log_batches(replicas: &[ControlPlane]) -> [f64; 2] {
-    let mut sum = [0.0; 2];
-    for cp in replicas {
-        if let Ok((200, body)) = trellis_tests::http::get(cp.metrics_addr, "/metrics") {
-            sum[0] += trellis_tests::prometheus::sum_samples(&body, "trellis_certificate_log_batch_records_count", &[]);
-            sum[1] += trellis_tests::prometheus::sum_samples(&body, "trellis_certificate_log_batch_records_sum", &[]);
-        }
-    }
-    sum
-}
-
 /// p50, p99 and max of `ms` (sorted; a missing value counts as infinitely late).
 fn quantiles(ms: &[f64]) -> [f64; 3] {
     if ms.is_empty() {
@@ -405,7 +392,6 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
     let mut signings = Vec::new();
     for round in 1..=plan.rounds {
         let before = signals.signed.load(Ordering::Relaxed);
-        let batches_before = log_batches(&replicas);
         let cpu_before = Cpu::now(&replica_pids, &etcd_pids);
         let t0 = Instant::now();
         signing_tx.send_replace(true);
@@ -414,13 +400,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Results> {
         let signed = signals.signed.load(Ordering::Relaxed) - before;
         let cpu_after = Cpu::now(&replica_pids, &etcd_pids);
         let rate = signed as f64 / t0.elapsed().as_secs_f64();
-        let batches_after = log_batches(&replicas);
-        let (batches, records) = (batches_after[0] - batches_before[0], batches_after[1] - batches_before[1]);
-        eprintln!(
-            "  signing round {round}: {rate:.0} certificates/s with {} clients; {batches:.0} log batches, mean {:.1} records",
-            plan.csr_clients,
-            records / batches.max(1.0)
-        );
+        eprintln!("  signing round {round}: {rate:.0} certificates/s with {} clients", plan.csr_clients);
         // Where the CPU of a signing goes (the round's CPU over its signings; idle baseline included).
         let per_signing = |seconds: f64| seconds * 1e6 / signed.max(1) as f64;
         eprintln!(
