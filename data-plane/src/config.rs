@@ -111,7 +111,8 @@ impl fmt::Display for Selector {
 /// `workerThreads` when none is configured: two, as ztunnel, on hosts with more than two CPUs; one on smaller hosts,
 /// where a second worker has no CPU of its own. Measured on 2 vCPUs (BENCHMARKS.md): with two workers the client
 /// proxy made two futex calls per request (a worker waking the other to find nothing), with one none, and one
-/// worker gave more throughput and less CPU per request at 4000 requests/s.
+/// worker gave more throughput and less CPU per request at 4000 requests/s. One worker is a current-thread runtime
+/// (`main.rs`).
 pub fn default_worker_threads() -> usize {
     match std::thread::available_parallelism().map_or(1, |n| n.get()) {
         0..=2 => 1,

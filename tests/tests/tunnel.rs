@@ -309,3 +309,27 @@ fn sigterm_lets_a_stream_in_progress_finish_then_exits() {
     stream.read_to_end(&mut rest).unwrap();
     wait_for("node-b to exit once its last stream closed", Duration::from_secs(10), || (!m.b.running()).then_some(()));
 }
+
+/// `workerThreads: 1` (the default on two CPUs or fewer) runs the proxy on a current-thread runtime and two workers
+/// on a multi-thread one, as the runtime itself reports; either carries a tunnel, in the client's and in the
+/// server's role.
+#[test]
+fn one_worker_is_a_current_thread_runtime_and_two_are_a_multi_thread_one_and_both_carry_tunnels() {
+    let workers = |n: u64| {
+        let mut options = ProxyOptions::default();
+        options.extra.insert("workerThreads".into(), n.into());
+        options
+    };
+    for (a_workers, b_workers) in [(1, 2), (2, 1)] {
+        let m = mesh(&[], workers(a_workers), workers(b_workers));
+        let data = pattern(256 * 1024);
+        let back = socks::echo_round_trip(socks::connect_ok(m.a.socks5_addr, m.echo_addr), &data);
+        assert!(back == data, "the tunnel from a {a_workers}-worker to a {b_workers}-worker proxy");
+        for (proxy, n) in [(&m.a, a_workers), (&m.b, b_workers)] {
+            let log = read_log(&proxy.log_path());
+            let line = log.lines().find(|l| l.contains("runtime started")).unwrap_or_else(|| panic!("{log}"));
+            let expected = if n == 1 { "runtime=CurrentThread" } else { "runtime=MultiThread" };
+            assert!(line.contains(expected) && line.contains(&format!("workers={n}")), "{n} workers: {line}");
+        }
+    }
+}
