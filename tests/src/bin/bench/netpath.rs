@@ -8,7 +8,7 @@
 //! | --- | --- |
 //! | `trl-zb<pid>-0` | the Trellis control plane |
 //! | `trl-zb<pid>-1` | Trellis client proxy (capture); the benchmark's client sockets for Trellis |
-//! | `trl-zb<pid>-2` | Trellis server proxy (capture); the servers (`trellis-bench servers`) on its address |
+//! | `trl-zb<pid>-2` | Trellis server proxy (capture; it dials the servers from the client's address, `capture.preserveSourceAddress`'s default); the servers (`trellis-bench servers`) on its address |
 //! | `trl-zb<pid>-3` | ztunnel client (dedicated, redirect rule); the client sockets for ztunnel |
 //! | `trl-zb<pid>-4` | ztunnel server (dedicated); the servers on its address |
 //! | `trl-zb<pid>-5` | the client sockets for direct TCP, to host 4's servers (no rule on the way) |

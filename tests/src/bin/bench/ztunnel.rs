@@ -75,7 +75,10 @@ impl Ztunnel {
             )
             // The hosts have IPv4 addresses only; listeners bind 0.0.0.0 as Trellis's do.
             .env("IPV6_ENABLED", "false")
-            // No original-source spoofing towards the server (Trellis does not preserve it either by default).
+            // No original-source spoofing towards the server. Trellis does preserve it by default
+            // (`capture.preserveSourceAddress`), so its server side does work ztunnel's does not here: its dial to
+            // the servers is transparent, and their answers are re-routed to it by mark, packet by packet, on a hop
+            // whose segments are 1448 bytes, not loopback's 64 KiB (BENCHMARKS.md, wip-i19t).
             .env("ENABLE_ORIG_SRC", "false")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
