@@ -13,8 +13,10 @@ fn main() {
     // The kernel maps the 64 KiB around each page a process touches, so that code scattered over the binary made
     // nearly all of the code resident, including the part that never runs. The list comes from a run
     // (bench/link-order.sh); a function missing from it is only placed after the listed ones. The symbol-ordering
-    // file is an lld option: lld (rust-lld) is the default linker of x86_64-unknown-linux-gnu.
-    if std::env::var("PROFILE").as_deref() == Ok("release") {
+    // file is an lld option: lld (rust-lld) is the default linker of x86_64-unknown-linux-gnu (Rust 1.90 on), so it
+    // is passed for that target only; elsewhere the binary links in the linker's own order.
+    let lld_by_default = std::env::var("TARGET").as_deref() == Ok("x86_64-unknown-linux-gnu");
+    if std::env::var("PROFILE").as_deref() == Ok("release") && lld_by_default {
         let order = format!("{}/trellis-proxy.order", std::env::var("CARGO_MANIFEST_DIR").unwrap());
         println!("cargo::rustc-link-arg-bin=trellis-proxy=-Wl,--symbol-ordering-file={order}");
         println!("cargo::rustc-link-arg-bin=trellis-proxy=-Wl,--no-warn-symbol-ordering");
