@@ -4,8 +4,8 @@
 //! Without it, each DATA frame of a request-sized payload costs a TLS record and a `writev` of its own: h2 holds at
 //! most one such frame ready to write (its payload is chained, not copied, above 256 bytes) and flushes it before it
 //! takes the next, and tokio-rustls writes to the socket on every write. And the connection's task runs right after
-//! the first stream that woke it (tokio's LIFO slot), before the other streams made readable by the same poll of
-//! the kernel's events had their turn, so it finds one frame each time.
+//! the first stream that woke it (on a multi-thread runtime: tokio's LIFO slot), before the other streams made
+//! readable by the same poll of the kernel's events had their turn, so it finds one frame each time.
 //!
 //! [`WriteBatch`] copies writes of up to [`BATCH`] bytes into a buffer of its own and, at the first flush of a poll
 //! of the connection's task with bytes in it, defers: it asks for another poll of the task (which goes to the back
@@ -273,10 +273,20 @@ mod tests {
         got
     }
 
-    /// One runtime worker, as the proxy on a 2-CPU host: the connection's task runs right after the stream that woke
-    /// it (tokio's LIFO slot).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    /// A current-thread runtime, as the proxy with one worker (the default on a 2-CPU host, `main.rs`).
+    #[tokio::test]
     async fn frames_of_streams_woken_together_leave_in_two_writes_and_without_the_batch_one_each() {
+        frames_of_streams_woken_together().await
+    }
+
+    /// A multi-thread runtime of one worker: the connection's task runs right after the stream that woke it (tokio's
+    /// LIFO slot).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn on_one_multi_thread_worker_frames_of_streams_woken_together_leave_in_two_writes_too() {
+        frames_of_streams_woken_together().await
+    }
+
+    async fn frames_of_streams_woken_together() {
         const STREAMS: usize = 8;
         let payload = Bytes::from(vec![7u8; 1024]);
         for batched in [false, true] {
@@ -386,7 +396,7 @@ mod tests {
 
     /// Sizes around the batch's edges and far past it, on concurrent streams, both ways (the server's side batched
     /// too): every byte arrives, in order.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    #[tokio::test]
     async fn bytes_of_every_size_cross_whole_and_in_order_both_ways() {
         let (sender, _) = pair(true).await;
         let sizes = [1, 9, 255, 256, 1024, BATCH - 9, BATCH, BATCH + 1, 100_000, 3 << 20];
