@@ -5,6 +5,7 @@ pub mod contenders;
 pub mod control;
 pub mod http;
 pub mod idle;
+pub mod link_order;
 pub mod load;
 pub mod netpath;
 pub mod nsdial;

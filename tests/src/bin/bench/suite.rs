@@ -342,6 +342,10 @@ fn run(options: &Options) -> anyhow::Result<()> {
     for line in threads {
         results.notes.push(format!("threads of {line}"));
     }
+    results.notes.push(super::link_order::note(&trellis_tests::bin("trellis-proxy")));
+    if let Some(proxy_b) = &options.proxy_b {
+        results.notes.push(super::link_order::note(proxy_b));
+    }
     results.notes.push(format!(
         "open-files limit of the benchmark process, inherited by the proxies: {nofile}{}",
         if nofile < wanted_nofile { " (its hard limit here; raising that is not permitted)" } else { "" }
