@@ -13,7 +13,7 @@ use std::hint::black_box;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use trellis_policy::{CompiledPolicies, Request, parse_documents};
+use trellis_policy::{CompiledPolicies, MAX_RESOURCES, Request, parse_documents};
 
 const PRINCIPAL: &str = "cluster.local/ns/shop/sa/web";
 
@@ -48,7 +48,9 @@ fn deny_policy_10_rules(namespace: &str, name: &str, caller: Option<&str>) -> St
 
 struct Scenario {
     name: &'static str,
-    documents: String,
+    /// YAML texts of at most [`MAX_RESOURCES`] documents each, as `trellisctl apply` takes them: the store holds
+    /// every text's resources together.
+    texts: Vec<String>,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -59,21 +61,22 @@ fn scenarios() -> Vec<Scenario> {
     }
     hundred.push_str(&allow_policy("shop", "p99", PRINCIPAL));
     let ten_thousand = |caller: Option<&str>| {
-        let mut text = String::new();
+        let mut texts = vec![String::new(); 10_000usize.div_ceil(MAX_RESOURCES)];
         for i in 0..10_000 {
             let caller = if i == 9_999 { caller } else { None };
+            let text = &mut texts[i / MAX_RESOURCES];
             text.push_str(&deny_policy_10_rules("trellis-system", &format!("d{i}"), caller));
             text.push_str("---\n");
         }
-        text
+        texts
     };
     vec![
-        Scenario { name: "1 ALLOW policy (matches)", documents: allow_policy("shop", "only", PRINCIPAL) },
-        Scenario { name: "100 ALLOW policies (the last matches)", documents: hundred },
-        Scenario { name: "10,000 mesh-wide DENY x 10 rules (none match)", documents: ten_thousand(None) },
+        Scenario { name: "1 ALLOW policy (matches)", texts: vec![allow_policy("shop", "only", PRINCIPAL)] },
+        Scenario { name: "100 ALLOW policies (the last matches)", texts: vec![hundred] },
+        Scenario { name: "10,000 mesh-wide DENY x 10 rules (none match)", texts: ten_thousand(None) },
         Scenario {
             name: "10,000 mesh-wide DENY x 10 rules, one matches the caller",
-            documents: ten_thousand(Some(PRINCIPAL)),
+            texts: ten_thousand(Some(PRINCIPAL)),
         },
     ]
 }
@@ -90,7 +93,8 @@ fn main() {
     println!("| policies in scope | compile | select for workload | check (median of 5 runs) | decision |");
     println!("| --- | --- | --- | --- | --- |");
     for scenario in scenarios() {
-        let resources = parse_documents(&scenario.documents).expect("valid policies");
+        let resources: Vec<_> =
+            scenario.texts.iter().flat_map(|text| parse_documents(text).expect("valid policies")).collect();
         let started = Instant::now();
         let compiled = CompiledPolicies::compile(&resources, "trellis-system").expect("compiles");
         let compile = started.elapsed();
