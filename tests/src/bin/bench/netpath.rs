@@ -10,7 +10,7 @@
 //! | `trl-zb<pid>-1` | Trellis client proxy (capture); the benchmark's client sockets for Trellis |
 //! | `trl-zb<pid>-2` | Trellis server proxy (capture; it dials the servers from the client's address, `capture.preserveSourceAddress`'s default); the servers (`trellis-bench servers`) on its address |
 //! | `trl-zb<pid>-3` | ztunnel client (dedicated, redirect rule); the client sockets for ztunnel |
-//! | `trl-zb<pid>-4` | ztunnel server (dedicated); the servers on its address |
+//! | `trl-zb<pid>-4` | ztunnel server (dedicated; it dials the servers from the client's address, its default as root, with istio-cni's return path, `ztunnel::return_rules`); the servers on its address |
 //! | `trl-zb<pid>-5` | the client sockets for direct TCP, to host 4's servers (no rule on the way) |
 //! | `trl-zb<pid>-6`, `-7` | with `--proxy-b PATH`: "Trellis B", a client and server proxy running that executable, as 1 and 2 |
 //!
@@ -154,6 +154,7 @@ pub fn start(ztunnel_binary: &Path, proxy_b: Option<&Path>, dir: &Path) -> anyho
     let z_client_proc =
         Ztunnel::start(ztunnel_binary, &host(3), &z_client, &config, threads, dir.join("zt-client.log"))?;
     ztunnel::install_rules(&host(3).ns, &ztunnel::redirect_rules())?;
+    ztunnel::install_return_path(&host(4).ns)?;
 
     let dial = |i: usize| NetnsDialer::start(&net.host(i).ns);
     let direct = Contender {

@@ -75,11 +75,14 @@ impl Ztunnel {
             )
             // The hosts have IPv4 addresses only; listeners bind 0.0.0.0 as Trellis's do.
             .env("IPV6_ENABLED", "false")
-            // No original-source spoofing towards the server. Trellis does preserve it by default
-            // (`capture.preserveSourceAddress`), so its server side does work ztunnel's does not here: its dial to
-            // the servers is transparent, and their answers are re-routed to it by mark, packet by packet, on a hop
-            // whose segments are 1448 bytes, not loopback's 64 KiB (BENCHMARKS.md, wip-i19t).
-            .env("ENABLE_ORIG_SRC", "false")
+            // The original source towards the server, as ztunnel does by default where it may (unset: best effort,
+            // which as root succeeds) and as Trellis does (`capture.preserveSourceAddress`): its dial to the servers
+            // is transparent, from the client's address. `true` makes ztunnel fail rather than fall back. The
+            // servers' answers come back to it by [`return_rules`] and [`RETURN_ROUTE`], istio-cni's rules.
+            .env("ENABLE_ORIG_SRC", "true")
+            // istio-cni's mark for ztunnel's own sockets (ztunnel's default in shared mode; dedicated mode sets
+            // none unless told), which [`return_rules`] keys on.
+            .env("PACKET_MARK", PACKET_MARK.to_string())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
@@ -137,6 +140,49 @@ pub fn redirect_rules() -> String {
     )
 }
 
+/// ztunnel's socket mark (`PACKET_MARK`; istio-cni's `0x539`) and the return path's mark and table (istio-cni's
+/// in-pod `0x111` and table 100).
+pub const PACKET_MARK: u32 = 1337;
+const RETURN_MARK: u32 = 0x111;
+const RETURN_TABLE: u32 = 100;
+
+/// The return path of ztunnel's original-source dials, on the server's host, the rules istio-cni installs for it in
+/// nftables form (the shape of Trellis's own `preserve_source` chain): a connection that ztunnel's marked socket opens
+/// is marked in conntrack, and every packet in its reply direction (the servers' answers, addressed to the client's
+/// address, which the host routes out of its interface) gets the return mark, which [`return_route_commands`]
+/// routes to loopback, where ztunnel's transparent socket takes it.
+pub fn return_rules() -> String {
+    format!(
+        "table inet ztunnel_bench_return {{\n\tchain output {{\n\t\ttype route hook output priority mangle; policy accept;\n\
+         \t\tmeta mark {PACKET_MARK:#x} ct state new ct mark set {RETURN_MARK:#x}\n\
+         \t\tct direction reply ct mark {RETURN_MARK:#x} meta mark set {RETURN_MARK:#x}\n\t}}\n}}\n"
+    )
+}
+
+/// The `ip` invocations of the return path: every packet with the return mark is local (istio-cni: `ip rule add
+/// fwmark 0x111/0xfff pref 32764 lookup 100`, `ip route add local 0.0.0.0/0 dev lo table 100`).
+pub fn return_route_commands() -> [Vec<String>; 2] {
+    let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let (mark, table) = (format!("{RETURN_MARK:#x}"), RETURN_TABLE.to_string());
+    [
+        words(&["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table]),
+        words(&["-4", "rule", "add", "fwmark", &mark, "lookup", &table, "priority", "32764"]),
+    ]
+}
+
+/// Installs the return path of ztunnel's original-source dials in namespace `ns` ([`return_rules`],
+/// [`return_route_commands`]); the namespace's removal removes it.
+pub fn install_return_path(ns: &str) -> anyhow::Result<()> {
+    install_rules(ns, &return_rules())?;
+    for args in return_route_commands() {
+        let out = netns::command(Some(ns), "ip").args(&args).output().context("running ip")?;
+        if !out.status.success() {
+            bail!("ip {} in {ns} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
+}
+
 /// `nft -f -` with `rules` in namespace `ns`.
 pub fn install_rules(ns: &str, rules: &str) -> anyhow::Result<()> {
     let mut child = netns::command(Some(ns), "nft")
@@ -183,6 +229,18 @@ mod tests {
         assert_eq!(workloads[1]["protocol"], "HBONE");
         assert_eq!(workloads[1]["services"], serde_json::json!({}), "ztunnel requires the field");
         assert_eq!(doc["policies"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn the_return_path_marks_the_replies_of_ztunnels_own_connections_and_routes_them_locally() {
+        let rules = return_rules();
+        let lines: Vec<&str> = rules.lines().map(str::trim).collect();
+        assert!(lines.contains(&"type route hook output priority mangle; policy accept;"), "{rules}");
+        assert!(lines.contains(&"meta mark 0x539 ct state new ct mark set 0x111"), "{rules}");
+        assert!(lines.contains(&"ct direction reply ct mark 0x111 meta mark set 0x111"), "{rules}");
+        let [route, rule] = return_route_commands();
+        assert_eq!(route.join(" "), "-4 route replace local 0.0.0.0/0 dev lo table 100");
+        assert_eq!(rule.join(" "), "-4 rule add fwmark 0x111 lookup 100 priority 32764");
     }
 
     #[test]
