@@ -78,10 +78,10 @@ impl Ztunnel {
             // The original source towards the server, as ztunnel does by default where it may (unset: best effort,
             // which as root succeeds) and as Trellis does (`capture.preserveSourceAddress`): its dial to the servers
             // is transparent, from the client's address. `true` makes ztunnel fail rather than fall back. The
-            // servers' answers come back to it by [`return_rules`] and [`RETURN_ROUTE`], istio-cni's rules.
+            // servers' answers come back to it by istio-cni's rules (`install_return_path`).
             .env("ENABLE_ORIG_SRC", "true")
             // istio-cni's mark for ztunnel's own sockets (ztunnel's default in shared mode; dedicated mode sets
-            // none unless told), which [`return_rules`] keys on.
+            // none unless told), which `return_rules` keys on.
             .env("PACKET_MARK", PACKET_MARK.to_string())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -142,7 +142,7 @@ pub fn redirect_rules() -> String {
 
 /// ztunnel's socket mark (`PACKET_MARK`; istio-cni's `0x539`) and the return path's mark and table (istio-cni's
 /// in-pod `0x111` and table 100).
-pub const PACKET_MARK: u32 = 1337;
+const PACKET_MARK: u32 = 1337;
 const RETURN_MARK: u32 = 0x111;
 const RETURN_TABLE: u32 = 100;
 
