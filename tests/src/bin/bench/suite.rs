@@ -389,7 +389,8 @@ fn run(options: &Options) -> anyhow::Result<()> {
     let path = root().join("BENCHMARKS.md");
     // Everything else is written before the policy micro-benchmark runs (it takes minutes), with the table the
     // authz section holds; then again with the fresh one.
-    let stored = authz_table(true);
+    let (stored, _) = authz_table(true);
+    let mut authz_failure = None;
     let (mut targets, mut suite) = render(plan, &stamp, &names, &results, &control, &stored, false, &plots);
     if !options.dry() {
         write_section(&path, "targets", &targets)?;
@@ -403,7 +404,8 @@ fn run(options: &Options) -> anyhow::Result<()> {
     }
     if !smoke && options.wants(6) && options.ztunnel.is_none() {
         eprintln!("scenario 6: policy evaluation micro-benchmark (cargo bench -p trellis-policy --bench authz)");
-        let fresh = authz_table(false);
+        let fresh;
+        (fresh, authz_failure) = authz_table(false);
         (targets, suite) = render(plan, &stamp, &names, &results, &control, &fresh, true, &plots);
         if !options.dry() {
             write_section(&path, "suite", &suite)?;
@@ -411,6 +413,10 @@ fn run(options: &Options) -> anyhow::Result<()> {
         }
     }
     println!("{targets}\n{suite}");
+    if let Some(failure) = authz_failure {
+        // The table says so too; the exit status is what a script running the suite sees.
+        anyhow::bail!("scenario 6, the policy micro-benchmark: {failure}");
+    }
     if options.dry() {
         eprintln!(
             "(--smoke, --only, --worker-threads or --bulk-mib: BENCHMARKS.md and docs/bench left as they are; plots drawn in {})",
@@ -720,8 +726,9 @@ async fn idle_connections(plan: &Plan, round: usize, c: &Contender, results: &mu
     Ok(())
 }
 
-/// The policy micro-benchmark's table: run `cargo bench` (full run), or the one BENCHMARKS.md holds (--smoke).
-fn authz_table(smoke: bool) -> Vec<String> {
+/// The policy micro-benchmark's table: run `cargo bench` (full run), or the one BENCHMARKS.md holds (--smoke). With
+/// why, when `cargo bench` failed (the table then is a row that says so).
+fn authz_table(smoke: bool) -> (Vec<String>, Option<String>) {
     let table =
         |text: &str| -> Vec<String> { text.lines().filter(|l| l.starts_with('|')).map(str::to_owned).collect() };
     if smoke {
@@ -731,7 +738,7 @@ fn authz_table(smoke: bool) -> Vec<String> {
         if lines.is_empty() {
             lines = vec!["| policies in scope | check |".into(), "| --- | --- |".into(), "| (not run) | – |".into()];
         }
-        return lines;
+        return (lines, None);
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
@@ -739,11 +746,12 @@ fn authz_table(smoke: bool) -> Vec<String> {
         .args(["bench", "-p", "trellis-policy", "--bench", "authz"])
         .stderr(Stdio::inherit())
         .output();
-    match out {
-        Ok(out) if out.status.success() => table(&String::from_utf8_lossy(&out.stdout)),
-        Ok(out) => vec!["| failed |".into(), "| --- |".into(), format!("| cargo bench exited with {} |", out.status)],
-        Err(e) => vec!["| failed |".into(), "| --- |".into(), format!("| running cargo bench: {e} |")],
-    }
+    let failure = match out {
+        Ok(out) if out.status.success() => return (table(&String::from_utf8_lossy(&out.stdout)), None),
+        Ok(out) => format!("cargo bench exited with {}", out.status),
+        Err(e) => format!("running cargo bench: {e}"),
+    };
+    (vec!["| failed |".into(), "| --- |".into(), format!("| {failure} |")], Some(failure))
 }
 
 /// The plots, as (file name, title).
