@@ -44,6 +44,8 @@ fn smoke_run_measures_every_scenario_for_every_contender_and_leaves_benchmarks_m
     let targets = section(&stdout, "## Targets");
     let verdicts = targets.lines().filter(|l| l.ends_with("| pass |") || l.ends_with("| **FAIL** |")).count();
     assert_eq!(verdicts, 11, "every target gets a verdict:\n{targets}");
+    // A figure without samples is printed "–" (or NaN where a ratio is taken).
+    assert!(!targets.contains('–') && !targets.contains("NaN"), "every target's figures are measured:\n{targets}");
 
     let bulk = section(&stdout, "### 1. Bulk throughput");
     let rate = section(&stdout, "### 2. Latency at a fixed request rate");

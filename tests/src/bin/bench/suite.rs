@@ -523,7 +523,7 @@ async fn measure_data_plane(
         }
         within("warm-up bulk", c, async { Ok(load::bulk(c.route, plan.bulk_bytes / 8, plan.streams).await?) }).await?;
     }
-    idle_rss(plan, all, "after the warm-up", results).await?;
+    idle_rss(plan, all, WARM_UP, results).await?;
 
     eprintln!("scenario 1: bulk throughput");
     // Against ztunnel, the single stream runs both ways (the server→client one is "bulk 1 back").
@@ -637,7 +637,11 @@ async fn measure_data_plane(
     Ok(())
 }
 
+/// The first idle-RSS reading's moment: every contender started and each route checked, no load yet.
+const WARM_UP: &str = "after the warm-up";
+
 /// One idle-RSS sample per process of every contender, read by `idle::settled_rss`'s rule; prints when each was read.
+/// The sample [`WARM_UP`] is kept apart too ("idle RSS warm"), the footprint before any burst.
 async fn idle_rss(plan: &Plan, all: &[Contender], when: &str, results: &mut Results) -> anyhow::Result<()> {
     let pids: Vec<u32> = all.iter().flat_map(|c| c.pids.iter().copied()).collect();
     let readings = idle::settled_rss(&pids, plan.settle, plan.steady_readings).await?;
@@ -646,6 +650,9 @@ async fn idle_rss(plan: &Plan, all: &[Contender], when: &str, results: &mut Resu
         let mut shown = Vec::new();
         for (i, reading) in (0..c.pids.len()).zip(readings.by_ref()) {
             results.push(&format!("idle RSS {i}"), c.name, reading.bytes as f64 / 1e6);
+            if when == WARM_UP {
+                results.push(&format!("idle RSS warm {i}"), c.name, reading.bytes as f64 / 1e6);
+            }
             shown.push(format!(
                 "{:.1} MB at {:.0} s{}",
                 reading.bytes as f64 / 1e6,
@@ -863,6 +870,7 @@ fn render(
     };
     let cpu = |n: &str| r.median("cpu 1000", n);
     let idle_pair = |n: &str| (0..2).map(|i| r.median(&format!("idle RSS {i}"), n)).sum::<f64>();
+    let warm_pair = |n: &str| (0..2).map(|i| r.median(&format!("idle RSS warm {i}"), n)).sum::<f64>();
     let idle_max = (0..2).map(|i| r.median(&format!("idle RSS {i}"), t)).fold(f64::NAN, f64::max);
     let per_conn = r.median("idle conns per conn", t);
     let conv_p99: Vec<f64> = control.convergence.iter().map(|(s, _)| s[1]).collect();
@@ -882,16 +890,8 @@ fn render(
         ))
     );
     targets.push_str("| target | measured | result |\n| --- | --- | --- |\n");
-    targets.push_str(&row(
-        "single-stream throughput ≥ 0.4 × direct",
-        format!(
-            "{} MB/s vs. {} MB/s = {}",
-            number(single(t)),
-            number(single(DIRECT)),
-            ratio(single(t), single(DIRECT))
-        ),
-        single(t) >= 0.4 * single(DIRECT),
-    ));
+    // No "≥ 0.4 × direct" row: issue 19 retired it (over loopback every contender's single stream is bound by the
+    // cipher and three loopback copies on two cores); `--ztunnel` compares with ztunnel on the same path instead.
     for other in ["stunnel", "HAProxy"] {
         targets.push_str(&row(
             &format!("single-stream throughput ≥ {other}"),
@@ -911,8 +911,15 @@ fn render(
         format!("{:.3} vs. {:.3} CPU-s", cpu(t), cpu("stunnel")),
         cpu(t) <= cpu("stunnel"),
     ));
+    // Two moments: before any burst, and over every quiet point (most of them after a round of idle connections,
+    // which stunnel's glibc keeps for good: its median is then the burst's, not its footprint's).
     targets.push_str(&row(
-        "idle RSS of the pair ≤ stunnel pair",
+        "idle RSS of the pair ≤ stunnel pair, before any burst",
+        format!("{} vs. {} MB", mb(warm_pair(t)), mb(warm_pair("stunnel"))),
+        warm_pair(t) <= warm_pair("stunnel"),
+    ));
+    targets.push_str(&row(
+        "idle RSS of the pair ≤ stunnel pair, every quiet point (bursts behind)",
         format!(
             "{} vs. {} MB (medians of {} samples per process)",
             mb(idle_pair(t)),
