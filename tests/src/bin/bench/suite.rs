@@ -389,8 +389,7 @@ fn run(options: &Options) -> anyhow::Result<()> {
     let path = root().join("BENCHMARKS.md");
     // Everything else is written before the policy micro-benchmark runs (it takes minutes), with the table the
     // authz section holds; then again with the fresh one.
-    let (stored, _) = authz_table(true);
-    let mut authz_failure = None;
+    let stored = stored_authz_table();
     let (mut targets, mut suite) = render(plan, &stamp, &names, &results, &control, &stored, false, &plots);
     if !options.dry() {
         write_section(&path, "targets", &targets)?;
@@ -402,10 +401,15 @@ fn run(options: &Options) -> anyhow::Result<()> {
             plots_dir.display()
         );
     }
+    let mut authz_failure = None;
     if !smoke && options.wants(6) && options.ztunnel.is_none() {
         eprintln!("scenario 6: policy evaluation micro-benchmark (cargo bench -p trellis-policy --bench authz)");
-        let fresh;
-        (fresh, authz_failure) = authz_table(false);
+        // A failure is a row of the table as well as the exit status, once everything else is written.
+        let fresh = run_authz_bench().unwrap_or_else(|failure| {
+            let row = vec!["| failed |".into(), "| --- |".into(), format!("| {failure} |")];
+            authz_failure = Some(failure);
+            row
+        });
         (targets, suite) = render(plan, &stamp, &names, &results, &control, &fresh, true, &plots);
         if !options.dry() {
             write_section(&path, "suite", &suite)?;
@@ -414,7 +418,6 @@ fn run(options: &Options) -> anyhow::Result<()> {
     }
     println!("{targets}\n{suite}");
     if let Some(failure) = authz_failure {
-        // The table says so too; the exit status is what a script running the suite sees.
         anyhow::bail!("scenario 6, the policy micro-benchmark: {failure}");
     }
     if options.dry() {
@@ -523,7 +526,7 @@ async fn measure_data_plane(
         }
         within("warm-up bulk", c, async { Ok(load::bulk(c.route, plan.bulk_bytes / 8, plan.streams).await?) }).await?;
     }
-    idle_rss(plan, all, WARM_UP, results).await?;
+    idle_rss(plan, all, "after the warm-up", results).await?;
 
     eprintln!("scenario 1: bulk throughput");
     // Against ztunnel, the single stream runs both ways (the server→client one is "bulk 1 back").
@@ -637,11 +640,8 @@ async fn measure_data_plane(
     Ok(())
 }
 
-/// The first idle-RSS reading's moment: every contender started and each route checked, no load yet.
-const WARM_UP: &str = "after the warm-up";
-
 /// One idle-RSS sample per process of every contender, read by `idle::settled_rss`'s rule; prints when each was read.
-/// The sample [`WARM_UP`] is kept apart too ("idle RSS warm"), the footprint before any burst.
+/// The first one, after the warm-up, comes before any burst.
 async fn idle_rss(plan: &Plan, all: &[Contender], when: &str, results: &mut Results) -> anyhow::Result<()> {
     let pids: Vec<u32> = all.iter().flat_map(|c| c.pids.iter().copied()).collect();
     let readings = idle::settled_rss(&pids, plan.settle, plan.steady_readings).await?;
@@ -650,9 +650,6 @@ async fn idle_rss(plan: &Plan, all: &[Contender], when: &str, results: &mut Resu
         let mut shown = Vec::new();
         for (i, reading) in (0..c.pids.len()).zip(readings.by_ref()) {
             results.push(&format!("idle RSS {i}"), c.name, reading.bytes as f64 / 1e6);
-            if when == WARM_UP {
-                results.push(&format!("idle RSS warm {i}"), c.name, reading.bytes as f64 / 1e6);
-            }
             shown.push(format!(
                 "{:.1} MB at {:.0} s{}",
                 reading.bytes as f64 / 1e6,
@@ -733,32 +730,35 @@ async fn idle_connections(plan: &Plan, round: usize, c: &Contender, results: &mu
     Ok(())
 }
 
-/// The policy micro-benchmark's table: run `cargo bench` (full run), or the one BENCHMARKS.md holds (--smoke). With
-/// why, when `cargo bench` failed (the table then is a row that says so).
-fn authz_table(smoke: bool) -> (Vec<String>, Option<String>) {
-    let table =
-        |text: &str| -> Vec<String> { text.lines().filter(|l| l.starts_with('|')).map(str::to_owned).collect() };
-    if smoke {
-        let text = std::fs::read_to_string(root().join("BENCHMARKS.md")).unwrap_or_default();
-        let section = text.split("<!-- authz:begin -->").nth(1).and_then(|s| s.split("<!-- authz:end -->").next());
-        let mut lines = table(section.unwrap_or_default());
-        if lines.is_empty() {
-            lines = vec!["| policies in scope | check |".into(), "| --- | --- |".into(), "| (not run) | – |".into()];
-        }
-        return (lines, None);
+/// The table lines of `text`.
+fn table_lines(text: &str) -> Vec<String> {
+    text.lines().filter(|l| l.starts_with('|')).map(str::to_owned).collect()
+}
+
+/// The policy micro-benchmark's table that BENCHMARKS.md holds (what a run shows until, or unless, it runs it).
+fn stored_authz_table() -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("BENCHMARKS.md")).unwrap_or_default();
+    let section = text.split("<!-- authz:begin -->").nth(1).and_then(|s| s.split("<!-- authz:end -->").next());
+    let lines = table_lines(section.unwrap_or_default());
+    if lines.is_empty() {
+        return vec!["| policies in scope | check |".into(), "| --- | --- |".into(), "| (not run) | – |".into()];
     }
+    lines
+}
+
+/// The policy micro-benchmark's table, from a run of `cargo bench`; or why that failed.
+fn run_authz_bench() -> Result<Vec<String>, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(root())
         .args(["bench", "-p", "trellis-policy", "--bench", "authz"])
         .stderr(Stdio::inherit())
         .output();
-    let failure = match out {
-        Ok(out) if out.status.success() => return (table(&String::from_utf8_lossy(&out.stdout)), None),
-        Ok(out) => format!("cargo bench exited with {}", out.status),
-        Err(e) => format!("running cargo bench: {e}"),
-    };
-    (vec!["| failed |".into(), "| --- |".into(), format!("| {failure} |")], Some(failure))
+    match out {
+        Ok(out) if out.status.success() => Ok(table_lines(&String::from_utf8_lossy(&out.stdout))),
+        Ok(out) => Err(format!("cargo bench exited with {}", out.status)),
+        Err(e) => Err(format!("running cargo bench: {e}")),
+    }
 }
 
 /// The plots, as (file name, title).
@@ -870,7 +870,9 @@ fn render(
     };
     let cpu = |n: &str| r.median("cpu 1000", n);
     let idle_pair = |n: &str| (0..2).map(|i| r.median(&format!("idle RSS {i}"), n)).sum::<f64>();
-    let warm_pair = |n: &str| (0..2).map(|i| r.median(&format!("idle RSS warm {i}"), n)).sum::<f64>();
+    // The first sample of each process, read after the warm-up, before any burst.
+    let warm_pair =
+        |n: &str| (0..2).map(|i| r.get(&format!("idle RSS {i}"), n).first().copied().unwrap_or(f64::NAN)).sum::<f64>();
     let idle_max = (0..2).map(|i| r.median(&format!("idle RSS {i}"), t)).fold(f64::NAN, f64::max);
     let per_conn = r.median("idle conns per conn", t);
     let conv_p99: Vec<f64> = control.convergence.iter().map(|(s, _)| s[1]).collect();
